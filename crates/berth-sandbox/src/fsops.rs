@@ -1,0 +1,322 @@
+//! Host-side file operations on a box's workspace that can never leave it.
+//!
+//! The box owns its file tree and may plant symlinks or rename directories at any moment, so
+//! every path is resolved by the kernel with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`
+//! relative to a directory fd of the workspace root: a `..` or a symlink that would lead out is
+//! refused (EXDEV), not followed. Paths are also checked lexically first so that the caller gets
+//! a clear "outside the workspace" error for `../x` or `/etc/passwd`. Writes go to a temporary
+//! name and are renamed into place, so a reader never sees half a file and a symlink at the
+//! destination is replaced, not followed.
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+/// Largest file the API reads into memory in one piece.
+pub const MAX_READ: u64 = 256 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("path resolves outside the workspace: {0}")]
+    Outside(String),
+    #[error("invalid path: {0}")]
+    Invalid(String),
+    #[error("no such file or directory: {0}")]
+    NotFound(String),
+    #[error("file too large to read at once ({0} bytes)")]
+    TooLarge(u64),
+    #[error("no space left in the box's disk quota")]
+    NoSpace,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<rustix::io::Errno> for FsError {
+    fn from(e: rustix::io::Errno) -> Self {
+        FsError::Io(e.into())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub modified: i64,
+}
+
+#[derive(Debug)]
+pub enum FileContent {
+    File(Vec<u8>),
+    Dir(Vec<DirEntry>),
+}
+
+/// Lexically validate a workspace-relative path; `""` and `"."` name the root.
+pub fn clean(path: &str) -> Result<PathBuf, FsError> {
+    if path.contains('\0') {
+        return Err(FsError::Invalid("path contains NUL".into()));
+    }
+    let mut out = PathBuf::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(FsError::Outside(path.to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn map_errno(e: rustix::io::Errno, path: &str) -> FsError {
+    match e {
+        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => FsError::Outside(path.to_string()),
+        rustix::io::Errno::NOENT => FsError::NotFound(path.to_string()),
+        rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => FsError::NoSpace,
+        other => FsError::Io(other.into()),
+    }
+}
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
+
+fn open_root(root: &Path) -> Result<OwnedFd, FsError> {
+    rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| map_errno(e, &root.display().to_string()))
+}
+
+fn open_beneath(root: &OwnedFd, rel: &Path, flags: OFlags, orig: &str) -> Result<OwnedFd, FsError> {
+    let p = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    rustix::fs::openat2(root, p, flags | OFlags::CLOEXEC, Mode::empty(), RESOLVE)
+        .map_err(|e| map_errno(e, orig))
+}
+
+/// Read a file's bytes or a directory's listing.
+pub fn read(root: &Path, path: &str) -> Result<FileContent, FsError> {
+    let rel = clean(path)?;
+    let rootfd = open_root(root)?;
+    let fd = open_beneath(&rootfd, &rel, OFlags::RDONLY, path)?;
+    let st = rustix::fs::fstat(&fd)?;
+    let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    if ft == rustix::fs::FileType::Directory {
+        return Ok(FileContent::Dir(list(fd)?));
+    }
+    if ft != rustix::fs::FileType::RegularFile {
+        return Err(FsError::Invalid(format!("{path} is not a regular file")));
+    }
+    let size = st.st_size as u64;
+    if size > MAX_READ {
+        return Err(FsError::TooLarge(size));
+    }
+    let mut f = File::from(fd);
+    let mut buf = Vec::with_capacity(size as usize);
+    f.read_to_end(&mut buf)?;
+    Ok(FileContent::File(buf))
+}
+
+fn list(dirfd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
+    let mut out = Vec::new();
+    let dir = rustix::fs::Dir::read_from(&dirfd)?;
+    for ent in dir {
+        let ent = ent?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if name == "." || name == ".." {
+            continue;
+        }
+        let st = match rustix::fs::statat(&dirfd, ent.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(s) => s,
+            Err(_) => continue, // raced with a deletion inside the box
+        };
+        let kind = match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+            rustix::fs::FileType::RegularFile => "file",
+            rustix::fs::FileType::Directory => "dir",
+            rustix::fs::FileType::Symlink => "symlink",
+            _ => "other",
+        };
+        out.push(DirEntry {
+            name,
+            kind: kind.into(),
+            size: st.st_size as u64,
+            mode: st.st_mode & 0o7777,
+            modified: st.st_mtime,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Create the directories of `rel` beneath `rootfd` (owned by `owner`) and return an fd of the
+/// innermost one.
+fn mkdirs(rootfd: &OwnedFd, rel: &Path, owner: Option<u32>, orig: &str) -> Result<OwnedFd, FsError> {
+    let mut cur = PathBuf::new();
+    let mut fd = open_beneath(rootfd, &cur, OFlags::PATH | OFlags::DIRECTORY, orig)?;
+    for c in rel.components() {
+        cur.push(c);
+        match rustix::fs::mkdirat(&fd, c.as_os_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) => {
+                if let Some(uid) = owner {
+                    let uid = rustix::fs::Uid::from_raw(uid);
+                    let gid = rustix::fs::Gid::from_raw(uid.as_raw());
+                    rustix::fs::chownat(&fd, c.as_os_str(), Some(uid), Some(gid), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+                }
+            }
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(map_errno(e, orig)),
+        }
+        fd = open_beneath(rootfd, &cur, OFlags::PATH | OFlags::DIRECTORY, orig)?;
+    }
+    Ok(fd)
+}
+
+/// Write `data` to `path` atomically, creating parent directories. New files and directories
+/// are owned by `owner` (the box's agent uid as seen from the host).
+pub fn write(root: &Path, path: &str, data: &[u8], mode: u32, owner: Option<u32>) -> Result<(), FsError> {
+    let rel = clean(path)?;
+    let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
+        return Err(FsError::Invalid("cannot write to the workspace root".into()));
+    };
+    let rootfd = open_root(root)?;
+    let parent_rel = rel.parent().unwrap_or(Path::new(""));
+    mkdirs(&rootfd, parent_rel, owner, path)?;
+    let parent = open_beneath(&rootfd, parent_rel, OFlags::RDONLY | OFlags::DIRECTORY, path)?;
+    let tmp = format!(".berth-tmp-{}-{}", std::process::id(), rand_suffix());
+    let fd = rustix::fs::openat(
+        &parent,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode & 0o777),
+    )
+    .map_err(|e| map_errno(e, path))?;
+    let result = (|| -> Result<(), FsError> {
+        if let Some(uid) = owner {
+            rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(uid)))?;
+        }
+        let mut f = File::from(fd);
+        f.write_all(data).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+                FsError::NoSpace
+            } else {
+                FsError::Io(e)
+            }
+        })?;
+        f.sync_data().map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                FsError::NoSpace
+            } else {
+                FsError::Io(e)
+            }
+        })?;
+        rustix::fs::renameat(&parent, tmp.as_str(), &parent, name.as_os_str()).map_err(|e| map_errno(e, path))
+    })();
+    if result.is_err() {
+        let _ = rustix::fs::unlinkat(&parent, tmp.as_str(), rustix::fs::AtFlags::empty());
+    }
+    result
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (N.fetch_add(1, Ordering::Relaxed) << 32)
+}
+
+/// Delete a file, symlink or (recursively) a directory. Deleting the root is refused.
+pub fn delete(root: &Path, path: &str) -> Result<(), FsError> {
+    let rel = clean(path)?;
+    let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
+        return Err(FsError::Invalid("cannot delete the workspace root".into()));
+    };
+    let rootfd = open_root(root)?;
+    let parent_rel = rel.parent().unwrap_or(Path::new(""));
+    let parent = open_beneath(&rootfd, parent_rel, OFlags::RDONLY | OFlags::DIRECTORY, path)?;
+    remove_at(&parent, name.as_os_str(), path)
+}
+
+fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), FsError> {
+    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).map_err(|e| map_errno(e, orig))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| map_errno(e, orig))?;
+        let names: Vec<std::ffi::OsString> = rustix::fs::Dir::read_from(&sub)?
+            .filter_map(|e| e.ok())
+            .map(|e| std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        for n in names {
+            remove_at(&sub, &n, orig)?;
+        }
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR).map_err(|e| map_errno(e, orig))
+    } else {
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()).map_err(|e| map_errno(e, orig))
+    }
+}
+
+/// Bytes used and available on the file system holding `root`.
+pub fn disk_usage(root: &Path) -> Result<(u64, u64), FsError> {
+    let fd = open_root(root)?;
+    let st = rustix::fs::fstatvfs(fd.as_fd())?;
+    let total = st.f_blocks * st.f_frsize;
+    let free = st.f_bavail * st.f_frsize;
+    Ok((total.saturating_sub(free), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lexical_check_refuses_escapes() {
+        assert!(matches!(clean("../etc/passwd"), Err(FsError::Outside(_))));
+        assert!(matches!(clean("/etc/passwd"), Err(FsError::Outside(_))));
+        assert!(matches!(clean("a/../../b"), Err(FsError::Outside(_))));
+        assert!(matches!(clean("a\0b"), Err(FsError::Invalid(_))));
+        assert_eq!(clean("./a/b").expect("ok"), PathBuf::from("a/b"));
+        assert_eq!(clean("").expect("ok"), PathBuf::new());
+    }
+
+    #[test]
+    fn symlinks_out_of_the_root_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("ws");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::write(dir.path().join("secret"), b"s3cret").expect("write");
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("abs")).expect("ln");
+        std::os::unix::fs::symlink("../secret", root.join("rel")).expect("ln");
+        std::os::unix::fs::symlink("..", root.join("up")).expect("ln");
+        assert!(matches!(read(&root, "abs"), Err(FsError::Outside(_))));
+        assert!(matches!(read(&root, "rel"), Err(FsError::Outside(_))));
+        assert!(matches!(write(&root, "up/secret", b"x", 0o644, None), Err(FsError::Outside(_))));
+        assert_eq!(std::fs::read(dir.path().join("secret")).expect("read"), b"s3cret");
+        // Writing over a symlink replaces the link, never the target.
+        write(&root, "abs", b"new", 0o644, None).expect("write");
+        assert_eq!(std::fs::read(dir.path().join("secret")).expect("read"), b"s3cret");
+        write(&root, "d/e/f.txt", b"deep", 0o644, None).expect("write deep");
+        match read(&root, "d/e/f.txt").expect("read") {
+            FileContent::File(b) => assert_eq!(b, b"deep"),
+            FileContent::Dir(_) => panic!("expected a file"),
+        }
+        match read(&root, "d").expect("read") {
+            FileContent::Dir(l) => assert_eq!(l[0].name, "e"),
+            FileContent::File(_) => panic!("expected a dir"),
+        }
+        delete(&root, "d").expect("delete");
+        assert!(matches!(read(&root, "d"), Err(FsError::NotFound(_))));
+        assert!(matches!(delete(&root, "up/secret"), Err(FsError::Outside(_))));
+        assert!(dir.path().join("secret").exists());
+    }
+}

@@ -1,0 +1,180 @@
+//! The box's cgroup, on cgroup v1 or v2 (whichever the host mounts; `cgroups-rs` probes it).
+//!
+//! Limits: memory (hard limit, swap included where the host accounts it), pids, and CPU as a
+//! CFS quota of `cpus` × period. Counters read for stats and exit reasons: CPU time, memory,
+//! pids and the OOM-kill count.
+
+use crate::Limits;
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::cpuacct::CpuAcctController;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{Cgroup, Controller, MaxValue};
+use cgroups_rs::CgroupPid;
+use std::fs;
+use std::path::PathBuf;
+
+const CPU_PERIOD_US: u64 = 100_000;
+const PARENT: &str = "berth";
+
+pub struct BoxCgroup {
+    cg: Cgroup,
+    v2: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CgroupCounters {
+    pub cpu_usage_ns: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub oom_kills: u64,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("cgroup {what}: {e}"))
+}
+
+impl BoxCgroup {
+    pub fn name_for(box_id: &str) -> String {
+        format!("{PARENT}/{box_id}")
+    }
+
+    /// Create (or reuse, after a restart) the box's cgroup and apply its limits.
+    pub fn create(box_id: &str, limits: &Limits) -> std::io::Result<BoxCgroup> {
+        let hier = cgroups_rs::fs::hierarchies::auto();
+        let v2 = hier.v2();
+        let controllers = ["memory", "pids", "cpu", "cpuacct"]
+            .iter()
+            .filter(|c| !v2 || **c != "cpuacct")
+            .map(|c| c.to_string())
+            .collect();
+        let cg = Cgroup::new_with_specified_controllers(hier, Self::name_for(box_id), Some(controllers))
+            .map_err(|e| err("create", e))?;
+        let me = BoxCgroup { cg, v2 };
+        me.apply(limits)?;
+        Ok(me)
+    }
+
+    /// Handle to an existing cgroup (adoption after a restart, clean-up of leftovers).
+    pub fn load(box_id: &str) -> BoxCgroup {
+        let hier = cgroups_rs::fs::hierarchies::auto();
+        let v2 = hier.v2();
+        let controllers = ["memory", "pids", "cpu", "cpuacct"]
+            .iter()
+            .filter(|c| !v2 || **c != "cpuacct")
+            .map(|c| c.to_string())
+            .collect();
+        let cg = Cgroup::load_with_specified_controllers(hier, Self::name_for(box_id), controllers);
+        BoxCgroup { cg, v2 }
+    }
+
+    fn apply(&self, limits: &Limits) -> std::io::Result<()> {
+        let mem_bytes = (limits.memory_mib * 1024 * 1024) as i64;
+        if let Some(mem) = self.cg.controller_of::<MemController>() {
+            mem.set_limit(mem_bytes).map_err(|e| err("memory limit", e))?;
+            // v1 without swap accounting has no memsw files; that is fine.
+            let _ = mem.set_memswap_limit(mem_bytes);
+        } else {
+            return Err(err("memory", "controller unavailable"));
+        }
+        if let Some(p) = self.cg.controller_of::<PidController>() {
+            p.set_pid_max(MaxValue::Value(limits.pids as i64)).map_err(|e| err("pids limit", e))?;
+        } else {
+            return Err(err("pids", "controller unavailable"));
+        }
+        if let Some(c) = self.cg.controller_of::<CpuController>() {
+            let quota = (limits.cpus * CPU_PERIOD_US as f64).round() as i64;
+            c.set_cfs_quota_and_period(Some(quota.max(1000)), Some(CPU_PERIOD_US))
+                .map_err(|e| err("cpu quota", e))?;
+        }
+        Ok(())
+    }
+
+    pub fn add(&self, pid: u32) -> std::io::Result<()> {
+        self.cg
+            .add_task_by_tgid(CgroupPid::from(pid as u64))
+            .map_err(|e| err("add task", e))
+    }
+
+    fn file(&self, controller: &str, name: &str) -> Option<PathBuf> {
+        let dir = match controller {
+            "memory" => self.cg.controller_of::<MemController>()?.path(),
+            "pids" => self.cg.controller_of::<PidController>()?.path(),
+            "cpu" => self.cg.controller_of::<CpuController>()?.path(),
+            "cpuacct" => self.cg.controller_of::<CpuAcctController>()?.path(),
+            _ => return None,
+        };
+        Some(dir.join(name))
+    }
+
+    fn read_u64(&self, controller: &str, name: &str) -> u64 {
+        self.file(controller, name)
+            .and_then(|p| fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn read_keyed(&self, controller: &str, name: &str, key: &str) -> u64 {
+        self.file(controller, name)
+            .and_then(|p| fs::read_to_string(p).ok())
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    let mut it = l.split_whitespace();
+                    (it.next() == Some(key)).then(|| it.next()?.parse().ok())?
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn counters(&self) -> CgroupCounters {
+        if self.v2 {
+            CgroupCounters {
+                cpu_usage_ns: self.read_keyed("cpu", "cpu.stat", "usage_usec") * 1000,
+                memory_bytes: self.read_u64("memory", "memory.current"),
+                pids: self.read_u64("pids", "pids.current"),
+                oom_kills: self.read_keyed("memory", "memory.events", "oom_kill"),
+            }
+        } else {
+            CgroupCounters {
+                cpu_usage_ns: self.read_u64("cpuacct", "cpuacct.usage"),
+                memory_bytes: self.read_u64("memory", "memory.usage_in_bytes"),
+                pids: self.read_u64("pids", "pids.current"),
+                oom_kills: self.read_keyed("memory", "memory.oom_control", "oom_kill"),
+            }
+        }
+    }
+
+    pub fn procs(&self) -> Vec<u64> {
+        self.cg.procs().into_iter().map(|p| p.pid).collect()
+    }
+
+    /// SIGKILL everything left in the cgroup (processes that escaped the box's PID namespace
+    /// cannot exist, but a half-started box may have left its helper) and remove it.
+    pub fn destroy(&self) -> std::io::Result<()> {
+        for _ in 0..100 {
+            let procs = self.procs();
+            if procs.is_empty() {
+                break;
+            }
+            for p in procs {
+                // SAFETY: signalling a process that lives in this box's cgroup.
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
+            std::thread::yield_now();
+        }
+        // rmdir fails with EBUSY until the last killed task has been released.
+        let mut last = None;
+        for _ in 0..1000 {
+            match self.cg.delete() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Err(err("delete", last.map(|e| e.to_string()).unwrap_or_default()))
+    }
+
+    pub fn exists(&self) -> bool {
+        self.cg.exists()
+    }
+}

@@ -1,0 +1,223 @@
+//! The box's writable disk: a sparse ext4 image per box, attached through a loop device inside
+//! the box's own mount namespace. Writing past `disk_mib` fails with ENOSPC inside the box and
+//! the host file system is untouched beyond the image's size. The mount exists only in the box's
+//! namespace and the loop device is set to auto-clear, so when the box's last process dies the
+//! kernel unmounts the file system and frees the loop device by itself.
+//!
+//! Formatting an image costs ~10 ms, so [`ImagePool`] keeps a few formatted images per size
+//! ready in the background.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Whether this host can give boxes a loop-mounted quota disk.
+pub fn loop_supported() -> bool {
+    Path::new("/dev/loop-control").exists() && which("mkfs.ext4").is_some()
+}
+
+pub fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// Attach `img` to a free loop device (auto-clear) and mount it at `target`.
+/// Runs inside the box's mount namespace as host root.
+pub fn attach_and_mount(img: &Path, target: &Path) -> Result<(), String> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .map_err(|e| format!("open disk image: {e}"))?;
+    let ctl = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .map_err(|e| format!("open loop-control: {e}"))?;
+    // Another box may grab the same free device between GET_FREE and CONFIGURE: retry.
+    for _ in 0..64 {
+        // SAFETY: ioctl without argument on a loop-control fd.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(format!("LOOP_CTL_GET_FREE: {}", io::Error::last_os_error()));
+        }
+        let dev_path = format!("/dev/loop{n}");
+        let dev = match fs::OpenOptions::new().read(true).write(true).open(&dev_path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                continue;
+            }
+            Err(e) => return Err(format!("open {dev_path}: {e}")),
+        };
+        // SAFETY: zeroed is a valid bit pattern for this plain C struct.
+        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+        cfg.fd = file.as_raw_fd() as u32;
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        // SAFETY: LOOP_CONFIGURE reads a loop_config we own.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                continue;
+            }
+            return Err(format!("LOOP_CONFIGURE {dev_path}: {e}"));
+        }
+        let m = nix::mount::mount(
+            Some(dev_path.as_str()),
+            target,
+            Some("ext4"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            None::<&str>,
+        );
+        drop(dev); // the mount holds the device; auto-clear frees it on the last unmount
+        return m.map_err(|e| format!("mount {dev_path}: {e}"));
+    }
+    Err("no free loop device".into())
+}
+
+/// Create a sparse image of `mib` MiB and format it ext4 (no journal: the disk's contents do
+/// not outlive the box except through snapshots, which are taken from a live box).
+pub fn format_image(path: &Path, mib: u64) -> io::Result<()> {
+    let f = fs::File::create(path)?;
+    f.set_len(mib * 1024 * 1024)?;
+    drop(f);
+    let mkfs = which("mkfs.ext4").ok_or_else(|| io::Error::other("mkfs.ext4 not found"))?;
+    let out = Command::new(mkfs)
+        .args(["-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard", "-m", "0"])
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        let _ = fs::remove_file(path);
+        return Err(io::Error::other(format!(
+            "mkfs.ext4 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Formatted images kept ready so that creating a box does not wait for `mkfs`.
+#[derive(Clone)]
+pub struct ImagePool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    dir: PathBuf,
+    target: usize,
+    ready: Mutex<Vec<(u64, PathBuf)>>,
+    counter: AtomicU64,
+    refilling: Mutex<std::collections::HashSet<u64>>,
+}
+
+impl ImagePool {
+    pub fn new(dir: PathBuf, target: usize) -> io::Result<ImagePool> {
+        fs::create_dir_all(&dir)?;
+        // Images left by an earlier run are reformatted on demand; start clean.
+        for e in fs::read_dir(&dir)?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        Ok(ImagePool {
+            inner: Arc::new(PoolInner {
+                dir,
+                target,
+                ready: Mutex::new(Vec::new()),
+                counter: AtomicU64::new(0),
+                refilling: Mutex::new(Default::default()),
+            }),
+        })
+    }
+
+    /// Move a formatted image of `mib` MiB to `dest`, formatting one now if none is ready, and
+    /// top the pool up in the background.
+    pub fn take(&self, mib: u64, dest: &Path) -> io::Result<()> {
+        let found = {
+            let mut ready = self.inner.ready.lock().map_err(|_| io::Error::other("pool lock"))?;
+            ready
+                .iter()
+                .position(|(m, _)| *m == mib)
+                .map(|i| ready.swap_remove(i).1)
+        };
+        match found {
+            Some(p) => fs::rename(p, dest)?,
+            None => format_image(dest, mib)?,
+        }
+        self.refill(mib);
+        Ok(())
+    }
+
+    /// Start a background thread filling the pool for `mib` (one per size at a time).
+    pub fn refill(&self, mib: u64) {
+        if self.inner.target == 0 {
+            return;
+        }
+        match self.inner.refilling.lock() {
+            Ok(mut set) => {
+                if !set.insert(mib) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        let inner = self.inner.clone();
+        std::thread::spawn(move || {
+            loop {
+                let have = inner
+                    .ready
+                    .lock()
+                    .map(|r| r.iter().filter(|(m, _)| *m == mib).count())
+                    .unwrap_or(usize::MAX);
+                if have >= inner.target {
+                    break;
+                }
+                let n = inner.counter.fetch_add(1, Ordering::Relaxed);
+                let p = inner.dir.join(format!("{mib}-{}-{n}.img", std::process::id()));
+                if format_image(&p, mib).is_err() {
+                    break;
+                }
+                if let Ok(mut r) = inner.ready.lock() {
+                    r.push((mib, p));
+                }
+            }
+            if let Ok(mut set) = inner.refilling.lock() {
+                set.remove(&mib);
+            }
+        });
+    }
+}

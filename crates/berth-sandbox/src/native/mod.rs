@@ -1,0 +1,624 @@
+//! The native backend: Linux namespaces, cgroups, seccomp and Landlock, a loop-mounted quota
+//! disk, and a small supervisor inside each box. Needs nothing but a Linux kernel, root, and
+//! `mkfs.ext4` for quota disks.
+//!
+//! Host layout per box under `<data>/native/boxes/<id>/`: `root/` (mount point of the box's
+//! root, populated only inside the box's mount namespace), `disk.img` (the box's writable disk),
+//! `run/` (gateway seam, bound at `/run/berth`), `ctl.sock` (exec control socket, reachable
+//! only from the host).
+
+pub mod cgroup;
+pub mod confine;
+pub mod disk;
+pub mod init;
+pub mod protocol;
+pub mod supervisor;
+
+use crate::fsops;
+use crate::{
+    BoxConfig, BoxExit, BoxInfo, Capabilities, ExecEvent, ExecHandle, ExecInput, ExecSpec,
+    ExitStatus, FileContent, Image, Result, Sandbox, SandboxError, Stats, AGENT_UID,
+};
+pub use crate::Bridge;
+use cgroup::BoxCgroup;
+use init::{DiskSource, InitConfig, InitReport, UID_RANGE};
+use protocol::{aio, ExecRequest, Kind, WireExit};
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+
+/// First host uid handed to boxes; each box gets its own range of [`UID_RANGE`] ids.
+const UID_BASE: u32 = 0x4000_0000;
+const MAX_SLOTS: u32 = 16_000;
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_WRITABLE: [&str; 4] = ["/workspace", "/home/agent", "/tmp", "/dev/shm"];
+
+#[derive(Debug, Clone)]
+pub struct NativeConfig {
+    pub data_dir: PathBuf,
+    /// Executable that runs the box bring-up when invoked as `<helper> __box-init`.
+    pub helper: PathBuf,
+    /// Formatted disk images kept ready per size.
+    pub pool_size: usize,
+}
+
+struct LiveBox {
+    dir: PathBuf,
+    pid1: i32,
+    slot: u32,
+    agent_host_uid: u32,
+    limits: crate::Limits,
+    env: Vec<(String, String)>,
+    cgroup: BoxCgroup,
+    exit: watch::Receiver<Option<BoxExit>>,
+    destroying: Arc<AtomicBool>,
+}
+
+impl LiveBox {
+    fn ctl(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+    fn workspace(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root/workspace", self.pid1))
+    }
+    fn running(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+}
+
+pub struct NativeBackend {
+    cfg: NativeConfig,
+    caps: Capabilities,
+    pool: Option<disk::ImagePool>,
+    boxes: Mutex<HashMap<String, Arc<LiveBox>>>,
+    slots: Mutex<BTreeSet<u32>>,
+}
+
+/// Host paths bound read-only into a `host`-image box, and the secrets masked inside them.
+fn host_layers() -> Vec<(PathBuf, String)> {
+    ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt"]
+        .iter()
+        .map(|d| (PathBuf::from(format!("/{d}")), format!("/{d}")))
+        .collect()
+}
+
+const MASKED_FILES: [&str; 6] = [
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/shadow-",
+    "/etc/gshadow-",
+    "/etc/sudoers",
+    "/etc/security/opasswd",
+];
+const MASKED_DIRS: [&str; 3] = ["/etc/ssh", "/etc/sudoers.d", "/etc/ssl/private"];
+
+impl NativeBackend {
+    /// Probe the host and prepare the data directory.
+    pub fn new(cfg: NativeConfig) -> Result<NativeBackend> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Err(SandboxError::Unsupported(
+                "the native backend needs root (user, mount and cgroup setup)".into(),
+            ));
+        }
+        let boxes_dir = cfg.data_dir.join("native").join("boxes");
+        std::fs::create_dir_all(&boxes_dir)?;
+        let loop_ok = disk::loop_supported();
+        let pool = if loop_ok {
+            Some(disk::ImagePool::new(cfg.data_dir.join("native").join("pool"), cfg.pool_size)?)
+        } else {
+            None
+        };
+        let v2 = cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode();
+        let caps = Capabilities {
+            name: "native".into(),
+            isolation: "linux namespaces (user, pid, mount, net, uts, ipc, cgroup), pivot_root".into(),
+            user_namespace: true,
+            seccomp: true,
+            landlock: confine::landlock_supported(),
+            disk_quota: loop_ok,
+            cgroup: if v2 { "v2".into() } else { "v1".into() },
+            network: "loopback only; egress through gateway bridges".into(),
+            oci_images: true,
+        };
+        if let Some(p) = &pool {
+            p.refill(crate::Limits::default().disk_mib);
+        }
+        Ok(NativeBackend {
+            cfg,
+            caps,
+            pool,
+            boxes: Mutex::new(HashMap::new()),
+            slots: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn box_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("native").join("boxes").join(id)
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<LiveBox>> {
+        self.boxes
+            .lock()
+            .map_err(|_| SandboxError::Io(std::io::Error::other("box table poisoned")))?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(id.to_string()))
+    }
+
+    fn get_running(&self, id: &str) -> Result<Arc<LiveBox>> {
+        let b = self.get(id)?;
+        if !b.running() {
+            return Err(SandboxError::NotRunning(id.to_string()));
+        }
+        Ok(b)
+    }
+
+    fn alloc_slot(&self) -> Result<u32> {
+        let mut slots = self
+            .slots
+            .lock()
+            .map_err(|_| SandboxError::Io(std::io::Error::other("slot table poisoned")))?;
+        let slot = (0..MAX_SLOTS)
+            .find(|s| !slots.contains(s))
+            .ok_or_else(|| SandboxError::Start("too many boxes".into()))?;
+        slots.insert(slot);
+        Ok(slot)
+    }
+
+    fn free_slot(&self, slot: u32) {
+        if let Ok(mut s) = self.slots.lock() {
+            s.remove(&slot);
+        }
+    }
+
+    async fn start(&self, cfg: &BoxConfig, dir: &Path, slot: u32) -> Result<(LiveBox, BoxInfo)> {
+        let run_dir = dir.join("run");
+        let root = dir.join("root");
+        for d in [&run_dir, &root] {
+            tokio::fs::create_dir_all(d).await?;
+            tokio::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).await?;
+        }
+        let disk = match &self.pool {
+            Some(pool) => {
+                let img = dir.join("disk.img");
+                let pool = pool.clone();
+                let mib = cfg.limits.disk_mib;
+                let dest = img.clone();
+                tokio::task::spawn_blocking(move || pool.take(mib, &dest))
+                    .await
+                    .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??;
+                DiskSource::Image(img)
+            }
+            None => {
+                let d = dir.join("disk");
+                tokio::fs::create_dir_all(&d).await?;
+                DiskSource::Dir(d)
+            }
+        };
+        let uid_base = UID_BASE + slot * UID_RANGE;
+        let (layers, masked_files, masked_dirs) = match &cfg.image {
+            Image::Host => (
+                host_layers(),
+                MASKED_FILES.iter().map(|s| s.to_string()).collect(),
+                MASKED_DIRS.iter().map(|s| s.to_string()).collect(),
+            ),
+            Image::Rootfs(path) => {
+                let mut layers = Vec::new();
+                for e in std::fs::read_dir(path)?.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if ["proc", "dev", "sys", "tmp", "workspace", "home", "run"].contains(&name.as_str()) {
+                        continue;
+                    }
+                    layers.push((e.path(), format!("/{name}")));
+                }
+                (layers, MASKED_FILES.iter().map(|s| s.to_string()).collect(), vec![])
+            }
+        };
+        let init_cfg = InitConfig {
+            box_id: cfg.id.clone(),
+            root_mount: root,
+            disk,
+            run_dir: run_dir.clone(),
+            ctl_socket: dir.join("ctl.sock"),
+            uid_base,
+            agent_uid: AGENT_UID,
+            layers,
+            masked_files,
+            masked_dirs,
+            hostname: format!("box-{}", &cfg.id[..cfg.id.len().min(20)]),
+            bridges: cfg.bridges.clone(),
+        };
+
+        let limits = cfg.limits;
+        let id = cfg.id.clone();
+        let cg = tokio::task::spawn_blocking(move || BoxCgroup::create(&id, &limits))
+            .await
+            .map_err(|e| SandboxError::Start(format!("cgroup task: {e}")))??;
+
+        let mut cmd = tokio::process::Command::new(&self.cfg.helper);
+        cmd.arg("__box-init")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = cg.destroy();
+                return Err(SandboxError::Start(format!("spawning {}: {e}", self.cfg.helper.display())));
+            }
+        };
+        let fail = |child: &mut tokio::process::Child, cg: &BoxCgroup, msg: String| {
+            let _ = child.start_kill();
+            let _ = cg.destroy();
+            SandboxError::Start(msg)
+        };
+        let Some(hpid) = child.id() else {
+            return Err(fail(&mut child, &cg, "helper exited at once".into()));
+        };
+        if let Err(e) = cg.add(hpid) {
+            return Err(fail(&mut child, &cg, e.to_string()));
+        }
+        let line = match serde_json::to_string(&init_cfg) {
+            Ok(l) => l,
+            Err(e) => return Err(fail(&mut child, &cg, e.to_string())),
+        };
+        let (Some(mut stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(fail(&mut child, &cg, "helper pipes missing".into()));
+        };
+        if let Err(e) = stdin.write_all(format!("{line}\n").as_bytes()).await {
+            return Err(fail(&mut child, &cg, format!("writing config: {e}")));
+        }
+        drop(stdin);
+        let mut reader = BufReader::new(stdout);
+        let mut report_line = String::new();
+        let read = tokio::time::timeout(START_TIMEOUT, reader.read_line(&mut report_line)).await;
+        let report: InitReport = match read {
+            Ok(Ok(n)) if n > 0 => match serde_json::from_str(&report_line) {
+                Ok(r) => r,
+                Err(e) => return Err(fail(&mut child, &cg, format!("bad init report: {e}"))),
+            },
+            Ok(_) => return Err(fail(&mut child, &cg, "box init exited without a report".into())),
+            Err(_) => return Err(fail(&mut child, &cg, "box init timed out".into())),
+        };
+        let pid1 = match (report.pid, report.error) {
+            (Some(p), None) => p,
+            (_, Some(e)) => {
+                let _ = child.wait().await;
+                let _ = cg.destroy();
+                return Err(SandboxError::Start(e));
+            }
+            (None, None) => return Err(fail(&mut child, &cg, "empty init report".into())),
+        };
+
+        // Log what the box's init and supervisor print (rate-limited: guest-controlled).
+        let box_id = cfg.id.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut budget = 100u32;
+            while let Ok(Some(l)) = lines.next_line().await {
+                if budget > 0 {
+                    budget -= 1;
+                    tracing::debug!(box_id = %box_id, "box: {l}");
+                }
+            }
+        });
+
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let destroying = Arc::new(AtomicBool::new(false));
+        let flag = destroying.clone();
+        let cg_for_exit = BoxCgroup::load(&cfg.id);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let reason = if flag.load(Ordering::SeqCst) {
+                BoxExit::Destroyed
+            } else if cg_for_exit.counters().oom_kills > 0 && !matches!(status, Ok(s) if s.success()) {
+                BoxExit::OomKilled
+            } else {
+                BoxExit::Exited {
+                    code: status.ok().and_then(|s| s.code()).unwrap_or(-1),
+                }
+            };
+            let _ = exit_tx.send(Some(reason));
+        });
+
+        let live = LiveBox {
+            dir: dir.to_path_buf(),
+            pid1,
+            slot,
+            agent_host_uid: uid_base + AGENT_UID,
+            limits: cfg.limits,
+            env: cfg.env.clone(),
+            cgroup: cg,
+            exit: exit_rx,
+            destroying,
+        };
+        let info = BoxInfo {
+            id: cfg.id.clone(),
+            pid: Some(pid1),
+            run_dir,
+        };
+        Ok((live, info))
+    }
+
+    fn exec_request(&self, b: &LiveBox, spec: ExecSpec) -> Result<ExecRequest> {
+        if spec.argv.is_empty() {
+            return Err(SandboxError::InvalidSpec("argv must not be empty".into()));
+        }
+        let uid = spec.uid.unwrap_or(AGENT_UID);
+        if uid == 0 || uid >= UID_RANGE {
+            return Err(SandboxError::InvalidSpec(format!("uid {uid} is not allowed in a box")));
+        }
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), DEFAULT_PATH.into()),
+            ("HOME".into(), "/home/agent".into()),
+            ("USER".into(), "agent".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+        ];
+        for (k, v) in b.env.iter().chain(spec.env.iter()) {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(SandboxError::InvalidSpec(format!("invalid environment variable {k:?}")));
+            }
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        Ok(ExecRequest {
+            argv: spec.argv,
+            cwd: spec.cwd.unwrap_or_else(|| "/workspace".into()),
+            env,
+            uid,
+            writable: spec
+                .writable
+                .unwrap_or_else(|| DEFAULT_WRITABLE.iter().map(|s| s.to_string()).collect()),
+            timeout_ms: spec.timeout.map(|d| d.as_millis() as u64),
+            keep_stdin: true,
+        })
+    }
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> SandboxError {
+    SandboxError::Io(std::io::Error::other(format!("blocking task: {e}")))
+}
+
+impl Sandbox for NativeBackend {
+    fn capabilities(&self) -> Capabilities {
+        self.caps.clone()
+    }
+
+    async fn create(&self, cfg: BoxConfig) -> Result<BoxInfo> {
+        if !crate::valid_box_id(&cfg.id) {
+            return Err(SandboxError::InvalidSpec(format!("invalid box id {:?}", cfg.id)));
+        }
+        cfg.limits.validate()?;
+        if let Image::Rootfs(p) = &cfg.image {
+            if !p.is_dir() {
+                return Err(SandboxError::InvalidSpec(format!("image root {} is not a directory", p.display())));
+            }
+        }
+        if self.get(&cfg.id).is_ok() {
+            return Err(SandboxError::Exists(cfg.id.clone()));
+        }
+        let dir = self.box_dir(&cfg.id);
+        if dir.exists() {
+            // Left over from a crash: clear it before reuse.
+            cleanup_leftovers(&cfg.id, &dir).await;
+        }
+        tokio::fs::create_dir_all(&dir).await?;
+        let slot = self.alloc_slot()?;
+        match self.start(&cfg, &dir, slot).await {
+            Ok((live, info)) => {
+                self.boxes
+                    .lock()
+                    .map_err(|_| SandboxError::Io(std::io::Error::other("box table poisoned")))?
+                    .insert(cfg.id.clone(), Arc::new(live));
+                Ok(info)
+            }
+            Err(e) => {
+                self.free_slot(slot);
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecHandle> {
+        let b = self.get_running(id)?;
+        let req = self.exec_request(&b, spec)?;
+        let stream = tokio::net::UnixStream::connect(b.ctl()).await?;
+        let (mut rd, mut wr) = stream.into_split();
+        let body = serde_json::to_vec(&req).map_err(|e| SandboxError::Io(std::io::Error::other(e)))?;
+        aio::write_frame(&mut wr, Kind::Request, &body).await?;
+        let (ev_tx, ev_rx) = mpsc::channel(64);
+        let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(64);
+        let oom_before = b.cgroup.counters().oom_kills;
+        let bx = b.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = match aio::read_frame(&mut rd).await {
+                    Ok((Kind::Started, p)) => ExecEvent::Started {
+                        pid: String::from_utf8_lossy(&p).parse().unwrap_or(0),
+                    },
+                    Ok((Kind::Stdout, p)) => ExecEvent::Stdout(p.into()),
+                    Ok((Kind::Stderr, p)) => ExecEvent::Stderr(p.into()),
+                    Ok((Kind::Exit, p)) => {
+                        let w: WireExit = serde_json::from_slice(&p).unwrap_or_default();
+                        let oom = w.signal == Some(libc::SIGKILL)
+                            && !w.timed_out
+                            && bx.cgroup.counters().oom_kills > oom_before;
+                        let _ = ev_tx
+                            .send(ExecEvent::Exit(ExitStatus {
+                                code: w.code,
+                                signal: w.signal,
+                                timed_out: w.timed_out,
+                                oom_killed: oom,
+                            }))
+                            .await;
+                        return;
+                    }
+                    Ok((Kind::Error, p)) => {
+                        let _ = ev_tx.send(ExecEvent::Failed(String::from_utf8_lossy(&p).into_owned())).await;
+                        return;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let msg = if bx.running() {
+                            format!("exec stream broke: {e}")
+                        } else {
+                            "the box stopped".to_string()
+                        };
+                        let _ = ev_tx.send(ExecEvent::Failed(msg)).await;
+                        return;
+                    }
+                };
+                if ev_tx.send(ev).await.is_err() {
+                    // Nobody listens any more; keep the process but stop reading.
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(msg) = in_rx.recv().await {
+                let r = match msg {
+                    ExecInput::Stdin(b) => aio::write_frame(&mut wr, Kind::Stdin, &b).await,
+                    ExecInput::CloseStdin => aio::write_frame(&mut wr, Kind::StdinEof, &[]).await,
+                    ExecInput::Signal(s) => aio::write_frame(&mut wr, Kind::Signal, s.to_string().as_bytes()).await,
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+            // Keep the write half open until the exec ends: the supervisor treats a closed
+            // connection as "kill the process".
+            std::future::pending::<()>().await;
+        });
+        Ok(ExecHandle {
+            events: ev_rx,
+            input: in_tx,
+        })
+    }
+
+    async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
+        let b = self.get_running(id)?;
+        let root = b.workspace();
+        let path = path.to_string();
+        Ok(tokio::task::spawn_blocking(move || fsops::read(&root, &path))
+            .await
+            .map_err(blocking_err)??)
+    }
+
+    async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
+        let b = self.get_running(id)?;
+        let root = b.workspace();
+        let owner = b.agent_host_uid;
+        let path = path.to_string();
+        Ok(tokio::task::spawn_blocking(move || fsops::write(&root, &path, &data, mode, Some(owner)))
+            .await
+            .map_err(blocking_err)??)
+    }
+
+    async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
+        let b = self.get_running(id)?;
+        let root = b.workspace();
+        let path = path.to_string();
+        Ok(tokio::task::spawn_blocking(move || fsops::delete(&root, &path))
+            .await
+            .map_err(blocking_err)??)
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        let b = self.get_running(id)?;
+        let root = b.workspace();
+        let bx = b.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = bx.cgroup.counters();
+            let (used, total) = fsops::disk_usage(&root)?;
+            Ok(Stats {
+                cpu_usage_ns: c.cpu_usage_ns,
+                memory_bytes: c.memory_bytes,
+                memory_limit_bytes: bx.limits.memory_mib * 1024 * 1024,
+                pids: c.pids,
+                pids_limit: bx.limits.pids,
+                disk_used_bytes: used,
+                disk_limit_bytes: total,
+                oom_kills: c.oom_kills,
+            })
+        })
+        .await
+        .map_err(blocking_err)?
+    }
+
+    fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
+        Ok(self.get(id)?.exit.clone())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        if !crate::valid_box_id(id) {
+            return Err(SandboxError::InvalidSpec(format!("invalid box id {id:?}")));
+        }
+        let found = self
+            .boxes
+            .lock()
+            .map_err(|_| SandboxError::Io(std::io::Error::other("box table poisoned")))?
+            .get(id)
+            .cloned();
+        let dir = self.box_dir(id);
+        let Some(b) = found else {
+            if dir.exists() || BoxCgroup::load(id).exists() {
+                cleanup_leftovers(id, &dir).await;
+            }
+            return Ok(());
+        };
+        b.destroying.store(true, Ordering::SeqCst);
+        // Killing PID 1 of a PID namespace kills every process in it.
+        // SAFETY: pid1 is a child of our helper, which has not reaped it while it runs.
+        if b.running() {
+            unsafe { libc::kill(b.pid1, libc::SIGKILL) };
+        }
+        let mut exit = b.exit.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
+        let bx = b.clone();
+        tokio::task::spawn_blocking(move || bx.cgroup.destroy())
+            .await
+            .map_err(blocking_err)??;
+        tokio::fs::remove_dir_all(&b.dir).await.or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        if let Ok(mut m) = self.boxes.lock() {
+            m.remove(id);
+        }
+        self.free_slot(b.slot);
+        Ok(())
+    }
+}
+
+/// Remove what a crashed server may have left of a box: its processes, cgroup and files.
+async fn cleanup_leftovers(id: &str, dir: &Path) {
+    let cg = BoxCgroup::load(id);
+    if cg.exists() {
+        let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+    }
+    let _ = tokio::fs::remove_dir_all(dir).await;
+}
+
+/// Host path of a box's workspace, for bulk copies (snapshots).
+impl NativeBackend {
+    pub fn workspace_path(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.get_running(id)?.workspace())
+    }
+}
