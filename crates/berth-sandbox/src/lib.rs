@@ -14,8 +14,8 @@
 //!   changes (create, destroy) through the box's owner task, so a backend need not.
 //! - **Exec streams**: events for one exec arrive in order: `Started`, output chunks (per stream
 //!   in the order written), then exactly one terminal `Exit` or `Failed`. Dropping the
-//!   [`ExecHandle`] does not kill the process; send [`ExecInput::Signal`] for that. A process
-//!   never outlives its box.
+//!   handle's event receiver ends the exec (its process group is killed: no orphaned work);
+//!   dropping only the input sender leaves it running. A process never outlives its box.
 //! - **Files**: paths are relative to the box's workspace; anything that resolves outside it,
 //!   lexically or through symlinks planted by the box, is refused with [`FsError::Outside`].
 //! - **Destroy** is idempotent and leaves no process, mount, cgroup, loop device or file behind.
@@ -24,6 +24,7 @@
 //! - **Cancellation**: dropping a future of this trait mid-way may leave a half-created box,
 //!   which a later `destroy` of the same id removes.
 
+pub mod conformance;
 pub mod fsops;
 pub mod native;
 

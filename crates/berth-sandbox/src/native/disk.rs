@@ -221,3 +221,37 @@ impl ImagePool {
         });
     }
 }
+
+/// Loop devices whose backing file is `img`.
+pub fn loop_devices_for(img: &Path) -> Vec<String> {
+    let want = img.to_string_lossy().into_owned();
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                return None;
+            }
+            let backing = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let backing = backing.trim().trim_end_matches(" (deleted)");
+            (backing == want).then_some(name)
+        })
+        .collect()
+}
+
+/// Wait (bounded) until the kernel has released the loop device of a dead box: the unmount of
+/// a namespace's last mount and the auto-clear that follows complete asynchronously.
+pub fn wait_detached(img: &Path, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if loop_devices_for(img).is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}

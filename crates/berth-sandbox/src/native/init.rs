@@ -252,7 +252,10 @@ fn bind(src: &Path, dst: &Path, readonly: bool, extra: MsFlags) -> Result<(), St
         mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
         &format!("bind {} -> {}", src.display(), dst.display()),
     )?;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | extra;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | extra;
+    if !is_device_node(src) {
+        flags |= MsFlags::MS_NODEV;
+    }
     if readonly {
         flags |= MsFlags::MS_RDONLY;
     }
@@ -260,6 +263,11 @@ fn bind(src: &Path, dst: &Path, readonly: bool, extra: MsFlags) -> Result<(), St
         mount(None::<&str>, dst, None::<&str>, flags, None::<&str>),
         &format!("remount {}", dst.display()),
     )
+}
+
+fn is_device_node(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(p).map(|m| m.file_type().is_char_device()).unwrap_or(false)
 }
 
 fn inside(root: &Path, p: &str) -> PathBuf {

@@ -444,7 +444,11 @@ impl Sandbox for NativeBackend {
         let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(64);
         let oom_before = b.cgroup.counters().oom_kills;
         let bx = b.clone();
+        // The reader drops `done_tx` when the exec has ended, which lets the writer close its
+        // half of the connection.
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
+            let _done = done_tx;
             loop {
                 let ev = match aio::read_frame(&mut rd).await {
                     Ok((Kind::Started, p)) => ExecEvent::Started {
@@ -489,7 +493,12 @@ impl Sandbox for NativeBackend {
             }
         });
         tokio::spawn(async move {
-            while let Some(msg) = in_rx.recv().await {
+            loop {
+                let msg = tokio::select! {
+                    m = in_rx.recv() => m,
+                    _ = &mut done_rx => return,
+                };
+                let Some(msg) = msg else { break };
                 let r = match msg {
                     ExecInput::Stdin(b) => aio::write_frame(&mut wr, Kind::Stdin, &b).await,
                     ExecInput::CloseStdin => aio::write_frame(&mut wr, Kind::StdinEof, &[]).await,
@@ -501,7 +510,7 @@ impl Sandbox for NativeBackend {
             }
             // Keep the write half open until the exec ends: the supervisor treats a closed
             // connection as "kill the process".
-            std::future::pending::<()>().await;
+            let _ = done_rx.await;
         });
         Ok(ExecHandle {
             events: ev_rx,
@@ -589,9 +598,15 @@ impl Sandbox for NativeBackend {
         let mut exit = b.exit.clone();
         let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
         let bx = b.clone();
-        tokio::task::spawn_blocking(move || bx.cgroup.destroy())
-            .await
-            .map_err(blocking_err)??;
+        let detached = tokio::task::spawn_blocking(move || {
+            bx.cgroup.destroy()?;
+            Ok::<_, std::io::Error>(disk::wait_detached(&bx.dir.join("disk.img"), Duration::from_secs(10)))
+        })
+        .await
+        .map_err(blocking_err)??;
+        if !detached {
+            tracing::warn!(box_id = id, "loop device of a destroyed box is still attached");
+        }
         tokio::fs::remove_dir_all(&b.dir).await.or_else(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Ok(())
@@ -620,5 +635,12 @@ async fn cleanup_leftovers(id: &str, dir: &Path) {
 impl NativeBackend {
     pub fn workspace_path(&self, id: &str) -> Result<PathBuf> {
         Ok(self.get_running(id)?.workspace())
+    }
+}
+
+impl NativeBackend {
+    /// Host PID of a box's init (for operators and tests).
+    pub fn pid1(&self, id: &str) -> Result<i32> {
+        Ok(self.get(id)?.pid1)
     }
 }

@@ -1,0 +1,388 @@
+//! The conformance suite: behaviour and isolation checks every [`Sandbox`] backend must pass.
+//!
+//! Each check is an async function taking the backend under test and a [`Fixture`]; backend
+//! test files call them one per `#[tokio::test]`. Checks panic (with a clear message) on
+//! failure, so they are meant for tests only. Every isolation check asserts on the effect that
+//! the protection exists to prevent, so removing the protection makes it fail.
+
+use crate::{BoxConfig, ExecOutput, ExecSpec, FileContent, FsError, Image, Limits, Sandbox, SandboxError};
+use std::time::Duration;
+
+pub struct Fixture {
+    /// Unique prefix for box ids made by this run.
+    pub prefix: String,
+    /// Bytes of the `berth-escape-probe` binary, copied into boxes.
+    pub probe: Vec<u8>,
+}
+
+impl Fixture {
+    pub fn id(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+}
+
+pub fn config(id: &str, limits: Limits) -> BoxConfig {
+    BoxConfig {
+        id: id.to_string(),
+        image: Image::Host,
+        limits,
+        env: vec![],
+        bridges: vec![],
+    }
+}
+
+pub fn small() -> Limits {
+    Limits {
+        cpus: 1.0,
+        memory_mib: 256,
+        disk_mib: 64,
+        pids: 64,
+    }
+}
+
+pub async fn sh<B: Sandbox>(b: &B, id: &str, script: &str) -> ExecOutput {
+    b.exec(
+        id,
+        ExecSpec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("exec")
+    .collect(None, 4 << 20)
+    .await
+    .expect("collect")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn with_probe<B: Sandbox>(b: &B, f: &Fixture, id: &str) {
+    b.write_file(id, "probe", f.probe.clone(), 0o755).await.expect("copy probe");
+}
+
+async fn probe<B: Sandbox>(b: &B, id: &str, args: &[&str]) -> ExecOutput {
+    let mut argv = vec!["/workspace/probe".to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    b.exec(id, ExecSpec { argv, timeout: Some(Duration::from_secs(60)), ..Default::default() })
+        .await
+        .expect("exec probe")
+        .collect(None, 4 << 20)
+        .await
+        .expect("collect probe")
+}
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("probe printed no {key}: {out}"))
+}
+
+/// Exec basics: argv, cwd, env, stdin, exit codes, signals, timeouts, ordered output.
+pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("exec");
+    b.create(config(&id, small())).await.expect("create");
+    let out = b
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec!["/bin/sh".into(), "-c".into(), "pwd; echo $FOO; cat; id -u; exit 7".into()],
+                cwd: Some("/tmp".into()),
+                env: vec![("FOO".into(), "bar baz".into())],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec")
+        .collect(Some(b"from-stdin\n".to_vec()), 1 << 20)
+        .await
+        .expect("collect");
+    assert_eq!(text(&out.stdout), "/tmp\nbar baz\nfrom-stdin\n1000\n");
+    assert_eq!(out.exit.code, Some(7));
+
+    let out = sh(b, &id, "seq 1 20000; echo done >&2").await;
+    let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(text(&out.stdout), expected, "stdout arrives whole and in order");
+    assert_eq!(text(&out.stderr), "done\n");
+
+    let out = sh(b, &id, "kill -TERM $$").await;
+    assert_eq!(out.exit.signal, Some(libc::SIGTERM));
+    assert_eq!(out.exit.code, None);
+
+    let t = std::time::Instant::now();
+    let out = b
+        .exec(&id, ExecSpec { argv: vec!["sleep".into(), "30".into()], timeout: Some(Duration::from_millis(300)), ..Default::default() })
+        .await
+        .expect("exec")
+        .collect(None, 1024)
+        .await
+        .expect("collect");
+    assert!(out.exit.timed_out, "{:?}", out.exit);
+    assert_eq!(out.exit.signal, Some(libc::SIGKILL));
+    assert!(t.elapsed() < Duration::from_secs(10));
+
+    // Kill through the input channel while the process streams.
+    let mut h = b
+        .exec(&id, ExecSpec { argv: vec!["/bin/sh".into(), "-c".into(), "echo up; exec sleep 60".into()], ..Default::default() })
+        .await
+        .expect("exec");
+    loop {
+        match h.events.recv().await.expect("event") {
+            crate::ExecEvent::Stdout(b) => {
+                assert_eq!(&b[..], b"up\n");
+                break;
+            }
+            crate::ExecEvent::Started { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    h.input.send(crate::ExecInput::Signal(libc::SIGKILL)).await.expect("send");
+    let exit = loop {
+        match h.events.recv().await.expect("event") {
+            crate::ExecEvent::Exit(e) => break e,
+            crate::ExecEvent::Failed(m) => panic!("{m}"),
+            _ => {}
+        }
+    };
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+
+    let err = b.exec(&id, ExecSpec { argv: vec![], ..Default::default() }).await.err();
+    assert!(matches!(err, Some(SandboxError::InvalidSpec(_))));
+    let err = b.exec(&id, ExecSpec { argv: vec!["true".into()], uid: Some(0), ..Default::default() }).await.err();
+    assert!(matches!(err, Some(SandboxError::InvalidSpec(_))), "uid 0 refused");
+    let failed = b
+        .exec(&id, ExecSpec { argv: vec!["/no/such/program".into()], ..Default::default() })
+        .await
+        .expect("exec")
+        .collect(None, 1024)
+        .await;
+    assert!(failed.is_err(), "a missing program is an error, not a silent exit");
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// Files through the backend: round trip, listing, hostile paths, symlinks planted by the box.
+pub async fn files_and_hostile_paths<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("files");
+    b.create(config(&id, small())).await.expect("create");
+    b.write_file(&id, "dir/a.txt", b"hello".to_vec(), 0o644).await.expect("write");
+    let out = sh(b, &id, "cat /workspace/dir/a.txt; stat -c %u /workspace/dir/a.txt").await;
+    assert_eq!(text(&out.stdout), "hello1000\n", "written file visible inside, owned by the agent");
+    match b.read_file(&id, "dir").await.expect("list") {
+        FileContent::Dir(l) => assert_eq!(l.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["a.txt"]),
+        FileContent::File(_) => panic!("expected a listing"),
+    }
+    let out = sh(
+        b,
+        &id,
+        "ln -s /etc/passwd /workspace/pw; ln -s / /workspace/rootlink; ln -s .. /workspace/up; \
+         mkdir -p /workspace/d; ln -s ../../.. /workspace/d/deep; echo inside > /tmp/t",
+    )
+    .await;
+    assert!(out.exit.success(), "{}", text(&out.stderr));
+    for p in ["pw", "rootlink/etc/shadow", "up/x", "../x", "/etc/passwd", "d/deep/etc/hostname", "dir/../../x"] {
+        let r = b.read_file(&id, p).await;
+        assert!(matches!(r, Err(SandboxError::Fs(FsError::Outside(_)))), "read {p}: {r:?}");
+    }
+    for p in ["up/evil", "rootlink/tmp/evil", "../evil", "d/deep/evil"] {
+        let r = b.write_file(&id, p, b"x".to_vec(), 0o644).await;
+        assert!(matches!(r, Err(SandboxError::Fs(FsError::Outside(_)))), "write {p}: {r:?}");
+    }
+    assert!(matches!(b.delete_file(&id, "up/x").await, Err(SandboxError::Fs(FsError::Outside(_)))));
+    // Writing over the planted symlink replaces the link; the host's file is untouched.
+    let before = std::fs::read("/etc/passwd").expect("host passwd");
+    b.write_file(&id, "pw", b"replaced".to_vec(), 0o644).await.expect("replace link");
+    assert_eq!(std::fs::read("/etc/passwd").expect("host passwd"), before);
+    assert!(matches!(b.read_file(&id, "nope").await, Err(SandboxError::Fs(FsError::NotFound(_)))));
+    b.delete_file(&id, "dir").await.expect("delete");
+    assert!(matches!(b.read_file(&id, "dir/a.txt").await, Err(SandboxError::Fs(FsError::NotFound(_)))));
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// The box sees neither host processes, nor host secrets, nor another box, and cannot write
+/// outside its writable paths.
+pub async fn isolation<B: Sandbox>(b: &B, f: &Fixture) {
+    let a = f.id("iso-a");
+    let c = f.id("iso-b");
+    b.create(config(&a, small())).await.expect("create a");
+    b.create(config(&c, small())).await.expect("create b");
+    let token = format!("berth-secret-{}", std::process::id());
+    b.write_file(&a, "secret.txt", token.clone().into_bytes(), 0o600).await.expect("write");
+
+    let me = std::process::id();
+    let out = sh(b, &c, "ls /proc | grep -c '^[0-9]'").await;
+    let nprocs: u32 = text(&out.stdout).trim().parse().expect("count");
+    assert!(nprocs < 10, "box sees {nprocs} processes");
+    let out = sh(b, &c, &format!("test -e /proc/{me} && echo SEE-HOST; cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -c 'carg[o]'")).await;
+    assert_eq!(text(&out.stdout), "0\n", "host processes visible in the box");
+    // The pattern is split so the search does not find its own command line.
+    let (head, tail) = token.split_at(5);
+    let out = sh(b, &c, &format!("grep -rl --exclude-dir=proc --exclude-dir=usr '{head}''{tail}' / 2>/dev/null; echo end")).await;
+    assert_eq!(text(&out.stdout), "end\n", "box b found box a's file");
+    let out = sh(b, &c, "ls /root; cat /etc/shadow; cat /etc/gshadow").await;
+    assert!(text(&out.stderr).contains("No such file"), "/root must not exist: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "", "shadow files must read as nothing");
+    assert!(std::fs::metadata("/etc/shadow").map(|m| m.len() > 0).unwrap_or(false), "host has a shadow file to hide");
+
+    let out = sh(b, &c, "for p in /etc/x /usr/x /x /run/berth/x /proc/sys/kernel/hostname; do (echo x > $p) 2>/dev/null && echo WROTE $p; done; echo x > /workspace/ok && echo x > /tmp/ok && echo x > /home/agent/ok && echo fine").await;
+    let s = text(&out.stdout);
+    assert!(!s.contains("WROTE"), "{s}");
+    assert!(s.contains("fine"), "{s} {}", text(&out.stderr));
+    b.destroy(&a).await.expect("destroy");
+    b.destroy(&c).await.expect("destroy");
+}
+
+/// Only loopback inside; a host loopback service is unreachable; escapes and privileged
+/// syscalls fail.
+pub async fn network_and_syscalls<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("net");
+    b.create(config(&id, small())).await.expect("create");
+    let out = sh(b, &id, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo routes; tail -n +2 /proc/net/route | wc -l").await;
+    assert_eq!(text(&out.stdout), "lo\nroutes\n0\n");
+    // A service on the host's loopback must be out of reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let out = sh(b, &id, &format!("(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED || echo refused")).await;
+    // `sh` may be dash without /dev/tcp; fall back to bash explicitly.
+    let out2 = b
+        .exec(&id, ExecSpec { argv: vec!["bash".into(), "-c".into(), format!("(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED || echo refused")], ..Default::default() })
+        .await
+        .expect("exec")
+        .collect(None, 1024)
+        .await
+        .expect("collect");
+    assert!(!text(&out.stdout).contains("REACHED"));
+    assert_eq!(text(&out2.stdout), "refused\n");
+
+    with_probe(b, f, &id).await;
+    let out = probe(b, &id, &["escape"]).await;
+    let s = text(&out.stdout);
+    for k in [
+        "mount", "umount", "ptrace_traceme", "ptrace_attach_pid1", "init_module", "finit_module",
+        "clock_settime", "setuid0", "unshare_user", "unshare_net", "chroot", "sethostname", "reboot",
+        "bpf", "io_uring_setup", "keyctl", "socket_packet", "mknod", "perf_event_open", "write_etc",
+        "write_root", "write_run", "read_shadow", "kill_pid1", "setpriority_neg",
+    ] {
+        assert!(field(&s, k).starts_with("errno"), "{k} succeeded inside the box:\n{s}");
+    }
+    assert_eq!(field(&s, "write_workspace"), "ok");
+    // seccomp specifically: these would succeed for an unprivileged process without it.
+    assert_eq!(field(&s, "ptrace_traceme"), format!("errno{}", libc::EPERM));
+    assert_eq!(field(&s, "unshare_user"), format!("errno{}", libc::EPERM));
+    assert_eq!(field(&s, "io_uring_setup"), format!("errno{}", libc::EPERM));
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// Landlock: a process whose writable list excludes /tmp cannot write there even though the
+/// mount is writable.
+pub async fn landlock_write_paths<B: Sandbox>(b: &B, f: &Fixture) {
+    if !b.capabilities().landlock {
+        panic!("backend reports no Landlock; this suite requires it on this host");
+    }
+    let id = f.id("ll");
+    b.create(config(&id, small())).await.expect("create");
+    let out = b
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec!["/bin/sh".into(), "-c".into(), "echo a > /workspace/ok && echo ws; echo b > /tmp/no && echo TMP".into()],
+                writable: Some(vec!["/workspace".into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec")
+        .collect(None, 4096)
+        .await
+        .expect("collect");
+    assert_eq!(text(&out.stdout), "ws\n", "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// pids, memory, CPU and disk limits are enforced by the kernel.
+pub async fn limits<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("limits");
+    let limits = Limits { cpus: 0.25, memory_mib: 128, disk_mib: 64, pids: 32 };
+    b.create(config(&id, limits)).await.expect("create");
+    with_probe(b, f, &id).await;
+
+    // Fork bomb held by pids.
+    let out = probe(b, &id, &["forks", "1000"]).await;
+    let s = text(&out.stdout);
+    let forks: u32 = field(&s, "forks").split_whitespace().next().and_then(|n| n.parse().ok()).expect("forks");
+    assert!(forks < 32, "forked {forks} with pids=32: {s}");
+    assert!(s.contains(&format!("errno={}", libc::EAGAIN)), "{s}");
+
+    // Memory bomb OOM-killed and reported.
+    let out = probe(b, &id, &["alloc", "1024"]).await;
+    assert!(out.exit.oom_killed, "{:?} {}", out.exit, text(&out.stdout));
+    assert!(!text(&out.stdout).contains("allocated_all"));
+    let st = b.stats(&id).await.expect("stats");
+    assert!(st.oom_kills >= 1);
+    assert_eq!(st.memory_limit_bytes, 128 * 1024 * 1024);
+
+    // A spinning process gets its CPU share: 0.25 CPU over ~1.5 s wall.
+    let before = b.stats(&id).await.expect("stats").cpu_usage_ns;
+    let t = std::time::Instant::now();
+    let out = b
+        .exec(&id, ExecSpec { argv: vec!["/bin/sh".into(), "-c".into(), "while :; do :; done".into()], timeout: Some(Duration::from_millis(1500)), ..Default::default() })
+        .await
+        .expect("exec")
+        .collect(None, 1024)
+        .await
+        .expect("collect");
+    let wall = t.elapsed().as_nanos() as f64;
+    assert!(out.exit.timed_out);
+    let used = (b.stats(&id).await.expect("stats").cpu_usage_ns - before) as f64;
+    assert!(used < 0.5 * wall, "used {used} ns of CPU in {wall} ns wall at cpus=0.25");
+    assert!(used > 0.1 * wall, "the spinner barely ran: {used} ns in {wall} ns");
+
+    // Disk fill stops at the quota with ENOSPC; the box keeps working.
+    if b.capabilities().disk_quota {
+        let out = sh(b, &id, "dd if=/dev/zero of=/workspace/big bs=1M count=200 2>&1; echo rc=$?").await;
+        let s = text(&out.stdout);
+        assert!(s.contains("No space left"), "{s}");
+        assert!(!s.contains("rc=0"), "{s}");
+        let st = b.stats(&id).await.expect("stats");
+        assert!(st.disk_limit_bytes <= 64 * 1024 * 1024, "{st:?}");
+        assert!(st.disk_used_bytes > 50 * 1024 * 1024, "{st:?}");
+        let host_write = b.write_file(&id, "more", vec![0u8; 8 << 20], 0o644).await;
+        assert!(matches!(host_write, Err(SandboxError::Fs(FsError::NoSpace))), "{host_write:?}");
+        let out = sh(b, &id, "rm /workspace/big && echo x > /workspace/small && cat /workspace/small").await;
+        assert_eq!(text(&out.stdout), "x\n");
+    } else {
+        panic!("backend reports no disk quota; this suite requires it on this host");
+    }
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// A box whose processes all die is noticed, with the reason; destroy is idempotent.
+pub async fn death_and_destroy<B: Sandbox>(b: &B, f: &Fixture, kill_box: impl FnOnce(&str)) {
+    let id = f.id("death");
+    b.create(config(&id, small())).await.expect("create");
+    let mut w = b.exit_watch(&id).expect("watch");
+    assert!(w.borrow().is_none());
+    kill_box(&id);
+    let reason = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|e| e.is_some()))
+        .await
+        .expect("death noticed in time")
+        .expect("watch")
+        .clone();
+    assert!(matches!(reason, Some(crate::BoxExit::Exited { .. })), "{reason:?}");
+    let r = b.exec(&id, ExecSpec { argv: vec!["true".into()], ..Default::default() }).await;
+    assert!(matches!(r, Err(SandboxError::NotRunning(_))), "exec on a dead box: {:?}", r.err());
+    b.destroy(&id).await.expect("destroy");
+    b.destroy(&id).await.expect("destroy twice");
+    assert!(matches!(b.exit_watch(&id), Err(SandboxError::NotFound(_))));
+    let dup = f.id("dup");
+    b.create(config(&dup, small())).await.expect("create");
+    assert!(matches!(b.create(config(&dup, small())).await, Err(SandboxError::Exists(_))));
+    assert!(matches!(b.create(config("../evil", small())).await, Err(SandboxError::InvalidSpec(_))));
+    let mut bad = small();
+    bad.memory_mib = 1;
+    assert!(matches!(b.create(config(&f.id("bad"), bad)).await, Err(SandboxError::InvalidSpec(_))));
+    b.destroy(&dup).await.expect("destroy");
+}
