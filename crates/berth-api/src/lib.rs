@@ -1,1 +1,423 @@
+//! The berth API's wire types, declared apart from the server that implements them.
+//!
+//! Everything here is plain data with serde and OpenAPI (utoipa) derives. Defaults follow the
+//! contract in the brief: `resources` 1 CPU / 1024 MiB / 5120 MiB disk / 512 pids, `network.allow`
+//! `["api.anthropic.com"]`, image `host`.
 
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+/// Time stamps are RFC 3339 strings in UTC.
+pub type Timestamp = String;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// Destroyed when its session ends.
+    Ephemeral,
+    /// Outlives its sessions; stopped after `idle_timeout_s` without activity.
+    #[default]
+    Persistent,
+    /// Parked (snapshotted and destroyed) when idle, restored on next use.
+    Hybrid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resources {
+    pub cpus: f64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub pids: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpus: 1.0,
+            memory_mib: 1024,
+            disk_mib: 5120,
+            pids: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Domain patterns the box may reach through the egress proxy: exact names or `*.suffix`.
+    pub allow: Vec<String>,
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        NetworkSpec {
+            allow: vec!["api.anthropic.com".into()],
+        }
+    }
+}
+
+/// Body of `POST /v1/boxes`, and the `box` of a session when it creates its own box.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct BoxSpec {
+    pub lifecycle: Lifecycle,
+    /// `host` (the host's read-only root) or a backend-specific image reference.
+    pub image: Option<String>,
+    /// Sandbox backend; defaults to the server's default backend.
+    pub backend: Option<String>,
+    pub resources: Resources,
+    pub network: NetworkSpec,
+    pub env: BTreeMap<String, String>,
+    pub idle_timeout_s: Option<u64>,
+    pub max_lifetime_s: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxState {
+    Creating,
+    Running,
+    Parking,
+    Parked,
+    Restoring,
+    Stopped,
+    Destroyed,
+    Failed,
+}
+
+impl BoxState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BoxState::Creating => "creating",
+            BoxState::Running => "running",
+            BoxState::Parking => "parking",
+            BoxState::Parked => "parked",
+            BoxState::Restoring => "restoring",
+            BoxState::Stopped => "stopped",
+            BoxState::Destroyed => "destroyed",
+            BoxState::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<BoxState> {
+        Some(match s {
+            "creating" => BoxState::Creating,
+            "running" => BoxState::Running,
+            "parking" => BoxState::Parking,
+            "parked" => BoxState::Parked,
+            "restoring" => BoxState::Restoring,
+            "stopped" => BoxState::Stopped,
+            "destroyed" => BoxState::Destroyed,
+            "failed" => BoxState::Failed,
+            _ => return None,
+        })
+    }
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, BoxState::Destroyed | BoxState::Failed | BoxState::Stopped)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BoxObject {
+    pub id: String,
+    pub tenant: String,
+    pub state: BoxState,
+    /// Why the box is in its state (failure message, exit reason), when there is one.
+    pub state_reason: Option<String>,
+    pub backend: String,
+    pub lifecycle: Lifecycle,
+    pub image: String,
+    pub resources: Resources,
+    pub network: NetworkSpec,
+    pub env: BTreeMap<String, String>,
+    pub idle_timeout_s: Option<u64>,
+    pub max_lifetime_s: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Working directory inside the box (default `/workspace`).
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    /// Text fed to the process's standard input, then EOF.
+    pub stdin: Option<String>,
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResponse {
+    /// Exit code, or null when a signal ended the process.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    /// Output as UTF-8 (invalid sequences replaced).
+    pub stdout: String,
+    pub stderr: String,
+    /// Output beyond the server's limit was dropped.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BoxStats {
+    pub cpu_usage_ns: u64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub pids: u64,
+    pub pids_limit: u64,
+    pub disk_used_bytes: u64,
+    pub disk_limit_bytes: u64,
+    pub oom_kills: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DirEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub modified: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DirListing {
+    pub path: String,
+    pub entries: Vec<DirEntry>,
+}
+
+/// The agent a session runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentSpec {
+    /// The Claude Code CLI driven over stream-json.
+    Claude(ClaudeAgent),
+    /// Any program: client messages are lines on its stdin, its output becomes events.
+    Command(CommandAgent),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClaudeAgent {
+    pub model: Option<String>,
+    pub max_turns: Option<u32>,
+    pub max_budget_usd: Option<f64>,
+    pub system_prompt: Option<String>,
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    pub permission_mode: Option<String>,
+    pub mcp_servers: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandAgent {
+    pub argv: Vec<String>,
+}
+
+/// A session's box: the id of an existing box, or the spec of a new one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum BoxRef {
+    Id(String),
+    Spec(Box<BoxSpec>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSpec {
+    #[serde(rename = "box", default = "default_box_ref")]
+    pub box_ref: BoxRef,
+    pub agent: AgentSpec,
+    /// Working directory inside the box (default `/workspace`).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// First user message.
+    #[serde(default)]
+    pub prompt: Option<String>,
+}
+
+fn default_box_ref() -> BoxRef {
+    BoxRef::Spec(Box::new(BoxSpec {
+        lifecycle: Lifecycle::Ephemeral,
+        ..Default::default()
+    }))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Box and agent are being started.
+    Starting,
+    /// The agent is working on a message.
+    Running,
+    /// The agent waits for the next message.
+    Idle,
+    /// The agent ended normally or was stopped by a client.
+    Stopped,
+    /// The agent could not start or crashed.
+    Failed,
+    /// The server restarted while the session ran; it can be resumed.
+    Interrupted,
+}
+
+impl SessionState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SessionState::Starting => "starting",
+            SessionState::Running => "running",
+            SessionState::Idle => "idle",
+            SessionState::Stopped => "stopped",
+            SessionState::Failed => "failed",
+            SessionState::Interrupted => "interrupted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<SessionState> {
+        Some(match s {
+            "starting" => SessionState::Starting,
+            "running" => SessionState::Running,
+            "idle" => SessionState::Idle,
+            "stopped" => SessionState::Stopped,
+            "failed" => SessionState::Failed,
+            "interrupted" => SessionState::Interrupted,
+            _ => return None,
+        })
+    }
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, SessionState::Stopped | SessionState::Failed | SessionState::Interrupted)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SessionObject {
+    pub id: String,
+    pub tenant: String,
+    pub box_id: String,
+    pub state: SessionState,
+    pub state_reason: Option<String>,
+    pub agent: AgentSpec,
+    pub workdir: String,
+    /// The CLI's own session id, once known.
+    pub agent_session_id: Option<String>,
+    pub cli_version: Option<String>,
+    /// Sequence number of the newest event.
+    pub last_seq: i64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// One entry of a session's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub seq: i64,
+    pub session_id: String,
+    pub ts: Timestamp,
+    /// `status`, `assistant`, `user`, `tool_use`, `tool_result`, `permission_request`, `result`,
+    /// `stdout`, `stderr`, `error`, `system`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The agent's own message, whole.
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageRequest {
+    /// Text, or an array of content blocks.
+    pub content: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionAnswer {
+    pub allow: bool,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    pub accepted: bool,
+}
+
+/// What a WebSocket client may send on `/v1/sessions/{id}/ws`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WsClientMessage {
+    Message { content: serde_json::Value },
+    Interrupt,
+    Permission {
+        request_id: String,
+        allow: bool,
+        #[serde(default)]
+        message: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCreate {
+    pub tenant: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyObject {
+    pub id: String,
+    /// The secret; only present in the response that created it.
+    pub key: Option<String>,
+    pub tenant: String,
+    pub admin: bool,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackendInfo {
+    pub name: String,
+    pub default: bool,
+    pub capabilities: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_request`, `conflict`.
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct List<T> {
+    pub items: Vec<T>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let spec: BoxSpec = serde_json::from_str("{}").expect("parse");
+        assert_eq!(spec.resources, Resources::default());
+        assert_eq!(spec.network.allow, vec!["api.anthropic.com".to_string()]);
+        let s: SessionSpec = serde_json::from_str(r#"{"agent":{"kind":"command","argv":["cat"]}}"#).expect("parse");
+        assert!(matches!(s.box_ref, BoxRef::Spec(ref b) if b.lifecycle == Lifecycle::Ephemeral));
+        let s: SessionSpec = serde_json::from_str(r#"{"box":"b1","agent":{"kind":"claude"}}"#).expect("parse");
+        assert_eq!(s.box_ref, BoxRef::Id("b1".into()));
+        assert!(serde_json::from_str::<BoxSpec>(r#"{"bogus":1}"#).is_err());
+        assert!(serde_json::from_str::<BoxSpec>(r#"{"resources":{"cpus":"x"}}"#).is_err());
+    }
+}

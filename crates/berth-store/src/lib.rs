@@ -1,1 +1,68 @@
+//! berth's durable state behind one interface, [`Store`].
+//!
+//! The embedded implementation is SQLite (WAL, one file in the data dir); PostgreSQL will
+//! implement the same trait with the same schema (JSON documents plus the columns queries
+//! filter on). Contract:
+//!
+//! - Writes are durable when the future resolves (SQLite WAL with `synchronous=FULL`), so a
+//!   `kill -9` of the server loses nothing that was acknowledged.
+//! - Events are append-only; `(session_id, seq)` is unique and an append that reuses a seq fails
+//!   with [`StoreError::Conflict`] instead of overwriting.
+//! - Tenancy is enforced by callers through the `tenant` argument of lookups; a row of another
+//!   tenant is reported as absent.
 
+pub mod sqlite;
+
+use async_trait::async_trait;
+use berth_api::{BoxObject, Event, KeyObject, SessionObject};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A key row as the authenticator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub tenant: String,
+    pub admin: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round trip for readiness checks.
+    async fn ping(&self) -> Result<()>;
+
+    async fn ensure_tenant(&self, tenant: &str) -> Result<()>;
+    async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()>;
+    async fn find_key(&self, hash: &str) -> Result<Option<KeyRecord>>;
+    async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyObject>>;
+    async fn delete_key(&self, id: &str) -> Result<bool>;
+    async fn count_keys(&self) -> Result<i64>;
+
+    /// Insert or replace a box document.
+    async fn put_box(&self, b: &BoxObject) -> Result<()>;
+    async fn get_box(&self, tenant: Option<&str>, id: &str) -> Result<Option<BoxObject>>;
+    async fn list_boxes(&self, tenant: Option<&str>) -> Result<Vec<BoxObject>>;
+
+    async fn put_session(&self, s: &SessionObject) -> Result<()>;
+    async fn get_session(&self, tenant: Option<&str>, id: &str) -> Result<Option<SessionObject>>;
+    async fn list_sessions(&self, tenant: Option<&str>, box_id: Option<&str>) -> Result<Vec<SessionObject>>;
+
+    async fn append_events(&self, events: &[Event]) -> Result<()>;
+    /// Events with `seq > after`, oldest first, at most `limit`.
+    async fn events_after(&self, session_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
+    async fn last_seq(&self, session_id: &str) -> Result<i64>;
+}

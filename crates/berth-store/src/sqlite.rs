@@ -1,0 +1,306 @@
+//! The embedded SQLite store.
+
+use crate::{KeyRecord, Result, Store, StoreError};
+use async_trait::async_trait;
+use berth_api::{BoxObject, Event, KeyObject, SessionObject};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn map_unique(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_string()),
+        _ => StoreError::Db(e),
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database file and run migrations.
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        let url = format!("sqlite://{}", path.display());
+        let opts = SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Close the pool (tests use this to simulate an unavailable store).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ensure_tenant(&self, tenant: &str) -> Result<()> {
+        sqlx::query("INSERT INTO tenants (name, created_at) VALUES (?, strftime('%Y-%m-%dT%H:%M:%SZ','now')) ON CONFLICT(name) DO NOTHING")
+            .bind(tenant)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()> {
+        self.ensure_tenant(&key.tenant).await?;
+        sqlx::query("INSERT INTO api_keys (id, hash, tenant, admin, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&key.id)
+            .bind(hash)
+            .bind(&key.tenant)
+            .bind(key.admin)
+            .bind(&key.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(map_unique)?;
+        Ok(())
+    }
+
+    async fn find_key(&self, hash: &str) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query("SELECT id, tenant, admin FROM api_keys WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| KeyRecord {
+            id: r.get("id"),
+            tenant: r.get("tenant"),
+            admin: r.get("admin"),
+        }))
+    }
+
+    async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyObject>> {
+        let rows = sqlx::query("SELECT id, tenant, admin, created_at FROM api_keys WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id")
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| KeyObject {
+                id: r.get("id"),
+                key: None,
+                tenant: r.get("tenant"),
+                admin: r.get("admin"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM api_keys WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn count_keys(&self) -> Result<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM api_keys").fetch_one(&self.pool).await?.get("n"))
+    }
+
+    async fn put_box(&self, b: &BoxObject) -> Result<()> {
+        let doc = serde_json::to_string(b).map_err(corrupt)?;
+        sqlx::query(
+            "INSERT INTO boxes (id, tenant, state, doc, created_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, doc = excluded.doc",
+        )
+        .bind(&b.id)
+        .bind(&b.tenant)
+        .bind(b.state.as_str())
+        .bind(doc)
+        .bind(&b.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_box(&self, tenant: Option<&str>, id: &str) -> Result<Option<BoxObject>> {
+        let row = sqlx::query("SELECT doc FROM boxes WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn list_boxes(&self, tenant: Option<&str>) -> Result<Vec<BoxObject>> {
+        let rows = sqlx::query("SELECT doc FROM boxes WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id")
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .collect()
+    }
+
+    async fn put_session(&self, s: &SessionObject) -> Result<()> {
+        let doc = serde_json::to_string(s).map_err(corrupt)?;
+        sqlx::query(
+            "INSERT INTO sessions (id, tenant, box_id, state, doc, created_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, doc = excluded.doc",
+        )
+        .bind(&s.id)
+        .bind(&s.tenant)
+        .bind(&s.box_id)
+        .bind(s.state.as_str())
+        .bind(doc)
+        .bind(&s.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_session(&self, tenant: Option<&str>, id: &str) -> Result<Option<SessionObject>> {
+        let row = sqlx::query("SELECT doc FROM sessions WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn list_sessions(&self, tenant: Option<&str>, box_id: Option<&str>) -> Result<Vec<SessionObject>> {
+        let rows = sqlx::query(
+            "SELECT doc FROM sessions WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR box_id = ?2) ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .bind(box_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .collect()
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for e in events {
+            let data = serde_json::to_string(&e.data).map_err(corrupt)?;
+            sqlx::query("INSERT INTO events (session_id, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)")
+                .bind(&e.session_id)
+                .bind(e.seq)
+                .bind(&e.ts)
+                .bind(&e.kind)
+                .bind(data)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_unique)?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events_after(&self, session_id: &str, after: i64, limit: i64) -> Result<Vec<Event>> {
+        let rows = sqlx::query("SELECT seq, ts, kind, data FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?")
+            .bind(session_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Event {
+                    seq: r.get("seq"),
+                    session_id: session_id.to_string(),
+                    ts: r.get("ts"),
+                    kind: r.get("kind"),
+                    data: serde_json::from_str(r.get::<&str, _>("data")).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_seq(&self, session_id: &str) -> Result<i64> {
+        Ok(sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE session_id = ?")
+            .bind(session_id)
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api::*;
+
+    fn event(s: &str, seq: i64) -> Event {
+        Event {
+            seq,
+            session_id: s.into(),
+            ts: "2026-01-01T00:00:00Z".into(),
+            kind: "stdout".into(),
+            data: serde_json::json!({"text": format!("line {seq}")}),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_append_only_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("berth.db");
+        {
+            let st = SqliteStore::open(&path).await.expect("open");
+            st.append_events(&[event("s1", 1), event("s1", 2), event("s2", 1)]).await.expect("append");
+            assert!(matches!(st.append_events(&[event("s1", 2)]).await, Err(StoreError::Conflict(_))));
+            st.close().await;
+        }
+        let st = SqliteStore::open(&path).await.expect("reopen");
+        let evs = st.events_after("s1", 0, 100).await.expect("read");
+        assert_eq!(evs.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(evs[1].data["text"], "line 2");
+        assert_eq!(st.events_after("s1", 1, 100).await.expect("read").len(), 1);
+        assert_eq!(st.last_seq("s1").await.expect("seq"), 2);
+        assert_eq!(st.last_seq("nope").await.expect("seq"), 0);
+    }
+
+    #[tokio::test]
+    async fn tenancy_filters_lookups() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let st = SqliteStore::open(&dir.path().join("b.db")).await.expect("open");
+        let b = BoxObject {
+            id: "b1".into(),
+            tenant: "acme".into(),
+            state: BoxState::Running,
+            state_reason: None,
+            backend: "native".into(),
+            lifecycle: Lifecycle::Persistent,
+            image: "host".into(),
+            resources: Resources::default(),
+            network: NetworkSpec::default(),
+            env: Default::default(),
+            idle_timeout_s: None,
+            max_lifetime_s: None,
+            labels: Default::default(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            updated_at: "2026-01-01T00:00:00Z".into(),
+        };
+        st.put_box(&b).await.expect("put");
+        assert!(st.get_box(Some("acme"), "b1").await.expect("get").is_some());
+        assert!(st.get_box(Some("other"), "b1").await.expect("get").is_none());
+        assert!(st.get_box(None, "b1").await.expect("get").is_some());
+        assert_eq!(st.list_boxes(Some("other")).await.expect("list").len(), 0);
+        let k = KeyObject { id: "k1".into(), key: None, tenant: "acme".into(), admin: false, created_at: "t".into() };
+        st.insert_key(&k, "h1").await.expect("key");
+        assert_eq!(st.find_key("h1").await.expect("find").map(|k| k.tenant), Some("acme".into()));
+        assert!(st.find_key("h2").await.expect("find").is_none());
+    }
+}
