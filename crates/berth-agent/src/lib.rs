@@ -1,1 +1,106 @@
+//! Agent drivers.
+//!
+//! A driver is pure protocol: it says how to launch the agent (argv, env, working directory),
+//! how a client message becomes bytes on the agent's stdin, and how the agent's output becomes
+//! session events. It never touches processes or the store; the session's owner task in the
+//! server feeds it bytes and acts on what it returns, so drivers are testable without a box.
+//!
+//! Ordering: `on_stdout`/`on_stderr` are called in the order the bytes arrived per stream;
+//! `on_exit` is called once, last, and flushes any partial line.
 
+pub mod command;
+
+use berth_api::{AgentSpec, SessionState};
+use serde_json::Value;
+
+pub use command::CommandDriver;
+
+/// How to start the agent process inside the box.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+}
+
+/// Something the session should record and publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentEvent {
+    pub kind: String,
+    pub data: Value,
+}
+
+/// What the driver learnt that changes the session object.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Update {
+    pub state: Option<SessionState>,
+    pub state_reason: Option<String>,
+    pub agent_session_id: Option<String>,
+    pub cli_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Output {
+    pub events: Vec<AgentEvent>,
+    pub update: Update,
+}
+
+/// How to interrupt the agent's current work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interrupt {
+    Signal(i32),
+    Stdin(Vec<u8>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The closed set of drivers.
+#[derive(Debug)]
+pub enum Driver {
+    Command(CommandDriver),
+}
+
+impl Driver {
+    pub fn new(spec: &AgentSpec, workdir: &str) -> Result<Driver, DriverError> {
+        match spec {
+            AgentSpec::Command(c) => Ok(Driver::Command(CommandDriver::new(c, workdir)?)),
+            AgentSpec::Claude(_) => Err(DriverError::Invalid(
+                "the claude agent is not available on this server yet".into(),
+            )),
+        }
+    }
+    pub fn launch(&self) -> Launch {
+        match self {
+            Driver::Command(d) => d.launch(),
+        }
+    }
+    pub fn encode_message(&mut self, content: &Value) -> Result<Vec<u8>, DriverError> {
+        match self {
+            Driver::Command(d) => d.encode_message(content),
+        }
+    }
+    pub fn on_stdout(&mut self, bytes: &[u8]) -> Output {
+        match self {
+            Driver::Command(d) => d.on_stdout(bytes),
+        }
+    }
+    pub fn on_stderr(&mut self, bytes: &[u8]) -> Output {
+        match self {
+            Driver::Command(d) => d.on_stderr(bytes),
+        }
+    }
+    pub fn on_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Output {
+        match self {
+            Driver::Command(d) => d.on_exit(code, signal),
+        }
+    }
+    pub fn interrupt(&self) -> Interrupt {
+        match self {
+            Driver::Command(_) => Interrupt::Signal(2),
+        }
+    }
+}

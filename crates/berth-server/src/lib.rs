@@ -1,1 +1,193 @@
+//! The berth control plane as a library: [`start`] opens the store, probes the sandbox
+//! backends, reconciles what a previous run left, and serves the API until shutdown.
 
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod error;
+
+use berth_api::{KeyObject, SessionState};
+use berth_sandbox::native::{NativeBackend, NativeConfig};
+use berth_sandbox::{Backend, Sandbox};
+use berth_store::{SqliteStore, Store};
+pub use config::Config;
+use engine::{Engine, EngineConfig};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub metrics: PrometheusHandle,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data dir {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("store: {0}")]
+    Store(#[from] berth_store::StoreError),
+    #[error("backend {0}: {1}")]
+    Backend(String, berth_sandbox::SandboxError),
+    #[error("listening on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Options the embedding binary decides (not part of the user's config file).
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Executable that runs box bring-up as `<helper> __box-init` (the berth binary itself).
+    pub helper: PathBuf,
+}
+
+pub struct Started {
+    pub addr: SocketAddr,
+    pub admin_key_file: PathBuf,
+    pub state: AppState,
+}
+
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // A second server in the same process (tests) shares the first recorder.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+async fn bootstrap_admin(store: &dyn Store, cfg: &Config) -> Result<PathBuf, ServerError> {
+    let file = cfg.data_dir.join(ADMIN_KEY_FILE);
+    if store.count_keys().await? > 0 {
+        return Ok(file);
+    }
+    let key = cfg.admin_key.clone().unwrap_or_else(auth::new_key);
+    let obj = KeyObject {
+        id: auth::new_id("key"),
+        key: None,
+        tenant: "default".into(),
+        admin: true,
+        created_at: auth::now(),
+    };
+    store.insert_key(&obj, &auth::hash_key(&key)).await?;
+    std::fs::write(&file, format!("{key}\n")).map_err(|e| ServerError::DataDir(file.clone(), e))?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ServerError::DataDir(file.clone(), e))?;
+    tracing::info!(file = %file.display(), "created the admin key");
+    Ok(file)
+}
+
+/// A previous run may have died with boxes and sessions running: their processes are gone
+/// or orphaned. Clean up what the backends still hold and record what happened.
+async fn reconcile(engine: &Engine) -> Result<(), ServerError> {
+    for mut b in engine.store.list_boxes(None).await? {
+        if b.state.is_terminal() {
+            continue;
+        }
+        if let Some(backend) = engine.backends.get(&b.backend) {
+            if let Err(e) = backend.destroy(&b.id).await {
+                tracing::warn!(box_id = %b.id, error = %e, "cleaning up a box left by the previous run");
+            }
+        }
+        b.state = berth_api::BoxState::Stopped;
+        b.state_reason = Some("server restarted".into());
+        b.updated_at = auth::now();
+        engine.store.put_box(&b).await?;
+    }
+    for mut s in engine.store.list_sessions(None, None).await? {
+        if s.state.is_terminal() {
+            continue;
+        }
+        s.state = SessionState::Interrupted;
+        s.state_reason = Some("server restarted while the session ran".into());
+        s.updated_at = auth::now();
+        engine.store.put_session(&s).await?;
+    }
+    Ok(())
+}
+
+/// Bring the server up and serve until `shutdown` resolves; `on_ready` is called once the
+/// listener is bound.
+pub async fn run(
+    cfg: Config,
+    rt: Runtime,
+    on_ready: impl FnOnce(&Started),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
+    let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
+    let store = Arc::new(SqliteStore::open(&cfg.data_dir.join("berth.db")).await?);
+    let admin_key_file = bootstrap_admin(&*store, &cfg).await?;
+
+    let mut backends: HashMap<String, Arc<Backend>> = HashMap::new();
+    match NativeBackend::new(NativeConfig {
+        data_dir: cfg.data_dir.clone(),
+        helper: rt.helper.clone(),
+        pool_size: cfg.native.disk_pool,
+    }) {
+        Ok(b) => {
+            backends.insert("native".into(), Arc::new(Backend::Native(b)));
+        }
+        Err(e) => {
+            if cfg.default_backend == "native" {
+                return Err(ServerError::Backend("native".into(), e));
+            }
+            tracing::warn!(error = %e, "native backend disabled");
+        }
+    }
+    if !backends.contains_key(&cfg.default_backend) {
+        return Err(ServerError::Other(format!("default backend {:?} is not available", cfg.default_backend)));
+    }
+    for (name, b) in &backends {
+        tracing::info!(backend = %name, capabilities = ?b.capabilities(), "sandbox backend enabled");
+    }
+
+    let engine = Engine::new(
+        store.clone(),
+        backends,
+        EngineConfig {
+            default_backend: cfg.default_backend.clone(),
+            max_exec_output: cfg.max_exec_output_bytes,
+        },
+    );
+    reconcile(&engine).await?;
+    let state = AppState {
+        engine: engine.clone(),
+        metrics: metrics_handle(),
+    };
+    let app = api::router(state.clone(), cfg.max_body_bytes);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
+    let addr = listener.local_addr().map_err(|e| ServerError::Listen(cfg.listen, e))?;
+    let started = Started {
+        addr,
+        admin_key_file,
+        state: state.clone(),
+    };
+    let info = serde_json::json!({"url": format!("http://{addr}"), "pid": std::process::id()});
+    let _ = std::fs::write(cfg.data_dir.join("server.json"), info.to_string());
+    on_ready(&started);
+    tracing::info!(%addr, "berth listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| ServerError::Other(format!("serving: {e}")))?;
+    tracing::info!("shutting down: stopping sessions and boxes");
+    engine.shutdown().await;
+    let _ = std::fs::remove_file(cfg.data_dir.join("server.json"));
+    Ok(())
+}

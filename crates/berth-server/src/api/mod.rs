@@ -1,0 +1,107 @@
+//! The HTTP API: routes, extractors and the OpenAPI document. Handlers are thin: they check
+//! the caller, call the engine, and map errors to JSON.
+
+pub mod boxes;
+pub mod keys;
+pub mod sessions;
+pub mod system;
+
+use crate::error::ApiError;
+use crate::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, get, post};
+use axum::Router;
+use utoipa::OpenApi;
+
+/// JSON body extractor whose rejections are API errors.
+#[derive(axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> axum::response::IntoResponse for Json<T> {
+    fn into_response(self) -> axum::response::Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "berth", description = "Self-hosted sandboxes for AI agents: boxes, sessions, events."),
+    paths(
+        boxes::create_box, boxes::list_boxes, boxes::get_box, boxes::delete_box, boxes::exec,
+        boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats,
+        sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
+        sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws,
+        keys::create_key, keys::list_keys, keys::delete_key,
+        system::backends, system::healthz, system::readyz, system::metrics_text,
+    ),
+    components(schemas(
+        berth_api::BoxSpec, berth_api::BoxObject, berth_api::BoxState, berth_api::Lifecycle, berth_api::Resources,
+        berth_api::NetworkSpec, berth_api::ExecRequest, berth_api::ExecResponse, berth_api::BoxStats,
+        berth_api::DirListing, berth_api::DirEntry, berth_api::SessionSpec, berth_api::SessionObject,
+        berth_api::SessionState, berth_api::AgentSpec, berth_api::ClaudeAgent, berth_api::CommandAgent,
+        berth_api::BoxRef, berth_api::Event, berth_api::MessageRequest, berth_api::PermissionAnswer,
+        berth_api::Accepted, berth_api::WsClientMessage, berth_api::KeyCreate, berth_api::KeyObject,
+        berth_api::BackendInfo, berth_api::ErrorBody, berth_api::ErrorDetail,
+    )),
+    modifiers(&SecurityAddon),
+)]
+pub struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_else(|_| "{}".into())
+}
+
+pub fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/boxes", post(boxes::create_box).get(boxes::list_boxes))
+        .route("/v1/boxes/{id}", get(boxes::get_box).delete(boxes::delete_box))
+        .route("/v1/boxes/{id}/exec", post(boxes::exec))
+        .route("/v1/boxes/{id}/stats", get(boxes::stats))
+        .route("/v1/boxes/{id}/files", get(boxes::get_root))
+        .route("/v1/boxes/{id}/files/", get(boxes::get_root))
+        .route(
+            "/v1/boxes/{id}/files/{*path}",
+            get(boxes::get_file).put(boxes::put_file).delete(boxes::delete_file),
+        )
+        .route("/v1/boxes/{id}/ports/{port}/{*rest}", any(boxes::ports))
+        .route("/v1/sessions", post(sessions::create_session).get(sessions::list_sessions))
+        .route("/v1/sessions/{id}", get(sessions::get_session).delete(sessions::delete_session))
+        .route("/v1/sessions/{id}/messages", post(sessions::post_message))
+        .route("/v1/sessions/{id}/interrupt", post(sessions::interrupt))
+        .route("/v1/sessions/{id}/permissions/{request_id}", post(sessions::answer_permission))
+        .route("/v1/sessions/{id}/events", get(sessions::events))
+        .route("/v1/sessions/{id}/ws", get(sessions::ws))
+        .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
+        .route("/v1/keys/{id}", axum::routing::delete(keys::delete_key))
+        .route("/v1/backends", get(system::backends))
+        .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics_text))
+        .route("/openapi.json", get(system::openapi))
+        .fallback(system::not_found)
+        .method_not_allowed_fallback(system::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}

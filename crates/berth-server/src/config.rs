@@ -1,0 +1,126 @@
+//! Server configuration: embedded defaults, then a TOML file, then environment variables, then
+//! command-line flags (applied by the binary), each overriding the one before.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// Where the store, snapshots and box state live.
+    pub data_dir: PathBuf,
+    /// Sandbox backend boxes use unless they ask for another.
+    pub default_backend: String,
+    /// The model API the gateway forwards to.
+    pub upstream_url: String,
+    /// The real model API key; stays on the server side, never enters a box.
+    #[serde(skip_serializing)]
+    pub anthropic_api_key: Option<String>,
+    /// Admin key to install on first start (otherwise one is generated).
+    pub admin_key: Option<String>,
+    /// Largest request body accepted, in bytes (file uploads included).
+    pub max_body_bytes: usize,
+    /// Largest output returned by the REST exec call, per stream, in bytes.
+    pub max_exec_output_bytes: usize,
+    /// `text` or `json`.
+    pub log_format: String,
+    pub native: NativeSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NativeSection {
+    /// Formatted disk images kept ready per size.
+    pub disk_pool: usize,
+}
+
+impl Default for NativeSection {
+    fn default() -> Self {
+        NativeSection { disk_pool: 4 }
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+
+/// `$BERTH_DATA_DIR`, else `$XDG_DATA_HOME/berth`, else `~/.local/share/berth`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BERTH_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("berth");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
+    home.join(".local/share/berth")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700))),
+            data_dir: default_data_dir(),
+            default_backend: "native".into(),
+            upstream_url: "https://api.anthropic.com".into(),
+            anthropic_api_key: None,
+            admin_key: None,
+            max_body_bytes: 64 << 20,
+            max_exec_output_bytes: 16 << 20,
+            log_format: "text".into(),
+            native: NativeSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("parsing {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("{0}: {1}")]
+    Env(&'static str, String),
+}
+
+impl Config {
+    /// Defaults, overridden by the TOML file (if given), then by the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.to_path_buf(), e))?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse(p.to_path_buf(), e))?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self) -> Result<(), ConfigError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(v) = var("BERTH_LISTEN") {
+            self.listen = v.parse().map_err(|e| ConfigError::Env("BERTH_LISTEN", format!("{e}")))?;
+        }
+        if let Some(v) = var("BERTH_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("BERTH_UPSTREAM_URL") {
+            self.upstream_url = v;
+        }
+        if let Some(v) = var("BERTH_ADMIN_KEY") {
+            self.admin_key = Some(v);
+        }
+        if let Some(v) = var("ANTHROPIC_API_KEY") {
+            self.anthropic_api_key = Some(v);
+        }
+        if let Some(v) = var("BERTH_LOG_FORMAT") {
+            self.log_format = v;
+        }
+        if let Some(v) = var("BERTH_BACKEND") {
+            self.default_backend = v;
+        }
+        Ok(())
+    }
+}

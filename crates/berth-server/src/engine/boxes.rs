@@ -1,0 +1,203 @@
+//! The box owner task.
+//!
+//! States: `creating` → `running` → (`stopped` | `failed`) → `destroyed`. The task creates the
+//! box in its backend, then waits for, one at a time: commands (destroy, shutdown, touch), the
+//! backend reporting that the box died, the idle deadline (`idle_timeout_s` since the last
+//! activity) and the lifetime deadline (`max_lifetime_s` since start). Each transition is written
+//! to the store and published on the `watch` channel before the next is taken.
+
+use super::Engine;
+use crate::auth::now;
+use crate::error::ApiError;
+use berth_api::{BoxObject, BoxSpec, BoxState};
+use berth_sandbox::{Backend, BoxConfig, BoxExit, Image, Limits, Sandbox};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+pub enum BoxCmd {
+    Destroy { reply: oneshot::Sender<Result<BoxObject, ApiError>> },
+    /// Server shutdown: tear the box down, record it as stopped.
+    Shutdown { reply: oneshot::Sender<()> },
+    Touch,
+}
+
+#[derive(Clone)]
+pub struct BoxHandle {
+    pub tx: mpsc::Sender<BoxCmd>,
+    pub state: watch::Receiver<BoxObject>,
+}
+
+impl BoxHandle {
+    /// Record activity (resets the idle timer). Never blocks; a full queue already holds a touch
+    /// or something more important.
+    pub fn touch(&self) {
+        let _ = self.tx.try_send(BoxCmd::Touch);
+    }
+}
+
+pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
+    limits(spec).validate().map_err(|e| ApiError::Invalid(e.to_string()))?;
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::Invalid(format!("invalid environment variable name {k:?}")));
+        }
+    }
+    for p in &spec.network.allow {
+        let ok = !p.is_empty()
+            && p.len() <= 253
+            && p.trim_start_matches("*.").bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(ApiError::Invalid(format!("invalid network.allow pattern {p:?}")));
+        }
+    }
+    if spec.idle_timeout_s == Some(0) || spec.max_lifetime_s == Some(0) {
+        return Err(ApiError::Invalid("timeouts must be at least 1 second".into()));
+    }
+    if spec.labels.len() > 64 || spec.env.len() > 256 {
+        return Err(ApiError::Invalid("too many labels or environment variables".into()));
+    }
+    Ok(())
+}
+
+fn limits(spec: &BoxSpec) -> Limits {
+    Limits {
+        cpus: spec.resources.cpus,
+        memory_mib: spec.resources.memory_mib,
+        disk_mib: spec.resources.disk_mib,
+        pids: spec.resources.pids,
+    }
+}
+
+struct BoxActor {
+    engine: Arc<Engine>,
+    backend: Arc<Backend>,
+    obj: BoxObject,
+    state: watch::Sender<BoxObject>,
+    rx: mpsc::Receiver<BoxCmd>,
+}
+
+pub fn spawn(engine: Arc<Engine>, backend: Arc<Backend>, obj: BoxObject) -> BoxHandle {
+    let (tx, rx) = mpsc::channel(64);
+    let (state_tx, state_rx) = watch::channel(obj.clone());
+    let actor = BoxActor {
+        engine,
+        backend,
+        obj,
+        state: state_tx,
+        rx,
+    };
+    tokio::spawn(actor.run());
+    BoxHandle { tx, state: state_rx }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl BoxActor {
+    async fn set(&mut self, state: BoxState, reason: Option<String>) {
+        self.obj.state = state;
+        self.obj.state_reason = reason;
+        self.obj.updated_at = now();
+        if let Err(e) = self.engine.store.put_box(&self.obj).await {
+            tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
+        }
+        self.state.send_replace(self.obj.clone());
+    }
+
+    async fn run(mut self) {
+        let cfg = BoxConfig {
+            id: self.obj.id.clone(),
+            image: Image::Host,
+            limits: limits(&BoxSpec {
+                resources: self.obj.resources,
+                ..Default::default()
+            }),
+            env: self.obj.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            bridges: vec![],
+        };
+        let started = Instant::now();
+        if let Err(e) = self.backend.create(cfg).await {
+            tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
+            self.set(BoxState::Failed, Some(e.to_string())).await;
+            self.engine.forget_box(&self.obj.id);
+            return;
+        }
+        self.set(BoxState::Running, None).await;
+        let mut exit = match self.backend.exit_watch(&self.obj.id) {
+            Ok(w) => w,
+            Err(e) => {
+                self.set(BoxState::Failed, Some(e.to_string())).await;
+                self.engine.forget_box(&self.obj.id);
+                return;
+            }
+        };
+        let idle = self.obj.idle_timeout_s.map(Duration::from_secs);
+        let lifetime = self.obj.max_lifetime_s.map(|s| started + Duration::from_secs(s));
+        let mut last_activity = Instant::now();
+        loop {
+            let running = self.obj.state == BoxState::Running;
+            let idle_deadline = if running { idle.map(|d| last_activity + d) } else { None };
+            let life_deadline = if running { lifetime } else { None };
+            tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    Some(BoxCmd::Touch) => last_activity = Instant::now(),
+                    Some(BoxCmd::Destroy { reply }) => {
+                        let r = self.teardown(BoxState::Destroyed, None).await;
+                        let _ = reply.send(r.map(|_| self.obj.clone()));
+                        break;
+                    }
+                    Some(BoxCmd::Shutdown { reply }) => {
+                        if self.obj.state == BoxState::Running {
+                            let _ = self.teardown(BoxState::Stopped, Some("server shut down".into())).await;
+                        }
+                        let _ = reply.send(());
+                        break;
+                    }
+                    None => break,
+                },
+                changed = exit.changed(), if running => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let why = exit.borrow().clone();
+                    let reason = match why {
+                        Some(BoxExit::OomKilled) => "box init was OOM-killed".to_string(),
+                        Some(BoxExit::Exited { code }) => format!("box init exited with code {code}"),
+                        Some(BoxExit::Destroyed) | None => continue,
+                    };
+                    tracing::warn!(box_id = %self.obj.id, %reason, "box died");
+                    let _ = self.backend.destroy(&self.obj.id).await;
+                    self.set(BoxState::Failed, Some(reason)).await;
+                }
+                _ = sleep_until_opt(idle_deadline) => {
+                    let _ = self.teardown(BoxState::Stopped, Some("idle_timeout".into())).await;
+                }
+                _ = sleep_until_opt(life_deadline) => {
+                    let _ = self.teardown(BoxState::Stopped, Some("max_lifetime".into())).await;
+                }
+            }
+        }
+        self.engine.forget_box(&self.obj.id);
+    }
+
+    async fn teardown(&mut self, to: BoxState, reason: Option<String>) -> Result<(), ApiError> {
+        let r = self.backend.destroy(&self.obj.id).await;
+        match r {
+            Ok(()) => {
+                self.set(to, reason).await;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(box_id = %self.obj.id, error = %e, "destroying box");
+                self.set(BoxState::Failed, Some(format!("destroy failed: {e}"))).await;
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The session engine: one owner task per box and per session.
+//!
+//! Handlers never change a box or a session themselves. They look up the owner's handle
+//! (a command sender plus a `watch` of the current object), send a command, and await the
+//! reply; the owner task applies changes one at a time, writes them to the store and publishes
+//! the new object. Events go to the store first and are then broadcast, so a subscriber that
+//! falls behind (or reconnects) catches up from the store without gaps.
+//!
+//! The registry maps ids to handles only; it holds no state of its own.
+
+pub mod boxes;
+pub mod sessions;
+
+use crate::auth::{new_id, now};
+use crate::error::ApiError;
+use berth_api::*;
+use berth_sandbox::{Backend, Sandbox};
+use berth_store::Store;
+use boxes::{BoxCmd, BoxHandle};
+use sessions::{SessionCmd, SessionHandle};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub default_backend: String,
+    /// Largest exec output returned by the REST exec call, per stream.
+    pub max_exec_output: usize,
+}
+
+pub struct Engine {
+    pub store: Arc<dyn Store>,
+    pub backends: HashMap<String, Arc<Backend>>,
+    pub config: EngineConfig,
+    boxes: RwLock<HashMap<String, BoxHandle>>,
+    sessions: RwLock<HashMap<String, SessionHandle>>,
+}
+
+fn tenant_filter(tenant: &str) -> Option<&str> {
+    Some(tenant)
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, backends: HashMap<String, Arc<Backend>>, config: EngineConfig) -> Arc<Engine> {
+        Arc::new(Engine {
+            store,
+            backends,
+            config,
+            boxes: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn box_handle(&self, id: &str) -> Option<BoxHandle> {
+        self.boxes.read().ok()?.get(id).cloned()
+    }
+
+    fn session_handle(&self, id: &str) -> Option<SessionHandle> {
+        self.sessions.read().ok()?.get(id).cloned()
+    }
+
+    pub(crate) fn forget_box(&self, id: &str) {
+        if let Ok(mut m) = self.boxes.write() {
+            m.remove(id);
+        }
+    }
+
+    pub(crate) fn forget_session(&self, id: &str) {
+        if let Ok(mut m) = self.sessions.write() {
+            m.remove(id);
+        }
+    }
+
+    pub fn live_counts(&self) -> (usize, usize) {
+        (
+            self.boxes.read().map(|m| m.len()).unwrap_or(0),
+            self.sessions.read().map(|m| m.len()).unwrap_or(0),
+        )
+    }
+
+    // ---- boxes ----
+
+    pub async fn create_box(self: &Arc<Self>, tenant: &str, spec: BoxSpec) -> Result<BoxObject, ApiError> {
+        let backend_name = spec.backend.clone().unwrap_or_else(|| self.config.default_backend.clone());
+        let backend = self
+            .backends
+            .get(&backend_name)
+            .cloned()
+            .ok_or_else(|| ApiError::Invalid(format!("backend {backend_name:?} is not enabled on this server")))?;
+        let image = spec.image.clone().unwrap_or_else(|| "host".into());
+        if image != "host" {
+            return Err(ApiError::Invalid(format!(
+                "image {image:?} is not available on the {backend_name} backend (use \"host\")"
+            )));
+        }
+        boxes::validate_spec(&spec)?;
+        let ts = now();
+        let obj = BoxObject {
+            id: new_id("box"),
+            tenant: tenant.to_string(),
+            state: BoxState::Creating,
+            state_reason: None,
+            backend: backend_name,
+            lifecycle: spec.lifecycle,
+            image,
+            resources: spec.resources,
+            network: spec.network,
+            env: spec.env,
+            idle_timeout_s: spec.idle_timeout_s,
+            max_lifetime_s: spec.max_lifetime_s,
+            labels: spec.labels,
+            created_at: ts.clone(),
+            updated_at: ts,
+        };
+        self.store.put_box(&obj).await?;
+        let handle = boxes::spawn(self.clone(), backend, obj.clone());
+        if let Ok(mut m) = self.boxes.write() {
+            m.insert(obj.id.clone(), handle.clone());
+        }
+        metrics::counter!("berth_boxes_created_total").increment(1);
+        let mut rx = handle.state.clone();
+        let settled = rx
+            .wait_for(|b| b.state != BoxState::Creating)
+            .await
+            .map_err(|_| ApiError::Internal("box owner task ended during create".into()))?
+            .clone();
+        if settled.state == BoxState::Failed {
+            return Err(ApiError::Unavailable(format!(
+                "box {} failed to start: {}",
+                settled.id,
+                settled.state_reason.unwrap_or_default()
+            )));
+        }
+        Ok(settled)
+    }
+
+    pub async fn get_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
+        if let Some(h) = self.box_handle(id) {
+            let b = h.state.borrow().clone();
+            if b.tenant == tenant {
+                return Ok(b);
+            }
+            return Err(ApiError::not_found("box", id));
+        }
+        self.store
+            .get_box(tenant_filter(tenant), id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("box", id))
+    }
+
+    pub async fn list_boxes(&self, tenant: &str) -> Result<Vec<BoxObject>, ApiError> {
+        let mut items = self.store.list_boxes(tenant_filter(tenant)).await?;
+        for b in items.iter_mut() {
+            if let Some(h) = self.box_handle(&b.id) {
+                *b = h.state.borrow().clone();
+            }
+        }
+        Ok(items)
+    }
+
+    pub async fn delete_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
+        let b = self.get_box(tenant, id).await?;
+        // Sessions in the box end with it.
+        for s in self.store.list_sessions(tenant_filter(tenant), Some(id)).await? {
+            if let Some(h) = self.session_handle(&s.id) {
+                let (tx, rx) = oneshot::channel();
+                if h.tx.send(SessionCmd::Stop { reason: "box deleted".into(), reply: tx }).await.is_ok() {
+                    let _ = rx.await;
+                }
+            }
+        }
+        match self.box_handle(id) {
+            Some(h) => {
+                let (tx, rx) = oneshot::channel();
+                h.tx.send(BoxCmd::Destroy { reply: tx })
+                    .await
+                    .map_err(|_| ApiError::Conflict("box is shutting down".into()))?;
+                rx.await.map_err(|_| ApiError::Internal("box owner task ended".into()))?
+            }
+            None => {
+                if b.state == BoxState::Destroyed {
+                    return Ok(b);
+                }
+                let mut b = b;
+                if let Some(backend) = self.backends.get(&b.backend) {
+                    backend.destroy(&b.id).await?;
+                }
+                b.state = BoxState::Destroyed;
+                b.updated_at = now();
+                self.store.put_box(&b).await?;
+                Ok(b)
+            }
+        }
+    }
+
+    /// The backend of a running box, after checking the tenant; records activity.
+    pub async fn running_box(&self, tenant: &str, id: &str) -> Result<(Arc<Backend>, BoxObject), ApiError> {
+        let b = self.get_box(tenant, id).await?;
+        let Some(h) = self.box_handle(id) else {
+            return Err(ApiError::Conflict(format!("box {id} is {}", b.state.as_str())));
+        };
+        if b.state != BoxState::Running {
+            return Err(ApiError::Conflict(format!("box {id} is {}", b.state.as_str())));
+        }
+        h.touch();
+        let backend = self
+            .backends
+            .get(&b.backend)
+            .cloned()
+            .ok_or_else(|| ApiError::Internal(format!("backend {} vanished", b.backend)))?;
+        Ok((backend, b))
+    }
+
+    // ---- sessions ----
+
+    pub async fn create_session(self: &Arc<Self>, tenant: &str, spec: SessionSpec) -> Result<SessionObject, ApiError> {
+        let workdir = spec.workdir.clone().unwrap_or_else(|| "/workspace".into());
+        if !workdir.starts_with('/') || workdir.contains('\0') {
+            return Err(ApiError::Invalid("workdir must be an absolute path inside the box".into()));
+        }
+        let driver = berth_agent::Driver::new(&spec.agent, &workdir).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        if let Some(p) = &spec.prompt {
+            if p.is_empty() {
+                return Err(ApiError::Invalid("prompt must not be empty".into()));
+            }
+        }
+        let box_obj = match &spec.box_ref {
+            BoxRef::Id(id) => {
+                let b = self.get_box(tenant, id).await?;
+                if b.state != BoxState::Running {
+                    return Err(ApiError::Conflict(format!("box {id} is {}", b.state.as_str())));
+                }
+                b
+            }
+            BoxRef::Spec(s) => self.create_box(tenant, (**s).clone()).await?,
+        };
+        let box_handle = self
+            .box_handle(&box_obj.id)
+            .ok_or_else(|| ApiError::Conflict(format!("box {} is not running", box_obj.id)))?;
+        let backend = self
+            .backends
+            .get(&box_obj.backend)
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
+        let ts = now();
+        let obj = SessionObject {
+            id: new_id("ses"),
+            tenant: tenant.to_string(),
+            box_id: box_obj.id.clone(),
+            state: SessionState::Starting,
+            state_reason: None,
+            agent: spec.agent.clone(),
+            workdir,
+            agent_session_id: None,
+            cli_version: None,
+            last_seq: 0,
+            created_at: ts.clone(),
+            updated_at: ts,
+        };
+        self.store.put_session(&obj).await?;
+        let handle = sessions::spawn(
+            self.clone(),
+            backend,
+            box_handle,
+            box_obj.lifecycle,
+            driver,
+            obj.clone(),
+            spec.prompt.clone(),
+        );
+        if let Ok(mut m) = self.sessions.write() {
+            m.insert(obj.id.clone(), handle.clone());
+        }
+        metrics::counter!("berth_sessions_created_total").increment(1);
+        let mut rx = handle.state.clone();
+        let settled = rx
+            .wait_for(|s| s.state != SessionState::Starting)
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(obj);
+        Ok(settled)
+    }
+
+    pub async fn get_session(&self, tenant: &str, id: &str) -> Result<SessionObject, ApiError> {
+        if let Some(h) = self.session_handle(id) {
+            let s = h.state.borrow().clone();
+            if s.tenant == tenant {
+                return Ok(s);
+            }
+            return Err(ApiError::not_found("session", id));
+        }
+        self.store
+            .get_session(tenant_filter(tenant), id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("session", id))
+    }
+
+    pub async fn list_sessions(&self, tenant: &str, box_id: Option<&str>) -> Result<Vec<SessionObject>, ApiError> {
+        let mut items = self.store.list_sessions(tenant_filter(tenant), box_id).await?;
+        for s in items.iter_mut() {
+            if let Some(h) = self.session_handle(&s.id) {
+                *s = h.state.borrow().clone();
+            }
+        }
+        Ok(items)
+    }
+
+    async fn live_session(&self, tenant: &str, id: &str) -> Result<SessionHandle, ApiError> {
+        let s = self.get_session(tenant, id).await?;
+        self.session_handle(id)
+            .ok_or_else(|| ApiError::Conflict(format!("session {id} has ended ({})", s.state.as_str())))
+    }
+
+    pub async fn send_message(&self, tenant: &str, id: &str, content: serde_json::Value) -> Result<(), ApiError> {
+        let h = self.live_session(tenant, id).await?;
+        let (tx, rx) = oneshot::channel();
+        h.tx.send(SessionCmd::Message { content, reply: tx })
+            .await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
+        rx.await.map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+    }
+
+    pub async fn interrupt(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+        let h = self.live_session(tenant, id).await?;
+        let (tx, rx) = oneshot::channel();
+        h.tx.send(SessionCmd::Interrupt { reply: tx })
+            .await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
+        rx.await.map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+    }
+
+    pub async fn answer_permission(&self, tenant: &str, id: &str, request_id: &str, answer: PermissionAnswer) -> Result<(), ApiError> {
+        let h = self.live_session(tenant, id).await?;
+        let (tx, rx) = oneshot::channel();
+        h.tx.send(SessionCmd::Permission { request_id: request_id.to_string(), answer, reply: tx })
+            .await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
+        rx.await.map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+    }
+
+    pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<SessionObject, ApiError> {
+        let s = self.get_session(tenant, id).await?;
+        let Some(h) = self.session_handle(id) else {
+            return Ok(s);
+        };
+        let (tx, rx) = oneshot::channel();
+        if h.tx.send(SessionCmd::Stop { reason: "stopped by client".into(), reply: tx }).await.is_err() {
+            return self.get_session(tenant, id).await;
+        }
+        rx.await.map_err(|_| ApiError::Internal("session owner task ended".into()))
+    }
+
+    /// Live event feed of a session (None once it has ended: replay from the store suffices).
+    pub fn subscribe(&self, id: &str) -> Option<tokio::sync::broadcast::Receiver<Event>> {
+        self.session_handle(id).map(|h| h.events.subscribe())
+    }
+
+    /// Stop every session and destroy every box that should not outlive the server process.
+    pub async fn shutdown(&self) {
+        let sessions: Vec<SessionHandle> = self.sessions.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        for h in sessions {
+            let (tx, rx) = oneshot::channel();
+            if h.tx.send(SessionCmd::Stop { reason: "server shutting down".into(), reply: tx }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+        let boxes: Vec<BoxHandle> = self.boxes.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        for h in boxes {
+            let (tx, rx) = oneshot::channel();
+            if h.tx.send(BoxCmd::Shutdown { reply: tx }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+}

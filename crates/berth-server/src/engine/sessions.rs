@@ -1,0 +1,337 @@
+//! The session owner task.
+//!
+//! States: `starting` → `running` ⇄ `idle` → `stopped` | `failed`. The task starts the agent
+//! process in the box, then serialises everything that touches the session: client commands
+//! (message, interrupt, permission answer, stop) and the agent's output. Output is turned into
+//! events by the session's driver, numbered (`seq` is per session, gapless), written to the
+//! store in one transaction per batch, and only then broadcast. When the agent ends, an
+//! ephemeral box is destroyed with it.
+
+use super::boxes::{BoxCmd, BoxHandle};
+use super::Engine;
+use crate::auth::now;
+use crate::error::ApiError;
+use berth_agent::{AgentEvent, Driver, Interrupt, Output};
+use berth_api::{Event, Lifecycle, PermissionAnswer, SessionObject, SessionState};
+use berth_sandbox::{Backend, ExecEvent, ExecHandle, ExecInput, ExecSpec, Sandbox};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Live events kept for subscribers; one that falls further behind reads from the store.
+const BROADCAST_CAPACITY: usize = 1024;
+/// Most agent output chunks folded into one store transaction.
+const MAX_BATCH: usize = 256;
+
+pub enum SessionCmd {
+    Message { content: Value, reply: oneshot::Sender<Result<(), ApiError>> },
+    Interrupt { reply: oneshot::Sender<Result<(), ApiError>> },
+    Permission { request_id: String, answer: PermissionAnswer, reply: oneshot::Sender<Result<(), ApiError>> },
+    Stop { reason: String, reply: oneshot::Sender<SessionObject> },
+}
+
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub tx: mpsc::Sender<SessionCmd>,
+    pub state: watch::Receiver<SessionObject>,
+    pub events: broadcast::Sender<Event>,
+}
+
+struct SessionActor {
+    engine: Arc<Engine>,
+    backend: Arc<Backend>,
+    box_handle: BoxHandle,
+    lifecycle: Lifecycle,
+    driver: Driver,
+    obj: SessionObject,
+    state: watch::Sender<SessionObject>,
+    events: broadcast::Sender<Event>,
+    rx: mpsc::Receiver<SessionCmd>,
+    prompt: Option<String>,
+}
+
+pub fn spawn(
+    engine: Arc<Engine>,
+    backend: Arc<Backend>,
+    box_handle: BoxHandle,
+    lifecycle: Lifecycle,
+    driver: Driver,
+    obj: SessionObject,
+    prompt: Option<String>,
+) -> SessionHandle {
+    let (tx, rx) = mpsc::channel(64);
+    let (state_tx, state_rx) = watch::channel(obj.clone());
+    let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+    let actor = SessionActor {
+        engine,
+        backend,
+        box_handle,
+        lifecycle,
+        driver,
+        obj,
+        state: state_tx,
+        events: events.clone(),
+        rx,
+        prompt,
+    };
+    tokio::spawn(actor.run());
+    SessionHandle {
+        tx,
+        state: state_rx,
+        events,
+    }
+}
+
+impl SessionActor {
+    /// Number, persist, then publish events; then persist and publish the session object.
+    async fn record(&mut self, evs: Vec<AgentEvent>) {
+        if evs.is_empty() {
+            return;
+        }
+        let ts = now();
+        let mut batch = Vec::with_capacity(evs.len());
+        for e in evs {
+            self.obj.last_seq += 1;
+            batch.push(Event {
+                seq: self.obj.last_seq,
+                session_id: self.obj.id.clone(),
+                ts: ts.clone(),
+                kind: e.kind,
+                data: e.data,
+            });
+        }
+        if let Err(e) = self.engine.store.append_events(&batch).await {
+            // Without the store the log would have a hole; stop the agent instead.
+            tracing::error!(session_id = %self.obj.id, error = %e, "appending events");
+            self.obj.last_seq -= batch.len() as i64;
+            return;
+        }
+        metrics::counter!("berth_events_total").increment(batch.len() as u64);
+        for e in batch {
+            let _ = self.events.send(e);
+        }
+        self.box_handle.touch();
+    }
+
+    async fn publish(&mut self) {
+        self.obj.updated_at = now();
+        if let Err(e) = self.engine.store.put_session(&self.obj).await {
+            tracing::error!(session_id = %self.obj.id, error = %e, "persisting session");
+        }
+        self.state.send_replace(self.obj.clone());
+    }
+
+    async fn set_state(&mut self, state: SessionState, reason: Option<String>) {
+        let changed = self.obj.state != state || self.obj.state_reason != reason;
+        self.obj.state = state;
+        self.obj.state_reason = reason.clone();
+        if changed {
+            self.record(vec![AgentEvent {
+                kind: "status".into(),
+                data: json!({"state": state.as_str(), "reason": reason}),
+            }])
+            .await;
+        }
+        self.publish().await;
+    }
+
+    async fn apply(&mut self, out: Output) {
+        self.record(out.events).await;
+        let u = out.update;
+        let mut dirty = false;
+        if let Some(id) = u.agent_session_id {
+            self.obj.agent_session_id = Some(id);
+            dirty = true;
+        }
+        if let Some(v) = u.cli_version {
+            self.obj.cli_version = Some(v);
+            dirty = true;
+        }
+        match u.state {
+            Some(s) if s != self.obj.state => self.set_state(s, u.state_reason).await,
+            _ if dirty => self.publish().await,
+            _ => {}
+        }
+    }
+
+    async fn run(mut self) {
+        let launch = self.driver.launch();
+        let spec = ExecSpec {
+            argv: launch.argv,
+            cwd: Some(launch.cwd),
+            env: launch.env,
+            ..Default::default()
+        };
+        let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                self.record(vec![AgentEvent { kind: "error".into(), data: json!({"message": e.to_string()}) }])
+                    .await;
+                self.set_state(SessionState::Failed, Some(format!("agent failed to start: {e}"))).await;
+                None
+            }
+        };
+        if exec.is_some() {
+            self.set_state(SessionState::Idle, None).await;
+            if let Some(p) = self.prompt.take() {
+                if let Err(e) = self.deliver(exec.as_ref(), Value::String(p)).await {
+                    tracing::warn!(session_id = %self.obj.id, error = %e, "first prompt");
+                }
+            }
+        }
+        while let Some(h) = exec.as_mut() {
+            tokio::select! {
+                cmd = self.rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if self.command(cmd, &mut exec).await {
+                        break;
+                    }
+                }
+                ev = h.events.recv() => {
+                    let mut evs: Vec<ExecEvent> = Vec::new();
+                    if let Some(ev) = ev {
+                        evs.push(ev);
+                        while evs.len() < MAX_BATCH {
+                            match h.events.try_recv() {
+                                Ok(e) => evs.push(e),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    if self.agent_output(evs).await {
+                        exec = None;
+                    }
+                }
+            }
+        }
+        // The agent is gone: answer what is still queued, then retire.
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            self.refuse(cmd);
+        }
+        if self.lifecycle == Lifecycle::Ephemeral {
+            let (tx, rx) = oneshot::channel();
+            if self.box_handle.tx.send(BoxCmd::Destroy { reply: tx }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+        self.engine.forget_session(&self.obj.id);
+    }
+
+    fn refuse(&self, cmd: SessionCmd) {
+        let ended = || ApiError::Conflict(format!("session {} has ended", self.obj.id));
+        match cmd {
+            SessionCmd::Message { reply, .. } => {
+                let _ = reply.send(Err(ended()));
+            }
+            SessionCmd::Interrupt { reply } | SessionCmd::Permission { reply, .. } => {
+                let _ = reply.send(Err(ended()));
+            }
+            SessionCmd::Stop { reply, .. } => {
+                let _ = reply.send(self.obj.clone());
+            }
+        }
+    }
+
+    /// Returns true when the agent has ended.
+    async fn agent_output(&mut self, evs: Vec<ExecEvent>) -> bool {
+        if evs.is_empty() {
+            self.set_state(SessionState::Failed, Some("agent stream ended unexpectedly".into())).await;
+            return true;
+        }
+        let mut out = Output::default();
+        let mut ended = false;
+        for ev in evs {
+            let o = match ev {
+                ExecEvent::Started { .. } => continue,
+                ExecEvent::Stdout(b) => self.driver.on_stdout(&b),
+                ExecEvent::Stderr(b) => self.driver.on_stderr(&b),
+                ExecEvent::Exit(st) => {
+                    ended = true;
+                    let mut o = self.driver.on_exit(st.code, st.signal);
+                    if st.oom_killed {
+                        o.update.state = Some(SessionState::Failed);
+                        o.update.state_reason = Some("agent was OOM-killed (box memory limit)".into());
+                    }
+                    o
+                }
+                ExecEvent::Failed(m) => {
+                    ended = true;
+                    let mut o = self.driver.on_exit(None, None);
+                    o.events.push(AgentEvent { kind: "error".into(), data: json!({"message": m}) });
+                    o.update.state = Some(SessionState::Failed);
+                    o.update.state_reason = Some(m);
+                    o
+                }
+            };
+            out.events.extend(o.events);
+            // Later updates win; a terminal state is never overwritten by a running one.
+            if o.update.state.is_some() {
+                out.update.state = o.update.state;
+                out.update.state_reason = o.update.state_reason;
+            }
+            if o.update.agent_session_id.is_some() {
+                out.update.agent_session_id = o.update.agent_session_id;
+            }
+            if o.update.cli_version.is_some() {
+                out.update.cli_version = o.update.cli_version;
+            }
+        }
+        self.apply(out).await;
+        ended
+    }
+
+    async fn deliver(&mut self, exec: Option<&ExecHandle>, content: Value) -> Result<(), ApiError> {
+        let Some(h) = exec else {
+            return Err(ApiError::Conflict("the agent is not running".into()));
+        };
+        let bytes = self.driver.encode_message(&content).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        h.input
+            .send(ExecInput::Stdin(bytes.into()))
+            .await
+            .map_err(|_| ApiError::Conflict("the agent is not running".into()))?;
+        self.record(vec![AgentEvent { kind: "user".into(), data: json!({"content": content}) }]).await;
+        if self.obj.state == SessionState::Idle {
+            self.set_state(SessionState::Running, None).await;
+        }
+        Ok(())
+    }
+
+    /// Returns true when the session must end now.
+    async fn command(&mut self, cmd: SessionCmd, exec: &mut Option<ExecHandle>) -> bool {
+        match cmd {
+            SessionCmd::Message { content, reply } => {
+                let r = self.deliver(exec.as_ref(), content).await;
+                let _ = reply.send(r);
+                false
+            }
+            SessionCmd::Interrupt { reply } => {
+                let r = match (exec.as_ref(), self.driver.interrupt()) {
+                    (Some(h), Interrupt::Signal(s)) => h.input.send(ExecInput::Signal(s)).await.map_err(|_| ()),
+                    (Some(h), Interrupt::Stdin(b)) => h.input.send(ExecInput::Stdin(b.into())).await.map_err(|_| ()),
+                    (None, _) => Err(()),
+                };
+                if r.is_ok() {
+                    self.record(vec![AgentEvent { kind: "status".into(), data: json!({"interrupt": true}) }]).await;
+                }
+                let _ = reply.send(r.map_err(|_| ApiError::Conflict("the agent is not running".into())));
+                false
+            }
+            SessionCmd::Permission { request_id, reply, .. } => {
+                let _ = reply.send(Err(ApiError::NotFound(format!(
+                    "no pending permission request {request_id} in this session"
+                ))));
+                false
+            }
+            SessionCmd::Stop { reason, reply } => {
+                if let Some(h) = exec.take() {
+                    let _ = h.input.send(ExecInput::Signal(9)).await;
+                    drop(h);
+                }
+                self.set_state(SessionState::Stopped, Some(reason)).await;
+                let _ = reply.send(self.obj.clone());
+                true
+            }
+        }
+    }
+}
