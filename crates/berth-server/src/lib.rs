@@ -182,12 +182,16 @@ pub async fn run(
     let _ = std::fs::write(cfg.data_dir.join("server.json"), info.to_string());
     on_ready(&started);
     tracing::info!(%addr, "berth listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| ServerError::Other(format!("serving: {e}")))?;
-    tracing::info!("shutting down: stopping sessions and boxes");
-    engine.shutdown().await;
+    // Stop sessions and boxes as soon as shutdown is asked for: that also ends the event
+    // streams, which graceful shutdown would otherwise wait for forever.
+    let eng = engine.clone();
+    let stopping = async move {
+        shutdown.await;
+        tracing::info!("shutting down: stopping sessions and boxes");
+        eng.shutdown().await;
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stopping);
+    serve.await.map_err(|e| ServerError::Other(format!("serving: {e}")))?;
     let _ = std::fs::remove_file(cfg.data_dir.join("server.json"));
     Ok(())
 }

@@ -191,6 +191,10 @@ fn box_pid1(
 ) -> isize {
     let mut ready = fs::File::from(ready_w);
     let mut need = fs::File::from(need_w);
+    // The box dies with its helper, which dies with the server (see `NativeBackend`): no box
+    // outlives the process responsible for it.
+    // SAFETY: plain prctl on ourselves.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     let result = (|| -> Result<(), String> {
         build_root(cfg)?;
         ctx(sethostname(&cfg.hostname), "sethostname")?;

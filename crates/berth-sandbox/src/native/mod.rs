@@ -250,6 +250,17 @@ impl NativeBackend {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
+        // SAFETY: prctl only, between fork and exec. The helper (and through its own death
+        // signal, the box) is killed when the server thread that started it goes away, so a
+        // crashed server leaves no box running; the next start cleans up the rest.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

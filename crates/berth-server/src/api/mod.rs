@@ -103,5 +103,29 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(move |req, next| refuse_oversized(req, next, max_body)))
         .with_state(state)
+}
+
+/// Refuse a body whose declared length is over the limit before reading any of it (the body
+/// extractors enforce the same limit on bodies without a length).
+async fn refuse_oversized(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    max: usize,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return ApiError::Rejected(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {max} bytes"),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }

@@ -1,0 +1,71 @@
+//! Human output for events: a spinner while the agent works and one line per event worth
+//! reading (output lines, tool calls, results); `--json` prints each event as a JSON line.
+
+use berth_api::Event;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::time::Duration;
+
+pub struct Renderer {
+    json: bool,
+    spinner: Option<ProgressBar>,
+}
+
+impl Renderer {
+    pub fn new(json: bool, spinner: bool) -> Renderer {
+        let spinner = (spinner && !json && std::io::stderr().is_terminal()).then(|| {
+            let pb = ProgressBar::new_spinner();
+            pb.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            pb.enable_steady_tick(Duration::from_millis(100));
+            pb.set_message("working");
+            pb
+        });
+        Renderer { json, spinner }
+    }
+
+    fn line(&self, s: &str) {
+        match &self.spinner {
+            Some(pb) => pb.println(s),
+            None => println!("{s}"),
+        }
+    }
+
+    pub fn event(&mut self, e: &Event) {
+        if self.json {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+            return;
+        }
+        let text = |k: &str| e.data.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        match e.kind.as_str() {
+            "stdout" => self.line(&text("text")),
+            "stderr" => self.line(&format!("! {}", text("text"))),
+            "user" => {
+                let c = e.data.get("content").map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+                self.line(&format!("> {c}"));
+            }
+            "tool_use" => self.line(&format!("→ {} {}", text("name"), e.data.get("input").map(|v| v.to_string()).unwrap_or_default())),
+            "assistant" => {
+                if let Some(t) = e.data.pointer("/message/content/0/text").and_then(|v| v.as_str()) {
+                    self.line(t);
+                }
+            }
+            "status" => {
+                if let Some(pb) = &self.spinner {
+                    pb.set_message(text("state"));
+                }
+                if let Some(r) = e.data.get("reason").and_then(|v| v.as_str()) {
+                    self.line(&format!("[{}: {r}]", text("state")));
+                }
+            }
+            "result" => self.line(&format!("[result] {}", e.data)),
+            "error" => self.line(&format!("[error] {}", text("message"))),
+            _ => self.line(&format!("[{}] {}", e.kind, e.data)),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(pb) = self.spinner.take() {
+            pb.finish_and_clear();
+        }
+    }
+}

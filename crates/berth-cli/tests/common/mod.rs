@@ -1,0 +1,180 @@
+//! A real `berth serve` process on a free loopback port, with its own data dir.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+pub struct Server {
+    pub url: String,
+    pub admin: String,
+    pub data: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl Server {
+    pub async fn start(data: &Path) -> Server {
+        Self::start_with(data, &[]).await
+    }
+
+    pub async fn start_with(data: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .env("BERTH_LOG", "warn")
+            .env_remove("BERTH_URL")
+            .env_remove("BERTH_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn berth serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("server start timed out")
+            .expect("read")
+            .expect("server exited before listening");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .expect("url in the ready line")
+            .to_string();
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let admin = std::fs::read_to_string(data.join("admin.key")).expect("admin key").trim().to_string();
+        Server { url, admin, data: data.to_path_buf(), child: Some(child) }
+    }
+
+    pub fn client(&self) -> Api {
+        Api::new(&self.url, &self.admin)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("pid") as i32
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().expect("kill");
+            c.wait().await.expect("wait");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("child");
+        // SAFETY: signalling the server this test started.
+        unsafe { libc::kill(c.id().expect("pid") as i32, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(30), c.wait()).await.expect("graceful stop in time").expect("wait")
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub url: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub json: serde_json::Value,
+    pub bytes: Vec<u8>,
+}
+
+impl Api {
+    pub fn new(url: &str, token: &str) -> Api {
+        Api { url: url.to_string(), token: token.to_string(), http: reqwest::Client::new() }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Resp {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut rb = self.http.request(m, format!("{}{}", self.url, path)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        Self::finish(rb).await
+    }
+
+    pub async fn raw(&self, rb: reqwest::RequestBuilder) -> Resp {
+        Self::finish(rb).await
+    }
+
+    async fn finish(rb: reqwest::RequestBuilder) -> Resp {
+        let r = rb.send().await.expect("request");
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.expect("body").to_vec();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Resp { status, json, bytes }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.call("GET", path, None).await
+    }
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> Resp {
+        self.call("POST", path, Some(body)).await
+    }
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.call("DELETE", path, None).await
+    }
+
+    /// Read SSE events from `path` until `n` events arrived or the stream ended.
+    pub async fn sse(&self, path: &str, last_event_id: Option<i64>, n: usize) -> Vec<serde_json::Value> {
+        use futures::StreamExt;
+        let mut rb = self.http.get(format!("{}{}", self.url, path)).bearer_auth(&self.token);
+        if let Some(id) = last_event_id {
+            rb = rb.header("Last-Event-ID", id.to_string());
+        }
+        let resp = rb.send().await.expect("sse");
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut out = Vec::new();
+        let mut id_line: Option<i64> = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while out.len() < n {
+            let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(c)) => c.expect("chunk"),
+                Ok(None) => break,
+                Err(_) => panic!("timed out waiting for events; got {out:?}"),
+            };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find("\n\n") {
+                let block: String = buf.drain(..pos + 2).collect();
+                let mut data = None;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ").or_else(|| line.strip_prefix("id:")) {
+                        id_line = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) {
+                        data = Some(v.to_string());
+                    }
+                }
+                if let Some(d) = data {
+                    let v: serde_json::Value = serde_json::from_str(&d).expect("event json");
+                    assert_eq!(Some(v["seq"].as_i64().expect("seq")), id_line, "SSE id matches seq");
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Poll a JSON resource until `pred` holds (bounded; used for state changes the server
+    /// makes on its own, such as idle timeouts).
+    pub async fn wait_for(&self, path: &str, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let r = self.get(path).await;
+            if pred(&r.json) {
+                return r.json;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "condition not reached on {path}: {}", r.json);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
