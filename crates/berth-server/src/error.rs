@@ -101,9 +101,9 @@ impl From<FsError> for ApiError {
             FsError::NotFound(_) => ApiError::NotFound(e.to_string()),
             FsError::TooLarge(_) => ApiError::Rejected(axum::http::StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
             FsError::NoSpace => ApiError::Rejected(axum::http::StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
-            FsError::Io(io) => match io.raw_os_error() {
-                Some(libc_enotdir) if libc_enotdir == 20 => ApiError::Invalid("a path component is not a directory".into()),
-                Some(21) => ApiError::Invalid("path is a directory".into()),
+            FsError::Io(io) => match io.kind() {
+                std::io::ErrorKind::NotADirectory => ApiError::Invalid("a path component is not a directory".into()),
+                std::io::ErrorKind::IsADirectory => ApiError::Invalid("path is a directory".into()),
                 _ => ApiError::Internal(io.to_string()),
             },
         }
