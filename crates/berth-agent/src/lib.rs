@@ -8,11 +8,13 @@
 //! Ordering: `on_stdout`/`on_stderr` are called in the order the bytes arrived per stream;
 //! `on_exit` is called once, last, and flushes any partial line.
 
+pub mod claude;
 pub mod command;
 
 use berth_api::{AgentSpec, SessionState};
 use serde_json::Value;
 
+pub use claude::{ClaudeDriver, ClaudeEnv};
 pub use command::CommandDriver;
 
 /// How to start the agent process inside the box.
@@ -62,45 +64,63 @@ pub enum DriverError {
 #[derive(Debug)]
 pub enum Driver {
     Command(CommandDriver),
+    Claude(Box<ClaudeDriver>),
 }
 
 impl Driver {
-    pub fn new(spec: &AgentSpec, workdir: &str) -> Result<Driver, DriverError> {
+    /// `claude` is where and how the Claude CLI runs in this session (required for claude agents).
+    pub fn new(spec: &AgentSpec, workdir: &str, claude: Option<ClaudeEnv>) -> Result<Driver, DriverError> {
         match spec {
             AgentSpec::Command(c) => Ok(Driver::Command(CommandDriver::new(c, workdir)?)),
-            AgentSpec::Claude(_) => Err(DriverError::Invalid(
-                "the claude agent is not available on this server yet".into(),
-            )),
+            AgentSpec::Claude(c) => {
+                let env = claude.ok_or_else(|| {
+                    DriverError::Invalid("the Claude Code CLI is not available on this server".into())
+                })?;
+                Ok(Driver::Claude(Box::new(ClaudeDriver::new(c, env, workdir)?)))
+            }
         }
     }
     pub fn launch(&self) -> Launch {
         match self {
             Driver::Command(d) => d.launch(),
+            Driver::Claude(d) => d.launch(),
         }
     }
     pub fn encode_message(&mut self, content: &Value) -> Result<Vec<u8>, DriverError> {
         match self {
             Driver::Command(d) => d.encode_message(content),
+            Driver::Claude(d) => d.encode_message(content),
         }
     }
     pub fn on_stdout(&mut self, bytes: &[u8]) -> Output {
         match self {
             Driver::Command(d) => d.on_stdout(bytes),
+            Driver::Claude(d) => d.on_stdout(bytes),
         }
     }
     pub fn on_stderr(&mut self, bytes: &[u8]) -> Output {
         match self {
             Driver::Command(d) => d.on_stderr(bytes),
+            Driver::Claude(d) => d.on_stderr(bytes),
         }
     }
     pub fn on_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Output {
         match self {
             Driver::Command(d) => d.on_exit(code, signal),
+            Driver::Claude(d) => d.on_exit(code, signal),
         }
     }
-    pub fn interrupt(&self) -> Interrupt {
+    pub fn interrupt(&mut self) -> Interrupt {
         match self {
             Driver::Command(_) => Interrupt::Signal(2),
+            Driver::Claude(d) => d.interrupt(),
+        }
+    }
+    /// Bytes answering a pending permission request (None: no such request).
+    pub fn answer_permission(&mut self, request_id: &str, allow: bool, message: Option<&str>) -> Option<Vec<u8>> {
+        match self {
+            Driver::Command(_) => None,
+            Driver::Claude(d) => d.answer_permission(request_id, allow, message),
         }
     }
 }

@@ -78,6 +78,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the Messages API stand-in (offline model for demos and tests).
+    MockModel {
+        #[arg(long, default_value = "127.0.0.1:7701")]
+        listen: String,
+        /// Scenario file (JSON); default: the built-in demo.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Pause between streamed chunks, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        chunk_delay_ms: u64,
+    },
     /// Print the OpenAPI document.
     Openapi,
     /// Box bring-up helper (internal).
@@ -197,6 +208,19 @@ async fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
         Cmd::BoxInit => unreachable_box_init(),
+        Cmd::MockModel { listen, scenario, chunk_delay_ms } => {
+            let sc = match scenario {
+                Some(p) => berth_mock_model::scenario::Scenario::load(&p)?,
+                None => berth_mock_model::scenario::Scenario::demo(),
+            };
+            let mock = berth_mock_model::Mock::new(sc, std::time::Duration::from_millis(chunk_delay_ms));
+            let addr = listen.parse().with_context(|| format!("--listen {listen}"))?;
+            berth_mock_model::serve(mock, addr, |a| println!("mock model listening on http://{a}"), async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+            Ok(())
+        }
         Cmd::Openapi => {
             println!("{}", berth_server::api::openapi_json());
             Ok(())

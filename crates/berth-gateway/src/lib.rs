@@ -1,1 +1,268 @@
+//! The model gateway.
+//!
+//! Each box gets its own Unix socket (`model.sock` in the box's run directory, reachable inside
+//! the box as `http://127.0.0.1:<port>` through the supervisor's bridge), so the gateway always
+//! knows which box a request came from. Inside the box `ANTHROPIC_API_KEY` is a per-session
+//! token; the gateway accepts only a live token of a session in *that* box, replaces it with
+//! the real credential, and forwards the request to the upstream, streaming both ways without
+//! buffering. Usage is read from the response as it passes (`message_start` and
+//! `message_delta` in a stream, `usage` in a JSON body) and reported once per request through
+//! the [`Meter`] channel: the authoritative count, whatever the agent reports.
+//!
+//! Contract: a request either reaches the upstream with the real key, or is refused with an
+//! Anthropic-format error (`{"type":"error","error":{...}}`); the session token never leaves
+//! the host, and the real key never enters a box.
 
+mod meter;
+
+pub use meter::{Usage, UsageParser};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+
+/// Who a session token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenOwner {
+    pub session_id: String,
+    pub box_id: String,
+    pub tenant: String,
+}
+
+/// One metered upstream request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    pub owner: TokenOwner,
+    pub model: String,
+    pub usage: Usage,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Base URL of the Messages API (no trailing slash needed).
+    pub upstream: String,
+    /// The real credential. Sent as `x-api-key`.
+    pub api_key: Option<String>,
+}
+
+pub struct Gateway {
+    cfg: GatewayConfig,
+    http: reqwest::Client,
+    tokens: RwLock<HashMap<String, TokenOwner>>,
+    meter: mpsc::UnboundedSender<UsageRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("binding {0}: {1}")]
+    Bind(String, std::io::Error),
+    #[error("http client: {0}")]
+    Client(String),
+}
+
+/// Headers that describe one hop, never forwarded.
+const HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+pub fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})),
+    )
+        .into_response()
+}
+
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("berth-session-{}", hex::encode(b))
+}
+
+#[derive(Clone)]
+struct BoxCtx {
+    gw: Arc<Gateway>,
+    box_id: String,
+}
+
+impl Gateway {
+    pub fn new(cfg: GatewayConfig) -> Result<(Arc<Gateway>, mpsc::UnboundedReceiver<UsageRecord>), GatewayError> {
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| GatewayError::Client(e.to_string()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok((
+            Arc::new(Gateway {
+                cfg,
+                http,
+                tokens: RwLock::new(HashMap::new()),
+                meter: tx,
+            }),
+            rx,
+        ))
+    }
+
+    pub fn register(&self, token: &str, owner: TokenOwner) {
+        if let Ok(mut m) = self.tokens.write() {
+            m.insert(token.to_string(), owner);
+        }
+    }
+
+    pub fn revoke(&self, token: &str) {
+        if let Ok(mut m) = self.tokens.write() {
+            m.remove(token);
+        }
+    }
+
+    fn owner(&self, token: &str) -> Option<TokenOwner> {
+        self.tokens.read().ok()?.get(token).cloned()
+    }
+
+    /// Serve the gateway for one box on a Unix socket; the task ends when aborted.
+    pub fn serve_box(self: &Arc<Self>, box_id: &str, socket: &Path) -> Result<tokio::task::JoinHandle<()>, GatewayError> {
+        let _ = std::fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket)
+            .map_err(|e| GatewayError::Bind(socket.display().to_string(), e))?;
+        // The box's supervisor connects as an unprivileged host uid.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
+                .map_err(|e| GatewayError::Bind(socket.display().to_string(), e))?;
+        }
+        let ctx = BoxCtx {
+            gw: self.clone(),
+            box_id: box_id.to_string(),
+        };
+        let app = Router::new().fallback(forward).with_state(ctx);
+        Ok(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(error = %e, "gateway socket stopped");
+            }
+        }))
+    }
+
+    /// Serve on a TCP listener for a given box (tests and the benchmark).
+    pub fn router_for_box(self: &Arc<Self>, box_id: &str) -> Router {
+        Router::new().fallback(forward).with_state(BoxCtx {
+            gw: self.clone(),
+            box_id: box_id.to_string(),
+        })
+    }
+}
+
+fn presented_token(h: &HeaderMap) -> Option<String> {
+    if let Some(v) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim().to_string());
+    }
+    h.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| v.trim().to_string())
+}
+
+async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
+    let gw = &ctx.gw;
+    let Some(owner) = presented_token(req.headers()).and_then(|t| gw.owner(&t)) else {
+        return anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid session token");
+    };
+    if owner.box_id != ctx.box_id {
+        return anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", "token not valid for this box");
+    }
+    let (parts, body) = req.into_parts();
+    let path_q = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{}{}", gw.cfg.upstream.trim_end_matches('/'), path_q);
+    let method = match reqwest::Method::from_bytes(parts.method.as_str().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return anthropic_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "bad method"),
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (k, v) in parts.headers.iter() {
+        let name = k.as_str();
+        if HOP.contains(&name) || name == "x-api-key" || name == "authorization" || name == "content-length" {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(k.as_str().as_bytes()),
+            reqwest::header::HeaderValue::from_bytes(v.as_bytes()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if let Some(key) = &gw.cfg.api_key {
+        if let Ok(v) = reqwest::header::HeaderValue::from_str(key) {
+            headers.insert("x-api-key", v);
+        }
+    }
+    // The model is read from the request body; bodies are small JSON, so this is the one place
+    // the gateway buffers (the response is never buffered).
+    let body_bytes = match axum::body::to_bytes(body, 32 << 20).await {
+        Ok(b) => b,
+        Err(_) => return anthropic_error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "request body too large"),
+    };
+    let model = serde_json::from_slice::<serde_json::Value>(&body_bytes)
+        .ok()
+        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    let upstream = gw.http.request(method, &url).headers(headers).body(body_bytes).send().await;
+    let resp = match upstream {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream unreachable");
+            return anthropic_error(StatusCode::BAD_GATEWAY, "api_error", "the model upstream is unreachable");
+        }
+    };
+    let status = resp.status().as_u16();
+    let mut out = Response::builder().status(status);
+    let is_sse = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if let Some(h) = out.headers_mut() {
+        for (k, v) in resp.headers().iter() {
+            if HOP.contains(&k.as_str()) || k.as_str() == "content-length" {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(k.as_str().as_bytes()), HeaderValue::from_bytes(v.as_bytes())) {
+                h.append(n, v);
+            }
+        }
+    }
+    let meter = gw.meter.clone();
+    let mut parser = UsageParser::new(is_sse);
+    let mut done = Some((owner, model));
+    let stream = resp.bytes_stream().map(move |chunk| {
+        match &chunk {
+            Ok(b) => parser.feed(b),
+            Err(_) => {}
+        }
+        if parser.finished() {
+            if let Some((owner, model)) = done.take() {
+                let usage = parser.usage();
+                let model = parser.model().unwrap_or(model);
+                let _ = meter.send(UsageRecord { owner, model, usage, status });
+            }
+        }
+        chunk
+    });
+    out.body(Body::from_stream(stream))
+        .unwrap_or_else(|_| anthropic_error(StatusCode::BAD_GATEWAY, "api_error", "bad upstream response"))
+}

@@ -1,1 +1,250 @@
+//! `berth mock-model`: a stand-in for the Anthropic Messages API, for offline work and tests.
+//!
+//! It speaks the wire format: `POST /v1/messages` streaming (SSE `message_start`, `ping`,
+//! `content_block_start|delta|stop` with `text_delta` and `input_json_delta`, `message_delta`
+//! with usage, `message_stop`, and `error`) and non-streaming, `POST /v1/messages/count_tokens`,
+//! Anthropic-shaped error bodies. What it answers comes from a [`Scenario`]: rules matched on
+//! the conversation's task (the last plain-text user message), each a list of steps taken one
+//! per assistant turn (text, tool calls, errors, delays, a broken stream). Every request it sees
+//! is recorded and served at `GET /_mock/requests` for tests.
 
+pub mod scenario;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use scenario::{Scenario, Step};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Recorded {
+    pub path: String,
+    pub api_key: Option<String>,
+    pub authorization: Option<String>,
+    pub anthropic_version: Option<String>,
+    pub anthropic_beta: Option<String>,
+    pub body: Value,
+    /// Usage the mock reported for this request.
+    pub usage: Value,
+}
+
+#[derive(Clone)]
+pub struct Mock {
+    scenario: Arc<Scenario>,
+    seen: Arc<Mutex<Vec<Recorded>>>,
+    /// Pause between streamed chunks.
+    chunk_delay: Duration,
+}
+
+impl Mock {
+    pub fn new(scenario: Scenario, chunk_delay: Duration) -> Mock {
+        Mock {
+            scenario: Arc::new(scenario),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            chunk_delay,
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/messages", post(messages))
+            .route("/v1/messages/count_tokens", post(count_tokens))
+            .route("/_mock/requests", get(requests).delete(clear))
+            .fallback(|| async { api_error(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint on the mock model") })
+            .with_state(self.clone())
+    }
+
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (status, Json(json!({"type": "error", "error": {"type": kind, "message": message}}))).into_response()
+}
+
+fn header(h: &HeaderMap, k: &str) -> Option<String> {
+    h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// Deterministic token estimate: a quarter of the characters, at least one.
+pub fn estimate_tokens(s: &str) -> u64 {
+    (s.chars().count() as u64).div_ceil(4).max(1)
+}
+
+fn input_tokens(body: &Value) -> u64 {
+    let mut text = String::new();
+    if let Some(s) = body.get("system") {
+        text.push_str(&s.to_string());
+    }
+    if let Some(m) = body.get("messages") {
+        text.push_str(&m.to_string());
+    }
+    estimate_tokens(&text)
+}
+
+async fn requests(State(m): State<Mock>) -> Json<Vec<Recorded>> {
+    Json(m.recorded())
+}
+
+async fn clear(State(m): State<Mock>) -> StatusCode {
+    if let Ok(mut v) = m.seen.lock() {
+        v.clear();
+    }
+    StatusCode::NO_CONTENT
+}
+
+async fn count_tokens(Json(body): Json<Value>) -> Json<Value> {
+    Json(json!({"input_tokens": input_tokens(&body)}))
+}
+
+fn msg_id() -> String {
+    use rand::Rng;
+    let n: u64 = rand::thread_rng().gen();
+    format!("msg_mock{n:016x}")
+}
+
+fn tool_id() -> String {
+    use rand::Rng;
+    let n: u64 = rand::thread_rng().gen();
+    format!("toolu_mock{n:016x}")
+}
+
+/// The content blocks and stop reason of a step.
+fn blocks(step: &Step) -> (Vec<Value>, &'static str) {
+    let mut out = Vec::new();
+    if let Some(t) = &step.text {
+        out.push(json!({"type": "text", "text": t}));
+    }
+    for tu in &step.tool_use {
+        out.push(json!({"type": "tool_use", "id": tool_id(), "name": tu.name, "input": tu.input}));
+    }
+    let stop = if step.tool_use.is_empty() { "end_turn" } else { "tool_use" };
+    (out, stop)
+}
+
+async fn messages(State(m): State<Mock>, headers: HeaderMap, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Ok(Json(body)) = body else {
+        return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", "body must be JSON");
+    };
+    if !body.get("messages").is_some_and(Value::is_array) {
+        return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", "messages: field required");
+    }
+    if header(&headers, "x-api-key").is_none() && header(&headers, "authorization").is_none() {
+        return api_error(StatusCode::UNAUTHORIZED, "authentication_error", "x-api-key header is required");
+    }
+    let step = m.scenario.step_for(&body);
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("claude-mock").to_string();
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let (content, stop) = blocks(&step);
+    let inp = step.usage.input_tokens.unwrap_or_else(|| input_tokens(&body));
+    let out_tokens = step
+        .usage
+        .output_tokens
+        .unwrap_or_else(|| estimate_tokens(&serde_json::to_string(&content).unwrap_or_default()));
+    let usage = json!({
+        "input_tokens": inp,
+        "cache_creation_input_tokens": step.usage.cache_creation_input_tokens.unwrap_or(0),
+        "cache_read_input_tokens": step.usage.cache_read_input_tokens.unwrap_or(0),
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": step.usage.cache_creation_input_tokens.unwrap_or(0),
+            "ephemeral_1h_input_tokens": 0
+        },
+        "output_tokens": out_tokens,
+    });
+    if let Ok(mut seen) = m.seen.lock() {
+        seen.push(Recorded {
+            path: "/v1/messages".into(),
+            api_key: header(&headers, "x-api-key"),
+            authorization: header(&headers, "authorization"),
+            anthropic_version: header(&headers, "anthropic-version"),
+            anthropic_beta: header(&headers, "anthropic-beta"),
+            body: body.clone(),
+            usage: if step.error.is_some() { Value::Null } else { usage.clone() },
+        });
+    }
+    if step.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(step.delay_ms)).await;
+    }
+    if let Some(e) = &step.error {
+        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return api_error(status, &e.kind, &e.message);
+    }
+    if !stream {
+        return Json(json!({
+            "id": msg_id(), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop, "stop_sequence": null, "usage": usage,
+        }))
+        .into_response();
+    }
+    let delay = m.chunk_delay;
+    let broken = step.break_stream;
+    let events = async_stream::stream! {
+        let mut start_usage = usage.clone();
+        start_usage["output_tokens"] = json!(1);
+        yield sse("message_start", json!({"type": "message_start", "message": {
+            "id": msg_id(), "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null, "usage": start_usage}}));
+        yield sse("ping", json!({"type": "ping"}));
+        for (i, b) in content.iter().enumerate() {
+            if delay > Duration::ZERO { tokio::time::sleep(delay).await; }
+            if b["type"] == "text" {
+                yield sse("content_block_start", json!({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}));
+                let text = b["text"].as_str().unwrap_or("");
+                for chunk in chunks(text, 24) {
+                    if delay > Duration::ZERO { tokio::time::sleep(delay).await; }
+                    yield sse("content_block_delta", json!({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": chunk}}));
+                    if broken { return; }
+                }
+            } else {
+                yield sse("content_block_start", json!({"type": "content_block_start", "index": i,
+                    "content_block": {"type": "tool_use", "id": b["id"], "name": b["name"], "input": {}}}));
+                let input = serde_json::to_string(&b["input"]).unwrap_or_else(|_| "{}".into());
+                for chunk in chunks(&input, 32) {
+                    yield sse("content_block_delta", json!({"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": chunk}}));
+                    if broken { return; }
+                }
+            }
+            yield sse("content_block_stop", json!({"type": "content_block_stop", "index": i}));
+        }
+        yield sse("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": out_tokens}}));
+        yield sse("message_stop", json!({"type": "message_stop"}));
+    };
+    let body = axum::body::Body::from_stream(futures::StreamExt::map(events, Ok::<_, std::convert::Infallible>));
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn sse(event: &str, data: Value) -> bytes::Bytes {
+    bytes::Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+fn chunks(s: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.is_empty() {
+        return vec![String::new()];
+    }
+    chars.chunks(n).map(|c| c.iter().collect()).collect()
+}
+
+/// Serve until `shutdown` resolves; `on_ready` gets the bound address.
+pub async fn serve(
+    mock: Mock,
+    listen: std::net::SocketAddr,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    on_ready(listener.local_addr()?);
+    axum::serve(listener, mock.router()).with_graceful_shutdown(shutdown).await
+}

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod claude_cli;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -155,6 +156,21 @@ pub async fn run(
         tracing::info!(backend = %name, capabilities = ?b.capabilities(), "sandbox backend enabled");
     }
 
+    let claude = match claude_cli::discover(cfg.claude_cli.as_deref()) {
+        Ok(c) => {
+            tracing::info!(path = %c.path.display(), version = %c.version, "Claude Code CLI");
+            Some(c)
+        }
+        Err(e) => {
+            tracing::warn!("claude agents disabled: {e}");
+            None
+        }
+    };
+    let (gateway, mut metered) = berth_gateway::Gateway::new(berth_gateway::GatewayConfig {
+        upstream: cfg.upstream_url.clone(),
+        api_key: cfg.anthropic_api_key.clone(),
+    })
+    .map_err(|e| ServerError::Other(e.to_string()))?;
     let engine = Engine::new(
         store.clone(),
         backends,
@@ -162,7 +178,33 @@ pub async fn run(
             default_backend: cfg.default_backend.clone(),
             max_exec_output: cfg.max_exec_output_bytes,
         },
+        gateway,
+        claude,
     );
+    // The ledger writer: every metered request becomes a usage row.
+    let ledger_store = store.clone();
+    tokio::spawn(async move {
+        while let Some(r) = metered.recv().await {
+            let row = berth_store::UsageRow {
+                ts: auth::now(),
+                tenant: r.owner.tenant,
+                box_id: r.owner.box_id,
+                session_id: r.owner.session_id,
+                model: r.model.clone(),
+                status: r.status,
+                input_tokens: r.usage.input_tokens,
+                output_tokens: r.usage.output_tokens,
+                cache_creation_5m_tokens: r.usage.cache_creation_5m_tokens,
+                cache_creation_1h_tokens: r.usage.cache_creation_1h_tokens,
+                cache_read_tokens: r.usage.cache_read_tokens,
+            };
+            metrics::counter!("berth_gateway_requests_total").increment(1);
+            metrics::counter!("berth_gateway_output_tokens_total").increment(r.usage.output_tokens);
+            if let Err(e) = ledger_store.record_usage(&row).await {
+                tracing::error!(error = %e, "recording usage");
+            }
+        }
+    });
     reconcile(&engine).await?;
     let state = AppState {
         engine: engine.clone(),

@@ -32,6 +32,22 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// One metered model request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageRow {
+    pub ts: String,
+    pub tenant: String,
+    pub box_id: String,
+    pub session_id: String,
+    pub model: String,
+    pub status: u16,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_5m_tokens: u64,
+    pub cache_creation_1h_tokens: u64,
+    pub cache_read_tokens: u64,
+}
+
 /// A key row as the authenticator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
@@ -65,4 +81,8 @@ pub trait Store: Send + Sync + 'static {
     /// Events with `seq > after`, oldest first, at most `limit`.
     async fn events_after(&self, session_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
     async fn last_seq(&self, session_id: &str) -> Result<i64>;
+
+    async fn record_usage(&self, row: &UsageRow) -> Result<()>;
+    /// Usage of one session, summed per model (`ts` and `status` left empty).
+    async fn session_usage(&self, session_id: &str) -> Result<Vec<UsageRow>>;
 }

@@ -1,6 +1,6 @@
 //! The embedded SQLite store.
 
-use crate::{KeyRecord, Result, Store, StoreError};
+use crate::{KeyRecord, Result, Store, StoreError, UsageRow};
 use async_trait::async_trait;
 use berth_api::{BoxObject, Event, KeyObject, SessionObject};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -227,6 +227,55 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn record_usage(&self, r: &UsageRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO usage (ts, tenant, box_id, session_id, model, status, input_tokens, output_tokens,
+             cache_creation_5m_tokens, cache_creation_1h_tokens, cache_read_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        )
+        .bind(&r.ts)
+        .bind(&r.tenant)
+        .bind(&r.box_id)
+        .bind(&r.session_id)
+        .bind(&r.model)
+        .bind(r.status as i64)
+        .bind(r.input_tokens as i64)
+        .bind(r.output_tokens as i64)
+        .bind(r.cache_creation_5m_tokens as i64)
+        .bind(r.cache_creation_1h_tokens as i64)
+        .bind(r.cache_read_tokens as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn session_usage(&self, session_id: &str) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT tenant, box_id, model, SUM(input_tokens) AS i, SUM(output_tokens) AS o,
+             SUM(cache_creation_5m_tokens) AS c5, SUM(cache_creation_1h_tokens) AS c1, SUM(cache_read_tokens) AS cr,
+             COUNT(*) AS n
+             FROM usage WHERE session_id = ? GROUP BY tenant, box_id, model ORDER BY model",
+        )
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageRow {
+                ts: String::new(),
+                tenant: r.get("tenant"),
+                box_id: r.get("box_id"),
+                session_id: session_id.to_string(),
+                model: r.get("model"),
+                status: 0,
+                input_tokens: r.get::<i64, _>("i") as u64,
+                output_tokens: r.get::<i64, _>("o") as u64,
+                cache_creation_5m_tokens: r.get::<i64, _>("c5") as u64,
+                cache_creation_1h_tokens: r.get::<i64, _>("c1") as u64,
+                cache_read_tokens: r.get::<i64, _>("cr") as u64,
+            })
+            .collect())
     }
 
     async fn last_seq(&self, session_id: &str) -> Result<i64> {

@@ -81,6 +81,13 @@ pub async fn answer_permission(
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })))
 }
 
+/// Tokens the session spent, as metered by the gateway.
+#[utoipa::path(get, path = "/v1/sessions/{id}/usage", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = SessionUsage), (status = 404, body = ErrorBody)))]
+pub async fn usage(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Json<SessionUsage>, ApiError> {
+    Ok(Json(st.engine.session_usage(&c.tenant, &id).await?))
+}
+
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 pub struct EventParams {
     /// Replay events with `seq` greater than this (default 0: everything).

@@ -10,7 +10,7 @@ use super::Engine;
 use crate::auth::now;
 use crate::error::ApiError;
 use berth_api::{BoxObject, BoxSpec, BoxState};
-use berth_sandbox::{Backend, BoxConfig, BoxExit, Image, Limits, Sandbox};
+use berth_sandbox::{Backend, BoxConfig, BoxExit, Bridge, Image, Limits, Sandbox};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -119,15 +119,28 @@ impl BoxActor {
                 ..Default::default()
             }),
             env: self.obj.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            bridges: vec![],
+            bridges: vec![Bridge { port: super::GATEWAY_PORT, socket: "model.sock".into() }],
         };
         let started = Instant::now();
-        if let Err(e) = self.backend.create(cfg).await {
-            tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
-            self.set(BoxState::Failed, Some(e.to_string())).await;
-            self.engine.forget_box(&self.obj.id);
-            return;
-        }
+        let info = match self.backend.create(cfg).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
+                self.set(BoxState::Failed, Some(e.to_string())).await;
+                self.engine.forget_box(&self.obj.id);
+                return;
+            }
+        };
+        // The box's only way to the model: its own gateway socket.
+        let gateway_task = match self.engine.gateway.serve_box(&self.obj.id, &info.run_dir.join("model.sock")) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.backend.destroy(&self.obj.id).await;
+                self.set(BoxState::Failed, Some(format!("gateway: {e}"))).await;
+                self.engine.forget_box(&self.obj.id);
+                return;
+            }
+        };
         self.set(BoxState::Running, None).await;
         let mut exit = match self.backend.exit_watch(&self.obj.id) {
             Ok(w) => w,
@@ -183,6 +196,7 @@ impl BoxActor {
                 }
             }
         }
+        gateway_task.abort();
         self.engine.forget_box(&self.obj.id);
     }
 

@@ -29,7 +29,12 @@ pub struct EngineConfig {
     pub max_exec_output: usize,
 }
 
+/// Loopback port inside every box where the model gateway answers.
+pub const GATEWAY_PORT: u16 = 47100;
+
 pub struct Engine {
+    pub gateway: Arc<berth_gateway::Gateway>,
+    pub claude: Option<crate::claude_cli::ClaudeCli>,
     pub store: Arc<dyn Store>,
     pub backends: HashMap<String, Arc<Backend>>,
     pub config: EngineConfig,
@@ -42,8 +47,16 @@ fn tenant_filter(tenant: &str) -> Option<&str> {
 }
 
 impl Engine {
-    pub fn new(store: Arc<dyn Store>, backends: HashMap<String, Arc<Backend>>, config: EngineConfig) -> Arc<Engine> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        backends: HashMap<String, Arc<Backend>>,
+        config: EngineConfig,
+        gateway: Arc<berth_gateway::Gateway>,
+        claude: Option<crate::claude_cli::ClaudeCli>,
+    ) -> Arc<Engine> {
         Arc::new(Engine {
+            gateway,
+            claude,
             store,
             backends,
             config,
@@ -219,7 +232,17 @@ impl Engine {
         if !workdir.starts_with('/') || workdir.contains('\0') {
             return Err(ApiError::Invalid("workdir must be an absolute path inside the box".into()));
         }
-        let driver = berth_agent::Driver::new(&spec.agent, &workdir).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let session_id = new_id("ses");
+        let token = berth_gateway::new_token();
+        let claude_env = self.claude.as_ref().map(|c| berth_agent::ClaudeEnv {
+            cli: c.path.to_string_lossy().into_owned(),
+            base_url: format!("http://127.0.0.1:{GATEWAY_PORT}"),
+            token: token.clone(),
+            config_dir: format!("/home/agent/.claude-sessions/{session_id}"),
+            resume: None,
+            proxy: None,
+        });
+        let driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env).map_err(|e| ApiError::Invalid(e.to_string()))?;
         if let Some(p) = &spec.prompt {
             if p.is_empty() {
                 return Err(ApiError::Invalid("prompt must not be empty".into()));
@@ -244,8 +267,12 @@ impl Engine {
             .cloned()
             .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
         let ts = now();
+        let cli_version = match spec.agent {
+            AgentSpec::Claude(_) => self.claude.as_ref().map(|c| c.version.clone()),
+            AgentSpec::Command(_) => None,
+        };
         let obj = SessionObject {
-            id: new_id("ses"),
+            id: session_id,
             tenant: tenant.to_string(),
             box_id: box_obj.id.clone(),
             state: SessionState::Starting,
@@ -253,12 +280,20 @@ impl Engine {
             agent: spec.agent.clone(),
             workdir,
             agent_session_id: None,
-            cli_version: None,
+            cli_version,
             last_seq: 0,
             created_at: ts.clone(),
             updated_at: ts,
         };
         self.store.put_session(&obj).await?;
+        self.gateway.register(
+            &token,
+            berth_gateway::TokenOwner {
+                session_id: obj.id.clone(),
+                box_id: obj.box_id.clone(),
+                tenant: tenant.to_string(),
+            },
+        );
         let handle = sessions::spawn(
             self.clone(),
             backend,
@@ -267,6 +302,7 @@ impl Engine {
             driver,
             obj.clone(),
             spec.prompt.clone(),
+            token,
         );
         if let Ok(mut m) = self.sessions.write() {
             m.insert(obj.id.clone(), handle.clone());
@@ -348,6 +384,31 @@ impl Engine {
             return self.get_session(tenant, id).await;
         }
         rx.await.map_err(|_| ApiError::Internal("session owner task ended".into()))
+    }
+
+    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
+        self.get_session(tenant, id).await?;
+        let rows = self.store.session_usage(id).await?;
+        let mut total = ModelUsage { model: "*".into(), ..Default::default() };
+        let by_model = rows
+            .into_iter()
+            .map(|r| {
+                total.input_tokens += r.input_tokens;
+                total.output_tokens += r.output_tokens;
+                total.cache_creation_5m_tokens += r.cache_creation_5m_tokens;
+                total.cache_creation_1h_tokens += r.cache_creation_1h_tokens;
+                total.cache_read_tokens += r.cache_read_tokens;
+                ModelUsage {
+                    model: r.model,
+                    input_tokens: r.input_tokens,
+                    output_tokens: r.output_tokens,
+                    cache_creation_5m_tokens: r.cache_creation_5m_tokens,
+                    cache_creation_1h_tokens: r.cache_creation_1h_tokens,
+                    cache_read_tokens: r.cache_read_tokens,
+                }
+            })
+            .collect();
+        Ok(SessionUsage { session_id: id.to_string(), by_model, total })
     }
 
     /// Live event feed of a session (None once it has ended: replay from the store suffices).

@@ -48,6 +48,8 @@ struct SessionActor {
     events: broadcast::Sender<Event>,
     rx: mpsc::Receiver<SessionCmd>,
     prompt: Option<String>,
+    /// The session's gateway token, revoked when the session ends.
+    token: String,
 }
 
 pub fn spawn(
@@ -58,6 +60,7 @@ pub fn spawn(
     driver: Driver,
     obj: SessionObject,
     prompt: Option<String>,
+    token: String,
 ) -> SessionHandle {
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(obj.clone());
@@ -73,6 +76,7 @@ pub fn spawn(
         events: events.clone(),
         rx,
         prompt,
+        token,
     };
     tokio::spawn(actor.run());
     SessionHandle {
@@ -204,7 +208,8 @@ impl SessionActor {
                 }
             }
         }
-        // The agent is gone: answer what is still queued, then retire.
+        // The agent is gone: its token dies with it; answer what is still queued, then retire.
+        self.engine.gateway.revoke(&self.token);
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {
             self.refuse(cmd);
@@ -317,10 +322,20 @@ impl SessionActor {
                 let _ = reply.send(r.map_err(|_| ApiError::Conflict("the agent is not running".into())));
                 false
             }
-            SessionCmd::Permission { request_id, reply, .. } => {
-                let _ = reply.send(Err(ApiError::NotFound(format!(
-                    "no pending permission request {request_id} in this session"
-                ))));
+            SessionCmd::Permission { request_id, answer, reply } => {
+                let r = match (exec.as_ref(), self.driver.answer_permission(&request_id, answer.allow, answer.message.as_deref())) {
+                    (Some(h), Some(bytes)) => {
+                        let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
+                        self.record(vec![AgentEvent {
+                            kind: "permission_answer".into(),
+                            data: json!({"request_id": request_id, "allow": answer.allow, "message": answer.message}),
+                        }])
+                        .await;
+                        sent.map_err(|_| ApiError::Conflict("the agent is not running".into()))
+                    }
+                    _ => Err(ApiError::NotFound(format!("no pending permission request {request_id} in this session"))),
+                };
+                let _ = reply.send(r);
                 false
             }
             SessionCmd::Stop { reason, reply } => {

@@ -1,0 +1,339 @@
+//! The Claude Code CLI driven over stream-json, the way the Agent SDK drives it.
+//!
+//! Launch: `claude -p --output-format=stream-json --input-format=stream-json --verbose` plus
+//! the session's options, every value in the `--flag=value` form so that no value can be taken
+//! for a flag. One long-lived process per session: each user message is a JSON line on stdin.
+//! Output lines become events named after their `type` (`system`, `assistant`, `user`,
+//! `result`, …) with the message kept whole; tool calls and tool results additionally get their
+//! own `tool_use` / `tool_result` events. Tool permission requests (`control_request` /
+//! `can_use_tool`) become `permission_request` events and are answered with
+//! `control_response` lines.
+
+use crate::{AgentEvent, DriverError, Interrupt, Launch, Output, Update};
+use berth_api::{ClaudeAgent, SessionState};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// Where the gateway is reachable inside the box and what the agent presents to it.
+#[derive(Debug, Clone)]
+pub struct ClaudeEnv {
+    /// Absolute path of the CLI (visible inside the box).
+    pub cli: String,
+    pub base_url: String,
+    pub token: String,
+    /// Per-session config dir inside the box (transcripts live here).
+    pub config_dir: String,
+    pub resume: Option<String>,
+    /// Egress proxy inside the box, if any.
+    pub proxy: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ClaudeDriver {
+    spec: ClaudeAgent,
+    env: ClaudeEnv,
+    cwd: String,
+    line: Vec<u8>,
+    err_tail: Vec<u8>,
+    pending: HashMap<String, Value>,
+    next_request: u64,
+}
+
+const STDERR_TAIL: usize = 4096;
+const SAFE_MODES: [&str; 5] = ["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"];
+
+fn check_tool(t: &str) -> Result<(), DriverError> {
+    if t.is_empty() || t.contains(',') || t.contains('\n') || t.contains('\0') {
+        return Err(DriverError::Invalid(format!("invalid tool name {t:?}")));
+    }
+    Ok(())
+}
+
+impl ClaudeDriver {
+    pub fn new(spec: &ClaudeAgent, env: ClaudeEnv, workdir: &str) -> Result<ClaudeDriver, DriverError> {
+        if let Some(m) = &spec.permission_mode {
+            if !SAFE_MODES.contains(&m.as_str()) {
+                return Err(DriverError::Invalid(format!("permission_mode must be one of {SAFE_MODES:?}")));
+            }
+        }
+        for t in spec.allowed_tools.iter().chain(spec.disallowed_tools.iter()) {
+            check_tool(t)?;
+        }
+        if let Some(m) = &spec.model {
+            if m.is_empty() || m.contains('\0') {
+                return Err(DriverError::Invalid("invalid model".into()));
+            }
+        }
+        if spec.max_turns == Some(0) {
+            return Err(DriverError::Invalid("max_turns must be at least 1".into()));
+        }
+        Ok(ClaudeDriver {
+            spec: spec.clone(),
+            env,
+            cwd: workdir.to_string(),
+            line: Vec::new(),
+            err_tail: Vec::new(),
+            pending: HashMap::new(),
+            next_request: 0,
+        })
+    }
+
+    pub fn launch(&self) -> Launch {
+        let s = &self.spec;
+        let mut argv = vec![
+            self.env.cli.clone(),
+            "-p".into(),
+            "--output-format=stream-json".into(),
+            "--input-format=stream-json".into(),
+            "--verbose".into(),
+            "--permission-prompt-tool=stdio".into(),
+        ];
+        if let Some(m) = &s.model {
+            argv.push(format!("--model={m}"));
+        }
+        if let Some(n) = s.max_turns {
+            argv.push(format!("--max-turns={n}"));
+        }
+        argv.push(format!(
+            "--permission-mode={}",
+            s.permission_mode.as_deref().unwrap_or("bypassPermissions")
+        ));
+        if !s.allowed_tools.is_empty() {
+            argv.push(format!("--allowedTools={}", s.allowed_tools.join(",")));
+        }
+        if !s.disallowed_tools.is_empty() {
+            argv.push(format!("--disallowedTools={}", s.disallowed_tools.join(",")));
+        }
+        if let Some(p) = &s.system_prompt {
+            argv.push(format!("--system-prompt={p}"));
+        }
+        if let Some(m) = &s.mcp_servers {
+            argv.push(format!("--mcp-config={}", json!({"mcpServers": m})));
+        }
+        if let Some(r) = &self.env.resume {
+            argv.push(format!("--resume={r}"));
+        }
+        let mut env = vec![
+            ("ANTHROPIC_BASE_URL".to_string(), self.env.base_url.clone()),
+            ("ANTHROPIC_API_KEY".to_string(), self.env.token.clone()),
+            ("CLAUDE_CONFIG_DIR".to_string(), self.env.config_dir.clone()),
+            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".to_string(), "1".to_string()),
+            ("DISABLE_AUTOUPDATER".to_string(), "1".to_string()),
+            ("DISABLE_TELEMETRY".to_string(), "1".to_string()),
+            ("DISABLE_ERROR_REPORTING".to_string(), "1".to_string()),
+        ];
+        if let Some(p) = &self.env.proxy {
+            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.push((k.to_string(), p.clone()));
+            }
+            env.push(("NO_PROXY".to_string(), "127.0.0.1,localhost".to_string()));
+            env.push(("NODE_USE_ENV_PROXY".to_string(), "1".to_string()));
+        }
+        Launch { argv, env, cwd: self.cwd.clone() }
+    }
+
+    pub fn encode_message(&mut self, content: &Value) -> Result<Vec<u8>, DriverError> {
+        if !(content.is_string() || content.is_array()) {
+            return Err(DriverError::Invalid("content must be text or an array of content blocks".into()));
+        }
+        let mut line = serde_json::to_vec(&json!({
+            "type": "user",
+            "message": {"role": "user", "content": content},
+            "parent_tool_use_id": null,
+        }))
+        .map_err(|e| DriverError::Invalid(e.to_string()))?;
+        line.push(b'\n');
+        Ok(line)
+    }
+
+    pub fn on_stdout(&mut self, bytes: &[u8]) -> Output {
+        let mut out = Output::default();
+        self.line.extend_from_slice(bytes);
+        while let Some(pos) = self.line.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.line.drain(..=pos).collect();
+            self.message(&line[..line.len() - 1], &mut out);
+        }
+        out
+    }
+
+    fn message(&mut self, line: &[u8], out: &mut Output) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            out.events.push(AgentEvent {
+                kind: "stdout".into(),
+                data: json!({"text": String::from_utf8_lossy(line)}),
+            });
+            return;
+        };
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or("unknown").to_string();
+        match kind.as_str() {
+            "system" => {
+                if v.get("subtype").and_then(Value::as_str) == Some("init") {
+                    out.update.agent_session_id = v.get("session_id").and_then(Value::as_str).map(str::to_string);
+                    out.update.cli_version = v.get("claude_code_version").and_then(Value::as_str).map(str::to_string);
+                }
+                out.events.push(AgentEvent { kind, data: v });
+            }
+            "assistant" => {
+                let tools: Vec<Value> = v
+                    .pointer("/message/content")
+                    .and_then(Value::as_array)
+                    .map(|c| c.iter().filter(|b| b["type"] == "tool_use").cloned().collect())
+                    .unwrap_or_default();
+                out.events.push(AgentEvent { kind, data: v });
+                for t in tools {
+                    out.events.push(AgentEvent { kind: "tool_use".into(), data: t });
+                }
+                out.update.state = Some(SessionState::Running);
+            }
+            "user" => {
+                let results: Vec<Value> = v
+                    .pointer("/message/content")
+                    .and_then(Value::as_array)
+                    .map(|c| c.iter().filter(|b| b["type"] == "tool_result").cloned().collect())
+                    .unwrap_or_default();
+                if results.is_empty() {
+                    out.events.push(AgentEvent { kind: "user_echo".into(), data: v });
+                } else {
+                    for r in results {
+                        out.events.push(AgentEvent { kind: "tool_result".into(), data: r });
+                    }
+                }
+            }
+            "result" => {
+                let is_error = v.get("is_error").and_then(Value::as_bool).unwrap_or(false);
+                let subtype = v.get("subtype").and_then(Value::as_str).unwrap_or("").to_string();
+                if let Some(id) = v.get("session_id").and_then(Value::as_str) {
+                    out.update.agent_session_id = Some(id.to_string());
+                }
+                out.events.push(AgentEvent { kind, data: v });
+                out.update.state = Some(SessionState::Idle);
+                out.update.state_reason = is_error.then_some(subtype);
+            }
+            "control_request" => {
+                let req = v.get("request").cloned().unwrap_or(Value::Null);
+                let id = v.get("request_id").and_then(Value::as_str).unwrap_or("").to_string();
+                if req.get("subtype").and_then(Value::as_str) == Some("can_use_tool") {
+                    self.pending.insert(id.clone(), req.get("input").cloned().unwrap_or(Value::Null));
+                    out.events.push(AgentEvent {
+                        kind: "permission_request".into(),
+                        data: json!({"request_id": id, "tool_name": req.get("tool_name"), "input": req.get("input"), "request": v}),
+                    });
+                } else {
+                    out.events.push(AgentEvent { kind, data: v });
+                }
+            }
+            _ => out.events.push(AgentEvent { kind, data: v }),
+        }
+    }
+
+    pub fn on_stderr(&mut self, bytes: &[u8]) -> Output {
+        self.err_tail.extend_from_slice(bytes);
+        if self.err_tail.len() > STDERR_TAIL {
+            let cut = self.err_tail.len() - STDERR_TAIL;
+            self.err_tail.drain(..cut);
+        }
+        Output {
+            events: vec![AgentEvent { kind: "stderr".into(), data: json!({"text": String::from_utf8_lossy(bytes)}) }],
+            update: Update::default(),
+        }
+    }
+
+    pub fn on_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Output {
+        let mut out = self.on_stdout(b"\n");
+        let tail = String::from_utf8_lossy(&self.err_tail).trim().to_string();
+        let ok = code == Some(0);
+        let reason = match (code, signal) {
+            (Some(0), _) => "the CLI exited".to_string(),
+            (Some(c), _) => format!("the CLI exited with code {c}"),
+            (None, Some(s)) => format!("the CLI was killed by signal {s}"),
+            _ => "the CLI ended".to_string(),
+        };
+        let reason = if ok || tail.is_empty() { reason } else { format!("{reason}: {tail}") };
+        out.events.push(AgentEvent {
+            kind: "status".into(),
+            data: json!({"exit_code": code, "signal": signal, "stderr_tail": tail}),
+        });
+        out.update.state = Some(if ok { SessionState::Stopped } else { SessionState::Failed });
+        out.update.state_reason = Some(reason);
+        out
+    }
+
+    pub fn interrupt(&mut self) -> Interrupt {
+        self.next_request += 1;
+        let line = json!({
+            "type": "control_request",
+            "request_id": format!("berth-int-{}", self.next_request),
+            "request": {"subtype": "interrupt"},
+        });
+        let mut b = serde_json::to_vec(&line).unwrap_or_default();
+        b.push(b'\n');
+        Interrupt::Stdin(b)
+    }
+
+    /// The stdin line answering a permission request, or None if it is not pending.
+    pub fn answer_permission(&mut self, request_id: &str, allow: bool, message: Option<&str>) -> Option<Vec<u8>> {
+        let input = self.pending.remove(request_id)?;
+        let response = if allow {
+            json!({"behavior": "allow", "updatedInput": input})
+        } else {
+            json!({"behavior": "deny", "message": message.unwrap_or("denied by the operator")})
+        };
+        let mut b = serde_json::to_vec(&json!({
+            "type": "control_response",
+            "response": {"subtype": "success", "request_id": request_id, "response": response},
+        }))
+        .ok()?;
+        b.push(b'\n');
+        Some(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> ClaudeEnv {
+        ClaudeEnv {
+            cli: "/opt/claude".into(),
+            base_url: "http://127.0.0.1:4000".into(),
+            token: "tok".into(),
+            config_dir: "/home/agent/.claude-s1".into(),
+            resume: Some("abc".into()),
+            proxy: None,
+        }
+    }
+
+    #[test]
+    fn flags_cannot_be_injected_and_output_maps_to_events() {
+        let spec = ClaudeAgent { model: Some("--dangerous".into()), max_turns: Some(3), ..Default::default() };
+        let d = ClaudeDriver::new(&spec, env(), "/workspace").expect("driver");
+        let l = d.launch();
+        assert!(l.argv.contains(&"--model=--dangerous".to_string()));
+        assert!(l.argv.contains(&"--resume=abc".to_string()));
+        assert!(l.argv.iter().skip(1).all(|a| a.starts_with("--") || a == "-p"));
+        let bad = ClaudeAgent { allowed_tools: vec!["Bash,Write".into()], ..Default::default() };
+        assert!(ClaudeDriver::new(&bad, env(), "/w").is_err());
+        let bad = ClaudeAgent { permission_mode: Some("yolo".into()), ..Default::default() };
+        assert!(ClaudeDriver::new(&bad, env(), "/w").is_err());
+
+        let mut d = ClaudeDriver::new(&ClaudeAgent::default(), env(), "/workspace").expect("driver");
+        let out = d.on_stdout(b"{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s-1\",\"claude_code_version\":\"2.1.328\"}\n{\"type\":\"assistant\",\"message\":{\"content\":[{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"Bash\",\"input\":{}}]}}\n{\"type\":\"res");
+        assert_eq!(out.update.agent_session_id.as_deref(), Some("s-1"));
+        assert_eq!(out.update.cli_version.as_deref(), Some("2.1.328"));
+        let kinds: Vec<&str> = out.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, vec!["system", "assistant", "tool_use"]);
+        let out = d.on_stdout(b"ult\",\"subtype\":\"error_max_turns\",\"is_error\":true,\"session_id\":\"s-1\"}\n");
+        assert_eq!(out.events[0].kind, "result");
+        assert_eq!(out.update.state, Some(SessionState::Idle));
+        assert_eq!(out.update.state_reason.as_deref(), Some("error_max_turns"));
+        let out = d.on_stdout(b"{\"type\":\"control_request\",\"request_id\":\"r1\",\"request\":{\"subtype\":\"can_use_tool\",\"tool_name\":\"Bash\",\"input\":{\"command\":\"ls\"}}}\n");
+        assert_eq!(out.events[0].kind, "permission_request");
+        let ans = d.answer_permission("r1", true, None).expect("pending");
+        let v: Value = serde_json::from_slice(&ans).expect("json");
+        assert_eq!(v["response"]["response"]["updatedInput"]["command"], "ls");
+        assert!(d.answer_permission("r1", true, None).is_none(), "answered once");
+    }
+}
