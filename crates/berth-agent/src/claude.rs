@@ -40,7 +40,13 @@ pub struct ClaudeDriver {
 }
 
 const STDERR_TAIL: usize = 4096;
-const SAFE_MODES: [&str; 5] = ["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"];
+const SAFE_MODES: [&str; 5] = [
+    "default",
+    "acceptEdits",
+    "bypassPermissions",
+    "plan",
+    "dontAsk",
+];
 
 fn check_tool(t: &str) -> Result<(), DriverError> {
     if t.is_empty() || t.contains(',') || t.contains('\n') || t.contains('\0') {
@@ -50,13 +56,23 @@ fn check_tool(t: &str) -> Result<(), DriverError> {
 }
 
 impl ClaudeDriver {
-    pub fn new(spec: &ClaudeAgent, env: ClaudeEnv, workdir: &str) -> Result<ClaudeDriver, DriverError> {
+    pub fn new(
+        spec: &ClaudeAgent,
+        env: ClaudeEnv,
+        workdir: &str,
+    ) -> Result<ClaudeDriver, DriverError> {
         if let Some(m) = &spec.permission_mode {
             if !SAFE_MODES.contains(&m.as_str()) {
-                return Err(DriverError::Invalid(format!("permission_mode must be one of {SAFE_MODES:?}")));
+                return Err(DriverError::Invalid(format!(
+                    "permission_mode must be one of {SAFE_MODES:?}"
+                )));
             }
         }
-        for t in spec.allowed_tools.iter().chain(spec.disallowed_tools.iter()) {
+        for t in spec
+            .allowed_tools
+            .iter()
+            .chain(spec.disallowed_tools.iter())
+        {
             check_tool(t)?;
         }
         if let Some(m) = &spec.model {
@@ -102,7 +118,10 @@ impl ClaudeDriver {
             argv.push(format!("--allowedTools={}", s.allowed_tools.join(",")));
         }
         if !s.disallowed_tools.is_empty() {
-            argv.push(format!("--disallowedTools={}", s.disallowed_tools.join(",")));
+            argv.push(format!(
+                "--disallowedTools={}",
+                s.disallowed_tools.join(",")
+            ));
         }
         if let Some(p) = &s.system_prompt {
             argv.push(format!("--system-prompt={p}"));
@@ -117,7 +136,10 @@ impl ClaudeDriver {
             ("ANTHROPIC_BASE_URL".to_string(), self.env.base_url.clone()),
             ("ANTHROPIC_API_KEY".to_string(), self.env.token.clone()),
             ("CLAUDE_CONFIG_DIR".to_string(), self.env.config_dir.clone()),
-            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".to_string(), "1".to_string()),
+            (
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".to_string(),
+                "1".to_string(),
+            ),
             ("DISABLE_AUTOUPDATER".to_string(), "1".to_string()),
             ("DISABLE_TELEMETRY".to_string(), "1".to_string()),
             ("DISABLE_ERROR_REPORTING".to_string(), "1".to_string()),
@@ -129,12 +151,18 @@ impl ClaudeDriver {
             env.push(("NO_PROXY".to_string(), "127.0.0.1,localhost".to_string()));
             env.push(("NODE_USE_ENV_PROXY".to_string(), "1".to_string()));
         }
-        Launch { argv, env, cwd: self.cwd.clone() }
+        Launch {
+            argv,
+            env,
+            cwd: self.cwd.clone(),
+        }
     }
 
     pub fn encode_message(&mut self, content: &Value) -> Result<Vec<u8>, DriverError> {
         if !(content.is_string() || content.is_array()) {
-            return Err(DriverError::Invalid("content must be text or an array of content blocks".into()));
+            return Err(DriverError::Invalid(
+                "content must be text or an array of content blocks".into(),
+            ));
         }
         let mut line = serde_json::to_vec(&json!({
             "type": "user",
@@ -167,12 +195,22 @@ impl ClaudeDriver {
             });
             return;
         };
-        let kind = v.get("type").and_then(Value::as_str).unwrap_or("unknown").to_string();
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string();
         match kind.as_str() {
             "system" => {
                 if v.get("subtype").and_then(Value::as_str) == Some("init") {
-                    out.update.agent_session_id = v.get("session_id").and_then(Value::as_str).map(str::to_string);
-                    out.update.cli_version = v.get("claude_code_version").and_then(Value::as_str).map(str::to_string);
+                    out.update.agent_session_id = v
+                        .get("session_id")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    out.update.cli_version = v
+                        .get("claude_code_version")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
                 }
                 out.events.push(AgentEvent { kind, data: v });
             }
@@ -180,11 +218,19 @@ impl ClaudeDriver {
                 let tools: Vec<Value> = v
                     .pointer("/message/content")
                     .and_then(Value::as_array)
-                    .map(|c| c.iter().filter(|b| b["type"] == "tool_use").cloned().collect())
+                    .map(|c| {
+                        c.iter()
+                            .filter(|b| b["type"] == "tool_use")
+                            .cloned()
+                            .collect()
+                    })
                     .unwrap_or_default();
                 out.events.push(AgentEvent { kind, data: v });
                 for t in tools {
-                    out.events.push(AgentEvent { kind: "tool_use".into(), data: t });
+                    out.events.push(AgentEvent {
+                        kind: "tool_use".into(),
+                        data: t,
+                    });
                 }
                 out.update.state = Some(SessionState::Running);
             }
@@ -192,31 +238,53 @@ impl ClaudeDriver {
                 let results: Vec<Value> = v
                     .pointer("/message/content")
                     .and_then(Value::as_array)
-                    .map(|c| c.iter().filter(|b| b["type"] == "tool_result").cloned().collect())
+                    .map(|c| {
+                        c.iter()
+                            .filter(|b| b["type"] == "tool_result")
+                            .cloned()
+                            .collect()
+                    })
                     .unwrap_or_default();
                 if results.is_empty() {
-                    out.events.push(AgentEvent { kind: "user_echo".into(), data: v });
+                    out.events.push(AgentEvent {
+                        kind: "user_echo".into(),
+                        data: v,
+                    });
                 } else {
                     for r in results {
-                        out.events.push(AgentEvent { kind: "tool_result".into(), data: r });
+                        out.events.push(AgentEvent {
+                            kind: "tool_result".into(),
+                            data: r,
+                        });
                     }
                 }
             }
             "result" => {
                 let is_error = v.get("is_error").and_then(Value::as_bool).unwrap_or(false);
-                let subtype = v.get("subtype").and_then(Value::as_str).unwrap_or("").to_string();
+                let subtype = v
+                    .get("subtype")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
                 if let Some(id) = v.get("session_id").and_then(Value::as_str) {
                     out.update.agent_session_id = Some(id.to_string());
                 }
                 out.events.push(AgentEvent { kind, data: v });
                 out.update.state = Some(SessionState::Idle);
-                out.update.state_reason = is_error.then_some(subtype);
+                // Any subtype but success (error_max_turns, error_during_execution, …) is the
+                // reason the turn ended; the agent stays ready for the next message.
+                out.update.state_reason = (is_error || subtype != "success").then_some(subtype);
             }
             "control_request" => {
                 let req = v.get("request").cloned().unwrap_or(Value::Null);
-                let id = v.get("request_id").and_then(Value::as_str).unwrap_or("").to_string();
+                let id = v
+                    .get("request_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
                 if req.get("subtype").and_then(Value::as_str) == Some("can_use_tool") {
-                    self.pending.insert(id.clone(), req.get("input").cloned().unwrap_or(Value::Null));
+                    self.pending
+                        .insert(id.clone(), req.get("input").cloned().unwrap_or(Value::Null));
                     out.events.push(AgentEvent {
                         kind: "permission_request".into(),
                         data: json!({"request_id": id, "tool_name": req.get("tool_name"), "input": req.get("input"), "request": v}),
@@ -236,7 +304,10 @@ impl ClaudeDriver {
             self.err_tail.drain(..cut);
         }
         Output {
-            events: vec![AgentEvent { kind: "stderr".into(), data: json!({"text": String::from_utf8_lossy(bytes)}) }],
+            events: vec![AgentEvent {
+                kind: "stderr".into(),
+                data: json!({"text": String::from_utf8_lossy(bytes)}),
+            }],
             update: Update::default(),
         }
     }
@@ -251,12 +322,20 @@ impl ClaudeDriver {
             (None, Some(s)) => format!("the CLI was killed by signal {s}"),
             _ => "the CLI ended".to_string(),
         };
-        let reason = if ok || tail.is_empty() { reason } else { format!("{reason}: {tail}") };
+        let reason = if ok || tail.is_empty() {
+            reason
+        } else {
+            format!("{reason}: {tail}")
+        };
         out.events.push(AgentEvent {
             kind: "status".into(),
             data: json!({"exit_code": code, "signal": signal, "stderr_tail": tail}),
         });
-        out.update.state = Some(if ok { SessionState::Stopped } else { SessionState::Failed });
+        out.update.state = Some(if ok {
+            SessionState::Stopped
+        } else {
+            SessionState::Failed
+        });
         out.update.state_reason = Some(reason);
         out
     }
@@ -274,7 +353,12 @@ impl ClaudeDriver {
     }
 
     /// The stdin line answering a permission request, or None if it is not pending.
-    pub fn answer_permission(&mut self, request_id: &str, allow: bool, message: Option<&str>) -> Option<Vec<u8>> {
+    pub fn answer_permission(
+        &mut self,
+        request_id: &str,
+        allow: bool,
+        message: Option<&str>,
+    ) -> Option<Vec<u8>> {
         let input = self.pending.remove(request_id)?;
         let response = if allow {
             json!({"behavior": "allow", "updatedInput": input})
@@ -308,24 +392,41 @@ mod tests {
 
     #[test]
     fn flags_cannot_be_injected_and_output_maps_to_events() {
-        let spec = ClaudeAgent { model: Some("--dangerous".into()), max_turns: Some(3), ..Default::default() };
+        let spec = ClaudeAgent {
+            model: Some("--dangerous".into()),
+            max_turns: Some(3),
+            ..Default::default()
+        };
         let d = ClaudeDriver::new(&spec, env(), "/workspace").expect("driver");
         let l = d.launch();
         assert!(l.argv.contains(&"--model=--dangerous".to_string()));
         assert!(l.argv.contains(&"--resume=abc".to_string()));
-        assert!(l.argv.iter().skip(1).all(|a| a.starts_with("--") || a == "-p"));
-        let bad = ClaudeAgent { allowed_tools: vec!["Bash,Write".into()], ..Default::default() };
+        assert!(l
+            .argv
+            .iter()
+            .skip(1)
+            .all(|a| a.starts_with("--") || a == "-p"));
+        let bad = ClaudeAgent {
+            allowed_tools: vec!["Bash,Write".into()],
+            ..Default::default()
+        };
         assert!(ClaudeDriver::new(&bad, env(), "/w").is_err());
-        let bad = ClaudeAgent { permission_mode: Some("yolo".into()), ..Default::default() };
+        let bad = ClaudeAgent {
+            permission_mode: Some("yolo".into()),
+            ..Default::default()
+        };
         assert!(ClaudeDriver::new(&bad, env(), "/w").is_err());
 
-        let mut d = ClaudeDriver::new(&ClaudeAgent::default(), env(), "/workspace").expect("driver");
+        let mut d =
+            ClaudeDriver::new(&ClaudeAgent::default(), env(), "/workspace").expect("driver");
         let out = d.on_stdout(b"{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s-1\",\"claude_code_version\":\"2.1.328\"}\n{\"type\":\"assistant\",\"message\":{\"content\":[{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"Bash\",\"input\":{}}]}}\n{\"type\":\"res");
         assert_eq!(out.update.agent_session_id.as_deref(), Some("s-1"));
         assert_eq!(out.update.cli_version.as_deref(), Some("2.1.328"));
         let kinds: Vec<&str> = out.events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, vec!["system", "assistant", "tool_use"]);
-        let out = d.on_stdout(b"ult\",\"subtype\":\"error_max_turns\",\"is_error\":true,\"session_id\":\"s-1\"}\n");
+        let out = d.on_stdout(
+            b"ult\",\"subtype\":\"error_max_turns\",\"is_error\":true,\"session_id\":\"s-1\"}\n",
+        );
         assert_eq!(out.events[0].kind, "result");
         assert_eq!(out.update.state, Some(SessionState::Idle));
         assert_eq!(out.update.state_reason.as_deref(), Some("error_max_turns"));
@@ -334,6 +435,9 @@ mod tests {
         let ans = d.answer_permission("r1", true, None).expect("pending");
         let v: Value = serde_json::from_slice(&ans).expect("json");
         assert_eq!(v["response"]["response"]["updatedInput"]["command"], "ls");
-        assert!(d.answer_permission("r1", true, None).is_none(), "answered once");
+        assert!(
+            d.answer_permission("r1", true, None).is_none(),
+            "answered once"
+        );
     }
 }

@@ -20,10 +20,14 @@ pub struct CommandDriver {
 impl CommandDriver {
     pub fn new(spec: &CommandAgent, workdir: &str) -> Result<CommandDriver, DriverError> {
         if spec.argv.is_empty() || spec.argv[0].is_empty() {
-            return Err(DriverError::Invalid("agent.argv must name a program".into()));
+            return Err(DriverError::Invalid(
+                "agent.argv must name a program".into(),
+            ));
         }
         if spec.argv.iter().any(|a| a.contains('\0')) {
-            return Err(DriverError::Invalid("agent.argv must not contain NUL".into()));
+            return Err(DriverError::Invalid(
+                "agent.argv must not contain NUL".into(),
+            ));
         }
         Ok(CommandDriver {
             argv: spec.argv.clone(),
@@ -44,9 +48,14 @@ impl CommandDriver {
     pub fn encode_message(&mut self, content: &Value) -> Result<Vec<u8>, DriverError> {
         let mut line = match content {
             Value::String(s) => s.clone().into_bytes(),
-            Value::Array(_) | Value::Object(_) => serde_json::to_vec(content)
-                .map_err(|e| DriverError::Invalid(e.to_string()))?,
-            _ => return Err(DriverError::Invalid("content must be text or content blocks".into())),
+            Value::Array(_) | Value::Object(_) => {
+                serde_json::to_vec(content).map_err(|e| DriverError::Invalid(e.to_string()))?
+            }
+            _ => {
+                return Err(DriverError::Invalid(
+                    "content must be text or content blocks".into(),
+                ))
+            }
         };
         if line.contains(&b'\n') && content.is_string() {
             // One message is one line: keep embedded newlines from splitting it.
@@ -77,7 +86,11 @@ impl CommandDriver {
         let mut events = split_lines(&mut self.out, &[], "stdout", true);
         events.extend(split_lines(&mut self.err, &[], "stderr", true));
         let ok = code == Some(0);
-        let state = if ok { SessionState::Stopped } else { SessionState::Failed };
+        let state = if ok {
+            SessionState::Stopped
+        } else {
+            SessionState::Failed
+        };
         let reason = match (code, signal) {
             (Some(c), _) => format!("agent exited with code {c}"),
             (None, Some(s)) => format!("agent killed by signal {s}"),
@@ -129,7 +142,13 @@ mod tests {
 
     #[test]
     fn lines_are_split_and_flushed() {
-        let mut d = CommandDriver::new(&CommandAgent { argv: vec!["cat".into()] }, "/workspace").expect("driver");
+        let mut d = CommandDriver::new(
+            &CommandAgent {
+                argv: vec!["cat".into()],
+            },
+            "/workspace",
+        )
+        .expect("driver");
         assert!(d.on_stdout(b"hel").events.is_empty());
         let out = d.on_stdout(b"lo\nwor");
         assert_eq!(out.events.len(), 1);
@@ -139,7 +158,10 @@ mod tests {
         assert_eq!(out.events.last().map(|e| e.kind.as_str()), Some("result"));
         assert_eq!(out.update.state, Some(SessionState::Stopped));
         assert_eq!(d.encode_message(&json!("hi")).expect("enc"), b"hi\n");
-        assert_eq!(d.encode_message(&json!("a\nb")).expect("enc"), b"\"a\\nb\"\n");
+        assert_eq!(
+            d.encode_message(&json!("a\nb")).expect("enc"),
+            b"\"a\\nb\"\n"
+        );
         assert!(d.encode_message(&json!(3)).is_err());
         assert!(CommandDriver::new(&CommandAgent { argv: vec![] }, "/w").is_err());
     }

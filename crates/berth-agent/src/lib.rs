@@ -69,14 +69,22 @@ pub enum Driver {
 
 impl Driver {
     /// `claude` is where and how the Claude CLI runs in this session (required for claude agents).
-    pub fn new(spec: &AgentSpec, workdir: &str, claude: Option<ClaudeEnv>) -> Result<Driver, DriverError> {
+    pub fn new(
+        spec: &AgentSpec,
+        workdir: &str,
+        claude: Option<ClaudeEnv>,
+    ) -> Result<Driver, DriverError> {
         match spec {
             AgentSpec::Command(c) => Ok(Driver::Command(CommandDriver::new(c, workdir)?)),
             AgentSpec::Claude(c) => {
                 let env = claude.ok_or_else(|| {
-                    DriverError::Invalid("the Claude Code CLI is not available on this server".into())
+                    DriverError::Invalid(
+                        "the Claude Code CLI is not available on this server".into(),
+                    )
                 })?;
-                Ok(Driver::Claude(Box::new(ClaudeDriver::new(c, env, workdir)?)))
+                Ok(Driver::Claude(Box::new(ClaudeDriver::new(
+                    c, env, workdir,
+                )?)))
             }
         }
     }
@@ -117,7 +125,12 @@ impl Driver {
         }
     }
     /// Bytes answering a pending permission request (None: no such request).
-    pub fn answer_permission(&mut self, request_id: &str, allow: bool, message: Option<&str>) -> Option<Vec<u8>> {
+    pub fn answer_permission(
+        &mut self,
+        request_id: &str,
+        allow: bool,
+        message: Option<&str>,
+    ) -> Option<Vec<u8>> {
         match self {
             Driver::Command(_) => None,
             Driver::Claude(d) => d.answer_permission(request_id, allow, message),

@@ -115,7 +115,10 @@ impl BoxState {
         })
     }
     pub fn is_terminal(&self) -> bool {
-        matches!(self, BoxState::Destroyed | BoxState::Failed | BoxState::Stopped)
+        matches!(
+            self,
+            BoxState::Destroyed | BoxState::Failed | BoxState::Stopped
+        )
     }
 }
 
@@ -292,7 +295,10 @@ impl SessionState {
         })
     }
     pub fn is_terminal(&self) -> bool {
-        matches!(self, SessionState::Stopped | SessionState::Failed | SessionState::Interrupted)
+        matches!(
+            self,
+            SessionState::Stopped | SessionState::Failed | SessionState::Interrupted
+        )
     }
 }
 
@@ -352,7 +358,9 @@ pub struct Accepted {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WsClientMessage {
-    Message { content: serde_json::Value },
+    Message {
+        content: serde_json::Value,
+    },
     Interrupt,
     Permission {
         request_id: String,
@@ -431,9 +439,11 @@ mod tests {
         let spec: BoxSpec = serde_json::from_str("{}").expect("parse");
         assert_eq!(spec.resources, Resources::default());
         assert_eq!(spec.network.allow, vec!["api.anthropic.com".to_string()]);
-        let s: SessionSpec = serde_json::from_str(r#"{"agent":{"kind":"command","argv":["cat"]}}"#).expect("parse");
+        let s: SessionSpec =
+            serde_json::from_str(r#"{"agent":{"kind":"command","argv":["cat"]}}"#).expect("parse");
         assert!(matches!(s.box_ref, BoxRef::Spec(ref b) if b.lifecycle == Lifecycle::Ephemeral));
-        let s: SessionSpec = serde_json::from_str(r#"{"box":"b1","agent":{"kind":"claude"}}"#).expect("parse");
+        let s: SessionSpec =
+            serde_json::from_str(r#"{"box":"b1","agent":{"kind":"claude"}}"#).expect("parse");
         assert_eq!(s.box_ref, BoxRef::Id("b1".into()));
         assert!(serde_json::from_str::<BoxSpec>(r#"{"bogus":1}"#).is_err());
         assert!(serde_json::from_str::<BoxSpec>(r#"{"resources":{"cpus":"x"}}"#).is_err());

@@ -67,7 +67,12 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(e) => bail!("{} ({}): {}", status.as_u16(), e.error.code, e.error.message),
+            Ok(e) => bail!(
+                "{} ({}): {}",
+                status.as_u16(),
+                e.error.code,
+                e.error.message
+            ),
             Err(_) => bail!("{}: {}", status, text),
         }
     }
@@ -75,7 +80,10 @@ impl Client {
     pub async fn send(&self, rb: RequestBuilder) -> Result<Response> {
         let resp = rb.send().await.map_err(|e| {
             if e.is_connect() {
-                anyhow!("cannot reach the berth server at {}: is `berth serve` running?", self.base)
+                anyhow!(
+                    "cannot reach the berth server at {}: is `berth serve` running?",
+                    self.base
+                )
             } else {
                 anyhow!(e)
             }
@@ -84,19 +92,32 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        Ok(self.send(self.request(Method::GET, path)).await?.json().await?)
+        Ok(self
+            .send(self.request(Method::GET, path))
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        Ok(self.send(self.request(Method::POST, path).json(body)).await?.json().await?)
+        Ok(self
+            .send(self.request(Method::POST, path).json(body))
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        Ok(self.send(self.request(Method::DELETE, path)).await?.json().await?)
+        Ok(self
+            .send(self.request(Method::DELETE, path))
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn put_bytes(&self, path: &str, data: Vec<u8>) -> Result<()> {
-        self.send(self.request(Method::PUT, path).body(data)).await?;
+        self.send(self.request(Method::PUT, path).body(data))
+            .await?;
         Ok(())
     }
 
@@ -112,10 +133,18 @@ impl Client {
 
     /// Follow a session's events from `after`, calling `on_event` for each, until the server
     /// ends the stream (session over) or `on_event` returns false.
-    pub async fn follow(&self, session: &str, after: i64, mut on_event: impl FnMut(Event) -> bool) -> Result<i64> {
+    pub async fn follow(
+        &self,
+        session: &str,
+        after: i64,
+        mut on_event: impl FnMut(Event) -> bool,
+    ) -> Result<i64> {
         let mut last = after;
         let resp = self
-            .send(self.request(Method::GET, &format!("/v1/sessions/{session}/events?after={after}")))
+            .send(self.request(
+                Method::GET,
+                &format!("/v1/sessions/{session}/events?after={after}"),
+            ))
             .await?;
         if resp.status() != StatusCode::OK {
             bail!("unexpected status {}", resp.status());

@@ -11,7 +11,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "Run AI agents in isolated sandboxes on your own machines")]
+#[command(
+    name = "berth",
+    version,
+    about = "Run AI agents in isolated sandboxes on your own machines"
+)]
 struct Cli {
     /// Server URL (default: $BERTH_URL, else the local server).
     #[arg(long, global = true)]
@@ -190,7 +194,10 @@ fn main() {
         berth_sandbox::native::init::run();
     }
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("berth: starting the runtime: {e}");
@@ -208,16 +215,28 @@ async fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
         Cmd::BoxInit => unreachable_box_init(),
-        Cmd::MockModel { listen, scenario, chunk_delay_ms } => {
+        Cmd::MockModel {
+            listen,
+            scenario,
+            chunk_delay_ms,
+        } => {
             let sc = match scenario {
                 Some(p) => berth_mock_model::scenario::Scenario::load(&p)?,
                 None => berth_mock_model::scenario::Scenario::demo(),
             };
-            let mock = berth_mock_model::Mock::new(sc, std::time::Duration::from_millis(chunk_delay_ms));
-            let addr = listen.parse().with_context(|| format!("--listen {listen}"))?;
-            berth_mock_model::serve(mock, addr, |a| println!("mock model listening on http://{a}"), async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            let mock =
+                berth_mock_model::Mock::new(sc, std::time::Duration::from_millis(chunk_delay_ms));
+            let addr = listen
+                .parse()
+                .with_context(|| format!("--listen {listen}"))?;
+            berth_mock_model::serve(
+                mock,
+                addr,
+                |a| println!("mock model listening on http://{a}"),
+                async {
+                    let _ = tokio::signal::ctrl_c().await;
+                },
+            )
             .await?;
             Ok(())
         }
@@ -235,9 +254,20 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Exec { box_id, timeout, json, argv } => {
-            let req = ExecRequest { argv, timeout_s: Some(timeout), ..Default::default() };
-            let r: ExecResponse = client()?.post(&format!("/v1/boxes/{box_id}/exec"), &req).await?;
+        Cmd::Exec {
+            box_id,
+            timeout,
+            json,
+            argv,
+        } => {
+            let req = ExecRequest {
+                argv,
+                timeout_s: Some(timeout),
+                ..Default::default()
+            };
+            let r: ExecResponse = client()?
+                .post(&format!("/v1/boxes/{box_id}/exec"), &req)
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -265,7 +295,12 @@ async fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Start(a) => start(&client()?, a).await,
-        Cmd::Logs { session, follow, json, after } => logs(&client()?, &session, follow, json, after).await,
+        Cmd::Logs {
+            session,
+            follow,
+            json,
+            after,
+        } => logs(&client()?, &session, follow, json, after).await,
         Cmd::Chat { session } => chat(&client()?, &session).await,
         Cmd::Run(a) => run(&client()?, a).await,
         Cmd::Keys { cmd } => keys(&client()?, cmd).await,
@@ -294,10 +329,11 @@ async fn serve(a: ServeArgs) -> Result<()> {
     init_logging(&cfg.log_format);
     let helper = std::env::current_exe().context("locating the berth executable")?;
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -307,7 +343,11 @@ async fn serve(a: ServeArgs) -> Result<()> {
         cfg,
         berth_server::Runtime { helper },
         |s| {
-            println!("berth listening on http://{} (admin key in {})", s.addr, s.admin_key_file.display());
+            println!(
+                "berth listening on http://{} (admin key in {})",
+                s.addr,
+                s.admin_key_file.display()
+            );
         },
         shutdown,
     )
@@ -318,7 +358,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -348,7 +390,9 @@ fn box_spec(a: &CreateArgs) -> Result<BoxSpec> {
     }
     let mut env = BTreeMap::new();
     for kv in &a.env {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
         env.insert(k.to_string(), v.to_string());
     }
     Ok(BoxSpec {
@@ -365,10 +409,16 @@ async fn ls(c: &Client, json: bool) -> Result<()> {
     let boxes: List<BoxObject> = c.get("/v1/boxes").await?;
     let sessions: List<SessionObject> = c.get("/v1/sessions").await?;
     if json {
-        println!("{}", serde_json::json!({"boxes": boxes.items, "sessions": sessions.items}));
+        println!(
+            "{}",
+            serde_json::json!({"boxes": boxes.items, "sessions": sessions.items})
+        );
         return Ok(());
     }
-    println!("{:<22} {:<10} {:<10} {:<8} {:>5} {:>8}  CREATED", "BOX", "STATE", "LIFECYCLE", "BACKEND", "CPUS", "MEM_MIB");
+    println!(
+        "{:<22} {:<10} {:<10} {:<8} {:>5} {:>8}  CREATED",
+        "BOX", "STATE", "LIFECYCLE", "BACKEND", "CPUS", "MEM_MIB"
+    );
     for b in &boxes.items {
         println!(
             "{:<22} {:<10} {:<10} {:<8} {:>5} {:>8}  {}",
@@ -382,16 +432,29 @@ async fn ls(c: &Client, json: bool) -> Result<()> {
         );
     }
     println!();
-    println!("{:<22} {:<22} {:<12} {:>6}  CREATED", "SESSION", "BOX", "STATE", "EVENTS");
+    println!(
+        "{:<22} {:<22} {:<12} {:>6}  CREATED",
+        "SESSION", "BOX", "STATE", "EVENTS"
+    );
     for s in &sessions.items {
-        println!("{:<22} {:<22} {:<12} {:>6}  {}", s.id, s.box_id, s.state.as_str(), s.last_seq, s.created_at);
+        println!(
+            "{:<22} {:<22} {:<12} {:>6}  {}",
+            s.id,
+            s.box_id,
+            s.state.as_str(),
+            s.last_seq,
+            s.created_at
+        );
     }
     Ok(())
 }
 
 fn split_box_path(s: &str) -> Option<(&str, &str)> {
     let (b, p) = s.split_once(':')?;
-    (b.starts_with("box-")).then_some((b, p.trim_start_matches("/workspace/").trim_start_matches('/')))
+    (b.starts_with("box-")).then_some((
+        b,
+        p.trim_start_matches("/workspace/").trim_start_matches('/'),
+    ))
 }
 
 async fn cp(c: &Client, src: &str, dst: &str) -> Result<()> {
@@ -405,7 +468,8 @@ async fn cp(c: &Client, src: &str, dst: &str) -> Result<()> {
         }
         (None, Some((b, p))) => {
             let data = std::fs::read(src).with_context(|| format!("reading {src}"))?;
-            c.put_bytes(&format!("/v1/boxes/{b}/files/{p}"), data).await?;
+            c.put_bytes(&format!("/v1/boxes/{b}/files/{p}"), data)
+                .await?;
         }
         _ => bail!("exactly one of SRC and DST must be BOX:path"),
     }
@@ -416,7 +480,10 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
     let spec = SessionSpec {
         box_ref: match a.box_id {
             Some(id) => BoxRef::Id(id),
-            None => BoxRef::Spec(Box::new(BoxSpec { lifecycle: Lifecycle::Ephemeral, ..Default::default() })),
+            None => BoxRef::Spec(Box::new(BoxSpec {
+                lifecycle: Lifecycle::Ephemeral,
+                ..Default::default()
+            })),
         },
         agent: AgentSpec::Command(CommandAgent { argv: a.argv }),
         workdir: None,
@@ -477,10 +544,12 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
         let id = session.to_string();
         tokio::spawn(async move {
             let mut r = render::Renderer::new(false, false);
-            let _ = c.follow(&id, s.last_seq, |e| {
-                r.event(&e);
-                true
-            }).await;
+            let _ = c
+                .follow(&id, s.last_seq, |e| {
+                    r.event(&e);
+                    true
+                })
+                .await;
         })
     };
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
@@ -491,7 +560,12 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
             continue;
         }
         let _: Accepted = c
-            .post(&format!("/v1/sessions/{session}/messages"), &MessageRequest { content: serde_json::Value::String(line) })
+            .post(
+                &format!("/v1/sessions/{session}/messages"),
+                &MessageRequest {
+                    content: serde_json::Value::String(line),
+                },
+            )
             .await?;
     }
     follower.abort();
@@ -500,16 +574,32 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
 
 async fn run(c: &Client, a: RunArgs) -> Result<()> {
     let spec = SessionSpec {
-        box_ref: BoxRef::Spec(Box::new(BoxSpec { lifecycle: Lifecycle::Ephemeral, ..Default::default() })),
-        agent: AgentSpec::Claude(ClaudeAgent { model: a.model, max_turns: a.max_turns, ..Default::default() }),
+        box_ref: BoxRef::Spec(Box::new(BoxSpec {
+            lifecycle: Lifecycle::Ephemeral,
+            ..Default::default()
+        })),
+        agent: AgentSpec::Claude(ClaudeAgent {
+            model: a.model,
+            max_turns: a.max_turns,
+            ..Default::default()
+        }),
         workdir: None,
-        prompt: if a.dir.is_some() { None } else { Some(a.prompt.clone()) },
+        prompt: if a.dir.is_some() {
+            None
+        } else {
+            Some(a.prompt.clone())
+        },
     };
     let s: SessionObject = c.post("/v1/sessions", &spec).await?;
     if let Some(dir) = &a.dir {
         upload_dir(c, &s.box_id, dir).await?;
         let _: Accepted = c
-            .post(&format!("/v1/sessions/{}/messages", s.id), &MessageRequest { content: serde_json::Value::String(a.prompt) })
+            .post(
+                &format!("/v1/sessions/{}/messages", s.id),
+                &MessageRequest {
+                    content: serde_json::Value::String(a.prompt),
+                },
+            )
             .await?;
     }
     logs(c, &s.id, true, a.json, 0).await
@@ -526,7 +616,11 @@ async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<(
                 stack.push(p);
             } else if ft.is_file() {
                 let rel = p.strip_prefix(dir)?.to_string_lossy().into_owned();
-                c.put_bytes(&format!("/v1/boxes/{box_id}/files/{rel}"), std::fs::read(&p)?).await?;
+                c.put_bytes(
+                    &format!("/v1/boxes/{box_id}/files/{rel}"),
+                    std::fs::read(&p)?,
+                )
+                .await?;
             }
         }
     }
@@ -542,11 +636,18 @@ async fn keys(c: &Client, cmd: KeysCmd) -> Result<()> {
         KeysCmd::Ls => {
             let l: List<KeyObject> = c.get("/v1/keys").await?;
             for k in l.items {
-                println!("{:<22} {:<16} {:<6} {}", k.id, k.tenant, if k.admin { "admin" } else { "" }, k.created_at);
+                println!(
+                    "{:<22} {:<16} {:<6} {}",
+                    k.id,
+                    k.tenant,
+                    if k.admin { "admin" } else { "" },
+                    k.created_at
+                );
             }
         }
         KeysCmd::Rm { id } => {
-            c.send(c.request(reqwest::Method::DELETE, &format!("/v1/keys/{id}"))).await?;
+            c.send(c.request(reqwest::Method::DELETE, &format!("/v1/keys/{id}")))
+                .await?;
         }
     }
     Ok(())

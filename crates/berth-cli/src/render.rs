@@ -15,7 +15,10 @@ impl Renderer {
     pub fn new(json: bool, spinner: bool) -> Renderer {
         let spinner = (spinner && !json && std::io::stderr().is_terminal()).then(|| {
             let pb = ProgressBar::new_spinner();
-            pb.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             pb.enable_steady_tick(Duration::from_millis(100));
             pb.set_message("working");
             pb
@@ -35,17 +38,42 @@ impl Renderer {
             println!("{}", serde_json::to_string(e).unwrap_or_default());
             return;
         }
-        let text = |k: &str| e.data.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let text = |k: &str| {
+            e.data
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
         match e.kind.as_str() {
             "stdout" => self.line(&text("text")),
             "stderr" => self.line(&format!("! {}", text("text"))),
             "user" => {
-                let c = e.data.get("content").map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+                let c = e
+                    .data
+                    .get("content")
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .unwrap_or_default();
                 self.line(&format!("> {c}"));
             }
-            "tool_use" => self.line(&format!("→ {} {}", text("name"), e.data.get("input").map(|v| v.to_string()).unwrap_or_default())),
+            "tool_use" => self.line(&format!(
+                "→ {} {}",
+                text("name"),
+                e.data
+                    .get("input")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            )),
             "assistant" => {
-                if let Some(t) = e.data.pointer("/message/content/0/text").and_then(|v| v.as_str()) {
+                if let Some(t) = e
+                    .data
+                    .pointer("/message/content/0/text")
+                    .and_then(|v| v.as_str())
+                {
                     self.line(t);
                 }
             }

@@ -39,14 +39,26 @@ async fn oversized_put(api: &Api, path: &str, len: usize) -> (u16, Value) {
             .expect("read");
         resp.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&resp).into_owned();
-        if n == 0 || text.split("\r\n\r\n").nth(1).is_some_and(|b| b.contains("}}")) {
+        if n == 0
+            || text
+                .split("\r\n\r\n")
+                .nth(1)
+                .is_some_and(|b| b.contains("}}"))
+        {
             break text;
         }
     };
-    let status: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     // The body may be chunked; take the JSON object inside.
-    let json = body.find('{').and_then(|i| body.rfind('}').map(|j| &body[i..=j])).unwrap_or("null");
+    let json = body
+        .find('{')
+        .and_then(|i| body.rfind('}').map(|j| &body[i..=j]))
+        .unwrap_or("null");
     (status, serde_json::from_str(json).unwrap_or(Value::Null))
 }
 
@@ -73,7 +85,17 @@ async fn boxes_exec_files_and_errors() {
     assert_eq!(r.json["exit_code"], 3);
 
     // Files: put, get, list, delete; hostile paths refused with 400.
-    let put = api.raw(api.http.put(format!("{}/v1/boxes/{id}/files/src/main.txt?mode=600", api.url)).bearer_auth(&api.token).body("hello box")).await;
+    let put = api
+        .raw(
+            api.http
+                .put(format!(
+                    "{}/v1/boxes/{id}/files/src/main.txt?mode=600",
+                    api.url
+                ))
+                .bearer_auth(&api.token)
+                .body("hello box"),
+        )
+        .await;
     assert_eq!(put.status, 204, "{}", put.json);
     let got = api.get(&format!("/v1/boxes/{id}/files/src/main.txt")).await;
     assert_eq!(got.bytes, b"hello box");
@@ -82,17 +104,44 @@ async fn boxes_exec_files_and_errors() {
     assert_eq!(ls.json["entries"][0]["mode"], 0o600);
     let root = api.get(&format!("/v1/boxes/{id}/files")).await;
     assert_eq!(root.json["entries"][0]["name"], "src");
-    let r = api.post(&format!("/v1/boxes/{id}/exec"), json!({"argv": ["sh", "-c", "ln -s /etc /workspace/etc; ln -s .. /workspace/up"]})).await;
+    let r = api
+        .post(
+            &format!("/v1/boxes/{id}/exec"),
+            json!({"argv": ["sh", "-c", "ln -s /etc /workspace/etc; ln -s .. /workspace/up"]}),
+        )
+        .await;
     assert_eq!(r.json["exit_code"], 0);
-    for p in ["..%2F..%2Fetc%2Fpasswd", "etc/passwd", "up/x", "%2Fetc%2Fpasswd"] {
+    for p in [
+        "..%2F..%2Fetc%2Fpasswd",
+        "etc/passwd",
+        "up/x",
+        "%2Fetc%2Fpasswd",
+    ] {
         let r = api.get(&format!("/v1/boxes/{id}/files/{p}")).await;
         assert_eq!(r.status, 400, "{p}: {}", r.json);
         assert_eq!(r.json["error"]["code"], "invalid_request");
     }
-    let r = api.raw(api.http.put(format!("{}/v1/boxes/{id}/files/up/evil", api.url)).bearer_auth(&api.token).body("x")).await;
+    let r = api
+        .raw(
+            api.http
+                .put(format!("{}/v1/boxes/{id}/files/up/evil", api.url))
+                .bearer_auth(&api.token)
+                .body("x"),
+        )
+        .await;
     assert_eq!(r.status, 400);
-    assert_eq!(api.delete(&format!("/v1/boxes/{id}/files/src")).await.status, 204);
-    assert_eq!(api.get(&format!("/v1/boxes/{id}/files/src/main.txt")).await.status, 404);
+    assert_eq!(
+        api.delete(&format!("/v1/boxes/{id}/files/src"))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{id}/files/src/main.txt"))
+            .await
+            .status,
+        404
+    );
 
     let st = api.get(&format!("/v1/boxes/{id}/stats")).await;
     assert_eq!(st.status, 200);
@@ -100,38 +149,90 @@ async fn boxes_exec_files_and_errors() {
     assert!(st.json["pids"].as_u64().expect("pids") >= 1);
 
     // Errors are JSON with a code, never a panic.
-    let r = api.raw(api.http.post(format!("{}/v1/boxes", api.url)).bearer_auth(&api.token).header("content-type", "application/json").body("{not json")).await;
-    assert_eq!((r.status, r.json["error"]["code"].as_str()), (400, Some("invalid_request")));
-    let r = api.post("/v1/boxes", json!({"resources": {"memory_mib": 1}})).await;
+    let r = api
+        .raw(
+            api.http
+                .post(format!("{}/v1/boxes", api.url))
+                .bearer_auth(&api.token)
+                .header("content-type", "application/json")
+                .body("{not json"),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let r = api
+        .post("/v1/boxes", json!({"resources": {"memory_mib": 1}}))
+        .await;
     assert_eq!(r.status, 400, "{}", r.json);
     let r = api.post("/v1/boxes", json!({"unknown_field": 1})).await;
     assert_eq!(r.status, 422, "{}", r.json);
-    let r = api.post("/v1/boxes", json!({"image": "ubuntu:24.04"})).await;
+    let r = api
+        .post("/v1/boxes", json!({"image": "ubuntu:24.04"}))
+        .await;
     assert_eq!(r.status, 400, "{}", r.json);
     assert_eq!(api.get("/v1/boxes/box-nope").await.status, 404);
-    assert_eq!(api.get("/v1/boxes/box-nope").await.json["error"]["code"], "not_found");
-    assert_eq!(api.post("/v1/boxes/box-nope/exec", json!({"argv": ["true"]})).await.status, 404);
-    assert_eq!(api.post(&format!("/v1/boxes/{id}/exec"), json!({"argv": []})).await.status, 400);
+    assert_eq!(
+        api.get("/v1/boxes/box-nope").await.json["error"]["code"],
+        "not_found"
+    );
+    assert_eq!(
+        api.post("/v1/boxes/box-nope/exec", json!({"argv": ["true"]}))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        api.post(&format!("/v1/boxes/{id}/exec"), json!({"argv": []}))
+            .await
+            .status,
+        400
+    );
     // An oversized upload is refused from its Content-Length, before the body is read.
     let (status, body) = oversized_put(&api, &format!("/v1/boxes/{id}/files/big"), 65 << 20).await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"]["code"], "payload_too_large");
     let r = api.raw(api.http.get(format!("{}/v1/boxes", api.url))).await;
-    assert_eq!((r.status, r.json["error"]["code"].as_str()), (401, Some("unauthorized")));
-    let r = api.raw(api.http.get(format!("{}/v1/boxes", api.url)).bearer_auth("berth_wrong")).await;
+    assert_eq!(
+        (r.status, r.json["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let r = api
+        .raw(
+            api.http
+                .get(format!("{}/v1/boxes", api.url))
+                .bearer_auth("berth_wrong"),
+        )
+        .await;
     assert_eq!(r.status, 401);
-    assert_eq!(api.get("/v1/nothing-here").await.json["error"]["code"], "not_found");
+    assert_eq!(
+        api.get("/v1/nothing-here").await.json["error"]["code"],
+        "not_found"
+    );
     let r = api.call("PATCH", "/v1/boxes", None).await;
     assert_eq!(r.status, 405);
     assert_eq!(api.get("/healthz").await.status, 200);
     assert_eq!(api.get("/readyz").await.status, 200);
-    assert_eq!(api.get("/v1/backends").await.json["items"][0]["name"], "native");
-    assert!(String::from_utf8_lossy(&api.get("/metrics").await.bytes).contains("berth_boxes_created_total"));
+    assert_eq!(
+        api.get("/v1/backends").await.json["items"][0]["name"],
+        "native"
+    );
+    assert!(String::from_utf8_lossy(&api.get("/metrics").await.bytes)
+        .contains("berth_boxes_created_total"));
 
     let d = api.delete(&format!("/v1/boxes/{id}")).await;
     assert_eq!(d.json["state"], "destroyed");
-    assert_eq!(api.delete(&format!("/v1/boxes/{id}")).await.json["state"], "destroyed");
-    assert_eq!(api.post(&format!("/v1/boxes/{id}/exec"), json!({"argv": ["true"]})).await.status, 409);
+    assert_eq!(
+        api.delete(&format!("/v1/boxes/{id}")).await.json["state"],
+        "destroyed"
+    );
+    assert_eq!(
+        api.post(&format!("/v1/boxes/{id}/exec"), json!({"argv": ["true"]}))
+            .await
+            .status,
+        409
+    );
     srv.stop().await;
 }
 
@@ -141,43 +242,108 @@ async fn sessions_stream_over_sse_and_websocket_with_replay() {
     let srv = Server::start(dir.path()).await;
     let api = srv.client();
     let bx = small_box(&api, json!({})).await;
-    let r = api.post("/v1/sessions", json!({"box": bx, "agent": echo_agent(), "prompt": "first"})).await;
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": bx, "agent": echo_agent(), "prompt": "first"}),
+        )
+        .await;
     assert_eq!(r.status, 201, "{}", r.json);
     let sid = r.json["id"].as_str().expect("id").to_string();
     assert_eq!(r.json["box_id"], bx.as_str());
     for m in ["two", "three"] {
-        let r = api.post(&format!("/v1/sessions/{sid}/messages"), json!({"content": m})).await;
+        let r = api
+            .post(
+                &format!("/v1/sessions/{sid}/messages"),
+                json!({"content": m}),
+            )
+            .await;
         assert_eq!(r.status, 202, "{}", r.json);
     }
     // Read until the three echoes are there, over SSE.
     let mut events = Vec::new();
-    while events.iter().filter(|e: &&Value| e["type"] == "stdout").count() < 3 {
-        let after = events.last().map(|e: &Value| e["seq"].as_i64().expect("seq")).unwrap_or(0);
-        events.extend(api.sse(&format!("/v1/sessions/{sid}/events?after={after}"), None, 1).await);
+    while events
+        .iter()
+        .filter(|e: &&Value| e["type"] == "stdout")
+        .count()
+        < 3
+    {
+        let after = events
+            .last()
+            .map(|e: &Value| e["seq"].as_i64().expect("seq"))
+            .unwrap_or(0);
+        events.extend(
+            api.sse(&format!("/v1/sessions/{sid}/events?after={after}"), None, 1)
+                .await,
+        );
     }
-    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().expect("seq")).collect();
-    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "gapless, ordered");
-    let texts: Vec<&str> = events.iter().filter(|e| e["type"] == "stdout").filter_map(|e| e["data"]["text"].as_str()).collect();
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|e| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "gapless, ordered"
+    );
+    let texts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .filter_map(|e| e["data"]["text"].as_str())
+        .collect();
     assert_eq!(texts, vec!["echo: first", "echo: two", "echo: three"]);
-    assert!(events.iter().all(|e| e["session_id"] == sid.as_str() && e["ts"].is_string()));
+    assert!(events
+        .iter()
+        .all(|e| e["session_id"] == sid.as_str() && e["ts"].is_string()));
 
     // Reconnect with Last-Event-ID: exactly the missed events, in order.
     let mid = seqs[seqs.len() / 2];
-    let replay = api.sse(&format!("/v1/sessions/{sid}/events"), Some(mid), seqs.len() - mid as usize).await;
+    let replay = api
+        .sse(
+            &format!("/v1/sessions/{sid}/events"),
+            Some(mid),
+            seqs.len() - mid as usize,
+        )
+        .await;
     assert_eq!(replay, events[mid as usize..].to_vec());
 
     // WebSocket: the same stream, and messages accepted over it.
-    let ws_url = format!("{}/v1/sessions/{sid}/ws?after={}", api.url.replace("http://", "ws://"), seqs.len());
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(ws_url).expect("req");
-    req.headers_mut().insert("authorization", format!("Bearer {}", api.token).parse().expect("hdr"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws connect");
-    ws.send(tokio_tungstenite::tungstenite::Message::Text(json!({"type": "message", "content": "over ws"}).to_string().into())).await.expect("send");
-    ws.send(tokio_tungstenite::tungstenite::Message::Text("{garbage".into())).await.expect("send");
+    let ws_url = format!(
+        "{}/v1/sessions/{sid}/ws?after={}",
+        api.url.replace("http://", "ws://"),
+        seqs.len()
+    );
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(ws_url)
+            .expect("req");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", api.token).parse().expect("hdr"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        json!({"type": "message", "content": "over ws"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("send");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        "{garbage".into(),
+    ))
+    .await
+    .expect("send");
     let mut acks = 0;
     let mut errors = 0;
     let mut echoed = false;
     while !(echoed && acks == 1 && errors == 1) {
-        let msg = tokio::time::timeout(std::time::Duration::from_secs(20), ws.next()).await.expect("ws in time").expect("open").expect("msg");
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(20), ws.next())
+            .await
+            .expect("ws in time")
+            .expect("open")
+            .expect("msg");
         let v: Value = serde_json::from_str(msg.to_text().expect("text")).expect("json");
         match v["type"].as_str() {
             Some("ack") => acks += 1,
@@ -192,17 +358,42 @@ async fn sessions_stream_over_sse_and_websocket_with_replay() {
     }
 
     // Interrupt (SIGINT) ends the shell loop; the session fails with the signal recorded.
-    assert_eq!(api.post(&format!("/v1/sessions/{sid}/interrupt"), json!({})).await.status, 202);
-    let s = api.wait_for(&format!("/v1/sessions/{sid}"), 20, |s| s["state"] == "failed" || s["state"] == "stopped").await;
-    assert!(s["state_reason"].as_str().expect("reason").contains("signal 2"), "{s}");
-    let r = api.post(&format!("/v1/sessions/{sid}/messages"), json!({"content": "late"})).await;
+    assert_eq!(
+        api.post(&format!("/v1/sessions/{sid}/interrupt"), json!({}))
+            .await
+            .status,
+        202
+    );
+    let s = api
+        .wait_for(&format!("/v1/sessions/{sid}"), 20, |s| {
+            s["state"] == "failed" || s["state"] == "stopped"
+        })
+        .await;
+    assert!(
+        s["state_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("signal 2"),
+        "{s}"
+    );
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "late"}),
+        )
+        .await;
     assert_eq!(r.status, 409);
     // The ended session's stream replays everything and then ends.
-    let all = api.sse(&format!("/v1/sessions/{sid}/events"), None, usize::MAX).await;
+    let all = api
+        .sse(&format!("/v1/sessions/{sid}/events"), None, usize::MAX)
+        .await;
     assert_eq!(all.last().map(|e| e["type"].clone()), Some(json!("status")));
     assert!(all.iter().any(|e| e["type"] == "result"));
     // The persistent box outlives the session.
-    assert_eq!(api.get(&format!("/v1/boxes/{bx}")).await.json["state"], "running");
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "running"
+    );
     srv.stop().await;
 }
 
@@ -223,22 +414,81 @@ async fn tenants_cannot_see_each_other() {
     let acme = mk("acme").await;
     let globex = mk("globex").await;
     let a_box = small_box(&acme, json!({})).await;
-    let a_ses = acme.post("/v1/sessions", json!({"box": a_box, "agent": echo_agent()})).await.json["id"].as_str().expect("id").to_string();
-    for path in [format!("/v1/boxes/{a_box}"), format!("/v1/sessions/{a_ses}"), format!("/v1/sessions/{a_ses}/events"), format!("/v1/boxes/{a_box}/files/x"), format!("/v1/boxes/{a_box}/stats")] {
+    let a_ses = acme
+        .post("/v1/sessions", json!({"box": a_box, "agent": echo_agent()}))
+        .await
+        .json["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    for path in [
+        format!("/v1/boxes/{a_box}"),
+        format!("/v1/sessions/{a_ses}"),
+        format!("/v1/sessions/{a_ses}/events"),
+        format!("/v1/boxes/{a_box}/files/x"),
+        format!("/v1/boxes/{a_box}/stats"),
+    ] {
         let r = globex.get(&path).await;
         assert_eq!(r.status, 404, "{path}: {}", r.json);
     }
-    assert_eq!(globex.post(&format!("/v1/boxes/{a_box}/exec"), json!({"argv": ["true"]})).await.status, 404);
-    assert_eq!(globex.post(&format!("/v1/sessions/{a_ses}/messages"), json!({"content": "x"})).await.status, 404);
-    assert_eq!(globex.delete(&format!("/v1/boxes/{a_box}")).await.status, 404);
-    assert_eq!(globex.post("/v1/sessions", json!({"box": a_box, "agent": echo_agent()})).await.status, 404);
+    assert_eq!(
+        globex
+            .post(
+                &format!("/v1/boxes/{a_box}/exec"),
+                json!({"argv": ["true"]})
+            )
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        globex
+            .post(
+                &format!("/v1/sessions/{a_ses}/messages"),
+                json!({"content": "x"})
+            )
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        globex.delete(&format!("/v1/boxes/{a_box}")).await.status,
+        404
+    );
+    assert_eq!(
+        globex
+            .post("/v1/sessions", json!({"box": a_box, "agent": echo_agent()}))
+            .await
+            .status,
+        404
+    );
     assert_eq!(globex.get("/v1/boxes").await.json["items"], json!([]));
     assert_eq!(globex.get("/v1/sessions").await.json["items"], json!([]));
-    assert_eq!(acme.get("/v1/boxes").await.json["items"].as_array().map(Vec::len), Some(1));
-    assert_eq!(acme.post("/v1/keys", json!({"tenant": "acme"})).await.status, 403, "tenant keys cannot mint keys");
-    assert_eq!(admin.post("/v1/keys", json!({"tenant": "bad tenant!"})).await.status, 400);
+    assert_eq!(
+        acme.get("/v1/boxes").await.json["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        acme.post("/v1/keys", json!({"tenant": "acme"}))
+            .await
+            .status,
+        403,
+        "tenant keys cannot mint keys"
+    );
+    assert_eq!(
+        admin
+            .post("/v1/keys", json!({"tenant": "bad tenant!"}))
+            .await
+            .status,
+        400
+    );
     // Still alive for its owner.
-    assert_eq!(acme.get(&format!("/v1/boxes/{a_box}")).await.json["state"], "running");
+    assert_eq!(
+        acme.get(&format!("/v1/boxes/{a_box}")).await.json["state"],
+        "running"
+    );
     srv.stop().await;
 }
 
@@ -254,20 +504,38 @@ async fn ephemeral_box_dies_with_its_session_and_idle_boxes_stop() {
     assert_eq!(r.status, 201, "{}", r.json);
     let sid = r.json["id"].as_str().expect("id").to_string();
     let bx = r.json["box_id"].as_str().expect("box").to_string();
-    let s = api.wait_for(&format!("/v1/sessions/{sid}"), 20, |s| s["state"] == "stopped").await;
+    let s = api
+        .wait_for(&format!("/v1/sessions/{sid}"), 20, |s| {
+            s["state"] == "stopped"
+        })
+        .await;
     assert_eq!(s["state_reason"], "agent exited with code 0");
-    api.wait_for(&format!("/v1/boxes/{bx}"), 20, |b| b["state"] == "destroyed").await;
-    let evs = api.sse(&format!("/v1/sessions/{sid}/events"), None, usize::MAX).await;
+    api.wait_for(&format!("/v1/boxes/{bx}"), 20, |b| {
+        b["state"] == "destroyed"
+    })
+    .await;
+    let evs = api
+        .sse(&format!("/v1/sessions/{sid}/events"), None, usize::MAX)
+        .await;
     assert!(evs.iter().any(|e| e["data"]["text"] == "finished"));
 
     let idle = small_box(&api, json!({"idle_timeout_s": 1})).await;
     // Activity keeps it alive past one timeout…
     let t0 = std::time::Instant::now();
     while t0.elapsed() < std::time::Duration::from_millis(1500) {
-        assert_eq!(api.post(&format!("/v1/boxes/{idle}/exec"), json!({"argv": ["true"]})).await.json["exit_code"], 0);
+        assert_eq!(
+            api.post(&format!("/v1/boxes/{idle}/exec"), json!({"argv": ["true"]}))
+                .await
+                .json["exit_code"],
+            0
+        );
     }
     // …and without it the box stops on its own.
-    let b = api.wait_for(&format!("/v1/boxes/{idle}"), 20, |b| b["state"] == "stopped").await;
+    let b = api
+        .wait_for(&format!("/v1/boxes/{idle}"), 20, |b| {
+            b["state"] == "stopped"
+        })
+        .await;
     assert_eq!(b["state_reason"], "idle_timeout");
     srv.stop().await;
 }
@@ -280,17 +548,35 @@ async fn kill9_then_restart_keeps_every_committed_event() {
     let bx = small_box(&api, json!({})).await;
     let r = api.post("/v1/sessions", json!({"box": bx, "agent": {"kind": "command", "argv": ["/bin/sh", "-c", "seq 1 500; exec cat"]}})).await;
     let sid = r.json["id"].as_str().expect("id").to_string();
-    let evs = api.sse(&format!("/v1/sessions/{sid}/events"), None, 502).await;
-    let lines: Vec<&str> = evs.iter().filter(|e| e["type"] == "stdout").filter_map(|e| e["data"]["text"].as_str()).collect();
+    let evs = api
+        .sse(&format!("/v1/sessions/{sid}/events"), None, 502)
+        .await;
+    let lines: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .filter_map(|e| e["data"]["text"].as_str())
+        .collect();
     assert_eq!(lines.len(), 500);
-    let committed = api.get(&format!("/v1/sessions/{sid}")).await.json["last_seq"].as_i64().expect("seq");
-    let box_pid_dirs: Vec<String> = std::fs::read_dir("/proc").expect("proc").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let committed = api.get(&format!("/v1/sessions/{sid}")).await.json["last_seq"]
+        .as_i64()
+        .expect("seq");
+    let box_pid_dirs: Vec<String> = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     srv.kill9().await;
 
     let srv = Server::start(dir.path()).await;
     let api = srv.client();
-    let after = api.sse(&format!("/v1/sessions/{sid}/events"), None, usize::MAX).await;
-    assert_eq!(after.len() as i64, committed, "every committed event survives");
+    let after = api
+        .sse(&format!("/v1/sessions/{sid}/events"), None, usize::MAX)
+        .await;
+    assert_eq!(
+        after.len() as i64,
+        committed,
+        "every committed event survives"
+    );
     assert_eq!(after[..evs.len()], evs[..]);
     let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
     assert_eq!(s["state"], "interrupted");
@@ -298,7 +584,12 @@ async fn kill9_then_restart_keeps_every_committed_event() {
     assert_eq!(b["state"], "stopped");
     assert_eq!(b["state_reason"], "server restarted");
     // The old box's processes went down with the old server.
-    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/pids/berth/{bx}")).exists() || std::fs::read_to_string(format!("/sys/fs/cgroup/pids/berth/{bx}/cgroup.procs")).unwrap_or_default().is_empty());
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/cgroup/pids/berth/{bx}")).exists()
+            || std::fs::read_to_string(format!("/sys/fs/cgroup/pids/berth/{bx}/cgroup.procs"))
+                .unwrap_or_default()
+                .is_empty()
+    );
     let _ = box_pid_dirs;
     srv.stop().await;
 }

@@ -84,7 +84,9 @@ const HOP: [&str; 9] = [
 pub fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
     (
         status,
-        axum::Json(serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})),
+        axum::Json(
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}),
+        ),
     )
         .into_response()
 }
@@ -103,7 +105,9 @@ struct BoxCtx {
 }
 
 impl Gateway {
-    pub fn new(cfg: GatewayConfig) -> Result<(Arc<Gateway>, mpsc::UnboundedReceiver<UsageRecord>), GatewayError> {
+    pub fn new(
+        cfg: GatewayConfig,
+    ) -> Result<(Arc<Gateway>, mpsc::UnboundedReceiver<UsageRecord>), GatewayError> {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
@@ -137,7 +141,11 @@ impl Gateway {
     }
 
     /// Serve the gateway for one box on a Unix socket; the task ends when aborted.
-    pub fn serve_box(self: &Arc<Self>, box_id: &str, socket: &Path) -> Result<tokio::task::JoinHandle<()>, GatewayError> {
+    pub fn serve_box(
+        self: &Arc<Self>,
+        box_id: &str,
+        socket: &Path,
+    ) -> Result<tokio::task::JoinHandle<()>, GatewayError> {
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket)
             .map_err(|e| GatewayError::Bind(socket.display().to_string(), e))?;
@@ -181,22 +189,44 @@ fn presented_token(h: &HeaderMap) -> Option<String> {
 async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     let gw = &ctx.gw;
     let Some(owner) = presented_token(req.headers()).and_then(|t| gw.owner(&t)) else {
-        return anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid session token");
+        return anthropic_error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid session token",
+        );
     };
     if owner.box_id != ctx.box_id {
-        return anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", "token not valid for this box");
+        return anthropic_error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "token not valid for this box",
+        );
     }
     let (parts, body) = req.into_parts();
-    let path_q = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path_q = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let url = format!("{}{}", gw.cfg.upstream.trim_end_matches('/'), path_q);
     let method = match reqwest::Method::from_bytes(parts.method.as_str().as_bytes()) {
         Ok(m) => m,
-        Err(_) => return anthropic_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "bad method"),
+        Err(_) => {
+            return anthropic_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "bad method",
+            )
+        }
     };
     let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        if HOP.contains(&name) || name == "x-api-key" || name == "authorization" || name == "content-length" {
+        if HOP.contains(&name)
+            || name == "x-api-key"
+            || name == "authorization"
+            || name == "content-length"
+        {
             continue;
         }
         if let (Ok(n), Ok(v)) = (
@@ -215,18 +245,34 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     // the gateway buffers (the response is never buffered).
     let body_bytes = match axum::body::to_bytes(body, 32 << 20).await {
         Ok(b) => b,
-        Err(_) => return anthropic_error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "request body too large"),
+        Err(_) => {
+            return anthropic_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "request body too large",
+            )
+        }
     };
     let model = serde_json::from_slice::<serde_json::Value>(&body_bytes)
         .ok()
         .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
         .unwrap_or_default();
-    let upstream = gw.http.request(method, &url).headers(headers).body(body_bytes).send().await;
+    let upstream = gw
+        .http
+        .request(method, &url)
+        .headers(headers)
+        .body(body_bytes)
+        .send()
+        .await;
     let resp = match upstream {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "upstream unreachable");
-            return anthropic_error(StatusCode::BAD_GATEWAY, "api_error", "the model upstream is unreachable");
+            return anthropic_error(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "the model upstream is unreachable",
+            );
         }
     };
     let status = resp.status().as_u16();
@@ -241,7 +287,10 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             if HOP.contains(&k.as_str()) || k.as_str() == "content-length" {
                 continue;
             }
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(k.as_str().as_bytes()), HeaderValue::from_bytes(v.as_bytes())) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(k.as_str().as_bytes()),
+                HeaderValue::from_bytes(v.as_bytes()),
+            ) {
                 h.append(n, v);
             }
         }
@@ -258,11 +307,21 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             if let Some((owner, model)) = done.take() {
                 let usage = parser.usage();
                 let model = parser.model().unwrap_or(model);
-                let _ = meter.send(UsageRecord { owner, model, usage, status });
+                let _ = meter.send(UsageRecord {
+                    owner,
+                    model,
+                    usage,
+                    status,
+                });
             }
         }
         chunk
     });
-    out.body(Body::from_stream(stream))
-        .unwrap_or_else(|_| anthropic_error(StatusCode::BAD_GATEWAY, "api_error", "bad upstream response"))
+    out.body(Body::from_stream(stream)).unwrap_or_else(|_| {
+        anthropic_error(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "bad upstream response",
+        )
+    })
 }

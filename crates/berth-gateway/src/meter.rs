@@ -48,8 +48,14 @@ fn apply(u: &mut Usage, v: &Value) {
     }
     match v.get("cache_creation") {
         Some(cc) if cc.is_object() => {
-            u.cache_creation_5m_tokens = cc.get("ephemeral_5m_input_tokens").and_then(Value::as_u64).unwrap_or(0);
-            u.cache_creation_1h_tokens = cc.get("ephemeral_1h_input_tokens").and_then(Value::as_u64).unwrap_or(0);
+            u.cache_creation_5m_tokens = cc
+                .get("ephemeral_5m_input_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            u.cache_creation_1h_tokens = cc
+                .get("ephemeral_1h_input_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
         }
         _ => {
             if let Some(x) = n("cache_creation_input_tokens") {
@@ -61,7 +67,14 @@ fn apply(u: &mut Usage, v: &Value) {
 
 impl UsageParser {
     pub fn new(sse: bool) -> UsageParser {
-        UsageParser { sse, line: Vec::new(), body: Vec::new(), usage: Usage::default(), model: None, finished: false }
+        UsageParser {
+            sse,
+            line: Vec::new(),
+            body: Vec::new(),
+            usage: Usage::default(),
+            model: None,
+            finished: false,
+        }
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
@@ -89,8 +102,12 @@ impl UsageParser {
     }
 
     fn line_done(&mut self, line: &[u8]) {
-        let Some(data) = line.strip_prefix(b"data:") else { return };
-        let Ok(v) = serde_json::from_slice::<Value>(data) else { return };
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(data) else {
+            return;
+        };
         match v.get("type").and_then(Value::as_str) {
             Some("message_start") => {
                 if let Some(m) = v.get("message") {
@@ -138,7 +155,16 @@ mod tests {
             p.feed(chunk);
         }
         assert!(p.finished());
-        assert_eq!(p.usage(), Usage { input_tokens: 10, output_tokens: 42, cache_creation_5m_tokens: 4, cache_creation_1h_tokens: 2, cache_read_tokens: 3 });
+        assert_eq!(
+            p.usage(),
+            Usage {
+                input_tokens: 10,
+                output_tokens: 42,
+                cache_creation_5m_tokens: 4,
+                cache_creation_1h_tokens: 2,
+                cache_read_tokens: 3
+            }
+        );
         assert_eq!(p.model().as_deref(), Some("m1"));
         let mut j = UsageParser::new(false);
         j.feed(br#"{"model":"m2","usage":{"input_tokens":5,"#);

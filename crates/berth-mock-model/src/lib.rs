@@ -54,7 +54,13 @@ impl Mock {
             .route("/v1/messages", post(messages))
             .route("/v1/messages/count_tokens", post(count_tokens))
             .route("/_mock/requests", get(requests).delete(clear))
-            .fallback(|| async { api_error(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint on the mock model") })
+            .fallback(|| async {
+                api_error(
+                    StatusCode::NOT_FOUND,
+                    "not_found_error",
+                    "no such endpoint on the mock model",
+                )
+            })
             .with_state(self.clone())
     }
 
@@ -64,7 +70,11 @@ impl Mock {
 }
 
 fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, Json(json!({"type": "error", "error": {"type": kind, "message": message}}))).into_response()
+    (
+        status,
+        Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
+    )
+        .into_response()
 }
 
 fn header(h: &HeaderMap, k: &str) -> Option<String> {
@@ -123,25 +133,52 @@ fn blocks(step: &Step) -> (Vec<Value>, &'static str) {
     for tu in &step.tool_use {
         out.push(json!({"type": "tool_use", "id": tool_id(), "name": tu.name, "input": tu.input}));
     }
-    let stop = if step.tool_use.is_empty() { "end_turn" } else { "tool_use" };
+    let stop = if step.tool_use.is_empty() {
+        "end_turn"
+    } else {
+        "tool_use"
+    };
     (out, stop)
 }
 
-async fn messages(State(m): State<Mock>, headers: HeaderMap, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn messages(
+    State(m): State<Mock>,
+    headers: HeaderMap,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Ok(Json(body)) = body else {
-        return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", "body must be JSON");
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "body must be JSON",
+        );
     };
     if !body.get("messages").is_some_and(Value::is_array) {
-        return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", "messages: field required");
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "messages: field required",
+        );
     }
     if header(&headers, "x-api-key").is_none() && header(&headers, "authorization").is_none() {
-        return api_error(StatusCode::UNAUTHORIZED, "authentication_error", "x-api-key header is required");
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "x-api-key header is required",
+        );
     }
     let step = m.scenario.step_for(&body);
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("claude-mock").to_string();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("claude-mock")
+        .to_string();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let (content, stop) = blocks(&step);
-    let inp = step.usage.input_tokens.unwrap_or_else(|| input_tokens(&body));
+    let inp = step
+        .usage
+        .input_tokens
+        .unwrap_or_else(|| input_tokens(&body));
     let out_tokens = step
         .usage
         .output_tokens
@@ -164,7 +201,11 @@ async fn messages(State(m): State<Mock>, headers: HeaderMap, body: Result<Json<V
             anthropic_version: header(&headers, "anthropic-version"),
             anthropic_beta: header(&headers, "anthropic-beta"),
             body: body.clone(),
-            usage: if step.error.is_some() { Value::Null } else { usage.clone() },
+            usage: if step.error.is_some() {
+                Value::Null
+            } else {
+                usage.clone()
+            },
         });
     }
     if step.delay_ms > 0 {
@@ -214,7 +255,10 @@ async fn messages(State(m): State<Mock>, headers: HeaderMap, body: Result<Json<V
         yield sse("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": out_tokens}}));
         yield sse("message_stop", json!({"type": "message_stop"}));
     };
-    let body = axum::body::Body::from_stream(futures::StreamExt::map(events, Ok::<_, std::convert::Infallible>));
+    let body = axum::body::Body::from_stream(futures::StreamExt::map(
+        events,
+        Ok::<_, std::convert::Infallible>,
+    ));
     (
         [
             (axum::http::header::CONTENT_TYPE, "text/event-stream"),
@@ -246,5 +290,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     on_ready(listener.local_addr()?);
-    axum::serve(listener, mock.router()).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, mock.router())
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -96,7 +96,8 @@ fn text_of(content: &Value) -> Option<String> {
 
 impl Scenario {
     pub fn load(path: &str) -> Result<Scenario, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError::Read(path.into(), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ScenarioError::Read(path.into(), e))?;
         serde_json::from_str(&text).map_err(|e| ScenarioError::Parse(path.into(), e))
     }
 
@@ -107,15 +108,23 @@ impl Scenario {
             rules: vec![
                 Rule {
                     pattern: Some("slow".into()),
-                    steps: vec![step(serde_json::json!({"text": "Thinking slowly...", "delay_ms": 30000}))],
+                    steps: vec![step(
+                        serde_json::json!({"text": "Thinking slowly...", "delay_ms": 30000}),
+                    )],
                 },
                 Rule {
                     pattern: None,
                     steps: vec![
-                        step(serde_json::json!({"text": "I'll create a file in the workspace.",
-                            "tool_use": [{"name": "Write", "input": {"file_path": "/workspace/hello.txt", "content": "Hello from an agent in a berth box!\n"}}]})),
-                        step(serde_json::json!({"tool_use": [{"name": "Bash", "input": {"command": "ls -l /workspace && cat /workspace/hello.txt", "description": "Show the workspace"}}]})),
-                        step(serde_json::json!({"text": "Done: I wrote /workspace/hello.txt and listed the workspace."})),
+                        step(
+                            serde_json::json!({"text": "I'll create a file in the workspace.",
+                            "tool_use": [{"name": "Write", "input": {"file_path": "/workspace/hello.txt", "content": "Hello from an agent in a berth box!\n"}}]}),
+                        ),
+                        step(
+                            serde_json::json!({"tool_use": [{"name": "Bash", "input": {"command": "ls -l /workspace && cat /workspace/hello.txt", "description": "Show the workspace"}}]}),
+                        ),
+                        step(
+                            serde_json::json!({"text": "Done: I wrote /workspace/hello.txt and listed the workspace."}),
+                        ),
                     ],
                 },
             ],
@@ -124,7 +133,11 @@ impl Scenario {
 
     /// The step answering this request.
     pub fn step_for(&self, body: &Value) -> Step {
-        let messages = body.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+        let messages = body
+            .get("messages")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let task_idx = messages
             .iter()
             .rposition(|m| m["role"] == "user" && text_of(&m["content"]).is_some());
@@ -132,20 +145,31 @@ impl Scenario {
             .and_then(|i| text_of(&messages[i]["content"]))
             .unwrap_or_default();
         let turns = task_idx
-            .map(|i| messages[i..].iter().filter(|m| m["role"] == "assistant").count())
+            .map(|i| {
+                messages[i..]
+                    .iter()
+                    .filter(|m| m["role"] == "assistant")
+                    .count()
+            })
             .unwrap_or(0);
         let rule = self
             .rules
             .iter()
             .find(|r| r.pattern.as_deref().is_none_or(|p| task.contains(p)));
         let Some(rule) = rule else {
-            return Step { text: Some("OK.".into()), ..Default::default() };
+            return Step {
+                text: Some("OK.".into()),
+                ..Default::default()
+            };
         };
         match rule.steps.get(turns) {
             Some(s) => s.clone(),
             None => match rule.steps.last() {
                 Some(s) if s.tool_use.is_empty() => s.clone(),
-                _ => Step { text: Some("Done.".into()), ..Default::default() },
+                _ => Step {
+                    text: Some("Done.".into()),
+                    ..Default::default()
+                },
             },
         }
     }
@@ -170,7 +194,14 @@ mod tests {
             {"role": "user", "content": "do it"},
             {"role": "assistant", "content": "x"},
             {"role": "user", "content": [{"type": "text", "text": "again"}]}]}));
-        assert_eq!(next_task.tool_use[0].name, "Write", "a new task starts over");
-        assert!(s.step_for(&json!({"messages": [{"role": "user", "content": "be slow"}]})).delay_ms > 0);
+        assert_eq!(
+            next_task.tool_use[0].name, "Write",
+            "a new task starts over"
+        );
+        assert!(
+            s.step_for(&json!({"messages": [{"role": "user", "content": "be slow"}]}))
+                .delay_ms
+                > 0
+        );
     }
 }

@@ -5,7 +5,9 @@ use serde_json::{json, Value};
 
 async fn start(s: Scenario) -> (String, Mock) {
     let mock = Mock::new(s, std::time::Duration::ZERO);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let router = mock.router();
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -30,8 +32,17 @@ async fn streaming_events_are_well_formed() {
         .split("\n\n")
         .filter(|b| !b.trim().is_empty())
         .map(|b| {
-            let ev = b.lines().find_map(|l| l.strip_prefix("event: ")).expect("event line").to_string();
-            let data: Value = serde_json::from_str(b.lines().find_map(|l| l.strip_prefix("data: ")).expect("data")).expect("json");
+            let ev = b
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .expect("event line")
+                .to_string();
+            let data: Value = serde_json::from_str(
+                b.lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .expect("data"),
+            )
+            .expect("json");
             assert_eq!(data["type"], ev.as_str(), "event name matches data.type");
             (ev, data)
         })
@@ -44,18 +55,29 @@ async fn streaming_events_are_well_formed() {
     let partial: String = events
         .iter()
         .filter(|(_, d)| d["delta"]["type"] == "input_json_delta")
-        .map(|(_, d)| d["delta"]["partial_json"].as_str().expect("partial").to_string())
+        .map(|(_, d)| {
+            d["delta"]["partial_json"]
+                .as_str()
+                .expect("partial")
+                .to_string()
+        })
         .collect();
     let input: Value = serde_json::from_str(&partial).expect("input json");
     assert_eq!(input["file_path"], "/workspace/hello.txt");
-    let delta = events.iter().find(|(e, _)| e == "message_delta").expect("message_delta");
+    let delta = events
+        .iter()
+        .find(|(e, _)| e == "message_delta")
+        .expect("message_delta");
     assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
     assert!(delta.1["usage"]["output_tokens"].as_u64().expect("tokens") > 0);
     let seen = mock.recorded();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].api_key.as_deref(), Some("k1"));
     assert_eq!(seen[0].anthropic_version.as_deref(), Some("2023-06-01"));
-    assert_eq!(seen[0].usage["output_tokens"], delta.1["usage"]["output_tokens"]);
+    assert_eq!(
+        seen[0].usage["output_tokens"],
+        delta.1["usage"]["output_tokens"]
+    );
 }
 
 #[tokio::test]
@@ -66,21 +88,44 @@ async fn non_streaming_errors_and_count_tokens() {
     ]})).expect("scenario");
     let (url, _) = start(s).await;
     let http = reqwest::Client::new();
-    let post = |body: Value| http.post(format!("{url}/v1/messages")).header("x-api-key", "k").json(&body).send();
-    let r = post(json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})).await.expect("send");
+    let post = |body: Value| {
+        http.post(format!("{url}/v1/messages"))
+            .header("x-api-key", "k")
+            .json(&body)
+            .send()
+    };
+    let r = post(
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .expect("send");
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["type"], "message");
     assert_eq!(v["content"][0]["text"], "plain");
-    assert_eq!(v["usage"], json!({"input_tokens": 11, "output_tokens": 7, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}));
+    assert_eq!(
+        v["usage"],
+        json!({"input_tokens": 11, "output_tokens": 7, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}})
+    );
     let r = post(json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "overload please"}]})).await.expect("send");
     assert_eq!(r.status().as_u16(), 529);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"]["type"], "overloaded_error");
     let r = post(json!({"model": "m"})).await.expect("send");
     assert_eq!(r.status().as_u16(), 400);
-    let r = http.post(format!("{url}/v1/messages")).json(&json!({"messages": []})).send().await.expect("send");
+    let r = http
+        .post(format!("{url}/v1/messages"))
+        .json(&json!({"messages": []}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status().as_u16(), 401);
-    let r = http.post(format!("{url}/v1/messages/count_tokens")).header("x-api-key", "k").json(&json!({"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}]})).send().await.expect("send");
+    let r = http
+        .post(format!("{url}/v1/messages/count_tokens"))
+        .header("x-api-key", "k")
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}]}))
+        .send()
+        .await
+        .expect("send");
     let v: Value = r.json().await.expect("json");
     assert!(v["input_tokens"].as_u64().expect("n") > 0);
 }

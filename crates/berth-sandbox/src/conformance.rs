@@ -5,7 +5,9 @@
 //! failure, so they are meant for tests only. Every isolation check asserts on the effect that
 //! the protection exists to prevent, so removing the protection makes it fail.
 
-use crate::{BoxConfig, ExecOutput, ExecSpec, FileContent, FsError, Image, Limits, Sandbox, SandboxError};
+use crate::{
+    BoxConfig, ExecOutput, ExecSpec, FileContent, FsError, Image, Limits, Sandbox, SandboxError,
+};
 use std::time::Duration;
 
 pub struct Fixture {
@@ -61,18 +63,27 @@ fn text(b: &[u8]) -> String {
 }
 
 async fn with_probe<B: Sandbox>(b: &B, f: &Fixture, id: &str) {
-    b.write_file(id, "probe", f.probe.clone(), 0o755).await.expect("copy probe");
+    b.write_file(id, "probe", f.probe.clone(), 0o755)
+        .await
+        .expect("copy probe");
 }
 
 async fn probe<B: Sandbox>(b: &B, id: &str, args: &[&str]) -> ExecOutput {
     let mut argv = vec!["/workspace/probe".to_string()];
     argv.extend(args.iter().map(|s| s.to_string()));
-    b.exec(id, ExecSpec { argv, timeout: Some(Duration::from_secs(60)), ..Default::default() })
-        .await
-        .expect("exec probe")
-        .collect(None, 4 << 20)
-        .await
-        .expect("collect probe")
+    b.exec(
+        id,
+        ExecSpec {
+            argv,
+            timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("exec probe")
+    .collect(None, 4 << 20)
+    .await
+    .expect("collect probe")
 }
 
 fn field<'a>(out: &'a str, key: &str) -> &'a str {
@@ -89,7 +100,11 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
         .exec(
             &id,
             ExecSpec {
-                argv: vec!["/bin/sh".into(), "-c".into(), "pwd; echo $FOO; cat; id -u; exit 7".into()],
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "pwd; echo $FOO; cat; id -u; exit 7".into(),
+                ],
                 cwd: Some("/tmp".into()),
                 env: vec![("FOO".into(), "bar baz".into())],
                 ..Default::default()
@@ -105,7 +120,11 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
 
     let out = sh(b, &id, "seq 1 20000; echo done >&2").await;
     let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
-    assert_eq!(text(&out.stdout), expected, "stdout arrives whole and in order");
+    assert_eq!(
+        text(&out.stdout),
+        expected,
+        "stdout arrives whole and in order"
+    );
     assert_eq!(text(&out.stderr), "done\n");
 
     let out = sh(b, &id, "kill -TERM $$").await;
@@ -114,7 +133,14 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
 
     let t = std::time::Instant::now();
     let out = b
-        .exec(&id, ExecSpec { argv: vec!["sleep".into(), "30".into()], timeout: Some(Duration::from_millis(300)), ..Default::default() })
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec!["sleep".into(), "30".into()],
+                timeout: Some(Duration::from_millis(300)),
+                ..Default::default()
+            },
+        )
         .await
         .expect("exec")
         .collect(None, 1024)
@@ -126,7 +152,17 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
 
     // Kill through the input channel while the process streams.
     let mut h = b
-        .exec(&id, ExecSpec { argv: vec!["/bin/sh".into(), "-c".into(), "echo up; exec sleep 60".into()], ..Default::default() })
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo up; exec sleep 60".into(),
+                ],
+                ..Default::default()
+            },
+        )
         .await
         .expect("exec");
     loop {
@@ -139,7 +175,10 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
             other => panic!("unexpected {other:?}"),
         }
     }
-    h.input.send(crate::ExecInput::Signal(libc::SIGKILL)).await.expect("send");
+    h.input
+        .send(crate::ExecInput::Signal(libc::SIGKILL))
+        .await
+        .expect("send");
     let exit = loop {
         match h.events.recv().await.expect("event") {
             crate::ExecEvent::Exit(e) => break e,
@@ -149,17 +188,48 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
     };
     assert_eq!(exit.signal, Some(libc::SIGKILL));
 
-    let err = b.exec(&id, ExecSpec { argv: vec![], ..Default::default() }).await.err();
+    let err = b
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec![],
+                ..Default::default()
+            },
+        )
+        .await
+        .err();
     assert!(matches!(err, Some(SandboxError::InvalidSpec(_))));
-    let err = b.exec(&id, ExecSpec { argv: vec!["true".into()], uid: Some(0), ..Default::default() }).await.err();
-    assert!(matches!(err, Some(SandboxError::InvalidSpec(_))), "uid 0 refused");
+    let err = b
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec!["true".into()],
+                uid: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .err();
+    assert!(
+        matches!(err, Some(SandboxError::InvalidSpec(_))),
+        "uid 0 refused"
+    );
     let failed = b
-        .exec(&id, ExecSpec { argv: vec!["/no/such/program".into()], ..Default::default() })
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec!["/no/such/program".into()],
+                ..Default::default()
+            },
+        )
         .await
         .expect("exec")
         .collect(None, 1024)
         .await;
-    assert!(failed.is_err(), "a missing program is an error, not a silent exit");
+    assert!(
+        failed.is_err(),
+        "a missing program is an error, not a silent exit"
+    );
     b.destroy(&id).await.expect("destroy");
 }
 
@@ -167,11 +237,25 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
 pub async fn files_and_hostile_paths<B: Sandbox>(b: &B, f: &Fixture) {
     let id = f.id("files");
     b.create(config(&id, small())).await.expect("create");
-    b.write_file(&id, "dir/a.txt", b"hello".to_vec(), 0o644).await.expect("write");
-    let out = sh(b, &id, "cat /workspace/dir/a.txt; stat -c %u /workspace/dir/a.txt").await;
-    assert_eq!(text(&out.stdout), "hello1000\n", "written file visible inside, owned by the agent");
+    b.write_file(&id, "dir/a.txt", b"hello".to_vec(), 0o644)
+        .await
+        .expect("write");
+    let out = sh(
+        b,
+        &id,
+        "cat /workspace/dir/a.txt; stat -c %u /workspace/dir/a.txt",
+    )
+    .await;
+    assert_eq!(
+        text(&out.stdout),
+        "hello1000\n",
+        "written file visible inside, owned by the agent"
+    );
     match b.read_file(&id, "dir").await.expect("list") {
-        FileContent::Dir(l) => assert_eq!(l.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["a.txt"]),
+        FileContent::Dir(l) => assert_eq!(
+            l.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            vec!["a.txt"]
+        ),
         FileContent::File(_) => panic!("expected a listing"),
     }
     let out = sh(
@@ -182,22 +266,47 @@ pub async fn files_and_hostile_paths<B: Sandbox>(b: &B, f: &Fixture) {
     )
     .await;
     assert!(out.exit.success(), "{}", text(&out.stderr));
-    for p in ["pw", "rootlink/etc/shadow", "up/x", "../x", "/etc/passwd", "d/deep/etc/hostname", "dir/../../x"] {
+    for p in [
+        "pw",
+        "rootlink/etc/shadow",
+        "up/x",
+        "../x",
+        "/etc/passwd",
+        "d/deep/etc/hostname",
+        "dir/../../x",
+    ] {
         let r = b.read_file(&id, p).await;
-        assert!(matches!(r, Err(SandboxError::Fs(FsError::Outside(_)))), "read {p}: {r:?}");
+        assert!(
+            matches!(r, Err(SandboxError::Fs(FsError::Outside(_)))),
+            "read {p}: {r:?}"
+        );
     }
     for p in ["up/evil", "rootlink/tmp/evil", "../evil", "d/deep/evil"] {
         let r = b.write_file(&id, p, b"x".to_vec(), 0o644).await;
-        assert!(matches!(r, Err(SandboxError::Fs(FsError::Outside(_)))), "write {p}: {r:?}");
+        assert!(
+            matches!(r, Err(SandboxError::Fs(FsError::Outside(_)))),
+            "write {p}: {r:?}"
+        );
     }
-    assert!(matches!(b.delete_file(&id, "up/x").await, Err(SandboxError::Fs(FsError::Outside(_)))));
+    assert!(matches!(
+        b.delete_file(&id, "up/x").await,
+        Err(SandboxError::Fs(FsError::Outside(_)))
+    ));
     // Writing over the planted symlink replaces the link; the host's file is untouched.
     let before = std::fs::read("/etc/passwd").expect("host passwd");
-    b.write_file(&id, "pw", b"replaced".to_vec(), 0o644).await.expect("replace link");
+    b.write_file(&id, "pw", b"replaced".to_vec(), 0o644)
+        .await
+        .expect("replace link");
     assert_eq!(std::fs::read("/etc/passwd").expect("host passwd"), before);
-    assert!(matches!(b.read_file(&id, "nope").await, Err(SandboxError::Fs(FsError::NotFound(_)))));
+    assert!(matches!(
+        b.read_file(&id, "nope").await,
+        Err(SandboxError::Fs(FsError::NotFound(_)))
+    ));
     b.delete_file(&id, "dir").await.expect("delete");
-    assert!(matches!(b.read_file(&id, "dir/a.txt").await, Err(SandboxError::Fs(FsError::NotFound(_)))));
+    assert!(matches!(
+        b.read_file(&id, "dir/a.txt").await,
+        Err(SandboxError::Fs(FsError::NotFound(_)))
+    ));
     b.destroy(&id).await.expect("destroy");
 }
 
@@ -209,22 +318,37 @@ pub async fn isolation<B: Sandbox>(b: &B, f: &Fixture) {
     b.create(config(&a, small())).await.expect("create a");
     b.create(config(&c, small())).await.expect("create b");
     let token = format!("berth-secret-{}", std::process::id());
-    b.write_file(&a, "secret.txt", token.clone().into_bytes(), 0o600).await.expect("write");
+    b.write_file(&a, "secret.txt", token.clone().into_bytes(), 0o600)
+        .await
+        .expect("write");
 
     let me = std::process::id();
     let out = sh(b, &c, "ls /proc | grep -c '^[0-9]'").await;
     let nprocs: u32 = text(&out.stdout).trim().parse().expect("count");
     assert!(nprocs < 10, "box sees {nprocs} processes");
     let out = sh(b, &c, &format!("test -e /proc/{me} && echo SEE-HOST; cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -c 'carg[o]'")).await;
-    assert_eq!(text(&out.stdout), "0\n", "host processes visible in the box");
+    assert_eq!(
+        text(&out.stdout),
+        "0\n",
+        "host processes visible in the box"
+    );
     // The pattern is split so the search does not find its own command line.
     let (head, tail) = token.split_at(5);
     let out = sh(b, &c, &format!("grep -rl --exclude-dir=proc --exclude-dir=usr '{head}''{tail}' / 2>/dev/null; echo end")).await;
     assert_eq!(text(&out.stdout), "end\n", "box b found box a's file");
     let out = sh(b, &c, "ls /root; cat /etc/shadow; cat /etc/gshadow").await;
-    assert!(text(&out.stderr).contains("No such file"), "/root must not exist: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("No such file"),
+        "/root must not exist: {}",
+        text(&out.stderr)
+    );
     assert_eq!(text(&out.stdout), "", "shadow files must read as nothing");
-    assert!(std::fs::metadata("/etc/shadow").map(|m| m.len() > 0).unwrap_or(false), "host has a shadow file to hide");
+    assert!(
+        std::fs::metadata("/etc/shadow")
+            .map(|m| m.len() > 0)
+            .unwrap_or(false),
+        "host has a shadow file to hide"
+    );
 
     let out = sh(b, &c, "for p in /etc/x /usr/x /x /run/berth/x /proc/sys/kernel/hostname; do (echo x > $p) 2>/dev/null && echo WROTE $p; done; echo x > /workspace/ok && echo x > /tmp/ok && echo x > /home/agent/ok && echo fine").await;
     let s = text(&out.stdout);
@@ -244,7 +368,14 @@ pub async fn network_and_syscalls<B: Sandbox>(b: &B, f: &Fixture) {
     // A service on the host's loopback must be out of reach.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let out = sh(b, &id, &format!("(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED || echo refused")).await;
+    let out = sh(
+        b,
+        &id,
+        &format!(
+            "(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED || echo refused"
+        ),
+    )
+    .await;
     // `sh` may be dash without /dev/tcp; fall back to bash explicitly.
     let out2 = b
         .exec(&id, ExecSpec { argv: vec!["bash".into(), "-c".into(), format!("(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED || echo refused")], ..Default::default() })
@@ -260,12 +391,36 @@ pub async fn network_and_syscalls<B: Sandbox>(b: &B, f: &Fixture) {
     let out = probe(b, &id, &["escape"]).await;
     let s = text(&out.stdout);
     for k in [
-        "mount", "umount", "ptrace_traceme", "ptrace_attach_pid1", "init_module", "finit_module",
-        "clock_settime", "setuid0", "unshare_user", "unshare_net", "chroot", "sethostname", "reboot",
-        "bpf", "io_uring_setup", "keyctl", "socket_packet", "mknod", "perf_event_open", "write_etc",
-        "write_root", "write_run", "read_shadow", "kill_pid1", "setpriority_neg",
+        "mount",
+        "umount",
+        "ptrace_traceme",
+        "ptrace_attach_pid1",
+        "init_module",
+        "finit_module",
+        "clock_settime",
+        "setuid0",
+        "unshare_user",
+        "unshare_net",
+        "chroot",
+        "sethostname",
+        "reboot",
+        "bpf",
+        "io_uring_setup",
+        "keyctl",
+        "socket_packet",
+        "mknod",
+        "perf_event_open",
+        "write_etc",
+        "write_root",
+        "write_run",
+        "read_shadow",
+        "kill_pid1",
+        "setpriority_neg",
     ] {
-        assert!(field(&s, k).starts_with("errno"), "{k} succeeded inside the box:\n{s}");
+        assert!(
+            field(&s, k).starts_with("errno"),
+            "{k} succeeded inside the box:\n{s}"
+        );
     }
     assert_eq!(field(&s, "write_workspace"), "ok");
     // seccomp specifically: these would succeed for an unprivileged process without it.
@@ -287,7 +442,11 @@ pub async fn landlock_write_paths<B: Sandbox>(b: &B, f: &Fixture) {
         .exec(
             &id,
             ExecSpec {
-                argv: vec!["/bin/sh".into(), "-c".into(), "echo a > /workspace/ok && echo ws; echo b > /tmp/no && echo TMP".into()],
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo a > /workspace/ok && echo ws; echo b > /tmp/no && echo TMP".into(),
+                ],
                 writable: Some(vec!["/workspace".into()]),
                 ..Default::default()
             },
@@ -298,21 +457,34 @@ pub async fn landlock_write_paths<B: Sandbox>(b: &B, f: &Fixture) {
         .await
         .expect("collect");
     assert_eq!(text(&out.stdout), "ws\n", "stderr: {}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
     b.destroy(&id).await.expect("destroy");
 }
 
 /// pids, memory, CPU and disk limits are enforced by the kernel.
 pub async fn limits<B: Sandbox>(b: &B, f: &Fixture) {
     let id = f.id("limits");
-    let limits = Limits { cpus: 0.25, memory_mib: 128, disk_mib: 64, pids: 32 };
+    let limits = Limits {
+        cpus: 0.25,
+        memory_mib: 128,
+        disk_mib: 64,
+        pids: 32,
+    };
     b.create(config(&id, limits)).await.expect("create");
     with_probe(b, f, &id).await;
 
     // Fork bomb held by pids.
     let out = probe(b, &id, &["forks", "1000"]).await;
     let s = text(&out.stdout);
-    let forks: u32 = field(&s, "forks").split_whitespace().next().and_then(|n| n.parse().ok()).expect("forks");
+    let forks: u32 = field(&s, "forks")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("forks");
     assert!(forks < 32, "forked {forks} with pids=32: {s}");
     assert!(s.contains(&format!("errno={}", libc::EAGAIN)), "{s}");
 
@@ -328,7 +500,14 @@ pub async fn limits<B: Sandbox>(b: &B, f: &Fixture) {
     let before = b.stats(&id).await.expect("stats").cpu_usage_ns;
     let t = std::time::Instant::now();
     let out = b
-        .exec(&id, ExecSpec { argv: vec!["/bin/sh".into(), "-c".into(), "while :; do :; done".into()], timeout: Some(Duration::from_millis(1500)), ..Default::default() })
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec!["/bin/sh".into(), "-c".into(), "while :; do :; done".into()],
+                timeout: Some(Duration::from_millis(1500)),
+                ..Default::default()
+            },
+        )
         .await
         .expect("exec")
         .collect(None, 1024)
@@ -337,12 +516,23 @@ pub async fn limits<B: Sandbox>(b: &B, f: &Fixture) {
     let wall = t.elapsed().as_nanos() as f64;
     assert!(out.exit.timed_out);
     let used = (b.stats(&id).await.expect("stats").cpu_usage_ns - before) as f64;
-    assert!(used < 0.5 * wall, "used {used} ns of CPU in {wall} ns wall at cpus=0.25");
-    assert!(used > 0.1 * wall, "the spinner barely ran: {used} ns in {wall} ns");
+    assert!(
+        used < 0.5 * wall,
+        "used {used} ns of CPU in {wall} ns wall at cpus=0.25"
+    );
+    assert!(
+        used > 0.1 * wall,
+        "the spinner barely ran: {used} ns in {wall} ns"
+    );
 
     // Disk fill stops at the quota with ENOSPC; the box keeps working.
     if b.capabilities().disk_quota {
-        let out = sh(b, &id, "dd if=/dev/zero of=/workspace/big bs=1M count=200 2>&1; echo rc=$?").await;
+        let out = sh(
+            b,
+            &id,
+            "dd if=/dev/zero of=/workspace/big bs=1M count=200 2>&1; echo rc=$?",
+        )
+        .await;
         let s = text(&out.stdout);
         assert!(s.contains("No space left"), "{s}");
         assert!(!s.contains("rc=0"), "{s}");
@@ -350,8 +540,16 @@ pub async fn limits<B: Sandbox>(b: &B, f: &Fixture) {
         assert!(st.disk_limit_bytes <= 64 * 1024 * 1024, "{st:?}");
         assert!(st.disk_used_bytes > 50 * 1024 * 1024, "{st:?}");
         let host_write = b.write_file(&id, "more", vec![0u8; 8 << 20], 0o644).await;
-        assert!(matches!(host_write, Err(SandboxError::Fs(FsError::NoSpace))), "{host_write:?}");
-        let out = sh(b, &id, "rm /workspace/big && echo x > /workspace/small && cat /workspace/small").await;
+        assert!(
+            matches!(host_write, Err(SandboxError::Fs(FsError::NoSpace))),
+            "{host_write:?}"
+        );
+        let out = sh(
+            b,
+            &id,
+            "rm /workspace/big && echo x > /workspace/small && cat /workspace/small",
+        )
+        .await;
         assert_eq!(text(&out.stdout), "x\n");
     } else {
         panic!("backend reports no disk quota; this suite requires it on this host");
@@ -371,18 +569,42 @@ pub async fn death_and_destroy<B: Sandbox>(b: &B, f: &Fixture, kill_box: impl Fn
         .expect("death noticed in time")
         .expect("watch")
         .clone();
-    assert!(matches!(reason, Some(crate::BoxExit::Exited { .. })), "{reason:?}");
-    let r = b.exec(&id, ExecSpec { argv: vec!["true".into()], ..Default::default() }).await;
-    assert!(matches!(r, Err(SandboxError::NotRunning(_))), "exec on a dead box: {:?}", r.err());
+    assert!(
+        matches!(reason, Some(crate::BoxExit::Exited { .. })),
+        "{reason:?}"
+    );
+    let r = b
+        .exec(
+            &id,
+            ExecSpec {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(r, Err(SandboxError::NotRunning(_))),
+        "exec on a dead box: {:?}",
+        r.err()
+    );
     b.destroy(&id).await.expect("destroy");
     b.destroy(&id).await.expect("destroy twice");
     assert!(matches!(b.exit_watch(&id), Err(SandboxError::NotFound(_))));
     let dup = f.id("dup");
     b.create(config(&dup, small())).await.expect("create");
-    assert!(matches!(b.create(config(&dup, small())).await, Err(SandboxError::Exists(_))));
-    assert!(matches!(b.create(config("../evil", small())).await, Err(SandboxError::InvalidSpec(_))));
+    assert!(matches!(
+        b.create(config(&dup, small())).await,
+        Err(SandboxError::Exists(_))
+    ));
+    assert!(matches!(
+        b.create(config("../evil", small())).await,
+        Err(SandboxError::InvalidSpec(_))
+    ));
     let mut bad = small();
     bad.memory_mib = 1;
-    assert!(matches!(b.create(config(&f.id("bad"), bad)).await, Err(SandboxError::InvalidSpec(_))));
+    assert!(matches!(
+        b.create(config(&f.id("bad"), bad)).await,
+        Err(SandboxError::InvalidSpec(_))
+    ));
     b.destroy(&dup).await.expect("destroy");
 }

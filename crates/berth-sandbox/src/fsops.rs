@@ -12,8 +12,8 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Largest file the API reads into memory in one piece.
@@ -87,12 +87,20 @@ fn map_errno(e: rustix::io::Errno, path: &str) -> FsError {
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
 
 fn open_root(root: &Path) -> Result<OwnedFd, FsError> {
-    rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| map_errno(e, &root.display().to_string()))
+    rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| map_errno(e, &root.display().to_string()))
 }
 
 fn open_beneath(root: &OwnedFd, rel: &Path, flags: OFlags, orig: &str) -> Result<OwnedFd, FsError> {
-    let p = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let p = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
     rustix::fs::openat2(root, p, flags | OFlags::CLOEXEC, Mode::empty(), RESOLVE)
         .map_err(|e| map_errno(e, orig))
 }
@@ -129,7 +137,11 @@ fn list(dirfd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
         if name == "." || name == ".." {
             continue;
         }
-        let st = match rustix::fs::statat(&dirfd, ent.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        let st = match rustix::fs::statat(
+            &dirfd,
+            ent.file_name(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        ) {
             Ok(s) => s,
             Err(_) => continue, // raced with a deletion inside the box
         };
@@ -153,7 +165,12 @@ fn list(dirfd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
 
 /// Create the directories of `rel` beneath `rootfd` (owned by `owner`) and return an fd of the
 /// innermost one.
-fn mkdirs(rootfd: &OwnedFd, rel: &Path, owner: Option<u32>, orig: &str) -> Result<OwnedFd, FsError> {
+fn mkdirs(
+    rootfd: &OwnedFd,
+    rel: &Path,
+    owner: Option<u32>,
+    orig: &str,
+) -> Result<OwnedFd, FsError> {
     let mut cur = PathBuf::new();
     let mut fd = open_beneath(rootfd, &cur, OFlags::PATH | OFlags::DIRECTORY, orig)?;
     for c in rel.components() {
@@ -163,7 +180,13 @@ fn mkdirs(rootfd: &OwnedFd, rel: &Path, owner: Option<u32>, orig: &str) -> Resul
                 if let Some(uid) = owner {
                     let uid = rustix::fs::Uid::from_raw(uid);
                     let gid = rustix::fs::Gid::from_raw(uid.as_raw());
-                    rustix::fs::chownat(&fd, c.as_os_str(), Some(uid), Some(gid), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+                    rustix::fs::chownat(
+                        &fd,
+                        c.as_os_str(),
+                        Some(uid),
+                        Some(gid),
+                        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                    )?;
                 }
             }
             Err(rustix::io::Errno::EXIST) => {}
@@ -176,15 +199,28 @@ fn mkdirs(rootfd: &OwnedFd, rel: &Path, owner: Option<u32>, orig: &str) -> Resul
 
 /// Write `data` to `path` atomically, creating parent directories. New files and directories
 /// are owned by `owner` (the box's agent uid as seen from the host).
-pub fn write(root: &Path, path: &str, data: &[u8], mode: u32, owner: Option<u32>) -> Result<(), FsError> {
+pub fn write(
+    root: &Path,
+    path: &str,
+    data: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+) -> Result<(), FsError> {
     let rel = clean(path)?;
     let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
-        return Err(FsError::Invalid("cannot write to the workspace root".into()));
+        return Err(FsError::Invalid(
+            "cannot write to the workspace root".into(),
+        ));
     };
     let rootfd = open_root(root)?;
     let parent_rel = rel.parent().unwrap_or(Path::new(""));
     mkdirs(&rootfd, parent_rel, owner, path)?;
-    let parent = open_beneath(&rootfd, parent_rel, OFlags::RDONLY | OFlags::DIRECTORY, path)?;
+    let parent = open_beneath(
+        &rootfd,
+        parent_rel,
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        path,
+    )?;
     let tmp = format!(".berth-tmp-{}-{}", std::process::id(), rand_suffix());
     let fd = rustix::fs::openat(
         &parent,
@@ -195,7 +231,11 @@ pub fn write(root: &Path, path: &str, data: &[u8], mode: u32, owner: Option<u32>
     .map_err(|e| map_errno(e, path))?;
     let result = (|| -> Result<(), FsError> {
         if let Some(uid) = owner {
-            rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(uid)))?;
+            rustix::fs::fchown(
+                &fd,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(uid)),
+            )?;
         }
         let mut f = File::from(fd);
         f.write_all(data).map_err(|e| {
@@ -212,7 +252,8 @@ pub fn write(root: &Path, path: &str, data: &[u8], mode: u32, owner: Option<u32>
                 FsError::Io(e)
             }
         })?;
-        rustix::fs::renameat(&parent, tmp.as_str(), &parent, name.as_os_str()).map_err(|e| map_errno(e, path))
+        rustix::fs::renameat(&parent, tmp.as_str(), &parent, name.as_os_str())
+            .map_err(|e| map_errno(e, path))
     })();
     if result.is_err() {
         let _ = rustix::fs::unlinkat(&parent, tmp.as_str(), rustix::fs::AtFlags::empty());
@@ -238,12 +279,18 @@ pub fn delete(root: &Path, path: &str) -> Result<(), FsError> {
     };
     let rootfd = open_root(root)?;
     let parent_rel = rel.parent().unwrap_or(Path::new(""));
-    let parent = open_beneath(&rootfd, parent_rel, OFlags::RDONLY | OFlags::DIRECTORY, path)?;
+    let parent = open_beneath(
+        &rootfd,
+        parent_rel,
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        path,
+    )?;
     remove_at(&parent, name.as_os_str(), path)
 }
 
 fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), FsError> {
-    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).map_err(|e| map_errno(e, orig))?;
+    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| map_errno(e, orig))?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
         let sub = rustix::fs::openat(
             dir,
@@ -260,9 +307,11 @@ fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), Fs
         for n in names {
             remove_at(&sub, &n, orig)?;
         }
-        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR).map_err(|e| map_errno(e, orig))
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR)
+            .map_err(|e| map_errno(e, orig))
     } else {
-        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()).map_err(|e| map_errno(e, orig))
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty())
+            .map_err(|e| map_errno(e, orig))
     }
 }
 
@@ -300,11 +349,20 @@ mod tests {
         std::os::unix::fs::symlink("..", root.join("up")).expect("ln");
         assert!(matches!(read(&root, "abs"), Err(FsError::Outside(_))));
         assert!(matches!(read(&root, "rel"), Err(FsError::Outside(_))));
-        assert!(matches!(write(&root, "up/secret", b"x", 0o644, None), Err(FsError::Outside(_))));
-        assert_eq!(std::fs::read(dir.path().join("secret")).expect("read"), b"s3cret");
+        assert!(matches!(
+            write(&root, "up/secret", b"x", 0o644, None),
+            Err(FsError::Outside(_))
+        ));
+        assert_eq!(
+            std::fs::read(dir.path().join("secret")).expect("read"),
+            b"s3cret"
+        );
         // Writing over a symlink replaces the link, never the target.
         write(&root, "abs", b"new", 0o644, None).expect("write");
-        assert_eq!(std::fs::read(dir.path().join("secret")).expect("read"), b"s3cret");
+        assert_eq!(
+            std::fs::read(dir.path().join("secret")).expect("read"),
+            b"s3cret"
+        );
         write(&root, "d/e/f.txt", b"deep", 0o644, None).expect("write deep");
         match read(&root, "d/e/f.txt").expect("read") {
             FileContent::File(b) => assert_eq!(b, b"deep"),
@@ -316,7 +374,10 @@ mod tests {
         }
         delete(&root, "d").expect("delete");
         assert!(matches!(read(&root, "d"), Err(FsError::NotFound(_))));
-        assert!(matches!(delete(&root, "up/secret"), Err(FsError::Outside(_))));
+        assert!(matches!(
+            delete(&root, "up/secret"),
+            Err(FsError::Outside(_))
+        ));
         assert!(dir.path().join("secret").exists());
     }
 }

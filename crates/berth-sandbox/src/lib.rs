@@ -164,7 +164,9 @@ impl ExitStatus {
 
 #[derive(Debug)]
 pub enum ExecEvent {
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     Stdout(bytes::Bytes),
     Stderr(bytes::Bytes),
     Exit(ExitStatus),
@@ -195,7 +197,11 @@ pub struct ExecOutput {
 
 impl ExecHandle {
     /// Feed `stdin` (then EOF) and collect everything up to `max_output` bytes per stream.
-    pub async fn collect(mut self, stdin: Option<Vec<u8>>, max_output: usize) -> Result<ExecOutput> {
+    pub async fn collect(
+        mut self,
+        stdin: Option<Vec<u8>>,
+        max_output: usize,
+    ) -> Result<ExecOutput> {
         if let Some(data) = stdin {
             let _ = self.input.send(ExecInput::Stdin(data.into())).await;
         }
@@ -204,8 +210,12 @@ impl ExecHandle {
         while let Some(ev) = self.events.recv().await {
             match ev {
                 ExecEvent::Started { .. } => {}
-                ExecEvent::Stdout(b) => push_capped(&mut out.stdout, &b, max_output, &mut out.truncated),
-                ExecEvent::Stderr(b) => push_capped(&mut out.stderr, &b, max_output, &mut out.truncated),
+                ExecEvent::Stdout(b) => {
+                    push_capped(&mut out.stdout, &b, max_output, &mut out.truncated)
+                }
+                ExecEvent::Stderr(b) => {
+                    push_capped(&mut out.stderr, &b, max_output, &mut out.truncated)
+                }
                 ExecEvent::Exit(s) => {
                     out.exit = s;
                     return Ok(out);
@@ -213,7 +223,9 @@ impl ExecHandle {
                 ExecEvent::Failed(m) => return Err(SandboxError::Start(m)),
             }
         }
-        Err(SandboxError::Start("exec stream ended without an exit status".into()))
+        Err(SandboxError::Start(
+            "exec stream ended without an exit status".into(),
+        ))
     }
 }
 
@@ -267,7 +279,13 @@ pub trait Sandbox: Send + Sync {
     fn create(&self, cfg: BoxConfig) -> impl Future<Output = Result<BoxInfo>> + Send;
     fn exec(&self, id: &str, spec: ExecSpec) -> impl Future<Output = Result<ExecHandle>> + Send;
     fn read_file(&self, id: &str, path: &str) -> impl Future<Output = Result<FileContent>> + Send;
-    fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> impl Future<Output = Result<()>> + Send;
+    fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        data: Vec<u8>,
+        mode: u32,
+    ) -> impl Future<Output = Result<()>> + Send;
     fn delete_file(&self, id: &str, path: &str) -> impl Future<Output = Result<()>> + Send;
     fn stats(&self, id: &str) -> impl Future<Output = Result<Stats>> + Send;
     /// Resolves to `Some` once the box has stopped, with the reason.
@@ -339,5 +357,7 @@ impl Sandbox for Backend {
 pub fn valid_box_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

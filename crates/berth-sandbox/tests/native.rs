@@ -24,7 +24,10 @@ fn env() -> &'static Env {
         let probe = std::fs::read(env!("CARGO_BIN_EXE_berth-escape-probe")).expect("probe binary");
         Env {
             backend,
-            fixture: Fixture { prefix: format!("t{}", std::process::id()), probe },
+            fixture: Fixture {
+                prefix: format!("t{}", std::process::id()),
+                probe,
+            },
             _dir: dir,
         }
     })

@@ -7,7 +7,9 @@ use berth_sandbox::{Limits, Sandbox};
 use std::sync::Arc;
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,8 +25,15 @@ async fn two_hundred_boxes_then_nothing_leaked() {
         .expect("backend"),
     );
     let fds_before = open_fds();
-    let limits = Limits { cpus: 0.5, memory_mib: 64, disk_mib: 32, pids: 32 };
-    let ids: Vec<String> = (0..200).map(|i| format!("s{}-{i}", std::process::id())).collect();
+    let limits = Limits {
+        cpus: 0.5,
+        memory_mib: 64,
+        disk_mib: 32,
+        pids: 32,
+    };
+    let ids: Vec<String> = (0..200)
+        .map(|i| format!("s{}-{i}", std::process::id()))
+        .collect();
     for chunk in ids.chunks(8) {
         let mut set = tokio::task::JoinSet::new();
         for id in chunk {
@@ -57,16 +66,34 @@ async fn two_hundred_boxes_then_nothing_leaked() {
     // Nothing left: processes, cgroups, loop devices, mounts, files, fds.
     for p in &pids {
         let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
-        assert!(status.is_empty() || status.contains("State:\tZ"), "box init {p} still alive");
+        assert!(
+            status.is_empty() || status.contains("State:\tZ"),
+            "box init {p} still alive"
+        );
     }
     for id in &ids {
-        assert!(!berth_sandbox::native::cgroup::BoxCgroup::load(id).exists(), "cgroup of {id} left");
+        assert!(
+            !berth_sandbox::native::cgroup::BoxCgroup::load(id).exists(),
+            "cgroup of {id} left"
+        );
         let img = data.join("native/boxes").join(id).join("disk.img");
-        assert!(disk::loop_devices_for(&img).is_empty(), "loop device of {id} left");
+        assert!(
+            disk::loop_devices_for(&img).is_empty(),
+            "loop device of {id} left"
+        );
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    assert!(!mounts.contains(&*data.to_string_lossy()), "a mount under the data dir is left");
-    let left: Vec<_> = std::fs::read_dir(data.join("native/boxes")).expect("boxes dir").collect();
+    assert!(
+        !mounts.contains(&*data.to_string_lossy()),
+        "a mount under the data dir is left"
+    );
+    let left: Vec<_> = std::fs::read_dir(data.join("native/boxes"))
+        .expect("boxes dir")
+        .collect();
     assert!(left.is_empty(), "box directories left: {left:?}");
-    assert!(open_fds() <= fds_before + 2, "fds before {fds_before}, after {}", open_fds());
+    assert!(
+        open_fds() <= fds_before + 2,
+        "fds before {fds_before}, after {}",
+        open_fds()
+    );
 }

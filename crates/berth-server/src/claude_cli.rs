@@ -27,12 +27,16 @@ pub fn discover(configured: Option<&Path>) -> Result<ClaudeCli, String> {
             std::env::split_paths(&path)
                 .map(|d| d.join("claude"))
                 .find(|p| p.is_file())
-                .ok_or_else(|| "no `claude` on PATH (set BERTH_CLAUDE_BIN or claude_cli)".to_string())?
+                .ok_or_else(|| {
+                    "no `claude` on PATH (set BERTH_CLAUDE_BIN or claude_cli)".to_string()
+                })?
         }
     };
     // Boxes see the host's /usr, /opt, /bin, /lib*, /etc only; resolve symlinks and check.
     let real = std::fs::canonicalize(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let visible = ["/usr/", "/opt/", "/bin/", "/sbin/", "/lib", "/etc/"].iter().any(|p| real.starts_with(p));
+    let visible = ["/usr/", "/opt/", "/bin/", "/sbin/", "/lib", "/etc/"]
+        .iter()
+        .any(|p| real.starts_with(p));
     if !visible {
         return Err(format!(
             "{} resolves to {}, which boxes cannot see; install the CLI under /usr or /opt",
@@ -50,10 +54,21 @@ pub fn discover(configured: Option<&Path>) -> Result<ClaudeCli, String> {
     if v < MIN_VERSION || v >= MAX_VERSION {
         return Err(format!(
             "Claude Code CLI {}.{}.{} is outside the supported range >= {}.{}.{}, < {}.{}.{}",
-            v.0, v.1, v.2, MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2, MAX_VERSION.0, MAX_VERSION.1, MAX_VERSION.2
+            v.0,
+            v.1,
+            v.2,
+            MIN_VERSION.0,
+            MIN_VERSION.1,
+            MIN_VERSION.2,
+            MAX_VERSION.0,
+            MAX_VERSION.1,
+            MAX_VERSION.2
         ));
     }
-    Ok(ClaudeCli { path: real, version: format!("{}.{}.{}", v.0, v.1, v.2) })
+    Ok(ClaudeCli {
+        path: real,
+        version: format!("{}.{}.{}", v.0, v.1, v.2),
+    })
 }
 
 #[cfg(test)]
@@ -70,11 +85,17 @@ mod tests {
 
     #[test]
     fn a_cli_outside_the_range_is_refused() {
-        let dir = tempfile::tempdir_in("/opt").or_else(|_| tempfile::tempdir()).expect("tmp");
+        let dir = tempfile::tempdir_in("/opt")
+            .or_else(|_| tempfile::tempdir())
+            .expect("tmp");
         let fake = dir.path().join("claude");
         std::fs::write(&fake, "#!/bin/sh\necho '1.0.0 (Claude Code)'\n").expect("write");
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
         let err = discover(Some(&fake)).expect_err("old version refused");
-        assert!(err.contains("outside the supported range") || err.contains("cannot see"), "{err}");
+        assert!(
+            err.contains("outside the supported range") || err.contains("cannot see"),
+            "{err}"
+        );
     }
 }

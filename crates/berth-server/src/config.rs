@@ -56,14 +56,18 @@ pub fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(x).join("berth");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
     home.join(".local/share/berth")
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700))),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700))),
             data_dir: default_data_dir(),
             default_backend: "native".into(),
             upstream_url: "https://api.anthropic.com".into(),
@@ -93,7 +97,8 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut cfg = match file {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.to_path_buf(), e))?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Read(p.to_path_buf(), e))?;
                 toml::from_str(&text).map_err(|e| ConfigError::Parse(p.to_path_buf(), e))?
             }
             None => Config::default(),
@@ -105,7 +110,9 @@ impl Config {
     fn apply_env(&mut self) -> Result<(), ConfigError> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         if let Some(v) = var("BERTH_LISTEN") {
-            self.listen = v.parse().map_err(|e| ConfigError::Env("BERTH_LISTEN", format!("{e}")))?;
+            self.listen = v
+                .parse()
+                .map_err(|e| ConfigError::Env("BERTH_LISTEN", format!("{e}")))?;
         }
         if let Some(v) = var("BERTH_DATA_DIR") {
             self.data_dir = PathBuf::from(v);

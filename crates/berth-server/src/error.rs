@@ -50,7 +50,9 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Rejected(s, _) if *s == StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-            ApiError::Rejected(s, _) if *s == StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            ApiError::Rejected(s, _) if *s == StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                "unsupported_media_type"
+            }
             ApiError::Rejected(_, _) => "invalid_request",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -88,7 +90,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(m) => ApiError::Conflict(m),
-            StoreError::Db(sqlx_err) => ApiError::Unavailable(format!("store unavailable: {sqlx_err}")),
+            StoreError::Db(sqlx_err) => {
+                ApiError::Unavailable(format!("store unavailable: {sqlx_err}"))
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -99,10 +103,16 @@ impl From<FsError> for ApiError {
         match e {
             FsError::Outside(_) | FsError::Invalid(_) => ApiError::Invalid(e.to_string()),
             FsError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            FsError::TooLarge(_) => ApiError::Rejected(axum::http::StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-            FsError::NoSpace => ApiError::Rejected(axum::http::StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+            FsError::TooLarge(_) => {
+                ApiError::Rejected(axum::http::StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            FsError::NoSpace => {
+                ApiError::Rejected(axum::http::StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+            }
             FsError::Io(io) => match io.kind() {
-                std::io::ErrorKind::NotADirectory => ApiError::Invalid("a path component is not a directory".into()),
+                std::io::ErrorKind::NotADirectory => {
+                    ApiError::Invalid("a path component is not a directory".into())
+                }
                 std::io::ErrorKind::IsADirectory => ApiError::Invalid("path is a directory".into()),
                 _ => ApiError::Internal(io.to_string()),
             },

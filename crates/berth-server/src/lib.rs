@@ -128,7 +128,8 @@ pub async fn run(
     on_ready: impl FnOnce(&Started),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
     let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
     let store = Arc::new(SqliteStore::open(&cfg.data_dir.join("berth.db")).await?);
     let admin_key_file = bootstrap_admin(&*store, &cfg).await?;
@@ -150,7 +151,10 @@ pub async fn run(
         }
     }
     if !backends.contains_key(&cfg.default_backend) {
-        return Err(ServerError::Other(format!("default backend {:?} is not available", cfg.default_backend)));
+        return Err(ServerError::Other(format!(
+            "default backend {:?} is not available",
+            cfg.default_backend
+        )));
     }
     for (name, b) in &backends {
         tracing::info!(backend = %name, capabilities = ?b.capabilities(), "sandbox backend enabled");
@@ -214,7 +218,9 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ServerError::Listen(cfg.listen, e))?;
-    let addr = listener.local_addr().map_err(|e| ServerError::Listen(cfg.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
     let started = Started {
         addr,
         admin_key_file,
@@ -233,7 +239,9 @@ pub async fn run(
         eng.shutdown().await;
     };
     let serve = axum::serve(listener, app).with_graceful_shutdown(stopping);
-    serve.await.map_err(|e| ServerError::Other(format!("serving: {e}")))?;
+    serve
+        .await
+        .map_err(|e| ServerError::Other(format!("serving: {e}")))?;
     let _ = std::fs::remove_file(cfg.data_dir.join("server.json"));
     Ok(())
 }

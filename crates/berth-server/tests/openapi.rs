@@ -14,7 +14,13 @@ fn committed_openapi_is_fresh() {
         "openapi.json is stale; run BERTH_UPDATE_OPENAPI=1 cargo test -p berth-server --test openapi"
     );
     let v: serde_json::Value = serde_json::from_str(&generated).expect("valid JSON");
-    for p in ["/v1/boxes", "/v1/boxes/{id}/exec", "/v1/sessions/{id}/events", "/v1/keys", "/readyz"] {
+    for p in [
+        "/v1/boxes",
+        "/v1/boxes/{id}/exec",
+        "/v1/sessions/{id}/events",
+        "/v1/keys",
+        "/readyz",
+    ] {
         assert!(v["paths"].get(p).is_some(), "{p} missing from the document");
     }
 }

@@ -75,7 +75,11 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_session(&self, s: &SessionObject) -> Result<()>;
     async fn get_session(&self, tenant: Option<&str>, id: &str) -> Result<Option<SessionObject>>;
-    async fn list_sessions(&self, tenant: Option<&str>, box_id: Option<&str>) -> Result<Vec<SessionObject>>;
+    async fn list_sessions(
+        &self,
+        tenant: Option<&str>,
+        box_id: Option<&str>,
+    ) -> Result<Vec<SessionObject>>;
 
     async fn append_events(&self, events: &[Event]) -> Result<()>;
     /// Events with `seq > after`, oldest first, at most `limit`.

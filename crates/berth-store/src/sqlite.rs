@@ -19,7 +19,9 @@ fn corrupt(e: serde_json::Error) -> StoreError {
 
 fn map_unique(e: sqlx::Error) -> StoreError {
     match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_string()),
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            StoreError::Conflict(d.message().to_string())
+        }
         _ => StoreError::Db(e),
     }
 }
@@ -65,15 +67,17 @@ impl Store for SqliteStore {
 
     async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()> {
         self.ensure_tenant(&key.tenant).await?;
-        sqlx::query("INSERT INTO api_keys (id, hash, tenant, admin, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&key.id)
-            .bind(hash)
-            .bind(&key.tenant)
-            .bind(key.admin)
-            .bind(&key.created_at)
-            .execute(&self.pool)
-            .await
-            .map_err(map_unique)?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, hash, tenant, admin, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(hash)
+        .bind(&key.tenant)
+        .bind(key.admin)
+        .bind(&key.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(map_unique)?;
         Ok(())
     }
 
@@ -107,12 +111,18 @@ impl Store for SqliteStore {
     }
 
     async fn delete_key(&self, id: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM api_keys WHERE id = ?").bind(id).execute(&self.pool).await?;
+        let r = sqlx::query("DELETE FROM api_keys WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 
     async fn count_keys(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM api_keys").fetch_one(&self.pool).await?.get("n"))
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM api_keys")
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
     }
 
     async fn put_box(&self, b: &BoxObject) -> Result<()> {
@@ -132,20 +142,23 @@ impl Store for SqliteStore {
     }
 
     async fn get_box(&self, tenant: Option<&str>, id: &str) -> Result<Option<BoxObject>> {
-        let row = sqlx::query("SELECT doc FROM boxes WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
-            .bind(id)
-            .bind(tenant)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT doc FROM boxes WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
             .transpose()
     }
 
     async fn list_boxes(&self, tenant: Option<&str>) -> Result<Vec<BoxObject>> {
-        let rows = sqlx::query("SELECT doc FROM boxes WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id")
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT doc FROM boxes WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
             .collect()
@@ -169,16 +182,21 @@ impl Store for SqliteStore {
     }
 
     async fn get_session(&self, tenant: Option<&str>, id: &str) -> Result<Option<SessionObject>> {
-        let row = sqlx::query("SELECT doc FROM sessions WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
-            .bind(id)
-            .bind(tenant)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT doc FROM sessions WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
             .transpose()
     }
 
-    async fn list_sessions(&self, tenant: Option<&str>, box_id: Option<&str>) -> Result<Vec<SessionObject>> {
+    async fn list_sessions(
+        &self,
+        tenant: Option<&str>,
+        box_id: Option<&str>,
+    ) -> Result<Vec<SessionObject>> {
         let rows = sqlx::query(
             "SELECT doc FROM sessions WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR box_id = ?2) ORDER BY created_at, id",
         )
@@ -195,15 +213,17 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         for e in events {
             let data = serde_json::to_string(&e.data).map_err(corrupt)?;
-            sqlx::query("INSERT INTO events (session_id, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)")
-                .bind(&e.session_id)
-                .bind(e.seq)
-                .bind(&e.ts)
-                .bind(&e.kind)
-                .bind(data)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_unique)?;
+            sqlx::query(
+                "INSERT INTO events (session_id, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&e.session_id)
+            .bind(e.seq)
+            .bind(&e.ts)
+            .bind(&e.kind)
+            .bind(data)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_unique)?;
         }
         tx.commit().await?;
         Ok(())
@@ -279,11 +299,13 @@ impl Store for SqliteStore {
     }
 
     async fn last_seq(&self, session_id: &str) -> Result<i64> {
-        Ok(sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE session_id = ?")
-            .bind(session_id)
-            .fetch_one(&self.pool)
-            .await?
-            .get("n"))
+        Ok(
+            sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE session_id = ?")
+                .bind(session_id)
+                .fetch_one(&self.pool)
+                .await?
+                .get("n"),
+        )
     }
 }
 
@@ -308,8 +330,13 @@ mod tests {
         let path = dir.path().join("berth.db");
         {
             let st = SqliteStore::open(&path).await.expect("open");
-            st.append_events(&[event("s1", 1), event("s1", 2), event("s2", 1)]).await.expect("append");
-            assert!(matches!(st.append_events(&[event("s1", 2)]).await, Err(StoreError::Conflict(_))));
+            st.append_events(&[event("s1", 1), event("s1", 2), event("s2", 1)])
+                .await
+                .expect("append");
+            assert!(matches!(
+                st.append_events(&[event("s1", 2)]).await,
+                Err(StoreError::Conflict(_))
+            ));
             st.close().await;
         }
         let st = SqliteStore::open(&path).await.expect("reopen");
@@ -324,7 +351,9 @@ mod tests {
     #[tokio::test]
     async fn tenancy_filters_lookups() {
         let dir = tempfile::tempdir().expect("tmp");
-        let st = SqliteStore::open(&dir.path().join("b.db")).await.expect("open");
+        let st = SqliteStore::open(&dir.path().join("b.db"))
+            .await
+            .expect("open");
         let b = BoxObject {
             id: "b1".into(),
             tenant: "acme".into(),
@@ -344,12 +373,25 @@ mod tests {
         };
         st.put_box(&b).await.expect("put");
         assert!(st.get_box(Some("acme"), "b1").await.expect("get").is_some());
-        assert!(st.get_box(Some("other"), "b1").await.expect("get").is_none());
+        assert!(st
+            .get_box(Some("other"), "b1")
+            .await
+            .expect("get")
+            .is_none());
         assert!(st.get_box(None, "b1").await.expect("get").is_some());
         assert_eq!(st.list_boxes(Some("other")).await.expect("list").len(), 0);
-        let k = KeyObject { id: "k1".into(), key: None, tenant: "acme".into(), admin: false, created_at: "t".into() };
+        let k = KeyObject {
+            id: "k1".into(),
+            key: None,
+            tenant: "acme".into(),
+            admin: false,
+            created_at: "t".into(),
+        };
         st.insert_key(&k, "h1").await.expect("key");
-        assert_eq!(st.find_key("h1").await.expect("find").map(|k| k.tenant), Some("acme".into()));
+        assert_eq!(
+            st.find_key("h1").await.expect("find").map(|k| k.tenant),
+            Some("acme".into())
+        );
         assert!(st.find_key("h2").await.expect("find").is_none());
     }
 }

@@ -45,8 +45,16 @@ impl Server {
             .expect("url in the ready line")
             .to_string();
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let admin = std::fs::read_to_string(data.join("admin.key")).expect("admin key").trim().to_string();
-        Server { url, admin, data: data.to_path_buf(), child: Some(child) }
+        let admin = std::fs::read_to_string(data.join("admin.key"))
+            .expect("admin key")
+            .trim()
+            .to_string();
+        Server {
+            url,
+            admin,
+            data: data.to_path_buf(),
+            child: Some(child),
+        }
     }
 
     pub fn client(&self) -> Api {
@@ -70,7 +78,10 @@ impl Server {
         let mut c = self.child.take().expect("child");
         // SAFETY: signalling the server this test started.
         unsafe { libc::kill(c.id().expect("pid") as i32, libc::SIGTERM) };
-        tokio::time::timeout(Duration::from_secs(30), c.wait()).await.expect("graceful stop in time").expect("wait")
+        tokio::time::timeout(Duration::from_secs(30), c.wait())
+            .await
+            .expect("graceful stop in time")
+            .expect("wait")
     }
 }
 
@@ -89,12 +100,19 @@ pub struct Resp {
 
 impl Api {
     pub fn new(url: &str, token: &str) -> Api {
-        Api { url: url.to_string(), token: token.to_string(), http: reqwest::Client::new() }
+        Api {
+            url: url.to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Resp {
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut rb = self.http.request(m, format!("{}{}", self.url, path)).bearer_auth(&self.token);
+        let mut rb = self
+            .http
+            .request(m, format!("{}{}", self.url, path))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             rb = rb.json(&b);
         }
@@ -110,7 +128,11 @@ impl Api {
         let status = r.status().as_u16();
         let bytes = r.bytes().await.expect("body").to_vec();
         let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        Resp { status, json, bytes }
+        Resp {
+            status,
+            json,
+            bytes,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Resp {
@@ -124,9 +146,17 @@ impl Api {
     }
 
     /// Read SSE events from `path` until `n` events arrived or the stream ended.
-    pub async fn sse(&self, path: &str, last_event_id: Option<i64>, n: usize) -> Vec<serde_json::Value> {
+    pub async fn sse(
+        &self,
+        path: &str,
+        last_event_id: Option<i64>,
+        n: usize,
+    ) -> Vec<serde_json::Value> {
         use futures::StreamExt;
-        let mut rb = self.http.get(format!("{}{}", self.url, path)).bearer_auth(&self.token);
+        let mut rb = self
+            .http
+            .get(format!("{}{}", self.url, path))
+            .bearer_auth(&self.token);
         if let Some(id) = last_event_id {
             rb = rb.header("Last-Event-ID", id.to_string());
         }
@@ -148,15 +178,25 @@ impl Api {
                 let block: String = buf.drain(..pos + 2).collect();
                 let mut data = None;
                 for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id: ").or_else(|| line.strip_prefix("id:")) {
+                    if let Some(v) = line
+                        .strip_prefix("id: ")
+                        .or_else(|| line.strip_prefix("id:"))
+                    {
                         id_line = v.trim().parse().ok();
-                    } else if let Some(v) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) {
+                    } else if let Some(v) = line
+                        .strip_prefix("data: ")
+                        .or_else(|| line.strip_prefix("data:"))
+                    {
                         data = Some(v.to_string());
                     }
                 }
                 if let Some(d) = data {
                     let v: serde_json::Value = serde_json::from_str(&d).expect("event json");
-                    assert_eq!(Some(v["seq"].as_i64().expect("seq")), id_line, "SSE id matches seq");
+                    assert_eq!(
+                        Some(v["seq"].as_i64().expect("seq")),
+                        id_line,
+                        "SSE id matches seq"
+                    );
                     out.push(v);
                 }
             }
@@ -166,14 +206,23 @@ impl Api {
 
     /// Poll a JSON resource until `pred` holds (bounded; used for state changes the server
     /// makes on its own, such as idle timeouts).
-    pub async fn wait_for(&self, path: &str, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub async fn wait_for(
+        &self,
+        path: &str,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             let r = self.get(path).await;
             if pred(&r.json) {
                 return r.json;
             }
-            assert!(tokio::time::Instant::now() < deadline, "condition not reached on {path}: {}", r.json);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached on {path}: {}",
+                r.json
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -48,8 +48,9 @@ impl BoxCgroup {
             .filter(|c| !v2 || **c != "cpuacct")
             .map(|c| c.to_string())
             .collect();
-        let cg = Cgroup::new_with_specified_controllers(hier, Self::name_for(box_id), Some(controllers))
-            .map_err(|e| err("create", e))?;
+        let cg =
+            Cgroup::new_with_specified_controllers(hier, Self::name_for(box_id), Some(controllers))
+                .map_err(|e| err("create", e))?;
         let me = BoxCgroup { cg, v2 };
         me.apply(limits)?;
         Ok(me)
@@ -71,14 +72,16 @@ impl BoxCgroup {
     fn apply(&self, limits: &Limits) -> std::io::Result<()> {
         let mem_bytes = (limits.memory_mib * 1024 * 1024) as i64;
         if let Some(mem) = self.cg.controller_of::<MemController>() {
-            mem.set_limit(mem_bytes).map_err(|e| err("memory limit", e))?;
+            mem.set_limit(mem_bytes)
+                .map_err(|e| err("memory limit", e))?;
             // v1 without swap accounting has no memsw files; that is fine.
             let _ = mem.set_memswap_limit(mem_bytes);
         } else {
             return Err(err("memory", "controller unavailable"));
         }
         if let Some(p) = self.cg.controller_of::<PidController>() {
-            p.set_pid_max(MaxValue::Value(limits.pids as i64)).map_err(|e| err("pids limit", e))?;
+            p.set_pid_max(MaxValue::Value(limits.pids as i64))
+                .map_err(|e| err("pids limit", e))?;
         } else {
             return Err(err("pids", "controller unavailable"));
         }
@@ -171,7 +174,10 @@ impl BoxCgroup {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        Err(err("delete", last.map(|e| e.to_string()).unwrap_or_default()))
+        Err(err(
+            "delete",
+            last.map(|e| e.to_string()).unwrap_or_default(),
+        ))
     }
 
     pub fn exists(&self) -> bool {

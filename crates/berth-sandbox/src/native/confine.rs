@@ -6,8 +6,8 @@
 //! [`Confinement::apply`] step runs between `fork` and `exec` and only makes system calls.
 
 use landlock::{
-    path_beneath_rules, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr,
-    RulesetCreated, RulesetCreatedAttr, RulesetStatus, ABI,
+    path_beneath_rules, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreated,
+    RulesetCreatedAttr, RulesetStatus, ABI,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -103,7 +103,11 @@ fn denied_syscalls() -> Vec<i64> {
     v
 }
 
-fn cond(arg: u8, op: SeccompCmpOp, val: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
+fn cond(
+    arg: u8,
+    op: SeccompCmpOp,
+    val: u64,
+) -> Result<SeccompCondition, seccompiler::BackendError> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, val)
 }
 
@@ -125,7 +129,11 @@ fn eperm_filter() -> Result<BpfProgram, seccompiler::Error> {
     ];
     let mut clone_rules = Vec::new();
     for f in ns_flags {
-        clone_rules.push(SeccompRule::new(vec![cond(0, SeccompCmpOp::MaskedEq(f), f)?])?);
+        clone_rules.push(SeccompRule::new(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(f),
+            f,
+        )?])?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
     rules.insert(
@@ -228,7 +236,14 @@ impl Confinement {
                     return Err(e);
                 }
             }
-            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 {
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             if libc::setgroups(0, std::ptr::null()) < 0 {

@@ -78,7 +78,11 @@ pub fn attach_and_mount(img: &Path, target: &Path) -> Result<(), String> {
             return Err(format!("LOOP_CTL_GET_FREE: {}", io::Error::last_os_error()));
         }
         let dev_path = format!("/dev/loop{n}");
-        let dev = match fs::OpenOptions::new().read(true).write(true).open(&dev_path) {
+        let dev = match fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev_path)
+        {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 continue;
@@ -119,7 +123,16 @@ pub fn format_image(path: &Path, mib: u64) -> io::Result<()> {
     drop(f);
     let mkfs = which("mkfs.ext4").ok_or_else(|| io::Error::other("mkfs.ext4 not found"))?;
     let out = Command::new(mkfs)
-        .args(["-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard", "-m", "0"])
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-E",
+            "lazy_itable_init=1,nodiscard",
+            "-m",
+            "0",
+        ])
         .arg(path)
         .output()?;
     if !out.status.success() {
@@ -168,7 +181,11 @@ impl ImagePool {
     /// top the pool up in the background.
     pub fn take(&self, mib: u64, dest: &Path) -> io::Result<()> {
         let found = {
-            let mut ready = self.inner.ready.lock().map_err(|_| io::Error::other("pool lock"))?;
+            let mut ready = self
+                .inner
+                .ready
+                .lock()
+                .map_err(|_| io::Error::other("pool lock"))?;
             ready
                 .iter()
                 .position(|(m, _)| *m == mib)
@@ -207,7 +224,9 @@ impl ImagePool {
                     break;
                 }
                 let n = inner.counter.fetch_add(1, Ordering::Relaxed);
-                let p = inner.dir.join(format!("{mib}-{}-{n}.img", std::process::id()));
+                let p = inner
+                    .dir
+                    .join(format!("{mib}-{}-{n}.img", std::process::id()));
                 if format_image(&p, mib).is_err() {
                     break;
                 }

@@ -116,7 +116,10 @@ fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String
 
 fn start(cfg: &InitConfig) -> Result<Pid, String> {
     let _ = fs::remove_file(&cfg.ctl_socket);
-    let listener = ctx(UnixListener::bind(&cfg.ctl_socket), "binding control socket")?;
+    let listener = ctx(
+        UnixListener::bind(&cfg.ctl_socket),
+        "binding control socket",
+    )?;
     ctx(
         fs::set_permissions(&cfg.ctl_socket, fs::Permissions::from_mode(0o600)),
         "chmod control socket",
@@ -203,12 +206,21 @@ fn box_pid1(
         // Protect PID 1 and the supervisor from the box's own OOM kills; agent processes
         // reset this to 0 before exec.
         let _ = fs::write("/proc/self/oom_score_adj", "-1000");
-        ctx(nix::sched::unshare(CloneFlags::CLONE_NEWUSER), "unshare user ns")?;
+        ctx(
+            nix::sched::unshare(CloneFlags::CLONE_NEWUSER),
+            "unshare user ns",
+        )?;
         ctx(need.write_all(b"n"), "signal need-map")?;
         let mut b = [0u8; 1];
-        ctx(fs::File::from(map_r).read_exact(&mut b), "waiting for uid map")?;
+        ctx(
+            fs::File::from(map_r).read_exact(&mut b),
+            "waiting for uid map",
+        )?;
         let root = Uid::from_raw(0);
-        ctx(nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)), "setresgid")?;
+        ctx(
+            nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
+            "setresgid",
+        )?;
         ctx(nix::unistd::setresuid(root, root, root), "setresuid")?;
         Ok(())
     })();
@@ -253,7 +265,13 @@ fn mkdir_p(p: &Path) -> Result<(), String> {
 
 fn bind(src: &Path, dst: &Path, readonly: bool, extra: MsFlags) -> Result<(), String> {
     ctx(
-        mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
+        mount(
+            Some(src),
+            dst,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
         &format!("bind {} -> {}", src.display(), dst.display()),
     )?;
     let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | extra;
@@ -271,7 +289,9 @@ fn bind(src: &Path, dst: &Path, readonly: bool, extra: MsFlags) -> Result<(), St
 
 fn is_device_node(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    fs::metadata(p).map(|m| m.file_type().is_char_device()).unwrap_or(false)
+    fs::metadata(p)
+        .map(|m| m.file_type().is_char_device())
+        .unwrap_or(false)
 }
 
 fn inside(root: &Path, p: &str) -> PathBuf {
@@ -280,7 +300,13 @@ fn inside(root: &Path, p: &str) -> PathBuf {
 
 fn build_root(cfg: &InitConfig) -> Result<(), String> {
     ctx(
-        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>),
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ),
         "make / private",
     )?;
     let root = cfg.root_mount.as_path();
@@ -313,9 +339,15 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
         let p = disk_mnt.join(name);
         if !p.exists() {
             mkdir_p(&p)?;
-            ctx(std::os::unix::fs::chown(&p, Some(owner), Some(owner)), "chown")?;
+            ctx(
+                std::os::unix::fs::chown(&p, Some(owner), Some(owner)),
+                "chown",
+            )?;
         }
-        ctx(fs::set_permissions(&p, fs::Permissions::from_mode(mode)), "chmod")?;
+        ctx(
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)),
+            "chmod",
+        )?;
     }
 
     for (src, dst) in &cfg.layers {
@@ -346,7 +378,10 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
                     Some("tmpfs"),
                     &t,
                     Some("tmpfs"),
-                    MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    MsFlags::MS_RDONLY
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV
+                        | MsFlags::MS_NOEXEC,
                     Some("size=4k,mode=0755"),
                 ),
                 "mask dir",
@@ -354,7 +389,11 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
         }
     }
 
-    for (sub, dst) in [("workspace", "/workspace"), ("home", "/home/agent"), ("tmp", "/tmp")] {
+    for (sub, dst) in [
+        ("workspace", "/workspace"),
+        ("home", "/home/agent"),
+        ("tmp", "/tmp"),
+    ] {
         let t = inside(root, dst);
         mkdir_p(&t)?;
         bind(&disk_mnt.join(sub), &t, false, MsFlags::empty())?;
@@ -406,7 +445,14 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
         ),
         "mount /proc",
     )?;
-    for p in ["kcore", "keys", "timer_list", "sched_debug", "sysrq-trigger", "latency_stats"] {
+    for p in [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sched_debug",
+        "sysrq-trigger",
+        "latency_stats",
+    ] {
         let t = proc_dir.join(p);
         if t.exists() {
             bind(Path::new("/dev/null"), &t, true, MsFlags::empty())?;
@@ -426,7 +472,10 @@ fn enter_root(root: &Path) -> Result<(), String> {
     mkdir_p(&old)?;
     ctx(nix::unistd::chdir(root), "chdir root")?;
     ctx(pivot_root(".", ".oldroot"), "pivot_root")?;
-    ctx(umount2("/.oldroot", MntFlags::MNT_DETACH), "detach old root")?;
+    ctx(
+        umount2("/.oldroot", MntFlags::MNT_DETACH),
+        "detach old root",
+    )?;
     ctx(fs::remove_dir("/.oldroot"), "rmdir old root")?;
     // The disk's own mount point is no longer needed: its subdirectories are bound in place.
     ctx(umount2("/.disk", MntFlags::MNT_DETACH), "detach disk")?;
@@ -437,7 +486,11 @@ fn enter_root(root: &Path) -> Result<(), String> {
             None::<&str>,
             "/",
             None::<&str>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV,
             None::<&str>,
         ),
         "remount root read-only",

@@ -15,11 +15,11 @@ pub mod protocol;
 pub mod supervisor;
 
 use crate::fsops;
+pub use crate::Bridge;
 use crate::{
     BoxConfig, BoxExit, BoxInfo, Capabilities, ExecEvent, ExecHandle, ExecInput, ExecSpec,
     ExitStatus, FileContent, Image, Result, Sandbox, SandboxError, Stats, AGENT_UID,
 };
-pub use crate::Bridge;
 use cgroup::BoxCgroup;
 use init::{DiskSource, InitConfig, InitReport, UID_RANGE};
 use protocol::{aio, ExecRequest, Kind, WireExit};
@@ -84,10 +84,12 @@ pub struct NativeBackend {
 
 /// Host paths bound read-only into a `host`-image box, and the secrets masked inside them.
 fn host_layers() -> Vec<(PathBuf, String)> {
-    ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt"]
-        .iter()
-        .map(|d| (PathBuf::from(format!("/{d}")), format!("/{d}")))
-        .collect()
+    [
+        "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt",
+    ]
+    .iter()
+    .map(|d| (PathBuf::from(format!("/{d}")), format!("/{d}")))
+    .collect()
 }
 
 const MASKED_FILES: [&str; 6] = [
@@ -112,14 +114,18 @@ impl NativeBackend {
         std::fs::create_dir_all(&boxes_dir)?;
         let loop_ok = disk::loop_supported();
         let pool = if loop_ok {
-            Some(disk::ImagePool::new(cfg.data_dir.join("native").join("pool"), cfg.pool_size)?)
+            Some(disk::ImagePool::new(
+                cfg.data_dir.join("native").join("pool"),
+                cfg.pool_size,
+            )?)
         } else {
             None
         };
         let v2 = cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode();
         let caps = Capabilities {
             name: "native".into(),
-            isolation: "linux namespaces (user, pid, mount, net, uts, ipc, cgroup), pivot_root".into(),
+            isolation: "linux namespaces (user, pid, mount, net, uts, ipc, cgroup), pivot_root"
+                .into(),
             user_namespace: true,
             seccomp: true,
             landlock: confine::landlock_supported(),
@@ -214,12 +220,18 @@ impl NativeBackend {
                 let mut layers = Vec::new();
                 for e in std::fs::read_dir(path)?.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    if ["proc", "dev", "sys", "tmp", "workspace", "home", "run"].contains(&name.as_str()) {
+                    if ["proc", "dev", "sys", "tmp", "workspace", "home", "run"]
+                        .contains(&name.as_str())
+                    {
                         continue;
                     }
                     layers.push((e.path(), format!("/{name}")));
                 }
-                (layers, MASKED_FILES.iter().map(|s| s.to_string()).collect(), vec![])
+                (
+                    layers,
+                    MASKED_FILES.iter().map(|s| s.to_string()).collect(),
+                    vec![],
+                )
             }
         };
         let init_cfg = InitConfig {
@@ -265,7 +277,10 @@ impl NativeBackend {
             Ok(c) => c,
             Err(e) => {
                 let _ = cg.destroy();
-                return Err(SandboxError::Start(format!("spawning {}: {e}", self.cfg.helper.display())));
+                return Err(SandboxError::Start(format!(
+                    "spawning {}: {e}",
+                    self.cfg.helper.display()
+                )));
             }
         };
         let fail = |child: &mut tokio::process::Child, cg: &BoxCgroup, msg: String| {
@@ -300,7 +315,13 @@ impl NativeBackend {
                 Ok(r) => r,
                 Err(e) => return Err(fail(&mut child, &cg, format!("bad init report: {e}"))),
             },
-            Ok(_) => return Err(fail(&mut child, &cg, "box init exited without a report".into())),
+            Ok(_) => {
+                return Err(fail(
+                    &mut child,
+                    &cg,
+                    "box init exited without a report".into(),
+                ))
+            }
             Err(_) => return Err(fail(&mut child, &cg, "box init timed out".into())),
         };
         let pid1 = match (report.pid, report.error) {
@@ -334,7 +355,9 @@ impl NativeBackend {
             let status = child.wait().await;
             let reason = if flag.load(Ordering::SeqCst) {
                 BoxExit::Destroyed
-            } else if cg_for_exit.counters().oom_kills > 0 && !matches!(status, Ok(s) if s.success()) {
+            } else if cg_for_exit.counters().oom_kills > 0
+                && !matches!(status, Ok(s) if s.success())
+            {
                 BoxExit::OomKilled
             } else {
                 BoxExit::Exited {
@@ -369,7 +392,9 @@ impl NativeBackend {
         }
         let uid = spec.uid.unwrap_or(AGENT_UID);
         if uid == 0 || uid >= UID_RANGE {
-            return Err(SandboxError::InvalidSpec(format!("uid {uid} is not allowed in a box")));
+            return Err(SandboxError::InvalidSpec(format!(
+                "uid {uid} is not allowed in a box"
+            )));
         }
         let mut env: Vec<(String, String)> = vec![
             ("PATH".into(), DEFAULT_PATH.into()),
@@ -380,7 +405,9 @@ impl NativeBackend {
         ];
         for (k, v) in b.env.iter().chain(spec.env.iter()) {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(SandboxError::InvalidSpec(format!("invalid environment variable {k:?}")));
+                return Err(SandboxError::InvalidSpec(format!(
+                    "invalid environment variable {k:?}"
+                )));
             }
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
@@ -410,12 +437,18 @@ impl Sandbox for NativeBackend {
 
     async fn create(&self, cfg: BoxConfig) -> Result<BoxInfo> {
         if !crate::valid_box_id(&cfg.id) {
-            return Err(SandboxError::InvalidSpec(format!("invalid box id {:?}", cfg.id)));
+            return Err(SandboxError::InvalidSpec(format!(
+                "invalid box id {:?}",
+                cfg.id
+            )));
         }
         cfg.limits.validate()?;
         if let Image::Rootfs(p) = &cfg.image {
             if !p.is_dir() {
-                return Err(SandboxError::InvalidSpec(format!("image root {} is not a directory", p.display())));
+                return Err(SandboxError::InvalidSpec(format!(
+                    "image root {} is not a directory",
+                    p.display()
+                )));
             }
         }
         if self.get(&cfg.id).is_ok() {
@@ -449,7 +482,8 @@ impl Sandbox for NativeBackend {
         let req = self.exec_request(&b, spec)?;
         let stream = tokio::net::UnixStream::connect(b.ctl()).await?;
         let (mut rd, mut wr) = stream.into_split();
-        let body = serde_json::to_vec(&req).map_err(|e| SandboxError::Io(std::io::Error::other(e)))?;
+        let body =
+            serde_json::to_vec(&req).map_err(|e| SandboxError::Io(std::io::Error::other(e)))?;
         aio::write_frame(&mut wr, Kind::Request, &body).await?;
         let (ev_tx, ev_rx) = mpsc::channel(64);
         let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(64);
@@ -483,7 +517,9 @@ impl Sandbox for NativeBackend {
                         return;
                     }
                     Ok((Kind::Error, p)) => {
-                        let _ = ev_tx.send(ExecEvent::Failed(String::from_utf8_lossy(&p).into_owned())).await;
+                        let _ = ev_tx
+                            .send(ExecEvent::Failed(String::from_utf8_lossy(&p).into_owned()))
+                            .await;
                         return;
                     }
                     Ok(_) => continue,
@@ -513,7 +549,9 @@ impl Sandbox for NativeBackend {
                 let r = match msg {
                     ExecInput::Stdin(b) => aio::write_frame(&mut wr, Kind::Stdin, &b).await,
                     ExecInput::CloseStdin => aio::write_frame(&mut wr, Kind::StdinEof, &[]).await,
-                    ExecInput::Signal(s) => aio::write_frame(&mut wr, Kind::Signal, s.to_string().as_bytes()).await,
+                    ExecInput::Signal(s) => {
+                        aio::write_frame(&mut wr, Kind::Signal, s.to_string().as_bytes()).await
+                    }
                 };
                 if r.is_err() {
                     break;
@@ -533,9 +571,11 @@ impl Sandbox for NativeBackend {
         let b = self.get_running(id)?;
         let root = b.workspace();
         let path = path.to_string();
-        Ok(tokio::task::spawn_blocking(move || fsops::read(&root, &path))
-            .await
-            .map_err(blocking_err)??)
+        Ok(
+            tokio::task::spawn_blocking(move || fsops::read(&root, &path))
+                .await
+                .map_err(blocking_err)??,
+        )
     }
 
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
@@ -543,18 +583,22 @@ impl Sandbox for NativeBackend {
         let root = b.workspace();
         let owner = b.agent_host_uid;
         let path = path.to_string();
-        Ok(tokio::task::spawn_blocking(move || fsops::write(&root, &path, &data, mode, Some(owner)))
-            .await
-            .map_err(blocking_err)??)
+        Ok(tokio::task::spawn_blocking(move || {
+            fsops::write(&root, &path, &data, mode, Some(owner))
+        })
+        .await
+        .map_err(blocking_err)??)
     }
 
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
         let b = self.get_running(id)?;
         let root = b.workspace();
         let path = path.to_string();
-        Ok(tokio::task::spawn_blocking(move || fsops::delete(&root, &path))
-            .await
-            .map_err(blocking_err)??)
+        Ok(
+            tokio::task::spawn_blocking(move || fsops::delete(&root, &path))
+                .await
+                .map_err(blocking_err)??,
+        )
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {
@@ -611,12 +655,18 @@ impl Sandbox for NativeBackend {
         let bx = b.clone();
         let detached = tokio::task::spawn_blocking(move || {
             bx.cgroup.destroy()?;
-            Ok::<_, std::io::Error>(disk::wait_detached(&bx.dir.join("disk.img"), Duration::from_secs(10)))
+            Ok::<_, std::io::Error>(disk::wait_detached(
+                &bx.dir.join("disk.img"),
+                Duration::from_secs(10),
+            ))
         })
         .await
         .map_err(blocking_err)??;
         if !detached {
-            tracing::warn!(box_id = id, "loop device of a destroyed box is still attached");
+            tracing::warn!(
+                box_id = id,
+                "loop device of a destroyed box is still attached"
+            );
         }
         tokio::fs::remove_dir_all(&b.dir).await.or_else(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

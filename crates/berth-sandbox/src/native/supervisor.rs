@@ -134,8 +134,14 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
     let (drained_tx, drained_rx) = mpsc::channel::<()>();
     let mut pumps = 0;
     for (pipe, kind) in [
-        (stdout.map(|p| Box::new(p) as Box<dyn Read + Send>), Kind::Stdout),
-        (stderr.map(|p| Box::new(p) as Box<dyn Read + Send>), Kind::Stderr),
+        (
+            stdout.map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Kind::Stdout,
+        ),
+        (
+            stderr.map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Kind::Stderr,
+        ),
     ] {
         if let Some(mut pipe) = pipe {
             pumps += 1;

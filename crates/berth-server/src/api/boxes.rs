@@ -19,40 +19,64 @@ const MAX_EXEC_TIMEOUT_S: u64 = 3600;
 /// Create a box and wait until it runs.
 #[utoipa::path(post, path = "/v1/boxes", security(("bearer" = [])), request_body = BoxSpec,
     responses((status = 201, body = BoxObject), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn create_box(State(st): State<AppState>, c: Caller, Json(spec): Json<BoxSpec>) -> Result<(StatusCode, Json<BoxObject>), ApiError> {
+pub async fn create_box(
+    State(st): State<AppState>,
+    c: Caller,
+    Json(spec): Json<BoxSpec>,
+) -> Result<(StatusCode, Json<BoxObject>), ApiError> {
     let b = st.engine.create_box(&c.tenant, spec).await?;
     Ok((StatusCode::CREATED, Json(b)))
 }
 
 /// The caller's boxes, oldest first.
 #[utoipa::path(get, path = "/v1/boxes", security(("bearer" = [])), responses((status = 200, body = Vec<BoxObject>)))]
-pub async fn list_boxes(State(st): State<AppState>, c: Caller) -> Result<Json<List<BoxObject>>, ApiError> {
-    Ok(Json(List { items: st.engine.list_boxes(&c.tenant).await? }))
+pub async fn list_boxes(
+    State(st): State<AppState>,
+    c: Caller,
+) -> Result<Json<List<BoxObject>>, ApiError> {
+    Ok(Json(List {
+        items: st.engine.list_boxes(&c.tenant).await?,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/boxes/{id}", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = BoxObject), (status = 404, body = ErrorBody)))]
-pub async fn get_box(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Json<BoxObject>, ApiError> {
+pub async fn get_box(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<BoxObject>, ApiError> {
     Ok(Json(st.engine.get_box(&c.tenant, &id).await?))
 }
 
 /// Destroy a box (and end its sessions). Idempotent.
 #[utoipa::path(delete, path = "/v1/boxes/{id}", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = BoxObject), (status = 404, body = ErrorBody)))]
-pub async fn delete_box(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Json<BoxObject>, ApiError> {
+pub async fn delete_box(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<BoxObject>, ApiError> {
     Ok(Json(st.engine.delete_box(&c.tenant, &id).await?))
 }
 
 /// Run a command in the box and wait for it.
 #[utoipa::path(post, path = "/v1/boxes/{id}/exec", security(("bearer" = [])), params(("id" = String, Path)), request_body = ExecRequest,
     responses((status = 200, body = ExecResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn exec(State(st): State<AppState>, c: Caller, Path(id): Path<String>, Json(req): Json<ExecRequest>) -> Result<Json<ExecResponse>, ApiError> {
+pub async fn exec(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Json(req): Json<ExecRequest>,
+) -> Result<Json<ExecResponse>, ApiError> {
     if req.argv.is_empty() {
         return Err(ApiError::Invalid("argv must not be empty".into()));
     }
     let timeout = req.timeout_s.unwrap_or(300);
     if timeout == 0 || timeout > MAX_EXEC_TIMEOUT_S {
-        return Err(ApiError::Invalid(format!("timeout_s must be between 1 and {MAX_EXEC_TIMEOUT_S}")));
+        return Err(ApiError::Invalid(format!(
+            "timeout_s must be between 1 and {MAX_EXEC_TIMEOUT_S}"
+        )));
     }
     let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
     let spec = ExecSpec {
@@ -64,7 +88,10 @@ pub async fn exec(State(st): State<AppState>, c: Caller, Path(id): Path<String>,
     };
     let handle = backend.exec(&id, spec).await?;
     let out = handle
-        .collect(req.stdin.map(String::into_bytes), st.engine.config.max_exec_output)
+        .collect(
+            req.stdin.map(String::into_bytes),
+            st.engine.config.max_exec_output,
+        )
         .await
         .map_err(|e| match e {
             berth_sandbox::SandboxError::Start(m) => ApiError::Invalid(format!("exec failed: {m}")),
@@ -84,7 +111,11 @@ pub async fn exec(State(st): State<AppState>, c: Caller, Path(id): Path<String>,
 /// CPU, memory, pids and disk of the box, from its cgroup and quota.
 #[utoipa::path(get, path = "/v1/boxes/{id}/stats", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = BoxStats), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn stats(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Json<BoxStats>, ApiError> {
+pub async fn stats(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<BoxStats>, ApiError> {
     let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
     let s = backend.stats(&id).await?;
     Ok(Json(BoxStats {
@@ -111,14 +142,24 @@ async fn read(st: &AppState, c: &Caller, id: &str, path: &str) -> Result<Respons
             path: path.to_string(),
             entries: entries
                 .into_iter()
-                .map(|e| DirEntry { name: e.name, kind: e.kind, size: e.size, mode: e.mode, modified: e.modified })
+                .map(|e| DirEntry {
+                    name: e.name,
+                    kind: e.kind,
+                    size: e.size,
+                    mode: e.mode,
+                    modified: e.modified,
+                })
                 .collect(),
         })
         .into_response()),
     }
 }
 
-pub async fn get_root(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_root(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     read(&st, &c, &id, "").await
 }
 
@@ -126,7 +167,11 @@ pub async fn get_root(State(st): State<AppState>, c: Caller, Path(id): Path<Stri
 #[utoipa::path(get, path = "/v1/boxes/{id}/files/{path}", security(("bearer" = [])), params(("id" = String, Path), ("path" = String, Path)),
     responses((status = 200, description = "file bytes (application/octet-stream) or a DirListing (application/json)", body = DirListing),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get_file(State(st): State<AppState>, c: Caller, Path((id, path)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn get_file(
+    State(st): State<AppState>,
+    c: Caller,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     read(&st, &c, &id, &path).await
 }
 
@@ -152,7 +197,9 @@ pub async fn put_file(
         Some(m) => u32::from_str_radix(&m, 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| ApiError::Invalid("mode must be octal permission bits, e.g. 644".into()))?,
+            .ok_or_else(|| {
+                ApiError::Invalid("mode must be octal permission bits, e.g. 644".into())
+            })?,
         None => 0o644,
     };
     let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
@@ -163,14 +210,22 @@ pub async fn put_file(
 /// Delete a file or (recursively) a directory.
 #[utoipa::path(delete, path = "/v1/boxes/{id}/files/{path}", security(("bearer" = [])), params(("id" = String, Path), ("path" = String, Path)),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn delete_file(State(st): State<AppState>, c: Caller, Path((id, path)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+pub async fn delete_file(
+    State(st): State<AppState>,
+    c: Caller,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
     backend.delete_file(&id, &path).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Reverse proxy to a port inside the box (not yet available on this server).
-pub async fn ports(State(st): State<AppState>, c: Caller, Path((id, _port, _rest)): Path<(String, u16, String)>) -> Result<Response, ApiError> {
+pub async fn ports(
+    State(st): State<AppState>,
+    c: Caller,
+    Path((id, _port, _rest)): Path<(String, u16, String)>,
+) -> Result<Response, ApiError> {
     st.engine.get_box(&c.tenant, &id).await?;
     Err(ApiError::Rejected(
         StatusCode::NOT_IMPLEMENTED,

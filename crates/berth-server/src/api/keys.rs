@@ -19,10 +19,16 @@ fn admin(c: &Caller) -> Result<(), ApiError> {
 /// Create an API key for a tenant (the tenant is created if new). The key is shown only here.
 #[utoipa::path(post, path = "/v1/keys", security(("bearer" = [])), request_body = KeyCreate,
     responses((status = 201, body = KeyObject), (status = 400, body = berth_api::ErrorBody), (status = 403, body = berth_api::ErrorBody)))]
-pub async fn create_key(State(st): State<AppState>, c: Caller, Json(req): Json<KeyCreate>) -> Result<(StatusCode, Json<KeyObject>), ApiError> {
+pub async fn create_key(
+    State(st): State<AppState>,
+    c: Caller,
+    Json(req): Json<KeyCreate>,
+) -> Result<(StatusCode, Json<KeyObject>), ApiError> {
     admin(&c)?;
     if !valid_tenant(&req.tenant) {
-        return Err(ApiError::Invalid("tenant must be 1-64 characters of [A-Za-z0-9._-]".into()));
+        return Err(ApiError::Invalid(
+            "tenant must be 1-64 characters of [A-Za-z0-9._-]".into(),
+        ));
     }
     let key = new_key();
     let obj = KeyObject {
@@ -33,20 +39,35 @@ pub async fn create_key(State(st): State<AppState>, c: Caller, Json(req): Json<K
         created_at: now(),
     };
     st.engine.store.insert_key(&obj, &hash_key(&key)).await?;
-    Ok((StatusCode::CREATED, Json(KeyObject { key: Some(key), ..obj })))
+    Ok((
+        StatusCode::CREATED,
+        Json(KeyObject {
+            key: Some(key),
+            ..obj
+        }),
+    ))
 }
 
 /// List keys (without their secrets).
 #[utoipa::path(get, path = "/v1/keys", security(("bearer" = [])), responses((status = 200, body = Vec<KeyObject>), (status = 403, body = berth_api::ErrorBody)))]
-pub async fn list_keys(State(st): State<AppState>, c: Caller) -> Result<Json<List<KeyObject>>, ApiError> {
+pub async fn list_keys(
+    State(st): State<AppState>,
+    c: Caller,
+) -> Result<Json<List<KeyObject>>, ApiError> {
     admin(&c)?;
-    Ok(Json(List { items: st.engine.store.list_keys(None).await? }))
+    Ok(Json(List {
+        items: st.engine.store.list_keys(None).await?,
+    }))
 }
 
 /// Revoke a key.
 #[utoipa::path(delete, path = "/v1/keys/{id}", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = berth_api::ErrorBody)))]
-pub async fn delete_key(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_key(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     admin(&c)?;
     if id == c.key_id {
         return Err(ApiError::Conflict("a key cannot revoke itself".into()));

@@ -70,27 +70,43 @@ impl utoipa::Modify for SecurityAddon {
 }
 
 pub fn openapi_json() -> String {
-    ApiDoc::openapi().to_pretty_json().unwrap_or_else(|_| "{}".into())
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|_| "{}".into())
 }
 
 pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/boxes", post(boxes::create_box).get(boxes::list_boxes))
-        .route("/v1/boxes/{id}", get(boxes::get_box).delete(boxes::delete_box))
+        .route(
+            "/v1/boxes/{id}",
+            get(boxes::get_box).delete(boxes::delete_box),
+        )
         .route("/v1/boxes/{id}/exec", post(boxes::exec))
         .route("/v1/boxes/{id}/stats", get(boxes::stats))
         .route("/v1/boxes/{id}/files", get(boxes::get_root))
         .route("/v1/boxes/{id}/files/", get(boxes::get_root))
         .route(
             "/v1/boxes/{id}/files/{*path}",
-            get(boxes::get_file).put(boxes::put_file).delete(boxes::delete_file),
+            get(boxes::get_file)
+                .put(boxes::put_file)
+                .delete(boxes::delete_file),
         )
         .route("/v1/boxes/{id}/ports/{port}/{*rest}", any(boxes::ports))
-        .route("/v1/sessions", post(sessions::create_session).get(sessions::list_sessions))
-        .route("/v1/sessions/{id}", get(sessions::get_session).delete(sessions::delete_session))
+        .route(
+            "/v1/sessions",
+            post(sessions::create_session).get(sessions::list_sessions),
+        )
+        .route(
+            "/v1/sessions/{id}",
+            get(sessions::get_session).delete(sessions::delete_session),
+        )
         .route("/v1/sessions/{id}/messages", post(sessions::post_message))
         .route("/v1/sessions/{id}/interrupt", post(sessions::interrupt))
-        .route("/v1/sessions/{id}/permissions/{request_id}", post(sessions::answer_permission))
+        .route(
+            "/v1/sessions/{id}/permissions/{request_id}",
+            post(sessions::answer_permission),
+        )
         .route("/v1/sessions/{id}/events", get(sessions::events))
         .route("/v1/sessions/{id}/ws", get(sessions::ws))
         .route("/v1/sessions/{id}/usage", get(sessions::usage))
@@ -104,7 +120,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(axum::middleware::from_fn(move |req, next| refuse_oversized(req, next, max_body)))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            refuse_oversized(req, next, max_body)
+        }))
         .with_state(state)
 }
 

@@ -21,7 +21,11 @@ const REPLAY_PAGE: i64 = 1000;
 /// Start an agent session (in an existing box, or a new one).
 #[utoipa::path(post, path = "/v1/sessions", security(("bearer" = [])), request_body = SessionSpec,
     responses((status = 201, body = SessionObject), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn create_session(State(st): State<AppState>, c: Caller, Json(spec): Json<SessionSpec>) -> Result<(StatusCode, Json<SessionObject>), ApiError> {
+pub async fn create_session(
+    State(st): State<AppState>,
+    c: Caller,
+    Json(spec): Json<SessionSpec>,
+) -> Result<(StatusCode, Json<SessionObject>), ApiError> {
     let s = st.engine.create_session(&c.tenant, spec).await?;
     Ok((StatusCode::CREATED, Json(s)))
 }
@@ -34,27 +38,49 @@ pub struct ListParams {
 }
 
 #[utoipa::path(get, path = "/v1/sessions", security(("bearer" = [])), params(ListParams), responses((status = 200, body = Vec<SessionObject>)))]
-pub async fn list_sessions(State(st): State<AppState>, c: Caller, Query(p): Query<ListParams>) -> Result<Json<List<SessionObject>>, ApiError> {
-    Ok(Json(List { items: st.engine.list_sessions(&c.tenant, p.box_id.as_deref()).await? }))
+pub async fn list_sessions(
+    State(st): State<AppState>,
+    c: Caller,
+    Query(p): Query<ListParams>,
+) -> Result<Json<List<SessionObject>>, ApiError> {
+    Ok(Json(List {
+        items: st
+            .engine
+            .list_sessions(&c.tenant, p.box_id.as_deref())
+            .await?,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/sessions/{id}", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = SessionObject), (status = 404, body = ErrorBody)))]
-pub async fn get_session(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Json<SessionObject>, ApiError> {
+pub async fn get_session(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionObject>, ApiError> {
     Ok(Json(st.engine.get_session(&c.tenant, &id).await?))
 }
 
 /// Stop the session's agent. Its events stay readable.
 #[utoipa::path(delete, path = "/v1/sessions/{id}", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = SessionObject), (status = 404, body = ErrorBody)))]
-pub async fn delete_session(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Json<SessionObject>, ApiError> {
+pub async fn delete_session(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionObject>, ApiError> {
     Ok(Json(st.engine.delete_session(&c.tenant, &id).await?))
 }
 
 /// Send a user message to the agent.
 #[utoipa::path(post, path = "/v1/sessions/{id}/messages", security(("bearer" = [])), params(("id" = String, Path)), request_body = MessageRequest,
     responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn post_message(State(st): State<AppState>, c: Caller, Path(id): Path<String>, Json(m): Json<MessageRequest>) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+pub async fn post_message(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Json(m): Json<MessageRequest>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     st.engine.send_message(&c.tenant, &id, m.content).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })))
 }
@@ -62,7 +88,11 @@ pub async fn post_message(State(st): State<AppState>, c: Caller, Path(id): Path<
 /// Interrupt the agent's current work.
 #[utoipa::path(post, path = "/v1/sessions/{id}/interrupt", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn interrupt(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+pub async fn interrupt(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     st.engine.interrupt(&c.tenant, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })))
 }
@@ -77,14 +107,20 @@ pub async fn answer_permission(
     Path((id, request_id)): Path<(String, String)>,
     Json(a): Json<PermissionAnswer>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    st.engine.answer_permission(&c.tenant, &id, &request_id, a).await?;
+    st.engine
+        .answer_permission(&c.tenant, &id, &request_id, a)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })))
 }
 
 /// Tokens the session spent, as metered by the gateway.
 #[utoipa::path(get, path = "/v1/sessions/{id}/usage", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = SessionUsage), (status = 404, body = ErrorBody)))]
-pub async fn usage(State(st): State<AppState>, c: Caller, Path(id): Path<String>) -> Result<Json<SessionUsage>, ApiError> {
+pub async fn usage(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionUsage>, ApiError> {
     Ok(Json(st.engine.session_usage(&c.tenant, &id).await?))
 }
 
@@ -115,7 +151,11 @@ fn start_seq(headers: &HeaderMap, after: Option<i64>) -> Result<i64, ApiError> {
 /// Every event after `after`, in order and without gaps: first from the store, then live; a
 /// subscriber that lags behind the live feed goes back to the store. Ends when the session has
 /// ended and everything has been delivered.
-fn event_stream(st: AppState, id: String, after: i64) -> impl Stream<Item = Result<Event, ApiError>> {
+fn event_stream(
+    st: AppState,
+    id: String,
+    after: i64,
+) -> impl Stream<Item = Result<Event, ApiError>> {
     async_stream::try_stream! {
         let engine = st.engine.clone();
         let mut last = after;
@@ -185,7 +225,9 @@ pub async fn events(
                 .event(e.kind.clone())
                 .json_data(&e)
                 .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
-            Err(err) => SseEvent::default().event("error").data(serde_json::to_string(&err.body()).unwrap_or_default()),
+            Err(err) => SseEvent::default()
+                .event("error")
+                .data(serde_json::to_string(&err.body()).unwrap_or_default()),
         })
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
@@ -222,9 +264,17 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
         while let Some(r) = events.next().await {
             let text = match r {
                 Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
-                Err(err) => serde_json::json!({"type": "error", "error": err.body().error}).to_string(),
+                Err(err) => {
+                    serde_json::json!({"type": "error", "error": err.body().error}).to_string()
+                }
             };
-            if out.lock().await.send(Message::Text(text.into())).await.is_err() {
+            if out
+                .lock()
+                .await
+                .send(Message::Text(text.into()))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -238,11 +288,22 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
         };
         let reply = match serde_json::from_str::<WsClientMessage>(&text) {
             Err(e) => Err(ApiError::Invalid(format!("bad message: {e}"))),
-            Ok(WsClientMessage::Message { content }) => st.engine.send_message(&c.tenant, &id, content).await,
+            Ok(WsClientMessage::Message { content }) => {
+                st.engine.send_message(&c.tenant, &id, content).await
+            }
             Ok(WsClientMessage::Interrupt) => st.engine.interrupt(&c.tenant, &id).await,
-            Ok(WsClientMessage::Permission { request_id, allow, message }) => {
+            Ok(WsClientMessage::Permission {
+                request_id,
+                allow,
+                message,
+            }) => {
                 st.engine
-                    .answer_permission(&c.tenant, &id, &request_id, PermissionAnswer { allow, message })
+                    .answer_permission(
+                        &c.tenant,
+                        &id,
+                        &request_id,
+                        PermissionAnswer { allow, message },
+                    )
                     .await
             }
         };
@@ -250,7 +311,13 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
             Ok(()) => serde_json::json!({"type": "ack"}),
             Err(e) => serde_json::json!({"type": "error", "error": e.body().error}),
         };
-        if sink.lock().await.send(Message::Text(ack.to_string().into())).await.is_err() {
+        if sink
+            .lock()
+            .await
+            .send(Message::Text(ack.to_string().into()))
+            .await
+            .is_err()
+        {
             break;
         }
     }

@@ -27,7 +27,9 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
     if st.engine.backends.is_empty() {
         return Err(ApiError::Unavailable("no sandbox backend enabled".into()));
     }
-    Ok(axum::Json(serde_json::json!({"status": "ready", "store": "ok", "backends": st.engine.backends.len()})))
+    Ok(axum::Json(
+        serde_json::json!({"status": "ready", "store": "ok", "backends": st.engine.backends.len()}),
+    ))
 }
 
 /// Prometheus metrics.
@@ -37,7 +39,10 @@ pub async fn metrics_text(State(st): State<AppState>) -> impl IntoResponse {
     metrics::gauge!("berth_boxes_live").set(boxes as f64);
     metrics::gauge!("berth_sessions_live").set(sessions as f64);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         st.metrics.render(),
     )
 }
@@ -60,7 +65,10 @@ pub async fn backends(State(st): State<AppState>, _c: Caller) -> Json<List<Backe
 }
 
 pub async fn openapi() -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], super::openapi_json())
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        super::openapi_json(),
+    )
 }
 
 pub async fn not_found() -> ApiError {
@@ -68,5 +76,8 @@ pub async fn not_found() -> ApiError {
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::Rejected(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route".into())
+    ApiError::Rejected(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route".into(),
+    )
 }

@@ -17,9 +17,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 pub enum BoxCmd {
-    Destroy { reply: oneshot::Sender<Result<BoxObject, ApiError>> },
+    Destroy {
+        reply: oneshot::Sender<Result<BoxObject, ApiError>>,
+    },
     /// Server shutdown: tear the box down, record it as stopped.
-    Shutdown { reply: oneshot::Sender<()> },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
     Touch,
 }
 
@@ -38,25 +42,37 @@ impl BoxHandle {
 }
 
 pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
-    limits(spec).validate().map_err(|e| ApiError::Invalid(e.to_string()))?;
+    limits(spec)
+        .validate()
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::Invalid(format!("invalid environment variable name {k:?}")));
+            return Err(ApiError::Invalid(format!(
+                "invalid environment variable name {k:?}"
+            )));
         }
     }
     for p in &spec.network.allow {
         let ok = !p.is_empty()
             && p.len() <= 253
-            && p.trim_start_matches("*.").bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            && p.trim_start_matches("*.")
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
         if !ok {
-            return Err(ApiError::Invalid(format!("invalid network.allow pattern {p:?}")));
+            return Err(ApiError::Invalid(format!(
+                "invalid network.allow pattern {p:?}"
+            )));
         }
     }
     if spec.idle_timeout_s == Some(0) || spec.max_lifetime_s == Some(0) {
-        return Err(ApiError::Invalid("timeouts must be at least 1 second".into()));
+        return Err(ApiError::Invalid(
+            "timeouts must be at least 1 second".into(),
+        ));
     }
     if spec.labels.len() > 64 || spec.env.len() > 256 {
-        return Err(ApiError::Invalid("too many labels or environment variables".into()));
+        return Err(ApiError::Invalid(
+            "too many labels or environment variables".into(),
+        ));
     }
     Ok(())
 }
@@ -89,7 +105,10 @@ pub fn spawn(engine: Arc<Engine>, backend: Arc<Backend>, obj: BoxObject) -> BoxH
         rx,
     };
     tokio::spawn(actor.run());
-    BoxHandle { tx, state: state_rx }
+    BoxHandle {
+        tx,
+        state: state_rx,
+    }
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
@@ -118,8 +137,16 @@ impl BoxActor {
                 resources: self.obj.resources,
                 ..Default::default()
             }),
-            env: self.obj.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            bridges: vec![Bridge { port: super::GATEWAY_PORT, socket: "model.sock".into() }],
+            env: self
+                .obj
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            bridges: vec![Bridge {
+                port: super::GATEWAY_PORT,
+                socket: "model.sock".into(),
+            }],
         };
         let started = Instant::now();
         let info = match self.backend.create(cfg).await {
@@ -132,11 +159,16 @@ impl BoxActor {
             }
         };
         // The box's only way to the model: its own gateway socket.
-        let gateway_task = match self.engine.gateway.serve_box(&self.obj.id, &info.run_dir.join("model.sock")) {
+        let gateway_task = match self
+            .engine
+            .gateway
+            .serve_box(&self.obj.id, &info.run_dir.join("model.sock"))
+        {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.backend.destroy(&self.obj.id).await;
-                self.set(BoxState::Failed, Some(format!("gateway: {e}"))).await;
+                self.set(BoxState::Failed, Some(format!("gateway: {e}")))
+                    .await;
                 self.engine.forget_box(&self.obj.id);
                 return;
             }
@@ -151,11 +183,18 @@ impl BoxActor {
             }
         };
         let idle = self.obj.idle_timeout_s.map(Duration::from_secs);
-        let lifetime = self.obj.max_lifetime_s.map(|s| started + Duration::from_secs(s));
+        let lifetime = self
+            .obj
+            .max_lifetime_s
+            .map(|s| started + Duration::from_secs(s));
         let mut last_activity = Instant::now();
         loop {
             let running = self.obj.state == BoxState::Running;
-            let idle_deadline = if running { idle.map(|d| last_activity + d) } else { None };
+            let idle_deadline = if running {
+                idle.map(|d| last_activity + d)
+            } else {
+                None
+            };
             let life_deadline = if running { lifetime } else { None };
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
@@ -209,7 +248,8 @@ impl BoxActor {
             }
             Err(e) => {
                 tracing::error!(box_id = %self.obj.id, error = %e, "destroying box");
-                self.set(BoxState::Failed, Some(format!("destroy failed: {e}"))).await;
+                self.set(BoxState::Failed, Some(format!("destroy failed: {e}")))
+                    .await;
                 Err(e.into())
             }
         }

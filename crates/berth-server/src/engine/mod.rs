@@ -94,13 +94,20 @@ impl Engine {
 
     // ---- boxes ----
 
-    pub async fn create_box(self: &Arc<Self>, tenant: &str, spec: BoxSpec) -> Result<BoxObject, ApiError> {
-        let backend_name = spec.backend.clone().unwrap_or_else(|| self.config.default_backend.clone());
-        let backend = self
-            .backends
-            .get(&backend_name)
-            .cloned()
-            .ok_or_else(|| ApiError::Invalid(format!("backend {backend_name:?} is not enabled on this server")))?;
+    pub async fn create_box(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: BoxSpec,
+    ) -> Result<BoxObject, ApiError> {
+        let backend_name = spec
+            .backend
+            .clone()
+            .unwrap_or_else(|| self.config.default_backend.clone());
+        let backend = self.backends.get(&backend_name).cloned().ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "backend {backend_name:?} is not enabled on this server"
+            ))
+        })?;
         let image = spec.image.clone().unwrap_or_else(|| "host".into());
         if image != "host" {
             return Err(ApiError::Invalid(format!(
@@ -175,10 +182,21 @@ impl Engine {
     pub async fn delete_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
         let b = self.get_box(tenant, id).await?;
         // Sessions in the box end with it.
-        for s in self.store.list_sessions(tenant_filter(tenant), Some(id)).await? {
+        for s in self
+            .store
+            .list_sessions(tenant_filter(tenant), Some(id))
+            .await?
+        {
             if let Some(h) = self.session_handle(&s.id) {
                 let (tx, rx) = oneshot::channel();
-                if h.tx.send(SessionCmd::Stop { reason: "box deleted".into(), reply: tx }).await.is_ok() {
+                if h.tx
+                    .send(SessionCmd::Stop {
+                        reason: "box deleted".into(),
+                        reply: tx,
+                    })
+                    .await
+                    .is_ok()
+                {
                     let _ = rx.await;
                 }
             }
@@ -189,7 +207,8 @@ impl Engine {
                 h.tx.send(BoxCmd::Destroy { reply: tx })
                     .await
                     .map_err(|_| ApiError::Conflict("box is shutting down".into()))?;
-                rx.await.map_err(|_| ApiError::Internal("box owner task ended".into()))?
+                rx.await
+                    .map_err(|_| ApiError::Internal("box owner task ended".into()))?
             }
             None => {
                 if b.state == BoxState::Destroyed {
@@ -208,13 +227,23 @@ impl Engine {
     }
 
     /// The backend of a running box, after checking the tenant; records activity.
-    pub async fn running_box(&self, tenant: &str, id: &str) -> Result<(Arc<Backend>, BoxObject), ApiError> {
+    pub async fn running_box(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
         let b = self.get_box(tenant, id).await?;
         let Some(h) = self.box_handle(id) else {
-            return Err(ApiError::Conflict(format!("box {id} is {}", b.state.as_str())));
+            return Err(ApiError::Conflict(format!(
+                "box {id} is {}",
+                b.state.as_str()
+            )));
         };
         if b.state != BoxState::Running {
-            return Err(ApiError::Conflict(format!("box {id} is {}", b.state.as_str())));
+            return Err(ApiError::Conflict(format!(
+                "box {id} is {}",
+                b.state.as_str()
+            )));
         }
         h.touch();
         let backend = self
@@ -227,10 +256,16 @@ impl Engine {
 
     // ---- sessions ----
 
-    pub async fn create_session(self: &Arc<Self>, tenant: &str, spec: SessionSpec) -> Result<SessionObject, ApiError> {
+    pub async fn create_session(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: SessionSpec,
+    ) -> Result<SessionObject, ApiError> {
         let workdir = spec.workdir.clone().unwrap_or_else(|| "/workspace".into());
         if !workdir.starts_with('/') || workdir.contains('\0') {
-            return Err(ApiError::Invalid("workdir must be an absolute path inside the box".into()));
+            return Err(ApiError::Invalid(
+                "workdir must be an absolute path inside the box".into(),
+            ));
         }
         let session_id = new_id("ses");
         let token = berth_gateway::new_token();
@@ -242,7 +277,8 @@ impl Engine {
             resume: None,
             proxy: None,
         });
-        let driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
         if let Some(p) = &spec.prompt {
             if p.is_empty() {
                 return Err(ApiError::Invalid("prompt must not be empty".into()));
@@ -252,7 +288,10 @@ impl Engine {
             BoxRef::Id(id) => {
                 let b = self.get_box(tenant, id).await?;
                 if b.state != BoxState::Running {
-                    return Err(ApiError::Conflict(format!("box {id} is {}", b.state.as_str())));
+                    return Err(ApiError::Conflict(format!(
+                        "box {id} is {}",
+                        b.state.as_str()
+                    )));
                 }
                 b
             }
@@ -331,8 +370,15 @@ impl Engine {
             .ok_or_else(|| ApiError::not_found("session", id))
     }
 
-    pub async fn list_sessions(&self, tenant: &str, box_id: Option<&str>) -> Result<Vec<SessionObject>, ApiError> {
-        let mut items = self.store.list_sessions(tenant_filter(tenant), box_id).await?;
+    pub async fn list_sessions(
+        &self,
+        tenant: &str,
+        box_id: Option<&str>,
+    ) -> Result<Vec<SessionObject>, ApiError> {
+        let mut items = self
+            .store
+            .list_sessions(tenant_filter(tenant), box_id)
+            .await?;
         for s in items.iter_mut() {
             if let Some(h) = self.session_handle(&s.id) {
                 *s = h.state.borrow().clone();
@@ -343,17 +389,24 @@ impl Engine {
 
     async fn live_session(&self, tenant: &str, id: &str) -> Result<SessionHandle, ApiError> {
         let s = self.get_session(tenant, id).await?;
-        self.session_handle(id)
-            .ok_or_else(|| ApiError::Conflict(format!("session {id} has ended ({})", s.state.as_str())))
+        self.session_handle(id).ok_or_else(|| {
+            ApiError::Conflict(format!("session {id} has ended ({})", s.state.as_str()))
+        })
     }
 
-    pub async fn send_message(&self, tenant: &str, id: &str, content: serde_json::Value) -> Result<(), ApiError> {
+    pub async fn send_message(
+        &self,
+        tenant: &str,
+        id: &str,
+        content: serde_json::Value,
+    ) -> Result<(), ApiError> {
         let h = self.live_session(tenant, id).await?;
         let (tx, rx) = oneshot::channel();
         h.tx.send(SessionCmd::Message { content, reply: tx })
             .await
             .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
-        rx.await.map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+        rx.await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }
 
     pub async fn interrupt(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
@@ -362,16 +415,28 @@ impl Engine {
         h.tx.send(SessionCmd::Interrupt { reply: tx })
             .await
             .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
-        rx.await.map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+        rx.await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }
 
-    pub async fn answer_permission(&self, tenant: &str, id: &str, request_id: &str, answer: PermissionAnswer) -> Result<(), ApiError> {
+    pub async fn answer_permission(
+        &self,
+        tenant: &str,
+        id: &str,
+        request_id: &str,
+        answer: PermissionAnswer,
+    ) -> Result<(), ApiError> {
         let h = self.live_session(tenant, id).await?;
         let (tx, rx) = oneshot::channel();
-        h.tx.send(SessionCmd::Permission { request_id: request_id.to_string(), answer, reply: tx })
-            .await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
-        rx.await.map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+        h.tx.send(SessionCmd::Permission {
+            request_id: request_id.to_string(),
+            answer,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
+        rx.await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }
 
     pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<SessionObject, ApiError> {
@@ -380,16 +445,27 @@ impl Engine {
             return Ok(s);
         };
         let (tx, rx) = oneshot::channel();
-        if h.tx.send(SessionCmd::Stop { reason: "stopped by client".into(), reply: tx }).await.is_err() {
+        if h.tx
+            .send(SessionCmd::Stop {
+                reason: "stopped by client".into(),
+                reply: tx,
+            })
+            .await
+            .is_err()
+        {
             return self.get_session(tenant, id).await;
         }
-        rx.await.map_err(|_| ApiError::Internal("session owner task ended".into()))
+        rx.await
+            .map_err(|_| ApiError::Internal("session owner task ended".into()))
     }
 
     pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
         self.get_session(tenant, id).await?;
         let rows = self.store.session_usage(id).await?;
-        let mut total = ModelUsage { model: "*".into(), ..Default::default() };
+        let mut total = ModelUsage {
+            model: "*".into(),
+            ..Default::default()
+        };
         let by_model = rows
             .into_iter()
             .map(|r| {
@@ -408,7 +484,11 @@ impl Engine {
                 }
             })
             .collect();
-        Ok(SessionUsage { session_id: id.to_string(), by_model, total })
+        Ok(SessionUsage {
+            session_id: id.to_string(),
+            by_model,
+            total,
+        })
     }
 
     /// Live event feed of a session (None once it has ended: replay from the store suffices).
@@ -418,14 +498,29 @@ impl Engine {
 
     /// Stop every session and destroy every box that should not outlive the server process.
     pub async fn shutdown(&self) {
-        let sessions: Vec<SessionHandle> = self.sessions.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        let sessions: Vec<SessionHandle> = self
+            .sessions
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
         for h in sessions {
             let (tx, rx) = oneshot::channel();
-            if h.tx.send(SessionCmd::Stop { reason: "server shutting down".into(), reply: tx }).await.is_ok() {
+            if h.tx
+                .send(SessionCmd::Stop {
+                    reason: "server shutting down".into(),
+                    reply: tx,
+                })
+                .await
+                .is_ok()
+            {
                 let _ = rx.await;
             }
         }
-        let boxes: Vec<BoxHandle> = self.boxes.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        let boxes: Vec<BoxHandle> = self
+            .boxes
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
         for h in boxes {
             let (tx, rx) = oneshot::channel();
             if h.tx.send(BoxCmd::Shutdown { reply: tx }).await.is_ok() {

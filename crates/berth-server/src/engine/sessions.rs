@@ -11,7 +11,7 @@ use super::boxes::{BoxCmd, BoxHandle};
 use super::Engine;
 use crate::auth::now;
 use crate::error::ApiError;
-use berth_agent::{AgentEvent, Driver, Interrupt, Output};
+use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
 use berth_api::{Event, Lifecycle, PermissionAnswer, SessionObject, SessionState};
 use berth_sandbox::{Backend, ExecEvent, ExecHandle, ExecInput, ExecSpec, Sandbox};
 use serde_json::{json, Value};
@@ -24,10 +24,22 @@ const BROADCAST_CAPACITY: usize = 1024;
 const MAX_BATCH: usize = 256;
 
 pub enum SessionCmd {
-    Message { content: Value, reply: oneshot::Sender<Result<(), ApiError>> },
-    Interrupt { reply: oneshot::Sender<Result<(), ApiError>> },
-    Permission { request_id: String, answer: PermissionAnswer, reply: oneshot::Sender<Result<(), ApiError>> },
-    Stop { reason: String, reply: oneshot::Sender<SessionObject> },
+    Message {
+        content: Value,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Interrupt {
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Permission {
+        request_id: String,
+        answer: PermissionAnswer,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Stop {
+        reason: String,
+        reply: oneshot::Sender<SessionObject>,
+    },
 }
 
 #[derive(Clone)]
@@ -87,75 +99,88 @@ pub fn spawn(
 }
 
 impl SessionActor {
-    /// Number, persist, then publish events; then persist and publish the session object.
-    async fn record(&mut self, evs: Vec<AgentEvent>) {
-        if evs.is_empty() {
+    /// Number and persist `evs`, apply `update` to the session (a state change adds a `status`
+    /// event to the same batch), persist and publish the session, and only then broadcast the
+    /// events: a client that sees an event and then reads the session sees the session as of
+    /// that event or later.
+    async fn commit(&mut self, mut evs: Vec<AgentEvent>, update: Update) {
+        let mut dirty = false;
+        if let Some(id) = update.agent_session_id {
+            dirty |= self.obj.agent_session_id.as_deref() != Some(id.as_str());
+            self.obj.agent_session_id = Some(id);
+        }
+        if let Some(v) = update.cli_version {
+            dirty |= self.obj.cli_version.as_deref() != Some(v.as_str());
+            self.obj.cli_version = Some(v);
+        }
+        if let Some(state) = update.state {
+            // A terminal state is final.
+            if !self.obj.state.is_terminal()
+                && (state != self.obj.state || update.state_reason != self.obj.state_reason)
+            {
+                self.obj.state = state;
+                self.obj.state_reason = update.state_reason.clone();
+                evs.push(AgentEvent {
+                    kind: "status".into(),
+                    data: json!({"state": state.as_str(), "reason": update.state_reason}),
+                });
+                dirty = true;
+            }
+        }
+        if evs.is_empty() && !dirty {
             return;
         }
         let ts = now();
-        let mut batch = Vec::with_capacity(evs.len());
-        for e in evs {
-            self.obj.last_seq += 1;
-            batch.push(Event {
-                seq: self.obj.last_seq,
+        let first = self.obj.last_seq;
+        let batch: Vec<Event> = evs
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| Event {
+                seq: first + 1 + i as i64,
                 session_id: self.obj.id.clone(),
                 ts: ts.clone(),
                 kind: e.kind,
                 data: e.data,
-            });
+            })
+            .collect();
+        if !batch.is_empty() {
+            if let Err(e) = self.engine.store.append_events(&batch).await {
+                // Without the store the log would have a hole: drop the batch, say so.
+                tracing::error!(session_id = %self.obj.id, error = %e, "appending events");
+                return;
+            }
+            self.obj.last_seq = first + batch.len() as i64;
+            metrics::counter!("berth_events_total").increment(batch.len() as u64);
         }
-        if let Err(e) = self.engine.store.append_events(&batch).await {
-            // Without the store the log would have a hole; stop the agent instead.
-            tracing::error!(session_id = %self.obj.id, error = %e, "appending events");
-            self.obj.last_seq -= batch.len() as i64;
-            return;
+        self.obj.updated_at = ts;
+        if let Err(e) = self.engine.store.put_session(&self.obj).await {
+            tracing::error!(session_id = %self.obj.id, error = %e, "persisting session");
         }
-        metrics::counter!("berth_events_total").increment(batch.len() as u64);
+        self.state.send_replace(self.obj.clone());
         for e in batch {
             let _ = self.events.send(e);
         }
         self.box_handle.touch();
     }
 
-    async fn publish(&mut self) {
-        self.obj.updated_at = now();
-        if let Err(e) = self.engine.store.put_session(&self.obj).await {
-            tracing::error!(session_id = %self.obj.id, error = %e, "persisting session");
-        }
-        self.state.send_replace(self.obj.clone());
+    async fn record(&mut self, evs: Vec<AgentEvent>) {
+        self.commit(evs, Update::default()).await;
     }
 
     async fn set_state(&mut self, state: SessionState, reason: Option<String>) {
-        let changed = self.obj.state != state || self.obj.state_reason != reason;
-        self.obj.state = state;
-        self.obj.state_reason = reason.clone();
-        if changed {
-            self.record(vec![AgentEvent {
-                kind: "status".into(),
-                data: json!({"state": state.as_str(), "reason": reason}),
-            }])
-            .await;
-        }
-        self.publish().await;
+        self.commit(
+            vec![],
+            Update {
+                state: Some(state),
+                state_reason: reason,
+                ..Default::default()
+            },
+        )
+        .await;
     }
 
     async fn apply(&mut self, out: Output) {
-        self.record(out.events).await;
-        let u = out.update;
-        let mut dirty = false;
-        if let Some(id) = u.agent_session_id {
-            self.obj.agent_session_id = Some(id);
-            dirty = true;
-        }
-        if let Some(v) = u.cli_version {
-            self.obj.cli_version = Some(v);
-            dirty = true;
-        }
-        match u.state {
-            Some(s) if s != self.obj.state => self.set_state(s, u.state_reason).await,
-            _ if dirty => self.publish().await,
-            _ => {}
-        }
+        self.commit(out.events, out.update).await;
     }
 
     async fn run(mut self) {
@@ -169,9 +194,16 @@ impl SessionActor {
         let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
             Ok(h) => Some(h),
             Err(e) => {
-                self.record(vec![AgentEvent { kind: "error".into(), data: json!({"message": e.to_string()}) }])
-                    .await;
-                self.set_state(SessionState::Failed, Some(format!("agent failed to start: {e}"))).await;
+                self.record(vec![AgentEvent {
+                    kind: "error".into(),
+                    data: json!({"message": e.to_string()}),
+                }])
+                .await;
+                self.set_state(
+                    SessionState::Failed,
+                    Some(format!("agent failed to start: {e}")),
+                )
+                .await;
                 None
             }
         };
@@ -216,7 +248,13 @@ impl SessionActor {
         }
         if self.lifecycle == Lifecycle::Ephemeral {
             let (tx, rx) = oneshot::channel();
-            if self.box_handle.tx.send(BoxCmd::Destroy { reply: tx }).await.is_ok() {
+            if self
+                .box_handle
+                .tx
+                .send(BoxCmd::Destroy { reply: tx })
+                .await
+                .is_ok()
+            {
                 let _ = rx.await;
             }
         }
@@ -241,7 +279,11 @@ impl SessionActor {
     /// Returns true when the agent has ended.
     async fn agent_output(&mut self, evs: Vec<ExecEvent>) -> bool {
         if evs.is_empty() {
-            self.set_state(SessionState::Failed, Some("agent stream ended unexpectedly".into())).await;
+            self.set_state(
+                SessionState::Failed,
+                Some("agent stream ended unexpectedly".into()),
+            )
+            .await;
             return true;
         }
         let mut out = Output::default();
@@ -256,14 +298,18 @@ impl SessionActor {
                     let mut o = self.driver.on_exit(st.code, st.signal);
                     if st.oom_killed {
                         o.update.state = Some(SessionState::Failed);
-                        o.update.state_reason = Some("agent was OOM-killed (box memory limit)".into());
+                        o.update.state_reason =
+                            Some("agent was OOM-killed (box memory limit)".into());
                     }
                     o
                 }
                 ExecEvent::Failed(m) => {
                     ended = true;
                     let mut o = self.driver.on_exit(None, None);
-                    o.events.push(AgentEvent { kind: "error".into(), data: json!({"message": m}) });
+                    o.events.push(AgentEvent {
+                        kind: "error".into(),
+                        data: json!({"message": m}),
+                    });
                     o.update.state = Some(SessionState::Failed);
                     o.update.state_reason = Some(m);
                     o
@@ -290,12 +336,19 @@ impl SessionActor {
         let Some(h) = exec else {
             return Err(ApiError::Conflict("the agent is not running".into()));
         };
-        let bytes = self.driver.encode_message(&content).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let bytes = self
+            .driver
+            .encode_message(&content)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
         h.input
             .send(ExecInput::Stdin(bytes.into()))
             .await
             .map_err(|_| ApiError::Conflict("the agent is not running".into()))?;
-        self.record(vec![AgentEvent { kind: "user".into(), data: json!({"content": content}) }]).await;
+        self.record(vec![AgentEvent {
+            kind: "user".into(),
+            data: json!({"content": content}),
+        }])
+        .await;
         if self.obj.state == SessionState::Idle {
             self.set_state(SessionState::Running, None).await;
         }
@@ -312,18 +365,40 @@ impl SessionActor {
             }
             SessionCmd::Interrupt { reply } => {
                 let r = match (exec.as_ref(), self.driver.interrupt()) {
-                    (Some(h), Interrupt::Signal(s)) => h.input.send(ExecInput::Signal(s)).await.map_err(|_| ()),
-                    (Some(h), Interrupt::Stdin(b)) => h.input.send(ExecInput::Stdin(b.into())).await.map_err(|_| ()),
+                    (Some(h), Interrupt::Signal(s)) => {
+                        h.input.send(ExecInput::Signal(s)).await.map_err(|_| ())
+                    }
+                    (Some(h), Interrupt::Stdin(b)) => h
+                        .input
+                        .send(ExecInput::Stdin(b.into()))
+                        .await
+                        .map_err(|_| ()),
                     (None, _) => Err(()),
                 };
                 if r.is_ok() {
-                    self.record(vec![AgentEvent { kind: "status".into(), data: json!({"interrupt": true}) }]).await;
+                    self.record(vec![AgentEvent {
+                        kind: "status".into(),
+                        data: json!({"interrupt": true}),
+                    }])
+                    .await;
                 }
-                let _ = reply.send(r.map_err(|_| ApiError::Conflict("the agent is not running".into())));
+                let _ = reply
+                    .send(r.map_err(|_| ApiError::Conflict("the agent is not running".into())));
                 false
             }
-            SessionCmd::Permission { request_id, answer, reply } => {
-                let r = match (exec.as_ref(), self.driver.answer_permission(&request_id, answer.allow, answer.message.as_deref())) {
+            SessionCmd::Permission {
+                request_id,
+                answer,
+                reply,
+            } => {
+                let r = match (
+                    exec.as_ref(),
+                    self.driver.answer_permission(
+                        &request_id,
+                        answer.allow,
+                        answer.message.as_deref(),
+                    ),
+                ) {
                     (Some(h), Some(bytes)) => {
                         let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
@@ -333,7 +408,9 @@ impl SessionActor {
                         .await;
                         sent.map_err(|_| ApiError::Conflict("the agent is not running".into()))
                     }
-                    _ => Err(ApiError::NotFound(format!("no pending permission request {request_id} in this session"))),
+                    _ => Err(ApiError::NotFound(format!(
+                        "no pending permission request {request_id} in this session"
+                    ))),
                 };
                 let _ = reply.send(r);
                 false

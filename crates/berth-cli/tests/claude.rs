@@ -1,0 +1,388 @@
+//! The real Claude Code CLI in real boxes, through the gateway, against the mock model.
+
+mod common;
+
+use berth_mock_model::{scenario::Scenario, Mock};
+use common::{Api, Server};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
+
+fn claude_bin() -> String {
+    std::env::var("BERTH_CLAUDE_BIN")
+        .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into())
+}
+
+async fn start_mock() -> (String, Mock) {
+    // The demo, plus a task that makes the agent dump its environment where the test can read it.
+    let mut sc = Scenario::demo();
+    let leak: berth_mock_model::scenario::Rule = serde_json::from_value(json!({
+        "match": "dump your environment",
+        "steps": [
+            {"tool_use": [{"name": "Bash", "input": {"command": "printenv > /workspace/env.txt", "description": "dump env"}}]},
+            {"text": "dumped"}
+        ]
+    }))
+    .expect("rule");
+    sc.rules.insert(0, leak);
+    let mock = Mock::new(sc, Duration::ZERO);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let router = mock.router();
+    tokio::spawn(async move { axum_serve(listener, router).await });
+    (url, mock)
+}
+
+async fn axum_serve(l: tokio::net::TcpListener, r: axum::Router) {
+    let _ = axum::serve(l, r).await;
+}
+
+async fn setup() -> (tempfile::TempDir, Server, Api, Mock) {
+    let (mock_url, mock) = start_mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = claude_bin();
+    let srv = Server::start_with(
+        dir.path(),
+        &[
+            ("BERTH_UPSTREAM_URL", &mock_url),
+            ("ANTHROPIC_API_KEY", REAL_KEY),
+            ("BERTH_CLAUDE_BIN", &bin),
+        ],
+    )
+    .await;
+    let api = srv.client();
+    (dir, srv, api, mock)
+}
+
+async fn session(api: &Api, agent: Value, prompt: Option<&str>) -> (String, String) {
+    let mut body =
+        json!({"box": {"resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": agent});
+    if let Some(p) = prompt {
+        body["prompt"] = json!(p);
+    }
+    let r = api.post("/v1/sessions", body).await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    (
+        r.json["id"].as_str().expect("id").into(),
+        r.json["box_id"].as_str().expect("box").into(),
+    )
+}
+
+/// Events until (and including) the `n`-th event of `kind`.
+async fn until(api: &Api, sid: &str, kind: &str, n: usize) -> Vec<Value> {
+    let mut evs: Vec<Value> = Vec::new();
+    while evs.iter().filter(|e| e["type"] == kind).count() < n {
+        let after = evs
+            .last()
+            .map(|e| e["seq"].as_i64().expect("seq"))
+            .unwrap_or(0);
+        let more = api
+            .sse(&format!("/v1/sessions/{sid}/events?after={after}"), None, 1)
+            .await;
+        assert!(
+            !more.is_empty(),
+            "stream ended before {n} {kind} events: {evs:?}"
+        );
+        evs.extend(more);
+    }
+    evs
+}
+
+/// Wait (bounded) until the model has been asked about `text`: the agent is mid-turn.
+async fn wait_for_model_request(mock: &Mock, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !mock
+        .recorded()
+        .iter()
+        .any(|r| r.body["messages"].to_string().contains(text))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the model never saw {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn exec(api: &Api, bx: &str, script: &str) -> Value {
+    let r = api
+        .post(
+            &format!("/v1/boxes/{bx}/exec"),
+            json!({"argv": ["/bin/sh", "-c", script]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json
+}
+
+#[tokio::test]
+async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
+    let (_d, srv, api, mock) = setup().await;
+    let (sid, bx) = session(&api, json!({"kind": "claude"}), Some("please make a file")).await;
+    let evs = until(&api, &sid, "result", 1).await;
+    let result = evs.iter().find(|e| e["type"] == "result").expect("result");
+    assert_eq!(result["data"]["is_error"], false, "{result}");
+    let tools: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "tool_use")
+        .filter_map(|e| e["data"]["name"].as_str())
+        .collect();
+    assert_eq!(tools, vec!["Write", "Bash"]);
+    let bash_out = evs
+        .iter()
+        .filter(|e| e["type"] == "tool_result")
+        .last()
+        .expect("tool result");
+    assert!(
+        bash_out["data"]["content"]
+            .to_string()
+            .contains("Hello from an agent"),
+        "{bash_out}"
+    );
+    // The effect, through the files API.
+    let f = api.get(&format!("/v1/boxes/{bx}/files/hello.txt")).await;
+    assert_eq!(f.bytes, b"Hello from an agent in a berth box!\n");
+    let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+    assert_eq!(s["state"], "idle");
+    assert_eq!(s["cli_version"], "2.1.328");
+    assert_eq!(s["agent_session_id"], result["data"]["session_id"]);
+
+    // The mock saw the real key on every request, never the session token.
+    let seen = mock.recorded();
+    assert_eq!(seen.len(), 3, "three model turns");
+    assert!(
+        seen.iter().all(|r| r.api_key.as_deref() == Some(REAL_KEY)),
+        "{:?}",
+        seen.iter().map(|r| &r.api_key).collect::<Vec<_>>()
+    );
+    assert!(
+        seen.iter().all(|r| r.anthropic_version.is_some()),
+        "anthropic-version forwarded"
+    );
+    // Nothing the box can read holds the real key.
+    let out = exec(
+        &api,
+        &bx,
+        &format!("grep -rl '{REAL_KEY}' /workspace /home /tmp /run /etc 2>/dev/null | wc -l"),
+    )
+    .await;
+    assert_eq!(out["stdout"], "0\n", "{out}");
+    // Metering matches the mock's usage exactly.
+    let usage = api.get(&format!("/v1/sessions/{sid}/usage")).await.json;
+    let sum = |k: &str| {
+        seen.iter()
+            .map(|r| r.usage[k].as_u64().expect("n"))
+            .sum::<u64>()
+    };
+    assert_eq!(usage["total"]["input_tokens"], sum("input_tokens"));
+    assert_eq!(usage["total"]["output_tokens"], sum("output_tokens"));
+    assert_eq!(usage["by_model"].as_array().map(Vec::len), Some(1));
+
+    // A second message goes to the same process; the model sees the earlier turns.
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "now dump your environment"}),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    let evs = until(&api, &sid, "result", 2).await;
+    let results: Vec<&Value> = evs.iter().filter(|e| e["type"] == "result").collect();
+    assert_eq!(
+        results[0]["data"]["session_id"], results[1]["data"]["session_id"],
+        "one conversation"
+    );
+    assert_eq!(
+        exec(&api, &bx, "pgrep -c -f 'output-forma[t]=stream-json'").await["stdout"],
+        "1\n",
+        "one CLI process"
+    );
+    let last = mock.recorded().last().cloned().expect("request");
+    let msgs = last.body["messages"].to_string();
+    assert!(
+        msgs.contains("please make a file") && msgs.contains("now dump your environment"),
+        "earlier turns replayed to the model"
+    );
+
+    // What the agent itself sees: a session token, never the real key.
+    let env = String::from_utf8(
+        api.get(&format!("/v1/boxes/{bx}/files/env.txt"))
+            .await
+            .bytes,
+    )
+    .expect("utf8");
+    assert!(!env.contains(REAL_KEY), "the real key reached the box");
+    let tok = env
+        .lines()
+        .find_map(|l| l.strip_prefix("ANTHROPIC_API_KEY="))
+        .expect("the agent has a key")
+        .to_string();
+    assert!(tok.starts_with("berth-session-"), "{tok}");
+    assert!(
+        env.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:47100"),
+        "{env}"
+    );
+
+    // The session's token dies with the session.
+    let probe = format!("curl -s -o /dev/null -w '%{{http_code}}' -X POST http://127.0.0.1:47100/v1/messages -H 'x-api-key: {tok}' -H 'content-type: application/json' -d '{{\"model\":\"m\",\"max_tokens\":1,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+    assert_eq!(exec(&api, &bx, &probe).await["stdout"], "200");
+    let before = mock.recorded().len();
+    assert_eq!(
+        api.delete(&format!("/v1/sessions/{sid}")).await.json["state"],
+        "stopped"
+    );
+    assert_eq!(exec(&api, &bx, &probe).await["stdout"], "401");
+    assert_eq!(
+        mock.recorded().len(),
+        before,
+        "a refused token never reaches the upstream"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn max_turns_permissions_and_interrupt() {
+    let (_d, srv, api, mock) = setup().await;
+    // max_turns: the demo needs three turns; one is allowed.
+    let (sid, _) = session(
+        &api,
+        json!({"kind": "claude", "max_turns": 1}),
+        Some("make a file"),
+    )
+    .await;
+    let evs = until(&api, &sid, "result", 1).await;
+    let result = evs.iter().find(|e| e["type"] == "result").expect("result");
+    assert_eq!(result["data"]["subtype"], "error_max_turns", "{result}");
+    assert_eq!(
+        api.get(&format!("/v1/sessions/{sid}")).await.json["state_reason"],
+        "error_max_turns"
+    );
+
+    // Permission requests: the Write is denied (nothing written), then approved on the next task.
+    let (sid, bx) = session(
+        &api,
+        json!({"kind": "claude", "permission_mode": "default"}),
+        Some("make a file"),
+    )
+    .await;
+    let evs = until(&api, &sid, "permission_request", 1).await;
+    let req = evs
+        .iter()
+        .find(|e| e["type"] == "permission_request")
+        .expect("request");
+    assert_eq!(req["data"]["tool_name"], "Write");
+    let rid = req["data"]["request_id"].as_str().expect("id").to_string();
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/permissions/{rid}"),
+            json!({"allow": false, "message": "not now"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    assert_eq!(
+        api.post(
+            &format!("/v1/sessions/{sid}/permissions/{rid}"),
+            json!({"allow": true})
+        )
+        .await
+        .status,
+        404,
+        "answered once"
+    );
+    let evs = until(&api, &sid, "result", 1).await;
+    let denied = evs
+        .iter()
+        .find(|e| e["type"] == "tool_result")
+        .expect("tool result");
+    assert_eq!(denied["data"]["is_error"], true);
+    assert_eq!(denied["data"]["content"], "not now");
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/files/hello.txt"))
+            .await
+            .status,
+        404,
+        "denied Write did not run"
+    );
+    assert_eq!(
+        api.post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "make a file again"})
+        )
+        .await
+        .status,
+        202
+    );
+    let evs = until(&api, &sid, "permission_request", 2).await;
+    let req = evs
+        .iter()
+        .filter(|e| e["type"] == "permission_request")
+        .nth(1)
+        .expect("second request");
+    let rid = req["data"]["request_id"].as_str().expect("id");
+    assert_eq!(
+        api.post(
+            &format!("/v1/sessions/{sid}/permissions/{rid}"),
+            json!({"allow": true})
+        )
+        .await
+        .status,
+        202
+    );
+    until(&api, &sid, "result", 2).await;
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/files/hello.txt"))
+            .await
+            .bytes,
+        b"Hello from an agent in a berth box!\n"
+    );
+
+    // Interrupt during a slow model response: the turn ends at once, the session lives on.
+    let (sid, _) = session(&api, json!({"kind": "claude"}), Some("be slow please")).await;
+    wait_for_model_request(&mock, "be slow please").await;
+    let t = std::time::Instant::now();
+    assert_eq!(
+        api.post(&format!("/v1/sessions/{sid}/interrupt"), json!({}))
+            .await
+            .status,
+        202
+    );
+    until(&api, &sid, "result", 1).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "interrupt took {:?}",
+        t.elapsed()
+    );
+    let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+    assert_eq!(s["state"], "idle", "{s}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_cli_fails_the_session_with_the_reason() {
+    let (_d, srv, api, mock) = setup().await;
+    let (sid, bx) = session(&api, json!({"kind": "claude"}), Some("be slow")).await;
+    wait_for_model_request(&mock, "be slow").await;
+    let out = exec(
+        &api,
+        &bx,
+        "pkill -KILL -f 'output-forma[t]=stream-json' && echo killed",
+    )
+    .await;
+    assert_eq!(out["stdout"], "killed\n", "{out}");
+    let s = api
+        .wait_for(&format!("/v1/sessions/{sid}"), 20, |s| {
+            s["state"] == "failed"
+        })
+        .await;
+    assert!(
+        s["state_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("signal 9"),
+        "{s}"
+    );
+    srv.stop().await;
+}
