@@ -133,8 +133,7 @@ async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
     assert_eq!(tools, vec!["Write", "Bash"]);
     let bash_out = evs
         .iter()
-        .filter(|e| e["type"] == "tool_result")
-        .last()
+        .rfind(|e| e["type"] == "tool_result")
         .expect("tool result");
     assert!(
         bash_out["data"]["content"]

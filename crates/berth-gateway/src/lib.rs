@@ -176,6 +176,35 @@ impl Gateway {
     }
 }
 
+/// Reports a request's usage once: when the response is complete, or, if the stream breaks or
+/// the client goes away first, with whatever usage was seen (a cut stream still cost tokens).
+struct MeterTap {
+    parser: UsageParser,
+    pending: Option<(TokenOwner, String)>,
+    meter: mpsc::UnboundedSender<UsageRecord>,
+    status: u16,
+}
+
+impl MeterTap {
+    fn report(&mut self) {
+        if let Some((owner, model)) = self.pending.take() {
+            let model = self.parser.model().unwrap_or(model);
+            let _ = self.meter.send(UsageRecord {
+                owner,
+                model,
+                usage: self.parser.usage(),
+                status: self.status,
+            });
+        }
+    }
+}
+
+impl Drop for MeterTap {
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
 fn presented_token(h: &HeaderMap) -> Option<String> {
     if let Some(v) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim().to_string());
@@ -295,25 +324,18 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             }
         }
     }
-    let meter = gw.meter.clone();
-    let mut parser = UsageParser::new(is_sse);
-    let mut done = Some((owner, model));
+    let mut tap = MeterTap {
+        parser: UsageParser::new(is_sse),
+        pending: Some((owner, model)),
+        meter: gw.meter.clone(),
+        status,
+    };
     let stream = resp.bytes_stream().map(move |chunk| {
-        match &chunk {
-            Ok(b) => parser.feed(b),
-            Err(_) => {}
+        if let Ok(b) = &chunk {
+            tap.parser.feed(b);
         }
-        if parser.finished() {
-            if let Some((owner, model)) = done.take() {
-                let usage = parser.usage();
-                let model = parser.model().unwrap_or(model);
-                let _ = meter.send(UsageRecord {
-                    owner,
-                    model,
-                    usage,
-                    status,
-                });
-            }
+        if tap.parser.finished() {
+            tap.report();
         }
         chunk
     });

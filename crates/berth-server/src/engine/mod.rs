@@ -333,16 +333,16 @@ impl Engine {
                 tenant: tenant.to_string(),
             },
         );
-        let handle = sessions::spawn(
-            self.clone(),
+        let handle = sessions::spawn(sessions::SessionStart {
+            engine: self.clone(),
             backend,
             box_handle,
-            box_obj.lifecycle,
+            lifecycle: box_obj.lifecycle,
             driver,
-            obj.clone(),
-            spec.prompt.clone(),
+            obj: obj.clone(),
+            prompt: spec.prompt.clone(),
             token,
-        );
+        });
         if let Ok(mut m) = self.sessions.write() {
             m.insert(obj.id.clone(), handle.clone());
         }

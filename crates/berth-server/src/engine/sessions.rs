@@ -64,31 +64,35 @@ struct SessionActor {
     token: String,
 }
 
-pub fn spawn(
-    engine: Arc<Engine>,
-    backend: Arc<Backend>,
-    box_handle: BoxHandle,
-    lifecycle: Lifecycle,
-    driver: Driver,
-    obj: SessionObject,
-    prompt: Option<String>,
-    token: String,
-) -> SessionHandle {
+/// Everything a session owner task starts with.
+pub struct SessionStart {
+    pub engine: Arc<Engine>,
+    pub backend: Arc<Backend>,
+    pub box_handle: BoxHandle,
+    pub lifecycle: Lifecycle,
+    pub driver: Driver,
+    pub obj: SessionObject,
+    pub prompt: Option<String>,
+    /// The session's gateway token.
+    pub token: String,
+}
+
+pub fn spawn(start: SessionStart) -> SessionHandle {
     let (tx, rx) = mpsc::channel(64);
-    let (state_tx, state_rx) = watch::channel(obj.clone());
+    let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
     let actor = SessionActor {
-        engine,
-        backend,
-        box_handle,
-        lifecycle,
-        driver,
-        obj,
+        engine: start.engine,
+        backend: start.backend,
+        box_handle: start.box_handle,
+        lifecycle: start.lifecycle,
+        driver: start.driver,
+        obj: start.obj,
         state: state_tx,
         events: events.clone(),
         rx,
-        prompt,
-        token,
+        prompt: start.prompt,
+        token: start.token,
     };
     tokio::spawn(actor.run());
     SessionHandle {
