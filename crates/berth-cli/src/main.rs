@@ -117,6 +117,10 @@ struct ServeArgs {
     /// Log format: text or json ($BERTH_LOG_FORMAT).
     #[arg(long)]
     log_format: Option<String>,
+    /// Also run the built-in mock model on loopback and use it as the upstream: agents work
+    /// offline, no API key needed.
+    #[arg(long)]
+    mock_model: bool,
 }
 
 #[derive(Args, Clone)]
@@ -164,6 +168,9 @@ struct RunArgs {
     /// Directory copied into the box's workspace first.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Directory the workspace is copied out to when the agent is done.
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[arg(long)]
     model: Option<String>,
     #[arg(long)]
@@ -327,6 +334,20 @@ async fn serve(a: ServeArgs) -> Result<()> {
         cfg.log_format = f;
     }
     init_logging(&cfg.log_format);
+    if a.mock_model {
+        let mock = berth_mock_model::Mock::new(berth_mock_model::scenario::Scenario::demo(), std::time::Duration::from_millis(20));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let router = mock.router();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        cfg.upstream_url = format!("http://{addr}");
+        if cfg.anthropic_api_key.is_none() {
+            cfg.anthropic_api_key = Some("sk-berth-mock-model".into());
+        }
+        tracing::info!(upstream = %cfg.upstream_url, "using the built-in mock model");
+    }
     let helper = std::env::current_exe().context("locating the berth executable")?;
     let shutdown = async {
         let mut term =
@@ -574,35 +595,87 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
 
 async fn run(c: &Client, a: RunArgs) -> Result<()> {
     let spec = SessionSpec {
-        box_ref: BoxRef::Spec(Box::new(BoxSpec {
-            lifecycle: Lifecycle::Ephemeral,
-            ..Default::default()
-        })),
-        agent: AgentSpec::Claude(ClaudeAgent {
-            model: a.model,
-            max_turns: a.max_turns,
-            ..Default::default()
-        }),
+        box_ref: BoxRef::Spec(Box::new(BoxSpec { lifecycle: Lifecycle::Ephemeral, ..Default::default() })),
+        agent: AgentSpec::Claude(ClaudeAgent { model: a.model, max_turns: a.max_turns, ..Default::default() }),
         workdir: None,
-        prompt: if a.dir.is_some() {
-            None
-        } else {
-            Some(a.prompt.clone())
-        },
+        prompt: None,
     };
     let s: SessionObject = c.post("/v1/sessions", &spec).await?;
-    if let Some(dir) = &a.dir {
-        upload_dir(c, &s.box_id, dir).await?;
+    let result = async {
+        if let Some(dir) = &a.dir {
+            upload_dir(c, &s.box_id, dir).await?;
+        }
         let _: Accepted = c
-            .post(
-                &format!("/v1/sessions/{}/messages", s.id),
-                &MessageRequest {
-                    content: serde_json::Value::String(a.prompt),
-                },
-            )
+            .post(&format!("/v1/sessions/{}/messages", s.id), &MessageRequest { content: serde_json::Value::String(a.prompt.clone()) })
             .await?;
+        let mut r = render::Renderer::new(a.json, true);
+        let mut result: Option<serde_json::Value> = None;
+        let mut failed: Option<String> = None;
+        c.follow(&s.id, 0, |e| {
+            r.event(&e);
+            match e.kind.as_str() {
+                "result" => {
+                    result = Some(e.data.clone());
+                    false
+                }
+                "status" if matches!(e.data["state"].as_str(), Some("failed") | Some("stopped")) => {
+                    failed = Some(e.data["reason"].as_str().unwrap_or("the agent ended").to_string());
+                    false
+                }
+                _ => true,
+            }
+        })
+        .await?;
+        r.finish();
+        if let Some(out) = &a.out {
+            download_dir(c, &s.box_id, "", out).await?;
+        }
+        let usage: SessionUsage = c.get(&format!("/v1/sessions/{}/usage", s.id)).await?;
+        Ok::<_, anyhow::Error>((result, failed, usage))
     }
-    logs(c, &s.id, true, a.json, 0).await
+    .await;
+    // The box is ephemeral: ending the session removes it.
+    let _ = c.delete::<SessionObject>(&format!("/v1/sessions/{}", s.id)).await;
+    let (result, failed, usage) = result?;
+    if a.json {
+        println!("{}", serde_json::json!({"session": s.id, "result": result, "usage": usage}));
+    } else {
+        if let Some(r) = &result {
+            println!("\n{}", r["result"].as_str().unwrap_or(""));
+            eprintln!(
+                "turns: {}  tokens: {} in / {} out  agent-reported cost: ${:.4}",
+                r["num_turns"],
+                usage.total.input_tokens,
+                usage.total.output_tokens,
+                r["total_cost_usd"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    if let Some(f) = failed {
+        bail!("the agent failed: {f}");
+    }
+    if result.as_ref().is_some_and(|r| r["is_error"] == true) {
+        bail!("the agent stopped with {}", result.as_ref().map(|r| r["subtype"].to_string()).unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Copy the box's workspace (from `rel`) into `dest`.
+async fn download_dir(c: &Client, box_id: &str, rel: &str, dest: &std::path::Path) -> Result<()> {
+    let listing: DirListing = c.get(&format!("/v1/boxes/{box_id}/files/{rel}")).await?;
+    std::fs::create_dir_all(dest)?;
+    for e in listing.entries {
+        let sub = if rel.is_empty() { e.name.clone() } else { format!("{rel}/{}", e.name) };
+        match e.kind.as_str() {
+            "dir" => Box::pin(download_dir(c, box_id, &sub, &dest.join(&e.name))).await?,
+            "file" => {
+                let (bytes, _) = c.get_bytes(&format!("/v1/boxes/{box_id}/files/{sub}")).await?;
+                std::fs::write(dest.join(&e.name), bytes)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<()> {

@@ -85,7 +85,36 @@ impl Renderer {
                     self.line(&format!("[{}: {r}]", text("state")));
                 }
             }
-            "result" => self.line(&format!("[result] {}", e.data)),
+            "result" => self.line(&format!(
+                "[result: {}, {} turns, ${:.4} reported]",
+                text("subtype"),
+                e.data["num_turns"],
+                e.data["total_cost_usd"].as_f64().unwrap_or(0.0)
+            )),
+            "system" if text("subtype") == "init" => self.line(&format!(
+                "[agent ready: Claude Code {}, model {}, {} tools]",
+                text("claude_code_version"),
+                text("model"),
+                e.data["tools"].as_array().map(Vec::len).unwrap_or(0)
+            )),
+            "system" => {}
+            "tool_result" => {
+                let content = match &e.data["content"] {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let first = content.lines().next().unwrap_or("");
+                let short: String = first.chars().take(100).collect();
+                let mark = if e.data["is_error"] == true { "✗" } else { "✓" };
+                self.line(&format!("  {mark} {short}"));
+            }
+            "permission_request" => self.line(&format!(
+                "[permission needed for {}: answer with POST /v1/sessions/{}/permissions/{}]",
+                text("tool_name"),
+                e.session_id,
+                text("request_id")
+            )),
+            "user_echo" | "permission_answer" => {}
             "error" => self.line(&format!("[error] {}", text("message"))),
             _ => self.line(&format!("[{}] {}", e.kind, e.data)),
         }
