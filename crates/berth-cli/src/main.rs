@@ -335,7 +335,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     }
     init_logging(&cfg.log_format);
     if a.mock_model {
-        let mock = berth_mock_model::Mock::new(berth_mock_model::scenario::Scenario::demo(), std::time::Duration::from_millis(20));
+        let mock = berth_mock_model::Mock::new(
+            berth_mock_model::scenario::Scenario::demo(),
+            std::time::Duration::from_millis(20),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let router = mock.router();
@@ -595,8 +598,15 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
 
 async fn run(c: &Client, a: RunArgs) -> Result<()> {
     let spec = SessionSpec {
-        box_ref: BoxRef::Spec(Box::new(BoxSpec { lifecycle: Lifecycle::Ephemeral, ..Default::default() })),
-        agent: AgentSpec::Claude(ClaudeAgent { model: a.model, max_turns: a.max_turns, ..Default::default() }),
+        box_ref: BoxRef::Spec(Box::new(BoxSpec {
+            lifecycle: Lifecycle::Ephemeral,
+            ..Default::default()
+        })),
+        agent: AgentSpec::Claude(ClaudeAgent {
+            model: a.model,
+            max_turns: a.max_turns,
+            ..Default::default()
+        }),
         workdir: None,
         prompt: None,
     };
@@ -606,7 +616,12 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
             upload_dir(c, &s.box_id, dir).await?;
         }
         let _: Accepted = c
-            .post(&format!("/v1/sessions/{}/messages", s.id), &MessageRequest { content: serde_json::Value::String(a.prompt.clone()) })
+            .post(
+                &format!("/v1/sessions/{}/messages", s.id),
+                &MessageRequest {
+                    content: serde_json::Value::String(a.prompt.clone()),
+                },
+            )
             .await?;
         let mut r = render::Renderer::new(a.json, true);
         let mut result: Option<serde_json::Value> = None;
@@ -618,8 +633,15 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
                     result = Some(e.data.clone());
                     false
                 }
-                "status" if matches!(e.data["state"].as_str(), Some("failed") | Some("stopped")) => {
-                    failed = Some(e.data["reason"].as_str().unwrap_or("the agent ended").to_string());
+                "status"
+                    if matches!(e.data["state"].as_str(), Some("failed") | Some("stopped")) =>
+                {
+                    failed = Some(
+                        e.data["reason"]
+                            .as_str()
+                            .unwrap_or("the agent ended")
+                            .to_string(),
+                    );
                     false
                 }
                 _ => true,
@@ -635,10 +657,15 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
     }
     .await;
     // The box is ephemeral: ending the session removes it.
-    let _ = c.delete::<SessionObject>(&format!("/v1/sessions/{}", s.id)).await;
+    let _ = c
+        .delete::<SessionObject>(&format!("/v1/sessions/{}", s.id))
+        .await;
     let (result, failed, usage) = result?;
     if a.json {
-        println!("{}", serde_json::json!({"session": s.id, "result": result, "usage": usage}));
+        println!(
+            "{}",
+            serde_json::json!({"session": s.id, "result": result, "usage": usage})
+        );
     } else {
         if let Some(r) = &result {
             println!("\n{}", r["result"].as_str().unwrap_or(""));
@@ -655,7 +682,13 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
         bail!("the agent failed: {f}");
     }
     if result.as_ref().is_some_and(|r| r["is_error"] == true) {
-        bail!("the agent stopped with {}", result.as_ref().map(|r| r["subtype"].to_string()).unwrap_or_default());
+        bail!(
+            "the agent stopped with {}",
+            result
+                .as_ref()
+                .map(|r| r["subtype"].to_string())
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -665,11 +698,17 @@ async fn download_dir(c: &Client, box_id: &str, rel: &str, dest: &std::path::Pat
     let listing: DirListing = c.get(&format!("/v1/boxes/{box_id}/files/{rel}")).await?;
     std::fs::create_dir_all(dest)?;
     for e in listing.entries {
-        let sub = if rel.is_empty() { e.name.clone() } else { format!("{rel}/{}", e.name) };
+        let sub = if rel.is_empty() {
+            e.name.clone()
+        } else {
+            format!("{rel}/{}", e.name)
+        };
         match e.kind.as_str() {
             "dir" => Box::pin(download_dir(c, box_id, &sub, &dest.join(&e.name))).await?,
             "file" => {
-                let (bytes, _) = c.get_bytes(&format!("/v1/boxes/{box_id}/files/{sub}")).await?;
+                let (bytes, _) = c
+                    .get_bytes(&format!("/v1/boxes/{box_id}/files/{sub}"))
+                    .await?;
                 std::fs::write(dest.join(&e.name), bytes)?;
             }
             _ => {}

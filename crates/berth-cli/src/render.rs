@@ -105,7 +105,11 @@ impl Renderer {
                 };
                 let first = content.lines().next().unwrap_or("");
                 let short: String = first.chars().take(100).collect();
-                let mark = if e.data["is_error"] == true { "✗" } else { "✓" };
+                let mark = if e.data["is_error"] == true {
+                    "✗"
+                } else {
+                    "✓"
+                };
                 self.line(&format!("  {mark} {short}"));
             }
             "permission_request" => self.line(&format!(
