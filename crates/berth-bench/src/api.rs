@@ -1,0 +1,258 @@
+//! The control plane under load: GET latency with 1,000 boxes stored, SSE delivery with many
+//! subscribers on busy sessions, and server memory per idle session.
+
+use crate::{ms, percentile, summarize};
+use berth_store::Store;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Api {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+        Ok(r.json().await?)
+    }
+}
+
+pub async fn run(subscribers: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // 1,000 boxes in the store before the server starts (stopped ones: a store read each).
+    {
+        let st = berth_store::SqliteStore::open(&dir.path().join("berth.db")).await?;
+        for i in 0..1000 {
+            let b: berth_api::BoxObject = serde_json::from_value(json!({
+                "id": format!("box-stored{i:04}"), "tenant": "default", "state": "stopped", "state_reason": null,
+                "backend": "native", "lifecycle": "persistent", "image": "host",
+                "resources": {"cpus": 1.0, "memory_mib": 1024, "disk_mib": 5120, "pids": 512},
+                "network": {"allow": []}, "env": {}, "idle_timeout_s": null, "max_lifetime_s": null, "labels": {},
+                "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
+            }))?;
+            st.put_box(&b).await?;
+        }
+        st.close().await;
+    }
+    let cfg = berth_server::Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let helper = std::env::current_exe()?;
+    let server = tokio::spawn(async move {
+        berth_server::run(
+            cfg,
+            berth_server::Runtime { helper },
+            move |s| {
+                let _ = tx.send((
+                    s.addr,
+                    std::fs::read_to_string(&s.admin_key_file).unwrap_or_default(),
+                ));
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    });
+    let (addr, key) = rx.await?;
+    let api = Arc::new(Api {
+        url: format!("http://{addr}"),
+        token: key.trim().to_string(),
+        http: reqwest::Client::new(),
+    });
+
+    // GET /v1/boxes/{id}: a stored box and a live one.
+    let live = api
+        .post(
+            "/v1/boxes",
+            json!({"resources": {"memory_mib": 256, "disk_mib": 64}}),
+        )
+        .await?;
+    let live_id = live["id"].as_str().unwrap_or_default().to_string();
+    let mut rows = Vec::new();
+    for (name, ids) in [
+        (
+            "GET /v1/boxes/{id}, stopped box (store read), 1,000 boxes stored",
+            (0..2000)
+                .map(|i| format!("box-stored{:04}", i % 1000))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "GET /v1/boxes/{id}, running box (owner task's watch)",
+            vec![live_id.clone(); 2000],
+        ),
+    ] {
+        let mut v = Vec::with_capacity(ids.len());
+        for id in ids {
+            let t = Instant::now();
+            let r = api
+                .http
+                .get(format!("{}/v1/boxes/{id}", api.url))
+                .bearer_auth(&api.token)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success());
+            let _ = r.bytes().await?;
+            v.push(t.elapsed());
+        }
+        rows.push(summarize(name, v));
+    }
+    println!("| request | n | median ms | p99 ms |");
+    println!("| --- | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.name,
+            r.n,
+            ms(r.median),
+            ms(r.p99)
+        );
+    }
+
+    // SSE delivery: 10 busy sessions, `subscribers` clients spread over them.
+    let sessions = 10;
+    let mut sids = Vec::new();
+    for _ in 0..sessions {
+        let s = api
+            .post("/v1/sessions", json!({"box": live_id, "agent": {"kind": "command", "argv": ["/bin/sh", "-c", "while read -r l; do echo \"$l\"; done"]}}))
+            .await?;
+        sids.push(s["id"].as_str().unwrap_or_default().to_string());
+    }
+    let messages = 40;
+    let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+    let mut ready = Vec::new();
+    for i in 0..subscribers {
+        let sid = sids[i % sessions].clone();
+        let api = api.clone();
+        let lat_tx = lat_tx.clone();
+        let (rtx, rrx) = tokio::sync::oneshot::channel::<()>();
+        ready.push(rrx);
+        tokio::spawn(async move {
+            let Ok(r) = api
+                .http
+                .get(format!(
+                    "{}/v1/sessions/{sid}/events?after=1000000",
+                    api.url
+                ))
+                .bearer_auth(&api.token)
+                .send()
+                .await
+            else {
+                return;
+            };
+            let _ = rtx.send(());
+            let mut stream = r.bytes_stream();
+            let mut buf = String::new();
+            let mut got = 0;
+            while let Some(Ok(chunk)) = stream.next().await {
+                let now = time::OffsetDateTime::now_utc();
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(pos) = buf.find("\n\n") {
+                    let block: String = buf.drain(..pos + 2).collect();
+                    let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                        continue;
+                    };
+                    let Ok(ev) = serde_json::from_str::<Value>(data) else {
+                        continue;
+                    };
+                    if ev["type"] != "stdout" {
+                        continue;
+                    }
+                    let Some(ts) = ev["ts"].as_str().and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    }) else {
+                        continue;
+                    };
+                    let d = (now - ts).max(time::Duration::ZERO);
+                    let _ = lat_tx.send(Duration::from_nanos(d.whole_nanoseconds() as u64));
+                    got += 1;
+                    if got == messages {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    drop(lat_tx);
+    for r in ready {
+        let _ = r.await;
+    }
+    let t0 = Instant::now();
+    for m in 0..messages {
+        for sid in &sids {
+            api.post(
+                &format!("/v1/sessions/{sid}/messages"),
+                json!({"content": format!("msg {m}")}),
+            )
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut lats = Vec::new();
+    while let Some(d) = lat_rx.recv().await {
+        lats.push(d);
+    }
+    lats.sort();
+    println!();
+    println!("| SSE delivery | subscribers | sessions | events delivered | median ms | p99 ms | max ms |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| event `ts` (set just before the store commit) → received by the client | {subscribers} | {sessions} | {} | {} | {} | {} |",
+        lats.len(),
+        ms(percentile(&lats, 0.5)),
+        ms(percentile(&lats, 0.99)),
+        ms(lats.last().copied().unwrap_or_default())
+    );
+    let _ = t0;
+
+    // Memory per idle session: server and client share this process; only sessions are added.
+    let before = rss_kib();
+    let n = 200;
+    for _ in 0..n {
+        api.post(
+            "/v1/sessions",
+            json!({"box": live_id, "agent": {"kind": "command", "argv": ["/bin/cat"]}}),
+        )
+        .await?;
+    }
+    let after = rss_kib();
+    println!();
+    println!(
+        "| server memory per idle session (command agent `cat`, {n} sessions) | {:.1} KiB |",
+        (after.saturating_sub(before)) as f64 / n as f64
+    );
+    println!("|---|---|");
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The model gateway against talking to the upstream directly, in the same run.
+
+use crate::{ms, summarize};
+use berth_gateway::{Gateway, GatewayConfig, TokenOwner};
+use berth_mock_model::{scenario::Scenario, Mock};
+use futures::StreamExt;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+async fn serve(router: axum::Router) -> anyhow::Result<String> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", l.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+    Ok(url)
+}
+
+pub async fn run(requests: usize) -> anyhow::Result<()> {
+    let big = "x".repeat(4 << 20);
+    let scenario: Scenario = serde_json::from_value(json!({"rules": [
+        {"match": "big", "steps": [{"text": big}]},
+        {"steps": [{"text": "pong"}]}
+    ]}))?;
+    let mock = Mock::new(scenario, Duration::ZERO);
+    let direct = serve(mock.router()).await?;
+    let (gw, mut meter) = Gateway::new(GatewayConfig {
+        upstream: direct.clone(),
+        api_key: Some("sk-real".into()),
+    })?;
+    tokio::spawn(async move { while meter.recv().await.is_some() {} });
+    gw.register(
+        "tok",
+        TokenOwner {
+            session_id: "s".into(),
+            box_id: "b".into(),
+            tenant: "t".into(),
+        },
+    );
+    let via = serve(gw.router_for_box("b")).await?;
+    let http = reqwest::Client::new();
+    let body = |text: &str| json!({"model": "claude-x", "max_tokens": 10, "stream": true, "messages": [{"role": "user", "content": text}]});
+
+    let mut rows = Vec::new();
+    let mut cpu = Vec::new();
+    for round in 0..2 {
+        for (name, url, key) in [
+            ("direct to the mock", &direct, "sk-real"),
+            ("through the gateway", &via, "tok"),
+        ] {
+            let c0 = cpu_time();
+            let mut ttfb = Vec::with_capacity(requests);
+            for _ in 0..requests {
+                let t = Instant::now();
+                let r = http
+                    .post(format!("{url}/v1/messages"))
+                    .header("x-api-key", key)
+                    .json(&body("ping"))
+                    .send()
+                    .await?;
+                let mut s = r.bytes_stream();
+                let first = s.next().await;
+                ttfb.push(t.elapsed());
+                anyhow::ensure!(matches!(first, Some(Ok(_))), "no first byte");
+                while s.next().await.is_some() {}
+            }
+            let spent = cpu_time() - c0;
+            if round == 1 {
+                rows.push(summarize(&format!("time to first byte, {name}"), ttfb));
+                cpu.push((name, spent));
+            }
+        }
+    }
+    println!("| request | n | median ms | p99 ms |");
+    println!("| --- | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.name,
+            r.n,
+            ms(r.median),
+            ms(r.p99)
+        );
+    }
+    println!(
+        "| added by the gateway (median) | | {} | |",
+        ms(rows[1].median.saturating_sub(rows[0].median))
+    );
+    println!();
+    // Throughput: a 4 MiB streamed answer, 20 times each way.
+    println!("| streaming 4 MiB answers | MB/s | ratio to direct |");
+    println!("| --- | ---: | ---: |");
+    let mut rates = Vec::new();
+    for (name, url, key) in [
+        ("direct", &direct, "sk-real"),
+        ("through the gateway", &via, "tok"),
+    ] {
+        let t = Instant::now();
+        let mut bytes = 0usize;
+        for _ in 0..20 {
+            let r = http
+                .post(format!("{url}/v1/messages"))
+                .header("x-api-key", key)
+                .json(&body("big please"))
+                .send()
+                .await?;
+            let mut s = r.bytes_stream();
+            while let Some(c) = s.next().await {
+                bytes += c?.len();
+            }
+        }
+        let rate = bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
+        rates.push(rate);
+        println!("| {name} | {rate:.0} | {:.2} |", rate / rates[0]);
+    }
+    println!();
+    println!("| CPU for {requests} small streamed requests (whole process: client, mock, gateway) | CPU ms |");
+    println!("| --- | ---: |");
+    for (name, c) in &cpu {
+        println!("| {name} | {:.0} |", c.as_secs_f64() * 1000.0);
+    }
+    println!(
+        "| gateway's share per 1,000 requests | {:.0} |",
+        (cpu[1].1.saturating_sub(cpu[0].1)).as_secs_f64() * 1000.0 * 1000.0 / requests as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! `berth-bench`: berth measured against its peers in the same run. Needs root.
+//!
+//! ```text
+//! cargo run --release -p berth-bench -- sandbox [--runs 200]
+//! cargo run --release -p berth-bench -- api
+//! cargo run --release -p berth-bench -- gateway
+//! ```
+//! Each prints a Markdown table for BENCHMARKS.md.
+
+mod api;
+mod gateway;
+mod sandbox;
+
+use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Box create → exec /bin/true → destroy, against unshare, bwrap and docker run.
+    Sandbox {
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// Runs for `docker run` (slow); 0 skips it.
+        #[arg(long, default_value_t = 200)]
+        docker_runs: usize,
+    },
+    /// GET latency with 1,000 boxes stored, SSE delivery with 500 subscribers, memory per session.
+    Api {
+        #[arg(long, default_value_t = 500)]
+        subscribers: usize,
+    },
+    /// Model gateway against straight-to-upstream: time to first byte, throughput, CPU.
+    Gateway {
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+    },
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+pub struct Summary {
+    pub name: String,
+    pub median: Duration,
+    pub p99: Duration,
+    pub n: usize,
+}
+
+pub fn summarize(name: &str, mut v: Vec<Duration>) -> Summary {
+    v.sort();
+    Summary {
+        name: name.to_string(),
+        median: percentile(&v, 0.5),
+        p99: percentile(&v, 0.99),
+        n: v.len(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("__box-init") {
+        berth_sandbox::native::init::run();
+    }
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::Sandbox { runs, docker_runs } => sandbox::run(runs, docker_runs).await,
+            Cmd::Api { subscribers } => api::run(subscribers).await,
+            Cmd::Gateway { requests } => gateway::run(requests).await,
+        }
+    })
+}

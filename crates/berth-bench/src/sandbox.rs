@@ -1,0 +1,197 @@
+//! Box lifecycle: berth's native backend against the tools people would otherwise use.
+
+use crate::{ms, summarize, Summary};
+use berth_sandbox::native::{NativeBackend, NativeConfig};
+use berth_sandbox::{BoxConfig, ExecSpec, Image, Limits, Sandbox};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn time_cmd(argv: &[&str], runs: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let st = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        v.push(t.elapsed());
+        anyhow::ensure!(st.success(), "{argv:?} failed");
+    }
+    Ok(v)
+}
+
+/// A one-binary image (`/usr/bin/true` and its libraries) imported into Docker.
+fn docker_image() -> anyhow::Result<&'static str> {
+    let img = "berth-bench-true:latest";
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    for (src, dst) in [
+        ("/usr/bin/true", "usr/bin/true"),
+        (
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "lib/x86_64-linux-gnu/libc.so.6",
+        ),
+        ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+    ] {
+        let d = root.join(dst);
+        std::fs::create_dir_all(d.parent().ok_or_else(|| anyhow::anyhow!("path"))?)?;
+        std::fs::copy(src, &d)?;
+    }
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(root)
+        .args(["-cf", "-", "."])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let st = Command::new("docker")
+        .args(["import", "-", img])
+        .stdin(tar.stdout.ok_or_else(|| anyhow::anyhow!("tar stdout"))?)
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "docker import failed (is dockerd running?)");
+    Ok(img)
+}
+
+async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> {
+    let dir = tempfile::tempdir()?;
+    let backend = NativeBackend::new(NativeConfig {
+        data_dir: dir.path().to_path_buf(),
+        helper: std::env::current_exe()?,
+        pool_size,
+    })?;
+    let limits = Limits {
+        cpus: 1.0,
+        memory_mib: 256,
+        disk_mib: 256,
+        pids: 64,
+    };
+    let mut native = Vec::with_capacity(runs);
+    for i in 0..runs + 10 {
+        let id = format!("bench-{i}");
+        let t = Instant::now();
+        backend
+            .create(BoxConfig {
+                id: id.clone(),
+                image: Image::Host,
+                limits,
+                env: vec![],
+                bridges: vec![],
+            })
+            .await?;
+        let out = backend
+            .exec(
+                &id,
+                ExecSpec {
+                    argv: vec!["/bin/true".into()],
+                    ..Default::default()
+                },
+            )
+            .await?
+            .collect(None, 1024)
+            .await?;
+        backend.destroy(&id).await?;
+        if i >= 10 {
+            native.push(t.elapsed());
+        }
+        anyhow::ensure!(out.exit.success(), "exec failed");
+        if pool_size > 0 {
+            // Not timed: lets the pool's background formatting keep up, as it does when boxes
+            // are not created back to back faster than one per ~15 ms.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(native)
+}
+
+pub async fn run(runs: usize, docker_runs: usize) -> anyhow::Result<()> {
+    let mut rows: Vec<Summary> = vec![
+        summarize(
+            "berth native, disk from the ready pool (create → exec → destroy)",
+            native(runs, 8).await?,
+        ),
+        summarize(
+            "berth native, disk formatted during create",
+            native(runs, 0).await?,
+        ),
+    ];
+    rows.push(summarize(
+        "unshare -Upmnuic -f --mount-proc -r /bin/true",
+        time_cmd(
+            &[
+                "unshare",
+                "-U",
+                "-p",
+                "-m",
+                "-n",
+                "-u",
+                "-i",
+                "-C",
+                "-f",
+                "--mount-proc",
+                "-r",
+                "/bin/true",
+            ],
+            runs,
+        )?,
+    ));
+    rows.push(summarize(
+        "bwrap --unshare-all (ro /usr, proc, dev) /bin/true",
+        time_cmd(
+            &[
+                "bwrap",
+                "--unshare-all",
+                "--ro-bind",
+                "/usr",
+                "/usr",
+                "--symlink",
+                "usr/lib",
+                "/lib",
+                "--symlink",
+                "usr/lib64",
+                "/lib64",
+                "--symlink",
+                "usr/bin",
+                "/bin",
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "/bin/true",
+            ],
+            runs,
+        )?,
+    ));
+    if docker_runs > 0 {
+        let img = docker_image()?;
+        rows.push(summarize(
+            "docker run --rm --network none (1-file image) /usr/bin/true",
+            time_cmd(
+                &[
+                    "docker",
+                    "run",
+                    "--rm",
+                    "--network",
+                    "none",
+                    img,
+                    "/usr/bin/true",
+                ],
+                docker_runs,
+            )?,
+        ));
+    }
+    let base = rows[0].median;
+    println!("| what | runs | median ms | p99 ms | berth median ÷ this median |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {:.2} |",
+            r.name,
+            r.n,
+            ms(r.median),
+            ms(r.p99),
+            base.as_secs_f64() / r.median.as_secs_f64()
+        );
+    }
+    Ok(())
+}
