@@ -145,6 +145,7 @@ mod tests {
         let mut d = CommandDriver::new(
             &CommandAgent {
                 argv: vec!["cat".into()],
+                unknown: Default::default(),
             },
             "/workspace",
         )
@@ -163,6 +164,13 @@ mod tests {
             b"\"a\\nb\"\n"
         );
         assert!(d.encode_message(&json!(3)).is_err());
-        assert!(CommandDriver::new(&CommandAgent { argv: vec![] }, "/w").is_err());
+        assert!(CommandDriver::new(
+            &CommandAgent {
+                argv: vec![],
+                unknown: Default::default()
+            },
+            "/w"
+        )
+        .is_err());
     }
 }

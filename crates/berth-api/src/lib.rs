@@ -208,7 +208,7 @@ pub enum AgentSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ClaudeAgent {
     pub model: Option<String>,
     pub max_turns: Option<u32>,
@@ -218,12 +218,31 @@ pub struct ClaudeAgent {
     pub disallowed_tools: Vec<String>,
     pub permission_mode: Option<String>,
     pub mcp_servers: Option<serde_json::Value>,
+    /// Fields this server does not know; a non-empty map is refused (see `unknown_fields`).
+    #[serde(flatten, skip_serializing)]
+    #[schema(ignore)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CommandAgent {
     pub argv: Vec<String>,
+    /// Fields this server does not know; a non-empty map is refused.
+    #[serde(flatten, skip_serializing, default)]
+    #[schema(ignore)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+impl AgentSpec {
+    /// Names of fields in the agent spec this server does not understand. (The structs cannot
+    /// use `deny_unknown_fields` inside an internally tagged enum without making the OpenAPI
+    /// schema unsatisfiable, so the check is done here.)
+    pub fn unknown_fields(&self) -> Vec<String> {
+        match self {
+            AgentSpec::Claude(c) => c.unknown.keys().cloned().collect(),
+            AgentSpec::Command(c) => c.unknown.keys().cloned().collect(),
+        }
+    }
 }
 
 /// A session's box: the id of an existing box, or the spec of a new one.
@@ -332,6 +351,15 @@ pub struct Event {
     pub kind: String,
     /// The agent's own message, whole.
     pub data: serde_json::Value,
+}
+
+/// One Server-Sent Events frame of `GET /v1/sessions/{id}/events`: `id` is the event's `seq`,
+/// `event` its `type`, and `data` the [`Event`] encoded as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SseFrame {
+    pub id: String,
+    pub event: String,
+    pub data: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -509,7 +509,10 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
                 ..Default::default()
             })),
         },
-        agent: AgentSpec::Command(CommandAgent { argv: a.argv }),
+        agent: AgentSpec::Command(CommandAgent {
+            argv: a.argv,
+            unknown: Default::default(),
+        }),
         workdir: None,
         prompt: a.prompt,
     };

@@ -29,7 +29,7 @@ pub async fn create_box(
 }
 
 /// The caller's boxes, oldest first.
-#[utoipa::path(get, path = "/v1/boxes", security(("bearer" = [])), responses((status = 200, body = Vec<BoxObject>)))]
+#[utoipa::path(get, path = "/v1/boxes", security(("bearer" = [])), responses((status = 200, body = List<BoxObject>)))]
 pub async fn list_boxes(
     State(st): State<AppState>,
     c: Caller,

@@ -49,7 +49,7 @@ pub async fn create_key(
 }
 
 /// List keys (without their secrets).
-#[utoipa::path(get, path = "/v1/keys", security(("bearer" = [])), responses((status = 200, body = Vec<KeyObject>), (status = 403, body = berth_api::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/keys", security(("bearer" = [])), responses((status = 200, body = List<KeyObject>), (status = 403, body = berth_api::ErrorBody)))]
 pub async fn list_keys(
     State(st): State<AppState>,
     c: Caller,

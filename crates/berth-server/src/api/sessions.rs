@@ -37,7 +37,7 @@ pub struct ListParams {
     box_id: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/sessions", security(("bearer" = [])), params(ListParams), responses((status = 200, body = Vec<SessionObject>)))]
+#[utoipa::path(get, path = "/v1/sessions", security(("bearer" = [])), params(ListParams), responses((status = 200, body = List<SessionObject>)))]
 pub async fn list_sessions(
     State(st): State<AppState>,
     c: Caller,
@@ -208,7 +208,7 @@ fn event_stream(
 /// The session's events as Server-Sent Events (`id:` is the seq; reconnect with `Last-Event-ID`
 /// or `?after=` to resume).
 #[utoipa::path(get, path = "/v1/sessions/{id}/events", security(("bearer" = [])), params(("id" = String, Path), EventParams),
-    responses((status = 200, description = "text/event-stream of Event objects", body = Event, content_type = "text/event-stream"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "text/event-stream; each frame's data is an Event", body = SseFrame, content_type = "text/event-stream"), (status = 404, body = ErrorBody)))]
 pub async fn events(
     State(st): State<AppState>,
     c: Caller,

@@ -48,7 +48,7 @@ pub async fn metrics_text(State(st): State<AppState>) -> impl IntoResponse {
 }
 
 /// Enabled sandbox backends and what each guarantees.
-#[utoipa::path(get, path = "/v1/backends", security(("bearer" = [])), responses((status = 200, body = Vec<BackendInfo>)))]
+#[utoipa::path(get, path = "/v1/backends", security(("bearer" = [])), responses((status = 200, body = List<BackendInfo>)))]
 pub async fn backends(State(st): State<AppState>, _c: Caller) -> Json<List<BackendInfo>> {
     let mut items: Vec<BackendInfo> = st
         .engine

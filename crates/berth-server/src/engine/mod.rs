@@ -267,6 +267,13 @@ impl Engine {
                 "workdir must be an absolute path inside the box".into(),
             ));
         }
+        let unknown = spec.agent.unknown_fields();
+        if !unknown.is_empty() {
+            return Err(ApiError::Invalid(format!(
+                "unknown field(s) in agent: {}",
+                unknown.join(", ")
+            )));
+        }
         let session_id = new_id("ses");
         let token = berth_gateway::new_token();
         let claude_env = self.claude.as_ref().map(|c| berth_agent::ClaudeEnv {
