@@ -67,39 +67,46 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
         pids: 64,
     };
     let mut native = Vec::with_capacity(runs);
+    let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..runs + 10 {
         let id = format!("bench-{i}");
         let t = Instant::now();
-        backend
-            .create(BoxConfig {
-                id: id.clone(),
-                image: Image::Host,
-                limits,
-                env: vec![],
-                bridges: vec![],
-            })
-            .await?;
-        let out = backend
-            .exec(
-                &id,
-                ExecSpec {
-                    argv: vec!["/bin/true".into()],
-                    ..Default::default()
-                },
-            )
-            .await?
-            .collect(None, 1024)
-            .await?;
+        let cfg = BoxConfig {
+            id: id.clone(),
+            image: Image::Host,
+            limits,
+            env: vec![],
+            bridges: vec![],
+        };
+        backend.create(cfg).await?;
+        let t1 = t.elapsed();
+        let spec = ExecSpec {
+            argv: vec!["/bin/true".into()],
+            ..Default::default()
+        };
+        let out = backend.exec(&id, spec).await?.collect(None, 1024).await?;
+        let t2 = t.elapsed();
         backend.destroy(&id).await?;
-        if i >= 10 {
-            native.push(t.elapsed());
-        }
+        let total = t.elapsed();
         anyhow::ensure!(out.exit.success(), "exec failed");
+        if i >= 10 {
+            native.push(total);
+            phases[0].push(t1);
+            phases[1].push(t2 - t1);
+            phases[2].push(total - t2);
+        }
         if pool_size > 0 {
             // Not timed: lets the pool's background formatting keep up, as it does when boxes
             // are not created back to back faster than one per ~15 ms.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+    for (name, mut v) in ["create", "exec", "destroy"].into_iter().zip(phases) {
+        v.sort();
+        eprintln!(
+            "native (pool {pool_size}) {name}: median {} ms",
+            ms(crate::percentile(&v, 0.5))
+        );
     }
     Ok(native)
 }

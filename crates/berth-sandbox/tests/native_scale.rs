@@ -63,7 +63,9 @@ async fn two_hundred_boxes_then_nothing_leaked() {
         r.expect("join").expect("destroy");
     }
 
-    // Nothing left: processes, cgroups, loop devices, mounts, files, fds.
+    // Nothing left: processes, cgroups, loop devices, mounts, files, fds (loop devices and files
+    // are released just after `destroy` returns; `settle` waits for that).
+    b.settle().await;
     for p in &pids {
         let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
         assert!(

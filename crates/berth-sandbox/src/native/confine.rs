@@ -21,8 +21,54 @@ const LANDLOCK_ABI: ABI = ABI::V5;
 
 pub struct Confinement {
     ruleset: Option<RulesetCreated>,
-    filters: Vec<BpfProgram>,
+    filters: std::sync::Arc<Vec<BpfProgram>>,
     uid: u32,
+}
+
+/// The seccomp programs are the same for every process: compiled once per supervisor.
+fn filters() -> io::Result<std::sync::Arc<Vec<BpfProgram>>> {
+    static FILTERS: std::sync::OnceLock<Result<std::sync::Arc<Vec<BpfProgram>>, String>> =
+        std::sync::OnceLock::new();
+    FILTERS
+        .get_or_init(|| {
+            let a = enosys_filter().map_err(|e| e.to_string())?;
+            let b = eperm_filter().map_err(|e| e.to_string())?;
+            Ok(std::sync::Arc::new(vec![a, b]))
+        })
+        .clone()
+        .map_err(io::Error::other)
+}
+
+/// Landlock rulesets by writable-path list; each exec restricts itself with a clone of one.
+fn ruleset_for(writable: &[String]) -> io::Result<RulesetCreated> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CACHE: std::sync::OnceLock<Mutex<HashMap<Vec<String>, RulesetCreated>>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = cache
+        .lock()
+        .map_err(|_| io::Error::other("ruleset cache poisoned"))?;
+    if let Some(r) = map.get(writable) {
+        return r.try_clone();
+    }
+    let write = AccessFs::from_write(LANDLOCK_ABI);
+    let mut paths: Vec<String> = writable.to_vec();
+    // Character devices every program expects to write to.
+    for dev in ["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"] {
+        paths.push(dev.to_string());
+    }
+    let ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(write)
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(&paths, write)))
+        .map_err(io::Error::other)?;
+    let copy = ruleset.try_clone()?;
+    if map.len() < 64 {
+        map.insert(writable.to_vec(), ruleset);
+    }
+    Ok(copy)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -193,22 +239,8 @@ impl Confinement {
                 "processes in a box never run as uid 0",
             ));
         }
-        let filters = vec![
-            enosys_filter().map_err(io::Error::other)?,
-            eperm_filter().map_err(io::Error::other)?,
-        ];
-        let write = AccessFs::from_write(LANDLOCK_ABI);
-        let mut paths: Vec<String> = writable.to_vec();
-        // Character devices every program expects to write to.
-        for dev in ["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"] {
-            paths.push(dev.to_string());
-        }
-        let ruleset = Ruleset::default()
-            .set_compatibility(CompatLevel::BestEffort)
-            .handle_access(write)
-            .and_then(|r| r.create())
-            .and_then(|r| r.add_rules(path_beneath_rules(&paths, write)))
-            .map_err(io::Error::other)?;
+        let filters = filters()?;
+        let ruleset = ruleset_for(writable)?;
         Ok(Confinement {
             ruleset: Some(ruleset),
             filters,
@@ -265,7 +297,7 @@ impl Confinement {
             // A kernel without Landlock still gets every other layer; the backend reports it.
             let _ = matches!(status.ruleset, RulesetStatus::NotEnforced);
         }
-        for f in &self.filters {
+        for f in self.filters.iter() {
             seccompiler::apply_filter(f).map_err(io::Error::other)?;
         }
         Ok(())

@@ -177,6 +177,31 @@ impl ImagePool {
         })
     }
 
+    /// Move a ready image of `mib` MiB to `dest` if there is one (a rename), and top the pool
+    /// up in the background. Returns false when none was ready.
+    pub fn take_ready(&self, mib: u64, dest: &Path) -> io::Result<bool> {
+        let found = {
+            let mut ready = self
+                .inner
+                .ready
+                .lock()
+                .map_err(|_| io::Error::other("pool lock"))?;
+            ready
+                .iter()
+                .position(|(m, _)| *m == mib)
+                .map(|i| ready.swap_remove(i).1)
+        };
+        let took = match found {
+            Some(p) => {
+                fs::rename(p, dest)?;
+                true
+            }
+            None => false,
+        };
+        self.refill(mib);
+        Ok(took)
+    }
+
     /// Move a formatted image of `mib` MiB to `dest`, formatting one now if none is ready, and
     /// top the pool up in the background.
     pub fn take(&self, mib: u64, dest: &Path) -> io::Result<()> {

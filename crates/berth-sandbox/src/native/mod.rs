@@ -57,7 +57,7 @@ struct LiveBox {
     agent_host_uid: u32,
     limits: crate::Limits,
     env: Vec<(String, String)>,
-    cgroup: BoxCgroup,
+    cgroup: Arc<BoxCgroup>,
     exit: watch::Receiver<Option<BoxExit>>,
     destroying: Arc<AtomicBool>,
 }
@@ -80,6 +80,9 @@ pub struct NativeBackend {
     pool: Option<disk::ImagePool>,
     boxes: Mutex<HashMap<String, Arc<LiveBox>>>,
     slots: Mutex<BTreeSet<u32>>,
+    /// Destroyed boxes whose files and loop devices are still being released.
+    reaping: Arc<std::sync::atomic::AtomicUsize>,
+    settled: Arc<tokio::sync::Notify>,
 }
 
 /// Host paths bound read-only into a `host`-image box, and the secrets masked inside them.
@@ -143,6 +146,8 @@ impl NativeBackend {
             pool,
             boxes: Mutex::new(HashMap::new()),
             slots: Mutex::new(BTreeSet::new()),
+            reaping: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            settled: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -188,24 +193,28 @@ impl NativeBackend {
     async fn start(&self, cfg: &BoxConfig, dir: &Path, slot: u32) -> Result<(LiveBox, BoxInfo)> {
         let run_dir = dir.join("run");
         let root = dir.join("root");
+        // Plain directory and rename calls: microseconds, not worth a blocking-pool hop.
         for d in [&run_dir, &root] {
-            tokio::fs::create_dir_all(d).await?;
-            tokio::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).await?;
+            std::fs::create_dir_all(d)?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
         }
         let disk = match &self.pool {
             Some(pool) => {
                 let img = dir.join("disk.img");
-                let pool = pool.clone();
                 let mib = cfg.limits.disk_mib;
-                let dest = img.clone();
-                tokio::task::spawn_blocking(move || pool.take(mib, &dest))
-                    .await
-                    .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??;
+                if !pool.take_ready(mib, &img)? {
+                    // None ready: format one now (~10 ms) off the async threads.
+                    let pool = pool.clone();
+                    let dest = img.clone();
+                    tokio::task::spawn_blocking(move || pool.take(mib, &dest))
+                        .await
+                        .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??;
+                }
                 DiskSource::Image(img)
             }
             None => {
                 let d = dir.join("disk");
-                tokio::fs::create_dir_all(&d).await?;
+                std::fs::create_dir_all(&d)?;
                 DiskSource::Dir(d)
             }
         };
@@ -251,9 +260,7 @@ impl NativeBackend {
 
         let limits = cfg.limits;
         let id = cfg.id.clone();
-        let cg = tokio::task::spawn_blocking(move || BoxCgroup::create(&id, &limits))
-            .await
-            .map_err(|e| SandboxError::Start(format!("cgroup task: {e}")))??;
+        let cg = Arc::new(BoxCgroup::create(&id, &limits)?);
 
         let mut cmd = tokio::process::Command::new(&self.cfg.helper);
         cmd.arg("__box-init")
@@ -350,7 +357,7 @@ impl NativeBackend {
         let (exit_tx, exit_rx) = watch::channel(None);
         let destroying = Arc::new(AtomicBool::new(false));
         let flag = destroying.clone();
-        let cg_for_exit = BoxCgroup::load(&cfg.id);
+        let cg_for_exit = cg.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             let reason = if flag.load(Ordering::SeqCst) {
@@ -459,7 +466,7 @@ impl Sandbox for NativeBackend {
             // Left over from a crash: clear it before reuse.
             cleanup_leftovers(&cfg.id, &dir).await;
         }
-        tokio::fs::create_dir_all(&dir).await?;
+        std::fs::create_dir_all(&dir)?;
         let slot = self.alloc_slot()?;
         match self.start(&cfg, &dir, slot).await {
             Ok((live, info)) => {
@@ -652,29 +659,31 @@ impl Sandbox for NativeBackend {
         }
         let mut exit = b.exit.clone();
         let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
+        // Every process is gone once the cgroup can be removed.
         let bx = b.clone();
-        let detached = tokio::task::spawn_blocking(move || {
-            bx.cgroup.destroy()?;
-            Ok::<_, std::io::Error>(disk::wait_detached(
-                &bx.dir.join("disk.img"),
-                Duration::from_secs(10),
-            ))
-        })
-        .await
-        .map_err(blocking_err)??;
-        if !detached {
-            tracing::warn!(
-                box_id = id,
-                "loop device of a destroyed box is still attached"
-            );
-        }
-        tokio::fs::remove_dir_all(&b.dir).await.or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(e)
+        tokio::task::spawn_blocking(move || bx.cgroup.destroy())
+            .await
+            .map_err(blocking_err)??;
+        // The kernel releases the box's mounts and loop device asynchronously after its last
+        // process; waiting for that and removing the files happens off the caller's path.
+        // `settle` waits for it.
+        let dir = b.dir.clone();
+        let box_id = id.to_string();
+        self.reaping.fetch_add(1, Ordering::SeqCst);
+        let reaping = self.reaping.clone();
+        let settled = self.settled.clone();
+        tokio::task::spawn_blocking(move || {
+            if !disk::wait_detached(&dir.join("disk.img"), Duration::from_secs(10)) {
+                tracing::warn!(box_id, "loop device of a destroyed box is still attached");
             }
-        })?;
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(box_id, error = %e, "removing a destroyed box's files");
+                }
+            }
+            reaping.fetch_sub(1, Ordering::SeqCst);
+            settled.notify_waiters();
+        });
         if let Ok(mut m) = self.boxes.lock() {
             m.remove(id);
         }
@@ -700,6 +709,17 @@ impl NativeBackend {
 }
 
 impl NativeBackend {
+    /// Wait until every destroyed box's loop device is released and its files are removed.
+    pub async fn settle(&self) {
+        loop {
+            let notified = self.settled.notified();
+            if self.reaping.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Host PID of a box's init (for operators and tests).
     pub fn pid1(&self, id: &str) -> Result<i32> {
         Ok(self.get(id)?.pid1)

@@ -35,11 +35,16 @@ pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                thread::spawn(move || {
+                // Failing to get a thread (the box's pids limit) drops the connection: the host
+                // reports the exec as failed.
+                let spawned = thread::Builder::new().spawn(move || {
                     if let Err(e) = serve(stream) {
                         eprintln!("berth-supervisor: exec connection: {e}");
                     }
                 });
+                if let Err(e) = spawned {
+                    eprintln!("berth-supervisor: no thread for an exec: {e}");
+                }
             }
             Err(e) => eprintln!("berth-supervisor: accept: {e}"),
         }
@@ -107,6 +112,8 @@ fn serve(stream: UnixStream) -> io::Result<()> {
     }
 }
 
+type Pipes = (std::process::ChildStdout, std::process::ChildStderr);
+
 fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) -> io::Result<()> {
     let Some((prog, args)) = req.argv.split_first() else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "argv is empty"));
@@ -124,68 +131,87 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
     unsafe {
         cmd.pre_exec(move || confinement.apply());
     }
-    let mut child = cmd.spawn()?;
-    let pid = child.id() as i32;
-    send(writer, Kind::Started, pid.to_string().as_bytes())?;
 
-    let mut stdin = child.stdin.take();
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
+    // Both helper threads exist before the child does: a box's pids limit counts threads, and
+    // a child that forks at once (a fork bomb) must not starve the supervisor of them.
+    let (pipes_tx, pipes_rx) = mpsc::channel::<Option<Pipes>>();
     let (drained_tx, drained_rx) = mpsc::channel::<()>();
-    let mut pumps = 0;
-    for (pipe, kind) in [
-        (
-            stdout.map(|p| Box::new(p) as Box<dyn Read + Send>),
-            Kind::Stdout,
-        ),
-        (
-            stderr.map(|p| Box::new(p) as Box<dyn Read + Send>),
-            Kind::Stderr,
-        ),
-    ] {
-        if let Some(mut pipe) = pipe {
-            pumps += 1;
-            let w = writer.clone();
-            let done = drained_tx.clone();
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if send(&w, kind, &buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = done.send(());
-            });
+    let w = writer.clone();
+    thread::Builder::new().spawn(move || {
+        if let Ok(Some((out, err))) = pipes_rx.recv() {
+            pump(out, err, &w);
         }
+        let _ = drained_tx.send(());
+    })?;
+    let (input_tx, input_rx) = mpsc::channel::<Option<(i32, Option<std::process::ChildStdin>)>>();
+    let mut host = match reader.try_clone() {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = pipes_tx.send(None);
+            return Err(e);
+        }
+    };
+    let spawned = thread::Builder::new().spawn(move || {
+        if let Ok(Some((pid, stdin))) = input_rx.recv() {
+            host_input(&mut host, pid, stdin);
+        }
+    });
+    if let Err(e) = spawned {
+        let _ = pipes_tx.send(None);
+        return Err(e);
     }
-    drop(drained_tx);
 
-    // Host → process: stdin bytes, EOF, signals. A closed host connection kills the group.
-    let mut host = reader.try_clone()?;
-    let stdin_slot = Arc::new(Mutex::new(stdin.take()));
-    let slot = stdin_slot.clone();
-    let keep = req.keep_stdin;
-    thread::spawn(move || loop {
-        match read_frame(&mut host) {
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = pipes_tx.send(None);
+            let _ = input_tx.send(None);
+            return Err(e);
+        }
+    };
+    let pid = child.id() as i32;
+    let stdin = child.stdin.take();
+    let pipes = child.stdout.take().zip(child.stderr.take());
+    let _ = pipes_tx.send(pipes);
+    let _ = input_tx.send(Some((pid, stdin)));
+    let r = (|| {
+        send(writer, Kind::Started, pid.to_string().as_bytes())?;
+        // Wait for the child, with the timeout enforced on a pidfd (no watchdog thread).
+        let timed_out = match req.timeout_ms {
+            Some(ms) => wait_or_kill(pid, ms)?,
+            None => false,
+        };
+        let status = child.wait()?;
+        let _ = drained_rx.recv_timeout(DRAIN_GRACE);
+        let exit = WireExit {
+            code: status.code(),
+            signal: status.signal(),
+            timed_out,
+        };
+        let body = serde_json::to_vec(&exit).map_err(io::Error::other)?;
+        send(writer, Kind::Exit, &body)
+    })();
+    if r.is_err() {
+        // Never leave work running that nobody can see or stop.
+        // SAFETY: killing the exec's own process group.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = child.wait();
+    }
+    r
+}
+
+/// Host → process: stdin bytes, EOF, signals. A closed host connection kills the group.
+fn host_input(host: &mut UnixStream, pid: i32, mut stdin: Option<std::process::ChildStdin>) {
+    loop {
+        match read_frame(host) {
             Ok((Kind::Stdin, data)) => {
-                if let Ok(mut g) = slot.lock() {
-                    if let Some(s) = g.as_mut() {
-                        if s.write_all(&data).is_err() {
-                            *g = None;
-                        }
+                if let Some(s) = stdin.as_mut() {
+                    if s.write_all(&data).is_err() {
+                        stdin = None;
                     }
                 }
             }
-            Ok((Kind::StdinEof, _)) => {
-                if let Ok(mut g) = slot.lock() {
-                    *g = None;
-                }
-            }
+            Ok((Kind::StdinEof, _)) => stdin = None,
             Ok((Kind::Signal, data)) => {
                 let sig = std::str::from_utf8(&data)
                     .ok()
@@ -201,40 +227,84 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
                 return;
             }
         }
-    });
-    if !keep {
-        // Nothing more will come unless the host sends it right away; leave stdin to the host
-        // frames above, which close it on StdinEof.
     }
+}
 
-    // Timeout watchdog.
-    let (exited_tx, exited_rx) = mpsc::channel::<()>();
-    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(ms) = req.timeout_ms {
-        let flag = timed_out.clone();
-        thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) =
-                exited_rx.recv_timeout(Duration::from_millis(ms))
-            {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                // SAFETY: killing the exec's own process group.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
+/// Copy both output pipes to the host as frames until both are closed.
+fn pump(mut stdout: std::process::ChildStdout, mut stderr: std::process::ChildStderr, w: &Writer) {
+    use std::os::fd::AsRawFd;
+    let raw = [stdout.as_raw_fd(), stderr.as_raw_fd()];
+    let mut open = [true, true];
+    let mut buf = vec![0u8; 64 * 1024];
+    while open[0] || open[1] {
+        let mut fds = [0usize, 1].map(|i| libc::pollfd {
+            fd: if open[i] { raw[i] } else { -1 },
+            events: libc::POLLIN,
+            revents: 0,
         });
-    }
-
-    let status = child.wait()?;
-    let _ = exited_tx.send(());
-    for _ in 0..pumps {
-        if drained_rx.recv_timeout(DRAIN_GRACE).is_err() {
-            break;
+        // SAFETY: poll on two pollfd structs we own.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        for i in 0..2 {
+            if !open[i] || fds[i].revents == 0 {
+                continue;
+            }
+            let (n, kind) = if i == 0 {
+                (stdout.read(&mut buf), Kind::Stdout)
+            } else {
+                (stderr.read(&mut buf), Kind::Stderr)
+            };
+            match n {
+                Ok(0) | Err(_) => open[i] = false,
+                Ok(n) => {
+                    if send(w, kind, &buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
-    let exit = WireExit {
-        code: status.code(),
-        signal: status.signal(),
-        timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
+}
+
+/// Wait up to `ms` for process `pid` to exit (without reaping it); kill its group and return
+/// true if it did not.
+fn wait_or_kill(pid: i32, ms: u64) -> io::Result<bool> {
+    // SAFETY: pidfd_open on our own child; the fd is closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    let expired = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let wait_ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one pollfd we own.
+        let r = unsafe { libc::poll(&mut p, 1, wait_ms) };
+        if r > 0 {
+            break false;
+        }
+        if r == 0 && left.is_zero() {
+            break true;
+        }
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break false;
+        }
     };
-    let body = serde_json::to_vec(&exit).map_err(io::Error::other)?;
-    send(writer, Kind::Exit, &body)
+    // SAFETY: closing the pidfd we opened.
+    unsafe { libc::close(fd) };
+    if expired {
+        // SAFETY: killing the exec's own process group.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    Ok(expired)
 }
