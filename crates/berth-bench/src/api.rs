@@ -96,6 +96,7 @@ pub async fn run(subscribers: usize) -> anyhow::Result<()> {
         .await?;
     let live_id = live["id"].as_str().unwrap_or_default().to_string();
     let mut rows = Vec::new();
+    eprintln!("live box {live_id}; measuring GETs");
     for (name, ids) in [
         (
             "GET /v1/boxes/{id}, stopped box (store read), 1,000 boxes stored",
@@ -121,6 +122,7 @@ pub async fn run(subscribers: usize) -> anyhow::Result<()> {
             let _ = r.bytes().await?;
             v.push(t.elapsed());
         }
+        eprintln!("done: {name}");
         rows.push(summarize(name, v));
     }
     println!("| request | n | median ms | p99 ms |");
@@ -157,7 +159,7 @@ pub async fn run(subscribers: usize) -> anyhow::Result<()> {
             let Ok(r) = api
                 .http
                 .get(format!(
-                    "{}/v1/sessions/{sid}/events?after=1000000",
+                    "{}/v1/sessions/{sid}/events?after=0",
                     api.url
                 ))
                 .bearer_auth(&api.token)
