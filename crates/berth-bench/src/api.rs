@@ -158,10 +158,7 @@ pub async fn run(subscribers: usize) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let Ok(r) = api
                 .http
-                .get(format!(
-                    "{}/v1/sessions/{sid}/events?after=0",
-                    api.url
-                ))
+                .get(format!("{}/v1/sessions/{sid}/events?after=0", api.url))
                 .bearer_auth(&api.token)
                 .send()
                 .await

@@ -2,6 +2,7 @@
 
 use super::{Json, Path, Query};
 use crate::auth::Caller;
+use crate::engine::sessions::LiveEvent;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -155,7 +156,7 @@ fn event_stream(
     st: AppState,
     id: String,
     after: i64,
-) -> impl Stream<Item = Result<Event, ApiError>> {
+) -> impl Stream<Item = Result<Arc<LiveEvent>, ApiError>> {
     async_stream::try_stream! {
         let engine = st.engine.clone();
         let mut last = after;
@@ -167,7 +168,7 @@ fn event_stream(
                 let n = page.len() as i64;
                 for e in page {
                     last = e.seq;
-                    yield e;
+                    yield Arc::new(LiveEvent::new(e));
                 }
                 if n < REPLAY_PAGE {
                     break;
@@ -180,9 +181,9 @@ fn event_stream(
             let mut caught_up = true;
             loop {
                 match rx.recv().await {
-                    Ok(e) if e.seq <= last => continue,
-                    Ok(e) if e.seq == last + 1 => {
-                        last = e.seq;
+                    Ok(e) if e.event.seq <= last => continue,
+                    Ok(e) if e.event.seq == last + 1 => {
+                        last = e.event.seq;
                         yield e;
                     }
                     Ok(_) | Err(RecvError::Lagged(_)) => {
@@ -196,7 +197,7 @@ fn event_stream(
                 // Closed: read what was committed after our last live event, then end.
                 let page = engine.store.events_after(&id, last, i64::MAX).await?;
                 for e in page {
-                    yield e;
+                    yield Arc::new(LiveEvent::new(e));
                 }
                 break;
             }
@@ -221,10 +222,9 @@ pub async fn events(
     let stream = event_stream(st, id, after).map(|r| {
         Ok(match r {
             Ok(e) => SseEvent::default()
-                .id(e.seq.to_string())
-                .event(e.kind.clone())
-                .json_data(&e)
-                .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
+                .id(e.event.seq.to_string())
+                .event(e.event.kind.as_str())
+                .data(e.json.as_str()),
             Err(err) => SseEvent::default()
                 .event("error")
                 .data(serde_json::to_string(&err.body()).unwrap_or_default()),
@@ -263,7 +263,7 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
         let mut events = std::pin::pin!(event_stream(stream_st, sid, after));
         while let Some(r) = events.next().await {
             let text = match r {
-                Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
+                Ok(e) => e.json.clone(),
                 Err(err) => {
                     serde_json::json!({"type": "error", "error": err.body().error}).to_string()
                 }

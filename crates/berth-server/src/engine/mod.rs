@@ -499,7 +499,10 @@ impl Engine {
     }
 
     /// Live event feed of a session (None once it has ended: replay from the store suffices).
-    pub fn subscribe(&self, id: &str) -> Option<tokio::sync::broadcast::Receiver<Event>> {
+    pub fn subscribe(
+        &self,
+        id: &str,
+    ) -> Option<tokio::sync::broadcast::Receiver<Arc<sessions::LiveEvent>>> {
         self.session_handle(id).map(|h| h.events.subscribe())
     }
 

@@ -46,7 +46,7 @@ pub enum SessionCmd {
 pub struct SessionHandle {
     pub tx: mpsc::Sender<SessionCmd>,
     pub state: watch::Receiver<SessionObject>,
-    pub events: broadcast::Sender<Event>,
+    pub events: broadcast::Sender<Arc<LiveEvent>>,
 }
 
 struct SessionActor {
@@ -57,11 +57,25 @@ struct SessionActor {
     driver: Driver,
     obj: SessionObject,
     state: watch::Sender<SessionObject>,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Arc<LiveEvent>>,
     rx: mpsc::Receiver<SessionCmd>,
     prompt: Option<String>,
     /// The session's gateway token, revoked when the session ends.
     token: String,
+}
+
+/// An event as subscribers receive it: encoded to JSON once, shared by all of them.
+#[derive(Debug)]
+pub struct LiveEvent {
+    pub event: Event,
+    pub json: String,
+}
+
+impl LiveEvent {
+    pub fn new(event: Event) -> LiveEvent {
+        let json = serde_json::to_string(&event).unwrap_or_default();
+        LiveEvent { event, json }
+    }
 }
 
 /// Everything a session owner task starts with.
@@ -161,8 +175,10 @@ impl SessionActor {
             tracing::error!(session_id = %self.obj.id, error = %e, "persisting session");
         }
         self.state.send_replace(self.obj.clone());
-        for e in batch {
-            let _ = self.events.send(e);
+        if self.events.receiver_count() > 0 {
+            for e in batch {
+                let _ = self.events.send(Arc::new(LiveEvent::new(e)));
+            }
         }
         self.box_handle.touch();
     }
