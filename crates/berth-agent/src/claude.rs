@@ -9,7 +9,7 @@
 //! `can_use_tool`) become `permission_request` events and are answered with
 //! `control_response` lines.
 
-use crate::{AgentEvent, DriverError, Interrupt, Launch, Output, Update};
+use crate::{AgentEvent, DriverError, Interrupt, Launch, Output};
 use berth_api::{ClaudeAgent, SessionState};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -35,8 +35,51 @@ pub struct ClaudeDriver {
     cwd: String,
     line: Vec<u8>,
     err_tail: Vec<u8>,
-    pending: HashMap<String, Value>,
+    /// Unanswered permission requests: input and deadline.
+    pending: HashMap<String, (Value, std::time::Instant)>,
     next_request: u64,
+}
+
+const DEFAULT_PERMISSION_TIMEOUT_S: u64 = 300;
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let mut rest = text;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(pos) => rest = &rest[pos + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+/// The argument a rule's pattern is matched against.
+fn rule_subject(tool: &str, input: &Value) -> String {
+    let field = |k: &str| input.get(k).and_then(Value::as_str).map(str::to_string);
+    match tool {
+        "Bash" => field("command"),
+        "Write" | "Edit" | "Read" | "NotebookEdit" | "MultiEdit" => {
+            field("file_path").or_else(|| field("notebook_path"))
+        }
+        "Glob" | "Grep" => field("pattern"),
+        "WebFetch" => field("url"),
+        _ => None,
+    }
+    .unwrap_or_else(|| input.to_string())
 }
 
 const STDERR_TAIL: usize = 4096;
@@ -82,6 +125,18 @@ impl ClaudeDriver {
         }
         if spec.max_turns == Some(0) {
             return Err(DriverError::Invalid("max_turns must be at least 1".into()));
+        }
+        if spec.permission_timeout_s == Some(0) {
+            return Err(DriverError::Invalid(
+                "permission_timeout_s must be at least 1".into(),
+            ));
+        }
+        for r in &spec.permission_rules {
+            if r.tool.is_empty() {
+                return Err(DriverError::Invalid(
+                    "permission rule needs a tool (or *)".into(),
+                ));
+            }
         }
         Ok(ClaudeDriver {
             spec: spec.clone(),
@@ -283,12 +338,7 @@ impl ClaudeDriver {
                     .unwrap_or("")
                     .to_string();
                 if req.get("subtype").and_then(Value::as_str) == Some("can_use_tool") {
-                    self.pending
-                        .insert(id.clone(), req.get("input").cloned().unwrap_or(Value::Null));
-                    out.events.push(AgentEvent {
-                        kind: "permission_request".into(),
-                        data: json!({"request_id": id, "tool_name": req.get("tool_name"), "input": req.get("input"), "request": v}),
-                    });
+                    self.permission_request(id, &req, v, out);
                 } else {
                     out.events.push(AgentEvent { kind, data: v });
                 }
@@ -308,7 +358,49 @@ impl ClaudeDriver {
                 kind: "stderr".into(),
                 data: json!({"text": String::from_utf8_lossy(bytes)}),
             }],
-            update: Update::default(),
+            ..Default::default()
+        }
+    }
+
+    fn permission_request(&mut self, id: String, req: &Value, v: Value, out: &mut Output) {
+        let input = req.get("input").cloned().unwrap_or(Value::Null);
+        let tool = req
+            .get("tool_name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let timeout = self
+            .spec
+            .permission_timeout_s
+            .unwrap_or(DEFAULT_PERMISSION_TIMEOUT_S);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+        self.pending.insert(id.clone(), (input.clone(), deadline));
+        out.events.push(AgentEvent {
+            kind: "permission_request".into(),
+            data: json!({"request_id": id, "tool_name": tool, "input": input, "request": v}),
+        });
+        let subject = rule_subject(&tool, &input);
+        let rule = self.spec.permission_rules.iter().find(|r| {
+            (r.tool == "*" || r.tool == tool)
+                && r.pattern.as_deref().is_none_or(|p| glob(p, &subject))
+        });
+        if let Some(rule) = rule.cloned() {
+            let msg = format!(
+                "{} by rule {}{}",
+                if rule.allow { "allowed" } else { "denied" },
+                rule.tool,
+                rule.pattern
+                    .as_deref()
+                    .map(|p| format!(" {p}"))
+                    .unwrap_or_default()
+            );
+            if let Some(b) = self.answer_permission(&id, rule.allow, Some(&msg)) {
+                out.stdin.push(b);
+                out.events.push(AgentEvent {
+                    kind: "permission_answer".into(),
+                    data: json!({"request_id": id, "allow": rule.allow, "message": msg, "by": "rule"}),
+                });
+            }
         }
     }
 
@@ -352,6 +444,49 @@ impl ClaudeDriver {
         Interrupt::Stdin(b)
     }
 
+    pub fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.pending.values().map(|(_, d)| *d).min()
+    }
+
+    /// Deny every request whose deadline has passed.
+    pub fn expire(&mut self, now: std::time::Instant) -> Output {
+        let mut out = Output::default();
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, d))| *d <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in due {
+            let msg = "permission request timed out";
+            if let Some(b) = self.answer_permission(&id, false, Some(msg)) {
+                out.stdin.push(b);
+                out.events.push(AgentEvent {
+                    kind: "permission_answer".into(),
+                    data: json!({"request_id": id, "allow": false, "message": msg, "by": "timeout"}),
+                });
+            }
+        }
+        out
+    }
+
+    pub fn set_permission_mode(&mut self, mode: &str) -> Result<Vec<u8>, DriverError> {
+        if !SAFE_MODES.contains(&mode) {
+            return Err(DriverError::Invalid(format!(
+                "mode must be one of {SAFE_MODES:?}"
+            )));
+        }
+        self.next_request += 1;
+        let mut b = serde_json::to_vec(&json!({
+            "type": "control_request",
+            "request_id": format!("berth-mode-{}", self.next_request),
+            "request": {"subtype": "set_permission_mode", "mode": mode},
+        }))
+        .map_err(|e| DriverError::Invalid(e.to_string()))?;
+        b.push(b'\n');
+        Ok(b)
+    }
+
     /// The stdin line answering a permission request, or None if it is not pending.
     pub fn answer_permission(
         &mut self,
@@ -359,7 +494,7 @@ impl ClaudeDriver {
         allow: bool,
         message: Option<&str>,
     ) -> Option<Vec<u8>> {
-        let input = self.pending.remove(request_id)?;
+        let (input, _) = self.pending.remove(request_id)?;
         let response = if allow {
             json!({"behavior": "allow", "updatedInput": input})
         } else {
@@ -439,5 +574,54 @@ mod tests {
             d.answer_permission("r1", true, None).is_none(),
             "answered once"
         );
+    }
+
+    #[test]
+    fn rules_answer_and_timeouts_deny() {
+        assert!(glob("ls*", "ls -la") && glob("*.txt", "/w/a.txt") && glob("a*c*e", "abcde"));
+        assert!(!glob("ls*", "rm -rf /") && !glob("a*z", "abc"));
+        let spec = ClaudeAgent {
+            permission_rules: vec![
+                berth_api::PermissionRule {
+                    tool: "Bash".into(),
+                    pattern: Some("rm *".into()),
+                    allow: false,
+                },
+                berth_api::PermissionRule {
+                    tool: "Write".into(),
+                    pattern: Some("/workspace/*".into()),
+                    allow: true,
+                },
+            ],
+            permission_timeout_s: Some(1),
+            ..Default::default()
+        };
+        let mut d = ClaudeDriver::new(&spec, env(), "/workspace").expect("driver");
+        let req = |id: &str, tool: &str, input: Value| {
+            format!(
+                "{}\n",
+                json!({"type": "control_request", "request_id": id, "request": {"subtype": "can_use_tool", "tool_name": tool, "input": input}})
+            )
+        };
+        let behavior = |b: &[u8]| {
+            serde_json::from_slice::<Value>(b).expect("json")["response"]["response"]["behavior"]
+                .clone()
+        };
+        let out = d.on_stdout(req("a", "Bash", json!({"command": "rm -rf /"})).as_bytes());
+        assert_eq!(behavior(&out.stdin[0]), "deny");
+        let out = d.on_stdout(req("b", "Write", json!({"file_path": "/workspace/x"})).as_bytes());
+        assert_eq!(behavior(&out.stdin[0]), "allow");
+        let out = d.on_stdout(req("c", "Bash", json!({"command": "ls"})).as_bytes());
+        assert!(out.stdin.is_empty(), "no rule: a client decides");
+        let deadline = d.next_deadline().expect("pending");
+        assert!(d
+            .expire(deadline - std::time::Duration::from_millis(1))
+            .stdin
+            .is_empty());
+        let out = d.expire(deadline);
+        assert_eq!(behavior(&out.stdin[0]), "deny");
+        assert!(d.next_deadline().is_none());
+        assert!(d.set_permission_mode("yolo").is_err());
+        assert!(d.set_permission_mode("plan").is_ok());
     }
 }

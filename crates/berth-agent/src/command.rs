@@ -72,13 +72,14 @@ impl CommandDriver {
                 state: Some(SessionState::Running),
                 ..Default::default()
             },
+            ..Default::default()
         }
     }
 
     pub fn on_stderr(&mut self, bytes: &[u8]) -> Output {
         Output {
             events: split_lines(&mut self.err, bytes, "stderr", false),
-            update: Update::default(),
+            ..Default::default()
         }
     }
 
@@ -107,6 +108,7 @@ impl CommandDriver {
                 state_reason: Some(reason),
                 ..Default::default()
             },
+            ..Default::default()
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Update {
 pub struct Output {
     pub events: Vec<AgentEvent>,
     pub update: Update,
+    /// Bytes the driver itself answers on the agent's stdin (automatic permission answers).
+    pub stdin: Vec<Vec<u8>>,
 }
 
 /// How to interrupt the agent's current work.
@@ -122,6 +124,27 @@ impl Driver {
         match self {
             Driver::Command(_) => Interrupt::Signal(2),
             Driver::Claude(d) => d.interrupt(),
+        }
+    }
+    /// When the oldest unanswered permission request times out.
+    pub fn next_deadline(&self) -> Option<std::time::Instant> {
+        match self {
+            Driver::Command(_) => None,
+            Driver::Claude(d) => d.next_deadline(),
+        }
+    }
+    /// Deny the requests whose time is up.
+    pub fn expire(&mut self, now: std::time::Instant) -> Output {
+        match self {
+            Driver::Command(_) => Output::default(),
+            Driver::Claude(d) => d.expire(now),
+        }
+    }
+    /// The stdin line switching the agent's permission mode (None: not supported).
+    pub fn set_permission_mode(&mut self, mode: &str) -> Result<Option<Vec<u8>>, DriverError> {
+        match self {
+            Driver::Command(_) => Ok(None),
+            Driver::Claude(d) => d.set_permission_mode(mode).map(Some),
         }
     }
     /// Bytes answering a pending permission request (None: no such request).

@@ -218,6 +218,11 @@ pub struct ClaudeAgent {
     pub disallowed_tools: Vec<String>,
     pub permission_mode: Option<String>,
     pub mcp_servers: Option<serde_json::Value>,
+    /// Answered automatically, first match wins; anything else becomes a
+    /// `permission_request` event for a client to answer.
+    pub permission_rules: Vec<PermissionRule>,
+    /// Unanswered permission requests are denied after this long (default 300 s).
+    pub permission_timeout_s: Option<u64>,
     /// Fields this server does not know; a non-empty map is refused (see `unknown_fields`).
     #[serde(flatten, skip_serializing)]
     #[schema(ignore)]
@@ -243,6 +248,26 @@ impl AgentSpec {
             AgentSpec::Command(c) => c.unknown.keys().cloned().collect(),
         }
     }
+}
+
+/// An automatic answer to tool permission requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionRule {
+    /// Tool name (`Bash`, `Write`, …) or `*`.
+    pub tool: String,
+    /// Glob (`*` matches anything) over the tool's main argument: the command for `Bash`, the
+    /// path for file tools, the JSON input otherwise. Absent: any input.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    pub allow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionModeRequest {
+    /// `default`, `acceptEdits`, `bypassPermissions`, `plan` or `dontAsk`.
+    pub mode: String,
 }
 
 /// A session's box: the id of an existing box, or the spec of a new one.
@@ -390,6 +415,9 @@ pub enum WsClientMessage {
         content: serde_json::Value,
     },
     Interrupt,
+    SetPermissionMode {
+        mode: String,
+    },
     Permission {
         request_id: String,
         allow: bool,

@@ -360,7 +360,7 @@ async fn max_turns_permissions_and_interrupt() {
 }
 
 #[tokio::test]
-async fn a_killed_cli_fails_the_session_with_the_reason() {
+async fn a_killed_cli_fails_the_session_then_resumes() {
     let (_d, srv, api, mock) = setup().await;
     let (sid, bx) = session(&api, json!({"kind": "claude"}), Some("be slow")).await;
     wait_for_model_request(&mock, "be slow").await;
@@ -382,6 +382,123 @@ async fn a_killed_cli_fails_the_session_with_the_reason() {
             .expect("reason")
             .contains("signal 9"),
         "{s}"
+    );
+    let agent_session = s["agent_session_id"]
+        .as_str()
+        .expect("the CLI's session id was recorded")
+        .to_string();
+
+    // Restart from where it stopped: the CLI resumes its own conversation.
+    let r = api
+        .post(&format!("/v1/sessions/{sid}/restart"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["state"], "idle");
+    assert_eq!(
+        api.post(&format!("/v1/sessions/{sid}/restart"), json!({}))
+            .await
+            .status,
+        409,
+        "already running"
+    );
+    assert_eq!(
+        api.post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "please make a file"})
+        )
+        .await
+        .status,
+        202
+    );
+    let evs = until(&api, &sid, "result", 1).await;
+    let seqs: Vec<i64> = evs
+        .iter()
+        .map(|e| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "one event log across the restart"
+    );
+    let resumed = mock.recorded().iter().any(|r| {
+        let m = r.body["messages"].to_string();
+        m.contains("be slow") && m.contains("please make a file")
+    });
+    assert!(
+        resumed,
+        "the resumed CLI sends the earlier turn with the new one"
+    );
+    let result = evs.iter().rfind(|e| e["type"] == "result").expect("result");
+    assert_eq!(
+        result["data"]["session_id"],
+        agent_session.as_str(),
+        "same conversation"
+    );
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/files/hello.txt"))
+            .await
+            .status,
+        200
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn permission_rules_and_timeouts_answer_without_a_client() {
+    let (_d, srv, api, _mock) = setup().await;
+    // A rule allows writes under /workspace: the agent is never held up.
+    let agent = json!({"kind": "claude", "permission_mode": "default",
+        "permission_rules": [{"tool": "Write", "pattern": "/workspace/*", "allow": true}]});
+    let (sid, bx) = session(&api, agent, Some("make a file")).await;
+    let evs = until(&api, &sid, "result", 1).await;
+    let ans = evs
+        .iter()
+        .find(|e| e["type"] == "permission_answer")
+        .expect("answer");
+    assert_eq!(ans["data"]["by"], "rule");
+    assert_eq!(ans["data"]["allow"], true);
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/files/hello.txt"))
+            .await
+            .bytes,
+        b"Hello from an agent in a berth box!\n"
+    );
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/permission-mode"),
+            json!({"mode": "acceptEdits"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    assert_eq!(
+        api.post(
+            &format!("/v1/sessions/{sid}/permission-mode"),
+            json!({"mode": "yolo"})
+        )
+        .await
+        .status,
+        400
+    );
+
+    // No rule and nobody answers: the request is denied when its time is up.
+    let agent = json!({"kind": "claude", "permission_mode": "default", "permission_timeout_s": 1});
+    let (sid, bx) = session(&api, agent, Some("make a file")).await;
+    let evs = until(&api, &sid, "result", 1).await;
+    let ans = evs
+        .iter()
+        .find(|e| e["type"] == "permission_answer")
+        .expect("answer");
+    assert_eq!(ans["data"]["by"], "timeout");
+    let denied = evs
+        .iter()
+        .find(|e| e["type"] == "tool_result")
+        .expect("tool result");
+    assert_eq!(denied["data"]["is_error"], true);
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/files/hello.txt"))
+            .await
+            .status,
+        404
     );
     srv.stop().await;
 }

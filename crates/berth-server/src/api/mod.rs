@@ -39,7 +39,7 @@ pub struct Query<T>(pub T);
         boxes::create_box, boxes::list_boxes, boxes::get_box, boxes::delete_box, boxes::exec,
         boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats,
         sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
-        sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage,
+        sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
         keys::create_key, keys::list_keys, keys::delete_key,
         system::backends, system::healthz, system::readyz, system::metrics_text,
     ),
@@ -49,7 +49,7 @@ pub struct Query<T>(pub T);
         berth_api::DirListing, berth_api::DirEntry, berth_api::SessionSpec, berth_api::SessionObject,
         berth_api::SessionState, berth_api::AgentSpec, berth_api::ClaudeAgent, berth_api::CommandAgent,
         berth_api::BoxRef, berth_api::Event, berth_api::SseFrame, berth_api::MessageRequest, berth_api::PermissionAnswer,
-        berth_api::Accepted, berth_api::WsClientMessage, berth_api::KeyCreate, berth_api::KeyObject,
+        berth_api::Accepted, berth_api::WsClientMessage, berth_api::PermissionRule, berth_api::PermissionModeRequest, berth_api::KeyCreate, berth_api::KeyObject,
         berth_api::BackendInfo, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::ErrorBody, berth_api::ErrorDetail,
     )),
     modifiers(&SecurityAddon),
@@ -110,6 +110,11 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/sessions/{id}/events", get(sessions::events))
         .route("/v1/sessions/{id}/ws", get(sessions::ws))
         .route("/v1/sessions/{id}/usage", get(sessions::usage))
+        .route("/v1/sessions/{id}/restart", post(sessions::restart))
+        .route(
+            "/v1/sessions/{id}/permission-mode",
+            post(sessions::permission_mode),
+        )
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(keys::delete_key))
         .route("/v1/backends", get(system::backends))

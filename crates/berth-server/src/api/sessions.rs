@@ -114,6 +114,33 @@ pub async fn answer_permission(
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })))
 }
 
+/// Start an ended session's agent again in its box (a Claude agent resumes its conversation).
+#[utoipa::path(post, path = "/v1/sessions/{id}/restart", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = SessionObject), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn restart(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionObject>, ApiError> {
+    Ok(Json(st.engine.restart_session(&c.tenant, &id).await?))
+}
+
+/// Switch the agent's permission mode.
+#[utoipa::path(post, path = "/v1/sessions/{id}/permission-mode", security(("bearer" = [])), params(("id" = String, Path)),
+    request_body = PermissionModeRequest,
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn permission_mode(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Json(m): Json<PermissionModeRequest>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    st.engine
+        .set_permission_mode(&c.tenant, &id, m.mode)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })))
+}
+
 /// Tokens the session spent, as metered by the gateway.
 #[utoipa::path(get, path = "/v1/sessions/{id}/usage", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = SessionUsage), (status = 404, body = ErrorBody)))]
@@ -292,6 +319,9 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
                 st.engine.send_message(&c.tenant, &id, content).await
             }
             Ok(WsClientMessage::Interrupt) => st.engine.interrupt(&c.tenant, &id).await,
+            Ok(WsClientMessage::SetPermissionMode { mode }) => {
+                st.engine.set_permission_mode(&c.tenant, &id, mode).await
+            }
             Ok(WsClientMessage::Permission {
                 request_id,
                 allow,

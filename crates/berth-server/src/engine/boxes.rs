@@ -6,7 +6,7 @@
 //! activity) and the lifetime deadline (`max_lifetime_s` since start). Each transition is written
 //! to the store and published on the `watch` channel before the next is taken.
 
-use super::Engine;
+use super::{sleep_until_opt, Engine};
 use crate::auth::now;
 use crate::error::ApiError;
 use berth_api::{BoxObject, BoxSpec, BoxState};
@@ -108,13 +108,6 @@ pub fn spawn(engine: Arc<Engine>, backend: Arc<Backend>, obj: BoxObject) -> BoxH
     BoxHandle {
         tx,
         state: state_rx,
-    }
-}
-
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -29,6 +29,14 @@ pub struct EngineConfig {
     pub max_exec_output: usize,
 }
 
+/// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
+pub(crate) async fn sleep_until_opt<T: Into<tokio::time::Instant>>(t: Option<T>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Loopback port inside every box where the model gateway answers.
 pub const GATEWAY_PORT: u16 = 47100;
 
@@ -276,14 +284,7 @@ impl Engine {
         }
         let session_id = new_id("ses");
         let token = berth_gateway::new_token();
-        let claude_env = self.claude.as_ref().map(|c| berth_agent::ClaudeEnv {
-            cli: c.path.to_string_lossy().into_owned(),
-            base_url: format!("http://127.0.0.1:{GATEWAY_PORT}"),
-            token: token.clone(),
-            config_dir: format!("/home/agent/.claude-sessions/{session_id}"),
-            resume: None,
-            proxy: None,
-        });
+        let claude_env = self.claude_env(&session_id, &token, None);
         let driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         if let Some(p) = &spec.prompt {
@@ -442,6 +443,110 @@ impl Engine {
         })
         .await
         .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
+        rx.await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+    }
+
+    /// Where and how the Claude CLI runs for a session (None when the server has no CLI).
+    fn claude_env(
+        &self,
+        session_id: &str,
+        token: &str,
+        resume: Option<String>,
+    ) -> Option<berth_agent::ClaudeEnv> {
+        self.claude.as_ref().map(|c| berth_agent::ClaudeEnv {
+            cli: c.path.to_string_lossy().into_owned(),
+            base_url: format!("http://127.0.0.1:{GATEWAY_PORT}"),
+            token: token.to_string(),
+            // Per session and stable across restarts: the CLI's transcripts live here.
+            config_dir: format!("/home/agent/.claude-sessions/{session_id}"),
+            resume,
+            proxy: None,
+        })
+    }
+
+    /// Start an ended session's agent again in its box; a Claude agent resumes its own
+    /// conversation (`--resume=<agent_session_id>`). Events continue the same log.
+    pub async fn restart_session(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &str,
+    ) -> Result<SessionObject, ApiError> {
+        let s = self.get_session(tenant, id).await?;
+        if self.session_handle(id).is_some() || !s.state.is_terminal() {
+            return Err(ApiError::Conflict(format!(
+                "session {id} is {}",
+                s.state.as_str()
+            )));
+        }
+        let box_obj = self.get_box(tenant, &s.box_id).await?;
+        let box_handle = match (box_obj.state, self.box_handle(&s.box_id)) {
+            (BoxState::Running, Some(h)) => h,
+            _ => {
+                return Err(ApiError::Conflict(format!(
+                    "box {} is {}",
+                    s.box_id,
+                    box_obj.state.as_str()
+                )))
+            }
+        };
+        let backend = self
+            .backends
+            .get(&box_obj.backend)
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
+        let token = berth_gateway::new_token();
+        let resume = match s.agent {
+            AgentSpec::Claude(_) => s.agent_session_id.clone(),
+            AgentSpec::Command(_) => None,
+        };
+        let driver =
+            berth_agent::Driver::new(&s.agent, &s.workdir, self.claude_env(&s.id, &token, resume))
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let mut obj = s;
+        obj.state = SessionState::Starting;
+        obj.state_reason = None;
+        self.gateway.register(
+            &token,
+            berth_gateway::TokenOwner {
+                session_id: obj.id.clone(),
+                box_id: obj.box_id.clone(),
+                tenant: tenant.to_string(),
+            },
+        );
+        let handle = sessions::spawn(sessions::SessionStart {
+            engine: self.clone(),
+            backend,
+            box_handle,
+            lifecycle: box_obj.lifecycle,
+            driver,
+            obj: obj.clone(),
+            prompt: None,
+            token,
+        });
+        if let Ok(mut m) = self.sessions.write() {
+            m.insert(obj.id.clone(), handle.clone());
+        }
+        let mut rx = handle.state.clone();
+        let settled = rx
+            .wait_for(|s| s.state != SessionState::Starting)
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(obj);
+        Ok(settled)
+    }
+
+    pub async fn set_permission_mode(
+        &self,
+        tenant: &str,
+        id: &str,
+        mode: String,
+    ) -> Result<(), ApiError> {
+        let h = self.live_session(tenant, id).await?;
+        let (tx, rx) = oneshot::channel();
+        h.tx.send(SessionCmd::SetPermissionMode { mode, reply: tx })
+            .await
+            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
         rx.await
             .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }

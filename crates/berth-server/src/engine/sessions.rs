@@ -8,7 +8,7 @@
 //! ephemeral box is destroyed with it.
 
 use super::boxes::{BoxCmd, BoxHandle};
-use super::Engine;
+use super::{sleep_until_opt, Engine};
 use crate::auth::now;
 use crate::error::ApiError;
 use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
@@ -39,6 +39,10 @@ pub enum SessionCmd {
     Stop {
         reason: String,
         reply: oneshot::Sender<SessionObject>,
+    },
+    SetPermissionMode {
+        mode: String,
+        reply: oneshot::Sender<Result<(), ApiError>>,
     },
 }
 
@@ -254,9 +258,21 @@ impl SessionActor {
                             }
                         }
                     }
-                    if self.agent_output(evs).await {
+                    let (ended, answers) = self.agent_output(evs).await;
+                    for b in answers {
+                        let _ = h.input.send(ExecInput::Stdin(b.into())).await;
+                    }
+                    if ended {
                         exec = None;
                     }
+                }
+                _ = sleep_until_opt(self.driver.next_deadline()) => {
+                    // Unanswered permission requests past their time are denied.
+                    let out = self.driver.expire(std::time::Instant::now());
+                    for b in &out.stdin {
+                        let _ = h.input.send(ExecInput::Stdin(b.clone().into())).await;
+                    }
+                    self.apply(out).await;
                 }
             }
         }
@@ -287,7 +303,9 @@ impl SessionActor {
             SessionCmd::Message { reply, .. } => {
                 let _ = reply.send(Err(ended()));
             }
-            SessionCmd::Interrupt { reply } | SessionCmd::Permission { reply, .. } => {
+            SessionCmd::Interrupt { reply }
+            | SessionCmd::Permission { reply, .. }
+            | SessionCmd::SetPermissionMode { reply, .. } => {
                 let _ = reply.send(Err(ended()));
             }
             SessionCmd::Stop { reply, .. } => {
@@ -296,15 +314,16 @@ impl SessionActor {
         }
     }
 
-    /// Returns true when the agent has ended.
-    async fn agent_output(&mut self, evs: Vec<ExecEvent>) -> bool {
+    /// Returns whether the agent has ended, and the bytes the driver answers on its own
+    /// (permission rules).
+    async fn agent_output(&mut self, evs: Vec<ExecEvent>) -> (bool, Vec<Vec<u8>>) {
         if evs.is_empty() {
             self.set_state(
                 SessionState::Failed,
                 Some("agent stream ended unexpectedly".into()),
             )
             .await;
-            return true;
+            return (true, vec![]);
         }
         let mut out = Output::default();
         let mut ended = false;
@@ -347,9 +366,11 @@ impl SessionActor {
             if o.update.cli_version.is_some() {
                 out.update.cli_version = o.update.cli_version;
             }
+            out.stdin.extend(o.stdin);
         }
+        let answers = std::mem::take(&mut out.stdin);
         self.apply(out).await;
-        ended
+        (ended, answers)
     }
 
     async fn deliver(&mut self, exec: Option<&ExecHandle>, content: Value) -> Result<(), ApiError> {
@@ -431,6 +452,26 @@ impl SessionActor {
                     _ => Err(ApiError::NotFound(format!(
                         "no pending permission request {request_id} in this session"
                     ))),
+                };
+                let _ = reply.send(r);
+                false
+            }
+            SessionCmd::SetPermissionMode { mode, reply } => {
+                let r = match (exec.as_ref(), self.driver.set_permission_mode(&mode)) {
+                    (_, Err(e)) => Err(ApiError::Invalid(e.to_string())),
+                    (_, Ok(None)) => Err(ApiError::Invalid(
+                        "this agent has no permission modes".into(),
+                    )),
+                    (None, _) => Err(ApiError::Conflict("the agent is not running".into())),
+                    (Some(h), Ok(Some(bytes))) => {
+                        let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
+                        self.record(vec![AgentEvent {
+                            kind: "permission_mode".into(),
+                            data: json!({"mode": mode}),
+                        }])
+                        .await;
+                        sent.map_err(|_| ApiError::Conflict("the agent is not running".into()))
+                    }
                 };
                 let _ = reply.send(r);
                 false
