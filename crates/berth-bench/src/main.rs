@@ -4,9 +4,11 @@
 //! cargo run --release -p berth-bench -- sandbox [--runs 200]
 //! cargo run --release -p berth-bench -- api
 //! cargo run --release -p berth-bench -- gateway
+//! cargo run --release -p berth-bench -- agents [--runs 20 --concurrent 50]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
+mod agents;
 mod api;
 mod gateway;
 mod sandbox;
@@ -34,6 +36,13 @@ enum Cmd {
     Api {
         #[arg(long, default_value_t = 500)]
         subscribers: usize,
+    },
+    /// Session start against the CLI started by hand; many concurrent real-CLI sessions.
+    Agents {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrent: usize,
     },
     /// Model gateway against straight-to-upstream: time to first byte, throughput, CPU.
     Gateway {
@@ -84,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Sandbox { runs, docker_runs } => sandbox::run(runs, docker_runs).await,
             Cmd::Api { subscribers } => api::run(subscribers).await,
             Cmd::Gateway { requests } => gateway::run(requests).await,
+            Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
         }
     })
 }

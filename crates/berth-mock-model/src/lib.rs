@@ -30,6 +30,8 @@ pub struct Recorded {
     pub body: Value,
     /// Usage the mock reported for this request.
     pub usage: Value,
+    /// When the request arrived (milliseconds since the Unix epoch).
+    pub received_unix_ms: f64,
 }
 
 #[derive(Clone)]
@@ -206,6 +208,7 @@ async fn messages(
             } else {
                 usage.clone()
             },
+            received_unix_ms: unix_ms(),
         });
     }
     if step.delay_ms > 0 {
@@ -267,6 +270,13 @@ async fn messages(
         body,
     )
         .into_response()
+}
+
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
 }
 
 fn sse(event: &str, data: Value) -> bytes::Bytes {
