@@ -39,7 +39,7 @@ impl Api {
     }
 }
 
-pub async fn run(subscribers: usize) -> anyhow::Result<()> {
+pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // 1,000 boxes in the store before the server starts (stopped ones: a store read each).
     {
@@ -59,6 +59,7 @@ pub async fn run(subscribers: usize) -> anyhow::Result<()> {
     let cfg = berth_server::Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
+        durability: durability.clone(),
         ..Default::default()
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -147,19 +148,108 @@ pub async fn run(subscribers: usize) -> anyhow::Result<()> {
         sids.push(s["id"].as_str().unwrap_or_default().to_string());
     }
     let messages = 40;
+    // The subscribers run in a process of their own (as real clients would), so the server's
+    // runtime is not shared with 500 parsing clients.
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "sse-clients",
+            "--url",
+            &api.url,
+            "--token",
+            &api.token,
+            "--sessions",
+            &sids.join(","),
+        ])
+        .args([
+            "--subscribers",
+            &subscribers.to_string(),
+            "--messages",
+            &messages.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(out));
+    anyhow::ensure!(
+        lines.next_line().await?.as_deref() == Some("ready"),
+        "clients did not connect"
+    );
+    for m in 0..messages {
+        for sid in &sids {
+            api.post(
+                &format!("/v1/sessions/{sid}/messages"),
+                json!({"content": format!("msg {m}")}),
+            )
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut lats = Vec::new();
+    while let Some(l) = lines.next_line().await? {
+        if let Ok(us) = l.trim().parse::<u64>() {
+            lats.push(Duration::from_micros(us));
+        }
+    }
+    lats.sort();
+    println!();
+    println!("| SSE delivery | subscribers | sessions | events delivered | median ms | p99 ms | max ms |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| event `ts` (set just before the store commit) → received by the client, durability {durability} | {subscribers} | {sessions} | {} | {} | {} | {} |",
+        lats.len(),
+        ms(percentile(&lats, 0.5)),
+        ms(percentile(&lats, 0.99)),
+        ms(lats.last().copied().unwrap_or_default())
+    );
+
+    // Memory per idle session: server and client share this process; only sessions are added.
+    let before = rss_kib();
+    let n = 200;
+    for _ in 0..n {
+        api.post(
+            "/v1/sessions",
+            json!({"box": live_id, "agent": {"kind": "command", "argv": ["/bin/cat"]}}),
+        )
+        .await?;
+    }
+    let after = rss_kib();
+    println!();
+    println!(
+        "| server memory per idle session (command agent `cat`, {n} sessions) | {:.1} KiB |",
+        (after.saturating_sub(before)) as f64 / n as f64
+    );
+    println!("|---|---|");
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    Ok(())
+}
+
+/// The subscriber side of the SSE benchmark (run as `berth-bench sse-clients`): connects
+/// `subscribers` streams spread over `sessions`, prints `ready`, then one line per delivered
+/// `stdout` event with its latency in microseconds (client receive time − event `ts`).
+pub async fn sse_clients(
+    url: String,
+    token: String,
+    sessions: Vec<String>,
+    subscribers: usize,
+    messages: usize,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
     let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
     let mut ready = Vec::new();
     for i in 0..subscribers {
-        let sid = sids[i % sessions].clone();
-        let api = api.clone();
-        let lat_tx = lat_tx.clone();
+        let sid = sessions[i % sessions.len()].clone();
+        let (http, url, token, lat_tx) = (http.clone(), url.clone(), token.clone(), lat_tx.clone());
         let (rtx, rrx) = tokio::sync::oneshot::channel::<()>();
         ready.push(rrx);
         tokio::spawn(async move {
-            let Ok(r) = api
-                .http
-                .get(format!("{}/v1/sessions/{sid}/events?after=0", api.url))
-                .bearer_auth(&api.token)
+            let Ok(r) = http
+                .get(format!("{url}/v1/sessions/{sid}/events?after=0"))
+                .bearer_auth(&token)
                 .send()
                 .await
             else {
@@ -206,52 +296,11 @@ pub async fn run(subscribers: usize) -> anyhow::Result<()> {
     for r in ready {
         let _ = r.await;
     }
-    let t0 = Instant::now();
-    for m in 0..messages {
-        for sid in &sids {
-            api.post(
-                &format!("/v1/sessions/{sid}/messages"),
-                json!({"content": format!("msg {m}")}),
-            )
-            .await?;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut lats = Vec::new();
+    println!("ready");
+    let mut out = String::new();
     while let Some(d) = lat_rx.recv().await {
-        lats.push(d);
+        out.push_str(&format!("{}\n", d.as_micros()));
     }
-    lats.sort();
-    println!();
-    println!("| SSE delivery | subscribers | sessions | events delivered | median ms | p99 ms | max ms |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    println!(
-        "| event `ts` (set just before the store commit) → received by the client | {subscribers} | {sessions} | {} | {} | {} | {} |",
-        lats.len(),
-        ms(percentile(&lats, 0.5)),
-        ms(percentile(&lats, 0.99)),
-        ms(lats.last().copied().unwrap_or_default())
-    );
-    let _ = t0;
-
-    // Memory per idle session: server and client share this process; only sessions are added.
-    let before = rss_kib();
-    let n = 200;
-    for _ in 0..n {
-        api.post(
-            "/v1/sessions",
-            json!({"box": live_id, "agent": {"kind": "command", "argv": ["/bin/cat"]}}),
-        )
-        .await?;
-    }
-    let after = rss_kib();
-    println!();
-    println!(
-        "| server memory per idle session (command agent `cat`, {n} sessions) | {:.1} KiB |",
-        (after.saturating_sub(before)) as f64 / n as f64
-    );
-    println!("|---|---|");
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    print!("{out}");
     Ok(())
 }

@@ -36,6 +36,9 @@ enum Cmd {
     Api {
         #[arg(long, default_value_t = 500)]
         subscribers: usize,
+        /// Store durability: crash (default) or power.
+        #[arg(long, default_value = "crash")]
+        durability: String,
     },
     /// Session start against the CLI started by hand; many concurrent real-CLI sessions.
     Agents {
@@ -43,6 +46,20 @@ enum Cmd {
         runs: usize,
         #[arg(long, default_value_t = 50)]
         concurrent: usize,
+    },
+    /// SSE subscribers for the `api` suite (internal).
+    #[command(hide = true)]
+    SseClients {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, value_delimiter = ',')]
+        sessions: Vec<String>,
+        #[arg(long)]
+        subscribers: usize,
+        #[arg(long)]
+        messages: usize,
     },
     /// Model gateway against straight-to-upstream: time to first byte, throughput, CPU.
     Gateway {
@@ -91,9 +108,19 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.cmd {
             Cmd::Sandbox { runs, docker_runs } => sandbox::run(runs, docker_runs).await,
-            Cmd::Api { subscribers } => api::run(subscribers).await,
+            Cmd::Api {
+                subscribers,
+                durability,
+            } => api::run(subscribers, durability).await,
             Cmd::Gateway { requests } => gateway::run(requests).await,
             Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
+            Cmd::SseClients {
+                url,
+                token,
+                sessions,
+                subscribers,
+                messages,
+            } => api::sse_clients(url, token, sessions, subscribers, messages).await,
         }
     })
 }

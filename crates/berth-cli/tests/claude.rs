@@ -362,7 +362,24 @@ async fn max_turns_permissions_and_interrupt() {
 #[tokio::test]
 async fn a_killed_cli_fails_the_session_then_resumes() {
     let (_d, srv, api, mock) = setup().await;
-    let (sid, bx) = session(&api, json!({"kind": "claude"}), Some("be slow")).await;
+    // One finished turn (the CLI has written it to its transcript), then a slow one that the
+    // kill interrupts.
+    let (sid, bx) = session(
+        &api,
+        json!({"kind": "claude"}),
+        Some("first task: make a file"),
+    )
+    .await;
+    until(&api, &sid, "result", 1).await;
+    assert_eq!(
+        api.post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "be slow"})
+        )
+        .await
+        .status,
+        202
+    );
     wait_for_model_request(&mock, "be slow").await;
     let out = exec(
         &api,
@@ -404,13 +421,13 @@ async fn a_killed_cli_fails_the_session_then_resumes() {
     assert_eq!(
         api.post(
             &format!("/v1/sessions/{sid}/messages"),
-            json!({"content": "please make a file"})
+            json!({"content": "second task: make a file"})
         )
         .await
         .status,
         202
     );
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = until(&api, &sid, "result", 2).await;
     let seqs: Vec<i64> = evs
         .iter()
         .map(|e| e["seq"].as_i64().expect("seq"))
@@ -422,7 +439,7 @@ async fn a_killed_cli_fails_the_session_then_resumes() {
     );
     let resumed = mock.recorded().iter().any(|r| {
         let m = r.body["messages"].to_string();
-        m.contains("be slow") && m.contains("please make a file")
+        m.contains("first task") && m.contains("second task")
     });
     assert!(
         resumed,

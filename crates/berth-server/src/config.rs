@@ -27,6 +27,9 @@ pub struct Config {
     pub max_exec_output_bytes: usize,
     /// `text` or `json`.
     pub log_format: String,
+    /// What a committed event survives: `crash` (the server dying; default, no fsync per
+    /// commit) or `power` (machine power loss too; fsync per commit, slower event delivery).
+    pub durability: String,
     /// The Claude Code CLI (default: `$BERTH_CLAUDE_BIN`, else `claude` on `PATH`). It must live
     /// where `host`-image boxes see it (under /usr, /opt, …), not under /root or /home.
     pub claude_cli: Option<PathBuf>,
@@ -76,6 +79,7 @@ impl Default for Config {
             max_body_bytes: 64 << 20,
             max_exec_output_bytes: 16 << 20,
             log_format: "text".into(),
+            durability: "crash".into(),
             claude_cli: None,
             native: NativeSection::default(),
         }
@@ -131,6 +135,9 @@ impl Config {
         }
         if let Some(v) = var("BERTH_CLAUDE_BIN") {
             self.claude_cli = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("BERTH_DURABILITY") {
+            self.durability = v;
         }
         if let Some(v) = var("BERTH_BACKEND") {
             self.default_backend = v;

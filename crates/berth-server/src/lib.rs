@@ -131,7 +131,16 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
     let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
-    let store = Arc::new(SqliteStore::open(&cfg.data_dir.join("berth.db")).await?);
+    let durability = match cfg.durability.as_str() {
+        "crash" => berth_store::Durability::Crash,
+        "power" => berth_store::Durability::PowerLoss,
+        other => {
+            return Err(ServerError::Other(format!(
+                "durability must be crash or power, not {other:?}"
+            )))
+        }
+    };
+    let store = Arc::new(SqliteStore::open_with(&cfg.data_dir.join("berth.db"), durability).await?);
     let admin_key_file = bootstrap_admin(&*store, &cfg).await?;
 
     let mut backends: HashMap<String, Arc<Backend>> = HashMap::new();

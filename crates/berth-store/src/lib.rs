@@ -4,8 +4,8 @@
 //! implement the same trait with the same schema (JSON documents plus the columns queries
 //! filter on). Contract:
 //!
-//! - Writes are durable when the future resolves (SQLite WAL with `synchronous=FULL`), so a
-//!   `kill -9` of the server loses nothing that was acknowledged.
+//! - Writes are durable when the future resolves: against a `kill -9` or crash of the server
+//!   always; against power loss too with `Durability::PowerLoss` (fsync per commit).
 //! - Events are append-only; `(session_id, seq)` is unique and an append that reuses a seq fails
 //!   with [`StoreError::Conflict`] instead of overwriting.
 //! - Tenancy is enforced by callers through the `tenant` argument of lookups; a row of another
@@ -16,7 +16,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 use berth_api::{BoxObject, Event, KeyObject, SessionObject};
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{Durability, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

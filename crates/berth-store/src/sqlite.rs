@@ -9,6 +9,17 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// What a committed write survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: survives the server being killed or crashing (the
+    /// kernel holds the written WAL); the newest transactions can be lost if the machine
+    /// itself loses power. No fsync per commit, so event delivery stays fast.
+    Crash,
+    /// WAL with `synchronous=FULL`: every commit is fsynced before it is acknowledged.
+    PowerLoss,
+}
+
 pub struct SqliteStore {
     pool: SqlitePool,
 }
@@ -27,13 +38,21 @@ fn map_unique(e: sqlx::Error) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Open (creating if needed) the database file and run migrations.
+    /// Open (creating if needed) the database file and run migrations, with the default
+    /// durability ([`Durability::Crash`]).
     pub async fn open(path: &Path) -> Result<SqliteStore> {
+        Self::open_with(path, Durability::Crash).await
+    }
+
+    pub async fn open_with(path: &Path, durability: Durability) -> Result<SqliteStore> {
         let url = format!("sqlite://{}", path.display());
         let opts = SqliteConnectOptions::from_str(&url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(match durability {
+                Durability::Crash => SqliteSynchronous::Normal,
+                Durability::PowerLoss => SqliteSynchronous::Full,
+            })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
