@@ -13,6 +13,7 @@
 //! Anthropic-format error (`{"type":"error","error":{...}}`); the session token never leaves
 //! the host, and the real key never enters a box.
 
+pub mod egress;
 mod meter;
 
 pub use meter::{Usage, UsageParser};

@@ -34,6 +34,15 @@ pub struct Config {
     /// where `host`-image boxes see it (under /usr, /opt, …), not under /root or /home.
     pub claude_cli: Option<PathBuf>,
     pub native: NativeSection,
+    pub egress: EgressSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressSection {
+    /// Resolver overrides for the egress proxy, `name = "addr:port"`, trusted as given
+    /// (air-gapped mirrors, tests). Also `BERTH_EGRESS_OVERRIDES="name=addr:port,…"`.
+    pub overrides: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +91,7 @@ impl Default for Config {
             durability: "crash".into(),
             claude_cli: None,
             native: NativeSection::default(),
+            egress: EgressSection::default(),
         }
     }
 }
@@ -138,6 +148,19 @@ impl Config {
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;
+        }
+        if let Some(v) = var("BERTH_EGRESS_OVERRIDES") {
+            for pair in v.split(',').filter(|p| !p.is_empty()) {
+                let (name, addr) = pair.split_once('=').ok_or_else(|| {
+                    ConfigError::Env(
+                        "BERTH_EGRESS_OVERRIDES",
+                        format!("{pair:?} is not name=addr:port"),
+                    )
+                })?;
+                self.egress
+                    .overrides
+                    .insert(name.to_string(), addr.to_string());
+            }
         }
         if let Some(v) = var("BERTH_BACKEND") {
             self.default_backend = v;

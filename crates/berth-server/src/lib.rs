@@ -184,6 +184,24 @@ pub async fn run(
         api_key: cfg.anthropic_api_key.clone(),
     })
     .map_err(|e| ServerError::Other(e.to_string()))?;
+    let mut overrides = HashMap::new();
+    for (name, addr) in &cfg.egress.overrides {
+        let a: SocketAddr = addr
+            .parse()
+            .map_err(|e| ServerError::Other(format!("egress override {name} = {addr:?}: {e}")))?;
+        overrides.insert(name.to_ascii_lowercase(), a);
+    }
+    let (egress, mut decisions) =
+        berth_gateway::egress::Egress::new(berth_gateway::egress::EgressConfig { overrides });
+    // Egress decisions are guest-triggered: counted always, logged at debug level only.
+    tokio::spawn(async move {
+        while let Some(d) = decisions.recv().await {
+            let verdict = if d.allowed { "allowed" } else { "denied" };
+            metrics::counter!("berth_egress_requests_total", "verdict" => verdict).increment(1);
+            metrics::counter!("berth_egress_bytes_total").increment(d.bytes_up + d.bytes_down);
+            tracing::debug!(box_id = %d.box_id, host = %d.host, port = d.port, verdict, reason = %d.reason, "egress");
+        }
+    });
     let engine = Engine::new(
         store.clone(),
         backends,
@@ -192,6 +210,7 @@ pub async fn run(
             max_exec_output: cfg.max_exec_output_bytes,
         },
         gateway,
+        egress,
         claude,
     );
     // The ledger writer: every metered request becomes a usage row.

@@ -77,6 +77,21 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Every process in a box finds the egress proxy through the usual variables; the box's own
+/// `env` comes after and may change them (the proxy stays the only way out regardless).
+fn box_env(obj: &BoxObject) -> Vec<(String, String)> {
+    let proxy = format!("http://127.0.0.1:{}", super::EGRESS_PORT);
+    let mut env: Vec<(String, String)> = ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]
+        .iter()
+        .map(|k| (k.to_string(), proxy.clone()))
+        .collect();
+    env.push(("NO_PROXY".into(), "127.0.0.1,localhost".into()));
+    env.push(("no_proxy".into(), "127.0.0.1,localhost".into()));
+    env.push(("NODE_USE_ENV_PROXY".into(), "1".into()));
+    env.extend(obj.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
 fn limits(spec: &BoxSpec) -> Limits {
     Limits {
         cpus: spec.resources.cpus,
@@ -130,16 +145,17 @@ impl BoxActor {
                 resources: self.obj.resources,
                 ..Default::default()
             }),
-            env: self
-                .obj
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            bridges: vec![Bridge {
-                port: super::GATEWAY_PORT,
-                socket: "model.sock".into(),
-            }],
+            env: box_env(&self.obj),
+            bridges: vec![
+                Bridge {
+                    port: super::GATEWAY_PORT,
+                    socket: "model.sock".into(),
+                },
+                Bridge {
+                    port: super::EGRESS_PORT,
+                    socket: "egress.sock".into(),
+                },
+            ],
         };
         let started = Instant::now();
         let info = match self.backend.create(cfg).await {
@@ -151,7 +167,21 @@ impl BoxActor {
                 return;
             }
         };
-        // The box's only way to the model: its own gateway socket.
+        // The box's only ways out: its own gateway socket and its own egress proxy socket.
+        let egress_task = match self.engine.egress.serve_box(
+            &self.obj.id,
+            self.obj.network.allow.clone(),
+            &info.run_dir.join("egress.sock"),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.backend.destroy(&self.obj.id).await;
+                self.set(BoxState::Failed, Some(format!("egress proxy: {e}")))
+                    .await;
+                self.engine.forget_box(&self.obj.id);
+                return;
+            }
+        };
         let gateway_task = match self
             .engine
             .gateway
@@ -159,6 +189,7 @@ impl BoxActor {
         {
             Ok(t) => t,
             Err(e) => {
+                egress_task.abort();
                 let _ = self.backend.destroy(&self.obj.id).await;
                 self.set(BoxState::Failed, Some(format!("gateway: {e}")))
                     .await;
@@ -229,6 +260,7 @@ impl BoxActor {
             }
         }
         gateway_task.abort();
+        egress_task.abort();
         self.engine.forget_box(&self.obj.id);
     }
 

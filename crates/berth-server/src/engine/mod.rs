@@ -40,8 +40,12 @@ pub(crate) async fn sleep_until_opt<T: Into<tokio::time::Instant>>(t: Option<T>)
 /// Loopback port inside every box where the model gateway answers.
 pub const GATEWAY_PORT: u16 = 47100;
 
+/// Loopback port inside every box where the egress proxy answers.
+pub const EGRESS_PORT: u16 = 47101;
+
 pub struct Engine {
     pub gateway: Arc<berth_gateway::Gateway>,
+    pub egress: Arc<berth_gateway::egress::Egress>,
     pub claude: Option<crate::claude_cli::ClaudeCli>,
     pub store: Arc<dyn Store>,
     pub backends: HashMap<String, Arc<Backend>>,
@@ -60,10 +64,12 @@ impl Engine {
         backends: HashMap<String, Arc<Backend>>,
         config: EngineConfig,
         gateway: Arc<berth_gateway::Gateway>,
+        egress: Arc<berth_gateway::egress::Egress>,
         claude: Option<crate::claude_cli::ClaudeCli>,
     ) -> Arc<Engine> {
         Arc::new(Engine {
             gateway,
+            egress,
             claude,
             store,
             backends,
