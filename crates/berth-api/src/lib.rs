@@ -452,9 +452,11 @@ pub struct BackendInfo {
 }
 
 /// Tokens one session spent on one model, as metered by the gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 pub struct ModelUsage {
     pub model: String,
+    /// Priced with the server's table (USD).
+    pub cost_usd: f64,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_creation_5m_tokens: u64,
@@ -462,7 +464,7 @@ pub struct ModelUsage {
     pub cache_read_tokens: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SessionUsage {
     pub session_id: String,
     pub by_model: Vec<ModelUsage>,

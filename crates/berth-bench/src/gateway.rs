@@ -37,6 +37,7 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
     let (gw, mut meter) = Gateway::new(GatewayConfig {
         upstream: direct.clone(),
         api_key: Some("sk-real".into()),
+        prices: Default::default(),
     })?;
     tokio::spawn(async move { while meter.recv().await.is_some() {} });
     gw.register(
@@ -46,6 +47,8 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
             box_id: "b".into(),
             tenant: "t".into(),
         },
+        Default::default(),
+        0.0,
     );
     let via = serve(gw.router_for_box("b")).await?;
     let http = reqwest::Client::new();

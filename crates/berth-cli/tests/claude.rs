@@ -519,3 +519,35 @@ async fn permission_rules_and_timeouts_answer_without_a_client() {
     );
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn a_spent_budget_stops_the_agent_cleanly() {
+    let (_d, srv, api, mock) = setup().await;
+    // The first demo request (~4,500 input tokens at Opus prices) costs more than this.
+    let (sid, _bx) = session(
+        &api,
+        json!({"kind": "claude", "max_budget_usd": 0.001}),
+        Some("make a file"),
+    )
+    .await;
+    let evs = until(&api, &sid, "result", 1).await;
+    assert!(
+        evs.iter().any(|e| e["type"] == "budget_exhausted"),
+        "the session is told"
+    );
+    assert_eq!(
+        mock.recorded().len(),
+        1,
+        "only the request that crossed the budget reached the model"
+    );
+    let usage = api.get(&format!("/v1/sessions/{sid}/usage")).await.json;
+    assert!(usage["total"]["cost_usd"].as_f64().expect("cost") > 0.001);
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"agent": {"kind": "claude", "max_budget_usd": -1}}),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    srv.stop().await;
+}

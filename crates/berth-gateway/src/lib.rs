@@ -15,6 +15,7 @@
 
 pub mod egress;
 mod meter;
+pub mod price;
 
 pub use meter::{Usage, UsageParser};
 
@@ -26,7 +27,7 @@ use axum::Router;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Who a session token belongs to.
@@ -37,6 +38,15 @@ pub struct TokenOwner {
     pub tenant: String,
 }
 
+/// Limits the gateway enforces per session.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SessionLimits {
+    /// Refuse requests once this much has been spent (at most one request overspends).
+    pub budget_usd: Option<f64>,
+    /// Requests per rolling minute.
+    pub requests_per_minute: Option<u32>,
+}
+
 /// One metered upstream request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
@@ -44,6 +54,10 @@ pub struct UsageRecord {
     pub model: String,
     pub usage: Usage,
     pub status: u16,
+    /// Priced with the gateway's table.
+    pub cost_usd: f64,
+    /// This request took the session's spend to or past its budget.
+    pub budget_exhausted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -52,12 +66,20 @@ pub struct GatewayConfig {
     pub upstream: String,
     /// The real credential. Sent as `x-api-key`.
     pub api_key: Option<String>,
+    pub prices: price::PriceTable,
+}
+
+struct SessionState {
+    owner: TokenOwner,
+    limits: SessionLimits,
+    spent_usd: f64,
+    recent: std::collections::VecDeque<std::time::Instant>,
 }
 
 pub struct Gateway {
     cfg: GatewayConfig,
     http: reqwest::Client,
-    tokens: RwLock<HashMap<String, TokenOwner>>,
+    tokens: std::sync::Mutex<HashMap<String, SessionState>>,
     meter: mpsc::UnboundedSender<UsageRecord>,
 }
 
@@ -118,27 +140,113 @@ impl Gateway {
             Arc::new(Gateway {
                 cfg,
                 http,
-                tokens: RwLock::new(HashMap::new()),
+                tokens: std::sync::Mutex::new(HashMap::new()),
                 meter: tx,
             }),
             rx,
         ))
     }
 
-    pub fn register(&self, token: &str, owner: TokenOwner) {
-        if let Ok(mut m) = self.tokens.write() {
-            m.insert(token.to_string(), owner);
+    pub fn prices(&self) -> &price::PriceTable {
+        &self.cfg.prices
+    }
+
+    /// Accept `token` for a session; `spent_usd` carries what it spent before (a restart).
+    pub fn register(&self, token: &str, owner: TokenOwner, limits: SessionLimits, spent_usd: f64) {
+        if let Ok(mut m) = self.tokens.lock() {
+            m.insert(
+                token.to_string(),
+                SessionState {
+                    owner,
+                    limits,
+                    spent_usd,
+                    recent: Default::default(),
+                },
+            );
         }
     }
 
     pub fn revoke(&self, token: &str) {
-        if let Ok(mut m) = self.tokens.write() {
+        if let Ok(mut m) = self.tokens.lock() {
             m.remove(token);
         }
     }
 
-    fn owner(&self, token: &str) -> Option<TokenOwner> {
-        self.tokens.read().ok()?.get(token).cloned()
+    /// Check a request against the session's limits and count it; the refusal, if any, is
+    /// an Anthropic-format error response.
+    fn admit(&self, token: &str, box_id: &str) -> Result<TokenOwner, Response> {
+        let unauthorized = || {
+            anthropic_error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid session token",
+            )
+        };
+        let mut m = self.tokens.lock().map_err(|_| unauthorized())?;
+        let st = m.get_mut(token).ok_or_else(unauthorized)?;
+        if st.owner.box_id != box_id {
+            return Err(anthropic_error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "token not valid for this box",
+            ));
+        }
+        if let Some(b) = st.limits.budget_usd {
+            if st.spent_usd >= b {
+                return Err(anthropic_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    &format!(
+                        "berth: this session's budget of ${b:.4} is spent (${:.4})",
+                        st.spent_usd
+                    ),
+                ));
+            }
+        }
+        if let Some(rpm) = st.limits.requests_per_minute {
+            let now = std::time::Instant::now();
+            while st
+                .recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= std::time::Duration::from_secs(60))
+            {
+                st.recent.pop_front();
+            }
+            if st.recent.len() >= rpm as usize {
+                let wait = st
+                    .recent
+                    .front()
+                    .map(|t| 60u64.saturating_sub(now.duration_since(*t).as_secs()))
+                    .unwrap_or(60);
+                let mut r = anthropic_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    &format!("berth: this session is limited to {rpm} requests per minute"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&wait.max(1).to_string()) {
+                    r.headers_mut().insert("retry-after", v);
+                }
+                return Err(r);
+            }
+            st.recent.push_back(now);
+        }
+        Ok(st.owner.clone())
+    }
+
+    /// Add a metered request's cost; true when it took the session to or past its budget.
+    fn spend(&self, session_id: &str, cost: f64) -> bool {
+        let Ok(mut m) = self.tokens.lock() else {
+            return false;
+        };
+        let mut crossed = false;
+        for st in m.values_mut().filter(|s| s.owner.session_id == session_id) {
+            let before = st.spent_usd;
+            st.spent_usd += cost;
+            if let Some(b) = st.limits.budget_usd {
+                crossed |= before < b && st.spent_usd >= b;
+            }
+        }
+        crossed
     }
 
     /// Serve the gateway for one box on a Unix socket; the task ends when aborted.
@@ -182,7 +290,7 @@ impl Gateway {
 struct MeterTap {
     parser: UsageParser,
     pending: Option<(TokenOwner, String)>,
-    meter: mpsc::UnboundedSender<UsageRecord>,
+    gw: Arc<Gateway>,
     status: u16,
 }
 
@@ -190,11 +298,16 @@ impl MeterTap {
     fn report(&mut self) {
         if let Some((owner, model)) = self.pending.take() {
             let model = self.parser.model().unwrap_or(model);
-            let _ = self.meter.send(UsageRecord {
+            let usage = self.parser.usage();
+            let cost_usd = self.gw.cfg.prices.cost_usd(&model, &usage);
+            let budget_exhausted = self.gw.spend(&owner.session_id, cost_usd);
+            let _ = self.gw.meter.send(UsageRecord {
                 owner,
                 model,
-                usage: self.parser.usage(),
+                usage,
                 status: self.status,
+                cost_usd,
+                budget_exhausted,
             });
         }
     }
@@ -218,20 +331,17 @@ fn presented_token(h: &HeaderMap) -> Option<String> {
 
 async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     let gw = &ctx.gw;
-    let Some(owner) = presented_token(req.headers()).and_then(|t| gw.owner(&t)) else {
+    let Some(token) = presented_token(req.headers()) else {
         return anthropic_error(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
             "invalid session token",
         );
     };
-    if owner.box_id != ctx.box_id {
-        return anthropic_error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "token not valid for this box",
-        );
-    }
+    let owner = match gw.admit(&token, &ctx.box_id) {
+        Ok(o) => o,
+        Err(refusal) => return refusal,
+    };
     let (parts, body) = req.into_parts();
     let path_q = parts
         .uri
@@ -328,7 +438,7 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     let mut tap = MeterTap {
         parser: UsageParser::new(is_sse),
         pending: Some((owner, model)),
-        meter: gw.meter.clone(),
+        gw: gw.clone(),
         status,
     };
     let stream = resp.bytes_stream().map(move |chunk| {

@@ -27,6 +27,8 @@ pub struct Config {
     pub max_exec_output_bytes: usize,
     /// `text` or `json`.
     pub log_format: String,
+    /// Model requests per minute allowed to each session (none: unlimited).
+    pub session_rpm: Option<u32>,
     /// What a committed event survives: `crash` (the server dying; default, no fsync per
     /// commit) or `power` (machine power loss too; fsync per commit, slower event delivery).
     pub durability: String,
@@ -88,6 +90,7 @@ impl Default for Config {
             max_body_bytes: 64 << 20,
             max_exec_output_bytes: 16 << 20,
             log_format: "text".into(),
+            session_rpm: None,
             durability: "crash".into(),
             claude_cli: None,
             native: NativeSection::default(),
@@ -145,6 +148,12 @@ impl Config {
         }
         if let Some(v) = var("BERTH_CLAUDE_BIN") {
             self.claude_cli = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("BERTH_SESSION_RPM") {
+            self.session_rpm = Some(
+                v.parse()
+                    .map_err(|e| ConfigError::Env("BERTH_SESSION_RPM", format!("{e}")))?,
+            );
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;

@@ -182,6 +182,7 @@ pub async fn run(
     let (gateway, mut metered) = berth_gateway::Gateway::new(berth_gateway::GatewayConfig {
         upstream: cfg.upstream_url.clone(),
         api_key: cfg.anthropic_api_key.clone(),
+        prices: Default::default(),
     })
     .map_err(|e| ServerError::Other(e.to_string()))?;
     let mut overrides = HashMap::new();
@@ -207,6 +208,7 @@ pub async fn run(
         backends,
         EngineConfig {
             default_backend: cfg.default_backend.clone(),
+            session_rpm: cfg.session_rpm,
             max_exec_output: cfg.max_exec_output_bytes,
         },
         gateway,
@@ -215,8 +217,18 @@ pub async fn run(
     );
     // The ledger writer: every metered request becomes a usage row.
     let ledger_store = store.clone();
+    let ledger_engine = engine.clone();
     tokio::spawn(async move {
         while let Some(r) = metered.recv().await {
+            if r.budget_exhausted {
+                ledger_engine
+                    .notice(
+                        &r.owner.session_id,
+                        "budget_exhausted",
+                        serde_json::json!({"message": "the session's max_budget_usd is spent; further model requests are refused"}),
+                    )
+                    .await;
+            }
             let row = berth_store::UsageRow {
                 ts: auth::now(),
                 tenant: r.owner.tenant,

@@ -25,6 +25,8 @@ use tokio::sync::oneshot;
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub default_backend: String,
+    /// Model requests per minute per session, enforced by the gateway.
+    pub session_rpm: Option<u32>,
     /// Largest exec output returned by the REST exec call, per stream.
     pub max_exec_output: usize,
 }
@@ -281,6 +283,15 @@ impl Engine {
                 "workdir must be an absolute path inside the box".into(),
             ));
         }
+        if let AgentSpec::Claude(c) = &spec.agent {
+            if c.max_budget_usd
+                .is_some_and(|b| !(b.is_finite() && b > 0.0))
+            {
+                return Err(ApiError::Invalid(
+                    "max_budget_usd must be a positive number".into(),
+                ));
+            }
+        }
         let unknown = spec.agent.unknown_fields();
         if !unknown.is_empty() {
             return Err(ApiError::Invalid(format!(
@@ -339,14 +350,7 @@ impl Engine {
             updated_at: ts,
         };
         self.store.put_session(&obj).await?;
-        self.gateway.register(
-            &token,
-            berth_gateway::TokenOwner {
-                session_id: obj.id.clone(),
-                box_id: obj.box_id.clone(),
-                tenant: tenant.to_string(),
-            },
-        );
+        self.register_token(&token, &obj).await?;
         let handle = sessions::spawn(sessions::SessionStart {
             engine: self.clone(),
             backend,
@@ -453,6 +457,46 @@ impl Engine {
             .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }
 
+    /// Let the gateway accept `token` for this session, with its budget (less what it has
+    /// already spent, after a restart) and the server's request rate limit.
+    async fn register_token(&self, token: &str, obj: &SessionObject) -> Result<(), ApiError> {
+        let budget_usd = match &obj.agent {
+            AgentSpec::Claude(c) => c.max_budget_usd,
+            AgentSpec::Command(_) => None,
+        };
+        let spent = self
+            .session_usage(&obj.tenant, &obj.id)
+            .await
+            .map(|u| u.total.cost_usd)
+            .unwrap_or(0.0);
+        self.gateway.register(
+            token,
+            berth_gateway::TokenOwner {
+                session_id: obj.id.clone(),
+                box_id: obj.box_id.clone(),
+                tenant: obj.tenant.clone(),
+            },
+            berth_gateway::SessionLimits {
+                budget_usd,
+                requests_per_minute: self.config.session_rpm,
+            },
+            spent,
+        );
+        Ok(())
+    }
+
+    /// Record a server-side notice (budget exhausted, …) in a live session's event log.
+    pub async fn notice(&self, session_id: &str, kind: &str, data: serde_json::Value) {
+        if let Some(h) = self.session_handle(session_id) {
+            let _ =
+                h.tx.send(SessionCmd::Notice {
+                    kind: kind.to_string(),
+                    data,
+                })
+                .await;
+        }
+    }
+
     /// Where and how the Claude CLI runs for a session (None when the server has no CLI).
     fn claude_env(
         &self,
@@ -512,14 +556,7 @@ impl Engine {
         let mut obj = s;
         obj.state = SessionState::Starting;
         obj.state_reason = None;
-        self.gateway.register(
-            &token,
-            berth_gateway::TokenOwner {
-                session_id: obj.id.clone(),
-                box_id: obj.box_id.clone(),
-                tenant: tenant.to_string(),
-            },
-        );
+        self.register_token(&token, &obj).await?;
         let handle = sessions::spawn(sessions::SessionStart {
             engine: self.clone(),
             backend,
@@ -592,7 +629,19 @@ impl Engine {
                 total.cache_creation_5m_tokens += r.cache_creation_5m_tokens;
                 total.cache_creation_1h_tokens += r.cache_creation_1h_tokens;
                 total.cache_read_tokens += r.cache_read_tokens;
+                let cost_usd = self.gateway.prices().cost_usd(
+                    &r.model,
+                    &berth_gateway::Usage {
+                        input_tokens: r.input_tokens,
+                        output_tokens: r.output_tokens,
+                        cache_creation_5m_tokens: r.cache_creation_5m_tokens,
+                        cache_creation_1h_tokens: r.cache_creation_1h_tokens,
+                        cache_read_tokens: r.cache_read_tokens,
+                    },
+                );
+                total.cost_usd += cost_usd;
                 ModelUsage {
+                    cost_usd,
                     model: r.model,
                     input_tokens: r.input_tokens,
                     output_tokens: r.output_tokens,

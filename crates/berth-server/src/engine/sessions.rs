@@ -44,6 +44,8 @@ pub enum SessionCmd {
         mode: String,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// A server-side notice to record in the event log.
+    Notice { kind: String, data: Value },
 }
 
 #[derive(Clone)]
@@ -311,6 +313,7 @@ impl SessionActor {
             SessionCmd::Stop { reply, .. } => {
                 let _ = reply.send(self.obj.clone());
             }
+            SessionCmd::Notice { .. } => {}
         }
     }
 
@@ -454,6 +457,10 @@ impl SessionActor {
                     ))),
                 };
                 let _ = reply.send(r);
+                false
+            }
+            SessionCmd::Notice { kind, data } => {
+                self.record(vec![AgentEvent { kind, data }]).await;
                 false
             }
             SessionCmd::SetPermissionMode { mode, reply } => {
