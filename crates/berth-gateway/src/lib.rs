@@ -172,61 +172,44 @@ impl Gateway {
         }
     }
 
-    /// Check a request against the session's limits and count it; the refusal, if any, is
-    /// an Anthropic-format error response.
-    fn admit(&self, token: &str, box_id: &str) -> Result<TokenOwner, Response> {
-        let unauthorized = || {
-            anthropic_error(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "invalid session token",
-            )
-        };
-        let mut m = self.tokens.lock().map_err(|_| unauthorized())?;
-        let st = m.get_mut(token).ok_or_else(unauthorized)?;
+    /// Check a request against the session's limits and count it.
+    fn admit(&self, token: &str, box_id: &str) -> Result<TokenOwner, Refusal> {
+        let mut m = self
+            .tokens
+            .lock()
+            .map_err(|_| Refusal::Unauthorized("invalid session token"))?;
+        let st = m
+            .get_mut(token)
+            .ok_or(Refusal::Unauthorized("invalid session token"))?;
         if st.owner.box_id != box_id {
-            return Err(anthropic_error(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "token not valid for this box",
-            ));
+            return Err(Refusal::Unauthorized("token not valid for this box"));
         }
         if let Some(b) = st.limits.budget_usd {
             if st.spent_usd >= b {
-                return Err(anthropic_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    &format!(
-                        "berth: this session's budget of ${b:.4} is spent (${:.4})",
-                        st.spent_usd
-                    ),
-                ));
+                return Err(Refusal::Budget(format!(
+                    "berth: this session's budget of ${b:.4} is spent (${:.4})",
+                    st.spent_usd
+                )));
             }
         }
         if let Some(rpm) = st.limits.requests_per_minute {
             let now = std::time::Instant::now();
+            let minute = std::time::Duration::from_secs(60);
             while st
                 .recent
                 .front()
-                .is_some_and(|t| now.duration_since(*t) >= std::time::Duration::from_secs(60))
+                .is_some_and(|t| now.duration_since(*t) >= minute)
             {
                 st.recent.pop_front();
             }
             if st.recent.len() >= rpm as usize {
-                let wait = st
+                let retry_after = st
                     .recent
                     .front()
                     .map(|t| 60u64.saturating_sub(now.duration_since(*t).as_secs()))
-                    .unwrap_or(60);
-                let mut r = anthropic_error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    &format!("berth: this session is limited to {rpm} requests per minute"),
-                );
-                if let Ok(v) = HeaderValue::from_str(&wait.max(1).to_string()) {
-                    r.headers_mut().insert("retry-after", v);
-                }
-                return Err(r);
+                    .unwrap_or(60)
+                    .max(1);
+                return Err(Refusal::Rate { rpm, retry_after });
             }
             st.recent.push_back(now);
         }
@@ -316,6 +299,37 @@ impl MeterTap {
 impl Drop for MeterTap {
     fn drop(&mut self) {
         self.report();
+    }
+}
+
+/// Why the gateway refused a request; answered in the Anthropic error format.
+enum Refusal {
+    Unauthorized(&'static str),
+    Budget(String),
+    Rate { rpm: u32, retry_after: u64 },
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Unauthorized(m) => {
+                anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", m)
+            }
+            Refusal::Budget(m) => {
+                anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", &m)
+            }
+            Refusal::Rate { rpm, retry_after } => {
+                let mut r = anthropic_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    &format!("berth: this session is limited to {rpm} requests per minute"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+                    r.headers_mut().insert("retry-after", v);
+                }
+                r
+            }
+        }
     }
 }
 
