@@ -354,7 +354,7 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     };
     let owner = match gw.admit(&token, &ctx.box_id) {
         Ok(o) => o,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let (parts, body) = req.into_parts();
     let path_q = parts
