@@ -350,28 +350,18 @@ impl Engine {
             updated_at: ts,
         };
         self.store.put_session(&obj).await?;
-        self.register_token(&token, &obj).await?;
-        let handle = sessions::spawn(sessions::SessionStart {
+        metrics::counter!("berth_sessions_created_total").increment(1);
+        self.start_agent(sessions::SessionStart {
             engine: self.clone(),
             backend,
             box_handle,
             lifecycle: box_obj.lifecycle,
             driver,
-            obj: obj.clone(),
+            obj,
             prompt: spec.prompt.clone(),
             token,
-        });
-        if let Ok(mut m) = self.sessions.write() {
-            m.insert(obj.id.clone(), handle.clone());
-        }
-        metrics::counter!("berth_sessions_created_total").increment(1);
-        let mut rx = handle.state.clone();
-        let settled = rx
-            .wait_for(|s| s.state != SessionState::Starting)
-            .await
-            .map(|s| s.clone())
-            .unwrap_or(obj);
-        Ok(settled)
+        })
+        .await
     }
 
     pub async fn get_session(&self, tenant: &str, id: &str) -> Result<SessionObject, ApiError> {
@@ -556,17 +546,25 @@ impl Engine {
         let mut obj = s;
         obj.state = SessionState::Starting;
         obj.state_reason = None;
-        self.register_token(&token, &obj).await?;
-        let handle = sessions::spawn(sessions::SessionStart {
+        self.start_agent(sessions::SessionStart {
             engine: self.clone(),
             backend,
             box_handle,
             lifecycle: box_obj.lifecycle,
             driver,
-            obj: obj.clone(),
+            obj,
             prompt: None,
             token,
-        });
+        })
+        .await
+    }
+
+    /// Register the session's token, start its owner task, and wait until the agent is up
+    /// (or has failed to start).
+    async fn start_agent(&self, start: sessions::SessionStart) -> Result<SessionObject, ApiError> {
+        self.register_token(&start.token, &start.obj).await?;
+        let obj = start.obj.clone();
+        let handle = sessions::spawn(start);
         if let Ok(mut m) = self.sessions.write() {
             m.insert(obj.id.clone(), handle.clone());
         }
