@@ -64,7 +64,7 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let helper = std::env::current_exe()?;
+    let helper = berth_sandbox::native::helper_beside(&std::env::current_exe()?);
     let server = tokio::spawn(async move {
         berth_server::run(
             cfg,

@@ -57,7 +57,7 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
     let dir = tempfile::tempdir()?;
     let backend = NativeBackend::new(NativeConfig {
         data_dir: dir.path().to_path_buf(),
-        helper: std::env::current_exe()?,
+        helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
         pool_size,
     })?;
     let limits = Limits {

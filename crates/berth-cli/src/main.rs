@@ -351,7 +351,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
         }
         tracing::info!(upstream = %cfg.upstream_url, "using the built-in mock model");
     }
-    let helper = std::env::current_exe().context("locating the berth executable")?;
+    let helper = berth_sandbox::native::helper_beside(
+        &std::env::current_exe().context("locating the berth executable")?,
+    );
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -287,6 +287,15 @@ fn bind(src: &Path, dst: &Path, readonly: bool, extra: MsFlags) -> Result<(), St
     )
 }
 
+/// A plain bind mount without the read-only remount, for targets where the flags change
+/// nothing (masks with `/dev/null`, device nodes): one mount call instead of two.
+fn bind_only(src: &Path, dst: &Path) -> Result<(), String> {
+    ctx(
+        mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+        &format!("bind {} -> {}", src.display(), dst.display()),
+    )
+}
+
 fn is_device_node(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     fs::metadata(p)
@@ -367,7 +376,7 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     for f in &cfg.masked_files {
         let t = inside(root, f);
         if t.exists() {
-            bind(Path::new("/dev/null"), &t, true, MsFlags::empty())?;
+            bind_only(Path::new("/dev/null"), &t)?;
         }
     }
     for d in &cfg.masked_dirs {
@@ -419,7 +428,7 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let t = dev.join(node);
         ctx(fs::File::create(&t), "create dev node")?;
-        bind(&Path::new("/dev").join(node), &t, false, MsFlags::MS_NOEXEC)?;
+        bind_only(&Path::new("/dev").join(node), &t)?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -455,7 +464,7 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     ] {
         let t = proc_dir.join(p);
         if t.exists() {
-            bind(Path::new("/dev/null"), &t, true, MsFlags::empty())?;
+            bind_only(Path::new("/dev/null"), &t)?;
         }
     }
     for p in ["sys", "bus", "fs", "irq"] {

@@ -708,6 +708,21 @@ impl NativeBackend {
     }
 }
 
+/// The helper to run box bring-up with: the small `berth-box-init` beside `exe` when it is
+/// there (it starts ~2 ms faster per box than a large binary, and so does every exec, since
+/// the in-box supervisor is a fork of it), else `exe` itself (`exe __box-init`).
+pub fn helper_beside(exe: &Path) -> PathBuf {
+    let small = exe.with_file_name("berth-box-init");
+    let usable = std::fs::metadata(&small)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false);
+    if usable {
+        small
+    } else {
+        exe.to_path_buf()
+    }
+}
+
 impl NativeBackend {
     /// Wait until every destroyed box's loop device is released and its files are removed.
     pub async fn settle(&self) {
