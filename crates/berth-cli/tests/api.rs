@@ -593,3 +593,26 @@ async fn kill9_then_restart_keeps_every_committed_event() {
     let _ = box_pid_dirs;
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn the_berth_binary_alone_brings_boxes_up() {
+    // Without berth-box-init beside it, berth runs box bring-up itself (`berth __box-init`).
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = dir.path().join("berth");
+    std::fs::copy(env!("CARGO_BIN_EXE_berth"), &bin).expect("copy berth");
+    let data = dir.path().join("data");
+    let srv = Server::start_bin(&bin, &data, &[]).await;
+    let api = srv.client();
+    let id = small_box(&api, json!({})).await;
+    let r = api
+        .post(
+            &format!("/v1/boxes/{id}/exec"),
+            json!({"argv": ["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"]}),
+        )
+        .await;
+    assert_eq!(
+        r.json["stdout"].as_str().map(str::trim),
+        Some(format!("{} __box-init", bin.display()).as_str())
+    );
+    srv.stop().await;
+}

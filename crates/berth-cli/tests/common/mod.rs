@@ -19,7 +19,12 @@ impl Server {
     }
 
     pub async fn start_with(data: &Path, env: &[(&str, &str)]) -> Server {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+        Self::start_bin(Path::new(env!("CARGO_BIN_EXE_berth")), data, env).await
+    }
+
+    /// Start a given `berth` binary (e.g. a copy without the helper beside it).
+    pub async fn start_bin(bin: &Path, data: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = tokio::process::Command::new(bin);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .env("BERTH_LOG", "warn")
