@@ -444,6 +444,22 @@ pub struct KeyObject {
     pub created_at: Timestamp,
 }
 
+/// Body of `PUT /v1/tenants/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantUpdate {
+    /// Spending cap per calendar month (UTC), enforced by the gateway; null removes it.
+    pub budget_usd_month: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TenantObject {
+    pub name: String,
+    pub budget_usd_month: Option<f64>,
+    /// Model cost metered this calendar month.
+    pub spent_usd_month: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BackendInfo {
     pub name: String,

@@ -484,6 +484,43 @@ async fn tenants_cannot_see_each_other() {
             .status,
         400
     );
+    // Tenant budgets: admins set them, tenants read their own.
+    let r = admin
+        .call(
+            "PUT",
+            "/v1/tenants/acme",
+            Some(json!({"budget_usd_month": 12.5})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["budget_usd_month"], 12.5);
+    assert_eq!(r.json["spent_usd_month"], 0.0);
+    assert_eq!(
+        acme.get("/v1/tenants/acme").await.json["budget_usd_month"],
+        12.5
+    );
+    assert_eq!(globex.get("/v1/tenants/acme").await.status, 404);
+    assert_eq!(
+        acme.call(
+            "PUT",
+            "/v1/tenants/acme",
+            Some(json!({"budget_usd_month": 1000}))
+        )
+        .await
+        .status,
+        403
+    );
+    assert_eq!(
+        admin
+            .call(
+                "PUT",
+                "/v1/tenants/acme",
+                Some(json!({"budget_usd_month": -1}))
+            )
+            .await
+            .status,
+        400
+    );
     // Still alive for its owner.
     assert_eq!(
         acme.get(&format!("/v1/boxes/{a_box}")).await.json["state"],

@@ -549,5 +549,30 @@ async fn a_spent_budget_stops_the_agent_cleanly() {
         )
         .await;
     assert_eq!(r.status, 400);
+
+    // A tenant's monthly budget stops every session of the tenant, new ones included.
+    let t = api
+        .call(
+            "PUT",
+            "/v1/tenants/default",
+            Some(json!({"budget_usd_month": 0.001})),
+        )
+        .await;
+    assert_eq!(t.status, 200, "{}", t.json);
+    assert!(
+        t.json["spent_usd_month"].as_f64().expect("spent") > 0.001,
+        "{}",
+        t.json
+    );
+    let before = mock.recorded().len();
+    let (sid, _) = session(&api, json!({"kind": "claude"}), Some("make a file")).await;
+    let evs = until(&api, &sid, "result", 1).await;
+    let result = evs.iter().find(|e| e["type"] == "result").expect("result");
+    assert_eq!(result["data"]["is_error"], true, "{result}");
+    assert_eq!(
+        mock.recorded().len(),
+        before,
+        "refused before reaching the model"
+    );
     srv.stop().await;
 }

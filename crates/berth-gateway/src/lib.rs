@@ -58,6 +58,8 @@ pub struct UsageRecord {
     pub cost_usd: f64,
     /// This request took the session's spend to or past its budget.
     pub budget_exhausted: bool,
+    /// This request took the tenant's monthly spend to or past its budget.
+    pub tenant_budget_exhausted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -76,8 +78,37 @@ struct SessionState {
     recent: std::collections::VecDeque<std::time::Instant>,
 }
 
+/// A tenant's monthly budget and what it spent in the current calendar month (UTC).
+struct TenantBudget {
+    budget_usd: f64,
+    spent_usd: f64,
+    month: (i32, u8),
+}
+
+fn this_month() -> (i32, u8) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    month_of(now)
+}
+
+/// (year, month) in UTC of a Unix time (civil-from-days, Howard Hinnant's algorithm).
+pub fn month_of(unix_secs: i64) -> (i32, u8) {
+    let z = unix_secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y as i32, m as u8)
+}
+
 pub struct Gateway {
     cfg: GatewayConfig,
+    tenants: std::sync::Mutex<HashMap<String, TenantBudget>>,
     http: reqwest::Client,
     tokens: std::sync::Mutex<HashMap<String, SessionState>>,
     meter: mpsc::UnboundedSender<UsageRecord>,
@@ -141,6 +172,7 @@ impl Gateway {
                 cfg,
                 http,
                 tokens: std::sync::Mutex::new(HashMap::new()),
+                tenants: std::sync::Mutex::new(HashMap::new()),
                 meter: tx,
             }),
             rx,
@@ -172,6 +204,39 @@ impl Gateway {
         }
     }
 
+    /// Set (or clear, with None) a tenant's monthly budget; `spent_usd` is what it has spent
+    /// this calendar month so far.
+    pub fn set_tenant_budget(&self, tenant: &str, budget_usd: Option<f64>, spent_usd: f64) {
+        if let Ok(mut m) = self.tenants.lock() {
+            match budget_usd {
+                Some(b) => {
+                    m.insert(
+                        tenant.to_string(),
+                        TenantBudget {
+                            budget_usd: b,
+                            spent_usd,
+                            month: this_month(),
+                        },
+                    );
+                }
+                None => {
+                    m.remove(tenant);
+                }
+            }
+        }
+    }
+
+    fn tenant_spent(&self, tenant: &str) -> Option<(f64, f64)> {
+        let mut m = self.tenants.lock().ok()?;
+        let t = m.get_mut(tenant)?;
+        let month = this_month();
+        if t.month != month {
+            t.month = month;
+            t.spent_usd = 0.0;
+        }
+        Some((t.budget_usd, t.spent_usd))
+    }
+
     /// Check a request against the session's limits and count it.
     fn admit(&self, token: &str, box_id: &str) -> Result<TokenOwner, Refusal> {
         let mut m = self
@@ -189,6 +254,14 @@ impl Gateway {
                 return Err(Refusal::Budget(format!(
                     "berth: this session's budget of ${b:.4} is spent (${:.4})",
                     st.spent_usd
+                )));
+            }
+        }
+        if let Some((b, spent)) = self.tenant_spent(&st.owner.tenant) {
+            if spent >= b {
+                return Err(Refusal::Budget(format!(
+                    "berth: tenant {}'s monthly budget of ${b:.2} is spent (${spent:.4})",
+                    st.owner.tenant
                 )));
             }
         }
@@ -217,19 +290,31 @@ impl Gateway {
     }
 
     /// Add a metered request's cost; true when it took the session to or past its budget.
-    fn spend(&self, session_id: &str, cost: f64) -> bool {
-        let Ok(mut m) = self.tokens.lock() else {
-            return false;
-        };
-        let mut crossed = false;
-        for st in m.values_mut().filter(|s| s.owner.session_id == session_id) {
-            let before = st.spent_usd;
-            st.spent_usd += cost;
-            if let Some(b) = st.limits.budget_usd {
-                crossed |= before < b && st.spent_usd >= b;
+    fn spend(&self, owner: &TokenOwner, cost: f64) -> (bool, bool) {
+        let mut session_crossed = false;
+        if let Ok(mut m) = self.tokens.lock() {
+            for st in m
+                .values_mut()
+                .filter(|s| s.owner.session_id == owner.session_id)
+            {
+                let before = st.spent_usd;
+                st.spent_usd += cost;
+                if let Some(b) = st.limits.budget_usd {
+                    session_crossed |= before < b && st.spent_usd >= b;
+                }
             }
         }
-        crossed
+        let mut tenant_crossed = false;
+        if self.tenant_spent(&owner.tenant).is_some() {
+            if let Ok(mut m) = self.tenants.lock() {
+                if let Some(t) = m.get_mut(&owner.tenant) {
+                    let before = t.spent_usd;
+                    t.spent_usd += cost;
+                    tenant_crossed = before < t.budget_usd && t.spent_usd >= t.budget_usd;
+                }
+            }
+        }
+        (session_crossed, tenant_crossed)
     }
 
     /// Serve the gateway for one box on a Unix socket; the task ends when aborted.
@@ -283,7 +368,7 @@ impl MeterTap {
             let model = self.parser.model().unwrap_or(model);
             let usage = self.parser.usage();
             let cost_usd = self.gw.cfg.prices.cost_usd(&model, &usage);
-            let budget_exhausted = self.gw.spend(&owner.session_id, cost_usd);
+            let (budget_exhausted, tenant_budget_exhausted) = self.gw.spend(&owner, cost_usd);
             let _ = self.gw.meter.send(UsageRecord {
                 owner,
                 model,
@@ -291,6 +376,7 @@ impl MeterTap {
                 status: self.status,
                 cost_usd,
                 budget_exhausted,
+                tenant_budget_exhausted,
             });
         }
     }

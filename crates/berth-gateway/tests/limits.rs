@@ -114,3 +114,49 @@ async fn requests_per_minute_answer_429() {
         .is_some_and(|s| (1..=60).contains(&s)));
     assert_eq!(mock.recorded().len(), 2);
 }
+
+#[tokio::test]
+async fn tenant_budget_spans_sessions() {
+    let sc: Scenario = serde_json::from_value(json!({"rules": [{"steps": [{"text": "ok", "usage": {"input_tokens": 1000000, "output_tokens": 0}}]}]})).expect("scenario");
+    let mock = Mock::new(sc, std::time::Duration::ZERO);
+    let upstream = serve(mock.router()).await;
+    let (gw, mut meter2) = Gateway::new(GatewayConfig {
+        upstream,
+        api_key: Some("sk-real".into()),
+        prices: Default::default(),
+    })
+    .expect("gw");
+    gw.set_tenant_budget("t", Some(8.0), 4.0);
+    gw.register("tok", owner(), SessionLimits::default(), 0.0);
+    gw.register(
+        "tok2",
+        TokenOwner {
+            session_id: "s2".into(),
+            ..owner()
+        },
+        SessionLimits::default(),
+        0.0,
+    );
+    let url = serve(gw.router_for_box("b1")).await;
+    assert_eq!(call(&url, "tok").await.0, 200, "4 of 8 spent before");
+    let r = meter2.recv().await.expect("metered");
+    assert!(
+        r.tenant_budget_exhausted && !r.budget_exhausted,
+        "9 of 8: the tenant crossed"
+    );
+    let (status, body, _) = call(&url, "tok2").await;
+    assert_eq!(
+        status, 400,
+        "another session of the same tenant is refused too"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .expect("msg")
+        .contains("monthly budget"));
+    assert_eq!(mock.recorded().len(), 1);
+    gw.set_tenant_budget("t", None, 0.0);
+    assert_eq!(call(&url, "tok2").await.0, 200, "budget lifted");
+    assert_eq!(berth_gateway::month_of(1_795_910_400), (2026, 11));
+    assert_eq!(berth_gateway::month_of(1_709_164_800), (2024, 2));
+    assert_eq!(berth_gateway::month_of(951_868_800), (2000, 3));
+}

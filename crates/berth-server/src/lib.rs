@@ -215,11 +215,26 @@ pub async fn run(
         egress,
         claude,
     );
+    for (tenant, budget) in store.tenant_budgets().await? {
+        let spent = engine.tenant_month_spent(&tenant).await.unwrap_or(0.0);
+        engine
+            .gateway
+            .set_tenant_budget(&tenant, Some(budget), spent);
+    }
     // The ledger writer: every metered request becomes a usage row.
     let ledger_store = store.clone();
     let ledger_engine = engine.clone();
     tokio::spawn(async move {
         while let Some(r) = metered.recv().await {
+            if r.tenant_budget_exhausted {
+                ledger_engine
+                    .notice(
+                        &r.owner.session_id,
+                        "tenant_budget_exhausted",
+                        serde_json::json!({"tenant": r.owner.tenant, "message": "the tenant's monthly budget is spent; further model requests are refused"}),
+                    )
+                    .await;
+            }
             if r.budget_exhausted {
                 ledger_engine
                     .notice(

@@ -86,6 +86,14 @@ pub trait Store: Send + Sync + 'static {
     async fn events_after(&self, session_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
     async fn last_seq(&self, session_id: &str) -> Result<i64>;
 
+    /// Set (None: clear) a tenant's monthly budget; creates the tenant if new.
+    async fn set_tenant_budget(&self, tenant: &str, budget_usd_month: Option<f64>) -> Result<()>;
+    /// Tenants that have a monthly budget.
+    async fn tenant_budgets(&self) -> Result<Vec<(String, f64)>>;
+    async fn tenant_budget(&self, tenant: &str) -> Result<Option<f64>>;
+    /// A tenant's usage since `from_ts` (RFC 3339), summed per model.
+    async fn tenant_usage_since(&self, tenant: &str, from_ts: &str) -> Result<Vec<UsageRow>>;
+
     async fn record_usage(&self, row: &UsageRow) -> Result<()>;
     /// Usage of one session, summed per model (`ts` and `status` left empty).
     async fn session_usage(&self, session_id: &str) -> Result<Vec<UsageRow>>;

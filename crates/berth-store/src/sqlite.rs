@@ -20,6 +20,24 @@ pub enum Durability {
     PowerLoss,
 }
 
+/// A `GROUP BY model` row of summed token columns (aliases i, o, c5, c1, cr).
+fn sum_row(r: &sqlx::sqlite::SqliteRow, tenant: &str, box_id: &str, session_id: &str) -> UsageRow {
+    let n = |k: &str| r.get::<Option<i64>, _>(k).unwrap_or(0).max(0) as u64;
+    UsageRow {
+        ts: String::new(),
+        tenant: tenant.to_string(),
+        box_id: box_id.to_string(),
+        session_id: session_id.to_string(),
+        model: r.get("model"),
+        status: 0,
+        input_tokens: n("i"),
+        output_tokens: n("o"),
+        cache_creation_5m_tokens: n("c5"),
+        cache_creation_1h_tokens: n("c1"),
+        cache_read_tokens: n("cr"),
+    }
+}
+
 pub struct SqliteStore {
     pool: SqlitePool,
 }
@@ -289,6 +307,51 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn set_tenant_budget(&self, tenant: &str, budget: Option<f64>) -> Result<()> {
+        self.ensure_tenant(tenant).await?;
+        sqlx::query("UPDATE tenants SET budget_usd_month = ? WHERE name = ?")
+            .bind(budget)
+            .bind(tenant)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn tenant_budgets(&self) -> Result<Vec<(String, f64)>> {
+        let rows = sqlx::query(
+            "SELECT name, budget_usd_month FROM tenants WHERE budget_usd_month IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("name"), r.get("budget_usd_month")))
+            .collect())
+    }
+
+    async fn tenant_budget(&self, tenant: &str) -> Result<Option<f64>> {
+        Ok(
+            sqlx::query("SELECT budget_usd_month FROM tenants WHERE name = ?")
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?
+                .and_then(|r| r.get::<Option<f64>, _>("budget_usd_month")),
+        )
+    }
+
+    async fn tenant_usage_since(&self, tenant: &str, from_ts: &str) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT model, SUM(input_tokens) AS i, SUM(output_tokens) AS o, SUM(cache_creation_5m_tokens) AS c5,
+             SUM(cache_creation_1h_tokens) AS c1, SUM(cache_read_tokens) AS cr
+             FROM usage WHERE tenant = ? AND ts >= ? GROUP BY model ORDER BY model",
+        )
+        .bind(tenant)
+        .bind(from_ts)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| sum_row(r, tenant, "", "")).collect())
+    }
+
     async fn session_usage(&self, session_id: &str) -> Result<Vec<UsageRow>> {
         let rows = sqlx::query(
             "SELECT tenant, box_id, model, SUM(input_tokens) AS i, SUM(output_tokens) AS o,
@@ -301,18 +364,13 @@ impl Store for SqliteStore {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| UsageRow {
-                ts: String::new(),
-                tenant: r.get("tenant"),
-                box_id: r.get("box_id"),
-                session_id: session_id.to_string(),
-                model: r.get("model"),
-                status: 0,
-                input_tokens: r.get::<i64, _>("i") as u64,
-                output_tokens: r.get::<i64, _>("o") as u64,
-                cache_creation_5m_tokens: r.get::<i64, _>("c5") as u64,
-                cache_creation_1h_tokens: r.get::<i64, _>("c1") as u64,
-                cache_read_tokens: r.get::<i64, _>("cr") as u64,
+            .map(|r| {
+                sum_row(
+                    r,
+                    &r.get::<String, _>("tenant"),
+                    &r.get::<String, _>("box_id"),
+                    session_id,
+                )
             })
             .collect())
     }

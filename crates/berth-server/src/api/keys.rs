@@ -6,7 +6,7 @@ use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
-use berth_api::{KeyCreate, KeyObject, List};
+use berth_api::{KeyCreate, KeyObject, List, TenantObject, TenantUpdate};
 
 fn admin(c: &Caller) -> Result<(), ApiError> {
     if c.admin {
@@ -77,4 +77,40 @@ pub async fn delete_key(
     } else {
         Err(ApiError::not_found("key", &id))
     }
+}
+
+/// A tenant's budget and this month's spend (admins, or the tenant's own keys).
+#[utoipa::path(get, path = "/v1/tenants/{name}", security(("bearer" = [])), params(("name" = String, Path)),
+    responses((status = 200, body = TenantObject), (status = 404, body = berth_api::ErrorBody)))]
+pub async fn get_tenant(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<TenantObject>, ApiError> {
+    if !c.admin && c.tenant != name {
+        return Err(ApiError::not_found("tenant", &name));
+    }
+    Ok(Json(st.engine.tenant(&name).await?))
+}
+
+/// Set or clear a tenant's monthly budget (admin only).
+#[utoipa::path(put, path = "/v1/tenants/{name}", security(("bearer" = [])), params(("name" = String, Path)), request_body = TenantUpdate,
+    responses((status = 200, body = TenantObject), (status = 400, body = berth_api::ErrorBody), (status = 403, body = berth_api::ErrorBody)))]
+pub async fn put_tenant(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Json(u): Json<TenantUpdate>,
+) -> Result<Json<TenantObject>, ApiError> {
+    admin(&c)?;
+    if !valid_tenant(&name) {
+        return Err(ApiError::Invalid(
+            "tenant must be 1-64 characters of [A-Za-z0-9._-]".into(),
+        ));
+    }
+    Ok(Json(
+        st.engine
+            .set_tenant_budget(&name, u.budget_usd_month)
+            .await?,
+    ))
 }

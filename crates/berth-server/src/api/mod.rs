@@ -40,7 +40,7 @@ pub struct Query<T>(pub T);
         boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats,
         sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
         sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
-        keys::create_key, keys::list_keys, keys::delete_key,
+        keys::create_key, keys::list_keys, keys::delete_key, keys::get_tenant, keys::put_tenant,
         system::backends, system::healthz, system::readyz, system::metrics_text,
     ),
     components(schemas(
@@ -50,7 +50,7 @@ pub struct Query<T>(pub T);
         berth_api::SessionState, berth_api::AgentSpec, berth_api::ClaudeAgent, berth_api::CommandAgent,
         berth_api::BoxRef, berth_api::Event, berth_api::SseFrame, berth_api::MessageRequest, berth_api::PermissionAnswer,
         berth_api::Accepted, berth_api::WsClientMessage, berth_api::PermissionRule, berth_api::PermissionModeRequest, berth_api::KeyCreate, berth_api::KeyObject,
-        berth_api::BackendInfo, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::ErrorBody, berth_api::ErrorDetail,
+        berth_api::BackendInfo, berth_api::TenantObject, berth_api::TenantUpdate, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::ErrorBody, berth_api::ErrorDetail,
     )),
     modifiers(&SecurityAddon),
 )]
@@ -117,6 +117,10 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         )
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(keys::delete_key))
+        .route(
+            "/v1/tenants/{name}",
+            get(keys::get_tenant).put(keys::put_tenant),
+        )
         .route("/v1/backends", get(system::backends))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))

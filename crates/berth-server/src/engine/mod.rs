@@ -612,6 +612,57 @@ impl Engine {
             .map_err(|_| ApiError::Internal("session owner task ended".into()))
     }
 
+    fn cost(&self, r: &berth_store::UsageRow) -> f64 {
+        self.gateway.prices().cost_usd(
+            &r.model,
+            &berth_gateway::Usage {
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cache_creation_5m_tokens: r.cache_creation_5m_tokens,
+                cache_creation_1h_tokens: r.cache_creation_1h_tokens,
+                cache_read_tokens: r.cache_read_tokens,
+            },
+        )
+    }
+
+    /// Model cost a tenant has been metered since the start of this calendar month (UTC).
+    pub async fn tenant_month_spent(&self, tenant: &str) -> Result<f64, ApiError> {
+        let now = time::OffsetDateTime::now_utc();
+        let start = now
+            .replace_day(1)
+            .map(|d| d.replace_time(time::Time::MIDNIGHT))
+            .unwrap_or(now);
+        let from = start
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let rows = self.store.tenant_usage_since(tenant, &from).await?;
+        Ok(rows.iter().map(|r| self.cost(r)).sum())
+    }
+
+    pub async fn tenant(&self, tenant: &str) -> Result<TenantObject, ApiError> {
+        Ok(TenantObject {
+            name: tenant.to_string(),
+            budget_usd_month: self.store.tenant_budget(tenant).await?,
+            spent_usd_month: self.tenant_month_spent(tenant).await?,
+        })
+    }
+
+    pub async fn set_tenant_budget(
+        &self,
+        tenant: &str,
+        budget: Option<f64>,
+    ) -> Result<TenantObject, ApiError> {
+        if budget.is_some_and(|b| !(b.is_finite() && b >= 0.0)) {
+            return Err(ApiError::Invalid(
+                "budget_usd_month must be a non-negative number".into(),
+            ));
+        }
+        self.store.set_tenant_budget(tenant, budget).await?;
+        let spent = self.tenant_month_spent(tenant).await?;
+        self.gateway.set_tenant_budget(tenant, budget, spent);
+        self.tenant(tenant).await
+    }
+
     pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
         self.get_session(tenant, id).await?;
         let rows = self.store.session_usage(id).await?;
@@ -627,16 +678,7 @@ impl Engine {
                 total.cache_creation_5m_tokens += r.cache_creation_5m_tokens;
                 total.cache_creation_1h_tokens += r.cache_creation_1h_tokens;
                 total.cache_read_tokens += r.cache_read_tokens;
-                let cost_usd = self.gateway.prices().cost_usd(
-                    &r.model,
-                    &berth_gateway::Usage {
-                        input_tokens: r.input_tokens,
-                        output_tokens: r.output_tokens,
-                        cache_creation_5m_tokens: r.cache_creation_5m_tokens,
-                        cache_creation_1h_tokens: r.cache_creation_1h_tokens,
-                        cache_read_tokens: r.cache_read_tokens,
-                    },
-                );
+                let cost_usd = self.cost(&r);
                 total.cost_usd += cost_usd;
                 ModelUsage {
                     cost_usd,
