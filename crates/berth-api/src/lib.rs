@@ -73,6 +73,32 @@ pub struct BoxSpec {
     pub idle_timeout_s: Option<u64>,
     pub max_lifetime_s: Option<u64>,
     pub labels: BTreeMap<String, String>,
+    /// Credentials the egress proxy adds to the box's requests for a host; the box never
+    /// holds them. The box calls `http://host/…`; the proxy adds `header: value` and (with
+    /// `tls`, the default) speaks HTTPS to the host. The host must be on `network.allow`.
+    pub secrets: Vec<SecretSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    pub host: String,
+    pub header: String,
+    pub value: String,
+    #[serde(default = "yes")]
+    pub tls: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A box's secret as the API shows it: never the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretRef {
+    pub host: String,
+    pub header: String,
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -138,6 +164,9 @@ pub struct BoxObject {
     pub idle_timeout_s: Option<u64>,
     pub max_lifetime_s: Option<u64>,
     pub labels: BTreeMap<String, String>,
+    /// Hosts and headers the egress proxy injects secrets for (values are never shown).
+    #[serde(default)]
+    pub secrets: Vec<SecretRef>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -123,3 +123,130 @@ async fn only_allowed_names_leave_the_box() {
     );
     srv.stop().await;
 }
+
+/// An HTTPS server for `secret.test` (certificate from a test CA) that answers with the value
+/// of the `x-api-token` header it received.
+async fn tls_web(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "berth test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["secret.test".to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write ca");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .expect("cert");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let app = axum::Router::new().fallback(|h: axum::http::HeaderMap| async move {
+        format!(
+            "token={}",
+            h.get("x-api-token")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+        )
+    });
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (port, ca_file)
+}
+
+#[tokio::test]
+async fn secrets_are_added_by_the_proxy_and_never_enter_the_box() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (tls_port, ca_file) = tls_web(dir.path()).await;
+    let overrides = format!("secret.test=127.0.0.1:{tls_port}");
+    let data = dir.path().join("data");
+    let ca = ca_file.to_string_lossy().into_owned();
+    let srv = Server::start_with(
+        &data,
+        &[
+            ("BERTH_EGRESS_OVERRIDES", &overrides),
+            ("BERTH_EGRESS_CA_FILE", &ca),
+        ],
+    )
+    .await;
+    let api = srv.client();
+    let value = "s3cret-token-value-0xdeadbeef";
+    let r = api
+        .post(
+            "/v1/boxes",
+            json!({"resources": {"memory_mib": 256, "disk_mib": 64}, "network": {"allow": ["secret.test"]},
+                   "secrets": [{"host": "secret.test", "header": "x-api-token", "value": value}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    assert!(
+        !r.json.to_string().contains(value),
+        "the API never shows a secret's value"
+    );
+    assert_eq!(r.json["secrets"][0]["header"], "x-api-token");
+    let bx = r.json["id"].as_str().expect("id").to_string();
+    // The box asks over plain HTTP; the proxy adds the header and speaks TLS to the host.
+    assert_eq!(
+        sh(&api, &bx, "curl -s http://secret.test/").await,
+        format!("token={value}")
+    );
+    // A header the box sends itself is replaced, not forwarded.
+    assert_eq!(
+        sh(
+            &api,
+            &bx,
+            "curl -s -H 'x-api-token: forged' http://secret.test/"
+        )
+        .await,
+        format!("token={value}")
+    );
+    let leak = sh(&api, &bx, &format!("env | grep -c '{value}'; grep -rl '{value}' /workspace /home /tmp /run /etc 2>/dev/null | wc -l")).await;
+    assert_eq!(leak, "0\n0\n");
+    assert!(!api
+        .get(&format!("/v1/boxes/{bx}"))
+        .await
+        .json
+        .to_string()
+        .contains(value));
+    // A secret for a host the box may not reach is refused.
+    let r = api
+        .post(
+            "/v1/boxes",
+            json!({"secrets": [{"host": "elsewhere.test", "header": "x", "value": "v"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    let r = api
+        .post("/v1/boxes", json!({"network": {"allow": ["secret.test"]}, "secrets": [{"host": "secret.test", "header": "x", "value": "a\r\nInjected: yes"}]}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    srv.stop().await;
+}

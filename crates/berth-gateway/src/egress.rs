@@ -35,11 +35,40 @@ pub struct Decision {
 pub struct EgressConfig {
     /// `name` → address, trusted as given (tests, air-gapped mirrors).
     pub overrides: HashMap<String, SocketAddr>,
+    /// Extra trusted root certificates (PEM) for TLS the proxy originates.
+    pub extra_roots_pem: Vec<String>,
+}
+
+/// A credential the proxy adds to a box's requests for one host, so the box never holds it.
+/// The box asks for `http://host/…`; the proxy sends the request with `header: value` added,
+/// over TLS to port 443 (or the URL's port) when `tls` is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    pub host: String,
+    pub header: String,
+    pub value: String,
+    pub tls: bool,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("host", &self.host)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct Egress {
     cfg: EgressConfig,
+    tls: tokio_rustls::TlsConnector,
     decisions: mpsc::UnboundedSender<Decision>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("extra root certificate: {0}")]
+    BadRoot(String),
 }
 
 /// Does `host` match one of the patterns (`name` or `*.suffix`)?
@@ -113,9 +142,36 @@ fn parse_authority(a: &str, default_port: u16) -> Option<Target> {
 }
 
 impl Egress {
-    pub fn new(cfg: EgressConfig) -> (Arc<Egress>, mpsc::UnboundedReceiver<Decision>) {
+    pub fn new(
+        cfg: EgressConfig,
+    ) -> Result<(Arc<Egress>, mpsc::UnboundedReceiver<Decision>), EgressError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for pem in &cfg.extra_roots_pem {
+            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes()) {
+                let cert: rustls::pki_types::CertificateDer<'static> =
+                    cert.map_err(|e| EgressError::BadRoot(format!("{e:?}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| EgressError::BadRoot(e.to_string()))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| EgressError::BadRoot(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(client));
         let (tx, rx) = mpsc::unbounded_channel();
-        (Arc::new(Egress { cfg, decisions: tx }), rx)
+        Ok((
+            Arc::new(Egress {
+                cfg,
+                tls,
+                decisions: tx,
+            }),
+            rx,
+        ))
     }
 
     /// Serve the proxy for one box on a Unix socket; the task ends when aborted.
@@ -123,6 +179,7 @@ impl Egress {
         self: &Arc<Self>,
         box_id: &str,
         allow: Vec<String>,
+        secrets: Vec<Secret>,
         socket: &Path,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let _ = std::fs::remove_file(socket);
@@ -134,10 +191,12 @@ impl Egress {
         let me = self.clone();
         let box_id = box_id.to_string();
         let allow = Arc::new(allow);
+        let secrets = Arc::new(secrets);
         Ok(tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                let (me, box_id, allow) = (me.clone(), box_id.clone(), allow.clone());
-                tokio::spawn(async move { me.handle(conn, &box_id, &allow).await });
+                let (me, box_id, allow, secrets) =
+                    (me.clone(), box_id.clone(), allow.clone(), secrets.clone());
+                tokio::spawn(async move { me.handle(conn, &box_id, &allow, &secrets).await });
             }
         }))
     }
@@ -154,7 +213,13 @@ impl Egress {
         let _ = self.decisions.send(d);
     }
 
-    async fn handle(&self, mut conn: UnixStream, box_id: &str, allow: &[String]) {
+    async fn handle(
+        &self,
+        mut conn: UnixStream,
+        box_id: &str,
+        allow: &[String],
+        secrets: &[Secret],
+    ) {
         // Read the request head.
         let mut head = Vec::with_capacity(1024);
         let mut buf = [0u8; 4096];
@@ -205,7 +270,19 @@ impl Egress {
                 Some(i) => (&rest[..i], rest[i..].to_string()),
                 None => (rest, "/".to_string()),
             };
-            match parse_authority(auth, 80) {
+            // A secret with TLS turns `http://host/` into https upstream: port 443 unless given.
+            let host_only = parse_authority(auth, 80)
+                .map(|t| t.host)
+                .unwrap_or_default();
+            let tls_secret = secrets
+                .iter()
+                .any(|s| s.tls && s.host.eq_ignore_ascii_case(&host_only));
+            let explicit = auth
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                && !auth.ends_with(']');
+            let default_port = if tls_secret && !explicit { 443 } else { 80 };
+            match parse_authority(auth, default_port) {
                 Some(t) => (t, false, path),
                 None => {
                     return self
@@ -311,6 +388,37 @@ impl Egress {
                 )
                 .await;
         };
+        let secret = if connect {
+            None
+        } else {
+            secrets
+                .iter()
+                .find(|s| s.host.eq_ignore_ascii_case(&t.host))
+                .cloned()
+        };
+        if let Some(secret) = secret {
+            let head_out = with_secret(&text, method, &path, version, &secret);
+            let body_start = head[end..].to_vec();
+            let d = self
+                .forward_with_secret(conn, up, &t.host, head_out, body_start, secret.tls)
+                .await;
+            let mut dec = decision(
+                &t.host,
+                t.port,
+                d.is_ok(),
+                if d.is_ok() {
+                    "allowed (secret injected)"
+                } else {
+                    "TLS to the upstream failed"
+                },
+            );
+            if let Ok((u, dn)) = d {
+                dec.bytes_up = u;
+                dec.bytes_down = dn;
+            }
+            let _ = self.decisions.send(dec);
+            return;
+        }
         let mut sent_up = 0u64;
         if connect {
             if conn
@@ -346,9 +454,84 @@ impl Egress {
     }
 }
 
+/// The request head with origin-form target, hop-by-hop proxy headers and any copy of the
+/// secret's header removed, and the secret added.
+fn with_secret(text: &str, method: &str, path: &str, version: &str, secret: &Secret) -> String {
+    let mut out = format!("{method} {path} {version}\r\n");
+    for line in text.split("\r\n").skip(1) {
+        if line.is_empty() {
+            continue;
+        }
+        let name = line.split(':').next().unwrap_or("").trim();
+        if name.eq_ignore_ascii_case(&secret.header)
+            || name.eq_ignore_ascii_case("proxy-connection")
+            || name.eq_ignore_ascii_case("proxy-authorization")
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!("{}: {}\r\n\r\n", secret.header, secret.value));
+    out
+}
+
+impl Egress {
+    async fn forward_with_secret(
+        &self,
+        mut conn: UnixStream,
+        up: TcpStream,
+        host: &str,
+        head: String,
+        body_start: Vec<u8>,
+        tls: bool,
+    ) -> std::io::Result<(u64, u64)> {
+        let sent = (head.len() + body_start.len()) as u64;
+        if tls {
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let mut s = self.tls.connect(name, up).await?;
+            s.write_all(head.as_bytes()).await?;
+            s.write_all(&body_start).await?;
+            let (u, d) = tokio::io::copy_bidirectional(&mut conn, &mut s)
+                .await
+                .unwrap_or((0, 0));
+            Ok((sent + u, d))
+        } else {
+            let mut s = up;
+            s.write_all(head.as_bytes()).await?;
+            s.write_all(&body_start).await?;
+            let (u, d) = tokio::io::copy_bidirectional(&mut conn, &mut s)
+                .await
+                .unwrap_or((0, 0));
+            Ok((sent + u, d))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_replace_what_the_box_sent() {
+        let sec = Secret {
+            host: "api.x".into(),
+            header: "Authorization".into(),
+            value: "Bearer real".into(),
+            tls: true,
+        };
+        let head = "GET http://api.x/v1 HTTP/1.1\r\nHost: api.x\r\nauthorization: Bearer fake\r\nProxy-Connection: keep-alive\r\n\r\n";
+        let out = with_secret(head, "GET", "/v1", "HTTP/1.1", &sec);
+        assert_eq!(
+            out,
+            "GET /v1 HTTP/1.1\r\nHost: api.x\r\nAuthorization: Bearer real\r\n\r\n"
+        );
+        assert!(
+            !format!("{sec:?}").contains("real"),
+            "Debug never prints the value"
+        );
+    }
 
     #[test]
     fn patterns_and_addresses() {

@@ -45,6 +45,9 @@ pub struct EgressSection {
     /// Resolver overrides for the egress proxy, `name = "addr:port"`, trusted as given
     /// (air-gapped mirrors, tests). Also `BERTH_EGRESS_OVERRIDES="name=addr:port,…"`.
     pub overrides: std::collections::BTreeMap<String, String>,
+    /// Extra root certificates (PEM files) trusted for TLS the proxy originates when it injects
+    /// secrets. Also `BERTH_EGRESS_CA_FILE`.
+    pub ca_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,6 +173,9 @@ impl Config {
                     .overrides
                     .insert(name.to_string(), addr.to_string());
             }
+        }
+        if let Some(v) = var("BERTH_EGRESS_CA_FILE") {
+            self.egress.ca_files.push(PathBuf::from(v));
         }
         if let Some(v) = var("BERTH_BACKEND") {
             self.default_backend = v;

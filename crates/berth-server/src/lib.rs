@@ -192,8 +192,19 @@ pub async fn run(
             .map_err(|e| ServerError::Other(format!("egress override {name} = {addr:?}: {e}")))?;
         overrides.insert(name.to_ascii_lowercase(), a);
     }
+    let mut extra_roots_pem = Vec::new();
+    for f in &cfg.egress.ca_files {
+        extra_roots_pem.push(
+            std::fs::read_to_string(f)
+                .map_err(|e| ServerError::Other(format!("egress CA {}: {e}", f.display())))?,
+        );
+    }
     let (egress, mut decisions) =
-        berth_gateway::egress::Egress::new(berth_gateway::egress::EgressConfig { overrides });
+        berth_gateway::egress::Egress::new(berth_gateway::egress::EgressConfig {
+            overrides,
+            extra_roots_pem,
+        })
+        .map_err(|e| ServerError::Other(e.to_string()))?;
     // Egress decisions are guest-triggered: counted always, logged at debug level only.
     tokio::spawn(async move {
         while let Some(d) = decisions.recv().await {

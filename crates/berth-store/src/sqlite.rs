@@ -445,6 +445,7 @@ mod tests {
             idle_timeout_s: None,
             max_lifetime_s: None,
             labels: Default::default(),
+            secrets: vec![],
             created_at: "2026-01-01T00:00:00Z".into(),
             updated_at: "2026-01-01T00:00:00Z".into(),
         };

@@ -69,7 +69,35 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
             "timeouts must be at least 1 second".into(),
         ));
     }
-    if spec.labels.len() > 64 || spec.env.len() > 256 {
+    for sec in &spec.secrets {
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        if !token(&sec.header) {
+            return Err(ApiError::Invalid(format!(
+                "secret header {:?} is not a valid header name",
+                sec.header
+            )));
+        }
+        if sec
+            .value
+            .bytes()
+            .any(|b| b == b'\r' || b == b'\n' || b == 0)
+        {
+            return Err(ApiError::Invalid(
+                "secret values must not contain CR, LF or NUL".into(),
+            ));
+        }
+        if !berth_gateway::egress::allowed(&spec.network.allow, &sec.host) {
+            return Err(ApiError::Invalid(format!(
+                "secret host {:?} is not on network.allow",
+                sec.host
+            )));
+        }
+    }
+    if spec.labels.len() > 64 || spec.env.len() > 256 || spec.secrets.len() > 64 {
         return Err(ApiError::Invalid(
             "too many labels or environment variables".into(),
         ));
@@ -105,17 +133,25 @@ struct BoxActor {
     engine: Arc<Engine>,
     backend: Arc<Backend>,
     obj: BoxObject,
+    /// Secret values live only here and in the egress proxy: never in the store or the API.
+    secrets: Vec<berth_gateway::egress::Secret>,
     state: watch::Sender<BoxObject>,
     rx: mpsc::Receiver<BoxCmd>,
 }
 
-pub fn spawn(engine: Arc<Engine>, backend: Arc<Backend>, obj: BoxObject) -> BoxHandle {
+pub fn spawn(
+    engine: Arc<Engine>,
+    backend: Arc<Backend>,
+    obj: BoxObject,
+    secrets: Vec<berth_gateway::egress::Secret>,
+) -> BoxHandle {
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(obj.clone());
     let actor = BoxActor {
         engine,
         backend,
         obj,
+        secrets,
         state: state_tx,
         rx,
     };
@@ -171,6 +207,7 @@ impl BoxActor {
         let egress_task = match self.engine.egress.serve_box(
             &self.obj.id,
             self.obj.network.allow.clone(),
+            self.secrets.clone(),
             &info.run_dir.join("egress.sock"),
         ) {
             Ok(t) => t,

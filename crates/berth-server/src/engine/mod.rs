@@ -131,6 +131,7 @@ impl Engine {
             )));
         }
         boxes::validate_spec(&spec)?;
+        let spec_secrets = spec.secrets.clone();
         let ts = now();
         let obj = BoxObject {
             id: new_id("box"),
@@ -146,11 +147,29 @@ impl Engine {
             idle_timeout_s: spec.idle_timeout_s,
             max_lifetime_s: spec.max_lifetime_s,
             labels: spec.labels,
+            secrets: spec
+                .secrets
+                .iter()
+                .map(|s| SecretRef {
+                    host: s.host.clone(),
+                    header: s.header.clone(),
+                    tls: s.tls,
+                })
+                .collect(),
             created_at: ts.clone(),
             updated_at: ts,
         };
         self.store.put_box(&obj).await?;
-        let handle = boxes::spawn(self.clone(), backend, obj.clone());
+        let secrets = spec_secrets
+            .into_iter()
+            .map(|s| berth_gateway::egress::Secret {
+                host: s.host,
+                header: s.header,
+                value: s.value,
+                tls: s.tls,
+            })
+            .collect();
+        let handle = boxes::spawn(self.clone(), backend, obj.clone(), secrets);
         if let Ok(mut m) = self.boxes.write() {
             m.insert(obj.id.clone(), handle.clone());
         }
