@@ -116,6 +116,39 @@ async fn only_allowed_names_leave_the_box() {
         sh(&api, &b, &format!("curl -s http://other.test:{port}/")).await,
         "hello from outside"
     );
+    // Every decision is in the box's own event log (recorded by its owner task).
+    let evs = api
+        .wait_for(&format!("/v1/boxes/{a}/events"), 20, |v| {
+            v["items"]
+                .as_array()
+                .map(|a| a.iter().filter(|e| e["type"] == "egress").count())
+                .unwrap_or(0)
+                >= 5
+        })
+        .await;
+    let items = evs["items"].as_array().expect("items");
+    assert_eq!(items[0]["type"], "state");
+    assert_eq!(items[0]["data"]["state"], "running");
+    let allowed: Vec<&Value> = items
+        .iter()
+        .filter(|e| e["type"] == "egress" && e["data"]["allowed"] == true)
+        .collect();
+    assert_eq!(allowed.len(), 2, "{items:?}");
+    assert!(allowed.iter().all(|e| e["data"]["host"] == "allowed.test"
+        && e["data"]["bytes_down"].as_u64().unwrap_or(0) > 0));
+    let denied: Vec<&str> = items
+        .iter()
+        .filter(|e| e["type"] == "egress" && e["data"]["allowed"] == false)
+        .filter_map(|e| e["data"]["host"].as_str())
+        .collect();
+    assert_eq!(denied, vec!["other.test", "127.0.0.1", "localhost"]);
+    api.wait_for(&format!("/v1/boxes/{b}/events"), 20, |v| {
+        v["items"]
+            .as_array()
+            .map(|a| a.iter().filter(|e| e["type"] == "egress").count())
+            == Some(2)
+    })
+    .await;
     let metrics = String::from_utf8_lossy(&api.get("/metrics").await.bytes).into_owned();
     assert!(
         metrics.contains("berth_egress_requests_total{verdict=\"denied\"}"),

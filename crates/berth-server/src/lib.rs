@@ -205,15 +205,6 @@ pub async fn run(
             extra_roots_pem,
         })
         .map_err(|e| ServerError::Other(e.to_string()))?;
-    // Egress decisions are guest-triggered: counted always, logged at debug level only.
-    tokio::spawn(async move {
-        while let Some(d) = decisions.recv().await {
-            let verdict = if d.allowed { "allowed" } else { "denied" };
-            metrics::counter!("berth_egress_requests_total", "verdict" => verdict).increment(1);
-            metrics::counter!("berth_egress_bytes_total").increment(d.bytes_up + d.bytes_down);
-            tracing::debug!(box_id = %d.box_id, host = %d.host, port = d.port, verdict, reason = %d.reason, "egress");
-        }
-    });
     let engine = Engine::new(
         store.clone(),
         backends,
@@ -226,6 +217,18 @@ pub async fn run(
         egress,
         claude,
     );
+    // Egress decisions are guest-triggered: counted always, logged at debug level only, and
+    // recorded (rate-limited) in the box's own event log by its owner task.
+    let decisions_engine = engine.clone();
+    tokio::spawn(async move {
+        while let Some(d) = decisions.recv().await {
+            let verdict = if d.allowed { "allowed" } else { "denied" };
+            metrics::counter!("berth_egress_requests_total", "verdict" => verdict).increment(1);
+            metrics::counter!("berth_egress_bytes_total").increment(d.bytes_up + d.bytes_down);
+            tracing::debug!(box_id = %d.box_id, host = %d.host, port = d.port, verdict, reason = %d.reason, "egress");
+            decisions_engine.box_egress_decision(d);
+        }
+    });
     for (tenant, budget) in store.tenant_budgets().await? {
         let spent = engine.tenant_month_spent(&tenant).await.unwrap_or(0.0);
         engine

@@ -94,6 +94,10 @@ pub trait Store: Send + Sync + 'static {
     /// A tenant's usage since `from_ts` (RFC 3339), summed per model.
     async fn tenant_usage_since(&self, tenant: &str, from_ts: &str) -> Result<Vec<UsageRow>>;
 
+    /// Box events use the same shape as session events (`session_id` holds the box id).
+    async fn append_box_events(&self, events: &[Event]) -> Result<()>;
+    async fn box_events_after(&self, box_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
+
     async fn record_usage(&self, row: &UsageRow) -> Result<()>;
     /// Usage of one session, summed per model (`ts` and `status` left empty).
     async fn session_usage(&self, session_id: &str) -> Result<Vec<UsageRow>>;

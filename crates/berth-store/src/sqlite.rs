@@ -81,6 +81,55 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// Append to an event log table (`events` or `box_events`; names are ours, never input).
+    async fn append_to(&self, table: &str, owner: &str, events: &[Event]) -> Result<()> {
+        let sql =
+            format!("INSERT INTO {table} ({owner}, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)");
+        let mut tx = self.pool.begin().await?;
+        for e in events {
+            let data = serde_json::to_string(&e.data).map_err(corrupt)?;
+            sqlx::query(&sql)
+                .bind(&e.session_id)
+                .bind(e.seq)
+                .bind(&e.ts)
+                .bind(&e.kind)
+                .bind(data)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_unique)?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn read_from(
+        &self,
+        table: &str,
+        owner: &str,
+        id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Event>> {
+        let sql = format!("SELECT seq, ts, kind, data FROM {table} WHERE {owner} = ? AND seq > ? ORDER BY seq LIMIT ?");
+        let rows = sqlx::query(&sql)
+            .bind(id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Event {
+                    seq: r.get("seq"),
+                    session_id: id.to_string(),
+                    ts: r.get("ts"),
+                    kind: r.get("kind"),
+                    data: serde_json::from_str(r.get::<&str, _>("data")).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
     /// Close the pool (tests use this to simulate an unavailable store).
     pub async fn close(&self) {
         self.pool.close().await;
@@ -247,43 +296,21 @@ impl Store for SqliteStore {
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        for e in events {
-            let data = serde_json::to_string(&e.data).map_err(corrupt)?;
-            sqlx::query(
-                "INSERT INTO events (session_id, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(&e.session_id)
-            .bind(e.seq)
-            .bind(&e.ts)
-            .bind(&e.kind)
-            .bind(data)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_unique)?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.append_to("events", "session_id", events).await
     }
 
     async fn events_after(&self, session_id: &str, after: i64, limit: i64) -> Result<Vec<Event>> {
-        let rows = sqlx::query("SELECT seq, ts, kind, data FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?")
-            .bind(session_id)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Event {
-                    seq: r.get("seq"),
-                    session_id: session_id.to_string(),
-                    ts: r.get("ts"),
-                    kind: r.get("kind"),
-                    data: serde_json::from_str(r.get::<&str, _>("data")).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        self.read_from("events", "session_id", session_id, after, limit)
+            .await
+    }
+
+    async fn append_box_events(&self, events: &[Event]) -> Result<()> {
+        self.append_to("box_events", "box_id", events).await
+    }
+
+    async fn box_events_after(&self, box_id: &str, after: i64, limit: i64) -> Result<Vec<Event>> {
+        self.read_from("box_events", "box_id", box_id, after, limit)
+            .await
     }
 
     async fn record_usage(&self, r: &UsageRow) -> Result<()> {

@@ -232,3 +232,27 @@ pub async fn ports(
         "port proxying is not available on this server yet".into(),
     ))
 }
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+pub struct BoxEventParams {
+    /// Events with `seq` greater than this (default 0).
+    after: Option<i64>,
+}
+
+/// The box's own event log: state changes and egress decisions (at most 1,000 per call).
+#[utoipa::path(get, path = "/v1/boxes/{id}/events", security(("bearer" = [])), params(("id" = String, Path), BoxEventParams),
+    responses((status = 200, body = List<Event>), (status = 404, body = ErrorBody)))]
+pub async fn box_events(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Query(p): Query<BoxEventParams>,
+) -> Result<Json<List<Event>>, ApiError> {
+    let after = p.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::Invalid("after must be >= 0".into()));
+    }
+    Ok(Json(List {
+        items: st.engine.box_events(&c.tenant, &id, after).await?,
+    }))
+}

@@ -25,7 +25,12 @@ pub enum BoxCmd {
         reply: oneshot::Sender<()>,
     },
     Touch,
+    /// An egress decision to record in the box's event log.
+    Egress(berth_gateway::egress::Decision),
 }
+
+/// Egress decisions recorded per box per minute; the rest are counted in one summary event.
+const EGRESS_EVENTS_PER_MINUTE: u32 = 600;
 
 #[derive(Clone)]
 pub struct BoxHandle {
@@ -135,6 +140,10 @@ struct BoxActor {
     obj: BoxObject,
     /// Secret values live only here and in the egress proxy: never in the store or the API.
     secrets: Vec<berth_gateway::egress::Secret>,
+    /// Sequence number of the box's newest event.
+    last_seq: i64,
+    /// Start of the current egress-event minute, events recorded in it, and events dropped.
+    egress_window: (Instant, u32, u64),
     state: watch::Sender<BoxObject>,
     rx: mpsc::Receiver<BoxCmd>,
 }
@@ -152,6 +161,8 @@ pub fn spawn(
         backend,
         obj,
         secrets,
+        last_seq: 0,
+        egress_window: (Instant::now(), 0, 0),
         state: state_tx,
         rx,
     };
@@ -163,7 +174,56 @@ pub fn spawn(
 }
 
 impl BoxActor {
+    /// Append to the box's event log (seq is this task's to assign).
+    async fn event(&mut self, kind: &str, data: serde_json::Value) {
+        let e = berth_api::Event {
+            seq: self.last_seq + 1,
+            session_id: self.obj.id.clone(),
+            ts: now(),
+            kind: kind.to_string(),
+            data,
+        };
+        match self
+            .engine
+            .store
+            .append_box_events(std::slice::from_ref(&e))
+            .await
+        {
+            Ok(()) => self.last_seq = e.seq,
+            Err(err) => {
+                tracing::error!(box_id = %self.obj.id, error = %err, "appending a box event")
+            }
+        }
+    }
+
+    async fn egress(&mut self, d: berth_gateway::egress::Decision) {
+        let (start, _, dropped) = self.egress_window;
+        if start.elapsed() >= Duration::from_secs(60) {
+            if dropped > 0 {
+                self.event("egress_suppressed", serde_json::json!({"dropped": dropped}))
+                    .await;
+            }
+            self.egress_window = (Instant::now(), 0, 0);
+        }
+        if self.egress_window.1 >= EGRESS_EVENTS_PER_MINUTE {
+            self.egress_window.2 += 1;
+            return;
+        }
+        self.egress_window.1 += 1;
+        self.event(
+            "egress",
+            serde_json::json!({"host": d.host, "port": d.port, "allowed": d.allowed, "reason": d.reason,
+                "bytes_up": d.bytes_up, "bytes_down": d.bytes_down}),
+        )
+        .await;
+    }
+
     async fn set(&mut self, state: BoxState, reason: Option<String>) {
+        self.event(
+            "state",
+            serde_json::json!({"state": state.as_str(), "reason": reason}),
+        )
+        .await;
         self.obj.state = state;
         self.obj.state_reason = reason;
         self.obj.updated_at = now();
@@ -260,6 +320,7 @@ impl BoxActor {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     Some(BoxCmd::Touch) => last_activity = Instant::now(),
+                    Some(BoxCmd::Egress(d)) => self.egress(d).await,
                     Some(BoxCmd::Destroy { reply }) => {
                         let r = self.teardown(BoxState::Destroyed, None).await;
                         let _ = reply.send(r.map(|_| self.obj.clone()));

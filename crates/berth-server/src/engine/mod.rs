@@ -261,6 +261,27 @@ impl Engine {
         }
     }
 
+    /// Hand an egress decision to its box's owner task (dropped if the box is gone or its
+    /// queue is full: decisions are guest-triggered and must not back up).
+    pub fn box_egress_decision(&self, d: berth_gateway::egress::Decision) {
+        if let Some(h) = self.box_handle(&d.box_id) {
+            if h.tx.try_send(BoxCmd::Egress(d)).is_err() {
+                metrics::counter!("berth_box_events_dropped_total").increment(1);
+            }
+        }
+    }
+
+    /// A box's event log after `after` (state changes, egress decisions).
+    pub async fn box_events(
+        &self,
+        tenant: &str,
+        id: &str,
+        after: i64,
+    ) -> Result<Vec<Event>, ApiError> {
+        self.get_box(tenant, id).await?;
+        Ok(self.store.box_events_after(id, after, 1000).await?)
+    }
+
     /// The backend of a running box, after checking the tenant; records activity.
     pub async fn running_box(
         &self,
