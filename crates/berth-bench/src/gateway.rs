@@ -38,6 +38,7 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
         upstream: direct.clone(),
         api_key: Some("sk-real".into()),
         prices: Default::default(),
+        bearer: false,
     })?;
     tokio::spawn(async move { while meter.recv().await.is_some() {} });
     gw.register(

@@ -66,8 +66,10 @@ pub struct UsageRecord {
 pub struct GatewayConfig {
     /// Base URL of the Messages API (no trailing slash needed).
     pub upstream: String,
-    /// The real credential. Sent as `x-api-key`.
+    /// The real credential, sent as `x-api-key` (or as a bearer token with `bearer`).
     pub api_key: Option<String>,
+    /// Send the credential as `Authorization: Bearer …` (OAuth tokens, some proxies).
+    pub bearer: bool,
     pub prices: price::PriceTable,
 }
 
@@ -477,8 +479,13 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
         }
     }
     if let Some(key) = &gw.cfg.api_key {
-        if let Ok(v) = reqwest::header::HeaderValue::from_str(key) {
-            headers.insert("x-api-key", v);
+        let (name, value) = if gw.cfg.bearer {
+            ("authorization", format!("Bearer {key}"))
+        } else {
+            ("x-api-key", key.clone())
+        };
+        if let Ok(v) = reqwest::header::HeaderValue::from_str(&value) {
+            headers.insert(name, v);
         }
     }
     // The model is read from the request body; bodies are small JSON, so this is the one place

@@ -38,6 +38,7 @@ async fn setup(
         upstream,
         api_key: Some("sk-real".into()),
         prices: Default::default(),
+        bearer: false,
     })
     .expect("gw");
     gw.register("tok", owner(), limits, 0.0);
@@ -124,6 +125,7 @@ async fn tenant_budget_spans_sessions() {
         upstream,
         api_key: Some("sk-real".into()),
         prices: Default::default(),
+        bearer: false,
     })
     .expect("gw");
     gw.set_tenant_budget("t", Some(8.0), 4.0);
@@ -159,4 +161,24 @@ async fn tenant_budget_spans_sessions() {
     assert_eq!(berth_gateway::month_of(1_795_910_400), (2026, 11));
     assert_eq!(berth_gateway::month_of(1_709_164_800), (2024, 2));
     assert_eq!(berth_gateway::month_of(951_868_800), (2000, 3));
+}
+
+#[tokio::test]
+async fn the_real_key_can_go_as_a_bearer_token() {
+    let mock = Mock::new(Scenario::default(), std::time::Duration::ZERO);
+    let upstream = serve(mock.router()).await;
+    let (gw, _meter) = Gateway::new(GatewayConfig {
+        upstream,
+        api_key: Some("sk-real".into()),
+        prices: Default::default(),
+        bearer: true,
+    })
+    .expect("gw");
+    gw.register("tok", owner(), SessionLimits::default(), 0.0);
+    let url = serve(gw.router_for_box("b1")).await;
+    assert_eq!(call(&url, "tok").await.0, 200);
+    let seen = mock.recorded();
+    assert_eq!(seen[0].authorization.as_deref(), Some("Bearer sk-real"));
+    assert_eq!(seen[0].api_key, None, "the box's token is not passed on");
+    assert_eq!(call(&url, "tok-from-another-box").await.0, 401);
 }

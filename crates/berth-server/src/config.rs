@@ -19,6 +19,8 @@ pub struct Config {
     /// The real model API key; stays on the server side, never enters a box.
     #[serde(skip_serializing)]
     pub anthropic_api_key: Option<String>,
+    /// How the real key is sent upstream: `x-api-key` (default) or `bearer`.
+    pub upstream_auth: String,
     /// Admin key to install on first start (otherwise one is generated).
     pub admin_key: Option<String>,
     /// Largest request body accepted, in bytes (file uploads included).
@@ -89,6 +91,7 @@ impl Default for Config {
             default_backend: "native".into(),
             upstream_url: "https://api.anthropic.com".into(),
             anthropic_api_key: None,
+            upstream_auth: "x-api-key".into(),
             admin_key: None,
             max_body_bytes: 64 << 20,
             max_exec_output_bytes: 16 << 20,
@@ -139,6 +142,9 @@ impl Config {
         }
         if let Some(v) = var("BERTH_UPSTREAM_URL") {
             self.upstream_url = v;
+        }
+        if let Some(v) = var("BERTH_UPSTREAM_AUTH") {
+            self.upstream_auth = v;
         }
         if let Some(v) = var("BERTH_ADMIN_KEY") {
             self.admin_key = Some(v);

@@ -183,6 +183,15 @@ pub async fn run(
         upstream: cfg.upstream_url.clone(),
         api_key: cfg.anthropic_api_key.clone(),
         prices: Default::default(),
+        bearer: match cfg.upstream_auth.as_str() {
+            "x-api-key" => false,
+            "bearer" => true,
+            other => {
+                return Err(ServerError::Other(format!(
+                    "upstream_auth must be x-api-key or bearer, not {other:?}"
+                )))
+            }
+        },
     })
     .map_err(|e| ServerError::Other(e.to_string()))?;
     let mut overrides = HashMap::new();
