@@ -81,28 +81,7 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
         claude_cli: Some(cli.clone().into()),
         ..Default::default()
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let helper = berth_sandbox::native::helper_beside(&std::env::current_exe()?);
-    let server = tokio::spawn(async move {
-        berth_server::run(
-            cfg,
-            berth_server::Runtime { helper },
-            move |s| {
-                let _ = tx.send((
-                    s.addr,
-                    std::fs::read_to_string(&s.admin_key_file).unwrap_or_default(),
-                ));
-            },
-            async move {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    });
-    let (addr, key) = rx.await?;
-    let url = format!("http://{addr}");
-    let key = key.trim().to_string();
+    let (url, key, stop_tx, server) = crate::start_server(cfg).await?;
     let http = reqwest::Client::new();
     let post = |path: String, body: Value| {
         let r = http

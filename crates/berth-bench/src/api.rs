@@ -62,29 +62,10 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
         durability: durability.clone(),
         ..Default::default()
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let helper = berth_sandbox::native::helper_beside(&std::env::current_exe()?);
-    let server = tokio::spawn(async move {
-        berth_server::run(
-            cfg,
-            berth_server::Runtime { helper },
-            move |s| {
-                let _ = tx.send((
-                    s.addr,
-                    std::fs::read_to_string(&s.admin_key_file).unwrap_or_default(),
-                ));
-            },
-            async move {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    });
-    let (addr, key) = rx.await?;
+    let (url, token, stop_tx, server) = crate::start_server(cfg).await?;
     let api = Arc::new(Api {
-        url: format!("http://{addr}"),
-        token: key.trim().to_string(),
+        url,
+        token,
         http: reqwest::Client::new(),
     });
 

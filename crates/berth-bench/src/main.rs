@@ -68,6 +68,46 @@ enum Cmd {
     },
 }
 
+/// A berth server in this process; returns its URL, admin key, and a stop handle.
+pub async fn start_server(
+    cfg: berth_server::Config,
+) -> anyhow::Result<(
+    String,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let helper = berth_sandbox::native::helper_beside(&std::env::current_exe()?);
+    let server = tokio::spawn(async move {
+        let r = berth_server::run(
+            cfg,
+            berth_server::Runtime { helper },
+            move |s| {
+                let _ = tx.send((
+                    s.addr,
+                    std::fs::read_to_string(&s.admin_key_file).unwrap_or_default(),
+                ));
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        )
+        .await;
+        if let Err(e) = r {
+            eprintln!("server: {e}");
+        }
+    });
+    let (addr, key) = rx.await?;
+    Ok((
+        format!("http://{addr}"),
+        key.trim().to_string(),
+        stop_tx,
+        server,
+    ))
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;

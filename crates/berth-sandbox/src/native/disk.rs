@@ -205,22 +205,9 @@ impl ImagePool {
     /// Move a formatted image of `mib` MiB to `dest`, formatting one now if none is ready, and
     /// top the pool up in the background.
     pub fn take(&self, mib: u64, dest: &Path) -> io::Result<()> {
-        let found = {
-            let mut ready = self
-                .inner
-                .ready
-                .lock()
-                .map_err(|_| io::Error::other("pool lock"))?;
-            ready
-                .iter()
-                .position(|(m, _)| *m == mib)
-                .map(|i| ready.swap_remove(i).1)
-        };
-        match found {
-            Some(p) => fs::rename(p, dest)?,
-            None => format_image(dest, mib)?,
+        if !self.take_ready(mib, dest)? {
+            format_image(dest, mib)?;
         }
-        self.refill(mib);
         Ok(())
     }
 
