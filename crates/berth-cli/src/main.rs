@@ -311,7 +311,7 @@ async fn real_main(cli: Cli) -> Result<()> {
         Cmd::Chat { session } => chat(&client()?, &session).await,
         Cmd::Run(a) => run(&client()?, a).await,
         Cmd::Keys { cmd } => keys(&client()?, cmd).await,
-        Cmd::Usage { .. } => bail!("usage accounting is not available on this server yet"),
+        Cmd::Usage { json } => usage(&client()?, json).await,
     }
 }
 
@@ -675,10 +675,11 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
         if let Some(r) = &result {
             println!("\n{}", r["result"].as_str().unwrap_or(""));
             eprintln!(
-                "turns: {}  tokens: {} in / {} out  agent-reported cost: ${:.4}",
+                "turns: {}  tokens: {} in / {} out  cost metered by berth: ${:.4} (agent-reported: ${:.4})",
                 r["num_turns"],
                 usage.total.input_tokens,
                 usage.total.output_tokens,
+                usage.total.cost_usd,
                 r["total_cost_usd"].as_f64().unwrap_or(0.0)
             );
         }
@@ -741,6 +742,46 @@ async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<(
             }
         }
     }
+    Ok(())
+}
+
+/// Model usage per session and model, as metered by the gateway (container time is not
+/// accounted yet).
+async fn usage(c: &Client, json: bool) -> Result<()> {
+    let sessions: List<SessionObject> = c.get("/v1/sessions").await?;
+    let mut all = Vec::new();
+    for s in &sessions.items {
+        let u: SessionUsage = c.get(&format!("/v1/sessions/{}/usage", s.id)).await?;
+        all.push(u);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<24} {:>10} {:>9} {:>11} {:>10} {:>9}",
+        "SESSION", "MODEL", "INPUT", "OUTPUT", "CACHE_WRITE", "CACHE_READ", "USD"
+    );
+    let mut total = 0.0;
+    for u in &all {
+        for m in &u.by_model {
+            println!(
+                "{:<22} {:<24} {:>10} {:>9} {:>11} {:>10} {:>9.4}",
+                u.session_id,
+                m.model,
+                m.input_tokens,
+                m.output_tokens,
+                m.cache_creation_5m_tokens + m.cache_creation_1h_tokens,
+                m.cache_read_tokens,
+                m.cost_usd
+            );
+            total += m.cost_usd;
+        }
+    }
+    println!(
+        "{:<22} {:<24} {:>10} {:>9} {:>11} {:>10} {:>9.4}",
+        "TOTAL", "", "", "", "", "", total
+    );
     Ok(())
 }
 

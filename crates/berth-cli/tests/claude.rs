@@ -239,6 +239,33 @@ async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
         before,
         "a refused token never reaches the upstream"
     );
+    // `berth usage` reports the same metered totals.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["usage", "--json"])
+        .env("BERTH_URL", &api.url)
+        .env("BERTH_TOKEN", &api.token)
+        .output()
+        .await
+        .expect("berth usage");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mine = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|u| u["session_id"] == sid.as_str())
+        .expect("session listed");
+    let all_seen = mock.recorded();
+    let input: u64 = all_seen
+        .iter()
+        .filter_map(|r| r.usage["input_tokens"].as_u64())
+        .sum();
+    assert_eq!(mine["total"]["input_tokens"], input);
+    assert!(mine["total"]["cost_usd"].as_f64().expect("cost") > 0.0);
     srv.stop().await;
 }
 
