@@ -653,3 +653,58 @@ async fn the_berth_binary_alone_brings_boxes_up() {
     );
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn a_port_in_the_box_is_served_through_the_proxy() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let id = small_box(&api, json!({})).await;
+    let put = api
+        .raw(
+            api.http
+                .put(format!("{}/v1/boxes/{id}/files/site/index.html", api.url))
+                .bearer_auth(&api.token)
+                .body("<h1>built in a box</h1>"),
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    // Nothing listens yet: a clean 502.
+    let r = api
+        .get(&format!("/v1/boxes/{id}/ports/8080/index.html"))
+        .await;
+    assert_eq!(r.status, 502, "{}", r.json);
+    // The site-builder case: a long-running process in the box serves a port.
+    let s = api
+        .post(
+            "/v1/sessions",
+            json!({"box": id, "agent": {"kind": "command", "argv": ["/usr/bin/python3", "-m", "http.server", "8080", "--bind", "127.0.0.1", "--directory", "/workspace/site"]}}),
+        )
+        .await;
+    assert_eq!(s.status, 201, "{}", s.json);
+    let page = api
+        .wait_for(&format!("/v1/boxes/{id}/ports/8080/"), 30, |v| v.is_null())
+        .await;
+    let _ = page;
+    let r = api
+        .get(&format!("/v1/boxes/{id}/ports/8080/index.html?x=1"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes, b"<h1>built in a box</h1>");
+    let r = api
+        .get(&format!("/v1/boxes/{id}/ports/8080/missing.html"))
+        .await;
+    assert_eq!(r.status, 404, "the box's own status is passed through");
+    let other = {
+        let k = api.post("/v1/keys", json!({"tenant": "other"})).await;
+        Api::new(&api.url, k.json["key"].as_str().expect("key"))
+    };
+    assert_eq!(
+        other
+            .get(&format!("/v1/boxes/{id}/ports/8080/index.html"))
+            .await
+            .status,
+        404
+    );
+    srv.stop().await;
+}

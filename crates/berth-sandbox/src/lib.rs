@@ -50,6 +50,8 @@ pub enum SandboxError {
     Unsupported(String),
     #[error("box failed to start: {0}")]
     Start(String),
+    #[error("{0}")]
+    Unreachable(String),
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("sandbox I/O: {0}")]
@@ -288,10 +290,17 @@ pub trait Sandbox: Send + Sync {
     ) -> impl Future<Output = Result<()>> + Send;
     fn delete_file(&self, id: &str, path: &str) -> impl Future<Output = Result<()>> + Send;
     fn stats(&self, id: &str) -> impl Future<Output = Result<Stats>> + Send;
+    /// A byte stream to a TCP port listening on the box's loopback (for the port proxy).
+    fn connect(&self, id: &str, port: u16) -> impl Future<Output = Result<PortStream>> + Send;
     /// Resolves to `Some` once the box has stopped, with the reason.
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>>;
     fn destroy(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
 }
+
+/// A connection into a box (to a port a process in it listens on).
+pub trait BoxIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> BoxIo for T {}
+pub type PortStream = Box<dyn BoxIo>;
 
 /// The closed set of backends a server can run.
 pub enum Backend {
@@ -345,6 +354,11 @@ impl Sandbox for Backend {
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
         match self {
             Backend::Native(b) => b.exit_watch(id),
+        }
+    }
+    async fn connect(&self, id: &str, port: u16) -> Result<PortStream> {
+        match self {
+            Backend::Native(b) => b.connect(id, port).await,
         }
     }
     async fn destroy(&self, id: &str) -> Result<()> {

@@ -129,6 +129,7 @@ impl From<SandboxError> for ApiError {
             SandboxError::NotRunning(id) => ApiError::Conflict(format!("box {id} is not running")),
             SandboxError::Unsupported(m) => ApiError::Invalid(m),
             SandboxError::Start(m) => ApiError::Unavailable(format!("box failed: {m}")),
+            SandboxError::Unreachable(m) => ApiError::Rejected(StatusCode::BAD_GATEWAY, m),
             SandboxError::Fs(f) => f.into(),
             SandboxError::Io(io) => ApiError::Internal(io.to_string()),
         }

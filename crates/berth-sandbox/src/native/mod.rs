@@ -634,6 +634,18 @@ impl Sandbox for NativeBackend {
         Ok(self.get(id)?.exit.clone())
     }
 
+    async fn connect(&self, id: &str, port: u16) -> Result<crate::PortStream> {
+        let b = self.get_running(id)?;
+        let mut stream = tokio::net::UnixStream::connect(b.ctl()).await?;
+        aio::write_frame(&mut stream, Kind::Connect, port.to_string().as_bytes()).await?;
+        match aio::read_frame(&mut stream).await? {
+            (Kind::Started, _) => Ok(Box::new(stream)),
+            (_, msg) => Err(SandboxError::Unreachable(
+                String::from_utf8_lossy(&msg).into_owned(),
+            )),
+        }
+    }
+
     async fn destroy(&self, id: &str) -> Result<()> {
         if !crate::valid_box_id(id) {
             return Err(SandboxError::InvalidSpec(format!("invalid box id {id:?}")));

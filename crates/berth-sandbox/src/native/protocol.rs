@@ -4,6 +4,7 @@
 //! `u32` payload length, then the payload. The host opens with one [`Frame::Request`] (JSON
 //! [`ExecRequest`]); after that the host may send stdin, stdin-EOF and signal frames while the
 //! supervisor sends `Started`, stdout/stderr chunks and finally exactly one `Exit` (or `Error`).
+//! A connection may instead open with `Connect` to reach a port inside the box.
 //! The control socket lives outside the box's file tree, so only the host can connect.
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,10 @@ pub enum Kind {
     Signal = 6,
     Started = 7,
     Error = 8,
+    /// Host → supervisor, first frame instead of `Request`: connect to this loopback port in
+    /// the box (payload: the port as text). Answered with `Started` (then the connection
+    /// carries raw bytes both ways) or `Error`.
+    Connect = 9,
 }
 
 impl Kind {
@@ -38,6 +43,7 @@ impl Kind {
             6 => Kind::Signal,
             7 => Kind::Started,
             8 => Kind::Error,
+            9 => Kind::Connect,
             _ => return None,
         })
     }

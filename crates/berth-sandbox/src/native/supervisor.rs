@@ -99,6 +99,9 @@ fn serve(stream: UnixStream) -> io::Result<()> {
     let mut reader = stream.try_clone()?;
     let writer: Writer = Arc::new(Mutex::new(stream));
     let (kind, payload) = read_frame(&mut reader)?;
+    if kind == Kind::Connect {
+        return connect_port(&payload, reader, &writer);
+    }
     if kind != Kind::Request {
         return send(&writer, Kind::Error, b"expected a request frame");
     }
@@ -109,6 +112,40 @@ fn serve(stream: UnixStream) -> io::Result<()> {
     match spawn_and_stream(req, &mut reader, &writer) {
         Ok(()) => Ok(()),
         Err(e) => send(&writer, Kind::Error, e.to_string().as_bytes()),
+    }
+}
+
+/// Splice the host connection to a TCP port on the box's loopback.
+fn connect_port(payload: &[u8], reader: UnixStream, writer: &Writer) -> io::Result<()> {
+    let port = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    let Some(port) = port else {
+        return send(writer, Kind::Error, b"bad port");
+    };
+    match TcpStream::connect(("127.0.0.1", port)) {
+        Ok(tcp) => {
+            send(writer, Kind::Started, b"")?;
+            let unix = reader;
+            let (Ok(mut tcp_r), Ok(mut unix_w)) = (tcp.try_clone(), unix.try_clone()) else {
+                return Ok(());
+            };
+            let up = thread::Builder::new().spawn(move || {
+                let _ = io::copy(&mut tcp_r, &mut unix_w);
+                let _ = unix_w.shutdown(std::net::Shutdown::Write);
+            })?;
+            let (mut unix_r, mut tcp_w) = (unix, tcp);
+            let _ = io::copy(&mut unix_r, &mut tcp_w);
+            let _ = tcp_w.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+            Ok(())
+        }
+        Err(e) => send(
+            writer,
+            Kind::Error,
+            format!("nothing listens on port {port} in the box: {e}").as_bytes(),
+        ),
     }
 }
 

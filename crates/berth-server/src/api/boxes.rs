@@ -220,17 +220,96 @@ pub async fn delete_file(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Reverse proxy to a port inside the box (not yet available on this server).
+/// Headers that describe one hop, never passed through the port proxy.
+const HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Reverse proxy (HTTP/1.1) to a port a process in the box listens on, at
+/// `/v1/boxes/{id}/ports/{port}/{rest}`. The caller's API key is not passed on.
 pub async fn ports(
     State(st): State<AppState>,
     c: Caller,
-    Path((id, _port, _rest)): Path<(String, u16, String)>,
+    Path((id, port, rest)): Path<(String, u16, String)>,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    st.engine.get_box(&c.tenant, &id).await?;
-    Err(ApiError::Rejected(
-        StatusCode::NOT_IMPLEMENTED,
-        "port proxying is not available on this server yet".into(),
-    ))
+    proxy_port(st, c, id, port, rest, req).await
+}
+
+/// The same, for the port's root (`/v1/boxes/{id}/ports/{port}` or `…/{port}/`).
+pub async fn ports_root(
+    State(st): State<AppState>,
+    c: Caller,
+    Path((id, port)): Path<(String, u16)>,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    proxy_port(st, c, id, port, String::new(), req).await
+}
+
+async fn proxy_port(
+    st: AppState,
+    c: Caller,
+    id: String,
+    port: u16,
+    rest: String,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    if req.headers().contains_key(axum::http::header::UPGRADE) {
+        return Err(ApiError::Rejected(
+            StatusCode::NOT_IMPLEMENTED,
+            "protocol upgrades (WebSocket) through the port proxy are not available yet".into(),
+        ));
+    }
+    if port == 0 {
+        return Err(ApiError::Invalid("port must be 1-65535".into()));
+    }
+    let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
+    let stream = backend.connect(&id, port).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| {
+                ApiError::Rejected(StatusCode::BAD_GATEWAY, format!("port {port}: {e}"))
+            })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let (parts, body) = req.into_parts();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let mut out = axum::http::Request::builder()
+        .method(parts.method)
+        .uri(format!("/{rest}{query}"));
+    for (k, v) in parts.headers.iter() {
+        let name = k.as_str();
+        if HOP.contains(&name) || name == "authorization" || name == "host" {
+            continue;
+        }
+        out = out.header(k, v);
+    }
+    let out = out
+        .header("host", format!("127.0.0.1:{port}"))
+        .body(body)
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let resp = sender
+        .send_request(out)
+        .await
+        .map_err(|e| ApiError::Rejected(StatusCode::BAD_GATEWAY, format!("port {port}: {e}")))?;
+    let (mut parts, body) = resp.into_parts();
+    for h in HOP {
+        parts.headers.remove(h);
+    }
+    Ok(Response::from_parts(parts, axum::body::Body::new(body)))
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]

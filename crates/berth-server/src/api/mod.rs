@@ -93,6 +93,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
                 .put(boxes::put_file)
                 .delete(boxes::delete_file),
         )
+        .route("/v1/boxes/{id}/ports/{port}", any(boxes::ports_root))
+        .route("/v1/boxes/{id}/ports/{port}/", any(boxes::ports_root))
         .route("/v1/boxes/{id}/ports/{port}/{*rest}", any(boxes::ports))
         .route(
             "/v1/sessions",
