@@ -708,3 +708,88 @@ async fn a_port_in_the_box_is_served_through_the_proxy() {
     );
     srv.stop().await;
 }
+
+/// A one-message WebSocket echo server in plain Python (no libraries), run inside the box.
+const WS_ECHO: &str = r#"
+import base64, hashlib, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8765))
+s.listen()
+while True:
+    c, _ = s.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += c.recv(4096)
+    key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
+    acc = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + acc + b"\r\n\r\n")
+    h = c.recv(2)
+    n = h[1] & 0x7F
+    mask = c.recv(4)
+    data = b""
+    while len(data) < n:
+        data += c.recv(n - len(data))
+    text = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    c.sendall(bytes([0x81, len(text)]) + text)
+"#;
+
+#[tokio::test]
+async fn websockets_pass_through_the_port_proxy() {
+    use futures::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let id = small_box(&api, json!({})).await;
+    let put = api
+        .raw(
+            api.http
+                .put(format!("{}/v1/boxes/{id}/files/ws.py", api.url))
+                .bearer_auth(&api.token)
+                .body(WS_ECHO),
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    let s = api
+        .post("/v1/sessions", json!({"box": id, "agent": {"kind": "command", "argv": ["/usr/bin/python3", "/workspace/ws.py"]}}))
+        .await;
+    assert_eq!(s.status, 201, "{}", s.json);
+    let url = format!(
+        "{}/v1/boxes/{id}/ports/8765/",
+        api.url.replace("http://", "ws://")
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut ws = loop {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .expect("req");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", api.token).parse().expect("hdr"),
+        );
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => break ws,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no WebSocket through the proxy: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        "hello through berth".into(),
+    ))
+    .await
+    .expect("send");
+    let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("msg");
+    assert_eq!(msg.to_text().expect("text"), "hello through berth");
+    srv.stop().await;
+}

@@ -261,12 +261,7 @@ async fn proxy_port(
     rest: String,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    if req.headers().contains_key(axum::http::header::UPGRADE) {
-        return Err(ApiError::Rejected(
-            StatusCode::NOT_IMPLEMENTED,
-            "protocol upgrades (WebSocket) through the port proxy are not available yet".into(),
-        ));
-    }
+    let upgrade = req.headers().contains_key(axum::http::header::UPGRADE);
     if port == 0 {
         return Err(ApiError::Invalid("port must be 1-65535".into()));
     }
@@ -279,8 +274,11 @@ async fn proxy_port(
                 ApiError::Rejected(StatusCode::BAD_GATEWAY, format!("port {port}: {e}"))
             })?;
     tokio::spawn(async move {
-        let _ = conn.await;
+        let _ = conn.with_upgrades().await;
     });
+    let mut req = req;
+    // The client's side of a protocol switch (WebSocket), taken before the request is consumed.
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let query = parts
         .uri
@@ -292,7 +290,8 @@ async fn proxy_port(
         .uri(format!("/{rest}{query}"));
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        if HOP.contains(&name) || name == "authorization" || name == "host" {
+        let hop = HOP.contains(&name) && !(upgrade && (name == "connection" || name == "upgrade"));
+        if hop || name == "authorization" || name == "host" {
             continue;
         }
         out = out.header(k, v);
@@ -305,6 +304,27 @@ async fn proxy_port(
         .send_request(out)
         .await
         .map_err(|e| ApiError::Rejected(StatusCode::BAD_GATEWAY, format!("port {port}: {e}")))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ApiError::Rejected(
+                StatusCode::BAD_GATEWAY,
+                "the box switched protocols unasked".into(),
+            ));
+        };
+        let mut resp = resp;
+        let box_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(a), Ok(b)) = (client_upgrade.await, box_upgrade.await) {
+                let (mut a, mut b) = (
+                    hyper_util::rt::TokioIo::new(a),
+                    hyper_util::rt::TokioIo::new(b),
+                );
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, axum::body::Body::empty()));
+    }
     let (mut parts, body) = resp.into_parts();
     for h in HOP {
         parts.headers.remove(h);
