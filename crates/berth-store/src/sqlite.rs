@@ -81,6 +81,24 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// One JSON document by id from `boxes` or `sessions` (table names are ours, never input),
+    /// absent when it belongs to another tenant.
+    async fn get_doc<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &str,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<T>> {
+        let sql = format!("SELECT doc FROM {table} WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .transpose()
+    }
+
     /// Append to an event log table (`events` or `box_events`; names are ours, never input).
     async fn append_to(&self, table: &str, owner: &str, events: &[Event]) -> Result<()> {
         let sql =
@@ -228,14 +246,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_box(&self, tenant: Option<&str>, id: &str) -> Result<Option<BoxObject>> {
-        let row =
-            sqlx::query("SELECT doc FROM boxes WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
-                .bind(id)
-                .bind(tenant)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .transpose()
+        self.get_doc("boxes", tenant, id).await
     }
 
     async fn list_boxes(&self, tenant: Option<&str>) -> Result<Vec<BoxObject>> {
@@ -268,14 +279,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_session(&self, tenant: Option<&str>, id: &str) -> Result<Option<SessionObject>> {
-        let row =
-            sqlx::query("SELECT doc FROM sessions WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
-                .bind(id)
-                .bind(tenant)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .transpose()
+        self.get_doc("sessions", tenant, id).await
     }
 
     async fn list_sessions(
