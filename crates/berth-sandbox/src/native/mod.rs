@@ -428,7 +428,6 @@ impl NativeBackend {
                 .writable
                 .unwrap_or_else(|| DEFAULT_WRITABLE.iter().map(|s| s.to_string()).collect()),
             timeout_ms: spec.timeout.map(|d| d.as_millis() as u64),
-            keep_stdin: true,
         })
     }
 }
@@ -711,13 +710,6 @@ async fn cleanup_leftovers(id: &str, dir: &Path) {
         let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
     }
     let _ = tokio::fs::remove_dir_all(dir).await;
-}
-
-/// Host path of a box's workspace, for bulk copies (snapshots).
-impl NativeBackend {
-    pub fn workspace_path(&self, id: &str) -> Result<PathBuf> {
-        Ok(self.get_running(id)?.workspace())
-    }
 }
 
 /// The helper to run box bring-up with: the small `berth-box-init` beside `exe` when it is

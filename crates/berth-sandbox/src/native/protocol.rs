@@ -60,8 +60,6 @@ pub struct ExecRequest {
     /// Paths (inside the box) the process may write beneath; everything else is read-only.
     pub writable: Vec<String>,
     pub timeout_ms: Option<u64>,
-    /// Keep stdin open for messages (agents); otherwise it is closed after the initial bytes.
-    pub keep_stdin: bool,
 }
 
 /// How a process ended, as seen from inside the box.
