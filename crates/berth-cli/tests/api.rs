@@ -793,3 +793,34 @@ async fn websockets_pass_through_the_port_proxy() {
     assert_eq!(msg.to_text().expect("text"), "hello through berth");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_cannot_create_boxes_past_its_quota() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(dir.path(), &[("BERTH_MAX_BOXES_PER_TENANT", "2")]).await;
+    let api = srv.client();
+    let a = small_box(&api, json!({})).await;
+    small_box(&api, json!({})).await;
+    let r = api
+        .post(
+            "/v1/boxes",
+            json!({"resources": {"memory_mib": 256, "disk_mib": 64}}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["error"]["code"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{}",
+        r.json
+    );
+    // Another tenant has its own quota; a destroyed box frees a place.
+    let k = api.post("/v1/keys", json!({"tenant": "other"})).await;
+    let other = Api::new(&api.url, k.json["key"].as_str().expect("key"));
+    small_box(&other, json!({})).await;
+    assert_eq!(
+        api.delete(&format!("/v1/boxes/{a}")).await.json["state"],
+        "destroyed"
+    );
+    small_box(&api, json!({})).await;
+    srv.stop().await;
+}

@@ -31,6 +31,8 @@ pub struct Config {
     pub log_format: String,
     /// Model requests per minute allowed to each session (none: unlimited).
     pub session_rpm: Option<u32>,
+    /// Boxes a tenant may have alive at once (creating, running).
+    pub max_boxes_per_tenant: usize,
     /// What a committed event survives: `crash` (the server dying; default, no fsync per
     /// commit) or `power` (machine power loss too; fsync per commit, slower event delivery).
     pub durability: String,
@@ -97,6 +99,7 @@ impl Default for Config {
             max_exec_output_bytes: 16 << 20,
             log_format: "text".into(),
             session_rpm: None,
+            max_boxes_per_tenant: 100,
             durability: "crash".into(),
             claude_cli: None,
             native: NativeSection::default(),
@@ -163,6 +166,11 @@ impl Config {
                 v.parse()
                     .map_err(|e| ConfigError::Env("BERTH_SESSION_RPM", format!("{e}")))?,
             );
+        }
+        if let Some(v) = var("BERTH_MAX_BOXES_PER_TENANT") {
+            self.max_boxes_per_tenant = v
+                .parse()
+                .map_err(|e| ConfigError::Env("BERTH_MAX_BOXES_PER_TENANT", format!("{e}")))?;
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;

@@ -53,6 +53,9 @@ impl ApiError {
             ApiError::Rejected(s, _) if *s == StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 "unsupported_media_type"
             }
+            ApiError::Rejected(s, _) if *s == StatusCode::TOO_MANY_REQUESTS => "quota_exceeded",
+            ApiError::Rejected(s, _) if *s == StatusCode::BAD_GATEWAY => "bad_gateway",
+            ApiError::Rejected(s, _) if *s == StatusCode::INSUFFICIENT_STORAGE => "no_space",
             ApiError::Rejected(_, _) => "invalid_request",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",

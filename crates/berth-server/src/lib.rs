@@ -220,6 +220,7 @@ pub async fn run(
         EngineConfig {
             default_backend: cfg.default_backend.clone(),
             session_rpm: cfg.session_rpm,
+            max_boxes_per_tenant: cfg.max_boxes_per_tenant,
             max_exec_output: cfg.max_exec_output_bytes,
         },
         gateway,

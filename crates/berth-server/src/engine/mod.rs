@@ -27,6 +27,8 @@ pub struct EngineConfig {
     pub default_backend: String,
     /// Model requests per minute per session, enforced by the gateway.
     pub session_rpm: Option<u32>,
+    /// Boxes a tenant may have alive at once.
+    pub max_boxes_per_tenant: usize,
     /// Largest exec output returned by the REST exec call, per stream.
     pub max_exec_output: usize,
 }
@@ -131,6 +133,28 @@ impl Engine {
             )));
         }
         boxes::validate_spec(&spec)?;
+        let alive = self
+            .boxes
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|h| {
+                        let b = h.state.borrow();
+                        b.tenant == tenant
+                            && matches!(b.state, BoxState::Creating | BoxState::Running)
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if alive >= self.config.max_boxes_per_tenant {
+            return Err(ApiError::Rejected(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "tenant {tenant} already has {alive} boxes alive (limit {})",
+                    self.config.max_boxes_per_tenant
+                ),
+            ));
+        }
         let spec_secrets = spec.secrets.clone();
         let ts = now();
         let obj = BoxObject {
