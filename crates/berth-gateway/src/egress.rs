@@ -454,6 +454,21 @@ impl Egress {
     }
 }
 
+/// Send the rewritten head and what the box already sent of the body, then splice.
+async fn send_and_splice<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    conn: &mut UnixStream,
+    mut s: S,
+    head: &str,
+    body_start: &[u8],
+) -> std::io::Result<(u64, u64)> {
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body_start).await?;
+    let (u, d) = tokio::io::copy_bidirectional(conn, &mut s)
+        .await
+        .unwrap_or((0, 0));
+    Ok(((head.len() + body_start.len()) as u64 + u, d))
+}
+
 /// The request head with origin-form target, hop-by-hop proxy headers and any copy of the
 /// secret's header removed, and the secret added.
 fn with_secret(text: &str, method: &str, path: &str, version: &str, secret: &Secret) -> String {
@@ -486,25 +501,13 @@ impl Egress {
         body_start: Vec<u8>,
         tls: bool,
     ) -> std::io::Result<(u64, u64)> {
-        let sent = (head.len() + body_start.len()) as u64;
         if tls {
             let name = rustls::pki_types::ServerName::try_from(host.to_string())
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let mut s = self.tls.connect(name, up).await?;
-            s.write_all(head.as_bytes()).await?;
-            s.write_all(&body_start).await?;
-            let (u, d) = tokio::io::copy_bidirectional(&mut conn, &mut s)
-                .await
-                .unwrap_or((0, 0));
-            Ok((sent + u, d))
+            let s = self.tls.connect(name, up).await?;
+            send_and_splice(&mut conn, s, &head, &body_start).await
         } else {
-            let mut s = up;
-            s.write_all(head.as_bytes()).await?;
-            s.write_all(&body_start).await?;
-            let (u, d) = tokio::io::copy_bidirectional(&mut conn, &mut s)
-                .await
-                .unwrap_or((0, 0));
-            Ok((sent + u, d))
+            send_and_splice(&mut conn, up, &head, &body_start).await
         }
     }
 }
