@@ -42,11 +42,12 @@ pub fn small() -> Limits {
     }
 }
 
-pub async fn sh<B: Sandbox>(b: &B, id: &str, script: &str) -> ExecOutput {
+/// Run `argv` in the box (60 s timeout) and collect its output.
+pub async fn run<B: Sandbox>(b: &B, id: &str, argv: Vec<String>) -> ExecOutput {
     b.exec(
         id,
         ExecSpec {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            argv,
             timeout: Some(Duration::from_secs(60)),
             ..Default::default()
         },
@@ -56,6 +57,10 @@ pub async fn sh<B: Sandbox>(b: &B, id: &str, script: &str) -> ExecOutput {
     .collect(None, 4 << 20)
     .await
     .expect("collect")
+}
+
+pub async fn sh<B: Sandbox>(b: &B, id: &str, script: &str) -> ExecOutput {
+    run(b, id, vec!["/bin/sh".into(), "-c".into(), script.into()]).await
 }
 
 fn text(b: &[u8]) -> String {
@@ -71,19 +76,7 @@ async fn with_probe<B: Sandbox>(b: &B, f: &Fixture, id: &str) {
 async fn probe<B: Sandbox>(b: &B, id: &str, args: &[&str]) -> ExecOutput {
     let mut argv = vec!["/workspace/probe".to_string()];
     argv.extend(args.iter().map(|s| s.to_string()));
-    b.exec(
-        id,
-        ExecSpec {
-            argv,
-            timeout: Some(Duration::from_secs(60)),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("exec probe")
-    .collect(None, 4 << 20)
-    .await
-    .expect("collect probe")
+    run(b, id, argv).await
 }
 
 fn field<'a>(out: &'a str, key: &str) -> &'a str {
@@ -377,13 +370,10 @@ pub async fn network_and_syscalls<B: Sandbox>(b: &B, f: &Fixture) {
     )
     .await;
     // `sh` may be dash without /dev/tcp; fall back to bash explicitly.
-    let out2 = b
-        .exec(&id, ExecSpec { argv: vec!["bash".into(), "-c".into(), format!("(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED || echo refused")], ..Default::default() })
-        .await
-        .expect("exec")
-        .collect(None, 1024)
-        .await
-        .expect("collect");
+    let script = format!(
+        "(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED || echo refused"
+    );
+    let out2 = run(b, &id, vec!["bash".into(), "-c".into(), script]).await;
     assert!(!text(&out.stdout).contains("REACHED"));
     assert_eq!(text(&out2.stdout), "refused\n");
 
