@@ -324,6 +324,7 @@ impl ClaudeDriver {
                 if let Some(id) = v.get("session_id").and_then(Value::as_str) {
                     out.update.agent_session_id = Some(id.to_string());
                 }
+                out.update.agent_cost_usd = v.get("total_cost_usd").and_then(Value::as_f64);
                 out.events.push(AgentEvent { kind, data: v });
                 out.update.state = Some(SessionState::Idle);
                 // Any subtype but success (error_max_turns, error_during_execution, …) is the

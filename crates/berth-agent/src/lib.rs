@@ -39,6 +39,9 @@ pub struct Update {
     pub state_reason: Option<String>,
     pub agent_session_id: Option<String>,
     pub cli_version: Option<String>,
+    /// What the agent says this run of it has cost so far (Claude's `total_cost_usd`, which
+    /// counts from the process start).
+    pub agent_cost_usd: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

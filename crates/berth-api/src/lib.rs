@@ -387,6 +387,10 @@ pub struct SessionObject {
     /// The CLI's own session id, once known.
     pub agent_session_id: Option<String>,
     pub cli_version: Option<String>,
+    /// What the agent itself reports having spent (Claude's `total_cost_usd`, summed over its
+    /// runs); the gateway's metered figure is in the session's usage.
+    #[serde(default)]
+    pub agent_cost_usd: Option<f64>,
     /// Sequence number of the newest event.
     pub last_seq: i64,
     pub created_at: Timestamp,
@@ -513,7 +517,67 @@ pub struct ModelUsage {
 pub struct SessionUsage {
     pub session_id: String,
     pub by_model: Vec<ModelUsage>,
+    /// Model usage summed over models (`model` is `*`).
     pub total: ModelUsage,
+    /// Running time of the session's box when the box is the session's alone (ephemeral);
+    /// 0 for a box shared with other sessions (see `GET /v1/usage?group_by=box`).
+    pub container_hours: f64,
+    pub container_usd: f64,
+    /// Model cost plus container cost.
+    pub total_usd: f64,
+    /// What the agent itself reported spending (Claude's `total_cost_usd`), when it did.
+    pub agent_reported_usd: Option<f64>,
+    /// The agent's figure and the gateway's differ by more than the configured fraction (and
+    /// more than $0.0001): a price table out of date, or traffic the gateway did not see.
+    pub cost_gap: bool,
+}
+
+/// What `GET /v1/usage` sums by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageGroupBy {
+    Session,
+    Box,
+    Tenant,
+    Model,
+}
+
+/// Totals of one group (or of the whole report).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct UsageTotals {
+    /// Model requests metered.
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_5m_tokens: u64,
+    pub cache_creation_1h_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub model_usd: f64,
+    /// Box running time within the report's window (not attributed when grouping by session
+    /// or model: a box may serve several sessions and models).
+    pub container_hours: f64,
+    pub container_usd: f64,
+    pub total_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageGroup {
+    /// The session id, box id, tenant name or model id.
+    pub key: String,
+    pub usage: UsageTotals,
+    /// The group's model usage per model.
+    pub by_model: Vec<ModelUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageReport {
+    pub group_by: UsageGroupBy,
+    /// Window start (inclusive), when given.
+    pub from: Option<Timestamp>,
+    /// Window end (exclusive), when given.
+    pub to: Option<Timestamp>,
+    pub groups: Vec<UsageGroup>,
+    pub total: UsageTotals,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -26,21 +26,7 @@ async fn serve(router: axum::Router) -> anyhow::Result<String> {
     Ok(url)
 }
 
-pub async fn run(requests: usize) -> anyhow::Result<()> {
-    let big = "x".repeat(4 << 20);
-    let scenario: Scenario = serde_json::from_value(json!({"rules": [
-        {"match": "big", "steps": [{"text": big}]},
-        {"steps": [{"text": "pong"}]}
-    ]}))?;
-    let mock = Mock::new(scenario, Duration::ZERO);
-    let direct = serve(mock.router()).await?;
-    let (gw, mut meter) = Gateway::new(GatewayConfig {
-        upstream: direct.clone(),
-        api_key: Some("sk-real".into()),
-        prices: Default::default(),
-        bearer: false,
-    })?;
-    tokio::spawn(async move { while meter.recv().await.is_some() {} });
+fn register(gw: &Gateway) {
     gw.register(
         "tok",
         TokenOwner {
@@ -51,7 +37,96 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
         Default::default(),
         0.0,
     );
+}
+
+async fn write_ledger(
+    store: berth_store::SqliteStore,
+    mut meter: tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
+) {
+    use berth_store::Store;
+    while let Some(r) = meter.recv().await {
+        let row = berth_store::UsageRow {
+            ts: "bench".into(),
+            tenant: r.owner.tenant,
+            box_id: r.owner.box_id,
+            session_id: r.owner.session_id,
+            model: r.model,
+            status: r.status,
+            input_tokens: r.usage.input_tokens,
+            output_tokens: r.usage.output_tokens,
+            cost_usd: r.cost_usd,
+            ..Default::default()
+        };
+        let _ = store.record_usage(&row).await;
+    }
+}
+
+/// Requests per second of `total` small streamed requests, `concurrency` at a time.
+async fn throughput(
+    http: &reqwest::Client,
+    url: &str,
+    total: usize,
+    concurrency: usize,
+) -> anyhow::Result<f64> {
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": true,
+        "messages": [{"role": "user", "content": "ping"}]});
+    let t = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..total)
+        .map(|_| {
+            let body = body.clone();
+            async move {
+                let r = http
+                    .post(format!("{url}/v1/messages"))
+                    .header("x-api-key", "tok")
+                    .json(&body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+                let mut s = r.bytes_stream();
+                while let Some(c) = s.next().await {
+                    c?;
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+pub async fn run(requests: usize) -> anyhow::Result<()> {
+    let big = "x".repeat(4 << 20);
+    let scenario: Scenario = serde_json::from_value(json!({"rules": [
+        {"match": "big", "steps": [{"text": big}]},
+        {"steps": [{"text": "pong"}]}
+    ]}))?;
+    let mock = Mock::new(scenario, Duration::ZERO);
+    let direct = serve(mock.router()).await?;
+    // The gateway as the server runs it: metering on, every record written to a SQLite
+    // ledger by a writer task.
+    let dir = tempfile::tempdir()?;
+    let store = berth_store::SqliteStore::open(&dir.path().join("ledger.db")).await?;
+    let (gw, meter) = Gateway::new(GatewayConfig {
+        upstream: direct.clone(),
+        api_key: Some("sk-real".into()),
+        ..Default::default()
+    })?;
+    tokio::spawn(write_ledger(store, meter));
+    register(&gw);
     let via = serve(gw.router_for_box("b")).await?;
+    // The same gateway with metering (and so the ledger) off.
+    let (gw_off, _unused) = Gateway::new(GatewayConfig {
+        upstream: direct.clone(),
+        api_key: Some("sk-real".into()),
+        meter: false,
+        ..Default::default()
+    })?;
+    register(&gw_off);
+    let via_off = serve(gw_off.router_for_box("b")).await?;
     let http = reqwest::Client::new();
     let body = |text: &str| json!({"model": "claude-x", "max_tokens": 10, "stream": true, "messages": [{"role": "user", "content": text}]});
 
@@ -127,6 +202,23 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
         rates.push(rate);
         println!("| {name} | {rate:.0} | {:.2} |", rate / rates[0]);
     }
+    println!();
+    // What metering costs: the same gateway with the ledger on and off, alternating rounds.
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        on.push(throughput(&http, &via, requests, 16).await?);
+        off.push(throughput(&http, &via_off, requests, 16).await?);
+    }
+    on.sort_by(f64::total_cmp);
+    off.sort_by(f64::total_cmp);
+    let (on, off) = (on[2], off[2]);
+    println!("| {requests} small streamed requests, 16 at a time (median of 5 rounds) | requests/s | ratio to ledger off |");
+    println!("| --- | ---: | ---: |");
+    println!("| gateway, ledger off (no metering) | {off:.0} | 1.00 |");
+    println!(
+        "| gateway, ledger on (metered, rows in SQLite) | {on:.0} | {:.3} |",
+        on / off
+    );
     println!();
     println!("| CPU for {requests} small streamed requests (whole process: client, mock, gateway) | CPU ms |");
     println!("| --- | ---: |");

@@ -83,7 +83,7 @@ pub async fn start_server(
     let server = tokio::spawn(async move {
         let r = berth_server::run(
             cfg,
-            berth_server::Runtime { helper },
+            berth_server::Runtime::new(helper),
             move |s| {
                 let _ = tx.send((
                     s.addr,

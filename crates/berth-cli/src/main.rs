@@ -77,8 +77,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
-    /// Token and container cost.
+    /// Token and container cost, summed by session, box, tenant or model.
     Usage {
+        /// session | box | tenant | model
+        #[arg(long, default_value = "session")]
+        by: String,
+        /// Window start (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long)]
+        from: Option<String>,
+        /// Window end (RFC 3339, exclusive).
+        #[arg(long)]
+        to: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -311,7 +320,7 @@ async fn real_main(cli: Cli) -> Result<()> {
         Cmd::Chat { session } => chat(&client()?, &session).await,
         Cmd::Run(a) => run(&client()?, a).await,
         Cmd::Keys { cmd } => keys(&client()?, cmd).await,
-        Cmd::Usage { json } => usage(&client()?, json).await,
+        Cmd::Usage { by, from, to, json } => usage(&client()?, &by, from, to, json).await,
     }
 }
 
@@ -367,7 +376,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     };
     berth_server::run(
         cfg,
-        berth_server::Runtime { helper },
+        berth_server::Runtime::new(helper),
         |s| {
             println!(
                 "berth listening on http://{} (admin key in {})",
@@ -442,18 +451,46 @@ async fn ls(c: &Client, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<22} {:<10} {:<10} {:<8} {:>5} {:>8}  CREATED",
-        "BOX", "STATE", "LIFECYCLE", "BACKEND", "CPUS", "MEM_MIB"
+        "{:<22} {:<10} {:<10} {:<8} {:>5} {:>8} {:>9} {:>9} {:>5} {:>9}  CREATED",
+        "BOX",
+        "STATE",
+        "LIFECYCLE",
+        "BACKEND",
+        "CPUS",
+        "MEM_MIB",
+        "CPU_S",
+        "MEM_USED",
+        "PIDS",
+        "DISK_USED"
     );
     for b in &boxes.items {
+        // Live figures from the box's cgroup and quota, for running boxes.
+        let stats: Option<BoxStats> = if b.state == BoxState::Running {
+            c.get(&format!("/v1/boxes/{}/stats", b.id)).await.ok()
+        } else {
+            None
+        };
+        let (cpu, mem, pids, disk) = match &stats {
+            Some(st) => (
+                format!("{:.2}", st.cpu_usage_ns as f64 / 1e9),
+                mib(st.memory_bytes),
+                st.pids.to_string(),
+                mib(st.disk_used_bytes),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "{:<22} {:<10} {:<10} {:<8} {:>5} {:>8}  {}",
+            "{:<22} {:<10} {:<10} {:<8} {:>5} {:>8} {:>9} {:>9} {:>5} {:>9}  {}",
             b.id,
             b.state.as_str(),
             format!("{:?}", b.lifecycle).to_lowercase(),
             b.backend,
             b.resources.cpus,
             b.resources.memory_mib,
+            cpu,
+            mem,
+            pids,
+            disk,
             b.created_at
         );
     }
@@ -473,6 +510,10 @@ async fn ls(c: &Client, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn split_box_path(s: &str) -> Option<(&str, &str)> {
@@ -581,6 +622,7 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
                 .await;
         })
     };
+    let cost = live_cost(c.clone(), session.to_string());
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     use tokio::io::AsyncBufReadExt;
     let mut lines = stdin.lines();
@@ -598,7 +640,32 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
             .await?;
     }
     follower.abort();
+    cost.abort();
     Ok(())
+}
+
+/// Print the session's metered cost to stderr whenever it changes (polled every 2 s) until
+/// aborted.
+fn live_cost(c: Client, id: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shown = 0.0;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let Ok(u) = c
+                .get::<SessionUsage>(&format!("/v1/sessions/{id}/usage"))
+                .await
+            else {
+                continue;
+            };
+            if (u.total_usd - shown).abs() >= 0.00005 {
+                shown = u.total_usd;
+                eprintln!(
+                    "[cost so far: ${:.4} (model ${:.4} + box ${:.4}), metered by berth]",
+                    u.total_usd, u.total.cost_usd, u.container_usd
+                );
+            }
+        }
+    })
 }
 
 async fn run(c: &Client, a: RunArgs) -> Result<()> {
@@ -628,6 +695,7 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
                 },
             )
             .await?;
+        let cost = (!a.json).then(|| live_cost(c.clone(), s.id.clone()));
         let mut r = render::Renderer::new(a.json, true);
         let mut result: Option<serde_json::Value> = None;
         let mut failed: Option<String> = None;
@@ -654,6 +722,9 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
         })
         .await?;
         r.finish();
+        if let Some(cost) = cost {
+            cost.abort();
+        }
         if let Some(out) = &a.out {
             download_dir(c, &s.box_id, "", out).await?;
         }
@@ -675,12 +746,15 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
         if let Some(r) = &result {
             println!("\n{}", r["result"].as_str().unwrap_or(""));
             eprintln!(
-                "turns: {}  tokens: {} in / {} out  cost metered by berth: ${:.4} (agent-reported: ${:.4})",
+                "turns: {}  tokens: {} in / {} out  cost metered by berth: ${:.4} model + ${:.4} box = ${:.4} (agent-reported: ${:.4}{})",
                 r["num_turns"],
                 usage.total.input_tokens,
                 usage.total.output_tokens,
                 usage.total.cost_usd,
-                r["total_cost_usd"].as_f64().unwrap_or(0.0)
+                usage.container_usd,
+                usage.total_usd,
+                r["total_cost_usd"].as_f64().unwrap_or(0.0),
+                if usage.cost_gap { "; the two differ: check the price table" } else { "" }
             );
         }
     }
@@ -745,44 +819,69 @@ async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<(
     Ok(())
 }
 
-/// Model usage per session and model, as metered by the gateway (container time is not
-/// accounted yet).
-async fn usage(c: &Client, json: bool) -> Result<()> {
-    let sessions: List<SessionObject> = c.get("/v1/sessions").await?;
-    let mut all = Vec::new();
-    for s in &sessions.items {
-        let u: SessionUsage = c.get(&format!("/v1/sessions/{}/usage", s.id)).await?;
-        all.push(u);
+/// The usage report as a table: tokens and model cost metered by the gateway, container time.
+async fn usage(
+    c: &Client,
+    by: &str,
+    from: Option<String>,
+    to: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let mut q = vec![format!("group_by={by}")];
+    for (k, v) in [("from", from), ("to", to)] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", urlencode(&v)));
+        }
     }
+    let r: UsageReport = c.get(&format!("/v1/usage?{}", q.join("&"))).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
     println!(
-        "{:<22} {:<24} {:>10} {:>9} {:>11} {:>10} {:>9}",
-        "SESSION", "MODEL", "INPUT", "OUTPUT", "CACHE_WRITE", "CACHE_READ", "USD"
+        "{:<24} {:>6} {:>10} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        by.to_uppercase(),
+        "REQS",
+        "INPUT",
+        "OUTPUT",
+        "CACHE_WRITE",
+        "CACHE_READ",
+        "MODEL_USD",
+        "BOX_HOURS",
+        "BOX_USD",
+        "TOTAL_USD"
     );
-    let mut total = 0.0;
-    for u in &all {
-        for m in &u.by_model {
-            println!(
-                "{:<22} {:<24} {:>10} {:>9} {:>11} {:>10} {:>9.4}",
-                u.session_id,
-                m.model,
-                m.input_tokens,
-                m.output_tokens,
-                m.cache_creation_5m_tokens + m.cache_creation_1h_tokens,
-                m.cache_read_tokens,
-                m.cost_usd
-            );
-            total += m.cost_usd;
-        }
+    let row = |key: &str, u: &UsageTotals| {
+        println!(
+            "{:<24} {:>6} {:>10} {:>9} {:>11} {:>10} {:>10.4} {:>9.3} {:>9.4} {:>9.4}",
+            key,
+            u.requests,
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_creation_5m_tokens + u.cache_creation_1h_tokens,
+            u.cache_read_tokens,
+            u.model_usd,
+            u.container_hours,
+            u.container_usd,
+            u.total_usd
+        )
+    };
+    for g in &r.groups {
+        row(&g.key, &g.usage);
     }
-    println!(
-        "{:<22} {:<24} {:>10} {:>9} {:>11} {:>10} {:>9.4}",
-        "TOTAL", "", "", "", "", "", total
-    );
+    row("TOTAL", &r.total);
     Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn keys(c: &Client, cmd: KeysCmd) -> Result<()> {

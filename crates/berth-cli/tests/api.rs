@@ -213,7 +213,17 @@ async fn boxes_exec_files_and_errors() {
     let r = api.call("PATCH", "/v1/boxes", None).await;
     assert_eq!(r.status, 405);
     assert_eq!(api.get("/healthz").await.status, 200);
-    assert_eq!(api.get("/readyz").await.status, 200);
+    // This server's upstream is the default api.anthropic.com, which an offline machine
+    // cannot reach; only that may keep it from being ready (tests/cost.rs checks readiness
+    // against upstreams it controls).
+    let ready = api.get("/readyz").await;
+    let why = ready.json["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        ready.status == 200
+            || (ready.status == 503 && why.contains("upstream") && !why.contains("store")),
+        "{} {why}",
+        ready.status
+    );
     assert_eq!(
         api.get("/v1/backends").await.json["items"][0]["name"],
         "native"

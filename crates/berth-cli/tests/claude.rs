@@ -71,26 +71,6 @@ async fn session(api: &Api, agent: Value, prompt: Option<&str>) -> (String, Stri
     )
 }
 
-/// Events until (and including) the `n`-th event of `kind`.
-async fn until(api: &Api, sid: &str, kind: &str, n: usize) -> Vec<Value> {
-    let mut evs: Vec<Value> = Vec::new();
-    while evs.iter().filter(|e| e["type"] == kind).count() < n {
-        let after = evs
-            .last()
-            .map(|e| e["seq"].as_i64().expect("seq"))
-            .unwrap_or(0);
-        let more = api
-            .sse(&format!("/v1/sessions/{sid}/events?after={after}"), None, 1)
-            .await;
-        assert!(
-            !more.is_empty(),
-            "stream ended before {n} {kind} events: {evs:?}"
-        );
-        evs.extend(more);
-    }
-    evs
-}
-
 /// Wait (bounded) until the model has been asked about `text`: the agent is mid-turn.
 async fn wait_for_model_request(mock: &Mock, text: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -122,7 +102,7 @@ async fn exec(api: &Api, bx: &str, script: &str) -> Value {
 async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
     let (_d, srv, api, mock) = setup().await;
     let (sid, bx) = session(&api, json!({"kind": "claude"}), Some("please make a file")).await;
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = api.until(&sid, "result", 1).await;
     let result = evs.iter().find(|e| e["type"] == "result").expect("result");
     assert_eq!(result["data"]["is_error"], false, "{result}");
     let tools: Vec<&str> = evs
@@ -188,7 +168,7 @@ async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
         )
         .await;
     assert_eq!(r.status, 202);
-    let evs = until(&api, &sid, "result", 2).await;
+    let evs = api.until(&sid, "result", 2).await;
     let results: Vec<&Value> = evs.iter().filter(|e| e["type"] == "result").collect();
     assert_eq!(
         results[0]["data"]["session_id"], results[1]["data"]["session_id"],
@@ -241,7 +221,7 @@ async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
     );
     // `berth usage` reports the same metered totals.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["usage", "--json"])
+        .args(["usage", "--by", "session", "--json"])
         .env("BERTH_URL", &api.url)
         .env("BERTH_TOKEN", &api.token)
         .output()
@@ -253,19 +233,36 @@ async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
         String::from_utf8_lossy(&out.stderr)
     );
     let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let mine = listed
+    let mine = listed["groups"]
         .as_array()
-        .expect("array")
+        .expect("groups")
         .iter()
-        .find(|u| u["session_id"] == sid.as_str())
+        .find(|g| g["key"] == sid.as_str())
         .expect("session listed");
     let all_seen = mock.recorded();
     let input: u64 = all_seen
         .iter()
         .filter_map(|r| r.usage["input_tokens"].as_u64())
         .sum();
-    assert_eq!(mine["total"]["input_tokens"], input);
-    assert!(mine["total"]["cost_usd"].as_f64().expect("cost") > 0.0);
+    assert_eq!(mine["usage"]["input_tokens"], input);
+    assert!(mine["usage"]["model_usd"].as_f64().expect("cost") > 0.0);
+    // The table form names the session and the same input total.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["usage", "--by", "session"])
+        .env("BERTH_URL", &api.url)
+        .env("BERTH_TOKEN", &api.token)
+        .output()
+        .await
+        .expect("berth usage");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(sid.as_str()))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.split_whitespace().nth(2) == Some(input.to_string().as_str()),
+        "{table}"
+    );
     srv.stop().await;
 }
 
@@ -279,7 +276,7 @@ async fn max_turns_permissions_and_interrupt() {
         Some("make a file"),
     )
     .await;
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = api.until(&sid, "result", 1).await;
     let result = evs.iter().find(|e| e["type"] == "result").expect("result");
     assert_eq!(result["data"]["subtype"], "error_max_turns", "{result}");
     assert_eq!(
@@ -294,7 +291,7 @@ async fn max_turns_permissions_and_interrupt() {
         Some("make a file"),
     )
     .await;
-    let evs = until(&api, &sid, "permission_request", 1).await;
+    let evs = api.until(&sid, "permission_request", 1).await;
     let req = evs
         .iter()
         .find(|e| e["type"] == "permission_request")
@@ -318,7 +315,7 @@ async fn max_turns_permissions_and_interrupt() {
         404,
         "answered once"
     );
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = api.until(&sid, "result", 1).await;
     let denied = evs
         .iter()
         .find(|e| e["type"] == "tool_result")
@@ -341,7 +338,7 @@ async fn max_turns_permissions_and_interrupt() {
         .status,
         202
     );
-    let evs = until(&api, &sid, "permission_request", 2).await;
+    let evs = api.until(&sid, "permission_request", 2).await;
     let req = evs
         .iter()
         .filter(|e| e["type"] == "permission_request")
@@ -357,7 +354,7 @@ async fn max_turns_permissions_and_interrupt() {
         .status,
         202
     );
-    until(&api, &sid, "result", 2).await;
+    api.until(&sid, "result", 2).await;
     assert_eq!(
         api.get(&format!("/v1/boxes/{bx}/files/hello.txt"))
             .await
@@ -375,7 +372,7 @@ async fn max_turns_permissions_and_interrupt() {
             .status,
         202
     );
-    until(&api, &sid, "result", 1).await;
+    api.until(&sid, "result", 1).await;
     assert!(
         t.elapsed() < Duration::from_secs(20),
         "interrupt took {:?}",
@@ -397,7 +394,7 @@ async fn a_killed_cli_fails_the_session_then_resumes() {
         Some("first task: make a file"),
     )
     .await;
-    until(&api, &sid, "result", 1).await;
+    api.until(&sid, "result", 1).await;
     assert_eq!(
         api.post(
             &format!("/v1/sessions/{sid}/messages"),
@@ -454,7 +451,7 @@ async fn a_killed_cli_fails_the_session_then_resumes() {
         .status,
         202
     );
-    let evs = until(&api, &sid, "result", 2).await;
+    let evs = api.until(&sid, "result", 2).await;
     let seqs: Vec<i64> = evs
         .iter()
         .map(|e| e["seq"].as_i64().expect("seq"))
@@ -494,7 +491,7 @@ async fn permission_rules_and_timeouts_answer_without_a_client() {
     let agent = json!({"kind": "claude", "permission_mode": "default",
         "permission_rules": [{"tool": "Write", "pattern": "/workspace/*", "allow": true}]});
     let (sid, bx) = session(&api, agent, Some("make a file")).await;
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = api.until(&sid, "result", 1).await;
     let ans = evs
         .iter()
         .find(|e| e["type"] == "permission_answer")
@@ -527,7 +524,7 @@ async fn permission_rules_and_timeouts_answer_without_a_client() {
     // No rule and nobody answers: the request is denied when its time is up.
     let agent = json!({"kind": "claude", "permission_mode": "default", "permission_timeout_s": 1});
     let (sid, bx) = session(&api, agent, Some("make a file")).await;
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = api.until(&sid, "result", 1).await;
     let ans = evs
         .iter()
         .find(|e| e["type"] == "permission_answer")
@@ -557,7 +554,7 @@ async fn a_spent_budget_stops_the_agent_cleanly() {
         Some("make a file"),
     )
     .await;
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = api.until(&sid, "result", 1).await;
     assert!(
         evs.iter().any(|e| e["type"] == "budget_exhausted"),
         "the session is told"
@@ -593,7 +590,7 @@ async fn a_spent_budget_stops_the_agent_cleanly() {
     );
     let before = mock.recorded().len();
     let (sid, _) = session(&api, json!({"kind": "claude"}), Some("make a file")).await;
-    let evs = until(&api, &sid, "result", 1).await;
+    let evs = api.until(&sid, "result", 1).await;
     let result = evs.iter().find(|e| e["type"] == "result").expect("result");
     assert_eq!(result["data"]["is_error"], true, "{result}");
     assert_eq!(

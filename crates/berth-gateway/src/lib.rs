@@ -56,10 +56,22 @@ pub struct UsageRecord {
     pub status: u16,
     /// Priced with the gateway's table.
     pub cost_usd: f64,
-    /// This request took the session's spend to or past its budget.
-    pub budget_exhausted: bool,
-    /// This request took the tenant's monthly spend to or past its budget.
-    pub tenant_budget_exhausted: bool,
+    /// From the request reaching the gateway to the end of the response.
+    pub duration: std::time::Duration,
+    /// Budget thresholds this request crossed.
+    pub crossed: Crossed,
+}
+
+/// Budget thresholds one request's cost crossed (each is reported once, by the request that
+/// crosses it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Crossed {
+    /// The session's spend reached `warn_fraction` of its budget.
+    pub session_warning: bool,
+    /// The session's spend reached its budget: further requests are refused.
+    pub session_exhausted: bool,
+    pub tenant_warning: bool,
+    pub tenant_exhausted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +83,24 @@ pub struct GatewayConfig {
     /// Send the credential as `Authorization: Bearer …` (OAuth tokens, some proxies).
     pub bearer: bool,
     pub prices: price::PriceTable,
+    /// Fraction of a budget at which a warning is reported (e.g. 0.8).
+    pub warn_fraction: f64,
+    /// Parse usage from responses and report it. Off, the gateway only forwards: no ledger,
+    /// no budgets (for measuring what metering costs).
+    pub meter: bool,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            upstream: "https://api.anthropic.com".into(),
+            api_key: None,
+            bearer: false,
+            prices: Default::default(),
+            warn_fraction: 0.8,
+            meter: true,
+        }
+    }
 }
 
 struct SessionState {
@@ -185,6 +215,28 @@ impl Gateway {
         &self.cfg.prices
     }
 
+    /// Readiness: a TCP connection to the upstream opens within `timeout` (nothing is sent).
+    pub async fn probe_upstream(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let url = reqwest::Url::parse(&self.cfg.upstream).map_err(|e| e.to_string())?;
+        let host = url
+            .host_str()
+            .ok_or("upstream URL has no host")?
+            .to_string();
+        let port = url
+            .port_or_known_default()
+            .ok_or("upstream URL has no port")?;
+        match tokio::time::timeout(
+            timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
+            Err(_) => Err(format!("{host}:{port}: no answer within {timeout:?}")),
+        }
+    }
+
     /// Accept `token` for a session; `spent_usd` carries what it spent before (a restart).
     pub fn register(&self, token: &str, owner: TokenOwner, limits: SessionLimits, spent_usd: f64) {
         if let Ok(mut m) = self.tokens.lock() {
@@ -291,9 +343,11 @@ impl Gateway {
         Ok(st.owner.clone())
     }
 
-    /// Add a metered request's cost; true when it took the session to or past its budget.
-    fn spend(&self, owner: &TokenOwner, cost: f64) -> (bool, bool) {
-        let mut session_crossed = false;
+    /// Add a metered request's cost and report the budget thresholds it crossed.
+    fn spend(&self, owner: &TokenOwner, cost: f64) -> Crossed {
+        let w = self.cfg.warn_fraction;
+        let crossed = |before: f64, after: f64, limit: f64| before < limit && after >= limit;
+        let mut c = Crossed::default();
         if let Ok(mut m) = self.tokens.lock() {
             for st in m
                 .values_mut()
@@ -302,21 +356,22 @@ impl Gateway {
                 let before = st.spent_usd;
                 st.spent_usd += cost;
                 if let Some(b) = st.limits.budget_usd {
-                    session_crossed |= before < b && st.spent_usd >= b;
+                    c.session_warning |= crossed(before, st.spent_usd, b * w);
+                    c.session_exhausted |= crossed(before, st.spent_usd, b);
                 }
             }
         }
-        let mut tenant_crossed = false;
         if self.tenant_spent(&owner.tenant).is_some() {
             if let Ok(mut m) = self.tenants.lock() {
                 if let Some(t) = m.get_mut(&owner.tenant) {
                     let before = t.spent_usd;
                     t.spent_usd += cost;
-                    tenant_crossed = before < t.budget_usd && t.spent_usd >= t.budget_usd;
+                    c.tenant_warning = crossed(before, t.spent_usd, t.budget_usd * w);
+                    c.tenant_exhausted = crossed(before, t.spent_usd, t.budget_usd);
                 }
             }
         }
-        (session_crossed, tenant_crossed)
+        c
     }
 
     /// Serve the gateway for one box on a Unix socket; the task ends when aborted.
@@ -362,6 +417,7 @@ struct MeterTap {
     pending: Option<(TokenOwner, String)>,
     gw: Arc<Gateway>,
     status: u16,
+    started: std::time::Instant,
 }
 
 impl MeterTap {
@@ -370,15 +426,15 @@ impl MeterTap {
             let model = self.parser.model().unwrap_or(model);
             let usage = self.parser.usage();
             let cost_usd = self.gw.cfg.prices.cost_usd(&model, &usage);
-            let (budget_exhausted, tenant_budget_exhausted) = self.gw.spend(&owner, cost_usd);
+            let crossed = self.gw.spend(&owner, cost_usd);
             let _ = self.gw.meter.send(UsageRecord {
                 owner,
                 model,
                 usage,
                 status: self.status,
                 cost_usd,
-                budget_exhausted,
-                tenant_budget_exhausted,
+                duration: self.started.elapsed(),
+                crossed,
             });
         }
     }
@@ -432,6 +488,7 @@ fn presented_token(h: &HeaderMap) -> Option<String> {
 }
 
 async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
+    let started = std::time::Instant::now();
     let gw = &ctx.gw;
     let Some(token) = presented_token(req.headers()) else {
         return anthropic_error(
@@ -515,6 +572,14 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "upstream unreachable");
+            // Reported (no tokens) so the failure shows in the ledger and the error metrics.
+            drop(MeterTap {
+                parser: UsageParser::new(false),
+                pending: gw.cfg.meter.then_some((owner, model)),
+                gw: gw.clone(),
+                status: StatusCode::BAD_GATEWAY.as_u16(),
+                started,
+            });
             return anthropic_error(
                 StatusCode::BAD_GATEWAY,
                 "api_error",
@@ -542,22 +607,27 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             }
         }
     }
-    let mut tap = MeterTap {
-        parser: UsageParser::new(is_sse),
-        pending: Some((owner, model)),
-        gw: gw.clone(),
-        status,
+    let body = if gw.cfg.meter {
+        let mut tap = MeterTap {
+            parser: UsageParser::new(is_sse),
+            pending: Some((owner, model)),
+            gw: gw.clone(),
+            status,
+            started,
+        };
+        Body::from_stream(resp.bytes_stream().map(move |chunk| {
+            if let Ok(b) = &chunk {
+                tap.parser.feed(b);
+            }
+            if tap.parser.finished() {
+                tap.report();
+            }
+            chunk
+        }))
+    } else {
+        Body::from_stream(resp.bytes_stream())
     };
-    let stream = resp.bytes_stream().map(move |chunk| {
-        if let Ok(b) = &chunk {
-            tap.parser.feed(b);
-        }
-        if tap.parser.finished() {
-            tap.report();
-        }
-        chunk
-    });
-    out.body(Body::from_stream(stream)).unwrap_or_else(|_| {
+    out.body(body).unwrap_or_else(|_| {
         anthropic_error(
             StatusCode::BAD_GATEWAY,
             "api_error",

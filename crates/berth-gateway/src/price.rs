@@ -54,13 +54,33 @@ impl Default for PriceTable {
 }
 
 impl PriceTable {
-    pub fn price(&self, model: &str) -> Price {
+    /// The default table with `overrides` (substring, price) taking precedence, in order.
+    pub fn with_overrides(overrides: Vec<(String, Price)>) -> PriceTable {
+        let mut t = PriceTable::default();
+        let mut models: Vec<(String, Price)> = overrides
+            .into_iter()
+            .map(|(k, p)| (k.to_ascii_lowercase(), p))
+            .collect();
+        models.append(&mut t.models);
+        t.models = models;
+        t
+    }
+
+    fn entry(&self, model: &str) -> Option<&(String, Price)> {
         let m = model.to_ascii_lowercase();
-        self.models
-            .iter()
-            .find(|(k, _)| m.contains(k.as_str()))
-            .map(|(_, p)| *p)
-            .unwrap_or(self.fallback)
+        self.models.iter().find(|(k, _)| m.contains(k.as_str()))
+    }
+
+    pub fn price(&self, model: &str) -> Price {
+        self.entry(model).map(|(_, p)| *p).unwrap_or(self.fallback)
+    }
+
+    /// A bounded label for metrics: the table entry the model matched, or `other`. (The model
+    /// id comes from inside a box; used as a label as is, it would be unbounded.)
+    pub fn family(&self, model: &str) -> &str {
+        self.entry(model)
+            .map(|(k, _)| k.as_str())
+            .unwrap_or("other")
     }
 
     pub fn cost_usd(&self, model: &str, u: &Usage) -> f64 {
@@ -91,5 +111,16 @@ mod tests {
         assert!((t.cost_usd("claude-sonnet-4-5", &u) - (3.0 + 15.0 + 3.75 + 0.3)).abs() < 1e-9);
         assert_eq!(t.price("claude-haiku-4-5").input, 1.0);
         assert_eq!(t.price("unknown").input, 5.0);
+        assert_eq!(t.family("claude-sonnet-4-5"), "sonnet");
+        assert_eq!(t.family("../../etc"), "other");
+        let o = PriceTable::with_overrides(vec![(
+            "Sonnet-4-5".into(),
+            Price {
+                input: 1.0,
+                output: 2.0,
+            },
+        )]);
+        assert_eq!(o.price("claude-sonnet-4-5").output, 2.0);
+        assert_eq!(o.price("claude-sonnet-4").output, 15.0);
     }
 }

@@ -37,8 +37,8 @@ async fn setup(
     let (gw, meter) = Gateway::new(GatewayConfig {
         upstream,
         api_key: Some("sk-real".into()),
-        prices: Default::default(),
-        bearer: false,
+        warn_fraction: 0.5,
+        ..Default::default()
     })
     .expect("gw");
     gw.register("tok", owner(), limits, 0.0);
@@ -71,14 +71,21 @@ async fn budget_stops_after_the_request_that_crossed_it() {
     .await;
     assert_eq!(call(&url, "tok").await.0, 200);
     let first = meter.recv().await.expect("metered");
-    assert!((first.cost_usd - 5.0).abs() < 1e-9 && !first.budget_exhausted);
+    assert!((first.cost_usd - 5.0).abs() < 1e-9);
+    assert!(
+        first.crossed.session_warning && !first.crossed.session_exhausted,
+        "5 of 7 crossed the warning at half"
+    );
     assert_eq!(
         call(&url, "tok").await.0,
         200,
         "still under budget when it started"
     );
     let second = meter.recv().await.expect("metered");
-    assert!(second.budget_exhausted, "this request crossed the budget");
+    assert!(
+        second.crossed.session_exhausted && !second.crossed.session_warning,
+        "this request crossed the budget; the warning was reported once"
+    );
     let (status, body, _) = call(&url, "tok").await;
     assert_eq!(status, 400);
     assert_eq!(body["type"], "error");
@@ -124,8 +131,8 @@ async fn tenant_budget_spans_sessions() {
     let (gw, mut meter2) = Gateway::new(GatewayConfig {
         upstream,
         api_key: Some("sk-real".into()),
-        prices: Default::default(),
-        bearer: false,
+        warn_fraction: 0.5,
+        ..Default::default()
     })
     .expect("gw");
     gw.set_tenant_budget("t", Some(8.0), 4.0);
@@ -143,7 +150,7 @@ async fn tenant_budget_spans_sessions() {
     assert_eq!(call(&url, "tok").await.0, 200, "4 of 8 spent before");
     let r = meter2.recv().await.expect("metered");
     assert!(
-        r.tenant_budget_exhausted && !r.budget_exhausted,
+        r.crossed.tenant_exhausted && !r.crossed.session_exhausted,
         "9 of 8: the tenant crossed"
     );
     let (status, body, _) = call(&url, "tok2").await;
@@ -170,8 +177,8 @@ async fn the_real_key_can_go_as_a_bearer_token() {
     let (gw, _meter) = Gateway::new(GatewayConfig {
         upstream,
         api_key: Some("sk-real".into()),
-        prices: Default::default(),
         bearer: true,
+        ..Default::default()
     })
     .expect("gw");
     gw.register("tok", owner(), SessionLimits::default(), 0.0);
@@ -181,4 +188,26 @@ async fn the_real_key_can_go_as_a_bearer_token() {
     assert_eq!(seen[0].authorization.as_deref(), Some("Bearer sk-real"));
     assert_eq!(seen[0].api_key, None, "the box's token is not passed on");
     assert_eq!(call(&url, "tok-from-another-box").await.0, 401);
+}
+
+#[tokio::test]
+async fn with_metering_off_the_gateway_only_forwards() {
+    let mock = Mock::new(Scenario::default(), std::time::Duration::ZERO);
+    let upstream = serve(mock.router()).await;
+    let (gw, mut meter) = Gateway::new(GatewayConfig {
+        upstream,
+        api_key: Some("sk-real".into()),
+        meter: false,
+        ..Default::default()
+    })
+    .expect("gw");
+    gw.register("tok", owner(), SessionLimits::default(), 0.0);
+    let url = serve(gw.router_for_box("b1")).await;
+    assert_eq!(call(&url, "tok").await.0, 200);
+    assert_eq!(mock.recorded().len(), 1);
+    drop(gw);
+    assert!(
+        meter.try_recv().is_err(),
+        "nothing is metered when metering is off"
+    );
 }

@@ -278,6 +278,8 @@ pub struct Capabilities {
 /// cancellation and idempotence.
 pub trait Sandbox: Send + Sync {
     fn capabilities(&self) -> Capabilities;
+    /// Whether the backend can create boxes right now (readiness); cheap, no box is made.
+    fn health(&self) -> impl Future<Output = Result<()>> + Send;
     fn create(&self, cfg: BoxConfig) -> impl Future<Output = Result<BoxInfo>> + Send;
     fn exec(&self, id: &str, spec: ExecSpec) -> impl Future<Output = Result<ExecHandle>> + Send;
     fn read_file(&self, id: &str, path: &str) -> impl Future<Output = Result<FileContent>> + Send;
@@ -319,6 +321,11 @@ impl Sandbox for Backend {
     fn capabilities(&self) -> Capabilities {
         match self {
             Backend::Native(b) => b.capabilities(),
+        }
+    }
+    async fn health(&self) -> Result<()> {
+        match self {
+            Backend::Native(b) => b.health().await,
         }
     }
     async fn create(&self, cfg: BoxConfig) -> Result<BoxInfo> {

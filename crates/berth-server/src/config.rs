@@ -41,6 +41,46 @@ pub struct Config {
     pub claude_cli: Option<PathBuf>,
     pub native: NativeSection,
     pub egress: EgressSection,
+    pub cost: CostSection,
+}
+
+/// Prices, container time and budget warnings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostSection {
+    /// USD per hour a box runs (parked and stopped boxes cost nothing).
+    pub box_hour_usd: f64,
+    /// `flat`: every box costs `box_hour_usd`; `resources`: scaled by the larger of
+    /// cpus / 1 and memory_mib / 1024 (the hosting guide's reference box).
+    pub box_hour_scale: String,
+    /// Budget fraction at which a `budget_warning` event is sent (session and tenant).
+    pub budget_warn_fraction: f64,
+    /// Model prices, USD per million tokens, ahead of the built-in table; `model` matches a
+    /// substring of the model id; the first match wins.
+    pub prices: Vec<PriceEntry>,
+    /// The agent's own `total_cost_usd` and the gateway's figure differ by more than this
+    /// fraction (and more than $0.0001): the session usage flags it.
+    pub gap_fraction: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceEntry {
+    pub model: String,
+    pub input: f64,
+    pub output: f64,
+}
+
+impl Default for CostSection {
+    fn default() -> Self {
+        CostSection {
+            box_hour_usd: 0.05,
+            box_hour_scale: "flat".into(),
+            budget_warn_fraction: 0.8,
+            prices: vec![],
+            gap_fraction: 0.05,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -104,6 +144,7 @@ impl Default for Config {
             claude_cli: None,
             native: NativeSection::default(),
             egress: EgressSection::default(),
+            cost: CostSection::default(),
         }
     }
 }
@@ -171,6 +212,11 @@ impl Config {
             self.max_boxes_per_tenant = v
                 .parse()
                 .map_err(|e| ConfigError::Env("BERTH_MAX_BOXES_PER_TENANT", format!("{e}")))?;
+        }
+        if let Some(v) = var("BERTH_BOX_HOUR_USD") {
+            self.cost.box_hour_usd = v
+                .parse()
+                .map_err(|e| ConfigError::Env("BERTH_BOX_HOUR_USD", format!("{e}")))?;
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;

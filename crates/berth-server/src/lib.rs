@@ -4,9 +4,11 @@
 pub mod api;
 pub mod auth;
 pub mod claude_cli;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod observe;
 
 use berth_api::{KeyObject, SessionState};
 use berth_sandbox::native::{NativeBackend, NativeConfig};
@@ -20,7 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -47,25 +49,75 @@ pub enum ServerError {
 pub struct Runtime {
     /// Executable that runs box bring-up as `<helper> __box-init` (the berth binary itself).
     pub helper: PathBuf,
+    /// The ledger's clock (the system clock but in tests).
+    pub clock: clock::Clock,
+}
+
+impl Runtime {
+    pub fn new(helper: PathBuf) -> Runtime {
+        Runtime {
+            helper,
+            clock: clock::Clock::System,
+        }
+    }
+}
+
+/// Every metered request becomes a usage row; budget thresholds it crossed become events.
+async fn ledger_writer(
+    engine: Arc<Engine>,
+    mut metered: tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
+) {
+    while let Some(r) = metered.recv().await {
+        let c = r.crossed;
+        let notices = [
+            (c.session_warning, "budget_warning", "session"),
+            (c.session_exhausted, "budget_exhausted", "session"),
+            (c.tenant_warning, "budget_warning", "tenant"),
+            (c.tenant_exhausted, "tenant_budget_exhausted", "tenant"),
+        ];
+        for (crossed, kind, scope) in notices {
+            if !crossed {
+                continue;
+            }
+            let message = match kind {
+                "budget_warning" => format!("the {scope}'s budget is nearly spent"),
+                _ => format!("the {scope}'s budget is spent; further model requests are refused"),
+            };
+            engine
+                .notice(
+                    &r.owner.session_id,
+                    kind,
+                    serde_json::json!({"scope": scope, "tenant": r.owner.tenant, "message": message}),
+                )
+                .await;
+        }
+        observe::gateway_request(&engine, &r);
+        let ts_ms = engine.config.clock.now_ms();
+        let row = berth_store::UsageRow {
+            ts: clock::rfc3339_ms(ts_ms),
+            ts_ms,
+            tenant: r.owner.tenant,
+            box_id: r.owner.box_id,
+            session_id: r.owner.session_id,
+            model: r.model,
+            status: r.status,
+            input_tokens: r.usage.input_tokens,
+            output_tokens: r.usage.output_tokens,
+            cache_creation_5m_tokens: r.usage.cache_creation_5m_tokens,
+            cache_creation_1h_tokens: r.usage.cache_creation_1h_tokens,
+            cache_read_tokens: r.usage.cache_read_tokens,
+            cost_usd: r.cost_usd,
+        };
+        if let Err(e) = engine.store.record_usage(&row).await {
+            tracing::error!(error = %e, "recording usage");
+        }
+    }
 }
 
 pub struct Started {
     pub addr: SocketAddr,
     pub admin_key_file: PathBuf,
     pub state: AppState,
-}
-
-fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            // A second server in the same process (tests) shares the first recorder.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
 }
 
 pub const ADMIN_KEY_FILE: &str = "admin.key";
@@ -94,6 +146,13 @@ async fn bootstrap_admin(store: &dyn Store, cfg: &Config) -> Result<PathBuf, Ser
 /// A previous run may have died with boxes and sessions running: their processes are gone
 /// or orphaned. Clean up what the backends still hold and record what happened.
 async fn reconcile(engine: &Engine) -> Result<(), ServerError> {
+    let closed = engine.store.close_abandoned_box_spans().await?;
+    if closed > 0 {
+        tracing::info!(
+            spans = closed,
+            "closed container time left open by the previous run"
+        );
+    }
     for mut b in engine.store.list_boxes(None).await? {
         if b.state.is_terminal() {
             continue;
@@ -179,10 +238,26 @@ pub async fn run(
             None
         }
     };
-    let (gateway, mut metered) = berth_gateway::Gateway::new(berth_gateway::GatewayConfig {
+    let (gateway, metered) = berth_gateway::Gateway::new(berth_gateway::GatewayConfig {
         upstream: cfg.upstream_url.clone(),
         api_key: cfg.anthropic_api_key.clone(),
-        prices: Default::default(),
+        prices: berth_gateway::price::PriceTable::with_overrides(
+            cfg.cost
+                .prices
+                .iter()
+                .map(|p| {
+                    (
+                        p.model.clone(),
+                        berth_gateway::price::Price {
+                            input: p.input,
+                            output: p.output,
+                        },
+                    )
+                })
+                .collect(),
+        ),
+        warn_fraction: cfg.cost.budget_warn_fraction,
+        meter: true,
         bearer: match cfg.upstream_auth.as_str() {
             "x-api-key" => false,
             "bearer" => true,
@@ -222,6 +297,20 @@ pub async fn run(
             session_rpm: cfg.session_rpm,
             max_boxes_per_tenant: cfg.max_boxes_per_tenant,
             max_exec_output: cfg.max_exec_output_bytes,
+            cost: engine::ledger::CostConfig {
+                box_hour_usd: cfg.cost.box_hour_usd,
+                scale_by_resources: match cfg.cost.box_hour_scale.as_str() {
+                    "flat" => false,
+                    "resources" => true,
+                    other => {
+                        return Err(ServerError::Other(format!(
+                            "cost.box_hour_scale must be flat or resources, not {other:?}"
+                        )))
+                    }
+                },
+                gap_fraction: cfg.cost.gap_fraction,
+            },
+            clock: rt.clock.clone(),
         },
         gateway,
         egress,
@@ -246,52 +335,28 @@ pub async fn run(
             .set_tenant_budget(&tenant, Some(budget), spent);
     }
     // The ledger writer: every metered request becomes a usage row.
-    let ledger_store = store.clone();
-    let ledger_engine = engine.clone();
+    tokio::spawn(ledger_writer(engine.clone(), metered));
+    // Heartbeat for container time: open spans were running as of now (a crash is then
+    // charged up to the last beat, not up to the restart).
+    let beat = engine.clone();
     tokio::spawn(async move {
-        while let Some(r) = metered.recv().await {
-            if r.tenant_budget_exhausted {
-                ledger_engine
-                    .notice(
-                        &r.owner.session_id,
-                        "tenant_budget_exhausted",
-                        serde_json::json!({"tenant": r.owner.tenant, "message": "the tenant's monthly budget is spent; further model requests are refused"}),
-                    )
-                    .await;
-            }
-            if r.budget_exhausted {
-                ledger_engine
-                    .notice(
-                        &r.owner.session_id,
-                        "budget_exhausted",
-                        serde_json::json!({"message": "the session's max_budget_usd is spent; further model requests are refused"}),
-                    )
-                    .await;
-            }
-            let row = berth_store::UsageRow {
-                ts: auth::now(),
-                tenant: r.owner.tenant,
-                box_id: r.owner.box_id,
-                session_id: r.owner.session_id,
-                model: r.model.clone(),
-                status: r.status,
-                input_tokens: r.usage.input_tokens,
-                output_tokens: r.usage.output_tokens,
-                cache_creation_5m_tokens: r.usage.cache_creation_5m_tokens,
-                cache_creation_1h_tokens: r.usage.cache_creation_1h_tokens,
-                cache_read_tokens: r.usage.cache_read_tokens,
-            };
-            metrics::counter!("berth_gateway_requests_total").increment(1);
-            metrics::counter!("berth_gateway_output_tokens_total").increment(r.usage.output_tokens);
-            if let Err(e) = ledger_store.record_usage(&row).await {
-                tracing::error!(error = %e, "recording usage");
+        let mut t = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            t.tick().await;
+            if let Err(e) = beat
+                .store
+                .mark_box_spans_seen(beat.config.clock.now_ms())
+                .await
+            {
+                tracing::warn!(error = %e, "container time heartbeat");
             }
         }
     });
+    tokio::spawn(observe::sample_boxes(engine.clone()));
     reconcile(&engine).await?;
     let state = AppState {
         engine: engine.clone(),
-        metrics: metrics_handle(),
+        metrics: observe::metrics_handle(),
     };
     let app = api::router(state.clone(), cfg.max_body_bytes);
     let listener = tokio::net::TcpListener::bind(cfg.listen)

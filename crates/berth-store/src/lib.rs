@@ -33,9 +33,11 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// One metered model request.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct UsageRow {
     pub ts: String,
+    /// The same instant in Unix milliseconds (what range queries filter on).
+    pub ts_ms: i64,
     pub tenant: String,
     pub box_id: String,
     pub session_id: String,
@@ -46,6 +48,53 @@ pub struct UsageRow {
     pub cache_creation_5m_tokens: u64,
     pub cache_creation_1h_tokens: u64,
     pub cache_read_tokens: u64,
+    /// Priced when it was recorded, with the price table of that moment.
+    pub cost_usd: f64,
+}
+
+/// What usage is summed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageKey {
+    Session,
+    Box,
+    Tenant,
+    Model,
+}
+
+/// Which usage rows count; every field narrows. Times are Unix ms, `from` inclusive, `to`
+/// exclusive.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub tenant: Option<String>,
+    pub session_id: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+}
+
+/// Usage rows summed per (key, model).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UsageSum {
+    pub key: String,
+    pub model: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_5m_tokens: u64,
+    pub cache_creation_1h_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// A span during which a box was running (and cost container time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoxSpan {
+    pub box_id: String,
+    pub tenant: String,
+    pub start_ms: i64,
+    /// None while the box runs.
+    pub end_ms: Option<i64>,
+    pub cpus: f64,
+    pub memory_mib: u64,
 }
 
 /// A key row as the authenticator sees it.
@@ -58,7 +107,7 @@ pub struct KeyRecord {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Cheap round trip for readiness checks.
+    /// Readiness: the store takes a write (within its own busy timeout).
     async fn ping(&self) -> Result<()>;
 
     async fn ensure_tenant(&self, tenant: &str) -> Result<()>;
@@ -91,14 +140,30 @@ pub trait Store: Send + Sync + 'static {
     /// Tenants that have a monthly budget.
     async fn tenant_budgets(&self) -> Result<Vec<(String, f64)>>;
     async fn tenant_budget(&self, tenant: &str) -> Result<Option<f64>>;
-    /// A tenant's usage since `from_ts` (RFC 3339), summed per model.
-    async fn tenant_usage_since(&self, tenant: &str, from_ts: &str) -> Result<Vec<UsageRow>>;
 
     /// Box events use the same shape as session events (`session_id` holds the box id).
     async fn append_box_events(&self, events: &[Event]) -> Result<()>;
     async fn box_events_after(&self, box_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
 
     async fn record_usage(&self, row: &UsageRow) -> Result<()>;
-    /// Usage of one session, summed per model (`ts` and `status` left empty).
-    async fn session_usage(&self, session_id: &str) -> Result<Vec<UsageRow>>;
+    /// Usage rows matching `filter`, summed per (`key`, model), ordered by key then model.
+    async fn usage_sums(&self, key: UsageKey, filter: &UsageFilter) -> Result<Vec<UsageSum>>;
+
+    /// A box started running at `span.start_ms` (its `end_ms` is ignored).
+    async fn open_box_span(&self, span: &BoxSpan) -> Result<()>;
+    /// A box stopped running: close its open span. Idempotent.
+    async fn close_box_span(&self, box_id: &str, end_ms: i64) -> Result<()>;
+    /// Heartbeat: every open span was still running at `now_ms`.
+    async fn mark_box_spans_seen(&self, now_ms: i64) -> Result<()>;
+    /// After a crash: close every open span at the last time it was seen running; returns how
+    /// many were closed.
+    async fn close_abandoned_box_spans(&self) -> Result<u64>;
+    /// Spans overlapping `[from_ms, to_ms)` of one tenant (or all) and one box (or all).
+    async fn box_spans(
+        &self,
+        tenant: Option<&str>,
+        box_id: Option<&str>,
+        from_ms: Option<i64>,
+        to_ms: Option<i64>,
+    ) -> Result<Vec<BoxSpan>>;
 }

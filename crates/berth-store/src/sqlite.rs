@@ -1,6 +1,8 @@
 //! The embedded SQLite store.
 
-use crate::{KeyRecord, Result, Store, StoreError, UsageRow};
+use crate::{
+    BoxSpan, KeyRecord, Result, Store, StoreError, UsageFilter, UsageKey, UsageRow, UsageSum,
+};
 use async_trait::async_trait;
 use berth_api::{BoxObject, Event, KeyObject, SessionObject};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -20,21 +22,17 @@ pub enum Durability {
     PowerLoss,
 }
 
-/// A `GROUP BY model` row of summed token columns (aliases i, o, c5, c1, cr).
-fn sum_row(r: &sqlx::sqlite::SqliteRow, tenant: &str, box_id: &str, session_id: &str) -> UsageRow {
-    let n = |k: &str| r.get::<Option<i64>, _>(k).unwrap_or(0).max(0) as u64;
-    UsageRow {
-        ts: String::new(),
-        tenant: tenant.to_string(),
-        box_id: box_id.to_string(),
-        session_id: session_id.to_string(),
-        model: r.get("model"),
-        status: 0,
-        input_tokens: n("i"),
-        output_tokens: n("o"),
-        cache_creation_5m_tokens: n("c5"),
-        cache_creation_1h_tokens: n("c1"),
-        cache_read_tokens: n("cr"),
+/// Records how long a store operation took (`berth_store_op_seconds{op}`) when dropped.
+struct OpTimer(&'static str, std::time::Instant);
+
+fn timer(op: &'static str) -> OpTimer {
+    OpTimer(op, std::time::Instant::now())
+}
+
+impl Drop for OpTimer {
+    fn drop(&mut self) {
+        metrics::histogram!("berth_store_op_seconds", "op" => self.0)
+            .record(self.1.elapsed().as_secs_f64());
     }
 }
 
@@ -89,6 +87,7 @@ impl SqliteStore {
         tenant: Option<&str>,
         id: &str,
     ) -> Result<Option<T>> {
+        let _t = timer("get");
         let sql = format!("SELECT doc FROM {table} WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)");
         let row = sqlx::query(&sql)
             .bind(id)
@@ -101,6 +100,7 @@ impl SqliteStore {
 
     /// Append to an event log table (`events` or `box_events`; names are ours, never input).
     async fn append_to(&self, table: &str, owner: &str, events: &[Event]) -> Result<()> {
+        let _t = timer("append_events");
         let sql =
             format!("INSERT INTO {table} ({owner}, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)");
         let mut tx = self.pool.begin().await?;
@@ -128,6 +128,7 @@ impl SqliteStore {
         after: i64,
         limit: i64,
     ) -> Result<Vec<Event>> {
+        let _t = timer("read_events");
         let sql = format!("SELECT seq, ts, kind, data FROM {table} WHERE {owner} = ? AND seq > ? ORDER BY seq LIMIT ?");
         let rows = sqlx::query(&sql)
             .bind(id)
@@ -157,7 +158,13 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // A write statement takes the database's write lock even when it changes nothing;
+        // the transaction is rolled back (also if this future is dropped by a timeout).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM ready_probe")
+            .execute(&mut *tx)
+            .await?;
+        tx.rollback().await?;
         Ok(())
     }
 
@@ -186,6 +193,7 @@ impl Store for SqliteStore {
     }
 
     async fn find_key(&self, hash: &str) -> Result<Option<KeyRecord>> {
+        let _t = timer("find_key");
         let row = sqlx::query("SELECT id, tenant, admin FROM api_keys WHERE hash = ?")
             .bind(hash)
             .fetch_optional(&self.pool)
@@ -230,6 +238,7 @@ impl Store for SqliteStore {
     }
 
     async fn put_box(&self, b: &BoxObject) -> Result<()> {
+        let _t = timer("put_box");
         let doc = serde_json::to_string(b).map_err(corrupt)?;
         sqlx::query(
             "INSERT INTO boxes (id, tenant, state, doc, created_at) VALUES (?, ?, ?, ?, ?)
@@ -262,6 +271,7 @@ impl Store for SqliteStore {
     }
 
     async fn put_session(&self, s: &SessionObject) -> Result<()> {
+        let _t = timer("put_session");
         let doc = serde_json::to_string(s).map_err(corrupt)?;
         sqlx::query(
             "INSERT INTO sessions (id, tenant, box_id, state, doc, created_at) VALUES (?, ?, ?, ?, ?, ?)
@@ -318,11 +328,14 @@ impl Store for SqliteStore {
     }
 
     async fn record_usage(&self, r: &UsageRow) -> Result<()> {
+        let _t = timer("record_usage");
         sqlx::query(
-            "INSERT INTO usage (ts, tenant, box_id, session_id, model, status, input_tokens, output_tokens,
-             cache_creation_5m_tokens, cache_creation_1h_tokens, cache_read_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO usage (ts, ts_ms, tenant, box_id, session_id, model, status, input_tokens, output_tokens,
+             cache_creation_5m_tokens, cache_creation_1h_tokens, cache_read_tokens, cost_usd)
+             VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
         )
         .bind(&r.ts)
+        .bind(r.ts_ms)
         .bind(&r.tenant)
         .bind(&r.box_id)
         .bind(&r.session_id)
@@ -333,9 +346,130 @@ impl Store for SqliteStore {
         .bind(r.cache_creation_5m_tokens as i64)
         .bind(r.cache_creation_1h_tokens as i64)
         .bind(r.cache_read_tokens as i64)
+        .bind(r.cost_usd)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn usage_sums(&self, key: UsageKey, f: &UsageFilter) -> Result<Vec<UsageSum>> {
+        let _t = timer("usage_sums");
+        let col = match key {
+            UsageKey::Session => "session_id",
+            UsageKey::Box => "box_id",
+            UsageKey::Tenant => "tenant",
+            UsageKey::Model => "model",
+        };
+        let sql = format!(
+            "SELECT {col} AS k, model, COUNT(*) AS n, SUM(input_tokens) AS i, SUM(output_tokens) AS o,
+             SUM(cache_creation_5m_tokens) AS c5, SUM(cache_creation_1h_tokens) AS c1,
+             SUM(cache_read_tokens) AS cr, SUM(cost_usd) AS usd
+             FROM usage WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR session_id = ?2)
+             AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
+             GROUP BY k, model ORDER BY k, model"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&f.tenant)
+            .bind(&f.session_id)
+            .bind(f.from_ms)
+            .bind(f.to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let n = |k: &str| r.get::<Option<i64>, _>(k).unwrap_or(0).max(0) as u64;
+                UsageSum {
+                    key: r.get("k"),
+                    model: r.get("model"),
+                    requests: n("n"),
+                    input_tokens: n("i"),
+                    output_tokens: n("o"),
+                    cache_creation_5m_tokens: n("c5"),
+                    cache_creation_1h_tokens: n("c1"),
+                    cache_read_tokens: n("cr"),
+                    cost_usd: r.get::<Option<f64>, _>("usd").unwrap_or(0.0),
+                }
+            })
+            .collect())
+    }
+
+    async fn open_box_span(&self, span: &BoxSpan) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO box_time (box_id, tenant, start_ms, end_ms, seen_ms, cpus, memory_mib)
+             VALUES (?, ?, ?, NULL, ?, ?, ?)",
+        )
+        .bind(&span.box_id)
+        .bind(&span.tenant)
+        .bind(span.start_ms)
+        .bind(span.start_ms)
+        .bind(span.cpus)
+        .bind(span.memory_mib as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn close_box_span(&self, box_id: &str, end_ms: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE box_time SET end_ms = MAX(start_ms, ?), seen_ms = MAX(start_ms, ?)
+             WHERE box_id = ? AND end_ms IS NULL",
+        )
+        .bind(end_ms)
+        .bind(end_ms)
+        .bind(box_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_box_spans_seen(&self, now_ms: i64) -> Result<()> {
+        sqlx::query("UPDATE box_time SET seen_ms = MAX(seen_ms, ?) WHERE end_ms IS NULL")
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn close_abandoned_box_spans(&self) -> Result<u64> {
+        Ok(
+            sqlx::query("UPDATE box_time SET end_ms = seen_ms WHERE end_ms IS NULL")
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn box_spans(
+        &self,
+        tenant: Option<&str>,
+        box_id: Option<&str>,
+        from_ms: Option<i64>,
+        to_ms: Option<i64>,
+    ) -> Result<Vec<BoxSpan>> {
+        let rows = sqlx::query(
+            "SELECT box_id, tenant, start_ms, end_ms, cpus, memory_mib FROM box_time
+             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR box_id = ?2)
+             AND (?3 IS NULL OR end_ms IS NULL OR end_ms > ?3) AND (?4 IS NULL OR start_ms < ?4)
+             ORDER BY box_id, start_ms",
+        )
+        .bind(tenant)
+        .bind(box_id)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| BoxSpan {
+                box_id: r.get("box_id"),
+                tenant: r.get("tenant"),
+                start_ms: r.get("start_ms"),
+                end_ms: r.get("end_ms"),
+                cpus: r.get("cpus"),
+                memory_mib: r.get::<i64, _>("memory_mib").max(0) as u64,
+            })
+            .collect())
     }
 
     async fn set_tenant_budget(&self, tenant: &str, budget: Option<f64>) -> Result<()> {
@@ -368,42 +502,6 @@ impl Store for SqliteStore {
                 .await?
                 .and_then(|r| r.get::<Option<f64>, _>("budget_usd_month")),
         )
-    }
-
-    async fn tenant_usage_since(&self, tenant: &str, from_ts: &str) -> Result<Vec<UsageRow>> {
-        let rows = sqlx::query(
-            "SELECT model, SUM(input_tokens) AS i, SUM(output_tokens) AS o, SUM(cache_creation_5m_tokens) AS c5,
-             SUM(cache_creation_1h_tokens) AS c1, SUM(cache_read_tokens) AS cr
-             FROM usage WHERE tenant = ? AND ts >= ? GROUP BY model ORDER BY model",
-        )
-        .bind(tenant)
-        .bind(from_ts)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(|r| sum_row(r, tenant, "", "")).collect())
-    }
-
-    async fn session_usage(&self, session_id: &str) -> Result<Vec<UsageRow>> {
-        let rows = sqlx::query(
-            "SELECT tenant, box_id, model, SUM(input_tokens) AS i, SUM(output_tokens) AS o,
-             SUM(cache_creation_5m_tokens) AS c5, SUM(cache_creation_1h_tokens) AS c1, SUM(cache_read_tokens) AS cr,
-             COUNT(*) AS n
-             FROM usage WHERE session_id = ? GROUP BY tenant, box_id, model ORDER BY model",
-        )
-        .bind(session_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                sum_row(
-                    r,
-                    &r.get::<String, _>("tenant"),
-                    &r.get::<String, _>("box_id"),
-                    session_id,
-                )
-            })
-            .collect())
     }
 
     async fn last_seq(&self, session_id: &str) -> Result<i64> {
@@ -502,5 +600,103 @@ mod tests {
             Some("acme".into())
         );
         assert!(st.find_key("h2").await.expect("find").is_none());
+    }
+
+    #[tokio::test]
+    async fn usage_sums_filter_by_tenant_time_and_group() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let st = SqliteStore::open(&dir.path().join("b.db"))
+            .await
+            .expect("open");
+        let row = |tenant: &str, session: &str, model: &str, ts_ms: i64, tokens: u64| UsageRow {
+            ts: "t".into(),
+            ts_ms,
+            tenant: tenant.into(),
+            box_id: format!("box-{session}"),
+            session_id: session.into(),
+            model: model.into(),
+            status: 200,
+            input_tokens: tokens,
+            output_tokens: 2 * tokens,
+            cost_usd: tokens as f64 / 1000.0,
+            ..Default::default()
+        };
+        for r in [
+            row("a", "s1", "m1", 1_000, 10),
+            row("a", "s1", "m2", 2_000, 20),
+            row("a", "s2", "m1", 3_000, 30),
+            row("b", "s3", "m1", 4_000, 40),
+        ] {
+            st.record_usage(&r).await.expect("record");
+        }
+        let all = UsageFilter::default();
+        let by_model = st.usage_sums(UsageKey::Model, &all).await.expect("sums");
+        assert_eq!(by_model.len(), 2);
+        assert_eq!(
+            (
+                by_model[0].key.as_str(),
+                by_model[0].requests,
+                by_model[0].input_tokens
+            ),
+            ("m1", 3, 80)
+        );
+        assert_eq!(by_model[1].output_tokens, 40);
+        let f = UsageFilter {
+            tenant: Some("a".into()),
+            from_ms: Some(2_000),
+            to_ms: Some(3_000),
+            ..Default::default()
+        };
+        let s = st.usage_sums(UsageKey::Session, &f).await.expect("sums");
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].key.as_str(), s[0].model.as_str(), s[0].input_tokens),
+            ("s1", "m2", 20)
+        );
+        assert!((s[0].cost_usd - 0.02).abs() < 1e-12);
+        let t = st.usage_sums(UsageKey::Tenant, &all).await.expect("sums");
+        assert_eq!(
+            t.iter()
+                .filter(|x| x.key == "a")
+                .map(|x| x.input_tokens)
+                .sum::<u64>(),
+            60
+        );
+    }
+
+    #[tokio::test]
+    async fn box_spans_open_close_and_recover_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let st = SqliteStore::open(&dir.path().join("b.db"))
+            .await
+            .expect("open");
+        let span = |id: &str, start_ms: i64| BoxSpan {
+            box_id: id.into(),
+            tenant: "a".into(),
+            start_ms,
+            end_ms: None,
+            cpus: 1.0,
+            memory_mib: 1024,
+        };
+        st.open_box_span(&span("b1", 1_000)).await.expect("open");
+        st.open_box_span(&span("b2", 2_000)).await.expect("open");
+        st.close_box_span("b1", 5_000).await.expect("close");
+        st.close_box_span("b1", 9_000).await.expect("close twice");
+        st.mark_box_spans_seen(7_000).await.expect("seen");
+        let spans = st.box_spans(None, None, None, None).await.expect("spans");
+        assert_eq!(spans[0].end_ms, Some(5_000));
+        assert_eq!(spans[1].end_ms, None);
+        // Overlap filtering: b1 ran [1000, 5000), so a window from 5000 excludes it.
+        let later = st
+            .box_spans(None, None, Some(5_000), None)
+            .await
+            .expect("spans");
+        assert_eq!(later.len(), 1);
+        assert_eq!(st.close_abandoned_box_spans().await.expect("abandoned"), 1);
+        let spans = st
+            .box_spans(Some("a"), Some("b2"), None, None)
+            .await
+            .expect("spans");
+        assert_eq!(spans[0].end_ms, Some(7_000));
     }
 }

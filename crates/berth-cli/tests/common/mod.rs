@@ -150,6 +150,26 @@ impl Api {
         self.call("DELETE", path, None).await
     }
 
+    /// A session's events until (and including) the `n`-th event of `kind`.
+    pub async fn until(&self, sid: &str, kind: &str, n: usize) -> Vec<serde_json::Value> {
+        let mut evs: Vec<serde_json::Value> = Vec::new();
+        while evs.iter().filter(|e| e["type"] == kind).count() < n {
+            let after = evs
+                .last()
+                .map(|e| e["seq"].as_i64().expect("seq"))
+                .unwrap_or(0);
+            let more = self
+                .sse(&format!("/v1/sessions/{sid}/events?after={after}"), None, 1)
+                .await;
+            assert!(
+                !more.is_empty(),
+                "stream ended before {n} {kind} events: {evs:?}"
+            );
+            evs.extend(more);
+        }
+        evs
+    }
+
     /// Read SSE events from `path` until `n` events arrived or the stream ended.
     pub async fn sse(
         &self,

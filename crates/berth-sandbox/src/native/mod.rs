@@ -441,6 +441,22 @@ impl Sandbox for NativeBackend {
         self.caps.clone()
     }
 
+    async fn health(&self) -> Result<()> {
+        let helper = std::fs::metadata(&self.cfg.helper).map_err(|e| {
+            SandboxError::Unreachable(format!("box helper {}: {e}", self.cfg.helper.display()))
+        })?;
+        if helper.permissions().mode() & 0o111 == 0 {
+            return Err(SandboxError::Unreachable(format!(
+                "box helper {} is not executable",
+                self.cfg.helper.display()
+            )));
+        }
+        std::fs::metadata(&self.cfg.data_dir).map_err(|e| {
+            SandboxError::Unreachable(format!("data dir {}: {e}", self.cfg.data_dir.display()))
+        })?;
+        Ok(())
+    }
+
     async fn create(&self, cfg: BoxConfig) -> Result<BoxInfo> {
         if !crate::valid_box_id(&cfg.id) {
             return Err(SandboxError::InvalidSpec(format!(

@@ -5,6 +5,7 @@ pub mod boxes;
 pub mod keys;
 pub mod sessions;
 pub mod system;
+pub mod usage;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -41,7 +42,7 @@ pub struct Query<T>(pub T);
         sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
         sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
         keys::create_key, keys::list_keys, keys::delete_key, keys::get_tenant, keys::put_tenant,
-        system::backends, system::healthz, system::readyz, system::metrics_text,
+        usage::report, system::backends, system::healthz, system::readyz, system::metrics_text,
     ),
     components(schemas(
         berth_api::BoxSpec, berth_api::BoxObject, berth_api::BoxState, berth_api::Lifecycle, berth_api::Resources,
@@ -50,7 +51,7 @@ pub struct Query<T>(pub T);
         berth_api::SessionState, berth_api::AgentSpec, berth_api::ClaudeAgent, berth_api::CommandAgent,
         berth_api::BoxRef, berth_api::Event, berth_api::SseFrame, berth_api::MessageRequest, berth_api::PermissionAnswer,
         berth_api::Accepted, berth_api::WsClientMessage, berth_api::PermissionRule, berth_api::PermissionModeRequest, berth_api::KeyCreate, berth_api::KeyObject,
-        berth_api::BackendInfo, berth_api::TenantObject, berth_api::TenantUpdate, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::ErrorBody, berth_api::ErrorDetail,
+        berth_api::BackendInfo, berth_api::TenantObject, berth_api::TenantUpdate, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::UsageReport, berth_api::UsageGroup, berth_api::UsageTotals, berth_api::UsageGroupBy, berth_api::ErrorBody, berth_api::ErrorDetail,
     )),
     modifiers(&SecurityAddon),
 )]
@@ -113,6 +114,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/sessions/{id}/events", get(sessions::events))
         .route("/v1/sessions/{id}/ws", get(sessions::ws))
         .route("/v1/sessions/{id}/usage", get(sessions::usage))
+        .route("/v1/usage", get(usage::report))
         .route("/v1/sessions/{id}/restart", post(sessions::restart))
         .route(
             "/v1/sessions/{id}/permission-mode",

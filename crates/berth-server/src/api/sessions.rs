@@ -211,6 +211,10 @@ fn event_stream(
                     Ok(e) if e.event.seq <= last => continue,
                     Ok(e) if e.event.seq == last + 1 => {
                         last = e.event.seq;
+                        if let Some(t) = e.committed {
+                            metrics::histogram!("berth_event_delivery_lag_seconds")
+                                .record(t.elapsed().as_secs_f64());
+                        }
                         yield e;
                     }
                     Ok(_) | Err(RecvError::Lagged(_)) => {

@@ -16,28 +16,71 @@ pub async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// The store answers and a backend is enabled.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "not ready", body = berth_api::ErrorBody)))]
+/// Ready to serve: the store takes a write, every enabled backend can create boxes, and the
+/// model upstream accepts connections. Each check has 2 s.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "not ready: the message names the failed checks", body = berth_api::ErrorBody)))]
 pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    st.engine
-        .store
-        .ping()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("store: {e}")))?;
-    if st.engine.backends.is_empty() {
-        return Err(ApiError::Unavailable("no sandbox backend enabled".into()));
+    let limit = std::time::Duration::from_secs(2);
+    let timed =
+        |what: &'static str, r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: no answer within {limit:?}")),
+        };
+    let engine = &st.engine;
+    let store = async {
+        timed(
+            "store",
+            tokio::time::timeout(limit, async {
+                engine.store.ping().await.map_err(|e| e.to_string())
+            })
+            .await,
+        )
+    };
+    let backends = async {
+        let mut failed = vec![];
+        for (name, b) in &engine.backends {
+            let r =
+                tokio::time::timeout(limit, async { b.health().await.map_err(|e| e.to_string()) })
+                    .await;
+            if let Err(e) = timed("backend", r) {
+                failed.push(format!("{name} {e}"));
+            }
+        }
+        if engine.backends.is_empty() {
+            failed.push("no sandbox backend enabled".into());
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    };
+    let upstream = async {
+        engine
+            .gateway
+            .probe_upstream(limit)
+            .await
+            .map_err(|e| format!("upstream: {e}"))
+    };
+    let (a, b, c) = tokio::join!(store, backends, upstream);
+    let failed: Vec<String> = [a, b, c].into_iter().filter_map(Result::err).collect();
+    if !failed.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "not ready: {}",
+            failed.join("; ")
+        )));
     }
-    Ok(axum::Json(
-        serde_json::json!({"status": "ready", "store": "ok", "backends": st.engine.backends.len()}),
-    ))
+    Ok(axum::Json(serde_json::json!({
+        "status": "ready",
+        "checks": {"store": "ok", "backends": engine.backends.len(), "upstream": "ok"}
+    })))
 }
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics_text(State(st): State<AppState>) -> impl IntoResponse {
-    let (boxes, sessions) = st.engine.live_counts();
-    metrics::gauge!("berth_boxes_live").set(boxes as f64);
-    metrics::gauge!("berth_sessions_live").set(sessions as f64);
+    crate::observe::state_gauges(&st.engine);
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -166,7 +166,8 @@ pub fn spawn(
         state: state_tx,
         rx,
     };
-    tokio::spawn(actor.run());
+    let span = tracing::info_span!("box", box_id = %actor.obj.id, tenant = %actor.obj.tenant);
+    tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
     BoxHandle {
         tx,
         state: state_rx,
@@ -219,6 +220,16 @@ impl BoxActor {
     }
 
     async fn set(&mut self, state: BoxState, reason: Option<String>) {
+        metrics::counter!("berth_box_transitions_total", "to" => state.as_str()).increment(1);
+        // Container time counts exactly while the box is running.
+        match (
+            self.obj.state == BoxState::Running,
+            state == BoxState::Running,
+        ) {
+            (false, true) => self.engine.box_span_open(&self.obj).await,
+            (true, false) => self.engine.box_span_close(&self.obj.id).await,
+            _ => {}
+        }
         self.event(
             "state",
             serde_json::json!({"state": state.as_str(), "reason": reason}),
@@ -255,7 +266,11 @@ impl BoxActor {
         };
         let started = Instant::now();
         let info = match self.backend.create(cfg).await {
-            Ok(info) => info,
+            Ok(info) => {
+                metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name())
+                    .record(started.elapsed().as_secs_f64());
+                info
+            }
             Err(e) => {
                 tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
                 self.set(BoxState::Failed, Some(e.to_string())).await;

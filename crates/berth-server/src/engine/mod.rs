@@ -9,6 +9,7 @@
 //! The registry maps ids to handles only; it holds no state of its own.
 
 pub mod boxes;
+pub mod ledger;
 pub mod sessions;
 
 use crate::auth::{new_id, now};
@@ -31,6 +32,10 @@ pub struct EngineConfig {
     pub max_boxes_per_tenant: usize,
     /// Largest exec output returned by the REST exec call, per stream.
     pub max_exec_output: usize,
+    /// Container time pricing and the cost-gap threshold.
+    pub cost: ledger::CostConfig,
+    /// What container time and usage timestamps are read from.
+    pub clock: crate::clock::Clock,
 }
 
 /// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
@@ -108,6 +113,29 @@ impl Engine {
             self.boxes.read().map(|m| m.len()).unwrap_or(0),
             self.sessions.read().map(|m| m.len()).unwrap_or(0),
         )
+    }
+
+    /// The boxes with an owner task: id, backend and state.
+    pub fn live_boxes(&self) -> Vec<(String, String, BoxState)> {
+        self.boxes
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, h)| {
+                        let b = h.state.borrow();
+                        (id.clone(), b.backend.clone(), b.state)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// States of the sessions with an owner task.
+    pub fn live_session_states(&self) -> Vec<SessionState> {
+        self.sessions
+            .read()
+            .map(|m| m.values().map(|h| h.state.borrow().state).collect())
+            .unwrap_or_default()
     }
 
     // ---- boxes ----
@@ -409,6 +437,7 @@ impl Engine {
             workdir,
             agent_session_id: None,
             cli_version,
+            agent_cost_usd: None,
             last_seq: 0,
             created_at: ts.clone(),
             updated_at: ts,
@@ -676,33 +705,6 @@ impl Engine {
             .map_err(|_| ApiError::Internal("session owner task ended".into()))
     }
 
-    fn cost(&self, r: &berth_store::UsageRow) -> f64 {
-        self.gateway.prices().cost_usd(
-            &r.model,
-            &berth_gateway::Usage {
-                input_tokens: r.input_tokens,
-                output_tokens: r.output_tokens,
-                cache_creation_5m_tokens: r.cache_creation_5m_tokens,
-                cache_creation_1h_tokens: r.cache_creation_1h_tokens,
-                cache_read_tokens: r.cache_read_tokens,
-            },
-        )
-    }
-
-    /// Model cost a tenant has been metered since the start of this calendar month (UTC).
-    pub async fn tenant_month_spent(&self, tenant: &str) -> Result<f64, ApiError> {
-        let now = time::OffsetDateTime::now_utc();
-        let start = now
-            .replace_day(1)
-            .map(|d| d.replace_time(time::Time::MIDNIGHT))
-            .unwrap_or(now);
-        let from = start
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let rows = self.store.tenant_usage_since(tenant, &from).await?;
-        Ok(rows.iter().map(|r| self.cost(r)).sum())
-    }
-
     pub async fn tenant(&self, tenant: &str) -> Result<TenantObject, ApiError> {
         Ok(TenantObject {
             name: tenant.to_string(),
@@ -725,41 +727,6 @@ impl Engine {
         let spent = self.tenant_month_spent(tenant).await?;
         self.gateway.set_tenant_budget(tenant, budget, spent);
         self.tenant(tenant).await
-    }
-
-    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
-        self.get_session(tenant, id).await?;
-        let rows = self.store.session_usage(id).await?;
-        let mut total = ModelUsage {
-            model: "*".into(),
-            ..Default::default()
-        };
-        let by_model = rows
-            .into_iter()
-            .map(|r| {
-                total.input_tokens += r.input_tokens;
-                total.output_tokens += r.output_tokens;
-                total.cache_creation_5m_tokens += r.cache_creation_5m_tokens;
-                total.cache_creation_1h_tokens += r.cache_creation_1h_tokens;
-                total.cache_read_tokens += r.cache_read_tokens;
-                let cost_usd = self.cost(&r);
-                total.cost_usd += cost_usd;
-                ModelUsage {
-                    cost_usd,
-                    model: r.model,
-                    input_tokens: r.input_tokens,
-                    output_tokens: r.output_tokens,
-                    cache_creation_5m_tokens: r.cache_creation_5m_tokens,
-                    cache_creation_1h_tokens: r.cache_creation_1h_tokens,
-                    cache_read_tokens: r.cache_read_tokens,
-                }
-            })
-            .collect();
-        Ok(SessionUsage {
-            session_id: id.to_string(),
-            by_model,
-            total,
-        })
     }
 
     /// Live event feed of a session (None once it has ended: replay from the store suffices).

@@ -68,6 +68,9 @@ struct SessionActor {
     prompt: Option<String>,
     /// The session's gateway token, revoked when the session ends.
     token: String,
+    /// Agent-reported cost of the earlier runs of this session (before a resume): the agent
+    /// counts from its own start.
+    cost_base: f64,
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -75,12 +78,27 @@ struct SessionActor {
 pub struct LiveEvent {
     pub event: Event,
     pub json: String,
+    /// When it was committed, for events broadcast live (None when replayed from the store).
+    pub committed: Option<std::time::Instant>,
 }
 
 impl LiveEvent {
+    /// An event read back from the store.
     pub fn new(event: Event) -> LiveEvent {
         let json = serde_json::to_string(&event).unwrap_or_default();
-        LiveEvent { event, json }
+        LiveEvent {
+            event,
+            json,
+            committed: None,
+        }
+    }
+
+    /// An event just committed, about to be broadcast.
+    pub fn live(event: Event) -> LiveEvent {
+        LiveEvent {
+            committed: Some(std::time::Instant::now()),
+            ..LiveEvent::new(event)
+        }
     }
 }
 
@@ -107,6 +125,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         box_handle: start.box_handle,
         lifecycle: start.lifecycle,
         driver: start.driver,
+        cost_base: start.obj.agent_cost_usd.unwrap_or(0.0),
         obj: start.obj,
         state: state_tx,
         events: events.clone(),
@@ -114,7 +133,8 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         prompt: start.prompt,
         token: start.token,
     };
-    tokio::spawn(actor.run());
+    let span = tracing::info_span!("session", session_id = %actor.obj.id, box_id = %actor.obj.box_id, tenant = %actor.obj.tenant);
+    tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
     SessionHandle {
         tx,
         state: state_rx,
@@ -136,6 +156,10 @@ impl SessionActor {
         if let Some(v) = update.cli_version {
             dirty |= self.obj.cli_version.as_deref() != Some(v.as_str());
             self.obj.cli_version = Some(v);
+        }
+        if let Some(c) = update.agent_cost_usd {
+            self.obj.agent_cost_usd = Some(self.cost_base + c);
+            dirty = true;
         }
         if let Some(state) = update.state {
             // A terminal state is final.
@@ -183,7 +207,7 @@ impl SessionActor {
         self.state.send_replace(self.obj.clone());
         if self.events.receiver_count() > 0 {
             for e in batch {
-                let _ = self.events.send(Arc::new(LiveEvent::new(e)));
+                let _ = self.events.send(Arc::new(LiveEvent::live(e)));
             }
         }
         self.box_handle.touch();
@@ -368,6 +392,9 @@ impl SessionActor {
             }
             if o.update.cli_version.is_some() {
                 out.update.cli_version = o.update.cli_version;
+            }
+            if o.update.agent_cost_usd.is_some() {
+                out.update.agent_cost_usd = o.update.agent_cost_usd;
             }
             out.stdin.extend(o.stdin);
         }

@@ -1,0 +1,325 @@
+//! The ledger: model usage (one row per request the gateway metered, priced when recorded) and
+//! container time (one span per stretch a box ran), summed and priced for the usage API.
+//!
+//! Container time counts only while a box is `running`: spans open when a box reaches
+//! `running` and close when it leaves it (stopped, failed, destroyed, parked). A heartbeat
+//! marks open spans as still running, so after a crash the open spans are closed where the
+//! server last saw them, not charged until the restart.
+
+use super::Engine;
+use crate::error::ApiError;
+use berth_api::{
+    BoxObject, Lifecycle, ModelUsage, SessionUsage, UsageGroup, UsageGroupBy, UsageReport,
+    UsageTotals,
+};
+use berth_store::{BoxSpan, UsageFilter, UsageKey, UsageSum};
+use std::collections::BTreeMap;
+
+/// How container time is priced, and when the agent's cost and the gateway's disagree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostConfig {
+    /// USD per box-hour for the reference box (1 CPU, 1 GiB).
+    pub box_hour_usd: f64,
+    /// Scale a box's price by the larger of cpus / 1 and memory_mib / 1024.
+    pub scale_by_resources: bool,
+    /// Fraction of difference between agent-reported and metered cost that is flagged.
+    pub gap_fraction: f64,
+}
+
+impl Default for CostConfig {
+    fn default() -> Self {
+        CostConfig {
+            box_hour_usd: 0.05,
+            scale_by_resources: false,
+            gap_fraction: 0.05,
+        }
+    }
+}
+
+const MS_PER_HOUR: f64 = 3_600_000.0;
+
+impl CostConfig {
+    fn hour_usd(&self, span: &BoxSpan) -> f64 {
+        if self.scale_by_resources {
+            let scale = (span.cpus / 1.0).max(span.memory_mib as f64 / 1024.0);
+            self.box_hour_usd * scale
+        } else {
+            self.box_hour_usd
+        }
+    }
+
+    /// Hours and USD of `span` inside `[from, to)`; an open span runs until `now`.
+    pub fn span_cost(
+        &self,
+        span: &BoxSpan,
+        from: Option<i64>,
+        to: Option<i64>,
+        now: i64,
+    ) -> (f64, f64) {
+        let start = span.start_ms.max(from.unwrap_or(i64::MIN));
+        let end = span.end_ms.unwrap_or(now).min(to.unwrap_or(i64::MAX));
+        let hours = (end - start).max(0) as f64 / MS_PER_HOUR;
+        (hours, hours * self.hour_usd(span))
+    }
+
+    /// Whether the agent's own figure and the metered one differ enough to flag.
+    pub fn gap(&self, agent_usd: f64, metered_usd: f64) -> bool {
+        let diff = (agent_usd - metered_usd).abs();
+        diff > 0.0001_f64.max(self.gap_fraction * agent_usd.max(metered_usd))
+    }
+}
+
+fn model_usage(s: &UsageSum, model: String) -> ModelUsage {
+    ModelUsage {
+        model,
+        cost_usd: s.cost_usd,
+        input_tokens: s.input_tokens,
+        output_tokens: s.output_tokens,
+        cache_creation_5m_tokens: s.cache_creation_5m_tokens,
+        cache_creation_1h_tokens: s.cache_creation_1h_tokens,
+        cache_read_tokens: s.cache_read_tokens,
+    }
+}
+
+fn add_model(t: &mut UsageTotals, s: &UsageSum) {
+    t.requests += s.requests;
+    t.input_tokens += s.input_tokens;
+    t.output_tokens += s.output_tokens;
+    t.cache_creation_5m_tokens += s.cache_creation_5m_tokens;
+    t.cache_creation_1h_tokens += s.cache_creation_1h_tokens;
+    t.cache_read_tokens += s.cache_read_tokens;
+    t.model_usd += s.cost_usd;
+    t.total_usd += s.cost_usd;
+}
+
+fn add_container(t: &mut UsageTotals, hours: f64, usd: f64) {
+    t.container_hours += hours;
+    t.container_usd += usd;
+    t.total_usd += usd;
+}
+
+/// Unix ms of the first instant of the calendar month (UTC) holding `ms`.
+fn month_start_ms(ms: i64) -> i64 {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
+        return 0;
+    };
+    t.replace_day(1)
+        .map(|d| d.replace_time(time::Time::MIDNIGHT))
+        .map(|d| (d.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Model cost a tenant has been metered since the start of this calendar month (UTC).
+    /// (Monthly budgets are about tokens, which the gateway can refuse; container time is not
+    /// counted against them.)
+    pub async fn tenant_month_spent(&self, tenant: &str) -> Result<f64, ApiError> {
+        let sums = self
+            .store
+            .usage_sums(
+                UsageKey::Tenant,
+                &UsageFilter {
+                    tenant: Some(tenant.to_string()),
+                    from_ms: Some(month_start_ms(self.config.clock.now_ms())),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(sums.iter().map(|s| s.cost_usd).sum())
+    }
+
+    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
+        let session = self.get_session(tenant, id).await?;
+        let sums = self
+            .store
+            .usage_sums(
+                UsageKey::Model,
+                &UsageFilter {
+                    session_id: Some(id.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut t = UsageTotals::default();
+        let by_model: Vec<ModelUsage> = sums
+            .iter()
+            .map(|s| {
+                add_model(&mut t, s);
+                model_usage(s, s.model.clone())
+            })
+            .collect();
+        // An ephemeral box is its session's alone: its running time is the session's.
+        let ephemeral = self
+            .store
+            .get_box(Some(tenant), &session.box_id)
+            .await?
+            .is_some_and(|b| b.lifecycle == Lifecycle::Ephemeral);
+        if ephemeral {
+            let now = self.config.clock.now_ms();
+            for span in self
+                .store
+                .box_spans(Some(tenant), Some(&session.box_id), None, None)
+                .await?
+            {
+                let (h, usd) = self.config.cost.span_cost(&span, None, None, now);
+                add_container(&mut t, h, usd);
+            }
+        }
+        let agent = session.agent_cost_usd;
+        Ok(SessionUsage {
+            session_id: id.to_string(),
+            by_model,
+            total: ModelUsage {
+                model: "*".into(),
+                cost_usd: t.model_usd,
+                input_tokens: t.input_tokens,
+                output_tokens: t.output_tokens,
+                cache_creation_5m_tokens: t.cache_creation_5m_tokens,
+                cache_creation_1h_tokens: t.cache_creation_1h_tokens,
+                cache_read_tokens: t.cache_read_tokens,
+            },
+            container_hours: t.container_hours,
+            container_usd: t.container_usd,
+            total_usd: t.total_usd,
+            agent_reported_usd: agent,
+            cost_gap: agent.is_some_and(|a| self.config.cost.gap(a, t.model_usd)),
+        })
+    }
+
+    /// Usage within `[from, to)` (Unix ms) of one tenant (`scope`) or of all, grouped.
+    pub async fn usage_report(
+        &self,
+        scope: Option<&str>,
+        group_by: UsageGroupBy,
+        from: Option<i64>,
+        to: Option<i64>,
+    ) -> Result<UsageReport, ApiError> {
+        let key = match group_by {
+            UsageGroupBy::Session => UsageKey::Session,
+            UsageGroupBy::Box => UsageKey::Box,
+            UsageGroupBy::Tenant => UsageKey::Tenant,
+            UsageGroupBy::Model => UsageKey::Model,
+        };
+        let filter = UsageFilter {
+            tenant: scope.map(str::to_string),
+            session_id: None,
+            from_ms: from,
+            to_ms: to,
+        };
+        let mut groups: BTreeMap<String, UsageGroup> = BTreeMap::new();
+        let mut total = UsageTotals::default();
+        let group = |groups: &mut BTreeMap<String, UsageGroup>, k: &str| {
+            groups
+                .entry(k.to_string())
+                .or_insert_with(|| UsageGroup {
+                    key: k.to_string(),
+                    usage: UsageTotals::default(),
+                    by_model: vec![],
+                })
+                .clone()
+        };
+        for s in self.store.usage_sums(key, &filter).await? {
+            let mut g = group(&mut groups, &s.key);
+            add_model(&mut g.usage, &s);
+            g.by_model.push(model_usage(&s, s.model.clone()));
+            add_model(&mut total, &s);
+            groups.insert(s.key.clone(), g);
+        }
+        let now = self.config.clock.now_ms();
+        for span in self.store.box_spans(scope, None, from, to).await? {
+            let (h, usd) = self.config.cost.span_cost(&span, from, to, now);
+            add_container(&mut total, h, usd);
+            let k = match group_by {
+                UsageGroupBy::Box => &span.box_id,
+                UsageGroupBy::Tenant => &span.tenant,
+                UsageGroupBy::Session | UsageGroupBy::Model => continue,
+            };
+            let mut g = group(&mut groups, k);
+            add_container(&mut g.usage, h, usd);
+            groups.insert(k.clone(), g);
+        }
+        Ok(UsageReport {
+            group_by,
+            from: from.map(crate::clock::rfc3339_ms),
+            to: to.map(crate::clock::rfc3339_ms),
+            groups: groups.into_values().collect(),
+            total,
+        })
+    }
+
+    /// A box reached `running`: its container time starts counting.
+    pub(crate) async fn box_span_open(&self, b: &BoxObject) {
+        let span = BoxSpan {
+            box_id: b.id.clone(),
+            tenant: b.tenant.clone(),
+            start_ms: self.config.clock.now_ms(),
+            end_ms: None,
+            cpus: b.resources.cpus,
+            memory_mib: b.resources.memory_mib,
+        };
+        if let Err(e) = self.store.open_box_span(&span).await {
+            tracing::error!(box_id = %b.id, error = %e, "recording container time");
+        }
+    }
+
+    /// A box left `running`: its container time stops counting. Idempotent.
+    pub(crate) async fn box_span_close(&self, box_id: &str) {
+        if let Err(e) = self
+            .store
+            .close_box_span(box_id, self.config.clock.now_ms())
+            .await
+        {
+            tracing::error!(%box_id, error = %e, "recording container time");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: i64, end: Option<i64>, cpus: f64, mem: u64) -> BoxSpan {
+        BoxSpan {
+            box_id: "b".into(),
+            tenant: "t".into(),
+            start_ms: start,
+            end_ms: end,
+            cpus,
+            memory_mib: mem,
+        }
+    }
+
+    #[test]
+    fn spans_are_clipped_to_the_window_and_priced() {
+        let c = CostConfig::default();
+        let h = 3_600_000;
+        let (hours, usd) = c.span_cost(&span(0, Some(2 * h), 1.0, 1024), None, None, 0);
+        assert_eq!(hours, 2.0);
+        assert!((usd - 0.10).abs() < 1e-12);
+        let (hours, _) = c.span_cost(&span(0, None, 1.0, 1024), Some(h / 2), None, 3 * h);
+        assert_eq!(hours, 2.5);
+        let (hours, _) = c.span_cost(&span(0, Some(h), 1.0, 1024), Some(2 * h), None, 0);
+        assert_eq!(hours, 0.0);
+        let scaled = CostConfig {
+            scale_by_resources: true,
+            ..Default::default()
+        };
+        let (_, usd) = scaled.span_cost(&span(0, Some(h), 0.5, 4096), None, None, 0);
+        assert!((usd - 0.20).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gaps_are_relative_with_a_floor_of_a_hundredth_of_a_cent() {
+        let c = CostConfig::default();
+        assert!(!c.gap(0.00005, 0.0));
+        assert!(c.gap(0.0126, 0.0084));
+        assert!(c.gap(1.0, 0.5));
+        assert!(!c.gap(1.0, 0.97));
+    }
+
+    #[test]
+    fn months_start_at_midnight_utc_on_the_first() {
+        // 2026-11-29T12:00:00Z → 2026-11-01T00:00:00Z
+        assert_eq!(month_start_ms(1_795_953_600_000), 1_793_491_200_000);
+    }
+}
