@@ -23,12 +23,7 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
     let cli = std::env::var("BERTH_CLAUDE_BIN")
         .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into());
     let mock = Mock::new(Scenario::demo(), Duration::ZERO);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mock_url = format!("http://{}", l.local_addr()?);
-    let router = mock.router();
-    tokio::spawn(async move {
-        let _ = axum::serve(l, router).await;
-    });
+    let mock_url = berth_mock_model::spawn_loopback(&mock).await?;
 
     // The CLI started by hand, same flags, in a scratch directory (as root it refuses
     // bypassPermissions, so acceptEdits; the mode does not change start-up).

@@ -348,13 +348,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             berth_mock_model::scenario::Scenario::demo(),
             std::time::Duration::from_millis(20),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let router = mock.router();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        cfg.upstream_url = format!("http://{addr}");
+        cfg.upstream_url = berth_mock_model::spawn_loopback(&mock).await?;
         if cfg.anthropic_api_key.is_none() {
             cfg.anthropic_api_key = Some("sk-berth-mock-model".into());
         }

@@ -27,17 +27,8 @@ async fn start_mock() -> (String, Mock) {
     .expect("rule");
     sc.rules.insert(0, leak);
     let mock = Mock::new(sc, Duration::ZERO);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let router = mock.router();
-    tokio::spawn(async move { axum_serve(listener, router).await });
+    let url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     (url, mock)
-}
-
-async fn axum_serve(l: tokio::net::TcpListener, r: axum::Router) {
-    let _ = axum::serve(l, r).await;
 }
 
 async fn setup() -> (tempfile::TempDir, Server, Api, Mock) {

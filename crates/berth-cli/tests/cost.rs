@@ -15,14 +15,7 @@ fn claude_bin() -> String {
 
 async fn serve_mock(sc: Scenario) -> (String, Mock) {
     let mock = Mock::new(sc, Duration::ZERO);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let router = mock.router();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     (url, mock)
 }
 

@@ -144,6 +144,8 @@ pub struct Gateway {
     http: reqwest::Client,
     tokens: std::sync::Mutex<HashMap<String, SessionState>>,
     meter: mpsc::UnboundedSender<UsageRecord>,
+    /// Records sent on `meter` so far (lets readers wait until the ledger has them all).
+    metered: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,9 +208,15 @@ impl Gateway {
                 tokens: std::sync::Mutex::new(HashMap::new()),
                 tenants: std::sync::Mutex::new(HashMap::new()),
                 meter: tx,
+                metered: std::sync::atomic::AtomicU64::new(0),
             }),
             rx,
         ))
+    }
+
+    /// How many usage records have been sent to the meter channel so far.
+    pub fn metered_count(&self) -> u64 {
+        self.metered.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn prices(&self) -> &price::PriceTable {
@@ -427,6 +435,9 @@ impl MeterTap {
             let usage = self.parser.usage();
             let cost_usd = self.gw.cfg.prices.cost_usd(&model, &usage);
             let crossed = self.gw.spend(&owner, cost_usd);
+            self.gw
+                .metered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let _ = self.gw.meter.send(UsageRecord {
                 owner,
                 model,

@@ -1,7 +1,6 @@
 //! Reading usage from a Messages API response as it streams past.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -27,6 +26,9 @@ impl Usage {
 pub struct UsageParser {
     sse: bool,
     line: Vec<u8>,
+    /// The current SSE event's `event:` name: data of events that carry no usage (deltas,
+    /// pings) is not parsed.
+    skip_data: bool,
     body: Vec<u8>,
     usage: Usage,
     model: Option<String>,
@@ -35,30 +37,56 @@ pub struct UsageParser {
 
 const MAX_JSON_BODY: usize = 8 << 20;
 
-fn apply(u: &mut Usage, v: &Value) {
-    let n = |k: &str| v.get(k).and_then(Value::as_u64);
-    if let Some(x) = n("input_tokens") {
+/// The usage object of a response or stream event (typed: unknown fields are skipped without
+/// building a JSON tree).
+#[derive(Deserialize, Default)]
+struct WireUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_creation: Option<WireCacheCreation>,
+}
+
+#[derive(Deserialize)]
+struct WireCacheCreation {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
+}
+
+/// A whole JSON response, or `message_start`'s `message`.
+#[derive(Deserialize)]
+struct WireMessage {
+    model: Option<String>,
+    usage: Option<WireUsage>,
+}
+
+/// One SSE data payload.
+#[derive(Deserialize)]
+struct WireEvent {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    message: Option<WireMessage>,
+    usage: Option<WireUsage>,
+}
+
+fn apply(u: &mut Usage, w: &WireUsage) {
+    if let Some(x) = w.input_tokens {
         u.input_tokens = x;
     }
-    if let Some(x) = n("output_tokens") {
+    if let Some(x) = w.output_tokens {
         u.output_tokens = x;
     }
-    if let Some(x) = n("cache_read_input_tokens") {
+    if let Some(x) = w.cache_read_input_tokens {
         u.cache_read_tokens = x;
     }
-    match v.get("cache_creation") {
-        Some(cc) if cc.is_object() => {
-            u.cache_creation_5m_tokens = cc
-                .get("ephemeral_5m_input_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-            u.cache_creation_1h_tokens = cc
-                .get("ephemeral_1h_input_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
+    match &w.cache_creation {
+        Some(cc) => {
+            u.cache_creation_5m_tokens = cc.ephemeral_5m_input_tokens.unwrap_or(0);
+            u.cache_creation_1h_tokens = cc.ephemeral_1h_input_tokens.unwrap_or(0);
         }
-        _ => {
-            if let Some(x) = n("cache_creation_input_tokens") {
+        None => {
+            if let Some(x) = w.cache_creation_input_tokens {
                 u.cache_creation_5m_tokens = x;
             }
         }
@@ -70,6 +98,7 @@ impl UsageParser {
         UsageParser {
             sse,
             line: Vec::new(),
+            skip_data: false,
             body: Vec::new(),
             usage: Usage::default(),
             model: None,
@@ -82,43 +111,67 @@ impl UsageParser {
             if self.body.len() + bytes.len() <= MAX_JSON_BODY {
                 self.body.extend_from_slice(bytes);
             }
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.body) {
-                if let Some(u) = v.get("usage") {
+            // Only a body that ends in `}` can be complete: do not re-parse a growing body
+            // on every chunk.
+            if self.body.trim_ascii_end().last() != Some(&b'}') {
+                return;
+            }
+            if let Ok(m) = serde_json::from_slice::<WireMessage>(&self.body) {
+                if let Some(u) = &m.usage {
                     apply(&mut self.usage, u);
                 }
-                self.model = v.get("model").and_then(Value::as_str).map(str::to_string);
+                self.model = m.model;
                 self.finished = true;
             }
             return;
         }
-        for &b in bytes {
-            if b == b'\n' {
+        let mut rest = bytes;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            if self.line.is_empty() {
+                self.line_done(&rest[..i]);
+            } else {
+                self.line.extend_from_slice(&rest[..i]);
                 let line = std::mem::take(&mut self.line);
                 self.line_done(&line);
-            } else {
-                self.line.push(b);
             }
+            rest = &rest[i + 1..];
         }
+        self.line.extend_from_slice(rest);
     }
 
     fn line_done(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(name) = line.strip_prefix(b"event:") {
+            self.skip_data = !matches!(
+                name.trim_ascii(),
+                b"message_start" | b"message_delta" | b"message_stop" | b"error"
+            );
+            return;
+        }
+        if line.is_empty() {
+            self.skip_data = false;
+            return;
+        }
+        if self.skip_data {
+            return;
+        }
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        let Ok(v) = serde_json::from_slice::<Value>(data) else {
+        let Ok(ev) = serde_json::from_slice::<WireEvent>(data) else {
             return;
         };
-        match v.get("type").and_then(Value::as_str) {
+        match ev.kind.as_deref() {
             Some("message_start") => {
-                if let Some(m) = v.get("message") {
-                    if let Some(u) = m.get("usage") {
+                if let Some(m) = ev.message {
+                    if let Some(u) = &m.usage {
                         apply(&mut self.usage, u);
                     }
-                    self.model = m.get("model").and_then(Value::as_str).map(str::to_string);
+                    self.model = m.model;
                 }
             }
             Some("message_delta") => {
-                if let Some(u) = v.get("usage") {
+                if let Some(u) = &ev.usage {
                     apply(&mut self.usage, u);
                 }
             }
@@ -172,5 +225,20 @@ mod tests {
         j.feed(br#""output_tokens":6}}"#);
         assert!(j.finished());
         assert_eq!(j.usage().output_tokens, 6);
+    }
+
+    #[test]
+    fn crlf_lines_work_and_events_without_usage_are_not_parsed() {
+        let s = concat!(
+            "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\r\n\r\n",
+            "event: content_block_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":999}}\r\n\r\n",
+            "event: ping\r\ndata: {not json\r\n\r\n",
+            "event: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5}}\r\n\r\n",
+            "event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n"
+        );
+        let mut p = UsageParser::new(true);
+        p.feed(s.as_bytes());
+        assert!(p.finished());
+        assert_eq!((p.usage().input_tokens, p.usage().output_tokens), (7, 5));
     }
 }

@@ -33,7 +33,7 @@ async fn setup(
     // Every answer costs exactly $5 (1M input tokens of an Opus-priced model).
     let sc: Scenario = serde_json::from_value(json!({"rules": [{"steps": [{"text": "ok", "usage": {"input_tokens": 1000000, "output_tokens": 0}}]}]})).expect("scenario");
     let mock = Mock::new(sc, std::time::Duration::ZERO);
-    let upstream = serve(mock.router()).await;
+    let upstream = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     let (gw, meter) = Gateway::new(GatewayConfig {
         upstream,
         api_key: Some("sk-real".into()),
@@ -127,7 +127,7 @@ async fn requests_per_minute_answer_429() {
 async fn tenant_budget_spans_sessions() {
     let sc: Scenario = serde_json::from_value(json!({"rules": [{"steps": [{"text": "ok", "usage": {"input_tokens": 1000000, "output_tokens": 0}}]}]})).expect("scenario");
     let mock = Mock::new(sc, std::time::Duration::ZERO);
-    let upstream = serve(mock.router()).await;
+    let upstream = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     let (gw, mut meter2) = Gateway::new(GatewayConfig {
         upstream,
         api_key: Some("sk-real".into()),
@@ -173,7 +173,7 @@ async fn tenant_budget_spans_sessions() {
 #[tokio::test]
 async fn the_real_key_can_go_as_a_bearer_token() {
     let mock = Mock::new(Scenario::default(), std::time::Duration::ZERO);
-    let upstream = serve(mock.router()).await;
+    let upstream = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     let (gw, _meter) = Gateway::new(GatewayConfig {
         upstream,
         api_key: Some("sk-real".into()),
@@ -193,7 +193,7 @@ async fn the_real_key_can_go_as_a_bearer_token() {
 #[tokio::test]
 async fn with_metering_off_the_gateway_only_forwards() {
     let mock = Mock::new(Scenario::default(), std::time::Duration::ZERO);
-    let upstream = serve(mock.router()).await;
+    let upstream = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     let (gw, mut meter) = Gateway::new(GatewayConfig {
         upstream,
         api_key: Some("sk-real".into()),

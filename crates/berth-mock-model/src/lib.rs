@@ -291,6 +291,27 @@ fn chunks(s: &str, n: usize) -> Vec<String> {
     chars.chunks(n).map(|c| c.iter().collect()).collect()
 }
 
+/// Serve on a free loopback port in a background task (until the runtime ends); returns the
+/// base URL.
+pub async fn spawn_loopback(mock: &Mock) -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let router = mock.router();
+    tokio::spawn(async move {
+        let _ = axum::serve(nodelay(listener), router).await;
+    });
+    Ok(url)
+}
+
+/// Streamed answers are many small writes: without TCP_NODELAY, Nagle holds them back.
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 /// Serve until `shutdown` resolves; `on_ready` gets the bound address.
 pub async fn serve(
     mock: Mock,
@@ -300,7 +321,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     on_ready(listener.local_addr()?);
-    axum::serve(listener, mock.router())
+    axum::serve(nodelay(listener), mock.router())
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -62,55 +62,53 @@ impl Runtime {
     }
 }
 
-/// Every metered request becomes a usage row; budget thresholds it crossed become events.
+/// Every metered request becomes a usage row (rows that arrive together are written in one
+/// transaction); budget thresholds a request crossed become events.
 async fn ledger_writer(
     engine: Arc<Engine>,
     mut metered: tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
 ) {
-    while let Some(r) = metered.recv().await {
-        let c = r.crossed;
-        let notices = [
-            (c.session_warning, "budget_warning", "session"),
-            (c.session_exhausted, "budget_exhausted", "session"),
-            (c.tenant_warning, "budget_warning", "tenant"),
-            (c.tenant_exhausted, "tenant_budget_exhausted", "tenant"),
-        ];
-        for (crossed, kind, scope) in notices {
-            if !crossed {
-                continue;
-            }
-            let message = match kind {
-                "budget_warning" => format!("the {scope}'s budget is nearly spent"),
-                _ => format!("the {scope}'s budget is spent; further model requests are refused"),
-            };
-            engine
-                .notice(
-                    &r.owner.session_id,
-                    kind,
-                    serde_json::json!({"scope": scope, "tenant": r.owner.tenant, "message": message}),
-                )
-                .await;
+    let mut batch = Vec::with_capacity(engine::ledger::BATCH_MAX);
+    let mut written = 0u64;
+    while engine::ledger::next_batch(&mut metered, &mut batch, &engine.ledger_flush).await {
+        for r in &batch {
+            notify_budget(&engine, r).await;
+            observe::gateway_request(&engine, r);
         }
-        observe::gateway_request(&engine, &r);
-        let ts_ms = engine.config.clock.now_ms();
-        let row = berth_store::UsageRow {
-            ts: clock::rfc3339_ms(ts_ms),
-            ts_ms,
-            tenant: r.owner.tenant,
-            box_id: r.owner.box_id,
-            session_id: r.owner.session_id,
-            model: r.model,
-            status: r.status,
-            input_tokens: r.usage.input_tokens,
-            output_tokens: r.usage.output_tokens,
-            cache_creation_5m_tokens: r.usage.cache_creation_5m_tokens,
-            cache_creation_1h_tokens: r.usage.cache_creation_1h_tokens,
-            cache_read_tokens: r.usage.cache_read_tokens,
-            cost_usd: r.cost_usd,
+        if let Err(e) =
+            engine::ledger::write_batch(&*engine.store, &engine.config.clock, &batch).await
+        {
+            tracing::error!(error = %e, rows = batch.len(), "recording usage");
+        }
+        written += batch.len() as u64;
+        engine.ledger_written.send_replace(written);
+        batch.clear();
+    }
+}
+
+async fn notify_budget(engine: &Engine, r: &berth_gateway::UsageRecord) {
+    let c = r.crossed;
+    let notices = [
+        (c.session_warning, "budget_warning", "session"),
+        (c.session_exhausted, "budget_exhausted", "session"),
+        (c.tenant_warning, "budget_warning", "tenant"),
+        (c.tenant_exhausted, "tenant_budget_exhausted", "tenant"),
+    ];
+    for (crossed, kind, scope) in notices {
+        if !crossed {
+            continue;
+        }
+        let message = match kind {
+            "budget_warning" => format!("the {scope}'s budget is nearly spent"),
+            _ => format!("the {scope}'s budget is spent; further model requests are refused"),
         };
-        if let Err(e) = engine.store.record_usage(&row).await {
-            tracing::error!(error = %e, "recording usage");
-        }
+        engine
+            .notice(
+                &r.owner.session_id,
+                kind,
+                serde_json::json!({"scope": scope, "tenant": r.owner.tenant, "message": message}),
+            )
+            .await;
     }
 }
 
@@ -382,6 +380,10 @@ pub async fn run(
         tracing::info!("shutting down: stopping sessions and boxes");
         eng.shutdown().await;
     };
+    // Events and streamed answers are small writes: send them at once (no Nagle delay).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let serve = axum::serve(listener, app).with_graceful_shutdown(stopping);
     serve
         .await

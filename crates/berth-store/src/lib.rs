@@ -145,7 +145,8 @@ pub trait Store: Send + Sync + 'static {
     async fn append_box_events(&self, events: &[Event]) -> Result<()>;
     async fn box_events_after(&self, box_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
 
-    async fn record_usage(&self, row: &UsageRow) -> Result<()>;
+    /// Append usage rows in one transaction.
+    async fn record_usage(&self, rows: &[UsageRow]) -> Result<()>;
     /// Usage rows matching `filter`, summed per (`key`, model), ordered by key then model.
     async fn usage_sums(&self, key: UsageKey, filter: &UsageFilter) -> Result<Vec<UsageSum>>;
 

@@ -327,28 +327,41 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn record_usage(&self, r: &UsageRow) -> Result<()> {
+    async fn record_usage(&self, rows: &[UsageRow]) -> Result<()> {
         let _t = timer("record_usage");
-        sqlx::query(
-            "INSERT INTO usage (ts, ts_ms, tenant, box_id, session_id, model, status, input_tokens, output_tokens,
-             cache_creation_5m_tokens, cache_creation_1h_tokens, cache_read_tokens, cost_usd)
-             VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        )
-        .bind(&r.ts)
-        .bind(r.ts_ms)
-        .bind(&r.tenant)
-        .bind(&r.box_id)
-        .bind(&r.session_id)
-        .bind(&r.model)
-        .bind(r.status as i64)
-        .bind(r.input_tokens as i64)
-        .bind(r.output_tokens as i64)
-        .bind(r.cache_creation_5m_tokens as i64)
-        .bind(r.cache_creation_1h_tokens as i64)
-        .bind(r.cache_read_tokens as i64)
-        .bind(r.cost_usd)
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        // Multi-row INSERTs (13 parameters a row, well under SQLite's limit per statement),
+        // in chunks of 64, 16, 4 and 1 rows so that four prepared statements serve any batch.
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let n = [64, 16, 4, 1]
+                .into_iter()
+                .find(|n| rest.len() >= *n)
+                .unwrap_or(1);
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO usage (ts, ts_ms, tenant, box_id, session_id, model, status, input_tokens,
+                 output_tokens, cache_creation_5m_tokens, cache_creation_1h_tokens, cache_read_tokens, cost_usd) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.ts)
+                    .push_bind(r.ts_ms)
+                    .push_bind(&r.tenant)
+                    .push_bind(&r.box_id)
+                    .push_bind(&r.session_id)
+                    .push_bind(&r.model)
+                    .push_bind(r.status as i64)
+                    .push_bind(r.input_tokens as i64)
+                    .push_bind(r.output_tokens as i64)
+                    .push_bind(r.cache_creation_5m_tokens as i64)
+                    .push_bind(r.cache_creation_1h_tokens as i64)
+                    .push_bind(r.cache_read_tokens as i64)
+                    .push_bind(r.cost_usd);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -621,14 +634,16 @@ mod tests {
             cost_usd: tokens as f64 / 1000.0,
             ..Default::default()
         };
-        for r in [
+        st.record_usage(&[
             row("a", "s1", "m1", 1_000, 10),
             row("a", "s1", "m2", 2_000, 20),
             row("a", "s2", "m1", 3_000, 30),
-            row("b", "s3", "m1", 4_000, 40),
-        ] {
-            st.record_usage(&r).await.expect("record");
-        }
+        ])
+        .await
+        .expect("record");
+        st.record_usage(&[row("b", "s3", "m1", 4_000, 40)])
+            .await
+            .expect("record");
         let all = UsageFilter::default();
         let by_model = st.usage_sums(UsageKey::Model, &all).await.expect("sums");
         assert_eq!(by_model.len(), 2);

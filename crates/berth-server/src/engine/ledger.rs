@@ -38,6 +38,48 @@ impl Default for CostConfig {
 
 const MS_PER_HOUR: f64 = 3_600_000.0;
 
+/// Group commit: after the first record of a batch, wait this long for more (cut short when a
+/// reader asks for the ledger to be current, see [`Engine::ledger_sync`]).
+pub const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+/// Most records written in one transaction.
+pub const BATCH_MAX: usize = 1024;
+
+/// The next batch of metered records into `buf`: waits for one, then until [`BATCH_WINDOW`]
+/// has passed or `flush` is notified, and takes what queued meanwhile (at most
+/// [`BATCH_MAX`]). False once the gateway is gone.
+pub async fn next_batch(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
+    buf: &mut Vec<berth_gateway::UsageRecord>,
+    flush: &tokio::sync::Notify,
+) -> bool {
+    if rx.recv_many(buf, BATCH_MAX).await == 0 {
+        return false;
+    }
+    // Not woken per record: sleep out the window, then take what has queued.
+    tokio::select! {
+        _ = tokio::time::sleep(BATCH_WINDOW) => {}
+        _ = flush.notified() => {}
+    }
+    while buf.len() < BATCH_MAX {
+        match rx.try_recv() {
+            Ok(r) => buf.push(r),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// Store a batch of metered records as usage rows in one transaction, stamped now.
+pub async fn write_batch(
+    store: &dyn berth_store::Store,
+    clock: &crate::clock::Clock,
+    batch: &[berth_gateway::UsageRecord],
+) -> Result<(), berth_store::StoreError> {
+    let now = clock.now_ms();
+    let rows: Vec<_> = batch.iter().map(|r| usage_row(r, now)).collect();
+    store.record_usage(&rows).await
+}
+
 impl CostConfig {
     fn hour_usd(&self, span: &BoxSpan) -> f64 {
         if self.scale_by_resources {
@@ -98,6 +140,25 @@ fn add_container(t: &mut UsageTotals, hours: f64, usd: f64) {
     t.total_usd += usd;
 }
 
+/// The ledger row of one metered request, stamped `ts_ms`.
+pub fn usage_row(r: &berth_gateway::UsageRecord, ts_ms: i64) -> berth_store::UsageRow {
+    berth_store::UsageRow {
+        ts: crate::clock::rfc3339_ms(ts_ms),
+        ts_ms,
+        tenant: r.owner.tenant.clone(),
+        box_id: r.owner.box_id.clone(),
+        session_id: r.owner.session_id.clone(),
+        model: r.model.clone(),
+        status: r.status,
+        input_tokens: r.usage.input_tokens,
+        output_tokens: r.usage.output_tokens,
+        cache_creation_5m_tokens: r.usage.cache_creation_5m_tokens,
+        cache_creation_1h_tokens: r.usage.cache_creation_1h_tokens,
+        cache_read_tokens: r.usage.cache_read_tokens,
+        cost_usd: r.cost_usd,
+    }
+}
+
 /// Unix ms of the first instant of the calendar month (UTC) holding `ms`.
 fn month_start_ms(ms: i64) -> i64 {
     let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
@@ -110,6 +171,21 @@ fn month_start_ms(ms: i64) -> i64 {
 }
 
 impl Engine {
+    /// Wait (at most 5 s) until every usage record metered before this call is in the store:
+    /// usage read after a response has ended includes that response.
+    pub async fn ledger_sync(&self) {
+        let target = self.gateway.metered_count();
+        let mut rx = self.ledger_written.subscribe();
+        if *rx.borrow() < target {
+            self.ledger_flush.notify_one();
+        }
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|n| *n >= target),
+        )
+        .await;
+    }
+
     /// Model cost a tenant has been metered since the start of this calendar month (UTC).
     /// (Monthly budgets are about tokens, which the gateway can refuse; container time is not
     /// counted against them.)
@@ -130,6 +206,7 @@ impl Engine {
 
     pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
         let session = self.get_session(tenant, id).await?;
+        self.ledger_sync().await;
         let sums = self
             .store
             .usage_sums(
@@ -194,6 +271,7 @@ impl Engine {
         from: Option<i64>,
         to: Option<i64>,
     ) -> Result<UsageReport, ApiError> {
+        self.ledger_sync().await;
         let key = match group_by {
             UsageGroupBy::Session => UsageKey::Session,
             UsageGroupBy::Box => UsageKey::Box,

@@ -61,6 +61,10 @@ pub struct Engine {
     pub config: EngineConfig,
     boxes: RwLock<HashMap<String, BoxHandle>>,
     sessions: RwLock<HashMap<String, SessionHandle>>,
+    /// How many metered records the ledger writer has stored (see [`Engine::ledger_sync`]).
+    pub ledger_written: tokio::sync::watch::Sender<u64>,
+    /// Asks the ledger writer to write its pending batch now.
+    pub ledger_flush: tokio::sync::Notify,
 }
 
 fn tenant_filter(tenant: &str) -> Option<&str> {
@@ -83,6 +87,8 @@ impl Engine {
             store,
             backends,
             config,
+            ledger_written: tokio::sync::watch::channel(0).0,
+            ledger_flush: tokio::sync::Notify::new(),
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })
