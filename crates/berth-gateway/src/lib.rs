@@ -156,6 +156,51 @@ pub enum GatewayError {
     Client(String),
 }
 
+/// Logging on a path a box can trigger at will: at most one line per second, with the count
+/// of lines suppressed since the last one.
+pub struct RateLimitedLog {
+    last_sec: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimitedLog {
+    pub const fn new() -> RateLimitedLog {
+        RateLimitedLog {
+            last_sec: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed before this one)` when this line may be logged.
+    pub fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let last = self.last_sec.load(SeqCst);
+        if now > last
+            && self
+                .last_sec
+                .compare_exchange(last, now, SeqCst, SeqCst)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, SeqCst))
+        } else {
+            self.suppressed.fetch_add(1, SeqCst);
+            None
+        }
+    }
+}
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static UPSTREAM_WARN: RateLimitedLog = RateLimitedLog::new();
+
 /// Headers that describe one hop, never forwarded.
 const HOP: [&str; 9] = [
     "connection",
@@ -582,7 +627,10 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     let resp = match upstream {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, "upstream unreachable");
+            // A box can make this happen at will: log at most once a second.
+            if let Some(suppressed) = UPSTREAM_WARN.admit() {
+                tracing::warn!(error = %e, suppressed, "upstream unreachable");
+            }
             // Reported (no tokens) so the failure shows in the ledger and the error metrics.
             drop(MeterTap {
                 parser: UsageParser::new(false),
@@ -645,4 +693,16 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             "bad upstream response",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rate_limited_log_admits_one_line_a_second() {
+        let l = super::RateLimitedLog::new();
+        assert_eq!(l.admit(), Some(0));
+        assert_eq!(l.admit(), None);
+        assert_eq!(l.admit(), None);
+        assert_eq!(l.suppressed.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 }
