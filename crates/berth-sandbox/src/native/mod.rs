@@ -8,6 +8,7 @@
 //! only from the host).
 
 pub mod cgroup;
+pub mod client;
 pub mod confine;
 pub mod disk;
 pub mod init;
@@ -17,12 +18,11 @@ pub mod supervisor;
 use crate::fsops;
 pub use crate::Bridge;
 use crate::{
-    BoxConfig, BoxExit, BoxInfo, Capabilities, ExecEvent, ExecHandle, ExecInput, ExecSpec,
-    ExitStatus, FileContent, Image, Result, Sandbox, SandboxError, Stats, AGENT_UID,
+    BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image, Result,
+    Sandbox, SandboxError, Stats, AGENT_UID,
 };
 use cgroup::BoxCgroup;
 use init::{DiskSource, InitConfig, InitReport, UID_RANGE};
-use protocol::{aio, ExecRequest, Kind, WireExit};
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// First host uid handed to boxes; each box gets its own range of [`UID_RANGE`] ids.
 const UID_BASE: u32 = 0x4000_0000;
@@ -393,43 +393,6 @@ impl NativeBackend {
         Ok((live, info))
     }
 
-    fn exec_request(&self, b: &LiveBox, spec: ExecSpec) -> Result<ExecRequest> {
-        if spec.argv.is_empty() {
-            return Err(SandboxError::InvalidSpec("argv must not be empty".into()));
-        }
-        let uid = spec.uid.unwrap_or(AGENT_UID);
-        if uid == 0 || uid >= UID_RANGE {
-            return Err(SandboxError::InvalidSpec(format!(
-                "uid {uid} is not allowed in a box"
-            )));
-        }
-        let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), DEFAULT_PATH.into()),
-            ("HOME".into(), "/home/agent".into()),
-            ("USER".into(), "agent".into()),
-            ("LANG".into(), "C.UTF-8".into()),
-            ("TMPDIR".into(), "/tmp".into()),
-        ];
-        for (k, v) in b.env.iter().chain(spec.env.iter()) {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(SandboxError::InvalidSpec(format!(
-                    "invalid environment variable {k:?}"
-                )));
-            }
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.clone(), v.clone()));
-        }
-        Ok(ExecRequest {
-            argv: spec.argv,
-            cwd: spec.cwd.unwrap_or_else(|| "/workspace".into()),
-            env,
-            uid,
-            writable: spec
-                .writable
-                .unwrap_or_else(|| DEFAULT_WRITABLE.iter().map(|s| s.to_string()).collect()),
-            timeout_ms: spec.timeout.map(|d| d.as_millis() as u64),
-        })
-    }
 }
 
 fn blocking_err(e: tokio::task::JoinError) -> SandboxError {
@@ -501,92 +464,25 @@ impl Sandbox for NativeBackend {
 
     async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecHandle> {
         let b = self.get_running(id)?;
-        let req = self.exec_request(&b, spec)?;
-        let stream = tokio::net::UnixStream::connect(b.ctl()).await?;
-        let (mut rd, mut wr) = stream.into_split();
-        let body =
-            serde_json::to_vec(&req).map_err(|e| SandboxError::Io(std::io::Error::other(e)))?;
-        aio::write_frame(&mut wr, Kind::Request, &body).await?;
-        let (ev_tx, ev_rx) = mpsc::channel(64);
-        let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(64);
+        if let Some(uid) = spec.uid {
+            if uid == 0 || uid >= UID_RANGE {
+                return Err(SandboxError::InvalidSpec(format!(
+                    "uid {uid} is not allowed in a box"
+                )));
+            }
+        }
+        let req = client::exec_request(&b.env, spec)?;
         let oom_before = b.cgroup.counters().oom_kills;
-        let bx = b.clone();
-        // The reader drops `done_tx` when the exec has ended, which lets the writer close its
-        // half of the connection.
-        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _done = done_tx;
-            loop {
-                let ev = match aio::read_frame(&mut rd).await {
-                    Ok((Kind::Started, p)) => ExecEvent::Started {
-                        pid: String::from_utf8_lossy(&p).parse().unwrap_or(0),
-                    },
-                    Ok((Kind::Stdout, p)) => ExecEvent::Stdout(p.into()),
-                    Ok((Kind::Stderr, p)) => ExecEvent::Stderr(p.into()),
-                    Ok((Kind::Exit, p)) => {
-                        let w: WireExit = serde_json::from_slice(&p).unwrap_or_default();
-                        let oom = w.signal == Some(libc::SIGKILL)
-                            && !w.timed_out
-                            && bx.cgroup.counters().oom_kills > oom_before;
-                        let _ = ev_tx
-                            .send(ExecEvent::Exit(ExitStatus {
-                                code: w.code,
-                                signal: w.signal,
-                                timed_out: w.timed_out,
-                                oom_killed: oom,
-                            }))
-                            .await;
-                        return;
-                    }
-                    Ok((Kind::Error, p)) => {
-                        let _ = ev_tx
-                            .send(ExecEvent::Failed(String::from_utf8_lossy(&p).into_owned()))
-                            .await;
-                        return;
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        let msg = if bx.running() {
-                            format!("exec stream broke: {e}")
-                        } else {
-                            "the box stopped".to_string()
-                        };
-                        let _ = ev_tx.send(ExecEvent::Failed(msg)).await;
-                        return;
-                    }
-                };
-                if ev_tx.send(ev).await.is_err() {
-                    // Nobody listens any more; keep the process but stop reading.
-                    return;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = in_rx.recv() => m,
-                    _ = &mut done_rx => return,
-                };
-                let Some(msg) = msg else { break };
-                let r = match msg {
-                    ExecInput::Stdin(b) => aio::write_frame(&mut wr, Kind::Stdin, &b).await,
-                    ExecInput::CloseStdin => aio::write_frame(&mut wr, Kind::StdinEof, &[]).await,
-                    ExecInput::Signal(s) => {
-                        aio::write_frame(&mut wr, Kind::Signal, s.to_string().as_bytes()).await
-                    }
-                };
-                if r.is_err() {
-                    break;
-                }
-            }
-            // Keep the write half open until the exec ends: the supervisor treats a closed
-            // connection as "kill the process".
-            let _ = done_rx.await;
-        });
-        Ok(ExecHandle {
-            events: ev_rx,
-            input: in_tx,
-        })
+        let (cg, bx) = (b.cgroup.clone(), b.clone());
+        client::exec(
+            &b.ctl(),
+            &req,
+            client::Probes {
+                oom_killed: Box::new(move || cg.counters().oom_kills > oom_before),
+                running: Box::new(move || bx.running()),
+            },
+        )
+        .await
     }
 
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
@@ -651,14 +547,7 @@ impl Sandbox for NativeBackend {
 
     async fn connect(&self, id: &str, port: u16) -> Result<crate::PortStream> {
         let b = self.get_running(id)?;
-        let mut stream = tokio::net::UnixStream::connect(b.ctl()).await?;
-        aio::write_frame(&mut stream, Kind::Connect, port.to_string().as_bytes()).await?;
-        match aio::read_frame(&mut stream).await? {
-            (Kind::Started, _) => Ok(Box::new(stream)),
-            (_, msg) => Err(SandboxError::Unreachable(
-                String::from_utf8_lossy(&msg).into_owned(),
-            )),
-        }
+        client::connect(&b.ctl(), port).await
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {
