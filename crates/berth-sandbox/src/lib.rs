@@ -25,6 +25,7 @@
 //!   which a later `destroy` of the same id removes.
 
 pub mod conformance;
+pub mod docker;
 pub mod fsops;
 pub mod native;
 
@@ -105,6 +106,8 @@ pub enum Image {
     Host,
     /// An unpacked root file system (e.g. an OCI image's layers), read-only.
     Rootfs(PathBuf),
+    /// An OCI image reference the backend's engine resolves (Docker, gVisor).
+    Oci(String),
 }
 
 /// A loopback TCP port inside the box spliced to a Unix socket the host placed in the box's
@@ -307,12 +310,15 @@ pub type PortStream = Box<dyn BoxIo>;
 /// The closed set of backends a server can run.
 pub enum Backend {
     Native(native::NativeBackend),
+    /// Docker with the `runc` runtime, or gVisor (`runsc`) through Docker.
+    Docker(docker::DockerBackend),
 }
 
 impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Native(_) => "native",
+            Backend::Docker(_) => "docker",
         }
     }
 }
@@ -321,56 +327,67 @@ impl Sandbox for Backend {
     fn capabilities(&self) -> Capabilities {
         match self {
             Backend::Native(b) => b.capabilities(),
+            Backend::Docker(b) => b.capabilities(),
         }
     }
     async fn health(&self) -> Result<()> {
         match self {
             Backend::Native(b) => b.health().await,
+            Backend::Docker(b) => b.health().await,
         }
     }
     async fn create(&self, cfg: BoxConfig) -> Result<BoxInfo> {
         match self {
             Backend::Native(b) => b.create(cfg).await,
+            Backend::Docker(b) => b.create(cfg).await,
         }
     }
     async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecHandle> {
         match self {
             Backend::Native(b) => b.exec(id, spec).await,
+            Backend::Docker(b) => b.exec(id, spec).await,
         }
     }
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
         match self {
             Backend::Native(b) => b.read_file(id, path).await,
+            Backend::Docker(b) => b.read_file(id, path).await,
         }
     }
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
         match self {
             Backend::Native(b) => b.write_file(id, path, data, mode).await,
+            Backend::Docker(b) => b.write_file(id, path, data, mode).await,
         }
     }
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
         match self {
             Backend::Native(b) => b.delete_file(id, path).await,
+            Backend::Docker(b) => b.delete_file(id, path).await,
         }
     }
     async fn stats(&self, id: &str) -> Result<Stats> {
         match self {
             Backend::Native(b) => b.stats(id).await,
+            Backend::Docker(b) => b.stats(id).await,
         }
     }
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
         match self {
             Backend::Native(b) => b.exit_watch(id),
+            Backend::Docker(b) => b.exit_watch(id),
         }
     }
     async fn connect(&self, id: &str, port: u16) -> Result<PortStream> {
         match self {
             Backend::Native(b) => b.connect(id, port).await,
+            Backend::Docker(b) => b.connect(id, port).await,
         }
     }
     async fn destroy(&self, id: &str) -> Result<()> {
         match self {
             Backend::Native(b) => b.destroy(id).await,
+            Backend::Docker(b) => b.destroy(id).await,
         }
     }
 }

@@ -80,5 +80,5 @@ async fn death_and_destroy() {
 async fn capabilities_reported() {
     let caps = env().backend.capabilities();
     assert_eq!(caps.name, "native");
-    assert!(caps.seccomp && caps.user_namespace);
+    assert!(caps.seccomp && caps.user_namespace && caps.disk_quota);
 }

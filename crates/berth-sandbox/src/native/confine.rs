@@ -23,6 +23,10 @@ pub struct Confinement {
     ruleset: Option<RulesetCreated>,
     filters: std::sync::Arc<Vec<BpfProgram>>,
     uid: u32,
+    /// The supervisor runs as root in its namespace (native) and switches every process to
+    /// `uid`; unprivileged (a container started as the agent user, no capabilities), there is
+    /// nothing to drop and processes keep the supervisor's uid.
+    privileged: bool,
 }
 
 /// The seccomp programs are the same for every process: compiled once per supervisor.
@@ -239,12 +243,22 @@ impl Confinement {
                 "processes in a box never run as uid 0",
             ));
         }
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let privileged = euid == 0;
+        if !privileged && uid != euid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("this box runs processes as uid {euid} only"),
+            ));
+        }
         let filters = filters()?;
         let ruleset = ruleset_for(writable)?;
         Ok(Confinement {
             ruleset: Some(ruleset),
             filters,
             uid,
+            privileged,
         })
     }
 
@@ -258,6 +272,35 @@ impl Confinement {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+        }
+        if self.privileged {
+            // SAFETY: as above.
+            unsafe { self.drop_privileges() }?;
+        }
+        // SAFETY: as above.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(ruleset) = self.ruleset.take() {
+            let status = ruleset.restrict_self().map_err(io::Error::other)?;
+            // A kernel without Landlock still gets every other layer; the backend reports it.
+            let _ = matches!(status.ruleset, RulesetStatus::NotEnforced);
+        }
+        for f in self.filters.iter() {
+            seccompiler::apply_filter(f).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// Empty the capability sets and switch every id to `uid`.
+    ///
+    /// # Safety
+    /// As [`Confinement::apply`].
+    unsafe fn drop_privileges(&self) -> io::Result<()> {
+        // SAFETY: plain system calls on the calling (single-threaded, forked) process.
+        unsafe {
             // Empty the bounding set while we still hold CAP_SETPCAP in the box's namespace.
             for cap in 0..=63 {
                 if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
@@ -288,17 +331,6 @@ impl Confinement {
             if libc::setresuid(self.uid, self.uid, self.uid) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        if let Some(ruleset) = self.ruleset.take() {
-            let status = ruleset.restrict_self().map_err(io::Error::other)?;
-            // A kernel without Landlock still gets every other layer; the backend reports it.
-            let _ = matches!(status.ruleset, RulesetStatus::NotEnforced);
-        }
-        for f in self.filters.iter() {
-            seccompiler::apply_filter(f).map_err(io::Error::other)?;
         }
         Ok(())
     }

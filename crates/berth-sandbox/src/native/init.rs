@@ -76,7 +76,45 @@ fn report(r: &InitReport) {
 }
 
 /// Entry point of the helper process. Never returns.
+/// Set in a container's environment (Docker and gVisor backends), the helper runs only the
+/// supervisor: the container runtime has already built the box. Its value is the control
+/// socket's path; [`SUPERVISOR_BRIDGES_ENV`] lists the bridges as `port=socket,…`.
+pub const SUPERVISOR_CTL_ENV: &str = "BERTH_SUPERVISOR_CTL";
+pub const SUPERVISOR_BRIDGES_ENV: &str = "BERTH_SUPERVISOR_BRIDGES";
+
+/// Supervisor only, inside a box a container runtime made.
+fn container_supervisor(ctl: std::path::PathBuf) -> ! {
+    let mut bridges = Vec::new();
+    for item in std::env::var(SUPERVISOR_BRIDGES_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        match item.split_once('=').and_then(|(p, s)| Some((p.parse().ok()?, s))) {
+            Some((port, socket)) => bridges.push(Bridge {
+                port,
+                socket: socket.to_string(),
+            }),
+            None => {
+                eprintln!("berth-supervisor: bad bridge {item:?}");
+                std::process::exit(2)
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&ctl);
+    match std::os::unix::net::UnixListener::bind(&ctl) {
+        Ok(listener) => supervisor::run(listener, bridges),
+        Err(e) => {
+            eprintln!("berth-supervisor: binding {}: {e}", ctl.display());
+            std::process::exit(1)
+        }
+    }
+}
+
 pub fn run() -> ! {
+    if let Some(ctl) = std::env::var_os(SUPERVISOR_CTL_ENV) {
+        container_supervisor(ctl.into())
+    }
     let mut line = String::new();
     if let Err(e) = io::stdin().lock().read_line(&mut line) {
         fail(format!("reading config: {e}"));

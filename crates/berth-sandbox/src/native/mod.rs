@@ -95,7 +95,7 @@ fn host_layers() -> Vec<(PathBuf, String)> {
     .collect()
 }
 
-const MASKED_FILES: [&str; 6] = [
+pub(crate) const MASKED_FILES: [&str; 6] = [
     "/etc/shadow",
     "/etc/gshadow",
     "/etc/shadow-",
@@ -103,7 +103,7 @@ const MASKED_FILES: [&str; 6] = [
     "/etc/sudoers",
     "/etc/security/opasswd",
 ];
-const MASKED_DIRS: [&str; 3] = ["/etc/ssh", "/etc/sudoers.d", "/etc/ssl/private"];
+pub(crate) const MASKED_DIRS: [&str; 3] = ["/etc/ssh", "/etc/sudoers.d", "/etc/ssl/private"];
 
 impl NativeBackend {
     /// Probe the host and prepare the data directory.
@@ -225,6 +225,11 @@ impl NativeBackend {
                 MASKED_FILES.iter().map(|s| s.to_string()).collect(),
                 MASKED_DIRS.iter().map(|s| s.to_string()).collect(),
             ),
+            Image::Oci(r) => {
+                return Err(SandboxError::Unsupported(format!(
+                    "OCI image references ({r}) in the native backend (unpack it and use a root)"
+                )))
+            }
             Image::Rootfs(path) => {
                 let mut layers = Vec::new();
                 for e in std::fs::read_dir(path)?.flatten() {

@@ -1,0 +1,718 @@
+//! The Docker backend, and gVisor through Docker's `runsc` runtime.
+//!
+//! A box is a container: the engine builds its namespaces, cgroup and root; berth's own
+//! supervisor (the `berth-box-init` helper, bound in read-only) is its main process behind the
+//! engine's `docker-init` (tini, reaping orphans), so exec streaming, stdin, signals, timeouts, port connections and the gateway
+//! bridges are the same protocol as in native boxes, over a control socket in a host directory
+//! bound into the container.
+//!
+//! The `host` image is the host's `/usr`, `/bin`, `/lib*`, `/etc` (secrets masked by empty
+//! files) and `/opt` bound read-only onto a tiny local image (`berth-host:1`, imported once
+//! from an in-memory tar of empty directories: no registry needed). An OCI image reference or
+//! an unpacked root can take its place. Every box runs as the agent uid with no capabilities,
+//! `no-new-privileges`, Docker's default seccomp profile plus berth's own filter per process,
+//! a read-only root, `--network none` (loopback only; the gateway seam is the bridged Unix
+//! sockets), and cpu, memory (no swap) and pids limits.
+//!
+//! What it does not offer (reported in [`Capabilities`]): a disk quota (`/workspace` and
+//! `/home/agent` are host directories; overlay2 quotas need XFS project quotas), user
+//! namespaces (the daemon's userns-remap is off by default, so the agent uid is the host's uid
+//! 1000), Landlock under gVisor (its kernel does not implement it).
+
+use crate::native::client;
+use crate::native::init::{SUPERVISOR_BRIDGES_ENV, SUPERVISOR_CTL_ENV};
+use crate::{
+    fsops, BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image,
+    Result, Sandbox, SandboxError, Stats, AGENT_UID,
+};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTypeEnum};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StatsOptionsBuilder, WaitContainerOptions,
+};
+use bollard::Docker;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The local image `host` boxes start from.
+pub const HOST_IMAGE: &str = "berth-host:1";
+/// Label every berth container carries (value: the box id), to find them after a restart.
+pub const BOX_LABEL: &str = "dev.berth.box";
+/// Label naming the backend that made the container.
+pub const BACKEND_LABEL: &str = "dev.berth.backend";
+const CTL_DIR: &str = "/run/berth-ctl";
+const HELPER_IN_BOX: &str = "/run/berth-ctl/init";
+const TINI_IN_BOX: &str = "/run/berth-ctl/tini";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// Name the server knows the backend by (`docker`, `gvisor`).
+    pub name: String,
+    /// The engine's runtime for these boxes (`runc`, `runsc`).
+    pub runtime: String,
+    pub data_dir: PathBuf,
+    /// The `berth-box-init` helper (or the `berth` binary), bound into each box.
+    pub helper: PathBuf,
+    /// The engine's socket (default: `$DOCKER_HOST` or `/var/run/docker.sock`).
+    pub socket: Option<PathBuf>,
+}
+
+struct DockerBox {
+    container: String,
+    /// Host PID of the container's init (0 until started, or when the engine did not say).
+    pid: std::sync::atomic::AtomicI32,
+    dir: PathBuf,
+    limits: crate::Limits,
+    env: Vec<(String, String)>,
+    exit: watch::Receiver<Option<BoxExit>>,
+}
+
+impl DockerBox {
+    fn ctl(&self) -> PathBuf {
+        self.dir.join("ctl").join("ctl.sock")
+    }
+    fn workspace(&self) -> PathBuf {
+        self.dir.join("workspace")
+    }
+    fn running(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+}
+
+pub struct DockerBackend {
+    cfg: DockerConfig,
+    docker: Docker,
+    caps: Capabilities,
+    boxes: Mutex<HashMap<String, Arc<DockerBox>>>,
+    image: tokio::sync::OnceCell<()>,
+    /// The engine's `docker-init` (tini), run as the box's PID 1 to reap orphans. Docker's
+    /// own `--init` mounts it at `/sbin/docker-init`, which the read-only host `/sbin` hides.
+    tini: Option<PathBuf>,
+}
+
+fn engine_err(e: bollard::errors::Error) -> SandboxError {
+    SandboxError::Unreachable(format!("docker engine: {e}"))
+}
+
+fn poisoned() -> SandboxError {
+    SandboxError::Io(std::io::Error::other("box table poisoned"))
+}
+
+/// A tar of the empty directories a `host` box's root needs.
+fn host_image_tar() -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for d in [
+        "usr",
+        "bin",
+        "sbin",
+        "lib",
+        "lib32",
+        "lib64",
+        "libx32",
+        "etc",
+        "opt",
+        "workspace",
+        "home",
+        "home/agent",
+        "tmp",
+        "run",
+        "run/berth",
+        "run/berth-ctl",
+        "proc",
+        "sys",
+        "dev",
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(if d == "tmp" { 0o1777 } else { 0o755 });
+        h.set_size(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, format!("{d}/"), std::io::empty())?;
+    }
+    b.into_inner()
+}
+
+impl DockerBackend {
+    /// Connect to the engine and check it answers and offers `cfg.runtime`.
+    pub async fn new(cfg: DockerConfig) -> Result<DockerBackend> {
+        let docker = match &cfg.socket {
+            Some(p) => Docker::connect_with_unix(
+                &p.to_string_lossy(),
+                120,
+                bollard::API_DEFAULT_VERSION,
+            ),
+            None => Docker::connect_with_local_defaults(),
+        }
+        .map_err(engine_err)?;
+        let info = docker.info().await.map_err(engine_err)?;
+        let runtimes = info.runtimes.unwrap_or_default();
+        if !runtimes.contains_key(&cfg.runtime) {
+            return Err(SandboxError::Unsupported(format!(
+                "the docker engine has no {:?} runtime (it has {:?})",
+                cfg.runtime,
+                runtimes.keys().collect::<Vec<_>>()
+            )));
+        }
+        let gvisor = cfg.runtime == "runsc";
+        let caps = Capabilities {
+            name: cfg.name.clone(),
+            isolation: if gvisor {
+                "gvisor: a user-space kernel (runsc) between the box and the host, via docker"
+                    .into()
+            } else {
+                "docker container (runc): namespaces, cgroup, seccomp".into()
+            },
+            user_namespace: false,
+            seccomp: true,
+            landlock: !gvisor,
+            disk_quota: false,
+            cgroup: "docker".into(),
+            network: "none; loopback only, gateway and egress over bridged unix sockets".into(),
+            oci_images: true,
+        };
+        std::fs::create_dir_all(cfg.data_dir.join(&cfg.name))?;
+        Ok(DockerBackend {
+            cfg,
+            docker,
+            caps,
+            boxes: Mutex::new(HashMap::new()),
+            image: tokio::sync::OnceCell::new(),
+            tini: ["/usr/bin/docker-init", "/usr/libexec/docker/docker-init"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file()),
+        })
+    }
+
+    fn box_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join(&self.cfg.name).join(id)
+    }
+
+    fn container_name(&self, id: &str) -> String {
+        format!("berth-{}-{id}", self.cfg.name)
+    }
+
+    /// Import the `host` base image once, if the engine does not have it.
+    async fn ensure_host_image(&self) -> Result<()> {
+        self.image
+            .get_or_try_init(|| async {
+                if self.docker.inspect_image(HOST_IMAGE).await.is_ok() {
+                    return Ok(());
+                }
+                let tar = host_image_tar()?;
+                let (repo, tag) = HOST_IMAGE.split_once(':').unwrap_or((HOST_IMAGE, "latest"));
+                let opts = CreateImageOptionsBuilder::new()
+                    .from_src("-")
+                    .repo(repo)
+                    .tag(tag)
+                    .build();
+                let mut s = self.docker.create_image(
+                    Some(opts),
+                    Some(bollard::body_full(tar.into())),
+                    None,
+                );
+                while let Some(r) = s.next().await {
+                    r.map_err(engine_err)?;
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<DockerBox>> {
+        self.boxes
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(id.to_string()))
+    }
+
+    fn get_running(&self, id: &str) -> Result<Arc<DockerBox>> {
+        let b = self.get(id)?;
+        if !b.running() {
+            return Err(SandboxError::NotRunning(id.to_string()));
+        }
+        Ok(b)
+    }
+
+    /// Containers this backend made that are still in the engine (after a server restart).
+    pub async fn leftovers(&self) -> Result<Vec<String>> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![format!("{BACKEND_LABEL}={}", self.cfg.name)],
+        );
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(engine_err)?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| c.labels.and_then(|l| l.get(BOX_LABEL).cloned()))
+            .collect())
+    }
+
+    fn mounts(&self, cfg: &BoxConfig, dir: &Path) -> Vec<Mount> {
+        let bind = |src: &Path, dst: &str, ro: bool| Mount {
+            target: Some(dst.to_string()),
+            source: Some(src.to_string_lossy().into_owned()),
+            typ: Some(MountTypeEnum::BIND),
+            read_only: Some(ro),
+            ..Default::default()
+        };
+        let mut m = Vec::new();
+        if matches!(cfg.image, Image::Host) {
+            for d in ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt"] {
+                let p = Path::new("/").join(d);
+                if p.exists() {
+                    m.push(bind(&p, &format!("/{d}"), true));
+                }
+            }
+            // The same secrets the native backend hides: files by an empty file, directories
+            // by an empty read-only tmpfs.
+            for f in crate::native::MASKED_FILES {
+                if Path::new(f).is_file() {
+                    m.push(bind(&dir.join("empty"), f, true));
+                }
+            }
+            for d in crate::native::MASKED_DIRS {
+                if Path::new(d).is_dir() {
+                    m.push(Mount {
+                        target: Some(d.to_string()),
+                        typ: Some(MountTypeEnum::TMPFS),
+                        read_only: Some(true),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        m.push(bind(&dir.join("workspace"), "/workspace", false));
+        m.push(bind(&dir.join("home"), "/home/agent", false));
+        m.push(bind(&dir.join("run"), "/run/berth", false));
+        m.push(bind(&dir.join("ctl"), CTL_DIR, false));
+        m.push(Mount {
+            target: Some("/tmp".into()),
+            typ: Some(MountTypeEnum::TMPFS),
+            tmpfs_options: Some(bollard::models::MountTmpfsOptions {
+                size_bytes: Some((cfg.limits.disk_mib.min(1024) as i64) << 20),
+                mode: Some(0o1777),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        m
+    }
+
+    /// Host directories of a new box, owned by the agent uid where the box writes.
+    fn prepare_dirs(&self, dir: &Path) -> Result<()> {
+        let owned = |p: &Path| -> Result<()> {
+            std::fs::create_dir_all(p)?;
+            std::os::unix::fs::chown(p, Some(AGENT_UID), Some(AGENT_UID))?;
+            Ok(())
+        };
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        owned(&dir.join("workspace"))?;
+        owned(&dir.join("home"))?;
+        owned(&dir.join("ctl"))?;
+        // The gateway and egress sockets are made here by the host after the box starts; the
+        // box's uid must be able to connect to them.
+        std::fs::create_dir_all(dir.join("run"))?;
+        std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::write(dir.join("empty"), b"")?;
+        std::fs::copy(&self.cfg.helper, dir.join("ctl").join("init"))?;
+        std::fs::set_permissions(
+            dir.join("ctl").join("init"),
+            std::fs::Permissions::from_mode(0o555),
+        )?;
+        if let Some(tini) = &self.tini {
+            std::fs::copy(tini, dir.join("ctl").join("tini"))?;
+            std::fs::set_permissions(
+                dir.join("ctl").join("tini"),
+                std::fs::Permissions::from_mode(0o555),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Wait until the supervisor accepts connections, or the container has stopped.
+    async fn wait_ready(&self, b: &DockerBox) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if tokio::net::UnixStream::connect(b.ctl()).await.is_ok() {
+                return Ok(());
+            }
+            if !b.running() || tokio::time::Instant::now() > deadline {
+                let logs = self.logs_tail(&b.container).await;
+                return Err(SandboxError::Start(format!(
+                    "the box's supervisor did not come up: {logs}"
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    async fn logs_tail(&self, container: &str) -> String {
+        let opts = bollard::query_parameters::LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .tail("20")
+            .build();
+        let mut s = self.docker.logs(container, Some(opts));
+        let mut out = String::new();
+        while let Some(Ok(l)) = s.next().await {
+            out.push_str(&l.to_string());
+        }
+        out
+    }
+}
+
+impl Sandbox for DockerBackend {
+    fn capabilities(&self) -> Capabilities {
+        self.caps.clone()
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.docker.ping().await.map_err(engine_err)?;
+        Ok(())
+    }
+
+    async fn create(&self, cfg: BoxConfig) -> Result<BoxInfo> {
+        if !crate::valid_box_id(&cfg.id) {
+            return Err(SandboxError::InvalidSpec(format!(
+                "invalid box id {:?}",
+                cfg.id
+            )));
+        }
+        cfg.limits.validate()?;
+        if self.boxes.lock().map_err(|_| poisoned())?.contains_key(&cfg.id) {
+            return Err(SandboxError::Exists(cfg.id.clone()));
+        }
+        let image = match &cfg.image {
+            Image::Host => {
+                self.ensure_host_image().await?;
+                HOST_IMAGE.to_string()
+            }
+            Image::Oci(reference) => reference.clone(),
+            Image::Rootfs(_) => {
+                return Err(SandboxError::Unsupported(
+                    "an unpacked root file system (use an OCI image reference)".into(),
+                ))
+            }
+        };
+        let dir = self.box_dir(&cfg.id);
+        self.prepare_dirs(&dir)?;
+        let name = self.container_name(&cfg.id);
+        let bridges = cfg
+            .bridges
+            .iter()
+            .map(|b| format!("{}={}", b.port, b.socket))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut labels = HashMap::new();
+        labels.insert(BOX_LABEL.to_string(), cfg.id.clone());
+        labels.insert(BACKEND_LABEL.to_string(), self.cfg.name.clone());
+        let memory = (cfg.limits.memory_mib as i64) << 20;
+        let body = ContainerCreateBody {
+            image: Some(image),
+            cmd: Some(match self.tini {
+                Some(_) => vec![
+                    TINI_IN_BOX.into(),
+                    "--".into(),
+                    HELPER_IN_BOX.into(),
+                    "__box-init".into(),
+                ],
+                None => vec![HELPER_IN_BOX.into(), "__box-init".into()],
+            }),
+            entrypoint: Some(vec![]),
+            env: Some(vec![
+                format!("{SUPERVISOR_CTL_ENV}={CTL_DIR}/ctl.sock"),
+                format!("{SUPERVISOR_BRIDGES_ENV}={bridges}"),
+            ]),
+            user: Some(format!("{AGENT_UID}:{AGENT_UID}")),
+            working_dir: Some("/workspace".into()),
+            hostname: Some("box".into()),
+            labels: Some(labels),
+            network_disabled: Some(false),
+            host_config: Some(HostConfig {
+                runtime: Some(self.cfg.runtime.clone()),
+                network_mode: Some("none".into()),
+                init: Some(false),
+                readonly_rootfs: Some(true),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                nano_cpus: Some((cfg.limits.cpus * 1e9) as i64),
+                memory: Some(memory),
+                memory_swap: Some(memory),
+                pids_limit: Some(cfg.limits.pids as i64),
+                mounts: Some(self.mounts(&cfg, &dir)),
+                ipc_mode: Some("private".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::new().name(&name).build();
+        let created = self.docker.create_container(Some(opts), body).await;
+        if let Err(e) = created {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(SandboxError::Start(format!("creating the container: {e}")));
+        }
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let b = Arc::new(DockerBox {
+            container: name.clone(),
+            pid: std::sync::atomic::AtomicI32::new(0),
+            dir: dir.clone(),
+            limits: cfg.limits,
+            env: cfg.env.clone(),
+            exit: exit_rx,
+        });
+        self.boxes
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(cfg.id.clone(), b.clone());
+        if let Err(e) = self
+            .docker
+            .start_container(&name, None::<bollard::query_parameters::StartContainerOptions>)
+            .await
+        {
+            let _ = self.destroy(&cfg.id).await;
+            return Err(SandboxError::Start(format!("starting the container: {e}")));
+        }
+        // The container's end, with the reason, for exit_watch.
+        let docker = self.docker.clone();
+        tokio::spawn(async move {
+            let mut w = docker.wait_container(&name, None::<WaitContainerOptions>);
+            let code = match w.next().await {
+                Some(Ok(r)) => r.status_code,
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+                _ => -1,
+            };
+            let oom = docker
+                .inspect_container(&name, None::<bollard::query_parameters::InspectContainerOptions>)
+                .await
+                .ok()
+                .and_then(|i| i.state)
+                .and_then(|s| s.oom_killed)
+                .unwrap_or(false);
+            let _ = exit_tx.send(Some(if oom {
+                BoxExit::OomKilled
+            } else {
+                BoxExit::Exited { code: code as i32 }
+            }));
+        });
+        if let Err(e) = self.wait_ready(&b).await {
+            let _ = self.destroy(&cfg.id).await;
+            return Err(e);
+        }
+        let pid = self
+            .docker
+            .inspect_container(&b.container, None::<bollard::query_parameters::InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.pid)
+            .map(|p| p as i32);
+        b.pid
+            .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+        Ok(BoxInfo {
+            id: cfg.id,
+            pid,
+            run_dir: dir.join("run"),
+        })
+    }
+
+    async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecHandle> {
+        let b = self.get_running(id)?;
+        let req = client::exec_request(&b.env, spec)?;
+        if req.uid != AGENT_UID {
+            return Err(SandboxError::Unsupported(format!(
+                "uids other than {AGENT_UID} in a {} box",
+                self.cfg.name
+            )));
+        }
+        let pid = b.pid.load(std::sync::atomic::Ordering::SeqCst);
+        let oom_before = oom_kill_count(pid);
+        let bx = b.clone();
+        client::exec(
+            &b.ctl(),
+            &req,
+            client::Probes {
+                oom_killed: Box::new(move || oom_kill_count(pid) > oom_before),
+                running: Box::new(move || bx.running()),
+            },
+        )
+        .await
+    }
+
+    async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
+        let root = self.get_running(id)?.workspace();
+        let path = path.to_string();
+        Ok(
+            tokio::task::spawn_blocking(move || fsops::read(&root, &path))
+                .await
+                .map_err(blocking_err)??,
+        )
+    }
+
+    async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
+        let root = self.get_running(id)?.workspace();
+        let path = path.to_string();
+        Ok(tokio::task::spawn_blocking(move || {
+            fsops::write(&root, &path, &data, mode, Some(AGENT_UID))
+        })
+        .await
+        .map_err(blocking_err)??)
+    }
+
+    async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
+        let root = self.get_running(id)?.workspace();
+        let path = path.to_string();
+        Ok(
+            tokio::task::spawn_blocking(move || fsops::delete(&root, &path))
+                .await
+                .map_err(blocking_err)??,
+        )
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        let b = self.get_running(id)?;
+        let opts = StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let s = self
+            .docker
+            .stats(&b.container, Some(opts))
+            .next()
+            .await
+            .ok_or_else(|| SandboxError::Unreachable("no stats from the engine".into()))?
+            .map_err(engine_err)?;
+        let root = b.workspace();
+        let used = tokio::task::spawn_blocking(move || dir_usage(&root))
+            .await
+            .map_err(blocking_err)?;
+        let mem = s.memory_stats.as_ref();
+        Ok(Stats {
+            cpu_usage_ns: s
+                .cpu_stats
+                .and_then(|c| c.cpu_usage)
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0),
+            memory_bytes: mem.and_then(|m| m.usage).unwrap_or(0),
+            memory_limit_bytes: b.limits.memory_mib << 20,
+            pids: s.pids_stats.and_then(|p| p.current).unwrap_or(0),
+            pids_limit: b.limits.pids,
+            disk_used_bytes: used,
+            disk_limit_bytes: b.limits.disk_mib << 20,
+            oom_kills: oom_kill_count(b.pid.load(std::sync::atomic::Ordering::SeqCst)),
+        })
+    }
+
+    async fn connect(&self, id: &str, port: u16) -> Result<crate::PortStream> {
+        client::connect(&self.get_running(id)?.ctl(), port).await
+    }
+
+    fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
+        Ok(self.get(id)?.exit.clone())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        if !crate::valid_box_id(id) {
+            return Err(SandboxError::InvalidSpec(format!("invalid box id {id:?}")));
+        }
+        let known = self.boxes.lock().map_err(|_| poisoned())?.remove(id);
+        let name = known
+            .as_ref()
+            .map(|b| b.container.clone())
+            .unwrap_or_else(|| self.container_name(id));
+        let opts = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(&name, Some(opts)).await {
+            Ok(()) => {}
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => return Err(engine_err(e)),
+        }
+        let dir = self.box_dir(id);
+        if dir.exists() {
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+                .await
+                .map_err(blocking_err)??;
+        }
+        Ok(())
+    }
+}
+
+/// OOM kills in the memory cgroup of the process `pid` (the container's init), read from the
+/// cgroup files (v1 `memory.oom_control`, v2 `memory.events`).
+fn oom_kill_count(pid: i32) -> u64 {
+    let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return 0;
+    };
+    let keyed = |file: String| -> Option<u64> {
+        std::fs::read_to_string(file).ok()?.lines().find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+    };
+    for line in cg.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        let n = if controllers.split(',').any(|c| c == "memory") {
+            keyed(format!("/sys/fs/cgroup/memory{path}/memory.oom_control"))
+        } else if controllers.is_empty() {
+            keyed(format!("/sys/fs/cgroup{path}/memory.events"))
+        } else {
+            None
+        };
+        if let Some(n) = n {
+            return n;
+        }
+    }
+    0
+}
+
+/// Bytes used by files under `root` (not following symlinks).
+fn dir_usage(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> SandboxError {
+    SandboxError::Io(std::io::Error::other(format!("blocking task: {e}")))
+}

@@ -1,0 +1,114 @@
+//! The conformance suite on the Docker backend, with the `runc` runtime (`docker`) and with
+//! gVisor's `runsc` (`gvisor`), against the real engine. Needs a running `dockerd` with the
+//! `runsc` runtime registered (`scripts/setup-docker` starts one).
+
+use berth_sandbox::conformance::{self, Fixture};
+use berth_sandbox::docker::{DockerBackend, DockerConfig};
+use berth_sandbox::Sandbox;
+use tokio::sync::OnceCell;
+
+struct Env {
+    backend: DockerBackend,
+    fixture: Fixture,
+    _dir: tempfile::TempDir,
+}
+
+async fn make(name: &str, runtime: &str) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = DockerBackend::new(DockerConfig {
+        name: name.into(),
+        runtime: runtime.into(),
+        data_dir: dir.path().to_path_buf(),
+        helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
+        socket: None,
+    })
+    .await
+    .expect("docker backend (a running dockerd with the runsc runtime)");
+    let probe = std::fs::read(env!("CARGO_BIN_EXE_berth-escape-probe")).expect("probe binary");
+    Env {
+        backend,
+        fixture: Fixture {
+            prefix: format!("{name}{}", std::process::id()),
+            probe,
+        },
+        _dir: dir,
+    }
+}
+
+/// One backend per test thread runtime would not share: each test makes its own.
+macro_rules! suite {
+    ($modname:ident, $name:literal, $runtime:literal) => {
+        mod $modname {
+            use super::*;
+
+            async fn env() -> Env {
+                make($name, $runtime).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn exec_basics() {
+                let e = env().await;
+                conformance::exec_basics(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn files_and_hostile_paths() {
+                let e = env().await;
+                conformance::files_and_hostile_paths(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn isolation() {
+                let e = env().await;
+                conformance::isolation(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn network_and_syscalls() {
+                let e = env().await;
+                conformance::network_and_syscalls(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn landlock_write_paths() {
+                let e = env().await;
+                conformance::landlock_write_paths(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn limits() {
+                let e = env().await;
+                conformance::limits(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn death_and_destroy() {
+                let e = env().await;
+                let name = format!("berth-{}-", $name);
+                conformance::death_and_destroy(&e.backend, &e.fixture, |id| {
+                    // Crash the box from the outside, as an operator or the engine might.
+                    let st = std::process::Command::new("docker")
+                        .args(["kill", &format!("{name}{id}")])
+                        .output()
+                        .expect("docker kill");
+                    assert!(st.status.success(), "{st:?}");
+                })
+                .await;
+            }
+        }
+    };
+}
+
+suite!(docker, "docker", "runc");
+suite!(gvisor, "gvisor", "runsc");
+
+#[tokio::test]
+async fn capabilities_say_what_is_not_offered() {
+    static E: OnceCell<(Env, Env)> = OnceCell::const_new();
+    let (d, g) = E
+        .get_or_init(|| async { (make("docker", "runc").await, make("gvisor", "runsc").await) })
+        .await;
+    let (d, g) = (d.backend.capabilities(), g.backend.capabilities());
+    assert!(d.seccomp && d.landlock && !d.disk_quota && !d.user_namespace && d.oci_images);
+    assert!(g.isolation.contains("gvisor") && !g.landlock && !g.disk_quota);
+}
