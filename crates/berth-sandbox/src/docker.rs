@@ -6,10 +6,10 @@
 //! bridges are the same protocol as in native boxes, over a control socket in a host directory
 //! bound into the container.
 //!
-//! The `host` image is the host's `/usr`, `/bin`, `/lib*`, `/etc` (secrets masked by empty
-//! files) and `/opt` bound read-only onto a tiny local image (`berth-host:1`, imported once
-//! from an in-memory tar of empty directories: no registry needed). An OCI image reference or
-//! an unpacked root can take its place. Every box runs as the agent uid with no capabilities,
+//! The `host` image is the host's `/usr`, `/lib*` and `/opt` bound read-only onto a small
+//! local image (`berth-host:<digest>`, imported from an in-memory tar holding a copy of the
+//! host's `/etc` without its secrets and the merged-/usr symlinks: no registry needed). An OCI
+//! image reference can take its place. Every box runs as the agent uid with no capabilities,
 //! `no-new-privileges`, Docker's default seccomp profile plus berth's own filter per process,
 //! a read-only root, `--network none` (loopback only; the gateway seam is the bridged Unix
 //! sockets), and cpu, memory (no swap) and pids limits.
@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The local image `host` boxes start from.
-pub const HOST_IMAGE: &str = "berth-host:1";
+/// The local image `host` boxes start from; its tag is a digest of its content, so a change
+/// of the host's `/etc` makes a new one.
+pub const HOST_IMAGE_REPO: &str = "berth-host";
 /// Label every berth container carries (value: the box id), to find them after a restart.
 pub const BOX_LABEL: &str = "dev.berth.box";
 /// Label naming the backend that made the container.
@@ -49,7 +50,8 @@ const CTL_DIR: &str = "/run/berth-ctl";
 const HELPER_IN_BOX: &str = "/run/berth-ctl/init";
 const TINI_IN_BOX: &str = "/run/berth-ctl/tini";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-
+/// Host threads a gVisor sandbox needs beyond its guest's processes.
+const GVISOR_THREADS: u64 = 512;
 
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
@@ -91,7 +93,7 @@ pub struct DockerBackend {
     docker: Docker,
     caps: Capabilities,
     boxes: Mutex<HashMap<String, Arc<DockerBox>>>,
-    image: tokio::sync::OnceCell<()>,
+    image: tokio::sync::OnceCell<String>,
     /// The engine's `docker-init` (tini), run as the box's PID 1 to reap orphans. Docker's
     /// own `--init` mounts it at `/sbin/docker-init`, which the read-only host `/sbin` hides.
     tini: Option<PathBuf>,
@@ -105,37 +107,84 @@ fn poisoned() -> SandboxError {
     SandboxError::Io(std::io::Error::other("box table poisoned"))
 }
 
-/// A tar of the empty directories a `host` box's root needs.
+/// Top-level host directories of the `host` image: bound read-only when they are directories,
+/// recreated as the same symlink when they are symlinks (merged /usr).
+const HOST_DIRS: [&str; 8] = [
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt",
+];
+
+/// The `host` image's root as a tar: a copy of the host's `/etc` without its secrets (in the
+/// image rather than bound, so the engine can place `/etc/hosts` and friends on top, which
+/// gVisor cannot do over a read-only bind), the merged-/usr symlinks, and empty mount points.
 fn host_image_tar() -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    let dir = |b: &mut tar::Builder<Vec<u8>>, d: &str, mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(mode);
+        h.set_size(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, format!("{d}/"), std::io::empty())
+    };
+    for d in HOST_DIRS {
+        let p = Path::new("/").join(d);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&p)?;
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.set_mtime(0);
+                h.set_mode(0o777);
+                b.append_link(&mut h, d, target)?;
+            }
+            Ok(_) => dir(&mut b, d, 0o755)?,
+            Err(_) => {}
+        }
+    }
     for d in [
-        "usr",
-        "bin",
-        "sbin",
-        "lib",
-        "lib32",
-        "lib64",
-        "libx32",
-        "etc",
-        "opt",
         "workspace",
         "home",
         "home/agent",
-        "tmp",
         "run",
         "run/berth",
         "run/berth-ctl",
         "proc",
         "sys",
         "dev",
+        "root",
     ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(if d == "tmp" { 0o1777 } else { 0o755 });
-        h.set_size(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        b.append_data(&mut h, format!("{d}/"), std::io::empty())?;
+        dir(&mut b, d, 0o755)?;
+    }
+    dir(&mut b, "tmp", 0o1777)?;
+    // /etc, minus what boxes must not read.
+    let hidden: Vec<&Path> = crate::native::MASKED_FILES
+        .iter()
+        .chain(crate::native::MASKED_DIRS.iter())
+        .map(Path::new)
+        .collect();
+    let mut stack = vec![PathBuf::from("/etc")];
+    while let Some(d) = stack.pop() {
+        let rel = d.strip_prefix("/").unwrap_or(&d).to_path_buf();
+        b.append_path_with_name(&d, &rel)?;
+        let mut entries: Vec<_> = std::fs::read_dir(&d)?.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            if hidden.contains(&p.as_path()) {
+                continue;
+            }
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p.strip_prefix("/").unwrap_or(&p).to_path_buf();
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file() || m.file_type().is_symlink() {
+                b.append_path_with_name(&p, &rel)?;
+            }
+        }
     }
     b.into_inner()
 }
@@ -144,11 +193,9 @@ impl DockerBackend {
     /// Connect to the engine and check it answers and offers `cfg.runtime`.
     pub async fn new(cfg: DockerConfig) -> Result<DockerBackend> {
         let docker = match &cfg.socket {
-            Some(p) => Docker::connect_with_unix(
-                &p.to_string_lossy(),
-                120,
-                bollard::API_DEFAULT_VERSION,
-            ),
+            Some(p) => {
+                Docker::connect_with_unix(&p.to_string_lossy(), 120, bollard::API_DEFAULT_VERSION)
+            }
             None => Docker::connect_with_local_defaults(),
         }
         .map_err(engine_err)?;
@@ -192,6 +239,17 @@ impl DockerBackend {
         })
     }
 
+    /// The engine's pids limit for a box allowed `pids` processes. Under gVisor the guest's
+    /// processes are not host processes: the host cgroup counts the sandbox's own threads
+    /// (sentry and gofer), so the box gets headroom for them.
+    fn host_pids(&self, pids: u64) -> i64 {
+        if self.cfg.runtime == "runsc" {
+            (pids + GVISOR_THREADS) as i64
+        } else {
+            pids as i64
+        }
+    }
+
     fn box_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join(&self.cfg.name).join(id)
     }
@@ -200,19 +258,25 @@ impl DockerBackend {
         format!("berth-{}-{id}", self.cfg.name)
     }
 
-    /// Import the `host` base image once, if the engine does not have it.
-    async fn ensure_host_image(&self) -> Result<()> {
+    /// Import the `host` base image once, if the engine does not have it; its reference.
+    async fn ensure_host_image(&self) -> Result<String> {
         self.image
             .get_or_try_init(|| async {
-                if self.docker.inspect_image(HOST_IMAGE).await.is_ok() {
-                    return Ok(());
+                let tar = tokio::task::spawn_blocking(host_image_tar)
+                    .await
+                    .map_err(blocking_err)??;
+                let digest = {
+                    use sha2::Digest;
+                    hex::encode(&sha2::Sha256::digest(&tar)[..8])
+                };
+                let reference = format!("{HOST_IMAGE_REPO}:{digest}");
+                if self.docker.inspect_image(&reference).await.is_ok() {
+                    return Ok(reference);
                 }
-                let tar = host_image_tar()?;
-                let (repo, tag) = HOST_IMAGE.split_once(':').unwrap_or((HOST_IMAGE, "latest"));
                 let opts = CreateImageOptionsBuilder::new()
                     .from_src("-")
-                    .repo(repo)
-                    .tag(tag)
+                    .repo(HOST_IMAGE_REPO)
+                    .tag(&digest)
                     .build();
                 let mut s = self.docker.create_image(
                     Some(opts),
@@ -222,10 +286,10 @@ impl DockerBackend {
                 while let Some(r) = s.next().await {
                     r.map_err(engine_err)?;
                 }
-                Ok(())
+                Ok(reference)
             })
             .await
-            .map(|_| ())
+            .cloned()
     }
 
     fn get(&self, id: &str) -> Result<Arc<DockerBox>> {
@@ -277,27 +341,11 @@ impl DockerBackend {
         };
         let mut m = Vec::new();
         if matches!(cfg.image, Image::Host) {
-            for d in ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt"] {
+            // /etc is in the image (secrets left out); the rest is bound read-only.
+            for d in HOST_DIRS {
                 let p = Path::new("/").join(d);
-                if p.exists() {
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
                     m.push(bind(&p, &format!("/{d}"), true));
-                }
-            }
-            // The same secrets the native backend hides: files by an empty file, directories
-            // by an empty read-only tmpfs.
-            for f in crate::native::MASKED_FILES {
-                if Path::new(f).is_file() {
-                    m.push(bind(&dir.join("empty"), f, true));
-                }
-            }
-            for d in crate::native::MASKED_DIRS {
-                if Path::new(d).is_dir() {
-                    m.push(Mount {
-                        target: Some(d.to_string()),
-                        typ: Some(MountTypeEnum::TMPFS),
-                        read_only: Some(true),
-                        ..Default::default()
-                    });
                 }
             }
         }
@@ -402,14 +450,16 @@ impl Sandbox for DockerBackend {
             )));
         }
         cfg.limits.validate()?;
-        if self.boxes.lock().map_err(|_| poisoned())?.contains_key(&cfg.id) {
+        if self
+            .boxes
+            .lock()
+            .map_err(|_| poisoned())?
+            .contains_key(&cfg.id)
+        {
             return Err(SandboxError::Exists(cfg.id.clone()));
         }
         let image = match &cfg.image {
-            Image::Host => {
-                self.ensure_host_image().await?;
-                HOST_IMAGE.to_string()
-            }
+            Image::Host => self.ensure_host_image().await?,
             Image::Oci(reference) => reference.clone(),
             Image::Rootfs(_) => {
                 return Err(SandboxError::Unsupported(
@@ -461,7 +511,7 @@ impl Sandbox for DockerBackend {
                 nano_cpus: Some((cfg.limits.cpus * 1e9) as i64),
                 memory: Some(memory),
                 memory_swap: Some(memory),
-                pids_limit: Some(cfg.limits.pids as i64),
+                pids_limit: Some(self.host_pids(cfg.limits.pids)),
                 mounts: Some(self.mounts(&cfg, &dir)),
                 ipc_mode: Some("private".into()),
                 ..Default::default()
@@ -489,7 +539,10 @@ impl Sandbox for DockerBackend {
             .insert(cfg.id.clone(), b.clone());
         if let Err(e) = self
             .docker
-            .start_container(&name, None::<bollard::query_parameters::StartContainerOptions>)
+            .start_container(
+                &name,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
             .await
         {
             let _ = self.destroy(&cfg.id).await;
@@ -505,7 +558,10 @@ impl Sandbox for DockerBackend {
                 _ => -1,
             };
             let oom = docker
-                .inspect_container(&name, None::<bollard::query_parameters::InspectContainerOptions>)
+                .inspect_container(
+                    &name,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
                 .await
                 .ok()
                 .and_then(|i| i.state)
@@ -523,7 +579,10 @@ impl Sandbox for DockerBackend {
         }
         let pid = self
             .docker
-            .inspect_container(&b.container, None::<bollard::query_parameters::InspectContainerOptions>)
+            .inspect_container(
+                &b.container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
             .await
             .ok()
             .and_then(|i| i.state)
@@ -700,7 +759,9 @@ fn dir_usage(root: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {

@@ -233,6 +233,19 @@ pub fn landlock_supported() -> bool {
         .is_ok()
 }
 
+/// Whether a Landlock error means the kernel has no Landlock at all (`ENOSYS`/`EOPNOTSUPP`).
+fn landlock_missing(e: &dyn std::fmt::Display) -> bool {
+    let text = e.to_string();
+    [
+        "os error 38",
+        "os error 95",
+        "not implemented",
+        "not supported",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
 impl Confinement {
     /// Builds the filters and the Landlock ruleset for a process running as `uid` that may
     /// write only beneath `writable` (paths inside the box).
@@ -253,9 +266,21 @@ impl Confinement {
             ));
         }
         let filters = filters()?;
-        let ruleset = ruleset_for(writable)?;
+        let ruleset = match ruleset_for(writable) {
+            Ok(r) => Some(r),
+            // No Landlock in this kernel (gVisor): reported in the backend's capabilities.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+                ) || landlock_missing(&e) =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Confinement {
-            ruleset: Some(ruleset),
+            ruleset,
             filters,
             uid,
             privileged,
@@ -284,9 +309,15 @@ impl Confinement {
             }
         }
         if let Some(ruleset) = self.ruleset.take() {
-            let status = ruleset.restrict_self().map_err(io::Error::other)?;
-            // A kernel without Landlock still gets every other layer; the backend reports it.
-            let _ = matches!(status.ruleset, RulesetStatus::NotEnforced);
+            // A kernel without Landlock (gVisor's, old Linux) still gets every other layer;
+            // the backend reports the missing one in its capabilities.
+            match ruleset.restrict_self() {
+                Ok(status) => {
+                    let _ = matches!(status.ruleset, RulesetStatus::NotEnforced);
+                }
+                Err(e) if landlock_missing(&e) => {}
+                Err(e) => return Err(io::Error::other(e)),
+            }
         }
         for f in self.filters.iter() {
             seccompiler::apply_filter(f).map_err(io::Error::other)?;

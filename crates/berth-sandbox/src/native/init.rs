@@ -90,7 +90,10 @@ fn container_supervisor(ctl: std::path::PathBuf) -> ! {
         .split(',')
         .filter(|s| !s.is_empty())
     {
-        match item.split_once('=').and_then(|(p, s)| Some((p.parse().ok()?, s))) {
+        match item
+            .split_once('=')
+            .and_then(|(p, s)| Some((p.parse().ok()?, s)))
+        {
             Some((port, socket)) => bridges.push(Bridge {
                 port,
                 socket: socket.to_string(),

@@ -397,7 +397,6 @@ impl NativeBackend {
         };
         Ok((live, info))
     }
-
 }
 
 fn blocking_err(e: tokio::task::JoinError) -> SandboxError {
