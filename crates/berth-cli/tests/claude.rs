@@ -32,16 +32,23 @@ async fn start_mock() -> (String, Mock) {
 }
 
 async fn setup() -> (tempfile::TempDir, Server, Api, Mock) {
+    setup_with(&[]).await
+}
+
+async fn setup_with(extra: &[(&str, &str)]) -> (tempfile::TempDir, Server, Api, Mock) {
     let (mock_url, mock) = start_mock().await;
     let dir = tempfile::tempdir().expect("tmp");
     let bin = claude_bin();
     let srv = Server::start_with(
         dir.path(),
         &[
-            ("BERTH_UPSTREAM_URL", &mock_url),
+            ("BERTH_UPSTREAM_URL", mock_url.as_str()),
             ("ANTHROPIC_API_KEY", REAL_KEY),
-            ("BERTH_CLAUDE_BIN", &bin),
-        ],
+            ("BERTH_CLAUDE_BIN", bin.as_str()),
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     )
     .await;
     let api = srv.client();
@@ -87,6 +94,52 @@ async fn exec(api: &Api, bx: &str, script: &str) -> Value {
         .await;
     assert_eq!(r.status, 200, "{}", r.json);
     r.json
+}
+
+#[tokio::test]
+async fn the_agent_runs_in_a_docker_box_the_same_way() {
+    let (_d, srv, api, mock) = setup_with(&[("BERTH_DOCKER", "1")]).await;
+    let backends = api.get("/v1/backends").await.json;
+    let docker = backends["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|b| b["name"] == "docker")
+        .unwrap_or_else(|| panic!("docker backend enabled: {backends}"));
+    assert_eq!(docker["capabilities"]["disk_quota"], false, "{docker}");
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": {"backend": "docker", "resources": {"memory_mib": 1024}},
+                   "agent": {"kind": "claude"}, "prompt": "please make a file"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let (sid, bx) = (
+        r.json["id"].as_str().expect("id").to_string(),
+        r.json["box_id"].as_str().expect("box").to_string(),
+    );
+    assert_eq!(api.get(&format!("/v1/boxes/{bx}")).await.json["backend"], "docker");
+    let evs = api.until(&sid, "result", 1).await;
+    let result = evs.iter().find(|e| e["type"] == "result").expect("result");
+    assert_eq!(result["data"]["is_error"], false, "{result}");
+    let f = api.get(&format!("/v1/boxes/{bx}/files/hello.txt")).await;
+    assert_eq!(f.bytes, b"Hello from an agent in a berth box!\n");
+    // Through the gateway with the real key, metered.
+    let seen = mock.recorded();
+    assert_eq!(seen.len(), 3);
+    assert!(seen.iter().all(|r| r.api_key.as_deref() == Some(REAL_KEY)));
+    let u = api.get(&format!("/v1/sessions/{sid}/usage")).await.json;
+    let input: u64 = seen
+        .iter()
+        .filter_map(|r| r.usage["input_tokens"].as_u64())
+        .sum();
+    assert_eq!(u["total"]["input_tokens"], input);
+    // Not the box's container id nor host: a Docker box has only loopback.
+    let out = exec(&api, &bx, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '").await;
+    assert_eq!(out["stdout"], "lo\n", "{out}");
+    assert_eq!(api.delete(&format!("/v1/boxes/{bx}")).await.json["state"], "destroyed");
+    srv.stop().await;
 }
 
 #[tokio::test]

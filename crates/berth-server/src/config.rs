@@ -40,8 +40,19 @@ pub struct Config {
     /// where `host`-image boxes see it (under /usr, /opt, …), not under /root or /home.
     pub claude_cli: Option<PathBuf>,
     pub native: NativeSection,
+    pub docker: DockerSection,
     pub egress: EgressSection,
     pub cost: CostSection,
+}
+
+/// The Docker backend (boxes as containers of a local engine).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerSection {
+    /// Offer the `docker` backend (also `BERTH_DOCKER=1`).
+    pub enabled: bool,
+    /// The engine's socket (default: `$DOCKER_HOST` or `/var/run/docker.sock`).
+    pub socket: Option<PathBuf>,
 }
 
 /// Prices, container time and budget warnings.
@@ -143,6 +154,7 @@ impl Default for Config {
             durability: "crash".into(),
             claude_cli: None,
             native: NativeSection::default(),
+            docker: DockerSection::default(),
             egress: EgressSection::default(),
             cost: CostSection::default(),
         }
@@ -217,6 +229,9 @@ impl Config {
             self.cost.box_hour_usd = v
                 .parse()
                 .map_err(|e| ConfigError::Env("BERTH_BOX_HOUR_USD", format!("{e}")))?;
+        }
+        if let Some(v) = var("BERTH_DOCKER") {
+            self.docker.enabled = matches!(v.as_str(), "1" | "true" | "yes");
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;

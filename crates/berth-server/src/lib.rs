@@ -216,6 +216,27 @@ pub async fn run(
             tracing::warn!(error = %e, "native backend disabled");
         }
     }
+    if cfg.docker.enabled {
+        match berth_sandbox::docker::DockerBackend::new(berth_sandbox::docker::DockerConfig {
+            name: "docker".into(),
+            runtime: "runc".into(),
+            data_dir: cfg.data_dir.clone(),
+            helper: rt.helper.clone(),
+            socket: cfg.docker.socket.clone(),
+        })
+        .await
+        {
+            Ok(b) => {
+                backends.insert("docker".into(), Arc::new(Backend::Docker(b)));
+            }
+            Err(e) => {
+                if cfg.default_backend == "docker" {
+                    return Err(ServerError::Backend("docker".into(), e));
+                }
+                tracing::warn!(error = %e, "docker backend disabled");
+            }
+        }
+    }
     if !backends.contains_key(&cfg.default_backend) {
         return Err(ServerError::Other(format!(
             "default backend {:?} is not available",

@@ -247,7 +247,10 @@ impl BoxActor {
     async fn run(mut self) {
         let cfg = BoxConfig {
             id: self.obj.id.clone(),
-            image: Image::Host,
+            image: match self.obj.image.as_str() {
+                "host" => Image::Host,
+                reference => Image::Oci(reference.to_string()),
+            },
             limits: limits(&BoxSpec {
                 resources: self.obj.resources,
                 ..Default::default()

@@ -67,6 +67,15 @@ pub struct Engine {
     pub ledger_flush: tokio::sync::Notify,
 }
 
+/// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
+fn valid_image_ref(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 255
+        && !r.starts_with(['-', '.', '/', ':'])
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
+}
+
 fn tenant_filter(tenant: &str) -> Option<&str> {
     Some(tenant)
 }
@@ -161,9 +170,14 @@ impl Engine {
             ))
         })?;
         let image = spec.image.clone().unwrap_or_else(|| "host".into());
-        if image != "host" {
+        if image != "host" && !backend.capabilities().oci_images {
             return Err(ApiError::Invalid(format!(
                 "image {image:?} is not available on the {backend_name} backend (use \"host\")"
+            )));
+        }
+        if image != "host" && !valid_image_ref(&image) {
+            return Err(ApiError::Invalid(format!(
+                "image {image:?} is not an image reference (e.g. debian:12)"
             )));
         }
         boxes::validate_spec(&spec)?;
