@@ -111,6 +111,69 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
     Ok(native)
 }
 
+/// berth's Docker backend (runc): create → exec `/bin/true` → destroy. Returns the timings and
+/// the `host` image it made, for the by-hand comparison.
+async fn docker_backend(runs: usize) -> anyhow::Result<Vec<Duration>> {
+    use berth_sandbox::docker::{DockerBackend, DockerConfig};
+    let dir = tempfile::tempdir()?;
+    let backend = DockerBackend::new(DockerConfig {
+        name: "docker".into(),
+        runtime: "runc".into(),
+        data_dir: dir.path().to_path_buf(),
+        helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
+        socket: None,
+    })
+    .await?;
+    let limits = Limits {
+        cpus: 1.0,
+        memory_mib: 256,
+        disk_mib: 256,
+        pids: 64,
+    };
+    let mut out = Vec::with_capacity(runs);
+    for i in 0..runs + 3 {
+        let id = format!("bench-{i}");
+        let t = Instant::now();
+        backend
+            .create(BoxConfig {
+                id: id.clone(),
+                image: Image::Host,
+                limits,
+                env: vec![],
+                bridges: vec![],
+            })
+            .await?;
+        let spec = ExecSpec {
+            argv: vec!["/bin/true".into()],
+            ..Default::default()
+        };
+        let r = backend.exec(&id, spec).await?.collect(None, 1024).await?;
+        backend.destroy(&id).await?;
+        anyhow::ensure!(r.exit.success(), "exec failed");
+        if i >= 3 {
+            out.push(t.elapsed());
+        }
+    }
+    Ok(out)
+}
+
+/// The newest `berth-host` image (made by the docker backend).
+fn berth_host_image() -> anyhow::Result<String> {
+    let out = Command::new("docker")
+        .args([
+            "images",
+            "berth-host",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+        ])
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("no berth-host image"))
+}
+
 pub async fn run(runs: usize, docker_runs: usize) -> anyhow::Result<()> {
     let mut rows: Vec<Summary> = vec![
         summarize(
@@ -186,6 +249,53 @@ pub async fn run(runs: usize, docker_runs: usize) -> anyhow::Result<()> {
                 docker_runs,
             )?,
         ));
+    }
+    if docker_runs > 0 {
+        let berth = summarize(
+            "berth docker backend (runc), host image (create → exec → destroy)",
+            docker_backend(docker_runs).await?,
+        );
+        let img = berth_host_image()?;
+        let by_hand = summarize(
+            "docker run --rm by hand, same image, binds and limits, /bin/true",
+            time_cmd(
+                &[
+                    "docker",
+                    "run",
+                    "--rm",
+                    "--network",
+                    "none",
+                    "--read-only",
+                    "--cap-drop",
+                    "ALL",
+                    "--security-opt",
+                    "no-new-privileges",
+                    "--user",
+                    "1000:1000",
+                    "--memory",
+                    "256m",
+                    "--memory-swap",
+                    "256m",
+                    "--pids-limit",
+                    "64",
+                    "--cpus",
+                    "1",
+                    "-v",
+                    "/usr:/usr:ro",
+                    "-v",
+                    "/opt:/opt:ro",
+                    &img,
+                    "/bin/true",
+                ],
+                docker_runs,
+            )?,
+        );
+        eprintln!(
+            "berth docker backend ÷ docker run by hand (medians): {:.3}",
+            berth.median.as_secs_f64() / by_hand.median.as_secs_f64()
+        );
+        rows.push(berth);
+        rows.push(by_hand);
     }
     let base = rows[0].median;
     println!("| what | runs | median ms | p99 ms | berth median ÷ this median |");

@@ -119,7 +119,10 @@ async fn the_agent_runs_in_a_docker_box_the_same_way() {
         r.json["id"].as_str().expect("id").to_string(),
         r.json["box_id"].as_str().expect("box").to_string(),
     );
-    assert_eq!(api.get(&format!("/v1/boxes/{bx}")).await.json["backend"], "docker");
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}")).await.json["backend"],
+        "docker"
+    );
     let evs = api.until(&sid, "result", 1).await;
     let result = evs.iter().find(|e| e["type"] == "result").expect("result");
     assert_eq!(result["data"]["is_error"], false, "{result}");
@@ -136,9 +139,17 @@ async fn the_agent_runs_in_a_docker_box_the_same_way() {
         .sum();
     assert_eq!(u["total"]["input_tokens"], input);
     // Not the box's container id nor host: a Docker box has only loopback.
-    let out = exec(&api, &bx, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '").await;
+    let out = exec(
+        &api,
+        &bx,
+        "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
+    )
+    .await;
     assert_eq!(out["stdout"], "lo\n", "{out}");
-    assert_eq!(api.delete(&format!("/v1/boxes/{bx}")).await.json["state"], "destroyed");
+    assert_eq!(
+        api.delete(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "destroyed"
+    );
     srv.stop().await;
 }
 
