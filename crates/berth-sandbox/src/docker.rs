@@ -223,7 +223,8 @@ impl DockerBackend {
             disk_quota: false,
             cgroup: "docker".into(),
             network: "none; loopback only, gateway and egress over bridged unix sockets".into(),
-            oci_images: true,
+            oci_images: false,
+            image_references: true,
         };
         std::fs::create_dir_all(cfg.data_dir.join(&cfg.name))?;
         Ok(DockerBackend {

@@ -274,7 +274,10 @@ pub struct Capabilities {
     pub disk_quota: bool,
     pub cgroup: String,
     pub network: String,
+    /// Can run an OCI image's unpacked root (`Image::Rootfs`).
     pub oci_images: bool,
+    /// Resolves OCI image references itself (`Image::Oci`, e.g. `debian:12`).
+    pub image_references: bool,
 }
 
 /// The contract every sandbox backend implements. See the crate docs for ordering,

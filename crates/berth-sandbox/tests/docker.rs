@@ -106,5 +106,5 @@ suite!(docker, "docker", "runc");
 #[tokio::test]
 async fn capabilities_say_what_is_not_offered() {
     let d = make("docker", "runc").await.backend.capabilities();
-    assert!(d.seccomp && d.landlock && !d.disk_quota && !d.user_namespace && d.oci_images);
+    assert!(d.seccomp && d.landlock && !d.disk_quota && !d.user_namespace && d.image_references);
 }

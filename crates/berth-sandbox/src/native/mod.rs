@@ -136,6 +136,7 @@ impl NativeBackend {
             cgroup: if v2 { "v2".into() } else { "v1".into() },
             network: "loopback only; egress through gateway bridges".into(),
             oci_images: true,
+            image_references: false,
         };
         if let Some(p) = &pool {
             p.refill(crate::Limits::default().disk_mib);

@@ -170,7 +170,7 @@ impl Engine {
             ))
         })?;
         let image = spec.image.clone().unwrap_or_else(|| "host".into());
-        if image != "host" && !backend.capabilities().oci_images {
+        if image != "host" && !backend.capabilities().image_references {
             return Err(ApiError::Invalid(format!(
                 "image {image:?} is not available on the {backend_name} backend (use \"host\")"
             )));
