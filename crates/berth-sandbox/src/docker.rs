@@ -265,7 +265,7 @@ impl DockerBackend {
             .get_or_try_init(|| async {
                 let tar = tokio::task::spawn_blocking(host_image_tar)
                     .await
-                    .map_err(blocking_err)??;
+                    .map_err(crate::blocking_err)??;
                 let digest = {
                     use sha2::Digest;
                     hex::encode(&sha2::Sha256::digest(&tar)[..8])
@@ -624,31 +624,20 @@ impl Sandbox for DockerBackend {
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
         let root = self.get_running(id)?.workspace();
         let path = path.to_string();
-        Ok(
-            tokio::task::spawn_blocking(move || fsops::read(&root, &path))
-                .await
-                .map_err(blocking_err)??,
-        )
+        crate::blocking(move || Ok(fsops::read(&root, &path)?)).await
     }
 
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
-        let root = self.get_running(id)?.workspace();
+        let b = self.get_running(id)?;
+        let (root, owner) = (b.workspace(), AGENT_UID);
         let path = path.to_string();
-        Ok(tokio::task::spawn_blocking(move || {
-            fsops::write(&root, &path, &data, mode, Some(AGENT_UID))
-        })
-        .await
-        .map_err(blocking_err)??)
+        crate::blocking(move || Ok(fsops::write(&root, &path, &data, mode, Some(owner))?)).await
     }
 
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
         let root = self.get_running(id)?.workspace();
         let path = path.to_string();
-        Ok(
-            tokio::task::spawn_blocking(move || fsops::delete(&root, &path))
-                .await
-                .map_err(blocking_err)??,
-        )
+        crate::blocking(move || Ok(fsops::delete(&root, &path)?)).await
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {
@@ -667,7 +656,7 @@ impl Sandbox for DockerBackend {
         let root = b.workspace();
         let used = tokio::task::spawn_blocking(move || dir_usage(&root))
             .await
-            .map_err(blocking_err)?;
+            .map_err(crate::blocking_err)?;
         let mem = s.memory_stats.as_ref();
         Ok(Stats {
             cpu_usage_ns: s
@@ -717,7 +706,7 @@ impl Sandbox for DockerBackend {
         if dir.exists() {
             tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
                 .await
-                .map_err(blocking_err)??;
+                .map_err(crate::blocking_err)??;
         }
         Ok(())
     }
@@ -773,8 +762,4 @@ fn dir_usage(root: &Path) -> u64 {
         }
     }
     total
-}
-
-fn blocking_err(e: tokio::task::JoinError) -> SandboxError {
-    SandboxError::Io(std::io::Error::other(format!("blocking task: {e}")))
 }

@@ -395,6 +395,17 @@ impl Sandbox for Backend {
     }
 }
 
+/// Run blocking file system work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(blocking_err)?
+}
+
+pub(crate) fn blocking_err(e: tokio::task::JoinError) -> SandboxError {
+    SandboxError::Io(std::io::Error::other(format!("blocking task: {e}")))
+}
+
 pub fn valid_box_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64

@@ -400,10 +400,6 @@ impl NativeBackend {
     }
 }
 
-fn blocking_err(e: tokio::task::JoinError) -> SandboxError {
-    SandboxError::Io(std::io::Error::other(format!("blocking task: {e}")))
-}
-
 impl Sandbox for NativeBackend {
     fn capabilities(&self) -> Capabilities {
         self.caps.clone()
@@ -491,37 +487,22 @@ impl Sandbox for NativeBackend {
     }
 
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
-        let b = self.get_running(id)?;
-        let root = b.workspace();
+        let root = self.get_running(id)?.workspace();
         let path = path.to_string();
-        Ok(
-            tokio::task::spawn_blocking(move || fsops::read(&root, &path))
-                .await
-                .map_err(blocking_err)??,
-        )
+        crate::blocking(move || Ok(fsops::read(&root, &path)?)).await
     }
 
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
         let b = self.get_running(id)?;
-        let root = b.workspace();
-        let owner = b.agent_host_uid;
+        let (root, owner) = (b.workspace(), b.agent_host_uid);
         let path = path.to_string();
-        Ok(tokio::task::spawn_blocking(move || {
-            fsops::write(&root, &path, &data, mode, Some(owner))
-        })
-        .await
-        .map_err(blocking_err)??)
+        crate::blocking(move || Ok(fsops::write(&root, &path, &data, mode, Some(owner))?)).await
     }
 
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
-        let b = self.get_running(id)?;
-        let root = b.workspace();
+        let root = self.get_running(id)?.workspace();
         let path = path.to_string();
-        Ok(
-            tokio::task::spawn_blocking(move || fsops::delete(&root, &path))
-                .await
-                .map_err(blocking_err)??,
-        )
+        crate::blocking(move || Ok(fsops::delete(&root, &path)?)).await
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {
@@ -543,7 +524,7 @@ impl Sandbox for NativeBackend {
             })
         })
         .await
-        .map_err(blocking_err)?
+        .map_err(crate::blocking_err)?
     }
 
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
@@ -584,7 +565,7 @@ impl Sandbox for NativeBackend {
         let bx = b.clone();
         tokio::task::spawn_blocking(move || bx.cgroup.destroy())
             .await
-            .map_err(blocking_err)??;
+            .map_err(crate::blocking_err)??;
         // The kernel releases the box's mounts and loop device asynchronously after its last
         // process; waiting for that and removing the files happens off the caller's path.
         // `settle` waits for it.
