@@ -99,9 +99,50 @@ macro_rules! suite {
 }
 
 suite!(docker, "docker", "runc");
-// gVisor (`runsc`, Debian's 2022-12-19 build): boxes start, their supervisor comes up and a
-// crash is noticed, but every exec fails with ENOSYS from a system call in the spawn path that
-// is not yet identified; the suite does not run on it until that is fixed.
+
+/// gVisor (`runsc` through Docker; Debian's 2022-12-19 build). Not supported yet: it passes the
+/// checks below, and fails three of the suite: `files_and_hostile_paths` (`stat -c %u` on a
+/// file the host wrote prints nothing), `limits` and `network_and_syscalls` (the exec stream
+/// ends early: the sandbox's supervisor dies during the memory bomb and the escape probe).
+mod gvisor {
+    use super::*;
+
+    async fn env() -> Env {
+        make("gvisor", "runsc").await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exec_basics() {
+        let e = env().await;
+        conformance::exec_basics(&e.backend, &e.fixture).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn isolation() {
+        let e = env().await;
+        conformance::isolation(&e.backend, &e.fixture).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn death_and_destroy() {
+        let e = env().await;
+        conformance::death_and_destroy(&e.backend, &e.fixture, |id| {
+            let st = std::process::Command::new("docker")
+                .args(["kill", &format!("berth-gvisor-{id}")])
+                .output()
+                .expect("docker kill");
+            assert!(st.status.success(), "{st:?}");
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_no_landlock() {
+        let e = env().await;
+        let caps = e.backend.capabilities();
+        assert!(caps.isolation.contains("gvisor") && !caps.landlock && !caps.disk_quota);
+    }
+}
 
 #[tokio::test]
 async fn capabilities_say_what_is_not_offered() {

@@ -213,12 +213,18 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
     let _ = input_tx.send(Some((pid, stdin)));
     let r = (|| {
         send(writer, Kind::Started, pid.to_string().as_bytes())?;
-        // Wait for the child, with the timeout enforced on a pidfd (no watchdog thread).
-        let timed_out = match req.timeout_ms {
-            Some(ms) => wait_or_kill(pid, ms)?,
-            None => false,
+        // Wait for the child, with the timeout enforced on a pidfd (no watchdog thread), or,
+        // where the kernel has no pidfd_open (gVisor), by a watchdog thread.
+        let (status, timed_out) = match req.timeout_ms {
+            Some(ms) => match wait_or_kill(pid, ms) {
+                Ok(t) => (child.wait()?, t),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    wait_with_watchdog(&mut child, pid, ms)?
+                }
+                Err(e) => return Err(e),
+            },
+            None => (child.wait()?, false),
         };
-        let status = child.wait()?;
         let _ = drained_rx.recv_timeout(DRAIN_GRACE);
         let exit = WireExit {
             code: status.code(),
@@ -310,6 +316,31 @@ fn pump(mut stdout: std::process::ChildStdout, mut stderr: std::process::ChildSt
 
 /// Wait up to `ms` for process `pid` to exit (without reaping it); kill its group and return
 /// true if it did not.
+/// Wait for `child`; a thread kills its process group if it outlives `ms`. Returns the status
+/// and whether the timeout fired.
+fn wait_with_watchdog(
+    child: &mut std::process::Child,
+    pid: i32,
+    ms: u64,
+) -> io::Result<(std::process::ExitStatus, bool)> {
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = fired.clone();
+    let dog = thread::Builder::new().spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) =
+            done_rx.recv_timeout(Duration::from_millis(ms))
+        {
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: killing the exec's own process group.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+    })?;
+    let status = child.wait();
+    drop(done_tx);
+    let _ = dog.join();
+    Ok((status?, fired.load(std::sync::atomic::Ordering::SeqCst)))
+}
+
 fn wait_or_kill(pid: i32, ms: u64) -> io::Result<bool> {
     // SAFETY: pidfd_open on our own child; the fd is closed below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
