@@ -66,6 +66,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         requests: usize,
     },
+    /// A file-heavy workload inside a box (write then read N small files) on every backend.
+    Io {
+        #[arg(long, default_value_t = 10000)]
+        files: usize,
+    },
 }
 
 /// A berth server in this process; returns its URL, admin key, and a stop handle.
@@ -153,6 +158,7 @@ fn main() -> anyhow::Result<()> {
                 durability,
             } => api::run(subscribers, durability).await,
             Cmd::Gateway { requests } => gateway::run(requests).await,
+            Cmd::Io { files } => sandbox::io(files).await,
             Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
             Cmd::SseClients {
                 url,

@@ -312,3 +312,85 @@ pub async fn run(runs: usize, docker_runs: usize) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Seconds the file workload takes inside one box of `backend`: `files` files of 1 KiB
+/// written into a fresh directory, then all read back (timed inside the box, by the shell).
+async fn io_in<B: Sandbox>(backend: &B, id: &str, files: usize) -> anyhow::Result<f64> {
+    backend
+        .create(BoxConfig {
+            id: id.to_string(),
+            image: Image::Host,
+            limits: Limits {
+                cpus: 1.0,
+                memory_mib: 1024,
+                disk_mib: 1024,
+                pids: 256,
+            },
+            env: vec![],
+            bridges: vec![],
+        })
+        .await?;
+    // Shell builtins only in the loop (no process per file): open, write 1 KiB, close.
+    let script = format!(
+        "s=$(date +%s.%N); mkdir /workspace/f; i=0; \
+         while [ $i -lt {files} ]; do printf '%1024s' x > /workspace/f/$i; i=$((i+1)); done; \
+         cat /workspace/f/* > /dev/null; e=$(date +%s.%N); awk \"BEGIN {{ print $e - $s }}\""
+    );
+    let run = async {
+        backend
+            .exec(
+                id,
+                ExecSpec {
+                    argv: vec!["/bin/sh".into(), "-c".into(), script],
+                    timeout: Some(Duration::from_secs(600)),
+                    ..Default::default()
+                },
+            )
+            .await?
+            .collect(None, 1 << 16)
+            .await
+    };
+    let out = run.await;
+    backend.destroy(id).await?;
+    let out = out?;
+    anyhow::ensure!(
+        out.exit.success(),
+        "workload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// The file-heavy workload on native, Docker (runc) and gVisor (runsc), same run.
+pub async fn io(files: usize) -> anyhow::Result<()> {
+    use berth_sandbox::docker::{DockerBackend, DockerConfig};
+    let dir = tempfile::tempdir()?;
+    let helper = berth_sandbox::native::helper_beside(&std::env::current_exe()?);
+    let native = NativeBackend::new(NativeConfig {
+        data_dir: dir.path().join("n"),
+        helper: helper.clone(),
+        pool_size: 0,
+    })?;
+    let tag = std::process::id();
+    let mut rows = vec![(
+        "native",
+        io_in(&native, &format!("io-native-{tag}"), files).await?,
+    )];
+    for (name, runtime) in [("docker", "runc"), ("gvisor", "runsc")] {
+        let b = DockerBackend::new(DockerConfig {
+            name: name.into(),
+            runtime: runtime.into(),
+            data_dir: dir.path().join(name),
+            helper: helper.clone(),
+            socket: None,
+        })
+        .await?;
+        rows.push((name, io_in(&b, &format!("io-{name}-{tag}"), files).await?));
+    }
+    println!("| backend | write + read {files} files of 1 KiB, s | ÷ native |");
+    println!("| --- | ---: | ---: |");
+    for (name, secs) in &rows {
+        println!("| {name} | {secs:.2} | {:.2} |", secs / rows[0].1);
+    }
+    Ok(())
+}
