@@ -101,8 +101,8 @@ macro_rules! suite {
 suite!(docker, "docker", "runc");
 
 /// gVisor (`runsc` through Docker; Debian's 2022-12-19 build). Not supported yet: it passes the
-/// checks below, and fails three of the suite: `files_and_hostile_paths` (`stat -c %u` on a
-/// file the host wrote prints nothing), `limits` and `network_and_syscalls` (the exec stream
+/// checks below, and fails three of the suite: `files_and_hostile_paths` (this runsc answers
+/// `statx` with EINVAL, so the host's coreutils `stat` and `ls` fail on every file), `limits` and `network_and_syscalls` (the exec stream
 /// ends early: the sandbox's supervisor dies during the memory bomb and the escape probe).
 mod gvisor {
     use super::*;
