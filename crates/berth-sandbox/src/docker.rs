@@ -383,7 +383,6 @@ impl DockerBackend {
         // box's uid must be able to connect to them.
         std::fs::create_dir_all(dir.join("run"))?;
         std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o755))?;
-        std::fs::write(dir.join("empty"), b"")?;
         std::fs::copy(&self.cfg.helper, dir.join("ctl").join("init"))?;
         std::fs::set_permissions(
             dir.join("ctl").join("init"),
@@ -501,7 +500,6 @@ impl Sandbox for DockerBackend {
             working_dir: Some("/workspace".into()),
             hostname: Some("box".into()),
             labels: Some(labels),
-            network_disabled: Some(false),
             host_config: Some(HostConfig {
                 runtime: Some(self.cfg.runtime.clone()),
                 network_mode: Some("none".into()),
