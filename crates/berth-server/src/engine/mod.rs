@@ -123,13 +123,6 @@ impl Engine {
         }
     }
 
-    pub fn live_counts(&self) -> (usize, usize) {
-        (
-            self.boxes.read().map(|m| m.len()).unwrap_or(0),
-            self.sessions.read().map(|m| m.len()).unwrap_or(0),
-        )
-    }
-
     /// The boxes with an owner task: id, backend and state.
     pub fn live_boxes(&self) -> Vec<(String, String, BoxState)> {
         self.boxes
@@ -515,29 +508,34 @@ impl Engine {
         })
     }
 
+    /// Send a command to a live session's owner task and wait for its answer; a session whose
+    /// task has ended is a conflict.
+    async fn ask_session<T>(
+        &self,
+        tenant: &str,
+        id: &str,
+        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> SessionCmd,
+    ) -> Result<T, ApiError> {
+        let h = self.live_session(tenant, id).await?;
+        let ended = || ApiError::Conflict(format!("session {id} has ended"));
+        let (tx, rx) = oneshot::channel();
+        h.tx.send(make(tx)).await.map_err(|_| ended())?;
+        rx.await.map_err(|_| ended())?
+    }
+
     pub async fn send_message(
         &self,
         tenant: &str,
         id: &str,
         content: serde_json::Value,
     ) -> Result<(), ApiError> {
-        let h = self.live_session(tenant, id).await?;
-        let (tx, rx) = oneshot::channel();
-        h.tx.send(SessionCmd::Message { content, reply: tx })
+        self.ask_session(tenant, id, |reply| SessionCmd::Message { content, reply })
             .await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
-        rx.await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }
 
     pub async fn interrupt(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
-        let h = self.live_session(tenant, id).await?;
-        let (tx, rx) = oneshot::channel();
-        h.tx.send(SessionCmd::Interrupt { reply: tx })
+        self.ask_session(tenant, id, |reply| SessionCmd::Interrupt { reply })
             .await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
-        rx.await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }
 
     pub async fn answer_permission(
@@ -547,17 +545,12 @@ impl Engine {
         request_id: &str,
         answer: PermissionAnswer,
     ) -> Result<(), ApiError> {
-        let h = self.live_session(tenant, id).await?;
-        let (tx, rx) = oneshot::channel();
-        h.tx.send(SessionCmd::Permission {
+        self.ask_session(tenant, id, |reply| SessionCmd::Permission {
             request_id: request_id.to_string(),
             answer,
-            reply: tx,
+            reply,
         })
         .await
-        .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
-        rx.await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
     }
 
     /// Let the gateway accept `token` for this session, with its budget (less what it has
@@ -696,13 +689,11 @@ impl Engine {
         id: &str,
         mode: String,
     ) -> Result<(), ApiError> {
-        let h = self.live_session(tenant, id).await?;
-        let (tx, rx) = oneshot::channel();
-        h.tx.send(SessionCmd::SetPermissionMode { mode, reply: tx })
-            .await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?;
-        rx.await
-            .map_err(|_| ApiError::Conflict(format!("session {id} has ended")))?
+        self.ask_session(tenant, id, |reply| SessionCmd::SetPermissionMode {
+            mode,
+            reply,
+        })
+        .await
     }
 
     pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<SessionObject, ApiError> {
