@@ -111,9 +111,18 @@ impl CostConfig {
     }
 }
 
-fn model_usage(s: &UsageSum, model: String) -> ModelUsage {
+/// The report's group for `key`, made empty on first use.
+fn group<'a>(groups: &'a mut BTreeMap<String, UsageGroup>, key: &str) -> &'a mut UsageGroup {
+    groups.entry(key.to_string()).or_insert_with(|| UsageGroup {
+        key: key.to_string(),
+        usage: UsageTotals::default(),
+        by_model: vec![],
+    })
+}
+
+fn model_usage(s: &UsageSum) -> ModelUsage {
     ModelUsage {
-        model,
+        model: s.model.clone(),
         cost_usd: s.cost_usd,
         input_tokens: s.input_tokens,
         output_tokens: s.output_tokens,
@@ -222,7 +231,7 @@ impl Engine {
             .iter()
             .map(|s| {
                 add_model(&mut t, s);
-                model_usage(s, s.model.clone())
+                model_usage(s)
             })
             .collect();
         // An ephemeral box is its session's alone: its running time is the session's.
@@ -286,22 +295,11 @@ impl Engine {
         };
         let mut groups: BTreeMap<String, UsageGroup> = BTreeMap::new();
         let mut total = UsageTotals::default();
-        let group = |groups: &mut BTreeMap<String, UsageGroup>, k: &str| {
-            groups
-                .entry(k.to_string())
-                .or_insert_with(|| UsageGroup {
-                    key: k.to_string(),
-                    usage: UsageTotals::default(),
-                    by_model: vec![],
-                })
-                .clone()
-        };
         for s in self.store.usage_sums(key, &filter).await? {
-            let mut g = group(&mut groups, &s.key);
+            let g = group(&mut groups, &s.key);
             add_model(&mut g.usage, &s);
-            g.by_model.push(model_usage(&s, s.model.clone()));
+            g.by_model.push(model_usage(&s));
             add_model(&mut total, &s);
-            groups.insert(s.key.clone(), g);
         }
         let now = self.config.clock.now_ms();
         for span in self.store.box_spans(scope, None, from, to).await? {
@@ -312,9 +310,7 @@ impl Engine {
                 UsageGroupBy::Tenant => &span.tenant,
                 UsageGroupBy::Session | UsageGroupBy::Model => continue,
             };
-            let mut g = group(&mut groups, k);
-            add_container(&mut g.usage, h, usd);
-            groups.insert(k.clone(), g);
+            add_container(&mut group(&mut groups, k).usage, h, usd);
         }
         Ok(UsageReport {
             group_by,
