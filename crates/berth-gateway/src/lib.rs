@@ -201,8 +201,9 @@ impl Default for RateLimitedLog {
 
 static UPSTREAM_WARN: RateLimitedLog = RateLimitedLog::new();
 
-/// Headers that describe one hop, never forwarded.
-const HOP: [&str; 9] = [
+/// Headers that describe one hop (RFC 9110 §7.6.1), never passed on by a proxy; the gateway
+/// and the port proxy share this list.
+pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -211,8 +212,13 @@ const HOP: [&str; 9] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
-    "host",
 ];
+
+/// Not forwarded by the gateway: the hop-by-hop headers and `host` (the upstream's own is set
+/// by the client library).
+fn gateway_drops(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name) || name == "host"
+}
 
 pub fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
     (
@@ -577,7 +583,7 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        if HOP.contains(&name)
+        if gateway_drops(name)
             || name == "x-api-key"
             || name == "authorization"
             || name == "content-length"
@@ -655,7 +661,7 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if let Some(h) = out.headers_mut() {
         for (k, v) in resp.headers().iter() {
-            if HOP.contains(&k.as_str()) || k.as_str() == "content-length" {
+            if gateway_drops(k.as_str()) || k.as_str() == "content-length" {
                 continue;
             }
             if let (Ok(n), Ok(v)) = (

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use berth_api::*;
+use berth_gateway::HOP_BY_HOP;
 use berth_sandbox::{ExecSpec, FileContent, Sandbox};
 use std::time::Duration;
 
@@ -220,18 +221,6 @@ pub async fn delete_file(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Headers that describe one hop, never passed through the port proxy.
-const HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// Reverse proxy (HTTP/1.1) to a port a process in the box listens on, at
 /// `/v1/boxes/{id}/ports/{port}/{rest}`. The caller's API key is not passed on.
 pub async fn ports(
@@ -290,7 +279,8 @@ async fn proxy_port(
         .uri(format!("/{rest}{query}"));
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        let hop = HOP.contains(&name) && !(upgrade && (name == "connection" || name == "upgrade"));
+        let hop =
+            HOP_BY_HOP.contains(&name) && !(upgrade && (name == "connection" || name == "upgrade"));
         if hop || name == "authorization" || name == "host" {
             continue;
         }
@@ -326,7 +316,7 @@ async fn proxy_port(
         return Ok(Response::from_parts(parts, axum::body::Body::empty()));
     }
     let (mut parts, body) = resp.into_parts();
-    for h in HOP {
+    for h in HOP_BY_HOP {
         parts.headers.remove(h);
     }
     Ok(Response::from_parts(parts, axum::body::Body::new(body)))
