@@ -98,19 +98,29 @@ async fn exec(api: &Api, bx: &str, script: &str) -> Value {
 
 #[tokio::test]
 async fn the_agent_runs_in_a_docker_box_the_same_way() {
-    let (_d, srv, api, mock) = setup_with(&[("BERTH_DOCKER", "1")]).await;
+    agent_runs_in_an_engine_box("docker", "BERTH_DOCKER").await;
+}
+
+#[tokio::test]
+async fn the_agent_runs_in_a_gvisor_box_the_same_way() {
+    agent_runs_in_an_engine_box("gvisor", "BERTH_GVISOR").await;
+}
+
+/// The real CLI in a box of a Docker-engine backend (`docker` = runc, `gvisor` = runsc).
+async fn agent_runs_in_an_engine_box(backend: &str, enable: &str) {
+    let (_d, srv, api, mock) = setup_with(&[(enable, "1")]).await;
     let backends = api.get("/v1/backends").await.json;
-    let docker = backends["items"]
+    let offered = backends["items"]
         .as_array()
         .expect("items")
         .iter()
-        .find(|b| b["name"] == "docker")
-        .unwrap_or_else(|| panic!("docker backend enabled: {backends}"));
-    assert_eq!(docker["capabilities"]["disk_quota"], false, "{docker}");
+        .find(|b| b["name"] == backend)
+        .unwrap_or_else(|| panic!("{backend} backend enabled: {backends}"));
+    assert_eq!(offered["capabilities"]["disk_quota"], false, "{offered}");
     let r = api
         .post(
             "/v1/sessions",
-            json!({"box": {"backend": "docker", "resources": {"memory_mib": 1024}},
+            json!({"box": {"backend": backend, "resources": {"memory_mib": 1024}},
                    "agent": {"kind": "claude"}, "prompt": "please make a file"}),
         )
         .await;
@@ -121,7 +131,7 @@ async fn the_agent_runs_in_a_docker_box_the_same_way() {
     );
     assert_eq!(
         api.get(&format!("/v1/boxes/{bx}")).await.json["backend"],
-        "docker"
+        backend
     );
     let evs = api.until(&sid, "result", 1).await;
     let result = evs.iter().find(|e| e["type"] == "result").expect("result");
@@ -138,7 +148,10 @@ async fn the_agent_runs_in_a_docker_box_the_same_way() {
         .filter_map(|r| r.usage["input_tokens"].as_u64())
         .sum();
     assert_eq!(u["total"]["input_tokens"], input);
-    // Not the box's container id nor host: a Docker box has only loopback.
+    // The shell tools work on files (gVisor needs berth's statx shim for `ls`), and the box
+    // has only loopback.
+    let out = exec(&api, &bx, "ls -l /workspace/hello.txt | cut -c1-10").await;
+    assert_eq!(out["stdout"], "-rw-r--r--\n", "{out}");
     let out = exec(
         &api,
         &bx,

@@ -20,7 +20,7 @@
 //! 1000), Landlock under gVisor (its kernel does not implement it).
 
 use crate::native::client;
-use crate::native::init::{SUPERVISOR_BRIDGES_ENV, SUPERVISOR_CTL_ENV};
+use crate::native::init::{SUPERVISOR_BRIDGES_ENV, SUPERVISOR_CTL_ENV, SUPERVISOR_NPROC_ENV};
 use crate::{
     fsops, BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image,
     Result, Sandbox, SandboxError, Stats, AGENT_UID,
@@ -50,6 +50,10 @@ const CTL_DIR: &str = "/run/berth-ctl";
 const HELPER_IN_BOX: &str = "/run/berth-ctl/init";
 const TINI_IN_BOX: &str = "/run/berth-ctl/tini";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where gVisor boxes find the compatibility shim (read-only, readable by the agent).
+const COMPAT_IN_BOX: &str = "/run/berth-compat";
+/// The shim, built from `compat/statx_compat.c` by the build script.
+const STATX_COMPAT_SO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/statx_compat.so"));
 /// Host threads a gVisor sandbox needs beyond its guest's processes.
 const GVISOR_THREADS: u64 = 512;
 
@@ -208,7 +212,7 @@ impl DockerBackend {
                 runtimes.keys().collect::<Vec<_>>()
             )));
         }
-        let gvisor = cfg.runtime == "runsc";
+        let gvisor = cfg.runtime.starts_with("runsc");
         let caps = Capabilities {
             name: cfg.name.clone(),
             isolation: if gvisor {
@@ -221,12 +225,17 @@ impl DockerBackend {
             seccomp: true,
             landlock: !gvisor,
             disk_quota: false,
+            // gVisor's guest memory is the sandbox's: the host's OOM killer ends the sandbox.
+            process_oom_kill: !gvisor,
             cgroup: "docker".into(),
             network: "none; loopback only, gateway and egress over bridged unix sockets".into(),
             oci_images: false,
             image_references: true,
         };
         std::fs::create_dir_all(cfg.data_dir.join(&cfg.name))?;
+        if gvisor {
+            write_gvisor_compat(&cfg.data_dir.join(format!("{}-compat", cfg.name)))?;
+        }
         Ok(DockerBackend {
             cfg,
             docker,
@@ -244,11 +253,30 @@ impl DockerBackend {
     /// processes are not host processes: the host cgroup counts the sandbox's own threads
     /// (sentry and gofer), so the box gets headroom for them.
     fn host_pids(&self, pids: u64) -> i64 {
-        if self.cfg.runtime == "runsc" {
+        if self.gvisor() {
             (pids + GVISOR_THREADS) as i64
         } else {
             pids as i64
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// The in-box process limit the supervisor sets (empty: none, the host cgroup counts).
+    fn guest_nproc(&self, pids: u64) -> String {
+        if self.gvisor() {
+            // The box's init and supervisor count towards `pids` as in a cgroup; they run as
+            // root, so the agent uid's share is what is left.
+            pids.saturating_sub(2).max(1).to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    fn gvisor(&self) -> bool {
+        self.cfg.runtime.starts_with("runsc")
     }
 
     fn box_dir(&self, id: &str) -> PathBuf {
@@ -350,6 +378,15 @@ impl DockerBackend {
                 }
             }
         }
+        if self.gvisor() {
+            let compat = self.cfg.data_dir.join(format!("{}-compat", self.cfg.name));
+            m.push(bind(&compat, COMPAT_IN_BOX, true));
+            m.push(bind(
+                &compat.join("ld.so.preload"),
+                "/etc/ld.so.preload",
+                true,
+            ));
+        }
         m.push(bind(&dir.join("workspace"), "/workspace", false));
         m.push(bind(&dir.join("home"), "/home/agent", false));
         m.push(bind(&dir.join("run"), "/run/berth", false));
@@ -378,7 +415,9 @@ impl DockerBackend {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
         owned(&dir.join("workspace"))?;
         owned(&dir.join("home"))?;
-        owned(&dir.join("ctl"))?;
+        // The supervisor's control socket: for the box's root alone (agents cannot reach it).
+        std::fs::create_dir_all(dir.join("ctl"))?;
+        std::fs::set_permissions(dir.join("ctl"), std::fs::Permissions::from_mode(0o700))?;
         // The gateway and egress sockets are made here by the host after the box starts; the
         // box's uid must be able to connect to them.
         std::fs::create_dir_all(dir.join("run"))?;
@@ -495,8 +534,17 @@ impl Sandbox for DockerBackend {
             env: Some(vec![
                 format!("{SUPERVISOR_CTL_ENV}={CTL_DIR}/ctl.sock"),
                 format!("{SUPERVISOR_BRIDGES_ENV}={bridges}"),
+                format!(
+                    "{SUPERVISOR_NPROC_ENV}={}",
+                    self.guest_nproc(cfg.limits.pids)
+                ),
             ]),
-            user: Some(format!("{AGENT_UID}:{AGENT_UID}")),
+            // The box's init and supervisor run as the container's root with only the
+            // capabilities needed to start (and signal) agent processes as AGENT_UID with none at all
+            // (bounding set emptied, ids switched, no_new_privs): an agent can then neither
+            // signal nor trace them, so it cannot end its own box by killing pid 1 (gVisor
+            // does not shield a namespace's init from SIGKILL) or stall the supervisor.
+            user: Some("0:0".into()),
             working_dir: Some("/workspace".into()),
             hostname: Some("box".into()),
             labels: Some(labels),
@@ -506,6 +554,12 @@ impl Sandbox for DockerBackend {
                 init: Some(false),
                 readonly_rootfs: Some(true),
                 cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(vec![
+                    "SETUID".into(),
+                    "SETGID".into(),
+                    "SETPCAP".into(),
+                    "KILL".into(),
+                ]),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 nano_cpus: Some((cfg.limits.cpus * 1e9) as i64),
                 memory: Some(memory),
@@ -711,6 +765,20 @@ impl Sandbox for DockerBackend {
 }
 
 /// OOM kills in the memory cgroup of the process `pid` (the container's init), read from the
+/// The shim gVisor boxes preload (see `compat/statx_compat.c`) and the `ld.so.preload` naming
+/// it, written into `dir` (world-readable: the agent's programs load it).
+fn write_gvisor_compat(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let so = dir.join("statx_compat.so");
+    std::fs::write(&so, STATX_COMPAT_SO)?;
+    std::fs::set_permissions(&so, std::fs::Permissions::from_mode(0o644))?;
+    let preload = dir.join("ld.so.preload");
+    std::fs::write(&preload, format!("{COMPAT_IN_BOX}/statx_compat.so\n"))?;
+    std::fs::set_permissions(&preload, std::fs::Permissions::from_mode(0o644))?;
+    Ok(())
+}
+
 /// cgroup files (v1 `memory.oom_control`, v2 `memory.events`).
 fn oom_kill_count(pid: i32) -> u64 {
     let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {

@@ -272,6 +272,9 @@ pub struct Capabilities {
     pub seccomp: bool,
     pub landlock: bool,
     pub disk_quota: bool,
+    /// Going over the memory limit kills the offending process and the box lives on. When
+    /// false, the limit holds the box as a whole: going over it ends the box (`OomKilled`).
+    pub process_oom_kill: bool,
     pub cgroup: String,
     pub network: String,
     /// Can run an OCI image's unpacked root (`Image::Rootfs`).
@@ -318,10 +321,11 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn name(&self) -> &'static str {
+    /// The name the server offers the backend under (`native`, `docker`, `gvisor`).
+    pub fn name(&self) -> &str {
         match self {
             Backend::Native(_) => "native",
-            Backend::Docker(_) => "docker",
+            Backend::Docker(b) => b.name(),
         }
     }
 }

@@ -51,6 +51,11 @@ pub struct Config {
 pub struct DockerSection {
     /// Offer the `docker` backend (also `BERTH_DOCKER=1`).
     pub enabled: bool,
+    /// Offer the `gvisor` backend: boxes under the engine's gVisor runtime (also
+    /// `BERTH_GVISOR=1`). Independent of `enabled`.
+    pub gvisor: bool,
+    /// The engine's name for the gVisor runtime (default `runsc`).
+    pub gvisor_runtime: Option<String>,
     /// The engine's socket (default: `$DOCKER_HOST` or `/var/run/docker.sock`).
     pub socket: Option<PathBuf>,
 }
@@ -232,6 +237,9 @@ impl Config {
         }
         if let Some(v) = var("BERTH_DOCKER") {
             self.docker.enabled = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = var("BERTH_GVISOR") {
+            self.docker.gvisor = matches!(v.as_str(), "1" | "true" | "yes");
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;

@@ -216,10 +216,18 @@ pub async fn run(
             tracing::warn!(error = %e, "native backend disabled");
         }
     }
+    let mut engine_backends = Vec::new();
     if cfg.docker.enabled {
+        engine_backends.push(("docker", "runc".to_string()));
+    }
+    if cfg.docker.gvisor {
+        let runtime = cfg.docker.gvisor_runtime.clone();
+        engine_backends.push(("gvisor", runtime.unwrap_or_else(|| "runsc".into())));
+    }
+    for (name, runtime) in engine_backends {
         match berth_sandbox::docker::DockerBackend::new(berth_sandbox::docker::DockerConfig {
-            name: "docker".into(),
-            runtime: "runc".into(),
+            name: name.into(),
+            runtime,
             data_dir: cfg.data_dir.clone(),
             helper: rt.helper.clone(),
             socket: cfg.docker.socket.clone(),
@@ -227,13 +235,13 @@ pub async fn run(
         .await
         {
             Ok(b) => {
-                backends.insert("docker".into(), Arc::new(Backend::Docker(b)));
+                backends.insert(name.into(), Arc::new(Backend::Docker(b)));
             }
             Err(e) => {
-                if cfg.default_backend == "docker" {
-                    return Err(ServerError::Backend("docker".into(), e));
+                if cfg.default_backend == name {
+                    return Err(ServerError::Backend(name.into(), e));
                 }
-                tracing::warn!(error = %e, "docker backend disabled");
+                tracing::warn!(backend = name, error = %e, "backend disabled");
             }
         }
     }

@@ -193,6 +193,36 @@ fn eperm_filter() -> Result<BpfProgram, seccompiler::Error> {
             SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
         ],
     );
+    // Device nodes: the kernel refuses them without CAP_MKNOD, but a user-space kernel
+    // (gVisor's tmpfs) may not; FIFOs and sockets (`mkfifo`) stay allowed.
+    let ifmt = libc::S_IFMT as u64;
+    for (nr, mode_arg) in [(libc::SYS_mknod, 1), (libc::SYS_mknodat, 2)] {
+        rules.insert(
+            nr,
+            vec![
+                SeccompRule::new(vec![cond(
+                    mode_arg,
+                    SeccompCmpOp::MaskedEq(ifmt),
+                    libc::S_IFCHR as u64,
+                )?])?,
+                SeccompRule::new(vec![cond(
+                    mode_arg,
+                    SeccompCmpOp::MaskedEq(ifmt),
+                    libc::S_IFBLK as u64,
+                )?])?,
+            ],
+        );
+    }
+    // A negative nice value (raising priority): the kernel wants CAP_SYS_NICE, gVisor does not.
+    rules.insert(
+        libc::SYS_setpriority,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(0x8000_0000),
+            0x8000_0000,
+        )?])?],
+    );
     // socket families a box has no business with: netlink (routing, audit), packet sockets.
     rules.insert(
         libc::SYS_socket,
@@ -350,7 +380,11 @@ impl Confinement {
                 0,
             ) < 0
             {
-                return Err(io::Error::last_os_error());
+                // A kernel without ambient capabilities (gVisor's) has none to clear.
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
             }
             if libc::setgroups(0, std::ptr::null()) < 0 {
                 return Err(io::Error::last_os_error());

@@ -81,6 +81,11 @@ fn report(r: &InitReport) {
 /// socket's path; [`SUPERVISOR_BRIDGES_ENV`] lists the bridges as `port=socket,…`.
 pub const SUPERVISOR_CTL_ENV: &str = "BERTH_SUPERVISOR_CTL";
 pub const SUPERVISOR_BRIDGES_ENV: &str = "BERTH_SUPERVISOR_BRIDGES";
+/// When set, the supervisor holds itself and every process it starts to this many tasks of the
+/// box's uid (`RLIMIT_NPROC`, soft and hard; no capability in the box can raise it). For
+/// runtimes whose host cgroup cannot count the box's processes (gVisor: a fork bomb there
+/// exhausts the *sandbox's* host threads and kills the whole sandbox instead of failing a fork).
+pub const SUPERVISOR_NPROC_ENV: &str = "BERTH_SUPERVISOR_NPROC";
 
 /// Supervisor only, inside a box a container runtime made.
 fn container_supervisor(ctl: std::path::PathBuf) -> ! {
@@ -102,6 +107,18 @@ fn container_supervisor(ctl: std::path::PathBuf) -> ! {
                 eprintln!("berth-supervisor: bad bridge {item:?}");
                 std::process::exit(2)
             }
+        }
+    }
+    if let Some(n) = std::env::var(SUPERVISOR_NPROC_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        let limited = n.parse::<u64>().ok().is_some_and(|n| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NPROC, n, n).is_ok()
+        });
+        if !limited {
+            eprintln!("berth-supervisor: cannot hold the box to {n:?} processes");
+            std::process::exit(2)
         }
     }
     let _ = std::fs::remove_file(&ctl);

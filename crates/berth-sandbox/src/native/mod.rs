@@ -133,6 +133,7 @@ impl NativeBackend {
             seccomp: true,
             landlock: confine::landlock_supported(),
             disk_quota: loop_ok,
+            process_oom_kill: true,
             cgroup: if v2 { "v2".into() } else { "v1".into() },
             network: "loopback only; egress through gateway bridges".into(),
             oci_images: true,

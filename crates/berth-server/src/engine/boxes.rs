@@ -270,7 +270,7 @@ impl BoxActor {
         let started = Instant::now();
         let info = match self.backend.create(cfg).await {
             Ok(info) => {
-                metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name())
+                metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name().to_owned())
                     .record(started.elapsed().as_secs_f64());
                 info
             }
