@@ -38,11 +38,18 @@ async fn setup() -> (tempfile::TempDir, Server, Api, Mock) {
 async fn setup_with(extra: &[(&str, &str)]) -> (tempfile::TempDir, Server, Api, Mock) {
     let (mock_url, mock) = start_mock().await;
     let dir = tempfile::tempdir().expect("tmp");
+    let srv = start_server(dir.path(), &mock_url, extra).await;
+    let api = srv.client();
+    (dir, srv, api, mock)
+}
+
+/// A server on `data` whose upstream is the mock at `mock_url`.
+async fn start_server(data: &std::path::Path, mock_url: &str, extra: &[(&str, &str)]) -> Server {
     let bin = claude_bin();
-    let srv = Server::start_with(
-        dir.path(),
+    Server::start_with(
+        data,
         &[
-            ("BERTH_UPSTREAM_URL", mock_url.as_str()),
+            ("BERTH_UPSTREAM_URL", mock_url),
             ("ANTHROPIC_API_KEY", REAL_KEY),
             ("BERTH_CLAUDE_BIN", bin.as_str()),
         ]
@@ -50,9 +57,7 @@ async fn setup_with(extra: &[(&str, &str)]) -> (tempfile::TempDir, Server, Api, 
         .chain(extra.iter().copied())
         .collect::<Vec<_>>(),
     )
-    .await;
-    let api = srv.client();
-    (dir, srv, api, mock)
+    .await
 }
 
 async fn session(api: &Api, agent: Value, prompt: Option<&str>) -> (String, String) {
@@ -666,5 +671,85 @@ async fn a_spent_budget_stops_the_agent_cleanly() {
         before,
         "refused before reaching the model"
     );
+    srv.stop().await;
+}
+
+/// `kill -9` of the server with an agent in a Docker box: the restarted server takes the box
+/// back (same files, still counted), marks the session interrupted, and the agent resumes its
+/// conversation on restart; deleting the box then leaves no container behind.
+#[tokio::test]
+async fn a_docker_box_is_adopted_after_kill9_and_its_agent_resumes() {
+    let (mock_url, mock) = start_mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let enable = [("BERTH_DOCKER", "1")];
+    let srv = start_server(dir.path(), &mock_url, &enable).await;
+    let api = srv.client();
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": {"backend": "docker", "lifecycle": "persistent",
+                           "resources": {"memory_mib": 1024}},
+                   "agent": {"kind": "claude"}, "prompt": "first task: make a file"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let (sid, bx) = (
+        r.json["id"].as_str().expect("id").to_string(),
+        r.json["box_id"].as_str().expect("box").to_string(),
+    );
+    api.until(&sid, "result", 1).await;
+    let committed = api.get(&format!("/v1/sessions/{sid}")).await.json["last_seq"]
+        .as_i64()
+        .expect("seq");
+    let container = format!("berth-docker-{bx}");
+    srv.kill9().await;
+
+    let srv = start_server(dir.path(), &mock_url, &enable).await;
+    let api = srv.client();
+    let b = api.get(&format!("/v1/boxes/{bx}")).await.json;
+    assert_eq!(b["state"], "running", "{b}");
+    assert_eq!(b["state_reason"], "adopted after a server restart", "{b}");
+    let f = api.get(&format!("/v1/boxes/{bx}/files/hello.txt")).await;
+    assert_eq!(f.bytes, b"Hello from an agent in a berth box!\n");
+    let out = exec(&api, &bx, "echo $((6 * 7))").await;
+    assert_eq!(out["stdout"], "42\n", "{out}");
+    let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+    assert_eq!(s["state"], "interrupted", "{s}");
+    assert_eq!(
+        s["last_seq"].as_i64(),
+        Some(committed),
+        "no committed event lost"
+    );
+
+    let r = api
+        .post(&format!("/v1/sessions/{sid}/restart"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "second task: make a file"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    api.until(&sid, "result", 2).await;
+    let resumed = mock.recorded().iter().any(|r| {
+        let m = r.body["messages"].to_string();
+        m.contains("first task") && m.contains("second task")
+    });
+    assert!(
+        resumed,
+        "the agent resumed its conversation in the adopted box"
+    );
+
+    assert_eq!(
+        api.delete(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "destroyed"
+    );
+    let left = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("name=^{container}$")])
+        .output()
+        .expect("docker ps");
+    assert!(left.stdout.is_empty(), "container left behind");
     srv.stop().await;
 }

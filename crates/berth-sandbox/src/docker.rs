@@ -231,6 +231,7 @@ impl DockerBackend {
             network: "none; loopback only, gateway and egress over bridged unix sockets".into(),
             oci_images: false,
             image_references: true,
+            adoption: true,
         };
         std::fs::create_dir_all(cfg.data_dir.join(&cfg.name))?;
         if gvisor {
@@ -438,6 +439,48 @@ impl DockerBackend {
     }
 
     /// Wait until the supervisor accepts connections, or the container has stopped.
+    /// Report the container's end, with the reason, on `exit_tx` (for exit_watch).
+    fn watch_exit(&self, name: String, exit_tx: watch::Sender<Option<BoxExit>>) {
+        let docker = self.docker.clone();
+        tokio::spawn(async move {
+            let mut w = docker.wait_container(&name, None::<WaitContainerOptions>);
+            let code = match w.next().await {
+                Some(Ok(r)) => r.status_code,
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+                _ => -1,
+            };
+            let oom = docker
+                .inspect_container(
+                    &name,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
+                .await
+                .ok()
+                .and_then(|i| i.state)
+                .and_then(|s| s.oom_killed)
+                .unwrap_or(false);
+            let _ = exit_tx.send(Some(if oom {
+                BoxExit::OomKilled
+            } else {
+                BoxExit::Exited { code: code as i32 }
+            }));
+        });
+    }
+
+    /// The container's host PID (its init), as the engine reports it.
+    async fn container_pid(&self, container: &str) -> Option<i32> {
+        self.docker
+            .inspect_container(
+                container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.pid)
+            .map(|p| p as i32)
+    }
+
     async fn wait_ready(&self, b: &DockerBox) -> Result<()> {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         let mut pause = Duration::from_millis(1);
@@ -601,46 +644,12 @@ impl Sandbox for DockerBackend {
             let _ = self.destroy(&cfg.id).await;
             return Err(SandboxError::Start(format!("starting the container: {e}")));
         }
-        // The container's end, with the reason, for exit_watch.
-        let docker = self.docker.clone();
-        tokio::spawn(async move {
-            let mut w = docker.wait_container(&name, None::<WaitContainerOptions>);
-            let code = match w.next().await {
-                Some(Ok(r)) => r.status_code,
-                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-                _ => -1,
-            };
-            let oom = docker
-                .inspect_container(
-                    &name,
-                    None::<bollard::query_parameters::InspectContainerOptions>,
-                )
-                .await
-                .ok()
-                .and_then(|i| i.state)
-                .and_then(|s| s.oom_killed)
-                .unwrap_or(false);
-            let _ = exit_tx.send(Some(if oom {
-                BoxExit::OomKilled
-            } else {
-                BoxExit::Exited { code: code as i32 }
-            }));
-        });
+        self.watch_exit(name.clone(), exit_tx);
         if let Err(e) = self.wait_ready(&b).await {
             let _ = self.destroy(&cfg.id).await;
             return Err(e);
         }
-        let pid = self
-            .docker
-            .inspect_container(
-                &b.container,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            )
-            .await
-            .ok()
-            .and_then(|i| i.state)
-            .and_then(|s| s.pid)
-            .map(|p| p as i32);
+        let pid = self.container_pid(&b.container).await;
         b.pid
             .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
         Ok(BoxInfo {
@@ -732,6 +741,73 @@ impl Sandbox for DockerBackend {
 
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
         Ok(self.get(id)?.exit.clone())
+    }
+
+    async fn adopt(&self, cfg: BoxConfig) -> Result<BoxInfo> {
+        if !crate::valid_box_id(&cfg.id) {
+            return Err(SandboxError::InvalidSpec(format!(
+                "invalid box id {:?}",
+                cfg.id
+            )));
+        }
+        let name = self.container_name(&cfg.id);
+        let gone = || SandboxError::NotFound(cfg.id.clone());
+        let info = match self
+            .docker
+            .inspect_container(
+                &name,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        {
+            Ok(i) => i,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Err(gone()),
+            Err(e) => return Err(engine_err(e)),
+        };
+        // Only a running container this backend made for this very box.
+        let labels = info
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        let ours = labels.get(BOX_LABEL) == Some(&cfg.id)
+            && labels.get(BACKEND_LABEL) == Some(&self.cfg.name);
+        let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+        let dir = self.box_dir(&cfg.id);
+        if !ours || !running || !dir.join("ctl").is_dir() {
+            return Err(gone());
+        }
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let b = Arc::new(DockerBox {
+            container: name.clone(),
+            pid: std::sync::atomic::AtomicI32::new(0),
+            dir: dir.clone(),
+            limits: cfg.limits,
+            env: cfg.env.clone(),
+            exit: exit_rx,
+        });
+        {
+            let mut boxes = self.boxes.lock().map_err(|_| poisoned())?;
+            if boxes.contains_key(&cfg.id) {
+                return Err(SandboxError::Exists(cfg.id.clone()));
+            }
+            boxes.insert(cfg.id.clone(), b.clone());
+        }
+        self.watch_exit(name, exit_tx);
+        if let Err(e) = self.wait_ready(&b).await {
+            self.boxes.lock().map_err(|_| poisoned())?.remove(&cfg.id);
+            return Err(e);
+        }
+        let pid = self.container_pid(&b.container).await;
+        b.pid
+            .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+        Ok(BoxInfo {
+            id: cfg.id,
+            pid,
+            run_dir: dir.join("run"),
+        })
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {

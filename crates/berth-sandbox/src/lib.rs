@@ -281,6 +281,8 @@ pub struct Capabilities {
     pub oci_images: bool,
     /// Resolves OCI image references itself (`Image::Oci`, e.g. `debian:12`).
     pub image_references: bool,
+    /// Boxes outlive the server and are taken back after a restart ([`Sandbox::adopt`]).
+    pub adoption: bool,
 }
 
 /// The contract every sandbox backend implements. See the crate docs for ordering,
@@ -306,6 +308,13 @@ pub trait Sandbox: Send + Sync {
     /// Resolves to `Some` once the box has stopped, with the reason.
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>>;
     fn destroy(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Take back a box this backend (same name and data directory) started before the server
+    /// restarted, given the config it was created with. `Ok`: the box runs and is served as
+    /// if just created (a fresh exit watch; its workspace as it was; no process of the old
+    /// server's execs survives, since their streams ended). `Err(NotFound)`: it is gone;
+    /// `Err(Unsupported)`: this backend's boxes die with the server (`capabilities.adoption`
+    /// is false). Either way the caller `destroy`s the id to release what is left.
+    fn adopt(&self, cfg: BoxConfig) -> impl Future<Output = Result<BoxInfo>> + Send;
 }
 
 /// A connection into a box (to a port a process in it listens on).
@@ -395,6 +404,12 @@ impl Sandbox for Backend {
         match self {
             Backend::Native(b) => b.destroy(id).await,
             Backend::Docker(b) => b.destroy(id).await,
+        }
+    }
+    async fn adopt(&self, cfg: BoxConfig) -> Result<BoxInfo> {
+        match self {
+            Backend::Native(b) => b.adopt(cfg).await,
+            Backend::Docker(b) => b.adopt(cfg).await,
         }
     }
 }

@@ -12,24 +12,31 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
-async fn make(name: &str, runtime: &str) -> Env {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let backend = DockerBackend::new(DockerConfig {
+async fn backend(name: &str, runtime: &str, dir: &std::path::Path) -> DockerBackend {
+    DockerBackend::new(DockerConfig {
         name: name.into(),
         runtime: runtime.into(),
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
         socket: None,
     })
     .await
-    .expect("docker backend (a running dockerd with the runsc runtime)");
+    .expect("docker backend (a running dockerd with the runsc runtime)")
+}
+
+fn fixture(name: &str) -> Fixture {
     let probe = std::fs::read(env!("CARGO_BIN_EXE_berth-escape-probe")).expect("probe binary");
+    Fixture {
+        prefix: format!("{name}{}", std::process::id()),
+        probe,
+    }
+}
+
+async fn make(name: &str, runtime: &str) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
     Env {
-        backend,
-        fixture: Fixture {
-            prefix: format!("{name}{}", std::process::id()),
-            probe,
-        },
+        backend: backend(name, runtime, dir.path()).await,
+        fixture: fixture(name),
         _dir: dir,
     }
 }
@@ -78,6 +85,13 @@ macro_rules! suite {
             async fn limits() {
                 let e = env().await;
                 conformance::limits(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn adoption_after_restart() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let make = || backend($name, $runtime, dir.path());
+                conformance::adoption(make, &fixture($name)).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,6 +76,22 @@ async fn death_and_destroy() {
     .await;
 }
 
+/// Native boxes die with the server: adoption is refused, and the capabilities say so.
+#[tokio::test]
+async fn adoption_is_not_offered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let make = || async {
+        NativeBackend::new(NativeConfig {
+            data_dir: dir.path().to_path_buf(),
+            helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
+            pool_size: 0,
+        })
+        .expect("native backend")
+    };
+    assert!(!env().backend.capabilities().adoption);
+    conformance::adoption(make, &env().fixture).await;
+}
+
 #[tokio::test]
 async fn capabilities_reported() {
     let caps = env().backend.capabilities();

@@ -143,7 +143,7 @@ async fn bootstrap_admin(store: &dyn Store, cfg: &Config) -> Result<PathBuf, Ser
 
 /// A previous run may have died with boxes and sessions running: their processes are gone
 /// or orphaned. Clean up what the backends still hold and record what happened.
-async fn reconcile(engine: &Engine) -> Result<(), ServerError> {
+async fn reconcile(engine: &Arc<Engine>) -> Result<(), ServerError> {
     let closed = engine.store.close_abandoned_box_spans().await?;
     if closed > 0 {
         tracing::info!(
@@ -153,6 +153,21 @@ async fn reconcile(engine: &Engine) -> Result<(), ServerError> {
     }
     for mut b in engine.store.list_boxes(None).await? {
         if b.state.is_terminal() {
+            continue;
+        }
+        // Boxes of backends whose boxes outlive the server are taken back, unless they hold
+        // secrets: their values lived only in the dead process's memory.
+        let adoptable = b.state == berth_api::BoxState::Running
+            && b.secrets.is_empty()
+            && engine
+                .backends
+                .get(&b.backend)
+                .is_some_and(|be| be.capabilities().adoption);
+        if adoptable {
+            let id = b.id.clone();
+            if let Err(e) = engine.adopt_box(b).await {
+                tracing::warn!(box_id = %id, error = %e, "adopting a box left by the previous run");
+            }
             continue;
         }
         if let Some(backend) = engine.backends.get(&b.backend) {

@@ -144,6 +144,8 @@ pub trait Store: Send + Sync + 'static {
     /// Box events use the same shape as session events (`session_id` holds the box id).
     async fn append_box_events(&self, events: &[Event]) -> Result<()>;
     async fn box_events_after(&self, box_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
+    /// The highest seq in a box's event log (0 when empty).
+    async fn last_box_seq(&self, box_id: &str) -> Result<i64>;
 
     /// Append usage rows in one transaction.
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()>;

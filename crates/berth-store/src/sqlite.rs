@@ -526,6 +526,16 @@ impl Store for SqliteStore {
                 .get("n"),
         )
     }
+
+    async fn last_box_seq(&self, box_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM box_events WHERE box_id = ?")
+                .bind(box_id)
+                .fetch_one(&self.pool)
+                .await?
+                .get("n"),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -76,7 +76,14 @@ pub async fn exec(ctl: &Path, req: &ExecRequest, probes: Probes) -> Result<ExecH
     tokio::spawn(async move {
         let _done = done_tx;
         loop {
-            let ev = match aio::read_frame(&mut rd).await {
+            // A dropped receiver ends the exec even while the process is silent: returning
+            // here lets the writer close the connection, which the supervisor answers by
+            // killing the process group.
+            let frame = tokio::select! {
+                f = aio::read_frame(&mut rd) => f,
+                _ = ev_tx.closed() => return,
+            };
+            let ev = match frame {
                 Ok((Kind::Started, p)) => ExecEvent::Started {
                     pid: String::from_utf8_lossy(&p).parse().unwrap_or(0),
                 },
@@ -114,8 +121,7 @@ pub async fn exec(ctl: &Path, req: &ExecRequest, probes: Probes) -> Result<ExecH
                 }
             };
             if ev_tx.send(ev).await.is_err() {
-                // Nobody listens any more; keep the process but stop reading.
-                return;
+                return; // nobody listens any more: end the exec, as above
             }
         }
     });

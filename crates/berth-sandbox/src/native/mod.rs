@@ -134,6 +134,7 @@ impl NativeBackend {
             landlock: confine::landlock_supported(),
             disk_quota: loop_ok,
             process_oom_kill: true,
+            adoption: false,
             cgroup: if v2 { "v2".into() } else { "v1".into() },
             network: "loopback only; egress through gateway bridges".into(),
             oci_images: true,
@@ -535,6 +536,15 @@ impl Sandbox for NativeBackend {
     async fn connect(&self, id: &str, port: u16) -> Result<crate::PortStream> {
         let b = self.get_running(id)?;
         client::connect(&b.ctl(), port).await
+    }
+
+    async fn adopt(&self, cfg: BoxConfig) -> Result<BoxInfo> {
+        // A native box's processes die with the process that made it (parent-death signals
+        // down the chain): there is nothing to take back.
+        Err(SandboxError::Unsupported(format!(
+            "native box {} did not survive the server",
+            cfg.id
+        )))
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {

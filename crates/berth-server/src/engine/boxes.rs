@@ -140,6 +140,7 @@ struct BoxActor {
     obj: BoxObject,
     /// Secret values live only here and in the egress proxy: never in the store or the API.
     secrets: Vec<berth_gateway::egress::Secret>,
+    start: Start,
     /// Sequence number of the box's newest event.
     last_seq: i64,
     /// Start of the current egress-event minute, events recorded in it, and events dropped.
@@ -148,11 +149,21 @@ struct BoxActor {
     rx: mpsc::Receiver<BoxCmd>,
 }
 
+/// How the owner task gets its box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Make a new one in the backend.
+    Create,
+    /// Take back the box a previous server run left running (its event log ends at `last_seq`).
+    Adopt { last_seq: i64 },
+}
+
 pub fn spawn(
     engine: Arc<Engine>,
     backend: Arc<Backend>,
     obj: BoxObject,
     secrets: Vec<berth_gateway::egress::Secret>,
+    start: Start,
 ) -> BoxHandle {
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(obj.clone());
@@ -161,7 +172,11 @@ pub fn spawn(
         backend,
         obj,
         secrets,
-        last_seq: 0,
+        start,
+        last_seq: match start {
+            Start::Create => 0,
+            Start::Adopt { last_seq } => last_seq,
+        },
         egress_window: (Instant::now(), 0, 0),
         state: state_tx,
         rx,
@@ -268,18 +283,39 @@ impl BoxActor {
             ],
         };
         let started = Instant::now();
-        let info = match self.backend.create(cfg).await {
-            Ok(info) => {
-                metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name().to_owned())
-                    .record(started.elapsed().as_secs_f64());
-                info
-            }
-            Err(e) => {
-                tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
-                self.set(BoxState::Failed, Some(e.to_string())).await;
-                self.engine.forget_box(&self.obj.id);
-                return;
-            }
+        let info = match self.start {
+            Start::Create => match self.backend.create(cfg).await {
+                Ok(info) => {
+                    metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name().to_owned())
+                        .record(started.elapsed().as_secs_f64());
+                    info
+                }
+                Err(e) => {
+                    tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
+                    self.set(BoxState::Failed, Some(e.to_string())).await;
+                    self.engine.forget_box(&self.obj.id);
+                    return;
+                }
+            },
+            Start::Adopt { .. } => match self.backend.adopt(cfg).await {
+                Ok(info) => {
+                    tracing::info!(box_id = %self.obj.id, "adopted a box the previous run left running");
+                    info
+                }
+                Err(e) => {
+                    // Gone (or not adoptable): release whatever is left of it.
+                    let _ = self.backend.destroy(&self.obj.id).await;
+                    self.set(
+                        BoxState::Stopped,
+                        Some(format!(
+                            "server restarted; the box could not be taken back: {e}"
+                        )),
+                    )
+                    .await;
+                    self.engine.forget_box(&self.obj.id);
+                    return;
+                }
+            },
         };
         // The box's only ways out: its own gateway socket and its own egress proxy socket.
         let egress_task = match self.engine.egress.serve_box(
@@ -312,7 +348,11 @@ impl BoxActor {
                 return;
             }
         };
-        self.set(BoxState::Running, None).await;
+        let reason = match self.start {
+            Start::Create => None,
+            Start::Adopt { .. } => Some("adopted after a server restart".to_string()),
+        };
+        self.set(BoxState::Running, reason).await;
         let mut exit = match self.backend.exit_watch(&self.obj.id) {
             Ok(w) => w,
             Err(e) => {

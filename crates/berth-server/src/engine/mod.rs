@@ -234,7 +234,13 @@ impl Engine {
                 tls: s.tls,
             })
             .collect();
-        let handle = boxes::spawn(self.clone(), backend, obj.clone(), secrets);
+        let handle = boxes::spawn(
+            self.clone(),
+            backend,
+            obj.clone(),
+            secrets,
+            boxes::Start::Create,
+        );
         if let Ok(mut m) = self.boxes.write() {
             m.insert(obj.id.clone(), handle.clone());
         }
@@ -609,6 +615,31 @@ impl Engine {
             resume,
             proxy: None,
         })
+    }
+
+    /// Take back a running box the previous server run left (see `reconcile`): its owner task
+    /// adopts it from the backend, or records it stopped when it is gone.
+    pub async fn adopt_box(self: &Arc<Self>, mut obj: BoxObject) -> Result<(), ApiError> {
+        let backend = self
+            .backends
+            .get(&obj.backend)
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
+        let last_seq = self.store.last_box_seq(&obj.id).await?;
+        obj.state = BoxState::Creating;
+        let handle = boxes::spawn(
+            self.clone(),
+            backend,
+            obj.clone(),
+            vec![],
+            boxes::Start::Adopt { last_seq },
+        );
+        if let Ok(mut m) = self.boxes.write() {
+            m.insert(obj.id.clone(), handle.clone());
+        }
+        let mut rx = handle.state.clone();
+        let _ = rx.wait_for(|b| b.state != BoxState::Creating).await;
+        Ok(())
     }
 
     /// Start an ended session's agent again in its box; a Claude agent resumes its own
