@@ -167,8 +167,24 @@ pub struct BoxObject {
     /// Hosts and headers the egress proxy injects secrets for (values are never shown).
     #[serde(default)]
     pub secrets: Vec<SecretRef>,
+    /// A parked hybrid box: the snapshot it is restored from on its next use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// The archive a parked hybrid box left in the object store: its `/workspace` and
+/// `/home/agent` (where each session's `CLAUDE_CONFIG_DIR` lives), zstd-compressed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    pub key: String,
+    /// Compressed size.
+    pub bytes: u64,
+    pub sha256: String,
+    pub taken_at: Timestamp,
+    /// Sessions that were live when the box parked; they are resumed when it is restored.
+    pub sessions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]

@@ -834,3 +834,64 @@ async fn a_tenant_cannot_create_boxes_past_its_quota() {
     small_box(&api, json!({})).await;
     srv.stop().await;
 }
+
+/// A hybrid box whose snapshot cannot be stored keeps running with its files (the park is
+/// abandoned, the reason recorded); once the store works again the next idle period parks it,
+/// and an exec restores it with the files.
+#[tokio::test]
+async fn a_failed_park_leaves_the_box_running() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let snaps = dir.path().join("snaps");
+    let snaps_env = snaps.to_string_lossy().into_owned();
+    let srv = Server::start_with(
+        &dir.path().join("data"),
+        &[("BERTH_SNAPSHOT_DIR", snaps_env.as_str())],
+    )
+    .await;
+    let api = srv.client();
+    // Break the store: its `boxes/` prefix is a file.
+    std::fs::write(snaps.join("boxes"), b"in the way").expect("block the store");
+    let bx = small_box(&api, json!({"lifecycle": "hybrid", "idle_timeout_s": 1})).await;
+    let put = api
+        .raw(
+            api.http
+                .put(format!("{}/v1/boxes/{bx}/files/notes.txt", api.url))
+                .bearer_auth(&api.token)
+                .body("keep me"),
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    let b = api
+        .wait_for(&format!("/v1/boxes/{bx}"), 30, |b| {
+            b["state_reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("park failed"))
+        })
+        .await;
+    assert_eq!(b["state"], "running", "{b}");
+    assert!(b.get("snapshot").is_none(), "{b}");
+    let out = api
+        .post(
+            &format!("/v1/boxes/{bx}/exec"),
+            json!({"argv": ["cat", "/workspace/notes.txt"]}),
+        )
+        .await;
+    assert_eq!(out.json["stdout"], "keep me", "{}", out.json);
+
+    std::fs::remove_file(snaps.join("boxes")).expect("unblock");
+    api.wait_for(&format!("/v1/boxes/{bx}"), 30, |b| b["state"] == "parked")
+        .await;
+    let out = api
+        .post(
+            &format!("/v1/boxes/{bx}/exec"),
+            json!({"argv": ["cat", "/workspace/notes.txt"]}),
+        )
+        .await;
+    assert_eq!(out.status, 200, "{}", out.json);
+    assert_eq!(out.json["stdout"], "keep me", "restored with its files");
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "running"
+    );
+    srv.stop().await;
+}

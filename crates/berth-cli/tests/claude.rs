@@ -753,3 +753,88 @@ async fn a_docker_box_is_adopted_after_kill9_and_its_agent_resumes() {
     assert!(left.stdout.is_empty(), "container left behind");
     srv.stop().await;
 }
+
+/// The hybrid pattern: idle, the box parks (agents stopped, workspace and each session's
+/// CLAUDE_CONFIG_DIR snapshotted, the box destroyed); the next message restores it into a
+/// fresh box and the agent resumes with its memory (the model sees the earlier turn) and
+/// files. A server restart in between loses nothing.
+#[tokio::test]
+async fn a_hybrid_box_parks_when_idle_and_resumes_with_its_memory_and_files() {
+    let (mock_url, mock) = start_mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = start_server(dir.path(), &mock_url, &[]).await;
+    let api = srv.client();
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": {"lifecycle": "hybrid", "idle_timeout_s": 1,
+                           "resources": {"memory_mib": 1024, "disk_mib": 256}},
+                   "agent": {"kind": "claude"}, "prompt": "first task: make a file"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let (sid, bx) = (
+        r.json["id"].as_str().expect("id").to_string(),
+        r.json["box_id"].as_str().expect("box").to_string(),
+    );
+    api.until(&sid, "result", 1).await;
+    let parked = api
+        .wait_for(&format!("/v1/boxes/{bx}"), 30, |b| b["state"] == "parked")
+        .await;
+    let snap = &parked["snapshot"];
+    assert_eq!(snap["sessions"], json!([sid]), "{parked}");
+    let key = snap["key"].as_str().expect("key").to_string();
+    let archive = dir.path().join("snapshots").join(&key);
+    let size = std::fs::metadata(&archive).expect("snapshot on disk").len();
+    assert_eq!(snap["bytes"].as_u64(), Some(size));
+    let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+    assert_eq!(s["state"], "stopped", "{s}");
+    assert_eq!(s["state_reason"], "box parked", "{s}");
+    // The box itself is gone: no cgroup, no process of it (native backend).
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/pids/berth/{bx}")).exists());
+
+    // A restart of the server in between: the parked box waits for its next use.
+    srv.stop().await;
+    let srv = start_server(dir.path(), &mock_url, &[]).await;
+    let api = srv.client();
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "parked"
+    );
+
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "second task: make a file"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    api.until(&sid, "result", 2).await;
+    let resumed = mock.recorded().iter().any(|r| {
+        let m = r.body["messages"].to_string();
+        m.contains("first task") && m.contains("second task")
+    });
+    assert!(resumed, "the restored agent resumed its conversation");
+    // The file from before the park is back (a file call restores the box if it parked again).
+    let f = api.get(&format!("/v1/boxes/{bx}/files/hello.txt")).await;
+    assert_eq!(f.bytes, b"Hello from an agent in a berth box!\n");
+    assert!(!archive.exists(), "a restored box's snapshot is deleted");
+    let evs = api.get(&format!("/v1/boxes/{bx}/events")).await.json;
+    let states: Vec<&str> = evs["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["type"] == "state")
+        .filter_map(|e| e["data"]["state"].as_str())
+        .collect();
+    let want = ["running", "parking", "parked", "restoring", "running"];
+    assert!(
+        states.windows(want.len()).any(|w| w == want),
+        "box states {states:?}"
+    );
+    assert_eq!(
+        api.delete(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "destroyed"
+    );
+    srv.stop().await;
+}

@@ -36,6 +36,8 @@ pub struct Config {
     /// What a committed event survives: `crash` (the server dying; default, no fsync per
     /// commit) or `power` (machine power loss too; fsync per commit, slower event delivery).
     pub durability: String,
+    /// Where parked hybrid boxes' snapshots go (default `<data_dir>/snapshots`).
+    pub snapshot_dir: Option<PathBuf>,
     /// The Claude Code CLI (default: `$BERTH_CLAUDE_BIN`, else `claude` on `PATH`). It must live
     /// where `host`-image boxes see it (under /usr, /opt, …), not under /root or /home.
     pub claude_cli: Option<PathBuf>,
@@ -157,6 +159,7 @@ impl Default for Config {
             session_rpm: None,
             max_boxes_per_tenant: 100,
             durability: "crash".into(),
+            snapshot_dir: None,
             claude_cli: None,
             native: NativeSection::default(),
             docker: DockerSection::default(),
@@ -240,6 +243,9 @@ impl Config {
         }
         if let Some(v) = var("BERTH_GVISOR") {
             self.docker.gvisor = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = var("BERTH_SNAPSHOT_DIR") {
+            self.snapshot_dir = Some(PathBuf::from(v));
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;

@@ -157,16 +157,29 @@ async fn reconcile(engine: &Arc<Engine>) -> Result<(), ServerError> {
         }
         // Boxes of backends whose boxes outlive the server are taken back, unless they hold
         // secrets: their values lived only in the dead process's memory.
+        // A box that was parking may still run (a park only destroys it after its snapshot is
+        // stored); one that was restoring is parked again, its half-made box released.
+        if b.state == berth_api::BoxState::Parking {
+            b.state = berth_api::BoxState::Running;
+            b.snapshot = None;
+        }
+        if b.state == berth_api::BoxState::Restoring {
+            if let Some(backend) = engine.backends.get(&b.backend) {
+                let _ = backend.destroy(&b.id).await;
+            }
+            b.state = berth_api::BoxState::Parked;
+        }
         let adoptable = b.state == berth_api::BoxState::Running
             && b.secrets.is_empty()
             && engine
                 .backends
                 .get(&b.backend)
                 .is_some_and(|be| be.capabilities().adoption);
-        if adoptable {
+        let parked = b.state == berth_api::BoxState::Parked && b.snapshot.is_some();
+        if adoptable || parked {
             let id = b.id.clone();
-            if let Err(e) = engine.adopt_box(b).await {
-                tracing::warn!(box_id = %id, error = %e, "adopting a box left by the previous run");
+            if let Err(e) = engine.resume_box(b).await {
+                tracing::warn!(box_id = %id, error = %e, "taking back a box left by the previous run");
             }
             continue;
         }
@@ -353,6 +366,12 @@ pub async fn run(
                 gap_fraction: cfg.cost.gap_fraction,
             },
             clock: rt.clock.clone(),
+            snapshots: berth_store::snapshots::SnapshotStore::local(
+                &cfg.snapshot_dir
+                    .clone()
+                    .unwrap_or_else(|| cfg.data_dir.join("snapshots")),
+            )
+            .map_err(|e| ServerError::Other(format!("snapshot store: {e}")))?,
         },
         gateway,
         egress,

@@ -11,6 +11,7 @@
 //! - Tenancy is enforced by callers through the `tenant` argument of lookups; a row of another
 //!   tenant is reported as absent.
 
+pub mod snapshots;
 pub mod sqlite;
 
 use async_trait::async_trait;

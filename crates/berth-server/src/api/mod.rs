@@ -45,7 +45,7 @@ pub struct Query<T>(pub T);
         usage::report, system::backends, system::healthz, system::readyz, system::metrics_text,
     ),
     components(schemas(
-        berth_api::BoxSpec, berth_api::BoxObject, berth_api::BoxState, berth_api::Lifecycle, berth_api::Resources,
+        berth_api::BoxSpec, berth_api::BoxObject, berth_api::SnapshotInfo, berth_api::BoxState, berth_api::Lifecycle, berth_api::Resources,
         berth_api::NetworkSpec, berth_api::ExecRequest, berth_api::ExecResponse, berth_api::BoxStats,
         berth_api::DirListing, berth_api::DirEntry, berth_api::SessionSpec, berth_api::SessionObject,
         berth_api::SessionState, berth_api::AgentSpec, berth_api::ClaudeAgent, berth_api::CommandAgent,

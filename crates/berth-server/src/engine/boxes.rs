@@ -9,7 +9,7 @@
 use super::{sleep_until_opt, Engine};
 use crate::auth::now;
 use crate::error::ApiError;
-use berth_api::{BoxObject, BoxSpec, BoxState};
+use berth_api::{BoxObject, BoxSpec, BoxState, Lifecycle};
 use berth_sandbox::{Backend, BoxConfig, BoxExit, Bridge, Image, Limits, Sandbox};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,10 @@ pub enum BoxCmd {
         reply: oneshot::Sender<()>,
     },
     Touch,
+    /// Bring a parked box back; answers with the sessions to resume.
+    Restore {
+        reply: oneshot::Sender<Result<Vec<String>, ApiError>>,
+    },
     /// An egress decision to record in the box's event log.
     Egress(berth_gateway::egress::Decision),
 }
@@ -149,6 +153,13 @@ struct BoxActor {
     rx: mpsc::Receiver<BoxCmd>,
 }
 
+/// What a running box is served with; dropped when it parks.
+struct Served {
+    gateway: tokio::task::JoinHandle<()>,
+    egress: tokio::task::JoinHandle<()>,
+    exit: watch::Receiver<Option<BoxExit>>,
+}
+
 /// How the owner task gets its box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -156,6 +167,8 @@ pub enum Start {
     Create,
     /// Take back the box a previous server run left running (its event log ends at `last_seq`).
     Adopt { last_seq: i64 },
+    /// A parked hybrid box: nothing runs until its next use restores it.
+    Parked { last_seq: i64 },
 }
 
 pub fn spawn(
@@ -175,7 +188,7 @@ pub fn spawn(
         start,
         last_seq: match start {
             Start::Create => 0,
-            Start::Adopt { last_seq } => last_seq,
+            Start::Adopt { last_seq } | Start::Parked { last_seq } => last_seq,
         },
         egress_window: (Instant::now(), 0, 0),
         state: state_tx,
@@ -259,8 +272,8 @@ impl BoxActor {
         self.state.send_replace(self.obj.clone());
     }
 
-    async fn run(mut self) {
-        let cfg = BoxConfig {
+    fn box_config(&self) -> BoxConfig {
+        BoxConfig {
             id: self.obj.id.clone(),
             image: match self.obj.image.as_str() {
                 "host" => Image::Host,
@@ -281,44 +294,44 @@ impl BoxActor {
                     socket: "egress.sock".into(),
                 },
             ],
-        };
+        }
+    }
+
+    /// Make (or adopt) the box in its backend, unpack `archive` into it when restoring, open its
+    /// gateway and egress sockets and go `running` with `reason`. On failure the box is
+    /// released and the error returned; the caller records the state.
+    async fn bring_up(
+        &mut self,
+        adopt: bool,
+        archive: Option<bytes::Bytes>,
+        reason: Option<String>,
+    ) -> Result<Served, String> {
+        let cfg = self.box_config();
         let started = Instant::now();
-        let info = match self.start {
-            Start::Create => match self.backend.create(cfg).await {
-                Ok(info) => {
-                    metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name().to_owned())
-                        .record(started.elapsed().as_secs_f64());
-                    info
-                }
-                Err(e) => {
-                    tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
-                    self.set(BoxState::Failed, Some(e.to_string())).await;
-                    self.engine.forget_box(&self.obj.id);
-                    return;
-                }
-            },
-            Start::Adopt { .. } => match self.backend.adopt(cfg).await {
-                Ok(info) => {
-                    tracing::info!(box_id = %self.obj.id, "adopted a box the previous run left running");
-                    info
-                }
-                Err(e) => {
-                    // Gone (or not adoptable): release whatever is left of it.
-                    let _ = self.backend.destroy(&self.obj.id).await;
-                    self.set(
-                        BoxState::Stopped,
-                        Some(format!(
-                            "server restarted; the box could not be taken back: {e}"
-                        )),
-                    )
-                    .await;
-                    self.engine.forget_box(&self.obj.id);
-                    return;
-                }
-            },
+        let made = if adopt {
+            self.backend.adopt(cfg).await
+        } else {
+            self.backend.create(cfg).await
         };
+        let info = match made {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = self.backend.destroy(&self.obj.id).await;
+                return Err(e.to_string());
+            }
+        };
+        if !adopt {
+            metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name().to_owned())
+                .record(started.elapsed().as_secs_f64());
+        }
+        if let Some(archive) = archive {
+            if let Err(e) = super::park::unpack(&self.backend, &self.obj.id, archive).await {
+                let _ = self.backend.destroy(&self.obj.id).await;
+                return Err(format!("unpacking the snapshot: {e}"));
+            }
+        }
         // The box's only ways out: its own gateway socket and its own egress proxy socket.
-        let egress_task = match self.engine.egress.serve_box(
+        let egress = match self.engine.egress.serve_box(
             &self.obj.id,
             self.obj.network.allow.clone(),
             self.secrets.clone(),
@@ -327,60 +340,98 @@ impl BoxActor {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.backend.destroy(&self.obj.id).await;
-                self.set(BoxState::Failed, Some(format!("egress proxy: {e}")))
-                    .await;
-                self.engine.forget_box(&self.obj.id);
-                return;
+                return Err(format!("egress proxy: {e}"));
             }
         };
-        let gateway_task = match self
+        let gateway = match self
             .engine
             .gateway
             .serve_box(&self.obj.id, &info.run_dir.join("model.sock"))
         {
             Ok(t) => t,
             Err(e) => {
-                egress_task.abort();
+                egress.abort();
                 let _ = self.backend.destroy(&self.obj.id).await;
-                self.set(BoxState::Failed, Some(format!("gateway: {e}")))
-                    .await;
-                self.engine.forget_box(&self.obj.id);
-                return;
+                return Err(format!("gateway: {e}"));
             }
         };
-        let reason = match self.start {
-            Start::Create => None,
-            Start::Adopt { .. } => Some("adopted after a server restart".to_string()),
-        };
-        self.set(BoxState::Running, reason).await;
-        let mut exit = match self.backend.exit_watch(&self.obj.id) {
+        let exit = match self.backend.exit_watch(&self.obj.id) {
             Ok(w) => w,
             Err(e) => {
-                self.set(BoxState::Failed, Some(e.to_string())).await;
-                self.engine.forget_box(&self.obj.id);
-                return;
+                egress.abort();
+                gateway.abort();
+                let _ = self.backend.destroy(&self.obj.id).await;
+                return Err(e.to_string());
+            }
+        };
+        self.set(BoxState::Running, reason).await;
+        Ok(Served {
+            gateway,
+            egress,
+            exit,
+        })
+    }
+
+    async fn run(mut self) {
+        let mut served = match self.start {
+            Start::Parked { .. } => None,
+            Start::Create => match self.bring_up(false, None, None).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
+                    self.set(BoxState::Failed, Some(e)).await;
+                    self.engine.forget_box(&self.obj.id);
+                    return;
+                }
+            },
+            Start::Adopt { .. } => {
+                let reason = Some("adopted after a server restart".to_string());
+                match self.bring_up(true, None, reason).await {
+                    Ok(s) => {
+                        tracing::info!(box_id = %self.obj.id, "adopted a box the previous run left running");
+                        Some(s)
+                    }
+                    Err(e) => {
+                        self.set(
+                            BoxState::Stopped,
+                            Some(format!(
+                                "server restarted; the box could not be taken back: {e}"
+                            )),
+                        )
+                        .await;
+                        self.engine.forget_box(&self.obj.id);
+                        return;
+                    }
+                }
             }
         };
         let idle = self.obj.idle_timeout_s.map(Duration::from_secs);
         let lifetime = self
             .obj
             .max_lifetime_s
-            .map(|s| started + Duration::from_secs(s));
+            .map(|s| Instant::now() + Duration::from_secs(s));
         let mut last_activity = Instant::now();
         loop {
-            let running = self.obj.state == BoxState::Running;
+            let running = self.obj.state == BoxState::Running && served.is_some();
             let idle_deadline = if running {
                 idle.map(|d| last_activity + d)
             } else {
                 None
             };
             let life_deadline = if running { lifetime } else { None };
+            let exit_changed = async {
+                match served.as_mut() {
+                    Some(s) => s.exit.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     Some(BoxCmd::Touch) => last_activity = Instant::now(),
                     Some(BoxCmd::Egress(d)) => self.egress(d).await,
                     Some(BoxCmd::Destroy { reply }) => {
                         let r = self.teardown(BoxState::Destroyed, None).await;
+                        self.drop_snapshot().await;
                         let _ = reply.send(r.map(|_| self.obj.clone()));
                         break;
                     }
@@ -391,13 +442,18 @@ impl BoxActor {
                         let _ = reply.send(());
                         break;
                     }
+                    Some(BoxCmd::Restore { reply }) => {
+                        let r = self.restore(&mut served).await;
+                        last_activity = Instant::now();
+                        let _ = reply.send(r);
+                    }
                     None => break,
                 },
-                changed = exit.changed(), if running => {
-                    if changed.is_err() {
+                changed = exit_changed, if running => {
+                    if !changed {
                         continue;
                     }
-                    let why = exit.borrow().clone();
+                    let why = served.as_ref().and_then(|s| s.exit.borrow().clone());
                     let reason = match why {
                         Some(BoxExit::OomKilled) => "box init was OOM-killed".to_string(),
                         Some(BoxExit::Exited { code }) => format!("box init exited with code {code}"),
@@ -408,16 +464,137 @@ impl BoxActor {
                     self.set(BoxState::Failed, Some(reason)).await;
                 }
                 _ = sleep_until_opt(idle_deadline) => {
-                    let _ = self.teardown(BoxState::Stopped, Some("idle_timeout".into())).await;
+                    if self.obj.lifecycle == Lifecycle::Hybrid {
+                        if !self.engine.box_busy(&self.obj.id) {
+                            self.park(&mut served).await;
+                        }
+                        last_activity = Instant::now();
+                    } else {
+                        let _ = self.teardown(BoxState::Stopped, Some("idle_timeout".into())).await;
+                    }
                 }
                 _ = sleep_until_opt(life_deadline) => {
                     let _ = self.teardown(BoxState::Stopped, Some("max_lifetime".into())).await;
                 }
             }
         }
-        gateway_task.abort();
-        egress_task.abort();
+        if let Some(s) = served {
+            s.gateway.abort();
+            s.egress.abort();
+        }
         self.engine.forget_box(&self.obj.id);
+    }
+
+    /// Idle hybrid box: stop its agents, snapshot it, verify the snapshot, destroy the box. A
+    /// failure at any step before the destroy leaves the box running (its agents restarted).
+    async fn park(&mut self, served: &mut Option<Served>) {
+        let t = Instant::now();
+        self.set(BoxState::Parking, Some("idle_timeout".into()))
+            .await;
+        let sessions = self
+            .engine
+            .stop_box_sessions(&self.obj.id, "box parked")
+            .await;
+        let key = format!("boxes/{}/{}.tar.zst", self.obj.id, self.last_seq + 1);
+        let stored = match super::park::capture(&self.backend, &self.obj.id).await {
+            Ok(archive) => self
+                .engine
+                .config
+                .snapshots
+                .put(&key, archive)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let stored = match stored {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(box_id = %self.obj.id, error = %e, "parking failed; the box keeps running");
+                self.set(BoxState::Running, Some(format!("park failed: {e}")))
+                    .await;
+                self.engine
+                    .resume_sessions(&self.obj.tenant, &sessions)
+                    .await;
+                return;
+            }
+        };
+        self.obj.snapshot = Some(berth_api::SnapshotInfo {
+            key: stored.key,
+            bytes: stored.bytes,
+            sha256: stored.sha256,
+            taken_at: now(),
+            sessions,
+        });
+        if let Some(s) = served.take() {
+            s.gateway.abort();
+            s.egress.abort();
+        }
+        if let Err(e) = self.backend.destroy(&self.obj.id).await {
+            tracing::error!(box_id = %self.obj.id, error = %e, "destroying a parked box");
+        }
+        self.set(BoxState::Parked, Some("idle_timeout".into()))
+            .await;
+        metrics::histogram!("berth_box_park_seconds").record(t.elapsed().as_secs_f64());
+    }
+
+    /// A parked box's next use: a fresh box at the same paths with the snapshot unpacked.
+    /// Answers with the sessions to resume; a box that is not parked answers at once.
+    async fn restore(&mut self, served: &mut Option<Served>) -> Result<Vec<String>, ApiError> {
+        if self.obj.state != BoxState::Parked {
+            return Ok(vec![]);
+        }
+        let Some(snap) = self.obj.snapshot.clone() else {
+            return Err(ApiError::Internal("parked box without a snapshot".into()));
+        };
+        let t = Instant::now();
+        self.set(BoxState::Restoring, None).await;
+        let archive = match self
+            .engine
+            .config
+            .snapshots
+            .get(&snap.key, &snap.sha256)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                // The snapshot stays; the box stays parked and may be tried again.
+                self.set(BoxState::Parked, Some(format!("restore failed: {e}")))
+                    .await;
+                return Err(ApiError::Internal(format!(
+                    "restoring box {}: {e}",
+                    self.obj.id
+                )));
+            }
+        };
+        let reason = Some("restored from its snapshot".to_string());
+        match self.bring_up(false, Some(archive), reason).await {
+            Ok(s) => *served = Some(s),
+            Err(e) => {
+                self.set(BoxState::Parked, Some(format!("restore failed: {e}")))
+                    .await;
+                return Err(ApiError::Internal(format!(
+                    "restoring box {}: {e}",
+                    self.obj.id
+                )));
+            }
+        }
+        metrics::histogram!("berth_box_restore_seconds").record(t.elapsed().as_secs_f64());
+        self.drop_snapshot().await;
+        Ok(snap.sessions)
+    }
+
+    /// Forget the box's snapshot (restored or destroyed): the object store's copy goes too.
+    async fn drop_snapshot(&mut self) {
+        if let Some(snap) = self.obj.snapshot.take() {
+            if let Err(e) = self.engine.config.snapshots.delete(&snap.key).await {
+                tracing::warn!(box_id = %self.obj.id, error = %e, "deleting a snapshot");
+            }
+            self.obj.updated_at = now();
+            if let Err(e) = self.engine.store.put_box(&self.obj).await {
+                tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
+            }
+            self.state.send_replace(self.obj.clone());
+        }
     }
 
     async fn teardown(&mut self, to: BoxState, reason: Option<String>) -> Result<(), ApiError> {

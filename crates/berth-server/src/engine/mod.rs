@@ -10,6 +10,7 @@
 
 pub mod boxes;
 pub mod ledger;
+pub mod park;
 pub mod sessions;
 
 use crate::auth::{new_id, now};
@@ -36,6 +37,8 @@ pub struct EngineConfig {
     pub cost: ledger::CostConfig,
     /// What container time and usage timestamps are read from.
     pub clock: crate::clock::Clock,
+    /// Where parked hybrid boxes' snapshots are kept.
+    pub snapshots: berth_store::snapshots::SnapshotStore,
 }
 
 /// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
@@ -221,6 +224,7 @@ impl Engine {
                     tls: s.tls,
                 })
                 .collect(),
+            snapshot: None,
             created_at: ts.clone(),
             updated_at: ts,
         };
@@ -355,10 +359,11 @@ impl Engine {
 
     /// The backend of a running box, after checking the tenant; records activity.
     pub async fn running_box(
-        &self,
+        self: &Arc<Self>,
         tenant: &str,
         id: &str,
     ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
+        self.ensure_unparked(tenant, id).await?;
         let b = self.get_box(tenant, id).await?;
         let Some(h) = self.box_handle(id) else {
             return Err(ApiError::Conflict(format!(
@@ -422,6 +427,7 @@ impl Engine {
         }
         let box_obj = match &spec.box_ref {
             BoxRef::Id(id) => {
+                self.ensure_unparked(tenant, id).await?;
                 let b = self.get_box(tenant, id).await?;
                 if b.state != BoxState::Running {
                     return Err(ApiError::Conflict(format!(
@@ -530,11 +536,16 @@ impl Engine {
     }
 
     pub async fn send_message(
-        &self,
+        self: &Arc<Self>,
         tenant: &str,
         id: &str,
         content: serde_json::Value,
     ) -> Result<(), ApiError> {
+        // A session its parked box stopped comes back with the box.
+        if self.session_handle(id).is_none() {
+            let s = self.get_session(tenant, id).await?;
+            self.ensure_unparked(tenant, &s.box_id).await?;
+        }
         self.ask_session(tenant, id, |reply| SessionCmd::Message { content, reply })
             .await
     }
@@ -617,23 +628,23 @@ impl Engine {
         })
     }
 
-    /// Take back a running box the previous server run left (see `reconcile`): its owner task
-    /// adopts it from the backend, or records it stopped when it is gone.
-    pub async fn adopt_box(self: &Arc<Self>, mut obj: BoxObject) -> Result<(), ApiError> {
+    /// Give a box the previous server run left an owner task again (see `reconcile`): a
+    /// running box is adopted from its backend (or recorded stopped when it is gone); a parked
+    /// one waits for its next use.
+    pub async fn resume_box(self: &Arc<Self>, mut obj: BoxObject) -> Result<(), ApiError> {
         let backend = self
             .backends
             .get(&obj.backend)
             .cloned()
             .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
         let last_seq = self.store.last_box_seq(&obj.id).await?;
-        obj.state = BoxState::Creating;
-        let handle = boxes::spawn(
-            self.clone(),
-            backend,
-            obj.clone(),
-            vec![],
-            boxes::Start::Adopt { last_seq },
-        );
+        let start = if obj.state == BoxState::Parked {
+            boxes::Start::Parked { last_seq }
+        } else {
+            obj.state = BoxState::Creating;
+            boxes::Start::Adopt { last_seq }
+        };
+        let handle = boxes::spawn(self.clone(), backend, obj.clone(), vec![], start);
         if let Ok(mut m) = self.boxes.write() {
             m.insert(obj.id.clone(), handle.clone());
         }
@@ -642,9 +653,101 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether an agent in the box is in the middle of a turn (a box is not idle then, even
+    /// when the model is slow to answer).
+    pub(crate) fn box_busy(&self, box_id: &str) -> bool {
+        self.sessions
+            .read()
+            .map(|m| {
+                m.values().any(|h| {
+                    let s = h.state.borrow();
+                    s.box_id == box_id
+                        && matches!(s.state, SessionState::Running | SessionState::Starting)
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    /// Stop every live session in a box (it is parking); their ids, to resume later.
+    pub(crate) async fn stop_box_sessions(&self, box_id: &str, reason: &str) -> Vec<String> {
+        let handles: Vec<SessionHandle> = self
+            .sessions
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|h| h.state.borrow().box_id == box_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut stopped = Vec::new();
+        for h in handles {
+            let id = h.state.borrow().id.clone();
+            let (tx, rx) = oneshot::channel();
+            let cmd = SessionCmd::Stop {
+                reason: reason.to_string(),
+                reply: tx,
+            };
+            if h.tx.send(cmd).await.is_ok() && rx.await.is_ok() {
+                stopped.push(id);
+            }
+        }
+        stopped
+    }
+
+    /// Restart sessions stopped by a park (their agents resume their conversations).
+    pub(crate) async fn resume_sessions(self: &Arc<Self>, tenant: &str, ids: &[String]) {
+        for id in ids {
+            if let Err(e) = self.restart_in_running_box(tenant, id).await {
+                tracing::warn!(session_id = %id, error = %e, "resuming a session after a park");
+            }
+        }
+    }
+
+    /// If the box is parked, restore it and resume the sessions the park stopped (true);
+    /// otherwise nothing (false). Concurrent callers are served in turn by the box's owner task.
+    pub async fn ensure_unparked(
+        self: &Arc<Self>,
+        tenant: &str,
+        box_id: &str,
+    ) -> Result<bool, ApiError> {
+        let b = self.get_box(tenant, box_id).await?;
+        if !matches!(
+            b.state,
+            BoxState::Parked | BoxState::Parking | BoxState::Restoring
+        ) {
+            return Ok(false);
+        }
+        let h = self
+            .box_handle(box_id)
+            .ok_or_else(|| ApiError::Conflict(format!("box {box_id} is {}", b.state.as_str())))?;
+        // A park in progress finishes first (the owner task takes one command at a time).
+        let (tx, rx) = oneshot::channel();
+        let gone = || ApiError::Conflict(format!("box {box_id} is gone"));
+        h.tx.send(BoxCmd::Restore { reply: tx })
+            .await
+            .map_err(|_| gone())?;
+        let sessions = rx.await.map_err(|_| gone())??;
+        self.resume_sessions(&b.tenant, &sessions).await;
+        Ok(true)
+    }
+
     /// Start an ended session's agent again in its box; a Claude agent resumes its own
     /// conversation (`--resume=<agent_session_id>`). Events continue the same log.
     pub async fn restart_session(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &str,
+    ) -> Result<SessionObject, ApiError> {
+        let s = self.get_session(tenant, id).await?;
+        if self.ensure_unparked(tenant, &s.box_id).await? && self.session_handle(id).is_some() {
+            // Resumed with its box.
+            return self.get_session(tenant, id).await;
+        }
+        self.restart_in_running_box(tenant, id).await
+    }
+
+    async fn restart_in_running_box(
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
