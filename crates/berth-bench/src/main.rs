@@ -5,12 +5,14 @@
 //! cargo run --release -p berth-bench -- api
 //! cargo run --release -p berth-bench -- gateway
 //! cargo run --release -p berth-bench -- agents [--runs 20 --concurrent 50]
+//! cargo run --release -p berth-bench -- park [--runs 5 --mib 100]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
 mod agents;
 mod api;
 mod gateway;
+mod park;
 mod sandbox;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +48,14 @@ enum Cmd {
         runs: usize,
         #[arg(long, default_value_t = 50)]
         concurrent: usize,
+    },
+    /// Hybrid boxes: park and restore with a large workspace; a resumed agent against a fresh one.
+    Park {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Workspace size in MiB (random bytes).
+        #[arg(long, default_value_t = 100)]
+        mib: usize,
     },
     /// SSE subscribers for the `api` suite (internal).
     #[command(hide = true)]
@@ -160,6 +170,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Gateway { requests } => gateway::run(requests).await,
             Cmd::Io { files } => sandbox::io(files).await,
             Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
+            Cmd::Park { runs, mib } => park::run(runs, mib).await,
             Cmd::SseClients {
                 url,
                 token,

@@ -113,12 +113,12 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
 
 /// berth's Docker backend (runc): create → exec `/bin/true` → destroy. Returns the timings and
 /// the `host` image it made, for the by-hand comparison.
-async fn docker_backend(runs: usize) -> anyhow::Result<Vec<Duration>> {
+async fn docker_backend(runs: usize, name: &str, runtime: &str) -> anyhow::Result<Vec<Duration>> {
     use berth_sandbox::docker::{DockerBackend, DockerConfig};
     let dir = tempfile::tempdir()?;
     let backend = DockerBackend::new(DockerConfig {
-        name: "docker".into(),
-        runtime: "runc".into(),
+        name: name.into(),
+        runtime: runtime.into(),
         data_dir: dir.path().to_path_buf(),
         helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
         socket: None,
@@ -251,51 +251,55 @@ pub async fn run(runs: usize, docker_runs: usize) -> anyhow::Result<()> {
         ));
     }
     if docker_runs > 0 {
-        let berth = summarize(
-            "berth docker backend (runc), host image (create → exec → destroy)",
-            docker_backend(docker_runs).await?,
-        );
         let img = berth_host_image()?;
-        let by_hand = summarize(
-            "docker run --rm by hand, same image, binds and limits, /bin/true",
-            time_cmd(
-                &[
-                    "docker",
-                    "run",
-                    "--rm",
-                    "--network",
-                    "none",
-                    "--read-only",
-                    "--cap-drop",
-                    "ALL",
-                    "--security-opt",
-                    "no-new-privileges",
-                    "--user",
-                    "1000:1000",
-                    "--memory",
-                    "256m",
-                    "--memory-swap",
-                    "256m",
-                    "--pids-limit",
-                    "64",
-                    "--cpus",
-                    "1",
-                    "-v",
-                    "/usr:/usr:ro",
-                    "-v",
-                    "/opt:/opt:ro",
-                    &img,
-                    "/bin/true",
-                ],
-                docker_runs,
-            )?,
-        );
-        eprintln!(
-            "berth docker backend ÷ docker run by hand (medians): {:.3}",
-            berth.median.as_secs_f64() / by_hand.median.as_secs_f64()
-        );
-        rows.push(berth);
-        rows.push(by_hand);
+        for (name, runtime) in [("docker", "runc"), ("gvisor", "runsc")] {
+            let berth = summarize(
+                &format!("berth {name} backend ({runtime}), host image (create → exec → destroy)"),
+                docker_backend(docker_runs, name, runtime).await?,
+            );
+            let by_hand = summarize(
+                &format!("docker run --rm --runtime {runtime} by hand, same image, binds and limits, /bin/true"),
+                time_cmd(
+                    &[
+                        "docker",
+                        "run",
+                        "--rm",
+                        "--runtime",
+                        runtime,
+                        "--network",
+                        "none",
+                        "--read-only",
+                        "--cap-drop",
+                        "ALL",
+                        "--security-opt",
+                        "no-new-privileges",
+                        "--user",
+                        "1000:1000",
+                        "--memory",
+                        "256m",
+                        "--memory-swap",
+                        "256m",
+                        "--pids-limit",
+                        "64",
+                        "--cpus",
+                        "1",
+                        "-v",
+                        "/usr:/usr:ro",
+                        "-v",
+                        "/opt:/opt:ro",
+                        &img,
+                        "/bin/true",
+                    ],
+                    docker_runs,
+                )?,
+            );
+            eprintln!(
+                "berth {name} backend ÷ docker run --runtime {runtime} by hand (medians): {:.3}",
+                berth.median.as_secs_f64() / by_hand.median.as_secs_f64()
+            );
+            rows.push(berth);
+            rows.push(by_hand);
+        }
     }
     let base = rows[0].median;
     println!("| what | runs | median ms | p99 ms | berth median ÷ this median |");

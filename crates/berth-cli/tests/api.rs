@@ -878,6 +878,19 @@ async fn a_failed_park_leaves_the_box_running() {
         .await;
     assert_eq!(out.json["stdout"], "keep me", "{}", out.json);
 
+    // Parking on request answers the failure too, and only hybrid boxes park.
+    let r = api.post(&format!("/v1/boxes/{bx}/park"), json!({})).await;
+    assert_eq!(r.status, 500, "{}", r.json);
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "running"
+    );
+    let plain = small_box(&api, json!({})).await;
+    let r = api
+        .post(&format!("/v1/boxes/{plain}/park"), json!({}))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.json);
+
     std::fs::remove_file(snaps.join("boxes")).expect("unblock");
     api.wait_for(&format!("/v1/boxes/{bx}"), 30, |b| b["state"] == "parked")
         .await;

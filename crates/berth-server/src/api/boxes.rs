@@ -61,6 +61,18 @@ pub async fn delete_box(
     Ok(Json(st.engine.delete_box(&c.tenant, &id).await?))
 }
 
+/// Park a hybrid box now: its agents stopped, its workspace and agents' state snapshotted to
+/// the object store, the box destroyed. Its next use (exec, files, ports, a message) restores it.
+#[utoipa::path(post, path = "/v1/boxes/{id}/park", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = BoxObject), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
+pub async fn park_box(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<BoxObject>, ApiError> {
+    Ok(Json(st.engine.park_box(&c.tenant, &id).await?))
+}
+
 /// Run a command in the box and wait for it.
 #[utoipa::path(post, path = "/v1/boxes/{id}/exec", security(("bearer" = [])), params(("id" = String, Path)), request_body = ExecRequest,
     responses((status = 200, body = ExecResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]

@@ -25,6 +25,10 @@ pub enum BoxCmd {
         reply: oneshot::Sender<()>,
     },
     Touch,
+    /// Park a hybrid box now (as its idle deadline would); answers with the box.
+    Park {
+        reply: oneshot::Sender<Result<BoxObject, ApiError>>,
+    },
     /// Bring a parked box back; answers with the sessions to resume.
     Restore {
         reply: oneshot::Sender<Result<Vec<String>, ApiError>>,
@@ -442,6 +446,27 @@ impl BoxActor {
                         let _ = reply.send(());
                         break;
                     }
+                    Some(BoxCmd::Park { reply }) => {
+                        let r = if self.obj.lifecycle != Lifecycle::Hybrid {
+                            Err(ApiError::Conflict("only hybrid boxes park".into()))
+                        } else if self.obj.state == BoxState::Parked {
+                            Ok(self.obj.clone())
+                        } else if !running {
+                            Err(ApiError::Conflict(format!("box is {}", self.obj.state.as_str())))
+                        } else if self.engine.box_busy(&self.obj.id) {
+                            Err(ApiError::Conflict("an agent in the box is mid-turn".into()))
+                        } else {
+                            self.park(&mut served, "requested").await;
+                            match self.obj.state {
+                                BoxState::Parked => Ok(self.obj.clone()),
+                                _ => Err(ApiError::Internal(
+                                    self.obj.state_reason.clone().unwrap_or_default(),
+                                )),
+                            }
+                        };
+                        last_activity = Instant::now();
+                        let _ = reply.send(r);
+                    }
                     Some(BoxCmd::Restore { reply }) => {
                         let r = self.restore(&mut served).await;
                         last_activity = Instant::now();
@@ -466,7 +491,7 @@ impl BoxActor {
                 _ = sleep_until_opt(idle_deadline) => {
                     if self.obj.lifecycle == Lifecycle::Hybrid {
                         if !self.engine.box_busy(&self.obj.id) {
-                            self.park(&mut served).await;
+                            self.park(&mut served, "idle_timeout").await;
                         }
                         last_activity = Instant::now();
                     } else {
@@ -487,10 +512,9 @@ impl BoxActor {
 
     /// Idle hybrid box: stop its agents, snapshot it, verify the snapshot, destroy the box. A
     /// failure at any step before the destroy leaves the box running (its agents restarted).
-    async fn park(&mut self, served: &mut Option<Served>) {
+    async fn park(&mut self, served: &mut Option<Served>, why: &str) {
         let t = Instant::now();
-        self.set(BoxState::Parking, Some("idle_timeout".into()))
-            .await;
+        self.set(BoxState::Parking, Some(why.into())).await;
         let sessions = self
             .engine
             .stop_box_sessions(&self.obj.id, "box parked")
@@ -532,8 +556,7 @@ impl BoxActor {
         if let Err(e) = self.backend.destroy(&self.obj.id).await {
             tracing::error!(box_id = %self.obj.id, error = %e, "destroying a parked box");
         }
-        self.set(BoxState::Parked, Some("idle_timeout".into()))
-            .await;
+        self.set(BoxState::Parked, Some(why.into())).await;
         metrics::histogram!("berth_box_park_seconds").record(t.elapsed().as_secs_f64());
     }
 

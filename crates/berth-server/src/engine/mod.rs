@@ -336,6 +336,20 @@ impl Engine {
         }
     }
 
+    /// Park a hybrid box now; it is restored on its next use.
+    pub async fn park_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
+        let b = self.get_box(tenant, id).await?;
+        let h = self
+            .box_handle(id)
+            .ok_or_else(|| ApiError::Conflict(format!("box {id} is {}", b.state.as_str())))?;
+        let (tx, rx) = oneshot::channel();
+        let gone = || ApiError::Conflict(format!("box {id} is gone"));
+        h.tx.send(BoxCmd::Park { reply: tx })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     /// Hand an egress decision to its box's owner task (dropped if the box is gone or its
     /// queue is full: decisions are guest-triggered and must not back up).
     pub fn box_egress_decision(&self, d: berth_gateway::egress::Decision) {
