@@ -344,6 +344,61 @@ fn default_box_ref() -> BoxRef {
     }))
 }
 
+/// Body of `POST /v1/triggers`: what starts a session without a client — an inbound webhook
+/// (`POST /v1/hooks/{id}`, signed with the trigger's secret) and/or a cron schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerSpec {
+    /// Where each firing's session runs: an existing box's id (a persistent box, typically),
+    /// or the spec of a new box per firing.
+    #[serde(rename = "box", default = "default_box_ref")]
+    pub box_ref: BoxRef,
+    pub agent: AgentSpec,
+    /// The session's first message. `{{a.b}}` is replaced by that field of the payload (text
+    /// as is, other values as JSON, missing ones by nothing); `{{payload}}` by all of it. A
+    /// scheduled firing's payload is `{"scheduled_at": "<RFC 3339>"}`.
+    pub prompt: String,
+    /// Cron schedule, UTC: 5 fields, or 6 with seconds first (e.g. `0 */15 * * * *`).
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Accept webhooks (default true).
+    #[serde(default = "yes")]
+    pub webhook: bool,
+    #[serde(default)]
+    pub workdir: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TriggerObject {
+    pub id: String,
+    pub tenant: String,
+    #[serde(rename = "box")]
+    pub box_ref: BoxRef,
+    pub agent: AgentSpec,
+    pub prompt: String,
+    pub schedule: Option<String>,
+    /// Path of the webhook (`POST`, no API key: signed with the secret), when enabled.
+    pub webhook_path: Option<String>,
+    pub workdir: Option<String>,
+    /// The webhook's secret: only in the answer to the create call. Sign the raw body with it
+    /// (`X-Berth-Signature-256: sha256=<hex HMAC-SHA256>`) or send it as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub fired: u64,
+    pub last_fired_at: Option<Timestamp>,
+    pub last_session_id: Option<String>,
+    /// Why the last firing failed, if it did.
+    pub last_error: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// Answer to a webhook: the session it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HookAccepted {
+    pub trigger_id: String,
+    pub session_id: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {

@@ -838,3 +838,127 @@ async fn a_hybrid_box_parks_when_idle_and_resumes_with_its_memory_and_files() {
     );
     srv.stop().await;
 }
+
+/// The proactive pattern: a webhook trigger on a persistent box starts a real agent session
+/// whose prompt is filled from the signed payload; a bad signature starts nothing. A cron
+/// trigger fires on its own schedule.
+#[tokio::test]
+async fn triggers_start_sessions_from_a_signed_webhook_and_a_schedule() {
+    use hmac::Mac;
+    let (_d, srv, api, mock) = setup().await;
+    let r = api
+        .post(
+            "/v1/boxes",
+            json!({"lifecycle": "persistent", "resources": {"memory_mib": 1024, "disk_mib": 256}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let bx = r.json["id"].as_str().expect("id").to_string();
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"box": bx, "agent": {"kind": "claude"},
+                   "prompt": "New mail from {{from}} about {{subject}}: please make a file"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let trigger = r.json["id"].as_str().expect("id").to_string();
+    let secret = r.json["secret"]
+        .as_str()
+        .expect("secret shown once")
+        .to_string();
+    let path = r.json["webhook_path"]
+        .as_str()
+        .expect("webhook")
+        .to_string();
+    let listed = api.get("/v1/triggers").await.json;
+    assert!(listed["items"][0].get("secret").is_none(), "{listed}");
+
+    let body = json!({"from": "ann@example.com", "subject": "invoice 42"}).to_string();
+    let post_hook = |signature: String| {
+        api.raw(
+            api.http
+                .post(format!("{}{path}", api.url))
+                .header("x-berth-signature-256", signature)
+                .header("content-type", "application/json")
+                .body(body.clone()),
+        )
+    };
+    // Wrong key: refused, nothing started.
+    let mut bad = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"not the secret").expect("key");
+    bad.update(body.as_bytes());
+    let r = post_hook(format!(
+        "sha256={}",
+        hex::encode(bad.finalize().into_bytes())
+    ))
+    .await;
+    assert_eq!(r.status, 401, "{}", r.json);
+    assert_eq!(
+        api.get(&format!("/v1/sessions?box_id={bx}")).await.json["items"],
+        json!([])
+    );
+
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(body.as_bytes());
+    let r = post_hook(format!(
+        "sha256={}",
+        hex::encode(mac.finalize().into_bytes())
+    ))
+    .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    let sid = r.json["session_id"].as_str().expect("session").to_string();
+    let evs = api.until(&sid, "result", 1).await;
+    let result = evs.iter().find(|e| e["type"] == "result").expect("result");
+    assert_eq!(result["data"]["is_error"], false, "{result}");
+    assert!(
+        mock.recorded().iter().any(|r| r.body["messages"]
+            .to_string()
+            .contains("New mail from ann@example.com about invoice 42")),
+        "the model saw the filled prompt"
+    );
+    let t = api.get(&format!("/v1/triggers/{trigger}")).await.json;
+    assert_eq!(t["fired"], 1, "{t}");
+    assert_eq!(t["last_session_id"], sid.as_str(), "{t}");
+    let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+    assert_eq!(s["box_id"], bx.as_str(), "ran in the trigger's box");
+
+    // A schedule every second (6 fields, seconds first) with a command agent.
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"box": bx, "webhook": false, "schedule": "* * * * * *",
+                   "agent": {"kind": "command", "argv": ["/bin/sh", "-c", "cat"]},
+                   "prompt": "tick at {{scheduled_at}}"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    assert!(r.json["webhook_path"].is_null());
+    let cron = r.json["id"].as_str().expect("id").to_string();
+    let t = api
+        .wait_for(&format!("/v1/triggers/{cron}"), 20, |t| {
+            t["fired"].as_u64().unwrap_or(0) >= 1 && t["last_session_id"].is_string()
+        })
+        .await;
+    let tick = t["last_session_id"].as_str().expect("session").to_string();
+    let evs = api.until(&tick, "stdout", 1).await;
+    let out = evs.iter().find(|e| e["type"] == "stdout").expect("stdout");
+    assert!(
+        out["data"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("tick at 20"),
+        "{out}"
+    );
+    let r = api.delete(&format!("/v1/triggers/{cron}")).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(api.get(&format!("/v1/triggers/{cron}")).await.status, 404);
+    // Bad schedules are refused up front.
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"box": bx, "schedule": "whenever", "agent": {"kind": "claude"}, "prompt": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    srv.stop().await;
+}

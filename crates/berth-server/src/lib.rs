@@ -414,6 +414,7 @@ pub async fn run(
         }
     });
     tokio::spawn(observe::sample_boxes(engine.clone()));
+    tokio::spawn(engine::triggers::scheduler(engine.clone()));
     reconcile(&engine).await?;
     let state = AppState {
         engine: engine.clone(),

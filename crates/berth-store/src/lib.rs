@@ -15,7 +15,7 @@ pub mod snapshots;
 pub mod sqlite;
 
 use async_trait::async_trait;
-use berth_api::{BoxObject, Event, KeyObject, SessionObject};
+use berth_api::{BoxObject, Event, KeyObject, SessionObject, TriggerObject};
 
 pub use sqlite::{Durability, SqliteStore};
 
@@ -147,6 +147,19 @@ pub trait Store: Send + Sync + 'static {
     async fn box_events_after(&self, box_id: &str, after: i64, limit: i64) -> Result<Vec<Event>>;
     /// The highest seq in a box's event log (0 when empty).
     async fn last_box_seq(&self, box_id: &str) -> Result<i64>;
+
+    /// Insert or update a trigger; `secret` is stored beside it (the document never holds it).
+    async fn put_trigger(&self, t: &TriggerObject, secret: &str) -> Result<()>;
+    /// Update a trigger's document (firing counters), keeping its secret.
+    async fn update_trigger(&self, t: &TriggerObject) -> Result<()>;
+    /// A trigger and its secret.
+    async fn get_trigger(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<(TriggerObject, String)>>;
+    async fn list_triggers(&self, tenant: Option<&str>) -> Result<Vec<TriggerObject>>;
+    async fn delete_trigger(&self, tenant: Option<&str>, id: &str) -> Result<bool>;
 
     /// Append usage rows in one transaction.
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()>;

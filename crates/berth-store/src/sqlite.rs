@@ -4,7 +4,7 @@ use crate::{
     BoxSpan, KeyRecord, Result, Store, StoreError, UsageFilter, UsageKey, UsageRow, UsageSum,
 };
 use async_trait::async_trait;
-use berth_api::{BoxObject, Event, KeyObject, SessionObject};
+use berth_api::{BoxObject, Event, KeyObject, SessionObject, TriggerObject};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
@@ -525,6 +525,72 @@ impl Store for SqliteStore {
                 .await?
                 .get("n"),
         )
+    }
+
+    async fn put_trigger(&self, t: &TriggerObject, secret: &str) -> Result<()> {
+        let doc = serde_json::to_string(t).map_err(corrupt)?;
+        sqlx::query(
+            "INSERT INTO triggers (id, tenant, doc, secret, created_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(id) DO UPDATE SET doc = excluded.doc, secret = excluded.secret",
+        )
+        .bind(&t.id)
+        .bind(&t.tenant)
+        .bind(doc)
+        .bind(secret)
+        .bind(&t.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn update_trigger(&self, t: &TriggerObject) -> Result<()> {
+        let doc = serde_json::to_string(t).map_err(corrupt)?;
+        sqlx::query("UPDATE triggers SET doc = ? WHERE id = ?")
+            .bind(doc)
+            .bind(&t.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_trigger(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<(TriggerObject, String)>> {
+        let row = sqlx::query(
+            "SELECT doc, secret FROM triggers WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let t = serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt)?;
+            Ok((t, r.get::<String, _>("secret")))
+        })
+        .transpose()
+    }
+
+    async fn list_triggers(&self, tenant: Option<&str>) -> Result<Vec<TriggerObject>> {
+        let rows = sqlx::query(
+            "SELECT doc FROM triggers WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .collect()
+    }
+
+    async fn delete_trigger(&self, tenant: Option<&str>, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM triggers WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
+            .bind(id)
+            .bind(tenant)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn last_box_seq(&self, box_id: &str) -> Result<i64> {

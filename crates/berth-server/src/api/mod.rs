@@ -5,6 +5,7 @@ pub mod boxes;
 pub mod keys;
 pub mod sessions;
 pub mod system;
+pub mod triggers;
 pub mod usage;
 
 use crate::error::ApiError;
@@ -42,6 +43,7 @@ pub struct Query<T>(pub T);
         sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
         sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
         keys::create_key, keys::list_keys, keys::delete_key, keys::get_tenant, keys::put_tenant,
+        triggers::create_trigger, triggers::list_triggers, triggers::get_trigger, triggers::delete_trigger, triggers::hook,
         usage::report, system::backends, system::healthz, system::readyz, system::metrics_text,
     ),
     components(schemas(
@@ -52,6 +54,7 @@ pub struct Query<T>(pub T);
         berth_api::BoxRef, berth_api::Event, berth_api::SseFrame, berth_api::MessageRequest, berth_api::PermissionAnswer,
         berth_api::Accepted, berth_api::WsClientMessage, berth_api::PermissionRule, berth_api::PermissionModeRequest, berth_api::KeyCreate, berth_api::KeyObject,
         berth_api::BackendInfo, berth_api::TenantObject, berth_api::TenantUpdate, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::UsageReport, berth_api::UsageGroup, berth_api::UsageTotals, berth_api::UsageGroupBy, berth_api::ErrorBody, berth_api::ErrorDetail,
+        berth_api::TriggerSpec, berth_api::TriggerObject, berth_api::HookAccepted,
     )),
     modifiers(&SecurityAddon),
 )]
@@ -85,6 +88,15 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         )
         .route("/v1/boxes/{id}/exec", post(boxes::exec))
         .route("/v1/boxes/{id}/park", post(boxes::park_box))
+        .route(
+            "/v1/triggers",
+            post(triggers::create_trigger).get(triggers::list_triggers),
+        )
+        .route(
+            "/v1/triggers/{id}",
+            get(triggers::get_trigger).delete(triggers::delete_trigger),
+        )
+        .route("/v1/hooks/{id}", post(triggers::hook))
         .route("/v1/boxes/{id}/stats", get(boxes::stats))
         .route("/v1/boxes/{id}/events", get(boxes::box_events))
         .route("/v1/boxes/{id}/files", get(boxes::get_root))

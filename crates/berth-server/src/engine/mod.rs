@@ -12,6 +12,7 @@ pub mod boxes;
 pub mod ledger;
 pub mod park;
 pub mod sessions;
+pub mod triggers;
 
 use crate::auth::{new_id, now};
 use crate::error::ApiError;
@@ -68,6 +69,8 @@ pub struct Engine {
     pub ledger_written: tokio::sync::watch::Sender<u64>,
     /// Asks the ledger writer to write its pending batch now.
     pub ledger_flush: tokio::sync::Notify,
+    /// Wakes the trigger scheduler when a trigger is created or deleted.
+    pub triggers_changed: tokio::sync::Notify,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -101,6 +104,7 @@ impl Engine {
             config,
             ledger_written: tokio::sync::watch::channel(0).0,
             ledger_flush: tokio::sync::Notify::new(),
+            triggers_changed: tokio::sync::Notify::new(),
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })

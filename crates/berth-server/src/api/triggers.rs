@@ -1,0 +1,72 @@
+//! Triggers (webhook and cron) and the inbound webhook endpoint.
+
+use super::{Json, Path};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use berth_api::{HookAccepted, List, TriggerObject, TriggerSpec};
+
+/// Create a trigger. The answer holds the webhook's secret, shown only here.
+#[utoipa::path(post, path = "/v1/triggers", security(("bearer" = [])), request_body = TriggerSpec,
+    responses((status = 201, body = TriggerObject), (status = 400, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 409, body = berth_api::ErrorBody)))]
+pub async fn create_trigger(
+    State(st): State<AppState>,
+    c: Caller,
+    Json(spec): Json<TriggerSpec>,
+) -> Result<(StatusCode, Json<TriggerObject>), ApiError> {
+    let t = st.engine.create_trigger(&c.tenant, spec).await?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+#[utoipa::path(get, path = "/v1/triggers", security(("bearer" = [])),
+    responses((status = 200, body = List<TriggerObject>)))]
+pub async fn list_triggers(
+    State(st): State<AppState>,
+    c: Caller,
+) -> Result<Json<List<TriggerObject>>, ApiError> {
+    Ok(Json(List {
+        items: st.engine.list_triggers(&c.tenant).await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/triggers/{id}", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = TriggerObject), (status = 404, body = berth_api::ErrorBody)))]
+pub async fn get_trigger(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TriggerObject>, ApiError> {
+    Ok(Json(st.engine.get_trigger(&c.tenant, &id).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/triggers/{id}", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = berth_api::ErrorBody)))]
+pub async fn delete_trigger(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.engine.delete_trigger(&c.tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An inbound webhook: no API key; the raw body signed with the trigger's secret
+/// (`X-Berth-Signature-256: sha256=<hex HMAC-SHA256>`), or the secret as a bearer token. The
+/// body (JSON; other text becomes `{"body": …}`) fills the trigger's prompt.
+#[utoipa::path(post, path = "/v1/hooks/{id}", params(("id" = String, Path)), request_body(content = String, content_type = "application/json"),
+    responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody)))]
+pub async fn hook(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<HookAccepted>), ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+    let signature = header(crate::engine::triggers::SIGNATURE_HEADER);
+    let accepted = st.engine.hook(&id, &body, signature, bearer).await?;
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
