@@ -73,6 +73,11 @@ pub struct BoxSpec {
     pub idle_timeout_s: Option<u64>,
     pub max_lifetime_s: Option<u64>,
     pub labels: BTreeMap<String, String>,
+    /// Several agents share the box, each as its own user: a session gets its own uid, a
+    /// working directory `/workspace/sessions/<id>` only it can read or write, read-only access
+    /// to `/workspace/shared` (written through the files API), and no way to signal or trace
+    /// its neighbours. Agents message each other through berth (`127.0.0.1:47102` in the box).
+    pub shared: bool,
     /// Credentials the egress proxy adds to the box's requests for a host; the box never
     /// holds them. The box calls `http://host/…`; the proxy adds `header: value` and (with
     /// `tls`, the default) speaks HTTPS to the host. The host must be on `network.allow`.
@@ -167,6 +172,9 @@ pub struct BoxObject {
     /// Hosts and headers the egress proxy injects secrets for (values are never shown).
     #[serde(default)]
     pub secrets: Vec<SecretRef>,
+    /// Agents share the box, each as its own user (see `BoxSpec::shared`).
+    #[serde(default)]
+    pub shared: bool,
     /// A parked hybrid box: the snapshot it is restored from on its next use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotInfo>,
@@ -464,6 +472,9 @@ pub struct SessionObject {
     pub agent_cost_usd: Option<f64>,
     /// Sequence number of the newest event.
     pub last_seq: i64,
+    /// In a shared box: the uid the session's agent runs as (its own, unlike its neighbours').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -908,3 +908,140 @@ async fn a_failed_park_leaves_the_box_running() {
     );
     srv.stop().await;
 }
+
+/// A shell agent: runs each input line, answers with one line `output|rc=N`.
+fn shell_agent() -> Value {
+    json!({"kind": "command", "argv": ["/bin/sh", "-c",
+        "while read -r l; do out=$(sh -c \"$l\" 2>&1); rc=$?; echo \"$(printf %s \"$out\" | tr '\\n' ' ')|rc=$rc\"; done"]})
+}
+
+/// Run `cmd` through a shell agent's input; its answer line (the agent's `n`th).
+async fn ask(api: &Api, sid: &str, cmd: &str, n: usize) -> String {
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({ "content": cmd }),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    let evs = api.until(sid, "stdout", n).await;
+    evs.iter()
+        .filter(|e| e["type"] == "stdout")
+        .nth(n - 1)
+        .and_then(|e| e["data"]["text"].as_str())
+        .unwrap_or_default()
+        .trim_end()
+        .to_string()
+}
+
+/// The shared-box pattern: two agents in one box, each its own uid and directory; neither
+/// can write or read the other's files, signal the other, or write the shared area, which
+/// the files API fills; they talk through the box-side berth API.
+#[tokio::test]
+async fn agents_in_a_shared_box_are_kept_apart_and_can_message_each_other() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let bx = small_box(&api, json!({"lifecycle": "persistent", "shared": true})).await;
+    let start = |prompt: &'static str| {
+        api.post(
+            "/v1/sessions",
+            json!({"box": bx, "agent": shell_agent(), "prompt": prompt}),
+        )
+    };
+    let a = start("id -u; pwd").await;
+    assert_eq!(a.status, 201, "{}", a.json);
+    let b = start("id -u; pwd").await;
+    assert_eq!(b.status, 201, "{}", b.json);
+    let (a, b) = (
+        a.json["id"].as_str().expect("id").to_string(),
+        b.json["id"].as_str().expect("id").to_string(),
+    );
+    let api = &api;
+    let first = |sid: String| async move {
+        let evs = api.until(&sid, "stdout", 1).await;
+        let e = evs.iter().find(|e| e["type"] == "stdout").expect("stdout");
+        e["data"]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_end()
+            .to_string()
+    };
+    assert_eq!(
+        first(a.clone()).await,
+        format!("2000 /workspace/sessions/{a}|rc=0")
+    );
+    assert_eq!(
+        first(b.clone()).await,
+        format!("2001 /workspace/sessions/{b}|rc=0")
+    );
+
+    assert_eq!(
+        ask(api, &a, "echo mine > a.txt && cat a.txt", 2).await,
+        "mine|rc=0"
+    );
+    let theirs = format!("/workspace/sessions/{a}/a.txt");
+    let out = ask(api, &b, &format!("echo evil > {theirs}"), 2).await;
+    assert!(
+        out.contains("Permission denied") && !out.ends_with("rc=0"),
+        "{out}"
+    );
+    let out = ask(api, &b, &format!("cat {theirs}"), 3).await;
+    assert!(
+        out.contains("Permission denied") && !out.ends_with("rc=0"),
+        "{out}"
+    );
+    let out = ask(api, &b, "kill -KILL $(pgrep -u 2000 | head -n 1)", 4).await;
+    assert!(
+        out.contains("not permitted") && !out.ends_with("rc=0"),
+        "{out}"
+    );
+
+    // The shared area: filled through the files API, read-only to the agents.
+    let put = api
+        .raw(
+            api.http
+                .put(format!("{}/v1/boxes/{bx}/files/shared/brief.txt", api.url))
+                .bearer_auth(&api.token)
+                .body("the brief"),
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    assert_eq!(
+        ask(api, &b, "cat /workspace/shared/brief.txt", 5).await,
+        "the brief|rc=0"
+    );
+    let out = ask(api, &b, "echo x >> /workspace/shared/brief.txt", 6).await;
+    assert!(!out.ends_with("rc=0"), "{out}");
+
+    // B messages A through the box-side API; a wrong token is refused.
+    let post = |token: &str| {
+        format!(
+            "curl -s -o /dev/null -w %{{http_code}} -X POST -H \"x-api-key: {token}\" \
+             -H 'content-type: application/json' -d '{{\"content\": \"echo got-it\"}}' \
+             $BERTH_API_URL/v1/sessions/{a}/messages"
+        )
+    };
+    assert_eq!(ask(api, &b, &post("not-a-token"), 7).await, "401|rc=0");
+    assert_eq!(
+        ask(api, &b, &post("$BERTH_SESSION_TOKEN"), 8).await,
+        "202|rc=0"
+    );
+    let evs = api.until(&a, "stdout", 4).await;
+    let texts: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .filter_map(|e| e["data"]["text"].as_str())
+        .collect();
+    // Delivered to A's input, attributed to B (the shell agent runs both lines it got).
+    let all = texts.join("\n");
+    assert!(
+        all.contains(&format!("[message from session {b}]")),
+        "{all}"
+    );
+    assert!(all.contains("got-it"), "{all}");
+    // A's file is untouched.
+    let n = texts.len() + 1;
+    assert_eq!(ask(api, &a, "cat a.txt", n).await, "mine|rc=0");
+    srv.stop().await;
+}

@@ -26,6 +26,15 @@ async fn start_mock() -> (String, Mock) {
     }))
     .expect("rule");
     sc.rules.insert(0, leak);
+    let note: berth_mock_model::scenario::Rule = serde_json::from_value(json!({
+        "match": "make a note here",
+        "steps": [
+            {"tool_use": [{"name": "Bash", "input": {"command": "echo note > note.txt && id -u", "description": "note"}}]},
+            {"text": "noted"}
+        ]
+    }))
+    .expect("rule");
+    sc.rules.insert(0, note);
     let mock = Mock::new(sc, Duration::ZERO);
     let url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     (url, mock)
@@ -960,5 +969,68 @@ async fn triggers_start_sessions_from_a_signed_webhook_and_a_schedule() {
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.json);
+    srv.stop().await;
+}
+
+/// The real CLI as a shared box's session: its own uid, its files in its own directory, and
+/// no writing outside it (the demo task's `/workspace/hello.txt` is refused).
+#[tokio::test]
+async fn the_agent_works_as_its_own_user_in_a_shared_box() {
+    let (_d, srv, api, _mock) = setup().await;
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": {"lifecycle": "persistent", "shared": true,
+                           "resources": {"memory_mib": 1024, "disk_mib": 256}},
+                   "agent": {"kind": "claude"}, "prompt": "make a note here"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let (sid, bx) = (
+        r.json["id"].as_str().expect("id").to_string(),
+        r.json["box_id"].as_str().expect("box").to_string(),
+    );
+    assert_eq!(r.json["uid"], 2000, "{}", r.json);
+    let evs = api.until(&sid, "result", 1).await;
+    let bash = evs
+        .iter()
+        .find(|e| e["type"] == "tool_result")
+        .expect("tool result");
+    assert!(bash.to_string().contains("2000"), "{bash}");
+    let f = api
+        .get(&format!("/v1/boxes/{bx}/files/sessions/{sid}/note.txt"))
+        .await;
+    assert_eq!(f.bytes, b"note\n");
+    // The box's operator uid cannot look inside the session's directory.
+    let out = exec(
+        &api,
+        &bx,
+        &format!("stat -c '%u %a' /workspace/sessions/{sid}; ls /workspace/sessions/{sid}"),
+    )
+    .await;
+    assert_eq!(out["stdout"], "2000 700\n", "{out}");
+    assert!(
+        out["stderr"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Permission denied"),
+        "{out}"
+    );
+
+    // Writing outside its directory is refused to the agent's tools.
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "please make a file"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    api.until(&sid, "result", 2).await;
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/files/hello.txt"))
+            .await
+            .status,
+        404
+    );
     srv.stop().await;
 }

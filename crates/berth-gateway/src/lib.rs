@@ -311,6 +311,11 @@ impl Gateway {
         }
     }
 
+    /// Who holds a live session token (for box-side services other than the model gateway).
+    pub fn owner_of(&self, token: &str) -> Option<TokenOwner> {
+        self.tokens.lock().ok()?.get(token).map(|s| s.owner.clone())
+    }
+
     pub fn revoke(&self, token: &str) {
         if let Ok(mut m) = self.tokens.lock() {
             m.remove(token);

@@ -664,6 +664,7 @@ mod tests {
             max_lifetime_s: None,
             labels: Default::default(),
             secrets: vec![],
+            shared: false,
             snapshot: None,
             created_at: "2026-01-01T00:00:00Z".into(),
             updated_at: "2026-01-01T00:00:00Z".into(),

@@ -161,6 +161,7 @@ struct BoxActor {
 struct Served {
     gateway: tokio::task::JoinHandle<()>,
     egress: tokio::task::JoinHandle<()>,
+    api: tokio::task::JoinHandle<()>,
     exit: watch::Receiver<Option<BoxExit>>,
 }
 
@@ -297,6 +298,10 @@ impl BoxActor {
                     port: super::EGRESS_PORT,
                     socket: "egress.sock".into(),
                 },
+                Bridge {
+                    port: super::BOX_API_PORT,
+                    socket: "api.sock".into(),
+                },
             ],
         }
     }
@@ -359,11 +364,25 @@ impl BoxActor {
                 return Err(format!("gateway: {e}"));
             }
         };
+        let api = match super::shared::serve_box_api(
+            self.engine.clone(),
+            &self.obj.id,
+            &info.run_dir.join("api.sock"),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                egress.abort();
+                gateway.abort();
+                let _ = self.backend.destroy(&self.obj.id).await;
+                return Err(format!("box api: {e}"));
+            }
+        };
         let exit = match self.backend.exit_watch(&self.obj.id) {
             Ok(w) => w,
             Err(e) => {
                 egress.abort();
                 gateway.abort();
+                api.abort();
                 let _ = self.backend.destroy(&self.obj.id).await;
                 return Err(e.to_string());
             }
@@ -372,6 +391,7 @@ impl BoxActor {
         Ok(Served {
             gateway,
             egress,
+            api,
             exit,
         })
     }
@@ -506,6 +526,7 @@ impl BoxActor {
         if let Some(s) = served {
             s.gateway.abort();
             s.egress.abort();
+            s.api.abort();
         }
         self.engine.forget_box(&self.obj.id);
     }
@@ -552,6 +573,7 @@ impl BoxActor {
         if let Some(s) = served.take() {
             s.gateway.abort();
             s.egress.abort();
+            s.api.abort();
         }
         if let Err(e) = self.backend.destroy(&self.obj.id).await {
             tracing::error!(box_id = %self.obj.id, error = %e, "destroying a parked box");

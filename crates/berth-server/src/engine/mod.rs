@@ -12,6 +12,7 @@ pub mod boxes;
 pub mod ledger;
 pub mod park;
 pub mod sessions;
+pub mod shared;
 pub mod triggers;
 
 use crate::auth::{new_id, now};
@@ -56,6 +57,10 @@ pub const GATEWAY_PORT: u16 = 47100;
 /// Loopback port inside every box where the egress proxy answers.
 pub const EGRESS_PORT: u16 = 47101;
 
+/// Loopback port inside every box where the box-side berth API answers (agents messaging
+/// each other; see `shared::serve_box_api`).
+pub const BOX_API_PORT: u16 = 47102;
+
 pub struct Engine {
     pub gateway: Arc<berth_gateway::Gateway>,
     pub egress: Arc<berth_gateway::egress::Egress>,
@@ -71,6 +76,8 @@ pub struct Engine {
     pub ledger_flush: tokio::sync::Notify,
     /// Wakes the trigger scheduler when a trigger is created or deleted.
     pub triggers_changed: tokio::sync::Notify,
+    /// Serialises uid allocation for sessions in shared boxes.
+    shared_alloc: tokio::sync::Mutex<()>,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -105,6 +112,7 @@ impl Engine {
             ledger_written: tokio::sync::watch::channel(0).0,
             ledger_flush: tokio::sync::Notify::new(),
             triggers_changed: tokio::sync::Notify::new(),
+            shared_alloc: tokio::sync::Mutex::new(()),
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })
@@ -228,6 +236,7 @@ impl Engine {
                     tls: s.tls,
                 })
                 .collect(),
+            shared: spec.shared,
             snapshot: None,
             created_at: ts.clone(),
             updated_at: ts,
@@ -435,8 +444,8 @@ impl Engine {
         }
         let session_id = new_id("ses");
         let token = berth_gateway::new_token();
-        let claude_env = self.claude_env(&session_id, &token, None);
-        let driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env)
+        let claude_env = self.claude_env(&session_id, None, &token, None);
+        let mut driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         if let Some(p) = &spec.prompt {
             if p.is_empty() {
@@ -470,7 +479,7 @@ impl Engine {
             AgentSpec::Claude(_) => self.claude.as_ref().map(|c| c.version.clone()),
             AgentSpec::Command(_) => None,
         };
-        let obj = SessionObject {
+        let mut obj = SessionObject {
             id: session_id,
             tenant: tenant.to_string(),
             box_id: box_obj.id.clone(),
@@ -482,10 +491,35 @@ impl Engine {
             cli_version,
             agent_cost_usd: None,
             last_seq: 0,
+            uid: None,
             created_at: ts.clone(),
             updated_at: ts,
         };
-        self.store.put_session(&obj).await?;
+        if box_obj.shared {
+            if spec.workdir.is_some() {
+                return Err(ApiError::Invalid(
+                    "sessions in a shared box work in their own directory; omit workdir".into(),
+                ));
+            }
+            // One allocation at a time: each session of the box gets a uid of its own.
+            let _alloc = self.shared_alloc.lock().await;
+            let taken = self
+                .store
+                .list_sessions(tenant_filter(tenant), Some(&box_obj.id))
+                .await?
+                .iter()
+                .filter_map(|s| s.uid)
+                .max();
+            let uid = taken.map_or(shared::FIRST_UID, |u| u + 1);
+            obj.workdir = shared::prepare(&backend, &box_obj.id, &obj.id, uid).await?;
+            obj.uid = Some(uid);
+            let claude_env = self.claude_env(&obj.id, Some(&obj.workdir), &token, None);
+            driver = berth_agent::Driver::new(&spec.agent, &obj.workdir, claude_env)
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            self.store.put_session(&obj).await?;
+        } else {
+            self.store.put_session(&obj).await?;
+        }
         metrics::counter!("berth_sessions_created_total").increment(1);
         self.start_agent(sessions::SessionStart {
             engine: self.clone(),
@@ -632,6 +666,7 @@ impl Engine {
     fn claude_env(
         &self,
         session_id: &str,
+        shared_workdir: Option<&str>,
         token: &str,
         resume: Option<String>,
     ) -> Option<berth_agent::ClaudeEnv> {
@@ -639,8 +674,12 @@ impl Engine {
             cli: c.path.to_string_lossy().into_owned(),
             base_url: format!("http://127.0.0.1:{GATEWAY_PORT}"),
             token: token.to_string(),
-            // Per session and stable across restarts: the CLI's transcripts live here.
-            config_dir: format!("/home/agent/.claude-sessions/{session_id}"),
+            // Per session and stable across restarts: the CLI's transcripts live here (in a
+            // shared box, inside the session's own directory, where only its uid can write).
+            config_dir: match shared_workdir {
+                Some(w) => format!("{w}/.claude"),
+                None => format!("/home/agent/.claude-sessions/{session_id}"),
+            },
             resume,
             proxy: None,
         })
@@ -798,9 +837,12 @@ impl Engine {
             AgentSpec::Claude(_) => s.agent_session_id.clone(),
             AgentSpec::Command(_) => None,
         };
-        let driver =
-            berth_agent::Driver::new(&s.agent, &s.workdir, self.claude_env(&s.id, &token, resume))
-                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let driver = berth_agent::Driver::new(
+            &s.agent,
+            &s.workdir,
+            self.claude_env(&s.id, s.uid.map(|_| s.workdir.as_str()), &token, resume),
+        )
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
         let mut obj = s;
         obj.state = SessionState::Starting;
         obj.state_reason = None;

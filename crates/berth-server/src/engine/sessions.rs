@@ -235,12 +235,25 @@ impl SessionActor {
 
     async fn run(mut self) {
         let launch = self.driver.launch();
-        let spec = ExecSpec {
+        let mut spec = ExecSpec {
             argv: launch.argv,
             cwd: Some(launch.cwd),
             env: launch.env,
             ..Default::default()
         };
+        // The box-side berth API (messages to the box's other sessions) knows the agent by
+        // its session token.
+        spec.env.extend([
+            ("BERTH_SESSION_ID".to_string(), self.obj.id.clone()),
+            ("BERTH_SESSION_TOKEN".to_string(), self.token.clone()),
+            (
+                "BERTH_API_URL".to_string(),
+                format!("http://127.0.0.1:{}", super::BOX_API_PORT),
+            ),
+        ]);
+        if let Some(uid) = self.obj.uid {
+            super::shared::confine(&mut spec, uid, &self.obj.workdir);
+        }
         let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
             Ok(h) => Some(h),
             Err(e) => {
