@@ -584,6 +584,45 @@ async fn ephemeral_box_dies_with_its_session_and_idle_boxes_stop() {
         })
         .await;
     assert_eq!(b["state_reason"], "idle_timeout");
+
+    // max_lifetime_s is a hard stop: activity does not extend it; it shows in the box's events.
+    let short = small_box(
+        &api,
+        json!({"lifecycle": "persistent", "max_lifetime_s": 2}),
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_millis(1000) {
+        let r = api
+            .post(
+                &format!("/v1/boxes/{short}/exec"),
+                json!({"argv": ["true"]}),
+            )
+            .await;
+        assert_eq!(r.json["exit_code"], 0, "{}", r.json);
+    }
+    let b = api
+        .wait_for(&format!("/v1/boxes/{short}"), 20, |b| {
+            b["state"] == "stopped"
+        })
+        .await;
+    assert_eq!(b["state_reason"], "max_lifetime");
+    let evs = api.get(&format!("/v1/boxes/{short}/events")).await.json;
+    assert!(
+        evs["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .any(|e| e["type"] == "state" && e["data"]["reason"] == "max_lifetime"),
+        "{evs}"
+    );
+    let r = api
+        .post(
+            &format!("/v1/boxes/{short}/exec"),
+            json!({"argv": ["true"]}),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.json);
     srv.stop().await;
 }
 
