@@ -652,6 +652,20 @@ async fn kill9_then_restart_keeps_every_committed_event() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     srv.kill9().await;
+    // The box dies with its server (parent-death signals down the chain), before any restart.
+    let procs = format!("/sys/fs/cgroup/pids/berth/{bx}/cgroup.procs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&procs)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the box outlived its killed server"
+        );
+        tokio::task::yield_now().await;
+    }
 
     let srv = Server::start(dir.path()).await;
     let api = srv.client();

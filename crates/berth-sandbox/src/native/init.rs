@@ -131,9 +131,23 @@ fn container_supervisor(ctl: std::path::PathBuf) -> ! {
     }
 }
 
+/// Set by the native backend to its own pid: the helper dies with that process.
+pub const PARENT_ENV: &str = "BERTH_BOX_PARENT";
+
 pub fn run() -> ! {
     if let Some(ctl) = std::env::var_os(SUPERVISOR_CTL_ENV) {
         container_supervisor(ctl.into())
+    }
+    if let Some(parent) = std::env::var(PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: plain prctl and getppid on ourselves.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        // The server may have died before the prctl: then our parent is someone else.
+        if unsafe { libc::getppid() } != parent {
+            fail("the server that started this box is gone".into());
+        }
     }
     let mut line = String::new();
     if let Err(e) = io::stdin().lock().read_line(&mut line) {
@@ -280,6 +294,10 @@ fn box_pid1(
             "setresgid",
         )?;
         ctx(nix::unistd::setresuid(root, root, root), "setresuid")?;
+        // Changing credentials cleared the parent-death signal: set it again. Should the
+        // helper have died in between, the write of "ok" below fails and PID 1 gives up.
+        // SAFETY: plain prctl on ourselves.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
         Ok(())
     })();
     if let Err(e) = result {
@@ -303,7 +321,11 @@ fn box_pid1(
         }
     };
     drop(listener);
-    let _ = ready.write_all(b"ok");
+    if ready.write_all(b"ok").is_err() {
+        // The helper is gone (and with it the server): no box without its owner.
+        let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGKILL);
+        return 1;
+    }
     drop(ready);
     // Reap everything; the box lives as long as its supervisor.
     loop {

@@ -24,7 +24,7 @@ use crate::{
 use cgroup::BoxCgroup;
 use init::{DiskSource, InitConfig, InitReport, UID_RANGE};
 use std::collections::{BTreeSet, HashMap};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +60,10 @@ struct LiveBox {
     cgroup: Arc<BoxCgroup>,
     exit: watch::Receiver<Option<BoxExit>>,
     destroying: Arc<AtomicBool>,
+    /// A reference to the box's disk (its workspace, through PID 1's root), held until the
+    /// background reaper drops it: the ext4 file system is then shut down there, off the
+    /// destroy path, instead of in the exit of the box's last process (~1.5 ms).
+    disk_ref: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl LiveBox {
@@ -277,17 +281,11 @@ impl NativeBackend {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
-        // SAFETY: prctl only, between fork and exec. The helper (and through its own death
-        // signal, the box) is killed when the server thread that started it goes away, so a
-        // crashed server leaves no box running; the next start cleans up the rest.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // The helper (and through its own death signal, the box) dies when the server does:
+        // it sets its parent-death signal first thing and checks its parent is still this
+        // process. No code runs between fork and exec here, so the spawn is a vfork-style
+        // posix_spawn instead of a fork of the whole server (~1 ms less per box).
+        cmd.env(init::PARENT_ENV, std::process::id().to_string());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -382,7 +380,14 @@ impl NativeBackend {
             let _ = exit_tx.send(Some(reason));
         });
 
+        let disk_ref = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(format!("/proc/{pid1}/root/workspace"))
+            .ok()
+            .map(std::os::fd::OwnedFd::from);
         let live = LiveBox {
+            disk_ref: std::sync::Mutex::new(disk_ref),
             dir: dir.to_path_buf(),
             pid1,
             slot,
@@ -582,10 +587,12 @@ impl Sandbox for NativeBackend {
         // `settle` waits for it.
         let dir = b.dir.clone();
         let box_id = id.to_string();
+        let disk_ref = b.disk_ref.lock().ok().and_then(|mut r| r.take());
         self.reaping.fetch_add(1, Ordering::SeqCst);
         let reaping = self.reaping.clone();
         let settled = self.settled.clone();
         tokio::task::spawn_blocking(move || {
+            drop(disk_ref);
             if !disk::wait_detached(&dir.join("disk.img"), Duration::from_secs(10)) {
                 tracing::warn!(box_id, "loop device of a destroyed box is still attached");
             }
