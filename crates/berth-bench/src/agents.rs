@@ -1,23 +1,11 @@
 //! Agent start-up and concurrency with the real Claude Code CLI against the mock model.
 
-use crate::{ms, summarize};
+use crate::{ms, summarize, wait_requests};
 use berth_mock_model::{scenario::Scenario, unix_ms, Mock};
 use serde_json::{json, Value};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-
-async fn wait_requests(mock: &Mock, n: usize) -> anyhow::Result<f64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = mock.recorded();
-        if seen.len() >= n {
-            return Ok(seen[n - 1].received_unix_ms);
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no model request");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
 
 pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
     let cli = std::env::var("BERTH_CLAUDE_BIN")

@@ -123,6 +123,19 @@ pub async fn start_server(
     ))
 }
 
+/// When the mock model received its `n`th request (unix ms); waits up to a minute.
+pub async fn wait_requests(mock: &berth_mock_model::Mock, n: usize) -> anyhow::Result<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = mock.recorded();
+        if seen.len() >= n {
+            return Ok(seen[n - 1].received_unix_ms);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no model request");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;

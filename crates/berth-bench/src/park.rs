@@ -1,22 +1,10 @@
 //! Hybrid boxes: park and restore of a box holding a large workspace, and a parked session's
 //! agent coming back against a fresh session's start, in the same run.
 
-use crate::{ms, summarize};
+use crate::{ms, summarize, wait_requests};
 use berth_mock_model::{scenario::Scenario, unix_ms, Mock};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-async fn wait_requests(mock: &Mock, n: usize) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = mock.recorded();
-        if seen.len() >= n {
-            return Ok(seen[n - 1].received_unix_ms);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no model request");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
 
 pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
     let cli = std::env::var("BERTH_CLAUDE_BIN")

@@ -84,6 +84,15 @@ async fn session(api: &Api, agent: Value, prompt: Option<&str>) -> (String, Stri
 }
 
 /// Wait (bounded) until the model has been asked about `text`: the agent is mid-turn.
+/// The ids of a session `POST /v1/sessions` just created (201) and of its box.
+fn started(r: &common::Resp) -> (String, String) {
+    assert_eq!(r.status, 201, "{}", r.json);
+    (
+        r.json["id"].as_str().expect("id").to_string(),
+        r.json["box_id"].as_str().expect("box").to_string(),
+    )
+}
+
 async fn wait_for_model_request(mock: &Mock, text: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !mock
@@ -138,11 +147,7 @@ async fn agent_runs_in_an_engine_box(backend: &str, enable: &str) {
                    "agent": {"kind": "claude"}, "prompt": "please make a file"}),
         )
         .await;
-    assert_eq!(r.status, 201, "{}", r.json);
-    let (sid, bx) = (
-        r.json["id"].as_str().expect("id").to_string(),
-        r.json["box_id"].as_str().expect("box").to_string(),
-    );
+    let (sid, bx) = started(&r);
     assert_eq!(
         api.get(&format!("/v1/boxes/{bx}")).await.json["backend"],
         backend
@@ -701,11 +706,7 @@ async fn a_docker_box_is_adopted_after_kill9_and_its_agent_resumes() {
                    "agent": {"kind": "claude"}, "prompt": "first task: make a file"}),
         )
         .await;
-    assert_eq!(r.status, 201, "{}", r.json);
-    let (sid, bx) = (
-        r.json["id"].as_str().expect("id").to_string(),
-        r.json["box_id"].as_str().expect("box").to_string(),
-    );
+    let (sid, bx) = started(&r);
     api.until(&sid, "result", 1).await;
     let committed = api.get(&format!("/v1/sessions/{sid}")).await.json["last_seq"]
         .as_i64()
@@ -781,11 +782,7 @@ async fn a_hybrid_box_parks_when_idle_and_resumes_with_its_memory_and_files() {
                    "agent": {"kind": "claude"}, "prompt": "first task: make a file"}),
         )
         .await;
-    assert_eq!(r.status, 201, "{}", r.json);
-    let (sid, bx) = (
-        r.json["id"].as_str().expect("id").to_string(),
-        r.json["box_id"].as_str().expect("box").to_string(),
-    );
+    let (sid, bx) = started(&r);
     api.until(&sid, "result", 1).await;
     let parked = api
         .wait_for(&format!("/v1/boxes/{bx}"), 30, |b| b["state"] == "parked")
@@ -985,11 +982,7 @@ async fn the_agent_works_as_its_own_user_in_a_shared_box() {
                    "agent": {"kind": "claude"}, "prompt": "make a note here"}),
         )
         .await;
-    assert_eq!(r.status, 201, "{}", r.json);
-    let (sid, bx) = (
-        r.json["id"].as_str().expect("id").to_string(),
-        r.json["box_id"].as_str().expect("box").to_string(),
-    );
+    let (sid, bx) = started(&r);
     assert_eq!(r.json["uid"], 2000, "{}", r.json);
     let evs = api.until(&sid, "result", 1).await;
     let bash = evs

@@ -467,6 +467,19 @@ impl DockerBackend {
         });
     }
 
+    /// Wait for the box's supervisor, then record the container's PID: the box as started.
+    async fn until_ready(&self, b: &DockerBox, id: String) -> Result<BoxInfo> {
+        self.wait_ready(b).await?;
+        let pid = self.container_pid(&b.container).await;
+        b.pid
+            .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+        Ok(BoxInfo {
+            id,
+            pid,
+            run_dir: b.dir.join("run"),
+        })
+    }
+
     /// The container's host PID (its init), as the engine reports it.
     async fn container_pid(&self, container: &str) -> Option<i32> {
         self.docker
@@ -645,18 +658,11 @@ impl Sandbox for DockerBackend {
             return Err(SandboxError::Start(format!("starting the container: {e}")));
         }
         self.watch_exit(name.clone(), exit_tx);
-        if let Err(e) = self.wait_ready(&b).await {
+        let ready = self.until_ready(&b, cfg.id.clone()).await;
+        if ready.is_err() {
             let _ = self.destroy(&cfg.id).await;
-            return Err(e);
         }
-        let pid = self.container_pid(&b.container).await;
-        b.pid
-            .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
-        Ok(BoxInfo {
-            id: cfg.id,
-            pid,
-            run_dir: dir.join("run"),
-        })
+        ready
     }
 
     async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecHandle> {
@@ -791,18 +797,11 @@ impl Sandbox for DockerBackend {
             boxes.insert(cfg.id.clone(), b.clone());
         }
         self.watch_exit(name, exit_tx);
-        if let Err(e) = self.wait_ready(&b).await {
+        let ready = self.until_ready(&b, cfg.id.clone()).await;
+        if ready.is_err() {
             self.boxes.lock().map_err(|_| poisoned())?.remove(&cfg.id);
-            return Err(e);
         }
-        let pid = self.container_pid(&b.container).await;
-        b.pid
-            .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
-        Ok(BoxInfo {
-            id: cfg.id,
-            pid,
-            run_dir: dir.join("run"),
-        })
+        ready
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {

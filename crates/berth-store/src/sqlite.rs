@@ -98,6 +98,21 @@ impl SqliteStore {
             .transpose()
     }
 
+    /// Every document of `table` (ours, never input), a tenant's or all, oldest first.
+    async fn list_docs<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &str,
+        tenant: Option<&str>,
+    ) -> Result<Vec<T>> {
+        let sql = format!(
+            "SELECT doc FROM {table} WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(&sql).bind(tenant).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .collect()
+    }
+
     /// Append to an event log table (`events` or `box_events`; names are ours, never input).
     async fn append_to(&self, table: &str, owner: &str, events: &[Event]) -> Result<()> {
         let _t = timer("append_events");
@@ -259,15 +274,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_boxes(&self, tenant: Option<&str>) -> Result<Vec<BoxObject>> {
-        let rows = sqlx::query(
-            "SELECT doc FROM boxes WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .collect()
+        self.list_docs("boxes", tenant).await
     }
 
     async fn put_session(&self, s: &SessionObject) -> Result<()> {
@@ -573,15 +580,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_triggers(&self, tenant: Option<&str>) -> Result<Vec<TriggerObject>> {
-        let rows = sqlx::query(
-            "SELECT doc FROM triggers WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .collect()
+        self.list_docs("triggers", tenant).await
     }
 
     async fn delete_trigger(&self, tenant: Option<&str>, id: &str) -> Result<bool> {

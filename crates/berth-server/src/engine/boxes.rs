@@ -593,28 +593,23 @@ impl BoxActor {
         };
         let t = Instant::now();
         self.set(BoxState::Restoring, None).await;
-        let archive = match self
+        let restored = match self
             .engine
             .config
             .snapshots
             .get(&snap.key, &snap.sha256)
             .await
         {
-            Ok(a) => a,
-            Err(e) => {
-                // The snapshot stays; the box stays parked and may be tried again.
-                self.set(BoxState::Parked, Some(format!("restore failed: {e}")))
-                    .await;
-                return Err(ApiError::Internal(format!(
-                    "restoring box {}: {e}",
-                    self.obj.id
-                )));
+            Ok(archive) => {
+                let reason = Some("restored from its snapshot".to_string());
+                self.bring_up(false, Some(archive), reason).await
             }
+            Err(e) => Err(e.to_string()),
         };
-        let reason = Some("restored from its snapshot".to_string());
-        match self.bring_up(false, Some(archive), reason).await {
+        match restored {
             Ok(s) => *served = Some(s),
             Err(e) => {
+                // The snapshot stays; the box stays parked and may be tried again.
                 self.set(BoxState::Parked, Some(format!("restore failed: {e}")))
                     .await;
                 return Err(ApiError::Internal(format!(
