@@ -995,6 +995,10 @@ async fn agents_in_a_shared_box_are_kept_apart_and_can_message_each_other() {
     let dir = tempfile::tempdir().expect("tmp");
     let srv = Server::start(dir.path()).await;
     let api = srv.client();
+    let r = api
+        .post("/v1/boxes", json!({"lifecycle": "hybrid", "shared": true}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
     let bx = small_box(&api, json!({"lifecycle": "persistent", "shared": true})).await;
     let start = |prompt: &'static str| {
         api.post(

@@ -77,6 +77,13 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
             )));
         }
     }
+    if spec.shared && spec.lifecycle == Lifecycle::Hybrid {
+        // Parking archives the box as its operator uid, which cannot read the sessions'
+        // private directories.
+        return Err(ApiError::Invalid(
+            "a shared box cannot be hybrid (it could not be parked)".into(),
+        ));
+    }
     if spec.idle_timeout_s == Some(0) || spec.max_lifetime_s == Some(0) {
         return Err(ApiError::Invalid(
             "timeouts must be at least 1 second".into(),
