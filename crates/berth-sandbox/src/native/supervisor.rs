@@ -32,6 +32,15 @@ pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
     for b in bridges {
         thread::spawn(move || bridge(b));
     }
+    // Build the seccomp filters and the default Landlock ruleset now, while the host is still
+    // answering the create, instead of in the box's first exec (both are cached).
+    thread::spawn(|| {
+        let writable: Vec<String> = super::DEFAULT_WRITABLE
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let _ = Confinement::prepare(crate::AGENT_UID, &writable);
+    });
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
