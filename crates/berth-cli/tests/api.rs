@@ -722,7 +722,7 @@ async fn a_port_in_the_box_is_served_through_the_proxy() {
     let dir = tempfile::tempdir().expect("tmp");
     let srv = Server::start(dir.path()).await;
     let api = srv.client();
-    let id = small_box(&api, json!({})).await;
+    let id = small_box(&api, json!({"lifecycle": "persistent"})).await;
     let put = api
         .raw(
             api.http
@@ -758,6 +758,34 @@ async fn a_port_in_the_box_is_served_through_the_proxy() {
         .get(&format!("/v1/boxes/{id}/ports/8080/missing.html"))
         .await;
     assert_eq!(r.status, 404, "the box's own status is passed through");
+    // A second agent in the same box, beside the server: it builds a page the first serves.
+    let builder = api
+        .post(
+            "/v1/sessions",
+            json!({"box": id, "agent": shell_agent(),
+                   "prompt": "echo '<p>second agent</p>' > /workspace/site/new.html && echo built"}),
+        )
+        .await;
+    assert_eq!(builder.status, 201, "{}", builder.json);
+    let b = builder.json["id"].as_str().expect("id").to_string();
+    let evs = api.until(&b, "stdout", 1).await;
+    assert!(
+        evs.iter().any(|e| e["data"]["text"] == "built|rc=0"),
+        "{evs:?}"
+    );
+    let r = api
+        .get(&format!("/v1/boxes/{id}/ports/8080/new.html"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes, b"<p>second agent</p>\n");
+    let live = api.get(&format!("/v1/sessions?box_id={id}")).await.json;
+    let live: Vec<&Value> = live["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|s| s["state"] == "running" || s["state"] == "idle")
+        .collect();
+    assert_eq!(live.len(), 2, "two agents alive in one box: {live:?}");
     let other = {
         let k = api.post("/v1/keys", json!({"tenant": "other"})).await;
         Api::new(&api.url, k.json["key"].as_str().expect("key"))
