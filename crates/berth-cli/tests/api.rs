@@ -975,6 +975,13 @@ async fn a_failed_park_leaves_the_box_running() {
     std::fs::remove_file(snaps.join("boxes")).expect("unblock");
     api.wait_for(&format!("/v1/boxes/{bx}"), 30, |b| b["state"] == "parked")
         .await;
+    // Looking at a parked box does not wake it.
+    let r = api.get(&format!("/v1/boxes/{bx}/stats")).await;
+    assert_eq!(r.status, 409, "{}", r.json);
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "parked"
+    );
     let out = api
         .post(
             &format!("/v1/boxes/{bx}/exec"),
@@ -1128,5 +1135,45 @@ async fn agents_in_a_shared_box_are_kept_apart_and_can_message_each_other() {
     // A's file is untouched.
     let n = texts.len() + 1;
     assert_eq!(ask(api, &a, "cat a.txt", n).await, "mine|rc=0");
+    srv.stop().await;
+}
+
+/// A trigger's webhook takes a bounded number of calls a minute (each starts a session), by
+/// signature or by bearer secret; a body that is not JSON still fills the prompt.
+#[tokio::test]
+async fn webhooks_are_rate_limited_per_trigger() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(dir.path(), &[("BERTH_HOOK_RATE_PER_MINUTE", "2")]).await;
+    let api = srv.client();
+    let bx = small_box(&api, json!({"lifecycle": "persistent"})).await;
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"box": bx, "agent": echo_agent(), "prompt": "got {{body}}"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let path = r.json["webhook_path"].as_str().expect("path").to_string();
+    let secret = r.json["secret"].as_str().expect("secret").to_string();
+    let call = || {
+        api.raw(
+            api.http
+                .post(format!("{}{path}", api.url))
+                .bearer_auth(&secret)
+                .body("plain text"),
+        )
+    };
+    let first = call().await;
+    assert_eq!(first.status, 202, "{}", first.json);
+    assert_eq!(call().await.status, 202);
+    let third = call().await;
+    assert_eq!(third.status, 429, "{}", third.json);
+    let sid = first.json["session_id"].as_str().expect("session");
+    let evs = api.until(sid, "stdout", 1).await;
+    assert!(
+        evs.iter()
+            .any(|e| e["data"]["text"] == "echo: got plain text"),
+        "{evs:?}"
+    );
     srv.stop().await;
 }

@@ -27,6 +27,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Largest output returned by the REST exec call, per stream, in bytes.
     pub max_exec_output_bytes: usize,
+    /// Webhook calls a trigger accepts per minute; more answer 429 (each call starts a
+    /// session: a leaked URL must not become a flood of boxes).
+    pub hook_rate_per_minute: u32,
     /// `text` or `json`.
     pub log_format: String,
     /// Model requests per minute allowed to each session (none: unlimited).
@@ -155,6 +158,7 @@ impl Default for Config {
             admin_key: None,
             max_body_bytes: 64 << 20,
             max_exec_output_bytes: 16 << 20,
+            hook_rate_per_minute: 60,
             log_format: "text".into(),
             session_rpm: None,
             max_boxes_per_tenant: 100,
@@ -227,6 +231,11 @@ impl Config {
                 v.parse()
                     .map_err(|e| ConfigError::Env("BERTH_SESSION_RPM", format!("{e}")))?,
             );
+        }
+        if let Some(v) = var("BERTH_HOOK_RATE_PER_MINUTE") {
+            self.hook_rate_per_minute = v
+                .parse()
+                .map_err(|e| ConfigError::Env("BERTH_HOOK_RATE_PER_MINUTE", format!("{e}")))?;
         }
         if let Some(v) = var("BERTH_MAX_BOXES_PER_TENANT") {
             self.max_boxes_per_tenant = v

@@ -352,6 +352,7 @@ pub async fn run(
             session_rpm: cfg.session_rpm,
             max_boxes_per_tenant: cfg.max_boxes_per_tenant,
             max_exec_output: cfg.max_exec_output_bytes,
+            hook_rate_per_minute: cfg.hook_rate_per_minute,
             cost: engine::ledger::CostConfig {
                 box_hour_usd: cfg.cost.box_hour_usd,
                 scale_by_resources: match cfg.cost.box_hour_scale.as_str() {

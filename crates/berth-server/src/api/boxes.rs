@@ -129,7 +129,7 @@ pub async fn stats(
     c: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<BoxStats>, ApiError> {
-    let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
+    let (backend, _) = st.engine.observed_box(&c.tenant, &id).await?;
     let s = backend.stats(&id).await?;
     Ok(Json(BoxStats {
         cpu_usage_ns: s.cpu_usage_ns,

@@ -555,7 +555,11 @@ impl BoxActor {
                 .snapshots
                 .put(&key, archive)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| {
+                    // The store's own message names server paths: logged, not shown to clients.
+                    tracing::error!(box_id = %self.obj.id, error = %e, "storing a snapshot");
+                    "the snapshot could not be stored".to_string()
+                }),
             Err(e) => Err(e.to_string()),
         };
         let stored = match stored {
@@ -611,7 +615,10 @@ impl BoxActor {
                 let reason = Some("restored from its snapshot".to_string());
                 self.bring_up(false, Some(archive), reason).await
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                tracing::error!(box_id = %self.obj.id, error = %e, "reading a snapshot");
+                Err("the snapshot could not be read intact".to_string())
+            }
         };
         match restored {
             Ok(s) => *served = Some(s),

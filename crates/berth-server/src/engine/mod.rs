@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub clock: crate::clock::Clock,
     /// Where parked hybrid boxes' snapshots are kept.
     pub snapshots: berth_store::snapshots::SnapshotStore,
+    /// Webhook calls a trigger accepts per minute.
+    pub hook_rate_per_minute: u32,
 }
 
 /// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
@@ -78,6 +80,8 @@ pub struct Engine {
     pub triggers_changed: tokio::sync::Notify,
     /// Serialises uid allocation for sessions in shared boxes.
     shared_alloc: tokio::sync::Mutex<()>,
+    /// Per trigger: the start of its current minute and the webhook calls taken in it.
+    hook_windows: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -113,6 +117,7 @@ impl Engine {
             ledger_flush: tokio::sync::Notify::new(),
             triggers_changed: tokio::sync::Notify::new(),
             shared_alloc: tokio::sync::Mutex::new(()),
+            hook_windows: std::sync::Mutex::new(HashMap::new()),
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })
@@ -385,12 +390,33 @@ impl Engine {
     }
 
     /// The backend of a running box, after checking the tenant; records activity.
+    /// A running box for a call that uses it (exec, files, ports): restores a parked box and
+    /// counts as activity.
     pub async fn running_box(
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
     ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
         self.ensure_unparked(tenant, id).await?;
+        self.serving_box(tenant, id, true).await
+    }
+
+    /// A running box for a call that only looks at it (stats): a parked box stays parked
+    /// (409) and the idle timer is not reset, so monitoring does not keep boxes alive.
+    pub async fn observed_box(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
+        self.serving_box(tenant, id, false).await
+    }
+
+    async fn serving_box(
+        &self,
+        tenant: &str,
+        id: &str,
+        touch: bool,
+    ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
         let b = self.get_box(tenant, id).await?;
         let Some(h) = self.box_handle(id) else {
             return Err(ApiError::Conflict(format!(
@@ -404,7 +430,9 @@ impl Engine {
                 b.state.as_str()
             )));
         }
-        h.touch();
+        if touch {
+            h.touch();
+        }
         let backend = self
             .backends
             .get(&b.backend)

@@ -218,6 +218,31 @@ impl Engine {
         r
     }
 
+    /// Count a webhook call against its trigger's minute; 429 past the limit.
+    fn take_hook_call(&self, trigger_id: &str) -> Result<(), ApiError> {
+        let now = tokio::time::Instant::now();
+        let mut windows = self
+            .hook_windows
+            .lock()
+            .map_err(|_| ApiError::Internal("hook windows poisoned".into()))?;
+        // Forget idle triggers' windows so the map stays as small as the active set.
+        windows.retain(|_, (start, _)| {
+            now.duration_since(*start) < std::time::Duration::from_secs(60)
+        });
+        let (_, taken) = windows.entry(trigger_id.to_string()).or_insert((now, 0));
+        if *taken >= self.config.hook_rate_per_minute {
+            return Err(ApiError::Rejected(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "trigger {trigger_id} takes {} webhook calls a minute",
+                    self.config.hook_rate_per_minute
+                ),
+            ));
+        }
+        *taken += 1;
+        Ok(())
+    }
+
     /// An inbound webhook: authenticate, then fire.
     pub async fn hook(
         self: &Arc<Self>,
@@ -235,6 +260,7 @@ impl Engine {
         if !authentic(&secret, body, signature, bearer) {
             return Err(ApiError::Unauthorized);
         }
+        self.take_hook_call(&t.id)?;
         let s = self.fire_trigger(&t, &payload_of(body)).await?;
         Ok(HookAccepted {
             trigger_id: t.id,
