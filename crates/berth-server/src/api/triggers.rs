@@ -57,7 +57,7 @@ pub async fn delete_trigger(
 /// (`X-Berth-Signature-256: sha256=<hex HMAC-SHA256>`), or the secret as a bearer token. The
 /// body (JSON; other text becomes `{"body": …}`) fills the trigger's prompt.
 #[utoipa::path(post, path = "/v1/hooks/{id}", params(("id" = String, Path)), request_body(content = String, content_type = "application/json"),
-    responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody)))]
+    responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 429, body = berth_api::ErrorBody)))]
 pub async fn hook(
     State(st): State<AppState>,
     Path(id): Path<String>,
