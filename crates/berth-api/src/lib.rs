@@ -78,6 +78,9 @@ pub struct BoxSpec {
     /// to `/workspace/shared` (written through the files API), and no way to signal or trace
     /// its neighbours. Agents message each other through berth (`127.0.0.1:47102` in the box).
     pub shared: bool,
+    /// Archive the box's `/workspace` when it is destroyed (an ephemeral box: when its session
+    /// ends), to download from `GET /v1/boxes/{id}/artifact` after the box is gone.
+    pub keep_workspace: bool,
     /// Credentials the egress proxy adds to the box's requests for a host; the box never
     /// holds them. The box calls `http://host/…`; the proxy adds `header: value` and (with
     /// `tls`, the default) speaks HTTPS to the host. The host must be on `network.allow`.
@@ -175,6 +178,12 @@ pub struct BoxObject {
     /// Agents share the box, each as its own user (see `BoxSpec::shared`).
     #[serde(default)]
     pub shared: bool,
+    /// See `BoxSpec::keep_workspace`.
+    #[serde(default)]
+    pub keep_workspace: bool,
+    /// The workspace archived when the box was destroyed (`keep_workspace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<SnapshotInfo>,
     /// A parked hybrid box: the snapshot it is restored from on its next use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotInfo>,

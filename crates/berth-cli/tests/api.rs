@@ -566,6 +566,42 @@ async fn ephemeral_box_dies_with_its_session_and_idle_boxes_stop() {
         .await;
     assert!(evs.iter().any(|e| e["data"]["text"] == "finished"));
 
+    // keep_workspace: the workspace outlives the ephemeral box as a downloadable tar.
+    let r = api.post("/v1/sessions", json!({
+        "box": {"lifecycle": "ephemeral", "keep_workspace": true, "resources": {"memory_mib": 128, "disk_mib": 32}},
+        "agent": {"kind": "command", "argv": ["/bin/sh", "-c", "mkdir -p out && echo report > out/r.txt"]}
+    })).await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let kept = r.json["box_id"].as_str().expect("box").to_string();
+    let b = api
+        .wait_for(&format!("/v1/boxes/{kept}"), 20, |b| {
+            b["state"] == "destroyed"
+        })
+        .await;
+    assert!(b["artifact"]["bytes"].as_u64().unwrap_or(0) > 0, "{b}");
+    let tar = api.get(&format!("/v1/boxes/{kept}/artifact")).await;
+    assert_eq!(tar.status, 200);
+    let unpacked = tempfile::tempdir().expect("tmp");
+    let file = unpacked.path().join("a.tar");
+    std::fs::write(&file, &tar.bytes).expect("write");
+    let st = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&file)
+        .arg("-C")
+        .arg(unpacked.path())
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    assert_eq!(
+        std::fs::read_to_string(unpacked.path().join("workspace/out/r.txt")).expect("kept file"),
+        "report\n"
+    );
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/artifact")).await.status,
+        404,
+        "no archive unless asked for"
+    );
+
     let idle = small_box(&api, json!({"idle_timeout_s": 1})).await;
     // Activity keeps it alive past one timeout…
     let t0 = std::time::Instant::now();

@@ -664,6 +664,8 @@ mod tests {
             labels: Default::default(),
             secrets: vec![],
             shared: false,
+            keep_workspace: false,
+            artifact: None,
             snapshot: None,
             created_at: "2026-01-01T00:00:00Z".into(),
             updated_at: "2026-01-01T00:00:00Z".into(),

@@ -176,6 +176,23 @@ pub async fn get_root(
     read(&st, &c, &id, "").await
 }
 
+/// The workspace archive of a destroyed `keep_workspace` box: a tar of `workspace/`.
+#[utoipa::path(get, path = "/v1/boxes/{id}/artifact", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "a tar archive (application/x-tar)", content_type = "application/x-tar", body = Vec<u8>),
+        (status = 404, body = ErrorBody)))]
+pub async fn artifact(
+    State(st): State<AppState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let tar = st.engine.box_artifact(&c.tenant, &id).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
+        tar,
+    )
+        .into_response())
+}
+
 /// A file's bytes, or a directory's JSON listing. Paths are relative to `/workspace`.
 #[utoipa::path(get, path = "/v1/boxes/{id}/files/{path}", security(("bearer" = [])), params(("id" = String, Path), ("path" = String, Path)),
     responses((status = 200, description = "file bytes (application/octet-stream) or a DirListing (application/json)", body = DirListing),

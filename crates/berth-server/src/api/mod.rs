@@ -38,7 +38,7 @@ pub struct Query<T>(pub T);
 #[openapi(
     info(title = "berth", description = "Self-hosted sandboxes for AI agents: boxes, sessions, events."),
     paths(
-        boxes::create_box, boxes::list_boxes, boxes::get_box, boxes::delete_box, boxes::park_box, boxes::exec,
+        boxes::create_box, boxes::list_boxes, boxes::get_box, boxes::delete_box, boxes::park_box, boxes::artifact, boxes::exec,
         boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats, boxes::box_events,
         sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
         sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
@@ -88,6 +88,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         )
         .route("/v1/boxes/{id}/exec", post(boxes::exec))
         .route("/v1/boxes/{id}/park", post(boxes::park_box))
+        .route("/v1/boxes/{id}/artifact", get(boxes::artifact))
         .route(
             "/v1/triggers",
             post(triggers::create_trigger).get(triggers::list_triggers),

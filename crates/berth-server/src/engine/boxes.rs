@@ -77,11 +77,11 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
             )));
         }
     }
-    if spec.shared && spec.lifecycle == Lifecycle::Hybrid {
+    if spec.shared && (spec.lifecycle == Lifecycle::Hybrid || spec.keep_workspace) {
         // Parking archives the box as its operator uid, which cannot read the sessions'
         // private directories.
         return Err(ApiError::Invalid(
-            "a shared box cannot be hybrid (it could not be parked)".into(),
+            "a shared box can be neither hybrid nor keep_workspace (its archive could not read the sessions' directories)".into(),
         ));
     }
     if spec.idle_timeout_s == Some(0) || spec.max_lifetime_s == Some(0) {
@@ -461,6 +461,9 @@ impl BoxActor {
                     Some(BoxCmd::Touch) => last_activity = Instant::now(),
                     Some(BoxCmd::Egress(d)) => self.egress(d).await,
                     Some(BoxCmd::Destroy { reply }) => {
+                        if self.obj.keep_workspace && running {
+                            self.keep_workspace().await;
+                        }
                         let r = self.teardown(BoxState::Destroyed, None).await;
                         self.drop_snapshot().await;
                         let _ = reply.send(r.map(|_| self.obj.clone()));
@@ -635,6 +638,42 @@ impl BoxActor {
         metrics::histogram!("berth_box_restore_seconds").record(t.elapsed().as_secs_f64());
         self.drop_snapshot().await;
         Ok(snap.sessions)
+    }
+
+    /// Archive `/workspace` for download after the box is gone. A failure is recorded in the
+    /// box's events and does not hold up the destroy.
+    async fn keep_workspace(&mut self) {
+        let key = format!("artifacts/{}.tar.zst", self.obj.id);
+        let stored = match super::park::capture_paths(&self.backend, &self.obj.id, &["workspace"])
+            .await
+        {
+            Ok(archive) => self
+                .engine
+                .config
+                .snapshots
+                .put(&key, archive)
+                .await
+                .map_err(|e| {
+                    tracing::error!(box_id = %self.obj.id, error = %e, "storing a workspace archive");
+                    "the archive could not be stored".to_string()
+                }),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(s) => {
+                self.obj.artifact = Some(berth_api::SnapshotInfo {
+                    key: s.key,
+                    bytes: s.bytes,
+                    sha256: s.sha256,
+                    taken_at: now(),
+                    sessions: vec![],
+                });
+            }
+            Err(e) => {
+                self.event("artifact_failed", serde_json::json!({ "reason": e }))
+                    .await
+            }
+        }
     }
 
     /// Forget the box's snapshot (restored or destroyed): the object store's copy goes too.

@@ -242,6 +242,8 @@ impl Engine {
                 })
                 .collect(),
             shared: spec.shared,
+            keep_workspace: spec.keep_workspace,
+            artifact: None,
             snapshot: None,
             created_at: ts.clone(),
             updated_at: ts,
@@ -352,6 +354,29 @@ impl Engine {
                 Ok(b)
             }
         }
+    }
+
+    /// The workspace archive a `keep_workspace` box left when it was destroyed: a tar.
+    pub async fn box_artifact(&self, tenant: &str, id: &str) -> Result<Vec<u8>, ApiError> {
+        let b = self.get_box(tenant, id).await?;
+        let Some(a) = b.artifact else {
+            return Err(ApiError::NotFound(format!(
+                "box {id} has no workspace archive (keep_workspace, once destroyed)"
+            )));
+        };
+        let data = self
+            .config
+            .snapshots
+            .get(&a.key, &a.sha256)
+            .await
+            .map_err(|e| {
+                tracing::error!(box_id = %id, error = %e, "reading a workspace archive");
+                ApiError::Internal("the workspace archive could not be read intact".into())
+            })?;
+        tokio::task::spawn_blocking(move || zstd::stream::decode_all(&data[..]))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("decompressing the archive: {e}")))
     }
 
     /// Park a hybrid box now; it is restored on its next use.

@@ -66,8 +66,17 @@ async fn finish(
 
 /// The box's archive, compressed.
 pub async fn capture(backend: &Backend, box_id: &str) -> Result<Bytes, ParkError> {
+    capture_paths(backend, box_id, &PATHS).await
+}
+
+/// An archive of `paths` (relative to the box's root), compressed.
+pub async fn capture_paths(
+    backend: &Backend,
+    box_id: &str,
+    paths: &[&str],
+) -> Result<Bytes, ParkError> {
     let mut argv = vec!["tar", "-C", "/", "--numeric-owner", "-cf", "-"];
-    argv.extend(PATHS);
+    argv.extend(paths);
     let mut h = backend.exec(box_id, tar_spec(&argv)).await?;
     drop(h.input);
     // Compress on a blocking thread as the chunks arrive.
