@@ -1191,6 +1191,23 @@ async fn webhooks_are_rate_limited_per_trigger() {
     assert_eq!(r.status, 201, "{}", r.json);
     let path = r.json["webhook_path"].as_str().expect("path").to_string();
     let secret = r.json["secret"].as_str().expect("secret").to_string();
+    // Secret values have no place in a stored, listed trigger.
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"box": {"network": {"allow": ["api.example.com"]},
+                           "secrets": [{"host": "api.example.com", "header": "x-key", "value": "s3cr3t"}]},
+                   "agent": echo_agent(), "prompt": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(
+        r.json.to_string().contains("cannot hold secrets"),
+        "{}",
+        r.json
+    );
+    let listed = api.get("/v1/triggers").await;
+    assert!(!String::from_utf8_lossy(&listed.bytes).contains("s3cr3t"));
     let call = || {
         api.raw(
             api.http

@@ -133,7 +133,15 @@ impl Engine {
                     )));
                 }
             }
-            BoxRef::Spec(b) => super::boxes::validate_spec(b)?,
+            BoxRef::Spec(b) => {
+                // The trigger is stored and listed whole: secret values must not be in it.
+                if !b.secrets.is_empty() {
+                    return Err(ApiError::Invalid(
+                        "a trigger's box spec cannot hold secrets; create the box (with its secrets) and give its id".into(),
+                    ));
+                }
+                super::boxes::validate_spec(b)?
+            }
         }
         let id = new_id("trg");
         let secret = {
