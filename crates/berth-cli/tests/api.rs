@@ -1216,6 +1216,16 @@ async fn webhooks_are_rate_limited_per_trigger() {
                 .body("plain text"),
         )
     };
+    let big = api
+        .raw(
+            api.http
+                .post(format!("{}{path}", api.url))
+                .bearer_auth(&secret)
+                .body(vec![b'x'; 2 << 20]),
+        )
+        .await;
+    assert_eq!(big.status, 413, "a webhook body over 1 MiB");
+    assert!(big.json["error"]["message"].is_string(), "{}", big.json);
     let first = call().await;
     assert_eq!(first.status, 202, "{}", first.json);
     assert_eq!(call().await.status, 202);

@@ -97,7 +97,12 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             "/v1/triggers/{id}",
             get(triggers::get_trigger).delete(triggers::delete_trigger),
         )
-        .route("/v1/hooks/{id}", post(triggers::hook))
+        // Webhooks come from outside, unauthenticated until their signature is checked: a
+        // smaller body limit than the API's.
+        .route(
+            "/v1/hooks/{id}",
+            post(triggers::hook).layer(DefaultBodyLimit::max(triggers::HOOK_MAX_BODY)),
+        )
         .route("/v1/boxes/{id}/stats", get(boxes::stats))
         .route("/v1/boxes/{id}/events", get(boxes::box_events))
         .route("/v1/boxes/{id}/files", get(boxes::get_root))

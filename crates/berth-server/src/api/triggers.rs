@@ -9,6 +9,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use berth_api::{HookAccepted, List, TriggerObject, TriggerSpec};
 
+/// Largest webhook body accepted (1 MiB).
+pub const HOOK_MAX_BODY: usize = 1 << 20;
+
 /// Create a trigger. The answer holds the webhook's secret, shown only here.
 #[utoipa::path(post, path = "/v1/triggers", security(("bearer" = [])), request_body = TriggerSpec,
     responses((status = 201, body = TriggerObject), (status = 400, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 409, body = berth_api::ErrorBody)))]
@@ -57,13 +60,14 @@ pub async fn delete_trigger(
 /// (`X-Berth-Signature-256: sha256=<hex HMAC-SHA256>`), or the secret as a bearer token. The
 /// body (JSON; other text becomes `{"body": …}`) fills the trigger's prompt.
 #[utoipa::path(post, path = "/v1/hooks/{id}", params(("id" = String, Path)), request_body(content = String, content_type = "application/json"),
-    responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 429, body = berth_api::ErrorBody)))]
+    responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 413, body = berth_api::ErrorBody), (status = 429, body = berth_api::ErrorBody)))]
 pub async fn hook(
     State(st): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<HookAccepted>), ApiError> {
+    let body = body?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
     let signature = header(crate::engine::triggers::SIGNATURE_HEADER);
