@@ -551,21 +551,7 @@ impl BoxActor {
             .stop_box_sessions(&self.obj.id, "box parked")
             .await;
         let key = format!("boxes/{}/{}.tar.zst", self.obj.id, self.last_seq + 1);
-        let stored = match super::park::capture(&self.backend, &self.obj.id).await {
-            Ok(archive) => self
-                .engine
-                .config
-                .snapshots
-                .put(&key, archive)
-                .await
-                .map_err(|e| {
-                    // The store's own message names server paths: logged, not shown to clients.
-                    tracing::error!(box_id = %self.obj.id, error = %e, "storing a snapshot");
-                    "the snapshot could not be stored".to_string()
-                }),
-            Err(e) => Err(e.to_string()),
-        };
-        let stored = match stored {
+        let mut snapshot = match self.archive(&super::park::PATHS, key).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(box_id = %self.obj.id, error = %e, "parking failed; the box keeps running");
@@ -577,13 +563,8 @@ impl BoxActor {
                 return;
             }
         };
-        self.obj.snapshot = Some(berth_api::SnapshotInfo {
-            key: stored.key,
-            bytes: stored.bytes,
-            sha256: stored.sha256,
-            taken_at: now(),
-            sessions,
-        });
+        snapshot.sessions = sessions;
+        self.obj.snapshot = Some(snapshot);
         if let Some(s) = served.take() {
             s.gateway.abort();
             s.egress.abort();
@@ -644,36 +625,42 @@ impl BoxActor {
     /// box's events and does not hold up the destroy.
     async fn keep_workspace(&mut self) {
         let key = format!("artifacts/{}.tar.zst", self.obj.id);
-        let stored = match super::park::capture_paths(&self.backend, &self.obj.id, &["workspace"])
-            .await
-        {
-            Ok(archive) => self
-                .engine
-                .config
-                .snapshots
-                .put(&key, archive)
-                .await
-                .map_err(|e| {
-                    tracing::error!(box_id = %self.obj.id, error = %e, "storing a workspace archive");
-                    "the archive could not be stored".to_string()
-                }),
-            Err(e) => Err(e.to_string()),
-        };
-        match stored {
-            Ok(s) => {
-                self.obj.artifact = Some(berth_api::SnapshotInfo {
-                    key: s.key,
-                    bytes: s.bytes,
-                    sha256: s.sha256,
-                    taken_at: now(),
-                    sessions: vec![],
-                });
-            }
+        match self.archive(&["workspace"], key).await {
+            Ok(a) => self.obj.artifact = Some(a),
             Err(e) => {
                 self.event("artifact_failed", serde_json::json!({ "reason": e }))
                     .await
             }
         }
+    }
+
+    /// `paths` of the box archived by `tar` inside it and stored at `key`; the error is fit
+    /// for clients (the store's own, which names server paths, is only logged).
+    async fn archive(
+        &self,
+        paths: &[&str],
+        key: String,
+    ) -> Result<berth_api::SnapshotInfo, String> {
+        let archive = super::park::capture_paths(&self.backend, &self.obj.id, paths)
+            .await
+            .map_err(|e| e.to_string())?;
+        let s = self
+            .engine
+            .config
+            .snapshots
+            .put(&key, archive)
+            .await
+            .map_err(|e| {
+                tracing::error!(box_id = %self.obj.id, error = %e, "storing an archive");
+                "the archive could not be stored".to_string()
+            })?;
+        Ok(berth_api::SnapshotInfo {
+            key: s.key,
+            bytes: s.bytes,
+            sha256: s.sha256,
+            taken_at: now(),
+            sessions: vec![],
+        })
     }
 
     /// Forget the box's snapshot (restored or destroyed): the object store's copy goes too.

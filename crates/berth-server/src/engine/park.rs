@@ -11,7 +11,7 @@ use bytes::Bytes;
 use std::time::Duration;
 
 /// The box's writable state, relative to its root.
-const PATHS: [&str; 2] = ["workspace", "home/agent"];
+pub const PATHS: [&str; 2] = ["workspace", "home/agent"];
 /// Longest a box may take to write or unpack its archive.
 const TAR_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bytes of the uncompressed archive fed to the box per stdin message.
@@ -62,11 +62,6 @@ async fn finish(
         }
     }
     Err(ParkError::Tar("the exec stream ended early".into()))
-}
-
-/// The box's archive, compressed.
-pub async fn capture(backend: &Backend, box_id: &str) -> Result<Bytes, ParkError> {
-    capture_paths(backend, box_id, &PATHS).await
 }
 
 /// An archive of `paths` (relative to the box's root), compressed.
