@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
 const MAX_HEAD: usize = 16 * 1024;
@@ -182,12 +182,7 @@ impl Egress {
         secrets: Vec<Secret>,
         socket: &Path,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
-        }
+        let listener = crate::bind_box_socket(socket)?;
         let me = self.clone();
         let box_id = box_id.to_string();
         let allow = Arc::new(allow);

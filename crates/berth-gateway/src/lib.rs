@@ -19,6 +19,17 @@ pub mod price;
 
 pub use meter::{Usage, UsageParser};
 
+/// Listen on a host service's socket for one box (gateway, egress, box-side API), replacing
+/// a stale one; world-connectable, since the box's supervisor may connect as an unprivileged
+/// host uid (the box cannot reach the path itself: only its bridge does).
+pub fn bind_box_socket(socket: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -444,15 +455,8 @@ impl Gateway {
         box_id: &str,
         socket: &Path,
     ) -> Result<tokio::task::JoinHandle<()>, GatewayError> {
-        let _ = std::fs::remove_file(socket);
-        let listener = tokio::net::UnixListener::bind(socket)
+        let listener = bind_box_socket(socket)
             .map_err(|e| GatewayError::Bind(socket.display().to_string(), e))?;
-        // The box's supervisor connects as an unprivileged host uid.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
-                .map_err(|e| GatewayError::Bind(socket.display().to_string(), e))?;
-        }
         let ctx = BoxCtx {
             gw: self.clone(),
             box_id: box_id.to_string(),

@@ -95,12 +95,7 @@ pub fn serve_box_api(
     socket: &std::path::Path,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use axum::routing::{get, post};
-    let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
-    }
+    let listener = berth_gateway::bind_box_socket(socket)?;
     let state = BoxApi {
         engine,
         box_id: box_id.to_string(),
