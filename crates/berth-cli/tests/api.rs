@@ -1070,6 +1070,15 @@ async fn agents_in_a_shared_box_are_kept_apart_and_can_message_each_other() {
         .post("/v1/boxes", json!({"lifecycle": "hybrid", "shared": true}))
         .await;
     assert_eq!(r.status, 400, "{}", r.json);
+    // A workdir is refused before any box is made for the session.
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": {"shared": true}, "agent": shell_agent(), "workdir": "/workspace"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(api.get("/v1/boxes").await.json["items"], json!([]));
     let bx = small_box(&api, json!({"lifecycle": "persistent", "shared": true})).await;
     let start = |prompt: &'static str| {
         api.post(

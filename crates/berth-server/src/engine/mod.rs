@@ -93,6 +93,10 @@ fn valid_image_ref(r: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
 }
 
+fn shared_workdir() -> ApiError {
+    ApiError::Invalid("sessions in a shared box work in their own directory; omit workdir".into())
+}
+
 fn tenant_filter(tenant: &str) -> Option<&str> {
     Some(tenant)
 }
@@ -312,25 +316,7 @@ impl Engine {
     pub async fn delete_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
         let b = self.get_box(tenant, id).await?;
         // Sessions in the box end with it.
-        for s in self
-            .store
-            .list_sessions(tenant_filter(tenant), Some(id))
-            .await?
-        {
-            if let Some(h) = self.session_handle(&s.id) {
-                let (tx, rx) = oneshot::channel();
-                if h.tx
-                    .send(SessionCmd::Stop {
-                        reason: "box deleted".into(),
-                        reply: tx,
-                    })
-                    .await
-                    .is_ok()
-                {
-                    let _ = rx.await;
-                }
-            }
-        }
+        self.stop_box_sessions(id, "box deleted").await;
         match self.box_handle(id) {
             Some(h) => {
                 let (tx, rx) = oneshot::channel();
@@ -505,6 +491,10 @@ impl Engine {
                 return Err(ApiError::Invalid("prompt must not be empty".into()));
             }
         }
+        // Refused before a box is made for it.
+        if matches!(&spec.box_ref, BoxRef::Spec(b) if b.shared) && spec.workdir.is_some() {
+            return Err(shared_workdir());
+        }
         let box_obj = match &spec.box_ref {
             BoxRef::Id(id) => {
                 self.ensure_unparked(tenant, id).await?;
@@ -548,14 +538,13 @@ impl Engine {
             created_at: ts.clone(),
             updated_at: ts,
         };
-        if box_obj.shared {
+        // Held until the session is stored: the next allocation sees this uid.
+        let _alloc = if box_obj.shared {
             if spec.workdir.is_some() {
-                return Err(ApiError::Invalid(
-                    "sessions in a shared box work in their own directory; omit workdir".into(),
-                ));
+                return Err(shared_workdir());
             }
             // One allocation at a time: each session of the box gets a uid of its own.
-            let _alloc = self.shared_alloc.lock().await;
+            let alloc = self.shared_alloc.lock().await;
             let taken = self
                 .store
                 .list_sessions(tenant_filter(tenant), Some(&box_obj.id))
@@ -569,10 +558,11 @@ impl Engine {
             let claude_env = self.claude_env(&obj.id, Some(&obj.workdir), &token, None);
             driver = berth_agent::Driver::new(&spec.agent, &obj.workdir, claude_env)
                 .map_err(|e| ApiError::Invalid(e.to_string()))?;
-            self.store.put_session(&obj).await?;
+            Some(alloc)
         } else {
-            self.store.put_session(&obj).await?;
-        }
+            None
+        };
+        self.store.put_session(&obj).await?;
         metrics::counter!("berth_sessions_created_total").increment(1);
         self.start_agent(sessions::SessionStart {
             engine: self.clone(),
@@ -778,7 +768,7 @@ impl Engine {
             .unwrap_or(false)
     }
 
-    /// Stop every live session in a box (it is parking); their ids, to resume later.
+    /// Stop every live session in a box (it is parking or being deleted); their ids.
     pub(crate) async fn stop_box_sessions(&self, box_id: &str, reason: &str) -> Vec<String> {
         let handles: Vec<SessionHandle> = self
             .sessions
