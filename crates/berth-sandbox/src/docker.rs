@@ -70,6 +70,18 @@ pub struct DockerConfig {
     pub socket: Option<PathBuf>,
 }
 
+impl DockerConfig {
+    /// Whether the runtime is gVisor's (`runsc`, or a variant such as `runsc-debug`).
+    fn is_gvisor(&self) -> bool {
+        self.runtime.starts_with("runsc")
+    }
+
+    /// Where the gVisor compatibility shim is kept for this backend's boxes.
+    fn compat_dir(&self) -> PathBuf {
+        self.data_dir.join(format!("{}-compat", self.name))
+    }
+}
+
 struct DockerBox {
     container: String,
     /// Host PID of the container's init (0 until started, or when the engine did not say).
@@ -81,6 +93,24 @@ struct DockerBox {
 }
 
 impl DockerBox {
+    /// A box's record, before its container is known to run; the sender reports its end.
+    fn new(
+        container: &str,
+        dir: &Path,
+        cfg: &BoxConfig,
+    ) -> (Arc<DockerBox>, watch::Sender<Option<BoxExit>>) {
+        let (exit_tx, exit) = watch::channel(None);
+        let b = Arc::new(DockerBox {
+            container: container.to_string(),
+            pid: std::sync::atomic::AtomicI32::new(0),
+            dir: dir.to_path_buf(),
+            limits: cfg.limits,
+            env: cfg.env.clone(),
+            exit,
+        });
+        (b, exit_tx)
+    }
+
     fn ctl(&self) -> PathBuf {
         self.dir.join("ctl").join("ctl.sock")
     }
@@ -212,7 +242,7 @@ impl DockerBackend {
                 runtimes.keys().collect::<Vec<_>>()
             )));
         }
-        let gvisor = cfg.runtime.starts_with("runsc");
+        let gvisor = cfg.is_gvisor();
         let caps = Capabilities {
             name: cfg.name.clone(),
             isolation: if gvisor {
@@ -235,7 +265,7 @@ impl DockerBackend {
         };
         std::fs::create_dir_all(cfg.data_dir.join(&cfg.name))?;
         if gvisor {
-            write_gvisor_compat(&cfg.data_dir.join(format!("{}-compat", cfg.name)))?;
+            write_gvisor_compat(&cfg.compat_dir())?;
         }
         Ok(DockerBackend {
             cfg,
@@ -277,7 +307,7 @@ impl DockerBackend {
     }
 
     fn gvisor(&self) -> bool {
-        self.cfg.runtime.starts_with("runsc")
+        self.cfg.is_gvisor()
     }
 
     fn box_dir(&self, id: &str) -> PathBuf {
@@ -380,7 +410,7 @@ impl DockerBackend {
             }
         }
         if self.gvisor() {
-            let compat = self.cfg.data_dir.join(format!("{}-compat", self.cfg.name));
+            let compat = self.cfg.compat_dir();
             m.push(bind(&compat, COMPAT_IN_BOX, true));
             m.push(bind(
                 &compat.join("ld.so.preload"),
@@ -633,15 +663,7 @@ impl Sandbox for DockerBackend {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(SandboxError::Start(format!("creating the container: {e}")));
         }
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let b = Arc::new(DockerBox {
-            container: name.clone(),
-            pid: std::sync::atomic::AtomicI32::new(0),
-            dir: dir.clone(),
-            limits: cfg.limits,
-            env: cfg.env.clone(),
-            exit: exit_rx,
-        });
+        let (b, exit_tx) = DockerBox::new(&name, &dir, &cfg);
         self.boxes
             .lock()
             .map_err(|_| poisoned())?
@@ -780,15 +802,7 @@ impl Sandbox for DockerBackend {
         if !ours || !running || !dir.join("ctl").is_dir() {
             return Err(gone());
         }
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let b = Arc::new(DockerBox {
-            container: name.clone(),
-            pid: std::sync::atomic::AtomicI32::new(0),
-            dir: dir.clone(),
-            limits: cfg.limits,
-            env: cfg.env.clone(),
-            exit: exit_rx,
-        });
+        let (b, exit_tx) = DockerBox::new(&name, &dir, &cfg);
         {
             let mut boxes = self.boxes.lock().map_err(|_| poisoned())?;
             if boxes.contains_key(&cfg.id) {
