@@ -23,7 +23,7 @@ use crate::{
 };
 use cgroup::BoxCgroup;
 use init::{DiskSource, InitConfig, InitReport, UID_RANGE};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -84,8 +84,9 @@ pub struct NativeBackend {
     pool: Option<disk::ImagePool>,
     boxes: Mutex<HashMap<String, Arc<LiveBox>>>,
     slots: Mutex<BTreeSet<u32>>,
-    /// Destroyed boxes whose files and loop devices are still being released.
-    reaping: Arc<std::sync::atomic::AtomicUsize>,
+    /// Ids of destroyed boxes whose files and loop devices are still being released.
+    reaping: Arc<Mutex<HashSet<String>>>,
+    /// Notified each time a reap finishes.
     settled: Arc<tokio::sync::Notify>,
 }
 
@@ -153,7 +154,7 @@ impl NativeBackend {
             pool,
             boxes: Mutex::new(HashMap::new()),
             slots: Mutex::new(BTreeSet::new()),
-            reaping: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            reaping: Arc::new(Mutex::new(HashSet::new())),
             settled: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -447,6 +448,9 @@ impl Sandbox for NativeBackend {
         if self.get(&cfg.id).is_ok() {
             return Err(SandboxError::Exists(cfg.id.clone()));
         }
+        // The same id destroyed a moment ago (a hybrid box's restore): its files are still
+        // being released in the background; reusing the directory now would race that.
+        self.reaped(|r| !r.contains(&cfg.id)).await;
         let dir = self.box_dir(&cfg.id);
         if dir.exists() {
             // Left over from a crash: clear it before reuse.
@@ -588,20 +592,24 @@ impl Sandbox for NativeBackend {
         let dir = b.dir.clone();
         let box_id = id.to_string();
         let disk_ref = b.disk_ref.lock().ok().and_then(|mut r| r.take());
-        self.reaping.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut r) = self.reaping.lock() {
+            r.insert(box_id.clone());
+        }
         let reaping = self.reaping.clone();
         let settled = self.settled.clone();
         tokio::task::spawn_blocking(move || {
             drop(disk_ref);
             if !disk::wait_detached(&dir.join("disk.img"), Duration::from_secs(10)) {
-                tracing::warn!(box_id, "loop device of a destroyed box is still attached");
+                tracing::warn!(%box_id, "loop device of a destroyed box is still attached");
             }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(box_id, error = %e, "removing a destroyed box's files");
+                    tracing::warn!(%box_id, error = %e, "removing a destroyed box's files");
                 }
             }
-            reaping.fetch_sub(1, Ordering::SeqCst);
+            if let Ok(mut r) = reaping.lock() {
+                r.remove(&box_id);
+            }
             settled.notify_waiters();
         });
         if let Ok(mut m) = self.boxes.lock() {
@@ -639,9 +647,15 @@ pub fn helper_beside(exe: &Path) -> PathBuf {
 impl NativeBackend {
     /// Wait until every destroyed box's loop device is released and its files are removed.
     pub async fn settle(&self) {
+        self.reaped(|r| r.is_empty()).await
+    }
+
+    /// Wait until `done` holds of the set of ids being reaped.
+    async fn reaped(&self, done: impl Fn(&HashSet<String>) -> bool) {
         loop {
+            // Created before the check: a reap that ends in between still wakes it.
             let notified = self.settled.notified();
-            if self.reaping.load(Ordering::SeqCst) == 0 {
+            if self.reaping.lock().map(|r| done(&r)).unwrap_or(true) {
                 return;
             }
             notified.await;
