@@ -50,7 +50,7 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
             )
             .await?;
         let at = wait_requests(&mock, before + 1).await?;
-        by_hand.push(Duration::from_secs_f64((at - t0).max(0.0) / 1000.0));
+        by_hand.push(crate::between_unix_ms(t0, at));
         let _ = child.kill().await;
     }
 
@@ -94,7 +94,7 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
         )
         .await?;
         let at = wait_requests(&mock, before + 1).await?;
-        via_berth.push(Duration::from_secs_f64((at - t0).max(0.0) / 1000.0));
+        via_berth.push(crate::between_unix_ms(t0, at));
         let sid = s["id"].as_str().unwrap_or_default();
         let _ = http
             .delete(format!("{url}/v1/sessions/{sid}"))
@@ -110,17 +110,7 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
         "POST /v1/sessions (existing box) → first request at the mock",
         via_berth,
     );
-    println!("| agent start | n | median ms | p99 ms |");
-    println!("| --- | ---: | ---: | ---: |");
-    for r in [&a, &b] {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name,
-            r.n,
-            ms(r.median),
-            ms(r.p99)
-        );
-    }
+    crate::print_table("agent start", [&a, &b]);
     println!(
         "| added by berth (median) | | {} | |",
         ms(b.median.saturating_sub(a.median))

@@ -107,17 +107,7 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
         eprintln!("done: {name}");
         rows.push(summarize(name, v));
     }
-    println!("| request | n | median ms | p99 ms |");
-    println!("| --- | ---: | ---: | ---: |");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name,
-            r.n,
-            ms(r.median),
-            ms(r.p99)
-        );
-    }
+    crate::print_table("request", &rows);
 
     // SSE delivery: 10 busy sessions, `subscribers` clients spread over them.
     let sessions = 10;

@@ -156,17 +156,7 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
             }
         }
     }
-    println!("| request | n | median ms | p99 ms |");
-    println!("| --- | ---: | ---: | ---: |");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name,
-            r.n,
-            ms(r.median),
-            ms(r.p99)
-        );
-    }
+    crate::print_table("request", &rows);
     println!(
         "| added by the gateway (median) | | {} | |",
         ms(rows[1].median.saturating_sub(rows[0].median))

@@ -155,6 +155,26 @@ pub struct Summary {
     pub n: usize,
 }
 
+/// Print summaries as a Markdown table (median and p99 in ms) under the header `what`.
+pub fn print_table<'a>(what: &str, rows: impl IntoIterator<Item = &'a Summary>) {
+    println!("| {what} | n | median ms | p99 ms |");
+    println!("| --- | ---: | ---: | ---: |");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.name,
+            r.n,
+            ms(r.median),
+            ms(r.p99)
+        );
+    }
+}
+
+/// The time from `t0` to `at`, both unix milliseconds (clamped at zero).
+pub fn between_unix_ms(t0: f64, at: f64) -> Duration {
+    Duration::from_secs_f64((at - t0).max(0.0) / 1000.0)
+}
+
 pub fn summarize(name: &str, mut v: Vec<Duration>) -> Summary {
     v.sort();
     Summary {

@@ -1,7 +1,7 @@
 //! Hybrid boxes: park and restore of a box holding a large workspace, and a parked session's
 //! agent coming back against a fresh session's start, in the same run.
 
-use crate::{ms, summarize, wait_requests};
+use crate::{summarize, wait_requests};
 use berth_mock_model::{scenario::Scenario, unix_ms, Mock};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
     let (url, key, stop_tx, server) = crate::start_server(cfg).await?;
     let http = reqwest::Client::new();
     let call = |method: reqwest::Method, path: String, body: Value| {
+        let what = format!("{method} {path}");
         let r = http
             .request(method, format!("{url}{path}"))
             .bearer_auth(&key)
@@ -32,7 +33,7 @@ pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
             let r = r.await?;
             anyhow::ensure!(
                 r.status().is_success(),
-                "{}: {}",
+                "{what}: {}: {}",
                 r.status(),
                 r.text().await?
             );
@@ -68,7 +69,7 @@ pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
         )
         .await?;
         let at = wait_requests(&mock, before + 1).await?;
-        fresh.push(Duration::from_secs_f64((at - t0).max(0.0) / 1000.0));
+        fresh.push(crate::between_unix_ms(t0, at));
         let sid = s["id"].as_str().unwrap_or_default().to_string();
         // Let the turn finish (the demo's file task makes three requests).
         wait_requests(&mock, before + 3).await?;
@@ -107,7 +108,7 @@ pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
         )
         .await?;
         let at = wait_requests(&mock, before + 1).await?;
-        resumed.push(Duration::from_secs_f64((at - t0).max(0.0) / 1000.0));
+        resumed.push(crate::between_unix_ms(t0, at));
         call(
             reqwest::Method::DELETE,
             format!("/v1/boxes/{bx}"),
@@ -127,17 +128,7 @@ pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
             fresh,
         ),
     ];
-    println!("| hybrid box | n | median ms | p99 ms |");
-    println!("| --- | ---: | ---: | ---: |");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name,
-            r.n,
-            ms(r.median),
-            ms(r.p99)
-        );
-    }
+    crate::print_table("hybrid box", &rows);
     println!(
         "| resumed ÷ fresh (median) | | {:.2} | |",
         rows[2].median.as_secs_f64() / rows[3].median.as_secs_f64().max(1e-9)

@@ -21,6 +21,14 @@ fn time_cmd(argv: &[&str], runs: usize) -> anyhow::Result<Vec<Duration>> {
     Ok(v)
 }
 
+/// Limits of every box the lifecycle benchmark makes (the same for each backend).
+const BOX_LIMITS: Limits = Limits {
+    cpus: 1.0,
+    memory_mib: 256,
+    disk_mib: 256,
+    pids: 64,
+};
+
 /// A one-binary image (`/usr/bin/true` and its libraries) imported into Docker.
 fn docker_image() -> anyhow::Result<&'static str> {
     let img = "berth-bench-true:latest";
@@ -60,12 +68,7 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
         helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
         pool_size,
     })?;
-    let limits = Limits {
-        cpus: 1.0,
-        memory_mib: 256,
-        disk_mib: 256,
-        pids: 64,
-    };
+    let limits = BOX_LIMITS;
     let mut native = Vec::with_capacity(runs);
     let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..runs + 10 {
@@ -124,12 +127,7 @@ async fn docker_backend(runs: usize, name: &str, runtime: &str) -> anyhow::Resul
         socket: None,
     })
     .await?;
-    let limits = Limits {
-        cpus: 1.0,
-        memory_mib: 256,
-        disk_mib: 256,
-        pids: 64,
-    };
+    let limits = BOX_LIMITS;
     let mut out = Vec::with_capacity(runs);
     for i in 0..runs + 3 {
         let id = format!("bench-{i}");
