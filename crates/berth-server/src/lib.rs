@@ -155,8 +155,6 @@ async fn reconcile(engine: &Arc<Engine>) -> Result<(), ServerError> {
         if b.state.is_terminal() {
             continue;
         }
-        // Boxes of backends whose boxes outlive the server are taken back, unless they hold
-        // secrets: their values lived only in the dead process's memory.
         // A box that was parking may still run (a park only destroys it after its snapshot is
         // stored); one that was restoring is parked again, its half-made box released.
         if b.state == berth_api::BoxState::Parking {
@@ -169,6 +167,9 @@ async fn reconcile(engine: &Arc<Engine>) -> Result<(), ServerError> {
             }
             b.state = berth_api::BoxState::Parked;
         }
+        // Boxes of backends whose boxes outlive the server are taken back, unless they hold
+        // secrets: their values lived only in the dead process's memory. Parked boxes wait
+        // for their next use.
         let adoptable = b.state == berth_api::BoxState::Running
             && b.secrets.is_empty()
             && engine
