@@ -166,10 +166,21 @@ struct BoxActor {
 
 /// What a running box is served with; dropped when it parks.
 struct Served {
-    gateway: tokio::task::JoinHandle<()>,
-    egress: tokio::task::JoinHandle<()>,
-    api: tokio::task::JoinHandle<()>,
+    // Held for their Drop: the box's host-side services end with it.
+    _gateway: Service,
+    _egress: Service,
+    _api: Service,
     exit: watch::Receiver<Option<BoxExit>>,
+}
+
+/// A task serving one box's socket, aborted when dropped (the box parked, stopped, or failed to
+/// come up part-way).
+struct Service(tokio::task::JoinHandle<()>);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How the owner task gets its box.
@@ -346,59 +357,54 @@ impl BoxActor {
                 return Err(format!("unpacking the snapshot: {e}"));
             }
         }
-        // The box's only ways out: its own gateway socket and its own egress proxy socket.
-        let egress = match self.engine.egress.serve_box(
-            &self.obj.id,
-            self.obj.network.allow.clone(),
-            self.secrets.clone(),
-            &info.run_dir.join("egress.sock"),
-        ) {
-            Ok(t) => t,
+        match self.serve(&info.run_dir) {
+            Ok(served) => {
+                self.set(BoxState::Running, reason).await;
+                Ok(served)
+            }
             Err(e) => {
                 let _ = self.backend.destroy(&self.obj.id).await;
-                return Err(format!("egress proxy: {e}"));
+                Err(e)
             }
-        };
-        let gateway = match self
-            .engine
-            .gateway
-            .serve_box(&self.obj.id, &info.run_dir.join("model.sock"))
-        {
-            Ok(t) => t,
-            Err(e) => {
-                egress.abort();
-                let _ = self.backend.destroy(&self.obj.id).await;
-                return Err(format!("gateway: {e}"));
-            }
-        };
-        let api = match super::shared::serve_box_api(
-            self.engine.clone(),
-            &self.obj.id,
-            &info.run_dir.join("api.sock"),
-        ) {
-            Ok(t) => t,
-            Err(e) => {
-                egress.abort();
-                gateway.abort();
-                let _ = self.backend.destroy(&self.obj.id).await;
-                return Err(format!("box api: {e}"));
-            }
-        };
-        let exit = match self.backend.exit_watch(&self.obj.id) {
-            Ok(w) => w,
-            Err(e) => {
-                egress.abort();
-                gateway.abort();
-                api.abort();
-                let _ = self.backend.destroy(&self.obj.id).await;
-                return Err(e.to_string());
-            }
-        };
-        self.set(BoxState::Running, reason).await;
+        }
+    }
+
+    /// The box's only ways out and in: its own gateway, egress proxy and box-side API sockets
+    /// in `run_dir`, and its exit watch. A step that fails drops (aborts) the ones before it.
+    fn serve(&self, run_dir: &std::path::Path) -> Result<Served, String> {
+        let egress = Service(
+            self.engine
+                .egress
+                .serve_box(
+                    &self.obj.id,
+                    self.obj.network.allow.clone(),
+                    self.secrets.clone(),
+                    &run_dir.join("egress.sock"),
+                )
+                .map_err(|e| format!("egress proxy: {e}"))?,
+        );
+        let gateway = Service(
+            self.engine
+                .gateway
+                .serve_box(&self.obj.id, &run_dir.join("model.sock"))
+                .map_err(|e| format!("gateway: {e}"))?,
+        );
+        let api = Service(
+            super::shared::serve_box_api(
+                self.engine.clone(),
+                &self.obj.id,
+                &run_dir.join("api.sock"),
+            )
+            .map_err(|e| format!("box api: {e}"))?,
+        );
+        let exit = self
+            .backend
+            .exit_watch(&self.obj.id)
+            .map_err(|e| e.to_string())?;
         Ok(Served {
-            gateway,
-            egress,
-            api,
+            _gateway: gateway,
+            _egress: egress,
+            _api: api,
             exit,
         })
     }
@@ -533,11 +539,7 @@ impl BoxActor {
                 }
             }
         }
-        if let Some(s) = served {
-            s.gateway.abort();
-            s.egress.abort();
-            s.api.abort();
-        }
+        drop(served);
         self.engine.forget_box(&self.obj.id);
     }
 
@@ -565,11 +567,7 @@ impl BoxActor {
         };
         snapshot.sessions = sessions;
         self.obj.snapshot = Some(snapshot);
-        if let Some(s) = served.take() {
-            s.gateway.abort();
-            s.egress.abort();
-            s.api.abort();
-        }
+        *served = None;
         if let Err(e) = self.backend.destroy(&self.obj.id).await {
             tracing::error!(box_id = %self.obj.id, error = %e, "destroying a parked box");
         }
