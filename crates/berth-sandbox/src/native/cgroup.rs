@@ -99,6 +99,17 @@ impl BoxCgroup {
             .map_err(|e| err("add task", e))
     }
 
+    /// The `cgroup.procs` file of each hierarchy the box's cgroup lives in (one on v2).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = ["memory", "pids", "cpu", "cpuacct"]
+            .iter()
+            .filter_map(|c| self.file(c, "cgroup.procs"))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+
     fn file(&self, controller: &str, name: &str) -> Option<PathBuf> {
         let dir = match controller {
             "memory" => self.cg.controller_of::<MemController>()?.path(),

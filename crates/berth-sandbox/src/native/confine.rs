@@ -43,6 +43,11 @@ fn filters() -> io::Result<std::sync::Arc<Vec<BpfProgram>>> {
         .map_err(io::Error::other)
 }
 
+/// Compile the seccomp programs now (the zygote does, so that every box inherits them).
+pub(crate) fn prewarm() {
+    let _ = filters();
+}
+
 /// Landlock rulesets by writable-path list; each exec restricts itself with a clone of one.
 fn ruleset_for(writable: &[String]) -> io::Result<RulesetCreated> {
     use std::collections::HashMap;

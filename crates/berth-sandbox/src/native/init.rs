@@ -1,19 +1,24 @@
-//! Box bring-up, run in a fresh helper process (`berth __box-init`), never in the server.
+//! Box bring-up: the helper (H) and the box's PID 1 (C), forked from the zygote
+//! ([`super::zygote`]), never from the server.
 //!
-//! The server spawns the helper (H), places it in the box's cgroup and then writes an
-//! [`InitConfig`] line to its stdin. H binds the control socket, then `clone`s the box's PID 1
-//! (C) into new mount, PID, network, UTS, IPC and cgroup namespaces. C is still host root at
-//! that point, so it can build the box's file tree without any host path needing to be
-//! world-readable: a read-only tmpfs root, the image's directories bound read-only, secrets
-//! masked, the quota-limited disk for `/workspace`, `/home/agent` and `/tmp`, fresh `/proc` and a
-//! minimal `/dev`, `/run/berth` (the gateway seam) read-only. It brings up `lo`, `pivot_root`s
-//! into the new root, and only then enters a new user namespace in which box uid 0..65536 maps to
-//! an unprivileged host range that H writes. Every namespace but the user namespace stays owned
-//! by the host's, so even the box's "root" cannot reconfigure its network, mounts or hostname.
-//! C forks the supervisor (PID 2) and reaps orphans for the box's whole life.
+//! The zygote keeps each image's root prepared in its own mount namespace (a *template*: a
+//! read-only tmpfs with the image's directories bound read-only, secrets masked, a minimal
+//! `/dev`, and empty mount points; [`build_template`]). For a box it forks H, which joins the
+//! box's cgroup, binds the control socket and `clone`s C into new mount, PID, network, UTS, IPC
+//! and cgroup namespaces. C's mount namespace is a copy of the zygote's, so the template is
+//! already there: C adds only what is the box's own ([`mount_box_parts`]): the quota-limited
+//! disk for `/workspace`, `/home/agent`, `/tmp` and `/dev/shm`, `/run/berth` (the gateway seam)
+//! read-only, and a fresh `/proc`. It brings up `lo`, `pivot_root`s into the template and
+//! detaches everything else, and only then enters a new user namespace in which box uid
+//! 0..65536 maps to an unprivileged host range that H writes. Every namespace but the user
+//! namespace stays owned by the host's, so even the box's "root" cannot reconfigure its
+//! network, mounts or hostname. C forks the supervisor (PID 2) and reaps orphans for the box's
+//! whole life.
 //!
-//! H reports `{"pid": <host pid of C>}` or `{"error": "..."}` on stdout, waits for C, and exits
-//! with its status: the server learns that a box died when H exits.
+//! H writes [`InitReport`] lines to its report socket (fd 1, the server holds the other end):
+//! `{"pid": <host pid of C>, "loop_dev": n}` or `{"error": "..."}`, then `{"exit": code}` when
+//! C ends. Should the server's end close (the server died or dropped the box), H kills C: no
+//! box outlives the process responsible for it.
 
 use super::disk;
 use super::supervisor;
@@ -24,8 +29,8 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{pivot_root, sethostname, Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::{self, BufRead, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -41,41 +46,77 @@ pub enum DiskSource {
     Dir(PathBuf),
 }
 
+/// What a box's root is made of. Boxes with equal specs share one template in the zygote.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RootSpec {
+    /// Host directories (or symlinks) placed read-only into the root: (host source, path in box).
+    pub layers: Vec<(PathBuf, String)>,
+    /// Files inside the box masked with an empty file.
+    pub masked_files: Vec<String>,
+    /// Directories inside the box masked with an empty read-only tmpfs.
+    pub masked_dirs: Vec<String>,
+}
+
+impl RootSpec {
+    /// The host path behind a path in the box (through the layer that holds it).
+    pub fn host_path(&self, in_box: &str) -> Option<PathBuf> {
+        self.layers.iter().find_map(|(src, dst)| {
+            let rest = in_box.strip_prefix(dst.as_str())?;
+            if rest.is_empty() {
+                Some(src.clone())
+            } else {
+                rest.strip_prefix('/').map(|r| src.join(r))
+            }
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitConfig {
     pub box_id: String,
-    /// Empty host directory C mounts the box's root tmpfs on (in its own mount namespace).
-    pub root_mount: PathBuf,
+    pub root: RootSpec,
+    /// Host directory under which the zygote mounts its templates (in its own namespace).
+    pub template_dir: PathBuf,
+    /// Empty per-box host directory C mounts the disk on (in its own mount namespace) before
+    /// binding the disk's parts into the root.
+    pub disk_mount: PathBuf,
     pub disk: DiskSource,
     /// Host directory bound read-only at `/run/berth` (gateway sockets live here).
     pub run_dir: PathBuf,
     pub ctl_socket: PathBuf,
     pub uid_base: u32,
     pub agent_uid: u32,
-    /// Host directories bound read-only into the box: (host source, path in box).
-    pub layers: Vec<(PathBuf, String)>,
-    /// Files inside the box masked with an empty file.
-    pub masked_files: Vec<String>,
-    /// Directories inside the box masked with an empty read-only tmpfs.
-    pub masked_dirs: Vec<String>,
     pub hostname: String,
     pub bridges: Vec<Bridge>,
+    /// `cgroup.procs` files of the box's cgroup (one per v1 hierarchy; one on v2). H joins
+    /// them before the box's first process exists, so everything in the box is counted.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// A line H writes on its report socket.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct InitReport {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
+    /// The loop device holding the box's disk (`/dev/loop<n>`), to watch for its release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_dev: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// C's end: its exit code, or 128 + the signal that killed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<i32>,
 }
 
-fn report(r: &InitReport) {
+/// Write one report line to fd 1 (H's report socket).
+pub(super) fn report(r: &InitReport) {
     let mut out = io::stdout().lock();
     let _ = serde_json::to_writer(&mut out, r);
     let _ = out.write_all(b"\n");
     let _ = out.flush();
 }
 
-/// Entry point of the helper process. Never returns.
+/// Set in a container's environment (Docker and gVisor backends), the helper runs only the
 /// Set in a container's environment (Docker and gVisor backends), the helper runs only the
 /// supervisor: the container runtime has already built the box. Its value is the control
 /// socket's path; [`SUPERVISOR_BRIDGES_ENV`] lists the bridges as `port=socket,…`.
@@ -131,9 +172,11 @@ fn container_supervisor(ctl: std::path::PathBuf) -> ! {
     }
 }
 
-/// Set by the native backend to its own pid: the helper dies with that process.
+/// Set by the native backend to its own pid: the zygote dies with that process.
 pub const PARENT_ENV: &str = "BERTH_BOX_PARENT";
 
+/// Entry point of `<helper> __box-init`. Never returns: a container's supervisor when
+/// [`SUPERVISOR_CTL_ENV`] is set, else the native backend's zygote.
 pub fn run() -> ! {
     if let Some(ctl) = std::env::var_os(SUPERVISOR_CTL_ENV) {
         container_supervisor(ctl.into())
@@ -146,38 +189,85 @@ pub fn run() -> ! {
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
         // The server may have died before the prctl: then our parent is someone else.
         if unsafe { libc::getppid() } != parent {
-            fail("the server that started this box is gone".into());
+            std::process::exit(1);
         }
     }
-    let mut line = String::new();
-    if let Err(e) = io::stdin().lock().read_line(&mut line) {
-        fail(format!("reading config: {e}"));
+    super::zygote::serve()
+}
+
+/// Body of H, in a fresh fork of the zygote: fd 1 is the report socket, fd 2 the box's log.
+pub(super) fn helper(cfg: &InitConfig, template: &Path) -> ! {
+    let me = std::process::id().to_string();
+    for f in &cfg.cgroup_procs {
+        if let Err(e) = fs::write(f, &me) {
+            fail(format!("joining cgroup {}: {e}", f.display()));
+        }
     }
-    let cfg: InitConfig = match serde_json::from_str(&line) {
-        Ok(c) => c,
-        Err(e) => fail(format!("bad config: {e}")),
-    };
-    match start(&cfg) {
-        Ok(child) => {
+    match start(cfg, template) {
+        Ok((child, loop_dev)) => {
             report(&InitReport {
                 pid: Some(child.as_raw()),
-                error: None,
+                loop_dev,
+                ..Default::default()
             });
-            let code = match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, c)) => c,
-                Ok(WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
-                _ => 1,
-            };
-            std::process::exit(code)
+            let code = wait_box(child);
+            report(&InitReport {
+                exit: Some(code),
+                ..Default::default()
+            });
+            std::process::exit(0)
         }
         Err(e) => fail(e),
     }
 }
 
+/// Wait for C to end, or for the server's end of the report socket to close (then C is killed).
+fn wait_box(child: Pid) -> i32 {
+    // SAFETY: pidfd_open on our own child, which we have not reaped.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as i32;
+    if pidfd >= 0 {
+        let mut fds = [
+            libc::pollfd {
+                fd: pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: 1,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: poll over two pollfds we own.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                break;
+            }
+            if fds[1].revents != 0 && fds[0].revents == 0 {
+                // The server never writes: readable means its end is gone.
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            }
+            break;
+        }
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, c)) => return c,
+            Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => return 1,
+        }
+    }
+}
+
 fn fail(msg: String) -> ! {
     report(&InitReport {
-        pid: None,
         error: Some(msg),
+        ..Default::default()
     });
     std::process::exit(1)
 }
@@ -186,7 +276,8 @@ fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-fn start(cfg: &InitConfig) -> Result<Pid, String> {
+/// Start C. Returns its pid and the loop device of its disk.
+fn start(cfg: &InitConfig, template: &Path) -> Result<(Pid, Option<u32>), String> {
     let _ = fs::remove_file(&cfg.ctl_socket);
     let listener = ctx(
         UnixListener::bind(&cfg.ctl_socket),
@@ -212,9 +303,9 @@ fn start(cfg: &InitConfig) -> Result<Pid, String> {
         let Some((map_r, need_w, ready_w, listener)) = pipes.take() else {
             return 1;
         };
-        box_pid1(cfg, map_r, need_w, ready_w, listener)
+        box_pid1(cfg, template, map_r, need_w, ready_w, listener)
     });
-    // SAFETY: the helper is single-threaded; the child gets its own copy of the address space.
+    // SAFETY: H is single-threaded; the child gets its own copy of the address space.
     let child = ctx(
         unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) },
         "clone",
@@ -243,22 +334,24 @@ fn start(cfg: &InitConfig) -> Result<Pid, String> {
 
     let mut msg = String::new();
     let _ = ready.read_to_string(&mut msg);
-    if msg.trim() == "ok" {
-        Ok(child)
-    } else {
-        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-        let _ = waitpid(child, None);
-        Err(if msg.is_empty() {
-            "box init died during setup".into()
-        } else {
-            msg
-        })
+    match msg.trim().strip_prefix("ok") {
+        Some(rest) => Ok((child, rest.trim().parse().ok())),
+        None => {
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            Err(if msg.is_empty() {
+                "box init died during setup".into()
+            } else {
+                msg
+            })
+        }
     }
 }
 
 /// Body of the box's PID 1.
 fn box_pid1(
     cfg: &InitConfig,
+    template: &Path,
     map_r: OwnedFd,
     need_w: OwnedFd,
     ready_w: OwnedFd,
@@ -266,15 +359,14 @@ fn box_pid1(
 ) -> isize {
     let mut ready = fs::File::from(ready_w);
     let mut need = fs::File::from(need_w);
-    // The box dies with its helper, which dies with the server (see `NativeBackend`): no box
-    // outlives the process responsible for it.
+    // The box dies with H, which ends it when the server goes (see `wait_box`).
     // SAFETY: plain prctl on ourselves.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-    let result = (|| -> Result<(), String> {
-        build_root(cfg)?;
+    let result = (|| -> Result<Option<u32>, String> {
+        let loop_dev = mount_box_parts(cfg, template)?;
         ctx(sethostname(&cfg.hostname), "sethostname")?;
         loopback_up()?;
-        enter_root(&cfg.root_mount)?;
+        enter_root(template)?;
         // Protect PID 1 and the supervisor from the box's own OOM kills; agent processes
         // reset this to 0 before exec.
         let _ = fs::write("/proc/self/oom_score_adj", "-1000");
@@ -294,17 +386,20 @@ fn box_pid1(
             "setresgid",
         )?;
         ctx(nix::unistd::setresuid(root, root, root), "setresuid")?;
-        // Changing credentials cleared the parent-death signal: set it again. Should the
-        // helper have died in between, the write of "ok" below fails and PID 1 gives up.
+        // Changing credentials cleared the parent-death signal: set it again. Should H have
+        // died in between, the write of "ok" below fails and PID 1 gives up.
         // SAFETY: plain prctl on ourselves.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-        Ok(())
+        Ok(loop_dev)
     })();
-    if let Err(e) = result {
-        drop(need);
-        let _ = ready.write_all(e.as_bytes());
-        return 1;
-    }
+    let loop_dev = match result {
+        Ok(l) => l,
+        Err(e) => {
+            drop(need);
+            let _ = ready.write_all(e.as_bytes());
+            return 1;
+        }
+    };
     drop(need);
     // SAFETY: PID 1 is single-threaded here.
     let worker = match unsafe { nix::unistd::fork() } {
@@ -321,8 +416,12 @@ fn box_pid1(
         }
     };
     drop(listener);
-    if ready.write_all(b"ok").is_err() {
-        // The helper is gone (and with it the server): no box without its owner.
+    let ok = match loop_dev {
+        Some(n) => format!("ok {n}"),
+        None => "ok".into(),
+    };
+    if ready.write_all(ok.as_bytes()).is_err() {
+        // H is gone (and with it the server): no box without its owner.
         let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGKILL);
         return 1;
     }
@@ -344,6 +443,19 @@ fn mkdir_p(p: &Path) -> Result<(), String> {
 }
 
 fn bind(src: &Path, dst: &Path, readonly: bool, extra: MsFlags) -> Result<(), String> {
+    bind_only(src, dst)?;
+    let mut flags = MsFlags::MS_NOSUID | extra;
+    if !is_device_node(src) {
+        flags |= MsFlags::MS_NODEV;
+    }
+    if readonly {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    remount(dst, flags)
+}
+
+/// A bind mount that keeps the source mount's flags (a bind copies them): one mount call.
+fn bind_only(src: &Path, dst: &Path) -> Result<(), String> {
     ctx(
         mount(
             Some(src),
@@ -353,26 +465,20 @@ fn bind(src: &Path, dst: &Path, readonly: bool, extra: MsFlags) -> Result<(), St
             None::<&str>,
         ),
         &format!("bind {} -> {}", src.display(), dst.display()),
-    )?;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | extra;
-    if !is_device_node(src) {
-        flags |= MsFlags::MS_NODEV;
-    }
-    if readonly {
-        flags |= MsFlags::MS_RDONLY;
-    }
-    ctx(
-        mount(None::<&str>, dst, None::<&str>, flags, None::<&str>),
-        &format!("remount {}", dst.display()),
     )
 }
 
-/// A plain bind mount without the read-only remount, for targets where the flags change
-/// nothing (masks with `/dev/null`, device nodes): one mount call instead of two.
-fn bind_only(src: &Path, dst: &Path) -> Result<(), String> {
+/// Set the flags of the mount at `dst` (to exactly `flags`).
+fn remount(dst: &Path, flags: MsFlags) -> Result<(), String> {
     ctx(
-        mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>),
-        &format!("bind {} -> {}", src.display(), dst.display()),
+        mount(
+            None::<&str>,
+            dst,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+            None::<&str>,
+        ),
+        &format!("remount {}", dst.display()),
     )
 }
 
@@ -387,59 +493,34 @@ fn inside(root: &Path, p: &str) -> PathBuf {
     root.join(p.trim_start_matches('/'))
 }
 
-fn build_root(cfg: &InitConfig) -> Result<(), String> {
+fn tmpfs(target: &Path, flags: MsFlags, data: &str, what: &str) -> Result<(), String> {
     ctx(
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        ),
-        "make / private",
-    )?;
-    let root = cfg.root_mount.as_path();
-    ctx(
-        mount(
-            Some("tmpfs"),
-            root,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=0755,size=4m"),
-        ),
+        mount(Some("tmpfs"), target, Some("tmpfs"), flags, Some(data)),
+        what,
+    )
+}
+
+/// Mount points every template has, filled per box by [`mount_box_parts`].
+const BOX_MOUNT_POINTS: [&str; 6] = [
+    "/workspace",
+    "/home/agent",
+    "/tmp",
+    "/run/berth",
+    "/proc",
+    "/dev/shm",
+];
+
+/// Build the shared, read-only part of a box root at `root` (in the zygote's namespace): a
+/// tmpfs with the image's layers bound read-only, secrets masked, a minimal `/dev` and the
+/// box's mount points. Nothing in it is per box; a box's copy of it gets its own mounts.
+pub(super) fn build_template(root: &Path, spec: &RootSpec) -> Result<(), String> {
+    tmpfs(
+        root,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=0755,size=1m",
         "mount root tmpfs",
     )?;
-
-    // The writable disk: workspace, home and tmp all count against one quota.
-    let disk_mnt = root.join(".disk");
-    mkdir_p(&disk_mnt)?;
-    match &cfg.disk {
-        DiskSource::Image(img) => disk::attach_and_mount(img, &disk_mnt)?,
-        DiskSource::Dir(dir) => bind(dir, &disk_mnt, false, MsFlags::empty())?,
-    }
-    let agent = cfg.uid_base + cfg.agent_uid;
-    let box_root = cfg.uid_base;
-    for (name, owner, mode) in [
-        ("workspace", agent, 0o755),
-        ("home", agent, 0o755),
-        ("tmp", box_root, 0o1777),
-        ("shm", box_root, 0o1777),
-    ] {
-        let p = disk_mnt.join(name);
-        if !p.exists() {
-            mkdir_p(&p)?;
-            ctx(
-                std::os::unix::fs::chown(&p, Some(owner), Some(owner)),
-                "chown",
-            )?;
-        }
-        ctx(
-            fs::set_permissions(&p, fs::Permissions::from_mode(mode)),
-            "chmod",
-        )?;
-    }
-
-    for (src, dst) in &cfg.layers {
+    for (src, dst) in &spec.layers {
         let meta = match fs::symlink_metadata(src) {
             Ok(m) => m,
             Err(_) => continue,
@@ -453,56 +534,31 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
             bind(src, &target, true, MsFlags::empty())?;
         }
     }
-    for f in &cfg.masked_files {
+    for f in &spec.masked_files {
         let t = inside(root, f);
         if t.exists() {
             bind_only(Path::new("/dev/null"), &t)?;
         }
     }
-    for d in &cfg.masked_dirs {
+    for d in &spec.masked_dirs {
         let t = inside(root, d);
         if t.is_dir() {
-            ctx(
-                mount(
-                    Some("tmpfs"),
-                    &t,
-                    Some("tmpfs"),
-                    MsFlags::MS_RDONLY
-                        | MsFlags::MS_NOSUID
-                        | MsFlags::MS_NODEV
-                        | MsFlags::MS_NOEXEC,
-                    Some("size=4k,mode=0755"),
-                ),
+            tmpfs(
+                &t,
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                "size=4k,mode=0755",
                 "mask dir",
             )?;
         }
     }
 
-    for (sub, dst) in [
-        ("workspace", "/workspace"),
-        ("home", "/home/agent"),
-        ("tmp", "/tmp"),
-    ] {
-        let t = inside(root, dst);
-        mkdir_p(&t)?;
-        bind(&disk_mnt.join(sub), &t, false, MsFlags::empty())?;
-    }
-
-    let run = inside(root, "/run/berth");
-    mkdir_p(&run)?;
-    bind(&cfg.run_dir, &run, true, MsFlags::MS_NOEXEC)?;
-
-    // Minimal /dev.
+    // Minimal /dev, read-only: its nodes are binds of the host's.
     let dev = inside(root, "/dev");
     mkdir_p(&dev)?;
-    ctx(
-        mount(
-            Some("tmpfs"),
-            &dev,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("mode=0755,size=64k"),
-        ),
+    tmpfs(
+        &dev,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "mode=0755,size=64k",
         "mount /dev",
     )?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
@@ -518,12 +574,72 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     ] {
         ctx(symlink(target, dev.join(name)), "dev symlink")?;
     }
-    let shm = dev.join("shm");
-    mkdir_p(&shm)?;
+    for p in BOX_MOUNT_POINTS {
+        mkdir_p(&inside(root, p))?;
+    }
+    remount(
+        &dev,
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+    )?;
+    remount(
+        root,
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+    )
+}
+
+/// In C's own copy of the zygote's namespace: mount the box's disk, bind its parts into the
+/// template's mount points, bind the gateway seam and mount a fresh `/proc`. Returns the loop
+/// device of the disk.
+fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<Option<u32>, String> {
+    // The writable disk: workspace, home, tmp and shm all count against one quota. Its mount
+    // carries nosuid and nodev, which the binds below keep.
+    let disk_mnt = cfg.disk_mount.as_path();
+    let loop_dev = match &cfg.disk {
+        DiskSource::Image(img) => Some(disk::attach_and_mount(img, disk_mnt)?),
+        DiskSource::Dir(dir) => {
+            bind(dir, disk_mnt, false, MsFlags::empty())?;
+            None
+        }
+    };
+    let agent = cfg.uid_base + cfg.agent_uid;
+    let box_root = cfg.uid_base;
+    for (name, owner, mode) in [
+        ("workspace", agent, 0o755),
+        ("home", agent, 0o755),
+        ("tmp", box_root, 0o1777),
+        ("shm", box_root, 0o1777),
+    ] {
+        let p = disk_mnt.join(name);
+        // Pool images come with these directories (made by mkfs, off this path).
+        if !p.is_dir() {
+            mkdir_p(&p)?;
+        }
+        ctx(
+            std::os::unix::fs::chown(&p, Some(owner), Some(owner)),
+            "chown",
+        )?;
+        ctx(
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)),
+            "chmod",
+        )?;
+    }
+    for (sub, dst) in [
+        ("workspace", "/workspace"),
+        ("home", "/home/agent"),
+        ("tmp", "/tmp"),
+    ] {
+        bind_only(&disk_mnt.join(sub), &inside(root, dst))?;
+    }
+    let shm = inside(root, "/dev/shm");
     bind(&disk_mnt.join("shm"), &shm, false, MsFlags::MS_NOEXEC)?;
+    bind(
+        &cfg.run_dir,
+        &inside(root, "/run/berth"),
+        true,
+        MsFlags::MS_NOEXEC,
+    )?;
 
     let proc_dir = inside(root, "/proc");
-    mkdir_p(&proc_dir)?;
     ctx(
         mount(
             Some("proc"),
@@ -553,37 +669,18 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
             bind(&t, &t, true, MsFlags::empty())?;
         }
     }
-    Ok(())
+    Ok(loop_dev)
 }
 
+/// Make the template (with the box's mounts on it) the root and detach the rest: the host's
+/// tree, the zygote's other templates and the disk's own mount point go with the old root.
 fn enter_root(root: &Path) -> Result<(), String> {
-    let old = root.join(".oldroot");
-    mkdir_p(&old)?;
     ctx(nix::unistd::chdir(root), "chdir root")?;
-    ctx(pivot_root(".", ".oldroot"), "pivot_root")?;
-    ctx(
-        umount2("/.oldroot", MntFlags::MNT_DETACH),
-        "detach old root",
-    )?;
-    ctx(fs::remove_dir("/.oldroot"), "rmdir old root")?;
-    // The disk's own mount point is no longer needed: its subdirectories are bound in place.
-    ctx(umount2("/.disk", MntFlags::MNT_DETACH), "detach disk")?;
-    ctx(fs::remove_dir("/.disk"), "rmdir disk")?;
-    ctx(nix::unistd::chdir("/"), "chdir /")?;
-    ctx(
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_BIND
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV,
-            None::<&str>,
-        ),
-        "remount root read-only",
-    )
+    // The old root ends up stacked on the new one, at "/": no directory for it is needed
+    // (the template is read-only).
+    ctx(pivot_root(".", "."), "pivot_root")?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), "detach old root")?;
+    ctx(nix::unistd::chdir("/"), "chdir /")
 }
 
 fn loopback_up() -> Result<(), String> {
@@ -611,6 +708,5 @@ fn loopback_up() -> Result<(), String> {
             return Err(format!("SIOCSIFFLAGS: {e}"));
         }
     }
-    let _ = io::stdout().as_raw_fd();
     Ok(())
 }

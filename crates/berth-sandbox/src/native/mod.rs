@@ -2,10 +2,13 @@
 //! disk, and a small supervisor inside each box. Needs nothing but a Linux kernel, root, and
 //! `mkfs.ext4` for quota disks.
 //!
-//! Host layout per box under `<data>/native/boxes/<id>/`: `root/` (mount point of the box's
-//! root, populated only inside the box's mount namespace), `disk.img` (the box's writable disk),
+//! Boxes are made by the backend's zygote ([`zygote`]), which keeps each image's root prepared.
+//!
+//! Host layout per box under `<data>/native/boxes/<id>/`: `mnt/` (where the box's disk is
+//! mounted, only inside the box's mount namespace), `disk.img` (the box's writable disk),
 //! `run/` (gateway seam, bound at `/run/berth`), `ctl.sock` (exec control socket, reachable
-//! only from the host).
+//! only from the host). The zygote's templates are mounted on `<data>/native/templates/*`
+//! in its own namespace only.
 
 pub mod cgroup;
 pub mod client;
@@ -14,6 +17,7 @@ pub mod disk;
 pub mod init;
 pub mod protocol;
 pub mod supervisor;
+pub mod zygote;
 
 use crate::fsops;
 pub use crate::Bridge;
@@ -22,15 +26,14 @@ use crate::{
     Sandbox, SandboxError, Stats, AGENT_UID,
 };
 use cgroup::BoxCgroup;
-use init::{DiskSource, InitConfig, InitReport, UID_RANGE};
+use init::{DiskSource, InitConfig, InitReport, RootSpec, UID_RANGE};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
 /// First host uid handed to boxes; each box gets its own range of [`UID_RANGE`] ids.
@@ -60,6 +63,8 @@ struct LiveBox {
     cgroup: Arc<BoxCgroup>,
     exit: watch::Receiver<Option<BoxExit>>,
     destroying: Arc<AtomicBool>,
+    /// The loop device holding the box's disk, watched for its release after destroy.
+    loop_dev: Option<u32>,
     /// A reference to the box's disk (its workspace, through PID 1's root), held until the
     /// background reaper drops it: the ext4 file system is then shut down there, off the
     /// destroy path, instead of in the exit of the box's last process (~1.5 ms).
@@ -88,6 +93,8 @@ pub struct NativeBackend {
     reaping: Arc<Mutex<HashSet<String>>>,
     /// Notified each time a reap finishes.
     settled: Arc<tokio::sync::Notify>,
+    /// Spawned at the first create, and again should it have died.
+    zygote: Mutex<Option<Arc<zygote::Zygote>>>,
 }
 
 /// Host paths bound read-only into a `host`-image box, and the secrets masked inside them.
@@ -120,6 +127,12 @@ impl NativeBackend {
         }
         let boxes_dir = cfg.data_dir.join("native").join("boxes");
         std::fs::create_dir_all(&boxes_dir)?;
+        // Mount points of an earlier run's zygote templates (empty on the host).
+        let templates = cfg.data_dir.join("native").join("templates");
+        std::fs::create_dir_all(&templates)?;
+        for e in std::fs::read_dir(&templates)?.flatten() {
+            let _ = std::fs::remove_dir(e.path());
+        }
         let loop_ok = disk::loop_supported();
         let pool = if loop_ok {
             Some(disk::ImagePool::new(
@@ -156,7 +169,34 @@ impl NativeBackend {
             slots: Mutex::new(BTreeSet::new()),
             reaping: Arc::new(Mutex::new(HashSet::new())),
             settled: Arc::new(tokio::sync::Notify::new()),
+            zygote: Mutex::new(None),
         })
+    }
+
+    /// Hand a box request to the zygote, spawning it first if there is none or it died.
+    fn request_box(
+        &self,
+        cfg: &InitConfig,
+        report: std::os::fd::BorrowedFd<'_>,
+        log: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<()> {
+        let mut slot = self
+            .zygote
+            .lock()
+            .map_err(|_| SandboxError::Io(std::io::Error::other("zygote lock poisoned")))?;
+        if let Some(z) = slot.as_ref() {
+            if z.request(cfg, report, log).is_ok() {
+                return Ok(());
+            }
+        }
+        // None yet, or the last one is gone (its socket refuses): start a new one.
+        let z = Arc::new(
+            zygote::Zygote::spawn(&self.cfg.helper)
+                .map_err(|e| SandboxError::Start(e.to_string()))?,
+        );
+        *slot = Some(z.clone());
+        z.request(cfg, report, log)
+            .map_err(|e| SandboxError::Start(format!("box zygote: {e}")))
     }
 
     fn box_dir(&self, id: &str) -> PathBuf {
@@ -200,9 +240,9 @@ impl NativeBackend {
 
     async fn start(&self, cfg: &BoxConfig, dir: &Path, slot: u32) -> Result<(LiveBox, BoxInfo)> {
         let run_dir = dir.join("run");
-        let root = dir.join("root");
+        let disk_mount = dir.join("mnt");
         // Plain directory and rename calls: microseconds, not worth a blocking-pool hop.
-        for d in [&run_dir, &root] {
+        for d in [&run_dir, &disk_mount] {
             std::fs::create_dir_all(d)?;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
         }
@@ -227,12 +267,12 @@ impl NativeBackend {
             }
         };
         let uid_base = UID_BASE + slot * UID_RANGE;
-        let (layers, masked_files, masked_dirs) = match &cfg.image {
-            Image::Host => (
-                host_layers(),
-                MASKED_FILES.iter().map(|s| s.to_string()).collect(),
-                MASKED_DIRS.iter().map(|s| s.to_string()).collect(),
-            ),
+        let root = match &cfg.image {
+            Image::Host => RootSpec {
+                layers: host_layers(),
+                masked_files: MASKED_FILES.iter().map(|s| s.to_string()).collect(),
+                masked_dirs: MASKED_DIRS.iter().map(|s| s.to_string()).collect(),
+            },
             Image::Oci(r) => {
                 return Err(SandboxError::Unsupported(format!(
                     "OCI image references ({r}) in the native backend (unpack it and use a root)"
@@ -249,109 +289,78 @@ impl NativeBackend {
                     }
                     layers.push((e.path(), format!("/{name}")));
                 }
-                (
+                // Directory order is arbitrary: sorted, equal roots share one template.
+                layers.sort();
+                RootSpec {
                     layers,
-                    MASKED_FILES.iter().map(|s| s.to_string()).collect(),
-                    vec![],
-                )
+                    masked_files: MASKED_FILES.iter().map(|s| s.to_string()).collect(),
+                    masked_dirs: vec![],
+                }
             }
-        };
-        let init_cfg = InitConfig {
-            box_id: cfg.id.clone(),
-            root_mount: root,
-            disk,
-            run_dir: run_dir.clone(),
-            ctl_socket: dir.join("ctl.sock"),
-            uid_base,
-            agent_uid: AGENT_UID,
-            layers,
-            masked_files,
-            masked_dirs,
-            hostname: format!("box-{}", &cfg.id[..cfg.id.len().min(20)]),
-            bridges: cfg.bridges.clone(),
         };
 
         let limits = cfg.limits;
         let id = cfg.id.clone();
         let cg = Arc::new(BoxCgroup::create(&id, &limits)?);
-
-        let mut cmd = tokio::process::Command::new(&self.cfg.helper);
-        cmd.arg("__box-init")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(false);
-        // The helper (and through its own death signal, the box) dies when the server does:
-        // it sets its parent-death signal first thing and checks its parent is still this
-        // process. No code runs between fork and exec here, so the spawn is a vfork-style
-        // posix_spawn instead of a fork of the whole server (~1 ms less per box).
-        cmd.env(init::PARENT_ENV, std::process::id().to_string());
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = cg.destroy();
-                return Err(SandboxError::Start(format!(
-                    "spawning {}: {e}",
-                    self.cfg.helper.display()
-                )));
-            }
+        let init_cfg = InitConfig {
+            box_id: cfg.id.clone(),
+            root,
+            template_dir: self.cfg.data_dir.join("native").join("templates"),
+            disk_mount,
+            disk,
+            run_dir: run_dir.clone(),
+            ctl_socket: dir.join("ctl.sock"),
+            uid_base,
+            agent_uid: AGENT_UID,
+            hostname: format!("box-{}", &cfg.id[..cfg.id.len().min(20)]),
+            bridges: cfg.bridges.clone(),
+            cgroup_procs: cg.procs_files(),
         };
-        let fail = |child: &mut tokio::process::Child, cg: &BoxCgroup, msg: String| {
-            let _ = child.start_kill();
+        let fail = |cg: &BoxCgroup, msg: String| {
+            // Kills the box's helper too: it joined the cgroup first thing.
             let _ = cg.destroy();
             SandboxError::Start(msg)
         };
-        let Some(hpid) = child.id() else {
-            return Err(fail(&mut child, &cg, "helper exited at once".into()));
-        };
-        if let Err(e) = cg.add(hpid) {
-            return Err(fail(&mut child, &cg, e.to_string()));
+        // The box's ends: its report socket (the box dies when ours closes) and its log.
+        let (report, report_box) = std::os::unix::net::UnixStream::pair()?;
+        let (log, log_box) = std::os::unix::net::UnixStream::pair()?;
+        {
+            use std::os::fd::AsFd;
+            if let Err(e) = self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd()) {
+                let _ = cg.destroy();
+                return Err(e);
+            }
         }
-        let line = match serde_json::to_string(&init_cfg) {
-            Ok(l) => l,
-            Err(e) => return Err(fail(&mut child, &cg, e.to_string())),
+        drop((report_box, log_box));
+        let stream = |s: std::os::unix::net::UnixStream| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(s)
         };
-        let (Some(mut stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(fail(&mut child, &cg, "helper pipes missing".into()));
+        let (report, log) = match (stream(report), stream(log)) {
+            (Ok(r), Ok(l)) => (r, l),
+            (Err(e), _) | (_, Err(e)) => return Err(fail(&cg, format!("report socket: {e}"))),
         };
-        if let Err(e) = stdin.write_all(format!("{line}\n").as_bytes()).await {
-            return Err(fail(&mut child, &cg, format!("writing config: {e}")));
-        }
-        drop(stdin);
-        let mut reader = BufReader::new(stdout);
+        let mut reader = BufReader::new(report);
         let mut report_line = String::new();
         let read = tokio::time::timeout(START_TIMEOUT, reader.read_line(&mut report_line)).await;
-        let report: InitReport = match read {
+        let first: InitReport = match read {
             Ok(Ok(n)) if n > 0 => match serde_json::from_str(&report_line) {
                 Ok(r) => r,
-                Err(e) => return Err(fail(&mut child, &cg, format!("bad init report: {e}"))),
+                Err(e) => return Err(fail(&cg, format!("bad init report: {e}"))),
             },
-            Ok(_) => {
-                return Err(fail(
-                    &mut child,
-                    &cg,
-                    "box init exited without a report".into(),
-                ))
-            }
-            Err(_) => return Err(fail(&mut child, &cg, "box init timed out".into())),
+            Ok(_) => return Err(fail(&cg, "box init exited without a report".into())),
+            Err(_) => return Err(fail(&cg, "box init timed out".into())),
         };
-        let pid1 = match (report.pid, report.error) {
+        let pid1 = match (first.pid, first.error) {
             (Some(p), None) => p,
-            (_, Some(e)) => {
-                let _ = child.wait().await;
-                let _ = cg.destroy();
-                return Err(SandboxError::Start(e));
-            }
-            (None, None) => return Err(fail(&mut child, &cg, "empty init report".into())),
+            (_, Some(e)) => return Err(fail(&cg, e)),
+            (None, None) => return Err(fail(&cg, "empty init report".into())),
         };
 
         // Log what the box's init and supervisor print (rate-limited: guest-controlled).
         let box_id = cfg.id.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
+            let mut lines = BufReader::new(log).lines();
             let mut budget = 100u32;
             while let Ok(Some(l)) = lines.next_line().await {
                 if budget > 0 {
@@ -365,17 +374,22 @@ impl NativeBackend {
         let destroying = Arc::new(AtomicBool::new(false));
         let flag = destroying.clone();
         let cg_for_exit = cg.clone();
+        // Holds our end of the report socket for the box's life: dropping it ends the box.
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let mut line = String::new();
+            let code = match reader.read_line(&mut line).await {
+                Ok(n) if n > 0 => serde_json::from_str::<InitReport>(&line)
+                    .ok()
+                    .and_then(|r| r.exit),
+                _ => None,
+            };
             let reason = if flag.load(Ordering::SeqCst) {
                 BoxExit::Destroyed
-            } else if cg_for_exit.counters().oom_kills > 0
-                && !matches!(status, Ok(s) if s.success())
-            {
+            } else if cg_for_exit.counters().oom_kills > 0 && code != Some(0) {
                 BoxExit::OomKilled
             } else {
                 BoxExit::Exited {
-                    code: status.ok().and_then(|s| s.code()).unwrap_or(-1),
+                    code: code.unwrap_or(-1),
                 }
             };
             let _ = exit_tx.send(Some(reason));
@@ -398,6 +412,7 @@ impl NativeBackend {
             cgroup: cg,
             exit: exit_rx,
             destroying,
+            loop_dev: first.loop_dev,
         };
         let info = BoxInfo {
             id: cfg.id.clone(),
@@ -590,6 +605,7 @@ impl Sandbox for NativeBackend {
         // process; waiting for that and removing the files happens off the caller's path.
         // `settle` waits for it.
         let dir = b.dir.clone();
+        let loop_dev = b.loop_dev;
         let box_id = id.to_string();
         let disk_ref = b.disk_ref.lock().ok().and_then(|mut r| r.take());
         if let Ok(mut r) = self.reaping.lock() {
@@ -599,7 +615,7 @@ impl Sandbox for NativeBackend {
         let settled = self.settled.clone();
         tokio::task::spawn_blocking(move || {
             drop(disk_ref);
-            if !disk::wait_detached(&dir.join("disk.img"), Duration::from_secs(10)) {
+            if !disk::wait_detached(&dir.join("disk.img"), loop_dev, Duration::from_secs(10)) {
                 tracing::warn!(%box_id, "loop device of a destroyed box is still attached");
             }
             if let Err(e) = std::fs::remove_dir_all(&dir) {

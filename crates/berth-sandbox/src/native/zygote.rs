@@ -1,0 +1,303 @@
+//! The zygote: one long-lived helper process per native backend that makes every box.
+//!
+//! Starting a box from a fresh `exec` of the helper cost ~1 ms (spawn, dynamic linking, page
+//! faults), and building each box's root from scratch ~45 mount calls. The zygote is spawned
+//! once (`<helper> __box-init`), enters its own mount namespace and keeps a prepared root per
+//! image there (a *template*, [`init::build_template`]). For each box the server sends it one
+//! request on a `SOCK_SEQPACKET` socket: the [`InitConfig`] and two descriptors, the box's
+//! report socket and its log. The zygote forks the box's helper (H), which runs
+//! [`init::helper`] with those as fd 1 and fd 2, and goes back to waiting. Everything after the
+//! fork (cgroup, control socket, the box's namespaces) happens in H and the box, in parallel
+//! with other creates.
+//!
+//! Contract:
+//! - Requests are handled in order, one fork each; a request the zygote cannot serve (bad
+//!   config, template failure) is answered with an error on its own report socket.
+//! - A template is rebuilt when a source it binds or masks is replaced on the host (its device
+//!   and inode change: e.g. `/etc/shadow` rewritten by `passwd`), so a mask never goes stale.
+//!   At most [`MAX_TEMPLATES`] are kept, least recently used first out.
+//! - The zygote dies with the server (parent-death signal from the thread that spawned it,
+//!   which lives until the zygote ends) and exits when the server closes its socket. Boxes do
+//!   not depend on the zygote: each is tied to the server through its own report socket.
+//! - The zygote holds no descriptor but its socket: a request's descriptors are closed in it
+//!   right after the fork, so no box inherits another's.
+
+use super::init::{self, InitConfig, InitReport, RootSpec};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Templates kept at once (each is ~25 mounts in every new box's copied namespace).
+pub const MAX_TEMPLATES: usize = 4;
+/// Largest request accepted (an `InitConfig` is ~1-2 KiB).
+const MAX_REQUEST: usize = 256 * 1024;
+
+/// The server's handle on its zygote.
+pub struct Zygote {
+    sock: OwnedFd,
+    pid: u32,
+}
+
+impl Zygote {
+    /// Spawn `<helper> __box-init` as the zygote.
+    pub fn spawn(helper: &Path) -> io::Result<Zygote> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let helper = helper.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The zygote's parent-death signal fires when the *thread* that spawned it ends: this
+        // thread stays, waiting for the zygote, for as long as the zygote lives.
+        std::thread::Builder::new()
+            .name("berth-zygote".into())
+            .spawn(move || {
+                let spawned = Command::new(&helper)
+                    .arg("__box-init")
+                    .env(init::PARENT_ENV, std::process::id().to_string())
+                    .stdin(Stdio::from(theirs))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .process_group(0)
+                    .spawn();
+                match spawned {
+                    Ok(mut child) => {
+                        let _ = tx.send(Ok(child.id()));
+                        let _ = child.wait();
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(
+                            e.kind(),
+                            format!("spawning {}: {e}", helper.display()),
+                        )));
+                    }
+                }
+            })?;
+        let pid = rx
+            .recv()
+            .map_err(|_| io::Error::other("zygote thread ended"))??;
+        Ok(Zygote { sock: ours, pid })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Ask for a box. The answer arrives on `report` (see [`init`]'s module docs).
+    pub fn request(
+        &self,
+        cfg: &InitConfig,
+        report: BorrowedFd<'_>,
+        log: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        let body = serde_json::to_vec(cfg).map_err(io::Error::other)?;
+        let fds = [report.as_raw_fd(), log.as_raw_fd()];
+        sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &[IoSlice::new(&body)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        Ok(())
+    }
+}
+
+struct Template {
+    spec: RootSpec,
+    identity: Vec<Option<(u64, u64)>>,
+    path: PathBuf,
+}
+
+#[derive(Default)]
+struct Templates {
+    /// Most recently used first.
+    list: Vec<Template>,
+    next: u64,
+}
+
+/// Device and inode of everything a template binds or masks, as the host has them now.
+fn identity(spec: &RootSpec) -> Vec<Option<(u64, u64)>> {
+    let masked = spec
+        .masked_files
+        .iter()
+        .chain(&spec.masked_dirs)
+        .map(|m| spec.host_path(m));
+    spec.layers
+        .iter()
+        .map(|(src, _)| Some(src.clone()))
+        .chain(masked)
+        .map(|p| {
+            let m = std::fs::symlink_metadata(p?).ok()?;
+            Some((m.dev(), m.ino()))
+        })
+        .collect()
+}
+
+impl Templates {
+    fn get(&mut self, cfg: &InitConfig) -> Result<PathBuf, String> {
+        let id = identity(&cfg.root);
+        if let Some(i) = self.list.iter().position(|t| t.spec == cfg.root) {
+            let t = self.list.remove(i);
+            if t.identity == id {
+                let path = t.path.clone();
+                self.list.insert(0, t);
+                return Ok(path);
+            }
+            retire(t);
+        }
+        let path = cfg
+            .template_dir
+            .join(format!("{}-{}", std::process::id(), self.next));
+        self.next += 1;
+        std::fs::create_dir_all(&path).map_err(|e| format!("template dir: {e}"))?;
+        if let Err(e) = init::build_template(&path, &cfg.root) {
+            let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(&path);
+            return Err(format!("preparing the box root: {e}"));
+        }
+        self.list.insert(
+            0,
+            Template {
+                spec: cfg.root.clone(),
+                identity: id,
+                path: path.clone(),
+            },
+        );
+        while self.list.len() > MAX_TEMPLATES {
+            if let Some(t) = self.list.pop() {
+                retire(t);
+            }
+        }
+        Ok(path)
+    }
+}
+
+/// Detach a template (boxes made from it keep their own copies) and remove its mount point.
+fn retire(t: Template) {
+    let _ = nix::mount::umount2(&t.path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir(&t.path);
+}
+
+/// Write an error answer on a request's report socket.
+fn answer_error(report: &OwnedFd, msg: String) {
+    let mut line = serde_json::to_vec(&InitReport {
+        error: Some(msg),
+        ..Default::default()
+    })
+    .unwrap_or_default();
+    line.push(b'\n');
+    let _ = nix::unistd::write(report, &line);
+}
+
+/// One request off the socket on fd 0: its bytes and descriptors. `None` when the server
+/// closed its end.
+fn receive(buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(0, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: descriptors just received are ours alone.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.bytes == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((msg.bytes, fds)))
+}
+
+/// The zygote's loop (fd 0 is its socket). Never returns.
+pub(super) fn serve() -> ! {
+    // Templates live in the zygote's own mount namespace, invisible to the host.
+    let setup = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .and_then(|()| {
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+        })
+        .map_err(|e| format!("zygote mount namespace: {e}"));
+    // Compiled once here, inherited by every box's supervisor.
+    super::confine::prewarm();
+    // Helpers are reaped by the kernel; each resets this before it makes its box.
+    // SAFETY: setting a signal disposition in a single-threaded process.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let mut templates = Templates::default();
+    let mut buf = vec![0u8; MAX_REQUEST];
+    loop {
+        let (n, fds) = match receive(&mut buf) {
+            Ok(Some(r)) => r,
+            Ok(None) => std::process::exit(0),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(_) => std::process::exit(1),
+        };
+        let [report, log] = match <[OwnedFd; 2]>::try_from(fds) {
+            Ok(pair) => pair,
+            Err(_) => continue,
+        };
+        let prepared = setup
+            .clone()
+            .and_then(|()| {
+                serde_json::from_slice::<InitConfig>(&buf[..n])
+                    .map_err(|e| format!("bad box config: {e}"))
+            })
+            .and_then(|cfg| templates.get(&cfg).map(|t| (cfg, t)));
+        let (cfg, template) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                answer_error(&report, e);
+                continue;
+            }
+        };
+        // SAFETY: the zygote is single-threaded.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                become_helper(report, log);
+                init::helper(&cfg, &template)
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+            Err(e) => answer_error(&report, format!("fork: {e}")),
+        }
+    }
+}
+
+/// In the fresh fork: the request's report socket becomes fd 1 and its log fd 2; the
+/// zygote's socket is replaced by `/dev/null`.
+fn become_helper(report: OwnedFd, log: OwnedFd) {
+    // SAFETY: dup2 and open on descriptors this single-threaded process owns.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::close(null);
+        } else {
+            libc::close(0);
+        }
+        libc::dup2(report.as_raw_fd(), 1);
+        libc::dup2(log.as_raw_fd(), 2);
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+    }
+    drop(report);
+    drop(log);
+}
