@@ -16,7 +16,7 @@
 //! whole life.
 //!
 //! H writes [`InitReport`] lines to its report socket (fd 1, the server holds the other end):
-//! `{"pid": <host pid of C>, "loop_dev": n}` or `{"error": "..."}`, then `{"exit": code}` when
+//! `{"pid": <host pid of C>}` or `{"error": "..."}`, then `{"exit": code}` when
 //! C ends. Should the server's end close (the server died or dropped the box), H kills C: no
 //! box outlives the process responsible for it.
 
@@ -38,10 +38,14 @@ use std::path::{Path, PathBuf};
 /// Box uid range size mapped into the box's user namespace.
 pub const UID_RANGE: u32 = 65536;
 
+/// Where H and C find the box's detached disk mount ([`DiskSource::Mounted`]).
+pub const DISK_FD: i32 = 3;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum DiskSource {
-    /// An ext4 image attached through a loop device: a real quota.
-    Image(PathBuf),
+    /// An ext4 image on a loop device, mounted detached ([`disk::ReadyDisk`]) and passed as
+    /// fd [`DISK_FD`]: a real quota.
+    Mounted,
     /// A plain host directory (no loop devices on this host): no quota.
     Dir(PathBuf),
 }
@@ -98,9 +102,6 @@ pub struct InitConfig {
 pub struct InitReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
-    /// The loop device holding the box's disk (`/dev/loop<n>`), to watch for its release.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loop_dev: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// C's end: its exit code, or 128 + the signal that killed it.
@@ -204,10 +205,9 @@ pub(super) fn helper(cfg: &InitConfig, template: &Path) -> ! {
         }
     }
     match start(cfg, template) {
-        Ok((child, loop_dev)) => {
+        Ok(child) => {
             report(&InitReport {
                 pid: Some(child.as_raw()),
-                loop_dev,
                 ..Default::default()
             });
             let code = wait_box(child);
@@ -276,8 +276,8 @@ fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-/// Start C. Returns its pid and the loop device of its disk.
-fn start(cfg: &InitConfig, template: &Path) -> Result<(Pid, Option<u32>), String> {
+/// Start C. Returns its pid.
+fn start(cfg: &InitConfig, template: &Path) -> Result<Pid, String> {
     let _ = fs::remove_file(&cfg.ctl_socket);
     let listener = ctx(
         UnixListener::bind(&cfg.ctl_socket),
@@ -311,6 +311,9 @@ fn start(cfg: &InitConfig, template: &Path) -> Result<(Pid, Option<u32>), String
         "clone",
     )?;
     drop(pipes);
+    // C has its own copy of the disk mount's descriptor.
+    // SAFETY: closing a descriptor this process owns and no longer uses.
+    unsafe { libc::close(DISK_FD) };
 
     // Wait until C has entered its user namespace, then map it.
     let mut need = fs::File::from(need_r);
@@ -334,17 +337,16 @@ fn start(cfg: &InitConfig, template: &Path) -> Result<(Pid, Option<u32>), String
 
     let mut msg = String::new();
     let _ = ready.read_to_string(&mut msg);
-    match msg.trim().strip_prefix("ok") {
-        Some(rest) => Ok((child, rest.trim().parse().ok())),
-        None => {
-            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(child, None);
-            Err(if msg.is_empty() {
-                "box init died during setup".into()
-            } else {
-                msg
-            })
-        }
+    if msg.trim() == "ok" {
+        Ok(child)
+    } else {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        Err(if msg.is_empty() {
+            "box init died during setup".into()
+        } else {
+            msg
+        })
     }
 }
 
@@ -362,8 +364,8 @@ fn box_pid1(
     // The box dies with H, which ends it when the server goes (see `wait_box`).
     // SAFETY: plain prctl on ourselves.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-    let result = (|| -> Result<Option<u32>, String> {
-        let loop_dev = mount_box_parts(cfg, template)?;
+    let result = (|| -> Result<(), String> {
+        mount_box_parts(cfg, template)?;
         ctx(sethostname(&cfg.hostname), "sethostname")?;
         loopback_up()?;
         enter_root(template)?;
@@ -390,16 +392,13 @@ fn box_pid1(
         // died in between, the write of "ok" below fails and PID 1 gives up.
         // SAFETY: plain prctl on ourselves.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-        Ok(loop_dev)
+        Ok(())
     })();
-    let loop_dev = match result {
-        Ok(l) => l,
-        Err(e) => {
-            drop(need);
-            let _ = ready.write_all(e.as_bytes());
-            return 1;
-        }
-    };
+    if let Err(e) = result {
+        drop(need);
+        let _ = ready.write_all(e.as_bytes());
+        return 1;
+    }
     drop(need);
     // SAFETY: PID 1 is single-threaded here.
     let worker = match unsafe { nix::unistd::fork() } {
@@ -416,11 +415,7 @@ fn box_pid1(
         }
     };
     drop(listener);
-    let ok = match loop_dev {
-        Some(n) => format!("ok {n}"),
-        None => "ok".into(),
-    };
-    if ready.write_all(ok.as_bytes()).is_err() {
+    if ready.write_all(b"ok").is_err() {
         // H is gone (and with it the server): no box without its owner.
         let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGKILL);
         return 1;
@@ -587,20 +582,24 @@ pub(super) fn build_template(root: &Path, spec: &RootSpec) -> Result<(), String>
     )
 }
 
-/// In C's own copy of the zygote's namespace: mount the box's disk, bind its parts into the
-/// template's mount points, bind the gateway seam and mount a fresh `/proc`. Returns the loop
-/// device of the disk.
-fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<Option<u32>, String> {
+/// In C's own copy of the zygote's namespace: attach the box's disk, bind its parts into the
+/// template's mount points, bind the gateway seam and mount a fresh `/proc`.
+fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<(), String> {
     // The writable disk: workspace, home, tmp and shm all count against one quota. Its mount
     // carries nosuid and nodev, which the binds below keep.
     let disk_mnt = cfg.disk_mount.as_path();
-    let loop_dev = match &cfg.disk {
-        DiskSource::Image(img) => Some(disk::attach_and_mount(img, disk_mnt)?),
-        DiskSource::Dir(dir) => {
-            bind(dir, disk_mnt, false, MsFlags::empty())?;
-            None
+    match &cfg.disk {
+        DiskSource::Mounted => {
+            // SAFETY: H passed the disk mount as DISK_FD; it stays open for this call.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(DISK_FD) };
+            let attached = disk::attach(fd, disk_mnt);
+            // No process in the box may inherit it.
+            // SAFETY: closing our own copy of the descriptor.
+            unsafe { libc::close(DISK_FD) };
+            attached?
         }
-    };
+        DiskSource::Dir(dir) => bind(dir, disk_mnt, false, MsFlags::empty())?,
+    }
     let agent = cfg.uid_base + cfg.agent_uid;
     let box_root = cfg.uid_base;
     for (name, owner, mode) in [
@@ -669,7 +668,7 @@ fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<Option<u32>, String>
             bind(&t, &t, true, MsFlags::empty())?;
         }
     }
-    Ok(loop_dev)
+    Ok(())
 }
 
 /// Make the template (with the box's mounts on it) the root and detach the rest: the host's

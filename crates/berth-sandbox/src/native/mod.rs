@@ -179,13 +179,14 @@ impl NativeBackend {
         cfg: &InitConfig,
         report: std::os::fd::BorrowedFd<'_>,
         log: std::os::fd::BorrowedFd<'_>,
+        disk: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<()> {
         let mut slot = self
             .zygote
             .lock()
             .map_err(|_| SandboxError::Io(std::io::Error::other("zygote lock poisoned")))?;
         if let Some(z) = slot.as_ref() {
-            if z.request(cfg, report, log).is_ok() {
+            if z.request(cfg, report, log, disk).is_ok() {
                 return Ok(());
             }
         }
@@ -195,7 +196,7 @@ impl NativeBackend {
                 .map_err(|e| SandboxError::Start(e.to_string()))?,
         );
         *slot = Some(z.clone());
-        z.request(cfg, report, log)
+        z.request(cfg, report, log, disk)
             .map_err(|e| SandboxError::Start(format!("box zygote: {e}")))
     }
 
@@ -246,24 +247,26 @@ impl NativeBackend {
             std::fs::create_dir_all(d)?;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
         }
-        let disk = match &self.pool {
+        let (disk, ready_disk) = match &self.pool {
             Some(pool) => {
                 let img = dir.join("disk.img");
                 let mib = cfg.limits.disk_mib;
-                if !pool.take_ready(mib, &img)? {
-                    // None ready: format one now (~10 ms) off the async threads.
-                    let pool = pool.clone();
-                    let dest = img.clone();
-                    tokio::task::spawn_blocking(move || pool.take(mib, &dest))
-                        .await
-                        .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??;
-                }
-                DiskSource::Image(img)
+                let ready = match pool.take_ready(mib, &img)? {
+                    Some(d) => d,
+                    None => {
+                        // None ready: format and mount one now (~12 ms) off the async threads.
+                        let pool = pool.clone();
+                        tokio::task::spawn_blocking(move || pool.take(mib, &img))
+                            .await
+                            .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??
+                    }
+                };
+                (DiskSource::Mounted, Some(ready))
             }
             None => {
                 let d = dir.join("disk");
                 std::fs::create_dir_all(&d)?;
-                DiskSource::Dir(d)
+                (DiskSource::Dir(d), None)
             }
         };
         let uid_base = UID_BASE + slot * UID_RANGE;
@@ -326,12 +329,16 @@ impl NativeBackend {
         let (log, log_box) = std::os::unix::net::UnixStream::pair()?;
         {
             use std::os::fd::AsFd;
-            if let Err(e) = self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd()) {
+            let disk_fd = ready_disk.as_ref().map(|d| d.mount.as_fd());
+            if let Err(e) = self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd(), disk_fd)
+            {
                 let _ = cg.destroy();
                 return Err(e);
             }
         }
-        drop((report_box, log_box));
+        // The box holds its own copies now (or, if it fails, the disk goes with them).
+        let loop_dev = ready_disk.as_ref().map(|d| d.loop_dev);
+        drop((report_box, log_box, ready_disk));
         let stream = |s: std::os::unix::net::UnixStream| {
             s.set_nonblocking(true)?;
             tokio::net::UnixStream::from_std(s)
@@ -412,7 +419,7 @@ impl NativeBackend {
             cgroup: cg,
             exit: exit_rx,
             destroying,
-            loop_dev: first.loop_dev,
+            loop_dev,
         };
         let info = BoxInfo {
             id: cfg.id.clone(),
@@ -676,6 +683,13 @@ impl NativeBackend {
             }
             notified.await;
         }
+    }
+
+    /// Descriptors the backend holds for itself, not for any box: the zygote's socket and the
+    /// pool's ready disks (for leak checks).
+    pub fn own_descriptors(&self) -> usize {
+        let zygote = self.zygote.lock().map(|z| z.is_some() as usize).unwrap_or(0);
+        zygote + self.pool.as_ref().map_or(0, |p| p.ready_count())
     }
 
     /// Host PID of a box's init (for operators and tests).

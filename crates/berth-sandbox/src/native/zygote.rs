@@ -4,9 +4,10 @@
 //! faults), and building each box's root from scratch ~45 mount calls. The zygote is spawned
 //! once (`<helper> __box-init`), enters its own mount namespace and keeps a prepared root per
 //! image there (a *template*, [`init::build_template`]). For each box the server sends it one
-//! request on a `SOCK_SEQPACKET` socket: the [`InitConfig`] and two descriptors, the box's
-//! report socket and its log. The zygote forks the box's helper (H), which runs
-//! [`init::helper`] with those as fd 1 and fd 2, and goes back to waiting. Everything after the
+//! request on a `SOCK_SEQPACKET` socket: the [`InitConfig`] and two or three descriptors, the
+//! box's report socket, its log and its detached disk mount. The zygote forks the box's helper
+//! (H), which runs [`init::helper`] with those as fd 1, 2 and [`init::DISK_FD`], and goes back
+//! to waiting. Everything after the
 //! fork (cgroup, control socket, the box's namespaces) happens in H and the box, in parallel
 //! with other creates.
 //!
@@ -99,9 +100,11 @@ impl Zygote {
         cfg: &InitConfig,
         report: BorrowedFd<'_>,
         log: BorrowedFd<'_>,
+        disk: Option<BorrowedFd<'_>>,
     ) -> io::Result<()> {
         let body = serde_json::to_vec(cfg).map_err(io::Error::other)?;
-        let fds = [report.as_raw_fd(), log.as_raw_fd()];
+        let mut fds = vec![report.as_raw_fd(), log.as_raw_fd()];
+        fds.extend(disk.map(|d| d.as_raw_fd()));
         sendmsg::<()>(
             self.sock.as_raw_fd(),
             &[IoSlice::new(&body)],
@@ -252,9 +255,10 @@ pub(super) fn serve() -> ! {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(_) => std::process::exit(1),
         };
-        let [report, log] = match <[OwnedFd; 2]>::try_from(fds) {
-            Ok(pair) => pair,
-            Err(_) => continue,
+        let mut fds = fds.into_iter();
+        let (Some(report), Some(log), disk, None) = (fds.next(), fds.next(), fds.next(), fds.next())
+        else {
+            continue;
         };
         let prepared = setup
             .clone()
@@ -273,7 +277,7 @@ pub(super) fn serve() -> ! {
         // SAFETY: the zygote is single-threaded.
         match unsafe { nix::unistd::fork() } {
             Ok(nix::unistd::ForkResult::Child) => {
-                become_helper(report, log);
+                become_helper(report, log, disk);
                 init::helper(&cfg, &template)
             }
             Ok(nix::unistd::ForkResult::Parent { .. }) => {}
@@ -282,9 +286,12 @@ pub(super) fn serve() -> ! {
     }
 }
 
-/// In the fresh fork: the request's report socket becomes fd 1 and its log fd 2; the
-/// zygote's socket is replaced by `/dev/null`.
-fn become_helper(report: OwnedFd, log: OwnedFd) {
+/// In the fresh fork: the request's report socket becomes fd 1, its log fd 2 and its disk
+/// mount [`init::DISK_FD`]; the zygote's socket is replaced by `/dev/null`.
+fn become_helper(report: OwnedFd, log: OwnedFd, disk: Option<OwnedFd>) {
+    // Out of the way of the numbers it is given below (received descriptors start at 3).
+    // SAFETY: fcntl on a descriptor this process owns.
+    let disk = disk.map(|d| unsafe { libc::fcntl(d.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) });
     // SAFETY: dup2 and open on descriptors this single-threaded process owns.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
@@ -300,4 +307,11 @@ fn become_helper(report: OwnedFd, log: OwnedFd) {
     }
     drop(report);
     drop(log);
+    if let Some(d) = disk.filter(|d| *d >= 0) {
+        // SAFETY: moving our own descriptor to its agreed number.
+        unsafe {
+            libc::dup3(d, init::DISK_FD, libc::O_CLOEXEC);
+            libc::close(d);
+        }
+    }
 }
