@@ -330,7 +330,8 @@ impl NativeBackend {
         {
             use std::os::fd::AsFd;
             let disk_fd = ready_disk.as_ref().map(|d| d.mount.as_fd());
-            if let Err(e) = self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd(), disk_fd)
+            if let Err(e) =
+                self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd(), disk_fd)
             {
                 let _ = cg.destroy();
                 return Err(e);
@@ -688,7 +689,11 @@ impl NativeBackend {
     /// Descriptors the backend holds for itself, not for any box: the zygote's socket and the
     /// pool's ready disks (for leak checks).
     pub fn own_descriptors(&self) -> usize {
-        let zygote = self.zygote.lock().map(|z| z.is_some() as usize).unwrap_or(0);
+        let zygote = self
+            .zygote
+            .lock()
+            .map(|z| z.is_some() as usize)
+            .unwrap_or(0);
         zygote + self.pool.as_ref().map_or(0, |p| p.ready_count())
     }
 

@@ -256,7 +256,8 @@ pub(super) fn serve() -> ! {
             Err(_) => std::process::exit(1),
         };
         let mut fds = fds.into_iter();
-        let (Some(report), Some(log), disk, None) = (fds.next(), fds.next(), fds.next(), fds.next())
+        let (Some(report), Some(log), disk, None) =
+            (fds.next(), fds.next(), fds.next(), fds.next())
         else {
             continue;
         };
