@@ -223,6 +223,40 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
         failed.is_err(),
         "a missing program is an error, not a silent exit"
     );
+    // What every process starts with: no capability now or through exec, no new privileges,
+    // seccomp on, killable by the box's OOM killer, SIGPIPE at its default (`yes` ends
+    // silently when `head` stops reading) and no signal blocked or ignored. (gVisor's
+    // /proc/self/status has no SigBlk, SigIgn, CapAmb or NoNewPrivs line.)
+    let out = sh(
+        b,
+        &id,
+        "tr -d ' \t' < /proc/self/status; echo oom_score_adj:$(cat /proc/self/oom_score_adj); yes | head -1",
+    )
+    .await;
+    let status = text(&out.stdout);
+    let zero = "0000000000000000";
+    for (field, want, everywhere) in [
+        ("CapInh", zero, true),
+        ("CapPrm", zero, true),
+        ("CapEff", zero, true),
+        ("CapBnd", zero, true),
+        ("CapAmb", zero, false),
+        ("Seccomp", "2", true),
+        ("NoNewPrivs", "1", false),
+        ("SigBlk", zero, false),
+        ("SigIgn", zero, false),
+        ("oom_score_adj", "0", true),
+    ] {
+        let got = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
+        match got {
+            Some(v) => assert_eq!(v, want, "{field} of a process in the box"),
+            None => assert!(!everywhere, "no {field} in {status}"),
+        }
+    }
+    assert!(status.ends_with("\ny\n"), "{status}");
+    assert_eq!(text(&out.stderr), "");
     b.destroy(&id).await.expect("destroy");
 }
 

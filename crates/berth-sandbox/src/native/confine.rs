@@ -2,12 +2,14 @@
 //! no capabilities (bounding set emptied, uid switched away from 0), `no_new_privs`, Landlock
 //! write restrictions and a seccomp filter.
 //!
-//! Everything that allocates is prepared in [`Confinement::prepare`] before `fork`; the
-//! [`Confinement::apply`] step runs between `fork` and `exec` and only makes system calls.
+//! Everything that allocates is prepared in [`Confinement::prepare`]; the
+//! [`Confinement::apply`] step runs in the child between its start and `exec` and makes only
+//! raw system calls (no allocation, no lock, no libc wrapper that signals other threads): it
+//! is safe in a child that shares the supervisor's memory (`CLONE_VM`, see [`super::spawn`]).
 
 use landlock::{
     path_beneath_rules, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreated,
-    RulesetCreatedAttr, RulesetStatus, ABI,
+    RulesetCreatedAttr, ABI,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -20,7 +22,8 @@ use std::io;
 const LANDLOCK_ABI: ABI = ABI::V5;
 
 pub struct Confinement {
-    ruleset: Option<RulesetCreated>,
+    /// The Landlock ruleset, if the kernel has Landlock.
+    ruleset: Option<std::os::fd::OwnedFd>,
     filters: std::sync::Arc<Vec<BpfProgram>>,
     uid: u32,
     /// The supervisor runs as root in its namespace (native) and switches every process to
@@ -315,95 +318,141 @@ impl Confinement {
             Err(e) => return Err(e),
         };
         Ok(Confinement {
-            ruleset,
+            ruleset: ruleset.and_then(Option::<std::os::fd::OwnedFd>::from),
             filters,
             uid,
             privileged,
         })
     }
 
-    /// Runs in the child between `fork` and `exec`.
+    /// Runs in the child between its start and `exec`. Returns the errno of the step that
+    /// failed.
     ///
     /// # Safety
-    /// Must only be called in a freshly forked child that is about to `exec`.
-    pub unsafe fn apply(&mut self) -> io::Result<()> {
-        // SAFETY: plain system calls on the calling (single-threaded, forked) process.
+    /// Must only be called in a freshly started child that is about to `exec`; it may share
+    /// the supervisor's memory.
+    pub unsafe fn apply(&self) -> Result<(), i32> {
+        fn check(r: libc::c_long) -> Result<(), i32> {
+            if r < 0 {
+                // SAFETY: reading this thread's errno.
+                Err(unsafe { *libc::__errno_location() })
+            } else {
+                Ok(())
+            }
+        }
+        // SAFETY: raw system calls on the calling child only, on memory it does not change.
         unsafe {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
+            check(libc::setsid() as libc::c_long)?;
+            // The box's OOM killer may pick this process (the supervisor shields itself).
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
             }
-        }
-        if self.privileged {
-            // SAFETY: as above.
-            unsafe { self.drop_privileges() }?;
-        }
-        // SAFETY: as above.
-        unsafe {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-                return Err(io::Error::last_os_error());
+            if self.privileged {
+                drop_privileges(self.uid)?;
             }
-        }
-        if let Some(ruleset) = self.ruleset.take() {
-            // A kernel without Landlock (gVisor's, old Linux) still gets every other layer;
-            // the backend reports the missing one in its capabilities.
-            match ruleset.restrict_self() {
-                Ok(status) => {
-                    let _ = matches!(status.ruleset, RulesetStatus::NotEnforced);
-                }
-                Err(e) if landlock_missing(&e) => {}
-                Err(e) => return Err(io::Error::other(e)),
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+            if let Some(r) = &self.ruleset {
+                use std::os::fd::AsRawFd;
+                check(libc::syscall(
+                    libc::SYS_landlock_restrict_self,
+                    r.as_raw_fd(),
+                    0,
+                ))?;
             }
-        }
-        for f in self.filters.iter() {
-            seccompiler::apply_filter(f).map_err(io::Error::other)?;
+            for f in self.filters.iter() {
+                let prog = libc::sock_fprog {
+                    len: f.len() as u16,
+                    filter: f.as_ptr() as *mut libc::sock_filter,
+                };
+                check(libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    &prog as *const libc::sock_fprog,
+                ))?;
+            }
         }
         Ok(())
     }
+}
 
-    /// Empty the capability sets and switch every id to `uid`.
-    ///
-    /// # Safety
-    /// As [`Confinement::apply`].
-    unsafe fn drop_privileges(&self) -> io::Result<()> {
-        // SAFETY: plain system calls on the calling (single-threaded, forked) process.
-        unsafe {
-            // Empty the bounding set while we still hold CAP_SETPCAP in the box's namespace.
-            for cap in 0..=63 {
-                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::EINVAL) {
-                        break; // past the last capability this kernel knows
-                    }
-                    return Err(e);
-                }
+/// Set once the supervisor has emptied its own bounding set (children inherit it).
+static BOUNDING_SET_EMPTY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Empty the calling process's capability bounding set: no process it starts can gain a
+/// capability through `exec`. The supervisor does this once at start (it never execs and
+/// keeps its effective capabilities), sparing every exec ~40 system calls.
+pub fn empty_bounding_set() -> io::Result<()> {
+    // SAFETY: prctl on the calling thread.
+    unsafe { drop_bounding_set() }.map_err(io::Error::from_raw_os_error)?;
+    BOUNDING_SET_EMPTY.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// # Safety
+/// Raw prctl calls on the calling thread.
+unsafe fn drop_bounding_set() -> Result<(), i32> {
+    for cap in 0..=63 {
+        // SAFETY: as the function's contract.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+            // SAFETY: reading this thread's errno.
+            let e = unsafe { *libc::__errno_location() };
+            if e == libc::EINVAL {
+                break; // past the last capability this kernel knows
             }
-            if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ) < 0
-            {
-                // A kernel without ambient capabilities (gVisor's) has none to clear.
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EINVAL) {
-                    return Err(e);
-                }
-            }
-            if libc::setgroups(0, std::ptr::null()) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::setresgid(self.uid, self.uid, self.uid) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // Switching every uid away from 0 clears the permitted and effective sets.
-            if libc::setresuid(self.uid, self.uid, self.uid) < 0 {
-                return Err(io::Error::last_os_error());
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Empty the capability sets and switch every id to `uid`, with raw system calls: glibc's
+/// `setresuid` and `setgroups` signal every thread of the process, which a child sharing the
+/// supervisor's memory must not do.
+///
+/// # Safety
+/// As [`Confinement::apply`].
+unsafe fn drop_privileges(uid: u32) -> Result<(), i32> {
+    fn check(r: libc::c_long) -> Result<(), i32> {
+        if r < 0 {
+            // SAFETY: reading this thread's errno.
+            Err(unsafe { *libc::__errno_location() })
+        } else {
+            Ok(())
+        }
+    }
+    // SAFETY: raw system calls on the calling child.
+    unsafe {
+        if !BOUNDING_SET_EMPTY.load(std::sync::atomic::Ordering::SeqCst) {
+            drop_bounding_set()?;
+        }
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) < 0
+        {
+            // A kernel without ambient capabilities (gVisor's) has none to clear.
+            let e = *libc::__errno_location();
+            if e != libc::EINVAL {
+                return Err(e);
             }
         }
-        Ok(())
+        check(libc::syscall(
+            libc::SYS_setgroups,
+            0,
+            std::ptr::null::<libc::gid_t>(),
+        ))?;
+        check(libc::syscall(libc::SYS_setresgid, uid, uid, uid))?;
+        // Switching every uid away from 0 clears the permitted and effective sets.
+        check(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,12 +13,12 @@
 
 use super::confine::Confinement;
 use super::protocol::{read_frame, write_frame, ExecRequest, Kind, WireExit};
+use super::spawn;
 use super::Bridge;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -29,6 +29,10 @@ use std::time::Duration;
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
 
 pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
+    // Once here instead of in every exec; should it fail, each exec empties its own.
+    if let Err(e) = super::confine::empty_bounding_set() {
+        eprintln!("berth-supervisor: bounding set: {e}");
+    }
     for b in bridges {
         thread::spawn(move || bridge(b));
     }
@@ -158,25 +162,13 @@ fn connect_port(payload: &[u8], reader: UnixStream, writer: &Writer) -> io::Resu
     }
 }
 
-type Pipes = (std::process::ChildStdout, std::process::ChildStderr);
+type Pipes = (std::fs::File, std::fs::File);
 
 fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) -> io::Result<()> {
-    let Some((prog, args)) = req.argv.split_first() else {
+    if req.argv.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "argv is empty"));
-    };
-    let mut confinement = Confinement::prepare(req.uid, &req.writable)?;
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&req.cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: `apply` only makes system calls on the forked child.
-    unsafe {
-        cmd.pre_exec(move || confinement.apply());
     }
+    let confinement = Confinement::prepare(req.uid, &req.writable)?;
 
     // Both helper threads exist before the child does: a box's pids limit counts threads, and
     // a child that forks at once (a fork bomb) must not starve the supervisor of them.
@@ -189,7 +181,7 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
         }
         let _ = drained_tx.send(());
     })?;
-    let (input_tx, input_rx) = mpsc::channel::<Option<(i32, Option<std::process::ChildStdin>)>>();
+    let (input_tx, input_rx) = mpsc::channel::<Option<(i32, std::fs::File)>>();
     let mut host = match reader.try_clone() {
         Ok(h) => h,
         Err(e) => {
@@ -199,7 +191,7 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
     };
     let spawned = thread::Builder::new().spawn(move || {
         if let Ok(Some((pid, stdin))) = input_rx.recv() {
-            host_input(&mut host, pid, stdin);
+            host_input(&mut host, pid, Some(stdin));
         }
     });
     if let Err(e) = spawned {
@@ -207,7 +199,7 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
         return Err(e);
     }
 
-    let mut child = match cmd.spawn() {
+    let child = match spawn::spawn(&req.argv, &req.env, &req.cwd, &confinement) {
         Ok(c) => c,
         Err(e) => {
             let _ = pipes_tx.send(None);
@@ -215,24 +207,20 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
             return Err(e);
         }
     };
-    let pid = child.id() as i32;
-    let stdin = child.stdin.take();
-    let pipes = child.stdout.take().zip(child.stderr.take());
-    let _ = pipes_tx.send(pipes);
-    let _ = input_tx.send(Some((pid, stdin)));
+    let pid = child.pid;
+    let _ = pipes_tx.send(Some((child.stdout, child.stderr)));
+    let _ = input_tx.send(Some((pid, child.stdin)));
     let r = (|| {
         send(writer, Kind::Started, pid.to_string().as_bytes())?;
         // Wait for the child, with the timeout enforced on a pidfd (no watchdog thread), or,
         // where the kernel has no pidfd_open (gVisor), by a watchdog thread.
         let (status, timed_out) = match req.timeout_ms {
             Some(ms) => match wait_or_kill(pid, ms) {
-                Ok(t) => (child.wait()?, t),
-                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                    wait_with_watchdog(&mut child, pid, ms)?
-                }
+                Ok(t) => (spawn::wait(pid)?, t),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => wait_with_watchdog(pid, ms)?,
                 Err(e) => return Err(e),
             },
-            None => (child.wait()?, false),
+            None => (spawn::wait(pid)?, false),
         };
         let _ = drained_rx.recv_timeout(DRAIN_GRACE);
         let exit = WireExit {
@@ -247,13 +235,13 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
         // Never leave work running that nobody can see or stop.
         // SAFETY: killing the exec's own process group.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
-        let _ = child.wait();
+        let _ = spawn::wait(pid);
     }
     r
 }
 
 /// Host → process: stdin bytes, EOF, signals. A closed host connection kills the group.
-fn host_input(host: &mut UnixStream, pid: i32, mut stdin: Option<std::process::ChildStdin>) {
+fn host_input(host: &mut UnixStream, pid: i32, mut stdin: Option<std::fs::File>) {
     loop {
         match read_frame(host) {
             Ok((Kind::Stdin, data)) => {
@@ -283,7 +271,7 @@ fn host_input(host: &mut UnixStream, pid: i32, mut stdin: Option<std::process::C
 }
 
 /// Copy both output pipes to the host as frames until both are closed.
-fn pump(mut stdout: std::process::ChildStdout, mut stderr: std::process::ChildStderr, w: &Writer) {
+fn pump(mut stdout: std::fs::File, mut stderr: std::fs::File, w: &Writer) {
     use std::os::fd::AsRawFd;
     let raw = [stdout.as_raw_fd(), stderr.as_raw_fd()];
     let mut open = [true, true];
@@ -323,15 +311,9 @@ fn pump(mut stdout: std::process::ChildStdout, mut stderr: std::process::ChildSt
     }
 }
 
-/// Wait up to `ms` for process `pid` to exit (without reaping it); kill its group and return
-/// true if it did not.
-/// Wait for `child`; a thread kills its process group if it outlives `ms`. Returns the status
-/// and whether the timeout fired.
-fn wait_with_watchdog(
-    child: &mut std::process::Child,
-    pid: i32,
-    ms: u64,
-) -> io::Result<(std::process::ExitStatus, bool)> {
+/// Wait for child `pid`; a thread kills its process group if it outlives `ms`. Returns the
+/// status and whether the timeout fired.
+fn wait_with_watchdog(pid: i32, ms: u64) -> io::Result<(std::process::ExitStatus, bool)> {
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f = fired.clone();
@@ -344,12 +326,14 @@ fn wait_with_watchdog(
             unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
     })?;
-    let status = child.wait();
+    let status = spawn::wait(pid);
     drop(done_tx);
     let _ = dog.join();
     Ok((status?, fired.load(std::sync::atomic::Ordering::SeqCst)))
 }
 
+/// Wait up to `ms` for process `pid` to exit (without reaping it); kill its group and return
+/// true if it did not.
 fn wait_or_kill(pid: i32, ms: u64) -> io::Result<bool> {
     // SAFETY: pidfd_open on our own child; the fd is closed below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
