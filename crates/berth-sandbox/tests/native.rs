@@ -48,6 +48,45 @@ async fn isolation() {
     conformance::isolation(&env().backend, &env().fixture).await;
 }
 
+/// Every box has all seven namespaces of its own: neither the host's nor another box's (the
+/// zygote makes network namespaces ahead; each goes to one box only).
+#[tokio::test]
+async fn each_box_has_namespaces_of_its_own() {
+    let b = &env().backend;
+    let kinds = ["net", "pid", "mnt", "uts", "ipc", "cgroup", "user"];
+    let script = "for n in net pid mnt uts ipc cgroup user; do readlink /proc/self/ns/$n; done";
+    let ids: Vec<String> = (0..4)
+        .map(|i| env().fixture.id(&format!("ns{i}")))
+        .collect();
+    let mut seen: Vec<Vec<String>> = Vec::new();
+    for id in &ids {
+        b.create(conformance::config(id, conformance::small()))
+            .await
+            .expect("create");
+        let out = conformance::sh(b, id, script).await;
+        let links: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(links.len(), kinds.len(), "{links:?}");
+        for (link, kind) in links.iter().zip(kinds) {
+            let host = std::fs::read_link(format!("/proc/self/ns/{kind}")).expect("host ns");
+            assert_ne!(
+                std::path::Path::new(link),
+                host,
+                "a box shares the host's {kind} namespace"
+            );
+            for other in &seen {
+                assert!(!other.contains(link), "two boxes share {link}");
+            }
+        }
+        seen.push(links);
+    }
+    for id in &ids {
+        b.destroy(id).await.expect("destroy");
+    }
+}
+
 #[tokio::test]
 async fn network_and_syscalls() {
     conformance::network_and_syscalls(&env().backend, &env().fixture).await;

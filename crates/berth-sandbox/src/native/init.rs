@@ -197,14 +197,15 @@ pub fn run() -> ! {
 }
 
 /// Body of H, in a fresh fork of the zygote: fd 1 is the report socket, fd 2 the box's log.
-pub(super) fn helper(cfg: &InitConfig, template: &Path) -> ! {
+/// `net` is a network namespace the zygote made ahead for the box, if it had one.
+pub(super) fn helper(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> ! {
     let me = std::process::id().to_string();
     for f in &cfg.cgroup_procs {
         if let Err(e) = fs::write(f, &me) {
             fail(format!("joining cgroup {}: {e}", f.display()));
         }
     }
-    match start(cfg, template) {
+    match start(cfg, template, net) {
         Ok(child) => {
             report(&InitReport {
                 pid: Some(child.as_raw()),
@@ -276,8 +277,8 @@ fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-/// Start C. Returns its pid.
-fn start(cfg: &InitConfig, template: &Path) -> Result<Pid, String> {
+/// Start C (in `net`, else in a network namespace of its own). Returns its pid.
+fn start(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> Result<Pid, String> {
     let _ = fs::remove_file(&cfg.ctl_socket);
     let listener = ctx(
         UnixListener::bind(&cfg.ctl_socket),
@@ -293,17 +294,28 @@ fn start(cfg: &InitConfig, template: &Path) -> Result<Pid, String> {
 
     let mut pipes = Some((map_r, need_w, ready_w, listener));
     let mut stack = vec![0u8; 256 * 1024];
-    let flags = CloneFlags::CLONE_NEWNS
+    let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWCGROUP;
+    // A namespace made ahead: H enters it and C inherits it (its `lo` is up already).
+    let net_ready = match net {
+        Some(ns) => ctx(
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET),
+            "entering the box's network namespace",
+        )
+        .is_ok(),
+        None => false,
+    };
+    if !net_ready {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
     let cb = Box::new(|| -> isize {
         let Some((map_r, need_w, ready_w, listener)) = pipes.take() else {
             return 1;
         };
-        box_pid1(cfg, template, map_r, need_w, ready_w, listener)
+        box_pid1(cfg, template, net_ready, map_r, need_w, ready_w, listener)
     });
     // SAFETY: H is single-threaded; the child gets its own copy of the address space.
     let child = ctx(
@@ -354,6 +366,7 @@ fn start(cfg: &InitConfig, template: &Path) -> Result<Pid, String> {
 fn box_pid1(
     cfg: &InitConfig,
     template: &Path,
+    net_ready: bool,
     map_r: OwnedFd,
     need_w: OwnedFd,
     ready_w: OwnedFd,
@@ -367,7 +380,9 @@ fn box_pid1(
     let result = (|| -> Result<(), String> {
         mount_box_parts(cfg, template)?;
         ctx(sethostname(&cfg.hostname), "sethostname")?;
-        loopback_up()?;
+        if !net_ready {
+            loopback_up()?;
+        }
         enter_root(template)?;
         // Protect PID 1 and the supervisor from the box's own OOM kills; agent processes
         // reset this to 0 before exec.
@@ -682,7 +697,7 @@ fn enter_root(root: &Path) -> Result<(), String> {
     ctx(nix::unistd::chdir("/"), "chdir /")
 }
 
-fn loopback_up() -> Result<(), String> {
+pub(super) fn loopback_up() -> Result<(), String> {
     // SAFETY: ioctl on a socket we own with a properly initialised ifreq.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);

@@ -20,8 +20,11 @@
 //! - The zygote dies with the server (parent-death signal from the thread that spawned it,
 //!   which lives until the zygote ends) and exits when the server closes its socket. Boxes do
 //!   not depend on the zygote: each is tied to the server through its own report socket.
-//! - The zygote holds no descriptor but its socket: a request's descriptors are closed in it
-//!   right after the fork, so no box inherits another's.
+//! - Between requests it makes network namespaces ahead (at most [`NETNS_READY`], never while
+//!   a request waits); a box gets one or, if none is ready, makes its own.
+//! - The zygote holds no descriptor but its socket and those namespaces: a request's
+//!   descriptors are closed in it right after the fork and the helper closes the namespaces
+//!   that are not its box's, so no box inherits another's.
 
 use super::init::{self, InitConfig, InitReport, RootSpec};
 use nix::sys::socket::{
@@ -34,6 +37,10 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+/// Network namespaces kept ready (with `lo` up). Making one is ~0.6 ms of CPU, done while the
+/// zygote has nothing else to do instead of on a box's create path.
+const NETNS_READY: usize = 2;
 
 /// Templates kept at once (each is ~25 mounts in every new box's copied namespace).
 pub const MAX_TEMPLATES: usize = 4;
@@ -193,6 +200,61 @@ fn retire(t: Template) {
     let _ = std::fs::remove_dir(&t.path);
 }
 
+/// Network namespaces made ahead. Each is owned by the host's user namespace, exactly like
+/// one a box's `clone` would make, and holds only `lo`, up.
+struct NetPool {
+    /// The zygote's own network namespace, to return to after making one.
+    home: Option<OwnedFd>,
+    ready: Vec<OwnedFd>,
+}
+
+impl NetPool {
+    fn new() -> NetPool {
+        NetPool {
+            home: std::fs::File::open("/proc/self/ns/net")
+                .ok()
+                .map(OwnedFd::from),
+            ready: Vec::new(),
+        }
+    }
+
+    fn wants_more(&self) -> bool {
+        self.home.is_some() && self.ready.len() < NETNS_READY
+    }
+
+    fn make_one(&mut self) {
+        let Some(home) = &self.home else { return };
+        let made = (|| -> Result<OwnedFd, String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+            let ns = std::fs::File::open("/proc/self/ns/net").map_err(|e| e.to_string())?;
+            init::loopback_up()?;
+            Ok(OwnedFd::from(ns))
+        })();
+        // Back home whatever happened; should that fail, stop making them (boxes then make
+        // their own).
+        if nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+            self.home = None;
+            self.ready.clear();
+            return;
+        }
+        match made {
+            Ok(ns) => self.ready.push(ns),
+            Err(_) => self.home = None,
+        }
+    }
+}
+
+/// Whether a request is waiting on the zygote's socket.
+fn request_pending() -> bool {
+    let mut p = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd we own, without waiting.
+    unsafe { libc::poll(&mut p, 1, 0) != 0 }
+}
+
 /// Write an error answer on a request's report socket.
 fn answer_error(report: &OwnedFd, msg: String) {
     let mut line = serde_json::to_vec(&InitReport {
@@ -247,8 +309,13 @@ pub(super) fn serve() -> ! {
     // SAFETY: setting a signal disposition in a single-threaded process.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let mut templates = Templates::default();
+    let mut netns = NetPool::new();
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
+        // Idle: top up the network namespaces, one at a time, while no request waits.
+        while netns.wants_more() && !request_pending() {
+            netns.make_one();
+        }
         let (n, fds) = match receive(&mut buf) {
             Ok(Some(r)) => r,
             Ok(None) => std::process::exit(0),
@@ -275,11 +342,14 @@ pub(super) fn serve() -> ! {
                 continue;
             }
         };
+        let net = netns.ready.pop();
         // SAFETY: the zygote is single-threaded.
         match unsafe { nix::unistd::fork() } {
             Ok(nix::unistd::ForkResult::Child) => {
+                // The other boxes' namespaces are not this one's to hold.
+                drop(netns);
                 become_helper(report, log, disk);
-                init::helper(&cfg, &template)
+                init::helper(&cfg, &template, net)
             }
             Ok(nix::unistd::ForkResult::Parent { .. }) => {}
             Err(e) => answer_error(&report, format!("fork: {e}")),
