@@ -339,6 +339,10 @@ impl ImagePool {
         }
         let inner = self.inner.clone();
         std::thread::spawn(move || {
+            // Work ahead of need, at the lowest priority: a box being created must not wait
+            // for a CPU behind it.
+            // SAFETY: setpriority on this thread (a Linux thread is a PRIO_PROCESS target).
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
             loop {
                 let have = inner
                     .ready

@@ -197,15 +197,23 @@ pub fn run() -> ! {
 }
 
 /// Body of H, in a fresh fork of the zygote: fd 1 is the report socket, fd 2 the box's log.
-/// `net` is a network namespace the zygote made ahead for the box, if it had one.
-pub(super) fn helper(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> ! {
+/// `net` is a network namespace the zygote made ahead for the box, if it had one; `reported`
+/// is closed once the box is up or has failed (the zygote waits for that before idle work).
+pub(super) fn helper(
+    cfg: &InitConfig,
+    template: &Path,
+    net: Option<OwnedFd>,
+    reported: Option<OwnedFd>,
+) -> ! {
     let me = std::process::id().to_string();
     for f in &cfg.cgroup_procs {
         if let Err(e) = fs::write(f, &me) {
             fail(format!("joining cgroup {}: {e}", f.display()));
         }
     }
-    match start(cfg, template, net) {
+    let started = start(cfg, template, net);
+    drop(reported);
+    match started {
         Ok(child) => {
             report(&InitReport {
                 pid: Some(child.as_raw()),

@@ -224,14 +224,20 @@ impl NetPool {
 
     fn make_one(&mut self) {
         let Some(home) = &self.home else { return };
+        // At the lowest priority: the helper just forked (or a server thread) must not wait
+        // for a CPU behind work done ahead of need.
+        // SAFETY: setpriority on ourselves.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
         let made = (|| -> Result<OwnedFd, String> {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
             let ns = std::fs::File::open("/proc/self/ns/net").map_err(|e| e.to_string())?;
             init::loopback_up()?;
             Ok(OwnedFd::from(ns))
         })();
-        // Back home whatever happened; should that fail, stop making them (boxes then make
-        // their own).
+        // Back to normal priority (helpers inherit it) and home, whatever happened; should
+        // the latter fail, stop making them (boxes then make their own).
+        // SAFETY: setpriority on ourselves (root may raise it again).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
         if nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
             self.home = None;
             self.ready.clear();
@@ -244,15 +250,51 @@ impl NetPool {
     }
 }
 
-/// Whether a request is waiting on the zygote's socket.
-fn request_pending() -> bool {
-    let mut p = libc::pollfd {
-        fd: 0,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one pollfd we own, without waiting.
-    unsafe { libc::poll(&mut p, 1, 0) != 0 }
+/// How long idle work waits for the boxes being made to report (then it goes ahead anyway).
+const BUSY_WAIT_MS: i32 = 50;
+
+/// Wait until the zygote may do its idle work: returns false as soon as a request waits on
+/// its socket, true once no box it forked is still being made (each helper holds the write
+/// end of a pipe in `making` until it has reported), or after [`BUSY_WAIT_MS`]. Idle work
+/// done while a box is being made would compete with it for the CPU (its helper waited
+/// ~0.5 ms for one behind a namespace being made).
+fn idle(making: &mut Vec<OwnedFd>) -> bool {
+    loop {
+        let mut fds: Vec<libc::pollfd> = std::iter::once(0)
+            .chain(making.iter().map(|f| f.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let wait = if making.is_empty() { 0 } else { BUSY_WAIT_MS };
+        // SAFETY: poll over pollfds we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };
+        if n < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return false;
+        }
+        if fds[0].revents != 0 {
+            return false;
+        }
+        if n == 0 {
+            // Nothing reported within the wait (or nothing being made): go ahead.
+            making.clear();
+            return true;
+        }
+        let done: Vec<bool> = fds[1..].iter().map(|p| p.revents != 0).collect();
+        let mut i = 0;
+        making.retain(|_| {
+            i += 1;
+            !done[i - 1]
+        });
+        if making.is_empty() {
+            return true;
+        }
+    }
 }
 
 /// Write an error answer on a request's report socket.
@@ -310,10 +352,11 @@ pub(super) fn serve() -> ! {
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let mut templates = Templates::default();
     let mut netns = NetPool::new();
+    let mut making: Vec<OwnedFd> = Vec::new();
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         // Idle: top up the network namespaces, one at a time, while no request waits.
-        while netns.wants_more() && !request_pending() {
+        while netns.wants_more() && idle(&mut making) {
             netns.make_one();
         }
         let (n, fds) = match receive(&mut buf) {
@@ -343,15 +386,24 @@ pub(super) fn serve() -> ! {
             }
         };
         let net = netns.ready.pop();
+        // The helper holds the write end until it has reported (see `idle`).
+        let made = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok();
         // SAFETY: the zygote is single-threaded.
         match unsafe { nix::unistd::fork() } {
             Ok(nix::unistd::ForkResult::Child) => {
-                // The other boxes' namespaces are not this one's to hold.
+                // The other boxes' namespaces and helpers are not this one's to hold.
                 drop(netns);
+                making.clear();
+                let reported = made.map(|(r, w)| {
+                    drop(r);
+                    w
+                });
                 become_helper(report, log, disk);
-                init::helper(&cfg, &template, net)
+                init::helper(&cfg, &template, net, reported)
             }
-            Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+            Ok(nix::unistd::ForkResult::Parent { .. }) => {
+                making.extend(made.map(|(r, _w)| r));
+            }
             Err(e) => answer_error(&report, format!("fork: {e}")),
         }
     }
