@@ -29,7 +29,7 @@ use crate::{
 use cgroup::BoxCgroup;
 use init::{DiskSource, InitConfig, InitReport, RootSpec, UID_RANGE};
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,10 +66,10 @@ struct LiveBox {
     destroying: Arc<AtomicBool>,
     /// The loop device holding the box's disk, watched for its release after destroy.
     loop_dev: Option<u32>,
-    /// A reference to the box's disk (its workspace, through PID 1's root), held until the
-    /// background reaper drops it: the ext4 file system is then shut down there, off the
-    /// destroy path, instead of in the exit of the box's last process (~1.5 ms).
-    disk_ref: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The box's mount namespace, held until the background reaper drops it: its ~45 mounts
+    /// are then taken down there (the ext4 disk shut down with them), off the destroy path,
+    /// instead of in the exit of the box's last process (~0.7 ms, and ~1.5 ms for the disk).
+    mounts_ref: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl LiveBox {
@@ -404,14 +404,11 @@ impl NativeBackend {
             let _ = exit_tx.send(Some(reason));
         });
 
-        let disk_ref = std::fs::File::options()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
-            .open(format!("/proc/{pid1}/root/workspace"))
+        let mounts_ref = std::fs::File::open(format!("/proc/{pid1}/ns/mnt"))
             .ok()
             .map(std::os::fd::OwnedFd::from);
         let live = LiveBox {
-            disk_ref: std::sync::Mutex::new(disk_ref),
+            mounts_ref: std::sync::Mutex::new(mounts_ref),
             dir: dir.to_path_buf(),
             pid1,
             slot,
@@ -616,14 +613,14 @@ impl Sandbox for NativeBackend {
         let dir = b.dir.clone();
         let loop_dev = b.loop_dev;
         let box_id = id.to_string();
-        let disk_ref = b.disk_ref.lock().ok().and_then(|mut r| r.take());
+        let mounts_ref = b.mounts_ref.lock().ok().and_then(|mut r| r.take());
         if let Ok(mut r) = self.reaping.lock() {
             r.insert(box_id.clone());
         }
         let reaping = self.reaping.clone();
         let settled = self.settled.clone();
         tokio::task::spawn_blocking(move || {
-            drop(disk_ref);
+            drop(mounts_ref);
             if !disk::wait_detached(&dir.join("disk.img"), loop_dev, Duration::from_secs(10)) {
                 tracing::warn!(%box_id, "loop device of a destroyed box is still attached");
             }
