@@ -87,6 +87,118 @@ async fn each_box_has_namespaces_of_its_own() {
     }
 }
 
+/// The zygote only makes boxes: should it die, the boxes it made go on, and the next create
+/// starts a new one.
+#[tokio::test]
+async fn boxes_outlive_their_zygote_and_a_new_one_takes_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = NativeBackend::new(NativeConfig {
+        data_dir: dir.path().to_path_buf(),
+        helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
+        pool_size: 0,
+    })
+    .expect("backend");
+    let id = env().fixture.id("zyg-a");
+    b.create(conformance::config(&id, conformance::small()))
+        .await
+        .expect("create");
+    let zygote = b.zygote_pid().expect("a zygote made the box");
+    // SAFETY: pidfd_open, kill and poll on the zygote this test's backend started.
+    let ended = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, zygote as i32, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open");
+        libc::kill(zygote as i32, libc::SIGKILL);
+        let mut p = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let n = libc::poll(&mut p, 1, 10_000);
+        libc::close(pidfd);
+        n == 1
+    };
+    assert!(ended, "zygote {zygote} still runs");
+    let out = conformance::sh(&b, &id, "echo still here").await;
+    assert_eq!(out.stdout, b"still here\n");
+    assert!(b.exit_watch(&id).expect("watch").borrow().is_none());
+
+    let other = env().fixture.id("zyg-b");
+    b.create(conformance::config(&other, conformance::small()))
+        .await
+        .expect("create after the zygote died");
+    assert_ne!(b.zygote_pid(), Some(zygote));
+    let out = conformance::sh(&b, &other, "echo fine").await;
+    assert_eq!(out.stdout, b"fine\n");
+    for i in [&id, &other] {
+        b.destroy(i).await.expect("destroy");
+    }
+}
+
+/// A root of `cat` and what it links to, copied from the host (no shell, nothing else).
+fn minimal_rootfs(root: &std::path::Path) {
+    let out = std::process::Command::new("ldd")
+        .arg("/usr/bin/cat")
+        .output()
+        .expect("ldd");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let libs = text
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(str::to_string);
+    for file in std::iter::once("/usr/bin/cat".to_string()).chain(libs) {
+        let dest = root.join(file.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&file, &dest).expect("copy");
+    }
+    std::fs::create_dir_all(root.join("etc")).expect("etc");
+}
+
+/// An image root (`Image::Rootfs`): its files are the box's, its secrets are masked, and a
+/// secret replaced on the host between two creates is masked in the second box too (the
+/// zygote rebuilds a template whose masked files changed instead of reusing one whose mask
+/// sits on the replaced file).
+#[tokio::test]
+async fn an_image_root_with_a_secret_replaced_between_boxes() {
+    let b = &env().backend;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("rootfs");
+    minimal_rootfs(&root);
+    let write = |name: &str, body: &str| {
+        let tmp = root.join("etc").join(format!("{name}.new"));
+        std::fs::write(&tmp, body).expect("write");
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod");
+        std::fs::rename(&tmp, root.join("etc").join(name)).expect("rename");
+    };
+    write("marker", "from the image\n");
+    write("shadow", "secret-one\n");
+    let cat = vec![
+        "cat".to_string(),
+        "/etc/marker".into(),
+        "/etc/shadow".into(),
+    ];
+    let mut cfg = conformance::config(&env().fixture.id("img-a"), conformance::small());
+    cfg.image = berth_sandbox::Image::Rootfs(root.clone());
+    b.create(cfg.clone()).await.expect("create a");
+    let out = conformance::run(b, &cfg.id, cat.clone()).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the image\n");
+
+    // The host replaces the secret (as `passwd` does: a new file renamed over the old).
+    write("shadow", "secret-two\n");
+    let mut cfg2 = cfg.clone();
+    cfg2.id = env().fixture.id("img-b");
+    b.create(cfg2.clone()).await.expect("create b");
+    let out = conformance::run(b, &cfg2.id, cat).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from the image\n",
+        "the replaced secret must be masked in a new box"
+    );
+    for id in [&cfg.id, &cfg2.id] {
+        b.destroy(id).await.expect("destroy");
+    }
+}
+
 #[tokio::test]
 async fn network_and_syscalls() {
     conformance::network_and_syscalls(&env().backend, &env().fixture).await;

@@ -607,9 +607,9 @@ impl Sandbox for NativeBackend {
         tokio::task::spawn_blocking(move || bx.cgroup.destroy())
             .await
             .map_err(crate::blocking_err)??;
-        // The kernel releases the box's mounts and loop device asynchronously after its last
-        // process; waiting for that and removing the files happens off the caller's path.
-        // `settle` waits for it.
+        // Taking down the box's mounts (its namespace, held until now), waiting for the loop
+        // device's release and removing the files happen off the caller's path. `settle`
+        // waits for them.
         let dir = b.dir.clone();
         let loop_dev = b.loop_dev;
         let box_id = id.to_string();
@@ -693,6 +693,11 @@ impl NativeBackend {
             .map(|z| z.is_some() as usize)
             .unwrap_or(0);
         zygote + self.pool.as_ref().map_or(0, |p| p.ready_count())
+    }
+
+    /// Host PID of the zygote, if one runs (for operators and tests).
+    pub fn zygote_pid(&self) -> Option<u32> {
+        self.zygote.lock().ok()?.as_ref().map(|z| z.pid())
     }
 
     /// Host PID of a box's init (for operators and tests).
