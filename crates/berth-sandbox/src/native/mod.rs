@@ -601,15 +601,21 @@ impl Sandbox for NativeBackend {
             unsafe { libc::kill(b.pid1, libc::SIGKILL) };
         }
         let mut exit = b.exit.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
-        // Every process is gone once the cgroup can be removed.
-        let bx = b.clone();
-        tokio::task::spawn_blocking(move || bx.cgroup.destroy())
+        let ended = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some()))
             .await
-            .map_err(crate::blocking_err)??;
-        // Taking down the box's mounts (its namespace, held until now), waiting for the loop
-        // device's release and removing the files happen off the caller's path. `settle`
-        // waits for them.
+            .is_ok();
+        if !ended {
+            // Not seen to end: kill what is left through the cgroup, here and now.
+            let bx = b.clone();
+            tokio::task::spawn_blocking(move || bx.cgroup.destroy())
+                .await
+                .map_err(crate::blocking_err)??;
+        }
+        // Its PID 1 has ended, and with it every process in the box. Removing the cgroup
+        // (~0.4 ms on v1: one directory per controller), taking down the box's mounts (its
+        // namespace, held until now), waiting for the loop device's release and removing the
+        // files happen off the caller's path; `settle` waits for them, and a create of the
+        // same id waits for them too.
         let dir = b.dir.clone();
         let loop_dev = b.loop_dev;
         let box_id = id.to_string();
@@ -619,7 +625,12 @@ impl Sandbox for NativeBackend {
         }
         let reaping = self.reaping.clone();
         let settled = self.settled.clone();
+        let cgroup = b.cgroup.clone();
         tokio::task::spawn_blocking(move || {
+            // Also ends the box's helper, should it not have exited yet.
+            if let Err(e) = cgroup.destroy() {
+                tracing::warn!(%box_id, error = %e, "removing a destroyed box's cgroup");
+            }
             drop(mounts_ref);
             if !disk::wait_detached(&dir.join("disk.img"), loop_dev, Duration::from_secs(10)) {
                 tracing::warn!(%box_id, "loop device of a destroyed box is still attached");
