@@ -15,7 +15,9 @@
 //! network, mounts or hostname. C forks the supervisor (PID 2) and reaps orphans for the box's
 //! whole life.
 //!
-//! H writes [`InitReport`] lines to its report socket (fd 1, the server holds the other end):
+//! H waits on its report socket (fd 1, the server holds the other end) for [`CGROUP_READY`],
+//! which the server sends once it has made the box's cgroup, and then writes [`InitReport`]
+//! lines to it:
 //! `{"pid": <host pid of C>}` or `{"error": "..."}`, then `{"exit": code}` when
 //! C ends. Should the server's end close (the server died or dropped the box), H kills C: no
 //! box outlives the process responsible for it.
@@ -96,6 +98,10 @@ pub struct InitConfig {
     /// them before the box's first process exists, so everything in the box is counted.
     pub cgroup_procs: Vec<PathBuf>,
 }
+
+/// What the server writes on the report socket once the box's cgroup exists (the only byte
+/// it ever writes there).
+pub const CGROUP_READY: &[u8; 1] = b"c";
 
 /// A line H writes on its report socket.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -205,6 +211,13 @@ pub(super) fn helper(
     net: Option<OwnedFd>,
     reported: Option<OwnedFd>,
 ) -> ! {
+    // The server makes the cgroup while the zygote forks us: wait for its go-ahead.
+    let mut go = [0u8; 1];
+    // SAFETY: reading one byte from our report socket into a buffer we own.
+    let n = unsafe { libc::read(1, go.as_mut_ptr().cast(), 1) };
+    if n != 1 || go != *CGROUP_READY {
+        std::process::exit(1); // the server gave up on this box
+    }
     let me = std::process::id().to_string();
     for f in &cfg.cgroup_procs {
         if let Err(e) = fs::write(f, &me) {
@@ -257,7 +270,7 @@ fn wait_box(child: Pid) -> i32 {
                 break;
             }
             if fds[1].revents != 0 && fds[0].revents == 0 {
-                // The server never writes: readable means its end is gone.
+                // The server writes nothing after the go-ahead: readable means its end is gone.
                 let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
             }
             break;

@@ -305,7 +305,6 @@ impl NativeBackend {
 
         let limits = cfg.limits;
         let id = cfg.id.clone();
-        let cg = Arc::new(BoxCgroup::create(&id, &limits)?);
         let init_cfg = InitConfig {
             box_id: cfg.id.clone(),
             root,
@@ -318,7 +317,8 @@ impl NativeBackend {
             agent_uid: AGENT_UID,
             hostname: format!("box-{}", &cfg.id[..cfg.id.len().min(20)]),
             bridges: cfg.bridges.clone(),
-            cgroup_procs: cg.procs_files(),
+            // The paths only: the cgroup is made below, while the zygote forks the helper.
+            cgroup_procs: BoxCgroup::load(&id).procs_files(),
         };
         let fail = |cg: &BoxCgroup, msg: String| {
             // Kills the box's helper too: it joined the cgroup first thing.
@@ -326,21 +326,25 @@ impl NativeBackend {
             SandboxError::Start(msg)
         };
         // The box's ends: its report socket (the box dies when ours closes) and its log.
-        let (report, report_box) = std::os::unix::net::UnixStream::pair()?;
+        let (mut report, report_box) = std::os::unix::net::UnixStream::pair()?;
         let (log, log_box) = std::os::unix::net::UnixStream::pair()?;
         {
             use std::os::fd::AsFd;
             let disk_fd = ready_disk.as_ref().map(|d| d.mount.as_fd());
-            if let Err(e) =
-                self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd(), disk_fd)
-            {
-                let _ = cg.destroy();
-                return Err(e);
-            }
+            self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd(), disk_fd)?;
         }
         // The box holds its own copies now (or, if it fails, the disk goes with them).
         let loop_dev = ready_disk.as_ref().map(|d| d.loop_dev);
         drop((report_box, log_box, ready_disk));
+        // The cgroup, in parallel with the fork of the helper, which waits for this go-ahead
+        // before it joins (a helper that reads EOF instead gives up: so does the box).
+        let cg = Arc::new(BoxCgroup::create(&id, &limits)?);
+        {
+            use std::io::Write;
+            if let Err(e) = report.write_all(init::CGROUP_READY) {
+                return Err(fail(&cg, format!("box helper gone: {e}")));
+            }
+        }
         let stream = |s: std::os::unix::net::UnixStream| {
             s.set_nonblocking(true)?;
             tokio::net::UnixStream::from_std(s)
