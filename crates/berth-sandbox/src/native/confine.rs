@@ -332,14 +332,6 @@ impl Confinement {
     /// Must only be called in a freshly started child that is about to `exec`; it may share
     /// the supervisor's memory.
     pub unsafe fn apply(&self) -> Result<(), i32> {
-        fn check(r: libc::c_long) -> Result<(), i32> {
-            if r < 0 {
-                // SAFETY: reading this thread's errno.
-                Err(unsafe { *libc::__errno_location() })
-            } else {
-                Ok(())
-            }
-        }
         // SAFETY: raw system calls on the calling child only, on memory it does not change.
         unsafe {
             check(libc::setsid() as libc::c_long)?;
@@ -374,6 +366,16 @@ impl Confinement {
                 ))?;
             }
         }
+        Ok(())
+    }
+}
+
+/// A raw system call's result: its errno when it failed.
+fn check(r: libc::c_long) -> Result<(), i32> {
+    if r < 0 {
+        // SAFETY: reading this thread's errno.
+        Err(unsafe { *libc::__errno_location() })
+    } else {
         Ok(())
     }
 }
@@ -416,14 +418,6 @@ unsafe fn drop_bounding_set() -> Result<(), i32> {
 /// # Safety
 /// As [`Confinement::apply`].
 unsafe fn drop_privileges(uid: u32) -> Result<(), i32> {
-    fn check(r: libc::c_long) -> Result<(), i32> {
-        if r < 0 {
-            // SAFETY: reading this thread's errno.
-            Err(unsafe { *libc::__errno_location() })
-        } else {
-            Ok(())
-        }
-    }
     // SAFETY: raw system calls on the calling child.
     unsafe {
         if !BOUNDING_SET_EMPTY.load(std::sync::atomic::Ordering::SeqCst) {
