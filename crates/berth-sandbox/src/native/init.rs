@@ -94,9 +94,10 @@ pub struct InitConfig {
     pub agent_uid: u32,
     pub hostname: String,
     pub bridges: Vec<Bridge>,
-    /// `cgroup.procs` files of the box's cgroup (one per v1 hierarchy; one on v2). H joins
-    /// them before the box's first process exists, so everything in the box is counted.
-    pub cgroup_procs: Vec<PathBuf>,
+    /// Files of the box's cgroup H writes `0` to, to join it (`tasks` of each v1 hierarchy;
+    /// `cgroup.procs` on v2), before the box's first process exists, so that everything in
+    /// the box is counted. H is single-threaded: moving its one thread moves all of it.
+    pub cgroup_join: Vec<PathBuf>,
 }
 
 /// What the server writes on the report socket once the box's cgroup exists (the only byte
@@ -218,9 +219,8 @@ pub(super) fn helper(
     if n != 1 || go != *CGROUP_READY {
         std::process::exit(1); // the server gave up on this box
     }
-    let me = std::process::id().to_string();
-    for f in &cfg.cgroup_procs {
-        if let Err(e) = fs::write(f, &me) {
+    for f in &cfg.cgroup_join {
+        if let Err(e) = fs::write(f, "0") {
             fail(format!("joining cgroup {}: {e}", f.display()));
         }
     }

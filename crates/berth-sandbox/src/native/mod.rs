@@ -318,7 +318,7 @@ impl NativeBackend {
             hostname: format!("box-{}", &cfg.id[..cfg.id.len().min(20)]),
             bridges: cfg.bridges.clone(),
             // The paths only: the cgroup is made below, while the zygote forks the helper.
-            cgroup_procs: BoxCgroup::load(&id).procs_files(),
+            cgroup_join: BoxCgroup::load(&id).join_files(),
         };
         let fail = |cg: &BoxCgroup, msg: String| {
             // Kills the box's helper too: it joined the cgroup first thing.
