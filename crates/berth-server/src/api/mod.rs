@@ -101,7 +101,11 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         // smaller body limit than the API's.
         .route(
             "/v1/hooks/{id}",
-            post(triggers::hook).layer(DefaultBodyLimit::max(triggers::HOOK_MAX_BODY)),
+            post(triggers::hook)
+                .layer(DefaultBodyLimit::max(triggers::HOOK_MAX_BODY))
+                .layer(axum::middleware::from_fn(|req, next| {
+                    refuse_oversized(req, next, triggers::HOOK_MAX_BODY)
+                })),
         )
         .route("/v1/boxes/{id}/stats", get(boxes::stats))
         .route("/v1/boxes/{id}/events", get(boxes::box_events))
@@ -159,7 +163,12 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .with_state(state)
 }
 
-/// Refuse a body whose declared length is over the limit before reading any of it (the body
+/// How much of a refused body is read (and dropped) before the refusal is sent: a client
+/// still writing its body would otherwise have its connection reset under it (unread data at
+/// close) and never see the 413. Larger bodies may still be cut off.
+const DRAIN_REFUSED_BYTES: usize = 16 << 20;
+
+/// Refuse a body whose declared length is over the limit without keeping any of it (the body
 /// extractors enforce the same limit on bodies without a length).
 async fn refuse_oversized(
     req: axum::extract::Request,
@@ -173,6 +182,12 @@ async fn refuse_oversized(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
+        if declared.is_some_and(|n| n <= DRAIN_REFUSED_BYTES as u64) {
+            use futures::StreamExt;
+            let mut body = req.into_body().into_data_stream();
+            let drain = async { while let Some(Ok(_)) = body.next().await {} };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+        }
         return ApiError::Rejected(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is larger than the limit of {max} bytes"),
