@@ -44,6 +44,9 @@ const NETNS_READY: usize = 2;
 
 /// Templates kept at once (each is ~25 mounts in every new box's copied namespace).
 pub const MAX_TEMPLATES: usize = 4;
+/// How long a request waits for room on the zygote's socket.
+const SEND_WAIT_MS: i32 = 5_000;
+
 /// Largest request accepted (an `InitConfig` is ~1-2 KiB).
 const MAX_REQUEST: usize = 256 * 1024;
 
@@ -112,15 +115,36 @@ impl Zygote {
         let body = serde_json::to_vec(cfg).map_err(io::Error::other)?;
         let mut fds = vec![report.as_raw_fd(), log.as_raw_fd()];
         fds.extend(disk.map(|d| d.as_raw_fd()));
-        sendmsg::<()>(
-            self.sock.as_raw_fd(),
-            &[IoSlice::new(&body)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .map_err(io::Error::from)?;
-        Ok(())
+        loop {
+            let sent = sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &[IoSlice::new(&body)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            );
+            match sent {
+                Ok(_) => return Ok(()),
+                // The socket's buffer is full (the zygote is behind): wait, boundedly, for
+                // room rather than block a caller's thread for good on a stuck zygote.
+                Err(nix::errno::Errno::EAGAIN) => {
+                    let mut p = libc::pollfd {
+                        fd: self.sock.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: poll on one pollfd we own.
+                    if unsafe { libc::poll(&mut p, 1, SEND_WAIT_MS) } == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the box zygote takes no requests",
+                        ));
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
