@@ -21,6 +21,29 @@ fn time_cmd(argv: &[&str], runs: usize) -> anyhow::Result<Vec<Duration>> {
     Ok(v)
 }
 
+/// The `bwrap` peer: all namespaces, `/usr` read-only, fresh `/proc` and `/dev`, `/bin/true`.
+const BWRAP_TRUE: &[&str] = &[
+    "bwrap",
+    "--unshare-all",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "/bin/true",
+];
+
 /// Limits of every box the lifecycle benchmark makes (the same for each backend).
 const BOX_LIMITS: Limits = Limits {
     cpus: 1.0,
@@ -114,6 +137,68 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
     Ok(native)
 }
 
+/// `n` boxes started together, each create → exec `/bin/true` → destroy, against `n` `bwrap`
+/// runs started together: the wall time until the last one ends, for each.
+async fn burst(n: usize) -> anyhow::Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let backend = std::sync::Arc::new(NativeBackend::new(NativeConfig {
+        data_dir: dir.path().to_path_buf(),
+        helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
+        pool_size: 8,
+    })?);
+    let cycle = |b: std::sync::Arc<NativeBackend>, id: String| async move {
+        let cfg = BoxConfig {
+            id: id.clone(),
+            image: Image::Host,
+            limits: BOX_LIMITS,
+            env: vec![],
+            bridges: vec![],
+        };
+        b.create(cfg).await?;
+        let spec = ExecSpec {
+            argv: vec!["/bin/true".into()],
+            ..Default::default()
+        };
+        let out = b.exec(&id, spec).await?.collect(None, 1024).await?;
+        b.destroy(&id).await?;
+        anyhow::ensure!(out.exit.success(), "exec failed");
+        anyhow::Ok(())
+    };
+    // Untimed: the zygote, the template and the pool's first disks.
+    cycle(backend.clone(), "burst-warm".into()).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.own_descriptors() < 1 + 8 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    backend.settle().await;
+
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        set.spawn(cycle(backend.clone(), format!("burst-{i}")));
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let berth = t.elapsed();
+    backend.settle().await;
+
+    let t = Instant::now();
+    let children = (0..n)
+        .map(|_| {
+            Command::new(BWRAP_TRUE[0])
+                .args(&BWRAP_TRUE[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for mut c in children {
+        anyhow::ensure!(c.wait()?.success(), "bwrap failed");
+    }
+    Ok((berth, t.elapsed()))
+}
+
 /// berth's Docker backend (runc): create → exec `/bin/true` → destroy. Returns the timings and
 /// the `host` image it made, for the by-hand comparison.
 async fn docker_backend(runs: usize, name: &str, runtime: &str) -> anyhow::Result<Vec<Duration>> {
@@ -205,30 +290,7 @@ pub async fn run(runs: usize, docker_runs: usize) -> anyhow::Result<()> {
     ));
     rows.push(summarize(
         "bwrap --unshare-all (ro /usr, proc, dev) /bin/true",
-        time_cmd(
-            &[
-                "bwrap",
-                "--unshare-all",
-                "--ro-bind",
-                "/usr",
-                "/usr",
-                "--symlink",
-                "usr/lib",
-                "/lib",
-                "--symlink",
-                "usr/lib64",
-                "/lib64",
-                "--symlink",
-                "usr/bin",
-                "/bin",
-                "--proc",
-                "/proc",
-                "--dev",
-                "/dev",
-                "/bin/true",
-            ],
-            runs,
-        )?,
+        time_cmd(BWRAP_TRUE, runs)?,
     ));
     if docker_runs > 0 {
         let img = docker_image()?;
@@ -312,8 +374,27 @@ pub async fn run(runs: usize, docker_runs: usize) -> anyhow::Result<()> {
             base.as_secs_f64() / r.median.as_secs_f64()
         );
     }
+    let n = BURST;
+    let (berth, bwrap) = burst(n).await?;
+    println!();
+    println!("| {n} started together, each to its end | wall ms | per box ms | ÷ bwrap |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, wall) in [
+        ("berth native: create → exec `/bin/true` → destroy", berth),
+        ("bwrap (as above) /bin/true", bwrap),
+    ] {
+        println!(
+            "| {name} | {} | {} | {:.2} |",
+            ms(wall),
+            ms(wall / n as u32),
+            wall.as_secs_f64() / bwrap.as_secs_f64()
+        );
+    }
     Ok(())
 }
+
+/// Boxes started together in the burst row.
+const BURST: usize = 50;
 
 /// Seconds the file workload takes inside one box of `backend`: `files` files of 1 KiB
 /// written into a fresh directory, then all read back (timed inside the box, by the shell).
