@@ -7,15 +7,15 @@
 //! request on a `SOCK_SEQPACKET` socket: the [`InitConfig`] and two or three descriptors, the
 //! box's report socket, its log and its detached disk mount. The zygote forks the box's helper
 //! (H), which runs [`init::helper`] with those as fd 1, 2 and [`init::DISK_FD`], and goes back
-//! to waiting. Everything after the
-//! fork (cgroup, control socket, the box's namespaces) happens in H and the box, in parallel
-//! with other creates.
+//! to waiting. Everything after the fork (cgroup, control socket, the box's namespaces)
+//! happens in H and the box, in parallel with other creates.
 //!
 //! Contract:
 //! - Requests are handled in order, one fork each; a request the zygote cannot serve (bad
 //!   config, template failure) is answered with an error on its own report socket.
 //! - A template is rebuilt when a source it binds or masks is replaced on the host (its device
-//!   and inode change: e.g. `/etc/shadow` rewritten by `passwd`), so a mask never goes stale.
+//!   and inode change: e.g. `/etc/shadow` rewritten by `passwd`), so a new box's masks never
+//!   sit on a replaced file (a running box's can: bind masks follow the file they cover).
 //!   At most [`MAX_TEMPLATES`] are kept, least recently used first out.
 //! - The zygote dies with the server (parent-death signal from the thread that spawned it,
 //!   which lives until the zygote ends) and exits when the server closes its socket. Boxes do
