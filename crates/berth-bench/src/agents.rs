@@ -65,38 +65,24 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (url, key, stop_tx, server) = crate::start_server(cfg).await?;
-    let http = reqwest::Client::new();
-    let post = |path: String, body: Value| {
-        let r = http
-            .post(format!("{url}{path}"))
-            .bearer_auth(&key)
-            .json(&body)
-            .send();
-        async move {
-            let r = r.await?;
-            anyhow::ensure!(r.status().is_success(), "{}", r.status());
-            Ok::<Value, anyhow::Error>(r.json().await?)
-        }
-    };
-    let bx = post(
-        "/v1/boxes".into(),
-        json!({"resources": {"memory_mib": 2048}}),
-    )
-    .await?;
+    let api = crate::BenchApi::new(&url, &key);
+    let bx = api
+        .post("/v1/boxes", json!({"resources": {"memory_mib": 2048}}))
+        .await?;
     let bx = bx["id"].as_str().unwrap_or_default().to_string();
     let mut via_berth = Vec::new();
     for _ in 0..runs {
-        let before = mock.recorded().len();
-        let t0 = unix_ms();
-        let s = post(
-            "/v1/sessions".into(),
-            json!({"box": bx, "agent": {"kind": "claude"}, "prompt": "be slow"}),
-        )
-        .await?;
-        let at = wait_requests(&mock, before + 1).await?;
-        via_berth.push(crate::between_unix_ms(t0, at));
+        let (took, s) = api
+            .post_until_model_request(
+                &mock,
+                "/v1/sessions",
+                json!({"box": bx, "agent": {"kind": "claude"}, "prompt": "be slow"}),
+            )
+            .await?;
+        via_berth.push(took);
         let sid = s["id"].as_str().unwrap_or_default();
-        let _ = http
+        let _ = api
+            .http
             .delete(format!("{url}/v1/sessions/{sid}"))
             .bearer_auth(&key)
             .send()
@@ -120,10 +106,10 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
     let t = std::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..concurrent {
-        let s = post("/v1/sessions".into(), json!({"box": {"resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": {"kind": "claude"}, "prompt": "make a file"})).await?;
+        let s = api.post("/v1/sessions", json!({"box": {"resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": {"kind": "claude"}, "prompt": "make a file"})).await?;
         let sid = s["id"].as_str().unwrap_or_default().to_string();
         let box_id = s["box_id"].as_str().unwrap_or_default().to_string();
-        let http = http.clone();
+        let http = api.http.clone();
         let (url, key) = (url.clone(), key.clone());
         set.spawn(async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(300);

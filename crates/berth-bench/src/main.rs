@@ -123,6 +123,71 @@ pub async fn start_server(
     ))
 }
 
+/// Authenticated JSON calls to the server under test.
+#[derive(Clone)]
+pub struct BenchApi {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub key: String,
+}
+
+impl BenchApi {
+    pub fn new(url: &str, key: &str) -> BenchApi {
+        BenchApi {
+            http: reqwest::Client::new(),
+            url: url.to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    /// The response's JSON (`null` when it has none); an error, with the body, unless 2xx.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let what = format!("{method} {path}");
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "{what}: {}: {}",
+            r.status(),
+            r.text().await?
+        );
+        Ok(r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    /// POST, and the time from the call until the mock model receives its next request (from
+    /// the agent the call started or woke), with the response.
+    pub async fn post_until_model_request(
+        &self,
+        mock: &berth_mock_model::Mock,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<(Duration, serde_json::Value)> {
+        let before = mock.recorded().len();
+        let t0 = berth_mock_model::unix_ms();
+        let r = self.post(path, body).await?;
+        let at = wait_requests(mock, before + 1).await?;
+        Ok((between_unix_ms(t0, at), r))
+    }
+}
+
 /// When the mock model received its `n`th request (unix ms); waits up to a minute.
 pub async fn wait_requests(mock: &berth_mock_model::Mock, n: usize) -> anyhow::Result<f64> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -2,7 +2,7 @@
 //! agent coming back against a fresh session's start, in the same run.
 
 use crate::{summarize, wait_requests};
-use berth_mock_model::{scenario::Scenario, unix_ms, Mock};
+use berth_mock_model::{scenario::Scenario, Mock};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -21,66 +21,49 @@ pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (url, key, stop_tx, server) = crate::start_server(cfg).await?;
-    let http = reqwest::Client::new();
-    let call = |method: reqwest::Method, path: String, body: Value| {
-        let what = format!("{method} {path}");
-        let r = http
-            .request(method, format!("{url}{path}"))
-            .bearer_auth(&key)
-            .json(&body)
-            .send();
-        async move {
-            let r = r.await?;
-            anyhow::ensure!(
-                r.status().is_success(),
-                "{what}: {}: {}",
-                r.status(),
-                r.text().await?
-            );
-            Ok::<Value, anyhow::Error>(r.json().await.unwrap_or(Value::Null))
-        }
-    };
-    let post = |path: String, body: Value| call(reqwest::Method::POST, path, body);
+    let api = crate::BenchApi::new(&url, &key);
 
     let (mut park, mut restore, mut resumed, mut fresh) = (vec![], vec![], vec![], vec![]);
     let mut archive_bytes = 0;
     for _ in 0..runs {
         let disk = (mib as u64 * 3 + 512).max(1024);
-        let bx = post(
-            "/v1/boxes".into(),
-            json!({"lifecycle": "hybrid", "idle_timeout_s": 3600,
-                   "resources": {"memory_mib": 2048, "disk_mib": disk}}),
-        )
-        .await?;
+        let bx = api
+            .post(
+                "/v1/boxes",
+                json!({"lifecycle": "hybrid", "idle_timeout_s": 3600,
+                       "resources": {"memory_mib": 2048, "disk_mib": disk}}),
+            )
+            .await?;
         let bx = bx["id"].as_str().unwrap_or_default().to_string();
         // The workspace: `mib` MiB of random bytes (incompressible: the worst case).
-        post(
-            format!("/v1/boxes/{bx}/exec"),
+        api.post(
+            &format!("/v1/boxes/{bx}/exec"),
             json!({"argv": ["sh", "-c",
                 format!("head -c {} /dev/urandom > /workspace/blob", mib << 20)]}),
         )
         .await?;
         // A fresh session's start in the running box: POST → first model request.
         let before = mock.recorded().len();
-        let t0 = unix_ms();
-        let s = post(
-            "/v1/sessions".into(),
-            json!({"box": bx, "agent": {"kind": "claude"}, "prompt": "make a file"}),
-        )
-        .await?;
-        let at = wait_requests(&mock, before + 1).await?;
-        fresh.push(crate::between_unix_ms(t0, at));
+        let (took, s) = api
+            .post_until_model_request(
+                &mock,
+                "/v1/sessions",
+                json!({"box": bx, "agent": {"kind": "claude"}, "prompt": "make a file"}),
+            )
+            .await?;
+        fresh.push(took);
         let sid = s["id"].as_str().unwrap_or_default().to_string();
         // Let the turn finish (the demo's file task makes three requests).
         wait_requests(&mock, before + 3).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let s = call(
-                reqwest::Method::GET,
-                format!("/v1/sessions/{sid}"),
-                Value::Null,
-            )
-            .await?;
+            let s = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/sessions/{sid}"),
+                    Value::Null,
+                )
+                .await?;
             if s["state"] == "idle" {
                 break;
             }
@@ -89,29 +72,29 @@ pub async fn run(runs: usize, mib: usize) -> anyhow::Result<()> {
         }
 
         let t = Instant::now();
-        let parked = post(format!("/v1/boxes/{bx}/park"), json!({})).await?;
+        let parked = api.post(&format!("/v1/boxes/{bx}/park"), json!({})).await?;
         park.push(t.elapsed());
         archive_bytes = parked["snapshot"]["bytes"].as_u64().unwrap_or(0);
 
         // Restore alone: an exec on the parked box.
         let t = Instant::now();
-        post(format!("/v1/boxes/{bx}/exec"), json!({"argv": ["true"]})).await?;
+        api.post(&format!("/v1/boxes/{bx}/exec"), json!({"argv": ["true"]}))
+            .await?;
         restore.push(t.elapsed());
 
         // Park again, then a message: restore → the agent resumed → its first model request.
-        post(format!("/v1/boxes/{bx}/park"), json!({})).await?;
-        let before = mock.recorded().len();
-        let t0 = unix_ms();
-        post(
-            format!("/v1/sessions/{sid}/messages"),
-            json!({"content": "be quick"}),
-        )
-        .await?;
-        let at = wait_requests(&mock, before + 1).await?;
-        resumed.push(crate::between_unix_ms(t0, at));
-        call(
+        api.post(&format!("/v1/boxes/{bx}/park"), json!({})).await?;
+        let (took, _) = api
+            .post_until_model_request(
+                &mock,
+                &format!("/v1/sessions/{sid}/messages"),
+                json!({"content": "be quick"}),
+            )
+            .await?;
+        resumed.push(took);
+        api.call(
             reqwest::Method::DELETE,
-            format!("/v1/boxes/{bx}"),
+            &format!("/v1/boxes/{bx}"),
             Value::Null,
         )
         .await?;
