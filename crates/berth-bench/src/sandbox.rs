@@ -84,6 +84,30 @@ fn docker_image() -> anyhow::Result<&'static str> {
     Ok(img)
 }
 
+/// One box's life as the lifecycle rows measure it: create → exec `/bin/true` → destroy.
+/// Returns how long after the start the create and the exec had ended.
+async fn true_cycle<B: Sandbox>(b: &B, id: &str) -> anyhow::Result<(Duration, Duration)> {
+    let t = Instant::now();
+    b.create(BoxConfig {
+        id: id.to_string(),
+        image: Image::Host,
+        limits: BOX_LIMITS,
+        env: vec![],
+        bridges: vec![],
+    })
+    .await?;
+    let created = t.elapsed();
+    let spec = ExecSpec {
+        argv: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let out = b.exec(id, spec).await?.collect(None, 1024).await?;
+    let execed = t.elapsed();
+    b.destroy(id).await?;
+    anyhow::ensure!(out.exit.success(), "exec failed");
+    Ok((created, execed))
+}
+
 async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> {
     let dir = tempfile::tempdir()?;
     let backend = NativeBackend::new(NativeConfig {
@@ -91,30 +115,12 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
         helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
         pool_size,
     })?;
-    let limits = BOX_LIMITS;
     let mut native = Vec::with_capacity(runs);
     let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..runs + 10 {
-        let id = format!("bench-{i}");
         let t = Instant::now();
-        let cfg = BoxConfig {
-            id: id.clone(),
-            image: Image::Host,
-            limits,
-            env: vec![],
-            bridges: vec![],
-        };
-        backend.create(cfg).await?;
-        let t1 = t.elapsed();
-        let spec = ExecSpec {
-            argv: vec!["/bin/true".into()],
-            ..Default::default()
-        };
-        let out = backend.exec(&id, spec).await?.collect(None, 1024).await?;
-        let t2 = t.elapsed();
-        backend.destroy(&id).await?;
+        let (t1, t2) = true_cycle(&backend, &format!("bench-{i}")).await?;
         let total = t.elapsed();
-        anyhow::ensure!(out.exit.success(), "exec failed");
         if i >= 10 {
             native.push(total);
             phases[0].push(t1);
@@ -146,26 +152,8 @@ async fn burst(n: usize) -> anyhow::Result<(Duration, Duration)> {
         helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
         pool_size: 8,
     })?);
-    let cycle = |b: std::sync::Arc<NativeBackend>, id: String| async move {
-        let cfg = BoxConfig {
-            id: id.clone(),
-            image: Image::Host,
-            limits: BOX_LIMITS,
-            env: vec![],
-            bridges: vec![],
-        };
-        b.create(cfg).await?;
-        let spec = ExecSpec {
-            argv: vec!["/bin/true".into()],
-            ..Default::default()
-        };
-        let out = b.exec(&id, spec).await?.collect(None, 1024).await?;
-        b.destroy(&id).await?;
-        anyhow::ensure!(out.exit.success(), "exec failed");
-        anyhow::Ok(())
-    };
     // Untimed: the zygote, the template and the pool's first disks.
-    cycle(backend.clone(), "burst-warm".into()).await?;
+    true_cycle(&*backend, "burst-warm").await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while backend.own_descriptors() < 1 + 8 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -175,7 +163,8 @@ async fn burst(n: usize) -> anyhow::Result<(Duration, Duration)> {
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..n {
-        set.spawn(cycle(backend.clone(), format!("burst-{i}")));
+        let b = backend.clone();
+        set.spawn(async move { true_cycle(&*b, &format!("burst-{i}")).await });
     }
     while let Some(r) = set.join_next().await {
         r??;
@@ -212,27 +201,10 @@ async fn docker_backend(runs: usize, name: &str, runtime: &str) -> anyhow::Resul
         socket: None,
     })
     .await?;
-    let limits = BOX_LIMITS;
     let mut out = Vec::with_capacity(runs);
     for i in 0..runs + 3 {
-        let id = format!("bench-{i}");
         let t = Instant::now();
-        backend
-            .create(BoxConfig {
-                id: id.clone(),
-                image: Image::Host,
-                limits,
-                env: vec![],
-                bridges: vec![],
-            })
-            .await?;
-        let spec = ExecSpec {
-            argv: vec!["/bin/true".into()],
-            ..Default::default()
-        };
-        let r = backend.exec(&id, spec).await?.collect(None, 1024).await?;
-        backend.destroy(&id).await?;
-        anyhow::ensure!(r.exit.success(), "exec failed");
+        true_cycle(&backend, &format!("bench-{i}")).await?;
         if i >= 3 {
             out.push(t.elapsed());
         }
