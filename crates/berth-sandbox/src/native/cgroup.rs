@@ -10,7 +10,6 @@ use cgroups_rs::fs::cpuacct::CpuAcctController;
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
 use cgroups_rs::fs::{Cgroup, Controller, MaxValue};
-use cgroups_rs::CgroupPid;
 use std::fs;
 use std::path::PathBuf;
 
@@ -91,12 +90,6 @@ impl BoxCgroup {
                 .map_err(|e| err("cpu quota", e))?;
         }
         Ok(())
-    }
-
-    pub fn add(&self, pid: u32) -> std::io::Result<()> {
-        self.cg
-            .add_task_by_tgid(CgroupPid::from(pid as u64))
-            .map_err(|e| err("add task", e))
     }
 
     /// The files a single-threaded process writes `0` to in order to move itself into the

@@ -423,23 +423,16 @@ fn attached_to(n: u32, img: &Path) -> bool {
         .is_ok_and(|b| Path::new(b.trim().trim_end_matches(" (deleted)")) == img)
 }
 
-/// Wait (bounded) until the kernel has released the loop device of a dead box: the unmount of
-/// a namespace's last mount and the auto-clear that follows complete asynchronously. With the
-/// device's number only that device is watched; without, every loop device is searched
-/// (hundreds on a busy host).
-pub fn wait_detached(img: &Path, loop_dev: Option<u32>, timeout: std::time::Duration) -> bool {
+/// Wait (bounded) until the kernel has released loop device `loop_dev` of a dead box, whose
+/// image is `img`: the unmount of a namespace's last mount and the auto-clear that follows
+/// complete asynchronously.
+pub fn wait_detached(img: &Path, loop_dev: u32, timeout: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let attached = match loop_dev {
-            Some(n) => attached_to(n, img),
-            None => !loop_devices_for(img).is_empty(),
-        };
-        if !attached {
-            return true;
-        }
+    while attached_to(loop_dev, img) {
         if std::time::Instant::now() >= deadline {
             return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    true
 }

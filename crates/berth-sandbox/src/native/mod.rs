@@ -636,7 +636,11 @@ impl Sandbox for NativeBackend {
                 tracing::warn!(%box_id, error = %e, "removing a destroyed box's cgroup");
             }
             drop(mounts_ref);
-            if !disk::wait_detached(&dir.join("disk.img"), loop_dev, Duration::from_secs(10)) {
+            // Boxes on a plain directory (no loop devices on this host) have none to wait for.
+            let detached = loop_dev.is_none_or(|n| {
+                disk::wait_detached(&dir.join("disk.img"), n, Duration::from_secs(10))
+            });
+            if !detached {
                 tracing::warn!(%box_id, "loop device of a destroyed box is still attached");
             }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
