@@ -116,15 +116,20 @@ pub struct InitReport {
     pub exit: Option<i32>,
 }
 
-/// Write one report line to fd 1 (H's report socket).
-pub(super) fn report(r: &InitReport) {
-    let mut out = io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, r);
-    let _ = out.write_all(b"\n");
-    let _ = out.flush();
+/// Write one report line to `socket` (a box's report socket).
+pub(super) fn report_on(socket: std::os::fd::BorrowedFd<'_>, r: &InitReport) {
+    let mut line = serde_json::to_vec(r).unwrap_or_default();
+    line.push(b'\n');
+    // A line is far smaller than a socket buffer: one write takes it whole.
+    let _ = nix::unistd::write(socket, &line);
 }
 
-/// Set in a container's environment (Docker and gVisor backends), the helper runs only the
+/// Write one report line to fd 1 (H's report socket).
+fn report(r: &InitReport) {
+    // SAFETY: fd 1 is H's report socket for its whole life.
+    report_on(unsafe { std::os::fd::BorrowedFd::borrow_raw(1) }, r)
+}
+
 /// Set in a container's environment (Docker and gVisor backends), the helper runs only the
 /// supervisor: the container runtime has already built the box. Its value is the control
 /// socket's path; [`SUPERVISOR_BRIDGES_ENV`] lists the bridges as `port=socket,…`.

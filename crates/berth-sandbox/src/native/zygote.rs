@@ -323,13 +323,14 @@ fn idle(making: &mut Vec<OwnedFd>) -> bool {
 
 /// Write an error answer on a request's report socket.
 fn answer_error(report: &OwnedFd, msg: String) {
-    let mut line = serde_json::to_vec(&InitReport {
-        error: Some(msg),
-        ..Default::default()
-    })
-    .unwrap_or_default();
-    line.push(b'\n');
-    let _ = nix::unistd::write(report, &line);
+    use std::os::fd::AsFd;
+    init::report_on(
+        report.as_fd(),
+        &InitReport {
+            error: Some(msg),
+            ..Default::default()
+        },
+    );
 }
 
 /// One request off the socket on fd 0: its bytes and descriptors. `None` when the server
