@@ -317,8 +317,7 @@ impl ImagePool {
         if let Some(d) = self.take_ready(mib, dest)? {
             return Ok(d);
         }
-        self.inner.make_image(mib, dest)?;
-        mount_detached(dest).map_err(io::Error::other)
+        self.inner.make_disk(mib, dest)
     }
 
     /// Disks ready in the pool: each holds a descriptor (its detached mount).
@@ -358,11 +357,7 @@ impl ImagePool {
                 let p = inner
                     .dir
                     .join(format!("{mib}-{}-{n}.img", std::process::id()));
-                if inner.make_image(mib, &p).is_err() {
-                    break;
-                }
-                let Ok(disk) = mount_detached(&p) else {
-                    let _ = fs::remove_file(&p);
+                let Ok(disk) = inner.make_disk(mib, &p) else {
                     break;
                 };
                 if let Ok(mut r) = inner.ready.lock() {
@@ -377,6 +372,15 @@ impl ImagePool {
 }
 
 impl PoolInner {
+    /// A ready disk of `mib` MiB at `dest`: a fresh image, mounted detached.
+    fn make_disk(&self, mib: u64, dest: &Path) -> io::Result<ReadyDisk> {
+        self.make_image(mib, dest)?;
+        mount_detached(dest).map_err(|e| {
+            let _ = fs::remove_file(dest);
+            io::Error::other(e)
+        })
+    }
+
     /// A fresh image of `mib` MiB at `dest`: a sparse copy of the size's master image, which
     /// is formatted once (`mkfs` ~10 ms of CPU per disk; the copy of its ~180 KB of metadata
     /// well under 1 ms). Every disk of a size thus has the same file-system UUID and hash seed, which
