@@ -70,20 +70,8 @@ impl SnapshotStore {
         self.store
             .put_opts(&path, PutPayload::from(data), PutOptions::default())
             .await?;
-        let back = self
-            .store
-            .get_opts(&path, GetOptions::default())
-            .await?
-            .bytes()
-            .await?;
-        let found = digest(&back);
-        if found != expected {
-            return Err(SnapshotError::Corrupt {
-                key: key.to_string(),
-                expected,
-                found,
-            });
-        }
+        // Read back through `get`, which checks the digest.
+        self.get(key, &expected).await?;
         Ok(Stored {
             key: key.to_string(),
             bytes,
