@@ -62,7 +62,9 @@ impl Default for NetworkSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct BoxSpec {
-    pub lifecycle: Lifecycle,
+    /// Default: `persistent` for `POST /v1/boxes`, `ephemeral` for a session's own box (`"box":
+    /// {}` and an omitted `box` alike).
+    pub lifecycle: Option<Lifecycle>,
     /// `host` (the host's read-only root) or a backend-specific image reference.
     pub image: Option<String>,
     /// Sandbox backend; defaults to the server's default backend.
@@ -70,7 +72,16 @@ pub struct BoxSpec {
     pub resources: Resources,
     pub network: NetworkSpec,
     pub env: BTreeMap<String, String>,
-    pub idle_timeout_s: Option<u64>,
+    /// Seconds without activity before the box stops (a hybrid box: parks). Absent: the
+    /// server's default for the lifecycle (`[idle_timeout]` in its config, 900 s unless set);
+    /// `null`: never.
+    #[serde(
+        default,
+        deserialize_with = "present_or_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u64>, minimum = 1)]
+    pub idle_timeout_s: Option<Option<u64>>,
     pub max_lifetime_s: Option<u64>,
     pub labels: BTreeMap<String, String>,
     /// Several agents share the box, each as its own user: a session gets its own uid, a
@@ -95,6 +106,15 @@ pub struct SecretSpec {
     pub value: String,
     #[serde(default = "yes")]
     pub tls: bool,
+}
+
+/// A field that may be absent (outer `None`), `null` (`Some(None)`) or a value.
+fn present_or_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 fn yes() -> bool {
@@ -352,11 +372,17 @@ pub struct SessionSpec {
     /// First user message.
     #[serde(default)]
     pub prompt: Option<String>,
+    /// A session started with a `prompt` in an ephemeral box ends when the agent has answered
+    /// it (its first `result`), and the box is destroyed with it. `true` keeps the session open
+    /// for further messages (as does sending a message before that first result); the box then
+    /// ends with the session, or after its `idle_timeout_s`.
+    #[serde(default)]
+    pub keep_open: bool,
 }
 
 fn default_box_ref() -> BoxRef {
     BoxRef::Spec(Box::new(BoxSpec {
-        lifecycle: Lifecycle::Ephemeral,
+        lifecycle: Some(Lifecycle::Ephemeral),
         ..Default::default()
     }))
 }
@@ -499,6 +525,19 @@ pub struct Event {
     #[serde(rename = "type")]
     pub kind: String,
     /// The agent's own message, whole.
+    pub data: serde_json::Value,
+}
+
+/// One entry of a box's own log (`GET /v1/boxes/{id}/events`): state changes, egress
+/// decisions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BoxEvent {
+    pub seq: i64,
+    pub box_id: String,
+    pub ts: Timestamp,
+    /// `state`, `egress`, `egress_suppressed`, …
+    #[serde(rename = "type")]
+    pub kind: String,
     pub data: serde_json::Value,
 }
 
@@ -699,11 +738,38 @@ mod tests {
         assert_eq!(spec.network.allow, vec!["api.anthropic.com".to_string()]);
         let s: SessionSpec =
             serde_json::from_str(r#"{"agent":{"kind":"command","argv":["cat"]}}"#).expect("parse");
-        assert!(matches!(s.box_ref, BoxRef::Spec(ref b) if b.lifecycle == Lifecycle::Ephemeral));
+        assert!(
+            matches!(s.box_ref, BoxRef::Spec(ref b) if b.lifecycle == Some(Lifecycle::Ephemeral))
+        );
         let s: SessionSpec =
             serde_json::from_str(r#"{"box":"b1","agent":{"kind":"claude"}}"#).expect("parse");
         assert_eq!(s.box_ref, BoxRef::Id("b1".into()));
         assert!(serde_json::from_str::<BoxSpec>(r#"{"bogus":1}"#).is_err());
         assert!(serde_json::from_str::<BoxSpec>(r#"{"resources":{"cpus":"x"}}"#).is_err());
+    }
+
+    #[test]
+    fn idle_timeout_absent_null_and_set_differ() {
+        let parse = |j: &str| serde_json::from_str::<BoxSpec>(j).expect("parse");
+        assert_eq!(parse("{}").idle_timeout_s, None);
+        assert_eq!(
+            parse(r#"{"idle_timeout_s":null}"#).idle_timeout_s,
+            Some(None)
+        );
+        assert_eq!(
+            parse(r#"{"idle_timeout_s":60}"#).idle_timeout_s,
+            Some(Some(60))
+        );
+        // And back: a stored trigger's box spec keeps the difference.
+        for j in [
+            "{}",
+            r#"{"idle_timeout_s":null}"#,
+            r#"{"idle_timeout_s":60}"#,
+        ] {
+            let spec = parse(j);
+            let again = parse(&serde_json::to_string(&spec).expect("ser"));
+            assert_eq!(again.idle_timeout_s, spec.idle_timeout_s, "{j}");
+        }
+        assert_eq!(parse("{}").lifecycle, None);
     }
 }

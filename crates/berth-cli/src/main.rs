@@ -14,63 +14,80 @@ use std::path::PathBuf;
 #[command(
     name = "berth",
     version,
-    about = "Run AI agents in isolated sandboxes on your own machines"
+    about = "Run AI agents in isolated sandboxes on your own machines",
+    after_help = "The client commands find the server and its admin key the way `berth serve` was configured: $BERTH_DATA_DIR, else data_dir in $BERTH_CONFIG, else the default data dir. From another machine set BERTH_URL and BERTH_TOKEN."
 )]
 struct Cli {
-    /// Server URL (default: $BERTH_URL, else the local server).
-    #[arg(long, global = true)]
-    url: Option<String>,
-    /// API key (default: $BERTH_TOKEN, else the local server's admin key).
-    #[arg(long, global = true, hide_env_values = true)]
-    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How a client command reaches the server.
+#[derive(Args, Clone, Default)]
+struct Conn {
+    /// Server URL, e.g. http://127.0.0.1:7700 [default: $BERTH_URL, else the local server's
+    /// address from its data dir]
+    #[arg(long)]
+    url: Option<String>,
+    /// API key [default: $BERTH_TOKEN, else the local server's admin key]
+    #[arg(long, hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server.
     Serve(ServeArgs),
-    /// List boxes and sessions.
-    Ls {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Create a box.
+    /// List live boxes and sessions (with live cpu/memory/pids/disk); --all for ended ones too.
+    Ls(LsArgs),
+    /// Create a box; prints its id.
     Create(CreateArgs),
-    /// Run a command in a box: `berth exec BOX -- CMD ARGS...`.
-    Exec {
-        #[arg(value_name = "BOX")]
-        box_id: String,
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
-        #[arg(long)]
-        json: bool,
-        #[arg(last = true, required = true)]
-        argv: Vec<String>,
-    },
+    /// Run a command in a box: `berth exec BOX -- CMD ARGS...`; exits with its exit code.
+    Exec(ExecArgs),
     /// Copy a file: `berth cp BOX:path local` or `berth cp local BOX:path`.
-    Cp { src: String, dst: String },
+    Cp {
+        /// `BOX:path` (path relative to /workspace) or a local file.
+        src: String,
+        /// `BOX:path` (path relative to /workspace) or a local file.
+        dst: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Delete boxes (`box-…`) or stop sessions (`ses-…`).
     Rm {
+        /// Box ids (`box-…`) and session ids (`ses-…`).
         #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
-    /// Start a session running a command agent and print its events.
+    /// Start a command agent in a box and print its events until its first result (`-f`:
+    /// until the session ends).
     Start(StartArgs),
     /// Print a session's events; `-f` follows until it ends.
     Logs {
+        /// Session id (`ses-…`).
         session: String,
+        /// Keep printing new events until the session ends.
         #[arg(short, long)]
         follow: bool,
+        /// One JSON event per line.
         #[arg(long)]
         json: bool,
+        /// Only events with a sequence number greater than this.
         #[arg(long, default_value_t = 0)]
         after: i64,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Talk to a session: each line you type is a message; events are printed as they come.
-    Chat { session: String },
-    /// Run a prompt in a new ephemeral box with the Claude agent.
+    Chat {
+        /// Session id (`ses-…`).
+        session: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a prompt with the Claude agent in a new ephemeral box; the box ends with the task.
     Run(RunArgs),
     /// API keys (admin).
     Keys {
@@ -79,23 +96,27 @@ enum Cmd {
     },
     /// Token and container cost, summed by session, box, tenant or model.
     Usage {
-        /// session | box | tenant | model
-        #[arg(long, default_value = "session")]
+        /// What each row sums.
+        #[arg(long, default_value = "session", value_parser = ["session", "box", "tenant", "model"])]
         by: String,
-        /// Window start (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        /// Window start, inclusive (RFC 3339, e.g. 2026-11-01T00:00:00Z).
         #[arg(long)]
         from: Option<String>,
-        /// Window end (RFC 3339, exclusive).
+        /// Window end, exclusive (RFC 3339).
         #[arg(long)]
         to: Option<String>,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Run the Messages API stand-in (offline model for demos and tests).
     MockModel {
+        /// Address to listen on (host:port).
         #[arg(long, default_value = "127.0.0.1:7701")]
         listen: String,
-        /// Scenario file (JSON); default: the built-in demo.
+        /// Scenario file (JSON) [default: the built-in demo].
         #[arg(long)]
         scenario: Option<String>,
         /// Pause between streamed chunks, in milliseconds.
@@ -111,20 +132,22 @@ enum Cmd {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Listen address (default 127.0.0.1:7700; $BERTH_LISTEN).
+    /// Listen address, host:port [default: 127.0.0.1:7700; $BERTH_LISTEN]
     #[arg(long)]
     listen: Option<String>,
-    /// Data directory ($BERTH_DATA_DIR).
+    /// Data directory: store, admin key, box disks [default: $BERTH_DATA_DIR, else
+    /// ~/.local/share/berth]
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// TOML config file ($BERTH_CONFIG).
     #[arg(long, env = "BERTH_CONFIG")]
     config: Option<PathBuf>,
-    /// Model API the gateway forwards to ($BERTH_UPSTREAM_URL).
+    /// Model API URL the gateway forwards to [default: https://api.anthropic.com;
+    /// $BERTH_UPSTREAM_URL]
     #[arg(long)]
     upstream_url: Option<String>,
-    /// Log format: text or json ($BERTH_LOG_FORMAT).
-    #[arg(long)]
+    /// Log format [default: text; $BERTH_LOG_FORMAT]
+    #[arg(long, value_parser = ["text", "json"])]
     log_format: Option<String>,
     /// Also run the built-in mock model on loopback and use it as the upstream: agents work
     /// offline, no API key needed.
@@ -133,75 +156,160 @@ struct ServeArgs {
 }
 
 #[derive(Args, Clone)]
-struct CreateArgs {
-    #[arg(long, default_value = "persistent")]
-    lifecycle: String,
+struct LsArgs {
+    /// Also list ended boxes and sessions (stopped, destroyed, failed).
     #[arg(long)]
-    cpus: Option<f64>,
+    all: bool,
+    /// Only objects in this state (box: creating, running, parking, parked, restoring,
+    /// stopped, destroyed, failed; session: starting, running, idle, stopped, failed,
+    /// interrupted). Implies --all.
     #[arg(long)]
-    memory_mib: Option<u64>,
+    state: Option<String>,
+    /// Only boxes with this label (KEY=VALUE), and their sessions.
     #[arg(long)]
-    disk_mib: Option<u64>,
-    #[arg(long)]
-    pids: Option<u64>,
-    #[arg(long)]
-    idle_timeout: Option<u64>,
-    #[arg(long)]
-    max_lifetime: Option<u64>,
-    /// KEY=VALUE environment for every process in the box.
-    #[arg(long = "env")]
-    env: Vec<String>,
+    label: Option<String>,
+    /// Print {"boxes": [...], "sessions": [...]} as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Args, Clone)]
+struct CreateArgs {
+    /// What happens when the box is idle or its session ends: ephemeral (destroyed with its
+    /// session), persistent (stops after the idle timeout), hybrid (parked to the snapshot
+    /// store when idle, restored on next use).
+    #[arg(long, default_value = "persistent", value_parser = ["ephemeral", "persistent", "hybrid"])]
+    lifecycle: String,
+    /// CPU limit, in CPUs (fractions allowed) [default: 1]
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory limit, in MiB [default: 1024]
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Disk quota for /workspace, /home/agent and /tmp, in MiB [default: 5120]
+    #[arg(long)]
+    disk_mib: Option<u64>,
+    /// Most processes at once [default: 512]
+    #[arg(long)]
+    pids: Option<u64>,
+    /// Seconds without activity before the box stops (hybrid: parks) [default: the server's,
+    /// 900]
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Seconds after which the box stops, busy or not [default: none]
+    #[arg(long)]
+    max_lifetime: Option<u64>,
+    /// KEY=VALUE environment for every process in the box (repeatable).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// KEY=VALUE label (repeatable); `berth ls --label` filters on it.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Print the box as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Box id (`box-…`).
+    #[arg(value_name = "BOX")]
+    box_id: String,
+    /// Seconds before the command is killed.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Print {exit_code, signal, timed_out, oom_killed, stdout, stderr} as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Args)]
 struct StartArgs {
-    /// Existing box to run in (default: a new ephemeral box).
+    /// Existing box to run in (`box-…`) [default: a new ephemeral box]
     #[arg(long = "box")]
     box_id: Option<String>,
-    /// First message for the agent.
+    /// First message for the agent (a line on its stdin).
     #[arg(long)]
     prompt: Option<String>,
-    /// Return at once instead of following the events.
+    /// Print the session id and return at once.
     #[arg(long)]
     detach: bool,
+    /// Follow the events until the session ends, not only until its first result.
+    #[arg(short, long)]
+    follow: bool,
+    /// Print the session (--detach) or its events as JSON.
     #[arg(long)]
     json: bool,
+    /// The program and its arguments, after `--`.
     #[arg(last = true, required = true)]
     argv: Vec<String>,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Directory copied into the box's workspace first.
+    /// Local directory copied into the box's /workspace first.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Directory the workspace is copied out to when the agent is done.
+    /// Local directory the box's /workspace is copied out to when the agent is done.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Model id [default: the agent's default]
     #[arg(long)]
     model: Option<String>,
+    /// Most agent turns before it stops.
     #[arg(long)]
     max_turns: Option<u32>,
+    /// Print each event and then {session, result, usage} as JSON lines.
     #[arg(long)]
     json: bool,
+    /// The task for the agent.
     prompt: String,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Subcommand)]
 enum KeysCmd {
-    /// Create a key for a tenant.
+    /// Create a key for a tenant; prints its id and its secret (shown only this once).
     Create {
+        /// Tenant the key belongs to (created on first use).
         #[arg(long)]
         tenant: String,
+        /// An admin key: sees every tenant and manages keys.
         #[arg(long)]
         admin: bool,
+        /// Print the key object (id, tenant, key, …) as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
     },
-    /// List keys.
-    Ls,
+    /// List keys (never their secrets).
+    Ls {
+        /// Print the keys as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Revoke a key.
-    Rm { id: String },
+    Rm {
+        /// Key id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 fn main() {
@@ -227,7 +335,7 @@ fn main() {
 }
 
 async fn real_main(cli: Cli) -> Result<()> {
-    let client = || Client::from_env(cli.url.clone(), cli.token.clone());
+    let client = |c: &Conn| Client::from_env(c.url.clone(), c.token.clone());
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
         Cmd::BoxInit => unreachable_box_init(),
@@ -260,9 +368,9 @@ async fn real_main(cli: Cli) -> Result<()> {
             println!("{}", berth_server::api::openapi_json());
             Ok(())
         }
-        Cmd::Ls { json } => ls(&client()?, json).await,
+        Cmd::Ls(a) => ls(&client(&a.conn)?, &a).await,
         Cmd::Create(a) => {
-            let b: BoxObject = client()?.post("/v1/boxes", &box_spec(&a)?).await?;
+            let b: BoxObject = client(&a.conn)?.post("/v1/boxes", &box_spec(&a)?).await?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&b)?);
             } else {
@@ -270,21 +378,16 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Exec {
-            box_id,
-            timeout,
-            json,
-            argv,
-        } => {
+        Cmd::Exec(a) => {
             let req = ExecRequest {
-                argv,
-                timeout_s: Some(timeout),
+                argv: a.argv,
+                timeout_s: Some(a.timeout),
                 ..Default::default()
             };
-            let r: ExecResponse = client()?
-                .post(&format!("/v1/boxes/{box_id}/exec"), &req)
+            let r: ExecResponse = client(&a.conn)?
+                .post(&format!("/v1/boxes/{}/exec", a.box_id), &req)
                 .await?;
-            if json {
+            if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", r.stdout);
@@ -296,9 +399,9 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Cp { src, dst } => cp(&client()?, &src, &dst).await,
-        Cmd::Rm { ids } => {
-            let c = client()?;
+        Cmd::Cp { src, dst, conn } => cp(&client(&conn)?, &src, &dst).await,
+        Cmd::Rm { ids, conn } => {
+            let c = client(&conn)?;
             for id in ids {
                 if id.starts_with("ses-") {
                     let s: SessionObject = c.delete(&format!("/v1/sessions/{id}")).await?;
@@ -310,17 +413,24 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Start(a) => start(&client()?, a).await,
+        Cmd::Start(a) => start(&client(&a.conn)?, a).await,
         Cmd::Logs {
             session,
             follow,
             json,
             after,
-        } => logs(&client()?, &session, follow, json, after).await,
-        Cmd::Chat { session } => chat(&client()?, &session).await,
-        Cmd::Run(a) => run(&client()?, a).await,
-        Cmd::Keys { cmd } => keys(&client()?, cmd).await,
-        Cmd::Usage { by, from, to, json } => usage(&client()?, &by, from, to, json).await,
+            conn,
+        } => logs(&client(&conn)?, &session, follow, json, after).await,
+        Cmd::Chat { session, conn } => chat(&client(&conn)?, &session).await,
+        Cmd::Run(a) => run(&client(&a.conn)?, a).await,
+        Cmd::Keys { cmd } => keys(cmd, client).await,
+        Cmd::Usage {
+            by,
+            from,
+            to,
+            json,
+            conn,
+        } => usage(&client(&conn)?, &by, from, to, json).await,
     }
 }
 
@@ -444,6 +554,17 @@ mod otel {
     }
 }
 
+fn key_values(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    for kv in items {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--{flag} {kv}: expected KEY=VALUE"))?;
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
 fn box_spec(a: &CreateArgs) -> Result<BoxSpec> {
     let lifecycle = match a.lifecycle.as_str() {
         "ephemeral" => Lifecycle::Ephemeral,
@@ -464,30 +585,61 @@ fn box_spec(a: &CreateArgs) -> Result<BoxSpec> {
     if let Some(v) = a.pids {
         r.pids = v;
     }
-    let mut env = BTreeMap::new();
-    for kv in &a.env {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
-        env.insert(k.to_string(), v.to_string());
-    }
     Ok(BoxSpec {
-        lifecycle,
+        lifecycle: Some(lifecycle),
         resources: r,
-        env,
-        idle_timeout_s: a.idle_timeout,
+        env: key_values("env", &a.env)?,
+        labels: key_values("label", &a.labels)?,
+        // Unset: the server's default for the lifecycle.
+        idle_timeout_s: a.idle_timeout.map(Some),
         max_lifetime_s: a.max_lifetime,
         ..Default::default()
     })
 }
 
-async fn ls(c: &Client, json: bool) -> Result<()> {
+async fn ls(c: &Client, a: &LsArgs) -> Result<()> {
     let boxes: List<BoxObject> = c.get("/v1/boxes").await?;
     let sessions: List<SessionObject> = c.get("/v1/sessions").await?;
-    if json {
+    if let Some(st) = &a.state {
+        if BoxState::parse(st).is_none() && SessionState::parse(st).is_none() {
+            bail!("--state {st:?}: not a box state (creating, running, parking, parked, restoring, stopped, destroyed, failed) or session state (starting, running, idle, stopped, failed, interrupted)");
+        }
+    }
+    let label = match &a.label {
+        Some(l) => Some(
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--label {l}: expected KEY=VALUE"))?,
+        ),
+        None => None,
+    };
+    let boxes: Vec<BoxObject> = boxes
+        .items
+        .into_iter()
+        .filter(|b| match &a.state {
+            Some(st) => b.state.as_str() == st,
+            None => a.all || !b.state.is_terminal(),
+        })
+        .filter(|b| {
+            label
+                .as_ref()
+                .is_none_or(|(k, v)| b.labels.get(k) == Some(v))
+        })
+        .collect();
+    let sessions: Vec<SessionObject> = sessions
+        .items
+        .into_iter()
+        .filter(|s| match &a.state {
+            Some(st) => s.state.as_str() == st,
+            None => a.all || !s.state.is_terminal(),
+        })
+        // A label selects boxes; their sessions come with them.
+        .filter(|s| label.is_none() || boxes.iter().any(|b| b.id == s.box_id))
+        .collect();
+    if a.json {
         println!(
             "{}",
-            serde_json::json!({"boxes": boxes.items, "sessions": sessions.items})
+            serde_json::json!({"boxes": boxes, "sessions": sessions})
         );
         return Ok(());
     }
@@ -504,7 +656,7 @@ async fn ls(c: &Client, json: bool) -> Result<()> {
         "PIDS",
         "DISK_USED"
     );
-    for b in &boxes.items {
+    for b in &boxes {
         // Live figures from the box's cgroup and quota, for running boxes.
         let stats: Option<BoxStats> = if b.state == BoxState::Running {
             c.get(&format!("/v1/boxes/{}/stats", b.id)).await.ok()
@@ -540,7 +692,7 @@ async fn ls(c: &Client, json: bool) -> Result<()> {
         "{:<22} {:<22} {:<12} {:>6}  CREATED",
         "SESSION", "BOX", "STATE", "EVENTS"
     );
-    for s in &sessions.items {
+    for s in &sessions {
         println!(
             "{:<22} {:<22} {:<12} {:>6}  {}",
             s.id,
@@ -549,6 +701,9 @@ async fn ls(c: &Client, json: bool) -> Result<()> {
             s.last_seq,
             s.created_at
         );
+    }
+    if !a.all && a.state.is_none() {
+        eprintln!("(live objects only; --all lists ended ones too)");
     }
     Ok(())
 }
@@ -589,7 +744,7 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
         box_ref: match a.box_id {
             Some(id) => BoxRef::Id(id),
             None => BoxRef::Spec(Box::new(BoxSpec {
-                lifecycle: Lifecycle::Ephemeral,
+                lifecycle: Some(Lifecycle::Ephemeral),
                 ..Default::default()
             })),
         },
@@ -599,6 +754,7 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
         }),
         workdir: None,
         prompt: a.prompt,
+        keep_open: false,
     };
     let s: SessionObject = c.post("/v1/sessions", &spec).await?;
     if a.detach {
@@ -610,7 +766,50 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
         return Ok(());
     }
     eprintln!("session {} in box {}", s.id, s.box_id);
-    logs(c, &s.id, true, a.json, 0).await
+    if a.follow {
+        return logs(c, &s.id, true, a.json, 0).await;
+    }
+    // Until the agent's first result and the status it leads to (idle, stopped, failed), or
+    // the session's end.
+    let mut r = render::Renderer::new(a.json, true);
+    let mut ended = false;
+    let mut result = false;
+    let mut failed = None;
+    c.follow(&s.id, 0, |e| {
+        r.event(&e);
+        if e.kind == "result" {
+            result = true;
+        }
+        if e.kind == "status" {
+            let st = e.data["state"].as_str().and_then(SessionState::parse);
+            ended = st.is_some_and(|st| st.is_terminal());
+            if st == Some(SessionState::Failed) {
+                failed = Some(e.data["reason"].as_str().unwrap_or("").to_string());
+            }
+            if ended || (result && st.is_some()) {
+                return false;
+            }
+        }
+        true
+    })
+    .await?;
+    r.finish();
+    if let Some(why) = failed {
+        bail!("session {} failed: {why}", s.id);
+    }
+    if !ended && !a.json {
+        let now: SessionObject = c.get(&format!("/v1/sessions/{}", s.id)).await?;
+        if !now.state.is_terminal() {
+            eprintln!(
+                "session {} is {}: `berth logs {} -f` to follow, `berth rm {}` to end it",
+                s.id,
+                now.state.as_str(),
+                s.id,
+                s.id
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn logs(c: &Client, session: &str, follow: bool, json: bool, after: i64) -> Result<()> {
@@ -710,78 +909,98 @@ fn live_cost(c: Client, id: String) -> tokio::task::JoinHandle<()> {
 }
 
 async fn run(c: &Client, a: RunArgs) -> Result<()> {
-    let spec = SessionSpec {
-        box_ref: BoxRef::Spec(Box::new(BoxSpec {
-            lifecycle: Lifecycle::Ephemeral,
-            ..Default::default()
-        })),
-        agent: AgentSpec::Claude(ClaudeAgent {
-            model: a.model,
-            max_turns: a.max_turns,
-            ..Default::default()
-        }),
-        workdir: None,
-        prompt: None,
-    };
-    let s: SessionObject = c.post("/v1/sessions", &spec).await?;
-    let result = async {
-        if let Some(dir) = &a.dir {
-            upload_dir(c, &s.box_id, dir).await?;
-        }
-        let _: Accepted = c
-            .post(
-                &format!("/v1/sessions/{}/messages", s.id),
-                &MessageRequest {
-                    content: serde_json::Value::String(a.prompt.clone()),
-                },
-            )
-            .await?;
-        let cost = (!a.json).then(|| live_cost(c.clone(), s.id.clone()));
-        let mut r = render::Renderer::new(a.json, true);
-        let mut result: Option<serde_json::Value> = None;
-        let mut failed: Option<String> = None;
-        c.follow(&s.id, 0, |e| {
-            r.event(&e);
-            match e.kind.as_str() {
-                "result" => {
-                    result = Some(e.data.clone());
-                    false
-                }
-                "status"
-                    if matches!(e.data["state"].as_str(), Some("failed") | Some("stopped")) =>
-                {
-                    failed = Some(
-                        e.data["reason"]
-                            .as_str()
-                            .unwrap_or("the agent ended")
-                            .to_string(),
-                    );
-                    false
-                }
-                _ => true,
-            }
-        })
+    // The box first, so that `--dir` is in it before the agent starts; ephemeral, so that it
+    // ends with the session (at the agent's first result), leaving its workspace as an
+    // artifact when `--out` asks for it.
+    let b: BoxObject = c
+        .post(
+            "/v1/boxes",
+            &BoxSpec {
+                lifecycle: Some(Lifecycle::Ephemeral),
+                keep_workspace: a.out.is_some(),
+                ..Default::default()
+            },
+        )
         .await?;
-        r.finish();
-        if let Some(cost) = cost {
-            cost.abort();
+    let started = async {
+        if let Some(dir) = &a.dir {
+            let (files, bytes) = upload_dir(c, &b.id, dir).await?;
+            if !a.json {
+                eprintln!(
+                    "copied {files} files ({bytes} bytes) from {} into /workspace",
+                    dir.display()
+                );
+            }
         }
-        if let Some(out) = &a.out {
-            download_dir(c, &s.box_id, "", out).await?;
-        }
-        let usage: SessionUsage = c.get(&format!("/v1/sessions/{}/usage", s.id)).await?;
-        Ok::<_, anyhow::Error>((result, failed, usage))
+        let spec = SessionSpec {
+            box_ref: BoxRef::Id(b.id.clone()),
+            agent: AgentSpec::Claude(ClaudeAgent {
+                model: a.model.clone(),
+                max_turns: a.max_turns,
+                ..Default::default()
+            }),
+            workdir: None,
+            prompt: Some(a.prompt.clone()),
+            keep_open: false,
+        };
+        c.post::<_, SessionObject>("/v1/sessions", &spec).await
     }
     .await;
-    // The box is ephemeral: ending the session removes it.
-    let _ = c
-        .delete::<SessionObject>(&format!("/v1/sessions/{}", s.id))
+    let s = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = c.delete::<BoxObject>(&format!("/v1/boxes/{}", b.id)).await;
+            return Err(e);
+        }
+    };
+    let cost = (!a.json).then(|| live_cost(c.clone(), s.id.clone()));
+    let mut r = render::Renderer::new(a.json, true);
+    let mut result: Option<serde_json::Value> = None;
+    let mut ended: Option<(String, String)> = None;
+    let followed = c
+        .follow(&s.id, 0, |e| {
+            r.event(&e);
+            if e.kind == "result" && result.is_none() {
+                result = Some(e.data.clone());
+            }
+            if e.kind == "status" {
+                let st = e.data["state"].as_str().unwrap_or("");
+                if matches!(st, "stopped" | "failed") {
+                    ended = Some((
+                        st.to_string(),
+                        e.data["reason"].as_str().unwrap_or("").to_string(),
+                    ));
+                    return false;
+                }
+            }
+            true
+        })
         .await;
-    let (result, failed, usage) = result?;
+    r.finish();
+    if let Some(cost) = cost {
+        cost.abort();
+    }
+    if followed.is_err() || ended.is_none() {
+        // Interrupted: do not leave the session (and its box) running.
+        let _ = c
+            .delete::<SessionObject>(&format!("/v1/sessions/{}", s.id))
+            .await;
+        followed?;
+    }
+    if let Some(out) = &a.out {
+        let (files, bytes) = fetch_artifact(c, &b.id, out).await?;
+        if !a.json {
+            eprintln!(
+                "copied {files} files ({bytes} bytes) from /workspace to {}",
+                out.display()
+            );
+        }
+    }
+    let usage: SessionUsage = c.get(&format!("/v1/sessions/{}/usage", s.id)).await?;
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"session": s.id, "result": result, "usage": usage})
+            serde_json::json!({"session": s.id, "box": b.id, "result": result, "usage": usage})
         );
     } else {
         if let Some(r) = &result {
@@ -799,47 +1018,85 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
             );
         }
     }
-    if let Some(f) = failed {
-        bail!("the agent failed: {f}");
+    match (&ended, &result) {
+        (Some((st, reason)), _) if st == "failed" => bail!("the agent failed: {reason}"),
+        (_, Some(r)) if r["is_error"] == true => {
+            bail!("the agent stopped with {}", r["subtype"])
+        }
+        (_, None) => bail!(
+            "the agent ended without a result: {}",
+            ended.map(|(_, r)| r).unwrap_or_default()
+        ),
+        _ => {
+            if !a.json {
+                eprintln!("done");
+            }
+            Ok(())
+        }
     }
-    if result.as_ref().is_some_and(|r| r["is_error"] == true) {
-        bail!(
-            "the agent stopped with {}",
-            result
-                .as_ref()
-                .map(|r| r["subtype"].to_string())
-                .unwrap_or_default()
-        );
-    }
-    Ok(())
 }
 
-/// Copy the box's workspace (from `rel`) into `dest`.
-async fn download_dir(c: &Client, box_id: &str, rel: &str, dest: &std::path::Path) -> Result<()> {
-    let listing: DirListing = c.get(&format!("/v1/boxes/{box_id}/files/{rel}")).await?;
-    std::fs::create_dir_all(dest)?;
-    for e in listing.entries {
-        let sub = if rel.is_empty() {
-            e.name.clone()
-        } else {
-            format!("{rel}/{}", e.name)
+/// Unpack the workspace archive an ended `keep_workspace` box left into `dest`; returns the
+/// files and bytes written. Only plain files and directories inside `dest` are written.
+async fn fetch_artifact(c: &Client, box_id: &str, dest: &std::path::Path) -> Result<(u64, u64)> {
+    // The box is destroyed (and its archive stored) just after the session ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let b: BoxObject = c.get(&format!("/v1/boxes/{box_id}")).await?;
+        if b.artifact.is_some() {
+            break;
+        }
+        if b.state.is_terminal() {
+            bail!(
+                "box {box_id} ended without a workspace archive ({}); `berth ls --all` and GET /v1/boxes/{box_id}/events say why",
+                b.state_reason.unwrap_or_default()
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("box {box_id} did not end within 120 s; its workspace was not copied");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (tar, _) = c.get_bytes(&format!("/v1/boxes/{box_id}/artifact")).await?;
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut archive = tar::Archive::new(&tar[..]);
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        // Entries are `workspace/…`; anything else, or anything leaving it, is skipped.
+        let Ok(rel) = path.strip_prefix("workspace") else {
+            continue;
         };
-        match e.kind.as_str() {
-            "dir" => Box::pin(download_dir(c, box_id, &sub, &dest.join(&e.name))).await?,
-            "file" => {
-                let (bytes, _) = c
-                    .get_bytes(&format!("/v1/boxes/{box_id}/files/{sub}"))
-                    .await?;
-                std::fs::write(dest.join(&e.name), bytes)?;
+        if rel.as_os_str().is_empty()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            continue;
+        }
+        let target = dest.join(rel);
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => std::fs::create_dir_all(&target)?,
+            tar::EntryType::Regular => {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let mut f = std::fs::File::create(&target)
+                    .with_context(|| format!("writing {}", target.display()))?;
+                bytes += std::io::copy(&mut entry, &mut f)?;
+                files += 1;
             }
             _ => {}
         }
     }
-    Ok(())
+    Ok((files, bytes))
 }
 
-async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<()> {
+/// Copy `dir` into the box's workspace; returns the files and bytes copied.
+async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<(u64, u64)> {
     let mut stack = vec![dir.to_path_buf()];
+    let (mut files, mut bytes) = (0u64, 0u64);
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let e = e?;
@@ -849,15 +1106,15 @@ async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<(
                 stack.push(p);
             } else if ft.is_file() {
                 let rel = p.strip_prefix(dir)?.to_string_lossy().into_owned();
-                c.put_bytes(
-                    &format!("/v1/boxes/{box_id}/files/{rel}"),
-                    std::fs::read(&p)?,
-                )
-                .await?;
+                let data = std::fs::read(&p)?;
+                bytes += data.len() as u64;
+                files += 1;
+                c.put_bytes(&format!("/v1/boxes/{box_id}/files/{rel}"), data)
+                    .await?;
             }
         }
     }
-    Ok(())
+    Ok((files, bytes))
 }
 
 /// The usage report as a table: tokens and model cost metered by the gateway, container time.
@@ -910,6 +1167,19 @@ async fn usage(
     for g in &r.groups {
         row(&g.key, &g.usage);
     }
+    // By session or model, box time belongs to no row (a box serves several sessions and
+    // models): show it as a row of its own, so that the rows add up to the total.
+    let hours: f64 = r.groups.iter().map(|g| g.usage.container_hours).sum();
+    let usd: f64 = r.groups.iter().map(|g| g.usage.container_usd).sum();
+    if r.total.container_hours - hours > 1e-9 || r.total.container_usd - usd > 1e-9 {
+        let box_time = UsageTotals {
+            container_hours: r.total.container_hours - hours,
+            container_usd: r.total.container_usd - usd,
+            total_usd: r.total.container_usd - usd,
+            ..Default::default()
+        };
+        row("(box time)", &box_time);
+    }
     row("TOTAL", &r.total);
     Ok(())
 }
@@ -925,27 +1195,55 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-async fn keys(c: &Client, cmd: KeysCmd) -> Result<()> {
+async fn keys(cmd: KeysCmd, client: impl Fn(&Conn) -> Result<Client>) -> Result<()> {
     match cmd {
-        KeysCmd::Create { tenant, admin } => {
-            let k: KeyObject = c.post("/v1/keys", &KeyCreate { tenant, admin }).await?;
-            println!("{}", k.key.unwrap_or_default());
+        KeysCmd::Create {
+            tenant,
+            admin,
+            json,
+            conn,
+        } => {
+            let k: KeyObject = client(&conn)?
+                .post("/v1/keys", &KeyCreate { tenant, admin })
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&k)?);
+            } else {
+                println!("id:     {}", k.id);
+                println!(
+                    "tenant: {}{}",
+                    k.tenant,
+                    if k.admin { " (admin)" } else { "" }
+                );
+                println!("key:    {}", k.key.as_deref().unwrap_or(""));
+                eprintln!(
+                    "The key is shown only this once: store it now (use it as BERTH_TOKEN). `berth keys rm {}` revokes it.",
+                    k.id
+                );
+            }
         }
-        KeysCmd::Ls => {
-            let l: List<KeyObject> = c.get("/v1/keys").await?;
+        KeysCmd::Ls { json, conn } => {
+            let l: List<KeyObject> = client(&conn)?.get("/v1/keys").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l.items)?);
+                return Ok(());
+            }
+            println!("{:<22} {:<16} {:<6} CREATED", "ID", "TENANT", "ADMIN");
             for k in l.items {
                 println!(
                     "{:<22} {:<16} {:<6} {}",
                     k.id,
                     k.tenant,
-                    if k.admin { "admin" } else { "" },
+                    if k.admin { "yes" } else { "no" },
                     k.created_at
                 );
             }
         }
-        KeysCmd::Rm { id } => {
+        KeysCmd::Rm { id, conn } => {
+            let c = client(&conn)?;
             c.send(c.request(reqwest::Method::DELETE, &format!("/v1/keys/{id}")))
                 .await?;
+            println!("{id} revoked");
         }
     }
     Ok(())

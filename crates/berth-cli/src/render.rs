@@ -85,6 +85,14 @@ impl Renderer {
                     self.line(&format!("[{}: {r}]", text("state")));
                 }
             }
+            // A command agent's result is its exit; Claude's is the end of a turn.
+            "result" if e.data.get("subtype").is_none() => {
+                match (e.data["exit_code"].as_i64(), e.data["signal"].as_i64()) {
+                    (Some(c), _) => self.line(&format!("[exited with code {c}]")),
+                    (None, Some(sig)) => self.line(&format!("[killed by signal {sig}]")),
+                    (None, None) => self.line("[ended]"),
+                }
+            }
             "result" => self.line(&format!(
                 "[result: {}, {} turns, ${:.4} reported]",
                 text("subtype"),

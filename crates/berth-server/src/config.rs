@@ -48,7 +48,61 @@ pub struct Config {
     pub docker: DockerSection,
     pub egress: EgressSection,
     pub cost: CostSection,
+    pub idle_timeout: IdleTimeoutSection,
 }
+
+// ---- default idle timeouts (a box whose spec does not say) ----
+
+/// Seconds without activity before a box whose spec has no `idle_timeout_s` stops (hybrid:
+/// parks), per lifecycle: nothing runs, and is billed, forever by accident. `0`: never.
+/// `BERTH_IDLE_TIMEOUT_S` sets all three.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdleTimeoutSection {
+    pub ephemeral_s: u64,
+    pub persistent_s: u64,
+    pub hybrid_s: u64,
+}
+
+impl Default for IdleTimeoutSection {
+    fn default() -> Self {
+        IdleTimeoutSection {
+            ephemeral_s: 900,
+            persistent_s: 900,
+            hybrid_s: 900,
+        }
+    }
+}
+
+impl IdleTimeoutSection {
+    /// The default for a lifecycle; `None` is "never".
+    pub fn for_lifecycle(&self, l: berth_api::Lifecycle) -> Option<u64> {
+        let s = match l {
+            berth_api::Lifecycle::Ephemeral => self.ephemeral_s,
+            berth_api::Lifecycle::Persistent => self.persistent_s,
+            berth_api::Lifecycle::Hybrid => self.hybrid_s,
+        };
+        (s > 0).then_some(s)
+    }
+
+    fn apply_env(&mut self) -> Result<(), ConfigError> {
+        if let Some(v) = std::env::var("BERTH_IDLE_TIMEOUT_S")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            let s: u64 = v
+                .parse()
+                .map_err(|e| ConfigError::Env("BERTH_IDLE_TIMEOUT_S", format!("{e}")))?;
+            *self = IdleTimeoutSection {
+                ephemeral_s: s,
+                persistent_s: s,
+                hybrid_s: s,
+            };
+        }
+        Ok(())
+    }
+}
+// ---- end default idle timeouts ----
 
 /// The Docker backend (boxes as containers of a local engine).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -169,6 +223,7 @@ impl Default for Config {
             docker: DockerSection::default(),
             egress: EgressSection::default(),
             cost: CostSection::default(),
+            idle_timeout: IdleTimeoutSection::default(),
         }
     }
 }
@@ -195,6 +250,7 @@ impl Config {
             None => Config::default(),
         };
         cfg.apply_env()?;
+        cfg.idle_timeout.apply_env()?;
         Ok(cfg)
     }
 

@@ -354,6 +354,7 @@ pub async fn run(
             max_boxes_per_tenant: cfg.max_boxes_per_tenant,
             max_exec_output: cfg.max_exec_output_bytes,
             hook_rate_per_minute: cfg.hook_rate_per_minute,
+            idle_timeout: cfg.idle_timeout.clone(),
             cost: engine::ledger::CostConfig {
                 box_hour_usd: cfg.cost.box_hour_usd,
                 scale_by_resources: match cfg.cost.box_hour_scale.as_str() {

@@ -92,6 +92,7 @@ pub async fn exec(
         )));
     }
     let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
+    let program = req.argv[0].clone();
     let spec = ExecSpec {
         argv: req.argv,
         cwd: req.cwd,
@@ -99,7 +100,12 @@ pub async fn exec(
         timeout: Some(Duration::from_secs(timeout)),
         ..Default::default()
     };
-    let handle = backend.exec(&id, spec).await?;
+    let handle = backend.exec(&id, spec).await.map_err(|e| match e {
+        berth_sandbox::SandboxError::Start(m) => {
+            ApiError::Invalid(crate::engine::start_failure(&program, &m))
+        }
+        other => other.into(),
+    })?;
     let out = handle
         .collect(
             req.stdin.map(String::into_bytes),
@@ -107,7 +113,9 @@ pub async fn exec(
         )
         .await
         .map_err(|e| match e {
-            berth_sandbox::SandboxError::Start(m) => ApiError::Invalid(format!("exec failed: {m}")),
+            berth_sandbox::SandboxError::Start(m) => {
+                ApiError::Invalid(crate::engine::start_failure(&program, &m))
+            }
             other => other.into(),
         })?;
     Ok(Json(ExecResponse {
@@ -359,13 +367,13 @@ pub struct BoxEventParams {
 
 /// The box's own event log: state changes and egress decisions (at most 1,000 per call).
 #[utoipa::path(get, path = "/v1/boxes/{id}/events", security(("bearer" = [])), params(("id" = String, Path), BoxEventParams),
-    responses((status = 200, body = List<Event>), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = List<BoxEvent>), (status = 404, body = ErrorBody)))]
 pub async fn box_events(
     State(st): State<AppState>,
     c: Caller,
     Path(id): Path<String>,
     Query(p): Query<BoxEventParams>,
-) -> Result<Json<List<Event>>, ApiError> {
+) -> Result<Json<List<BoxEvent>>, ApiError> {
     let after = p.after.unwrap_or(0);
     if after < 0 {
         return Err(ApiError::Invalid("after must be >= 0".into()));

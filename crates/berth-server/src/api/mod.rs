@@ -51,7 +51,7 @@ pub struct Query<T>(pub T);
         berth_api::NetworkSpec, berth_api::ExecRequest, berth_api::ExecResponse, berth_api::BoxStats,
         berth_api::DirListing, berth_api::DirEntry, berth_api::SessionSpec, berth_api::SessionObject,
         berth_api::SessionState, berth_api::AgentSpec, berth_api::ClaudeAgent, berth_api::CommandAgent,
-        berth_api::BoxRef, berth_api::Event, berth_api::SseFrame, berth_api::MessageRequest, berth_api::PermissionAnswer,
+        berth_api::BoxRef, berth_api::Event, berth_api::BoxEvent, berth_api::SseFrame, berth_api::MessageRequest, berth_api::PermissionAnswer,
         berth_api::Accepted, berth_api::WsClientMessage, berth_api::PermissionRule, berth_api::PermissionModeRequest, berth_api::KeyCreate, berth_api::KeyObject,
         berth_api::BackendInfo, berth_api::TenantObject, berth_api::TenantUpdate, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::UsageReport, berth_api::UsageGroup, berth_api::UsageTotals, berth_api::UsageGroupBy, berth_api::ErrorBody, berth_api::ErrorDetail,
         berth_api::TriggerSpec, berth_api::TriggerObject, berth_api::HookAccepted,

@@ -77,14 +77,14 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
             )));
         }
     }
-    if spec.shared && (spec.lifecycle == Lifecycle::Hybrid || spec.keep_workspace) {
+    if spec.shared && (spec.lifecycle == Some(Lifecycle::Hybrid) || spec.keep_workspace) {
         // Parking archives the box as its operator uid, which cannot read the sessions'
         // private directories.
         return Err(ApiError::Invalid(
             "a shared box can be neither hybrid nor keep_workspace (its archive could not read the sessions' directories)".into(),
         ));
     }
-    if spec.idle_timeout_s == Some(0) || spec.max_lifetime_s == Some(0) {
+    if spec.idle_timeout_s == Some(Some(0)) || spec.max_lifetime_s == Some(0) {
         return Err(ApiError::Invalid(
             "timeouts must be at least 1 second".into(),
         ));

@@ -43,6 +43,21 @@ pub struct EngineConfig {
     pub snapshots: berth_store::snapshots::SnapshotStore,
     /// Webhook calls a trigger accepts per minute.
     pub hook_rate_per_minute: u32,
+    /// Idle timeouts of boxes whose spec does not set one.
+    pub idle_timeout: crate::config::IdleTimeoutSection,
+}
+
+/// Why a program could not start in a box, naming the program (the backends report only the
+/// OS error, e.g. "No such file or directory", which does not say what was missing).
+pub(crate) fn start_failure(program: &str, message: &str) -> String {
+    let missing = message.contains("(os error 2)")
+        || message.contains("executable file not found")
+        || message.contains("no such file or directory");
+    if missing {
+        format!("program not found: {program}")
+    } else {
+        format!("cannot start {program}: {message}")
+    }
 }
 
 /// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
@@ -221,6 +236,13 @@ impl Engine {
             ));
         }
         let spec_secrets = spec.secrets.clone();
+        // An unsaid lifecycle here is a box of its own (`POST /v1/boxes`); a session's own box
+        // has its lifecycle filled in before (ephemeral). An unsaid idle timeout is the
+        // server's default for the lifecycle; `null` is "never".
+        let lifecycle = spec.lifecycle.unwrap_or(Lifecycle::Persistent);
+        let idle_timeout_s = spec
+            .idle_timeout_s
+            .unwrap_or_else(|| self.config.idle_timeout.for_lifecycle(lifecycle));
         let ts = now();
         let obj = BoxObject {
             id: new_id("box"),
@@ -228,12 +250,12 @@ impl Engine {
             state: BoxState::Creating,
             state_reason: None,
             backend: backend_name,
-            lifecycle: spec.lifecycle,
+            lifecycle,
             image,
             resources: spec.resources,
             network: spec.network,
             env: spec.env,
-            idle_timeout_s: spec.idle_timeout_s,
+            idle_timeout_s,
             max_lifetime_s: spec.max_lifetime_s,
             labels: spec.labels,
             secrets: spec
@@ -395,9 +417,23 @@ impl Engine {
         tenant: &str,
         id: &str,
         after: i64,
-    ) -> Result<Vec<Event>, ApiError> {
+    ) -> Result<Vec<BoxEvent>, ApiError> {
         self.get_box(tenant, id).await?;
-        Ok(self.store.box_events_after(id, after, 1000).await?)
+        // The store keeps box and session logs alike (its `session_id` is the box's id here);
+        // the API names the box.
+        Ok(self
+            .store
+            .box_events_after(id, after, 1000)
+            .await?
+            .into_iter()
+            .map(|e| BoxEvent {
+                seq: e.seq,
+                box_id: e.session_id,
+                ts: e.ts,
+                kind: e.kind,
+                data: e.data,
+            })
+            .collect())
     }
 
     /// The backend of a running box, after checking the tenant; records activity.
@@ -484,7 +520,7 @@ impl Engine {
         let session_id = new_id("ses");
         let token = berth_gateway::new_token();
         let claude_env = self.claude_env(&session_id, None, &token, None);
-        let mut driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env)
+        let driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         if let Some(p) = &spec.prompt {
             if p.is_empty() {
@@ -507,8 +543,64 @@ impl Engine {
                 }
                 b
             }
-            BoxRef::Spec(s) => self.create_box(tenant, (**s).clone()).await?,
+            BoxRef::Spec(s) => {
+                let mut s = (**s).clone();
+                // `"box": {}` is the same as no `box`: a box of the session's own, ephemeral.
+                s.lifecycle.get_or_insert(Lifecycle::Ephemeral);
+                let b = self.create_box(tenant, s).await?;
+                // A failure from here on must not leak the box made for this session.
+                return match self
+                    .start_session_in(
+                        tenant,
+                        spec,
+                        NewSession {
+                            box_obj: b.clone(),
+                            session_id,
+                            token,
+                            driver,
+                            workdir,
+                        },
+                    )
+                    .await
+                {
+                    Ok(obj) => Ok(obj),
+                    Err(e) => {
+                        if let Err(d) = self.delete_box(tenant, &b.id).await {
+                            tracing::warn!(box_id = %b.id, error = %d, "destroying the box of a session that failed to start");
+                        }
+                        Err(e)
+                    }
+                };
+            }
         };
+        self.start_session_in(
+            tenant,
+            spec,
+            NewSession {
+                box_obj,
+                session_id,
+                token,
+                driver,
+                workdir,
+            },
+        )
+        .await
+    }
+
+    /// The part of a session create after its box exists: the session's record and its agent.
+    async fn start_session_in(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: SessionSpec,
+        parts: NewSession,
+    ) -> Result<SessionObject, ApiError> {
+        let NewSession {
+            box_obj,
+            session_id,
+            token,
+            mut driver,
+            workdir,
+        } = parts;
         let box_handle = self
             .box_handle(&box_obj.id)
             .ok_or_else(|| ApiError::Conflict(format!("box {} is not running", box_obj.id)))?;
@@ -572,6 +664,7 @@ impl Engine {
             driver,
             obj,
             prompt: spec.prompt.clone(),
+            keep_open: spec.keep_open,
             token,
         })
         .await
@@ -897,6 +990,7 @@ impl Engine {
             driver,
             obj,
             prompt: None,
+            keep_open: true,
             token,
         })
         .await
@@ -1017,4 +1111,13 @@ impl Engine {
             }
         }
     }
+}
+
+/// What a session create has made before its box is known to be usable.
+struct NewSession {
+    box_obj: BoxObject,
+    session_id: String,
+    token: String,
+    driver: berth_agent::Driver,
+    workdir: String,
 }

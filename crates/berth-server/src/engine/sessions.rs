@@ -5,7 +5,9 @@
 //! (message, interrupt, permission answer, stop) and the agent's output. Output is turned into
 //! events by the session's driver, numbered (`seq` is per session, gapless), written to the
 //! store in one transaction per batch, and only then broadcast. When the agent ends, an
-//! ephemeral box is destroyed with it.
+//! ephemeral box is destroyed with it. A session started with a prompt in an ephemeral box
+//! ends at its first `result` (the task is done) unless the client keeps it open (`keep_open`,
+//! or a message sent before that result).
 
 use super::boxes::{BoxCmd, BoxHandle};
 use super::{sleep_until_opt, Engine};
@@ -66,6 +68,11 @@ struct SessionActor {
     events: broadcast::Sender<Arc<LiveEvent>>,
     rx: mpsc::Receiver<SessionCmd>,
     prompt: Option<String>,
+    /// End the session (and so its ephemeral box) at the agent's next `result`.
+    end_at_result: bool,
+    /// The agent's program (for errors), and whether its process has started.
+    program: String,
+    started: bool,
     /// The session's gateway token, revoked when the session ends.
     token: String,
     /// Agent-reported cost of the earlier runs of this session (before a resume): the agent
@@ -111,6 +118,8 @@ pub struct SessionStart {
     pub driver: Driver,
     pub obj: SessionObject,
     pub prompt: Option<String>,
+    /// See `SessionSpec::keep_open`.
+    pub keep_open: bool,
     /// The session's gateway token.
     pub token: String,
 }
@@ -130,6 +139,11 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         state: state_tx,
         events: events.clone(),
         rx,
+        program: String::new(),
+        started: false,
+        end_at_result: start.lifecycle == Lifecycle::Ephemeral
+            && start.prompt.is_some()
+            && !start.keep_open,
         prompt: start.prompt,
         token: start.token,
     };
@@ -168,10 +182,17 @@ impl SessionActor {
             {
                 self.obj.state = state;
                 self.obj.state_reason = update.state_reason.clone();
-                evs.push(AgentEvent {
+                let status = AgentEvent {
                     kind: "status".into(),
                     data: json!({"state": state.as_str(), "reason": update.state_reason}),
-                });
+                };
+                // Output that starts work (`running`) comes after the status it causes; output
+                // that ends it (a result, an exit) comes before its `idle`/`stopped`.
+                if state == SessionState::Running {
+                    evs.insert(0, status);
+                } else {
+                    evs.push(status);
+                }
                 dirty = true;
             }
         }
@@ -235,6 +256,7 @@ impl SessionActor {
 
     async fn run(mut self) {
         let launch = self.driver.launch();
+        self.program = launch.argv.first().cloned().unwrap_or_default();
         let mut spec = ExecSpec {
             argv: launch.argv,
             cwd: Some(launch.cwd),
@@ -257,14 +279,18 @@ impl SessionActor {
         let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
             Ok(h) => Some(h),
             Err(e) => {
+                let why = match &e {
+                    berth_sandbox::SandboxError::Start(m) => super::start_failure(&self.program, m),
+                    other => other.to_string(),
+                };
                 self.record(vec![AgentEvent {
                     kind: "error".into(),
-                    data: json!({"message": e.to_string()}),
+                    data: json!({"message": why}),
                 }])
                 .await;
                 self.set_state(
                     SessionState::Failed,
-                    Some(format!("agent failed to start: {e}")),
+                    Some(format!("agent failed to start: {why}")),
                 )
                 .await;
                 None
@@ -302,6 +328,11 @@ impl SessionActor {
                         let _ = h.input.send(ExecInput::Stdin(b.into())).await;
                     }
                     if ended {
+                        if self.obj.state.is_terminal() {
+                            // The task is done but the agent still runs (Claude waits for
+                            // more input): end it with the session.
+                            let _ = h.input.send(ExecInput::Signal(9)).await;
+                        }
                         exec = None;
                     }
                 }
@@ -369,7 +400,10 @@ impl SessionActor {
         let mut ended = false;
         for ev in evs {
             let o = match ev {
-                ExecEvent::Started { .. } => continue,
+                ExecEvent::Started { .. } => {
+                    self.started = true;
+                    continue;
+                }
                 ExecEvent::Stdout(b) => self.driver.on_stdout(&b),
                 ExecEvent::Stderr(b) => self.driver.on_stderr(&b),
                 ExecEvent::Exit(st) => {
@@ -384,6 +418,14 @@ impl SessionActor {
                 }
                 ExecEvent::Failed(m) => {
                     ended = true;
+                    let m = if self.started {
+                        m
+                    } else {
+                        format!(
+                            "agent failed to start: {}",
+                            super::start_failure(&self.program, &m)
+                        )
+                    };
                     let mut o = self.driver.on_exit(None, None);
                     o.events.push(AgentEvent {
                         kind: "error".into(),
@@ -410,6 +452,15 @@ impl SessionActor {
                 out.update.agent_cost_usd = o.update.agent_cost_usd;
             }
             out.stdin.extend(o.stdin);
+        }
+        if self.end_at_result && !ended && out.events.iter().any(|e| e.kind == "result") {
+            // The prompt's task is done and nobody asked to keep the session: it ends here.
+            ended = true;
+            out.update.state = Some(SessionState::Stopped);
+            out.update.state_reason = Some(match out.update.state_reason.take() {
+                Some(r) => format!("done ({r})"),
+                None => "done".into(),
+            });
         }
         let answers = std::mem::take(&mut out.stdin);
         self.apply(out).await;
@@ -443,6 +494,8 @@ impl SessionActor {
     async fn command(&mut self, cmd: SessionCmd, exec: &mut Option<ExecHandle>) -> bool {
         match cmd {
             SessionCmd::Message { content, reply } => {
+                // A client that talks to the agent before its first result keeps the session.
+                self.end_at_result = false;
                 let r = self.deliver(exec.as_ref(), content).await;
                 let _ = reply.send(r);
                 false

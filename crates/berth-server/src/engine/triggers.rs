@@ -204,6 +204,7 @@ impl Engine {
             agent: t.agent.clone(),
             workdir: t.workdir.clone(),
             prompt: Some(render(&t.prompt, payload)),
+            keep_open: false,
         };
         let r = self.create_session(&t.tenant, spec).await;
         // Re-read: the trigger may have fired concurrently (or been deleted meanwhile).
