@@ -106,7 +106,7 @@ pub async fn run(runs: usize, concurrent: usize) -> anyhow::Result<()> {
     let t = std::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..concurrent {
-        let s = api.post("/v1/sessions", json!({"box": {"resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": {"kind": "claude"}, "prompt": "make a file"})).await?;
+        let s = api.post("/v1/sessions", json!({"box": {"lifecycle": "persistent", "resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": {"kind": "claude"}, "prompt": "make a file"})).await?;
         let sid = s["id"].as_str().unwrap_or_default().to_string();
         let box_id = s["box_id"].as_str().unwrap_or_default().to_string();
         let http = api.http.clone();

@@ -1074,7 +1074,7 @@ async fn agents_in_a_shared_box_are_kept_apart_and_can_message_each_other() {
     let r = api
         .post(
             "/v1/sessions",
-            json!({"box": {"shared": true}, "agent": shell_agent(), "workdir": "/workspace"}),
+            json!({"box": {"lifecycle": "persistent", "shared": true}, "agent": shell_agent(), "workdir": "/workspace"}),
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.json);

@@ -70,8 +70,7 @@ async fn start_server(data: &std::path::Path, mock_url: &str, extra: &[(&str, &s
 }
 
 async fn session(api: &Api, agent: Value, prompt: Option<&str>) -> (String, String) {
-    let mut body =
-        json!({"box": {"resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": agent});
+    let mut body = json!({"box": {"lifecycle": "persistent", "resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": agent});
     if let Some(p) = prompt {
         body["prompt"] = json!(p);
     }
@@ -143,7 +142,7 @@ async fn agent_runs_in_an_engine_box(backend: &str, enable: &str) {
     let r = api
         .post(
             "/v1/sessions",
-            json!({"box": {"backend": backend, "resources": {"memory_mib": 1024}},
+            json!({"box": {"lifecycle": "persistent", "backend": backend, "resources": {"memory_mib": 1024}},
                    "agent": {"kind": "claude"}, "prompt": "please make a file"}),
         )
         .await;
