@@ -20,7 +20,20 @@ fn committed_openapi_is_fresh() {
         "/v1/sessions/{id}/events",
         "/v1/keys",
         "/readyz",
+        "/v1/boxes/{id}/ports/{port}/{path}",
+        "/v1/boxes/{id}/ports/{port}",
     ] {
         assert!(v["paths"].get(p).is_some(), "{p} missing from the document");
+    }
+    // Creates link to what takes their ids (schemathesis' stateful phase follows them).
+    for (path, target) in [
+        ("/v1/sessions", "post_message"),
+        ("/v1/sessions", "box_get_file"),
+        ("/v1/boxes", "artifact"),
+        ("/v1/boxes", "port_get"),
+        ("/v1/triggers", "hook"),
+    ] {
+        let links = &v["paths"][path]["post"]["responses"]["201"]["links"];
+        assert!(links.get(target).is_some(), "{path} has no link {target}");
     }
 }

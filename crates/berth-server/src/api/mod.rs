@@ -2,6 +2,7 @@
 //! the caller, call the engine, and map errors to JSON.
 
 pub mod boxes;
+mod doc_links;
 pub mod keys;
 pub mod sessions;
 pub mod system;
@@ -74,9 +75,9 @@ impl utoipa::Modify for SecurityAddon {
 }
 
 pub fn openapi_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .unwrap_or_else(|_| "{}".into())
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    doc_links::augment(&mut doc);
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
 }
 
 pub fn router(state: AppState, max_body: usize) -> Router {
