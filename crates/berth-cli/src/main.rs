@@ -58,6 +58,9 @@ enum Cmd {
         /// Box ids (`box-…`) and session ids (`ses-…`).
         #[arg(required = true)]
         ids: Vec<String>,
+        /// Print the ended objects as a JSON array.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -400,16 +403,27 @@ async fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Cp { src, dst, conn } => cp(&client(&conn)?, &src, &dst).await,
-        Cmd::Rm { ids, conn } => {
+        Cmd::Rm { ids, json, conn } => {
             let c = client(&conn)?;
+            let mut ended = Vec::new();
             for id in ids {
-                if id.starts_with("ses-") {
+                let (v, line) = if id.starts_with("ses-") {
                     let s: SessionObject = c.delete(&format!("/v1/sessions/{id}")).await?;
-                    println!("{} {}", s.id, s.state.as_str());
+                    let line = format!("{} {}", s.id, s.state.as_str());
+                    (serde_json::to_value(s)?, line)
                 } else {
                     let b: BoxObject = c.delete(&format!("/v1/boxes/{id}")).await?;
-                    println!("{} {}", b.id, b.state.as_str());
+                    let line = format!("{} {}", b.id, b.state.as_str());
+                    (serde_json::to_value(b)?, line)
+                };
+                if json {
+                    ended.push(v);
+                } else {
+                    println!("{line}");
                 }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ended)?);
             }
             Ok(())
         }

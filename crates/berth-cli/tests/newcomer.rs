@@ -190,6 +190,55 @@ async fn ephemeral_api_session_with_a_prompt_ends_and_leaves_no_box() {
 }
 
 #[tokio::test]
+async fn a_message_before_the_first_result_keeps_an_ephemeral_session_open() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (srv, mock) = claude_server(dir.path(), &[]).await;
+    let api = srv.client();
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"agent": {"kind": "claude"}, "prompt": "be slow please"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let sid = r.json["id"].as_str().expect("id").to_string();
+    let bx = r.json["box_id"].as_str().expect("box").to_string();
+    // Mid-turn (the model has the prompt), the client says more: it is a conversation now.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !mock
+        .recorded()
+        .iter()
+        .any(|r| r.body["messages"].to_string().contains("be slow please"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the model was never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = api
+        .post(
+            &format!("/v1/sessions/{sid}/messages"),
+            json!({"content": "make a file"}),
+        )
+        .await;
+    assert_eq!(m.status, 202, "{}", m.json);
+    api.until(&sid, "result", 2).await;
+    let s = api
+        .wait_for(&format!("/v1/sessions/{sid}"), 30, |s| s["state"] == "idle")
+        .await;
+    assert!(s["state_reason"].is_null(), "{s}");
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}")).await.json["state"],
+        "running"
+    );
+    // Ending the session ends its ephemeral box.
+    api.delete(&format!("/v1/sessions/{sid}")).await;
+    wait_box_state(&api, &bx, "destroyed").await;
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn berth_run_says_done_and_what_out_copied() {
     let dir = tempfile::tempdir().expect("tmp");
     let (srv, _mock) = claude_server(dir.path(), &[]).await;
@@ -546,7 +595,10 @@ async fn cli_output_json_headers_and_live_listing() {
     args.extend(small);
     let (gone, _) = ok(h, &srv, &args).await;
     let (a, gone) = (a.trim().to_string(), gone.trim().to_string());
-    ok(h, &srv, &["rm", &gone]).await;
+    let (o, _) = ok(h, &srv, &["rm", "--json", &gone]).await;
+    let removed: Value = serde_json::from_str(&o).expect("rm json");
+    assert_eq!(removed[0]["id"], gone.as_str(), "{removed}");
+    assert_eq!(removed[0]["state"], "destroyed", "{removed}");
     let ls = |extra: &'static [&'static str]| {
         let srv = &srv;
         async move {
