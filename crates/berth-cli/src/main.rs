@@ -142,7 +142,7 @@ struct ServeArgs {
     /// ~/.local/share/berth]
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// TOML config file ($BERTH_CONFIG).
+    /// TOML config file.
     #[arg(long, env = "BERTH_CONFIG")]
     config: Option<PathBuf>,
     /// Model API URL the gateway forwards to [default: https://api.anthropic.com;

@@ -636,6 +636,24 @@ async fn cli_output_json_headers_and_live_listing() {
     assert!(o.contains("hi"), "{o}");
     assert!(o.contains("[exited with code 0]"), "{o}");
     assert!(!o.contains("[result:"), "{o}");
+    // The README's example, as written there.
+    let (o, _) = ok(
+        h,
+        &srv,
+        &[
+            "start",
+            "--box",
+            &a,
+            "--prompt",
+            "hello",
+            "--",
+            "/bin/sh",
+            "-c",
+            "read l; echo \"got $l\"",
+        ],
+    )
+    .await;
+    assert!(o.contains("got hello"), "{o}");
     srv.stop().await;
 }
 
