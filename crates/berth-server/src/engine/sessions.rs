@@ -70,6 +70,8 @@ struct SessionActor {
     prompt: Option<String>,
     /// End the session (and so its ephemeral box) at the agent's next `result`.
     end_at_result: bool,
+    /// The session ended at a result while the agent process still runs.
+    done_at_result: bool,
     /// The agent's program (for errors), and whether its process has started.
     program: String,
     started: bool,
@@ -141,6 +143,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         rx,
         program: String::new(),
         started: false,
+        done_at_result: false,
         end_at_result: start.lifecycle == Lifecycle::Ephemeral
             && start.prompt.is_some()
             && !start.keep_open,
@@ -186,8 +189,9 @@ impl SessionActor {
                     kind: "status".into(),
                     data: json!({"state": state.as_str(), "reason": update.state_reason}),
                 };
-                // Output that starts work (`running`) comes after the status it causes; output
-                // that ends it (a result, an exit) comes before its `idle`/`stopped`.
+                // `running` is caused by the output in this batch, so it comes first; `idle`,
+                // `stopped` and `failed` follow the output that ended the work (a result, an
+                // exit).
                 if state == SessionState::Running {
                     evs.insert(0, status);
                 } else {
@@ -328,7 +332,7 @@ impl SessionActor {
                         let _ = h.input.send(ExecInput::Stdin(b.into())).await;
                     }
                     if ended {
-                        if self.obj.state.is_terminal() {
+                        if self.done_at_result {
                             // The task is done but the agent still runs (Claude waits for
                             // more input): end it with the session.
                             let _ = h.input.send(ExecInput::Signal(9)).await;
@@ -456,6 +460,7 @@ impl SessionActor {
         if self.end_at_result && !ended && out.events.iter().any(|e| e.kind == "result") {
             // The prompt's task is done and nobody asked to keep the session: it ends here.
             ended = true;
+            self.done_at_result = true;
             out.update.state = Some(SessionState::Stopped);
             out.update.state_reason = Some(match out.update.state_reason.take() {
                 Some(r) => format!("done ({r})"),
