@@ -971,25 +971,38 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
     let mut r = render::Renderer::new(a.json, true);
     let mut result: Option<serde_json::Value> = None;
     let mut ended: Option<(String, String)> = None;
-    let followed = c
-        .follow(&s.id, 0, |e| {
-            r.event(&e);
-            if e.kind == "result" && result.is_none() {
-                result = Some(e.data.clone());
+    // The server ends the session at its result; one that does not (a server from before
+    // that rule) is given a moment, then ended below.
+    let answered = std::sync::Arc::new(tokio::sync::Notify::new());
+    let grace = {
+        let answered = answered.clone();
+        async move {
+            answered.notified().await;
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
+    };
+    let follow = c.follow(&s.id, 0, |e| {
+        r.event(&e);
+        if e.kind == "result" && result.is_none() {
+            result = Some(e.data.clone());
+            answered.notify_one();
+        }
+        if e.kind == "status" {
+            let st = e.data["state"].as_str().unwrap_or("");
+            if matches!(st, "stopped" | "failed") {
+                ended = Some((
+                    st.to_string(),
+                    e.data["reason"].as_str().unwrap_or("").to_string(),
+                ));
+                return false;
             }
-            if e.kind == "status" {
-                let st = e.data["state"].as_str().unwrap_or("");
-                if matches!(st, "stopped" | "failed") {
-                    ended = Some((
-                        st.to_string(),
-                        e.data["reason"].as_str().unwrap_or("").to_string(),
-                    ));
-                    return false;
-                }
-            }
-            true
-        })
-        .await;
+        }
+        true
+    });
+    let followed = tokio::select! {
+        f = follow => f,
+        _ = grace => Ok(0),
+    };
     r.finish();
     if let Some(cost) = cost {
         cost.abort();
