@@ -223,11 +223,24 @@ async fn a_message_before_the_first_result_keeps_an_ephemeral_session_open() {
         )
         .await;
     assert_eq!(m.status, 202, "{}", m.json);
+    // The slow turn takes 30 s; then the second message is answered (it writes hello.txt).
+    // Polled, not streamed: the stream helper gives up after 30 s without an event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+        assert_ne!(s["state"], "stopped", "ended at its first result: {s}");
+        let file = api.get(&format!("/v1/boxes/{bx}/files/hello.txt")).await;
+        if s["state"] == "idle" && file.status == 200 {
+            assert!(s["state_reason"].is_null(), "{s}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second task not done: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     api.until(&sid, "result", 2).await;
-    let s = api
-        .wait_for(&format!("/v1/sessions/{sid}"), 30, |s| s["state"] == "idle")
-        .await;
-    assert!(s["state_reason"].is_null(), "{s}");
     assert_eq!(
         api.get(&format!("/v1/boxes/{bx}")).await.json["state"],
         "running"
