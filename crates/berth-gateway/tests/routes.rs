@@ -43,10 +43,15 @@ async fn upstream(redirect_to: Option<String>) -> (String, Seen) {
             if let Ok(mut v) = s.lock() {
                 v.push((req.method().to_string(), path, key));
             }
-            if req.headers().contains_key("x-test-redirect") {
+            let redirect = req
+                .headers()
+                .get("x-test-redirect")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u16>().ok());
+            if let Some(status) = redirect {
                 let to = redirect_to.unwrap_or_default();
                 return axum::response::Response::builder()
-                    .status(307)
+                    .status(status)
                     .header("location", format!("{to}/v1/messages"))
                     .body(axum::body::Body::empty())
                     .unwrap_or_default();
@@ -163,26 +168,31 @@ async fn an_upstream_redirect_is_not_followed_with_the_key() {
     let (elsewhere, elsewhere_seen) = upstream(None).await;
     let (up, seen) = upstream(Some(elsewhere)).await;
     let gw = gateway(up).await;
-    let r = reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .expect("client")
-        .post(format!("{gw}/v1/messages"))
-        .header("x-api-key", "tok")
-        .header("x-test-redirect", "1")
-        .body("{}")
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(
-        r.status().as_u16(),
-        307,
-        "the redirect is passed back as is"
-    );
-    assert_eq!(seen.lock().expect("seen").len(), 1);
+        .expect("client");
+    // 303 turns into a body-less GET a client would follow; 307 and 308 keep the method.
+    for status in [301u16, 302, 303, 307, 308] {
+        let r = client
+            .post(format!("{gw}/v1/messages"))
+            .header("x-api-key", "tok")
+            .header("x-test-redirect", status.to_string())
+            .body("{}")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            r.status().as_u16(),
+            status,
+            "the redirect is passed back as is"
+        );
+    }
+    assert_eq!(seen.lock().expect("seen").len(), 5);
     assert!(
         elsewhere_seen.lock().expect("seen").is_empty(),
-        "the gateway followed the redirect (with the real key)"
+        "the gateway followed a redirect (with the real key): {:?}",
+        elsewhere_seen.lock().expect("seen")
     );
 }
 
