@@ -79,6 +79,53 @@ async fn web() -> (u16, Seen) {
     (port, seen)
 }
 
+/// A raw TCP server for `raw.test`: answers the first request head with `served <path>`,
+/// half-closes, and records every byte the proxy sent on the connection (so a request the
+/// proxy passed on after the first one shows, whatever an HTTP server would do with it).
+async fn raw_web() -> (u16, Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let got: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let g = got.clone();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let mut buf = [0u8; 4096];
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+                let mut answered = false;
+                while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                    // Recorded as it arrives: the test reads it as soon as its client is done.
+                    if let Ok(mut v) = g.lock() {
+                        v.extend_from_slice(&buf[..n]);
+                    }
+                    if !answered && all.windows(4).any(|w| w == b"\r\n\r\n") {
+                        answered = true;
+                        let text = String::from_utf8_lossy(&all).into_owned();
+                        let path = text.split_whitespace().nth(1).unwrap_or("?").to_string();
+                        let body = format!("served {path}");
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let _ = s.shutdown().await;
+                    }
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
 fn paths(seen: &Seen) -> Vec<String> {
     seen.lock()
         .map(|v| v.iter().map(|r| r.1.clone()).collect())
@@ -89,14 +136,17 @@ fn paths(seen: &Seen) -> Vec<String> {
 async fn egress_decides_every_request_and_sends_a_secret_only_to_its_host() {
     let (port, seen) = web().await;
     let dir = tempfile::tempdir().expect("tmp");
-    let overrides = format!("secret.test=127.0.0.1:{port},other.test=127.0.0.1:{port}");
+    let (raw, raw_got) = raw_web().await;
+    let overrides = format!(
+        "secret.test=127.0.0.1:{port},other.test=127.0.0.1:{port},raw.test=127.0.0.1:{raw}"
+    );
     let srv = Server::start_with(dir.path(), &[("BERTH_EGRESS_OVERRIDES", &overrides)]).await;
     let api = srv.client();
     let value = "plain-secret-0xfeedface";
     let bx = boxed(
         &api,
         json!({"resources": {"memory_mib": 256, "disk_mib": 64},
-               "network": {"allow": ["secret.test"]},
+               "network": {"allow": ["secret.test", "raw.test"]},
                "secrets": [{"host": "secret.test", "header": "x-api-token", "value": value, "tls": false}]}),
     )
     .await;
@@ -130,8 +180,8 @@ async fn egress_decides_every_request_and_sends_a_secret_only_to_its_host() {
         r#"
 import socket
 s = socket.create_connection(("127.0.0.1", 47101), timeout=10)
-s.sendall(b"GET http://secret.test:{port}/first HTTP/1.1\r\nHost: secret.test:{port}\r\n\r\n"
-          b"GET http://other.test:{port}/second HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n")
+s.sendall(b"GET http://raw.test:{raw}/first HTTP/1.1\r\nHost: raw.test:{raw}\r\n\r\n"
+          b"GET http://other.test:{raw}/second HTTP/1.1\r\nHost: other.test:{raw}\r\n\r\n")
 out = b""
 while True:
     b = s.recv(65536)
@@ -149,8 +199,8 @@ print(out.count(b"HTTP/1.1 "), out.count(b"served /first"))
         r#"
 import socket
 s = socket.create_connection(("127.0.0.1", 47101), timeout=10)
-s.sendall(b"POST http://secret.test:{port}/chunked HTTP/1.1\r\nHost: secret.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n"
-          b"3\r\nabc\r\n0\r\n\r\nGET http://other.test:{port}/smuggled HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n")
+s.sendall(b"POST http://raw.test:{raw}/chunked HTTP/1.1\r\nHost: raw.test:{raw}\r\nTransfer-Encoding: chunked\r\n\r\n"
+          b"3\r\nabc\r\n0\r\n\r\nGET http://other.test:{raw}/smuggled HTTP/1.1\r\nHost: other.test:{raw}\r\n\r\n")
 out = b""
 while True:
     b = s.recv(65536)
@@ -158,10 +208,10 @@ while True:
         break
     out += b
 s2 = socket.create_connection(("127.0.0.1", 47101), timeout=10)
-s2.sendall(b"GET http://secret.test:{port}/keepalive HTTP/1.1\r\nHost: secret.test:{port}\r\nConnection: keep-alive\r\n\r\n")
+s2.sendall(b"GET http://raw.test:{raw}/keepalive HTTP/1.1\r\nHost: raw.test:{raw}\r\nConnection: keep-alive\r\n\r\n")
 first = s2.recv(65536)
 try:
-    s2.sendall(b"GET http://other.test:{port}/second-on-keepalive HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n")
+    s2.sendall(b"GET http://other.test:{raw}/second-on-keepalive HTTP/1.1\r\nHost: other.test:{raw}\r\n\r\n")
     rest = s2.recv(65536)
 except OSError:
     rest = b""
@@ -171,13 +221,19 @@ print(out.count(b"HTTP/1.1 "), b"served /keepalive" in first, len(rest))
     let (_, out, err) = run(&api, &bx, &["python3", "-c", &smuggle], 30).await;
     assert_eq!(out.trim(), "1 True 0", "{out}{err}");
     let p = paths(&seen);
+    let raw_bytes = String::from_utf8_lossy(&raw_got.lock().expect("raw").clone()).into_owned();
     for never in ["/second", "/smuggled", "/second-on-keepalive", "/hostswap"] {
         assert!(
-            !p.contains(&never.to_string()),
-            "{never} got through: {p:?}"
+            !p.contains(&never.to_string()) && !raw_bytes.contains(never),
+            "{never} got through: {p:?} {raw_bytes:?}"
         );
     }
-    assert!(p.contains(&"/chunked".to_string()) && p.contains(&"/keepalive".to_string()));
+    for sent in ["/first", "/chunked", "/keepalive"] {
+        assert!(
+            raw_bytes.contains(sent),
+            "{sent} never arrived: {raw_bytes:?}"
+        );
+    }
 
     // Address literals in any form, including IPv6 forms that embed a loopback IPv4 address.
     for target in [
