@@ -1027,6 +1027,22 @@ mod tests {
     }
 
     #[test]
+    fn every_special_ipv6_range_is_refused_at_both_ends() {
+        for (first, len, name, _) in V6_SPECIAL {
+            let last = if len == 128 {
+                first
+            } else {
+                first | (u128::MAX >> len)
+            };
+            for a in [first, last] {
+                let ip = std::net::Ipv6Addr::from(a);
+                // The ends of an embedding range carry 0.0.0.0 and 255.255.255.255: refused.
+                assert!(ip_class(IpAddr::V6(ip)).is_some(), "{ip} ({name})");
+            }
+        }
+    }
+
+    #[test]
     fn ipv6_ranges_and_the_ipv4_they_embed() {
         for (ip, want) in [
             ("::", "unspecified"),
