@@ -153,21 +153,26 @@ pub fn refusal_response(status: &str, json_body: &str) -> bytes::Bytes {
 }
 
 /// Answer a connection over the cap and close it; bounded in time (and in what it reads) so
-/// that a client that never reads, or never stops writing, cannot hold the task.
+/// that a client that never reads, or never stops writing, cannot hold the task. `permit` is
+/// held until then.
 pub fn refuse_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut s: S,
     response: bytes::Bytes,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     use tokio::io::AsyncReadExt;
     tokio::spawn(async move {
+        let _permit = permit;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = s.write_all(&response).await;
             let _ = s.shutdown().await;
             // Closing with the request unread would reset the connection and lose the answer
-            // on the client's side: read what it sent (up to a head's worth) first.
+            // on the client's side: read what it sends (up to a head's worth) until it pauses.
             let mut buf = [0u8; 4096];
             let mut total = 0usize;
-            while let Ok(n) = s.read(&mut buf).await {
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+            {
                 total += n;
                 if n == 0 || total > 64 * 1024 {
                     break;
@@ -190,6 +195,10 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    // Refusals being written are bounded too; past that, a connection is just closed.
+    let refusals = Arc::new(tokio::sync::Semaphore::new(
+        limits.max_connections.max(1).saturating_mul(4),
+    ));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -207,7 +216,10 @@ pub async fn accept_loop<F, Fut>(
                     drop(permit);
                 });
             }
-            Err(_) => refuse_connection(stream, over_cap.clone()),
+            Err(_) => match refusals.clone().try_acquire_owned() {
+                Ok(p) => refuse_connection(stream, over_cap.clone(), Some(p)),
+                Err(_) => drop(stream),
+            },
         }
     }
 }
