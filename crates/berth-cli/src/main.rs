@@ -356,10 +356,17 @@ async fn real_main(cli: Cli) -> Result<()> {
             let addr = listen
                 .parse()
                 .with_context(|| format!("--listen {listen}"))?;
+            let inspect = mock.inspect_token().to_string();
             berth_mock_model::serve(
                 mock,
                 addr,
-                |a| println!("mock model listening on http://{a}"),
+                |a| {
+                    println!("mock model listening on http://{a}");
+                    println!(
+                        "inspect with: curl -H '{}: {inspect}' http://{a}/_mock/requests",
+                        berth_mock_model::INSPECT_HEADER
+                    );
+                },
                 async {
                     let _ = tokio::signal::ctrl_c().await;
                 },

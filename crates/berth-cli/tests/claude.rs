@@ -159,7 +159,7 @@ async fn agent_runs_in_an_engine_box(backend: &str, enable: &str) {
     // Through the gateway with the real key, metered.
     let seen = mock.recorded();
     assert_eq!(seen.len(), 3);
-    assert!(seen.iter().all(|r| r.api_key.as_deref() == Some(REAL_KEY)));
+    assert!(seen.iter().all(|r| r.api_key_is(REAL_KEY)));
     let u = api.get(&format!("/v1/sessions/{sid}/usage")).await.json;
     let input: u64 = seen
         .iter()
@@ -219,7 +219,7 @@ async fn agent_runs_tools_in_the_box_through_the_gateway_with_exact_metering() {
     let seen = mock.recorded();
     assert_eq!(seen.len(), 3, "three model turns");
     assert!(
-        seen.iter().all(|r| r.api_key.as_deref() == Some(REAL_KEY)),
+        seen.iter().all(|r| r.api_key_is(REAL_KEY)),
         "{:?}",
         seen.iter().map(|r| &r.api_key).collect::<Vec<_>>()
     );

@@ -3,18 +3,26 @@
 //! Inside the box `HTTP_PROXY`/`HTTPS_PROXY` point at a loopback port bridged to this proxy's
 //! per-box Unix socket, so the proxy knows which box asks. It accepts `CONNECT host:port` and
 //! absolute-form plain HTTP requests, and only for host names that match the box's
-//! `network.allow` patterns (exact, or `*.suffix`). It resolves names itself and refuses
-//! loopback, private, link-local (cloud metadata), CGNAT, multicast and unspecified addresses
-//! after resolution, and IP literals outright, so neither DNS rebinding nor a literal address
-//! gets around the list. Operator-configured resolver overrides (`name → addr:port`) are trusted
-//! as given: that is how tests and air-gapped sites map names to local servers.
-//! Every decision is reported through the decisions channel.
+//! `network.allow` patterns (exact, or `*.suffix`). It resolves names itself and refuses every
+//! address that is not globally reachable ([`ip_class`]: the IANA special-purpose registries,
+//! and IPv6 forms that embed an IPv4 address judged by that address) after resolution, and IP
+//! literals outright, so neither DNS rebinding nor a literal address gets around the list.
+//! Operator-configured resolver overrides (`name → addr:port`) are trusted as given: that is how
+//! tests and air-gapped sites map names to local servers.
+//!
+//! Plain HTTP is decided per request: the head is parsed ([`parse_head`]), its `Host` must name
+//! the request target's host (so a secret goes only with the host it names), the head is
+//! rebuilt (never passed through raw) with `Connection: close`, exactly one framed body
+//! follows, and the connection closes after the answer: a second request on the same
+//! connection never reaches the upstream unchecked. Every decision is reported through the
+//! decisions channel.
 
+use crate::conn::{until_idle, Activity, Tracked};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
@@ -37,6 +45,8 @@ pub struct EgressConfig {
     pub overrides: HashMap<String, SocketAddr>,
     /// Extra trusted root certificates (PEM) for TLS the proxy originates.
     pub extra_roots_pem: Vec<String>,
+    /// Per-box connection cap and timeouts of the proxy socket.
+    pub connections: crate::ConnLimits,
 }
 
 /// A credential the proxy adds to a box's requests for one host, so the box never holds it.
@@ -83,35 +93,164 @@ pub fn allowed(patterns: &[String], host: &str) -> bool {
     })
 }
 
-/// Addresses a box may never reach through the proxy.
-pub fn forbidden_ip(ip: IpAddr) -> bool {
+/// An IPv4 range that is not globally reachable: (first address, prefix length, name).
+const V4_SPECIAL: [(u32, u8, &str); 16] = [
+    (0x0000_0000, 8, "\"this network\" 0.0.0.0/8"),
+    (0x0a00_0000, 8, "private 10.0.0.0/8"),
+    (
+        0x6440_0000,
+        10,
+        "shared address space (CGNAT) 100.64.0.0/10",
+    ),
+    (0x7f00_0000, 8, "loopback 127.0.0.0/8"),
+    (
+        0xa9fe_0000,
+        16,
+        "link-local 169.254.0.0/16 (cloud metadata)",
+    ),
+    (0xac10_0000, 12, "private 172.16.0.0/12"),
+    (0xc000_0000, 24, "IETF protocol assignments 192.0.0.0/24"),
+    (0xc000_0200, 24, "documentation 192.0.2.0/24"),
+    (
+        0xc058_6300,
+        24,
+        "deprecated 6to4 relay anycast 192.88.99.0/24",
+    ),
+    (0xc0a8_0000, 16, "private 192.168.0.0/16"),
+    (0xc612_0000, 15, "benchmarking 198.18.0.0/15"),
+    (0xc633_6400, 24, "documentation 198.51.100.0/24"),
+    (0xcb00_7100, 24, "documentation 203.0.113.0/24"),
+    (0xe000_0000, 4, "multicast 224.0.0.0/4"),
+    (0xffff_ffff, 32, "limited broadcast 255.255.255.255/32"),
+    (0xf000_0000, 4, "reserved 240.0.0.0/4"),
+];
+
+/// How an IPv6 range relates to IPv4.
+#[derive(Clone, Copy)]
+enum V6Kind {
+    /// Not globally reachable, whatever it holds.
+    Refused,
+    /// Carries an IPv4 address in its low 32 bits: judged as that address.
+    EmbedsLow32,
+    /// 6to4: the IPv4 address is bits 16..48.
+    Embeds6to4,
+}
+
+/// IPv6 ranges judged specially: (first address, prefix length, name, kind), most specific
+/// first. Everything outside global unicast 2000::/3 is refused after these.
+const V6_SPECIAL: [(u128, u8, &str, V6Kind); 16] = [
+    (0, 128, "unspecified ::/128", V6Kind::Refused),
+    (1, 128, "loopback ::1/128", V6Kind::Refused),
+    (
+        0xffff_0000_0000,
+        96,
+        "IPv4-mapped ::ffff:0:0/96",
+        V6Kind::EmbedsLow32,
+    ),
+    (0, 96, "deprecated IPv4-compatible ::/96", V6Kind::Refused),
+    (
+        0x0064_ff9b << 96,
+        96,
+        "NAT64 64:ff9b::/96",
+        V6Kind::EmbedsLow32,
+    ),
+    (
+        0x0064_ff9b_0001 << 80,
+        48,
+        "local-use NAT64 64:ff9b:1::/48",
+        V6Kind::Refused,
+    ),
+    (0x0100 << 112, 64, "discard-only 100::/64", V6Kind::Refused),
+    (
+        0x0100_0000_0000_0001 << 64,
+        64,
+        "dummy prefix 100:0:0:1::/64",
+        V6Kind::Refused,
+    ),
+    (0x2001_0000 << 96, 32, "Teredo 2001::/32", V6Kind::Refused),
+    (
+        0x2001 << 112,
+        23,
+        "IETF protocol assignments 2001::/23",
+        V6Kind::Refused,
+    ),
+    (
+        0x2001_0db8 << 96,
+        32,
+        "documentation 2001:db8::/32",
+        V6Kind::Refused,
+    ),
+    (0x2002 << 112, 16, "6to4 2002::/16", V6Kind::Embeds6to4),
+    (
+        0x3fff << 112,
+        20,
+        "documentation 3fff::/20",
+        V6Kind::Refused,
+    ),
+    (0x5f00 << 112, 16, "SRv6 SIDs 5f00::/16", V6Kind::Refused),
+    (0xfc00 << 112, 7, "unique local fc00::/7", V6Kind::Refused),
+    (
+        0xfec0 << 112,
+        10,
+        "deprecated site-local fec0::/10",
+        V6Kind::Refused,
+    ),
+];
+
+fn in_prefix(addr: u128, first: u128, len: u8, bits: u8) -> bool {
+    let shift = u32::from(bits - len);
+    if len == 0 {
+        return true;
+    }
+    (addr >> shift) == (first >> shift)
+}
+
+/// Why `ip` is not globally reachable (the range it is in), or `None` when it is. IPv6 forms
+/// that embed an IPv4 address (IPv4-mapped, NAT64 64:ff9b::/96, 6to4) are judged by that
+/// address; link-local, multicast and everything outside 2000::/3 are refused.
+pub fn ip_class(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-                || (o[0] == 198 && (o[1] & 0xfe) == 18)
-                || o[0] >= 240
+            let a = u32::from(v4);
+            V4_SPECIAL
+                .iter()
+                .find(|(first, len, _)| in_prefix(u128::from(a), u128::from(*first), *len, 32))
+                .map(|(_, _, name)| *name)
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return forbidden_ip(IpAddr::V4(v4));
+            let a = u128::from(v6);
+            for (first, len, name, kind) in V6_SPECIAL {
+                if !in_prefix(a, first, len, 128) {
+                    continue;
+                }
+                return match kind {
+                    V6Kind::Refused => Some(name),
+                    V6Kind::EmbedsLow32 => {
+                        ip_class(IpAddr::V4(std::net::Ipv4Addr::from(a as u32))).map(|_| name)
+                    }
+                    V6Kind::Embeds6to4 => {
+                        ip_class(IpAddr::V4(std::net::Ipv4Addr::from((a >> 80) as u32)))
+                            .map(|_| name)
+                    }
+                };
             }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
+            if (a >> 120) == 0xff {
+                return Some("multicast ff00::/8");
+            }
+            if (a >> 118) == (0xfe80 >> 6) {
+                return Some("link-local fe80::/10");
+            }
+            if (a >> 125) != 1 {
+                return Some("outside global unicast 2000::/3");
+            }
+            None
         }
     }
+}
+
+/// Addresses a box may never reach through the proxy.
+pub fn forbidden_ip(ip: IpAddr) -> bool {
+    ip_class(ip).is_some()
 }
 
 struct Target {
@@ -184,19 +323,38 @@ impl Egress {
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let listener = crate::bind_box_socket(socket)?;
         let me = self.clone();
-        let box_id = box_id.to_string();
+        let box_id: Arc<str> = Arc::from(box_id);
         let allow = Arc::new(allow);
         let secrets = Arc::new(secrets);
-        Ok(tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
+        let limits = self.cfg.connections;
+        let over_cap = crate::conn::refusal_response(
+            "503 Service Unavailable",
+            &serde_json::json!({"error": {"code": "too_many_connections",
+                "message": "berth: too many connections from this box to the egress proxy"}})
+            .to_string(),
+        );
+        Ok(tokio::spawn(crate::conn::accept_loop(
+            listener,
+            limits,
+            over_cap,
+            move |conn| {
                 let (me, box_id, allow, secrets) =
                     (me.clone(), box_id.clone(), allow.clone(), secrets.clone());
-                tokio::spawn(async move { me.handle(conn, &box_id, &allow, &secrets).await });
-            }
-        }))
+                async move {
+                    let activity = Activity::new();
+                    let mut conn = Tracked::new(conn, activity.clone());
+                    let _ = until_idle(
+                        &activity,
+                        limits.idle_timeout,
+                        me.handle(&mut conn, &box_id, &allow, &secrets),
+                    )
+                    .await;
+                }
+            },
+        )))
     }
 
-    async fn refuse(&self, mut conn: UnixStream, d: Decision, status: &str) {
+    async fn refuse(&self, conn: &mut Client, d: Decision, status: &str) {
         let body = serde_json::json!({"error": {"code": "egress_denied", "message": d.reason}})
             .to_string();
         let resp = format!(
@@ -208,36 +366,7 @@ impl Egress {
         let _ = self.decisions.send(d);
     }
 
-    async fn handle(
-        &self,
-        mut conn: UnixStream,
-        box_id: &str,
-        allow: &[String],
-        secrets: &[Secret],
-    ) {
-        // Read the request head.
-        let mut head = Vec::with_capacity(1024);
-        let mut buf = [0u8; 4096];
-        let end = loop {
-            let n = match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            head.extend_from_slice(&buf[..n]);
-            if let Some(pos) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                break pos + 4;
-            }
-            if head.len() > MAX_HEAD {
-                return;
-            }
-        };
-        let text = String::from_utf8_lossy(&head[..end]).into_owned();
-        let mut first = text.lines().next().unwrap_or("").split_whitespace();
-        let (method, target, version) = (
-            first.next().unwrap_or(""),
-            first.next().unwrap_or(""),
-            first.next().unwrap_or("HTTP/1.1"),
-        );
+    async fn handle(&self, conn: &mut Client, box_id: &str, allow: &[String], secrets: &[Secret]) {
         let decision = |host: &str, port: u16, allowed: bool, reason: &str| Decision {
             box_id: box_id.to_string(),
             host: host.to_string(),
@@ -247,20 +376,43 @@ impl Egress {
             bytes_up: 0,
             bytes_down: 0,
         };
-        let (t, connect, path) = if method.eq_ignore_ascii_case("CONNECT") {
-            match parse_authority(target, 443) {
-                Some(t) => (t, true, String::new()),
+        // Read the request head, within the header timeout.
+        let mut buf = Vec::with_capacity(4096);
+        let head = match tokio::time::timeout(
+            self.cfg.connections.header_timeout,
+            read_head(conn, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(Some(h))) => h,
+            Ok(Err(e)) => {
+                return self
+                    .refuse(
+                        conn,
+                        decision("", 0, false, &format!("bad request head: {e}")),
+                        "400 Bad Request",
+                    )
+                    .await
+            }
+            // Closed, or silent past the deadline.
+            Ok(Ok(None)) | Err(_) => return,
+        };
+        let leftover = buf.split_off(head.len);
+        let connect = head.method.eq_ignore_ascii_case("CONNECT");
+        let (t, path) = if connect {
+            match parse_authority(&head.target, 443) {
+                Some(t) => (t, String::new()),
                 None => {
                     return self
                         .refuse(
                             conn,
-                            decision(target, 0, false, "bad CONNECT target"),
+                            decision(&head.target, 0, false, "bad CONNECT target"),
                             "400 Bad Request",
                         )
                         .await
                 }
             }
-        } else if let Some(rest) = target.strip_prefix("http://") {
+        } else if let Some(rest) = head.target.strip_prefix("http://") {
             let (auth, path) = match rest.find('/') {
                 Some(i) => (&rest[..i], rest[i..].to_string()),
                 None => (rest, "/".to_string()),
@@ -278,8 +430,8 @@ impl Egress {
                 && !auth.ends_with(']');
             let default_port = if tls_secret && !explicit { 443 } else { 80 };
             match parse_authority(auth, default_port) {
-                Some(t) => (t, false, path),
-                None => {
+                Some(t) if !t.host.is_empty() && !t.host.contains('@') => (t, path),
+                _ => {
                     return self
                         .refuse(
                             conn,
@@ -294,7 +446,7 @@ impl Egress {
                 .refuse(
                     conn,
                     decision(
-                        target,
+                        &head.target,
                         0,
                         false,
                         "only CONNECT and absolute http:// requests are proxied",
@@ -331,6 +483,32 @@ impl Egress {
                 )
                 .await;
         }
+        // Plain HTTP: the head must describe one request to the target's own host.
+        let framing = if connect {
+            Framing::None
+        } else {
+            if let Err(why) = head.check_host(&t.host) {
+                return self
+                    .refuse(
+                        conn,
+                        decision(&t.host, t.port, false, why),
+                        "400 Bad Request",
+                    )
+                    .await;
+            }
+            match head.framing() {
+                Ok(f) => f,
+                Err(why) => {
+                    return self
+                        .refuse(
+                            conn,
+                            decision(&t.host, t.port, false, why),
+                            "400 Bad Request",
+                        )
+                        .await
+                }
+            }
+        };
         let addrs: Vec<SocketAddr> = match self.cfg.overrides.get(&t.host.to_ascii_lowercase()) {
             Some(a) => vec![*a],
             None => match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
@@ -342,13 +520,18 @@ impl Egress {
                         .filter(|a| !forbidden_ip(a.ip()))
                         .collect();
                     if ok.is_empty() {
-                        let why = if all.is_empty() {
-                            "name does not resolve"
-                        } else {
-                            "name resolves only to private or local addresses"
+                        let why = match all.first().and_then(|a| ip_class(a.ip())) {
+                            None => "name does not resolve".to_string(),
+                            Some(class) => format!(
+                                "name resolves only to addresses that are not globally reachable ({class})"
+                            ),
                         };
                         return self
-                            .refuse(conn, decision(&t.host, t.port, false, why), "403 Forbidden")
+                            .refuse(
+                                conn,
+                                decision(&t.host, t.port, false, &why),
+                                "403 Forbidden",
+                            )
                             .await;
                     }
                     ok
@@ -383,38 +566,6 @@ impl Egress {
                 )
                 .await;
         };
-        let secret = if connect {
-            None
-        } else {
-            secrets
-                .iter()
-                .find(|s| s.host.eq_ignore_ascii_case(&t.host))
-                .cloned()
-        };
-        if let Some(secret) = secret {
-            let head_out = with_secret(&text, method, &path, version, &secret);
-            let body_start = head[end..].to_vec();
-            let d = self
-                .forward_with_secret(conn, up, &t.host, head_out, body_start, secret.tls)
-                .await;
-            let mut dec = decision(
-                &t.host,
-                t.port,
-                d.is_ok(),
-                if d.is_ok() {
-                    "allowed (secret injected)"
-                } else {
-                    "TLS to the upstream failed"
-                },
-            );
-            if let Ok((u, dn)) = d {
-                dec.bytes_up = u;
-                dec.bytes_down = dn;
-            }
-            let _ = self.decisions.send(dec);
-            return;
-        }
-        let mut sent_up = 0u64;
         if connect {
             if conn
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -423,116 +574,537 @@ impl Egress {
             {
                 return;
             }
+            // Bytes that arrived after the head belong to the tunnel.
+            if !leftover.is_empty() && up.write_all(&leftover).await.is_err() {
+                return;
+            }
+            let (u, d) = tokio::io::copy_bidirectional(conn, &mut up)
+                .await
+                .unwrap_or((0, 0));
+            let mut dec = decision(&t.host, t.port, true, "allowed");
+            dec.bytes_up = leftover.len() as u64 + u;
+            dec.bytes_down = d;
+            let _ = self.decisions.send(dec);
+            return;
+        }
+        let secret = secrets
+            .iter()
+            .find(|s| s.host.eq_ignore_ascii_case(&t.host))
+            .cloned();
+        let tls = secret.as_ref().is_some_and(|s| s.tls);
+        let default_port = if tls { 443 } else { 80 };
+        let authority = if t.port == default_port {
+            t.host.clone()
         } else {
-            // Rewrite the request line to origin form; pass the rest of the head through.
-            let rest_of_head = &text[text.find("\r\n").unwrap_or(0)..];
-            let line = format!("{method} {path} {version}{rest_of_head}");
-            if up.write_all(line.as_bytes()).await.is_err() {
-                return;
+            format!("{}:{}", t.host, t.port)
+        };
+        let head_out = head.rebuild(&path, &authority, secret.as_ref());
+        let result = if tls {
+            match rustls::pki_types::ServerName::try_from(t.host.clone()) {
+                Ok(name) => match self.tls.connect(name, up).await {
+                    Ok(s) => Ok(exchange(conn, s, &head_out, leftover, framing).await),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(std::io::Error::other(e.to_string())),
             }
-            sent_up += line.len() as u64;
+        } else {
+            Ok(exchange(conn, up, &head_out, leftover, framing).await)
+        };
+        let reason = match (&result, &secret) {
+            (Ok(_), Some(_)) => "allowed (secret injected)",
+            (Ok(_), None) => "allowed",
+            (Err(_), _) => "TLS to the upstream failed",
+        };
+        let mut dec = decision(&t.host, t.port, result.is_ok(), reason);
+        if let Ok((u, d)) = result {
+            dec.bytes_up = u;
+            dec.bytes_down = d;
         }
-        // Bytes that arrived after the head belong to the stream.
-        if end < head.len() {
-            if up.write_all(&head[end..]).await.is_err() {
-                return;
-            }
-            sent_up += (head.len() - end) as u64;
-        }
-        let (up_bytes, down_bytes) = tokio::io::copy_bidirectional(&mut conn, &mut up)
-            .await
-            .unwrap_or((0, 0));
-        let mut d = decision(&t.host, t.port, true, "allowed");
-        d.bytes_up = sent_up + up_bytes;
-        d.bytes_down = down_bytes;
-        let _ = self.decisions.send(d);
+        let _ = self.decisions.send(dec);
     }
 }
 
-/// Send the rewritten head and what the box already sent of the body, then splice.
-async fn send_and_splice<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    conn: &mut UnixStream,
-    mut s: S,
+/// The box's side of a proxy connection.
+type Client = Tracked<UnixStream>;
+
+/// Read until a complete request head is in `buf` (more may follow it); `None` when the box
+/// closed first.
+async fn read_head(conn: &mut Client, buf: &mut Vec<u8>) -> Result<Option<RequestHead>, HeadError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(h) = parse_head(buf)? {
+            return Ok(Some(h));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// One request head as the box sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    pub target: String,
+    /// (name, value) in order; values are what `httparse` accepted (no CR or LF in them).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Bytes the head took in the buffer.
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("malformed request head: {0}")]
+    Malformed(String),
+    #[error("request head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+}
+
+/// Parse a request head from the start of `buf`: `Ok(None)` while it is incomplete.
+pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > MAX_HEAD {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(None)
+            }
+        }
+        Ok(httparse::Status::Complete(len)) => {
+            if len > MAX_HEAD {
+                return Err(HeadError::TooLarge);
+            }
+            Ok(Some(RequestHead {
+                method: req.method.unwrap_or_default().to_string(),
+                target: req.path.unwrap_or_default().to_string(),
+                headers: req
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+                    .collect(),
+                len,
+            }))
+        }
+        Err(e) => Err(HeadError::Malformed(e.to_string())),
+    }
+}
+
+/// How a request's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Headers that describe the hop between the box and the proxy: never passed on (the proxy
+/// sets its own `Host` and `Connection`).
+const PROXY_DROPS: [&str; 8] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+impl RequestHead {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The `Host` header, if any, must name `host` (its port is not compared: the proxy sends
+    /// the target's own authority).
+    pub fn check_host(&self, host: &str) -> Result<(), &'static str> {
+        let hosts: Vec<&[u8]> = self.values("host").collect();
+        match hosts.as_slice() {
+            [] => Ok(()),
+            [one] => {
+                let v = String::from_utf8_lossy(one);
+                let named = parse_authority(v.trim(), 80)
+                    .map(|t| t.host)
+                    .unwrap_or_default();
+                let norm = |h: &str| h.trim_end_matches('.').to_ascii_lowercase();
+                if norm(&named) == norm(host) {
+                    Ok(())
+                } else {
+                    Err("the Host header names another host than the request target")
+                }
+            }
+            _ => Err("more than one Host header"),
+        }
+    }
+
+    /// The body's framing; refuses the ambiguous forms a smuggled request hides behind.
+    pub fn framing(&self) -> Result<Framing, &'static str> {
+        let te: Vec<&[u8]> = self.values("transfer-encoding").collect();
+        let cl: Vec<&[u8]> = self.values("content-length").collect();
+        match (te.as_slice(), cl.as_slice()) {
+            ([], []) => Ok(Framing::None),
+            ([t], []) if t.trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+            ([_], []) | ([_, ..], _) => Err("only chunked transfer-encoding is proxied"),
+            ([], lens) => {
+                let mut n = None;
+                for l in lens {
+                    let v = std::str::from_utf8(l)
+                        .ok()
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or("bad Content-Length")?;
+                    if n.is_some_and(|m| m != v) {
+                        return Err("conflicting Content-Length headers");
+                    }
+                    n = Some(v);
+                }
+                Ok(n.map(Framing::Length).unwrap_or(Framing::None))
+            }
+        }
+    }
+
+    /// The head sent upstream: origin-form target, the box's end-to-end headers (less any
+    /// copy of the secret's header), the target's `Host`, the secret, `Connection: close`.
+    pub fn rebuild(&self, path: &str, authority: &str, secret: Option<&Secret>) -> String {
+        let mut out = format!("{} {path} HTTP/1.1\r\nHost: {authority}\r\n", self.method);
+        for (name, value) in &self.headers {
+            if PROXY_DROPS.contains(&name.as_str())
+                || secret.is_some_and(|s| s.header.eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            out.push_str(name);
+            out.push_str(": ");
+            out.push_str(&String::from_utf8_lossy(value));
+            out.push_str("\r\n");
+        }
+        if let Some(s) = secret {
+            out.push_str(&format!("{}: {}\r\n", s.header, s.value));
+        }
+        out.push_str("Connection: close\r\n\r\n");
+        out
+    }
+}
+
+/// Finds where a chunked body ends, passing its bytes through unchanged.
+#[derive(Debug, Default)]
+pub struct ChunkedEnd {
+    state: ChunkState,
+    line: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd(u8),
+    Trailer,
+    Done,
+}
+
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl ChunkedEnd {
+    pub fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// How many bytes of `b` belong to the body (all of them unless it ends inside `b`).
+    pub fn advance(&mut self, b: &[u8]) -> Result<usize, &'static str> {
+        let mut i = 0;
+        while i < b.len() {
+            match self.state {
+                ChunkState::Done => return Ok(i),
+                ChunkState::Data(n) => {
+                    let take = (b.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
+                    i += take;
+                    let left = n - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd(2)
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                }
+                ChunkState::DataEnd(k) => {
+                    let want = if k == 2 { b'\r' } else { b'\n' };
+                    if b[i] != want {
+                        return Err("bad chunk ending");
+                    }
+                    i += 1;
+                    self.state = if k == 2 {
+                        ChunkState::DataEnd(1)
+                    } else {
+                        ChunkState::Size
+                    };
+                }
+                ChunkState::Size | ChunkState::Trailer => {
+                    let c = b[i];
+                    i += 1;
+                    if c != b'\n' {
+                        self.line.push(c);
+                        if self.line.len() > MAX_CHUNK_LINE {
+                            return Err("chunk line too long");
+                        }
+                        continue;
+                    }
+                    let line = std::mem::take(&mut self.line);
+                    let line = line
+                        .strip_suffix(b"\r")
+                        .ok_or("bare LF in a chunked body")?;
+                    if self.state == ChunkState::Trailer {
+                        if line.is_empty() {
+                            self.state = ChunkState::Done;
+                        }
+                        continue;
+                    }
+                    let size = line.split(|&c| c == b';').next().unwrap_or_default();
+                    let size = std::str::from_utf8(size.trim_ascii())
+                        .ok()
+                        .filter(|s| !s.is_empty() && s.len() <= 16)
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
+                        .ok_or("bad chunk size")?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailer
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+            }
+        }
+        Ok(i)
+    }
+}
+
+/// Send one request upstream (head, then exactly its framed body from what the box sent) while
+/// the answer streams back, until the upstream closes; (bytes up, bytes down).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Client,
+    up: S,
     head: &str,
-    body_start: &[u8],
-) -> std::io::Result<(u64, u64)> {
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body_start).await?;
-    let (u, d) = tokio::io::copy_bidirectional(conn, &mut s)
-        .await
-        .unwrap_or((0, 0));
-    Ok(((head.len() + body_start.len()) as u64 + u, d))
-}
-
-/// The request head with origin-form target, hop-by-hop proxy headers and any copy of the
-/// secret's header removed, and the secret added.
-fn with_secret(text: &str, method: &str, path: &str, version: &str, secret: &Secret) -> String {
-    let mut out = format!("{method} {path} {version}\r\n");
-    for line in text.split("\r\n").skip(1) {
-        if line.is_empty() {
-            continue;
+    leftover: Vec<u8>,
+    framing: Framing,
+) -> (u64, u64) {
+    let (mut up_r, mut up_w) = tokio::io::split(up);
+    let (mut c_r, mut c_w) = tokio::io::split(conn);
+    let send = async {
+        up_w.write_all(head.as_bytes()).await?;
+        let mut sent = head.len() as u64;
+        let mut chunked = ChunkedEnd::default();
+        let mut remaining = match framing {
+            Framing::None | Framing::Length(0) => return Ok::<u64, std::io::Error>(sent),
+            Framing::Length(n) => n,
+            Framing::Chunked => u64::MAX,
+        };
+        let mut pending = leftover;
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            if pending.is_empty() {
+                let n = c_r.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::Error::other("the box closed inside the body"));
+                }
+                pending.extend_from_slice(&chunk[..n]);
+            }
+            let take = match framing {
+                Framing::Chunked => chunked.advance(&pending).map_err(std::io::Error::other)?,
+                _ => pending
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX)),
+            };
+            up_w.write_all(&pending[..take]).await?;
+            sent += take as u64;
+            // Whatever follows the body (a pipelined request) is never forwarded.
+            pending.clear();
+            if framing != Framing::Chunked {
+                remaining -= take as u64;
+            }
+            if remaining == 0 || chunked.done() {
+                return Ok(sent);
+            }
         }
-        let name = line.split(':').next().unwrap_or("").trim();
-        if name.eq_ignore_ascii_case(&secret.header)
-            || name.eq_ignore_ascii_case("proxy-connection")
-            || name.eq_ignore_ascii_case("proxy-authorization")
-        {
-            continue;
+    };
+    let mut sent_up = 0u64;
+    let down = {
+        let answer = tokio::io::copy(&mut up_r, &mut c_w);
+        tokio::pin!(send, answer);
+        let mut sending = true;
+        loop {
+            tokio::select! {
+                r = &mut send, if sending => {
+                    sending = false;
+                    match r {
+                        Ok(n) => sent_up = n,
+                        // The request could not be completed: nothing more to wait for.
+                        Err(_) => break 0,
+                    }
+                }
+                r = &mut answer => break r.unwrap_or(0),
+            }
         }
-        out.push_str(line);
-        out.push_str("\r\n");
-    }
-    out.push_str(&format!("{}: {}\r\n\r\n", secret.header, secret.value));
-    out
-}
-
-impl Egress {
-    async fn forward_with_secret(
-        &self,
-        mut conn: UnixStream,
-        up: TcpStream,
-        host: &str,
-        head: String,
-        body_start: Vec<u8>,
-        tls: bool,
-    ) -> std::io::Result<(u64, u64)> {
-        if tls {
-            let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let s = self.tls.connect(name, up).await?;
-            send_and_splice(&mut conn, s, &head, &body_start).await
-        } else {
-            send_and_splice(&mut conn, up, &head, &body_start).await
-        }
-    }
+    };
+    let _ = c_w.shutdown().await;
+    (sent_up, down)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn secrets_replace_what_the_box_sent() {
-        let sec = Secret {
-            host: "api.x".into(),
-            header: "Authorization".into(),
-            value: "Bearer real".into(),
-            tls: true,
-        };
-        let head = "GET http://api.x/v1 HTTP/1.1\r\nHost: api.x\r\nauthorization: Bearer fake\r\nProxy-Connection: keep-alive\r\n\r\n";
-        let out = with_secret(head, "GET", "/v1", "HTTP/1.1", &sec);
-        assert_eq!(
-            out,
-            "GET /v1 HTTP/1.1\r\nHost: api.x\r\nAuthorization: Bearer real\r\n\r\n"
-        );
-        assert!(
-            !format!("{sec:?}").contains("real"),
-            "Debug never prints the value"
-        );
+    fn class(ip: &str) -> Option<&'static str> {
+        ip_class(ip.parse().expect("ip"))
     }
 
     #[test]
-    fn patterns_and_addresses() {
+    fn every_special_ipv4_range_is_refused_at_both_ends() {
+        for (first, len, name) in V4_SPECIAL {
+            let last = first | (u32::MAX >> len.min(31)) & if len == 32 { 0 } else { u32::MAX };
+            for a in [first, last] {
+                let ip = std::net::Ipv4Addr::from(a);
+                assert!(ip_class(IpAddr::V4(ip)).is_some(), "{ip} ({name})");
+            }
+            // Just below the range is another range or public; just above, likewise: the
+            // table's names say which one matched.
+            assert_eq!(
+                ip_class(IpAddr::V4(std::net::Ipv4Addr::from(first))),
+                Some(name)
+            );
+        }
+        for (ip, want) in [
+            ("127.0.0.1", "loopback"),
+            ("10.1.2.3", "private 10."),
+            ("172.16.0.1", "private 172.16"),
+            ("172.31.255.255", "private 172.16"),
+            ("192.168.1.1", "private 192.168"),
+            ("169.254.169.254", "link-local"),
+            ("100.64.0.1", "CGNAT"),
+            ("100.127.255.255", "CGNAT"),
+            ("0.0.0.0", "this network"),
+            ("192.0.0.8", "IETF"),
+            ("192.0.2.1", "documentation"),
+            ("198.51.100.1", "documentation"),
+            ("203.0.113.1", "documentation"),
+            ("198.18.0.1", "benchmarking"),
+            ("198.19.255.255", "benchmarking"),
+            ("192.88.99.1", "6to4 relay"),
+            ("224.0.0.1", "multicast"),
+            ("239.255.255.255", "multicast"),
+            ("240.0.0.1", "reserved"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            let got = class(ip).unwrap_or("public");
+            assert!(got.contains(want), "{ip}: {got}");
+        }
+        for good in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "160.79.104.10",
+            "100.63.255.255",
+            "100.128.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "192.0.1.0",
+            "192.169.0.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "223.255.255.255",
+            "11.0.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+        ] {
+            assert_eq!(class(good), None, "{good}");
+        }
+    }
+
+    #[test]
+    fn every_special_ipv6_range_is_refused_at_both_ends() {
+        for (first, len, name, _) in V6_SPECIAL {
+            let last = if len == 128 {
+                first
+            } else {
+                first | (u128::MAX >> len)
+            };
+            for a in [first, last] {
+                let ip = std::net::Ipv6Addr::from(a);
+                // The ends of an embedding range carry 0.0.0.0 and 255.255.255.255: refused.
+                assert!(ip_class(IpAddr::V6(ip)).is_some(), "{ip} ({name})");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_ranges_and_the_ipv4_they_embed() {
+        for (ip, want) in [
+            ("::", "unspecified"),
+            ("::1", "loopback"),
+            ("::a00:1", "IPv4-compatible"),
+            ("::8.8.8.8", "IPv4-compatible"),
+            ("64:ff9b:1::1", "local-use NAT64"),
+            ("64:ff9b:1:ffff::808:808", "local-use NAT64"),
+            ("100::1", "discard-only"),
+            ("100:0:0:1::1", "dummy prefix"),
+            ("2001::1", "Teredo"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+            ("2001:2::1", "IETF protocol"),
+            ("2001:1ff::1", "IETF protocol"),
+            ("2001:db8::1", "documentation"),
+            ("3fff::1", "documentation"),
+            ("3fff:fff::1", "documentation"),
+            ("5f00::1", "SRv6"),
+            ("fc00::1", "unique local"),
+            ("fd12:3456::1", "unique local"),
+            ("fe80::1", "link-local"),
+            ("febf::1", "link-local"),
+            ("fec0::1", "site-local"),
+            ("feff::1", "site-local"),
+            ("ff02::1", "multicast"),
+            ("4000::1", "outside global unicast"),
+            ("1000::1", "outside global unicast"),
+            // IPv4-mapped, NAT64 and 6to4 are judged by the IPv4 address they carry.
+            ("::ffff:127.0.0.1", "IPv4-mapped"),
+            ("::ffff:10.0.0.1", "IPv4-mapped"),
+            ("::ffff:169.254.169.254", "IPv4-mapped"),
+            ("64:ff9b::127.0.0.1", "NAT64"),
+            ("64:ff9b::a9fe:a9fe", "NAT64"),
+            ("64:ff9b::192.168.0.1", "NAT64"),
+            ("2002:7f00:1::1", "6to4"),
+            ("2002:a00:1::", "6to4"),
+            ("2002:c0a8:101::1", "6to4"),
+            ("2002:a9fe:a9fe::1", "6to4"),
+        ] {
+            let got = class(ip).unwrap_or("public");
+            assert!(got.contains(want), "{ip}: {got}");
+        }
+        for good in [
+            "2606:4700::1111",
+            "2a00:1450:4001::200e",
+            "2001:200::1",
+            "2620:4f:8000::1",
+            "3ffe::1",
+            "3fff:1000::1",
+            // Embedding a public IPv4 address.
+            "::ffff:8.8.8.8",
+            "::ffff:160.79.104.10",
+            "64:ff9b::8.8.8.8",
+            "64:ff9b::a04f:680a",
+            "2002:808:808::1",
+        ] {
+            assert_eq!(class(good), None, "{good}");
+        }
+    }
+
+    #[test]
+    fn patterns() {
         let p = vec!["api.anthropic.com".to_string(), "*.example.com".to_string()];
         assert!(allowed(&p, "api.anthropic.com") && allowed(&p, "API.Anthropic.com."));
         assert!(allowed(&p, "a.example.com") && allowed(&p, "a.b.example.com"));
@@ -541,24 +1113,105 @@ mod tests {
                 && !allowed(&p, "evilexample.com")
                 && !allowed(&p, "anthropic.com")
         );
+    }
+
+    fn head(text: &str) -> RequestHead {
+        parse_head(text.as_bytes())
+            .expect("parses")
+            .expect("complete")
+    }
+
+    #[test]
+    fn the_head_is_rebuilt_with_the_secret_and_the_targets_host() {
+        let sec = Secret {
+            host: "api.x".into(),
+            header: "Authorization".into(),
+            value: "Bearer real".into(),
+            tls: true,
+        };
+        let h = head("GET http://api.x/v1 HTTP/1.1\r\nHost: API.x\r\nauthorization: Bearer fake\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n");
+        assert_eq!(h.check_host("api.x"), Ok(()));
+        assert_eq!(
+            h.rebuild("/v1", "api.x", Some(&sec)),
+            "GET /v1 HTTP/1.1\r\nHost: api.x\r\naccept: */*\r\nAuthorization: Bearer real\r\nConnection: close\r\n\r\n"
+        );
+        assert!(
+            !format!("{sec:?}").contains("real"),
+            "Debug never prints the value"
+        );
+        // A Host naming another host is refused (the secret would go with it).
+        let h = head("GET http://api.x/ HTTP/1.1\r\nHost: evil.test\r\n\r\n");
+        assert!(h.check_host("api.x").is_err());
+        let h = head("GET http://api.x/ HTTP/1.1\r\nHost: api.x\r\nHost: evil.test\r\n\r\n");
+        assert!(h.check_host("api.x").is_err());
+        let h = head("GET http://api.x/ HTTP/1.1\r\nHost: api.x:8080\r\n\r\n");
+        assert_eq!(h.check_host("api.x"), Ok(()), "the port is not compared");
+    }
+
+    #[test]
+    fn framing_refuses_ambiguous_bodies() {
+        let f = |extra: &str| {
+            head(&format!(
+                "POST http://a/ HTTP/1.1\r\nHost: a\r\n{extra}\r\n"
+            ))
+            .framing()
+        };
+        assert_eq!(f(""), Ok(Framing::None));
+        assert_eq!(f("Content-Length: 5\r\n"), Ok(Framing::Length(5)));
+        assert_eq!(
+            f("Content-Length: 5\r\nContent-Length: 5\r\n"),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(f("Transfer-Encoding: chunked\r\n"), Ok(Framing::Chunked));
         for bad in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-            "224.0.0.1",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: +5\r\n",
+            "Content-Length: 99999999999999999999999\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
         ] {
-            assert!(forbidden_ip(bad.parse().expect("ip")), "{bad}");
+            assert!(f(bad).is_err(), "{bad:?}");
         }
-        for good in ["1.1.1.1", "2606:4700::1111", "160.79.104.10"] {
-            assert!(!forbidden_ip(good.parse().expect("ip")), "{good}");
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_they_end_whatever_the_split() {
+        let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\n";
+        let mut with_next = body.to_vec();
+        with_next.extend_from_slice(b"GET http://evil/ HTTP/1.1\r\n\r\n");
+        for split in 1..with_next.len() {
+            let mut c = ChunkedEnd::default();
+            let mut used = 0;
+            for part in with_next.chunks(split) {
+                used += c.advance(part).expect("valid");
+                if c.done() {
+                    break;
+                }
+            }
+            assert!(c.done(), "split {split}");
+            assert_eq!(used, body.len(), "split {split}");
         }
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\nhello\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(ChunkedEnd::default().advance(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn heads_that_are_not_http_are_refused() {
+        assert_eq!(
+            parse_head(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n"),
+            Ok(None)
+        );
+        assert!(parse_head(b"GET http://a/ HTTP/1.1\r\nBad Header\r\n\r\n").is_err());
+        assert!(parse_head(b"GET http://a/ HTTP/1.1\r\nX: a\rb\r\n\r\n").is_err());
+        let huge = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(parse_head(huge.as_bytes()), Err(HeadError::TooLarge));
     }
 }

@@ -9,13 +9,21 @@
 //! `message_delta` in a stream, `usage` in a JSON body) and reported once per request through
 //! the [`Meter`] channel: the authoritative count, whatever the agent reports.
 //!
+//! Only the routes an agent needs are forwarded ([`route`]): everything else (batches, files,
+//! legacy completions, the mock's inspection routes) is refused with a 403 in the Anthropic
+//! error format. Upstream redirects are never followed (the key would go to the redirect's
+//! target); a 3xx is passed back to the box as is.
+//!
 //! Contract: a request either reaches the upstream with the real key, or is refused with an
 //! Anthropic-format error (`{"type":"error","error":{...}}`); the session token never leaves
 //! the host, and the real key never enters a box.
 
+pub mod conn;
 pub mod egress;
 mod meter;
 pub mod price;
+
+pub use conn::ConnLimits;
 
 pub use meter::{Usage, UsageParser};
 
@@ -99,6 +107,9 @@ pub struct GatewayConfig {
     /// Parse usage from responses and report it. Off, the gateway only forwards: no ledger,
     /// no budgets (for measuring what metering costs).
     pub meter: bool,
+    /// Connection cap and timeouts of each box's gateway socket (and, through
+    /// [`Gateway::conn_limits`], of the other box-side sockets).
+    pub box_connections: ConnLimits,
 }
 
 impl Default for GatewayConfig {
@@ -110,6 +121,7 @@ impl Default for GatewayConfig {
             prices: Default::default(),
             warn_fraction: 0.8,
             meter: true,
+            box_connections: ConnLimits::default(),
         }
     }
 }
@@ -260,6 +272,8 @@ impl Gateway {
     ) -> Result<(Arc<Gateway>, mpsc::UnboundedReceiver<UsageRecord>), GatewayError> {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(std::time::Duration::from_secs(60))
+            // A redirect would carry the real key to wherever the upstream points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| GatewayError::Client(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -283,6 +297,11 @@ impl Gateway {
 
     pub fn prices(&self) -> &price::PriceTable {
         &self.cfg.prices
+    }
+
+    /// The connection cap and timeouts for sockets a box can reach.
+    pub fn conn_limits(&self) -> ConnLimits {
+        self.cfg.box_connections
     }
 
     /// Readiness: a TCP connection to the upstream opens within `timeout` (nothing is sent).
@@ -462,11 +481,18 @@ impl Gateway {
             box_id: box_id.to_string(),
         };
         let app = Router::new().fallback(forward).with_state(ctx);
-        Ok(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::warn!(error = %e, "gateway socket stopped");
-            }
-        }))
+        let over_cap = conn::refusal_response(
+            "503 Service Unavailable",
+            &serde_json::json!({"type": "error", "error": {"type": "overloaded_error",
+                "message": "berth: too many connections from this box to the model gateway"}})
+            .to_string(),
+        );
+        Ok(tokio::spawn(conn::serve_http(
+            listener,
+            app,
+            self.cfg.box_connections,
+            over_cap,
+        )))
     }
 
     /// Serve on a TCP listener for a given box (tests and the benchmark).
@@ -482,7 +508,9 @@ impl Gateway {
 /// the client goes away first, with whatever usage was seen (a cut stream still cost tokens).
 struct MeterTap {
     parser: UsageParser,
-    pending: Option<(TokenOwner, String)>,
+    pending: Option<TokenOwner>,
+    /// The model named in the request body (used when the response names none).
+    request_model: Arc<std::sync::Mutex<ModelSniffer>>,
     gw: Arc<Gateway>,
     status: u16,
     started: std::time::Instant,
@@ -490,8 +518,13 @@ struct MeterTap {
 
 impl MeterTap {
     fn report(&mut self) {
-        if let Some((owner, model)) = self.pending.take() {
-            let model = self.parser.model().unwrap_or(model);
+        if let Some(owner) = self.pending.take() {
+            let model = self.parser.model().unwrap_or_else(|| {
+                self.request_model
+                    .lock()
+                    .map(|m| m.model())
+                    .unwrap_or_default()
+            });
             let usage = self.parser.usage();
             let cost_usd = self.gw.cfg.prices.cost_usd(&model, &usage);
             let crossed = self.gw.spend(&owner, cost_usd);
@@ -558,9 +591,128 @@ fn presented_token(h: &HeaderMap) -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
+/// A route the gateway forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The real credential is added (the reachability probe needs none).
+    pub credential: bool,
+    /// Usage is read from the response and reported.
+    pub metered: bool,
+}
+
+/// What an agent may ask of the upstream, as (method, path): the Messages API and its token
+/// counter (metered), the model list and one model (Claude Code reads them to check a model
+/// name), and `HEAD /api/hello` (Claude Code's reachability probe, sent without the key).
+/// Claude Code 2.1.328 also knows batches, files, `/v1/complete` and
+/// `/v1/messages/cache_touch`; none is forwarded (unmetered, or organisation-wide).
+pub const ROUTES: [(&str, &str); 5] = [
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{id}"),
+    ("HEAD", "/api/hello"),
+];
+
+/// Largest request body forwarded (streamed, counted as it passes).
+pub const MAX_REQUEST_BODY: u64 = 32 << 20;
+
+/// Decide whether `method path?query` is forwarded. The path is matched exactly (no dot
+/// segments, no percent-encoding, no empty segments: the upstream URL is built from it, and a
+/// URL parser would normalise `/v1/messages/../files`), the query may hold only plain
+/// `key=value` pairs.
+pub fn route(method: &str, path: &str, query: Option<&str>) -> Option<Route> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if let Some(q) = query {
+        if !q.chars().all(|c| plain(c) || c == '=' || c == '&') {
+            return None;
+        }
+    }
+    let metered = Route {
+        credential: true,
+        metered: true,
+    };
+    let read = Route {
+        credential: true,
+        metered: false,
+    };
+    match (method, path) {
+        ("POST", "/v1/messages") | ("POST", "/v1/messages/count_tokens") => Some(metered),
+        ("GET", "/v1/models") => Some(read),
+        ("GET", p) => {
+            let id = p.strip_prefix("/v1/models/")?;
+            let ok = !id.is_empty() && id.chars().all(plain) && !id.chars().all(|c| c == '.');
+            ok.then_some(read)
+        }
+        ("HEAD", "/api/hello") => Some(Route {
+            credential: false,
+            metered: false,
+        }),
+        _ => None,
+    }
+}
+
+/// Reads the `model` of a request body as it streams past, from its first 64 KiB.
+#[derive(Default)]
+struct ModelSniffer {
+    head: Vec<u8>,
+}
+
+const SNIFF_BYTES: usize = 64 << 10;
+
+impl ModelSniffer {
+    fn feed(&mut self, b: &[u8]) {
+        let room = SNIFF_BYTES.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&b[..b.len().min(room)]);
+    }
+
+    fn model(&self) -> String {
+        #[derive(serde::Deserialize)]
+        struct M {
+            model: Option<String>,
+        }
+        if let Ok(m) = serde_json::from_slice::<M>(&self.head) {
+            return m.model.unwrap_or_default();
+        }
+        // A body longer than what was kept: the first `"model": "…"` member.
+        let text = String::from_utf8_lossy(&self.head);
+        let Some(i) = text.find("\"model\"") else {
+            return String::new();
+        };
+        let rest = text[i + 7..].trim_start();
+        let Some(rest) = rest.strip_prefix(':') else {
+            return String::new();
+        };
+        let Some(rest) = rest.trim_start().strip_prefix('"') else {
+            return String::new();
+        };
+        rest.split('"')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect()
+    }
+}
+
 async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     let started = std::time::Instant::now();
     let gw = &ctx.gw;
+    let Some(route) = route(req.method().as_str(), req.uri().path(), req.uri().query()) else {
+        let path: String = req.uri().path().chars().take(120).collect();
+        return anthropic_error(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            &format!(
+                "berth: the model gateway does not forward {} {path} (it forwards {})",
+                req.method(),
+                ROUTES
+                    .iter()
+                    .map(|(m, p)| format!("{m} {p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    };
     let Some(token) = presented_token(req.headers()) else {
         return anthropic_error(
             StatusCode::UNAUTHORIZED,
@@ -589,14 +741,22 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             )
         }
     };
+    let declared_len = parts
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared_len.is_some_and(|n| n > MAX_REQUEST_BODY) {
+        return anthropic_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            "request body too large",
+        );
+    }
     let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        if gateway_drops(name)
-            || name == "x-api-key"
-            || name == "authorization"
-            || name == "content-length"
-        {
+        if gateway_drops(name) || name == "x-api-key" || name == "authorization" {
             continue;
         }
         if let (Ok(n), Ok(v)) = (
@@ -606,7 +766,7 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             headers.append(n, v);
         }
     }
-    if let Some(key) = &gw.cfg.api_key {
+    if let (Some(key), true) = (&gw.cfg.api_key, route.credential) {
         let (name, value) = if gw.cfg.bearer {
             ("authorization", format!("Bearer {key}"))
         } else {
@@ -616,27 +776,27 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             headers.insert(name, v);
         }
     }
-    // The model is read from the request body; bodies are small JSON, so this is the one place
-    // the gateway buffers (the response is never buffered).
-    let body_bytes = match axum::body::to_bytes(body, 32 << 20).await {
-        Ok(b) => b,
-        Err(_) => {
-            return anthropic_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                "request body too large",
-            )
+    // The request body streams through (counted, and its head read for the model name).
+    let sniffer = Arc::new(std::sync::Mutex::new(ModelSniffer::default()));
+    let sniff = sniffer.clone();
+    let mut seen = 0u64;
+    let body_stream = body.into_data_stream().map(move |chunk| {
+        let b = chunk.map_err(std::io::Error::other)?;
+        seen += b.len() as u64;
+        if seen > MAX_REQUEST_BODY {
+            return Err(std::io::Error::other("request body too large"));
         }
-    };
-    let model = serde_json::from_slice::<serde_json::Value>(&body_bytes)
-        .ok()
-        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
-        .unwrap_or_default();
+        if let Ok(mut s) = sniff.lock() {
+            s.feed(&b);
+        }
+        Ok::<_, std::io::Error>(b)
+    });
+    let metered = gw.cfg.meter && route.metered;
     let upstream = gw
         .http
         .request(method, &url)
         .headers(headers)
-        .body(body_bytes)
+        .body(reqwest::Body::wrap_stream(body_stream))
         .send()
         .await;
     let resp = match upstream {
@@ -649,7 +809,8 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             // Reported (no tokens) so the failure shows in the ledger and the error metrics.
             drop(MeterTap {
                 parser: UsageParser::new(false),
-                pending: gw.cfg.meter.then_some((owner, model)),
+                pending: metered.then_some(owner),
+                request_model: sniffer,
                 gw: gw.clone(),
                 status: StatusCode::BAD_GATEWAY.as_u16(),
                 started,
@@ -681,10 +842,11 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             }
         }
     }
-    let body = if gw.cfg.meter {
+    let body = if metered {
         let mut tap = MeterTap {
             parser: UsageParser::new(is_sse),
-            pending: Some((owner, model)),
+            pending: Some(owner),
+            request_model: sniffer,
             gw: gw.clone(),
             status,
             started,
@@ -719,5 +881,55 @@ mod tests {
         assert_eq!(l.admit(), None);
         assert_eq!(l.admit(), None);
         assert_eq!(l.suppressed.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn only_the_listed_routes_are_forwarded() {
+        use super::route;
+        let msg = route("POST", "/v1/messages", None).expect("messages");
+        assert!(msg.credential && msg.metered);
+        assert!(route("POST", "/v1/messages", Some("beta=true")).is_some());
+        assert!(route("POST", "/v1/messages/count_tokens", Some("beta=true")).is_some());
+        assert!(route("GET", "/v1/models", None).is_some_and(|r| !r.metered));
+        assert!(route("GET", "/v1/models/claude-sonnet-4-5", None).is_some());
+        let hello = route("HEAD", "/api/hello", None).expect("hello");
+        assert!(!hello.credential, "the probe never carries the key");
+        for (m, p, q) in [
+            ("GET", "/v1/messages", None),
+            ("POST", "/v1/messages/batches", None),
+            ("GET", "/v1/messages/batches", None),
+            ("POST", "/v1/files", None),
+            ("GET", "/v1/files", None),
+            ("POST", "/v1/complete", None),
+            ("POST", "/v1/messages/cache_touch", None),
+            ("GET", "/_mock/requests", None),
+            ("POST", "/v1/messages/../files", None),
+            ("POST", "/v1/messages/", None),
+            ("POST", "//v1/messages", None),
+            ("POST", "/v1/%6dessages", None),
+            ("GET", "/v1/models/..", None),
+            ("GET", "/v1/models/.", None),
+            ("GET", "/v1/models/", None),
+            ("GET", "/v1/models/a/b", None),
+            ("GET", "/v1/models/%2e%2e", None),
+            ("POST", "/v1/messages", Some("x=/../files")),
+            ("POST", "/v1/messages", Some("a=%41")),
+            ("DELETE", "/v1/messages", None),
+            ("GET", "/api/hello", None),
+        ] {
+            assert!(route(m, p, q).is_none(), "{m} {p} {q:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_model_is_read_from_a_short_or_a_long_body() {
+        let mut s = super::ModelSniffer::default();
+        s.feed(br#"{"model":"claude-sonnet-4-5","messages":[]}"#);
+        assert_eq!(s.model(), "claude-sonnet-4-5");
+        let mut s = super::ModelSniffer::default();
+        s.feed(br#"{"model" : "claude-haiku-4-5", "messages": [""#);
+        s.feed(&vec![b'x'; 100 << 10]);
+        assert_eq!(s.model(), "claude-haiku-4-5");
+        assert_eq!(super::ModelSniffer::default().model(), "");
     }
 }

@@ -30,12 +30,57 @@ pub struct UsageParser {
     /// pings) is not parsed.
     skip_data: bool,
     body: Vec<u8>,
+    json: JsonEnd,
     usage: Usage,
     model: Option<String>,
     finished: bool,
 }
 
 const MAX_JSON_BODY: usize = 8 << 20;
+
+/// Where the first top-level JSON value of a body ends.
+#[derive(Default)]
+struct JsonEnd {
+    depth: u64,
+    started: bool,
+    in_string: bool,
+    escaped: bool,
+    /// The value ended (or the body is too large): nothing more is read.
+    done: bool,
+}
+
+impl JsonEnd {
+    /// The index in `bytes` of the byte that closes the first value, if it is there.
+    fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    self.started = true;
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.started && self.depth == 0 {
+                        return Some(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
 
 /// The usage object of a response or stream event (typed: unknown fields are skipped without
 /// building a JSON tree).
@@ -100,6 +145,7 @@ impl UsageParser {
             line: Vec::new(),
             skip_data: false,
             body: Vec::new(),
+            json: JsonEnd::default(),
             usage: Usage::default(),
             model: None,
             finished: false,
@@ -108,21 +154,7 @@ impl UsageParser {
 
     pub fn feed(&mut self, bytes: &[u8]) {
         if !self.sse {
-            if self.body.len() + bytes.len() <= MAX_JSON_BODY {
-                self.body.extend_from_slice(bytes);
-            }
-            // Only a body that ends in `}` can be complete: do not re-parse a growing body
-            // on every chunk.
-            if self.body.trim_ascii_end().last() != Some(&b'}') {
-                return;
-            }
-            if let Ok(m) = serde_json::from_slice::<WireMessage>(&self.body) {
-                if let Some(u) = &m.usage {
-                    apply(&mut self.usage, u);
-                }
-                self.model = m.model;
-                self.finished = true;
-            }
+            self.feed_json(bytes);
             return;
         }
         let mut rest = bytes;
@@ -137,6 +169,35 @@ impl UsageParser {
             rest = &rest[i + 1..];
         }
         self.line.extend_from_slice(rest);
+    }
+
+    /// A JSON body is parsed once, when its first top-level value closes (found by scanning
+    /// brackets outside strings): the same bytes give the same result however they are split,
+    /// and a growing body is never re-parsed.
+    fn feed_json(&mut self, bytes: &[u8]) {
+        if self.json.done {
+            return;
+        }
+        let room = MAX_JSON_BODY.saturating_sub(self.body.len());
+        let bytes = &bytes[..bytes.len().min(room)];
+        let base = self.body.len();
+        self.body.extend_from_slice(bytes);
+        let Some(end) = self.json.scan(bytes) else {
+            if self.body.len() >= MAX_JSON_BODY {
+                self.json.done = true; // too large to read: no usage
+            }
+            return;
+        };
+        self.json.done = true;
+        let value = &self.body[..base + end + 1];
+        if let Ok(m) = serde_json::from_slice::<WireMessage>(value) {
+            if let Some(u) = &m.usage {
+                apply(&mut self.usage, u);
+            }
+            self.model = m.model;
+            self.finished = true;
+        }
+        self.body = Vec::new();
     }
 
     fn line_done(&mut self, line: &[u8]) {
@@ -225,6 +286,16 @@ mod tests {
         j.feed(br#""output_tokens":6}}"#);
         assert!(j.finished());
         assert_eq!(j.usage().output_tokens, 6);
+        // A value followed by more bytes: read up to its end, whatever the split.
+        let body = br#"{"model":"m3","x":"}\"{","usage":{"output_tokens":4}} trailing}"#;
+        for step in 1..body.len() {
+            let mut j = UsageParser::new(false);
+            for c in body.chunks(step) {
+                j.feed(c);
+            }
+            assert!(j.finished(), "{step}");
+            assert_eq!((j.usage().output_tokens, j.model()), (4, Some("m3".into())));
+        }
     }
 
     #[test]

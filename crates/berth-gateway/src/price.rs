@@ -1,6 +1,11 @@
 //! Model prices, USD per million tokens, for budgets and the ledger. Families match by
-//! substring of the model id (`claude-opus-…`, `claude-sonnet-…`, `claude-haiku-…`); cache
-//! writes cost 1.25× (5 minutes) or 2× (1 hour) the input price, cache reads 0.1×.
+//! substring of the model id (`claude-opus-…`, `claude-sonnet-…`, `claude-haiku-…`), a more
+//! specific entry first where a model is priced apart from its family; cache writes cost
+//! 1.25× (5 minutes) or 2× (1 hour) the input price, cache reads 0.1×.
+//!
+//! The entries agree with what the pinned Claude Code CLI (2.1.328) reports for the same
+//! usage, so a run against the mock model (which answers with the model it was asked for)
+//! shows no gap between the agent's figure and the metered one.
 
 use crate::Usage;
 use serde::{Deserialize, Serialize};
@@ -23,6 +28,14 @@ impl Default for PriceTable {
     fn default() -> Self {
         PriceTable {
             models: vec![
+                // Claude Code 2.1.328's default model; it prices it at $4/$20.
+                (
+                    "opus-5-5".into(),
+                    Price {
+                        input: 4.0,
+                        output: 20.0,
+                    },
+                ),
                 (
                     "opus".into(),
                     Price {
@@ -110,6 +123,9 @@ mod tests {
         };
         assert!((t.cost_usd("claude-sonnet-4-5", &u) - (3.0 + 15.0 + 3.75 + 0.3)).abs() < 1e-9);
         assert_eq!(t.price("claude-haiku-4-5").input, 1.0);
+        assert_eq!(t.price("claude-opus-5-5").output, 20.0);
+        assert_eq!(t.price("claude-opus-4-5").output, 25.0);
+        assert_eq!(t.family("claude-opus-5-5"), "opus-5-5");
         assert_eq!(t.price("unknown").input, 5.0);
         assert_eq!(t.family("claude-sonnet-4-5"), "sonnet");
         assert_eq!(t.family("../../etc"), "other");

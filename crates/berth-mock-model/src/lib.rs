@@ -6,7 +6,10 @@
 //! Anthropic-shaped error bodies. What it answers comes from a [`Scenario`]: rules matched on
 //! the conversation's task (the last plain-text user message), each a list of steps taken one
 //! per assistant turn (text, tool calls, errors, delays, a broken stream). Every request it sees
-//! is recorded and served at `GET /_mock/requests` for tests.
+//! is recorded (credentials only as a fingerprint, see [`fingerprint`]) and served at
+//! `GET /_mock/requests` to whoever presents the mock's inspection token
+//! ([`Mock::inspect_token`], header `x-mock-inspect-token`): the operator, never a box (the
+//! model gateway does not forward `/_mock/*` either).
 
 pub mod scenario;
 
@@ -23,7 +26,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Recorded {
     pub path: String,
+    /// [`fingerprint`] of the `x-api-key` header (never the value).
     pub api_key: Option<String>,
+    /// [`fingerprint`] of the `authorization` header (never the value).
     pub authorization: Option<String>,
     pub anthropic_version: Option<String>,
     pub anthropic_beta: Option<String>,
@@ -34,28 +39,67 @@ pub struct Recorded {
     pub received_unix_ms: f64,
 }
 
+/// What the mock records of a credential: enough to tell which key arrived, not the key
+/// (`sha256:` and the first 16 hex digits of its SHA-256).
+pub fn fingerprint(secret: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(secret.as_bytes());
+    format!("sha256:{}", &hex::encode(d)[..16])
+}
+
+impl Recorded {
+    /// Whether the request carried `x-api-key: key`.
+    pub fn api_key_is(&self, key: &str) -> bool {
+        self.api_key.as_deref() == Some(fingerprint(key).as_str())
+    }
+
+    /// Whether the request carried `authorization: value`.
+    pub fn authorization_is(&self, value: &str) -> bool {
+        self.authorization.as_deref() == Some(fingerprint(value).as_str())
+    }
+}
+
+/// The header that carries the inspection token.
+pub const INSPECT_HEADER: &str = "x-mock-inspect-token";
+
 #[derive(Clone)]
 pub struct Mock {
     scenario: Arc<Scenario>,
     seen: Arc<Mutex<Vec<Recorded>>>,
     /// Pause between streamed chunks.
     chunk_delay: Duration,
+    /// Required to read or clear the record over HTTP.
+    inspect_token: Arc<str>,
 }
 
 impl Mock {
     pub fn new(scenario: Scenario, chunk_delay: Duration) -> Mock {
+        use rand::Rng;
+        let t: [u8; 16] = rand::thread_rng().gen();
         Mock {
             scenario: Arc::new(scenario),
             seen: Arc::new(Mutex::new(Vec::new())),
             chunk_delay,
+            inspect_token: Arc::from(format!("mock-inspect-{}", hex::encode(t))),
         }
     }
 
+    /// The token that opens `/_mock/*` (send it as `x-mock-inspect-token`).
+    pub fn inspect_token(&self) -> &str {
+        &self.inspect_token
+    }
+
     pub fn router(&self) -> Router {
+        let inspect = Router::new()
+            .route("/_mock/requests", get(requests).delete(clear))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                operator_only,
+            ));
         Router::new()
             .route("/v1/messages", post(messages))
             .route("/v1/messages/count_tokens", post(count_tokens))
-            .route("/_mock/requests", get(requests).delete(clear))
+            .merge(inspect)
             .fallback(|| async {
                 api_error(
                     StatusCode::NOT_FOUND,
@@ -77,6 +121,35 @@ fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {
         Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
     )
         .into_response()
+}
+
+/// The inspection routes answer only the holder of the inspection token; anyone else gets
+/// the same 404 as for an unknown path.
+async fn operator_only(
+    State(m): State<Mock>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(INSPECT_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let want = m.inspect_token.as_bytes();
+    let same = given.len() == want.len()
+        && given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "no such endpoint on the mock model",
+        );
+    }
+    next.run(req).await
 }
 
 fn header(h: &HeaderMap, k: &str) -> Option<String> {
@@ -198,8 +271,8 @@ async fn messages(
     if let Ok(mut seen) = m.seen.lock() {
         seen.push(Recorded {
             path: "/v1/messages".into(),
-            api_key: header(&headers, "x-api-key"),
-            authorization: header(&headers, "authorization"),
+            api_key: header(&headers, "x-api-key").map(|v| fingerprint(&v)),
+            authorization: header(&headers, "authorization").map(|v| fingerprint(&v)),
             anthropic_version: header(&headers, "anthropic-version"),
             anthropic_beta: header(&headers, "anthropic-beta"),
             body: body.clone(),

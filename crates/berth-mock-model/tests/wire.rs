@@ -72,7 +72,7 @@ async fn streaming_events_are_well_formed() {
     assert!(delta.1["usage"]["output_tokens"].as_u64().expect("tokens") > 0);
     let seen = mock.recorded();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].api_key.as_deref(), Some("k1"));
+    assert!(seen[0].api_key_is("k1"), "{:?}", seen[0].api_key);
     assert_eq!(seen[0].anthropic_version.as_deref(), Some("2023-06-01"));
     assert_eq!(
         seen[0].usage["output_tokens"],
@@ -128,4 +128,55 @@ async fn non_streaming_errors_and_count_tokens() {
         .expect("send");
     let v: Value = r.json().await.expect("json");
     assert!(v["input_tokens"].as_u64().expect("n") > 0);
+}
+
+#[tokio::test]
+async fn the_record_holds_no_credential_and_opens_only_to_the_operator() {
+    let (url, mock) = start(Scenario::demo()).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", "sk-ant-real-secret")
+        .header("authorization", "Bearer sk-ant-other-secret")
+        .json(&json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    // Without the token (or with a wrong one, or the API key): the same 404 as any unknown path.
+    for token in [None, Some("wrong"), Some("sk-ant-real-secret")] {
+        let mut get = http.get(format!("{url}/_mock/requests"));
+        let mut del = http.delete(format!("{url}/_mock/requests"));
+        if let Some(t) = token {
+            get = get.header(berth_mock_model::INSPECT_HEADER, t);
+            del = del.header(berth_mock_model::INSPECT_HEADER, t);
+        }
+        assert_eq!(get.send().await.expect("get").status().as_u16(), 404);
+        assert_eq!(del.send().await.expect("del").status().as_u16(), 404);
+    }
+    assert_eq!(mock.recorded().len(), 1, "a refused DELETE cleared nothing");
+    let r = http
+        .get(format!("{url}/_mock/requests"))
+        .header(berth_mock_model::INSPECT_HEADER, mock.inspect_token())
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.expect("text");
+    assert!(
+        !text.contains("sk-ant-"),
+        "a credential in the record: {text}"
+    );
+    let seen: Vec<berth_mock_model::Recorded> = serde_json::from_str(&text).expect("json");
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].api_key_is("sk-ant-real-secret"));
+    assert!(seen[0].authorization_is("Bearer sk-ant-other-secret"));
+    let r = http
+        .delete(format!("{url}/_mock/requests"))
+        .header(berth_mock_model::INSPECT_HEADER, mock.inspect_token())
+        .send()
+        .await
+        .expect("del");
+    assert_eq!(r.status().as_u16(), 204);
+    assert!(mock.recorded().is_empty());
 }

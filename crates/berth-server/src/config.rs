@@ -49,6 +49,32 @@ pub struct Config {
     pub egress: EgressSection,
     pub cost: CostSection,
     pub idle_timeout: IdleTimeoutSection,
+    pub box_sockets: BoxSocketsSection,
+}
+
+/// Limits on each socket a box reaches (model gateway, egress proxy, box-side API), per box
+/// and per socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BoxSocketsSection {
+    /// Connections open at once; more are answered 503 and closed. Also
+    /// `BERTH_BOX_MAX_CONNECTIONS`.
+    pub max_connections: usize,
+    /// Seconds a connection has to send a request head. Also `BERTH_BOX_HEADER_TIMEOUT_SECS`.
+    pub header_timeout_secs: u64,
+    /// Seconds without a byte moving either way before a connection is closed (a streaming
+    /// answer that keeps moving is never cut). Also `BERTH_BOX_IDLE_TIMEOUT_SECS`.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for BoxSocketsSection {
+    fn default() -> Self {
+        BoxSocketsSection {
+            max_connections: 128,
+            header_timeout_secs: 10,
+            idle_timeout_secs: 300,
+        }
+    }
 }
 
 // ---- default idle timeouts (a box whose spec does not say) ----
@@ -224,6 +250,7 @@ impl Default for Config {
             egress: EgressSection::default(),
             cost: CostSection::default(),
             idle_timeout: IdleTimeoutSection::default(),
+            box_sockets: BoxSocketsSection::default(),
         }
     }
 }
@@ -327,6 +354,27 @@ impl Config {
                     .overrides
                     .insert(name.to_string(), addr.to_string());
             }
+        }
+        for (name, slot) in [
+            (
+                "BERTH_BOX_HEADER_TIMEOUT_SECS",
+                &mut self.box_sockets.header_timeout_secs,
+            ),
+            (
+                "BERTH_BOX_IDLE_TIMEOUT_SECS",
+                &mut self.box_sockets.idle_timeout_secs,
+            ),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = v
+                    .parse()
+                    .map_err(|e| ConfigError::Env(name, format!("{e}")))?;
+            }
+        }
+        if let Some(v) = var("BERTH_BOX_MAX_CONNECTIONS") {
+            self.box_sockets.max_connections = v
+                .parse()
+                .map_err(|e| ConfigError::Env("BERTH_BOX_MAX_CONNECTIONS", format!("{e}")))?;
         }
         if let Some(v) = var("BERTH_EGRESS_CA_FILE") {
             self.egress.ca_files.push(PathBuf::from(v));

@@ -314,6 +314,7 @@ pub async fn run(
         ),
         warn_fraction: cfg.cost.budget_warn_fraction,
         meter: true,
+        box_connections: box_connections(&cfg.box_sockets),
         bearer: match cfg.upstream_auth.as_str() {
             "x-api-key" => false,
             "bearer" => true,
@@ -343,6 +344,7 @@ pub async fn run(
         berth_gateway::egress::Egress::new(berth_gateway::egress::EgressConfig {
             overrides,
             extra_roots_pem,
+            connections: box_connections(&cfg.box_sockets),
         })
         .map_err(|e| ServerError::Other(e.to_string()))?;
     let engine = Engine::new(
@@ -457,4 +459,12 @@ pub async fn run(
         .map_err(|e| ServerError::Other(format!("serving: {e}")))?;
     let _ = std::fs::remove_file(cfg.data_dir.join("server.json"));
     Ok(())
+}
+
+fn box_connections(c: &config::BoxSocketsSection) -> berth_gateway::ConnLimits {
+    berth_gateway::ConnLimits {
+        max_connections: c.max_connections.max(1),
+        header_timeout: std::time::Duration::from_secs(c.header_timeout_secs.max(1)),
+        idle_timeout: std::time::Duration::from_secs(c.idle_timeout_secs.max(1)),
+    }
 }

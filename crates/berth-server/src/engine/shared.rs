@@ -96,6 +96,7 @@ pub fn serve_box_api(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use axum::routing::{get, post};
     let listener = berth_gateway::bind_box_socket(socket)?;
+    let limits = engine.gateway.conn_limits();
     let state = BoxApi {
         engine,
         box_id: box_id.to_string(),
@@ -105,9 +106,16 @@ pub fn serve_box_api(
         .route("/v1/sessions/{id}/messages", post(message))
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
-    Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }))
+    let over_cap = berth_gateway::conn::refusal_response(
+        "503 Service Unavailable",
+        &serde_json::json!({"error": {"code": "too_many_connections",
+            "message": "berth: too many connections from this box to the box API"}})
+        .to_string(),
+    );
+    // Capped and timed out like the gateway's socket: the box controls every connection.
+    Ok(tokio::spawn(berth_gateway::conn::serve_http(
+        listener, app, limits, over_cap,
+    )))
 }
 
 #[derive(Clone)]
