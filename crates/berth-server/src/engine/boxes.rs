@@ -553,7 +553,10 @@ impl BoxActor {
             .stop_box_sessions(&self.obj.id, "box parked")
             .await;
         let key = format!("boxes/{}/{}.tar.zst", self.obj.id, self.last_seq + 1);
-        let mut snapshot = match self.archive(&super::park::PATHS, key).await {
+        let mut snapshot = match self
+            .archive(&super::park::PATHS, super::park::Audience::Box, key)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(box_id = %self.obj.id, error = %e, "parking failed; the box keeps running");
@@ -623,7 +626,10 @@ impl BoxActor {
     /// box's events and does not hold up the destroy.
     async fn keep_workspace(&mut self) {
         let key = format!("artifacts/{}.tar.zst", self.obj.id);
-        match self.archive(&["workspace"], key).await {
+        match self
+            .archive(&["workspace"], super::park::Audience::Client, key)
+            .await
+        {
             Ok(a) => self.obj.artifact = Some(a),
             Err(e) => {
                 self.event("artifact_failed", serde_json::json!({ "reason": e }))
@@ -635,13 +641,23 @@ impl BoxActor {
     /// `paths` of the box archived by `tar` inside it and stored at `key`; the error is fit
     /// for clients (the store's own, which names server paths, is only logged).
     async fn archive(
-        &self,
+        &mut self,
         paths: &[&str],
+        audience: super::park::Audience,
         key: String,
     ) -> Result<berth_api::SnapshotInfo, String> {
-        let archive = super::park::capture_paths(&self.backend, &self.obj.id, paths)
+        let captured = super::park::capture_paths(&self.backend, &self.obj.id, paths, audience)
             .await
             .map_err(|e| e.to_string())?;
+        if captured.dropped.count > 0 {
+            self.event(
+                "artifact_entries_dropped",
+                serde_json::json!({"count": captured.dropped.count, "names": captured.dropped.names,
+                    "reason": "links leading out of the archive, unsafe names, devices"}),
+            )
+            .await;
+        }
+        let archive = captured.data;
         let s = self
             .engine
             .config

@@ -82,6 +82,12 @@ pub struct Engine {
     shared_alloc: tokio::sync::Mutex<()>,
     /// Per trigger: the start of its current minute and the webhook calls taken in it.
     hook_windows: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
+    /// Signed webhook calls already accepted (signature → when it may be forgotten): a replay
+    /// inside the timestamp window is refused.
+    pub(crate) hook_seen: std::sync::Mutex<HashMap<String, i64>>,
+    /// Ids of API keys deleted during this run: streams opened with one of them end (see
+    /// [`Engine::key_revoked`]). Grows by one id per deletion.
+    revoked_keys: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -122,6 +128,8 @@ impl Engine {
             triggers_changed: tokio::sync::Notify::new(),
             shared_alloc: tokio::sync::Mutex::new(()),
             hook_windows: std::sync::Mutex::new(HashMap::new()),
+            hook_seen: std::sync::Mutex::new(HashMap::new()),
+            revoked_keys: tokio::sync::watch::channel(Default::default()).0,
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })
@@ -144,6 +152,26 @@ impl Engine {
     pub(crate) fn forget_session(&self, id: &str) {
         if let Ok(mut m) = self.sessions.write() {
             m.remove(id);
+        }
+    }
+
+    /// Record that the key `id` was deleted: every stream opened with it ends.
+    pub fn revoke_key(&self, id: &str) {
+        self.revoked_keys.send_modify(|s| {
+            s.insert(id.to_string());
+        });
+    }
+
+    /// Resolves once the key `id` has been deleted (at once if it already was). Long-lived
+    /// responses (SSE, WebSocket, proxied ports) select on it so a credential ends everything it
+    /// opened when it is revoked, not only its next request.
+    pub fn key_revoked(&self, id: &str) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.revoked_keys.subscribe();
+        let id = id.to_string();
+        async move {
+            if rx.wait_for(|s| s.contains(&id)).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 

@@ -64,25 +64,85 @@ async fn finish(
     Err(ParkError::Tar("the exec stream ended early".into()))
 }
 
-/// An archive of `paths` (relative to the box's root), compressed.
+/// What [`capture_paths`] made: the compressed archive, and the entries the sanitiser left out.
+pub struct Captured {
+    pub data: Bytes,
+    pub dropped: Dropped,
+}
+
+/// Entries left out of a sanitised archive: how many, and the first few names.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub count: u64,
+    pub names: Vec<String>,
+}
+
+/// Names of dropped entries kept for the box's event.
+const DROPPED_NAMES: usize = 20;
+
+/// Whether the archive is for the box itself (a park snapshot, unpacked in the box again, so
+/// its links are the box's own business) or leaves the box (a workspace artifact a client
+/// unpacks on its own machine: see [`sanitize_tar`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Box,
+    Client,
+}
+
+/// Reads a channel's chunks as one byte stream (the box's tar output, on a blocking thread).
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.cur = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+/// An archive of `paths` (relative to the box's root), compressed; for a client, sanitised.
 pub async fn capture_paths(
     backend: &Backend,
     box_id: &str,
     paths: &[&str],
-) -> Result<Bytes, ParkError> {
+    audience: Audience,
+) -> Result<Captured, ParkError> {
     let mut argv = vec!["tar", "-C", "/", "--numeric-owner", "-cf", "-"];
     argv.extend(paths);
     let mut h = backend.exec(box_id, tar_spec(&argv)).await?;
     drop(h.input);
-    // Compress on a blocking thread as the chunks arrive.
+    // Compress (and sanitise) on a blocking thread as the chunks arrive.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
-    let encoder = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+    let encoder = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Dropped)> {
         use std::io::Write;
         let mut enc = zstd::stream::Encoder::new(Vec::new(), 1)?;
-        for chunk in rx {
-            enc.write_all(&chunk)?;
-        }
-        enc.finish()
+        let mut reader = ChunkReader {
+            rx,
+            cur: Bytes::new(),
+        };
+        let dropped = match audience {
+            Audience::Box => {
+                std::io::copy(&mut reader, &mut enc)?;
+                Dropped::default()
+            }
+            Audience::Client => {
+                let d = sanitize_tar(&mut reader, &mut enc)?;
+                // Drain what the box wrote past the archive's end so its tar is not cut off.
+                std::io::copy(&mut reader, &mut std::io::sink())?;
+                d
+            }
+        };
+        enc.flush()?;
+        Ok((enc.finish()?, dropped))
     });
     let streamed = finish(&mut h.events, |b| {
         tx.send(b)
@@ -90,11 +150,104 @@ pub async fn capture_paths(
     })
     .await;
     drop(tx);
-    let compressed = encoder
+    let (compressed, dropped) = encoder
         .await
         .map_err(|e| ParkError::Compress(std::io::Error::other(e)))??;
     streamed?;
-    Ok(Bytes::from(compressed))
+    Ok(Captured {
+        data: Bytes::from(compressed),
+        dropped,
+    })
+}
+
+/// Copy a tar stream the box wrote, leaving out every entry that could reach outside the
+/// archive's top directory when a client unpacks it: names that are absolute, hold `..`, or
+/// pass through a symbolic link of the archive; symbolic links whose target is absolute or
+/// climbs above the top directory (`..` only as leading components, no deeper than the link
+/// sits); hard links to such names; and devices and FIFOs. Kept entries keep their metadata.
+///
+/// Why `..` only leads: after a normal component it may climb out of a directory that is
+/// itself a link, which a lexical check cannot see. With names never passing through a
+/// link, a leading `..` climbs real directories, so counting them is exact.
+pub fn sanitize_tar(
+    input: impl std::io::Read,
+    output: impl std::io::Write,
+) -> std::io::Result<Dropped> {
+    use std::path::{Component, Path, PathBuf};
+    let mut archive = tar::Archive::new(input);
+    let mut out = tar::Builder::new(output);
+    out.follow_symlinks(false);
+    let mut links: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+    let mut dropped = Dropped::default();
+    // A name made of normal components only, none of whose ancestors is a link in the archive.
+    let plain = |p: &Path, links: &std::collections::HashSet<PathBuf>| {
+        p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+            && p.components().next().is_some()
+            && !p.ancestors().skip(1).any(|a| links.contains(a))
+    };
+    for entry in archive.entries()? {
+        let mut e = entry?;
+        let path = e.path()?.into_owned();
+        let kind = e.header().entry_type();
+        let target = e.link_name()?.map(|t| t.into_owned());
+        let keep = plain(&path, &links)
+            && match kind {
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::Directory => true,
+                tar::EntryType::Link => target.as_deref().is_some_and(|t| plain(t, &links)),
+                tar::EntryType::Symlink => target
+                    .as_deref()
+                    .is_some_and(|t| link_stays_inside(&path, t)),
+                _ => false,
+            };
+        if !keep {
+            dropped.count += 1;
+            if dropped.names.len() < DROPPED_NAMES {
+                dropped.names.push(path.to_string_lossy().into_owned());
+            }
+            continue;
+        }
+        let mut header = e.header().clone();
+        match (kind, target) {
+            (tar::EntryType::Symlink | tar::EntryType::Link, Some(t)) => {
+                if kind == tar::EntryType::Symlink {
+                    links.insert(normal(&path));
+                }
+                out.append_link(&mut header, &path, &t)?;
+            }
+            _ => out.append_data(&mut header, &path, &mut e)?,
+        }
+    }
+    out.into_inner()?;
+    Ok(dropped)
+}
+
+/// `p` without `.` components (as links are looked up).
+fn normal(p: &std::path::Path) -> std::path::PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+/// Whether the symbolic link at `link` (an archive name) pointing to `target` resolves
+/// inside the archive's top directory (the first component of `link`).
+fn link_stays_inside(link: &std::path::Path, target: &std::path::Path) -> bool {
+    use std::path::Component;
+    // Directories between the top directory and the link: how far a target may climb.
+    let depth = normal(link).components().count().saturating_sub(2);
+    let mut climbs = 0;
+    let mut descended = false;
+    for c in target.components() {
+        match c {
+            Component::ParentDir if !descended => climbs += 1,
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return false,
+            Component::CurDir => {}
+            Component::Normal(_) => descended = true,
+        }
+    }
+    climbs <= depth && !target.as_os_str().is_empty()
 }
 
 /// Unpack an archive made by [`capture`] into the box (same paths).
@@ -140,4 +293,76 @@ pub async fn unpack(backend: &Backend, box_id: &str, archive: Bytes) -> Result<(
         .await
         .map_err(|e| ParkError::Compress(std::io::Error::other(e)))??;
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: tar::EntryType, name: &str, link: Option<&str>, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(size);
+        // Raw names: the builder would refuse the hostile ones a box can write.
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_cksum();
+        h
+    }
+
+    #[test]
+    fn sanitising_drops_everything_that_leads_out_of_the_archive() {
+        use tar::EntryType::*;
+        let mut b = tar::Builder::new(Vec::new());
+        let entries: &[(tar::EntryType, &str, Option<&str>)] = &[
+            (Directory, "workspace/", None),
+            (Regular, "workspace/a.txt", None),
+            (Symlink, "workspace/ok", Some("a.txt")),
+            (Directory, "workspace/d/", None),
+            (Symlink, "workspace/d/up", Some("../a.txt")),
+            (Symlink, "workspace/x", Some("/etc/passwd")),
+            (Symlink, "workspace/y", Some("../../..")),
+            (Symlink, "workspace/z", Some("..")),
+            (Symlink, "workspace/d/sneak", Some("up/../../..")),
+            (Symlink, "workspace/here", Some(".")),
+            (Regular, "workspace/here/through", None),
+            (Regular, "../evil", None),
+            (Regular, "/abs", None),
+            (Link, "workspace/hard", Some("workspace/a.txt")),
+            (Link, "workspace/hard2", Some("/etc/shadow")),
+            (Fifo, "workspace/fifo", None),
+        ];
+        for (kind, name, link) in entries {
+            let data: &[u8] = if *kind == Regular { b"hi" } else { b"" };
+            let h = header(*kind, name, *link, data.len() as u64);
+            b.append(&h, data).expect("append");
+        }
+        let input = b.into_inner().expect("tar");
+        let mut out = Vec::new();
+        let dropped = sanitize_tar(&input[..], &mut out).expect("sanitise");
+        let mut kept = Vec::new();
+        let mut ar = tar::Archive::new(&out[..]);
+        for e in ar.entries().expect("entries") {
+            let e = e.expect("entry");
+            kept.push(e.path().expect("path").to_string_lossy().into_owned());
+        }
+        assert_eq!(
+            kept,
+            [
+                "workspace/",
+                "workspace/a.txt",
+                "workspace/ok",
+                "workspace/d/",
+                "workspace/d/up",
+                "workspace/here",
+                "workspace/hard"
+            ]
+        );
+        assert_eq!(dropped.count, 9, "{dropped:?}");
+        assert!(dropped.names.contains(&"workspace/x".to_string()));
+    }
 }

@@ -1,0 +1,323 @@
+//! Issue #14's control-plane hardening, attacked end to end against a real `berth serve`:
+//! revoked keys end their streams, webhook replays are refused, `/metrics` needs an admin key,
+//! artifacts carry no link out of themselves, quotas hold under concurrency, and more.
+
+mod common;
+
+use common::{Api, Server};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+async fn small_box(api: &Api, extra: Value) -> String {
+    let mut spec = json!({"resources": {"memory_mib": 256, "disk_mib": 64, "pids": 64}});
+    if let (Some(o), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    let r = api.post("/v1/boxes", spec).await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    r.json["id"].as_str().expect("id").to_string()
+}
+
+fn echo_agent() -> Value {
+    json!({"kind": "command", "argv": ["/bin/sh", "-c", "while read -r l; do echo \"echo: $l\"; done"]})
+}
+
+/// A new key for `tenant` (admin call); returns (key id, client).
+async fn tenant_key(admin: &Api, tenant: &str) -> (String, Api) {
+    let r = admin.post("/v1/keys", json!({"tenant": tenant})).await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    (
+        r.json["id"].as_str().expect("id").to_string(),
+        Api::new(&admin.url, r.json["key"].as_str().expect("key")),
+    )
+}
+
+async fn exec(api: &Api, bx: &str, script: &str) -> Value {
+    let r = api
+        .post(
+            &format!("/v1/boxes/{bx}/exec"),
+            json!({"argv": ["sh", "-c", script]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json
+}
+
+/// Deleting a key ends the SSE stream and the WebSocket it opened within a second; another
+/// tenant's stream on the same server carries on.
+#[tokio::test]
+async fn revoking_a_key_ends_its_streams_within_a_second() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let admin = srv.client();
+    let (key_id, mallory) = tenant_key(&admin, "mallory").await;
+    let (_, bob) = tenant_key(&admin, "bob").await;
+    let mut sids = vec![];
+    for api in [&mallory, &bob] {
+        let bx = small_box(api, json!({})).await;
+        let r = api
+            .post(
+                "/v1/sessions",
+                json!({"box": bx, "agent": echo_agent(), "prompt": "hello"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.json);
+        sids.push(r.json["id"].as_str().expect("sid").to_string());
+    }
+    let sse = |api: &Api, sid: &str| {
+        api.http
+            .get(format!("{}/v1/sessions/{sid}/events", api.url))
+            .bearer_auth(&api.token)
+            .send()
+    };
+    let m_sse = sse(&mallory, &sids[0]).await.expect("sse");
+    assert_eq!(m_sse.status(), 200);
+    let mut m_sse = m_sse.bytes_stream();
+    let b_sse = sse(&bob, &sids[1]).await.expect("sse");
+    let mut b_sse = b_sse.bytes_stream();
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "{}/v1/sessions/{}/ws",
+            mallory.url.replace("http://", "ws://"),
+            sids[0]
+        ))
+        .expect("req");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", mallory.token).parse().expect("hdr"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+    // Both streams are live: the first event arrives on each.
+    let first = tokio::time::timeout(Duration::from_secs(20), m_sse.next())
+        .await
+        .expect("sse event in time");
+    assert!(first.is_some());
+    let first = tokio::time::timeout(Duration::from_secs(20), ws.next())
+        .await
+        .expect("ws event in time");
+    assert!(matches!(first, Some(Ok(_))));
+
+    let t = Instant::now();
+    assert_eq!(
+        admin.delete(&format!("/v1/keys/{key_id}")).await.status,
+        204
+    );
+    let sse_end = async { while let Some(Ok(_)) = m_sse.next().await {} };
+    let ws_end = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                    return f.map(|f| f.reason.to_string())
+                }
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    };
+    let (_, closed) = tokio::time::timeout(Duration::from_secs(1), async {
+        tokio::join!(sse_end, ws_end)
+    })
+    .await
+    .expect("both streams ended within a second of the revocation");
+    assert_eq!(closed.as_deref(), Some("API key revoked"));
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // The key is refused from now on; bob's stream and the server carry on.
+    assert_eq!(mallory.get("/v1/boxes").await.status, 401);
+    let r = bob
+        .post(
+            &format!("/v1/sessions/{}/messages", sids[1]),
+            json!({"content": "still here"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while !seen.contains("echo: still here") {
+        let chunk = tokio::time::timeout_at(deadline, b_sse.next())
+            .await
+            .expect("bob's events keep coming")
+            .expect("bob's stream open")
+            .expect("chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    srv.stop().await;
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+fn sign(secret: &str, ts: &str, body: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(format!("{ts}.{body}").as_bytes());
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A captured signed webhook cannot be sent again, nor sent late; a signature without the
+/// timestamp (the old format) is refused. None of the refused calls starts a session.
+#[tokio::test]
+async fn signed_webhooks_refuse_replays_and_stale_timestamps() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let bx = small_box(&api, json!({})).await;
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"box": bx, "agent": echo_agent(), "prompt": "got {{n}}"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let path = r.json["webhook_path"].as_str().expect("path").to_string();
+    let secret = r.json["secret"].as_str().expect("secret").to_string();
+    let post = |ts: Option<String>, sig: String, body: &'static str| {
+        let mut rb = api
+            .http
+            .post(format!("{}{path}", api.url))
+            .header("x-berth-signature-256", sig)
+            .body(body);
+        if let Some(ts) = ts {
+            rb = rb.header("x-berth-timestamp", ts);
+        }
+        api.raw(rb)
+    };
+    let sessions = || async {
+        api.get("/v1/sessions").await.json["items"]
+            .as_array()
+            .map(Vec::len)
+    };
+    let body = r#"{"n": 1}"#;
+    let ts = now_s().to_string();
+    let sig = sign(&secret, &ts, body);
+    let ok = post(Some(ts.clone()), sig.clone(), body).await;
+    assert_eq!(ok.status, 202, "{}", ok.json);
+    assert_eq!(sessions().await, Some(1));
+
+    let replay = post(Some(ts.clone()), sig.clone(), body).await;
+    assert_eq!(replay.status, 401, "{}", replay.json);
+    assert!(
+        replay.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("replay")),
+        "{}",
+        replay.json
+    );
+    let stale_ts = (now_s() - 600).to_string();
+    let stale = post(Some(stale_ts.clone()), sign(&secret, &stale_ts, body), body).await;
+    assert_eq!(stale.status, 401, "{}", stale.json);
+    assert!(
+        stale.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("window")),
+        "{}",
+        stale.json
+    );
+    let future_ts = (now_s() + 600).to_string();
+    let future = post(
+        Some(future_ts.clone()),
+        sign(&secret, &future_ts, body),
+        body,
+    )
+    .await;
+    assert_eq!(future.status, 401, "{}", future.json);
+    // The old format (body only, no timestamp) is refused.
+    let old = {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("k");
+        mac.update(body.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    assert_eq!(post(None, old.clone(), body).await.status, 401);
+    // Nor can the captured signature be moved to a fresh timestamp.
+    assert_eq!(post(Some(now_s().to_string()), sig, body).await.status, 401);
+    assert_eq!(
+        sessions().await,
+        Some(1),
+        "no refused call started a session"
+    );
+    // A new, freshly signed call is accepted.
+    let body2 = r#"{"n": 2}"#;
+    let ts2 = now_s().to_string();
+    let r = post(Some(ts2.clone()), sign(&secret, &ts2, body2), body2).await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    srv.stop().await;
+}
+
+/// `/metrics` names tenants and their spend: no key gets 401, a tenant key 403, an admin key
+/// the text.
+#[tokio::test]
+async fn metrics_need_an_admin_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let admin = srv.client();
+    let (_, tenant) = tenant_key(&admin, "acme").await;
+    let anon = admin
+        .raw(admin.http.get(format!("{}/metrics", admin.url)))
+        .await;
+    assert_eq!(anon.status, 401, "{}", anon.json);
+    let t = tenant.get("/metrics").await;
+    assert_eq!(t.status, 403, "{}", t.json);
+    assert!(!String::from_utf8_lossy(&t.bytes).contains("berth_"));
+    let a = admin.get("/metrics").await;
+    assert_eq!(a.status, 200);
+    assert!(String::from_utf8_lossy(&a.bytes).contains("berth_boxes"));
+    srv.stop().await;
+}
+
+/// A box plants links out of its workspace before its `keep_workspace` archive is made: the
+/// artifact leaves them out (and says so in the box's events); its own files and inner links
+/// are kept, and unpacking it writes nothing outside the target directory.
+#[tokio::test]
+async fn artifacts_carry_no_link_leading_outside() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let bx = small_box(&api, json!({"keep_workspace": true})).await;
+    let out = exec(
+        &api,
+        &bx,
+        "cd /workspace && echo mine > f && ln -s f ok && ln -s /etc/passwd x && ln -s ../../.. y \
+         && mkdir d && ln -s ../f d/up && ln -s . here && mkfifo p && echo done",
+    )
+    .await;
+    assert_eq!(out["stdout"], "done\n", "{out}");
+    assert_eq!(api.delete(&format!("/v1/boxes/{bx}")).await.status, 200);
+    let tar = api.get(&format!("/v1/boxes/{bx}/artifact")).await;
+    assert_eq!(tar.status, 200, "{}", tar.json);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let file = tmp.path().join("a.tar");
+    std::fs::write(&file, &tar.bytes).expect("write");
+    let listing = std::process::Command::new("tar")
+        .arg("-tvf")
+        .arg(&file)
+        .output()
+        .expect("tar");
+    assert!(listing.status.success());
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    for kept in [
+        "workspace/f",
+        "workspace/ok -> f",
+        "workspace/d/up -> ../f",
+        "workspace/here -> .",
+    ] {
+        assert!(listing.contains(kept), "{kept} kept: {listing}");
+    }
+    for gone in ["workspace/x", "workspace/y", "/etc/passwd", "workspace/p"] {
+        assert!(!listing.contains(gone), "{gone} left out: {listing}");
+    }
+    let evs = api.get(&format!("/v1/boxes/{bx}/events")).await.json;
+    let dropped = evs["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["type"] == "artifact_entries_dropped"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(dropped["data"]["count"], 3, "{evs}");
+    srv.stop().await;
+}
