@@ -321,3 +321,348 @@ async fn artifacts_carry_no_link_leading_outside() {
     assert_eq!(dropped["data"]["count"], 3, "{evs}");
     srv.stop().await;
 }
+
+/// Read from `s` until the server closes it (EOF or reset); how long that took.
+async fn until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let t = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return t.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the server kept the connection open past {limit:?}"),
+        }
+    }
+}
+
+fn addr(srv: &Server) -> String {
+    srv.url.trim_start_matches("http://").to_string()
+}
+
+/// A client that connects and says nothing, one that dribbles its headers a byte at a time,
+/// and an idle keep-alive are all closed once the header timeout passes; other clients are
+/// served meanwhile.
+#[tokio::test]
+async fn slow_and_silent_clients_are_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(dir.path(), &[("BERTH_HEADER_READ_TIMEOUT_S", "2")]).await;
+    let api = srv.client();
+    let a = addr(&srv);
+    let mut silent = tokio::net::TcpStream::connect(&a).await.expect("connect");
+    let mut dribbler = tokio::net::TcpStream::connect(&a).await.expect("connect");
+    dribbler
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let drip = tokio::spawn(async move {
+        let t = Instant::now();
+        // One header byte every 200 ms: never a whole head, never silent for long.
+        while t.elapsed() < Duration::from_secs(10) {
+            if dribbler.write_all(b"X").await.is_err() {
+                return (dribbler, t.elapsed(), true);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        (dribbler, t.elapsed(), false)
+    });
+    // A keep-alive connection that served one request and then goes quiet.
+    let mut idle = tokio::net::TcpStream::connect(&a).await.expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // Meanwhile others are served, many times.
+    for _ in 0..20 {
+        assert_eq!(api.get("/healthz").await.status, 200);
+    }
+    let waited = until_closed(&mut silent, Duration::from_secs(6)).await;
+    assert!(waited < Duration::from_secs(5), "silent: {waited:?}");
+    let waited = until_closed(&mut idle, Duration::from_secs(6)).await;
+    assert!(
+        waited < Duration::from_secs(5),
+        "idle keep-alive: {waited:?}"
+    );
+    let (mut dribbler, _, write_failed) = drip.await.expect("drip");
+    if !write_failed {
+        // Writes may still be buffered by the kernel; the read side shows the close.
+        until_closed(&mut dribbler, Duration::from_secs(1)).await;
+    }
+    assert_eq!(api.get("/healthz").await.status, 200);
+    srv.stop().await;
+}
+
+/// One address holding its share of connections gets no more; others at once when it lets go.
+#[tokio::test]
+async fn one_peer_cannot_take_every_connection() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(
+        dir.path(),
+        &[
+            ("BERTH_MAX_CONNECTIONS_PER_PEER", "4"),
+            ("BERTH_HEADER_READ_TIMEOUT_S", "30"),
+        ],
+    )
+    .await;
+    let a = addr(&srv);
+    let mut held = vec![];
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(&a).await.expect("connect"));
+    }
+    // The fifth is closed at accept, long before the header timeout.
+    let mut fifth = tokio::net::TcpStream::connect(&a).await.expect("connect");
+    let waited = until_closed(&mut fifth, Duration::from_secs(5)).await;
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    drop(held);
+    let api = srv.client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = api.http.get(format!("{}/healthz", api.url)).send().await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "served again once the peer let go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    srv.stop().await;
+}
+
+/// The operator's ceiling on one box and a tenant's total are 400 and 429 naming the limit;
+/// another tenant is unaffected, and freeing a box makes room again.
+#[tokio::test]
+async fn box_ceilings_and_tenant_totals_name_the_limit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(
+        dir.path(),
+        &[
+            ("BERTH_MAX_BOX_MEMORY_MIB", "512"),
+            ("BERTH_TENANT_MAX_MEMORY_MIB", "600"),
+        ],
+    )
+    .await;
+    let admin = srv.client();
+    let (_, acme) = tenant_key(&admin, "acme").await;
+    let (_, other) = tenant_key(&admin, "other").await;
+    let spec = |mem: u64, pids: u64| json!({"resources": {"memory_mib": mem, "disk_mib": 64, "pids": pids}});
+    let r = acme.post("/v1/boxes", spec(1024, 64)).await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_box.memory_mib = 512")),
+        "{}",
+        r.json
+    );
+    let r = acme.post("/v1/boxes", spec(256, 5000)).await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_box.pids = 4096")),
+        "{}",
+        r.json
+    );
+    let r = acme
+        .post(
+            "/v1/boxes",
+            json!({"resources": {"cpus": 1000.0, "memory_mib": 256, "disk_mib": 64}}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_box.cpus")),
+        "{}",
+        r.json
+    );
+    let first = acme.post("/v1/boxes", spec(300, 64)).await;
+    assert_eq!(first.status, 201, "{}", first.json);
+    let r = acme.post("/v1/boxes", spec(301, 64)).await;
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tenant_max.memory_mib = 600")),
+        "{}",
+        r.json
+    );
+    let r = other.post("/v1/boxes", spec(300, 64)).await;
+    assert_eq!(
+        r.status, 201,
+        "another tenant has its own total: {}",
+        r.json
+    );
+    assert_eq!(
+        acme.post("/v1/boxes", spec(300, 64)).await.status,
+        201,
+        "300 + 300 fits"
+    );
+    let id = first.json["id"].as_str().expect("id");
+    assert_eq!(acme.delete(&format!("/v1/boxes/{id}")).await.status, 200);
+    assert_eq!(
+        acme.post("/v1/boxes", spec(300, 64)).await.status,
+        201,
+        "room again"
+    );
+    srv.stop().await;
+}
+
+/// N creates at once against a quota of N-2: exactly N-2 boxes are made.
+#[tokio::test]
+async fn concurrent_creates_cannot_pass_the_box_quota() {
+    const N: usize = 6;
+    let dir = tempfile::tempdir().expect("tmp");
+    let quota = (N - 2).to_string();
+    let srv = Server::start_with(dir.path(), &[("BERTH_MAX_BOXES_PER_TENANT", &quota)]).await;
+    let api = srv.client();
+    let creates = (0..N).map(|_| {
+        let api = api.clone();
+        async move {
+            api.post(
+                "/v1/boxes",
+                json!({"resources": {"memory_mib": 128, "disk_mib": 32, "pids": 32}}),
+            )
+            .await
+            .status
+        }
+    });
+    let mut statuses = futures::future::join_all(creates).await;
+    statuses.sort();
+    assert_eq!(statuses, [201, 201, 201, 201, 429, 429], "{statuses:?}");
+    let alive = api.get("/v1/boxes").await.json["items"]
+        .as_array()
+        .map(|a| a.iter().filter(|b| b["state"] == "running").count());
+    assert_eq!(alive, Some(N - 2));
+    srv.stop().await;
+}
+
+/// A model request metered moments before a clean stop is in the ledger after the restart.
+#[tokio::test]
+async fn usage_metered_just_before_a_clean_stop_survives_it() {
+    let mock = berth_mock_model::Mock::new(
+        berth_mock_model::scenario::Scenario::default(),
+        Duration::ZERO,
+    );
+    let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
+    let dir = tempfile::tempdir().expect("tmp");
+    let env = [
+        ("BERTH_UPSTREAM_URL", mock_url.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-real"),
+    ];
+    let srv = Server::start_with(dir.path(), &env).await;
+    let api = srv.client();
+    let bx = small_box(&api, json!({})).await;
+    let ask = "curl -s -o /dev/null -w 'code=%{http_code}\\n' -X POST \
+        -H \"x-api-key: $BERTH_SESSION_TOKEN\" -H 'content-type: application/json' \
+        -H 'anthropic-version: 2023-06-01' http://127.0.0.1:47100/v1/messages \
+        -d '{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'; \
+        sleep 600";
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": bx, "agent": {"kind": "command", "argv": ["/bin/sh", "-c", ask]}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let sid = r.json["id"].as_str().expect("sid").to_string();
+    let evs = api.until(&sid, "stdout", 1).await;
+    assert!(
+        evs.iter().any(|e| e["data"]["text"] == "code=200"),
+        "{evs:?}"
+    );
+    // Stop at once: the ledger writer's batch window has not passed.
+    assert!(srv.stop().await.success());
+    let srv = Server::start_with(dir.path(), &env).await;
+    let u = srv.client().get(&format!("/v1/sessions/{sid}/usage")).await;
+    assert_eq!(u.status, 200, "{}", u.json);
+    let metered: u64 = mock
+        .recorded()
+        .iter()
+        .filter(|r| r.path.starts_with("/v1/messages"))
+        .map(|r| r.usage["input_tokens"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(metered > 0);
+    assert_eq!(u.json["total"]["input_tokens"], metered, "{}", u.json);
+    srv.stop().await;
+}
+
+/// An agent floods its stdout: the session stores at most the burst plus the sustained rate,
+/// the rest is counted in `events_dropped` summaries (stored + dropped = every line written),
+/// the agent's end is recorded, and the server answers others meanwhile.
+#[tokio::test]
+async fn a_stdout_flood_is_capped_and_counted() {
+    const BYTES: u64 = 20_000_000; // `yes` lines are 2 bytes: 10 million lines
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(
+        dir.path(),
+        &[
+            ("BERTH_EVENTS_PER_SECOND", "50"),
+            ("BERTH_EVENTS_BURST", "200"),
+        ],
+    )
+    .await;
+    let api = srv.client();
+    let bx = small_box(&api, json!({})).await;
+    let t = Instant::now();
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": bx, "agent": {"kind": "command",
+                   "argv": ["sh", "-c", format!("yes | head -c {BYTES}")]}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let sid = r.json["id"].as_str().expect("sid").to_string();
+    // Responsive while the flood is processed.
+    let mut slowest = Duration::ZERO;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let h = Instant::now();
+        assert_eq!(api.get("/healthz").await.status, 200);
+        slowest = slowest.max(h.elapsed());
+        let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+        if s["state"] == "stopped" || s["state"] == "failed" {
+            assert_eq!(s["state"], "stopped", "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flood did not end in time: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = t.elapsed();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "healthz took {slowest:?} during the flood"
+    );
+    let evs = api
+        .sse(&format!("/v1/sessions/{sid}/events"), None, usize::MAX)
+        .await;
+    let stdout = evs.iter().filter(|e| e["type"] == "stdout").count() as u64;
+    let summaries: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "events_dropped")
+        .collect();
+    let dropped: u64 = summaries
+        .iter()
+        .map(|e| e["data"]["count"].as_u64().expect("count"))
+        .sum();
+    assert!(!summaries.is_empty());
+    assert_eq!(stdout + dropped, BYTES / 2, "every line stored or counted");
+    let bound = 200 + 50 * elapsed.as_secs() + 50;
+    assert!(
+        stdout <= bound,
+        "{stdout} stored in {elapsed:?}, bound {bound}"
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "result" && e["data"]["exit_code"] == 0),
+        "the agent's end is recorded"
+    );
+    srv.stop().await;
+}

@@ -8,7 +8,9 @@
 //!
 //! The registry maps ids to handles only; it holds no state of its own.
 
+pub mod admission;
 pub mod boxes;
+pub mod event_cap;
 pub mod ledger;
 pub mod park;
 pub mod sessions;
@@ -43,6 +45,12 @@ pub struct EngineConfig {
     pub snapshots: berth_store::snapshots::SnapshotStore,
     /// Webhook calls a trigger accepts per minute.
     pub hook_rate_per_minute: u32,
+    /// The largest box the server makes.
+    pub max_box: admission::MaxBox,
+    /// What a tenant's live boxes may hold together.
+    pub tenant_totals: admission::TenantTotals,
+    /// Caps on each session's event log.
+    pub events: event_cap::Limits,
 }
 
 /// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
@@ -88,6 +96,8 @@ pub struct Engine {
     /// Ids of API keys deleted during this run: streams opened with one of them end (see
     /// [`Engine::key_revoked`]). Grows by one id per deletion.
     revoked_keys: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
+    /// Box creates admitted but not yet in the registry (see `admission`).
+    reservations: Arc<admission::Reservations>,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -130,6 +140,7 @@ impl Engine {
             hook_windows: std::sync::Mutex::new(HashMap::new()),
             hook_seen: std::sync::Mutex::new(HashMap::new()),
             revoked_keys: tokio::sync::watch::channel(Default::default()).0,
+            reservations: Arc::default(),
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })
@@ -226,28 +237,8 @@ impl Engine {
             )));
         }
         boxes::validate_spec(&spec)?;
-        let alive = self
-            .boxes
-            .read()
-            .map(|m| {
-                m.values()
-                    .filter(|h| {
-                        let b = h.state.borrow();
-                        b.tenant == tenant
-                            && matches!(b.state, BoxState::Creating | BoxState::Running)
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if alive >= self.config.max_boxes_per_tenant {
-            return Err(ApiError::Rejected(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "tenant {tenant} already has {alive} boxes alive (limit {})",
-                    self.config.max_boxes_per_tenant
-                ),
-            ));
-        }
+        // Held until the box is in the registry, where the next admission counts it.
+        let ticket = self.admit(tenant, &spec.resources)?;
         let spec_secrets = spec.secrets.clone();
         let ts = now();
         let obj = BoxObject {
@@ -300,6 +291,7 @@ impl Engine {
         if let Ok(mut m) = self.boxes.write() {
             m.insert(obj.id.clone(), handle.clone());
         }
+        drop(ticket);
         metrics::counter!("berth_boxes_created_total").increment(1);
         let mut rx = handle.state.clone();
         let settled = rx
@@ -1013,7 +1005,8 @@ impl Engine {
         self.session_handle(id).map(|h| h.events.subscribe())
     }
 
-    /// Stop every session and destroy every box that should not outlive the server process.
+    /// Stop every session and destroy every box that should not outlive the server process,
+    /// then write the usage metered so far.
     pub async fn shutdown(&self) {
         let sessions: Vec<SessionHandle> = self
             .sessions
@@ -1044,5 +1037,8 @@ impl Engine {
                 let _ = rx.await;
             }
         }
+        // Usage metered up to now is written before the process goes, not lost with the
+        // ledger writer's pending batch.
+        self.ledger_sync().await;
     }
 }

@@ -71,6 +71,8 @@ struct SessionActor {
     /// Agent-reported cost of the earlier runs of this session (before a resume): the agent
     /// counts from its own start.
     cost_base: f64,
+    /// Rate and size caps on the agent's events (see `event_cap`).
+    cap: super::event_cap::EventCap,
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -120,6 +122,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
     let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
     let actor = SessionActor {
+        cap: super::event_cap::EventCap::new(start.engine.config.events),
         engine: start.engine,
         backend: start.backend,
         box_handle: start.box_handle,
@@ -412,6 +415,7 @@ impl SessionActor {
             out.stdin.extend(o.stdin);
         }
         let answers = std::mem::take(&mut out.stdin);
+        self.cap.admit(&mut out.events, ended);
         self.apply(out).await;
         (ended, answers)
     }
