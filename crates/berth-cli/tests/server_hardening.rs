@@ -666,3 +666,69 @@ async fn a_stdout_flood_is_capped_and_counted() {
     );
     srv.stop().await;
 }
+
+/// The server's peak resident memory (VmHWM) and current (VmRSS), in KiB.
+fn memory_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("field")
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Parking and restoring a box with 300 MiB of incompressible workspace streams the archive
+/// through the server: its peak memory grows by tens of MiB at most, and the file comes back
+/// intact.
+#[tokio::test]
+async fn a_large_park_and_restore_stream_through_the_server() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let bx = small_box(
+        &api,
+        json!({"lifecycle": "hybrid", "resources": {"memory_mib": 512, "disk_mib": 1024, "pids": 64}}),
+    )
+    .await;
+    let out = exec(
+        &api,
+        &bx,
+        "head -c 300M /dev/urandom > /workspace/big && sha256sum /workspace/big | cut -d' ' -f1",
+    )
+    .await;
+    let sum = out["stdout"].as_str().expect("sum").trim().to_string();
+    assert_eq!(sum.len(), 64, "{out}");
+    let (hwm_before, rss_before) = memory_kib(srv.pid());
+    let t = Instant::now();
+    let r = api.post(&format!("/v1/boxes/{bx}/park"), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let b = api
+        .wait_for(&format!("/v1/boxes/{bx}"), 300, |b| b["state"] == "parked")
+        .await;
+    let stored = b["snapshot"]["bytes"].as_u64().expect("bytes");
+    assert!(stored > 300 << 20, "incompressible: {stored}");
+    let parked_in = t.elapsed();
+    // The next use restores it; the file is whole.
+    let out = exec(&api, &bx, "sha256sum /workspace/big | cut -d' ' -f1").await;
+    assert_eq!(out["stdout"].as_str().map(str::trim), Some(sum.as_str()));
+    let (hwm_after, rss_after) = memory_kib(srv.pid());
+    let grew = hwm_after.saturating_sub(hwm_before);
+    eprintln!(
+        "park of {} MiB in {parked_in:?}; server VmHWM {} -> {} MiB (+{} MiB), VmRSS {} -> {} MiB",
+        stored >> 20,
+        hwm_before >> 10,
+        hwm_after >> 10,
+        grew >> 10,
+        rss_before >> 10,
+        rss_after >> 10
+    );
+    assert!(
+        grew < 64 << 10,
+        "the server's peak memory grew by {} MiB",
+        grew >> 10
+    );
+    srv.stop().await;
+}

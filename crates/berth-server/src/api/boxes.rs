@@ -188,7 +188,7 @@ pub async fn artifact(
     let tar = st.engine.box_artifact(&c.tenant, &id).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
-        tar,
+        axum::body::Body::from_stream(tar),
     )
         .into_response())
 }

@@ -53,6 +53,13 @@ pub struct EngineConfig {
     pub events: event_cap::Limits,
 }
 
+/// A receiver as a stream.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
 /// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
 pub(crate) async fn sleep_until_opt<T: Into<tokio::time::Instant>>(t: Option<T>) {
     match t {
@@ -362,27 +369,74 @@ impl Engine {
         }
     }
 
-    /// The workspace archive a `keep_workspace` box left when it was destroyed: a tar.
-    pub async fn box_artifact(&self, tenant: &str, id: &str) -> Result<Vec<u8>, ApiError> {
+    /// The workspace archive a `keep_workspace` box left when it was destroyed: a tar, streamed
+    /// (decompressed on a blocking thread as the client reads; the server holds a few chunks).
+    /// The stored archive's digest is checked by a first, streamed pass, so a damaged archive
+    /// is a clean error rather than a cut-off download.
+    pub async fn box_artifact(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static, ApiError>
+    {
+        use futures::StreamExt;
         let b = self.get_box(tenant, id).await?;
         let Some(a) = b.artifact else {
             return Err(ApiError::NotFound(format!(
                 "box {id} has no workspace archive (keep_workspace, once destroyed)"
             )));
         };
-        let data = self
-            .config
-            .snapshots
-            .get(&a.key, &a.sha256)
+        let unreadable = |e: berth_store::snapshots::SnapshotError| {
+            tracing::error!(box_id = %id, error = %e, "reading a workspace archive");
+            ApiError::Internal("the workspace archive could not be read intact".into())
+        };
+        let snapshots = &self.config.snapshots;
+        snapshots
+            .verify(&a.key, &a.sha256)
             .await
-            .map_err(|e| {
-                tracing::error!(box_id = %id, error = %e, "reading a workspace archive");
-                ApiError::Internal("the workspace archive could not be read intact".into())
-            })?;
-        tokio::task::spawn_blocking(move || zstd::stream::decode_all(&data[..]))
+            .map_err(unreadable)?;
+        let mut compressed = snapshots
+            .get_stream(&a.key, &a.sha256)
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(format!("decompressing the archive: {e}")))
+            .map_err(unreadable)?;
+        let (zst_tx, zst_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
+        tokio::spawn(async move {
+            while let Some(chunk) = compressed.next().await {
+                let Ok(chunk) = chunk else { return };
+                if zst_tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let reader = park::ChunkReader::new(zst_rx);
+            let mut dec = match zstd::stream::Decoder::new(reader) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; 256 * 1024];
+                match dec.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(tokio_stream_from(rx))
     }
 
     /// Park a hybrid box now; it is restored on its next use.

@@ -4,7 +4,8 @@
 //! is under it), made and unpacked by `tar` *inside* the box as the agent's uid: the host never
 //! walks a tree the box controls, so no symlink the agent planted can point the host anywhere,
 //! and the same code serves every backend. The host compresses the stream (zstd, level 1, on a
-//! blocking thread while the box writes) and stores it through `SnapshotStore`.
+//! blocking thread while the box writes) and streams it into `SnapshotStore`: the server holds a
+//! few chunks of an archive, never the archive (restores stream the same way back).
 
 use berth_sandbox::{Backend, ExecEvent, ExecInput, ExecSpec, Sandbox};
 use bytes::Bytes;
@@ -25,6 +26,8 @@ pub enum ParkError {
     Tar(String),
     #[error("compression: {0}")]
     Compress(#[from] std::io::Error),
+    #[error("snapshot store: {0}")]
+    Store(#[from] berth_store::snapshots::SnapshotError),
 }
 
 fn tar_spec(argv: &[&str]) -> ExecSpec {
@@ -36,16 +39,23 @@ fn tar_spec(argv: &[&str]) -> ExecSpec {
     }
 }
 
-/// Wait for the exec's end, keeping stderr's tail for the error; `on_stdout` takes the output.
+/// Wait for the exec's end, keeping stderr's tail for the error; stdout goes to `stdout`
+/// (waiting while it is full, so a fast box is held back rather than buffered).
 async fn finish(
     events: &mut tokio::sync::mpsc::Receiver<ExecEvent>,
-    mut on_stdout: impl FnMut(Bytes) -> Result<(), ParkError>,
+    stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
 ) -> Result<(), ParkError> {
     let mut stderr = Vec::new();
     while let Some(ev) = events.recv().await {
         match ev {
             ExecEvent::Started { .. } => {}
-            ExecEvent::Stdout(b) => on_stdout(b)?,
+            ExecEvent::Stdout(b) => {
+                if let Some(tx) = &stdout {
+                    tx.send(b).await.map_err(|_| {
+                        ParkError::Compress(std::io::Error::other("compressor stopped"))
+                    })?;
+                }
+            }
             ExecEvent::Stderr(b) => {
                 stderr.extend_from_slice(&b);
                 let excess = stderr.len().saturating_sub(2048);
@@ -62,12 +72,6 @@ async fn finish(
         }
     }
     Err(ParkError::Tar("the exec stream ended early".into()))
-}
-
-/// What [`capture_paths`] made: the compressed archive, and the entries the sanitiser left out.
-pub struct Captured {
-    pub data: Bytes,
-    pub dropped: Dropped,
 }
 
 /// Entries left out of a sanitised archive: how many, and the first few names.
@@ -89,18 +93,27 @@ pub enum Audience {
     Client,
 }
 
-/// Reads a channel's chunks as one byte stream (the box's tar output, on a blocking thread).
-struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<Bytes>,
+/// Reads a channel's chunks as one byte stream (on a blocking thread).
+pub(crate) struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
     cur: Bytes,
+}
+
+impl ChunkReader {
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> ChunkReader {
+        ChunkReader {
+            rx,
+            cur: Bytes::new(),
+        }
+    }
 }
 
 impl std::io::Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.cur.is_empty() {
-            match self.rx.recv() {
-                Ok(b) => self.cur = b,
-                Err(_) => return Ok(0),
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
             }
         }
         let n = buf.len().min(self.cur.len());
@@ -109,24 +122,67 @@ impl std::io::Read for ChunkReader {
     }
 }
 
-/// An archive of `paths` (relative to the box's root), compressed; for a client, sanitised.
+/// Sends what is written as chunks of [`CHUNK`] bytes over a channel (from a blocking thread).
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader stopped"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// Chunks in flight between the box, the (de)compressor and the store, per channel.
+const IN_FLIGHT: usize = 8;
+
+/// An archive of `paths` (relative to the box's root), compressed (and for a client,
+/// sanitised) as the box writes it, into `out`: the server holds a few chunks, never the
+/// archive. The caller finishes (or aborts) `out`.
 pub async fn capture_paths(
     backend: &Backend,
     box_id: &str,
     paths: &[&str],
     audience: Audience,
-) -> Result<Captured, ParkError> {
+    out: &mut berth_store::snapshots::SnapshotWriter,
+) -> Result<Dropped, ParkError> {
     let mut argv = vec!["tar", "-C", "/", "--numeric-owner", "-cf", "-"];
     argv.extend(paths);
     let mut h = backend.exec(box_id, tar_spec(&argv)).await?;
     drop(h.input);
-    // Compress (and sanitise) on a blocking thread as the chunks arrive.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
-    let encoder = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Dropped)> {
+    let (raw_tx, raw_rx) = tokio::sync::mpsc::channel::<Bytes>(IN_FLIGHT);
+    let (zst_tx, mut zst_rx) = tokio::sync::mpsc::channel::<Bytes>(IN_FLIGHT);
+    let encoder = tokio::task::spawn_blocking(move || -> std::io::Result<Dropped> {
         use std::io::Write;
-        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1)?;
+        let sink = ChunkWriter {
+            tx: zst_tx,
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let mut enc = zstd::stream::Encoder::new(sink, 1)?;
         let mut reader = ChunkReader {
-            rx,
+            rx: raw_rx,
             cur: Bytes::new(),
         };
         let dropped = match audience {
@@ -141,23 +197,23 @@ pub async fn capture_paths(
                 d
             }
         };
-        enc.flush()?;
-        Ok((enc.finish()?, dropped))
+        let mut sink = enc.finish()?;
+        sink.flush()?;
+        Ok(dropped)
     });
-    let streamed = finish(&mut h.events, |b| {
-        tx.send(b)
-            .map_err(|_| ParkError::Compress(std::io::Error::other("compressor stopped")))
-    })
-    .await;
-    drop(tx);
-    let (compressed, dropped) = encoder
+    let store = async {
+        while let Some(chunk) = zst_rx.recv().await {
+            out.write(chunk).await?;
+        }
+        Ok::<(), ParkError>(())
+    };
+    let (streamed, stored) = tokio::join!(finish(&mut h.events, Some(raw_tx)), store);
+    let dropped = encoder
         .await
-        .map_err(|e| ParkError::Compress(std::io::Error::other(e)))??;
+        .map_err(|e| ParkError::Compress(std::io::Error::other(e)))?;
+    stored?;
     streamed?;
-    Ok(Captured {
-        data: Bytes::from(compressed),
-        dropped,
-    })
+    Ok(dropped?)
 }
 
 /// Copy a tar stream the box wrote, leaving out every entry that could reach outside the
@@ -250,36 +306,47 @@ fn link_stays_inside(link: &std::path::Path, target: &std::path::Path) -> bool {
     climbs <= depth && !target.as_os_str().is_empty()
 }
 
-/// Unpack an archive made by [`capture`] into the box (same paths).
-pub async fn unpack(backend: &Backend, box_id: &str, archive: Bytes) -> Result<(), ParkError> {
+/// Unpack an archive made by [`capture_paths`] into the box (same paths), decompressing as
+/// it is read from `archive`. An error anywhere in `archive` (a digest mismatch comes last)
+/// fails the unpack, whatever the box already wrote.
+pub async fn unpack(
+    backend: &Backend,
+    box_id: &str,
+    mut archive: impl futures::Stream<Item = Result<Bytes, berth_store::snapshots::SnapshotError>>
+        + Unpin,
+) -> Result<(), ParkError> {
+    use futures::StreamExt;
     let h = backend
         .exec(box_id, tar_spec(&["tar", "-C", "/", "-xf", "-"]))
         .await?;
     let (input, mut events) = (h.input, h.events);
+    let (zst_tx, zst_rx) = tokio::sync::mpsc::channel::<Bytes>(IN_FLIGHT);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(IN_FLIGHT);
     // Decompress on a blocking thread, feeding the box as it goes.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let decoder = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        use std::io::Read;
-        let mut dec = zstd::stream::Decoder::new(&archive[..])?;
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            let mut filled = 0;
-            while filled < CHUNK {
-                let n = dec.read(&mut buf[filled..])?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            if filled == 0 {
-                return Ok(());
-            }
-            buf.truncate(filled);
-            if tx.blocking_send(Bytes::from(buf)).is_err() {
-                return Ok(()); // the exec ended; its status says why
-            }
+        let mut dec = zstd::stream::Decoder::new(ChunkReader {
+            rx: zst_rx,
+            cur: Bytes::new(),
+        })?;
+        let mut sink = ChunkWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+        };
+        match std::io::copy(&mut dec, &mut sink).and_then(|_| std::io::Write::flush(&mut sink)) {
+            // The exec ended (its status says why) or the archive did.
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Err(e) => Err(e),
         }
     });
+    let read = async move {
+        while let Some(chunk) = archive.next().await {
+            if zst_tx.send(chunk?).await.is_err() {
+                break;
+            }
+        }
+        Ok::<(), ParkError>(())
+    };
     let feed = async move {
         while let Some(chunk) = rx.recv().await {
             if input.send(ExecInput::Stdin(chunk)).await.is_err() {
@@ -288,10 +355,11 @@ pub async fn unpack(backend: &Backend, box_id: &str, archive: Bytes) -> Result<(
         }
         let _ = input.send(ExecInput::CloseStdin).await;
     };
-    let (_, done) = tokio::join!(feed, finish(&mut events, |_| Ok(())));
+    let (read, _, done) = tokio::join!(read, feed, finish(&mut events, None));
     decoder
         .await
         .map_err(|e| ParkError::Compress(std::io::Error::other(e)))??;
+    read?;
     done
 }
 
