@@ -732,3 +732,74 @@ async fn a_large_park_and_restore_stream_through_the_server() {
     );
     srv.stop().await;
 }
+
+/// A parked box holds nothing, so the tenant's room can be used meanwhile; bringing it back
+/// past the tenant's total is refused with the same 429, and works once there is room.
+#[tokio::test]
+async fn restoring_a_parked_box_counts_against_the_tenant_total() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(dir.path(), &[("BERTH_TENANT_MAX_MEMORY_MIB", "600")]).await;
+    let api = srv.client();
+    let spec = |extra: Value| {
+        let mut s = json!({"resources": {"memory_mib": 300, "disk_mib": 64, "pids": 64}});
+        if let (Some(o), Some(e)) = (s.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        s
+    };
+    let r = api
+        .post("/v1/boxes", spec(json!({"lifecycle": "hybrid"})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let parked = r.json["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        api.post(&format!("/v1/boxes/{parked}/park"), json!({}))
+            .await
+            .status,
+        200
+    );
+    api.wait_for(&format!("/v1/boxes/{parked}"), 60, |b| {
+        b["state"] == "parked"
+    })
+    .await;
+    let mut others = vec![];
+    for _ in 0..2 {
+        let r = api.post("/v1/boxes", spec(json!({}))).await;
+        assert_eq!(r.status, 201, "the parked box holds nothing: {}", r.json);
+        others.push(r.json["id"].as_str().expect("id").to_string());
+    }
+    let r = api
+        .post(
+            &format!("/v1/boxes/{parked}/exec"),
+            json!({"argv": ["true"]}),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tenant_max.memory_mib")),
+        "{}",
+        r.json
+    );
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{parked}")).await.json["state"],
+        "parked"
+    );
+    assert_eq!(
+        api.delete(&format!("/v1/boxes/{}", others[0])).await.status,
+        200
+    );
+    let r = api
+        .post(
+            &format!("/v1/boxes/{parked}/exec"),
+            json!({"argv": ["true"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "room again: {}", r.json);
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{parked}")).await.json["state"],
+        "running"
+    );
+    srv.stop().await;
+}

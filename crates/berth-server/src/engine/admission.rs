@@ -4,7 +4,8 @@
 //! Contract: [`Engine::admit`] checks and reserves in one critical section, so concurrent
 //! creates cannot pass a limit together; the [`Ticket`] it returns holds the reservation until
 //! it is dropped, which the caller does once the box is in the registry (where the next check
-//! counts it) or has failed. A box counts while it is `creating` or `running`.
+//! counts it) or has failed. A box counts while it is `creating` or `running`; a parked box
+//! holds nothing and is admitted again when it is restored.
 
 use super::Engine;
 use crate::error::ApiError;

@@ -604,6 +604,8 @@ impl BoxActor {
         let Some(snap) = self.obj.snapshot.clone() else {
             return Err(ApiError::Internal("parked box without a snapshot".into()));
         };
+        // A parked box holds nothing: coming back counts against the tenant's limits again.
+        let _admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
         let t = Instant::now();
         self.set(BoxState::Restoring, None).await;
         let reason = Some("restored from its snapshot".to_string());
