@@ -803,3 +803,120 @@ async fn restoring_a_parked_box_counts_against_the_tenant_total() {
     );
     srv.stop().await;
 }
+
+/// A server in the box that streams forever: a chunked answer, or raw bytes after a protocol
+/// switch when asked to upgrade.
+const TICKER: &str = r#"
+import socket, threading, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8766))
+s.listen(8)
+def serve(c):
+    req = b""
+    while b"\r\n\r\n" not in req:
+        d = c.recv(4096)
+        if not d:
+            return
+        req += d
+    upgrade = b"upgrade: raw" in req.lower()
+    if upgrade:
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
+    else:
+        c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    try:
+        while True:
+            c.sendall(b"tick\n" if upgrade else b"5\r\ntick\n\r\n")
+            time.sleep(0.1)
+    except OSError:
+        pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Deleting a key also cuts what it opened through a box's port: a streamed answer and an
+/// upgraded connection both end within a second.
+#[tokio::test]
+async fn revoking_a_key_cuts_its_port_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let admin = srv.client();
+    let (key_id, t) = tenant_key(&admin, "mallory").await;
+    let bx = small_box(&t, json!({})).await;
+    let put = t
+        .raw(
+            t.http
+                .put(format!("{}/v1/boxes/{bx}/files/ticker.py", t.url))
+                .bearer_auth(&t.token)
+                .body(TICKER),
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    let s = t
+        .post("/v1/sessions", json!({"box": bx, "agent": {"kind": "command", "argv": ["/usr/bin/python3", "/workspace/ticker.py"]}}))
+        .await;
+    assert_eq!(s.status, 201, "{}", s.json);
+    let path = format!("/v1/boxes/{bx}/ports/8766/");
+    // The streamed answer (retried until the ticker listens).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut body = loop {
+        let r = t
+            .http
+            .get(format!("{}{path}", t.url))
+            .bearer_auth(&t.token)
+            .send()
+            .await
+            .expect("get");
+        if r.status() == 200 {
+            break r.bytes_stream();
+        }
+        assert!(Instant::now() < deadline, "the ticker never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .expect("a tick");
+    assert!(matches!(first, Some(Ok(_))));
+    // The upgraded connection.
+    let mut raw = tokio::net::TcpStream::connect(addr(&srv))
+        .await
+        .expect("connect");
+    raw.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n",
+            t.token
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("tick") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut buf))
+            .await
+            .expect("switched in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 101"));
+
+    let t0 = Instant::now();
+    assert_eq!(
+        admin.delete(&format!("/v1/keys/{key_id}")).await.status,
+        204
+    );
+    let body_end = async { while let Some(Ok(_)) = body.next().await {} };
+    let raw_end = until_closed(&mut raw, Duration::from_secs(5));
+    let (_, waited) = tokio::time::timeout(Duration::from_secs(1), async {
+        tokio::join!(body_end, raw_end)
+    })
+    .await
+    .expect("both port connections cut within a second of the revocation");
+    assert!(waited < Duration::from_secs(1) && t0.elapsed() < Duration::from_secs(1));
+    assert_eq!(admin.get("/healthz").await.status, 200);
+    srv.stop().await;
+}
