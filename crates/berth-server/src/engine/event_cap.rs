@@ -6,8 +6,9 @@
 //! and stored. It keeps the events the bucket has tokens for (truncating oversized ones, with
 //! `"truncated": true` and the original `"bytes"`), drops the rest, and adds one
 //! `events_dropped {count, since}` event summarising the drops at most once per second, and
-//! always with the batch that ends the agent (which itself is never dropped: its `result`
-//! and exit events are how clients learn the outcome). A session also stops storing capped
+//! always with the batch that ends the agent, whose last few events (the driver's `result` and
+//! exit events, how clients learn the outcome) are never dropped; output queued before them in
+//! that batch is capped like any other. A session also stops storing capped
 //! events past `max_per_session` (the summary still comes at the end).
 
 use berth_agent::AgentEvent;
@@ -22,6 +23,10 @@ pub struct Limits {
     pub max_bytes: usize,
     pub max_per_session: u64,
 }
+
+/// Events at the end of the agent's final batch that always pass: what a driver's `on_exit`
+/// adds (flushed partial lines, the `result`/`status` event, an `error`).
+const FINAL_EVENTS: usize = 4;
 
 /// Least time between two `events_dropped` summaries while a flood goes on.
 const SUMMARY_EVERY: Duration = Duration::from_secs(1);
@@ -64,9 +69,16 @@ impl EventCap {
             .min(f64::from(self.limits.burst.max(1)));
         self.refilled = now;
         let mut kept = Vec::with_capacity(events.len().min(self.tokens as usize + 2));
-        for mut e in events.drain(..) {
+        // The driver's end-of-run events close the final batch; the output queued before them
+        // in the same batch is capped like any other.
+        let exempt_from = if last {
+            events.len().saturating_sub(FINAL_EVENTS)
+        } else {
+            usize::MAX
+        };
+        for (i, mut e) in events.drain(..).enumerate() {
             let room = self.tokens >= 1.0 && self.stored < self.limits.max_per_session;
-            if room || last {
+            if room || i >= exempt_from {
                 if room {
                     self.tokens -= 1.0;
                 }
@@ -167,18 +179,20 @@ mod tests {
         cap.admit(&mut batch, false);
         assert!(batch.is_empty(), "{batch:?}");
         assert_eq!(cap.pending_drops(), 50);
-        // The final batch always passes, after a summary of what is still pending.
-        let mut batch = vec![
-            line(0),
-            AgentEvent {
-                kind: "result".into(),
-                data: json!({}),
-            },
-        ];
+        // The final batch's end always passes, after a summary of what is still pending; a
+        // backlog of output in the same batch does not.
+        let mut batch: Vec<AgentEvent> = (0..1000).map(line).collect();
+        batch.push(AgentEvent {
+            kind: "result".into(),
+            data: json!({}),
+        });
         cap.admit(&mut batch, true);
         let kinds: Vec<&str> = batch.iter().map(|e| e.kind.as_str()).collect();
-        assert_eq!(kinds, ["events_dropped", "stdout", "result"]);
-        assert_eq!(batch[0].data["count"], 50);
+        assert_eq!(
+            kinds,
+            ["events_dropped", "stdout", "stdout", "stdout", "result"]
+        );
+        assert_eq!(batch[0].data["count"], 50 + 997);
     }
 
     #[test]
