@@ -161,11 +161,12 @@ fn sign(secret: &str, ts: &str, body: &str) -> String {
 }
 
 /// A captured signed webhook cannot be sent again, nor sent late; a signature without the
-/// timestamp (the old format) is refused. None of the refused calls starts a session.
+/// timestamp (the old format) is refused. None of the refused calls starts a session, and a
+/// call refused for the rate limit may be retried.
 #[tokio::test]
 async fn signed_webhooks_refuse_replays_and_stale_timestamps() {
     let dir = tempfile::tempdir().expect("tmp");
-    let srv = Server::start(dir.path()).await;
+    let srv = Server::start_with(dir.path(), &[("BERTH_HOOK_RATE_PER_MINUTE", "2")]).await;
     let api = srv.client();
     let bx = small_box(&api, json!({})).await;
     let r = api
@@ -247,6 +248,16 @@ async fn signed_webhooks_refuse_replays_and_stale_timestamps() {
     let ts2 = now_s().to_string();
     let r = post(Some(ts2.clone()), sign(&secret, &ts2, body2), body2).await;
     assert_eq!(r.status, 202, "{}", r.json);
+    // Over the rate (2 a minute): 429, and the same call retried is still judged on the rate,
+    // not refused as a replay (a refused call is not remembered).
+    let body3 = r#"{"n": 3}"#;
+    let ts3 = now_s().to_string();
+    let sig3 = sign(&secret, &ts3, body3);
+    for _ in 0..2 {
+        let r = post(Some(ts3.clone()), sig3.clone(), body3).await;
+        assert_eq!(r.status, 429, "{}", r.json);
+    }
+    assert_eq!(sessions().await, Some(2));
     srv.stop().await;
 }
 

@@ -312,9 +312,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Remember a signed call until its timestamp leaves the window; refuse one seen before.
-    /// The cache holds at most the calls of one window (older ones are pruned here), which
-    /// the per-trigger rate limit bounds.
+    /// Refuse a signed call seen before; otherwise count it against the trigger's rate and
+    /// remember it until its timestamp leaves the window. A call refused for the rate is not
+    /// remembered, so its sender may retry it. The cache holds at most the accepted calls of
+    /// one window (older ones are pruned here), which the rate limit bounds.
     fn first_sighting(
         &self,
         trigger_id: &str,
@@ -335,6 +336,8 @@ impl Engine {
                 HookRefusal::Replay.to_string(),
             ));
         }
+        // Under the cache's lock: two copies of one call arriving together pass one at a time.
+        self.take_hook_call(trigger_id)?;
         seen.insert(key, timestamp + HOOK_WINDOW_S);
         Ok(())
     }
@@ -357,10 +360,12 @@ impl Engine {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let auth = authentic(&secret, body, signature, timestamp, bearer, now)
             .map_err(|r| ApiError::Rejected(axum::http::StatusCode::UNAUTHORIZED, r.to_string()))?;
-        if let HookAuth::Signed { mac, timestamp } = auth {
-            self.first_sighting(&t.id, mac, timestamp, now)?;
+        match auth {
+            HookAuth::Signed { mac, timestamp } => {
+                self.first_sighting(&t.id, mac, timestamp, now)?
+            }
+            HookAuth::Bearer => self.take_hook_call(&t.id)?,
         }
-        self.take_hook_call(&t.id)?;
         let s = self.fire_trigger(&t, &payload_of(body)).await?;
         Ok(HookAccepted {
             trigger_id: t.id,
