@@ -931,3 +931,52 @@ async fn revoking_a_key_cuts_its_port_connections() {
     assert_eq!(admin.get("/healthz").await.status, 200);
     srv.stop().await;
 }
+
+/// A flood that stops while the agent lives on is still summarised (within about a second),
+/// not only when the agent ends.
+#[tokio::test]
+async fn a_flood_is_summarised_while_the_agent_lives_on() {
+    // Two floods half a second apart: the first is summarised at once, the second falls
+    // inside the summary interval and only the owner's timer reports it.
+    const LINES: u64 = 200_000;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(
+        dir.path(),
+        &[
+            ("BERTH_EVENTS_PER_SECOND", "50"),
+            ("BERTH_EVENTS_BURST", "200"),
+        ],
+    )
+    .await;
+    let api = srv.client();
+    let bx = small_box(&api, json!({})).await;
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": bx, "agent": {"kind": "command",
+                   "argv": ["sh", "-c", format!("yes | head -c {0}; sleep 0.5; yes | head -c {0}; sleep 600", LINES)]}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let sid = r.json["id"].as_str().expect("sid").to_string();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut n = 1;
+    loop {
+        let evs = api.until(&sid, "events_dropped", n).await;
+        let stdout = evs.iter().filter(|e| e["type"] == "stdout").count() as u64;
+        let dropped: u64 = evs
+            .iter()
+            .filter(|e| e["type"] == "events_dropped")
+            .map(|e| e["data"]["count"].as_u64().expect("count"))
+            .sum();
+        if stdout + dropped == LINES {
+            break;
+        }
+        assert!(stdout + dropped < LINES, "{stdout} + {dropped}");
+        assert!(Instant::now() < deadline, "not all lines accounted for");
+        n += 1;
+    }
+    let s = api.get(&format!("/v1/sessions/{sid}")).await.json;
+    assert_eq!(s["state"], "running", "the agent still runs: {s}");
+    srv.stop().await;
+}

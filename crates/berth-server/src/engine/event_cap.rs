@@ -3,7 +3,7 @@
 //! output lines) cannot grow the store without bound or starve other sessions' writers.
 //!
 //! Contract: [`EventCap::admit`] is given each batch of agent events before it is numbered
-//! and stored. It keeps the events the bucket has tokens for (truncating oversized ones, with
+//! and stored (and with no events when [`EventCap::summary_due`] says so). It keeps the events the bucket has tokens for (truncating oversized ones, with
 //! `"truncated": true` and the original `"bytes"`), drops the rest, and adds one
 //! `events_dropped {count, since}` event summarising the drops at most once per second, and
 //! always with the batch that ends the agent, whose last few events (the driver's `result` and
@@ -59,6 +59,13 @@ impl EventCap {
     /// Events dropped and not yet summarised.
     pub fn pending_drops(&self) -> u64 {
         self.dropped
+    }
+
+    /// When pending drops are due to be summarised (None: nothing pending): the session's
+    /// owner calls [`EventCap::admit`] with no events then, so a flood that stops while the
+    /// agent lives on is still reported.
+    pub fn summary_due(&self) -> Option<Instant> {
+        (self.dropped > 0).then(|| self.summarised + SUMMARY_EVERY)
     }
 
     /// Filter one batch in place (see the module docs); `last` marks the agent's final batch.
@@ -179,6 +186,8 @@ mod tests {
         cap.admit(&mut batch, false);
         assert!(batch.is_empty(), "{batch:?}");
         assert_eq!(cap.pending_drops(), 50);
+        let due = cap.summary_due().expect("a summary is due");
+        assert!(due > Instant::now() && due <= Instant::now() + SUMMARY_EVERY);
         // The final batch's end always passes, after a summary of what is still pending; a
         // backlog of output in the same batch does not.
         let mut batch: Vec<AgentEvent> = (0..1000).map(line).collect();

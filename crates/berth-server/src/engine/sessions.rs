@@ -316,6 +316,12 @@ impl SessionActor {
                     }
                     self.apply(out).await;
                 }
+                _ = sleep_until_opt(self.cap.summary_due()) => {
+                    // A flood that stopped while the agent lives on is still summarised.
+                    let mut evs = Vec::new();
+                    self.cap.admit(&mut evs, false);
+                    self.record(evs).await;
+                }
             }
         }
         // The agent is gone: its token dies with it; answer what is still queued, then retire.
