@@ -980,3 +980,35 @@ async fn a_flood_is_summarised_while_the_agent_lives_on() {
     assert_eq!(s["state"], "running", "the agent still runs: {s}");
     srv.stop().await;
 }
+
+/// With every connection slot held by silent clients, a new client waits (in the backlog, not
+/// refused) until the header timeout frees a slot, then is served.
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_slot() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(
+        dir.path(),
+        &[
+            ("BERTH_MAX_CONNECTIONS", "2"),
+            ("BERTH_HEADER_READ_TIMEOUT_S", "2"),
+        ],
+    )
+    .await;
+    let a = addr(&srv);
+    let _held = [
+        tokio::net::TcpStream::connect(&a).await.expect("connect"),
+        tokio::net::TcpStream::connect(&a).await.expect("connect"),
+    ];
+    let api = srv.client();
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), api.get("/healthz"))
+        .await
+        .expect("served once a slot is free");
+    assert_eq!(r.status, 200);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "waited {waited:?} for a slot"
+    );
+    srv.stop().await;
+}
