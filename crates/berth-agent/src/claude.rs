@@ -33,7 +33,7 @@ pub struct ClaudeDriver {
     spec: ClaudeAgent,
     env: ClaudeEnv,
     cwd: String,
-    line: Vec<u8>,
+    lines: crate::LineBuffer,
     err_tail: Vec<u8>,
     /// Unanswered permission requests: input and deadline.
     pending: HashMap<String, (Value, std::time::Instant)>,
@@ -41,6 +41,9 @@ pub struct ClaudeDriver {
 }
 
 const DEFAULT_PERMISSION_TIMEOUT_S: u64 = 300;
+/// Longest stdout line (one stream-json message) the driver holds; a longer one is dropped
+/// with an `error` event, so an agent cannot make the server buffer without bound.
+pub const MAX_LINE: usize = 16 << 20;
 
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob(pattern: &str, text: &str) -> bool {
@@ -142,7 +145,7 @@ impl ClaudeDriver {
             spec: spec.clone(),
             env,
             cwd: workdir.to_string(),
-            line: Vec::new(),
+            lines: crate::LineBuffer::new(MAX_LINE),
             err_tail: Vec::new(),
             pending: HashMap::new(),
             next_request: 0,
@@ -231,12 +234,23 @@ impl ClaudeDriver {
 
     pub fn on_stdout(&mut self, bytes: &[u8]) -> Output {
         let mut out = Output::default();
-        self.line.extend_from_slice(bytes);
-        while let Some(pos) = self.line.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.line.drain(..=pos).collect();
-            self.message(&line[..line.len() - 1], &mut out);
+        for line in self.lines.push(bytes) {
+            self.line(line, &mut out);
         }
         out
+    }
+
+    fn line(&mut self, line: crate::Line, out: &mut Output) {
+        match line {
+            crate::Line::Full(l) => self.message(&l, out),
+            crate::Line::TooLong(n) => out.events.push(AgentEvent {
+                kind: "error".into(),
+                data: json!({
+                    "message": format!("the agent wrote a line of {n} bytes, over the limit of {MAX_LINE} bytes; it was dropped"),
+                    "bytes": n,
+                }),
+            }),
+        }
     }
 
     fn message(&mut self, line: &[u8], out: &mut Output) {
@@ -406,7 +420,10 @@ impl ClaudeDriver {
     }
 
     pub fn on_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Output {
-        let mut out = self.on_stdout(b"\n");
+        let mut out = Output::default();
+        if let Some(line) = self.lines.finish() {
+            self.line(line, &mut out);
+        }
         let tail = String::from_utf8_lossy(&self.err_tail).trim().to_string();
         let ok = code == Some(0);
         let reason = match (code, signal) {
@@ -524,6 +541,24 @@ mod tests {
             resume: Some("abc".into()),
             proxy: None,
         }
+    }
+
+    #[test]
+    fn an_over_long_line_becomes_an_error_event_and_the_next_line_still_counts() {
+        let mut d = ClaudeDriver::new(&ClaudeAgent::default(), env(), "/workspace").expect("d");
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(MAX_LINE >> 20) {
+            assert!(d.on_stdout(&chunk).events.is_empty());
+        }
+        let out = d.on_stdout(b"yy\n{\"type\":\"assistant\",\"message\":{}}\n");
+        assert_eq!(out.events.len(), 2, "{:?}", out.events);
+        assert_eq!(out.events[0].kind, "error");
+        assert_eq!(out.events[0].data["bytes"], MAX_LINE as u64 + 2);
+        assert_eq!(out.events[1].kind, "assistant");
+        // A partial over-long line at exit is reported too.
+        d.on_stdout(&vec![b'z'; MAX_LINE + 1]);
+        let out = d.on_exit(Some(0), None);
+        assert_eq!(out.events[0].kind, "error", "{:?}", out.events);
     }
 
     #[test]

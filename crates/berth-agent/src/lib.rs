@@ -163,3 +163,123 @@ impl Driver {
         }
     }
 }
+
+/// A piece of an agent's output stream, cut at newlines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// A whole line, without its newline.
+    Full(Vec<u8>),
+    /// A line longer than the limit: its bytes were dropped as they came; this many.
+    TooLong(u64),
+}
+
+/// Splits a byte stream into lines, looking at each byte once (a long line arriving in many
+/// chunks is not rescanned from its start), and holding at most `max` bytes: a longer line is
+/// dropped as it arrives and reported as [`Line::TooLong`] at its newline.
+#[derive(Debug)]
+pub struct LineBuffer {
+    partial: Vec<u8>,
+    /// Bytes of the over-long line being dropped (None: not dropping).
+    dropping: Option<u64>,
+    max: usize,
+}
+
+impl LineBuffer {
+    pub fn new(max: usize) -> LineBuffer {
+        LineBuffer {
+            partial: Vec::new(),
+            dropping: None,
+            max,
+        }
+    }
+
+    /// The lines `bytes` completes, in order.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Line> {
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        loop {
+            let (head, tail) = match rest.iter().position(|b| *b == b'\n') {
+                Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                None => (rest, None),
+            };
+            if let Some(n) = self.dropping.as_mut() {
+                *n += head.len() as u64;
+            } else if self.partial.len() + head.len() > self.max {
+                self.dropping = Some((self.partial.len() + head.len()) as u64);
+                self.partial = Vec::new();
+            } else {
+                self.partial.extend_from_slice(head);
+            }
+            let Some(tail) = tail else {
+                return out;
+            };
+            out.push(match self.dropping.take() {
+                Some(n) => Line::TooLong(n),
+                None => Line::Full(std::mem::take(&mut self.partial)),
+            });
+            rest = tail;
+        }
+    }
+
+    /// The unfinished last line, if any (at the end of the stream).
+    pub fn finish(&mut self) -> Option<Line> {
+        match self.dropping.take() {
+            Some(n) => Some(Line::TooLong(n)),
+            None if self.partial.is_empty() => None,
+            None => Some(Line::Full(std::mem::take(&mut self.partial))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_across_chunks_and_over_long_ones_are_dropped() {
+        let mut b = LineBuffer::new(8);
+        assert_eq!(b.push(b"ab"), vec![]);
+        assert_eq!(
+            b.push(b"c\nde\n\nfg"),
+            vec![
+                Line::Full(b"abc".to_vec()),
+                Line::Full(b"de".to_vec()),
+                Line::Full(vec![])
+            ]
+        );
+        // Over the limit across chunks: nothing of it is kept, its length is reported.
+        assert_eq!(b.push(b"123456"), vec![]);
+        assert_eq!(b.push(b"7890"), vec![]);
+        assert!(b.partial.is_empty(), "the long line is not held");
+        assert_eq!(
+            b.push(b"xyz\nok\n"),
+            vec![Line::TooLong(15), Line::Full(b"ok".to_vec())]
+        );
+        // Exactly the limit is kept.
+        assert_eq!(
+            b.push(b"12345678\n"),
+            vec![Line::Full(b"12345678".to_vec())]
+        );
+        assert_eq!(b.push(b"tail"), vec![]);
+        assert_eq!(b.finish(), Some(Line::Full(b"tail".to_vec())));
+        assert_eq!(b.finish(), None);
+        b.push(b"0123456789");
+        assert_eq!(b.finish(), Some(Line::TooLong(10)));
+    }
+
+    #[test]
+    fn a_long_line_in_small_chunks_is_scanned_once() {
+        // 4 MiB in 1-byte chunks: quadratic rescanning would take minutes; linear is instant.
+        let mut b = LineBuffer::new(8 << 20);
+        let t = std::time::Instant::now();
+        for _ in 0..(4 << 20) {
+            assert!(b.push(b"x").is_empty());
+        }
+        assert_eq!(b.push(b"\n").len(), 1);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}

@@ -880,10 +880,17 @@ async fn triggers_start_sessions_from_a_signed_webhook_and_a_schedule() {
     assert!(listed["items"][0].get("secret").is_none(), "{listed}");
 
     let body = json!({"from": "ann@example.com", "subject": "invoice 42"}).to_string();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+    let signed = format!("{ts}.{body}");
     let post_hook = |signature: String| {
         api.raw(
             api.http
                 .post(format!("{}{path}", api.url))
+                .header("x-berth-timestamp", &ts)
                 .header("x-berth-signature-256", signature)
                 .header("content-type", "application/json")
                 .body(body.clone()),
@@ -891,7 +898,7 @@ async fn triggers_start_sessions_from_a_signed_webhook_and_a_schedule() {
     };
     // Wrong key: refused, nothing started.
     let mut bad = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"not the secret").expect("key");
-    bad.update(body.as_bytes());
+    bad.update(signed.as_bytes());
     let r = post_hook(format!(
         "sha256={}",
         hex::encode(bad.finalize().into_bytes())
@@ -904,7 +911,7 @@ async fn triggers_start_sessions_from_a_signed_webhook_and_a_schedule() {
     );
 
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
-    mac.update(body.as_bytes());
+    mac.update(signed.as_bytes());
     let r = post_hook(format!(
         "sha256={}",
         hex::encode(mac.finalize().into_bytes())

@@ -84,3 +84,28 @@ pub fn now() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
+
+/// `body`, cut off with an error (the connection is reset, not ended cleanly, so the client
+/// cannot mistake it for a whole answer) when `revoked` resolves.
+pub fn until_revoked(
+    body: axum::body::Body,
+    revoked: impl std::future::Future<Output = ()> + Send + 'static,
+) -> axum::body::Body {
+    use futures::StreamExt;
+    let mut data = body.into_data_stream();
+    axum::body::Body::from_stream(async_stream::stream! {
+        let mut revoked = std::pin::pin!(revoked);
+        loop {
+            tokio::select! {
+                () = &mut revoked => {
+                    yield Err(std::io::Error::other("API key revoked"));
+                    break;
+                }
+                chunk = data.next() => match chunk {
+                    Some(c) => yield c.map_err(std::io::Error::other),
+                    None => break,
+                },
+            }
+        }
+    })
+}

@@ -50,6 +50,155 @@ pub struct Config {
     pub cost: CostSection,
     pub idle_timeout: IdleTimeoutSection,
     pub box_sockets: BoxSocketsSection,
+    // -- hardening (issue #14): limits on what one client, box or tenant can take --
+    /// The largest box the server makes; a spec over it gets 400 naming the ceiling.
+    pub max_box: MaxBoxSection,
+    /// What one tenant's live boxes may hold together; past it, 429 naming the limit.
+    pub tenant_max: TenantMaxSection,
+    /// Connection limits of the public API listener.
+    pub listener: ListenerSection,
+    /// Per-session caps on the event log (a flooding agent cannot grow the store unbounded).
+    pub events: EventsSection,
+}
+
+/// The largest box: unset fields default to the host's cores and memory, 100 GiB of disk
+/// and 4096 processes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaxBoxSection {
+    /// `BERTH_MAX_BOX_CPUS`.
+    pub cpus: Option<f64>,
+    /// `BERTH_MAX_BOX_MEMORY_MIB`.
+    pub memory_mib: Option<u64>,
+    /// `BERTH_MAX_BOX_DISK_MIB`.
+    pub disk_mib: Option<u64>,
+    /// `BERTH_MAX_BOX_PIDS`.
+    pub pids: Option<u64>,
+}
+
+/// Sums over one tenant's creating and running boxes (unset: no limit).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantMaxSection {
+    /// `BERTH_TENANT_MAX_CPUS`.
+    pub cpus: Option<f64>,
+    /// `BERTH_TENANT_MAX_MEMORY_MIB`.
+    pub memory_mib: Option<u64>,
+    /// `BERTH_TENANT_MAX_DISK_MIB`.
+    pub disk_mib: Option<u64>,
+}
+
+/// The public API listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerSection {
+    /// Seconds a connection has to send a request's headers, from when it opens or its
+    /// previous answer ends (slow or silent clients and idle keep-alives are closed after it).
+    /// `BERTH_HEADER_READ_TIMEOUT_S`.
+    pub header_read_timeout_s: u64,
+    /// Connections served at once; more wait in the kernel's backlog. `BERTH_MAX_CONNECTIONS`.
+    pub max_connections: usize,
+    /// Connections one peer address may hold at once; more are closed at accept.
+    /// `BERTH_MAX_CONNECTIONS_PER_PEER`.
+    pub max_connections_per_peer: usize,
+}
+
+impl Default for ListenerSection {
+    fn default() -> Self {
+        ListenerSection {
+            header_read_timeout_s: 10,
+            max_connections: 4096,
+            max_connections_per_peer: 256,
+        }
+    }
+}
+
+/// Caps on one session's event log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsSection {
+    /// Events a session may store per second, sustained. `BERTH_EVENTS_PER_SECOND`.
+    pub per_second: u32,
+    /// Events a session may store in a burst above the sustained rate. `BERTH_EVENTS_BURST`.
+    pub burst: u32,
+    /// Largest event text/data kept, in bytes; longer text is cut with a marker.
+    /// `BERTH_EVENT_MAX_BYTES`.
+    pub max_bytes: usize,
+    /// Agent events one session stores at most (over its whole life; the rest are counted).
+    /// `BERTH_EVENTS_PER_SESSION`.
+    pub max_per_session: u64,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection {
+            per_second: 200,
+            burst: 2000,
+            max_bytes: 64 << 10,
+            max_per_session: 1_000_000,
+        }
+    }
+}
+
+impl Config {
+    /// The hardening block's environment variables (kept apart from the others').
+    fn apply_hardening_env(&mut self) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(k: &'static str) -> Result<Option<T>, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            match std::env::var(k).ok().filter(|v| !v.is_empty()) {
+                Some(v) => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| ConfigError::Env(k, format!("{e}"))),
+                None => Ok(None),
+            }
+        }
+        if let Some(v) = parse("BERTH_MAX_BOX_CPUS")? {
+            self.max_box.cpus = Some(v);
+        }
+        if let Some(v) = parse("BERTH_MAX_BOX_MEMORY_MIB")? {
+            self.max_box.memory_mib = Some(v);
+        }
+        if let Some(v) = parse("BERTH_MAX_BOX_DISK_MIB")? {
+            self.max_box.disk_mib = Some(v);
+        }
+        if let Some(v) = parse("BERTH_MAX_BOX_PIDS")? {
+            self.max_box.pids = Some(v);
+        }
+        if let Some(v) = parse("BERTH_TENANT_MAX_CPUS")? {
+            self.tenant_max.cpus = Some(v);
+        }
+        if let Some(v) = parse("BERTH_TENANT_MAX_MEMORY_MIB")? {
+            self.tenant_max.memory_mib = Some(v);
+        }
+        if let Some(v) = parse("BERTH_TENANT_MAX_DISK_MIB")? {
+            self.tenant_max.disk_mib = Some(v);
+        }
+        if let Some(v) = parse("BERTH_HEADER_READ_TIMEOUT_S")? {
+            self.listener.header_read_timeout_s = v;
+        }
+        if let Some(v) = parse("BERTH_MAX_CONNECTIONS")? {
+            self.listener.max_connections = v;
+        }
+        if let Some(v) = parse("BERTH_MAX_CONNECTIONS_PER_PEER")? {
+            self.listener.max_connections_per_peer = v;
+        }
+        if let Some(v) = parse("BERTH_EVENTS_PER_SECOND")? {
+            self.events.per_second = v;
+        }
+        if let Some(v) = parse("BERTH_EVENTS_BURST")? {
+            self.events.burst = v;
+        }
+        if let Some(v) = parse("BERTH_EVENT_MAX_BYTES")? {
+            self.events.max_bytes = v;
+        }
+        if let Some(v) = parse("BERTH_EVENTS_PER_SESSION")? {
+            self.events.max_per_session = v;
+        }
+        Ok(())
+    }
 }
 
 /// Limits on each socket a box reaches (model gateway, egress proxy, box-side API), per box
@@ -251,6 +400,10 @@ impl Default for Config {
             cost: CostSection::default(),
             idle_timeout: IdleTimeoutSection::default(),
             box_sockets: BoxSocketsSection::default(),
+            max_box: MaxBoxSection::default(),
+            tenant_max: TenantMaxSection::default(),
+            listener: ListenerSection::default(),
+            events: EventsSection::default(),
         }
     }
 }
@@ -382,6 +535,7 @@ impl Config {
         if let Some(v) = var("BERTH_BACKEND") {
             self.default_backend = v;
         }
+        self.apply_hardening_env()?;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod listener;
 pub mod observe;
 
 use berth_api::{KeyObject, SessionState};
@@ -357,6 +358,26 @@ pub async fn run(
             max_exec_output: cfg.max_exec_output_bytes,
             hook_rate_per_minute: cfg.hook_rate_per_minute,
             idle_timeout: cfg.idle_timeout.clone(),
+            max_box: {
+                let host = engine::admission::host_max_box();
+                engine::admission::MaxBox {
+                    cpus: cfg.max_box.cpus.unwrap_or(host.cpus),
+                    memory_mib: cfg.max_box.memory_mib.unwrap_or(host.memory_mib),
+                    disk_mib: cfg.max_box.disk_mib.unwrap_or(host.disk_mib),
+                    pids: cfg.max_box.pids.unwrap_or(host.pids),
+                }
+            },
+            events: engine::event_cap::Limits {
+                per_second: cfg.events.per_second,
+                burst: cfg.events.burst,
+                max_bytes: cfg.events.max_bytes,
+                max_per_session: cfg.events.max_per_session,
+            },
+            tenant_totals: engine::admission::TenantTotals {
+                cpus: cfg.tenant_max.cpus,
+                memory_mib: cfg.tenant_max.memory_mib,
+                disk_mib: cfg.tenant_max.disk_mib,
+            },
             cost: engine::ledger::CostConfig {
                 box_hour_usd: cfg.cost.box_hour_usd,
                 scale_by_resources: match cfg.cost.box_hour_scale.as_str() {
@@ -449,14 +470,9 @@ pub async fn run(
         tracing::info!("shutting down: stopping sessions and boxes");
         eng.shutdown().await;
     };
-    // Events and streamed answers are small writes: send them at once (no Nagle delay).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let serve = axum::serve(listener, app).with_graceful_shutdown(stopping);
-    serve
-        .await
-        .map_err(|e| ServerError::Other(format!("serving: {e}")))?;
+    listener::serve(listener, app, &cfg.listener, stopping).await;
+    // Requests that finished while the connections drained are metered too.
+    engine.ledger_sync().await;
     let _ = std::fs::remove_file(cfg.data_dir.join("server.json"));
     Ok(())
 }

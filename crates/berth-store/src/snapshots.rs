@@ -2,15 +2,18 @@
 //! agents' state, as one compressed archive). A local directory by default; any `object_store`
 //! backend (S3, GCS, Azure) fits the same seam.
 //!
-//! Contract: [`SnapshotStore::put`] is atomic (an object is whole or absent) and returns only
-//! once the object, read back, has the digest of what was written — a caller may then destroy
-//! the original. [`SnapshotStore::get`] checks the digest it is given and refuses a mismatch.
+//! Contract: a write ([`SnapshotStore::writer`], or [`SnapshotStore::put`] for bytes in hand)
+//! streams: the server holds a few parts, never the archive. It is atomic (an object is whole
+//! or absent) and returns only once the object, read back as a stream, has the digest of what
+//! was written — a caller may then destroy the original. Reads stream too
+//! ([`SnapshotStore::get_stream`]) and check the digest they are given, ending in an error on
+//! a mismatch.
 //! Keys are berth's own (`boxes/<box id>/<n>.tar.zst`), never client input.
 
 use bytes::Bytes;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, ObjectStore, PutOptions, PutPayload};
+use object_store::{GetOptions, ObjectStore, WriteMultipart};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
@@ -43,10 +46,6 @@ pub struct SnapshotStore {
     store: Arc<dyn ObjectStore>,
 }
 
-fn digest(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 impl SnapshotStore {
     /// Snapshots as files under `dir` (created, mode 0700: they hold the boxes' files).
     pub fn local(dir: &std::path::Path) -> Result<SnapshotStore> {
@@ -62,40 +61,98 @@ impl SnapshotStore {
         SnapshotStore { store }
     }
 
-    /// Store `data` at `key` atomically, then read it back and compare digests.
-    pub async fn put(&self, key: &str, data: Bytes) -> Result<Stored> {
+    /// A writer for a snapshot at `key`, for archives made as a stream (see [`SnapshotWriter`]).
+    pub async fn writer(&self, key: &str) -> Result<SnapshotWriter> {
         let path = ObjectPath::from(key);
-        let expected = digest(&data);
-        let bytes = data.len() as u64;
-        self.store
-            .put_opts(&path, PutPayload::from(data), PutOptions::default())
+        let upload = self
+            .store
+            .put_multipart_opts(&path, Default::default())
             .await?;
-        // Read back through `get`, which checks the digest.
-        self.get(key, &expected).await?;
-        Ok(Stored {
+        Ok(SnapshotWriter {
+            store: self.clone(),
             key: key.to_string(),
-            bytes,
-            sha256: expected,
+            upload: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+            hasher: Sha256::new(),
+            bytes: 0,
         })
     }
 
-    /// The snapshot at `key`, if its digest is `sha256`.
-    pub async fn get(&self, key: &str, sha256: &str) -> Result<Bytes> {
-        let data = self
+    /// Store `data` at `key` atomically, then read it back and compare digests.
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<Stored> {
+        let mut w = self.writer(key).await?;
+        w.write(data).await?;
+        w.finish().await
+    }
+
+    /// The snapshot at `key` as a stream of chunks, read as it is consumed; the digest is
+    /// checked at the end, where a mismatch is the stream's last item (an error). A consumer
+    /// must treat what it took as void unless the stream ends cleanly.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+        sha256: &str,
+    ) -> Result<impl futures::Stream<Item = Result<Bytes>> + Send + Unpin + 'static> {
+        use futures::StreamExt;
+        let mut inner = self
             .store
             .get_opts(&ObjectPath::from(key), GetOptions::default())
             .await?
-            .bytes()
-            .await?;
-        let found = digest(&data);
-        if found != sha256 {
-            return Err(SnapshotError::Corrupt {
-                key: key.to_string(),
-                expected: sha256.to_string(),
-                found,
-            });
+            .into_stream();
+        let (key, expected) = (key.to_string(), sha256.to_string());
+        let mut hasher = Some(Sha256::new());
+        Ok(futures::stream::poll_fn(move |cx| {
+            let Some(h) = hasher.as_mut() else {
+                return std::task::Poll::Ready(None);
+            };
+            match inner.poll_next_unpin(cx) {
+                std::task::Poll::Ready(Some(Ok(b))) => {
+                    h.update(&b);
+                    std::task::Poll::Ready(Some(Ok(b)))
+                }
+                std::task::Poll::Ready(Some(Err(e))) => {
+                    hasher = None;
+                    std::task::Poll::Ready(Some(Err(e.into())))
+                }
+                std::task::Poll::Ready(None) => {
+                    let found = hasher.take().map(|h| hex::encode(h.finalize()));
+                    match found {
+                        Some(f) if f != expected => {
+                            std::task::Poll::Ready(Some(Err(SnapshotError::Corrupt {
+                                key: key.clone(),
+                                expected: expected.clone(),
+                                found: f,
+                            })))
+                        }
+                        _ => std::task::Poll::Ready(None),
+                    }
+                }
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        }))
+    }
+
+    /// Read the snapshot at `key` through without keeping it: its size, if its digest is
+    /// `sha256`.
+    pub async fn verify(&self, key: &str, sha256: &str) -> Result<u64> {
+        use futures::StreamExt;
+        let mut s = self.get_stream(key, sha256).await?;
+        let mut n = 0u64;
+        while let Some(chunk) = s.next().await {
+            n += chunk?.len() as u64;
         }
-        Ok(data)
+        Ok(n)
+    }
+
+    /// The snapshot at `key`, whole in memory, if its digest is `sha256` (small archives and
+    /// tests; archives of any size use [`SnapshotStore::get_stream`]).
+    pub async fn get(&self, key: &str, sha256: &str) -> Result<Bytes> {
+        use futures::StreamExt;
+        let mut s = self.get_stream(key, sha256).await?;
+        let mut buf = Vec::new();
+        while let Some(chunk) = s.next().await {
+            buf.extend_from_slice(&chunk?);
+        }
+        Ok(Bytes::from(buf))
     }
 
     /// Remove the snapshot at `key`; one already gone is not an error.
@@ -111,6 +168,61 @@ impl SnapshotStore {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
+    }
+}
+
+/// Bytes per part of a streamed write: what the writer holds in memory (times the parts in
+/// flight, [`PARTS_IN_FLIGHT`]).
+pub const PART_BYTES: usize = 8 << 20;
+/// Parts uploading at once before a write waits.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// A snapshot being written as it is made: parts go to the object store as they fill and the
+/// SHA-256 is computed on the way, so an archive of any size costs the server a few parts of
+/// memory. Nothing is visible at the key until [`SnapshotWriter::finish`], which completes the
+/// upload atomically and then reads the object back (streamed) to compare digests; a writer
+/// dropped unfinished leaves nothing at the key.
+pub struct SnapshotWriter {
+    store: SnapshotStore,
+    key: String,
+    upload: WriteMultipart,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl SnapshotWriter {
+    /// Append `data` (waits while too many parts are uploading).
+    pub async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.hasher.update(&data);
+        self.bytes += data.len() as u64;
+        self.upload.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+        self.upload.put(data);
+        Ok(())
+    }
+
+    /// Complete the object and verify it (see the type's docs).
+    pub async fn finish(self) -> Result<Stored> {
+        let sha256 = hex::encode(self.hasher.finalize());
+        self.upload.finish().await?;
+        let read = self.store.verify(&self.key, &sha256).await?;
+        if read != self.bytes {
+            return Err(SnapshotError::Corrupt {
+                key: self.key,
+                expected: format!("{} bytes", self.bytes),
+                found: format!("{read} bytes"),
+            });
+        }
+        Ok(Stored {
+            key: self.key,
+            bytes: self.bytes,
+            sha256,
+        })
+    }
+
+    /// Give up: the parts written so far are discarded.
+    pub async fn abort(self) -> Result<()> {
+        self.upload.abort().await?;
         Ok(())
     }
 }
@@ -144,5 +256,49 @@ mod tests {
             s.get(&stored.key, &stored.sha256).await,
             Err(SnapshotError::Store(object_store::Error::NotFound { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_write_spans_parts_and_reads_back_as_a_stream() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SnapshotStore::local(&dir.path().join("snaps")).expect("store");
+        let mut w = s.writer("boxes/b2/1.tar.zst").await.expect("writer");
+        let mut all = Vec::new();
+        // Three and a half parts, in odd-sized pieces.
+        for i in 0..(PART_BYTES * 7 / 2 / 100_003 + 1) {
+            let piece: Vec<u8> = (0..100_003).map(|j| ((i * 31 + j) % 251) as u8).collect();
+            all.extend_from_slice(&piece);
+            w.write(Bytes::from(piece)).await.expect("write");
+        }
+        // Nothing at the key before the end.
+        assert!(s.verify("boxes/b2/1.tar.zst", "x").await.is_err());
+        let stored = w.finish().await.expect("finish");
+        assert_eq!(stored.bytes, all.len() as u64);
+        assert_eq!(stored.sha256, hex::encode(Sha256::digest(&all)));
+        let mut read = Vec::new();
+        let mut st = s
+            .get_stream(&stored.key, &stored.sha256)
+            .await
+            .expect("get");
+        while let Some(c) = st.next().await {
+            read.extend_from_slice(&c.expect("chunk"));
+        }
+        assert!(read == all);
+        // A wrong digest: the stream ends in an error.
+        let mut st = s
+            .get_stream(&stored.key, &"0".repeat(64))
+            .await
+            .expect("get");
+        let mut last = None;
+        while let Some(c) = st.next().await {
+            last = Some(c);
+        }
+        assert!(matches!(last, Some(Err(SnapshotError::Corrupt { .. }))));
+        // An aborted writer leaves nothing.
+        let mut w = s.writer("boxes/b2/2.tar.zst").await.expect("writer");
+        w.write(Bytes::from_static(b"half")).await.expect("write");
+        w.abort().await.expect("abort");
+        assert!(s.verify("boxes/b2/2.tar.zst", "x").await.is_err());
     }
 }

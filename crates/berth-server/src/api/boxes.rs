@@ -196,7 +196,7 @@ pub async fn artifact(
     let tar = st.engine.box_artifact(&c.tenant, &id).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
-        tar,
+        axum::body::Body::from_stream(tar),
     )
         .into_response())
 }
@@ -340,13 +340,18 @@ async fn proxy_port(
         };
         let mut resp = resp;
         let box_upgrade = hyper::upgrade::on(&mut resp);
+        let revoked = st.engine.key_revoked(&c.key_id);
         tokio::spawn(async move {
             if let (Ok(a), Ok(b)) = (client_upgrade.await, box_upgrade.await) {
                 let (mut a, mut b) = (
                     hyper_util::rt::TokioIo::new(a),
                     hyper_util::rt::TokioIo::new(b),
                 );
-                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                // Until either side closes, or the key that opened it is revoked.
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    () = revoked => {}
+                }
             }
         });
         let (parts, _) = resp.into_parts();
@@ -356,7 +361,11 @@ async fn proxy_port(
     for h in HOP_BY_HOP {
         parts.headers.remove(h);
     }
-    Ok(Response::from_parts(parts, axum::body::Body::new(body)))
+    let body = crate::auth::until_revoked(
+        axum::body::Body::new(body),
+        st.engine.key_revoked(&c.key_id),
+    );
+    Ok(Response::from_parts(parts, body))
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]

@@ -60,7 +60,8 @@ pub async fn list_keys(
     }))
 }
 
-/// Revoke a key.
+/// Revoke a key: its requests are refused from now on, and the event streams, WebSockets and
+/// proxied connections it opened are closed.
 #[utoipa::path(delete, path = "/v1/keys/{id}", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = berth_api::ErrorBody)))]
 pub async fn delete_key(
@@ -73,6 +74,7 @@ pub async fn delete_key(
         return Err(ApiError::Conflict("a key cannot revoke itself".into()));
     }
     if st.engine.store.delete_key(&id).await? {
+        st.engine.revoke_key(&id);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("key", &id))

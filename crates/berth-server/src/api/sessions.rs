@@ -250,7 +250,9 @@ pub async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     st.engine.get_session(&c.tenant, &id).await?;
     let after = start_seq(&headers, p.after)?;
-    let stream = event_stream(st, id, after).map(|r| {
+    // The stream ends when the caller's key is revoked.
+    let revoked = st.engine.key_revoked(&c.key_id);
+    let stream = event_stream(st, id, after).take_until(revoked).map(|r| {
         Ok(match r {
             Ok(e) => SseEvent::default()
                 .id(e.event.seq.to_string())
@@ -311,7 +313,24 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
         }
         let _ = out.lock().await.send(Message::Close(None)).await;
     });
-    while let Some(Ok(msg)) = incoming.next().await {
+    let mut revoked = std::pin::pin!(st.engine.key_revoked(&c.key_id));
+    loop {
+        let msg = tokio::select! {
+            m = incoming.next() => match m {
+                Some(Ok(m)) => m,
+                _ => break,
+            },
+            () = &mut revoked => {
+                // The key that opened this socket is gone: so is the socket.
+                forward.abort();
+                let close = axum::extract::ws::CloseFrame {
+                    code: axum::extract::ws::close_code::POLICY,
+                    reason: "API key revoked".into(),
+                };
+                let _ = sink.lock().await.send(Message::Close(Some(close))).await;
+                break;
+            }
+        };
         let text = match msg {
             Message::Text(t) => t.to_string(),
             Message::Close(_) => break,

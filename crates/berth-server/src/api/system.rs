@@ -77,17 +77,26 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
     })))
 }
 
-/// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics_text(State(st): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics, for admin keys only: they name tenants and their spend.
+#[utoipa::path(get, path = "/metrics", security(("bearer" = [])), responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+    (status = 401, body = berth_api::ErrorBody), (status = 403, body = berth_api::ErrorBody)))]
+pub async fn metrics_text(
+    State(st): State<AppState>,
+    c: Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    if !c.admin {
+        return Err(ApiError::Forbidden(
+            "metrics name every tenant: an admin key reads them".into(),
+        ));
+    }
     crate::observe::state_gauges(&st.engine);
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         st.metrics.render(),
-    )
+    ))
 }
 
 /// Enabled sandbox backends and what each guarantees.

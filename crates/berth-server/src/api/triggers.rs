@@ -56,8 +56,10 @@ pub async fn delete_trigger(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// An inbound webhook: no API key; the raw body signed with the trigger's secret
-/// (`X-Berth-Signature-256: sha256=<hex HMAC-SHA256>`), or the secret as a bearer token. The
+/// An inbound webhook: no API key; `<timestamp>.<raw body>` signed with the trigger's secret
+/// (`X-Berth-Timestamp: <unix seconds>`, `X-Berth-Signature-256: sha256=<hex HMAC-SHA256>`;
+/// within 5 minutes of the server's clock, each signature accepted once), or the secret as a
+/// bearer token. The
 /// body (JSON; other text becomes `{"body": …}`) fills the trigger's prompt.
 #[utoipa::path(post, path = "/v1/hooks/{id}", params(("id" = String, Path)), request_body(content = String, content_type = "application/json"),
     responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 413, body = berth_api::ErrorBody), (status = 429, body = berth_api::ErrorBody)))]
@@ -71,6 +73,10 @@ pub async fn hook(
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
     let signature = header(crate::engine::triggers::SIGNATURE_HEADER);
-    let accepted = st.engine.hook(&id, &body, signature, bearer).await?;
+    let timestamp = header(crate::engine::triggers::TIMESTAMP_HEADER);
+    let accepted = st
+        .engine
+        .hook(&id, &body, signature, timestamp, bearer)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }

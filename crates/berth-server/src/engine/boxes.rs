@@ -330,7 +330,7 @@ impl BoxActor {
     async fn bring_up(
         &mut self,
         adopt: bool,
-        archive: Option<bytes::Bytes>,
+        archive: Option<&berth_api::SnapshotInfo>,
         reason: Option<String>,
     ) -> Result<Served, String> {
         let cfg = self.box_config();
@@ -351,10 +351,27 @@ impl BoxActor {
             metrics::histogram!("berth_box_start_seconds", "backend" => self.backend.name().to_owned())
                 .record(started.elapsed().as_secs_f64());
         }
-        if let Some(archive) = archive {
-            if let Err(e) = super::park::unpack(&self.backend, &self.obj.id, archive).await {
+        if let Some(snap) = archive {
+            let unpacked = match self
+                .engine
+                .config
+                .snapshots
+                .get_stream(&snap.key, &snap.sha256)
+                .await
+            {
+                Ok(stream) => super::park::unpack(&self.backend, &self.obj.id, stream).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = unpacked {
                 let _ = self.backend.destroy(&self.obj.id).await;
-                return Err(format!("unpacking the snapshot: {e}"));
+                // The store's errors name server paths: logged, not shown.
+                tracing::error!(box_id = %self.obj.id, error = %e, "unpacking a snapshot");
+                return Err(match e {
+                    super::park::ParkError::Store(_) => {
+                        "the snapshot could not be read intact".to_string()
+                    }
+                    e => format!("unpacking the snapshot: {e}"),
+                });
             }
         }
         match self.serve(&info.run_dir) {
@@ -553,7 +570,10 @@ impl BoxActor {
             .stop_box_sessions(&self.obj.id, "box parked")
             .await;
         let key = format!("boxes/{}/{}.tar.zst", self.obj.id, self.last_seq + 1);
-        let mut snapshot = match self.archive(&super::park::PATHS, key).await {
+        let mut snapshot = match self
+            .archive(&super::park::PATHS, super::park::Audience::Box, key)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(box_id = %self.obj.id, error = %e, "parking failed; the box keeps running");
@@ -584,24 +604,12 @@ impl BoxActor {
         let Some(snap) = self.obj.snapshot.clone() else {
             return Err(ApiError::Internal("parked box without a snapshot".into()));
         };
+        // A parked box holds nothing: coming back counts against the tenant's limits again.
+        let _admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
         let t = Instant::now();
         self.set(BoxState::Restoring, None).await;
-        let restored = match self
-            .engine
-            .config
-            .snapshots
-            .get(&snap.key, &snap.sha256)
-            .await
-        {
-            Ok(archive) => {
-                let reason = Some("restored from its snapshot".to_string());
-                self.bring_up(false, Some(archive), reason).await
-            }
-            Err(e) => {
-                tracing::error!(box_id = %self.obj.id, error = %e, "reading a snapshot");
-                Err("the snapshot could not be read intact".to_string())
-            }
-        };
+        let reason = Some("restored from its snapshot".to_string());
+        let restored = self.bring_up(false, Some(&snap), reason).await;
         match restored {
             Ok(s) => *served = Some(s),
             Err(e) => {
@@ -623,7 +631,10 @@ impl BoxActor {
     /// box's events and does not hold up the destroy.
     async fn keep_workspace(&mut self) {
         let key = format!("artifacts/{}.tar.zst", self.obj.id);
-        match self.archive(&["workspace"], key).await {
+        match self
+            .archive(&["workspace"], super::park::Audience::Client, key)
+            .await
+        {
             Ok(a) => self.obj.artifact = Some(a),
             Err(e) => {
                 self.event("artifact_failed", serde_json::json!({ "reason": e }))
@@ -635,23 +646,49 @@ impl BoxActor {
     /// `paths` of the box archived by `tar` inside it and stored at `key`; the error is fit
     /// for clients (the store's own, which names server paths, is only logged).
     async fn archive(
-        &self,
+        &mut self,
         paths: &[&str],
+        audience: super::park::Audience,
         key: String,
     ) -> Result<berth_api::SnapshotInfo, String> {
-        let archive = super::park::capture_paths(&self.backend, &self.obj.id, paths)
-            .await
-            .map_err(|e| e.to_string())?;
-        let s = self
+        let store_error = |e: &dyn std::fmt::Display| {
+            tracing::error!(box_id = %self.obj.id, error = %e, "storing an archive");
+            "the archive could not be stored".to_string()
+        };
+        let mut out = self
             .engine
             .config
             .snapshots
-            .put(&key, archive)
+            .writer(&key)
             .await
-            .map_err(|e| {
-                tracing::error!(box_id = %self.obj.id, error = %e, "storing an archive");
-                "the archive could not be stored".to_string()
-            })?;
+            .map_err(|e| store_error(&e))?;
+        let dropped = match super::park::capture_paths(
+            &self.backend,
+            &self.obj.id,
+            paths,
+            audience,
+            &mut out,
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = out.abort().await;
+                return Err(match e {
+                    super::park::ParkError::Store(e) => store_error(&e),
+                    e => e.to_string(),
+                });
+            }
+        };
+        let s = out.finish().await.map_err(|e| store_error(&e))?;
+        if dropped.count > 0 {
+            self.event(
+                "artifact_entries_dropped",
+                serde_json::json!({"count": dropped.count, "names": dropped.names,
+                    "reason": "links leading out of the archive, unsafe names, devices"}),
+            )
+            .await;
+        }
         Ok(berth_api::SnapshotInfo {
             key: s.key,
             bytes: s.bytes,

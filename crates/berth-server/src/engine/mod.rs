@@ -8,7 +8,9 @@
 //!
 //! The registry maps ids to handles only; it holds no state of its own.
 
+pub mod admission;
 pub mod boxes;
+pub mod event_cap;
 pub mod ledger;
 pub mod park;
 pub mod sessions;
@@ -45,6 +47,12 @@ pub struct EngineConfig {
     pub hook_rate_per_minute: u32,
     /// Idle timeouts of boxes whose spec does not set one.
     pub idle_timeout: crate::config::IdleTimeoutSection,
+    /// The largest box the server makes.
+    pub max_box: admission::MaxBox,
+    /// What a tenant's live boxes may hold together.
+    pub tenant_totals: admission::TenantTotals,
+    /// Caps on each session's event log.
+    pub events: event_cap::Limits,
 }
 
 /// Why a program could not start in a box, naming the program (the backends report only the
@@ -58,6 +66,13 @@ pub(crate) fn start_failure(program: &str, message: &str) -> String {
     } else {
         format!("cannot start {program}: {message}")
     }
+}
+
+/// A receiver as a stream.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Sleep until `t`, or forever when there is no deadline (for `select!` arms).
@@ -97,6 +112,14 @@ pub struct Engine {
     shared_alloc: tokio::sync::Mutex<()>,
     /// Per trigger: the start of its current minute and the webhook calls taken in it.
     hook_windows: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
+    /// Signed webhook calls already accepted (signature → when it may be forgotten): a replay
+    /// inside the timestamp window is refused.
+    pub(crate) hook_seen: std::sync::Mutex<HashMap<String, i64>>,
+    /// Ids of API keys deleted during this run: streams opened with one of them end (see
+    /// [`Engine::key_revoked`]). Grows by one id per deletion.
+    revoked_keys: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
+    /// Box creates admitted but not yet in the registry (see `admission`).
+    reservations: Arc<admission::Reservations>,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -137,6 +160,9 @@ impl Engine {
             triggers_changed: tokio::sync::Notify::new(),
             shared_alloc: tokio::sync::Mutex::new(()),
             hook_windows: std::sync::Mutex::new(HashMap::new()),
+            hook_seen: std::sync::Mutex::new(HashMap::new()),
+            revoked_keys: tokio::sync::watch::channel(Default::default()).0,
+            reservations: Arc::default(),
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })
@@ -159,6 +185,26 @@ impl Engine {
     pub(crate) fn forget_session(&self, id: &str) {
         if let Ok(mut m) = self.sessions.write() {
             m.remove(id);
+        }
+    }
+
+    /// Record that the key `id` was deleted: every stream opened with it ends.
+    pub fn revoke_key(&self, id: &str) {
+        self.revoked_keys.send_modify(|s| {
+            s.insert(id.to_string());
+        });
+    }
+
+    /// Resolves once the key `id` has been deleted (at once if it already was). Long-lived
+    /// responses (SSE, WebSocket, proxied ports) select on it so a credential ends everything it
+    /// opened when it is revoked, not only its next request.
+    pub fn key_revoked(&self, id: &str) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.revoked_keys.subscribe();
+        let id = id.to_string();
+        async move {
+            if rx.wait_for(|s| s.contains(&id)).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -213,28 +259,8 @@ impl Engine {
             )));
         }
         boxes::validate_spec(&spec)?;
-        let alive = self
-            .boxes
-            .read()
-            .map(|m| {
-                m.values()
-                    .filter(|h| {
-                        let b = h.state.borrow();
-                        b.tenant == tenant
-                            && matches!(b.state, BoxState::Creating | BoxState::Running)
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if alive >= self.config.max_boxes_per_tenant {
-            return Err(ApiError::Rejected(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "tenant {tenant} already has {alive} boxes alive (limit {})",
-                    self.config.max_boxes_per_tenant
-                ),
-            ));
-        }
+        // Held until the box is in the registry, where the next admission counts it.
+        let ticket = self.admit(tenant, &spec.resources)?;
         let spec_secrets = spec.secrets.clone();
         // An unsaid lifecycle here is a box of its own (`POST /v1/boxes`); a session's own box
         // has its lifecycle filled in before (ephemeral). An unsaid idle timeout is the
@@ -294,6 +320,7 @@ impl Engine {
         if let Ok(mut m) = self.boxes.write() {
             m.insert(obj.id.clone(), handle.clone());
         }
+        drop(ticket);
         metrics::counter!("berth_boxes_created_total").increment(1);
         let mut rx = handle.state.clone();
         let settled = rx
@@ -364,27 +391,74 @@ impl Engine {
         }
     }
 
-    /// The workspace archive a `keep_workspace` box left when it was destroyed: a tar.
-    pub async fn box_artifact(&self, tenant: &str, id: &str) -> Result<Vec<u8>, ApiError> {
+    /// The workspace archive a `keep_workspace` box left when it was destroyed: a tar, streamed
+    /// (decompressed on a blocking thread as the client reads; the server holds a few chunks).
+    /// The stored archive's digest is checked by a first, streamed pass, so a damaged archive
+    /// is a clean error rather than a cut-off download.
+    pub async fn box_artifact(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static, ApiError>
+    {
+        use futures::StreamExt;
         let b = self.get_box(tenant, id).await?;
         let Some(a) = b.artifact else {
             return Err(ApiError::NotFound(format!(
                 "box {id} has no workspace archive (keep_workspace, once destroyed)"
             )));
         };
-        let data = self
-            .config
-            .snapshots
-            .get(&a.key, &a.sha256)
+        let unreadable = |e: berth_store::snapshots::SnapshotError| {
+            tracing::error!(box_id = %id, error = %e, "reading a workspace archive");
+            ApiError::Internal("the workspace archive could not be read intact".into())
+        };
+        let snapshots = &self.config.snapshots;
+        snapshots
+            .verify(&a.key, &a.sha256)
             .await
-            .map_err(|e| {
-                tracing::error!(box_id = %id, error = %e, "reading a workspace archive");
-                ApiError::Internal("the workspace archive could not be read intact".into())
-            })?;
-        tokio::task::spawn_blocking(move || zstd::stream::decode_all(&data[..]))
+            .map_err(unreadable)?;
+        let mut compressed = snapshots
+            .get_stream(&a.key, &a.sha256)
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(format!("decompressing the archive: {e}")))
+            .map_err(unreadable)?;
+        let (zst_tx, zst_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
+        tokio::spawn(async move {
+            while let Some(chunk) = compressed.next().await {
+                let Ok(chunk) = chunk else { return };
+                if zst_tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let reader = park::ChunkReader::new(zst_rx);
+            let mut dec = match zstd::stream::Decoder::new(reader) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; 256 * 1024];
+                match dec.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(tokio_stream_from(rx))
     }
 
     /// Park a hybrid box now; it is restored on its next use.
@@ -1079,7 +1153,8 @@ impl Engine {
         self.session_handle(id).map(|h| h.events.subscribe())
     }
 
-    /// Stop every session and destroy every box that should not outlive the server process.
+    /// Stop every session and destroy every box that should not outlive the server process,
+    /// then write the usage metered so far.
     pub async fn shutdown(&self) {
         let sessions: Vec<SessionHandle> = self
             .sessions
@@ -1110,6 +1185,9 @@ impl Engine {
                 let _ = rx.await;
             }
         }
+        // Usage metered up to now is written before the process goes, not lost with the
+        // ledger writer's pending batch.
+        self.ledger_sync().await;
     }
 }
 

@@ -80,6 +80,8 @@ struct SessionActor {
     /// Agent-reported cost of the earlier runs of this session (before a resume): the agent
     /// counts from its own start.
     cost_base: f64,
+    /// Rate and size caps on the agent's events (see `event_cap`).
+    cap: super::event_cap::EventCap,
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -131,6 +133,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
     let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
     let actor = SessionActor {
+        cap: super::event_cap::EventCap::new(start.engine.config.events),
         engine: start.engine,
         backend: start.backend,
         box_handle: start.box_handle,
@@ -348,6 +351,12 @@ impl SessionActor {
                     }
                     self.apply(out).await;
                 }
+                _ = sleep_until_opt(self.cap.summary_due()) => {
+                    // A flood that stopped while the agent lives on is still summarised.
+                    let mut evs = Vec::new();
+                    self.cap.admit(&mut evs, false);
+                    self.record(evs).await;
+                }
             }
         }
         // The agent is gone: its token dies with it; answer what is still queued, then retire.
@@ -468,6 +477,7 @@ impl SessionActor {
             });
         }
         let answers = std::mem::take(&mut out.stdin);
+        self.cap.admit(&mut out.events, ended);
         self.apply(out).await;
         (ended, answers)
     }

@@ -1,9 +1,11 @@
 //! Triggers: sessions started without a client, by an inbound webhook or a cron schedule (the
 //! proactive-agent pattern: an e-mail arrives, a report is due).
 //!
-//! A webhook is `POST /v1/hooks/{id}` with no API key: the body is authenticated by an
-//! HMAC-SHA256 signature with the trigger's secret (`X-Berth-Signature-256: sha256=<hex>`), or
-//! the secret itself as a bearer token for senders that cannot sign. One scheduler task fires
+//! A webhook is `POST /v1/hooks/{id}` with no API key: the call is authenticated by an
+//! HMAC-SHA256 signature with the trigger's secret over `<timestamp>.<body>`
+//! (`X-Berth-Timestamp: <unix seconds>`, `X-Berth-Signature-256: sha256=<hex>`), accepted once
+//! and only within [`HOOK_WINDOW_S`] of the server's clock; or the secret itself as a bearer
+//! token for senders that cannot sign. One scheduler task fires
 //! due schedules; it re-reads the triggers whenever one is created or deleted. A firing that
 //! fails (the box is gone, the tenant is over quota) is recorded in the trigger's
 //! `last_error`; a webhook caller also gets the error.
@@ -18,8 +20,12 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use std::sync::Arc;
 
-/// Header carrying the body's signature.
+/// Header carrying the signature of `<timestamp>.<body>`.
 pub const SIGNATURE_HEADER: &str = "x-berth-signature-256";
+/// Header carrying the signed call's time, unix seconds.
+pub const TIMESTAMP_HEADER: &str = "x-berth-timestamp";
+/// How far a signed call's timestamp may be from the server's clock, seconds.
+pub const HOOK_WINDOW_S: i64 = 300;
 
 /// Cron patterns: 5 fields, or 6 with seconds first.
 pub fn parse_schedule(s: &str) -> Result<croner::Cron, String> {
@@ -71,22 +77,77 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Whether a webhook call carries a valid signature of `body` (or the secret as a bearer token).
-pub fn authentic(secret: &str, body: &[u8], signature: Option<&str>, bearer: Option<&str>) -> bool {
+/// How a webhook call proved it knows the trigger's secret.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HookAuth {
+    /// A signature over the timestamp and body: accepted once (replays are refused).
+    Signed { mac: String, timestamp: i64 },
+    /// The secret itself as a bearer token (for senders that cannot sign; no replay defence
+    /// beyond the rate limit).
+    Bearer,
+}
+
+/// Why a webhook call was refused (the message is the client's).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HookRefusal {
+    #[error("missing or invalid webhook signature")]
+    BadSignature,
+    #[error("a signed webhook needs an X-Berth-Timestamp header (unix seconds)")]
+    NoTimestamp,
+    #[error("the webhook's timestamp is outside the {HOOK_WINDOW_S} s window")]
+    Stale,
+    #[error("this signed webhook was already accepted (a replay)")]
+    Replay,
+}
+
+/// The signature covers `<timestamp>.<body>`: a captured call cannot be sent again later
+/// (the window) nor again now (the seen-signature cache, see [`Engine::hook`]).
+pub fn signed_payload(timestamp: &str, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(timestamp.len() + 1 + body.len());
+    m.extend_from_slice(timestamp.as_bytes());
+    m.push(b'.');
+    m.extend_from_slice(body);
+    m
+}
+
+/// Whether a webhook call carries a valid, fresh signature of `timestamp.body` (or the secret
+/// as a bearer token); `now` is unix seconds.
+pub fn authentic(
+    secret: &str,
+    body: &[u8],
+    signature: Option<&str>,
+    timestamp: Option<&str>,
+    bearer: Option<&str>,
+    now: i64,
+) -> Result<HookAuth, HookRefusal> {
     if let Some(sig) = signature {
         let Some(hex_sig) = sig.trim().strip_prefix("sha256=") else {
-            return false;
+            return Err(HookRefusal::BadSignature);
         };
         let Ok(sig) = hex::decode(hex_sig) else {
-            return false;
+            return Err(HookRefusal::BadSignature);
         };
+        let ts_text = timestamp.map(str::trim).ok_or(HookRefusal::NoTimestamp)?;
+        let ts: i64 = ts_text.parse().map_err(|_| HookRefusal::NoTimestamp)?;
         let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
-            return false;
+            return Err(HookRefusal::BadSignature);
         };
-        mac.update(body);
-        return mac.verify_slice(&sig).is_ok();
+        mac.update(&signed_payload(ts_text, body));
+        mac.verify_slice(&sig)
+            .map_err(|_| HookRefusal::BadSignature)?;
+        // Checked after the signature so an unsigned caller learns nothing about the clock.
+        if (now - ts).abs() > HOOK_WINDOW_S {
+            return Err(HookRefusal::Stale);
+        }
+        return Ok(HookAuth::Signed {
+            mac: hex::encode(sig),
+            timestamp: ts,
+        });
     }
-    bearer.is_some_and(|t| constant_time_eq(t.trim().as_bytes(), secret.as_bytes()))
+    if bearer.is_some_and(|t| constant_time_eq(t.trim().as_bytes(), secret.as_bytes())) {
+        return Ok(HookAuth::Bearer);
+    }
+    Err(HookRefusal::BadSignature)
 }
 
 /// The payload a webhook body stands for: its JSON, `{"body": text}` for anything else, `{}`
@@ -252,12 +313,43 @@ impl Engine {
         Ok(())
     }
 
+    /// Refuse a signed call seen before; otherwise count it against the trigger's rate and
+    /// remember it until its timestamp leaves the window. A call refused for the rate is not
+    /// remembered, so its sender may retry it. The cache holds at most the accepted calls of
+    /// one window (older ones are pruned here), which the rate limit bounds.
+    fn first_sighting(
+        &self,
+        trigger_id: &str,
+        mac: String,
+        timestamp: i64,
+        now: i64,
+    ) -> Result<(), ApiError> {
+        let mut seen = self
+            .hook_seen
+            .lock()
+            .map_err(|_| ApiError::Internal("hook cache poisoned".into()))?;
+        seen.retain(|_, forget_at| *forget_at >= now);
+        let key = format!("{trigger_id}:{mac}");
+        if seen.contains_key(&key) {
+            metrics::counter!("berth_webhook_replays_refused_total").increment(1);
+            return Err(ApiError::Rejected(
+                axum::http::StatusCode::UNAUTHORIZED,
+                HookRefusal::Replay.to_string(),
+            ));
+        }
+        // Under the cache's lock: two copies of one call arriving together pass one at a time.
+        self.take_hook_call(trigger_id)?;
+        seen.insert(key, timestamp + HOOK_WINDOW_S);
+        Ok(())
+    }
+
     /// An inbound webhook: authenticate, then fire.
     pub async fn hook(
         self: &Arc<Self>,
         id: &str,
         body: &[u8],
         signature: Option<&str>,
+        timestamp: Option<&str>,
         bearer: Option<&str>,
     ) -> Result<HookAccepted, ApiError> {
         let Some((t, secret)) = self.store.get_trigger(None, id).await? else {
@@ -266,10 +358,15 @@ impl Engine {
         if t.webhook_path.is_none() {
             return Err(ApiError::not_found("trigger", id));
         }
-        if !authentic(&secret, body, signature, bearer) {
-            return Err(ApiError::Unauthorized);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let auth = authentic(&secret, body, signature, timestamp, bearer, now)
+            .map_err(|r| ApiError::Rejected(axum::http::StatusCode::UNAUTHORIZED, r.to_string()))?;
+        match auth {
+            HookAuth::Signed { mac, timestamp } => {
+                self.first_sighting(&t.id, mac, timestamp, now)?
+            }
+            HookAuth::Bearer => self.take_hook_call(&t.id)?,
         }
-        self.take_hook_call(&t.id)?;
         let s = self.fire_trigger(&t, &payload_of(body)).await?;
         Ok(HookAccepted {
             trigger_id: t.id,
@@ -343,19 +440,66 @@ mod tests {
         assert_eq!(render("{{payload}}", &json!({"a": 1})), "{\"a\":1}");
     }
 
+    fn sign(secret: &[u8], ts: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("key");
+        mac.update(&signed_payload(ts, body));
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
     #[test]
-    fn signatures_and_bearer_tokens() {
+    fn signatures_cover_the_timestamp_and_bearer_tokens() {
         let body = b"{\"a\":1}";
-        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").expect("key");
-        mac.update(body);
-        let good = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-        assert!(authentic("s3cret", body, Some(&good), None));
-        assert!(!authentic("s3cret", b"{\"a\":2}", Some(&good), None));
-        assert!(!authentic("other", body, Some(&good), None));
-        assert!(!authentic("s3cret", body, Some("sha256=zz"), None));
-        assert!(authentic("s3cret", body, None, Some("s3cret")));
-        assert!(!authentic("s3cret", body, None, Some("s3cre")));
-        assert!(!authentic("s3cret", body, None, None));
+        let now = 1_700_000_000;
+        let ts = now.to_string();
+        let good = sign(b"s3cret", &ts, body);
+        let check = |body: &[u8], sig: Option<&str>, ts: Option<&str>, bearer: Option<&str>| {
+            authentic("s3cret", body, sig, ts, bearer, now)
+        };
+        assert!(matches!(
+            check(body, Some(&good), Some(&ts), None),
+            Ok(HookAuth::Signed { timestamp, .. }) if timestamp == now
+        ));
+        assert_eq!(
+            check(b"{\"a\":2}", Some(&good), Some(&ts), None),
+            Err(HookRefusal::BadSignature)
+        );
+        // The same signature under another timestamp does not verify.
+        let later = (now + 1).to_string();
+        assert_eq!(
+            check(body, Some(&good), Some(&later), None),
+            Err(HookRefusal::BadSignature)
+        );
+        assert_eq!(
+            check(body, Some(&good), None, None),
+            Err(HookRefusal::NoTimestamp)
+        );
+        let old = (now - HOOK_WINDOW_S - 1).to_string();
+        assert_eq!(
+            check(body, Some(&sign(b"s3cret", &old, body)), Some(&old), None),
+            Err(HookRefusal::Stale)
+        );
+        let edge = (now - HOOK_WINDOW_S).to_string();
+        assert!(check(body, Some(&sign(b"s3cret", &edge, body)), Some(&edge), None).is_ok());
+        assert_eq!(
+            authentic("other", body, Some(&good), Some(&ts), None, now),
+            Err(HookRefusal::BadSignature)
+        );
+        assert_eq!(
+            check(body, Some("sha256=zz"), Some(&ts), None),
+            Err(HookRefusal::BadSignature)
+        );
+        assert_eq!(
+            check(body, None, None, Some("s3cret")),
+            Ok(HookAuth::Bearer)
+        );
+        assert_eq!(
+            check(body, None, None, Some("s3cre")),
+            Err(HookRefusal::BadSignature)
+        );
+        assert_eq!(
+            check(body, None, None, None),
+            Err(HookRefusal::BadSignature)
+        );
     }
 
     #[test]

@@ -1,0 +1,237 @@
+//! Admission of new boxes: the operator's ceiling on one box's resources, and per-tenant limits
+//! on the boxes alive at once (their count and the sums of their cpus, memory and disk).
+//!
+//! Contract: [`Engine::admit`] checks and reserves in one critical section, so concurrent
+//! creates cannot pass a limit together; the [`Ticket`] it returns holds the reservation until
+//! it is dropped, which the caller does once the box is in the registry (where the next check
+//! counts it) or has failed. A box counts while it is `creating` or `running`; a parked box
+//! holds nothing and is admitted again when it is restored.
+
+use super::Engine;
+use crate::error::ApiError;
+use axum::http::StatusCode;
+use berth_api::{BoxState, Resources};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The largest box the server makes (each field a ceiling on the spec's own).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaxBox {
+    pub cpus: f64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub pids: u64,
+}
+
+/// What a tenant's live boxes may hold together (None: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TenantTotals {
+    pub cpus: Option<f64>,
+    pub memory_mib: Option<u64>,
+    pub disk_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Held {
+    boxes: usize,
+    cpus: f64,
+    memory_mib: u64,
+    disk_mib: u64,
+}
+
+impl Held {
+    fn add(&mut self, r: &Resources) {
+        self.boxes += 1;
+        self.cpus += r.cpus;
+        self.memory_mib = self.memory_mib.saturating_add(r.memory_mib);
+        self.disk_mib = self.disk_mib.saturating_add(r.disk_mib);
+    }
+
+    fn sub(&mut self, r: &Resources) {
+        self.boxes = self.boxes.saturating_sub(1);
+        self.cpus = (self.cpus - r.cpus).max(0.0);
+        self.memory_mib = self.memory_mib.saturating_sub(r.memory_mib);
+        self.disk_mib = self.disk_mib.saturating_sub(r.disk_mib);
+    }
+}
+
+/// Reservations of creates in flight, per tenant.
+#[derive(Default)]
+pub struct Reservations(Mutex<HashMap<String, Held>>);
+
+/// A create's place under its tenant's limits; released on drop.
+pub struct Ticket {
+    reservations: Arc<Reservations>,
+    tenant: String,
+    resources: Resources,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.reservations.0.lock() {
+            if let Some(h) = m.get_mut(&self.tenant) {
+                h.sub(&self.resources);
+                if h.boxes == 0 {
+                    m.remove(&self.tenant);
+                }
+            }
+        }
+    }
+}
+
+/// The host's cores and memory: the default ceiling for one box.
+pub fn host_max_box() -> MaxBox {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0);
+    let memory_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(4096);
+    MaxBox {
+        cpus,
+        memory_mib,
+        disk_mib: DEFAULT_MAX_DISK_MIB,
+        pids: DEFAULT_MAX_PIDS,
+    }
+}
+
+/// Default ceiling on one box's disk (100 GiB).
+pub const DEFAULT_MAX_DISK_MIB: u64 = 100 * 1024;
+/// Default ceiling on one box's processes.
+pub const DEFAULT_MAX_PIDS: u64 = 4096;
+
+/// The spec's resources against the server's ceiling: 400 naming the first one exceeded.
+pub fn check_max_box(r: &Resources, max: &MaxBox) -> Result<(), ApiError> {
+    let over = |what: &str, asked: String, limit: String| {
+        Err(ApiError::Invalid(format!(
+            "resources.{what} {asked} is over this server's ceiling max_box.{what} = {limit}"
+        )))
+    };
+    if r.cpus > max.cpus {
+        return over("cpus", r.cpus.to_string(), max.cpus.to_string());
+    }
+    if r.memory_mib > max.memory_mib {
+        return over(
+            "memory_mib",
+            r.memory_mib.to_string(),
+            max.memory_mib.to_string(),
+        );
+    }
+    if r.disk_mib > max.disk_mib {
+        return over("disk_mib", r.disk_mib.to_string(), max.disk_mib.to_string());
+    }
+    if r.pids > max.pids {
+        return over("pids", r.pids.to_string(), max.pids.to_string());
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Check a new box of `tenant` against the ceilings and the tenant's limits, counting its
+    /// live boxes and the creates in flight, and reserve its place (see the module docs).
+    pub(crate) fn admit(&self, tenant: &str, r: &Resources) -> Result<Ticket, ApiError> {
+        check_max_box(r, &self.config.max_box)?;
+        let mut reserved = self
+            .reservations
+            .0
+            .lock()
+            .map_err(|_| ApiError::Internal("admission lock poisoned".into()))?;
+        let mut held = reserved.get(tenant).copied().unwrap_or_default();
+        if let Ok(m) = self.boxes.read() {
+            for h in m.values() {
+                let b = h.state.borrow();
+                if b.tenant == tenant && matches!(b.state, BoxState::Creating | BoxState::Running) {
+                    held.add(&b.resources);
+                }
+            }
+        }
+        let quota = |msg: String| Err(ApiError::Rejected(StatusCode::TOO_MANY_REQUESTS, msg));
+        let max_boxes = self.config.max_boxes_per_tenant;
+        if held.boxes >= max_boxes {
+            return quota(format!(
+                "tenant {tenant} already has {} boxes alive (limit max_boxes_per_tenant = {max_boxes})",
+                held.boxes
+            ));
+        }
+        let t = &self.config.tenant_totals;
+        if let Some(max) = t.cpus.filter(|m| held.cpus + r.cpus > *m) {
+            return quota(format!(
+                "tenant {tenant}'s live boxes hold {} cpus; {} more is over tenant_max.cpus = {max}",
+                held.cpus, r.cpus
+            ));
+        }
+        if let Some(max) = t.memory_mib.filter(|m| held.memory_mib + r.memory_mib > *m) {
+            return quota(format!(
+                "tenant {tenant}'s live boxes hold {} MiB of memory; {} more is over tenant_max.memory_mib = {max}",
+                held.memory_mib, r.memory_mib
+            ));
+        }
+        if let Some(max) = t.disk_mib.filter(|m| held.disk_mib + r.disk_mib > *m) {
+            return quota(format!(
+                "tenant {tenant}'s live boxes hold {} MiB of disk; {} more is over tenant_max.disk_mib = {max}",
+                held.disk_mib, r.disk_mib
+            ));
+        }
+        reserved.entry(tenant.to_string()).or_default().add(r);
+        Ok(Ticket {
+            reservations: self.reservations.clone(),
+            tenant: tenant.to_string(),
+            resources: *r,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ceiling_names_what_is_exceeded() {
+        let max = MaxBox {
+            cpus: 2.0,
+            memory_mib: 1024,
+            disk_mib: 2048,
+            pids: 100,
+        };
+        let ok = Resources {
+            cpus: 2.0,
+            memory_mib: 1024,
+            disk_mib: 2048,
+            pids: 100,
+        };
+        assert!(check_max_box(&ok, &max).is_ok());
+        for (r, what) in [
+            (Resources { cpus: 2.5, ..ok }, "max_box.cpus"),
+            (
+                Resources {
+                    memory_mib: 1025,
+                    ..ok
+                },
+                "max_box.memory_mib",
+            ),
+            (
+                Resources {
+                    disk_mib: 4096,
+                    ..ok
+                },
+                "max_box.disk_mib",
+            ),
+            (Resources { pids: 101, ..ok }, "max_box.pids"),
+        ] {
+            let e = check_max_box(&r, &max).expect_err("over");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_host_default_fits_the_host() {
+        let m = host_max_box();
+        assert!(m.cpus >= 1.0 && m.memory_mib >= 64, "{m:?}");
+    }
+}
