@@ -787,3 +787,187 @@ where
         Err(SandboxError::NotFound(_))
     ));
 }
+
+/// A FIFO or socket the box makes in its workspace is refused by the file operations at
+/// once (never opened for reading, so never waited on), and fifty such requests at once leave
+/// another box's file operations fast.
+pub async fn special_files_answer_at_once<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("fifo");
+    let other = f.id("fifo-other");
+    b.create(config(&id, small())).await.expect("create");
+    b.create(config(&other, small()))
+        .await
+        .expect("create other");
+    b.write_file(&other, "plain.txt", b"plain".to_vec(), 0o644)
+        .await
+        .expect("write other");
+    let out = sh(
+        b,
+        &id,
+        "mkfifo /workspace/f && python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('/workspace/s')\" && ls -l /workspace",
+    )
+    .await;
+    assert!(out.exit.success(), "{}", text(&out.stderr));
+    let quick = Duration::from_secs(5);
+    for p in ["f", "s"] {
+        let r = tokio::time::timeout(quick, b.read_file(&id, p))
+            .await
+            .unwrap_or_else(|_| panic!("reading {p} hung"));
+        assert!(
+            matches!(r, Err(SandboxError::Fs(FsError::Invalid(_)))),
+            "read {p}: {r:?}"
+        );
+        let r = tokio::time::timeout(quick, b.write_file(&id, p, b"x".to_vec(), 0o644))
+            .await
+            .unwrap_or_else(|_| panic!("writing {p} hung"));
+        assert!(
+            matches!(r, Err(SandboxError::Fs(FsError::Invalid(_)))),
+            "write {p}: {r:?}"
+        );
+    }
+    // The FIFO is still a FIFO: writing was refused, not done by replacing it.
+    let out = sh(b, &id, "test -p /workspace/f && echo fifo").await;
+    assert_eq!(text(&out.stdout), "fifo\n");
+
+    let t = std::time::Instant::now();
+    let storm = futures::future::join_all((0..50).map(|_| b.read_file(&id, "f")));
+    let probe_other = async {
+        let t = std::time::Instant::now();
+        let r = b.read_file(&other, "plain.txt").await;
+        (t.elapsed(), r)
+    };
+    let (results, (other_took, other_read)) = tokio::join!(storm, probe_other);
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(SandboxError::Fs(FsError::Invalid(_))))),
+        "{results:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    match other_read.expect("other box's read") {
+        FileContent::File(c) => assert_eq!(c, b"plain"),
+        FileContent::Dir(_) => panic!("expected a file"),
+    }
+    assert!(other_took < Duration::from_secs(3), "{other_took:?}");
+    b.destroy(&id).await.expect("destroy");
+    b.destroy(&other).await.expect("destroy other");
+}
+
+/// `socket(AF_NETLINK)` and `socket(AF_VSOCK)` are refused inside a box (EPERM from the
+/// seccomp filter; an unprivileged process gets a netlink socket without it).
+pub async fn socket_families_refused<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("sockfam");
+    b.create(config(&id, small())).await.expect("create");
+    let script = "import socket\n\
+        for fam, typ in [(16, socket.SOCK_RAW), (40, socket.SOCK_STREAM), (1, socket.SOCK_STREAM)]:\n\
+        \x20   try:\n\
+        \x20       socket.socket(fam, typ, 0).close(); print('ok')\n\
+        \x20   except OSError as e:\n\
+        \x20       print('errno%d' % e.errno)\n";
+    let out = run(b, &id, vec!["python3".into(), "-c".into(), script.into()]).await;
+    let eperm = format!("errno{}", libc::EPERM);
+    assert_eq!(
+        text(&out.stdout),
+        format!("{eperm}\n{eperm}\nok\n"),
+        "netlink, vsock refused; unix allowed ({})",
+        text(&out.stderr)
+    );
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// Per-user kernel counters are the box's own: box A holding every inotify instance it can
+/// get leaves box B (and the host's root) able to make one.
+pub async fn kernel_counters_per_box<B: Sandbox>(b: &B, f: &Fixture) {
+    let a = f.id("ucount-a");
+    let c = f.id("ucount-b");
+    b.create(config(&a, small())).await.expect("create a");
+    b.create(config(&c, small())).await.expect("create b");
+    let hog = "import ctypes, sys\n\
+        l = ctypes.CDLL(None, use_errno=True)\n\
+        n = 0\n\
+        while n < 4096:\n\
+        \x20   if l.inotify_init1(0) < 0:\n\
+        \x20       break\n\
+        \x20   n += 1\n\
+        print('held', n, ctypes.get_errno(), flush=True)\n\
+        sys.stdin.read()\n";
+    let mut h = b
+        .exec(
+            &a,
+            ExecSpec {
+                argv: vec!["python3".into(), "-c".into(), hog.into()],
+                timeout: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec hog");
+    let held = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut line = String::new();
+        while let Some(ev) = h.events.recv().await {
+            match ev {
+                crate::ExecEvent::Stdout(d) => {
+                    line.push_str(&text(&d));
+                    if line.ends_with('\n') {
+                        return line;
+                    }
+                }
+                crate::ExecEvent::Exit(e) => panic!("hog ended early: {e:?} {line}"),
+                crate::ExecEvent::Failed(m) => panic!("hog failed: {m}"),
+                _ => {}
+            }
+        }
+        panic!("hog's stream ended: {line}")
+    })
+    .await
+    .expect("the hog reports within 30 s");
+    let n: u32 = held
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{held}"));
+    assert!(n >= 1, "box A made no inotify instance: {held}");
+
+    let one = "import ctypes\n\
+        l = ctypes.CDLL(None, use_errno=True)\n\
+        print('ok' if l.inotify_init1(0) >= 0 else 'errno%d' % ctypes.get_errno())\n";
+    let out = run(b, &c, vec!["python3".into(), "-c".into(), one.into()]).await;
+    assert_eq!(
+        text(&out.stdout),
+        "ok\n",
+        "box B cannot make an inotify instance while box A holds {held} ({})",
+        text(&out.stderr)
+    );
+    // SAFETY: inotify_init1 has no preconditions; the descriptor is closed right after.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "the host cannot make an inotify instance while box A holds {held}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: closing the descriptor made above.
+    unsafe { libc::close(fd) };
+    drop(h);
+    b.destroy(&a).await.expect("destroy a");
+    b.destroy(&c).await.expect("destroy b");
+}
+
+/// The box is called by its id, and the agent's uid is `agent` inside it (`id`, `whoami`,
+/// `ls -l`), whatever user of that uid the host has.
+pub async fn box_identity<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("ident");
+    b.create(config(&id, small())).await.expect("create");
+    let out = sh(
+        b,
+        &id,
+        "hostname; id -un; id -gn; whoami; touch /workspace/mine; ls -l /workspace/mine | awk '{print $3, $4}'; echo ~agent",
+    )
+    .await;
+    assert_eq!(
+        text(&out.stdout),
+        format!("{id}\nagent\nagent\nagent\nagent agent\n/home/agent\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    b.destroy(&id).await.expect("destroy");
+}

@@ -22,8 +22,8 @@
 use crate::native::client;
 use crate::native::init::{SUPERVISOR_BRIDGES_ENV, SUPERVISOR_CTL_ENV, SUPERVISOR_NPROC_ENV};
 use crate::{
-    fsops, BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image,
-    Result, Sandbox, SandboxError, Stats, AGENT_UID,
+    BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image, Result,
+    Sandbox, SandboxError, Stats, AGENT_UID,
 };
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTypeEnum};
 use bollard::query_parameters::{
@@ -90,6 +90,7 @@ struct DockerBox {
     limits: crate::Limits,
     env: Vec<(String, String)>,
     exit: watch::Receiver<Option<BoxExit>>,
+    files_gate: crate::files::Gate,
 }
 
 impl DockerBox {
@@ -107,6 +108,7 @@ impl DockerBox {
             limits: cfg.limits,
             env: cfg.env.clone(),
             exit,
+            files_gate: crate::files::new_gate(),
         });
         (b, exit_tx)
     }
@@ -215,6 +217,20 @@ fn host_image_tar() -> std::io::Result<Vec<u8>> {
             let rel = p.strip_prefix("/").unwrap_or(&p).to_path_buf();
             if m.is_dir() {
                 stack.push(p);
+            } else if p == Path::new("/etc/passwd") || p == Path::new("/etc/group") {
+                // The box's own user database: the agent's uid is `agent`.
+                let image = std::fs::read_to_string(&p)?;
+                let content = if p.ends_with("passwd") {
+                    crate::identity::passwd(&image)
+                } else {
+                    crate::identity::group(&image)
+                };
+                let mut h = tar::Header::new_gnu();
+                h.set_size(content.len() as u64);
+                h.set_mode(0o644);
+                h.set_mtime(0);
+                h.set_cksum();
+                b.append_data(&mut h, &rel, content.as_bytes())?;
             } else if m.is_file() || m.file_type().is_symlink() {
                 b.append_path_with_name(&p, &rel)?;
             }
@@ -632,7 +648,7 @@ impl Sandbox for DockerBackend {
             // does not shield a namespace's init from SIGKILL) or stall the supervisor.
             user: Some("0:0".into()),
             working_dir: Some("/workspace".into()),
-            hostname: Some("box".into()),
+            hostname: Some(cfg.id.clone()),
             labels: Some(labels),
             host_config: Some(HostConfig {
                 runtime: Some(self.cfg.runtime.clone()),
@@ -705,23 +721,25 @@ impl Sandbox for DockerBackend {
         .await
     }
 
+    fn files(&self, id: &str) -> Result<crate::files::FilesRoot> {
+        let b = self.get_running(id)?;
+        Ok(crate::files::FilesRoot {
+            root: b.workspace(),
+            owner: Some(AGENT_UID),
+            gate: b.files_gate.clone(),
+        })
+    }
+
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
-        let root = self.get_running(id)?.workspace();
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::read(&root, &path)?)).await
+        self.files(id)?.read_whole(path).await
     }
 
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
-        let b = self.get_running(id)?;
-        let (root, owner) = (b.workspace(), AGENT_UID);
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::write(&root, &path, &data, mode, Some(owner))?)).await
+        self.files(id)?.write_whole(path, data, mode).await
     }
 
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
-        let root = self.get_running(id)?.workspace();
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::delete(&root, &path)?)).await
+        self.files(id)?.delete(path).await
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {

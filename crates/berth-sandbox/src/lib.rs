@@ -26,7 +26,9 @@
 
 pub mod conformance;
 pub mod docker;
+pub mod files;
 pub mod fsops;
+pub mod identity;
 pub mod native;
 
 pub use fsops::{DirEntry, FileContent, FsError};
@@ -293,6 +295,9 @@ pub trait Sandbox: Send + Sync {
     fn health(&self) -> impl Future<Output = Result<()>> + Send;
     fn create(&self, cfg: BoxConfig) -> impl Future<Output = Result<BoxInfo>> + Send;
     fn exec(&self, id: &str, spec: ExecSpec) -> impl Future<Output = Result<ExecHandle>> + Send;
+    /// The running box's workspace for streamed file access ([`files`]), behind the box's
+    /// file gate, which `read_file`, `write_file` and `delete_file` use too.
+    fn files(&self, id: &str) -> Result<files::FilesRoot>;
     fn read_file(&self, id: &str, path: &str) -> impl Future<Output = Result<FileContent>> + Send;
     fn write_file(
         &self,
@@ -364,6 +369,12 @@ impl Sandbox for Backend {
             Backend::Docker(b) => b.exec(id, spec).await,
         }
     }
+    fn files(&self, id: &str) -> Result<files::FilesRoot> {
+        match self {
+            Backend::Native(b) => b.files(id),
+            Backend::Docker(b) => b.files(id),
+        }
+    }
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
         match self {
             Backend::Native(b) => b.read_file(id, path).await,
@@ -412,13 +423,6 @@ impl Sandbox for Backend {
             Backend::Docker(b) => b.adopt(cfg).await,
         }
     }
-}
-
-/// Run blocking file system work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(blocking_err)?
 }
 
 pub(crate) fn blocking_err(e: tokio::task::JoinError) -> SandboxError {

@@ -88,6 +88,30 @@ macro_rules! suite {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn special_files_answer_at_once() {
+                let e = env().await;
+                conformance::special_files_answer_at_once(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn socket_families_refused() {
+                let e = env().await;
+                conformance::socket_families_refused(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kernel_counters_per_box() {
+                let e = env().await;
+                conformance::kernel_counters_per_box(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn box_identity() {
+                let e = env().await;
+                conformance::box_identity(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn adoption_after_restart() {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let make = || backend($name, $runtime, dir.path());
