@@ -112,6 +112,12 @@ macro_rules! suite {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn another_uid_in_its_own_directory() {
+                let e = env().await;
+                conformance::another_uid_in_its_own_directory(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn adoption_after_restart() {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let make = || backend($name, $runtime, dir.path());

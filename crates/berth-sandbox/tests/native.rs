@@ -269,3 +269,8 @@ async fn kernel_counters_per_box() {
 async fn box_identity() {
     conformance::box_identity(&env().backend, &env().fixture).await;
 }
+
+#[tokio::test]
+async fn another_uid_in_its_own_directory() {
+    conformance::another_uid_in_its_own_directory(&env().backend, &env().fixture).await;
+}
