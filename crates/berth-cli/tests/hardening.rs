@@ -124,3 +124,176 @@ async fn shared_box_on_docker() {
 async fn shared_box_on_gvisor() {
     shared_box_on("gvisor").await;
 }
+
+/// A FIFO the box makes answers 400 at once on files GET and PUT (the server never waits on
+/// it), and fifty such requests together leave another box's file GET fast.
+#[tokio::test]
+async fn a_fifo_in_the_workspace_answers_400_at_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let a = make_box(&api, json!({})).await;
+    let other = make_box(&api, json!({})).await;
+    let out = exec(
+        &api,
+        &a,
+        "mkfifo /workspace/f && test -p /workspace/f && echo made",
+    )
+    .await;
+    assert_eq!(out["stdout"], "made\n", "{out}");
+    let put = api
+        .http
+        .put(format!("{}/v1/boxes/{other}/files/plain.txt", api.url))
+        .bearer_auth(&api.token)
+        .body("plain");
+    assert_eq!(api.raw(put).await.status, 204);
+
+    let quick = Duration::from_secs(5);
+    let t = Instant::now();
+    let r = tokio::time::timeout(quick, api.get(&format!("/v1/boxes/{a}/files/f")))
+        .await
+        .expect("GET of a FIFO answers at once");
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "invalid_request", "{}", r.json);
+    let put = api
+        .http
+        .put(format!("{}/v1/boxes/{a}/files/f", api.url))
+        .bearer_auth(&api.token)
+        .body("x");
+    let r = tokio::time::timeout(quick, api.raw(put))
+        .await
+        .expect("PUT over a FIFO answers at once");
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(t.elapsed() < quick, "{:?}", t.elapsed());
+
+    let api = &api;
+    let fifo = format!("/v1/boxes/{a}/files/f");
+    let fifo = &fifo;
+    let t = Instant::now();
+    let storm =
+        futures::future::join_all((0..50).map(|_| async move { api.get(fifo).await.status }));
+    let probe = async {
+        let t = Instant::now();
+        let r = api.get(&format!("/v1/boxes/{other}/files/plain.txt")).await;
+        (t.elapsed(), r)
+    };
+    let (statuses, (took, r)) = tokio::join!(storm, probe);
+    assert!(statuses.iter().all(|s| *s == 400), "{statuses:?}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes, b"plain");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The FIFO is still there: the PUT did not replace it.
+    let out = exec(api, &a, "test -p /workspace/f && echo fifo").await;
+    assert_eq!(out["stdout"], "fifo\n", "{out}");
+    srv.stop().await;
+}
+
+/// Resident memory of process `pid` in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Sample the server's RSS every 10 ms until `stop`; the highest seen.
+fn sample_peak(pid: i32, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut peak = 0;
+        while !*stop.borrow() {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        peak.max(rss_kib(pid))
+    })
+}
+
+/// A 200 MiB file goes out (GET) and in (PUT) through the API while the server's resident
+/// memory grows by far less than the file: it streams, it does not hold the file.
+#[tokio::test]
+async fn large_files_stream_through_bounded_server_memory() {
+    use futures::StreamExt;
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 200 * MIB;
+    const BOUND_KIB: u64 = 48 * 1024;
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("berth.toml");
+    std::fs::write(&config, "max_body_bytes = 536870912\n").expect("config");
+    let data = dir.path().join("data");
+    let srv = Server::start_with(&data, &[("BERTH_CONFIG", config.to_str().expect("utf-8"))]).await;
+    let api = srv.client();
+    let bx = make_box(
+        &api,
+        json!({"resources": {"memory_mib": 256, "disk_mib": 1024, "pids": 64}}),
+    )
+    .await;
+    let out = exec(
+        &api,
+        &bx,
+        "head -c 209715200 /dev/zero | tr '\\0' 'b' > /workspace/big && stat -c %s /workspace/big",
+    )
+    .await;
+    assert_eq!(out["stdout"], format!("{SIZE}\n"), "{out}");
+
+    let pid = srv.pid();
+    let idle = rss_kib(pid);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let sampler = sample_peak(pid, stop);
+    let resp = api
+        .http
+        .get(format!("{}/v1/boxes/{bx}/files/big", api.url))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), Some(SIZE));
+    let mut got = 0u64;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("chunk");
+        assert!(chunk.iter().all(|b| *b == b'b'));
+        got += chunk.len() as u64;
+    }
+    assert_eq!(got, SIZE);
+    let _ = stop_tx.send(true);
+    let peak_get = sampler.await.expect("sampler");
+
+    let idle_put = rss_kib(pid);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let sampler = sample_peak(pid, stop);
+    let chunks = futures::stream::iter(
+        (0..SIZE / MIB).map(|_| Ok::<_, std::io::Error>(vec![b'p'; MIB as usize])),
+    );
+    let put = api
+        .http
+        .put(format!("{}/v1/boxes/{bx}/files/up", api.url))
+        .bearer_auth(&api.token)
+        .body(reqwest::Body::wrap_stream(chunks));
+    let r = api.raw(put).await;
+    assert_eq!(r.status, 204, "{}", r.json);
+    let _ = stop_tx.send(true);
+    let peak_put = sampler.await.expect("sampler");
+    let out = exec(
+        &api,
+        &bx,
+        "stat -c %s /workspace/up; tr -d p < /workspace/up | wc -c",
+    )
+    .await;
+    assert_eq!(out["stdout"], format!("{SIZE}\n0\n"), "{out}");
+
+    assert!(
+        peak_get.saturating_sub(idle) < BOUND_KIB,
+        "GET of {SIZE} bytes grew the server from {idle} KiB to {peak_get} KiB"
+    );
+    assert!(
+        peak_put.saturating_sub(idle_put) < BOUND_KIB,
+        "PUT of {SIZE} bytes grew the server from {idle_put} KiB to {peak_put} KiB"
+    );
+    srv.stop().await;
+}
