@@ -663,7 +663,7 @@ pub(super) fn build_template(root: &Path, spec: &RootSpec) -> Result<(), String>
 /// (the bind keeps it), so nothing else of it shows in the box.
 fn place_identity(root: &Path) -> Result<(), String> {
     for (name, make) in [
-        ("passwd", crate::identity::passwd as fn(&str) -> String),
+        ("passwd", crate::identity::passwd as fn(&str, u32) -> String),
         ("group", crate::identity::group),
     ] {
         let target = inside(root, &format!("/etc/{name}"));
@@ -672,7 +672,7 @@ fn place_identity(root: &Path) -> Result<(), String> {
         };
         let staged = inside(root, &format!("/.berth-{name}"));
         ctx(
-            fs::write(&staged, make(&image)),
+            fs::write(&staged, make(&image, crate::AGENT_UID)),
             "write the box's user database",
         )?;
         ctx(
