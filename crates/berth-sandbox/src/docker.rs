@@ -14,10 +14,12 @@
 //! a read-only root, `--network none` (loopback only; the gateway seam is the bridged Unix
 //! sockets), and cpu, memory (no swap) and pids limits.
 //!
-//! What it does not offer (reported in [`Capabilities`]): a disk quota (`/workspace` and
-//! `/home/agent` are host directories; overlay2 quotas need XFS project quotas), user
-//! namespaces (the daemon's userns-remap is off by default, so the agent uid is the host's uid
-//! 1000), Landlock under gVisor (its kernel does not implement it).
+//! Each box has a host uid range of its own (box uid `u` is host uid `base + u`) and a disk of
+//! its own (an ext4 image on a loop device mounted under the box's directory; `/workspace` and
+//! `/home/agent` are bound from it), like a native box. What it does not offer (reported in
+//! [`Capabilities`]): user namespaces (the daemon's userns-remap is one mapping for all
+//! containers; the agent's uid in the box is its host uid), Landlock under gVisor (its kernel
+//! does not implement it).
 
 use crate::native::client;
 use crate::native::init::{SUPERVISOR_BRIDGES_ENV, SUPERVISOR_CTL_ENV, SUPERVISOR_NPROC_ENV};

@@ -17,7 +17,9 @@
 //!   handle's event receiver ends the exec (its process group is killed: no orphaned work);
 //!   dropping only the input sender leaves it running. A process never outlives its box.
 //! - **Files**: paths are relative to the box's workspace; anything that resolves outside it,
-//!   lexically or through symlinks planted by the box, is refused with [`FsError::Outside`].
+//!   lexically or through symlinks planted by the box, is refused with [`FsError::Outside`];
+//!   a FIFO, socket or device node is refused with [`FsError::Invalid`] without being opened
+//!   for reading or replaced. No file operation waits on the box: see [`files`].
 //! - **Destroy** is idempotent and leaves no process, mount, cgroup, loop device or file behind.
 //! - **Death**: [`Sandbox::exit_watch`] reports, once, why a box stopped on its own (or that it
 //!   was destroyed).
