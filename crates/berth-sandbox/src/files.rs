@@ -43,7 +43,15 @@ pub async fn step<T: Send + 'static>(
     gate: &Gate,
     f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
 ) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + FILE_OP_DEADLINE;
+    step_within(gate, FILE_OP_DEADLINE, f).await
+}
+
+async fn step_within<T: Send + 'static>(
+    gate: &Gate,
+    within: Duration,
+    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
+) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + within;
     let permit = tokio::time::timeout_at(deadline, gate.clone().acquire_owned())
         .await
         .map_err(|_| busy())?
@@ -179,5 +187,66 @@ impl FilesRoot {
     pub async fn delete(&self, path: &str) -> Result<()> {
         let (root, path) = (self.root.clone(), path.to_string());
         step(&self.gate, move || fsops::delete(&root, &path)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steps that never finish hold their own box's permits only: that box's next step is
+    /// answered `Busy` at the deadline, another box's runs at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stuck_steps_hold_only_their_own_box() {
+        let (stuck, other) = (new_gate(), new_gate());
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let hold = Arc::new(std::sync::Mutex::new(hold));
+        let within = Duration::from_millis(300);
+        let mut waiting = Vec::new();
+        for _ in 0..FILE_OPS_PER_BOX {
+            let (gate, hold) = (stuck.clone(), hold.clone());
+            waiting.push(tokio::spawn(async move {
+                step_within(&gate, within, move || {
+                    let _ = hold.lock().map(|h| h.recv());
+                    Ok(())
+                })
+                .await
+            }));
+        }
+        for w in waiting {
+            let r = w.await.expect("join");
+            assert!(
+                matches!(r, Err(SandboxError::Fs(FsError::Busy(_)))),
+                "{r:?}"
+            );
+        }
+        // All four permits are still held by the stuck steps.
+        let t = tokio::time::Instant::now();
+        let r = step_within(&stuck, within, || Ok(())).await;
+        assert!(
+            matches!(r, Err(SandboxError::Fs(FsError::Busy(_)))),
+            "{r:?}"
+        );
+        assert!(t.elapsed() >= within);
+        let t = tokio::time::Instant::now();
+        step_within(&other, within, || Ok(()))
+            .await
+            .expect("another box's step");
+        assert!(t.elapsed() < within);
+        // Once the stuck steps end, their box's permits come back.
+        for _ in 0..FILE_OPS_PER_BOX {
+            release.send(()).expect("release");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while stuck.available_permits() < FILE_OPS_PER_BOX {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "permits not returned"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        step_within(&stuck, within, || Ok(()))
+            .await
+            .expect("after release");
     }
 }
