@@ -11,6 +11,7 @@
 
 mod agents;
 mod api;
+mod files;
 mod gateway;
 mod park;
 mod sandbox;
@@ -80,6 +81,21 @@ enum Cmd {
     Io {
         #[arg(long, default_value_t = 10000)]
         files: usize,
+    },
+    /// Server RSS idle and while `clients` clients GET one `mib` MiB file in parallel.
+    Files {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 12)]
+        clients: usize,
+        #[arg(long, default_value_t = 250)]
+        mib: u64,
+    },
+    /// The server for the `files` suite, in a process of its own (internal).
+    #[command(hide = true)]
+    FilesServer {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
     },
 }
 
@@ -267,6 +283,8 @@ fn main() -> anyhow::Result<()> {
             } => api::run(subscribers, durability).await,
             Cmd::Gateway { requests } => gateway::run(requests).await,
             Cmd::Io { files } => sandbox::io(files).await,
+            Cmd::Files { runs, clients, mib } => files::run(runs, clients, mib).await,
+            Cmd::FilesServer { data_dir } => files::serve(data_dir).await,
             Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
             Cmd::Park { runs, mib } => park::run(runs, mib).await,
             Cmd::SseClients {

@@ -138,7 +138,7 @@ async fn agent_runs_in_an_engine_box(backend: &str, enable: &str) {
         .iter()
         .find(|b| b["name"] == backend)
         .unwrap_or_else(|| panic!("{backend} backend enabled: {backends}"));
-    assert_eq!(offered["capabilities"]["disk_quota"], false, "{offered}");
+    assert_eq!(offered["capabilities"]["disk_quota"], true, "{offered}");
     let r = api
         .post(
             "/v1/sessions",

@@ -96,7 +96,7 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
                 argv: vec![
                     "/bin/sh".into(),
                     "-c".into(),
-                    "pwd; echo $FOO; cat; id -u; exit 7".into(),
+                    "pwd; echo $FOO; cat; id -un; exit 7".into(),
                 ],
                 cwd: Some("/tmp".into()),
                 env: vec![("FOO".into(), "bar baz".into())],
@@ -108,7 +108,8 @@ pub async fn exec_basics<B: Sandbox>(b: &B, f: &Fixture) {
         .collect(Some(b"from-stdin\n".to_vec()), 1 << 20)
         .await
         .expect("collect");
-    assert_eq!(text(&out.stdout), "/tmp\nbar baz\nfrom-stdin\n1000\n");
+    // The agent's uid is `agent` in every box (its number on the host may be the box's own).
+    assert_eq!(text(&out.stdout), "/tmp\nbar baz\nfrom-stdin\nagent\n");
     assert_eq!(out.exit.code, Some(7));
 
     let out = sh(b, &id, "seq 1 20000; echo done >&2").await;
@@ -276,12 +277,12 @@ pub async fn files_and_hostile_paths<B: Sandbox>(b: &B, f: &Fixture) {
     let out = sh(
         b,
         &id,
-        "cat /workspace/dir/a.txt; stat -c %u /workspace/dir/a.txt",
+        "cat /workspace/dir/a.txt; stat -c %U /workspace/dir/a.txt",
     )
     .await;
     assert_eq!(
         text(&out.stdout),
-        "hello1000\n",
+        "helloagent\n",
         "written file visible inside, owned by the agent"
     );
     match b.read_file(&id, "dir").await.expect("list") {
@@ -786,4 +787,289 @@ where
         make().await.adopt(config(&id, small())).await,
         Err(SandboxError::NotFound(_))
     ));
+}
+
+/// A FIFO or socket the box makes in its workspace is refused by the file operations at
+/// once (never opened for reading, so never waited on), and fifty such requests at once leave
+/// another box's file operations fast.
+pub async fn special_files_answer_at_once<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("fifo");
+    let other = f.id("fifo-other");
+    b.create(config(&id, small())).await.expect("create");
+    b.create(config(&other, small()))
+        .await
+        .expect("create other");
+    b.write_file(&other, "plain.txt", b"plain".to_vec(), 0o644)
+        .await
+        .expect("write other");
+    let out = sh(
+        b,
+        &id,
+        "mkfifo /workspace/f && python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('/workspace/s')\" && ls -l /workspace",
+    )
+    .await;
+    assert!(out.exit.success(), "{}", text(&out.stderr));
+    let quick = Duration::from_secs(5);
+    // gVisor keeps FIFOs and sockets inside its own kernel: the host's directory has no such
+    // file (NotFound on read, a plain file made on write), and nothing there to wait on.
+    let mut fifo_on_host = true;
+    for p in ["f", "s"] {
+        let r = tokio::time::timeout(quick, b.read_file(&id, p))
+            .await
+            .unwrap_or_else(|_| panic!("reading {p} hung"));
+        let on_host = fs_outcome(&r) != "not_found";
+        if p == "f" {
+            fifo_on_host = on_host;
+        }
+        let expected: &[&str] = if on_host {
+            &["invalid"]
+        } else {
+            &["not_found"]
+        };
+        assert!(expected.contains(&fs_outcome(&r)), "read {p}: {r:?}");
+        let r = tokio::time::timeout(quick, b.write_file(&id, p, b"x".to_vec(), 0o644))
+            .await
+            .unwrap_or_else(|_| panic!("writing {p} hung"));
+        let expected: &[&str] = if on_host {
+            &["invalid"]
+        } else {
+            &["ok", "invalid"]
+        };
+        assert!(expected.contains(&fs_outcome(&r)), "write {p}: {r:?}");
+    }
+    let on_host = fifo_on_host;
+    if on_host {
+        // The FIFO is still a FIFO: writing was refused, not done by replacing it.
+        let out = sh(b, &id, "test -p /workspace/f && echo fifo").await;
+        assert_eq!(text(&out.stdout), "fifo\n");
+    }
+
+    let t = std::time::Instant::now();
+    let storm = futures::future::join_all((0..50).map(|_| b.read_file(&id, "f")));
+    let probe_other = async {
+        let t = std::time::Instant::now();
+        let r = b.read_file(&other, "plain.txt").await;
+        (t.elapsed(), r)
+    };
+    let (results, (other_took, other_read)) = tokio::join!(storm, probe_other);
+    assert!(
+        results.iter().all(|r| match fs_outcome(r) {
+            "invalid" => true,
+            "other" => false,
+            _ => !on_host,
+        }),
+        "{results:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    match other_read.expect("other box's read") {
+        FileContent::File(c) => assert_eq!(c, b"plain"),
+        FileContent::Dir(_) => panic!("expected a file"),
+    }
+    assert!(other_took < Duration::from_secs(3), "{other_took:?}");
+    b.destroy(&id).await.expect("destroy");
+    b.destroy(&other).await.expect("destroy other");
+}
+
+fn fs_outcome<T>(r: &crate::Result<T>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(SandboxError::Fs(FsError::Invalid(_))) => "invalid",
+        Err(SandboxError::Fs(FsError::NotFound(_))) => "not_found",
+        Err(_) => "other",
+    }
+}
+
+/// `socket(AF_NETLINK)` and `socket(AF_VSOCK)` are refused inside a box (EPERM from the
+/// seccomp filter; an unprivileged process gets a netlink socket without it).
+pub async fn socket_families_refused<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("sockfam");
+    b.create(config(&id, small())).await.expect("create");
+    let script = "import socket\n\
+        for fam, typ in [(16, socket.SOCK_RAW), (40, socket.SOCK_STREAM), (1, socket.SOCK_STREAM)]:\n\
+        \x20   try:\n\
+        \x20       socket.socket(fam, typ, 0).close(); print('ok')\n\
+        \x20   except OSError as e:\n\
+        \x20       print('errno%d' % e.errno)\n";
+    let out = run(b, &id, vec!["python3".into(), "-c".into(), script.into()]).await;
+    let eperm = format!("errno{}", libc::EPERM);
+    assert_eq!(
+        text(&out.stdout),
+        format!("{eperm}\n{eperm}\nok\n"),
+        "netlink, vsock refused; unix allowed ({})",
+        text(&out.stderr)
+    );
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// Per-user kernel counters are the box's own: box A holding every inotify instance it can
+/// get leaves box B (and the host's root) able to make one.
+pub async fn kernel_counters_per_box<B: Sandbox>(b: &B, f: &Fixture) {
+    let a = f.id("ucount-a");
+    let c = f.id("ucount-b");
+    b.create(config(&a, small())).await.expect("create a");
+    b.create(config(&c, small())).await.expect("create b");
+    let hog = "import ctypes, sys\n\
+        l = ctypes.CDLL(None, use_errno=True)\n\
+        n = 0\n\
+        while n < 4096:\n\
+        \x20   if l.inotify_init1(0) < 0:\n\
+        \x20       break\n\
+        \x20   n += 1\n\
+        print('held', n, ctypes.get_errno(), flush=True)\n\
+        sys.stdin.read()\n";
+    let mut h = b
+        .exec(
+            &a,
+            ExecSpec {
+                argv: vec!["python3".into(), "-c".into(), hog.into()],
+                timeout: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec hog");
+    let held = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut line = String::new();
+        while let Some(ev) = h.events.recv().await {
+            match ev {
+                crate::ExecEvent::Stdout(d) => {
+                    line.push_str(&text(&d));
+                    if line.ends_with('\n') {
+                        return line;
+                    }
+                }
+                crate::ExecEvent::Exit(e) => panic!("hog ended early: {e:?} {line}"),
+                crate::ExecEvent::Failed(m) => panic!("hog failed: {m}"),
+                _ => {}
+            }
+        }
+        panic!("hog's stream ended: {line}")
+    })
+    .await
+    .expect("the hog reports within 30 s");
+    let n: u32 = held
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{held}"));
+    assert!(n >= 1, "box A made no inotify instance: {held}");
+
+    let one = "import ctypes\n\
+        l = ctypes.CDLL(None, use_errno=True)\n\
+        print('ok' if l.inotify_init1(0) >= 0 else 'errno%d' % ctypes.get_errno())\n";
+    let out = run(b, &c, vec!["python3".into(), "-c".into(), one.into()]).await;
+    assert_eq!(
+        text(&out.stdout),
+        "ok\n",
+        "box B cannot make an inotify instance while box A holds {held} ({})",
+        text(&out.stderr)
+    );
+    // SAFETY: inotify_init1 has no preconditions; the descriptor is closed right after.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "the host cannot make an inotify instance while box A holds {held}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: closing the descriptor made above.
+    unsafe { libc::close(fd) };
+    drop(h);
+    b.destroy(&a).await.expect("destroy a");
+    b.destroy(&c).await.expect("destroy b");
+}
+
+/// The box is called by its id, and the agent's uid is `agent` inside it (`id`, `whoami`,
+/// `ls -l`), whatever user of that uid the host has.
+pub async fn box_identity<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("ident");
+    b.create(config(&id, small())).await.expect("create");
+    let out = sh(
+        b,
+        &id,
+        "hostname; id -un; id -gn; whoami; touch /workspace/mine; ls -l /workspace/mine | awk '{print $3, $4}'; echo ~agent",
+    )
+    .await;
+    assert_eq!(
+        text(&out.stdout),
+        format!("{id}\nagent\nagent\nagent\nagent agent\n/home/agent\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// What a shared box needs of a backend: a process of another uid (2000) starts in a
+/// directory only that uid may enter, writing only beneath it; the agent's uid cannot get in.
+pub async fn another_uid_in_its_own_directory<B: Sandbox>(b: &B, f: &Fixture) {
+    let id = f.id("uid2000");
+    b.create(config(&id, small())).await.expect("create");
+    let out = sh(b, &id, "mkdir -p /workspace/s && chmod 1777 /workspace/s").await;
+    assert!(out.exit.success(), "{}", text(&out.stderr));
+    let as_2000 = |argv: Vec<String>, cwd: Option<String>, writable: Vec<String>| ExecSpec {
+        argv,
+        cwd,
+        uid: Some(2000),
+        writable: Some(writable),
+        timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let out = b
+        .exec(
+            &id,
+            as_2000(
+                vec![
+                    "mkdir".into(),
+                    "-m".into(),
+                    "700".into(),
+                    "/workspace/s/own".into(),
+                ],
+                None,
+                vec!["/workspace/s".into()],
+            ),
+        )
+        .await
+        .expect("exec mkdir")
+        .collect(None, 1 << 16)
+        .await
+        .expect("collect");
+    assert!(out.exit.success(), "{}", text(&out.stderr));
+    let out = b
+        .exec(
+            &id,
+            as_2000(
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "pwd; echo x > f && cat f; echo y > /workspace/s/no".into(),
+                ],
+                Some("/workspace/s/own".into()),
+                vec!["/workspace/s/own".into()],
+            ),
+        )
+        .await
+        .expect("exec in its own directory")
+        .collect(None, 1 << 16)
+        .await
+        .expect("collect");
+    assert_eq!(
+        text(&out.stdout),
+        "/workspace/s/own\nx\n",
+        "{}",
+        text(&out.stderr)
+    );
+    if b.capabilities().landlock {
+        assert!(!out.exit.success(), "wrote outside its writable directory");
+    }
+    let out = sh(
+        b,
+        &id,
+        "ls /workspace/s/own 2>&1; cat /workspace/s/own/f 2>&1",
+    )
+    .await;
+    assert!(
+        text(&out.stdout).contains("Permission denied") && !text(&out.stdout).contains("x\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    b.destroy(&id).await.expect("destroy");
 }

@@ -14,16 +14,18 @@
 //! a read-only root, `--network none` (loopback only; the gateway seam is the bridged Unix
 //! sockets), and cpu, memory (no swap) and pids limits.
 //!
-//! What it does not offer (reported in [`Capabilities`]): a disk quota (`/workspace` and
-//! `/home/agent` are host directories; overlay2 quotas need XFS project quotas), user
-//! namespaces (the daemon's userns-remap is off by default, so the agent uid is the host's uid
-//! 1000), Landlock under gVisor (its kernel does not implement it).
+//! Each box has a host uid range of its own (box uid `u` is host uid `base + u`) and a disk of
+//! its own (an ext4 image on a loop device mounted under the box's directory; `/workspace` and
+//! `/home/agent` are bound from it), like a native box. What it does not offer (reported in
+//! [`Capabilities`]): user namespaces (the daemon's userns-remap is one mapping for all
+//! containers; the agent's uid in the box is its host uid), Landlock under gVisor (its kernel
+//! does not implement it).
 
 use crate::native::client;
 use crate::native::init::{SUPERVISOR_BRIDGES_ENV, SUPERVISOR_CTL_ENV, SUPERVISOR_NPROC_ENV};
 use crate::{
-    fsops, BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image,
-    Result, Sandbox, SandboxError, Stats, AGENT_UID,
+    BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image, Result,
+    Sandbox, SandboxError, Stats, AGENT_UID,
 };
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTypeEnum};
 use bollard::query_parameters::{
@@ -56,6 +58,14 @@ const COMPAT_IN_BOX: &str = "/run/berth-compat";
 const STATX_COMPAT_SO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/statx_compat.so"));
 /// Host threads a gVisor sandbox needs beyond its guest's processes.
 const GVISOR_THREADS: u64 = 512;
+/// Box uid `u` runs as host uid `UID_BASE + slot·UID_RANGE + u`: each box's users are host
+/// users of their own, so the kernel's per-user counters and limits (inotify instances,
+/// processes, message queues, ...) are the box's alone. (Native boxes use `0x4000_0000`.)
+const UID_BASE: u32 = 0x6000_0000;
+const UID_RANGE: u32 = 65536;
+const UID_SLOTS: u32 = 4096;
+/// Label recording a container's uid base, for adoption after a restart.
+const UID_BASE_LABEL: &str = "dev.berth.uid-base";
 
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
@@ -90,6 +100,13 @@ struct DockerBox {
     limits: crate::Limits,
     env: Vec<(String, String)>,
     exit: watch::Receiver<Option<BoxExit>>,
+    files_gate: crate::files::Gate,
+    /// Host uid of the box's uid 0 (never used: the box's root is the container's).
+    uid_base: u32,
+    /// Holds `workspace/` and `home/`: the box's disk (an ext4 image, the quota) mounted at
+    /// `<dir>/disk`, or the box directory itself where the host has no loop devices.
+    data: PathBuf,
+    quota: bool,
 }
 
 impl DockerBox {
@@ -98,7 +115,10 @@ impl DockerBox {
         container: &str,
         dir: &Path,
         cfg: &BoxConfig,
+        uid_base: u32,
     ) -> (Arc<DockerBox>, watch::Sender<Option<BoxExit>>) {
+        let disk = dir.join("disk");
+        let quota = is_mount_point(&disk);
         let (exit_tx, exit) = watch::channel(None);
         let b = Arc::new(DockerBox {
             container: container.to_string(),
@@ -107,6 +127,14 @@ impl DockerBox {
             limits: cfg.limits,
             env: cfg.env.clone(),
             exit,
+            files_gate: crate::files::new_gate(),
+            uid_base,
+            data: if disk.is_dir() {
+                disk
+            } else {
+                dir.to_path_buf()
+            },
+            quota,
         });
         (b, exit_tx)
     }
@@ -115,7 +143,10 @@ impl DockerBox {
         self.dir.join("ctl").join("ctl.sock")
     }
     fn workspace(&self) -> PathBuf {
-        self.dir.join("workspace")
+        self.data.join("workspace")
+    }
+    fn agent_host_uid(&self) -> u32 {
+        self.uid_base + AGENT_UID
     }
     fn running(&self) -> bool {
         self.exit.borrow().is_none()
@@ -131,6 +162,8 @@ pub struct DockerBackend {
     /// The engine's `docker-init` (tini), run as the box's PID 1 to reap orphans. Docker's
     /// own `--init` mounts it at `/sbin/docker-init`, which the read-only host `/sbin` hides.
     tini: Option<PathBuf>,
+    /// Uid slots taken, by box id (see [`UID_BASE`]).
+    uid_slots: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 fn engine_err(e: bollard::errors::Error) -> SandboxError {
@@ -254,7 +287,7 @@ impl DockerBackend {
             user_namespace: false,
             seccomp: true,
             landlock: !gvisor,
-            disk_quota: false,
+            disk_quota: crate::native::disk::loop_supported(),
             // gVisor's guest memory is the sandbox's: the host's OOM killer ends the sandbox.
             process_oom_kill: !gvisor,
             cgroup: "docker".into(),
@@ -277,6 +310,7 @@ impl DockerBackend {
                 .iter()
                 .map(PathBuf::from)
                 .find(|p| p.is_file()),
+            uid_slots: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -352,6 +386,28 @@ impl DockerBackend {
             .cloned()
     }
 
+    /// Reserve a uid range for box `id`: `known` (an adopted box's) or the lowest free one.
+    fn take_uid_base(&self, id: &str, known: Option<u32>) -> Result<u32> {
+        let mut slots = self.uid_slots.lock().map_err(|_| poisoned())?;
+        if let Some(base) = known {
+            slots.insert(id.to_string(), base);
+            return Ok(base);
+        }
+        let taken: std::collections::HashSet<u32> = slots.values().copied().collect();
+        let base = (0..UID_SLOTS)
+            .map(|slot| UID_BASE + slot * UID_RANGE)
+            .find(|b| !taken.contains(b))
+            .ok_or_else(|| SandboxError::Start("no free uid range for another box".into()))?;
+        slots.insert(id.to_string(), base);
+        Ok(base)
+    }
+
+    fn release_uid_base(&self, id: &str) {
+        if let Ok(mut slots) = self.uid_slots.lock() {
+            slots.remove(id);
+        }
+    }
+
     fn get(&self, id: &str) -> Result<Arc<DockerBox>> {
         self.boxes
             .lock()
@@ -418,8 +474,17 @@ impl DockerBackend {
                 true,
             ));
         }
-        m.push(bind(&dir.join("workspace"), "/workspace", false));
-        m.push(bind(&dir.join("home"), "/home/agent", false));
+        let data = if dir.join("disk").is_dir() {
+            dir.join("disk")
+        } else {
+            dir.to_path_buf()
+        };
+        m.push(bind(&data.join("workspace"), "/workspace", false));
+        m.push(bind(&data.join("home"), "/home/agent", false));
+        if dir.join("etc").is_dir() {
+            m.push(bind(&dir.join("etc").join("passwd"), "/etc/passwd", true));
+            m.push(bind(&dir.join("etc").join("group"), "/etc/group", true));
+        }
         m.push(bind(&dir.join("run"), "/run/berth", false));
         m.push(bind(&dir.join("ctl"), CTL_DIR, false));
         m.push(Mount {
@@ -435,17 +500,36 @@ impl DockerBackend {
         m
     }
 
-    /// Host directories of a new box, owned by the agent uid where the box writes.
-    fn prepare_dirs(&self, dir: &Path) -> Result<()> {
+    /// Host directories of a new box, owned by the agent's host uid where the box writes: its
+    /// disk (an ext4 image of `disk_mib` on a loop device, mounted at `<dir>/disk`, where the
+    /// host has loop devices) and, for the `host` image, its own user database.
+    fn prepare_dirs(&self, dir: &Path, cfg: &BoxConfig, uid_base: u32) -> Result<()> {
+        let agent = uid_base + AGENT_UID;
         let owned = |p: &Path| -> Result<()> {
             std::fs::create_dir_all(p)?;
-            std::os::unix::fs::chown(p, Some(AGENT_UID), Some(AGENT_UID))?;
+            std::os::unix::fs::chown(p, Some(agent), Some(agent))?;
             Ok(())
         };
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-        owned(&dir.join("workspace"))?;
-        owned(&dir.join("home"))?;
+        let disk = dir.join("disk");
+        std::fs::create_dir_all(&disk)?;
+        if self.caps.disk_quota {
+            mount_disk(dir, &disk, cfg.limits.disk_mib)?;
+        }
+        owned(&disk.join("workspace"))?;
+        owned(&disk.join("home"))?;
+        if matches!(cfg.image, Image::Host) {
+            let etc = dir.join("etc");
+            std::fs::create_dir_all(&etc)?;
+            let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+            let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+            std::fs::write(etc.join("passwd"), crate::identity::passwd(&passwd, agent))?;
+            std::fs::write(etc.join("group"), crate::identity::group(&group, agent))?;
+            for f in ["passwd", "group"] {
+                std::fs::set_permissions(etc.join(f), std::fs::Permissions::from_mode(0o644))?;
+            }
+        }
         // The supervisor's control socket: for the box's root alone (agents cannot reach it).
         std::fs::create_dir_all(dir.join("ctl"))?;
         std::fs::set_permissions(dir.join("ctl"), std::fs::Permissions::from_mode(0o700))?;
@@ -593,7 +677,12 @@ impl Sandbox for DockerBackend {
             }
         };
         let dir = self.box_dir(&cfg.id);
-        self.prepare_dirs(&dir)?;
+        let uid_base = self.take_uid_base(&cfg.id, None)?;
+        if let Err(e) = self.prepare_dirs(&dir, &cfg, uid_base) {
+            release_dir(&dir);
+            self.release_uid_base(&cfg.id);
+            return Err(e);
+        }
         let name = self.container_name(&cfg.id);
         let bridges = cfg
             .bridges
@@ -604,6 +693,7 @@ impl Sandbox for DockerBackend {
         let mut labels = HashMap::new();
         labels.insert(BOX_LABEL.to_string(), cfg.id.clone());
         labels.insert(BACKEND_LABEL.to_string(), self.cfg.name.clone());
+        labels.insert(UID_BASE_LABEL.to_string(), uid_base.to_string());
         let memory = (cfg.limits.memory_mib as i64) << 20;
         let body = ContainerCreateBody {
             image: Some(image),
@@ -632,7 +722,7 @@ impl Sandbox for DockerBackend {
             // does not shield a namespace's init from SIGKILL) or stall the supervisor.
             user: Some("0:0".into()),
             working_dir: Some("/workspace".into()),
-            hostname: Some("box".into()),
+            hostname: Some(cfg.id.clone()),
             labels: Some(labels),
             host_config: Some(HostConfig {
                 runtime: Some(self.cfg.runtime.clone()),
@@ -660,10 +750,11 @@ impl Sandbox for DockerBackend {
         let opts = CreateContainerOptionsBuilder::new().name(&name).build();
         let created = self.docker.create_container(Some(opts), body).await;
         if let Err(e) = created {
-            let _ = std::fs::remove_dir_all(&dir);
+            release_dir(&dir);
+            self.release_uid_base(&cfg.id);
             return Err(SandboxError::Start(format!("creating the container: {e}")));
         }
-        let (b, exit_tx) = DockerBox::new(&name, &dir, &cfg);
+        let (b, exit_tx) = DockerBox::new(&name, &dir, &cfg, uid_base);
         self.boxes
             .lock()
             .map_err(|_| poisoned())?
@@ -689,7 +780,14 @@ impl Sandbox for DockerBackend {
 
     async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecHandle> {
         let b = self.get_running(id)?;
-        let req = client::exec_request(&b.env, spec)?;
+        let mut req = client::exec_request(&b.env, spec)?;
+        if req.uid >= UID_RANGE {
+            return Err(SandboxError::InvalidSpec(format!(
+                "uid must be below {UID_RANGE}"
+            )));
+        }
+        // The box's uid as the host knows it (0 stays 0: the supervisor refuses it).
+        req.uid += b.uid_base;
 
         let pid = b.pid.load(std::sync::atomic::Ordering::SeqCst);
         let oom_before = oom_kill_count(pid);
@@ -705,23 +803,25 @@ impl Sandbox for DockerBackend {
         .await
     }
 
+    fn files(&self, id: &str) -> Result<crate::files::FilesRoot> {
+        let b = self.get_running(id)?;
+        Ok(crate::files::FilesRoot {
+            root: b.workspace(),
+            owner: Some(b.agent_host_uid()),
+            gate: b.files_gate.clone(),
+        })
+    }
+
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
-        let root = self.get_running(id)?.workspace();
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::read(&root, &path)?)).await
+        self.files(id)?.read_whole(path).await
     }
 
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
-        let b = self.get_running(id)?;
-        let (root, owner) = (b.workspace(), AGENT_UID);
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::write(&root, &path, &data, mode, Some(owner))?)).await
+        self.files(id)?.write_whole(path, data, mode).await
     }
 
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
-        let root = self.get_running(id)?.workspace();
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::delete(&root, &path)?)).await
+        self.files(id)?.delete(path).await
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {
@@ -737,10 +837,16 @@ impl Sandbox for DockerBackend {
             .await
             .ok_or_else(|| SandboxError::Unreachable("no stats from the engine".into()))?
             .map_err(engine_err)?;
-        let root = b.workspace();
-        let used = tokio::task::spawn_blocking(move || dir_usage(&root))
-            .await
-            .map_err(crate::blocking_err)?;
+        let (root, quota) = (b.workspace(), b.quota);
+        let used = tokio::task::spawn_blocking(move || {
+            if quota {
+                crate::fsops::disk_usage(&root).map(|(u, _)| u).unwrap_or(0)
+            } else {
+                dir_usage(&root)
+            }
+        })
+        .await
+        .map_err(crate::blocking_err)?;
         let mem = s.memory_stats.as_ref();
         Ok(Stats {
             cpu_usage_ns: s
@@ -802,7 +908,13 @@ impl Sandbox for DockerBackend {
         if !ours || !running || !dir.join("ctl").is_dir() {
             return Err(gone());
         }
-        let (b, exit_tx) = DockerBox::new(&name, &dir, &cfg);
+        // Boxes made before per-box uids ran as host uid AGENT_UID (base 0).
+        let uid_base = labels
+            .get(UID_BASE_LABEL)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        self.take_uid_base(&cfg.id, Some(uid_base))?;
+        let (b, exit_tx) = DockerBox::new(&name, &dir, &cfg, uid_base);
         {
             let mut boxes = self.boxes.lock().map_err(|_| poisoned())?;
             if boxes.contains_key(&cfg.id) {
@@ -840,10 +952,14 @@ impl Sandbox for DockerBackend {
         }
         let dir = self.box_dir(id);
         if dir.exists() {
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
-                .await
-                .map_err(crate::blocking_err)??;
+            tokio::task::spawn_blocking(move || {
+                release_disk(&dir);
+                std::fs::remove_dir_all(&dir)
+            })
+            .await
+            .map_err(crate::blocking_err)??;
         }
+        self.release_uid_base(id);
         Ok(())
     }
 }
@@ -912,4 +1028,40 @@ fn dir_usage(root: &Path) -> u64 {
         }
     }
     total
+}
+
+/// Format a `mib` MiB ext4 image in `dir`, attach it to a loop device (auto-clear) and mount
+/// it at `target` (nosuid, nodev): the box's disk quota. The engine binds from it.
+fn mount_disk(dir: &Path, target: &Path, mib: u64) -> Result<()> {
+    use crate::native::disk;
+    let img = dir.join("disk.img");
+    disk::format_image(&img, mib, None)?;
+    let ready = disk::mount_detached(&img).map_err(SandboxError::Start)?;
+    disk::attach(std::os::fd::AsFd::as_fd(&ready.mount), target).map_err(SandboxError::Start)?;
+    // Mounted where the engine sees it; the loop device is freed when it is unmounted.
+    let _ = std::fs::remove_file(&img);
+    Ok(())
+}
+
+/// Unmount a box's disk, if it has one (its loop device then frees itself).
+fn release_disk(dir: &Path) {
+    let disk = dir.join("disk");
+    if is_mount_point(&disk) {
+        let _ = nix::mount::umount2(&disk, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Remove what a box that never started left in `dir`.
+fn release_dir(dir: &Path) {
+    release_disk(dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether `p` is the root of a mount (its device differs from its parent's).
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
+        (Ok(m), Some(Ok(parent))) => m.dev() != parent.dev(),
+        _ => false,
+    }
 }

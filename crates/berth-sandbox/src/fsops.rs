@@ -31,6 +31,9 @@ pub enum FsError {
     TooLarge(u64),
     #[error("no space left in the box's disk quota")]
     NoSpace,
+    /// The box's file operations are stuck or too many (see [`crate::files`]).
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -105,27 +108,70 @@ fn open_beneath(root: &OwnedFd, rel: &Path, flags: OFlags, orig: &str) -> Result
         .map_err(|e| map_errno(e, orig))
 }
 
-/// Read a file's bytes or a directory's listing.
-pub fn read(root: &Path, path: &str) -> Result<FileContent, FsError> {
+/// An opened workspace path: a regular file ready to read, or a directory's listing.
+#[derive(Debug)]
+pub enum Opened {
+    File { file: File, size: u64 },
+    Dir(Vec<DirEntry>),
+}
+
+/// Open a regular file for reading, or list a directory. Anything else (a FIFO, socket or
+/// device node the box made) is refused without being opened for reading: opening a FIFO
+/// waits for a writer, reading one waits for data, and the box controls both.
+pub fn open_read(root: &Path, path: &str) -> Result<Opened, FsError> {
     let rel = clean(path)?;
     let rootfd = open_root(root)?;
-    let fd = open_beneath(&rootfd, &rel, OFlags::RDONLY, path)?;
-    let st = rustix::fs::fstat(&fd)?;
-    let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
-    if ft == rustix::fs::FileType::Directory {
-        return Ok(FileContent::Dir(list(fd)?));
+    // O_PATH opens nothing for I/O: no FIFO open, no device driver's open.
+    let pathfd = open_beneath(&rootfd, &rel, OFlags::PATH, path)?;
+    let st = rustix::fs::fstat(&pathfd)?;
+    match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+        rustix::fs::FileType::Directory => {
+            let fd = open_beneath(&rootfd, &rel, OFlags::RDONLY | OFlags::DIRECTORY, path)?;
+            return Ok(Opened::Dir(list(fd)?));
+        }
+        rustix::fs::FileType::RegularFile => {}
+        _ => return Err(not_regular(path)),
     }
-    if ft != rustix::fs::FileType::RegularFile {
-        return Err(FsError::Invalid(format!("{path} is not a regular file")));
+    // The box may swap the path for a FIFO in between: O_NONBLOCK keeps that open from
+    // waiting, and the second look refuses it.
+    let fd = open_beneath(
+        &rootfd,
+        &rel,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+        path,
+    )?;
+    let st2 = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st2.st_mode) != rustix::fs::FileType::RegularFile
+        || st2.st_ino != st.st_ino
+        || st2.st_dev != st.st_dev
+    {
+        return Err(not_regular(path));
     }
-    let size = st.st_size as u64;
-    if size > MAX_READ {
-        return Err(FsError::TooLarge(size));
+    Ok(Opened::File {
+        file: File::from(fd),
+        size: st2.st_size as u64,
+    })
+}
+
+fn not_regular(path: &str) -> FsError {
+    FsError::Invalid(format!(
+        "{path} is not a regular file or directory (a FIFO, socket or device)"
+    ))
+}
+
+/// Read a file's bytes or a directory's listing (whole; at most [`MAX_READ`] bytes).
+pub fn read(root: &Path, path: &str) -> Result<FileContent, FsError> {
+    match open_read(root, path)? {
+        Opened::Dir(l) => Ok(FileContent::Dir(l)),
+        Opened::File { mut file, size } => {
+            if size > MAX_READ {
+                return Err(FsError::TooLarge(size));
+            }
+            let mut buf = Vec::with_capacity(size as usize);
+            (&mut file).take(MAX_READ).read_to_end(&mut buf)?;
+            Ok(FileContent::File(buf))
+        }
     }
-    let mut f = File::from(fd);
-    let mut buf = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut buf)?;
-    Ok(FileContent::File(buf))
 }
 
 fn list(dirfd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
@@ -206,59 +252,130 @@ pub fn write(
     mode: u32,
     owner: Option<u32>,
 ) -> Result<(), FsError> {
-    let rel = clean(path)?;
-    let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
-        return Err(FsError::Invalid(
-            "cannot write to the workspace root".into(),
-        ));
-    };
-    let rootfd = open_root(root)?;
-    let parent_rel = rel.parent().unwrap_or(Path::new(""));
-    mkdirs(&rootfd, parent_rel, owner, path)?;
-    let parent = open_beneath(
-        &rootfd,
-        parent_rel,
-        OFlags::RDONLY | OFlags::DIRECTORY,
-        path,
-    )?;
-    let tmp = format!(".berth-tmp-{}-{}", std::process::id(), rand_suffix());
-    let fd = rustix::fs::openat(
-        &parent,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(mode & 0o777),
-    )
-    .map_err(|e| map_errno(e, path))?;
-    let result = (|| -> Result<(), FsError> {
-        if let Some(uid) = owner {
+    let mut w = Writer::create(root, path, mode, owner)?;
+    w.write_chunk(data)?;
+    w.commit()
+}
+
+fn write_errno(e: std::io::Error) -> FsError {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        FsError::NoSpace
+    } else {
+        FsError::Io(e)
+    }
+}
+
+/// A file being written in pieces: a temporary name beside the destination, renamed over it
+/// by [`Writer::commit`]; dropped uncommitted, the temporary file is removed.
+pub struct Writer {
+    parent: OwnedFd,
+    tmp: String,
+    name: std::ffi::OsString,
+    file: Option<File>,
+    path: String,
+}
+
+impl Writer {
+    pub fn create(
+        root: &Path,
+        path: &str,
+        mode: u32,
+        owner: Option<u32>,
+    ) -> Result<Writer, FsError> {
+        let rel = clean(path)?;
+        let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
+            return Err(FsError::Invalid(
+                "cannot write to the workspace root".into(),
+            ));
+        };
+        let rootfd = open_root(root)?;
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        mkdirs(&rootfd, parent_rel, owner, path)?;
+        let parent = open_beneath(
+            &rootfd,
+            parent_rel,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            path,
+        )?;
+        refuse_special(&parent, &name, path)?;
+        let tmp = format!(".berth-tmp-{}-{}", std::process::id(), rand_suffix());
+        let fd = rustix::fs::openat(
+            &parent,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode & 0o777),
+        )
+        .map_err(|e| map_errno(e, path))?;
+        let w = Writer {
+            parent,
+            tmp,
+            name,
+            file: Some(File::from(fd)),
+            path: path.to_string(),
+        };
+        if let (Some(uid), Some(f)) = (owner, &w.file) {
             rustix::fs::fchown(
-                &fd,
+                f,
                 Some(rustix::fs::Uid::from_raw(uid)),
                 Some(rustix::fs::Gid::from_raw(uid)),
             )?;
         }
-        let mut f = File::from(fd);
-        f.write_all(data).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
-                FsError::NoSpace
-            } else {
-                FsError::Io(e)
-            }
-        })?;
-        f.sync_data().map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                FsError::NoSpace
-            } else {
-                FsError::Io(e)
-            }
-        })?;
-        rustix::fs::renameat(&parent, tmp.as_str(), &parent, name.as_os_str())
-            .map_err(|e| map_errno(e, path))
-    })();
-    if result.is_err() {
-        let _ = rustix::fs::unlinkat(&parent, tmp.as_str(), rustix::fs::AtFlags::empty());
+        Ok(w)
     }
-    result
+
+    pub fn write_chunk(&mut self, data: &[u8]) -> Result<(), FsError> {
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| FsError::Invalid("write after commit".into()))?;
+        f.write_all(data).map_err(write_errno)
+    }
+
+    /// Flush the data and put the file in place of the destination.
+    pub fn commit(mut self) -> Result<(), FsError> {
+        let f = self
+            .file
+            .take()
+            .ok_or_else(|| FsError::Invalid("committed twice".into()))?;
+        f.sync_data().map_err(write_errno)?;
+        drop(f);
+        // The box may have made a FIFO at the destination meanwhile: still not replaced.
+        refuse_special(&self.parent, &self.name, &self.path)?;
+        rustix::fs::renameat(
+            &self.parent,
+            self.tmp.as_str(),
+            &self.parent,
+            self.name.as_os_str(),
+        )
+        .map_err(|e| map_errno(e, &self.path))?;
+        self.tmp.clear();
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.tmp.is_empty() {
+            let _ = rustix::fs::unlinkat(
+                &self.parent,
+                self.tmp.as_str(),
+                rustix::fs::AtFlags::empty(),
+            );
+        }
+    }
+}
+
+/// Refuse to write over a FIFO, socket or device node: the caller meant a file.
+fn refuse_special(dir: &OwnedFd, name: &std::ffi::OsStr, path: &str) -> Result<(), FsError> {
+    match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+            rustix::fs::FileType::RegularFile
+            | rustix::fs::FileType::Symlink
+            | rustix::fs::FileType::Directory => Ok(()),
+            _ => Err(not_regular(path)),
+        },
+        Err(_) => Ok(()),
+    }
 }
 
 fn rand_suffix() -> u64 {

@@ -17,7 +17,9 @@
 //!   handle's event receiver ends the exec (its process group is killed: no orphaned work);
 //!   dropping only the input sender leaves it running. A process never outlives its box.
 //! - **Files**: paths are relative to the box's workspace; anything that resolves outside it,
-//!   lexically or through symlinks planted by the box, is refused with [`FsError::Outside`].
+//!   lexically or through symlinks planted by the box, is refused with [`FsError::Outside`];
+//!   a FIFO, socket or device node is refused with [`FsError::Invalid`] without being opened
+//!   for reading or replaced. No file operation waits on the box: see [`files`].
 //! - **Destroy** is idempotent and leaves no process, mount, cgroup, loop device or file behind.
 //! - **Death**: [`Sandbox::exit_watch`] reports, once, why a box stopped on its own (or that it
 //!   was destroyed).
@@ -26,7 +28,9 @@
 
 pub mod conformance;
 pub mod docker;
+pub mod files;
 pub mod fsops;
+pub mod identity;
 pub mod native;
 
 pub use fsops::{DirEntry, FileContent, FsError};
@@ -293,6 +297,9 @@ pub trait Sandbox: Send + Sync {
     fn health(&self) -> impl Future<Output = Result<()>> + Send;
     fn create(&self, cfg: BoxConfig) -> impl Future<Output = Result<BoxInfo>> + Send;
     fn exec(&self, id: &str, spec: ExecSpec) -> impl Future<Output = Result<ExecHandle>> + Send;
+    /// The running box's workspace for streamed file access ([`files`]), behind the box's
+    /// file gate, which `read_file`, `write_file` and `delete_file` use too.
+    fn files(&self, id: &str) -> Result<files::FilesRoot>;
     fn read_file(&self, id: &str, path: &str) -> impl Future<Output = Result<FileContent>> + Send;
     fn write_file(
         &self,
@@ -364,6 +371,12 @@ impl Sandbox for Backend {
             Backend::Docker(b) => b.exec(id, spec).await,
         }
     }
+    fn files(&self, id: &str) -> Result<files::FilesRoot> {
+        match self {
+            Backend::Native(b) => b.files(id),
+            Backend::Docker(b) => b.files(id),
+        }
+    }
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
         match self {
             Backend::Native(b) => b.read_file(id, path).await,
@@ -412,13 +425,6 @@ impl Sandbox for Backend {
             Backend::Docker(b) => b.adopt(cfg).await,
         }
     }
-}
-
-/// Run blocking file system work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(blocking_err)?
 }
 
 pub(crate) fn blocking_err(e: tokio::task::JoinError) -> SandboxError {

@@ -249,3 +249,28 @@ async fn capabilities_reported() {
     assert_eq!(caps.name, "native");
     assert!(caps.seccomp && caps.user_namespace && caps.disk_quota);
 }
+
+#[tokio::test]
+async fn special_files_answer_at_once() {
+    conformance::special_files_answer_at_once(&env().backend, &env().fixture).await;
+}
+
+#[tokio::test]
+async fn socket_families_refused() {
+    conformance::socket_families_refused(&env().backend, &env().fixture).await;
+}
+
+#[tokio::test]
+async fn kernel_counters_per_box() {
+    conformance::kernel_counters_per_box(&env().backend, &env().fixture).await;
+}
+
+#[tokio::test]
+async fn box_identity() {
+    conformance::box_identity(&env().backend, &env().fixture).await;
+}
+
+#[tokio::test]
+async fn another_uid_in_its_own_directory() {
+    conformance::another_uid_in_its_own_directory(&env().backend, &env().fixture).await;
+}

@@ -112,6 +112,7 @@ impl From<FsError> for ApiError {
             FsError::NoSpace => {
                 ApiError::Rejected(axum::http::StatusCode::INSUFFICIENT_STORAGE, e.to_string())
             }
+            FsError::Busy(m) => ApiError::Unavailable(m),
             FsError::Io(io) => match io.kind() {
                 std::io::ErrorKind::NotADirectory => {
                     ApiError::Invalid("a path component is not a directory".into())

@@ -161,6 +161,14 @@ fn denied_syscalls() -> Vec<i64> {
     v
 }
 
+/// Address families `socket`/`socketpair` refuse inside a box.
+const DENIED_SOCKET_FAMILIES: [libc::c_int; 4] = [
+    libc::AF_NETLINK,
+    libc::AF_VSOCK,
+    libc::AF_PACKET,
+    libc::AF_KEY,
+];
+
 fn cond(
     arg: u8,
     op: SeccompCmpOp,
@@ -231,14 +239,20 @@ fn eperm_filter() -> Result<BpfProgram, seccompiler::Error> {
             0x8000_0000,
         )?])?],
     );
-    // socket families a box has no business with: netlink (routing, audit), packet sockets.
-    rules.insert(
-        libc::SYS_socket,
-        vec![
-            SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_PACKET as u64)?])?,
-            SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_KEY as u64)?])?,
-        ],
-    );
+    // Socket families a box has no business with: netlink (routing, audit, uevents: kernel
+    // attack surface, and counters shared with the host), vsock (the hypervisor's sockets),
+    // packet and key sockets. glibc's resolver falls back without netlink.
+    let mut socket_rules = Vec::new();
+    for family in DENIED_SOCKET_FAMILIES {
+        socket_rules.push(SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            family as u64,
+        )?])?);
+    }
+    rules.insert(libc::SYS_socket, socket_rules.clone());
+    rules.insert(libc::SYS_socketpair, socket_rules);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

@@ -388,6 +388,34 @@ fn start(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> Result<Pid,
     }
 }
 
+/// Switch every id to `uid` (the host uid box root maps to) while keeping the capabilities,
+/// so that the user namespace entered next is owned by the box's own host uid. The kernel
+/// charges per-user counters (user namespaces, inotify instances and watches, ...) of all
+/// of a namespace's users to its owner as well: owned by host root, every box would share
+/// root's limits with each other and with the host.
+fn become_owner(uid: u32) -> Result<(), String> {
+    // Keep the capabilities over the uid change (CAP_SYS_ADMIN for `unshare` where the host
+    // refuses unprivileged user namespaces); the new namespace resets the securebits.
+    // SAFETY: plain prctl on ourselves.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            libc::SECBIT_NO_SETUID_FIXUP as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(format!("securebits: {}", io::Error::last_os_error()));
+    }
+    ctx(nix::unistd::setgroups(&[]), "setgroups")?;
+    let (g, u) = (Gid::from_raw(uid), Uid::from_raw(uid));
+    ctx(nix::unistd::setresgid(g, g, g), "setresgid (owner)")?;
+    ctx(nix::unistd::setresuid(u, u, u), "setresuid (owner)")?;
+    Ok(())
+}
+
 /// Body of the box's PID 1.
 fn box_pid1(
     cfg: &InitConfig,
@@ -413,10 +441,16 @@ fn box_pid1(
         // Protect PID 1 and the supervisor from the box's own OOM kills; agent processes
         // reset this to 0 before exec.
         let _ = fs::write("/proc/self/oom_score_adj", "-1000");
+        become_owner(cfg.uid_base)?;
         ctx(
             nix::sched::unshare(CloneFlags::CLONE_NEWUSER),
             "unshare user ns",
         )?;
+        // A new user namespace starts with default securebits (the kernel resets them).
+        // SAFETY: plain prctl on ourselves.
+        if unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) } != 0 {
+            return Err("securebits survived entering the user namespace".into());
+        }
         ctx(need.write_all(b"n"), "signal need-map")?;
         let mut b = [0u8; 1];
         ctx(
@@ -587,6 +621,7 @@ pub(super) fn build_template(root: &Path, spec: &RootSpec) -> Result<(), String>
             )?;
         }
     }
+    place_identity(root)?;
 
     // Minimal /dev, read-only: its nodes are binds of the host's.
     let dev = inside(root, "/dev");
@@ -621,6 +656,33 @@ pub(super) fn build_template(root: &Path, spec: &RootSpec) -> Result<(), String>
         root,
         MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
     )
+}
+
+/// The box's own `/etc/passwd` and `/etc/group` ([`crate::identity`]) over the image's: each
+/// written into the template's tmpfs, bound read-only over the image's file and unlinked
+/// (the bind keeps it), so nothing else of it shows in the box.
+fn place_identity(root: &Path) -> Result<(), String> {
+    for (name, make) in [
+        ("passwd", crate::identity::passwd as fn(&str, u32) -> String),
+        ("group", crate::identity::group),
+    ] {
+        let target = inside(root, &format!("/etc/{name}"));
+        let Ok(image) = fs::read_to_string(&target) else {
+            continue; // an image without one: nothing to name
+        };
+        let staged = inside(root, &format!("/.berth-{name}"));
+        ctx(
+            fs::write(&staged, make(&image, crate::AGENT_UID)),
+            "write the box's user database",
+        )?;
+        ctx(
+            fs::set_permissions(&staged, fs::Permissions::from_mode(0o644)),
+            "chmod the box's user database",
+        )?;
+        bind(&staged, &target, true, MsFlags::empty())?;
+        ctx(fs::remove_file(&staged), "unlink the staged user database")?;
+    }
+    Ok(())
 }
 
 /// In C's own copy of the zygote's namespace: attach the box's disk, bind its parts into the

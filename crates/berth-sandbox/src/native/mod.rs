@@ -59,6 +59,7 @@ struct LiveBox {
     pid1: i32,
     slot: u32,
     agent_host_uid: u32,
+    files_gate: crate::files::Gate,
     limits: crate::Limits,
     env: Vec<(String, String)>,
     cgroup: Arc<BoxCgroup>,
@@ -315,7 +316,8 @@ impl NativeBackend {
             ctl_socket: dir.join("ctl.sock"),
             uid_base,
             agent_uid: AGENT_UID,
-            hostname: format!("box-{}", &cfg.id[..cfg.id.len().min(20)]),
+            // The id itself (at most 64 bytes of [A-Za-z0-9_-], a valid host name).
+            hostname: cfg.id.clone(),
             bridges: cfg.bridges.clone(),
             // The paths only: the cgroup is made below, while the zygote forks the helper.
             cgroup_join: BoxCgroup::load(&id).join_files(),
@@ -417,6 +419,7 @@ impl NativeBackend {
             pid1,
             slot,
             agent_host_uid: uid_base + AGENT_UID,
+            files_gate: crate::files::new_gate(),
             limits: cfg.limits,
             env: cfg.env.clone(),
             cgroup: cg,
@@ -522,23 +525,25 @@ impl Sandbox for NativeBackend {
         .await
     }
 
+    fn files(&self, id: &str) -> Result<crate::files::FilesRoot> {
+        let b = self.get_running(id)?;
+        Ok(crate::files::FilesRoot {
+            root: b.workspace(),
+            owner: Some(b.agent_host_uid),
+            gate: b.files_gate.clone(),
+        })
+    }
+
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
-        let root = self.get_running(id)?.workspace();
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::read(&root, &path)?)).await
+        self.files(id)?.read_whole(path).await
     }
 
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
-        let b = self.get_running(id)?;
-        let (root, owner) = (b.workspace(), b.agent_host_uid);
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::write(&root, &path, &data, mode, Some(owner))?)).await
+        self.files(id)?.write_whole(path, data, mode).await
     }
 
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
-        let root = self.get_running(id)?.workspace();
-        let path = path.to_string();
-        crate::blocking(move || Ok(fsops::delete(&root, &path)?)).await
+        self.files(id)?.delete(path).await
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {

@@ -184,11 +184,13 @@ unsafe fn child_steps(a: &ChildArgs) -> i32 {
                 return errno();
             }
         }
-        if libc::chdir(a.cwd.as_ptr()) < 0 {
-            return errno();
-        }
         if let Err(e) = a.confinement.apply() {
             return e;
+        }
+        // As the process's own user: the supervisor may lack the right to enter a directory
+        // only that user may (no CAP_DAC_OVERRIDE in a Docker box), and should not lend it.
+        if libc::chdir(a.cwd.as_ptr()) < 0 {
+            return errno();
         }
         // Like execvp: the first candidate that exists and may be run; EACCES only if no other
         // candidate fared better.

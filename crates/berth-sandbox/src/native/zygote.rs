@@ -161,12 +161,15 @@ struct Templates {
     next: u64,
 }
 
-/// Device and inode of everything a template binds or masks, as the host has them now.
+/// Device and inode of everything a template binds, masks or copies (the user database the
+/// box's own is made from), as the host has them now.
 fn identity(spec: &RootSpec) -> Vec<Option<(u64, u64)>> {
     let masked = spec
         .masked_files
         .iter()
-        .chain(&spec.masked_dirs)
+        .map(String::as_str)
+        .chain(spec.masked_dirs.iter().map(String::as_str))
+        .chain(["/etc/passwd", "/etc/group"])
         .map(|m| spec.host_path(m));
     spec.layers
         .iter()

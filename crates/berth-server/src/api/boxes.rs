@@ -4,14 +4,13 @@ use super::{Json, Path, Query};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::AppState;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use berth_api::*;
 use berth_gateway::HOP_BY_HOP;
-use berth_sandbox::{ExecSpec, FileContent, Sandbox};
+use berth_sandbox::files::Reading;
+use berth_sandbox::{ExecSpec, Sandbox};
 use std::time::Duration;
 
 /// Longest exec the REST call waits for.
@@ -151,15 +150,43 @@ pub async fn stats(
     }))
 }
 
+/// A file streams from the box's disk in chunks (never whole in memory); a directory is
+/// listed as JSON.
 async fn read(st: &AppState, c: &Caller, id: &str, path: &str) -> Result<Response, ApiError> {
     let (backend, _) = st.engine.running_box(&c.tenant, id).await?;
-    match backend.read_file(id, path).await? {
-        FileContent::File(bytes) => Ok((
-            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-            bytes,
-        )
-            .into_response()),
-        FileContent::Dir(entries) => Ok(axum::Json(DirListing {
+    match backend.files(id)?.open_read(path).await? {
+        Reading::File(reader) => {
+            let size = reader.size();
+            // The declared length is the size at open: a file the box grows meanwhile is
+            // cut there, one it shrinks ends the response early (the client sees it short).
+            let chunks =
+                futures::stream::try_unfold((reader, 0u64), move |(mut r, sent)| async move {
+                    if sent >= size {
+                        return Ok(None);
+                    }
+                    match r.next_chunk().await {
+                        Ok(Some(mut c)) => {
+                            c.truncate(c.len().min((size - sent) as usize));
+                            let sent = sent + c.len() as u64;
+                            Ok(Some((c, (r, sent))))
+                        }
+                        Ok(None) => Err(std::io::Error::other("the file shrank while being read")),
+                        Err(e) => Err(std::io::Error::other(e.to_string())),
+                    }
+                });
+            Ok((
+                [
+                    (
+                        axum::http::header::CONTENT_TYPE,
+                        "application/octet-stream".to_string(),
+                    ),
+                    (axum::http::header::CONTENT_LENGTH, size.to_string()),
+                ],
+                axum::body::Body::from_stream(chunks),
+            )
+                .into_response())
+        }
+        Reading::Dir(entries) => Ok(axum::Json(DirListing {
             path: path.to_string(),
             entries: entries
                 .into_iter()
@@ -228,9 +255,10 @@ pub async fn put_file(
     c: Caller,
     Path((id, path)): Path<(String, String)>,
     Query(p): Query<PutParams>,
-    body: Result<Bytes, BytesRejection>,
+    req: axum::extract::Request,
 ) -> Result<StatusCode, ApiError> {
-    let body = body?;
+    use axum::RequestExt;
+    use futures::StreamExt;
     let mode = match p.mode {
         Some(m) => u32::from_str_radix(&m, 8)
             .ok()
@@ -241,8 +269,39 @@ pub async fn put_file(
         None => 0o644,
     };
     let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
-    backend.write_file(&id, &path, body.to_vec(), mode).await?;
+    let mut file = backend.files(&id)?.create(&path, mode).await?;
+    // The body goes to the file as it arrives, in pieces of at most one chunk: memory per
+    // upload stays at a chunk or two whatever the file's size. The request body limit holds
+    // for bodies without a declared length too.
+    let mut body = req.with_limited_body().into_body().into_data_stream();
+    let mut pending = bytes::BytesMut::new();
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(body_error)?;
+        pending.extend_from_slice(&piece);
+        if pending.len() >= berth_sandbox::files::CHUNK {
+            file.write(pending.split().freeze()).await?;
+        }
+    }
+    if !pending.is_empty() {
+        file.write(pending.freeze()).await?;
+    }
+    file.commit().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn body_error(e: axum::Error) -> ApiError {
+    let inner = e.into_inner();
+    if inner
+        .downcast_ref::<http_body_util::LengthLimitError>()
+        .is_some()
+    {
+        ApiError::Rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than the limit".into(),
+        )
+    } else {
+        ApiError::Invalid(format!("reading the request body: {inner}"))
+    }
 }
 
 /// Delete a file or (recursively) a directory.
