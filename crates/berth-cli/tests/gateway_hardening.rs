@@ -289,7 +289,7 @@ async fn the_gateway_refuses_routes_off_its_list_from_inside_a_box() {
         .post(
             "/v1/sessions",
             json!({"box": {"resources": {"memory_mib": 1024, "disk_mib": 256}},
-                   "agent": {"kind": "claude"}, "prompt": "keep your token"}),
+                   "agent": {"kind": "claude"}, "prompt": "keep your token", "keep_open": true}),
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.json);
