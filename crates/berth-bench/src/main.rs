@@ -6,12 +6,14 @@
 //! cargo run --release -p berth-bench -- gateway
 //! cargo run --release -p berth-bench -- agents [--runs 20 --concurrent 50]
 //! cargo run --release -p berth-bench -- park [--runs 5 --mib 100]
+//! cargo run --release -p berth-bench -- flood [--runs 3 --execs 200 --per-port 200]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
 mod agents;
 mod api;
 mod files;
+mod flood;
 mod gateway;
 mod park;
 mod sandbox;
@@ -90,6 +92,17 @@ enum Cmd {
         clients: usize,
         #[arg(long, default_value_t = 250)]
         mib: u64,
+    },
+    /// Another tenant's exec latency while one box floods its gateway, egress and API sockets.
+    Flood {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Execs of `/bin/true` per phase (idle before, during the flood, idle after).
+        #[arg(long, default_value_t = 200)]
+        execs: usize,
+        /// Connections the flooding box keeps open to each of its three sockets.
+        #[arg(long, default_value_t = 200)]
+        per_port: usize,
     },
     /// The server for the `files` suite, in a process of its own (internal).
     #[command(hide = true)]
@@ -285,6 +298,11 @@ fn main() -> anyhow::Result<()> {
             Cmd::Io { files } => sandbox::io(files).await,
             Cmd::Files { runs, clients, mib } => files::run(runs, clients, mib).await,
             Cmd::FilesServer { data_dir } => files::serve(data_dir).await,
+            Cmd::Flood {
+                runs,
+                execs,
+                per_port,
+            } => flood::run(runs, execs, per_port).await,
             Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
             Cmd::Park { runs, mib } => park::run(runs, mib).await,
             Cmd::SseClients {
