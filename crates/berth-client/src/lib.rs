@@ -24,13 +24,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// No TCP connection to the server.
+    /// No TCP connection to the server. `detail` is not the error's `source()`, so that the
+    /// message a CLI prints with its causes stays this one line.
     #[error("cannot reach the berth server at {url}: is `berth serve` running?")]
-    Connect {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    Connect { url: String, detail: reqwest::Error },
     /// The server answered with an error body.
     #[error("{status} ({code}): {message}")]
     Api {
@@ -145,7 +142,7 @@ impl Client {
             if e.is_connect() {
                 Error::Connect {
                     url: self.base.clone(),
-                    source: e,
+                    detail: e,
                 }
             } else {
                 Error::Transport(e)

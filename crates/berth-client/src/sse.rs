@@ -6,8 +6,8 @@
 //! (the server's keep-alives) never become frames. [`Client::sse`] is one connection, as the
 //! server sends it; [`Client::events`] is the stream a client wants: typed [`Event`]s, the
 //! last `id:` remembered, and on a broken connection a new one with `Last-Event-ID` after a
-//! backoff, at most [`Retry::max_attempts`] times in a row. The server ends the body when the
-//! session has ended and every event has been sent (or the key was revoked): the stream then
+//! backoff, at most [`Retry::max_attempts`] times in a row (a first connection that fails is
+//! not retried: that error is the caller's). The server ends the body when the session has ended and every event has been sent (or the key was revoked): the stream then
 //! ends too, without reconnecting.
 
 use crate::{error_from, Client, Error, Result};
@@ -123,7 +123,8 @@ impl Client {
     /// A session's events after `after` (from the first when `None`), in order, each once,
     /// reconnecting with `Last-Event-ID` when the connection breaks. Ends when the server ends
     /// the stream (the session is over). An `error` frame from the server, an event that does
-    /// not decode, or more than [`Retry::max_attempts`] breaks in a row end it with an error.
+    /// not decode, a first connection that fails, or more than [`Retry::max_attempts`] breaks
+    /// in a row end it with an error.
     pub fn events(
         &self,
         session_id: &str,
@@ -134,9 +135,11 @@ impl Client {
         async_stream::stream! {
             let mut last = after;
             let mut failures: u32 = 0;
+            let mut connected = false;
             loop {
                 let broke = match c.sse(&path, last).await {
                     Ok(frames) => {
+                        connected = true;
                         let mut frames = std::pin::pin!(frames);
                         let mut broke = None;
                         while let Some(f) = frames.next().await {
@@ -178,7 +181,9 @@ impl Client {
                     }
                     Err(e) => e,
                 };
-                if !broke.is_transient() {
+                // Only a stream that was once up is resumed: a first connection that fails is
+                // the caller's to report (no server there, a wrong URL).
+                if !connected || !broke.is_transient() {
                     yield Err(broke);
                     return;
                 }

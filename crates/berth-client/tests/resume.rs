@@ -1,6 +1,7 @@
 //! `Client::events` against a tiny SSE server on loopback that breaks its connections on
-//! purpose: no event is lost or delivered twice, a clean end is not retried, and a server
-//! that always breaks is given up on after the configured attempts.
+//! purpose: no event is lost or delivered twice, a clean end is not retried, a server that
+//! always breaks is given up on after the configured attempts, and a first connection that
+//! fails is reported at once.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,7 +20,8 @@ enum Plan {
     /// Send events up to `break_after` (then half a frame) and break the connection; the next
     /// connection sends the rest up to `total` and ends cleanly.
     BreakOnce { break_after: i64, total: i64 },
-    /// Every connection: half a frame, then a broken connection (no progress ever).
+    /// The first connection: a few events, then a break; every later one: half a frame, then
+    /// a break (no progress ever again).
     AlwaysBreak,
     /// A clean end after `total` events.
     Clean { total: i64 },
@@ -55,6 +57,7 @@ async fn events(State(f): State<Fake>, Path(sid): Path<String>, headers: HeaderM
     let (upto, then_break) = match f.plan {
         Plan::BreakOnce { break_after, total } if conn == 1 => (break_after.min(total), true),
         Plan::BreakOnce { total, .. } => (total, false),
+        Plan::AlwaysBreak if conn == 1 => (5, true),
         Plan::AlwaysBreak => (from - 1, true),
         Plan::Clean { total } => (total, false),
     };
@@ -171,34 +174,51 @@ async fn a_server_that_keeps_breaking_is_given_up_on() {
         ..fast()
     });
     let got = collect(&c, None).await;
-    assert_eq!(got.len(), 1, "no event, one error");
-    match &got[0] {
+    let (last, events) = got.split_last().expect("something");
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|r| r.as_ref().expect("events before the error").seq)
+        .collect();
+    let x = *seqs.last().expect("the first connection delivered events");
+    assert_eq!(seqs, (1..=x).collect::<Vec<_>>());
+    match last {
         Err(Error::Resume { attempts, last }) => {
             assert_eq!(*attempts, 3);
             assert!(matches!(**last, Error::Transport(_)), "{last}");
         }
         other => panic!("expected a resume failure, got {other:?}"),
     }
-    // The first connection and three retries, none of them with an id to resume from.
-    assert_eq!(*seen.lock().expect("lock"), vec![None; 4]);
+    // The first connection and three retries, each resuming from the last event delivered.
+    let mut want = vec![None];
+    want.extend(vec![Some(x.to_string()); 3]);
+    assert_eq!(*seen.lock().expect("lock"), want);
 }
 
 #[tokio::test]
-async fn an_unreachable_server_fails_after_bounded_attempts() {
+async fn an_unreachable_server_fails_at_once() {
     // A port nothing listens on: bind, note the port, close.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let c = Client::new(&format!("http://127.0.0.1:{port}"), "t").with_retry(fast());
-    let got = collect(&c, None).await;
+    // A long backoff: were the first connection retried, the deadline below would pass.
+    let c = Client::new(&format!("http://127.0.0.1:{port}"), "t").with_retry(Retry {
+        max_attempts: 5,
+        base: Duration::from_secs(10),
+        max_delay: Duration::from_secs(10),
+    });
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.events("ses-1", None).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("no retries of a first connection");
     assert_eq!(got.len(), 1);
     match &got[0] {
-        Err(Error::Resume { attempts, last }) => {
-            assert_eq!(*attempts, 3);
-            assert!(matches!(**last, Error::Connect { .. }), "{last}");
+        Err(e @ Error::Connect { .. }) => {
+            assert!(e.to_string().contains("is `berth serve` running?"), "{e}")
         }
-        other => panic!("expected a resume failure, got {other:?}"),
+        other => panic!("expected a connect error, got {other:?}"),
     }
 }
 
