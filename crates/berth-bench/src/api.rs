@@ -209,56 +209,46 @@ pub async fn sse_clients(
     subscribers: usize,
     messages: usize,
 ) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    // One client (one connection pool) for every subscriber, as the old raw `reqwest` loop had.
+    let client = berth_client::Client::new(&url, &token);
     let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
     let mut ready = Vec::new();
     for i in 0..subscribers {
         let sid = sessions[i % sessions.len()].clone();
-        let (http, url, token, lat_tx) = (http.clone(), url.clone(), token.clone(), lat_tx.clone());
+        let (client, lat_tx) = (client.clone(), lat_tx.clone());
         let (rtx, rrx) = tokio::sync::oneshot::channel::<()>();
         ready.push(rrx);
         tokio::spawn(async move {
-            let Ok(r) = http
-                .get(format!("{url}/v1/sessions/{sid}/events?after=0"))
-                .bearer_auth(&token)
-                .send()
+            // One connection, not the resuming stream: a broken one should show as missing
+            // deliveries, not be papered over.
+            let Ok(frames) = client
+                .sse(&format!("/v1/sessions/{sid}/events?after=0"), None)
                 .await
             else {
                 return;
             };
             let _ = rtx.send(());
-            let mut stream = r.bytes_stream();
-            let mut buf = String::new();
+            let mut frames = std::pin::pin!(frames);
             let mut got = 0;
-            while let Some(Ok(chunk)) = stream.next().await {
+            while let Some(Ok(frame)) = frames.next().await {
                 let now = time::OffsetDateTime::now_utc();
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(pos) = buf.find("\n\n") {
-                    let block: String = buf.drain(..pos + 2).collect();
-                    let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                        continue;
-                    };
-                    let Ok(ev) = serde_json::from_str::<Value>(data) else {
-                        continue;
-                    };
-                    if ev["type"] != "stdout" {
-                        continue;
-                    }
-                    let Some(ts) = ev["ts"].as_str().and_then(|t| {
-                        time::OffsetDateTime::parse(
-                            t,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .ok()
-                    }) else {
-                        continue;
-                    };
-                    let d = (now - ts).max(time::Duration::ZERO);
-                    let _ = lat_tx.send(Duration::from_nanos(d.whole_nanoseconds() as u64));
-                    got += 1;
-                    if got == messages {
-                        return;
-                    }
+                if frame.event != "stdout" {
+                    continue;
+                }
+                let Ok(ev) = serde_json::from_str::<berth_api::Event>(&frame.data) else {
+                    continue;
+                };
+                let Ok(ts) = time::OffsetDateTime::parse(
+                    &ev.ts,
+                    &time::format_description::well_known::Rfc3339,
+                ) else {
+                    continue;
+                };
+                let d = (now - ts).max(time::Duration::ZERO);
+                let _ = lat_tx.send(Duration::from_nanos(d.whole_nanoseconds() as u64));
+                got += 1;
+                if got == messages {
+                    return;
                 }
             }
         });

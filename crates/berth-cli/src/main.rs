@@ -338,7 +338,7 @@ fn main() {
 }
 
 async fn real_main(cli: Cli) -> Result<()> {
-    let client = |c: &Conn| Client::from_env(c.url.clone(), c.token.clone());
+    let client = |c: &Conn| client::from_env(c.url.clone(), c.token.clone());
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
         Cmd::BoxInit => unreachable_box_init(),
@@ -380,7 +380,7 @@ async fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Ls(a) => ls(&client(&a.conn)?, &a).await,
         Cmd::Create(a) => {
-            let b: BoxObject = client(&a.conn)?.post("/v1/boxes", &box_spec(&a)?).await?;
+            let b = client(&a.conn)?.create_box(&box_spec(&a)?).await?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&b)?);
             } else {
@@ -394,9 +394,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                 timeout_s: Some(a.timeout),
                 ..Default::default()
             };
-            let r: ExecResponse = client(&a.conn)?
-                .post(&format!("/v1/boxes/{}/exec", a.box_id), &req)
-                .await?;
+            let r = client(&a.conn)?.exec(&a.box_id, &req).await?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -415,11 +413,11 @@ async fn real_main(cli: Cli) -> Result<()> {
             let mut ended = Vec::new();
             for id in ids {
                 let (v, line) = if id.starts_with("ses-") {
-                    let s: SessionObject = c.delete(&format!("/v1/sessions/{id}")).await?;
+                    let s = c.delete_session(&id).await?;
                     let line = format!("{} {}", s.id, s.state.as_str());
                     (serde_json::to_value(s)?, line)
                 } else {
-                    let b: BoxObject = c.delete(&format!("/v1/boxes/{id}")).await?;
+                    let b = c.delete_box(&id).await?;
                     let line = format!("{} {}", b.id, b.state.as_str());
                     (serde_json::to_value(b)?, line)
                 };
@@ -619,8 +617,8 @@ fn box_spec(a: &CreateArgs) -> Result<BoxSpec> {
 }
 
 async fn ls(c: &Client, a: &LsArgs) -> Result<()> {
-    let boxes: List<BoxObject> = c.get("/v1/boxes").await?;
-    let sessions: List<SessionObject> = c.get("/v1/sessions").await?;
+    let boxes = c.list_boxes().await?;
+    let sessions = c.list_sessions().await?;
     if let Some(st) = &a.state {
         if BoxState::parse(st).is_none() && SessionState::parse(st).is_none() {
             bail!("--state {st:?}: not a box state (creating, running, parking, parked, restoring, stopped, destroyed, failed) or session state (starting, running, idle, stopped, failed, interrupted)");
@@ -680,7 +678,7 @@ async fn ls(c: &Client, a: &LsArgs) -> Result<()> {
     for b in &boxes {
         // Live figures from the box's cgroup and quota, for running boxes.
         let stats: Option<BoxStats> = if b.state == BoxState::Running {
-            c.get(&format!("/v1/boxes/{}/stats", b.id)).await.ok()
+            c.box_stats(&b.id).await.ok()
         } else {
             None
         };
@@ -744,16 +742,15 @@ fn split_box_path(s: &str) -> Option<(&str, &str)> {
 async fn cp(c: &Client, src: &str, dst: &str) -> Result<()> {
     match (split_box_path(src), split_box_path(dst)) {
         (Some((b, p)), None) => {
-            let (bytes, is_dir) = c.get_bytes(&format!("/v1/boxes/{b}/files/{p}")).await?;
-            if is_dir {
+            let f = c.get_file(b, p).await?;
+            if f.is_json {
                 bail!("{src} is a directory; copy files one at a time");
             }
-            std::fs::write(dst, bytes).with_context(|| format!("writing {dst}"))?;
+            std::fs::write(dst, f.bytes).with_context(|| format!("writing {dst}"))?;
         }
         (None, Some((b, p))) => {
             let data = std::fs::read(src).with_context(|| format!("reading {src}"))?;
-            c.put_bytes(&format!("/v1/boxes/{b}/files/{p}"), data)
-                .await?;
+            c.put_file(b, p, data).await?;
         }
         _ => bail!("exactly one of SRC and DST must be BOX:path"),
     }
@@ -777,7 +774,7 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
         prompt: a.prompt,
         keep_open: false,
     };
-    let s: SessionObject = c.post("/v1/sessions", &spec).await?;
+    let s = c.create_session(&spec).await?;
     if a.detach {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&s)?);
@@ -796,7 +793,7 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
     let mut ended = false;
     let mut result = false;
     let mut failed = None;
-    c.follow(&s.id, 0, |e| {
+    client::follow(c, &s.id, 0, |e| {
         r.event(&e);
         if e.kind == "result" {
             result = true;
@@ -819,7 +816,7 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
         bail!("session {} failed: {why}", s.id);
     }
     if !ended && !a.json {
-        let now: SessionObject = c.get(&format!("/v1/sessions/{}", s.id)).await?;
+        let now = c.get_session(&s.id).await?;
         if !now.state.is_terminal() {
             eprintln!(
                 "session {} is {}: `berth logs {} -f` to follow, `berth rm {}` to end it",
@@ -836,7 +833,7 @@ async fn start(c: &Client, a: StartArgs) -> Result<()> {
 async fn logs(c: &Client, session: &str, follow: bool, json: bool, after: i64) -> Result<()> {
     let mut r = render::Renderer::new(json, follow);
     if follow {
-        c.follow(session, after, |e| {
+        client::follow(c, session, after, |e| {
             r.event(&e);
             true
         })
@@ -845,11 +842,11 @@ async fn logs(c: &Client, session: &str, follow: bool, json: bool, after: i64) -
         let mut last = after;
         loop {
             let mut got = 0;
-            let s: SessionObject = c.get(&format!("/v1/sessions/{session}")).await?;
+            let s = c.get_session(session).await?;
             if last >= s.last_seq {
                 break;
             }
-            c.follow(session, last, |e| {
+            client::follow(c, session, last, |e| {
                 got += 1;
                 last = e.seq;
                 r.event(&e);
@@ -866,7 +863,7 @@ async fn logs(c: &Client, session: &str, follow: bool, json: bool, after: i64) -
 }
 
 async fn chat(c: &Client, session: &str) -> Result<()> {
-    let s: SessionObject = c.get(&format!("/v1/sessions/{session}")).await?;
+    let s = c.get_session(session).await?;
     if s.state.is_terminal() {
         bail!("session {session} has ended ({})", s.state.as_str());
     }
@@ -875,12 +872,11 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
         let id = session.to_string();
         tokio::spawn(async move {
             let mut r = render::Renderer::new(false, false);
-            let _ = c
-                .follow(&id, s.last_seq, |e| {
-                    r.event(&e);
-                    true
-                })
-                .await;
+            let _ = client::follow(&c, &id, s.last_seq, |e| {
+                r.event(&e);
+                true
+            })
+            .await;
         })
     };
     let cost = live_cost(c.clone(), session.to_string());
@@ -891,14 +887,13 @@ async fn chat(c: &Client, session: &str) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let _: Accepted = c
-            .post(
-                &format!("/v1/sessions/{session}/messages"),
-                &MessageRequest {
-                    content: serde_json::Value::String(line),
-                },
-            )
-            .await?;
+        c.send_message(
+            session,
+            &MessageRequest {
+                content: serde_json::Value::String(line),
+            },
+        )
+        .await?;
     }
     follower.abort();
     cost.abort();
@@ -912,10 +907,7 @@ fn live_cost(c: Client, id: String) -> tokio::task::JoinHandle<()> {
         let mut shown = 0.0;
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            let Ok(u) = c
-                .get::<SessionUsage>(&format!("/v1/sessions/{id}/usage"))
-                .await
-            else {
+            let Ok(u) = c.session_usage(&id).await else {
                 continue;
             };
             if (u.total_usd - shown).abs() >= 0.00005 {
@@ -933,15 +925,12 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
     // The box first, so that `--dir` is in it before the agent starts; ephemeral, so that it
     // ends with the session (at the agent's first result), leaving its workspace as an
     // artifact when `--out` asks for it.
-    let b: BoxObject = c
-        .post(
-            "/v1/boxes",
-            &BoxSpec {
-                lifecycle: Some(Lifecycle::Ephemeral),
-                keep_workspace: a.out.is_some(),
-                ..Default::default()
-            },
-        )
+    let b = c
+        .create_box(&BoxSpec {
+            lifecycle: Some(Lifecycle::Ephemeral),
+            keep_workspace: a.out.is_some(),
+            ..Default::default()
+        })
         .await?;
     let started = async {
         if let Some(dir) = &a.dir {
@@ -964,13 +953,13 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
             prompt: Some(a.prompt.clone()),
             keep_open: false,
         };
-        c.post::<_, SessionObject>("/v1/sessions", &spec).await
+        Ok::<_, anyhow::Error>(c.create_session(&spec).await?)
     }
     .await;
     let s = match started {
         Ok(s) => s,
         Err(e) => {
-            let _ = c.delete::<BoxObject>(&format!("/v1/boxes/{}", b.id)).await;
+            let _ = c.delete_box(&b.id).await;
             return Err(e);
         }
     };
@@ -988,7 +977,7 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
             tokio::time::sleep(std::time::Duration::from_secs(30)).await;
         }
     };
-    let follow = c.follow(&s.id, 0, |e| {
+    let follow = client::follow(c, &s.id, 0, |e| {
         r.event(&e);
         if e.kind == "result" && result.is_none() {
             result = Some(e.data.clone());
@@ -1016,9 +1005,7 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
     }
     if followed.is_err() || ended.is_none() {
         // Interrupted: do not leave the session (and its box) running.
-        let _ = c
-            .delete::<SessionObject>(&format!("/v1/sessions/{}", s.id))
-            .await;
+        let _ = c.delete_session(&s.id).await;
         followed?;
     }
     if let Some(out) = &a.out {
@@ -1030,7 +1017,7 @@ async fn run(c: &Client, a: RunArgs) -> Result<()> {
             );
         }
     }
-    let usage: SessionUsage = c.get(&format!("/v1/sessions/{}/usage", s.id)).await?;
+    let usage = c.session_usage(&s.id).await?;
     if a.json {
         println!(
             "{}",
@@ -1076,7 +1063,7 @@ async fn fetch_artifact(c: &Client, box_id: &str, dest: &std::path::Path) -> Res
     // The box is destroyed (and its archive stored) just after the session ends.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let b: BoxObject = c.get(&format!("/v1/boxes/{box_id}")).await?;
+        let b = c.get_box(box_id).await?;
         if b.artifact.is_some() {
             break;
         }
@@ -1091,7 +1078,7 @@ async fn fetch_artifact(c: &Client, box_id: &str, dest: &std::path::Path) -> Res
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let (tar, _) = c.get_bytes(&format!("/v1/boxes/{box_id}/artifact")).await?;
+    let tar = c.artifact(box_id).await?;
     std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
     let mut archive = tar::Archive::new(&tar[..]);
     let (mut files, mut bytes) = (0u64, 0u64);
@@ -1143,8 +1130,7 @@ async fn upload_dir(c: &Client, box_id: &str, dir: &std::path::Path) -> Result<(
                 let data = std::fs::read(&p)?;
                 bytes += data.len() as u64;
                 files += 1;
-                c.put_bytes(&format!("/v1/boxes/{box_id}/files/{rel}"), data)
-                    .await?;
+                c.put_file(box_id, &rel, data).await?;
             }
         }
     }
@@ -1159,13 +1145,13 @@ async fn usage(
     to: Option<String>,
     json: bool,
 ) -> Result<()> {
-    let mut q = vec![format!("group_by={by}")];
-    for (k, v) in [("from", from), ("to", to)] {
+    let mut q = vec![("group_by", by)];
+    for (k, v) in [("from", &from), ("to", &to)] {
         if let Some(v) = v {
-            q.push(format!("{k}={}", urlencode(&v)));
+            q.push((k, v.as_str()));
         }
     }
-    let r: UsageReport = c.get(&format!("/v1/usage?{}", q.join("&"))).await?;
+    let r = c.usage(&q).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -1218,17 +1204,6 @@ async fn usage(
     Ok(())
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 async fn keys(cmd: KeysCmd, client: impl Fn(&Conn) -> Result<Client>) -> Result<()> {
     match cmd {
         KeysCmd::Create {
@@ -1237,8 +1212,8 @@ async fn keys(cmd: KeysCmd, client: impl Fn(&Conn) -> Result<Client>) -> Result<
             json,
             conn,
         } => {
-            let k: KeyObject = client(&conn)?
-                .post("/v1/keys", &KeyCreate { tenant, admin })
+            let k = client(&conn)?
+                .create_key(&KeyCreate { tenant, admin })
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&k)?);
@@ -1257,7 +1232,7 @@ async fn keys(cmd: KeysCmd, client: impl Fn(&Conn) -> Result<Client>) -> Result<
             }
         }
         KeysCmd::Ls { json, conn } => {
-            let l: List<KeyObject> = client(&conn)?.get("/v1/keys").await?;
+            let l = client(&conn)?.list_keys().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&l.items)?);
                 return Ok(());
@@ -1274,9 +1249,7 @@ async fn keys(cmd: KeysCmd, client: impl Fn(&Conn) -> Result<Client>) -> Result<
             }
         }
         KeysCmd::Rm { id, conn } => {
-            let c = client(&conn)?;
-            c.send(c.request(reqwest::Method::DELETE, &format!("/v1/keys/{id}")))
-                .await?;
+            client(&conn)?.delete_key(&id).await?;
             println!("{id} revoked");
         }
     }

@@ -170,7 +170,14 @@ impl Api {
         evs
     }
 
-    /// Read SSE events from `path` until `n` events arrived or the stream ended.
+    /// The same server and key as a `berth-client` client.
+    pub fn typed(&self) -> berth_client::Client {
+        berth_client::Client::new(&self.url, &self.token)
+    }
+
+    /// Read SSE events from `path` until `n` events arrived or the stream ended: one
+    /// connection (no resume, so that a server that breaks a stream fails the test), frames
+    /// parsed by `berth-client`.
     pub async fn sse(
         &self,
         path: &str,
@@ -178,53 +185,29 @@ impl Api {
         n: usize,
     ) -> Vec<serde_json::Value> {
         use futures::StreamExt;
-        let mut rb = self
-            .http
-            .get(format!("{}{}", self.url, path))
-            .bearer_auth(&self.token);
-        if let Some(id) = last_event_id {
-            rb = rb.header("Last-Event-ID", id.to_string());
-        }
-        let resp = rb.send().await.expect("sse");
-        assert_eq!(resp.status().as_u16(), 200);
-        let mut stream = resp.bytes_stream();
-        let mut buf = String::new();
+        let frames = match self.typed().sse(path, last_event_id).await {
+            Ok(f) => f,
+            Err(e) => panic!("sse {path}: {e}"),
+        };
+        let mut frames = std::pin::pin!(frames);
         let mut out = Vec::new();
-        let mut id_line: Option<i64> = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while out.len() < n {
-            let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
-                Ok(Some(c)) => c.expect("chunk"),
+            let frame = match tokio::time::timeout_at(deadline, frames.next()).await {
+                Ok(Some(f)) => f.expect("frame"),
                 Ok(None) => break,
                 Err(_) => panic!("timed out waiting for events; got {out:?}"),
             };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(pos) = buf.find("\n\n") {
-                let block: String = buf.drain(..pos + 2).collect();
-                let mut data = None;
-                for line in block.lines() {
-                    if let Some(v) = line
-                        .strip_prefix("id: ")
-                        .or_else(|| line.strip_prefix("id:"))
-                    {
-                        id_line = v.trim().parse().ok();
-                    } else if let Some(v) = line
-                        .strip_prefix("data: ")
-                        .or_else(|| line.strip_prefix("data:"))
-                    {
-                        data = Some(v.to_string());
-                    }
-                }
-                if let Some(d) = data {
-                    let v: serde_json::Value = serde_json::from_str(&d).expect("event json");
-                    assert_eq!(
-                        Some(v["seq"].as_i64().expect("seq")),
-                        id_line,
-                        "SSE id matches seq"
-                    );
-                    out.push(v);
-                }
+            if frame.data.is_empty() {
+                continue;
             }
+            let v: serde_json::Value = serde_json::from_str(&frame.data).expect("event json");
+            assert_eq!(
+                Some(v["seq"].as_i64().expect("seq")),
+                frame.id.as_deref().and_then(|id| id.trim().parse().ok()),
+                "SSE id matches seq"
+            );
+            out.push(v);
         }
         out
     }
