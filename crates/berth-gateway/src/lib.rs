@@ -133,6 +133,13 @@ struct SessionState {
     recent: std::collections::VecDeque<std::time::Instant>,
 }
 
+type TokenKey = [u8; 32];
+
+fn token_key(token: &str) -> TokenKey {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
 /// A tenant's monthly budget and what it spent in the current calendar month (UTC).
 struct TenantBudget {
     budget_usd: f64,
@@ -165,7 +172,9 @@ pub struct Gateway {
     cfg: GatewayConfig,
     tenants: std::sync::Mutex<HashMap<String, TenantBudget>>,
     http: reqwest::Client,
-    tokens: std::sync::Mutex<HashMap<String, SessionState>>,
+    /// Live sessions by the SHA-256 of their token: a lookup compares digests, never the
+    /// presented token itself, so timing says nothing about how much of a token was right.
+    tokens: std::sync::Mutex<HashMap<TokenKey, SessionState>>,
     meter: mpsc::UnboundedSender<UsageRecord>,
     /// Records sent on `meter` so far (lets readers wait until the ledger has them all).
     metered: std::sync::atomic::AtomicU64,
@@ -330,7 +339,7 @@ impl Gateway {
     pub fn register(&self, token: &str, owner: TokenOwner, limits: SessionLimits, spent_usd: f64) {
         if let Ok(mut m) = self.tokens.lock() {
             m.insert(
-                token.to_string(),
+                token_key(token),
                 SessionState {
                     owner,
                     limits,
@@ -343,12 +352,16 @@ impl Gateway {
 
     /// Who holds a live session token (for box-side services other than the model gateway).
     pub fn owner_of(&self, token: &str) -> Option<TokenOwner> {
-        self.tokens.lock().ok()?.get(token).map(|s| s.owner.clone())
+        self.tokens
+            .lock()
+            .ok()?
+            .get(&token_key(token))
+            .map(|s| s.owner.clone())
     }
 
     pub fn revoke(&self, token: &str) {
         if let Ok(mut m) = self.tokens.lock() {
-            m.remove(token);
+            m.remove(&token_key(token));
         }
     }
 
@@ -392,7 +405,7 @@ impl Gateway {
             .lock()
             .map_err(|_| Refusal::Unauthorized("invalid session token"))?;
         let st = m
-            .get_mut(token)
+            .get_mut(&token_key(token))
             .ok_or(Refusal::Unauthorized("invalid session token"))?;
         if st.owner.box_id != box_id {
             return Err(Refusal::Unauthorized("token not valid for this box"));

@@ -73,10 +73,6 @@ pub fn render(template: &str, payload: &Value) -> String {
     out
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// How a webhook call proved it knows the trigger's secret.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HookAuth {
@@ -144,7 +140,8 @@ pub fn authentic(
             timestamp: ts,
         });
     }
-    if bearer.is_some_and(|t| constant_time_eq(t.trim().as_bytes(), secret.as_bytes())) {
+    if bearer.is_some_and(|t| berth_api::secret::secret_eq(t.trim().as_bytes(), secret.as_bytes()))
+    {
         return Ok(HookAuth::Bearer);
     }
     Err(HookRefusal::BadSignature)
