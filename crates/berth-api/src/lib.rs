@@ -4,6 +4,7 @@
 //! contract in the brief: `resources` 1 CPU / 1024 MiB / 5120 MiB disk / 512 pids, `network.allow`
 //! `["api.anthropic.com"]`, image `host`.
 
+pub mod calendar;
 pub mod secret;
 
 use serde::{Deserialize, Serialize};

@@ -155,18 +155,9 @@ fn this_month() -> (i32, u8) {
     month_of(now)
 }
 
-/// (year, month) in UTC of a Unix time (civil-from-days, Howard Hinnant's algorithm).
-pub fn month_of(unix_secs: i64) -> (i32, u8) {
-    let z = unix_secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y as i32, m as u8)
-}
+/// (year, month) in UTC of a Unix time: the period of tenants' budgets, shared with the
+/// ledger that sums their spending.
+pub use berth_api::calendar::month_of;
 
 pub struct Gateway {
     cfg: GatewayConfig,
