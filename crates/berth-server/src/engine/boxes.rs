@@ -232,7 +232,7 @@ impl BoxActor {
             seq: self.last_seq + 1,
             session_id: self.obj.id.clone(),
             ts: now(),
-            kind: kind.to_string(),
+            kind: kind.into(),
             data,
         };
         match self

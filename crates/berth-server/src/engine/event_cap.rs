@@ -12,6 +12,7 @@
 //! events past `max_per_session` (the summary still comes at the end).
 
 use berth_agent::AgentEvent;
+use berth_api::EventKind;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -102,7 +103,7 @@ impl EventCap {
         if self.dropped > 0 && (last || now.duration_since(self.summarised) >= SUMMARY_EVERY) {
             metrics::counter!("berth_session_events_dropped_total").increment(self.dropped);
             let summary = AgentEvent {
-                kind: "events_dropped".into(),
+                kind: EventKind::EventsDropped,
                 data: json!({
                     "count": self.dropped,
                     "since": self.dropped_since.take(),
@@ -161,7 +162,7 @@ mod tests {
 
     fn line(i: usize) -> AgentEvent {
         AgentEvent {
-            kind: "stdout".into(),
+            kind: EventKind::Stdout,
             data: json!({"text": format!("line {i}")}),
         }
     }
@@ -192,7 +193,7 @@ mod tests {
         // backlog of output in the same batch does not.
         let mut batch: Vec<AgentEvent> = (0..1000).map(line).collect();
         batch.push(AgentEvent {
-            kind: "result".into(),
+            kind: EventKind::Result,
             data: json!({}),
         });
         cap.admit(&mut batch, true);

@@ -504,7 +504,7 @@ impl Engine {
                 seq: e.seq,
                 box_id: e.session_id,
                 ts: e.ts,
-                kind: e.kind,
+                kind: e.kind.into(),
                 data: e.data,
             })
             .collect())
@@ -861,11 +861,16 @@ impl Engine {
     }
 
     /// Record a server-side notice (budget exhausted, …) in a live session's event log.
-    pub async fn notice(&self, session_id: &str, kind: &str, data: serde_json::Value) {
+    pub async fn notice(
+        &self,
+        session_id: &str,
+        kind: impl Into<berth_api::EventKind>,
+        data: serde_json::Value,
+    ) {
         if let Some(h) = self.session_handle(session_id) {
             let _ =
                 h.tx.send(SessionCmd::Notice {
-                    kind: kind.to_string(),
+                    kind: kind.into(),
                     data,
                 })
                 .await;

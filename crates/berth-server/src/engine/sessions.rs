@@ -14,7 +14,7 @@ use super::{sleep_until_opt, Engine};
 use crate::auth::now;
 use crate::error::ApiError;
 use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
-use berth_api::{Event, Lifecycle, PermissionAnswer, SessionObject, SessionState};
+use berth_api::{Event, EventKind, Lifecycle, PermissionAnswer, SessionObject, SessionState};
 use berth_sandbox::{Backend, ExecEvent, ExecHandle, ExecInput, ExecSpec, Sandbox};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -47,7 +47,7 @@ pub enum SessionCmd {
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
     /// A server-side notice to record in the event log.
-    Notice { kind: String, data: Value },
+    Notice { kind: EventKind, data: Value },
 }
 
 #[derive(Clone)]
@@ -189,7 +189,7 @@ impl SessionActor {
                 self.obj.state = state;
                 self.obj.state_reason = update.state_reason.clone();
                 let status = AgentEvent {
-                    kind: "status".into(),
+                    kind: EventKind::Status,
                     data: json!({"state": state.as_str(), "reason": update.state_reason}),
                 };
                 // `running` is caused by the output in this batch, so it comes first; `idle`,
@@ -291,7 +291,7 @@ impl SessionActor {
                     other => other.to_string(),
                 };
                 self.record(vec![AgentEvent {
-                    kind: "error".into(),
+                    kind: EventKind::Error,
                     data: json!({"message": why}),
                 }])
                 .await;
@@ -441,7 +441,7 @@ impl SessionActor {
                     };
                     let mut o = self.driver.on_exit(None, None);
                     o.events.push(AgentEvent {
-                        kind: "error".into(),
+                        kind: EventKind::Error,
                         data: json!({"message": m}),
                     });
                     o.update.state = Some(SessionState::Failed);
@@ -495,7 +495,7 @@ impl SessionActor {
             .await
             .map_err(|_| ApiError::Conflict("the agent is not running".into()))?;
         self.record(vec![AgentEvent {
-            kind: "user".into(),
+            kind: EventKind::User,
             data: json!({"content": content}),
         }])
         .await;
@@ -529,7 +529,7 @@ impl SessionActor {
                 };
                 if r.is_ok() {
                     self.record(vec![AgentEvent {
-                        kind: "status".into(),
+                        kind: EventKind::Status,
                         data: json!({"interrupt": true}),
                     }])
                     .await;
@@ -554,7 +554,7 @@ impl SessionActor {
                     (Some(h), Some(bytes)) => {
                         let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
-                            kind: "permission_answer".into(),
+                            kind: EventKind::PermissionAnswer,
                             data: json!({"request_id": request_id, "allow": answer.allow, "message": answer.message}),
                         }])
                         .await;
@@ -581,7 +581,7 @@ impl SessionActor {
                     (Some(h), Ok(Some(bytes))) => {
                         let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
-                            kind: "permission_mode".into(),
+                            kind: EventKind::PermissionMode,
                             data: json!({"mode": mode}),
                         }])
                         .await;
