@@ -418,6 +418,9 @@ impl Gateway {
             }
         }
         if let Some(rpm) = st.limits.requests_per_minute {
+            // A sliding log, not a rate-limiter crate's GCRA: at most `rpm` requests in any
+            // minute (a GCRA with a burst of `rpm` lets up to twice that through in one), and
+            // Retry-After says when the oldest leaves it.
             let now = std::time::Instant::now();
             let minute = std::time::Duration::from_secs(60);
             while st

@@ -248,6 +248,9 @@ impl BoxActor {
         }
     }
 
+    /// Log an egress decision, at most [`EGRESS_EVENTS_PER_MINUTE`] a minute. Hand-written
+    /// rather than a rate limiter: the drops are counted and the minute's end is when the count
+    /// is logged (`egress_suppressed`), which a limiter's yes/no does not give.
     async fn egress(&mut self, d: berth_gateway::egress::Decision) {
         let (start, _, dropped) = self.egress_window;
         if start.elapsed() >= Duration::from_secs(60) {

@@ -110,8 +110,9 @@ pub struct Engine {
     pub triggers_changed: tokio::sync::Notify,
     /// Serialises uid allocation for sessions in shared boxes.
     shared_alloc: tokio::sync::Mutex<()>,
-    /// Per trigger: the start of its current minute and the webhook calls taken in it.
-    hook_windows: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
+    /// Per trigger: the webhook calls it takes, `hook_rate_per_minute` at once and one more
+    /// every minute/`hook_rate_per_minute` (None: the rate is 0, every call is refused).
+    hook_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
     /// Signed webhook calls already accepted (signature → when it may be forgotten): a replay
     /// inside the timestamp window is refused.
     pub(crate) hook_seen: std::sync::Mutex<HashMap<String, i64>>,
@@ -154,15 +155,16 @@ impl Engine {
             claude,
             store,
             backends,
-            config,
             ledger_written: tokio::sync::watch::channel(0).0,
             ledger_flush: tokio::sync::Notify::new(),
             triggers_changed: tokio::sync::Notify::new(),
             shared_alloc: tokio::sync::Mutex::new(()),
-            hook_windows: std::sync::Mutex::new(HashMap::new()),
+            hook_rate: std::num::NonZeroU32::new(config.hook_rate_per_minute)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
             hook_seen: std::sync::Mutex::new(HashMap::new()),
             revoked_keys: tokio::sync::watch::channel(Default::default()).0,
             reservations: Arc::default(),
+            config,
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })

@@ -285,19 +285,18 @@ impl Engine {
         r
     }
 
-    /// Count a webhook call against its trigger's minute; 429 past the limit.
+    /// Count a webhook call against its trigger's rate; 429 past the limit. (A GCRA: a
+    /// trigger takes `hook_rate_per_minute` calls at once, then one more each
+    /// minute/`hook_rate_per_minute`; no span of a minute ever takes more than twice the rate,
+    /// as with the fixed minute windows it replaces, and a shorter span takes fewer.)
     fn take_hook_call(&self, trigger_id: &str) -> Result<(), ApiError> {
-        let now = tokio::time::Instant::now();
-        let mut windows = self
-            .hook_windows
-            .lock()
-            .map_err(|_| ApiError::Internal("hook windows poisoned".into()))?;
-        // Forget idle triggers' windows so the map stays as small as the active set.
-        windows.retain(|_, (start, _)| {
-            now.duration_since(*start) < std::time::Duration::from_secs(60)
+        let admitted = self.hook_rate.as_ref().is_some_and(|r| {
+            // Forget triggers whose state is back to full so the map stays as small as the
+            // active set.
+            r.retain_recent();
+            r.check_key(&trigger_id.to_string()).is_ok()
         });
-        let (_, taken) = windows.entry(trigger_id.to_string()).or_insert((now, 0));
-        if *taken >= self.config.hook_rate_per_minute {
+        if !admitted {
             return Err(ApiError::Rejected(
                 axum::http::StatusCode::TOO_MANY_REQUESTS,
                 format!(
@@ -306,7 +305,6 @@ impl Engine {
                 ),
             ));
         }
-        *taken += 1;
         Ok(())
     }
 
