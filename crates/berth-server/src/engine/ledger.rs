@@ -7,7 +7,7 @@
 //! server last saw them, not charged until the restart.
 
 use super::Engine;
-use crate::error::ApiError;
+use crate::engine::error::EngineError;
 use berth_api::{
     BoxObject, Lifecycle, ModelUsage, SessionUsage, UsageGroup, UsageGroupBy, UsageReport,
     UsageTotals,
@@ -187,7 +187,7 @@ impl Engine {
     /// Model cost a tenant has been metered since the start of this calendar month (UTC).
     /// (Monthly budgets are about tokens, which the gateway can refuse; container time is not
     /// counted against them.)
-    pub async fn tenant_month_spent(&self, tenant: &str) -> Result<f64, ApiError> {
+    pub async fn tenant_month_spent(&self, tenant: &str) -> Result<f64, EngineError> {
         let sums = self
             .store
             .usage_sums(
@@ -204,7 +204,7 @@ impl Engine {
         Ok(sums.iter().map(|s| s.cost_usd).sum())
     }
 
-    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
+    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, EngineError> {
         let session = self.get_session(tenant, id).await?;
         self.ledger_sync().await;
         let sums = self
@@ -270,7 +270,7 @@ impl Engine {
         group_by: UsageGroupBy,
         from: Option<i64>,
         to: Option<i64>,
-    ) -> Result<UsageReport, ApiError> {
+    ) -> Result<UsageReport, EngineError> {
         self.ledger_sync().await;
         let key = match group_by {
             UsageGroupBy::Session => UsageKey::Session,

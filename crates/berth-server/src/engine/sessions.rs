@@ -12,7 +12,7 @@
 use super::boxes::{BoxCmd, BoxHandle};
 use super::{sleep_until_opt, Engine};
 use crate::auth::now;
-use crate::error::ApiError;
+use crate::engine::error::EngineError;
 use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
 use berth_api::{Event, EventKind, Lifecycle, PermissionAnswer, SessionObject, SessionState};
 use berth_sandbox::{Backend, ExecEvent, ExecHandle, ExecInput, ExecSpec, Sandbox};
@@ -28,15 +28,15 @@ const MAX_BATCH: usize = 256;
 pub enum SessionCmd {
     Message {
         content: Value,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Interrupt {
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Permission {
         request_id: String,
         answer: PermissionAnswer,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Stop {
         reason: String,
@@ -44,7 +44,7 @@ pub enum SessionCmd {
     },
     SetPermissionMode {
         mode: String,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     /// A server-side notice to record in the event log.
     Notice { kind: EventKind, data: Value },
@@ -381,7 +381,7 @@ impl SessionActor {
     }
 
     fn refuse(&self, cmd: SessionCmd) {
-        let ended = || ApiError::Conflict(format!("session {} has ended", self.obj.id));
+        let ended = || EngineError::Conflict(format!("session {} has ended", self.obj.id));
         match cmd {
             SessionCmd::Message { reply, .. } => {
                 let _ = reply.send(Err(ended()));
@@ -482,18 +482,22 @@ impl SessionActor {
         (ended, answers)
     }
 
-    async fn deliver(&mut self, exec: Option<&ExecHandle>, content: Value) -> Result<(), ApiError> {
+    async fn deliver(
+        &mut self,
+        exec: Option<&ExecHandle>,
+        content: Value,
+    ) -> Result<(), EngineError> {
         let Some(h) = exec else {
-            return Err(ApiError::Conflict("the agent is not running".into()));
+            return Err(EngineError::Conflict("the agent is not running".into()));
         };
         let bytes = self
             .driver
             .encode_message(&content)
-            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         h.input
             .send(ExecInput::Stdin(bytes.into()))
             .await
-            .map_err(|_| ApiError::Conflict("the agent is not running".into()))?;
+            .map_err(|_| EngineError::Conflict("the agent is not running".into()))?;
         self.record(vec![AgentEvent {
             kind: EventKind::User,
             data: json!({"content": content}),
@@ -535,7 +539,7 @@ impl SessionActor {
                     .await;
                 }
                 let _ = reply
-                    .send(r.map_err(|_| ApiError::Conflict("the agent is not running".into())));
+                    .send(r.map_err(|_| EngineError::Conflict("the agent is not running".into())));
                 false
             }
             SessionCmd::Permission {
@@ -558,9 +562,9 @@ impl SessionActor {
                             data: json!({"request_id": request_id, "allow": answer.allow, "message": answer.message}),
                         }])
                         .await;
-                        sent.map_err(|_| ApiError::Conflict("the agent is not running".into()))
+                        sent.map_err(|_| EngineError::Conflict("the agent is not running".into()))
                     }
-                    _ => Err(ApiError::NotFound(format!(
+                    _ => Err(EngineError::NotFound(format!(
                         "no pending permission request {request_id} in this session"
                     ))),
                 };
@@ -573,11 +577,11 @@ impl SessionActor {
             }
             SessionCmd::SetPermissionMode { mode, reply } => {
                 let r = match (exec.as_ref(), self.driver.set_permission_mode(&mode)) {
-                    (_, Err(e)) => Err(ApiError::Invalid(e.to_string())),
-                    (_, Ok(None)) => Err(ApiError::Invalid(
+                    (_, Err(e)) => Err(EngineError::Invalid(e.to_string())),
+                    (_, Ok(None)) => Err(EngineError::Invalid(
                         "this agent has no permission modes".into(),
                     )),
-                    (None, _) => Err(ApiError::Conflict("the agent is not running".into())),
+                    (None, _) => Err(EngineError::Conflict("the agent is not running".into())),
                     (Some(h), Ok(Some(bytes))) => {
                         let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
@@ -585,7 +589,7 @@ impl SessionActor {
                             data: json!({"mode": mode}),
                         }])
                         .await;
-                        sent.map_err(|_| ApiError::Conflict("the agent is not running".into()))
+                        sent.map_err(|_| EngineError::Conflict("the agent is not running".into()))
                     }
                 };
                 let _ = reply.send(r);
