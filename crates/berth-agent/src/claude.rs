@@ -10,7 +10,7 @@
 //! `control_response` lines.
 
 use crate::{AgentEvent, DriverError, Interrupt, Launch, Output};
-use berth_api::{ClaudeAgent, SessionState};
+use berth_api::{ClaudeAgent, EventKind, SessionState};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
@@ -244,7 +244,7 @@ impl ClaudeDriver {
         match line {
             crate::Line::Full(l) => self.message(&l, out),
             crate::Line::TooLong(n) => out.events.push(AgentEvent {
-                kind: "error".into(),
+                kind: EventKind::Error,
                 data: json!({
                     "message": format!("the agent wrote a line of {n} bytes, over the limit of {MAX_LINE} bytes; it was dropped"),
                     "bytes": n,
@@ -259,7 +259,7 @@ impl ClaudeDriver {
         }
         let Ok(v) = serde_json::from_slice::<Value>(line) else {
             out.events.push(AgentEvent {
-                kind: "stdout".into(),
+                kind: EventKind::Stdout,
                 data: json!({"text": String::from_utf8_lossy(line)}),
             });
             return;
@@ -281,7 +281,10 @@ impl ClaudeDriver {
                         .and_then(Value::as_str)
                         .map(str::to_string);
                 }
-                out.events.push(AgentEvent { kind, data: v });
+                out.events.push(AgentEvent {
+                    kind: EventKind::System,
+                    data: v,
+                });
             }
             "assistant" => {
                 let tools: Vec<Value> = v
@@ -294,10 +297,13 @@ impl ClaudeDriver {
                             .collect()
                     })
                     .unwrap_or_default();
-                out.events.push(AgentEvent { kind, data: v });
+                out.events.push(AgentEvent {
+                    kind: EventKind::Assistant,
+                    data: v,
+                });
                 for t in tools {
                     out.events.push(AgentEvent {
-                        kind: "tool_use".into(),
+                        kind: EventKind::ToolUse,
                         data: t,
                     });
                 }
@@ -316,13 +322,13 @@ impl ClaudeDriver {
                     .unwrap_or_default();
                 if results.is_empty() {
                     out.events.push(AgentEvent {
-                        kind: "user_echo".into(),
+                        kind: EventKind::UserEcho,
                         data: v,
                     });
                 } else {
                     for r in results {
                         out.events.push(AgentEvent {
-                            kind: "tool_result".into(),
+                            kind: EventKind::ToolResult,
                             data: r,
                         });
                     }
@@ -339,7 +345,10 @@ impl ClaudeDriver {
                     out.update.agent_session_id = Some(id.to_string());
                 }
                 out.update.agent_cost_usd = v.get("total_cost_usd").and_then(Value::as_f64);
-                out.events.push(AgentEvent { kind, data: v });
+                out.events.push(AgentEvent {
+                    kind: EventKind::Result,
+                    data: v,
+                });
                 out.update.state = Some(SessionState::Idle);
                 // Any subtype but success (error_max_turns, error_during_execution, …) is the
                 // reason the turn ended; the agent stays ready for the next message.
@@ -355,10 +364,16 @@ impl ClaudeDriver {
                 if req.get("subtype").and_then(Value::as_str) == Some("can_use_tool") {
                     self.permission_request(id, &req, v, out);
                 } else {
-                    out.events.push(AgentEvent { kind, data: v });
+                    out.events.push(AgentEvent {
+                        kind: EventKind::from(kind),
+                        data: v,
+                    });
                 }
             }
-            _ => out.events.push(AgentEvent { kind, data: v }),
+            _ => out.events.push(AgentEvent {
+                kind: EventKind::from(kind),
+                data: v,
+            }),
         }
     }
 
@@ -370,7 +385,7 @@ impl ClaudeDriver {
         }
         Output {
             events: vec![AgentEvent {
-                kind: "stderr".into(),
+                kind: EventKind::Stderr,
                 data: json!({"text": String::from_utf8_lossy(bytes)}),
             }],
             ..Default::default()
@@ -391,7 +406,7 @@ impl ClaudeDriver {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
         self.pending.insert(id.clone(), (input.clone(), deadline));
         out.events.push(AgentEvent {
-            kind: "permission_request".into(),
+            kind: EventKind::PermissionRequest,
             data: json!({"request_id": id, "tool_name": tool, "input": input, "request": v}),
         });
         let subject = rule_subject(&tool, &input);
@@ -412,7 +427,7 @@ impl ClaudeDriver {
             if let Some(b) = self.answer_permission(&id, rule.allow, Some(&msg)) {
                 out.stdin.push(b);
                 out.events.push(AgentEvent {
-                    kind: "permission_answer".into(),
+                    kind: EventKind::PermissionAnswer,
                     data: json!({"request_id": id, "allow": rule.allow, "message": msg, "by": "rule"}),
                 });
             }
@@ -438,7 +453,7 @@ impl ClaudeDriver {
             format!("{reason}: {tail}")
         };
         out.events.push(AgentEvent {
-            kind: "status".into(),
+            kind: EventKind::Status,
             data: json!({"exit_code": code, "signal": signal, "stderr_tail": tail}),
         });
         out.update.state = Some(if ok {
@@ -480,7 +495,7 @@ impl ClaudeDriver {
             if let Some(b) = self.answer_permission(&id, false, Some(msg)) {
                 out.stdin.push(b);
                 out.events.push(AgentEvent {
-                    kind: "permission_answer".into(),
+                    kind: EventKind::PermissionAnswer,
                     data: json!({"request_id": id, "allow": false, "message": msg, "by": "timeout"}),
                 });
             }

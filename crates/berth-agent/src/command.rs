@@ -3,7 +3,7 @@
 //! events, one per line (a final partial line is flushed at exit).
 
 use crate::{AgentEvent, DriverError, Launch, Output, Update};
-use berth_api::{CommandAgent, SessionState};
+use berth_api::{CommandAgent, EventKind, SessionState};
 use serde_json::{json, Value};
 
 /// Longest line kept whole; longer output is split into several events.
@@ -67,7 +67,7 @@ impl CommandDriver {
 
     pub fn on_stdout(&mut self, bytes: &[u8]) -> Output {
         Output {
-            events: split_lines(&mut self.out, bytes, "stdout", false),
+            events: split_lines(&mut self.out, bytes, &EventKind::Stdout, false),
             update: Update {
                 state: Some(SessionState::Running),
                 ..Default::default()
@@ -78,14 +78,14 @@ impl CommandDriver {
 
     pub fn on_stderr(&mut self, bytes: &[u8]) -> Output {
         Output {
-            events: split_lines(&mut self.err, bytes, "stderr", false),
+            events: split_lines(&mut self.err, bytes, &EventKind::Stderr, false),
             ..Default::default()
         }
     }
 
     pub fn on_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Output {
-        let mut events = split_lines(&mut self.out, &[], "stdout", true);
-        events.extend(split_lines(&mut self.err, &[], "stderr", true));
+        let mut events = split_lines(&mut self.out, &[], &EventKind::Stdout, true);
+        events.extend(split_lines(&mut self.err, &[], &EventKind::Stderr, true));
         let ok = code == Some(0);
         let state = if ok {
             SessionState::Stopped
@@ -98,7 +98,7 @@ impl CommandDriver {
             (None, None) => "agent ended".to_string(),
         };
         events.push(AgentEvent {
-            kind: "result".into(),
+            kind: EventKind::Result,
             data: json!({"exit_code": code, "signal": signal, "is_error": !ok}),
         });
         Output {
@@ -113,7 +113,7 @@ impl CommandDriver {
     }
 }
 
-fn split_lines(buf: &mut Vec<u8>, bytes: &[u8], kind: &str, flush: bool) -> Vec<AgentEvent> {
+fn split_lines(buf: &mut Vec<u8>, bytes: &[u8], kind: &EventKind, flush: bool) -> Vec<AgentEvent> {
     buf.extend_from_slice(bytes);
     let mut events = Vec::new();
     while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
@@ -131,9 +131,9 @@ fn split_lines(buf: &mut Vec<u8>, bytes: &[u8], kind: &str, flush: bool) -> Vec<
     events
 }
 
-fn line_event(kind: &str, line: &[u8]) -> AgentEvent {
+fn line_event(kind: &EventKind, line: &[u8]) -> AgentEvent {
     AgentEvent {
-        kind: kind.to_string(),
+        kind: kind.clone(),
         data: json!({"text": String::from_utf8_lossy(line)}),
     }
 }

@@ -11,7 +11,7 @@
 pub mod claude;
 pub mod command;
 
-use berth_api::{AgentSpec, SessionState};
+use berth_api::{AgentSpec, EventKind, SessionState};
 use serde_json::Value;
 
 pub use claude::{ClaudeDriver, ClaudeEnv};
@@ -28,7 +28,7 @@ pub struct Launch {
 /// Something the session should record and publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentEvent {
-    pub kind: String,
+    pub kind: EventKind,
     pub data: Value,
 }
 

@@ -4,9 +4,15 @@
 //! contract in the brief: `resources` 1 CPU / 1024 MiB / 5120 MiB disk / 512 pids, `network.allow`
 //! `["api.anthropic.com"]`, image `host`.
 
+pub mod calendar;
+mod event_kind;
+pub mod secret;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
+
+pub use event_kind::EventKind;
 
 /// Time stamps are RFC 3339 strings in UTC.
 pub type Timestamp = String;
@@ -521,9 +527,11 @@ pub struct Event {
     pub session_id: String,
     pub ts: Timestamp,
     /// `status`, `assistant`, `user`, `tool_use`, `tool_result`, `permission_request`, `result`,
-    /// `stdout`, `stderr`, `error`, `system`.
+    /// `stdout`, `stderr`, `error`, `system`, `events_dropped`, `budget_warning`, …; an agent's
+    /// other message types pass through as they came.
     #[serde(rename = "type")]
-    pub kind: String,
+    #[schema(value_type = String)]
+    pub kind: EventKind,
     /// The agent's own message, whole.
     pub data: serde_json::Value,
 }

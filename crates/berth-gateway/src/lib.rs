@@ -133,6 +133,13 @@ struct SessionState {
     recent: std::collections::VecDeque<std::time::Instant>,
 }
 
+type TokenKey = [u8; 32];
+
+fn token_key(token: &str) -> TokenKey {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
 /// A tenant's monthly budget and what it spent in the current calendar month (UTC).
 struct TenantBudget {
     budget_usd: f64,
@@ -148,24 +155,17 @@ fn this_month() -> (i32, u8) {
     month_of(now)
 }
 
-/// (year, month) in UTC of a Unix time (civil-from-days, Howard Hinnant's algorithm).
-pub fn month_of(unix_secs: i64) -> (i32, u8) {
-    let z = unix_secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y as i32, m as u8)
-}
+/// (year, month) in UTC of a Unix time: the period of tenants' budgets, shared with the
+/// ledger that sums their spending.
+pub use berth_api::calendar::month_of;
 
 pub struct Gateway {
     cfg: GatewayConfig,
     tenants: std::sync::Mutex<HashMap<String, TenantBudget>>,
     http: reqwest::Client,
-    tokens: std::sync::Mutex<HashMap<String, SessionState>>,
+    /// Live sessions by the SHA-256 of their token: a lookup compares digests, never the
+    /// presented token itself, so timing says nothing about how much of a token was right.
+    tokens: std::sync::Mutex<HashMap<TokenKey, SessionState>>,
     meter: mpsc::UnboundedSender<UsageRecord>,
     /// Records sent on `meter` so far (lets readers wait until the ledger has them all).
     metered: std::sync::atomic::AtomicU64,
@@ -330,7 +330,7 @@ impl Gateway {
     pub fn register(&self, token: &str, owner: TokenOwner, limits: SessionLimits, spent_usd: f64) {
         if let Ok(mut m) = self.tokens.lock() {
             m.insert(
-                token.to_string(),
+                token_key(token),
                 SessionState {
                     owner,
                     limits,
@@ -343,12 +343,16 @@ impl Gateway {
 
     /// Who holds a live session token (for box-side services other than the model gateway).
     pub fn owner_of(&self, token: &str) -> Option<TokenOwner> {
-        self.tokens.lock().ok()?.get(token).map(|s| s.owner.clone())
+        self.tokens
+            .lock()
+            .ok()?
+            .get(&token_key(token))
+            .map(|s| s.owner.clone())
     }
 
     pub fn revoke(&self, token: &str) {
         if let Ok(mut m) = self.tokens.lock() {
-            m.remove(token);
+            m.remove(&token_key(token));
         }
     }
 
@@ -392,7 +396,7 @@ impl Gateway {
             .lock()
             .map_err(|_| Refusal::Unauthorized("invalid session token"))?;
         let st = m
-            .get_mut(token)
+            .get_mut(&token_key(token))
             .ok_or(Refusal::Unauthorized("invalid session token"))?;
         if st.owner.box_id != box_id {
             return Err(Refusal::Unauthorized("token not valid for this box"));
@@ -414,6 +418,9 @@ impl Gateway {
             }
         }
         if let Some(rpm) = st.limits.requests_per_minute {
+            // A sliding log, not a rate-limiter crate's GCRA: at most `rpm` requests in any
+            // minute (a GCRA with a burst of `rpm` lets up to twice that through in one), and
+            // Retry-After says when the oldest leaves it.
             let now = std::time::Instant::now();
             let minute = std::time::Duration::from_secs(60);
             while st

@@ -136,13 +136,7 @@ async fn operator_only(
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     let want = m.inspect_token.as_bytes();
-    let same = given.len() == want.len()
-        && given
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if !same {
+    if !berth_api::secret::secret_eq(given, want) {
         return api_error(
             StatusCode::NOT_FOUND,
             "not_found_error",

@@ -2,9 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-/// Versions berth has been tested with: `>= MIN, < MAX` (semver major/minor/patch).
-pub const MIN_VERSION: (u64, u64, u64) = (2, 0, 0);
-pub const MAX_VERSION: (u64, u64, u64) = (3, 0, 0);
+/// Versions berth has been tested with (a semver requirement).
+pub const SUPPORTED_VERSIONS: &str = ">=2.0.0, <3.0.0";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaudeCli {
@@ -12,10 +11,17 @@ pub struct ClaudeCli {
     pub version: String,
 }
 
-pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
-    let word = s.split_whitespace().next()?;
-    let mut it = word.split(['.', '-', '+']).map(|p| p.parse::<u64>());
-    Some((it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?))
+/// The version in the CLI's `--version` line (`2.1.328 (Claude Code)`): its first word as
+/// semver. Pre-release and build tags are dropped: a `2.1.0-beta.1` build is checked as
+/// 2.1.0 (semver would otherwise keep every pre-release out of a plain range).
+pub fn parse_version(s: &str) -> Option<semver::Version> {
+    let v = semver::Version::parse(s.split_whitespace().next()?).ok()?;
+    Some(semver::Version::new(v.major, v.minor, v.patch))
+}
+
+/// Whether berth supports this CLI version.
+pub fn supported(v: &semver::Version) -> bool {
+    semver::VersionReq::parse(SUPPORTED_VERSIONS).is_ok_and(|r| r.matches(v))
 }
 
 /// Locate the CLI (configured path, else `claude` on PATH), run `--version` and check the range.
@@ -51,23 +57,14 @@ pub fn discover(configured: Option<&Path>) -> Result<ClaudeCli, String> {
         .map_err(|e| format!("running {} --version: {e}", real.display()))?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let v = parse_version(&text).ok_or_else(|| format!("cannot read a version from {text:?}"))?;
-    if v < MIN_VERSION || v >= MAX_VERSION {
+    if !supported(&v) {
         return Err(format!(
-            "Claude Code CLI {}.{}.{} is outside the supported range >= {}.{}.{}, < {}.{}.{}",
-            v.0,
-            v.1,
-            v.2,
-            MIN_VERSION.0,
-            MIN_VERSION.1,
-            MIN_VERSION.2,
-            MAX_VERSION.0,
-            MAX_VERSION.1,
-            MAX_VERSION.2
+            "Claude Code CLI {v} is outside the supported range {SUPPORTED_VERSIONS}"
         ));
     }
     Ok(ClaudeCli {
         path: real,
-        version: format!("{}.{}.{}", v.0, v.1, v.2),
+        version: v.to_string(),
     })
 }
 
@@ -75,12 +72,47 @@ pub fn discover(configured: Option<&Path>) -> Result<ClaudeCli, String> {
 mod tests {
     use super::*;
 
+    fn v(s: &str) -> Option<String> {
+        parse_version(s).map(|v| v.to_string())
+    }
+
     #[test]
-    fn versions_parse_and_range_holds() {
-        assert_eq!(parse_version("2.1.328 (Claude Code)"), Some((2, 1, 328)));
-        assert_eq!(parse_version("garbage"), None);
-        assert!(parse_version("1.9.0").is_some_and(|v| v < MIN_VERSION));
-        assert!(parse_version("3.0.0").is_some_and(|v| v >= MAX_VERSION));
+    fn versions_parse_from_the_first_word() {
+        assert_eq!(v("2.1.328 (Claude Code)").as_deref(), Some("2.1.328"));
+        assert_eq!(v("  2.1.328\n").as_deref(), Some("2.1.328"));
+        assert_eq!(v("2.1.0-beta.1 (Claude Code)").as_deref(), Some("2.1.0"));
+        assert_eq!(v("2.1.0+build.7").as_deref(), Some("2.1.0"));
+    }
+
+    #[test]
+    fn odd_version_strings_are_unreadable() {
+        for s in [
+            "garbage",
+            "",
+            "2.1",
+            "2",
+            "2.x.0",
+            "Claude Code 2.1.0",
+            "-2.1.0",
+            "2.1.0.5",
+            "18446744073709551616.0.0",
+        ] {
+            assert_eq!(v(s), None, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn the_range_is_two_point_anything() {
+        let ok = |s: &str| parse_version(s).is_some_and(|v| supported(&v));
+        assert!(ok("2.0.0"));
+        assert!(ok("2.1.328"));
+        assert!(ok("2.99.99"));
+        assert!(ok("2.1.0-rc.1"));
+        assert!(!ok("1.9.0"));
+        assert!(!ok("1.99.999"));
+        assert!(!ok("3.0.0"));
+        assert!(!ok("3.0.0-alpha"));
+        assert!(!ok("10.0.0"));
     }
 
     #[test]

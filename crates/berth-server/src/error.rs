@@ -1,6 +1,7 @@
 //! API errors: every failure a handler can meet becomes `{error: {code, message}}` with a
 //! fitting status. Internal details are logged, not leaked, for 5xx.
 
+use crate::engine::error::EngineError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -89,54 +90,39 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The engine's errors at the API edge: the only place they become HTTP.
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::NotFound(m) => ApiError::NotFound(m),
+            EngineError::Conflict(m) => ApiError::Conflict(m),
+            EngineError::Invalid(m) => ApiError::Invalid(m),
+            EngineError::Quota(m) => ApiError::Rejected(StatusCode::TOO_MANY_REQUESTS, m),
+            EngineError::Unauthenticated(m) => ApiError::Rejected(StatusCode::UNAUTHORIZED, m),
+            EngineError::TooLarge(m) => ApiError::Rejected(StatusCode::PAYLOAD_TOO_LARGE, m),
+            EngineError::NoSpace(m) => ApiError::Rejected(StatusCode::INSUFFICIENT_STORAGE, m),
+            EngineError::Unreachable(m) => ApiError::Rejected(StatusCode::BAD_GATEWAY, m),
+            EngineError::Unavailable(m) => ApiError::Unavailable(m),
+            EngineError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Conflict(m) => ApiError::Conflict(m),
-            StoreError::Db(sqlx_err) => {
-                ApiError::Unavailable(format!("store unavailable: {sqlx_err}"))
-            }
-            other => ApiError::Internal(other.to_string()),
-        }
+        EngineError::from(e).into()
     }
 }
 
 impl From<FsError> for ApiError {
     fn from(e: FsError) -> Self {
-        match e {
-            FsError::Outside(_) | FsError::Invalid(_) => ApiError::Invalid(e.to_string()),
-            FsError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            FsError::TooLarge(_) => {
-                ApiError::Rejected(axum::http::StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-            }
-            FsError::NoSpace => {
-                ApiError::Rejected(axum::http::StatusCode::INSUFFICIENT_STORAGE, e.to_string())
-            }
-            FsError::Busy(m) => ApiError::Unavailable(m),
-            FsError::Io(io) => match io.kind() {
-                std::io::ErrorKind::NotADirectory => {
-                    ApiError::Invalid("a path component is not a directory".into())
-                }
-                std::io::ErrorKind::IsADirectory => ApiError::Invalid("path is a directory".into()),
-                _ => ApiError::Internal(io.to_string()),
-            },
-        }
+        EngineError::from(e).into()
     }
 }
 
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
-        match e {
-            SandboxError::NotFound(id) => ApiError::not_found("box", &id),
-            SandboxError::Exists(m) => ApiError::Conflict(format!("box {m} already exists")),
-            SandboxError::InvalidSpec(m) => ApiError::Invalid(m),
-            SandboxError::NotRunning(id) => ApiError::Conflict(format!("box {id} is not running")),
-            SandboxError::Unsupported(m) => ApiError::Invalid(m),
-            SandboxError::Start(m) => ApiError::Unavailable(format!("box failed: {m}")),
-            SandboxError::Unreachable(m) => ApiError::Rejected(StatusCode::BAD_GATEWAY, m),
-            SandboxError::Fs(f) => f.into(),
-            SandboxError::Io(io) => ApiError::Internal(io.to_string()),
-        }
+        EngineError::from(e).into()
     }
 }
 
@@ -153,3 +139,54 @@ rejection!(axum::extract::rejection::JsonRejection);
 rejection!(axum::extract::rejection::QueryRejection);
 rejection!(axum::extract::rejection::PathRejection);
 rejection!(axum::extract::rejection::BytesRejection);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_keep_their_status_and_code_at_the_edge() {
+        let cases = [
+            (EngineError::NotFound("m".into()), 404, "not_found"),
+            (EngineError::Conflict("m".into()), 409, "conflict"),
+            (EngineError::Invalid("m".into()), 400, "invalid_request"),
+            (EngineError::Quota("m".into()), 429, "quota_exceeded"),
+            (
+                EngineError::Unauthenticated("m".into()),
+                401,
+                "invalid_request",
+            ),
+            (EngineError::TooLarge("m".into()), 413, "payload_too_large"),
+            (EngineError::NoSpace("m".into()), 507, "no_space"),
+            (EngineError::Unreachable("m".into()), 502, "bad_gateway"),
+            (EngineError::Unavailable("m".into()), 503, "unavailable"),
+        ];
+        for (e, status, code) in cases {
+            let a = ApiError::from(e);
+            assert_eq!(a.status().as_u16(), status, "{a:?}");
+            assert_eq!(a.code(), code, "{a:?}");
+            assert_eq!(a.body().error.message, "m");
+        }
+    }
+
+    #[test]
+    fn internal_engine_errors_are_not_shown_to_clients() {
+        let a = ApiError::from(EngineError::Internal("db path /secret".into()));
+        assert_eq!(a.status().as_u16(), 500);
+        assert_eq!(a.code(), "internal");
+        assert!(!a.body().error.message.contains("/secret"));
+    }
+
+    #[test]
+    fn library_errors_map_through_the_engine_kinds() {
+        let a = ApiError::from(SandboxError::NotFound("b1".into()));
+        assert_eq!(
+            (a.status().as_u16(), a.to_string()),
+            (404, "box b1 not found".into())
+        );
+        let a = ApiError::from(FsError::NoSpace);
+        assert_eq!(a.code(), "no_space");
+        let a = ApiError::from(SandboxError::Unreachable("port 80".into()));
+        assert_eq!(a.code(), "bad_gateway");
+    }
+}

@@ -89,18 +89,23 @@ async fn ledger_writer(
 
 async fn notify_budget(engine: &Engine, r: &berth_gateway::UsageRecord) {
     let c = r.crossed;
+    use berth_api::EventKind;
     let notices = [
-        (c.session_warning, "budget_warning", "session"),
-        (c.session_exhausted, "budget_exhausted", "session"),
-        (c.tenant_warning, "budget_warning", "tenant"),
-        (c.tenant_exhausted, "tenant_budget_exhausted", "tenant"),
+        (c.session_warning, EventKind::BudgetWarning, "session"),
+        (c.session_exhausted, EventKind::BudgetExhausted, "session"),
+        (c.tenant_warning, EventKind::BudgetWarning, "tenant"),
+        (
+            c.tenant_exhausted,
+            EventKind::TenantBudgetExhausted,
+            "tenant",
+        ),
     ];
     for (crossed, kind, scope) in notices {
         if !crossed {
             continue;
         }
         let message = match kind {
-            "budget_warning" => format!("the {scope}'s budget is nearly spent"),
+            EventKind::BudgetWarning => format!("the {scope}'s budget is nearly spent"),
             _ => format!("the {scope}'s budget is spent; further model requests are refused"),
         };
         engine

@@ -125,7 +125,7 @@ impl SqliteStore {
                 .bind(&e.session_id)
                 .bind(e.seq)
                 .bind(&e.ts)
-                .bind(&e.kind)
+                .bind(e.kind.as_str())
                 .bind(data)
                 .execute(&mut *tx)
                 .await
@@ -157,7 +157,7 @@ impl SqliteStore {
                     seq: r.get("seq"),
                     session_id: id.to_string(),
                     ts: r.get("ts"),
-                    kind: r.get("kind"),
+                    kind: r.get::<String, _>("kind").into(),
                     data: serde_json::from_str(r.get::<&str, _>("data")).map_err(corrupt)?,
                 })
             })
@@ -613,7 +613,7 @@ mod tests {
             seq,
             session_id: s.into(),
             ts: "2026-01-01T00:00:00Z".into(),
-            kind: "stdout".into(),
+            kind: EventKind::Stdout,
             data: serde_json::json!({"text": format!("line {seq}")}),
         }
     }

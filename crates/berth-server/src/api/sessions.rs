@@ -2,6 +2,7 @@
 
 use super::{Json, Path, Query};
 use crate::auth::Caller;
+use crate::engine::error::EngineError;
 use crate::engine::sessions::LiveEvent;
 use crate::error::ApiError;
 use crate::AppState;
@@ -337,7 +338,7 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
             _ => continue,
         };
         let reply = match serde_json::from_str::<WsClientMessage>(&text) {
-            Err(e) => Err(ApiError::Invalid(format!("bad message: {e}"))),
+            Err(e) => Err(EngineError::Invalid(format!("bad message: {e}"))),
             Ok(WsClientMessage::Message { content }) => {
                 st.engine.send_message(&c.tenant, &id, content).await
             }
@@ -362,7 +363,7 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
         };
         let ack = match reply {
             Ok(()) => serde_json::json!({"type": "ack"}),
-            Err(e) => serde_json::json!({"type": "error", "error": e.body().error}),
+            Err(e) => serde_json::json!({"type": "error", "error": ApiError::from(e).body().error}),
         };
         if sink
             .lock()

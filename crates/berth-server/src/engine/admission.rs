@@ -8,8 +8,7 @@
 //! holds nothing and is admitted again when it is restored.
 
 use super::Engine;
-use crate::error::ApiError;
-use axum::http::StatusCode;
+use crate::engine::error::EngineError;
 use berth_api::{BoxState, Resources};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -107,9 +106,9 @@ pub const DEFAULT_MAX_DISK_MIB: u64 = 100 * 1024;
 pub const DEFAULT_MAX_PIDS: u64 = 4096;
 
 /// The spec's resources against the server's ceiling: 400 naming the first one exceeded.
-pub fn check_max_box(r: &Resources, max: &MaxBox) -> Result<(), ApiError> {
+pub fn check_max_box(r: &Resources, max: &MaxBox) -> Result<(), EngineError> {
     let over = |what: &str, asked: String, limit: String| {
-        Err(ApiError::Invalid(format!(
+        Err(EngineError::Invalid(format!(
             "resources.{what} {asked} is over this server's ceiling max_box.{what} = {limit}"
         )))
     };
@@ -135,13 +134,13 @@ pub fn check_max_box(r: &Resources, max: &MaxBox) -> Result<(), ApiError> {
 impl Engine {
     /// Check a new box of `tenant` against the ceilings and the tenant's limits, counting its
     /// live boxes and the creates in flight, and reserve its place (see the module docs).
-    pub(crate) fn admit(&self, tenant: &str, r: &Resources) -> Result<Ticket, ApiError> {
+    pub(crate) fn admit(&self, tenant: &str, r: &Resources) -> Result<Ticket, EngineError> {
         check_max_box(r, &self.config.max_box)?;
         let mut reserved = self
             .reservations
             .0
             .lock()
-            .map_err(|_| ApiError::Internal("admission lock poisoned".into()))?;
+            .map_err(|_| EngineError::Internal("admission lock poisoned".into()))?;
         let mut held = reserved.get(tenant).copied().unwrap_or_default();
         if let Ok(m) = self.boxes.read() {
             for h in m.values() {
@@ -151,7 +150,7 @@ impl Engine {
                 }
             }
         }
-        let quota = |msg: String| Err(ApiError::Rejected(StatusCode::TOO_MANY_REQUESTS, msg));
+        let quota = |msg: String| Err(EngineError::Quota(msg));
         let max_boxes = self.config.max_boxes_per_tenant;
         if held.boxes >= max_boxes {
             return quota(format!(

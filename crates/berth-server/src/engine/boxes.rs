@@ -8,7 +8,7 @@
 
 use super::{sleep_until_opt, Engine};
 use crate::auth::now;
-use crate::error::ApiError;
+use crate::engine::error::EngineError;
 use berth_api::{BoxObject, BoxSpec, BoxState, Lifecycle};
 use berth_sandbox::{Backend, BoxConfig, BoxExit, Bridge, Image, Limits, Sandbox};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 pub enum BoxCmd {
     Destroy {
-        reply: oneshot::Sender<Result<BoxObject, ApiError>>,
+        reply: oneshot::Sender<Result<BoxObject, EngineError>>,
     },
     /// Server shutdown: tear the box down, record it as stopped.
     Shutdown {
@@ -27,11 +27,11 @@ pub enum BoxCmd {
     Touch,
     /// Park a hybrid box now (as its idle deadline would); answers with the box.
     Park {
-        reply: oneshot::Sender<Result<BoxObject, ApiError>>,
+        reply: oneshot::Sender<Result<BoxObject, EngineError>>,
     },
     /// Bring a parked box back; answers with the sessions to resume.
     Restore {
-        reply: oneshot::Sender<Result<Vec<String>, ApiError>>,
+        reply: oneshot::Sender<Result<Vec<String>, EngineError>>,
     },
     /// An egress decision to record in the box's event log.
     Egress(berth_gateway::egress::Decision),
@@ -54,13 +54,13 @@ impl BoxHandle {
     }
 }
 
-pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
+pub fn validate_spec(spec: &BoxSpec) -> Result<(), EngineError> {
     limits(spec)
         .validate()
-        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "invalid environment variable name {k:?}"
             )));
         }
@@ -72,7 +72,7 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
         if !ok {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "invalid network.allow pattern {p:?}"
             )));
         }
@@ -80,12 +80,12 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
     if spec.shared && (spec.lifecycle == Some(Lifecycle::Hybrid) || spec.keep_workspace) {
         // Parking archives the box as its operator uid, which cannot read the sessions'
         // private directories.
-        return Err(ApiError::Invalid(
+        return Err(EngineError::Invalid(
             "a shared box can be neither hybrid nor keep_workspace (its archive could not read the sessions' directories)".into(),
         ));
     }
     if spec.idle_timeout_s == Some(Some(0)) || spec.max_lifetime_s == Some(0) {
-        return Err(ApiError::Invalid(
+        return Err(EngineError::Invalid(
             "timeouts must be at least 1 second".into(),
         ));
     }
@@ -96,7 +96,7 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
                     .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
         };
         if !token(&sec.header) {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "secret header {:?} is not a valid header name",
                 sec.header
             )));
@@ -106,19 +106,19 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<(), ApiError> {
             .bytes()
             .any(|b| b == b'\r' || b == b'\n' || b == 0)
         {
-            return Err(ApiError::Invalid(
+            return Err(EngineError::Invalid(
                 "secret values must not contain CR, LF or NUL".into(),
             ));
         }
         if !berth_gateway::egress::allowed(&spec.network.allow, &sec.host) {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "secret host {:?} is not on network.allow",
                 sec.host
             )));
         }
     }
     if spec.labels.len() > 64 || spec.env.len() > 256 || spec.secrets.len() > 64 {
-        return Err(ApiError::Invalid(
+        return Err(EngineError::Invalid(
             "too many labels or environment variables".into(),
         ));
     }
@@ -232,7 +232,7 @@ impl BoxActor {
             seq: self.last_seq + 1,
             session_id: self.obj.id.clone(),
             ts: now(),
-            kind: kind.to_string(),
+            kind: kind.into(),
             data,
         };
         match self
@@ -248,6 +248,9 @@ impl BoxActor {
         }
     }
 
+    /// Log an egress decision, at most [`EGRESS_EVENTS_PER_MINUTE`] a minute. Hand-written
+    /// rather than a rate limiter: the drops are counted and the minute's end is when the count
+    /// is logged (`egress_suppressed`), which a limiter's yes/no does not give.
     async fn egress(&mut self, d: berth_gateway::egress::Decision) {
         let (start, _, dropped) = self.egress_window;
         if start.elapsed() >= Duration::from_secs(60) {
@@ -501,18 +504,18 @@ impl BoxActor {
                     }
                     Some(BoxCmd::Park { reply }) => {
                         let r = if self.obj.lifecycle != Lifecycle::Hybrid {
-                            Err(ApiError::Conflict("only hybrid boxes park".into()))
+                            Err(EngineError::Conflict("only hybrid boxes park".into()))
                         } else if self.obj.state == BoxState::Parked {
                             Ok(self.obj.clone())
                         } else if !running {
-                            Err(ApiError::Conflict(format!("box is {}", self.obj.state.as_str())))
+                            Err(EngineError::Conflict(format!("box is {}", self.obj.state.as_str())))
                         } else if self.engine.box_busy(&self.obj.id) {
-                            Err(ApiError::Conflict("an agent in the box is mid-turn".into()))
+                            Err(EngineError::Conflict("an agent in the box is mid-turn".into()))
                         } else {
                             self.park(&mut served, "requested").await;
                             match self.obj.state {
                                 BoxState::Parked => Ok(self.obj.clone()),
-                                _ => Err(ApiError::Internal(
+                                _ => Err(EngineError::Internal(
                                     self.obj.state_reason.clone().unwrap_or_default(),
                                 )),
                             }
@@ -597,12 +600,14 @@ impl BoxActor {
 
     /// A parked box's next use: a fresh box at the same paths with the snapshot unpacked.
     /// Answers with the sessions to resume; a box that is not parked answers at once.
-    async fn restore(&mut self, served: &mut Option<Served>) -> Result<Vec<String>, ApiError> {
+    async fn restore(&mut self, served: &mut Option<Served>) -> Result<Vec<String>, EngineError> {
         if self.obj.state != BoxState::Parked {
             return Ok(vec![]);
         }
         let Some(snap) = self.obj.snapshot.clone() else {
-            return Err(ApiError::Internal("parked box without a snapshot".into()));
+            return Err(EngineError::Internal(
+                "parked box without a snapshot".into(),
+            ));
         };
         // A parked box holds nothing: coming back counts against the tenant's limits again.
         let _admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
@@ -616,7 +621,7 @@ impl BoxActor {
                 // The snapshot stays; the box stays parked and may be tried again.
                 self.set(BoxState::Parked, Some(format!("restore failed: {e}")))
                     .await;
-                return Err(ApiError::Internal(format!(
+                return Err(EngineError::Internal(format!(
                     "restoring box {}: {e}",
                     self.obj.id
                 )));
@@ -712,7 +717,7 @@ impl BoxActor {
         }
     }
 
-    async fn teardown(&mut self, to: BoxState, reason: Option<String>) -> Result<(), ApiError> {
+    async fn teardown(&mut self, to: BoxState, reason: Option<String>) -> Result<(), EngineError> {
         let r = self.backend.destroy(&self.obj.id).await;
         match r {
             Ok(()) => {

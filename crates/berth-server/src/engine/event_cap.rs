@@ -1,4 +1,5 @@
-//! Caps on what one session's agent can put in the event log: a token bucket on the number
+//! Caps on what one session's agent can put in the event log: a rate limit (`governor`'s
+//! GCRA, which is a token bucket: `per_second` sustained, `burst` at once) on the number
 //! of events and a ceiling on each event's size, so a flooding agent (`yes`, or a box forging
 //! output lines) cannot grow the store without bound or starve other sessions' writers.
 //!
@@ -12,7 +13,10 @@
 //! events past `max_per_session` (the summary still comes at the end).
 
 use berth_agent::AgentEvent;
+use berth_api::EventKind;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 /// The operator's caps (see `[events]` in the config).
@@ -34,8 +38,7 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct EventCap {
     limits: Limits,
-    tokens: f64,
-    refilled: Instant,
+    rate: DefaultDirectRateLimiter,
     stored: u64,
     dropped: u64,
     dropped_since: Option<String>,
@@ -45,10 +48,12 @@ pub struct EventCap {
 impl EventCap {
     pub fn new(limits: Limits) -> EventCap {
         let now = Instant::now();
+        // A rate of 0 is taken as 1 a second (a quota needs a period).
+        let per_second = NonZeroU32::new(limits.per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN);
         EventCap {
             limits,
-            tokens: f64::from(limits.burst.max(1)),
-            refilled: now,
+            rate: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
             stored: 0,
             dropped: 0,
             dropped_since: None,
@@ -71,11 +76,7 @@ impl EventCap {
     /// Filter one batch in place (see the module docs); `last` marks the agent's final batch.
     pub fn admit(&mut self, events: &mut Vec<AgentEvent>, last: bool) {
         let now = Instant::now();
-        let rate = f64::from(self.limits.per_second);
-        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate)
-            .min(f64::from(self.limits.burst.max(1)));
-        self.refilled = now;
-        let mut kept = Vec::with_capacity(events.len().min(self.tokens as usize + 2));
+        let mut kept = Vec::with_capacity(events.len().min(64));
         // The driver's end-of-run events close the final batch; the output queued before them
         // in the same batch is capped like any other.
         let exempt_from = if last {
@@ -84,11 +85,9 @@ impl EventCap {
             usize::MAX
         };
         for (i, mut e) in events.drain(..).enumerate() {
-            let room = self.tokens >= 1.0 && self.stored < self.limits.max_per_session;
+            // The session total first: an event over it takes nothing from the rate.
+            let room = self.stored < self.limits.max_per_session && self.rate.check().is_ok();
             if room || i >= exempt_from {
-                if room {
-                    self.tokens -= 1.0;
-                }
                 self.stored += 1;
                 truncate(&mut e.data, self.limits.max_bytes);
                 kept.push(e);
@@ -102,7 +101,7 @@ impl EventCap {
         if self.dropped > 0 && (last || now.duration_since(self.summarised) >= SUMMARY_EVERY) {
             metrics::counter!("berth_session_events_dropped_total").increment(self.dropped);
             let summary = AgentEvent {
-                kind: "events_dropped".into(),
+                kind: EventKind::EventsDropped,
                 data: json!({
                     "count": self.dropped,
                     "since": self.dropped_since.take(),
@@ -161,7 +160,7 @@ mod tests {
 
     fn line(i: usize) -> AgentEvent {
         AgentEvent {
-            kind: "stdout".into(),
+            kind: EventKind::Stdout,
             data: json!({"text": format!("line {i}")}),
         }
     }
@@ -192,7 +191,7 @@ mod tests {
         // backlog of output in the same batch does not.
         let mut batch: Vec<AgentEvent> = (0..1000).map(line).collect();
         batch.push(AgentEvent {
-            kind: "result".into(),
+            kind: EventKind::Result,
             data: json!({}),
         });
         cap.admit(&mut batch, true);
@@ -202,6 +201,35 @@ mod tests {
             ["events_dropped", "stdout", "stdout", "stdout", "result"]
         );
         assert_eq!(batch[0].data["count"], 50 + 997);
+    }
+
+    #[test]
+    fn the_rate_refills_one_event_per_period() {
+        let mut cap = EventCap::new(Limits {
+            per_second: 10,
+            burst: 1,
+            max_bytes: 1024,
+            max_per_session: 1000,
+        });
+        let start = Instant::now();
+        let admitted = |cap: &mut EventCap| {
+            let mut batch = vec![line(0)];
+            cap.admit(&mut batch, false);
+            batch.iter().filter(|e| e.kind == "stdout").count()
+        };
+        assert_eq!(admitted(&mut cap), 1);
+        assert_eq!(admitted(&mut cap), 0, "the burst of one is spent");
+        // Poll (bounded) until the bucket has a token again: one period, 100 ms, later.
+        let deadline = start + Duration::from_secs(5);
+        while admitted(&mut cap) == 0 {
+            assert!(Instant::now() < deadline, "the rate never refilled");
+            std::thread::yield_now();
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(90),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]

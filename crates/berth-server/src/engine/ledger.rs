@@ -7,7 +7,7 @@
 //! server last saw them, not charged until the restart.
 
 use super::Engine;
-use crate::error::ApiError;
+use crate::engine::error::EngineError;
 use berth_api::{
     BoxObject, Lifecycle, ModelUsage, SessionUsage, UsageGroup, UsageGroupBy, UsageReport,
     UsageTotals,
@@ -168,17 +168,6 @@ pub fn usage_row(r: &berth_gateway::UsageRecord, ts_ms: i64) -> berth_store::Usa
     }
 }
 
-/// Unix ms of the first instant of the calendar month (UTC) holding `ms`.
-fn month_start_ms(ms: i64) -> i64 {
-    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
-        return 0;
-    };
-    t.replace_day(1)
-        .map(|d| d.replace_time(time::Time::MIDNIGHT))
-        .map(|d| (d.unix_timestamp_nanos() / 1_000_000) as i64)
-        .unwrap_or(0)
-}
-
 impl Engine {
     /// Wait (at most 5 s) until every usage record metered before this call is in the store:
     /// usage read after a response has ended includes that response.
@@ -198,14 +187,16 @@ impl Engine {
     /// Model cost a tenant has been metered since the start of this calendar month (UTC).
     /// (Monthly budgets are about tokens, which the gateway can refuse; container time is not
     /// counted against them.)
-    pub async fn tenant_month_spent(&self, tenant: &str) -> Result<f64, ApiError> {
+    pub async fn tenant_month_spent(&self, tenant: &str) -> Result<f64, EngineError> {
         let sums = self
             .store
             .usage_sums(
                 UsageKey::Tenant,
                 &UsageFilter {
                     tenant: Some(tenant.to_string()),
-                    from_ms: Some(month_start_ms(self.config.clock.now_ms())),
+                    from_ms: Some(berth_api::calendar::month_start_ms(
+                        self.config.clock.now_ms(),
+                    )),
                     ..Default::default()
                 },
             )
@@ -213,7 +204,7 @@ impl Engine {
         Ok(sums.iter().map(|s| s.cost_usd).sum())
     }
 
-    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, ApiError> {
+    pub async fn session_usage(&self, tenant: &str, id: &str) -> Result<SessionUsage, EngineError> {
         let session = self.get_session(tenant, id).await?;
         self.ledger_sync().await;
         let sums = self
@@ -279,7 +270,7 @@ impl Engine {
         group_by: UsageGroupBy,
         from: Option<i64>,
         to: Option<i64>,
-    ) -> Result<UsageReport, ApiError> {
+    ) -> Result<UsageReport, EngineError> {
         self.ledger_sync().await;
         let key = match group_by {
             UsageGroupBy::Session => UsageKey::Session,
@@ -389,11 +380,5 @@ mod tests {
         assert!(c.gap(0.0126, 0.0084));
         assert!(c.gap(1.0, 0.5));
         assert!(!c.gap(1.0, 0.97));
-    }
-
-    #[test]
-    fn months_start_at_midnight_utc_on_the_first() {
-        // 2026-11-29T12:00:00Z → 2026-11-01T00:00:00Z
-        assert_eq!(month_start_ms(1_795_953_600_000), 1_793_491_200_000);
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod boxes;
+pub mod error;
 pub mod event_cap;
 pub mod ledger;
 pub mod park;
@@ -18,11 +19,11 @@ pub mod shared;
 pub mod triggers;
 
 use crate::auth::{new_id, now};
-use crate::error::ApiError;
 use berth_api::*;
 use berth_sandbox::{Backend, Sandbox};
 use berth_store::Store;
 use boxes::{BoxCmd, BoxHandle};
+use error::EngineError;
 use sessions::{SessionCmd, SessionHandle};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -110,8 +111,9 @@ pub struct Engine {
     pub triggers_changed: tokio::sync::Notify,
     /// Serialises uid allocation for sessions in shared boxes.
     shared_alloc: tokio::sync::Mutex<()>,
-    /// Per trigger: the start of its current minute and the webhook calls taken in it.
-    hook_windows: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
+    /// Per trigger: the webhook calls it takes, `hook_rate_per_minute` at once and one more
+    /// every minute/`hook_rate_per_minute` (None: the rate is 0, every call is refused).
+    hook_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
     /// Signed webhook calls already accepted (signature → when it may be forgotten): a replay
     /// inside the timestamp window is refused.
     pub(crate) hook_seen: std::sync::Mutex<HashMap<String, i64>>,
@@ -131,8 +133,10 @@ fn valid_image_ref(r: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
 }
 
-fn shared_workdir() -> ApiError {
-    ApiError::Invalid("sessions in a shared box work in their own directory; omit workdir".into())
+fn shared_workdir() -> EngineError {
+    EngineError::Invalid(
+        "sessions in a shared box work in their own directory; omit workdir".into(),
+    )
 }
 
 fn tenant_filter(tenant: &str) -> Option<&str> {
@@ -154,15 +158,16 @@ impl Engine {
             claude,
             store,
             backends,
-            config,
             ledger_written: tokio::sync::watch::channel(0).0,
             ledger_flush: tokio::sync::Notify::new(),
             triggers_changed: tokio::sync::Notify::new(),
             shared_alloc: tokio::sync::Mutex::new(()),
-            hook_windows: std::sync::Mutex::new(HashMap::new()),
+            hook_rate: std::num::NonZeroU32::new(config.hook_rate_per_minute)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
             hook_seen: std::sync::Mutex::new(HashMap::new()),
             revoked_keys: tokio::sync::watch::channel(Default::default()).0,
             reservations: Arc::default(),
+            config,
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
         })
@@ -237,24 +242,24 @@ impl Engine {
         self: &Arc<Self>,
         tenant: &str,
         spec: BoxSpec,
-    ) -> Result<BoxObject, ApiError> {
+    ) -> Result<BoxObject, EngineError> {
         let backend_name = spec
             .backend
             .clone()
             .unwrap_or_else(|| self.config.default_backend.clone());
         let backend = self.backends.get(&backend_name).cloned().ok_or_else(|| {
-            ApiError::Invalid(format!(
+            EngineError::Invalid(format!(
                 "backend {backend_name:?} is not enabled on this server"
             ))
         })?;
         let image = spec.image.clone().unwrap_or_else(|| "host".into());
         if image != "host" && !backend.capabilities().image_references {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "image {image:?} is not available on the {backend_name} backend (use \"host\")"
             )));
         }
         if image != "host" && !valid_image_ref(&image) {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "image {image:?} is not an image reference (e.g. debian:12)"
             )));
         }
@@ -326,10 +331,10 @@ impl Engine {
         let settled = rx
             .wait_for(|b| b.state != BoxState::Creating)
             .await
-            .map_err(|_| ApiError::Internal("box owner task ended during create".into()))?
+            .map_err(|_| EngineError::Internal("box owner task ended during create".into()))?
             .clone();
         if settled.state == BoxState::Failed {
-            return Err(ApiError::Unavailable(format!(
+            return Err(EngineError::Unavailable(format!(
                 "box {} failed to start: {}",
                 settled.id,
                 settled.state_reason.unwrap_or_default()
@@ -338,21 +343,21 @@ impl Engine {
         Ok(settled)
     }
 
-    pub async fn get_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
+    pub async fn get_box(&self, tenant: &str, id: &str) -> Result<BoxObject, EngineError> {
         if let Some(h) = self.box_handle(id) {
             let b = h.state.borrow().clone();
             if b.tenant == tenant {
                 return Ok(b);
             }
-            return Err(ApiError::not_found("box", id));
+            return Err(EngineError::not_found("box", id));
         }
         self.store
             .get_box(tenant_filter(tenant), id)
             .await?
-            .ok_or_else(|| ApiError::not_found("box", id))
+            .ok_or_else(|| EngineError::not_found("box", id))
     }
 
-    pub async fn list_boxes(&self, tenant: &str) -> Result<Vec<BoxObject>, ApiError> {
+    pub async fn list_boxes(&self, tenant: &str) -> Result<Vec<BoxObject>, EngineError> {
         let mut items = self.store.list_boxes(tenant_filter(tenant)).await?;
         for b in items.iter_mut() {
             if let Some(h) = self.box_handle(&b.id) {
@@ -362,7 +367,7 @@ impl Engine {
         Ok(items)
     }
 
-    pub async fn delete_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
+    pub async fn delete_box(&self, tenant: &str, id: &str) -> Result<BoxObject, EngineError> {
         let b = self.get_box(tenant, id).await?;
         // Sessions in the box end with it.
         self.stop_box_sessions(id, "box deleted").await;
@@ -371,9 +376,9 @@ impl Engine {
                 let (tx, rx) = oneshot::channel();
                 h.tx.send(BoxCmd::Destroy { reply: tx })
                     .await
-                    .map_err(|_| ApiError::Conflict("box is shutting down".into()))?;
+                    .map_err(|_| EngineError::Conflict("box is shutting down".into()))?;
                 rx.await
-                    .map_err(|_| ApiError::Internal("box owner task ended".into()))?
+                    .map_err(|_| EngineError::Internal("box owner task ended".into()))?
             }
             None => {
                 if b.state == BoxState::Destroyed {
@@ -399,18 +404,20 @@ impl Engine {
         &self,
         tenant: &str,
         id: &str,
-    ) -> Result<impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static, ApiError>
-    {
+    ) -> Result<
+        impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+        EngineError,
+    > {
         use futures::StreamExt;
         let b = self.get_box(tenant, id).await?;
         let Some(a) = b.artifact else {
-            return Err(ApiError::NotFound(format!(
+            return Err(EngineError::NotFound(format!(
                 "box {id} has no workspace archive (keep_workspace, once destroyed)"
             )));
         };
         let unreadable = |e: berth_store::snapshots::SnapshotError| {
             tracing::error!(box_id = %id, error = %e, "reading a workspace archive");
-            ApiError::Internal("the workspace archive could not be read intact".into())
+            EngineError::Internal("the workspace archive could not be read intact".into())
         };
         let snapshots = &self.config.snapshots;
         snapshots
@@ -462,13 +469,13 @@ impl Engine {
     }
 
     /// Park a hybrid box now; it is restored on its next use.
-    pub async fn park_box(&self, tenant: &str, id: &str) -> Result<BoxObject, ApiError> {
+    pub async fn park_box(&self, tenant: &str, id: &str) -> Result<BoxObject, EngineError> {
         let b = self.get_box(tenant, id).await?;
         let h = self
             .box_handle(id)
-            .ok_or_else(|| ApiError::Conflict(format!("box {id} is {}", b.state.as_str())))?;
+            .ok_or_else(|| EngineError::Conflict(format!("box {id} is {}", b.state.as_str())))?;
         let (tx, rx) = oneshot::channel();
-        let gone = || ApiError::Conflict(format!("box {id} is gone"));
+        let gone = || EngineError::Conflict(format!("box {id} is gone"));
         h.tx.send(BoxCmd::Park { reply: tx })
             .await
             .map_err(|_| gone())?;
@@ -491,7 +498,7 @@ impl Engine {
         tenant: &str,
         id: &str,
         after: i64,
-    ) -> Result<Vec<BoxEvent>, ApiError> {
+    ) -> Result<Vec<BoxEvent>, EngineError> {
         self.get_box(tenant, id).await?;
         // The store keeps box and session logs alike (its `session_id` is the box's id here);
         // the API names the box.
@@ -504,7 +511,7 @@ impl Engine {
                 seq: e.seq,
                 box_id: e.session_id,
                 ts: e.ts,
-                kind: e.kind,
+                kind: e.kind.into(),
                 data: e.data,
             })
             .collect())
@@ -517,7 +524,7 @@ impl Engine {
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
-    ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
+    ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
         self.ensure_unparked(tenant, id).await?;
         self.serving_box(tenant, id, true).await
     }
@@ -528,7 +535,7 @@ impl Engine {
         &self,
         tenant: &str,
         id: &str,
-    ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
+    ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
         self.serving_box(tenant, id, false).await
     }
 
@@ -537,16 +544,16 @@ impl Engine {
         tenant: &str,
         id: &str,
         touch: bool,
-    ) -> Result<(Arc<Backend>, BoxObject), ApiError> {
+    ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
         let b = self.get_box(tenant, id).await?;
         let Some(h) = self.box_handle(id) else {
-            return Err(ApiError::Conflict(format!(
+            return Err(EngineError::Conflict(format!(
                 "box {id} is {}",
                 b.state.as_str()
             )));
         };
         if b.state != BoxState::Running {
-            return Err(ApiError::Conflict(format!(
+            return Err(EngineError::Conflict(format!(
                 "box {id} is {}",
                 b.state.as_str()
             )));
@@ -558,7 +565,7 @@ impl Engine {
             .backends
             .get(&b.backend)
             .cloned()
-            .ok_or_else(|| ApiError::Internal(format!("backend {} vanished", b.backend)))?;
+            .ok_or_else(|| EngineError::Internal(format!("backend {} vanished", b.backend)))?;
         Ok((backend, b))
     }
 
@@ -568,10 +575,10 @@ impl Engine {
         self: &Arc<Self>,
         tenant: &str,
         spec: SessionSpec,
-    ) -> Result<SessionObject, ApiError> {
+    ) -> Result<SessionObject, EngineError> {
         let workdir = spec.workdir.clone().unwrap_or_else(|| "/workspace".into());
         if !workdir.starts_with('/') || workdir.contains('\0') {
-            return Err(ApiError::Invalid(
+            return Err(EngineError::Invalid(
                 "workdir must be an absolute path inside the box".into(),
             ));
         }
@@ -579,14 +586,14 @@ impl Engine {
             if c.max_budget_usd
                 .is_some_and(|b| !(b.is_finite() && b > 0.0))
             {
-                return Err(ApiError::Invalid(
+                return Err(EngineError::Invalid(
                     "max_budget_usd must be a positive number".into(),
                 ));
             }
         }
         let unknown = spec.agent.unknown_fields();
         if !unknown.is_empty() {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "unknown field(s) in agent: {}",
                 unknown.join(", ")
             )));
@@ -595,10 +602,10 @@ impl Engine {
         let token = berth_gateway::new_token();
         let claude_env = self.claude_env(&session_id, None, &token, None);
         let driver = berth_agent::Driver::new(&spec.agent, &workdir, claude_env)
-            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         if let Some(p) = &spec.prompt {
             if p.is_empty() {
-                return Err(ApiError::Invalid("prompt must not be empty".into()));
+                return Err(EngineError::Invalid("prompt must not be empty".into()));
             }
         }
         // Refused before a box is made for it.
@@ -610,7 +617,7 @@ impl Engine {
                 self.ensure_unparked(tenant, id).await?;
                 let b = self.get_box(tenant, id).await?;
                 if b.state != BoxState::Running {
-                    return Err(ApiError::Conflict(format!(
+                    return Err(EngineError::Conflict(format!(
                         "box {id} is {}",
                         b.state.as_str()
                     )));
@@ -667,7 +674,7 @@ impl Engine {
         tenant: &str,
         spec: SessionSpec,
         parts: NewSession,
-    ) -> Result<SessionObject, ApiError> {
+    ) -> Result<SessionObject, EngineError> {
         let NewSession {
             box_obj,
             session_id,
@@ -677,12 +684,12 @@ impl Engine {
         } = parts;
         let box_handle = self
             .box_handle(&box_obj.id)
-            .ok_or_else(|| ApiError::Conflict(format!("box {} is not running", box_obj.id)))?;
+            .ok_or_else(|| EngineError::Conflict(format!("box {} is not running", box_obj.id)))?;
         let backend = self
             .backends
             .get(&box_obj.backend)
             .cloned()
-            .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
+            .ok_or_else(|| EngineError::Internal("backend vanished".into()))?;
         let ts = now();
         let cli_version = match spec.agent {
             AgentSpec::Claude(_) => self.claude.as_ref().map(|c| c.version.clone()),
@@ -723,7 +730,7 @@ impl Engine {
             obj.uid = Some(uid);
             let claude_env = self.claude_env(&obj.id, Some(&obj.workdir), &token, None);
             driver = berth_agent::Driver::new(&spec.agent, &obj.workdir, claude_env)
-                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
             Some(alloc)
         } else {
             None
@@ -744,25 +751,25 @@ impl Engine {
         .await
     }
 
-    pub async fn get_session(&self, tenant: &str, id: &str) -> Result<SessionObject, ApiError> {
+    pub async fn get_session(&self, tenant: &str, id: &str) -> Result<SessionObject, EngineError> {
         if let Some(h) = self.session_handle(id) {
             let s = h.state.borrow().clone();
             if s.tenant == tenant {
                 return Ok(s);
             }
-            return Err(ApiError::not_found("session", id));
+            return Err(EngineError::not_found("session", id));
         }
         self.store
             .get_session(tenant_filter(tenant), id)
             .await?
-            .ok_or_else(|| ApiError::not_found("session", id))
+            .ok_or_else(|| EngineError::not_found("session", id))
     }
 
     pub async fn list_sessions(
         &self,
         tenant: &str,
         box_id: Option<&str>,
-    ) -> Result<Vec<SessionObject>, ApiError> {
+    ) -> Result<Vec<SessionObject>, EngineError> {
         let mut items = self
             .store
             .list_sessions(tenant_filter(tenant), box_id)
@@ -775,10 +782,10 @@ impl Engine {
         Ok(items)
     }
 
-    async fn live_session(&self, tenant: &str, id: &str) -> Result<SessionHandle, ApiError> {
+    async fn live_session(&self, tenant: &str, id: &str) -> Result<SessionHandle, EngineError> {
         let s = self.get_session(tenant, id).await?;
         self.session_handle(id).ok_or_else(|| {
-            ApiError::Conflict(format!("session {id} has ended ({})", s.state.as_str()))
+            EngineError::Conflict(format!("session {id} has ended ({})", s.state.as_str()))
         })
     }
 
@@ -788,10 +795,10 @@ impl Engine {
         &self,
         tenant: &str,
         id: &str,
-        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> SessionCmd,
-    ) -> Result<T, ApiError> {
+        make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> SessionCmd,
+    ) -> Result<T, EngineError> {
         let h = self.live_session(tenant, id).await?;
-        let ended = || ApiError::Conflict(format!("session {id} has ended"));
+        let ended = || EngineError::Conflict(format!("session {id} has ended"));
         let (tx, rx) = oneshot::channel();
         h.tx.send(make(tx)).await.map_err(|_| ended())?;
         rx.await.map_err(|_| ended())?
@@ -802,7 +809,7 @@ impl Engine {
         tenant: &str,
         id: &str,
         content: serde_json::Value,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         // A session its parked box stopped comes back with the box.
         if self.session_handle(id).is_none() {
             let s = self.get_session(tenant, id).await?;
@@ -812,7 +819,7 @@ impl Engine {
             .await
     }
 
-    pub async fn interrupt(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+    pub async fn interrupt(&self, tenant: &str, id: &str) -> Result<(), EngineError> {
         self.ask_session(tenant, id, |reply| SessionCmd::Interrupt { reply })
             .await
     }
@@ -823,7 +830,7 @@ impl Engine {
         id: &str,
         request_id: &str,
         answer: PermissionAnswer,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         self.ask_session(tenant, id, |reply| SessionCmd::Permission {
             request_id: request_id.to_string(),
             answer,
@@ -834,7 +841,7 @@ impl Engine {
 
     /// Let the gateway accept `token` for this session, with its budget (less what it has
     /// already spent, after a restart) and the server's request rate limit.
-    async fn register_token(&self, token: &str, obj: &SessionObject) -> Result<(), ApiError> {
+    async fn register_token(&self, token: &str, obj: &SessionObject) -> Result<(), EngineError> {
         let budget_usd = match &obj.agent {
             AgentSpec::Claude(c) => c.max_budget_usd,
             AgentSpec::Command(_) => None,
@@ -861,11 +868,16 @@ impl Engine {
     }
 
     /// Record a server-side notice (budget exhausted, …) in a live session's event log.
-    pub async fn notice(&self, session_id: &str, kind: &str, data: serde_json::Value) {
+    pub async fn notice(
+        &self,
+        session_id: &str,
+        kind: impl Into<berth_api::EventKind>,
+        data: serde_json::Value,
+    ) {
         if let Some(h) = self.session_handle(session_id) {
             let _ =
                 h.tx.send(SessionCmd::Notice {
-                    kind: kind.to_string(),
+                    kind: kind.into(),
                     data,
                 })
                 .await;
@@ -898,12 +910,12 @@ impl Engine {
     /// Give a box the previous server run left an owner task again (see `reconcile`): a
     /// running box is adopted from its backend (or recorded stopped when it is gone); a parked
     /// one waits for its next use.
-    pub async fn resume_box(self: &Arc<Self>, mut obj: BoxObject) -> Result<(), ApiError> {
+    pub async fn resume_box(self: &Arc<Self>, mut obj: BoxObject) -> Result<(), EngineError> {
         let backend = self
             .backends
             .get(&obj.backend)
             .cloned()
-            .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
+            .ok_or_else(|| EngineError::Internal("backend vanished".into()))?;
         let last_seq = self.store.last_box_seq(&obj.id).await?;
         let start = if obj.state == BoxState::Parked {
             boxes::Start::Parked { last_seq }
@@ -977,7 +989,7 @@ impl Engine {
         self: &Arc<Self>,
         tenant: &str,
         box_id: &str,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, EngineError> {
         let b = self.get_box(tenant, box_id).await?;
         if !matches!(
             b.state,
@@ -985,12 +997,12 @@ impl Engine {
         ) {
             return Ok(false);
         }
-        let h = self
-            .box_handle(box_id)
-            .ok_or_else(|| ApiError::Conflict(format!("box {box_id} is {}", b.state.as_str())))?;
+        let h = self.box_handle(box_id).ok_or_else(|| {
+            EngineError::Conflict(format!("box {box_id} is {}", b.state.as_str()))
+        })?;
         // A park in progress finishes first (the owner task takes one command at a time).
         let (tx, rx) = oneshot::channel();
-        let gone = || ApiError::Conflict(format!("box {box_id} is gone"));
+        let gone = || EngineError::Conflict(format!("box {box_id} is gone"));
         h.tx.send(BoxCmd::Restore { reply: tx })
             .await
             .map_err(|_| gone())?;
@@ -1005,7 +1017,7 @@ impl Engine {
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
-    ) -> Result<SessionObject, ApiError> {
+    ) -> Result<SessionObject, EngineError> {
         let s = self.get_session(tenant, id).await?;
         if self.ensure_unparked(tenant, &s.box_id).await? && self.session_handle(id).is_some() {
             // Resumed with its box.
@@ -1018,10 +1030,10 @@ impl Engine {
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
-    ) -> Result<SessionObject, ApiError> {
+    ) -> Result<SessionObject, EngineError> {
         let s = self.get_session(tenant, id).await?;
         if self.session_handle(id).is_some() || !s.state.is_terminal() {
-            return Err(ApiError::Conflict(format!(
+            return Err(EngineError::Conflict(format!(
                 "session {id} is {}",
                 s.state.as_str()
             )));
@@ -1030,7 +1042,7 @@ impl Engine {
         let box_handle = match (box_obj.state, self.box_handle(&s.box_id)) {
             (BoxState::Running, Some(h)) => h,
             _ => {
-                return Err(ApiError::Conflict(format!(
+                return Err(EngineError::Conflict(format!(
                     "box {} is {}",
                     s.box_id,
                     box_obj.state.as_str()
@@ -1041,7 +1053,7 @@ impl Engine {
             .backends
             .get(&box_obj.backend)
             .cloned()
-            .ok_or_else(|| ApiError::Internal("backend vanished".into()))?;
+            .ok_or_else(|| EngineError::Internal("backend vanished".into()))?;
         let token = berth_gateway::new_token();
         let resume = match s.agent {
             AgentSpec::Claude(_) => s.agent_session_id.clone(),
@@ -1052,7 +1064,7 @@ impl Engine {
             &s.workdir,
             self.claude_env(&s.id, s.uid.map(|_| s.workdir.as_str()), &token, resume),
         )
-        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let mut obj = s;
         obj.state = SessionState::Starting;
         obj.state_reason = None;
@@ -1072,7 +1084,10 @@ impl Engine {
 
     /// Register the session's token, start its owner task, and wait until the agent is up
     /// (or has failed to start).
-    async fn start_agent(&self, start: sessions::SessionStart) -> Result<SessionObject, ApiError> {
+    async fn start_agent(
+        &self,
+        start: sessions::SessionStart,
+    ) -> Result<SessionObject, EngineError> {
         self.register_token(&start.token, &start.obj).await?;
         let obj = start.obj.clone();
         let handle = sessions::spawn(start);
@@ -1093,7 +1108,7 @@ impl Engine {
         tenant: &str,
         id: &str,
         mode: String,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         self.ask_session(tenant, id, |reply| SessionCmd::SetPermissionMode {
             mode,
             reply,
@@ -1101,7 +1116,11 @@ impl Engine {
         .await
     }
 
-    pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<SessionObject, ApiError> {
+    pub async fn delete_session(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<SessionObject, EngineError> {
         let s = self.get_session(tenant, id).await?;
         let Some(h) = self.session_handle(id) else {
             return Ok(s);
@@ -1118,10 +1137,10 @@ impl Engine {
             return self.get_session(tenant, id).await;
         }
         rx.await
-            .map_err(|_| ApiError::Internal("session owner task ended".into()))
+            .map_err(|_| EngineError::Internal("session owner task ended".into()))
     }
 
-    pub async fn tenant(&self, tenant: &str) -> Result<TenantObject, ApiError> {
+    pub async fn tenant(&self, tenant: &str) -> Result<TenantObject, EngineError> {
         Ok(TenantObject {
             name: tenant.to_string(),
             budget_usd_month: self.store.tenant_budget(tenant).await?,
@@ -1133,9 +1152,9 @@ impl Engine {
         &self,
         tenant: &str,
         budget: Option<f64>,
-    ) -> Result<TenantObject, ApiError> {
+    ) -> Result<TenantObject, EngineError> {
         if budget.is_some_and(|b| !(b.is_finite() && b >= 0.0)) {
-            return Err(ApiError::Invalid(
+            return Err(EngineError::Invalid(
                 "budget_usd_month must be a non-negative number".into(),
             ));
         }

@@ -12,9 +12,9 @@
 use super::boxes::{BoxCmd, BoxHandle};
 use super::{sleep_until_opt, Engine};
 use crate::auth::now;
-use crate::error::ApiError;
+use crate::engine::error::EngineError;
 use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
-use berth_api::{Event, Lifecycle, PermissionAnswer, SessionObject, SessionState};
+use berth_api::{Event, EventKind, Lifecycle, PermissionAnswer, SessionObject, SessionState};
 use berth_sandbox::{Backend, ExecEvent, ExecHandle, ExecInput, ExecSpec, Sandbox};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -28,15 +28,15 @@ const MAX_BATCH: usize = 256;
 pub enum SessionCmd {
     Message {
         content: Value,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Interrupt {
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Permission {
         request_id: String,
         answer: PermissionAnswer,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Stop {
         reason: String,
@@ -44,10 +44,10 @@ pub enum SessionCmd {
     },
     SetPermissionMode {
         mode: String,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     /// A server-side notice to record in the event log.
-    Notice { kind: String, data: Value },
+    Notice { kind: EventKind, data: Value },
 }
 
 #[derive(Clone)]
@@ -189,7 +189,7 @@ impl SessionActor {
                 self.obj.state = state;
                 self.obj.state_reason = update.state_reason.clone();
                 let status = AgentEvent {
-                    kind: "status".into(),
+                    kind: EventKind::Status,
                     data: json!({"state": state.as_str(), "reason": update.state_reason}),
                 };
                 // `running` is caused by the output in this batch, so it comes first; `idle`,
@@ -291,7 +291,7 @@ impl SessionActor {
                     other => other.to_string(),
                 };
                 self.record(vec![AgentEvent {
-                    kind: "error".into(),
+                    kind: EventKind::Error,
                     data: json!({"message": why}),
                 }])
                 .await;
@@ -381,7 +381,7 @@ impl SessionActor {
     }
 
     fn refuse(&self, cmd: SessionCmd) {
-        let ended = || ApiError::Conflict(format!("session {} has ended", self.obj.id));
+        let ended = || EngineError::Conflict(format!("session {} has ended", self.obj.id));
         match cmd {
             SessionCmd::Message { reply, .. } => {
                 let _ = reply.send(Err(ended()));
@@ -441,7 +441,7 @@ impl SessionActor {
                     };
                     let mut o = self.driver.on_exit(None, None);
                     o.events.push(AgentEvent {
-                        kind: "error".into(),
+                        kind: EventKind::Error,
                         data: json!({"message": m}),
                     });
                     o.update.state = Some(SessionState::Failed);
@@ -482,20 +482,24 @@ impl SessionActor {
         (ended, answers)
     }
 
-    async fn deliver(&mut self, exec: Option<&ExecHandle>, content: Value) -> Result<(), ApiError> {
+    async fn deliver(
+        &mut self,
+        exec: Option<&ExecHandle>,
+        content: Value,
+    ) -> Result<(), EngineError> {
         let Some(h) = exec else {
-            return Err(ApiError::Conflict("the agent is not running".into()));
+            return Err(EngineError::Conflict("the agent is not running".into()));
         };
         let bytes = self
             .driver
             .encode_message(&content)
-            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         h.input
             .send(ExecInput::Stdin(bytes.into()))
             .await
-            .map_err(|_| ApiError::Conflict("the agent is not running".into()))?;
+            .map_err(|_| EngineError::Conflict("the agent is not running".into()))?;
         self.record(vec![AgentEvent {
-            kind: "user".into(),
+            kind: EventKind::User,
             data: json!({"content": content}),
         }])
         .await;
@@ -529,13 +533,13 @@ impl SessionActor {
                 };
                 if r.is_ok() {
                     self.record(vec![AgentEvent {
-                        kind: "status".into(),
+                        kind: EventKind::Status,
                         data: json!({"interrupt": true}),
                     }])
                     .await;
                 }
                 let _ = reply
-                    .send(r.map_err(|_| ApiError::Conflict("the agent is not running".into())));
+                    .send(r.map_err(|_| EngineError::Conflict("the agent is not running".into())));
                 false
             }
             SessionCmd::Permission {
@@ -554,13 +558,13 @@ impl SessionActor {
                     (Some(h), Some(bytes)) => {
                         let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
-                            kind: "permission_answer".into(),
+                            kind: EventKind::PermissionAnswer,
                             data: json!({"request_id": request_id, "allow": answer.allow, "message": answer.message}),
                         }])
                         .await;
-                        sent.map_err(|_| ApiError::Conflict("the agent is not running".into()))
+                        sent.map_err(|_| EngineError::Conflict("the agent is not running".into()))
                     }
-                    _ => Err(ApiError::NotFound(format!(
+                    _ => Err(EngineError::NotFound(format!(
                         "no pending permission request {request_id} in this session"
                     ))),
                 };
@@ -573,19 +577,19 @@ impl SessionActor {
             }
             SessionCmd::SetPermissionMode { mode, reply } => {
                 let r = match (exec.as_ref(), self.driver.set_permission_mode(&mode)) {
-                    (_, Err(e)) => Err(ApiError::Invalid(e.to_string())),
-                    (_, Ok(None)) => Err(ApiError::Invalid(
+                    (_, Err(e)) => Err(EngineError::Invalid(e.to_string())),
+                    (_, Ok(None)) => Err(EngineError::Invalid(
                         "this agent has no permission modes".into(),
                     )),
-                    (None, _) => Err(ApiError::Conflict("the agent is not running".into())),
+                    (None, _) => Err(EngineError::Conflict("the agent is not running".into())),
                     (Some(h), Ok(Some(bytes))) => {
                         let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
-                            kind: "permission_mode".into(),
+                            kind: EventKind::PermissionMode,
                             data: json!({"mode": mode}),
                         }])
                         .await;
-                        sent.map_err(|_| ApiError::Conflict("the agent is not running".into()))
+                        sent.map_err(|_| EngineError::Conflict("the agent is not running".into()))
                     }
                 };
                 let _ = reply.send(r);

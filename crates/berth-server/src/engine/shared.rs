@@ -8,6 +8,7 @@
 //! its neighbours (ptrace is also refused by the seccomp filter). `HOME` and the Claude CLI's
 //! config directory are inside the session's directory.
 
+use super::error::EngineError;
 use super::Engine;
 use crate::error::ApiError;
 use berth_sandbox::{Backend, ExecSpec, Sandbox};
@@ -19,7 +20,7 @@ pub const FIRST_UID: u32 = 2000;
 pub const SESSIONS_DIR: &str = "/workspace/sessions";
 pub const SHARED_DIR: &str = "/workspace/shared";
 
-async fn run(backend: &Backend, box_id: &str, spec: ExecSpec) -> Result<(), ApiError> {
+async fn run(backend: &Backend, box_id: &str, spec: ExecSpec) -> Result<(), EngineError> {
     let argv = spec.argv.join(" ");
     let out = backend
         .exec(box_id, spec)
@@ -27,7 +28,7 @@ async fn run(backend: &Backend, box_id: &str, spec: ExecSpec) -> Result<(), ApiE
         .collect(None, 4096)
         .await?;
     if !out.exit.success() {
-        return Err(ApiError::Internal(format!(
+        return Err(EngineError::Internal(format!(
             "preparing the shared box ({argv}): {:?} {}",
             out.exit,
             String::from_utf8_lossy(&out.stderr).trim()
@@ -43,7 +44,7 @@ pub async fn prepare(
     box_id: &str,
     session_id: &str,
     uid: u32,
-) -> Result<String, ApiError> {
+) -> Result<String, EngineError> {
     let timeout = Some(Duration::from_secs(30));
     run(
         backend,

@@ -12,7 +12,7 @@
 
 use super::Engine;
 use crate::auth::{new_id, now};
-use crate::error::ApiError;
+use crate::engine::error::EngineError;
 use berth_api::{
     BoxRef, BoxState, HookAccepted, SessionObject, SessionSpec, TriggerObject, TriggerSpec,
 };
@@ -71,10 +71,6 @@ pub fn render(template: &str, payload: &Value) -> String {
     }
     out.push_str(rest);
     out
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// How a webhook call proved it knows the trigger's secret.
@@ -144,7 +140,8 @@ pub fn authentic(
             timestamp: ts,
         });
     }
-    if bearer.is_some_and(|t| constant_time_eq(t.trim().as_bytes(), secret.as_bytes())) {
+    if bearer.is_some_and(|t| berth_api::secret::secret_eq(t.trim().as_bytes(), secret.as_bytes()))
+    {
         return Ok(HookAuth::Bearer);
     }
     Err(HookRefusal::BadSignature)
@@ -165,21 +162,21 @@ impl Engine {
         self: &Arc<Self>,
         tenant: &str,
         spec: TriggerSpec,
-    ) -> Result<TriggerObject, ApiError> {
+    ) -> Result<TriggerObject, EngineError> {
         if spec.prompt.trim().is_empty() {
-            return Err(ApiError::Invalid("prompt must not be empty".into()));
+            return Err(EngineError::Invalid("prompt must not be empty".into()));
         }
         if let Some(s) = &spec.schedule {
-            parse_schedule(s).map_err(ApiError::Invalid)?;
+            parse_schedule(s).map_err(EngineError::Invalid)?;
         }
         if spec.schedule.is_none() && !spec.webhook {
-            return Err(ApiError::Invalid(
+            return Err(EngineError::Invalid(
                 "a trigger needs a schedule, a webhook, or both".into(),
             ));
         }
         let unknown = spec.agent.unknown_fields();
         if !unknown.is_empty() {
-            return Err(ApiError::Invalid(format!(
+            return Err(EngineError::Invalid(format!(
                 "unknown field(s) in agent: {}",
                 unknown.join(", ")
             )));
@@ -188,7 +185,7 @@ impl Engine {
             BoxRef::Id(id) => {
                 let b = self.get_box(tenant, id).await?;
                 if matches!(b.state, BoxState::Destroyed | BoxState::Failed) {
-                    return Err(ApiError::Conflict(format!(
+                    return Err(EngineError::Conflict(format!(
                         "box {id} is {}",
                         b.state.as_str()
                     )));
@@ -197,7 +194,7 @@ impl Engine {
             BoxRef::Spec(b) => {
                 // The trigger is stored and listed whole: secret values must not be in it.
                 if !b.secrets.is_empty() {
-                    return Err(ApiError::Invalid(
+                    return Err(EngineError::Invalid(
                         "a trigger's box spec cannot hold secrets; create the box (with its secrets) and give its id".into(),
                     ));
                 }
@@ -233,21 +230,21 @@ impl Engine {
         Ok(t)
     }
 
-    pub async fn list_triggers(&self, tenant: &str) -> Result<Vec<TriggerObject>, ApiError> {
+    pub async fn list_triggers(&self, tenant: &str) -> Result<Vec<TriggerObject>, EngineError> {
         Ok(self.store.list_triggers(Some(tenant)).await?)
     }
 
-    pub async fn get_trigger(&self, tenant: &str, id: &str) -> Result<TriggerObject, ApiError> {
+    pub async fn get_trigger(&self, tenant: &str, id: &str) -> Result<TriggerObject, EngineError> {
         self.store
             .get_trigger(Some(tenant), id)
             .await?
             .map(|(t, _)| t)
-            .ok_or_else(|| ApiError::not_found("trigger", id))
+            .ok_or_else(|| EngineError::not_found("trigger", id))
     }
 
-    pub async fn delete_trigger(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+    pub async fn delete_trigger(&self, tenant: &str, id: &str) -> Result<(), EngineError> {
         if !self.store.delete_trigger(Some(tenant), id).await? {
-            return Err(ApiError::not_found("trigger", id));
+            return Err(EngineError::not_found("trigger", id));
         }
         self.triggers_changed.notify_one();
         Ok(())
@@ -259,7 +256,7 @@ impl Engine {
         self: &Arc<Self>,
         t: &TriggerObject,
         payload: &Value,
-    ) -> Result<SessionObject, ApiError> {
+    ) -> Result<SessionObject, EngineError> {
         let spec = SessionSpec {
             box_ref: t.box_ref.clone(),
             agent: t.agent.clone(),
@@ -288,28 +285,23 @@ impl Engine {
         r
     }
 
-    /// Count a webhook call against its trigger's minute; 429 past the limit.
-    fn take_hook_call(&self, trigger_id: &str) -> Result<(), ApiError> {
-        let now = tokio::time::Instant::now();
-        let mut windows = self
-            .hook_windows
-            .lock()
-            .map_err(|_| ApiError::Internal("hook windows poisoned".into()))?;
-        // Forget idle triggers' windows so the map stays as small as the active set.
-        windows.retain(|_, (start, _)| {
-            now.duration_since(*start) < std::time::Duration::from_secs(60)
+    /// Count a webhook call against its trigger's rate; 429 past the limit. (A GCRA: a
+    /// trigger takes `hook_rate_per_minute` calls at once, then one more each
+    /// minute/`hook_rate_per_minute`; no span of a minute ever takes more than twice the rate,
+    /// as with the fixed minute windows it replaces, and a shorter span takes fewer.)
+    fn take_hook_call(&self, trigger_id: &str) -> Result<(), EngineError> {
+        let admitted = self.hook_rate.as_ref().is_some_and(|r| {
+            // Forget triggers whose state is back to full so the map stays as small as the
+            // active set.
+            r.retain_recent();
+            r.check_key(&trigger_id.to_string()).is_ok()
         });
-        let (_, taken) = windows.entry(trigger_id.to_string()).or_insert((now, 0));
-        if *taken >= self.config.hook_rate_per_minute {
-            return Err(ApiError::Rejected(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "trigger {trigger_id} takes {} webhook calls a minute",
-                    self.config.hook_rate_per_minute
-                ),
-            ));
+        if !admitted {
+            return Err(EngineError::Quota(format!(
+                "trigger {trigger_id} takes {} webhook calls a minute",
+                self.config.hook_rate_per_minute
+            )));
         }
-        *taken += 1;
         Ok(())
     }
 
@@ -323,17 +315,16 @@ impl Engine {
         mac: String,
         timestamp: i64,
         now: i64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let mut seen = self
             .hook_seen
             .lock()
-            .map_err(|_| ApiError::Internal("hook cache poisoned".into()))?;
+            .map_err(|_| EngineError::Internal("hook cache poisoned".into()))?;
         seen.retain(|_, forget_at| *forget_at >= now);
         let key = format!("{trigger_id}:{mac}");
         if seen.contains_key(&key) {
             metrics::counter!("berth_webhook_replays_refused_total").increment(1);
-            return Err(ApiError::Rejected(
-                axum::http::StatusCode::UNAUTHORIZED,
+            return Err(EngineError::Unauthenticated(
                 HookRefusal::Replay.to_string(),
             ));
         }
@@ -351,16 +342,16 @@ impl Engine {
         signature: Option<&str>,
         timestamp: Option<&str>,
         bearer: Option<&str>,
-    ) -> Result<HookAccepted, ApiError> {
+    ) -> Result<HookAccepted, EngineError> {
         let Some((t, secret)) = self.store.get_trigger(None, id).await? else {
-            return Err(ApiError::not_found("trigger", id));
+            return Err(EngineError::not_found("trigger", id));
         };
         if t.webhook_path.is_none() {
-            return Err(ApiError::not_found("trigger", id));
+            return Err(EngineError::not_found("trigger", id));
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let auth = authentic(&secret, body, signature, timestamp, bearer, now)
-            .map_err(|r| ApiError::Rejected(axum::http::StatusCode::UNAUTHORIZED, r.to_string()))?;
+            .map_err(|r| EngineError::Unauthenticated(r.to_string()))?;
         match auth {
             HookAuth::Signed { mac, timestamp } => {
                 self.first_sighting(&t.id, mac, timestamp, now)?
