@@ -32,6 +32,7 @@ pub mod files;
 pub mod fsops;
 pub mod identity;
 pub mod native;
+pub mod uids;
 
 pub use fsops::{DirEntry, FileContent, FsError};
 
