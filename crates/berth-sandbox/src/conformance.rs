@@ -287,7 +287,10 @@ pub async fn files_and_hostile_paths<B: Sandbox>(b: &B, f: &Fixture) {
     );
     match b.read_file(&id, "dir").await.expect("list") {
         FileContent::Dir(l) => assert_eq!(
-            l.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            l.entries
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
             vec!["a.txt"]
         ),
         FileContent::File(_) => panic!("expected a listing"),

@@ -34,7 +34,7 @@ pub mod identity;
 pub mod native;
 pub mod uids;
 
-pub use fsops::{DirEntry, FileContent, FsError};
+pub use fsops::{DirEntry, FileContent, FsError, Listing};
 
 use serde::{Deserialize, Serialize};
 use std::future::Future;
