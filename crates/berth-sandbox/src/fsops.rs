@@ -451,6 +451,15 @@ fn open_subdir(dir: &OwnedFd, name: &std::ffi::OsStr) -> rustix::io::Result<Owne
 /// Removes `name` in `dir`, a whole tree if it is a directory. Iterative: the stack is on
 /// the heap and at most [`MAX_DELETE_DEPTH`] deep whatever the tree's depth.
 fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), FsError> {
+    remove_bounded(dir, name, orig, MAX_DELETE_ENTRIES)
+}
+
+fn remove_bounded(
+    dir: &OwnedFd,
+    name: &std::ffi::OsStr,
+    orig: &str,
+    max_entries: u64,
+) -> Result<(), FsError> {
     use rustix::io::Errno;
     let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .map_err(|e| map_errno(e, orig))?;
@@ -460,7 +469,7 @@ fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), Fs
     }
     let too_many = || {
         FsError::Invalid(format!(
-            "{orig}: more than {MAX_DELETE_ENTRIES} entries to delete; delete part of it from inside the box first"
+            "{orig}: more than {max_entries} entries to delete; delete part of it from inside the box first"
         ))
     };
     let mut visited = 0u64;
@@ -472,6 +481,12 @@ fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), Fs
         let Some(cur) = stack.last() else {
             return Ok(());
         };
+        // Every pass counts, so a box refilling a directory as fast as it empties cannot keep
+        // the loop going.
+        visited += 1;
+        if visited > max_entries {
+            return Err(too_many());
+        }
         // Remove what can be removed at once; stop at the first non-empty subdirectory.
         let mut descend = None;
         for ent in rustix::fs::Dir::read_from(cur)? {
@@ -481,7 +496,7 @@ fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), Fs
                 continue;
             }
             visited += 1;
-            if visited > MAX_DELETE_ENTRIES {
+            if visited > max_entries {
                 return Err(too_many());
             }
             match rustix::fs::unlinkat(cur, n, rustix::fs::AtFlags::empty()) {
@@ -506,7 +521,7 @@ fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), Fs
                     let tmp = format!(".berth-deleting-{moved}");
                     moved += 1;
                     visited += 1;
-                    if visited > MAX_DELETE_ENTRIES {
+                    if visited > max_entries {
                         return Err(too_many());
                     }
                     match rustix::fs::renameat_with(
@@ -589,6 +604,28 @@ mod tests {
             .expect("file");
             drop(f);
         }
+    }
+
+    /// Past its entry budget a delete stops with a clear error (what is left stays, and a
+    /// later delete goes on from there).
+    #[test]
+    fn a_delete_past_its_budget_stops_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        deep_tree(dir.path(), "t", 300, 300);
+        let fd = rustix::fs::open(
+            dir.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .expect("open");
+        let e = remove_bounded(&fd, std::ffi::OsStr::new("t"), "t", 100).expect_err("budget");
+        assert!(
+            matches!(&e, FsError::Invalid(m) if m.contains("more than 100 entries")),
+            "{e}"
+        );
+        assert!(dir.path().join("t").is_dir());
+        delete(dir.path(), "t").expect("the rest");
+        assert!(!dir.path().join("t").exists());
     }
 
     /// A listing stops at [`MAX_LIST_ENTRIES`] and says so; one entry fewer is listed whole.
