@@ -283,6 +283,10 @@ pub struct DirEntry {
 pub struct DirListing {
     pub path: String,
     pub entries: Vec<DirEntry>,
+    /// The directory has more entries than one listing returns (10 000): `entries` is an
+    /// arbitrary subset of them, sorted by name. Absent from older servers: false.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// The agent a session runs.

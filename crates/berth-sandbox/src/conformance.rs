@@ -287,7 +287,10 @@ pub async fn files_and_hostile_paths<B: Sandbox>(b: &B, f: &Fixture) {
     );
     match b.read_file(&id, "dir").await.expect("list") {
         FileContent::Dir(l) => assert_eq!(
-            l.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            l.entries
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
             vec!["a.txt"]
         ),
         FileContent::File(_) => panic!("expected a listing"),
@@ -879,25 +882,84 @@ fn fs_outcome<T>(r: &crate::Result<T>) -> &'static str {
     }
 }
 
-/// `socket(AF_NETLINK)` and `socket(AF_VSOCK)` are refused inside a box (EPERM from the
-/// seccomp filter; an unprivileged process gets a netlink socket without it).
+/// Socket families are an allowlist inside a box: `socket` and `socketpair` with anything but
+/// `AF_UNIX`, `AF_INET` and `AF_INET6` get EPERM from the seccomp filter (netlink, vsock,
+/// packet, key, alg, tipc, rds, xdp, can, bluetooth: without the filter an unprivileged
+/// process gets several of these, and the others fail with a different errno).
 pub async fn socket_families_refused<B: Sandbox>(b: &B, f: &Fixture) {
     let id = f.id("sockfam");
     b.create(config(&id, small())).await.expect("create");
     let script = "import socket\n\
-        for fam, typ in [(16, socket.SOCK_RAW), (40, socket.SOCK_STREAM), (1, socket.SOCK_STREAM)]:\n\
-        \x20   try:\n\
-        \x20       socket.socket(fam, typ, 0).close(); print('ok')\n\
-        \x20   except OSError as e:\n\
-        \x20       print('errno%d' % e.errno)\n";
+        fams = [(16, 3), (40, 1), (17, 3), (15, 3), (38, 5), (30, 5), (21, 5), (44, 3), (29, 3), (31, 1), (1, 1), (2, 1), (10, 1)]\n\
+        for fam, typ in fams:\n\
+        \x20   for call in (socket.socket, socket.socketpair):\n\
+        \x20       try:\n\
+        \x20           r = call(fam, typ, 0)\n\
+        \x20           for s in (r if isinstance(r, tuple) else (r,)): s.close()\n\
+        \x20           print(fam, 'ok')\n\
+        \x20       except OSError as e:\n\
+        \x20           print(fam, 'errno%d' % e.errno)\n";
     let out = run(b, &id, vec!["python3".into(), "-c".into(), script.into()]).await;
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 26, "{stdout} {}", text(&out.stderr));
     let eperm = format!("errno{}", libc::EPERM);
-    assert_eq!(
-        text(&out.stdout),
-        format!("{eperm}\n{eperm}\nok\n"),
-        "netlink, vsock refused; unix allowed ({})",
-        text(&out.stderr)
-    );
+    for line in &lines {
+        let (fam, result) = line.split_once(' ').expect("fam result");
+        if ["1", "2", "10"].contains(&fam) {
+            // Allowed (socketpair of AF_INET is EOPNOTSUPP from the kernel, not the filter).
+            assert_ne!(result, eperm, "family {fam} refused: {stdout}");
+        } else {
+            assert_eq!(result, eperm, "family {fam} not refused: {stdout}");
+        }
+    }
+    assert!(stdout.contains("1 ok"), "AF_UNIX works: {stdout}");
+    b.destroy(&id).await.expect("destroy");
+}
+
+/// x32 system calls (number | 0x4000_0000) are refused inside a box with EPERM, before any
+/// rule: the seccomp rules compare raw x86_64 numbers, so on a kernel with x32 enabled they
+/// would be a way around every denial (`unshare`, `bpf`, `io_uring_setup`...). Outside a box
+/// the same program gets the pid (x32 enabled) or ENOSYS (disabled); either way, never EPERM.
+#[cfg(target_arch = "x86_64")]
+pub async fn x32_syscalls_refused<B: Sandbox>(b: &B, f: &Fixture) {
+    let script = "import ctypes\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        for nr, arg in [(39, 0), (272, 0x10000000), (425, 0)]:\n\
+        \x20   ctypes.set_errno(0)\n\
+        \x20   r = libc.syscall(ctypes.c_long(0x40000000 + nr), ctypes.c_long(arg), ctypes.c_long(0))\n\
+        \x20   print(nr, r, ctypes.get_errno())\n";
+    // getpid only outside: unshare/io_uring_setup on the host would do real things.
+    let host_script = script.replace("(272, 0x10000000), (425, 0)", "");
+    let host = std::process::Command::new("python3")
+        .args(["-c", &host_script])
+        .output()
+        .expect("python3 on the host");
+    let host_out = text(&host.stdout);
+    let host_errno: i32 = host_out
+        .split_whitespace()
+        .nth(2)
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("host probe: {host_out} {}", text(&host.stderr)));
+    assert_ne!(host_errno, libc::EPERM, "the host has no seccomp filter");
+    let x32_on_host = host_errno == 0;
+    let id = f.id("x32");
+    b.create(config(&id, small())).await.expect("create");
+    let out = run(b, &id, vec!["python3".into(), "-c".into(), script.into()]).await;
+    let stdout = text(&out.stdout);
+    let eperm = libc::EPERM.to_string();
+    let lines: Vec<Vec<&str>> = stdout.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 3, "{stdout} {}", text(&out.stderr));
+    for l in &lines {
+        assert_eq!(
+            (l[1], l[2]),
+            ("-1", eperm.as_str()),
+            "x32 call {} not refused with EPERM (host kernel x32: {x32_on_host}): {stdout}",
+            l[0]
+        );
+    }
+    // The ordinary ABI still works in the box.
+    assert_eq!(sh(b, &id, "echo $$").await.exit.code, Some(0));
     b.destroy(&id).await.expect("destroy");
 }
 

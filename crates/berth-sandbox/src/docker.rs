@@ -58,12 +58,11 @@ const COMPAT_IN_BOX: &str = "/run/berth-compat";
 const STATX_COMPAT_SO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/statx_compat.so"));
 /// Host threads a gVisor sandbox needs beyond its guest's processes.
 const GVISOR_THREADS: u64 = 512;
-/// Box uid `u` runs as host uid `UID_BASE + slot·UID_RANGE + u`: each box's users are host
-/// users of their own, so the kernel's per-user counters and limits (inotify instances,
-/// processes, message queues, ...) are the box's alone. (Native boxes use `0x4000_0000`.)
-const UID_BASE: u32 = 0x6000_0000;
-const UID_RANGE: u32 = 65536;
-const UID_SLOTS: u32 = 4096;
+// Box uid `u` runs as host uid `base + slot·UID_RANGE + u`: each box's users are host users
+// of their own, so the kernel's per-user counters and limits (inotify instances, processes,
+// message queues, ...) are the box's alone. runc and gVisor boxes draw from disjoint regions
+// (`crate::uids`): the server runs one backend of each, each with its own slot table.
+use crate::uids::UID_RANGE;
 /// Label recording a container's uid base, for adoption after a restart.
 const UID_BASE_LABEL: &str = "dev.berth.uid-base";
 
@@ -84,6 +83,15 @@ impl DockerConfig {
     /// Whether the runtime is gVisor's (`runsc`, or a variant such as `runsc-debug`).
     fn is_gvisor(&self) -> bool {
         self.runtime.starts_with("runsc")
+    }
+
+    /// The host uid region this backend's boxes draw from.
+    fn uid_region(&self) -> crate::uids::UidRegion {
+        if self.is_gvisor() {
+            crate::uids::GVISOR
+        } else {
+            crate::uids::DOCKER
+        }
     }
 
     /// Where the gVisor compatibility shim is kept for this backend's boxes.
@@ -162,7 +170,7 @@ pub struct DockerBackend {
     /// The engine's `docker-init` (tini), run as the box's PID 1 to reap orphans. Docker's
     /// own `--init` mounts it at `/sbin/docker-init`, which the read-only host `/sbin` hides.
     tini: Option<PathBuf>,
-    /// Uid slots taken, by box id (see [`UID_BASE`]).
+    /// Uid slots taken, by box id (see [`DockerConfig::uid_region`]).
     uid_slots: Arc<Mutex<HashMap<String, u32>>>,
 }
 
@@ -394,8 +402,9 @@ impl DockerBackend {
             return Ok(base);
         }
         let taken: std::collections::HashSet<u32> = slots.values().copied().collect();
-        let base = (0..UID_SLOTS)
-            .map(|slot| UID_BASE + slot * UID_RANGE)
+        let region = self.cfg.uid_region();
+        let base = (0..region.slots)
+            .filter_map(|slot| region.slot_base(slot))
             .find(|b| !taken.contains(b))
             .ok_or_else(|| SandboxError::Start("no free uid range for another box".into()))?;
         slots.insert(id.to_string(), base);

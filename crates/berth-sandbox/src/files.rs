@@ -8,7 +8,7 @@
 //! held between steps: a slow client costs a buffer, not a thread. Paths resolve beneath the
 //! workspace exactly as in [`crate::fsops`].
 
-use crate::fsops::{self, DirEntry, FsError, Opened};
+use crate::fsops::{self, FsError, Listing, Opened};
 use crate::{Result, SandboxError};
 use std::io::Read;
 use std::path::PathBuf;
@@ -76,7 +76,7 @@ fn busy() -> SandboxError {
 
 pub enum Reading {
     File(FileReader),
-    Dir(Vec<DirEntry>),
+    Dir(Listing),
 }
 
 /// A regular file of the workspace, read in chunks.

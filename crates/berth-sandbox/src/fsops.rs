@@ -54,10 +54,22 @@ pub struct DirEntry {
     pub modified: i64,
 }
 
+/// Most entries one listing returns: a box can make millions of files in one directory, and
+/// a listing is held whole in memory and sent as one JSON document.
+pub const MAX_LIST_ENTRIES: usize = 10_000;
+
+/// A directory's entries, sorted by name: all of them, or (`truncated`) the first
+/// [`MAX_LIST_ENTRIES`] the kernel returned, which are an arbitrary subset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub entries: Vec<DirEntry>,
+    pub truncated: bool,
+}
+
 #[derive(Debug)]
 pub enum FileContent {
     File(Vec<u8>),
-    Dir(Vec<DirEntry>),
+    Dir(Listing),
 }
 
 /// Lexically validate a workspace-relative path; `""` and `"."` name the root.
@@ -112,7 +124,7 @@ fn open_beneath(root: &OwnedFd, rel: &Path, flags: OFlags, orig: &str) -> Result
 #[derive(Debug)]
 pub enum Opened {
     File { file: File, size: u64 },
-    Dir(Vec<DirEntry>),
+    Dir(Listing),
 }
 
 /// Open a regular file for reading, or list a directory. Anything else (a FIFO, socket or
@@ -174,11 +186,21 @@ pub fn read(root: &Path, path: &str) -> Result<FileContent, FsError> {
     }
 }
 
-fn list(dirfd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
+fn list(dirfd: OwnedFd) -> Result<Listing, FsError> {
     let mut out = Vec::new();
+    let mut truncated = false;
     let dir = rustix::fs::Dir::read_from(&dirfd)?;
     for ent in dir {
         let ent = ent?;
+        if out.len() >= MAX_LIST_ENTRIES {
+            // Only `.` or `..` may follow without more: look no further either way.
+            let n = ent.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                truncated = true;
+                break;
+            }
+            continue;
+        }
         let name = ent.file_name().to_string_lossy().into_owned();
         if name == "." || name == ".." {
             continue;
@@ -206,7 +228,10 @@ fn list(dirfd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    Ok(Listing {
+        entries: out,
+        truncated,
+    })
 }
 
 /// Create the directories of `rel` beneath `rootfd` (owned by `owner`) and return an fd of the
@@ -405,30 +430,141 @@ pub fn delete(root: &Path, path: &str) -> Result<(), FsError> {
     remove_at(&parent, name.as_os_str(), path)
 }
 
+/// Most entries one delete visits (files, directories, moves): bounds the time a delete of a
+/// huge tree holds a blocking thread; past it the caller gets a clear error and deletes the
+/// rest from inside the box.
+pub const MAX_DELETE_ENTRIES: u64 = 1_000_000;
+/// Directory fds one delete holds at once. A deeper tree (a box can nest directories without
+/// limit) has its subtrees at this depth moved up into the directory being deleted and taken
+/// from there, so any depth is removed with a bounded stack and bounded fds.
+const MAX_DELETE_DEPTH: usize = 64;
+
+fn open_subdir(dir: &OwnedFd, name: &std::ffi::OsStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Removes `name` in `dir`, a whole tree if it is a directory. Iterative: the stack is on
+/// the heap and at most [`MAX_DELETE_DEPTH`] deep whatever the tree's depth.
 fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr, orig: &str) -> Result<(), FsError> {
+    remove_bounded(dir, name, orig, MAX_DELETE_ENTRIES)
+}
+
+fn remove_bounded(
+    dir: &OwnedFd,
+    name: &std::ffi::OsStr,
+    orig: &str,
+    max_entries: u64,
+) -> Result<(), FsError> {
+    use rustix::io::Errno;
     let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .map_err(|e| map_errno(e, orig))?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-        let sub = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| map_errno(e, orig))?;
-        let names: Vec<std::ffi::OsString> = rustix::fs::Dir::read_from(&sub)?
-            .filter_map(|e| e.ok())
-            .map(|e| std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
-            .filter(|n| n != "." && n != "..")
-            .collect();
-        for n in names {
-            remove_at(&sub, &n, orig)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+        return rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty())
+            .map_err(|e| map_errno(e, orig));
+    }
+    let too_many = || {
+        FsError::Invalid(format!(
+            "{orig}: more than {max_entries} entries to delete; delete part of it from inside the box first"
+        ))
+    };
+    let mut visited = 0u64;
+    let mut moved = 0u64;
+    // stack[i + 1] is the directory names[i] in stack[i]; stack[0] is the one being deleted.
+    let mut stack: Vec<OwnedFd> = vec![open_subdir(dir, name).map_err(|e| map_errno(e, orig))?];
+    let mut names: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        let Some(cur) = stack.last() else {
+            return Ok(());
+        };
+        // Every pass counts, so a box refilling a directory as fast as it empties cannot keep
+        // the loop going.
+        visited += 1;
+        if visited > max_entries {
+            return Err(too_many());
         }
-        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR)
-            .map_err(|e| map_errno(e, orig))
-    } else {
-        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty())
-            .map_err(|e| map_errno(e, orig))
+        // Remove what can be removed at once; stop at the first non-empty subdirectory.
+        let mut descend = None;
+        for ent in rustix::fs::Dir::read_from(cur)? {
+            let ent = ent?;
+            let n = std::ffi::OsStr::from_bytes(ent.file_name().to_bytes());
+            if n == "." || n == ".." {
+                continue;
+            }
+            visited += 1;
+            if visited > max_entries {
+                return Err(too_many());
+            }
+            match rustix::fs::unlinkat(cur, n, rustix::fs::AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => continue,
+                Err(Errno::ISDIR) | Err(Errno::PERM) => {}
+                Err(e) => return Err(map_errno(e, orig)),
+            }
+            match rustix::fs::unlinkat(cur, n, rustix::fs::AtFlags::REMOVEDIR) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => {
+                    descend = Some(n.to_os_string());
+                    break;
+                }
+                Err(e) => return Err(map_errno(e, orig)),
+            }
+        }
+        match descend {
+            Some(n) if stack.len() >= MAX_DELETE_DEPTH => {
+                // Too deep to hold another fd: move the subtree up into the top directory,
+                // where a later pass over it finds it.
+                loop {
+                    let tmp = format!(".berth-deleting-{moved}");
+                    moved += 1;
+                    visited += 1;
+                    if visited > max_entries {
+                        return Err(too_many());
+                    }
+                    match rustix::fs::renameat_with(
+                        cur,
+                        &n,
+                        &stack[0],
+                        tmp.as_str(),
+                        rustix::fs::RenameFlags::NOREPLACE,
+                    ) {
+                        Ok(()) | Err(Errno::NOENT) => break,
+                        Err(Errno::EXIST) => continue,
+                        Err(e) => return Err(map_errno(e, orig)),
+                    }
+                }
+            }
+            Some(n) => match open_subdir(cur, &n) {
+                Ok(sub) => {
+                    stack.push(sub);
+                    names.push(n);
+                }
+                // Swapped for something else by the box meanwhile: the next pass sees it.
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => {}
+                Err(e) => return Err(map_errno(e, orig)),
+            },
+            None => {
+                // `cur` is empty (unless the box refilled it: then a pass over it again).
+                stack.pop();
+                let (parent, n) = match (stack.last(), names.pop()) {
+                    (Some(p), Some(n)) => (p, n),
+                    _ => (dir, name.to_os_string()),
+                };
+                match rustix::fs::unlinkat(parent, &n, rustix::fs::AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(Errno::NOENT) if stack.is_empty() => return Ok(()),
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(Errno::NOTEMPTY) | Err(Errno::EXIST) if stack.is_empty() => {
+                        stack.push(open_subdir(dir, name).map_err(|e| map_errno(e, orig))?);
+                    }
+                    // The parent's next pass finds it again.
+                    Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(map_errno(e, orig)),
+                }
+            }
+        }
     }
 }
 
@@ -444,6 +580,112 @@ pub fn disk_usage(root: &Path) -> Result<(u64, u64), FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `depth` nested directories `d` under `root/name` (files in the first `files` levels),
+    /// made with fds: the path is far longer than PATH_MAX.
+    fn deep_tree(root: &Path, name: &str, depth: usize, files: usize) {
+        let mut cur = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+            .expect("open root");
+        let mut n = name;
+        for level in 0..depth {
+            rustix::fs::mkdirat(&cur, n, Mode::from_raw_mode(0o755)).expect("mkdir");
+            cur = rustix::fs::openat(&cur, n, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+                .expect("open");
+            n = "d";
+            if level >= files {
+                continue;
+            }
+            let f = rustix::fs::openat(
+                &cur,
+                "f",
+                OFlags::WRONLY | OFlags::CREATE,
+                Mode::from_raw_mode(0o644),
+            )
+            .expect("file");
+            drop(f);
+        }
+    }
+
+    /// Past its entry budget a delete stops with a clear error (what is left stays, and a
+    /// later delete goes on from there).
+    #[test]
+    fn a_delete_past_its_budget_stops_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        deep_tree(dir.path(), "t", 300, 300);
+        let fd = rustix::fs::open(
+            dir.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .expect("open");
+        let e = remove_bounded(&fd, std::ffi::OsStr::new("t"), "t", 100).expect_err("budget");
+        assert!(
+            matches!(&e, FsError::Invalid(m) if m.contains("more than 100 entries")),
+            "{e}"
+        );
+        assert!(dir.path().join("t").is_dir());
+        delete(dir.path(), "t").expect("the rest");
+        assert!(!dir.path().join("t").exists());
+    }
+
+    /// A listing stops at [`MAX_LIST_ENTRIES`] and says so; one entry fewer is listed whole.
+    #[test]
+    fn listings_are_capped_and_say_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big");
+        std::fs::create_dir(&big).expect("mkdir");
+        for i in 0..MAX_LIST_ENTRIES + 2 {
+            std::fs::File::create(big.join(format!("f{i:05}"))).expect("create");
+        }
+        let FileContent::Dir(l) = read(dir.path(), "big").expect("list") else {
+            panic!("expected a listing");
+        };
+        assert!(l.truncated);
+        assert_eq!(l.entries.len(), MAX_LIST_ENTRIES);
+        assert!(l.entries.windows(2).all(|w| w[0].name < w[1].name));
+        for i in 0..2 {
+            std::fs::remove_file(big.join(format!("f{i:05}"))).expect("rm");
+        }
+        let FileContent::Dir(l) = read(dir.path(), "big").expect("list") else {
+            panic!("expected a listing");
+        };
+        assert!(!l.truncated);
+        assert_eq!(l.entries.len(), MAX_LIST_ENTRIES);
+    }
+
+    /// A tree deeper than any recursion could take on a 2 MiB thread stack is deleted, with
+    /// its siblings kept; the recursive version overflowed the stack and aborted the process.
+    #[test]
+    fn a_very_deep_tree_is_deleted_iteratively() {
+        // tmpfs where there is one: making 20 000 directories on a full ext4 takes many seconds.
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("tempdir");
+        deep_tree(dir.path(), "deep", 20_000, 200);
+        std::fs::write(dir.path().join("keep"), b"k").expect("write");
+        // The test harness's threads have 2 MiB stacks, as tokio's blocking threads do.
+        delete(dir.path(), "deep").expect("delete");
+        assert!(!dir.path().join("deep").exists());
+        assert!(dir.path().join("keep").exists());
+        // A wide and moderately deep tree, and a file.
+        for i in 0..50 {
+            deep_tree(dir.path(), &format!("w{i}"), 100, 100);
+            std::fs::rename(dir.path().join(format!("w{i}")), {
+                std::fs::create_dir_all(dir.path().join("wide")).expect("mkdir");
+                dir.path().join("wide").join(format!("w{i}"))
+            })
+            .expect("mv");
+        }
+        delete(dir.path(), "wide").expect("delete wide");
+        assert!(!dir.path().join("wide").exists());
+        delete(dir.path(), "keep").expect("delete file");
+        assert!(!dir.path().join("keep").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+    }
 
     #[test]
     fn lexical_check_refuses_escapes() {
@@ -486,7 +728,7 @@ mod tests {
             FileContent::Dir(_) => panic!("expected a file"),
         }
         match read(&root, "d").expect("read") {
-            FileContent::Dir(l) => assert_eq!(l[0].name, "e"),
+            FileContent::Dir(l) => assert_eq!(l.entries[0].name, "e"),
             FileContent::File(_) => panic!("expected a dir"),
         }
         delete(&root, "d").expect("delete");

@@ -32,8 +32,9 @@ pub mod files;
 pub mod fsops;
 pub mod identity;
 pub mod native;
+pub mod uids;
 
-pub use fsops::{DirEntry, FileContent, FsError};
+pub use fsops::{DirEntry, FileContent, FsError, Listing};
 
 use serde::{Deserialize, Serialize};
 use std::future::Future;

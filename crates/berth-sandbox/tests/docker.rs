@@ -100,6 +100,12 @@ macro_rules! suite {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn x32_syscalls_refused() {
+                let e = env().await;
+                conformance::x32_syscalls_refused(&e.backend, &e.fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn kernel_counters_per_box() {
                 let e = env().await;
                 conformance::kernel_counters_per_box(&e.backend, &e.fixture).await;
@@ -162,4 +168,52 @@ async fn gvisor_capabilities_say_what_is_not_offered() {
     let g = make("gvisor", "runsc").await.backend.capabilities();
     assert!(g.isolation.contains("gvisor") && g.seccomp);
     assert!(!g.landlock && g.disk_quota && !g.process_oom_kill);
+}
+
+/// The uid base a box's container records (the label its adoption reads back).
+fn uid_base_of(backend: &str, id: &str) -> u32 {
+    let out = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"dev.berth.uid-base\"}}",
+            &format!("berth-{backend}-{id}"),
+        ])
+        .output()
+        .expect("docker inspect");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("uid base label: {text:?}"))
+}
+
+/// A runc box and a gVisor box (each backend's first) get disjoint host uid ranges, and the
+/// agent in each runs as its own range's uid 1000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_and_gvisor_boxes_get_disjoint_uid_ranges() {
+    let d = make("docker", "runc").await;
+    let g = make("gvisor", "runsc").await;
+    let (di, gi) = (d.fixture.id("uidr"), g.fixture.id("uidr"));
+    d.backend
+        .create(conformance::config(&di, conformance::small()))
+        .await
+        .expect("create docker box");
+    g.backend
+        .create(conformance::config(&gi, conformance::small()))
+        .await
+        .expect("create gvisor box");
+    let (db, gb) = (uid_base_of("docker", &di), uid_base_of("gvisor", &gi));
+    let range = berth_sandbox::uids::UID_RANGE;
+    assert!(
+        db.abs_diff(gb) >= range,
+        "docker box at {db:#x} and gvisor box at {gb:#x} share a uid range"
+    );
+    for (b, id, base) in [(&d.backend, &di, db), (&g.backend, &gi, gb)] {
+        let out = conformance::sh(b, id, "id -u").await;
+        let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(uid, (base + 1000).to_string(), "{id}");
+    }
+    d.backend.destroy(&di).await.expect("destroy");
+    g.backend.destroy(&gi).await.expect("destroy");
 }

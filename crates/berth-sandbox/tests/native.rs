@@ -34,6 +34,11 @@ fn env() -> &'static Env {
 }
 
 #[tokio::test]
+async fn x32_syscalls_refused() {
+    conformance::x32_syscalls_refused(&env().backend, &env().fixture).await;
+}
+
+#[tokio::test]
 async fn exec_basics() {
     conformance::exec_basics(&env().backend, &env().fixture).await;
 }

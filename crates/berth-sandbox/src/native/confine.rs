@@ -40,7 +40,10 @@ fn filters() -> io::Result<std::sync::Arc<Vec<BpfProgram>>> {
         .get_or_init(|| {
             let a = enosys_filter().map_err(|e| e.to_string())?;
             let b = eperm_filter().map_err(|e| e.to_string())?;
-            Ok(std::sync::Arc::new(vec![a, b]))
+            Ok(std::sync::Arc::new(vec![
+                with_x32_prologue(a),
+                with_x32_prologue(b),
+            ]))
         })
         .clone()
         .map_err(io::Error::other)
@@ -161,13 +164,52 @@ fn denied_syscalls() -> Vec<i64> {
     v
 }
 
-/// Address families `socket`/`socketpair` refuse inside a box.
-const DENIED_SOCKET_FAMILIES: [libc::c_int; 4] = [
-    libc::AF_NETLINK,
-    libc::AF_VSOCK,
-    libc::AF_PACKET,
-    libc::AF_KEY,
-];
+/// The only address families `socket`/`socketpair` accept inside a box; every other one
+/// (netlink, vsock, packet, key, alg, tipc, rds, xdp, can, bluetooth...) is kernel attack
+/// surface a box has no use for. glibc's resolver falls back without netlink.
+pub(crate) const ALLOWED_SOCKET_FAMILIES: [libc::c_int; 3] =
+    [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
+
+/// Bit 30 of the syscall number selects the x32 ABI on x86_64. seccompiler checks only the
+/// audit arch (x32 calls report `AUDIT_ARCH_X86_64`) and compares raw numbers, so on a kernel
+/// with x32 enabled `syscall(0x4000_0000 | nr)` would pass every rule of a default-allow
+/// filter. Hand-written because seccompiler has no way to express a range of numbers.
+pub(crate) const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+const SECCOMP_DATA_NR_OFFSET: u32 = 0;
+
+/// Prefixes `program` with: load `seccomp_data.nr`; if `nr >= X32_SYSCALL_BIT` return EPERM;
+/// else fall through to `program` (whose jumps are relative, so it is unchanged). Numbers this
+/// large are x32 (x86_64) or invalid (aarch64 tops out near 500), so refusing them costs nothing.
+fn with_x32_prologue(program: BpfProgram) -> BpfProgram {
+    use seccompiler::sock_filter;
+    // BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JGE|BPF_K, BPF_RET|BPF_K (linux/filter.h).
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JMP_JGE_K: u16 = 0x35;
+    const BPF_RET_K: u16 = 0x06;
+    let mut out = vec![
+        sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_DATA_NR_OFFSET,
+        },
+        // True: the next instruction (the refusal); false: skip it.
+        sock_filter {
+            code: BPF_JMP_JGE_K,
+            jt: 0,
+            jf: 1,
+            k: X32_SYSCALL_BIT,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+    ];
+    out.extend(program);
+    out
+}
 
 fn cond(
     arg: u8,
@@ -239,18 +281,18 @@ fn eperm_filter() -> Result<BpfProgram, seccompiler::Error> {
             0x8000_0000,
         )?])?],
     );
-    // Socket families a box has no business with: netlink (routing, audit, uevents: kernel
-    // attack surface, and counters shared with the host), vsock (the hypervisor's sockets),
-    // packet and key sockets. glibc's resolver falls back without netlink.
-    let mut socket_rules = Vec::new();
-    for family in DENIED_SOCKET_FAMILIES {
-        socket_rules.push(SeccompRule::new(vec![SeccompCondition::new(
+    // Socket families: an allowlist. One rule whose conditions all hold (they are ANDed) when
+    // the family is none of the allowed ones.
+    let mut not_allowed = Vec::new();
+    for family in ALLOWED_SOCKET_FAMILIES {
+        not_allowed.push(SeccompCondition::new(
             0,
             SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
+            SeccompCmpOp::Ne,
             family as u64,
-        )?])?);
+        )?);
     }
+    let socket_rules = vec![SeccompRule::new(not_allowed)?];
     rules.insert(libc::SYS_socket, socket_rules.clone());
     rules.insert(libc::SYS_socketpair, socket_rules);
     let filter = SeccompFilter::new(
@@ -473,5 +515,114 @@ mod tests {
         assert!(enosys_filter().is_ok());
         assert!(Confinement::prepare(0, &[]).is_err());
         assert!(denied_syscalls().contains(&libc::SYS_mount));
+    }
+
+    /// A classic-BPF interpreter for the instructions seccompiler and the prologue emit, run
+    /// over a `seccomp_data` of (nr, native arch, args).
+    fn eval(prog: &[seccompiler::sock_filter], nr: u32, args: [u64; 6]) -> u32 {
+        let arch: u32 = match ARCH {
+            TargetArch::x86_64 => 0xC000_003E,
+            _ => 0xC000_00B7,
+        };
+        let word = |off: u32| -> u32 {
+            match off {
+                0 => nr,
+                4 => arch,
+                o if (16..64).contains(&o) => {
+                    let a = args[((o - 16) / 8) as usize];
+                    if (o - 16) % 8 == 0 {
+                        a as u32
+                    } else {
+                        (a >> 32) as u32
+                    }
+                }
+                o => panic!("load from offset {o}"),
+            }
+        };
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            let jump = |taken: bool| if taken { i.jt } else { i.jf } as usize;
+            match i.code {
+                0x20 => acc = word(i.k),
+                0x54 => acc &= i.k,
+                0x05 => pc += i.k as usize,
+                0x15 => pc += jump(acc == i.k),
+                0x25 => pc += jump(acc > i.k),
+                0x35 => pc += jump(acc >= i.k),
+                0x45 => pc += jump(acc & i.k != 0),
+                0x06 => return i.k,
+                c => panic!("instruction {c:#x}"),
+            }
+        }
+    }
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+
+    /// Every x32 number is refused by both programs, before any rule; the x86_64 numbers still
+    /// reach the compiled rules.
+    #[test]
+    fn x32_numbers_are_refused_before_the_rules() {
+        let progs = filters().expect("filters");
+        for prog in progs.iter() {
+            assert_eq!(prog[0].code, 0x20, "the prologue loads nr first");
+            assert_eq!(prog[0].k, 0);
+            for nr in [
+                libc::SYS_getpid,
+                libc::SYS_unshare,
+                libc::SYS_bpf,
+                libc::SYS_io_uring_setup,
+                libc::SYS_socket,
+            ] {
+                let x32 = X32_SYSCALL_BIT | nr as u32;
+                assert_eq!(eval(prog, x32, [0; 6]), EPERM, "x32 {nr}");
+            }
+            assert_eq!(eval(prog, u32::MAX, [0; 6]), EPERM);
+            assert_eq!(eval(prog, libc::SYS_getpid as u32, [0; 6]), ALLOW);
+        }
+        let eperm = &progs[1];
+        assert_eq!(eval(eperm, libc::SYS_unshare as u32, [0; 6]), EPERM);
+        assert_eq!(
+            eval(
+                eperm,
+                libc::SYS_clone as u32,
+                [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]
+            ),
+            EPERM
+        );
+    }
+
+    /// `socket` and `socketpair` accept only the allowlisted families.
+    #[test]
+    fn socket_families_are_an_allowlist() {
+        let progs = filters().expect("filters");
+        let eperm = &progs[1];
+        for nr in [libc::SYS_socket, libc::SYS_socketpair] {
+            for fam in ALLOWED_SOCKET_FAMILIES {
+                let args = [fam as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
+                assert_eq!(eval(eperm, nr as u32, args), ALLOW, "family {fam}");
+            }
+            for fam in [
+                libc::AF_UNSPEC,
+                libc::AF_NETLINK,
+                libc::AF_PACKET,
+                libc::AF_KEY,
+                libc::AF_ALG,
+                libc::AF_TIPC,
+                libc::AF_RDS,
+                libc::AF_BLUETOOTH,
+                libc::AF_XDP,
+                libc::AF_CAN,
+                libc::AF_VSOCK,
+                libc::AF_INET | 0x100,
+                45,
+                255,
+            ] {
+                let args = [fam as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
+                assert_eq!(eval(eperm, nr as u32, args), EPERM, "family {fam}");
+            }
+        }
     }
 }

@@ -38,7 +38,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 /// Box uid range size mapped into the box's user namespace.
-pub const UID_RANGE: u32 = 65536;
+pub const UID_RANGE: u32 = crate::uids::UID_RANGE;
 
 /// Where H and C find the box's detached disk mount ([`DiskSource::Mounted`]).
 pub const DISK_FD: i32 = 3;

@@ -37,9 +37,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
-/// First host uid handed to boxes; each box gets its own range of [`UID_RANGE`] ids.
-const UID_BASE: u32 = 0x4000_0000;
-const MAX_SLOTS: u32 = 16_000;
+/// Native boxes' host uid ranges: slot `s` maps box uids onto `UID_REGION.base + s·UID_RANGE`.
+const UID_REGION: crate::uids::UidRegion = crate::uids::NATIVE;
+const MAX_SLOTS: u32 = UID_REGION.slots;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -271,7 +271,9 @@ impl NativeBackend {
                 (DiskSource::Dir(d), None)
             }
         };
-        let uid_base = UID_BASE + slot * UID_RANGE;
+        let uid_base = UID_REGION
+            .slot_base(slot)
+            .ok_or_else(|| SandboxError::Start("too many boxes".into()))?;
         let root = match &cfg.image {
             Image::Host => RootSpec {
                 layers: host_layers(),

@@ -186,9 +186,11 @@ async fn read(st: &AppState, c: &Caller, id: &str, path: &str) -> Result<Respons
             )
                 .into_response())
         }
-        Reading::Dir(entries) => Ok(axum::Json(DirListing {
+        Reading::Dir(listing) => Ok(axum::Json(DirListing {
             path: path.to_string(),
-            entries: entries
+            truncated: listing.truncated,
+            entries: listing
+                .entries
                 .into_iter()
                 .map(|e| DirEntry {
                     name: e.name,
