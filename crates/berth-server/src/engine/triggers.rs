@@ -344,6 +344,14 @@ impl Engine {
     }
 
     /// An inbound webhook: authenticate, then fire.
+    /// Whether `id` names a webhook trigger (checked before its caller's body is read).
+    pub async fn hook_target(&self, id: &str) -> Result<(), ApiError> {
+        match self.store.get_trigger(None, id).await? {
+            Some((t, _)) if t.webhook_path.is_some() => Ok(()),
+            _ => Err(ApiError::not_found("trigger", id)),
+        }
+    }
+
     pub async fn hook(
         self: &Arc<Self>,
         id: &str,
