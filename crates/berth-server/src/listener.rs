@@ -3,8 +3,9 @@
 //! opens or its previous answer ends, so a silent or dribbling client (slowloris) and an idle
 //! keep-alive are closed after a bounded time. Until it is upgraded, a connection on which no
 //! byte moves either way for `idle_timeout` is closed too (a body trickled slowly, an answer
-//! the client stops reading); time the server spends working on a request it has whole (a
-//! long exec) does not count, and SSE streams send a keep-alive comment every 15 s.
+//! the client stops reading); time the server spends working on a request (a long exec, a
+//! park) does not count unless it is waiting for more of the body, and SSE streams send a
+//! keep-alive comment every 15 s.
 //!
 //! At most `max_connections` are served at once (more wait in the kernel's backlog, not in
 //! memory) and at most `max_connections_per_peer` from one peer (an IPv4 address, or an IPv6
@@ -94,22 +95,37 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Held<T> {
     }
 }
 
-/// One request's part in its connection's idle watch: once its body has arrived whole (or it
-/// has none) and until its answer's head is ready, the server is working and the connection
-/// is not idle; while the body is still coming, it may be.
+/// One request's part in its connection's idle watch: from its head's arrival until its
+/// answer's head is ready, the server is working and the connection is not idle, except while
+/// the handler waits for more of the body (a trickled or stalled body counts as idle).
 struct RequestWatch {
     activity: Activity,
     state: Mutex<(bool, Option<Busy>)>,
 }
 
 impl RequestWatch {
-    fn body_done(&self) {
-        if let Ok(mut st) = self.state.lock() {
-            let (answered, busy) = &mut *st;
-            if !*answered && busy.is_none() {
-                *busy = Some(self.activity.busy());
-            }
+    fn new(activity: Activity) -> RequestWatch {
+        let busy = activity.busy();
+        RequestWatch {
+            activity,
+            state: Mutex::new((false, Some(busy))),
         }
+    }
+
+    /// The handler is (`true`) or is no longer (`false`) waiting for body bytes.
+    fn waiting_for_body(&self, waiting: bool) {
+        let released = self.state.lock().ok().and_then(|mut st| {
+            let (answered, busy) = &mut *st;
+            if waiting {
+                busy.take()
+            } else {
+                if !*answered && busy.is_none() {
+                    *busy = Some(self.activity.busy());
+                }
+                None
+            }
+        });
+        drop(released);
     }
 
     fn answered(&self) {
@@ -121,7 +137,7 @@ impl RequestWatch {
     }
 }
 
-/// The request body as the router sees it: reports to its [`RequestWatch`] when it ends.
+/// The request body as the router sees it: tells its [`RequestWatch`] when a read waits.
 struct WatchedBody {
     inner: hyper::body::Incoming,
     watch: Arc<RequestWatch>,
@@ -136,14 +152,7 @@ impl axum::body::HttpBody for WatchedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        let ended = match &r {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            self.watch.body_done();
-        }
+        self.watch.waiting_for_body(r.is_pending());
         r
     }
 
@@ -253,14 +262,8 @@ pub async fn serve(
         let watch_activity = activity.clone();
         let svc =
             hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
-                let watch = Arc::new(RequestWatch {
-                    activity: watch_activity.clone(),
-                    state: Mutex::new((false, None)),
-                });
+                let watch = Arc::new(RequestWatch::new(watch_activity.clone()));
                 let (parts, body) = req.into_parts();
-                if body.is_end_stream() {
-                    watch.body_done();
-                }
                 let req = axum::http::Request::from_parts(
                     parts,
                     axum::body::Body::new(WatchedBody {
