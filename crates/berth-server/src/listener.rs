@@ -16,7 +16,6 @@
 
 use crate::config::ListenerSection;
 use berth_gateway::conn::{until_idle, Activity, Busy, Tracked};
-use hyper::body::Body as _;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
