@@ -242,3 +242,63 @@ async fn websockets_count_against_the_per_peer_cap() {
     drop(held);
     srv.stop().await;
 }
+
+/// Upgraded connections have a cap of their own (over all peers): past it a WebSocket is
+/// answered 503 and not upgraded, ordinary requests are still served, and closing one
+/// WebSocket makes room for the next.
+#[tokio::test]
+async fn upgrades_have_a_cap_of_their_own() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_with(dir.path(), &[("BERTH_MAX_UPGRADES", "2")]).await;
+    let api = srv.client();
+    let bx = small_box(&api).await;
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": bx, "agent": echo_agent(), "prompt": "hello"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let sid = r.json["id"].as_str().expect("sid").to_string();
+    let mut held = vec![
+        ws_from("127.0.0.2", &srv, &api, &sid).await,
+        ws_from("127.0.0.3", &srv, &api, &sid).await,
+    ];
+    let try_ws = || async {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!(
+                    "{}/v1/sessions/{sid}/ws",
+                    api.url.replace("http://", "ws://")
+                ),
+            )
+            .expect("req");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", api.token).parse().expect("hdr"),
+        );
+        let tcp = connect_from("127.0.0.4", &addr(&srv)).await;
+        tokio_tungstenite::client_async(req, tcp).await
+    };
+    match try_ws().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503)
+        }
+        Err(e) => panic!("refused, but not with a 503: {e}"),
+        Ok(_) => panic!("a third upgrade was let through"),
+    }
+    assert_eq!(api.get("/healthz").await.status, 200);
+    let mut one = held.pop().expect("ws");
+    let _ = one.close(None).await;
+    drop(one);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if try_ws().await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a closed WebSocket made room");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+    srv.stop().await;
+}

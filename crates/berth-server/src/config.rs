@@ -105,6 +105,9 @@ pub struct ListenerSection {
     /// while the server waits on its client, e.g. for the rest of a body.
     /// `BERTH_CONN_IDLE_TIMEOUT_S`.
     pub idle_timeout_s: u64,
+    /// Upgraded connections (WebSocket, proxied port upgrades) open at once, over all peers;
+    /// more are answered 503. `BERTH_MAX_UPGRADES`.
+    pub max_upgrades: usize,
 }
 
 impl Default for ListenerSection {
@@ -114,6 +117,7 @@ impl Default for ListenerSection {
             max_connections: 4096,
             max_connections_per_peer: 256,
             idle_timeout_s: 60,
+            max_upgrades: 1024,
         }
     }
 }
@@ -192,6 +196,9 @@ impl Config {
         }
         if let Some(v) = parse("BERTH_CONN_IDLE_TIMEOUT_S")? {
             self.listener.idle_timeout_s = v;
+        }
+        if let Some(v) = parse("BERTH_MAX_UPGRADES")? {
+            self.listener.max_upgrades = v;
         }
         if let Some(v) = parse("BERTH_EVENTS_PER_SECOND")? {
             self.events.per_second = v;

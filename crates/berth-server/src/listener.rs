@@ -11,8 +11,8 @@
 //! memory) and at most `max_connections_per_peer` from one peer (an IPv4 address, or an IPv6
 //! /64: one host's block; more are closed at accept). Both slots belong to the connection's
 //! I/O object, so an upgraded connection (WebSocket, proxied port) keeps them until its
-//! handler drops it. Upgraded streams are not timed: they end with their session, their key,
-//! or the server.
+//! handler drops it; upgraded connections also have a cap of their own (`max_upgrades`).
+//! Upgraded streams are not timed: they end with their session, their key, or the server.
 
 use crate::config::ListenerSection;
 use berth_gateway::conn::{until_idle, Activity, Busy, Tracked};
@@ -52,7 +52,12 @@ struct Held<T> {
     io: T,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _slot: PeerSlot,
+    /// An upgrade slot, once the connection is upgraded.
+    _upgrade: UpgradeSlot,
 }
+
+/// Where a connection's upgrade permit is kept (shared by its I/O and its request handler).
+type UpgradeSlot = Arc<Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>;
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Held<T> {
     fn poll_read(
@@ -197,6 +202,27 @@ impl Drop for PeerSlot {
     }
 }
 
+/// Let a `101 Switching Protocols` answer through if an upgrade slot is free (kept with the
+/// connection's I/O until it closes); otherwise answer 503 instead, so the connection is not
+/// upgraded (the handler's upgrade future then fails and it ends).
+fn take_upgrade_slot(
+    resp: axum::response::Response,
+    upgrades: &Arc<tokio::sync::Semaphore>,
+    slot: &UpgradeSlot,
+) -> axum::response::Response {
+    if let (Ok(permit), Ok(mut held)) = (upgrades.clone().try_acquire_owned(), slot.lock()) {
+        *held = Some(permit);
+        return resp;
+    }
+    metrics::counter!("berth_connections_refused_total", "reason" => "upgrades").increment(1);
+    axum::response::IntoResponse::into_response((
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        [("connection", "close")],
+        axum::Json(serde_json::json!({"error": {"code": "too_many_upgrades",
+            "message": "too many upgraded connections (WebSocket, port) are open; try again later"}})),
+    ))
+}
+
 /// Serve `app` on `listener` until `shutdown` resolves, then stop accepting and let open
 /// connections finish (at most [`DRAIN`]).
 pub async fn serve(
@@ -214,6 +240,9 @@ pub async fn serve(
         .header_read_timeout(Duration::from_secs(limits.header_read_timeout_s.max(1)));
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let peers = Arc::new(Peers::default());
+    // Upgraded connections (WebSocket, proxied ports) may hold only part of the slots, so
+    // ordinary requests always find room.
+    let upgrades = Arc::new(tokio::sync::Semaphore::new(limits.max_upgrades.max(1)));
     // Told to every connection when the server stops: finish the answer in flight, then close.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -249,15 +278,18 @@ pub async fn serve(
         // Events and streamed answers are small writes: send them at once (no Nagle delay).
         let _ = tcp.set_nodelay(true);
         let activity = Activity::new();
+        let upgrade_slot = UpgradeSlot::default();
         let io = Tracked::new(
             Held {
                 io: tcp,
                 _permit: permit,
                 _slot: slot,
+                _upgrade: upgrade_slot.clone(),
             },
             activity.clone(),
         );
         let app = app.clone();
+        let upgrades = upgrades.clone();
         let watch_activity = activity.clone();
         let svc =
             hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
@@ -274,10 +306,19 @@ pub async fn serve(
                     &hyper_util::service::TowerToHyperService::new(app.clone()),
                     req,
                 );
+                let (upgrades, upgrade_slot) = (upgrades.clone(), upgrade_slot.clone());
                 async move {
                     let r = answer.await;
                     watch.answered();
-                    r
+                    Ok::<_, std::convert::Infallible>(match r {
+                        Ok(resp)
+                            if resp.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS =>
+                        {
+                            take_upgrade_slot(resp, &upgrades, &upgrade_slot)
+                        }
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    })
                 }
             });
         let conn = builder
