@@ -38,10 +38,23 @@ impl Default for ConnLimits {
 }
 
 /// When a connection last moved a byte (shared between its I/O wrapper and its watchdog).
+/// While a [`Busy`] guard is held the connection is not idle (its server is working on a
+/// request it has whole, e.g. a long exec); idle time counts again from the guard's drop.
 #[derive(Clone)]
 pub struct Activity {
     base: Instant,
     last_ms: Arc<AtomicU64>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// See [`Activity::busy`].
+pub struct Busy(Activity);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Activity {
@@ -49,7 +62,14 @@ impl Activity {
         Activity {
             base: Instant::now(),
             last_ms: Arc::new(AtomicU64::new(0)),
+            busy: Arc::default(),
         }
+    }
+
+    /// Mark the connection busy until the guard drops.
+    pub fn busy(&self) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
     }
 
     pub fn touch(&self) {
@@ -58,6 +78,9 @@ impl Activity {
     }
 
     fn idle_for(&self) -> Duration {
+        if self.busy.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
         let now = self.base.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
@@ -367,5 +390,24 @@ mod tests {
         let out = until_idle(&a, Duration::from_millis(200), std::future::pending::<()>()).await;
         assert!(out.is_none());
         assert!(t0.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_is_not_idle_until_the_guard_drops() {
+        let a = Activity::new();
+        let busy = a.busy();
+        let t0 = Instant::now();
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(busy);
+            std::future::pending::<()>().await
+        };
+        let out = until_idle(&a, Duration::from_millis(200), release).await;
+        assert!(out.is_none());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(700),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 }

@@ -47,6 +47,96 @@ pub struct EgressConfig {
     pub extra_roots_pem: Vec<String>,
     /// Per-box connection cap and timeouts of the proxy socket.
     pub connections: crate::ConnLimits,
+    /// Bounds on name lookups (the system resolver blocks a thread per lookup).
+    pub dns: DnsLimits,
+    /// How names are resolved (the system resolver unless set; tests put a fake here).
+    pub resolver: Resolver,
+}
+
+/// Bounds on name lookups. A lookup holds a blocking-pool thread until the resolver answers,
+/// even after its requester gave up, so its permits are held until then too: one box never
+/// holds more than `per_box` threads, and all boxes together no more than `global`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsLimits {
+    pub per_box: usize,
+    pub global: usize,
+    /// Time a lookup has, waiting for a permit included; past it the request gets a 502.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for DnsLimits {
+    fn default() -> Self {
+        DnsLimits {
+            per_box: 4,
+            global: 64,
+            timeout: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+type ResolveFn = dyn Fn(
+        String,
+        u16,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>,
+    > + Send
+    + Sync;
+
+/// A name resolver: `(host, port)` to addresses.
+#[derive(Clone)]
+pub struct Resolver(Arc<ResolveFn>);
+
+impl Resolver {
+    pub fn new<F, Fut>(f: F) -> Resolver
+    where
+        F: Fn(String, u16) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'static,
+    {
+        Resolver(Arc::new(move |h, p| Box::pin(f(h, p))))
+    }
+
+    /// The system resolver (`getaddrinfo` on tokio's blocking pool).
+    pub fn system() -> Resolver {
+        Resolver::new(|host: String, port: u16| async move {
+            Ok(tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .collect())
+        })
+    }
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver::system()
+    }
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+/// Why a lookup gave no addresses.
+enum LookupError {
+    Failed,
+    TimedOut,
+}
+
+/// A request's host as the proxy uses it everywhere (allow list, overrides, secrets, the
+/// rebuilt head, TLS name): lowercase, one trailing dot (the root) removed. `None` for a name
+/// that is empty or still ends with a dot.
+pub fn normalize_host(host: &str) -> Option<String> {
+    let h = host.to_ascii_lowercase();
+    let h = h.strip_suffix('.').unwrap_or(&h);
+    (!h.is_empty() && !h.ends_with('.')).then(|| h.to_string())
+}
+
+/// The secret configured for `host` (already normalised), if any.
+fn secret_for<'a>(secrets: &'a [Secret], host: &str) -> Option<&'a Secret> {
+    secrets
+        .iter()
+        .find(|s| normalize_host(&s.host).as_deref() == Some(host))
 }
 
 /// A credential the proxy adds to a box's requests for one host, so the box never holds it.
@@ -71,6 +161,8 @@ impl std::fmt::Debug for Secret {
 
 pub struct Egress {
     cfg: EgressConfig,
+    /// Lookups in flight for all boxes (see [`DnsLimits`]).
+    dns_global: Arc<tokio::sync::Semaphore>,
     tls: tokio_rustls::TlsConnector,
     decisions: mpsc::UnboundedSender<Decision>,
 }
@@ -303,8 +395,16 @@ impl Egress {
             .with_no_client_auth();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(client));
         let (tx, rx) = mpsc::unbounded_channel();
+        let mut cfg = cfg;
+        // Overrides are looked up by the normalised name.
+        cfg.overrides = cfg
+            .overrides
+            .into_iter()
+            .filter_map(|(k, v)| Some((normalize_host(&k)?, v)))
+            .collect();
         Ok((
             Arc::new(Egress {
+                dns_global: Arc::new(tokio::sync::Semaphore::new(cfg.dns.global.max(1))),
                 cfg,
                 tls,
                 decisions: tx,
@@ -326,6 +426,7 @@ impl Egress {
         let box_id: Arc<str> = Arc::from(box_id);
         let allow = Arc::new(allow);
         let secrets = Arc::new(secrets);
+        let dns_box = Arc::new(tokio::sync::Semaphore::new(self.cfg.dns.per_box.max(1)));
         let limits = self.cfg.connections;
         let over_cap = crate::conn::refusal_response(
             "503 Service Unavailable",
@@ -338,15 +439,20 @@ impl Egress {
             limits,
             over_cap,
             move |conn| {
-                let (me, box_id, allow, secrets) =
-                    (me.clone(), box_id.clone(), allow.clone(), secrets.clone());
+                let (me, box_id, allow, secrets, dns_box) = (
+                    me.clone(),
+                    box_id.clone(),
+                    allow.clone(),
+                    secrets.clone(),
+                    dns_box.clone(),
+                );
                 async move {
                     let activity = Activity::new();
                     let mut conn = Tracked::new(conn, activity.clone());
                     let _ = until_idle(
                         &activity,
                         limits.idle_timeout,
-                        me.handle(&mut conn, &box_id, &allow, &secrets),
+                        me.handle(&mut conn, &box_id, &allow, &secrets, &dns_box),
                     )
                     .await;
                 }
@@ -366,7 +472,48 @@ impl Egress {
         let _ = self.decisions.send(d);
     }
 
-    async fn handle(&self, conn: &mut Client, box_id: &str, allow: &[String], secrets: &[Secret]) {
+    /// Resolve `host` within the lookup bounds. The lookup runs in its own task holding both
+    /// permits, so a resolver that never answers keeps its slots (and only its slots) busy
+    /// after this call has given up.
+    async fn lookup(
+        &self,
+        dns_box: &Arc<tokio::sync::Semaphore>,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, LookupError> {
+        let (global, resolver) = (self.dns_global.clone(), self.cfg.resolver.clone());
+        let (dns_box, host) = (dns_box.clone(), host.to_string());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work = async move {
+            let Ok(_mine) = dns_box.acquire_owned().await else {
+                return;
+            };
+            let Ok(_all) = global.acquire_owned().await else {
+                return;
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tx.send((resolver.0)(host, port).await);
+        };
+        // Not awaited past the timeout: a lookup still queued for a permit then finds its
+        // requester gone and never starts; one already running finishes, holding its permits.
+        drop(tokio::spawn(work));
+        match tokio::time::timeout(self.cfg.dns.timeout, rx).await {
+            Ok(Ok(Ok(addrs))) => Ok(addrs),
+            Ok(_) => Err(LookupError::Failed),
+            Err(_) => Err(LookupError::TimedOut),
+        }
+    }
+
+    async fn handle(
+        &self,
+        conn: &mut Client,
+        box_id: &str,
+        allow: &[String],
+        secrets: &[Secret],
+        dns_box: &Arc<tokio::sync::Semaphore>,
+    ) {
         let decision = |host: &str, port: u16, allowed: bool, reason: &str| Decision {
             box_id: box_id.to_string(),
             host: host.to_string(),
@@ -419,11 +566,9 @@ impl Egress {
             };
             // A secret with TLS turns `http://host/` into https upstream: port 443 unless given.
             let host_only = parse_authority(auth, 80)
-                .map(|t| t.host)
+                .and_then(|t| normalize_host(&t.host))
                 .unwrap_or_default();
-            let tls_secret = secrets
-                .iter()
-                .any(|s| s.tls && s.host.eq_ignore_ascii_case(&host_only));
+            let tls_secret = secret_for(secrets, &host_only).is_some_and(|s| s.tls);
             let explicit = auth
                 .rsplit_once(':')
                 .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
@@ -454,6 +599,20 @@ impl Egress {
                     "400 Bad Request",
                 )
                 .await;
+        };
+        // One form of the name from here on (allow list, overrides, secrets, the head out).
+        let mut t = t;
+        t.host = match normalize_host(&t.host) {
+            Some(h) => h,
+            None => {
+                return self
+                    .refuse(
+                        conn,
+                        decision(&t.host, t.port, false, "bad host name"),
+                        "400 Bad Request",
+                    )
+                    .await
+            }
         };
         if t.host.parse::<IpAddr>().is_ok() {
             return self
@@ -509,11 +668,10 @@ impl Egress {
                 }
             }
         };
-        let addrs: Vec<SocketAddr> = match self.cfg.overrides.get(&t.host.to_ascii_lowercase()) {
+        let addrs: Vec<SocketAddr> = match self.cfg.overrides.get(&t.host) {
             Some(a) => vec![*a],
-            None => match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
-                Ok(it) => {
-                    let all: Vec<SocketAddr> = it.collect();
+            None => match self.lookup(dns_box, &t.host, t.port).await {
+                Ok(all) => {
                     let ok: Vec<SocketAddr> = all
                         .iter()
                         .copied()
@@ -536,14 +694,22 @@ impl Egress {
                     }
                     ok
                 }
-                Err(_) => {
+                Err(e) => {
+                    let why = match e {
+                        LookupError::Failed => "name does not resolve".to_string(),
+                        LookupError::TimedOut => format!(
+                            "name lookup timed out after {} s (this box's lookups are limited to {} at once)",
+                            self.cfg.dns.timeout.as_secs_f32(),
+                            self.cfg.dns.per_box
+                        ),
+                    };
                     return self
                         .refuse(
                             conn,
-                            decision(&t.host, t.port, false, "name does not resolve"),
+                            decision(&t.host, t.port, false, &why),
                             "502 Bad Gateway",
                         )
-                        .await
+                        .await;
                 }
             },
         };
@@ -587,10 +753,7 @@ impl Egress {
             let _ = self.decisions.send(dec);
             return;
         }
-        let secret = secrets
-            .iter()
-            .find(|s| s.host.eq_ignore_ascii_case(&t.host))
-            .cloned();
+        let secret = secret_for(secrets, &t.host).cloned();
         let tls = secret.as_ref().is_some_and(|s| s.tls);
         let default_port = if tls { 443 } else { 80 };
         let authority = if t.port == default_port {
@@ -1101,6 +1264,31 @@ mod tests {
         ] {
             assert_eq!(class(good), None, "{good}");
         }
+    }
+
+    #[test]
+    fn host_names_are_normalised_once() {
+        assert_eq!(
+            normalize_host("Api.Example.COM.").as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(normalize_host("a.b").as_deref(), Some("a.b"));
+        assert_eq!(normalize_host("a.b.."), None);
+        assert_eq!(normalize_host("."), None);
+        assert_eq!(normalize_host(""), None);
+        let secret = |host: &str| Secret {
+            host: host.into(),
+            header: "x-k".into(),
+            value: "v".into(),
+            tls: true,
+        };
+        let secrets = [secret("API.example.com.")];
+        for asked in ["api.example.com.", "API.EXAMPLE.COM", "api.example.com"] {
+            let h = normalize_host(asked).expect("name");
+            assert!(secret_for(&secrets, &h).is_some(), "{asked}");
+            assert!(allowed(&["api.example.com".into()], &h), "{asked}");
+        }
+        assert!(secret_for(&secrets, "other.example.com").is_none());
     }
 
     #[test]

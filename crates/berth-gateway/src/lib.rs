@@ -243,6 +243,19 @@ fn gateway_drops(name: &str) -> bool {
     HOP_BY_HOP.contains(&name) || name == "host"
 }
 
+/// Whether a response's body is plain bytes (no `Content-Encoding`, or only `identity`).
+fn identity_encoded(h: &reqwest::header::HeaderMap) -> bool {
+    h.get_all(reqwest::header::CONTENT_ENCODING)
+        .iter()
+        .all(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .all(|c| c.is_empty() || c.eq_ignore_ascii_case("identity"))
+            })
+        })
+}
+
 pub fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
     (
         status,
@@ -763,7 +776,12 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
     let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        if gateway_drops(name) || name == "x-api-key" || name == "authorization" {
+        // The box's Accept-Encoding never goes up: the meter reads usage from the plain bytes.
+        if gateway_drops(name)
+            || name == "x-api-key"
+            || name == "authorization"
+            || name == "accept-encoding"
+        {
             continue;
         }
         if let (Ok(n), Ok(v)) = (
@@ -773,6 +791,10 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             headers.append(n, v);
         }
     }
+    headers.insert(
+        reqwest::header::ACCEPT_ENCODING,
+        reqwest::header::HeaderValue::from_static("identity"),
+    );
     if let (Some(key), true) = (&gw.cfg.api_key, route.credential) {
         let (name, value) = if gw.cfg.bearer {
             ("authorization", format!("Bearer {key}"))
@@ -830,6 +852,29 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
         }
     };
     let status = resp.status().as_u16();
+    if metered && !identity_encoded(resp.headers()) {
+        // Compressed bytes hide the usage: such an answer would cost nothing. Refused (and
+        // reported as a failure), never passed on unmetered.
+        if let Some(suppressed) = UPSTREAM_WARN.admit() {
+            tracing::warn!(
+                suppressed,
+                "upstream answered with a content-encoding despite identity"
+            );
+        }
+        drop(MeterTap {
+            parser: UsageParser::new(false),
+            pending: Some(owner),
+            request_model: sniffer,
+            gw: gw.clone(),
+            status: StatusCode::BAD_GATEWAY.as_u16(),
+            started,
+        });
+        return anthropic_error(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "berth: the model upstream answered with a compressed body the gateway cannot meter",
+        );
+    }
     let mut out = Response::builder().status(status);
     let is_sse = resp
         .headers()

@@ -107,12 +107,73 @@ impl Mock {
                     "no such endpoint on the mock model",
                 )
             })
+            .layer(axum::middleware::from_fn(gzip_when_asked))
             .with_state(self.clone())
     }
 
     pub fn recorded(&self) -> Vec<Recorded> {
         self.seen.lock().map(|v| v.clone()).unwrap_or_default()
     }
+}
+
+/// Like the real API, answer gzip when the client accepts it (`Accept-Encoding: gzip`); a
+/// stream is compressed chunk by chunk with a sync flush after each, so events still arrive
+/// as they are produced.
+async fn gzip_when_asked(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let wants_gzip = req
+        .headers()
+        .get_all("accept-encoding")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|c| {
+            let mut it = c.split(';');
+            let name = it.next().unwrap_or("").trim();
+            let refused = it.any(|p| matches!(p.trim(), "q=0" | "q=0.0" | "q=0.00" | "q=0.000"));
+            name.eq_ignore_ascii_case("gzip") && !refused
+        });
+    let resp = next.run(req).await;
+    if !wants_gzip || resp.headers().contains_key("content-encoding") {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove("content-length");
+    parts.headers.insert(
+        "content-encoding",
+        axum::http::HeaderValue::from_static("gzip"),
+    );
+    parts.headers.append(
+        "vary",
+        axum::http::HeaderValue::from_static("accept-encoding"),
+    );
+    let stream = async_stream::stream! {
+        use futures::StreamExt;
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut data = body.into_data_stream();
+        while let Some(chunk) = data.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    yield Err(std::io::Error::other(e));
+                    return;
+                }
+            };
+            if let Err(e) = enc.write_all(&chunk).and_then(|()| enc.flush()) {
+                yield Err(e);
+                return;
+            }
+            let out = std::mem::take(enc.get_mut());
+            if !out.is_empty() {
+                yield Ok(bytes::Bytes::from(out));
+            }
+        }
+        match enc.finish() {
+            Ok(rest) => yield Ok(bytes::Bytes::from(rest)),
+            Err(e) => yield Err(e),
+        }
+    };
+    Response::from_parts(parts, axum::body::Body::from_stream(stream))
 }
 
 fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {

@@ -101,6 +101,13 @@ pub struct ListenerSection {
     /// Connections one peer address may hold at once; more are closed at accept.
     /// `BERTH_MAX_CONNECTIONS_PER_PEER`.
     pub max_connections_per_peer: usize,
+    /// Seconds a connection (until it is upgraded) may go with no byte moving either way
+    /// while the server waits on its client, e.g. for the rest of a body.
+    /// `BERTH_CONN_IDLE_TIMEOUT_S`.
+    pub idle_timeout_s: u64,
+    /// Upgraded connections (WebSocket, proxied port upgrades) open at once, over all peers;
+    /// more are answered 503. `BERTH_MAX_UPGRADES`.
+    pub max_upgrades: usize,
 }
 
 impl Default for ListenerSection {
@@ -109,6 +116,8 @@ impl Default for ListenerSection {
             header_read_timeout_s: 10,
             max_connections: 4096,
             max_connections_per_peer: 256,
+            idle_timeout_s: 60,
+            max_upgrades: 1024,
         }
     }
 }
@@ -184,6 +193,12 @@ impl Config {
         }
         if let Some(v) = parse("BERTH_MAX_CONNECTIONS_PER_PEER")? {
             self.listener.max_connections_per_peer = v;
+        }
+        if let Some(v) = parse("BERTH_CONN_IDLE_TIMEOUT_S")? {
+            self.listener.idle_timeout_s = v;
+        }
+        if let Some(v) = parse("BERTH_MAX_UPGRADES")? {
+            self.listener.max_upgrades = v;
         }
         if let Some(v) = parse("BERTH_EVENTS_PER_SECOND")? {
             self.events.per_second = v;

@@ -351,6 +351,7 @@ pub async fn run(
             overrides,
             extra_roots_pem,
             connections: box_connections(&cfg.box_sockets),
+            ..Default::default()
         })
         .map_err(|e| ServerError::Other(e.to_string()))?;
     let engine = Engine::new(

@@ -4,13 +4,15 @@ use super::{Json, Path};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::AppState;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use berth_api::{HookAccepted, List, TriggerObject, TriggerSpec};
 
 /// Largest webhook body accepted (1 MiB).
 pub const HOOK_MAX_BODY: usize = 1 << 20;
+
+/// Time a webhook's whole body has to arrive, once its headers have.
+pub const HOOK_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Create a trigger. The answer holds the webhook's secret, shown only here.
 #[utoipa::path(post, path = "/v1/triggers", security(("bearer" = [])), request_body = TriggerSpec,
@@ -62,14 +64,49 @@ pub async fn delete_trigger(
 /// bearer token. The
 /// body (JSON; other text becomes `{"body": …}`) fills the trigger's prompt.
 #[utoipa::path(post, path = "/v1/hooks/{id}", params(("id" = String, Path)), request_body(content = String, content_type = "application/json"),
-    responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 413, body = berth_api::ErrorBody), (status = 429, body = berth_api::ErrorBody)))]
+    responses((status = 202, body = HookAccepted), (status = 401, body = berth_api::ErrorBody), (status = 404, body = berth_api::ErrorBody), (status = 408, body = berth_api::ErrorBody), (status = 413, body = berth_api::ErrorBody), (status = 429, body = berth_api::ErrorBody)))]
 pub async fn hook(
     State(st): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<HookAccepted>), ApiError> {
-    let body = body?;
+    // Anyone may call this route: an unknown trigger is answered before a byte of the body is
+    // read, and a body must arrive whole within HOOK_BODY_DEADLINE (a client trickling a
+    // large body cannot hold the connection).
+    st.engine.hook_target(&id).await?;
+    let body = match tokio::time::timeout(
+        HOOK_BODY_DEADLINE,
+        axum::body::to_bytes(body, HOOK_MAX_BODY),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                ApiError::Rejected(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "webhook body too large".into(),
+                )
+            } else {
+                ApiError::Rejected(
+                    StatusCode::BAD_REQUEST,
+                    "reading the webhook body failed".into(),
+                )
+            });
+        }
+        Err(_) => {
+            return Err(ApiError::Rejected(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the webhook body did not arrive within {} s",
+                    HOOK_BODY_DEADLINE.as_secs()
+                ),
+            ))
+        }
+    };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
     let signature = header(crate::engine::triggers::SIGNATURE_HEADER);

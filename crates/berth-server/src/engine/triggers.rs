@@ -334,6 +334,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether `id` names a webhook trigger (checked before its caller's body is read).
+    pub async fn hook_target(&self, id: &str) -> Result<(), EngineError> {
+        match self.store.get_trigger(None, id).await? {
+            Some((t, _)) if t.webhook_path.is_some() => Ok(()),
+            _ => Err(EngineError::not_found("trigger", id)),
+        }
+    }
+
     /// An inbound webhook: authenticate, then fire.
     pub async fn hook(
         self: &Arc<Self>,
