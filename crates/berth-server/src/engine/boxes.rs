@@ -667,6 +667,7 @@ impl BoxActor {
             &self.obj.id,
             paths,
             audience,
+            self.obj.resources.disk_mib,
             &mut out,
         )
         .await
