@@ -605,9 +605,11 @@ impl BoxActor {
             return Err(ApiError::Internal("parked box without a snapshot".into()));
         };
         // A parked box holds nothing: coming back counts against the tenant's limits again.
-        let _admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
+        let admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
         let t = Instant::now();
         self.set(BoxState::Restoring, None).await;
+        // `restoring` is published: the box now counts as held by its state, not twice.
+        drop(admitted);
         let reason = Some("restored from its snapshot".to_string());
         let restored = self.bring_up(false, Some(&snap), reason).await;
         match restored {
