@@ -240,3 +240,50 @@ async fn a_websocket_that_stopped_reading_is_closed_after_revocation() {
     assert!(ended.is_ok(), "the socket ended");
     assert_eq!(mallory.get("/v1/boxes").await.status, 401);
 }
+
+/// A box leaves a 1 TiB sparse file in its `keep_workspace` workspace: its artifact fails at
+/// once (the files pass the box's disk size) instead of streaming zeros until the archive's
+/// timeout; the destroy completes, the failure is a box event, and the server serves others.
+#[tokio::test]
+async fn a_huge_sparse_file_fails_the_artifact_at_the_disk_size() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    let spec = json!({"resources": {"memory_mib": 256, "disk_mib": 64, "pids": 64},
+        "keep_workspace": true});
+    let r = api.post("/v1/boxes", spec).await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let bx = r.json["id"].as_str().expect("id").to_string();
+    let out = exec(
+        &api,
+        &bx,
+        "echo mine > /workspace/f && truncate -s 1T /workspace/huge && echo ok",
+    )
+    .await;
+    assert_eq!(out["stdout"], "ok\n", "{out}");
+    let t = Instant::now();
+    let del = tokio::time::timeout(
+        Duration::from_secs(120),
+        api.delete(&format!("/v1/boxes/{bx}")),
+    )
+    .await
+    .expect("the destroy is not held up by the archive");
+    assert_eq!(del.status, 200, "{}", del.json);
+    assert!(t.elapsed() < Duration::from_secs(120));
+    let evs = api.get(&format!("/v1/boxes/{bx}/events")).await.json;
+    let failed = evs["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["type"] == "artifact_failed"))
+        .cloned();
+
+    let failed = failed.unwrap_or_else(|| panic!("an artifact_failed event: {evs}"));
+    assert!(
+        failed.to_string().contains("bytes"),
+        "the reason names the size: {failed}"
+    );
+    assert_eq!(
+        api.get(&format!("/v1/boxes/{bx}/artifact")).await.status,
+        404
+    );
+    assert_eq!(api.get("/v1/boxes").await.status, 200);
+}
