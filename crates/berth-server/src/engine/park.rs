@@ -245,6 +245,12 @@ pub async fn capture_paths(
     let dropped = encoder
         .await
         .map_err(|e| ParkError::Compress(std::io::Error::other(e)))?;
+    // Over the size is the box's doing, and the reason the box's stream was cut: said first.
+    if let Err(e) = &dropped {
+        if e.kind() == std::io::ErrorKind::FileTooLarge {
+            return Err(ParkError::Tar(e.to_string()));
+        }
+    }
     stored?;
     streamed?;
     Ok(dropped?)
@@ -378,9 +384,10 @@ pub fn sanitize_tar(
                 let size = e.size();
                 total = total.saturating_add(size);
                 if total > max_bytes {
-                    return Err(std::io::Error::other(format!(
-                        "the archive's files pass {max_bytes} bytes"
-                    )));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::FileTooLarge,
+                        format!("the archive's files pass {max_bytes} bytes (the box's disk and then some)"),
+                    ));
                 }
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_mode(mode);
