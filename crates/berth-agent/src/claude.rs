@@ -44,6 +44,41 @@ const DEFAULT_PERMISSION_TIMEOUT_S: u64 = 300;
 /// Longest stdout line (one stream-json message) the driver holds; a longer one is dropped
 /// with an `error` event, so an agent cannot make the server buffer without bound.
 pub const MAX_LINE: usize = 16 << 20;
+/// Lines longer than this are not parsed into a `Value` (whose tree costs several times the
+/// line: `[0,0,…]` is 16–32 bytes per 2 bytes of input); only the few small fields the
+/// driver acts on are read ([`Large`]) and the event says what was left out.
+pub const LARGE_LINE: usize = 1 << 20;
+/// Bytes of an unparsed large line kept in its event.
+const PREVIEW: usize = 4096;
+
+/// The fields of a large line the driver needs; serde skips the rest without building it.
+#[derive(serde::Deserialize)]
+struct Large {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    subtype: Option<String>,
+    session_id: Option<String>,
+    claude_code_version: Option<String>,
+    is_error: Option<bool>,
+    total_cost_usd: Option<f64>,
+    request_id: Option<String>,
+    request: Option<LargeRequest>,
+}
+
+#[derive(serde::Deserialize)]
+struct LargeRequest {
+    subtype: Option<String>,
+    tool_name: Option<String>,
+}
+
+/// At most `n` bytes of `b` as text, not splitting a UTF-8 sequence.
+fn preview(b: &[u8], n: usize) -> String {
+    let mut s = String::from_utf8_lossy(&b[..b.len().min(n)]).into_owned();
+    if b.len() > n && s.ends_with('\u{fffd}') {
+        s.pop();
+    }
+    s
+}
 
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob(pattern: &str, text: &str) -> bool {
@@ -257,6 +292,9 @@ impl ClaudeDriver {
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
+        if line.len() > LARGE_LINE {
+            return self.large_message(line, out);
+        }
         let Ok(v) = serde_json::from_slice::<Value>(line) else {
             out.events.push(AgentEvent {
                 kind: EventKind::Stdout,
@@ -375,6 +413,75 @@ impl ClaudeDriver {
                 data: v,
             }),
         }
+    }
+
+    /// A line over [`LARGE_LINE`]: the same state changes as [`Self::message`] from its small
+    /// fields, and an event of its type holding those fields, `truncated` and its size (a
+    /// line that is not such an object is a `stdout` event with the line's start). A
+    /// permission request this large is denied at once: the operator could not see it.
+    fn large_message(&mut self, line: &[u8], out: &mut Output) {
+        let bytes = line.len();
+        let Ok(m) = serde_json::from_slice::<Large>(line) else {
+            out.events.push(AgentEvent {
+                kind: "stdout".into(),
+                data: json!({"text": preview(line, PREVIEW), "truncated": true, "bytes": bytes}),
+            });
+            return;
+        };
+        let kind = m.kind.clone().unwrap_or_else(|| "unknown".into());
+        let data = json!({
+            "type": kind,
+            "subtype": m.subtype,
+            "session_id": m.session_id,
+            "is_error": m.is_error,
+            "total_cost_usd": m.total_cost_usd,
+            "truncated": true,
+            "bytes": bytes,
+        });
+        match kind.as_str() {
+            "system" if m.subtype.as_deref() == Some("init") => {
+                out.update.agent_session_id = m.session_id;
+                out.update.cli_version = m.claude_code_version;
+            }
+            "assistant" => out.update.state = Some(SessionState::Running),
+            "result" => {
+                if let Some(id) = m.session_id {
+                    out.update.agent_session_id = Some(id);
+                }
+                out.update.agent_cost_usd = m.total_cost_usd;
+                out.update.state = Some(SessionState::Idle);
+                let subtype = m.subtype.unwrap_or_default();
+                out.update.state_reason =
+                    (m.is_error.unwrap_or(false) || subtype != "success").then_some(subtype);
+            }
+            "control_request"
+                if m.request.as_ref().and_then(|r| r.subtype.as_deref())
+                    == Some("can_use_tool") =>
+            {
+                let id = m.request_id.unwrap_or_default();
+                let tool = m.request.and_then(|r| r.tool_name).unwrap_or_default();
+                let msg = format!("denied: the request was {bytes} bytes, over {LARGE_LINE}");
+                out.events.push(AgentEvent {
+                    kind: "permission_request".into(),
+                    data: json!({"request_id": id, "tool_name": tool, "truncated": true, "bytes": bytes}),
+                });
+                self.pending
+                    .insert(id.clone(), (Value::Null, std::time::Instant::now()));
+                if let Some(b) = self.answer_permission(&id, false, Some(&msg)) {
+                    out.stdin.push(b);
+                    out.events.push(AgentEvent {
+                        kind: "permission_answer".into(),
+                        data: json!({"request_id": id, "allow": false, "message": msg, "by": "size"}),
+                    });
+                }
+                return;
+            }
+            _ => {}
+        }
+        out.events.push(AgentEvent {
+            kind: kind.into(),
+            data,
+        });
     }
 
     pub fn on_stderr(&mut self, bytes: &[u8]) -> Output {
@@ -574,6 +681,96 @@ mod tests {
         d.on_stdout(&vec![b'z'; MAX_LINE + 1]);
         let out = d.on_exit(Some(0), None);
         assert_eq!(out.events[0].kind, "error", "{:?}", out.events);
+    }
+
+    /// Counts bytes allocated on this thread while `COUNTING` is set (tests run on their own
+    /// threads, so others' allocations are not counted).
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+        thread_local! {
+            pub static COUNTING: Cell<bool> = const { Cell::new(false) };
+            pub static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+        }
+        pub struct Counting;
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+                let _ = COUNTING.try_with(|c| {
+                    if c.get() {
+                        let _ = ALLOCATED.try_with(|a| a.set(a.get() + l.size()));
+                    }
+                });
+                // SAFETY: the caller's contract is passed through to the system allocator.
+                unsafe { System.alloc(l) }
+            }
+            unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+                // SAFETY: as above.
+                unsafe { System.dealloc(p, l) }
+            }
+        }
+        #[global_allocator]
+        static A: Counting = Counting;
+    }
+
+    /// What `f` allocates on this thread, in bytes (frees not subtracted).
+    fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        counting::ALLOCATED.with(|a| a.set(0));
+        counting::COUNTING.with(|c| c.set(true));
+        let r = f();
+        counting::COUNTING.with(|c| c.set(false));
+        (r, counting::ALLOCATED.with(|a| a.get()))
+    }
+
+    #[test]
+    fn a_large_line_is_not_built_into_a_value() {
+        let mut d = ClaudeDriver::new(&ClaudeAgent::default(), env(), "/workspace").expect("d");
+        // 15 MiB of `[0,0,…]`: as a `Value`, hundreds of MiB.
+        let mut line = Vec::with_capacity(15 << 20);
+        line.push(b'[');
+        while line.len() < (15 << 20) - 2 {
+            line.extend_from_slice(b"0,");
+        }
+        line.extend_from_slice(b"0]\n");
+        let (out, bytes) = allocated_by(|| d.on_stdout(&line));
+        assert_eq!(out.events.len(), 1, "{:?}", out.events.len());
+        assert_eq!(out.events[0].kind, "stdout");
+        assert_eq!(out.events[0].data["truncated"], true);
+        assert_eq!(out.events[0].data["bytes"], line.len() as u64 - 1);
+        assert!(out.events[0].data["text"]
+            .as_str()
+            .is_some_and(|t| t.len() <= PREVIEW));
+        // The line buffer holds the line once (and may grow through doublings); a `Value`
+        // tree would be well over ten times the line.
+        assert!(
+            bytes < 64 << 20,
+            "allocated {bytes} bytes for a 15 MiB line"
+        );
+
+        // A large object keeps its type and the fields the driver acts on.
+        let pad = "x".repeat(2 << 20);
+        let result = format!(
+            "{{\"type\":\"result\",\"subtype\":\"success\",\"session_id\":\"s9\",\"total_cost_usd\":0.5,\"result\":\"{pad}\",\"pad\":[{}0]}}\n",
+            "0,".repeat(1 << 20)
+        );
+        let (out, bytes) = allocated_by(|| d.on_stdout(result.as_bytes()));
+        assert!(bytes < 32 << 20, "allocated {bytes} bytes for a 4 MiB line");
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.events[0].kind, "result");
+        assert_eq!(out.events[0].data["truncated"], true);
+        assert_eq!(out.update.agent_session_id.as_deref(), Some("s9"));
+        assert_eq!(out.update.agent_cost_usd, Some(0.5));
+        assert_eq!(out.update.state, Some(SessionState::Idle));
+
+        // A permission request too large to show is denied, not left pending.
+        let req = format!(
+            "{{\"type\":\"control_request\",\"request_id\":\"r1\",\"request\":{{\"subtype\":\"can_use_tool\",\"tool_name\":\"Write\",\"input\":{{\"content\":\"{pad}\"}}}}}}\n"
+        );
+        let out = d.on_stdout(req.as_bytes());
+        assert_eq!(out.stdin.len(), 1);
+        let ans: Value = serde_json::from_slice(&out.stdin[0]).expect("json");
+        assert_eq!(ans["response"]["request_id"], "r1");
+        assert_eq!(ans["response"]["response"]["behavior"], "deny");
+        assert!(d.next_deadline().is_none(), "nothing left pending");
     }
 
     #[test]

@@ -182,7 +182,11 @@ async fn read(st: &AppState, c: &Caller, id: &str, path: &str) -> Result<Respons
                     ),
                     (axum::http::header::CONTENT_LENGTH, size.to_string()),
                 ],
-                axum::body::Body::from_stream(chunks),
+                // A long download ends with the key that started it.
+                crate::auth::until_revoked(
+                    axum::body::Body::from_stream(chunks),
+                    st.engine.key_revoked(&c.key_id),
+                ),
             )
                 .into_response())
         }
@@ -225,7 +229,10 @@ pub async fn artifact(
     let tar = st.engine.box_artifact(&c.tenant, &id).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
-        axum::body::Body::from_stream(tar),
+        crate::auth::until_revoked(
+            axum::body::Body::from_stream(tar),
+            st.engine.key_revoked(&c.key_id),
+        ),
     )
         .into_response())
 }

@@ -287,6 +287,9 @@ pub async fn ws(
         .into_response())
 }
 
+/// Longest a revoked socket's close frame may take to send.
+const WS_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: WebSocket) {
     let (sink, mut incoming) = socket.split();
     let sink = Arc::new(tokio::sync::Mutex::new(sink));
@@ -314,65 +317,71 @@ async fn ws_session(st: AppState, c: Caller, id: String, after: i64, socket: Web
         }
         let _ = out.lock().await.send(Message::Close(None)).await;
     });
-    let mut revoked = std::pin::pin!(st.engine.key_revoked(&c.key_id));
-    loop {
-        let msg = tokio::select! {
-            m = incoming.next() => match m {
-                Some(Ok(m)) => m,
-                _ => break,
-            },
-            () = &mut revoked => {
-                // The key that opened this socket is gone: so is the socket.
-                forward.abort();
-                let close = axum::extract::ws::CloseFrame {
-                    code: axum::extract::ws::close_code::POLICY,
-                    reason: "API key revoked".into(),
-                };
-                let _ = sink.lock().await.send(Message::Close(Some(close))).await;
+    let revoked = st.engine.key_revoked(&c.key_id);
+    // Raced as a whole against revocation: a client that sends but stops reading blocks an
+    // answer's send, which must not keep the socket past its key.
+    let serve = async {
+        while let Some(Ok(msg)) = incoming.next().await {
+            let text = match msg {
+                Message::Text(t) => t.to_string(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            let reply = match serde_json::from_str::<WsClientMessage>(&text) {
+                Err(e) => Err(EngineError::Invalid(format!("bad message: {e}"))),
+                Ok(WsClientMessage::Message { content }) => {
+                    st.engine.send_message(&c.tenant, &id, content).await
+                }
+                Ok(WsClientMessage::Interrupt) => st.engine.interrupt(&c.tenant, &id).await,
+                Ok(WsClientMessage::SetPermissionMode { mode }) => {
+                    st.engine.set_permission_mode(&c.tenant, &id, mode).await
+                }
+                Ok(WsClientMessage::Permission {
+                    request_id,
+                    allow,
+                    message,
+                }) => {
+                    st.engine
+                        .answer_permission(
+                            &c.tenant,
+                            &id,
+                            &request_id,
+                            PermissionAnswer { allow, message },
+                        )
+                        .await
+                }
+            };
+            let ack = match reply {
+                Ok(()) => serde_json::json!({"type": "ack"}),
+                Err(e) => {
+                    serde_json::json!({"type": "error", "error": ApiError::from(e).body().error})
+                }
+            };
+            if sink
+                .lock()
+                .await
+                .send(Message::Text(ack.to_string().into()))
+                .await
+                .is_err()
+            {
                 break;
             }
-        };
-        let text = match msg {
-            Message::Text(t) => t.to_string(),
-            Message::Close(_) => break,
-            _ => continue,
-        };
-        let reply = match serde_json::from_str::<WsClientMessage>(&text) {
-            Err(e) => Err(EngineError::Invalid(format!("bad message: {e}"))),
-            Ok(WsClientMessage::Message { content }) => {
-                st.engine.send_message(&c.tenant, &id, content).await
-            }
-            Ok(WsClientMessage::Interrupt) => st.engine.interrupt(&c.tenant, &id).await,
-            Ok(WsClientMessage::SetPermissionMode { mode }) => {
-                st.engine.set_permission_mode(&c.tenant, &id, mode).await
-            }
-            Ok(WsClientMessage::Permission {
-                request_id,
-                allow,
-                message,
-            }) => {
-                st.engine
-                    .answer_permission(
-                        &c.tenant,
-                        &id,
-                        &request_id,
-                        PermissionAnswer { allow, message },
-                    )
-                    .await
-            }
-        };
-        let ack = match reply {
-            Ok(()) => serde_json::json!({"type": "ack"}),
-            Err(e) => serde_json::json!({"type": "error", "error": ApiError::from(e).body().error}),
-        };
-        if sink
-            .lock()
-            .await
-            .send(Message::Text(ack.to_string().into()))
-            .await
-            .is_err()
-        {
-            break;
+        }
+    };
+    tokio::select! {
+        () = serve => {}
+        () = revoked => {
+            // The key that opened this socket is gone: so is the socket. The close frame gets
+            // a bounded time (a client that stopped reading would hold the send forever).
+            forward.abort();
+            let close = axum::extract::ws::CloseFrame {
+                code: axum::extract::ws::close_code::POLICY,
+                reason: "API key revoked".into(),
+            };
+            let _ = tokio::time::timeout(WS_CLOSE_TIMEOUT, async {
+                sink.lock().await.send(Message::Close(Some(close))).await
+            })
+            .await;
         }
     }
     forward.abort();

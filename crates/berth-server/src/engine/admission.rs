@@ -131,6 +131,15 @@ pub fn check_max_box(r: &Resources, max: &MaxBox) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Whether a box in `state` has a running sandbox, so counts against its tenant's limits:
+/// a box being parked or restored runs (its archive is being made or unpacked).
+fn holds_resources(state: BoxState) -> bool {
+    matches!(
+        state,
+        BoxState::Creating | BoxState::Running | BoxState::Parking | BoxState::Restoring
+    )
+}
+
 impl Engine {
     /// Check a new box of `tenant` against the ceilings and the tenant's limits, counting its
     /// live boxes and the creates in flight, and reserve its place (see the module docs).
@@ -145,7 +154,7 @@ impl Engine {
         if let Ok(m) = self.boxes.read() {
             for h in m.values() {
                 let b = h.state.borrow();
-                if b.tenant == tenant && matches!(b.state, BoxState::Creating | BoxState::Running) {
+                if b.tenant == tenant && holds_resources(b.state) {
                     held.add(&b.resources);
                 }
             }
@@ -225,6 +234,17 @@ mod tests {
         ] {
             let e = check_max_box(&r, &max).expect_err("over");
             assert!(e.to_string().contains(what), "{e}");
+        }
+    }
+
+    #[test]
+    fn boxes_being_parked_or_restored_are_counted() {
+        use BoxState::*;
+        for s in [Creating, Running, Parking, Restoring] {
+            assert!(holds_resources(s), "{s:?}");
+        }
+        for s in [Parked, Stopped, Destroyed, Failed] {
+            assert!(!holds_resources(s), "{s:?}");
         }
     }
 

@@ -610,9 +610,11 @@ impl BoxActor {
             ));
         };
         // A parked box holds nothing: coming back counts against the tenant's limits again.
-        let _admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
+        let admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
         let t = Instant::now();
         self.set(BoxState::Restoring, None).await;
+        // `restoring` is published: the box now counts as held by its state, not twice.
+        drop(admitted);
         let reason = Some("restored from its snapshot".to_string());
         let restored = self.bring_up(false, Some(&snap), reason).await;
         match restored {
@@ -672,6 +674,7 @@ impl BoxActor {
             &self.obj.id,
             paths,
             audience,
+            self.obj.resources.disk_mib,
             &mut out,
         )
         .await

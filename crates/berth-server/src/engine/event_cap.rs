@@ -125,24 +125,30 @@ impl EventCap {
 }
 
 /// Cut an event whose data is over `max` bytes: a long `text` is shortened (at a character
-/// boundary); any other oversized data is replaced by a preview of its JSON.
+/// boundary) when the rest of the data is within `max`; any other oversized data (including a
+/// short-cut `text` beside other large fields) is replaced by a preview of its JSON. Either
+/// way what is kept is a few times `max` at most (JSON escaping), whatever the agent wrote.
 pub fn truncate(data: &mut Value, max: usize) {
-    if let Some(Value::String(t)) = data.get_mut("text") {
-        if t.len() > max {
+    let long_text = matches!(data.get("text"), Some(Value::String(t)) if t.len() > max);
+    if let (true, Value::Object(m)) = (long_text, &mut *data) {
+        if let Some(Value::String(mut t)) = m.remove("text") {
+            // The other fields, measured alone: a long `text` must not carry a large rest.
+            let rest = serde_json::to_vec(&*m).map_or(usize::MAX, |v| v.len());
             let bytes = t.len();
             let mut cut = max;
             while !t.is_char_boundary(cut) {
                 cut -= 1;
             }
             t.truncate(cut);
-            if let Value::Object(m) = data {
-                m.insert("truncated".into(), Value::Bool(true));
-                m.insert("bytes".into(), json!(bytes));
+            m.insert("text".into(), Value::String(t));
+            m.insert("truncated".into(), Value::Bool(true));
+            m.insert("bytes".into(), json!(bytes));
+            if rest <= max {
+                return;
             }
-            return;
         }
     }
-    let size = serde_json::to_vec(data).map(|v| v.len()).unwrap_or(0);
+    let size = serde_json::to_vec(data).map_or(usize::MAX, |v| v.len());
     if size > max {
         let mut preview = data.to_string();
         let mut cut = max.min(preview.len());
@@ -259,5 +265,25 @@ mod tests {
         let mut small = json!({"text": "ok"});
         truncate(&mut small, 100);
         assert_eq!(small, json!({"text": "ok"}));
+    }
+
+    #[test]
+    fn a_long_text_cannot_carry_a_large_rest_past_the_cap() {
+        let max = 1024;
+        let mut d = json!({
+            "type": "x",
+            "text": "t".repeat(max + 1),
+            "pad": "p".repeat(15 << 20),
+        });
+        truncate(&mut d, max);
+        let stored = serde_json::to_vec(&d).expect("json").len();
+        assert!(stored <= 2 * max, "{stored} bytes kept");
+        assert_eq!(d["truncated"], true);
+        assert!(d["preview"].as_str().is_some_and(|p| p.len() <= max));
+        // A long text with a small rest still keeps its text.
+        let mut d = json!({"type": "x", "text": "t".repeat(max + 1)});
+        truncate(&mut d, max);
+        assert_eq!(d["text"].as_str().map(str::len), Some(max));
+        assert_eq!(d["type"], "x");
     }
 }
