@@ -3,16 +3,11 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{Api, Server};
+use common::{claude_bin, Api, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
-
-fn claude_bin() -> String {
-    std::env::var("BERTH_CLAUDE_BIN")
-        .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into())
-}
 
 async fn start_mock() -> (String, Mock) {
     // The demo, plus a task that makes the agent dump its environment where the test can read it.
@@ -105,17 +100,6 @@ async fn wait_for_model_request(mock: &Mock, text: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn exec(api: &Api, bx: &str, script: &str) -> Value {
-    let r = api
-        .post(
-            &format!("/v1/boxes/{bx}/exec"),
-            json!({"argv": ["/bin/sh", "-c", script]}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.json);
-    r.json
 }
 
 #[tokio::test]
@@ -1032,4 +1016,8 @@ async fn the_agent_works_as_its_own_user_in_a_shared_box() {
         404
     );
     srv.stop().await;
+}
+
+async fn exec(api: &Api, bx: &str, script: &str) -> Value {
+    common::exec_sh(api, bx, script, 600).await
 }

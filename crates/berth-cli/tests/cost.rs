@@ -4,14 +4,9 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{Api, Server};
+use common::{claude_bin, Api, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-fn claude_bin() -> String {
-    std::env::var("BERTH_CLAUDE_BIN")
-        .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into())
-}
 
 async fn serve_mock(sc: Scenario) -> (String, Mock) {
     let mock = Mock::new(sc, Duration::ZERO);

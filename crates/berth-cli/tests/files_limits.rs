@@ -9,17 +9,6 @@ use common::{Api, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-async fn exec(api: &Api, bx: &str, script: &str) -> Value {
-    let r = api
-        .post(
-            &format!("/v1/boxes/{bx}/exec"),
-            json!({"argv": ["sh", "-c", script], "timeout_s": 240}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.json);
-    r.json
-}
-
 /// A box nests 20 000 directories (relative `mkdir`+`chdir`, far past PATH_MAX) and fills
 /// another with 12 000 files; the operator lists and deletes them through the files API. The
 /// server answers both, another client's requests are answered meanwhile, and it keeps serving.
@@ -96,4 +85,8 @@ async fn deep_and_wide_trees_a_box_makes_are_served_safely() {
     let r = api.delete(&format!("/v1/boxes/{bx}")).await;
     assert!((200..300).contains(&r.status), "{}", r.json);
     assert!(srv.stop().await.success(), "the server exits cleanly");
+}
+
+async fn exec(api: &Api, bx: &str, script: &str) -> Value {
+    common::exec_sh(api, bx, script, 240).await
 }

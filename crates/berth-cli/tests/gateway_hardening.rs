@@ -6,17 +6,12 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{Api, Server};
+use common::{claude_bin, Api, Server};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const REAL_KEY: &str = "sk-ant-real-secret-for-hardening-0123456789";
-
-fn claude_bin() -> String {
-    std::env::var("BERTH_CLAUDE_BIN")
-        .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into())
-}
 
 async fn boxed(api: &Api, body: Value) -> String {
     let r = api.post("/v1/boxes", body).await;

@@ -20,17 +20,6 @@ async fn make_box(api: &Api, extra: Value) -> String {
     r.json["id"].as_str().expect("id").to_string()
 }
 
-async fn exec(api: &Api, id: &str, script: &str) -> Value {
-    let r = api
-        .post(
-            &format!("/v1/boxes/{id}/exec"),
-            json!({"argv": ["/bin/sh", "-c", script], "timeout_s": 120}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.json);
-    r.json
-}
-
 fn shell_agent() -> Value {
     json!({"kind": "command", "argv": ["/bin/sh", "-c",
         "while read -r l; do out=$(sh -c \"$l\" 2>&1); rc=$?; echo \"$(printf %s \"$out\" | tr '\\n' ' ')|rc=$rc\"; done"]})
@@ -296,4 +285,8 @@ async fn large_files_stream_through_bounded_server_memory() {
         "PUT of {SIZE} bytes grew the server from {idle_put} KiB to {peak_put} KiB"
     );
     srv.stop().await;
+}
+
+async fn exec(api: &Api, bx: &str, script: &str) -> Value {
+    common::exec_sh(api, bx, script, 120).await
 }

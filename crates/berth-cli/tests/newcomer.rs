@@ -4,17 +4,12 @@
 
 mod common;
 
-use common::{Api, Server};
+use common::{claude_bin, Api, Server};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
 
 const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
-
-fn claude_bin() -> String {
-    std::env::var("BERTH_CLAUDE_BIN")
-        .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into())
-}
 
 /// `berth ARGS` as a user runs it: no BERTH_* variables but `env`, a HOME of its own (so the
 /// default data dir is empty), bounded in time.

@@ -5,18 +5,13 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::Server;
+use common::{claude_bin, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 const REAL_KEY: &str = "sk-ant-real-secret-for-review-0123456789";
 /// What the mock reports for each probe request (easy to tell from the agent's own turns).
 const PROBE_TOKENS: u64 = 777_777;
-
-fn claude_bin() -> String {
-    std::env::var("BERTH_CLAUDE_BIN")
-        .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into())
-}
 
 #[tokio::test]
 async fn asking_for_gzip_from_a_box_does_not_hide_usage() {

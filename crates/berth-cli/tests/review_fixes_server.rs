@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Api, Server};
+use common::{tenant_key, Api, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -14,27 +14,6 @@ async fn small_box(api: &Api) -> String {
     let r = api.post("/v1/boxes", spec).await;
     assert_eq!(r.status, 201, "{}", r.json);
     r.json["id"].as_str().expect("id").to_string()
-}
-
-/// A new key for `tenant` (admin call); returns (key id, client).
-async fn tenant_key(admin: &Api, tenant: &str) -> (String, Api) {
-    let r = admin.post("/v1/keys", json!({"tenant": tenant})).await;
-    assert_eq!(r.status, 201, "{}", r.json);
-    (
-        r.json["id"].as_str().expect("id").to_string(),
-        Api::new(&admin.url, r.json["key"].as_str().expect("key")),
-    )
-}
-
-async fn exec(api: &Api, bx: &str, script: &str) -> Value {
-    let r = api
-        .post(
-            &format!("/v1/boxes/{bx}/exec"),
-            json!({"argv": ["sh", "-c", script]}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.json);
-    r.json
 }
 
 /// A 64 GiB (sparse) file is being downloaded with a tenant's key when the key is deleted:
@@ -286,4 +265,8 @@ async fn a_huge_sparse_file_fails_the_artifact_at_the_disk_size() {
         404
     );
     assert_eq!(api.get("/v1/boxes").await.status, 200);
+}
+
+async fn exec(api: &Api, bx: &str, script: &str) -> Value {
+    common::exec_sh(api, bx, script, 600).await
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Api, Server};
+use common::{tenant_key, Api, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -23,27 +23,6 @@ async fn small_box(api: &Api, extra: Value) -> String {
 
 fn echo_agent() -> Value {
     json!({"kind": "command", "argv": ["/bin/sh", "-c", "while read -r l; do echo \"echo: $l\"; done"]})
-}
-
-/// A new key for `tenant` (admin call); returns (key id, client).
-async fn tenant_key(admin: &Api, tenant: &str) -> (String, Api) {
-    let r = admin.post("/v1/keys", json!({"tenant": tenant})).await;
-    assert_eq!(r.status, 201, "{}", r.json);
-    (
-        r.json["id"].as_str().expect("id").to_string(),
-        Api::new(&admin.url, r.json["key"].as_str().expect("key")),
-    )
-}
-
-async fn exec(api: &Api, bx: &str, script: &str) -> Value {
-    let r = api
-        .post(
-            &format!("/v1/boxes/{bx}/exec"),
-            json!({"argv": ["sh", "-c", script]}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.json);
-    r.json
 }
 
 /// Deleting a key ends the SSE stream and the WebSocket it opened within a second; another
@@ -1011,4 +990,8 @@ async fn connections_over_the_cap_wait_for_a_slot() {
         "waited {waited:?} for a slot"
     );
     srv.stop().await;
+}
+
+async fn exec(api: &Api, bx: &str, script: &str) -> Value {
+    common::exec_sh(api, bx, script, 600).await
 }

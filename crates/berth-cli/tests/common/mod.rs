@@ -235,3 +235,34 @@ impl Api {
         }
     }
 }
+
+/// The pinned Claude Code CLI the tests drive (`BERTH_CLAUDE_BIN`, else where `scripts/setup`
+/// installs it).
+pub fn claude_bin() -> String {
+    std::env::var("BERTH_CLAUDE_BIN")
+        .unwrap_or_else(|_| "/opt/berth/claude-code-2.1.328/node_modules/.bin/claude".into())
+}
+
+/// A new key for `tenant` (an admin call); returns (key id, a client holding the key).
+pub async fn tenant_key(admin: &Api, tenant: &str) -> (String, Api) {
+    let r = admin
+        .post("/v1/keys", serde_json::json!({"tenant": tenant}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    (
+        r.json["id"].as_str().expect("id").to_string(),
+        Api::new(&admin.url, r.json["key"].as_str().expect("key")),
+    )
+}
+
+/// Run `script` with `sh -c` in a box (at most `timeout_s`); the exec's JSON answer.
+pub async fn exec_sh(api: &Api, bx: &str, script: &str, timeout_s: u64) -> serde_json::Value {
+    let r = api
+        .post(
+            &format!("/v1/boxes/{bx}/exec"),
+            serde_json::json!({"argv": ["/bin/sh", "-c", script], "timeout_s": timeout_s}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json
+}
