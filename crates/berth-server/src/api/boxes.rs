@@ -360,7 +360,13 @@ async fn proxy_port(
         return Err(ApiError::Invalid("port must be 1-65535".into()));
     }
     let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
-    let stream = backend.connect(&id, port).await?;
+    // A refused or reset connection inside the box is the box's port, not the server: 502.
+    let stream = backend.connect(&id, port).await.map_err(|e| match e {
+        berth_sandbox::SandboxError::Io(io) => {
+            ApiError::Rejected(StatusCode::BAD_GATEWAY, format!("port {port}: {io}"))
+        }
+        other => other.into(),
+    })?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

@@ -71,6 +71,10 @@ impl From<FsError> for EngineError {
                 std::io::ErrorKind::IsADirectory => {
                     EngineError::Invalid("path is a directory".into())
                 }
+                // ENAMETOOLONG: a client's path, not a server fault.
+                _ if io.raw_os_error() == Some(36) => {
+                    EngineError::Invalid("a path component is too long".into())
+                }
                 _ => EngineError::Internal(io.to_string()),
             },
         }
