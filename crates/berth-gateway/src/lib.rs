@@ -570,6 +570,26 @@ impl Drop for MeterTap {
     }
 }
 
+/// A request the upstream did not answer usably: reported as a 502 with no tokens (so the
+/// failure shows in the ledger and the error metrics), answered 502 `api_error`.
+fn upstream_failed(
+    gw: &Arc<Gateway>,
+    pending: Option<TokenOwner>,
+    request_model: Arc<std::sync::Mutex<ModelSniffer>>,
+    started: std::time::Instant,
+    message: &str,
+) -> Response {
+    drop(MeterTap {
+        parser: UsageParser::new(false),
+        pending,
+        request_model,
+        gw: gw.clone(),
+        status: StatusCode::BAD_GATEWAY.as_u16(),
+        started,
+    });
+    anthropic_error(StatusCode::BAD_GATEWAY, "api_error", message)
+}
+
 /// Why the gateway refused a request; answered in the Anthropic error format.
 enum Refusal {
     Unauthorized(&'static str),
@@ -835,18 +855,11 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
             if let Some(suppressed) = UPSTREAM_WARN.admit() {
                 tracing::warn!(error = %e, suppressed, "upstream unreachable");
             }
-            // Reported (no tokens) so the failure shows in the ledger and the error metrics.
-            drop(MeterTap {
-                parser: UsageParser::new(false),
-                pending: metered.then_some(owner),
-                request_model: sniffer,
-                gw: gw.clone(),
-                status: StatusCode::BAD_GATEWAY.as_u16(),
+            return upstream_failed(
+                gw,
+                metered.then_some(owner),
+                sniffer,
                 started,
-            });
-            return anthropic_error(
-                StatusCode::BAD_GATEWAY,
-                "api_error",
                 "the model upstream is unreachable",
             );
         }
@@ -861,17 +874,11 @@ async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response {
                 "upstream answered with a content-encoding despite identity"
             );
         }
-        drop(MeterTap {
-            parser: UsageParser::new(false),
-            pending: Some(owner),
-            request_model: sniffer,
-            gw: gw.clone(),
-            status: StatusCode::BAD_GATEWAY.as_u16(),
+        return upstream_failed(
+            gw,
+            Some(owner),
+            sniffer,
             started,
-        });
-        return anthropic_error(
-            StatusCode::BAD_GATEWAY,
-            "api_error",
             "berth: the model upstream answered with a compressed body the gateway cannot meter",
         );
     }
