@@ -533,10 +533,28 @@ mod tests {
         h
     }
 
+    /// An archive of `entries` (raw headers; regular files hold "hi"), sanitised without a size
+    /// limit: the output and what was dropped.
+    fn sanitised(entries: &[(tar::EntryType, &str, Option<&str>)]) -> (Vec<u8>, Dropped) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (kind, name, link) in entries {
+            let data: &[u8] = if *kind == tar::EntryType::Regular {
+                b"hi"
+            } else {
+                b""
+            };
+            b.append(&header(*kind, name, *link, data.len() as u64), data)
+                .expect("append");
+        }
+        let input = b.into_inner().expect("tar");
+        let mut out = Vec::new();
+        let dropped = sanitize_tar(&input[..], &mut out, u64::MAX).expect("sanitise");
+        (out, dropped)
+    }
+
     #[test]
     fn sanitising_drops_everything_that_leads_out_of_the_archive() {
         use tar::EntryType::*;
-        let mut b = tar::Builder::new(Vec::new());
         let entries: &[(tar::EntryType, &str, Option<&str>)] = &[
             (Directory, "workspace/", None),
             (Regular, "workspace/a.txt", None),
@@ -555,14 +573,7 @@ mod tests {
             (Link, "workspace/hard2", Some("/etc/shadow")),
             (Fifo, "workspace/fifo", None),
         ];
-        for (kind, name, link) in entries {
-            let data: &[u8] = if *kind == Regular { b"hi" } else { b"" };
-            let h = header(*kind, name, *link, data.len() as u64);
-            b.append(&h, data).expect("append");
-        }
-        let input = b.into_inner().expect("tar");
-        let mut out = Vec::new();
-        let dropped = sanitize_tar(&input[..], &mut out, u64::MAX).expect("sanitise");
+        let (out, dropped) = sanitised(entries);
         let mut kept = Vec::new();
         let mut ar = tar::Archive::new(&out[..]);
         for e in ar.entries().expect("entries") {
@@ -718,15 +729,7 @@ mod tests {
             (Directory, "workspace/q/", None),
             (Regular, "workspace", None),
         ];
-        let mut b = tar::Builder::new(Vec::new());
-        for (kind, name, link) in entries {
-            let data: &[u8] = if *kind == Regular { b"hi" } else { b"" };
-            b.append(&header(*kind, name, *link, data.len() as u64), data)
-                .expect("append");
-        }
-        let input = b.into_inner().expect("tar");
-        let mut out = Vec::new();
-        let dropped = sanitize_tar(&input[..], &mut out, u64::MAX).expect("sanitise");
+        let (out, dropped) = sanitised(entries);
         let names: Vec<_> = read_back(&out).into_iter().map(|r| r.name).collect();
         assert_eq!(
             names,
@@ -755,15 +758,7 @@ mod tests {
             (Link, "workspace/to-hardlink", Some("workspace/ok")),
             (Link, "workspace/outside", Some("home/agent/.bashrc")),
         ];
-        let mut b = tar::Builder::new(Vec::new());
-        for (kind, name, link) in entries {
-            let data: &[u8] = if *kind == Regular { b"hi" } else { b"" };
-            b.append(&header(*kind, name, *link, data.len() as u64), data)
-                .expect("append");
-        }
-        let input = b.into_inner().expect("tar");
-        let mut out = Vec::new();
-        let dropped = sanitize_tar(&input[..], &mut out, u64::MAX).expect("sanitise");
+        let (out, dropped) = sanitised(entries);
         let got = read_back(&out);
         let names: Vec<_> = got.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
