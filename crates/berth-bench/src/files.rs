@@ -6,7 +6,7 @@ use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 /// Resident memory of `pid` in KiB (`VmRSS`).
-fn rss_kib(pid: u32) -> u64 {
+pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
