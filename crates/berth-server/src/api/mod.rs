@@ -12,9 +12,11 @@ pub mod usage;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, MethodRouter};
 use axum::Router;
 use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
 
 /// JSON body extractor whose rejections are API errors.
 #[derive(axum::extract::FromRequest)]
@@ -35,18 +37,12 @@ pub struct Path<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct Query<T>(pub T);
 
+/// What the handlers' annotations do not carry: the document's title, the schemas no
+/// operation names (event frames, WebSocket messages) and the security scheme. The operations
+/// come from [`routes`].
 #[derive(OpenApi)]
 #[openapi(
     info(title = "berth", description = "Self-hosted sandboxes for AI agents: boxes, sessions, events."),
-    paths(
-        boxes::create_box, boxes::list_boxes, boxes::get_box, boxes::delete_box, boxes::park_box, boxes::artifact, boxes::exec,
-        boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats, boxes::box_events,
-        sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
-        sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
-        keys::create_key, keys::list_keys, keys::delete_key, keys::get_tenant, keys::put_tenant,
-        triggers::create_trigger, triggers::list_triggers, triggers::get_trigger, triggers::delete_trigger, triggers::hook,
-        usage::report, system::backends, system::healthz, system::readyz, system::metrics_text,
-    ),
     components(schemas(
         berth_api::BoxSpec, berth_api::BoxObject, berth_api::SnapshotInfo, berth_api::BoxState, berth_api::Lifecycle, berth_api::Resources,
         berth_api::NetworkSpec, berth_api::ExecRequest, berth_api::ExecResponse, berth_api::BoxStats,
@@ -74,87 +70,186 @@ impl utoipa::Modify for SecurityAddon {
     }
 }
 
+/// Handlers of one path with their annotations, as `routes!` collects them.
+type Documented = UtoipaMethodRouter<AppState>;
+
+/// Every operation of `ops` under `tag` (the document groups operations by handler module).
+fn tagged(tag: &str, (schemas, mut paths, router): Documented) -> Documented {
+    for item in paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.tags = Some(vec![tag.to_string()]);
+        }
+    }
+    (schemas, paths, router)
+}
+
+/// Register `ops`, whose documented path ends in `{param}`, with that last parameter
+/// matching the rest of the path (`/` included): OpenAPI has no such parameter, axum spells
+/// it `{*param}`.
+fn with_rest(
+    mut api: OpenApiRouter<AppState>,
+    param: &str,
+    (schemas, paths, router): Documented,
+) -> OpenApiRouter<AppState> {
+    let last = format!("{{{param}}}");
+    for (path, item) in paths.paths {
+        let served = match path.strip_suffix(&last) {
+            Some(prefix) => format!("{prefix}{{*{param}}}"),
+            None => path.clone(),
+        };
+        api = api.route(&served, router.clone());
+        let doc = api.get_openapi_mut();
+        match doc.paths.paths.get_mut(&path) {
+            Some(it) => it.merge_operations(item),
+            None => {
+                doc.paths.paths.insert(path, item);
+            }
+        }
+        doc.components
+            .get_or_insert_with(Default::default)
+            .schemas
+            .extend(schemas.clone());
+    }
+    api
+}
+
+/// A route the handlers' annotations do not declare, and why.
+pub struct Undocumented {
+    /// The path as axum matches it.
+    pub path: &'static str,
+    /// `None`: every method (a proxy).
+    pub methods: Option<&'static [&'static str]>,
+    pub why: &'static str,
+    route: fn() -> MethodRouter<AppState>,
+}
+
+/// Every route outside the annotations. The router serves exactly the annotated operations
+/// and these (the `routes` test holds both to that).
+pub const UNDOCUMENTED: &[Undocumented] = &[
+    Undocumented {
+        path: "/v1/boxes/{id}/files",
+        methods: Some(&["GET"]),
+        why: "the workspace root's listing, `files/{path}` with an empty path",
+        route: || get(boxes::get_root),
+    },
+    Undocumented {
+        path: "/v1/boxes/{id}/files/",
+        methods: Some(&["GET"]),
+        why: "the workspace root's listing, `files/{path}` with an empty path",
+        route: || get(boxes::get_root),
+    },
+    Undocumented {
+        path: "/v1/boxes/{id}/ports/{port}",
+        methods: None,
+        why: "the port proxy passes any method on; doc_links documents the usual ones",
+        route: || any(boxes::ports_root),
+    },
+    Undocumented {
+        path: "/v1/boxes/{id}/ports/{port}/",
+        methods: None,
+        why: "the port proxy passes any method on; doc_links documents the usual ones",
+        route: || any(boxes::ports_root),
+    },
+    Undocumented {
+        path: "/v1/boxes/{id}/ports/{port}/{*path}",
+        methods: None,
+        why: "the port proxy passes any method on; doc_links documents the usual ones",
+        route: || any(boxes::ports),
+    },
+    Undocumented {
+        path: "/openapi.json",
+        methods: Some(&["GET"]),
+        why: "the document itself",
+        route: || get(system::openapi),
+    },
+];
+
+/// The API, declared once: each annotated handler is both served and documented from its
+/// `#[utoipa::path]`, so the router and the document cannot disagree.
+pub fn routes() -> OpenApiRouter<AppState> {
+    let (hook_schemas, hook_paths, hook) = tagged("triggers", routes!(triggers::hook));
+    // Webhooks come from outside, unauthenticated until their signature is checked: a
+    // smaller body limit than the API's.
+    let hook = hook
+        .layer(DefaultBodyLimit::max(triggers::HOOK_MAX_BODY))
+        .layer(axum::middleware::from_fn(|req, next| {
+            refuse_oversized(req, next, triggers::HOOK_MAX_BODY)
+        }));
+    let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(tagged(
+            "boxes",
+            routes!(boxes::create_box, boxes::list_boxes),
+        ))
+        .routes(tagged("boxes", routes!(boxes::get_box, boxes::delete_box)))
+        .routes(tagged("boxes", routes!(boxes::exec)))
+        .routes(tagged("boxes", routes!(boxes::park_box)))
+        .routes(tagged("boxes", routes!(boxes::artifact)))
+        .routes(tagged("boxes", routes!(boxes::stats)))
+        .routes(tagged("boxes", routes!(boxes::box_events)))
+        .routes(tagged(
+            "triggers",
+            routes!(triggers::create_trigger, triggers::list_triggers),
+        ))
+        .routes(tagged(
+            "triggers",
+            routes!(triggers::get_trigger, triggers::delete_trigger),
+        ))
+        .routes((hook_schemas, hook_paths, hook))
+        .routes(tagged(
+            "sessions",
+            routes!(sessions::create_session, sessions::list_sessions),
+        ))
+        .routes(tagged(
+            "sessions",
+            routes!(sessions::get_session, sessions::delete_session),
+        ))
+        .routes(tagged("sessions", routes!(sessions::post_message)))
+        .routes(tagged("sessions", routes!(sessions::interrupt)))
+        .routes(tagged("sessions", routes!(sessions::answer_permission)))
+        .routes(tagged("sessions", routes!(sessions::events)))
+        .routes(tagged("sessions", routes!(sessions::ws)))
+        .routes(tagged("sessions", routes!(sessions::usage)))
+        .routes(tagged("sessions", routes!(sessions::restart)))
+        .routes(tagged("sessions", routes!(sessions::permission_mode)))
+        .routes(tagged("usage", routes!(usage::report)))
+        .routes(tagged("keys", routes!(keys::create_key, keys::list_keys)))
+        .routes(tagged("keys", routes!(keys::delete_key)))
+        .routes(tagged("keys", routes!(keys::get_tenant, keys::put_tenant)))
+        .routes(tagged("system", routes!(system::backends)))
+        .routes(tagged("system", routes!(system::healthz)))
+        .routes(tagged("system", routes!(system::readyz)))
+        .routes(tagged("system", routes!(system::metrics_text)));
+    let api = with_rest(
+        api,
+        "path",
+        tagged(
+            "boxes",
+            routes!(boxes::get_file, boxes::put_file, boxes::delete_file),
+        ),
+    );
+    UNDOCUMENTED
+        .iter()
+        .fold(api, |api, u| api.route(u.path, (u.route)()))
+}
+
 pub fn openapi_json() -> String {
-    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let mut doc = serde_json::to_value(routes().into_openapi()).unwrap_or_default();
     doc_links::augment(&mut doc);
     serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
 }
 
 pub fn router(state: AppState, max_body: usize) -> Router {
-    Router::new()
-        .route("/v1/boxes", post(boxes::create_box).get(boxes::list_boxes))
-        .route(
-            "/v1/boxes/{id}",
-            get(boxes::get_box).delete(boxes::delete_box),
-        )
-        .route("/v1/boxes/{id}/exec", post(boxes::exec))
-        .route("/v1/boxes/{id}/park", post(boxes::park_box))
-        .route("/v1/boxes/{id}/artifact", get(boxes::artifact))
-        .route(
-            "/v1/triggers",
-            post(triggers::create_trigger).get(triggers::list_triggers),
-        )
-        .route(
-            "/v1/triggers/{id}",
-            get(triggers::get_trigger).delete(triggers::delete_trigger),
-        )
-        // Webhooks come from outside, unauthenticated until their signature is checked: a
-        // smaller body limit than the API's.
-        .route(
-            "/v1/hooks/{id}",
-            post(triggers::hook)
-                .layer(DefaultBodyLimit::max(triggers::HOOK_MAX_BODY))
-                .layer(axum::middleware::from_fn(|req, next| {
-                    refuse_oversized(req, next, triggers::HOOK_MAX_BODY)
-                })),
-        )
-        .route("/v1/boxes/{id}/stats", get(boxes::stats))
-        .route("/v1/boxes/{id}/events", get(boxes::box_events))
-        .route("/v1/boxes/{id}/files", get(boxes::get_root))
-        .route("/v1/boxes/{id}/files/", get(boxes::get_root))
-        .route(
-            "/v1/boxes/{id}/files/{*path}",
-            get(boxes::get_file)
-                .put(boxes::put_file)
-                .delete(boxes::delete_file),
-        )
-        .route("/v1/boxes/{id}/ports/{port}", any(boxes::ports_root))
-        .route("/v1/boxes/{id}/ports/{port}/", any(boxes::ports_root))
-        .route("/v1/boxes/{id}/ports/{port}/{*rest}", any(boxes::ports))
-        .route(
-            "/v1/sessions",
-            post(sessions::create_session).get(sessions::list_sessions),
-        )
-        .route(
-            "/v1/sessions/{id}",
-            get(sessions::get_session).delete(sessions::delete_session),
-        )
-        .route("/v1/sessions/{id}/messages", post(sessions::post_message))
-        .route("/v1/sessions/{id}/interrupt", post(sessions::interrupt))
-        .route(
-            "/v1/sessions/{id}/permissions/{request_id}",
-            post(sessions::answer_permission),
-        )
-        .route("/v1/sessions/{id}/events", get(sessions::events))
-        .route("/v1/sessions/{id}/ws", get(sessions::ws))
-        .route("/v1/sessions/{id}/usage", get(sessions::usage))
-        .route("/v1/usage", get(usage::report))
-        .route("/v1/sessions/{id}/restart", post(sessions::restart))
-        .route(
-            "/v1/sessions/{id}/permission-mode",
-            post(sessions::permission_mode),
-        )
-        .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
-        .route("/v1/keys/{id}", axum::routing::delete(keys::delete_key))
-        .route(
-            "/v1/tenants/{name}",
-            get(keys::get_tenant).put(keys::put_tenant),
-        )
-        .route("/v1/backends", get(system::backends))
-        .route("/healthz", get(system::healthz))
-        .route("/readyz", get(system::readyz))
-        .route("/metrics", get(system::metrics_text))
-        .route("/openapi.json", get(system::openapi))
+    let (router, _doc) = routes().split_for_parts();
+    router
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
