@@ -53,7 +53,7 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
     let cfg = berth_server::Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
-        durability: durability.clone(),
+        durability: durability.parse().map_err(anyhow::Error::msg)?,
         ..Default::default()
     };
     let (url, token, stop_tx, server) = crate::start_server(cfg).await?;

@@ -469,9 +469,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
         cfg.upstream_url = u;
     }
     if let Some(f) = a.log_format {
-        cfg.log_format = f;
+        cfg.log_format = f.parse().map_err(anyhow::Error::msg)?;
     }
-    init_logging(&cfg.log_format);
+    init_logging(cfg.log_format.as_str());
     if a.mock_model {
         let mock = berth_mock_model::Mock::new(
             berth_mock_model::scenario::Scenario::demo(),

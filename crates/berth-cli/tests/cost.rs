@@ -403,7 +403,7 @@ async fn container_time_counts_exactly_while_a_box_runs() {
         ..Default::default()
     };
     cfg.cost.box_hour_usd = 0.05;
-    cfg.cost.box_hour_scale = "resources".into();
+    cfg.cost.box_hour_scale = berth_server::config::BoxHourScale::Resources;
     let helper =
         berth_sandbox::native::helper_beside(std::path::Path::new(env!("CARGO_BIN_EXE_berth")));
     let rt = berth_server::Runtime {

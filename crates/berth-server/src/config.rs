@@ -1,11 +1,18 @@
 //! Server configuration: embedded defaults, then a TOML file, then environment variables, then
-//! command-line flags (applied by the binary), each overriding the one before.
+//! command-line flags (applied by the binary), each overriding the one before. The layering is
+//! `figment`'s; every key has an environment variable (`BERTH_` and the key's path in capitals,
+//! `.` as `_`: `listener.idle_timeout_s` is `BERTH_LISTENER_IDLE_TIMEOUT_S`), and the names
+//! older releases read keep working ([`LEGACY_ENV`]). Settings that are a closed set are enums:
+//! a value outside it stops the start naming the key and the values allowed.
 
-use serde::Deserialize;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the API listens on.
@@ -13,14 +20,14 @@ pub struct Config {
     /// Where the store, snapshots and box state live.
     pub data_dir: PathBuf,
     /// Sandbox backend boxes use unless they ask for another.
-    pub default_backend: String,
+    pub default_backend: BackendName,
     /// The model API the gateway forwards to.
     pub upstream_url: String,
-    /// The real model API key; stays on the server side, never enters a box.
-    #[serde(skip_serializing)]
+    /// The real model API key; stays on the server side, never enters a box. (The config is
+    /// serialized only to list its keys, from the defaults, where this is unset.)
     pub anthropic_api_key: Option<String>,
     /// How the real key is sent upstream: `x-api-key` (default) or `bearer`.
-    pub upstream_auth: String,
+    pub upstream_auth: UpstreamAuth,
     /// Admin key to install on first start (otherwise one is generated).
     pub admin_key: Option<String>,
     /// Largest request body accepted, in bytes (file uploads included).
@@ -31,14 +38,14 @@ pub struct Config {
     /// session: a leaked URL must not become a flood of boxes).
     pub hook_rate_per_minute: u32,
     /// `text` or `json`.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// Model requests per minute allowed to each session (none: unlimited).
     pub session_rpm: Option<u32>,
     /// Boxes a tenant may have alive at once (creating, running).
     pub max_boxes_per_tenant: usize,
     /// What a committed event survives: `crash` (the server dying; default, no fsync per
     /// commit) or `power` (machine power loss too; fsync per commit, slower event delivery).
-    pub durability: String,
+    pub durability: Durability,
     /// Where parked hybrid boxes' snapshots go (default `<data_dir>/snapshots`).
     pub snapshot_dir: Option<PathBuf>,
     /// The Claude Code CLI (default: `$BERTH_CLAUDE_BIN`, else `claude` on `PATH`). It must live
@@ -63,7 +70,7 @@ pub struct Config {
 
 /// The largest box: unset fields default to the host's cores and memory, 100 GiB of disk
 /// and 4096 processes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MaxBoxSection {
     /// `BERTH_MAX_BOX_CPUS`.
@@ -77,7 +84,7 @@ pub struct MaxBoxSection {
 }
 
 /// Sums over one tenant's creating and running boxes (unset: no limit).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantMaxSection {
     /// `BERTH_TENANT_MAX_CPUS`.
@@ -89,7 +96,7 @@ pub struct TenantMaxSection {
 }
 
 /// The public API listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenerSection {
     /// Seconds a connection has to send a request's headers, from when it opens or its
@@ -123,7 +130,7 @@ impl Default for ListenerSection {
 }
 
 /// Caps on one session's event log.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsSection {
     /// Events a session may store per second, sustained. `BERTH_EVENTS_PER_SECOND`.
@@ -149,76 +156,9 @@ impl Default for EventsSection {
     }
 }
 
-impl Config {
-    /// The hardening block's environment variables (kept apart from the others').
-    fn apply_hardening_env(&mut self) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(k: &'static str) -> Result<Option<T>, ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            match std::env::var(k).ok().filter(|v| !v.is_empty()) {
-                Some(v) => v
-                    .parse()
-                    .map(Some)
-                    .map_err(|e| ConfigError::Env(k, format!("{e}"))),
-                None => Ok(None),
-            }
-        }
-        if let Some(v) = parse("BERTH_MAX_BOX_CPUS")? {
-            self.max_box.cpus = Some(v);
-        }
-        if let Some(v) = parse("BERTH_MAX_BOX_MEMORY_MIB")? {
-            self.max_box.memory_mib = Some(v);
-        }
-        if let Some(v) = parse("BERTH_MAX_BOX_DISK_MIB")? {
-            self.max_box.disk_mib = Some(v);
-        }
-        if let Some(v) = parse("BERTH_MAX_BOX_PIDS")? {
-            self.max_box.pids = Some(v);
-        }
-        if let Some(v) = parse("BERTH_TENANT_MAX_CPUS")? {
-            self.tenant_max.cpus = Some(v);
-        }
-        if let Some(v) = parse("BERTH_TENANT_MAX_MEMORY_MIB")? {
-            self.tenant_max.memory_mib = Some(v);
-        }
-        if let Some(v) = parse("BERTH_TENANT_MAX_DISK_MIB")? {
-            self.tenant_max.disk_mib = Some(v);
-        }
-        if let Some(v) = parse("BERTH_HEADER_READ_TIMEOUT_S")? {
-            self.listener.header_read_timeout_s = v;
-        }
-        if let Some(v) = parse("BERTH_MAX_CONNECTIONS")? {
-            self.listener.max_connections = v;
-        }
-        if let Some(v) = parse("BERTH_MAX_CONNECTIONS_PER_PEER")? {
-            self.listener.max_connections_per_peer = v;
-        }
-        if let Some(v) = parse("BERTH_CONN_IDLE_TIMEOUT_S")? {
-            self.listener.idle_timeout_s = v;
-        }
-        if let Some(v) = parse("BERTH_MAX_UPGRADES")? {
-            self.listener.max_upgrades = v;
-        }
-        if let Some(v) = parse("BERTH_EVENTS_PER_SECOND")? {
-            self.events.per_second = v;
-        }
-        if let Some(v) = parse("BERTH_EVENTS_BURST")? {
-            self.events.burst = v;
-        }
-        if let Some(v) = parse("BERTH_EVENT_MAX_BYTES")? {
-            self.events.max_bytes = v;
-        }
-        if let Some(v) = parse("BERTH_EVENTS_PER_SESSION")? {
-            self.events.max_per_session = v;
-        }
-        Ok(())
-    }
-}
-
 /// Limits on each socket a box reaches (model gateway, egress proxy, box-side API), per box
 /// and per socket.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BoxSocketsSection {
     /// Connections open at once; more are answered 503 and closed. Also
@@ -246,7 +186,7 @@ impl Default for BoxSocketsSection {
 /// Seconds without activity before a box whose spec has no `idle_timeout_s` stops (hybrid:
 /// parks), per lifecycle: nothing runs, and is billed, forever by accident. `0`: never.
 /// `BERTH_IDLE_TIMEOUT_S` sets all three.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdleTimeoutSection {
     pub ephemeral_s: u64,
@@ -274,28 +214,11 @@ impl IdleTimeoutSection {
         };
         (s > 0).then_some(s)
     }
-
-    fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(v) = std::env::var("BERTH_IDLE_TIMEOUT_S")
-            .ok()
-            .filter(|v| !v.is_empty())
-        {
-            let s: u64 = v
-                .parse()
-                .map_err(|e| ConfigError::Env("BERTH_IDLE_TIMEOUT_S", format!("{e}")))?;
-            *self = IdleTimeoutSection {
-                ephemeral_s: s,
-                persistent_s: s,
-                hybrid_s: s,
-            };
-        }
-        Ok(())
-    }
 }
 // ---- end default idle timeouts ----
 
 /// The Docker backend (boxes as containers of a local engine).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DockerSection {
     /// Offer the `docker` backend (also `BERTH_DOCKER=1`).
@@ -310,14 +233,14 @@ pub struct DockerSection {
 }
 
 /// Prices, container time and budget warnings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CostSection {
     /// USD per hour a box runs (parked and stopped boxes cost nothing).
     pub box_hour_usd: f64,
     /// `flat`: every box costs `box_hour_usd`; `resources`: scaled by the larger of
     /// cpus / 1 and memory_mib / 1024 (the hosting guide's reference box).
-    pub box_hour_scale: String,
+    pub box_hour_scale: BoxHourScale,
     /// Budget fraction at which a `budget_warning` event is sent (session and tenant).
     pub budget_warn_fraction: f64,
     /// Model prices, USD per million tokens, ahead of the built-in table; `model` matches a
@@ -328,7 +251,7 @@ pub struct CostSection {
     pub gap_fraction: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceEntry {
     pub model: String,
@@ -340,7 +263,7 @@ impl Default for CostSection {
     fn default() -> Self {
         CostSection {
             box_hour_usd: 0.05,
-            box_hour_scale: "flat".into(),
+            box_hour_scale: BoxHourScale::Flat,
             budget_warn_fraction: 0.8,
             prices: vec![],
             gap_fraction: 0.05,
@@ -348,7 +271,7 @@ impl Default for CostSection {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EgressSection {
     /// Resolver overrides for the egress proxy, `name = "addr:port"`, trusted as given
@@ -359,7 +282,7 @@ pub struct EgressSection {
     pub ca_files: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NativeSection {
     /// Formatted disk images kept ready per size.
@@ -395,18 +318,18 @@ impl Default for Config {
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700))),
             data_dir: default_data_dir(),
-            default_backend: "native".into(),
+            default_backend: BackendName::Native,
             upstream_url: "https://api.anthropic.com".into(),
             anthropic_api_key: None,
-            upstream_auth: "x-api-key".into(),
+            upstream_auth: UpstreamAuth::XApiKey,
             admin_key: None,
             max_body_bytes: 64 << 20,
             max_exec_output_bytes: 16 << 20,
             hook_rate_per_minute: 60,
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             session_rpm: None,
             max_boxes_per_tenant: 100,
-            durability: "crash".into(),
+            durability: Durability::Crash,
             snapshot_dir: None,
             claude_cli: None,
             native: NativeSection::default(),
@@ -423,134 +346,310 @@ impl Default for Config {
     }
 }
 
+/// A setting that is one of a closed set of names: parsed (from the file, the environment or
+/// a flag) into the enum, so a typo stops the start instead of surfacing later.
+macro_rules! closed_set {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every value, as written in the config.
+            pub const ALLOWED: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "{other:?} is not one of {}",
+                        Self::ALLOWED.join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+closed_set!(
+    /// A sandbox backend's name.
+    BackendName {
+        Native = "native",
+        Docker = "docker",
+        Gvisor = "gvisor",
+    }
+);
+
+closed_set!(
+    /// How the real model key is sent upstream.
+    UpstreamAuth {
+        XApiKey = "x-api-key",
+        Bearer = "bearer",
+    }
+);
+
+closed_set!(
+    /// The server's log lines.
+    LogFormat {
+        Text = "text",
+        Json = "json",
+    }
+);
+
+closed_set!(
+    /// What a committed event survives.
+    Durability {
+        /// The server dying (no fsync per commit).
+        Crash = "crash",
+        /// Machine power loss too (fsync per commit).
+        Power = "power",
+    }
+);
+
+closed_set!(
+    /// How a box's hourly price scales.
+    BoxHourScale {
+        /// Every box costs `box_hour_usd`.
+        Flat = "flat",
+        /// Scaled by the larger of cpus / 1 and memory_mib / 1024.
+        Resources = "resources",
+    }
+);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {0}: {1}")]
     Read(PathBuf, std::io::Error),
-    #[error("parsing {0}: {1}")]
-    Parse(PathBuf, toml::de::Error),
-    #[error("{0}: {1}")]
-    Env(&'static str, String),
+    /// A value (from the file or the environment) the key does not take; the message names
+    /// the key, where the value came from and what was expected.
+    #[error("configuration: {0}")]
+    Invalid(Box<figment::Error>),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Invalid(Box::new(e))
+    }
+}
+
+/// Older environment names, each still read, and the keys it sets (a canonical name set at
+/// the same time wins). `BERTH_EGRESS_CA_FILE` adds one file to `egress.ca_files`.
+pub const LEGACY_ENV: &[(&str, &[&str])] = &[
+    ("BERTH_BACKEND", &["default_backend"]),
+    ("ANTHROPIC_API_KEY", &["anthropic_api_key"]),
+    ("BERTH_CLAUDE_BIN", &["claude_cli"]),
+    ("BERTH_DOCKER", &["docker.enabled"]),
+    ("BERTH_GVISOR", &["docker.gvisor"]),
+    ("BERTH_BOX_HOUR_USD", &["cost.box_hour_usd"]),
+    ("BERTH_EGRESS_CA_FILE", &["egress.ca_files"]),
+    (
+        "BERTH_IDLE_TIMEOUT_S",
+        &[
+            "idle_timeout.ephemeral_s",
+            "idle_timeout.persistent_s",
+            "idle_timeout.hybrid_s",
+        ],
+    ),
+    (
+        "BERTH_BOX_MAX_CONNECTIONS",
+        &["box_sockets.max_connections"],
+    ),
+    (
+        "BERTH_BOX_HEADER_TIMEOUT_SECS",
+        &["box_sockets.header_timeout_secs"],
+    ),
+    (
+        "BERTH_BOX_IDLE_TIMEOUT_SECS",
+        &["box_sockets.idle_timeout_secs"],
+    ),
+    (
+        "BERTH_HEADER_READ_TIMEOUT_S",
+        &["listener.header_read_timeout_s"],
+    ),
+    ("BERTH_MAX_CONNECTIONS", &["listener.max_connections"]),
+    (
+        "BERTH_MAX_CONNECTIONS_PER_PEER",
+        &["listener.max_connections_per_peer"],
+    ),
+    ("BERTH_CONN_IDLE_TIMEOUT_S", &["listener.idle_timeout_s"]),
+    ("BERTH_MAX_UPGRADES", &["listener.max_upgrades"]),
+    ("BERTH_EVENT_MAX_BYTES", &["events.max_bytes"]),
+    ("BERTH_EVENTS_PER_SESSION", &["events.max_per_session"]),
+];
+
+/// A key's environment variable: `BERTH_` and its path in capitals, `.` as `_`.
+pub fn env_name(key: &str) -> String {
+    format!("BERTH_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Every key of the config, as dotted paths (`listen`, `listener.idle_timeout_s`), read off
+/// the defaults: a struct is a section, anything else (maps and lists included) one key.
+pub fn keys() -> Vec<String> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&path, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        "",
+        &serde_json::to_value(Config::default()).unwrap_or_default(),
+        &mut out,
+    );
+    out.sort();
+    out
+}
+
+/// The value an environment variable gives `key`. Scalars stay strings (extraction reads
+/// them as the key's type); `egress.overrides` is `name=addr:port,…`, `egress.ca_files`
+/// comma-separated paths, other lists and tables figment's inline syntax
+/// (`[{model = "x", input = 1, output = 2}]`).
+fn env_value(key: &str, name: &str, raw: &str) -> Result<Value, String> {
+    Ok(match key {
+        "egress.overrides" => {
+            let mut d = Dict::new();
+            for pair in raw.split(',').filter(|p| !p.is_empty()) {
+                let (host, addr) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("{name}: {pair:?} is not name=addr:port"))?;
+                d.insert(host.to_string(), Value::from(addr.to_string()));
+            }
+            Value::from(d)
+        }
+        "egress.ca_files" => Value::from(
+            raw.split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| Value::from(p.to_string()))
+                .collect::<Vec<_>>(),
+        ),
+        "cost.prices" => raw.parse::<Value>().map_err(|e| format!("{name}: {e}"))?,
+        _ => Value::from(raw.to_string()),
+    })
+}
+
+/// Insert `value` at the dotted `key` of `dict`.
+fn insert(dict: &mut Dict, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_string(), value);
+        }
+        Some((section, rest)) => {
+            let entry = dict
+                .entry(section.to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, sub) = entry {
+                insert(sub, rest, value);
+            }
+        }
+    }
+}
+
+/// The environment as a figment provider: the canonical names, or (`legacy`) the older ones.
+/// Empty variables count as unset.
+struct Environment {
+    legacy: bool,
+}
+
+impl Environment {
+    /// (variable, keys it sets) for this provider.
+    fn names(&self) -> Vec<(String, Vec<String>)> {
+        if self.legacy {
+            LEGACY_ENV
+                .iter()
+                .map(|(n, ks)| (n.to_string(), ks.iter().map(|k| k.to_string()).collect()))
+                .collect()
+        } else {
+            keys()
+                .into_iter()
+                .map(|k| (env_name(&k), vec![k]))
+                .collect()
+        }
+    }
+}
+
+impl Provider for Environment {
+    fn metadata(&self) -> Metadata {
+        let legacy = self.legacy;
+        Metadata::named(if legacy {
+            "environment variable (older name)"
+        } else {
+            "environment variable"
+        })
+        // An error names the key and the variable it came from.
+        .interpolater(move |_profile, path| {
+            let key = path.join(".");
+            let name = if legacy {
+                LEGACY_ENV
+                    .iter()
+                    .find(|(_, ks)| ks.contains(&key.as_str()))
+                    .map(|(n, _)| n.to_string())
+                    .unwrap_or_default()
+            } else {
+                env_name(&key)
+            };
+            format!("{key} ({name})")
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (name, keys) in self.names() {
+            let Some(raw) = std::env::var(&name).ok().filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            for key in keys {
+                let value = env_value(&key, &name, &raw).map_err(figment::Error::from)?;
+                insert(&mut dict, &key, value);
+            }
+        }
+        Ok(Profile::Default.collect(dict))
+    }
 }
 
 impl Config {
     /// Defaults, overridden by the TOML file (if given), then by the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut cfg = match file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::Read(p.to_path_buf(), e))?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse(p.to_path_buf(), e))?
-            }
-            None => Config::default(),
-        };
-        cfg.apply_env()?;
-        cfg.idle_timeout.apply_env()?;
-        Ok(cfg)
+        Ok(Self::figment(file)?.extract_lossy()?)
     }
 
-    fn apply_env(&mut self) -> Result<(), ConfigError> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if let Some(v) = var("BERTH_LISTEN") {
-            self.listen = v
-                .parse()
-                .map_err(|e| ConfigError::Env("BERTH_LISTEN", format!("{e}")))?;
+    /// The layers [`Config::load`] extracts: the file, the older environment names (lists
+    /// they give are added to the file's), then the canonical ones.
+    pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(p) = file {
+            // A named file that cannot be read is an error, not an empty layer.
+            std::fs::File::open(p).map_err(|e| ConfigError::Read(p.to_path_buf(), e))?;
+            fig = fig.merge(Toml::file_exact(p));
         }
-        if let Some(v) = var("BERTH_DATA_DIR") {
-            self.data_dir = PathBuf::from(v);
-        }
-        if let Some(v) = var("BERTH_UPSTREAM_URL") {
-            self.upstream_url = v;
-        }
-        if let Some(v) = var("BERTH_UPSTREAM_AUTH") {
-            self.upstream_auth = v;
-        }
-        if let Some(v) = var("BERTH_ADMIN_KEY") {
-            self.admin_key = Some(v);
-        }
-        if let Some(v) = var("ANTHROPIC_API_KEY") {
-            self.anthropic_api_key = Some(v);
-        }
-        if let Some(v) = var("BERTH_LOG_FORMAT") {
-            self.log_format = v;
-        }
-        if let Some(v) = var("BERTH_CLAUDE_BIN") {
-            self.claude_cli = Some(PathBuf::from(v));
-        }
-        if let Some(v) = var("BERTH_SESSION_RPM") {
-            self.session_rpm = Some(
-                v.parse()
-                    .map_err(|e| ConfigError::Env("BERTH_SESSION_RPM", format!("{e}")))?,
-            );
-        }
-        if let Some(v) = var("BERTH_HOOK_RATE_PER_MINUTE") {
-            self.hook_rate_per_minute = v
-                .parse()
-                .map_err(|e| ConfigError::Env("BERTH_HOOK_RATE_PER_MINUTE", format!("{e}")))?;
-        }
-        if let Some(v) = var("BERTH_MAX_BOXES_PER_TENANT") {
-            self.max_boxes_per_tenant = v
-                .parse()
-                .map_err(|e| ConfigError::Env("BERTH_MAX_BOXES_PER_TENANT", format!("{e}")))?;
-        }
-        if let Some(v) = var("BERTH_BOX_HOUR_USD") {
-            self.cost.box_hour_usd = v
-                .parse()
-                .map_err(|e| ConfigError::Env("BERTH_BOX_HOUR_USD", format!("{e}")))?;
-        }
-        if let Some(v) = var("BERTH_DOCKER") {
-            self.docker.enabled = matches!(v.as_str(), "1" | "true" | "yes");
-        }
-        if let Some(v) = var("BERTH_GVISOR") {
-            self.docker.gvisor = matches!(v.as_str(), "1" | "true" | "yes");
-        }
-        if let Some(v) = var("BERTH_SNAPSHOT_DIR") {
-            self.snapshot_dir = Some(PathBuf::from(v));
-        }
-        if let Some(v) = var("BERTH_DURABILITY") {
-            self.durability = v;
-        }
-        if let Some(v) = var("BERTH_EGRESS_OVERRIDES") {
-            for pair in v.split(',').filter(|p| !p.is_empty()) {
-                let (name, addr) = pair.split_once('=').ok_or_else(|| {
-                    ConfigError::Env(
-                        "BERTH_EGRESS_OVERRIDES",
-                        format!("{pair:?} is not name=addr:port"),
-                    )
-                })?;
-                self.egress
-                    .overrides
-                    .insert(name.to_string(), addr.to_string());
-            }
-        }
-        for (name, slot) in [
-            (
-                "BERTH_BOX_HEADER_TIMEOUT_SECS",
-                &mut self.box_sockets.header_timeout_secs,
-            ),
-            (
-                "BERTH_BOX_IDLE_TIMEOUT_SECS",
-                &mut self.box_sockets.idle_timeout_secs,
-            ),
-        ] {
-            if let Some(v) = var(name) {
-                *slot = v
-                    .parse()
-                    .map_err(|e| ConfigError::Env(name, format!("{e}")))?;
-            }
-        }
-        if let Some(v) = var("BERTH_BOX_MAX_CONNECTIONS") {
-            self.box_sockets.max_connections = v
-                .parse()
-                .map_err(|e| ConfigError::Env("BERTH_BOX_MAX_CONNECTIONS", format!("{e}")))?;
-        }
-        if let Some(v) = var("BERTH_EGRESS_CA_FILE") {
-            self.egress.ca_files.push(PathBuf::from(v));
-        }
-        if let Some(v) = var("BERTH_BACKEND") {
-            self.default_backend = v;
-        }
-        self.apply_hardening_env()?;
-        Ok(())
+        Ok(fig
+            .admerge(Environment { legacy: true })
+            .merge(Environment { legacy: false }))
     }
 }

@@ -223,14 +223,9 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServerError::DataDir(cfg.data_dir.clone(), e))?;
     let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
-    let durability = match cfg.durability.as_str() {
-        "crash" => berth_store::Durability::Crash,
-        "power" => berth_store::Durability::PowerLoss,
-        other => {
-            return Err(ServerError::Other(format!(
-                "durability must be crash or power, not {other:?}"
-            )))
-        }
+    let durability = match cfg.durability {
+        config::Durability::Crash => berth_store::Durability::Crash,
+        config::Durability::Power => berth_store::Durability::PowerLoss,
     };
     let store = Arc::new(SqliteStore::open_with(&cfg.data_dir.join("berth.db"), durability).await?);
     let admin_key_file = bootstrap_admin(&*store, &cfg).await?;
@@ -245,7 +240,7 @@ pub async fn run(
             backends.insert("native".into(), Arc::new(Backend::Native(b)));
         }
         Err(e) => {
-            if cfg.default_backend == "native" {
+            if cfg.default_backend == config::BackendName::Native {
                 return Err(ServerError::Backend("native".into(), e));
             }
             tracing::warn!(error = %e, "native backend disabled");
@@ -273,17 +268,17 @@ pub async fn run(
                 backends.insert(name.into(), Arc::new(Backend::Docker(b)));
             }
             Err(e) => {
-                if cfg.default_backend == name {
+                if cfg.default_backend.as_str() == name {
                     return Err(ServerError::Backend(name.into(), e));
                 }
                 tracing::warn!(backend = name, error = %e, "backend disabled");
             }
         }
     }
-    if !backends.contains_key(&cfg.default_backend) {
+    if !backends.contains_key(cfg.default_backend.as_str()) {
         return Err(ServerError::Other(format!(
             "default backend {:?} is not available",
-            cfg.default_backend
+            cfg.default_backend.as_str()
         )));
     }
     for (name, b) in &backends {
@@ -321,15 +316,7 @@ pub async fn run(
         warn_fraction: cfg.cost.budget_warn_fraction,
         meter: true,
         box_connections: box_connections(&cfg.box_sockets),
-        bearer: match cfg.upstream_auth.as_str() {
-            "x-api-key" => false,
-            "bearer" => true,
-            other => {
-                return Err(ServerError::Other(format!(
-                    "upstream_auth must be x-api-key or bearer, not {other:?}"
-                )))
-            }
-        },
+        bearer: cfg.upstream_auth == config::UpstreamAuth::Bearer,
     })
     .map_err(|e| ServerError::Other(e.to_string()))?;
     let mut overrides = HashMap::new();
@@ -358,7 +345,7 @@ pub async fn run(
         store.clone(),
         backends,
         EngineConfig {
-            default_backend: cfg.default_backend.clone(),
+            default_backend: cfg.default_backend.to_string(),
             session_rpm: cfg.session_rpm,
             max_boxes_per_tenant: cfg.max_boxes_per_tenant,
             max_exec_output: cfg.max_exec_output_bytes,
@@ -386,15 +373,7 @@ pub async fn run(
             },
             cost: engine::ledger::CostConfig {
                 box_hour_usd: cfg.cost.box_hour_usd,
-                scale_by_resources: match cfg.cost.box_hour_scale.as_str() {
-                    "flat" => false,
-                    "resources" => true,
-                    other => {
-                        return Err(ServerError::Other(format!(
-                            "cost.box_hour_scale must be flat or resources, not {other:?}"
-                        )))
-                    }
-                },
+                scale_by_resources: cfg.cost.box_hour_scale == config::BoxHourScale::Resources,
                 gap_fraction: cfg.cost.gap_fraction,
             },
             clock: rt.clock.clone(),
