@@ -22,7 +22,9 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     upstream_url: Option<String>,
     /// Log format [default: text; $BERTH_LOG_FORMAT]
-    #[arg(long, value_parser = ["text", "json"])]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+        berth_server::config::LogFormat::ALLOWED.iter().copied(),
+    ))]
     log_format: Option<String>,
     /// Also run the built-in mock model on loopback and use it as the upstream: agents work
     /// offline, no API key needed.
