@@ -73,7 +73,8 @@ impl utoipa::Modify for SecurityAddon {
 /// Handlers of one path with their annotations, as `routes!` collects them.
 type Documented = UtoipaMethodRouter<AppState>;
 
-/// Every operation of `ops` under `tag` (the document groups operations by handler module).
+/// Put every operation under `tag`, the handler's module: the document groups operations so
+/// (the derive did it from the module path; `routes!` does not).
 fn tagged(tag: &str, (schemas, mut paths, router): Documented) -> Documented {
     for item in paths.paths.values_mut() {
         for op in [
@@ -92,7 +93,7 @@ fn tagged(tag: &str, (schemas, mut paths, router): Documented) -> Documented {
     (schemas, paths, router)
 }
 
-/// Register `ops`, whose documented path ends in `{param}`, with that last parameter
+/// Register operations whose documented path ends in `{param}`, with that last parameter
 /// matching the rest of the path (`/` included): OpenAPI has no such parameter, axum spells
 /// it `{*param}`.
 fn with_rest(
