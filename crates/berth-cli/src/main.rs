@@ -2,6 +2,7 @@
 
 mod client;
 mod render;
+mod shell;
 
 use anyhow::{bail, Context, Result};
 use berth_api::*;
@@ -44,6 +45,8 @@ enum Cmd {
     Create(CreateArgs),
     /// Run a command in a box: `berth exec BOX -- CMD ARGS...`; exits with its exit code.
     Exec(ExecArgs),
+    /// An interactive shell in a box on a real terminal: `berth shell BOX`.
+    Shell(shell::ShellArgs),
     /// Copy a file: `berth cp BOX:path local` or `berth cp local BOX:path`.
     Cp {
         /// `BOX:path` (path relative to /workspace) or a local file.
@@ -407,6 +410,7 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Shell(a) => shell::run(client(&a.conn)?, a).await,
         Cmd::Cp { src, dst, conn } => cp(&client(&conn)?, &src, &dst).await,
         Cmd::Rm { ids, json, conn } => {
             let c = client(&conn)?;

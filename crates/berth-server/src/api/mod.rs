@@ -4,6 +4,7 @@
 pub mod boxes;
 mod doc_links;
 pub mod keys;
+pub mod pty;
 pub mod sessions;
 pub mod system;
 pub mod triggers;
@@ -40,7 +41,7 @@ pub struct Query<T>(pub T);
     info(title = "berth", description = "Self-hosted sandboxes for AI agents: boxes, sessions, events."),
     paths(
         boxes::create_box, boxes::list_boxes, boxes::get_box, boxes::delete_box, boxes::park_box, boxes::artifact, boxes::exec,
-        boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats, boxes::box_events,
+        boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats, boxes::box_events, pty::pty,
         sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
         sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
         keys::create_key, keys::list_keys, keys::delete_key, keys::get_tenant, keys::put_tenant,
@@ -110,6 +111,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         )
         .route("/v1/boxes/{id}/stats", get(boxes::stats))
         .route("/v1/boxes/{id}/events", get(boxes::box_events))
+        .route("/v1/boxes/{id}/pty", get(pty::pty))
         .route("/v1/boxes/{id}/files", get(boxes::get_root))
         .route("/v1/boxes/{id}/files/", get(boxes::get_root))
         .route(
