@@ -240,6 +240,7 @@ function renderEvent(ev, sid, answered) {
     case 'tool_result': box.append(...content(d.content)); if (d.is_error) box.classList.add('error'); break;
     case 'user': box.append(h('pre', {}, typeof d.content === 'string' ? d.content : JSON.stringify(d.content ?? d))); break;
     case 'result': box.append(h('pre', {}, d.result || d.subtype || ''), h('div', { class: 'muted' }, `${d.num_turns ?? '?'} turns · ${d.total_cost_usd !== undefined ? usd(d.total_cost_usd) : ''}`)); break;
+    case 'system': box.append(h('details', {}, h('summary', {}, d.subtype || 'system'), h('pre', { class: 'muted' }, JSON.stringify(d, null, 2)))); break;
     case 'status': box.append(h('span', { class: 'state-' + d.state }, d.state), d.reason ? ` — ${d.reason}` : ''); break;
     case 'stdout': case 'stderr': case 'error': box.append(h('pre', {}, d.text ?? d.message ?? JSON.stringify(d))); break;
     case 'permission_request': {

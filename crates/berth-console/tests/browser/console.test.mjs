@@ -23,6 +23,14 @@ async function finish(code) {
 
 function step(name) { console.log(`console tests: ${name}`); }
 
+// BERTH_CONSOLE_SCREENSHOTS=<dir>: also save a picture of each page there (the README's).
+const shots = process.env.BERTH_CONSOLE_SCREENSHOTS;
+async function shot(name) {
+  if (!shots) return;
+  await new Promise((r) => setTimeout(r, 300)); // let the last frame paint
+  await page.screenshot({ path: join(shots, `${name}.jpg`), type: 'jpeg', quality: 70 });
+}
+
 // ---- the server ----
 const data = mkdtempSync(join(tmpdir(), 'berth-console-'));
 const server = spawn(berth, ['serve', '--mock-model', '--listen', '127.0.0.1:0', '--data-dir', data], {
@@ -113,7 +121,9 @@ try {
   assert.equal(resp.headers()['x-content-type-options'], 'nosniff');
   assert.match(resp.headers()['cache-control'] || '', /no-store/);
 
+  await page.setViewportSize({ width: 1200, height: 760 });
   step('sign in');
+  await shot('sign-in');
   await page.fill('#key', 'berth_wrong');
   await page.click('button[type=submit]');
   await page.waitForSelector('text=That key was not accepted.');
@@ -129,6 +139,8 @@ try {
   const row = await page.waitForSelector('#boxes tr[data-box]');
   const boxId = await row.getAttribute('data-box');
   assert.equal((await api(acme, 'GET', `/v1/boxes/${boxId}`)).json.state, 'running');
+  await page.waitForSelector(`tr[data-box="${boxId}"] td.num:has-text("MiB")`);
+  await shot('boxes');
 
   step('a tenant cannot see another tenant\'s box');
   assert.equal(await page.locator(`tr[data-box="${foreignBox}"]`).count(), 0);
@@ -147,6 +159,7 @@ try {
     const t = window.berthTerminal.text();
     return t.includes('hi-42\n') && t.includes('from-term');
   }));
+  await shot('terminal');
   await keyStaysHidden(acme);
 
   step('upload and download a file');
@@ -160,6 +173,7 @@ try {
   ]);
   assert.equal(readFileSync(await download.path(), 'utf8'), 'hello from the browser\n');
   assert.equal(await page.locator('tr[data-file="from-term"]').count(), 1);
+  await shot('files');
 
   step('watch a session and answer its permission requests');
   await page.goto(`${base}/ui#/sessions`);
@@ -175,6 +189,7 @@ try {
   // The Write ran because it was allowed; the agent's read-only Bash needs no answer.
   await page.waitForSelector('.ev-tool_result:has-text("Hello from an agent")', { timeout: 60_000 });
   await page.waitForSelector('.ev-result', { timeout: 60_000 });
+  await shot('session');
   const session = (await api(acme, 'GET', `/v1/sessions/${sid}`)).json;
   const written = await api(acme, 'GET', `/v1/boxes/${session.box_id}/files/hello.txt`);
   assert.equal(written.text, 'Hello from an agent in a berth box!\n', 'the allowed Write ran');
@@ -204,6 +219,7 @@ try {
     for (const [metric, value] of Object.entries(onPage)) assert.equal(value, report.total[metric], `${by} ${metric}`);
     assert.ok(report.total.input_tokens > 0, 'the session was metered');
     assert.equal(await page.locator('#usage-table tbody tr').count(), report.groups.length + 1);
+    if (by === 'model') await shot('usage');
   }
 
   step('keys page is for admins only');
@@ -219,6 +235,7 @@ try {
   await page.click('button:has-text("Create key")');
   const secret = (await page.textContent('#new-secret')).trim();
   assert.equal((await api(secret, 'GET', '/v1/boxes')).status, 200, 'the shown key works');
+  await shot('keys');
   await keyStaysHidden(adminKey);
 
   assert.deepEqual(pageErrors, [], 'errors in the page');
