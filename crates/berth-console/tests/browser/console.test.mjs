@@ -160,6 +160,27 @@ try {
     return t.includes('hi-42\n') && t.includes('from-term');
   }));
   await shot('terminal');
+
+  step('terminal keystroke echo');
+  // Each key's round trip: sent over the socket, typed into the box's terminal, echoed back.
+  const echo = await page.evaluate(async () => {
+    const t = window.berthTerminal;
+    const times = [];
+    for (let i = 0; i < 30; i++) {
+      const echoed = new Promise((resolve) => {
+        const write = t.write.bind(t);
+        t.write = (b) => { t.write = write; write(b); resolve(); };
+      });
+      const t0 = performance.now();
+      t.onData(new TextEncoder().encode('x'));
+      await echoed;
+      times.push(performance.now() - t0);
+    }
+    t.onData(new Uint8Array([0x15])); // ^U: clear the typed line
+    return times.sort((a, b) => a - b);
+  });
+  console.log(`console tests: keystroke echo ms: median ${echo[15].toFixed(1)}, max ${echo[29].toFixed(1)}`);
+  assert.ok(echo[15] <= 20, `median keystroke echo ${echo[15]} ms`);
   await keyStaysHidden(acme);
 
   step('upload and download a file');
@@ -174,6 +195,19 @@ try {
   assert.equal(readFileSync(await download.path(), 'utf8'), 'hello from the browser\n');
   assert.equal(await page.locator('tr[data-file="from-term"]').count(), 1);
   await shot('files');
+
+  step('a fast agent\'s events all reach the page');
+  {
+    const burst = await api(acme, 'POST', '/v1/sessions', { box: boxId, agent: { kind: 'command', argv: ['/bin/sh', '-c', 'i=0; while [ $i -lt 1000 ]; do echo ev-$i; i=$((i+1)); done'] } });
+    assert.equal(burst.status, 201, burst.text);
+    const t0 = Date.now();
+    await page.goto(`${base}/ui#/session/${burst.json.id}`);
+    await page.waitForSelector('.ev-stdout:has-text("ev-999")', { timeout: 60_000 });
+    const lines = await page.$$eval('#conversation .ev-stdout pre', (els) => els.map((e) => e.textContent));
+    const seen = new Set(lines.flatMap((l) => l.split('\n')).filter((l) => l.startsWith('ev-')));
+    assert.equal(seen.size, 1000, `${seen.size} of 1000 lines on the page`);
+    console.log(`console tests: 1000 events on the page in ${Date.now() - t0} ms`);
+  }
 
   step('watch a session and answer its permission requests');
   await page.goto(`${base}/ui#/sessions`);
