@@ -27,14 +27,20 @@ async function boxes(el, _id, ctx) {
   const mem = h('input', { id: 'new-memory', type: 'number', min: '16', value: '512' });
   const disk = h('input', { id: 'new-disk', type: 'number', min: '16', value: '1024' });
   const allow = h('input', { id: 'new-allow', placeholder: 'api.anthropic.com, *.example.com' });
+  const idle = h('input', { id: 'new-idle', type: 'number', min: '1', placeholder: 'server default' });
+  const labels = h('input', { id: 'new-labels', placeholder: 'team=a, env=dev' });
+  const keep = h('input', { type: 'checkbox', id: 'new-keep' });
   const form = h('form', { class: 'row', 'aria-label': 'Create a box', onsubmit: async (e) => {
     e.preventDefault();
     const spec = { lifecycle: lifecycle.value, resources: { cpus: Number(cpus.value), memory_mib: Number(mem.value), disk_mib: Number(disk.value), pids: 512 } };
     if (backend.value) spec.backend = backend.value;
     if (allow.value.trim()) spec.network = { allow: allow.value.split(',').map((s) => s.trim()).filter(Boolean) };
+    if (idle.value) spec.idle_timeout_s = Number(idle.value);
+    if (labels.value.trim()) spec.labels = Object.fromEntries(labels.value.split(',').map((p) => p.split('=').map((x) => x.trim())).filter((p) => p[0]));
+    if (keep.checked) spec.keep_workspace = true;
     const b = await attempt(() => post('/v1/boxes', spec));
     if (b) { toast(`Created ${b.id}`); await refresh(); }
-  } }, field('Backend', backend), field('Lifecycle', lifecycle), field('CPUs', cpus), field('Memory MiB', mem), field('Disk MiB', disk), field('Network allow', allow),
+  } }, field('Backend', backend), field('Lifecycle', lifecycle), field('CPUs', cpus), field('Memory MiB', mem), field('Disk MiB', disk), field('Network allow', allow), field('Idle timeout s', idle), field('Labels', labels), h('label', {}, 'Keep workspace', keep),
   h('button', { class: 'primary', type: 'submit', id: 'create-box' }, 'Create box'));
   const all = h('input', { type: 'checkbox', id: 'show-all' });
   el.append(h('h1', {}, 'Boxes'), form,

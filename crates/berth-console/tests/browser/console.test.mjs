@@ -135,10 +135,16 @@ try {
   step('create a box');
   await page.fill('#new-memory', '256');
   await page.fill('#new-disk', '256');
+  await page.fill('#new-idle', '600');
+  await page.fill('#new-labels', 'team=web, env=test');
   await page.click('#create-box');
   const row = await page.waitForSelector('#boxes tr[data-box]');
   const boxId = await row.getAttribute('data-box');
-  assert.equal((await api(acme, 'GET', `/v1/boxes/${boxId}`)).json.state, 'running');
+  const made = (await api(acme, 'GET', `/v1/boxes/${boxId}`)).json;
+  assert.equal(made.state, 'running');
+  assert.equal(made.resources.memory_mib, 256);
+  assert.equal(made.idle_timeout_s, 600);
+  assert.deepEqual(made.labels, { team: 'web', env: 'test' });
   await page.waitForSelector(`tr[data-box="${boxId}"] td.num:has-text("MiB")`);
   await shot('boxes');
 
