@@ -73,10 +73,10 @@ pub async fn run(c: berth_client::Client, a: ShellArgs) -> Result<()> {
     let base = c.base();
     let ws_base = if let Some(rest) = base.strip_prefix("http://") {
         format!("ws://{rest}")
-    } else if base.starts_with("https://") {
-        bail!("berth shell speaks plain ws:// only; reach an https server through a local tunnel")
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
     } else {
-        bail!("server URL {base} is not http://")
+        bail!("server URL {base} is neither http:// nor https://")
     };
     let url = format!(
         "{ws_base}/v1/boxes/{}/pty?cols={cols}&rows={rows}",
