@@ -78,6 +78,23 @@ async fn terminal_checks<B: Sandbox>(b: &B, id: &str, nnp_shown: bool) {
     let nnp = if nnp_shown { "-n-1-" } else { "-n--" };
     assert!(line.contains(nnp) && line.contains("-s-2-end-7"), "{line}");
 
+    // Typing into its own terminal's input queue (TIOCSTI, a way to run commands as whoever
+    // reads the terminal next) is refused: berth's seccomp filter (and, on kernels that set
+    // `dev.tty.legacy_tiocsti = 0`, the kernel) refuses it on a terminal as anywhere.
+    h.input
+        .send(send(
+            "python3 -c 'import fcntl, termios; fcntl.ioctl(0, termios.TIOCSTI, b\"x\")' 2>&1 | tail -1; echo sti-$((5+5))\n",
+        ))
+        .await
+        .expect("type");
+    read_until(&mut h, &mut out, "sti-10").await;
+    let refused = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("Error"))
+        .unwrap_or_else(|| panic!("TIOCSTI was not refused: {out}"));
+    assert!(refused.contains("PermissionError"), "{refused}");
+
     h.input.send(send("exit 3\n")).await.expect("type");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let exit = loop {
