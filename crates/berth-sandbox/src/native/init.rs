@@ -8,12 +8,12 @@
 //! and cgroup namespaces. C's mount namespace is a copy of the zygote's, so the template is
 //! already there: C adds only what is the box's own ([`mount_box_parts`]): the quota-limited
 //! disk for `/workspace`, `/home/agent`, `/tmp` and `/dev/shm`, `/run/berth` (the gateway seam)
-//! read-only, its own `devpts` instance at `/dev/pts`, and a fresh `/proc`. It brings up `lo`, `pivot_root`s into the template and
-//! detaches everything else, and only then enters a new user namespace in which box uid
-//! 0..65536 maps to an unprivileged host range that H writes. Every namespace but the user
-//! namespace stays owned by the host's, so even the box's "root" cannot reconfigure its
-//! network, mounts or hostname. C forks the supervisor (PID 2) and reaps orphans for the box's
-//! whole life.
+//! read-only, its own `devpts` instance at `/dev/pts`, and a fresh `/proc`. It brings up
+//! `lo`, `pivot_root`s into the template and detaches everything else, and only then enters
+//! a new user namespace in which box uid 0..65536 maps to an unprivileged host range that H
+//! writes. Every namespace but the user namespace stays owned by the host's, so even the
+//! box's "root" cannot reconfigure its network, mounts or hostname. C forks the supervisor
+//! (PID 2) and reaps orphans for the box's whole life.
 //!
 //! H waits on its report socket (fd 1, the server holds the other end) for [`CGROUP_READY`],
 //! which the server sends once it has made the box's cgroup, and then writes [`InitReport`]
