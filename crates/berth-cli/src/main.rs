@@ -4,6 +4,7 @@ mod client;
 mod cmd;
 mod render;
 mod serve;
+mod shell;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -42,6 +43,8 @@ enum Cmd {
     Create(cmd::boxes::CreateArgs),
     /// Run a command in a box: `berth exec BOX -- CMD ARGS...`; exits with its exit code.
     Exec(cmd::boxes::ExecArgs),
+    /// An interactive shell in a box on a real terminal: `berth shell BOX`.
+    Shell(shell::ShellArgs),
     /// Copy a file: `berth cp BOX:path local` or `berth cp local BOX:path`.
     Cp {
         /// `BOX:path` (path relative to /workspace) or a local file.
@@ -170,6 +173,7 @@ async fn real_main(cli: Cli) -> Result<()> {
         Cmd::Ls(a) => cmd::boxes::ls(&client(&a.conn)?, &a).await,
         Cmd::Create(a) => cmd::boxes::create(&client(&a.conn)?, &a).await,
         Cmd::Exec(a) => cmd::boxes::exec(&client(&a.conn)?, a).await,
+        Cmd::Shell(a) => shell::run(client(&a.conn)?, a).await,
         Cmd::Cp { src, dst, conn } => cmd::boxes::cp(&client(&conn)?, &src, &dst).await,
         Cmd::Rm { ids, json, conn } => cmd::boxes::rm(&client(&conn)?, ids, json).await,
         Cmd::Start(a) => cmd::sessions::start(&client(&a.conn)?, a).await,

@@ -156,6 +156,16 @@ pub struct ExecSpec {
     /// Paths the process may write beneath (default: workspace, home, /tmp, /dev/shm).
     pub writable: Option<Vec<String>>,
     pub timeout: Option<Duration>,
+    /// Run on a pseudo-terminal of this size allocated inside the box (an interactive shell)
+    /// instead of pipes: output arrives as `Stdout` only, and `ExecInput::Resize` resizes it.
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +199,8 @@ pub enum ExecInput {
     Stdin(bytes::Bytes),
     CloseStdin,
     Signal(i32),
+    /// A terminal exec's new size (ignored by one without a terminal).
+    Resize(TtySize),
 }
 
 pub struct ExecHandle {

@@ -59,6 +59,7 @@ pub fn exec_request(box_env: &[(String, String)], spec: ExecSpec) -> Result<Exec
             .writable
             .unwrap_or_else(|| DEFAULT_WRITABLE.iter().map(|s| s.to_string()).collect()),
         timeout_ms: spec.timeout.map(|d| d.as_millis() as u64),
+        tty: spec.tty,
     })
 }
 
@@ -138,6 +139,10 @@ pub async fn exec(ctl: &Path, req: &ExecRequest, probes: Probes) -> Result<ExecH
                 ExecInput::Signal(s) => {
                     aio::write_frame(&mut wr, Kind::Signal, s.to_string().as_bytes()).await
                 }
+                ExecInput::Resize(size) => match serde_json::to_vec(&size) {
+                    Ok(body) => aio::write_frame(&mut wr, Kind::Resize, &body).await,
+                    Err(_) => Ok(()),
+                },
             };
             if r.is_err() {
                 break;

@@ -8,12 +8,12 @@
 //! and cgroup namespaces. C's mount namespace is a copy of the zygote's, so the template is
 //! already there: C adds only what is the box's own ([`mount_box_parts`]): the quota-limited
 //! disk for `/workspace`, `/home/agent`, `/tmp` and `/dev/shm`, `/run/berth` (the gateway seam)
-//! read-only, and a fresh `/proc`. It brings up `lo`, `pivot_root`s into the template and
-//! detaches everything else, and only then enters a new user namespace in which box uid
-//! 0..65536 maps to an unprivileged host range that H writes. Every namespace but the user
-//! namespace stays owned by the host's, so even the box's "root" cannot reconfigure its
-//! network, mounts or hostname. C forks the supervisor (PID 2) and reaps orphans for the box's
-//! whole life.
+//! read-only, its own `devpts` instance at `/dev/pts`, and a fresh `/proc`. It brings up
+//! `lo`, `pivot_root`s into the template and detaches everything else, and only then enters
+//! a new user namespace in which box uid 0..65536 maps to an unprivileged host range that H
+//! writes. Every namespace but the user namespace stays owned by the host's, so even the
+//! box's "root" cannot reconfigure its network, mounts or hostname. C forks the supervisor
+//! (PID 2) and reaps orphans for the box's whole life.
 //!
 //! H waits on its report socket (fd 1, the server holds the other end) for [`CGROUP_READY`],
 //! which the server sends once it has made the box's cgroup, and then writes [`InitReport`]
@@ -645,6 +645,9 @@ pub(super) fn build_template(root: &Path, spec: &RootSpec) -> Result<(), String>
     ] {
         ctx(symlink(target, dev.join(name)), "dev symlink")?;
     }
+    // Terminals: each box mounts its own devpts instance here (`mount_box_parts`).
+    mkdir_p(&dev.join("pts"))?;
+    ctx(symlink("pts/ptmx", dev.join("ptmx")), "dev symlink")?;
     for p in BOX_MOUNT_POINTS {
         mkdir_p(&inside(root, p))?;
     }
@@ -739,6 +742,19 @@ fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<(), String> {
         &inside(root, "/run/berth"),
         true,
         MsFlags::MS_NOEXEC,
+    )?;
+
+    // The box's own terminals (the supervisor opens one per terminal exec): a new devpts
+    // instance, so a box sees and numbers only its own, and at most `max` of them.
+    ctx(
+        mount(
+            Some("devpts"),
+            &inside(root, "/dev/pts"),
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,max=64"),
+        ),
+        "mount /dev/pts",
     )?;
 
     let proc_dir = inside(root, "/proc");

@@ -16,6 +16,7 @@ pub mod confine;
 pub mod disk;
 pub mod init;
 pub mod protocol;
+mod pty;
 pub mod spawn;
 pub mod supervisor;
 pub mod zygote;

@@ -4,6 +4,8 @@
 //! `u32` payload length, then the payload. The host opens with one [`Frame::Request`] (JSON
 //! [`ExecRequest`]); after that the host may send stdin, stdin-EOF and signal frames while the
 //! supervisor sends `Started`, stdout/stderr chunks and finally exactly one `Exit` (or `Error`).
+//! A request with `tty` runs on a pseudo-terminal: its output is `Stdout` only, `Stdin` is
+//! typed into it, and `Resize` frames change its size.
 //! A connection may instead open with `Connect` to reach a port inside the box.
 //! The control socket lives outside the box's file tree, so only the host can connect.
 
@@ -29,6 +31,9 @@ pub enum Kind {
     /// the box (payload: the port as text). Answered with `Started` (then the connection
     /// carries raw bytes both ways) or `Error`.
     Connect = 9,
+    /// Host → supervisor during a terminal exec: the terminal's new size (JSON
+    /// [`crate::TtySize`]).
+    Resize = 10,
 }
 
 impl Kind {
@@ -44,6 +49,7 @@ impl Kind {
             7 => Kind::Started,
             8 => Kind::Error,
             9 => Kind::Connect,
+            10 => Kind::Resize,
             _ => return None,
         })
     }
@@ -60,6 +66,9 @@ pub struct ExecRequest {
     /// Paths (inside the box) the process may write beneath; everything else is read-only.
     pub writable: Vec<String>,
     pub timeout_ms: Option<u64>,
+    /// Run on a pseudo-terminal of this size, opened by the supervisor inside the box.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<crate::TtySize>,
 }
 
 /// How a process ended, as seen from inside the box.

@@ -32,8 +32,10 @@ struct ChildArgs<'a> {
     argv: &'a [*const libc::c_char],
     envp: &'a [*const libc::c_char],
     cwd: &'a CStr,
-    /// stdin read end, stdout write end, stderr write end.
+    /// stdin read end, stdout write end, stderr write end (or a terminal, three times).
     fds: [RawFd; 3],
+    /// Make `fds[0]` the controlling terminal (after the new session starts).
+    ctty: bool,
     confinement: &'a Confinement,
     /// 0 until the child fails; then the errno of the failing step.
     errno: AtomicI32,
@@ -57,6 +59,41 @@ pub fn spawn(
     cwd: &str,
     confinement: &Confinement,
 ) -> io::Result<Spawned> {
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let pid = start(argv, env, cwd, confinement, fds, false)?;
+    drop((in_r, out_w, err_w));
+    Ok(Spawned {
+        pid,
+        stdin: File::from(in_w),
+        stdout: File::from(out_r),
+        stderr: File::from(err_r),
+    })
+}
+
+/// Like [`spawn`], with the terminal `tty` (a pseudo-terminal's slave end, close-on-exec) as
+/// its standard streams and its controlling terminal (the child is a new session's leader).
+/// Returns the child's pid; the caller keeps (and should then close) its `tty`.
+pub fn spawn_on_tty(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &str,
+    confinement: &Confinement,
+    tty: RawFd,
+) -> io::Result<i32> {
+    start(argv, env, cwd, confinement, [tty; 3], true)
+}
+
+fn start(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &str,
+    confinement: &Confinement,
+    fds: [RawFd; 3],
+    ctty: bool,
+) -> io::Result<i32> {
     let prog = argv
         .first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "argv is empty"))?;
@@ -88,15 +125,13 @@ pub fn spawn(
     };
     let (argv_p, envp_p) = (ptrs(&argv_c), ptrs(&env_c));
     let cwd_c = cstring(cwd.as_bytes())?;
-    let (in_r, in_w) = pipe()?;
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
     let args = ChildArgs {
         candidates: &candidates,
         argv: &argv_p,
         envp: &envp_p,
         cwd: &cwd_c,
-        fds: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        fds,
+        ctty,
         confinement,
         errno: AtomicI32::new(0),
     };
@@ -121,13 +156,7 @@ pub fn spawn(
         let _ = wait(pid);
         return Err(io::Error::from_raw_os_error(errno));
     }
-    drop((in_r, out_w, err_w));
-    Ok(Spawned {
-        pid,
-        stdin: File::from(in_w),
-        stdout: File::from(out_r),
-        stderr: File::from(err_r),
-    })
+    Ok(pid)
 }
 
 /// Wait for child `pid` to end (and reap it).
@@ -186,6 +215,10 @@ unsafe fn child_steps(a: &ChildArgs) -> i32 {
         }
         if let Err(e) = a.confinement.apply() {
             return e;
+        }
+        // A session leader (apply started the session) without a terminal takes its own.
+        if a.ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            return errno();
         }
         // As the process's own user: the supervisor may lack the right to enter a directory
         // only that user may (no CAP_DAC_OVERRIDE in a Docker box), and should not lend it.

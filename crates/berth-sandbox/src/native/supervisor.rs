@@ -26,7 +26,7 @@ use std::time::Duration;
 
 /// How long output pumps may lag behind the exit of the main process (a background child may
 /// hold the pipe open forever; we do not wait for it).
-const DRAIN_GRACE: Duration = Duration::from_millis(200);
+pub(super) const DRAIN_GRACE: Duration = Duration::from_millis(200);
 
 pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
     // Once here instead of in every exec; should it fail, each exec empties its own.
@@ -99,9 +99,9 @@ fn splice(tcp: TcpStream, unix: UnixStream) {
     let _ = up.join();
 }
 
-type Writer = Arc<Mutex<UnixStream>>;
+pub(super) type Writer = Arc<Mutex<UnixStream>>;
 
-fn send(w: &Writer, kind: Kind, payload: &[u8]) -> io::Result<()> {
+pub(super) fn send(w: &Writer, kind: Kind, payload: &[u8]) -> io::Result<()> {
     let mut guard = w
         .lock()
         .map_err(|_| io::Error::other("writer lock poisoned"))?;
@@ -122,7 +122,11 @@ fn serve(stream: UnixStream) -> io::Result<()> {
         Ok(r) => r,
         Err(e) => return send(&writer, Kind::Error, format!("bad request: {e}").as_bytes()),
     };
-    match spawn_and_stream(req, &mut reader, &writer) {
+    let served = match req.tty {
+        Some(size) => super::pty::serve(req, size, &mut reader, &writer),
+        None => spawn_and_stream(req, &mut reader, &writer),
+    };
+    match served {
         Ok(()) => Ok(()),
         Err(e) => send(&writer, Kind::Error, e.to_string().as_bytes()),
     }
@@ -212,16 +216,7 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
     let _ = input_tx.send(Some((pid, child.stdin)));
     let r = (|| {
         send(writer, Kind::Started, pid.to_string().as_bytes())?;
-        // Wait for the child, with the timeout enforced on a pidfd (no watchdog thread), or,
-        // where the kernel has no pidfd_open (gVisor), by a watchdog thread.
-        let (status, timed_out) = match req.timeout_ms {
-            Some(ms) => match wait_or_kill(pid, ms) {
-                Ok(t) => (spawn::wait(pid)?, t),
-                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => wait_with_watchdog(pid, ms)?,
-                Err(e) => return Err(e),
-            },
-            None => (spawn::wait(pid)?, false),
-        };
+        let (status, timed_out) = wait_for(pid, req.timeout_ms)?;
         let _ = drained_rx.recv_timeout(DRAIN_GRACE);
         let exit = WireExit {
             code: status.code(),
@@ -238,6 +233,23 @@ fn spawn_and_stream(req: ExecRequest, reader: &mut UnixStream, writer: &Writer) 
         let _ = spawn::wait(pid);
     }
     r
+}
+
+/// Wait for child `pid` (and reap it), killing its group past `timeout_ms`: the timeout is
+/// enforced on a pidfd (no watchdog thread), or, where the kernel has no pidfd_open (gVisor),
+/// by a watchdog thread. Returns the status and whether the timeout fired.
+pub(super) fn wait_for(
+    pid: i32,
+    timeout_ms: Option<u64>,
+) -> io::Result<(std::process::ExitStatus, bool)> {
+    match timeout_ms {
+        Some(ms) => match wait_or_kill(pid, ms) {
+            Ok(t) => Ok((spawn::wait(pid)?, t)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => wait_with_watchdog(pid, ms),
+            Err(e) => Err(e),
+        },
+        None => Ok((spawn::wait(pid)?, false)),
+    }
 }
 
 /// Host → process: stdin bytes, EOF, signals. A closed host connection kills the group.

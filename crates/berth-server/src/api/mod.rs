@@ -4,6 +4,7 @@
 pub mod boxes;
 mod doc_links;
 pub mod keys;
+pub mod pty;
 pub mod sessions;
 pub mod system;
 pub mod triggers;
@@ -172,6 +173,24 @@ pub const UNDOCUMENTED: &[Undocumented] = &[
         why: "the document itself",
         route: || get(system::openapi),
     },
+    Undocumented {
+        path: "/ui",
+        methods: Some(&["GET"]),
+        why: "the web console's shell (berth-console), not an API",
+        route: || get(berth_console::index),
+    },
+    Undocumented {
+        path: "/ui/",
+        methods: Some(&["GET"]),
+        why: "the web console's shell (berth-console), not an API",
+        route: || get(berth_console::index),
+    },
+    Undocumented {
+        path: "/ui/{*file}",
+        methods: Some(&["GET"]),
+        why: "the web console's embedded files (berth-console), not an API",
+        route: || get(berth_console::file),
+    },
 ];
 
 /// The API, declared once: each annotated handler is both served and documented from its
@@ -196,6 +215,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(tagged("boxes", routes!(boxes::artifact)))
         .routes(tagged("boxes", routes!(boxes::stats)))
         .routes(tagged("boxes", routes!(boxes::box_events)))
+        .routes(tagged("boxes", routes!(pty::pty)))
         .routes(tagged(
             "triggers",
             routes!(triggers::create_trigger, triggers::list_triggers),
