@@ -2,6 +2,7 @@
 
 mod client;
 mod render;
+mod store_cmd;
 
 use anyhow::{bail, Context, Result};
 use berth_api::*;
@@ -125,6 +126,11 @@ enum Cmd {
         /// Pause between streamed chunks, in milliseconds.
         #[arg(long, default_value_t = 0)]
         chunk_delay_ms: u64,
+    },
+    /// berth's own state: `store copy --from sqlite://… --to postgres://…`.
+    Store {
+        #[command(subcommand)]
+        cmd: store_cmd::StoreCmd,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -443,6 +449,7 @@ async fn real_main(cli: Cli) -> Result<()> {
         Cmd::Chat { session, conn } => chat(&client(&conn)?, &session).await,
         Cmd::Run(a) => run(&client(&a.conn)?, a).await,
         Cmd::Keys { cmd } => keys(cmd, client).await,
+        Cmd::Store { cmd } => store_cmd::run(cmd).await,
         Cmd::Usage {
             by,
             from,

@@ -41,6 +41,14 @@ pub struct Config {
     pub durability: String,
     /// Where parked hybrid boxes' snapshots go (default `<data_dir>/snapshots`).
     pub snapshot_dir: Option<PathBuf>,
+    // -- store (issue #19) --
+    /// Where records, events and the ledger live: `sqlite://<path>` or `postgres://…`
+    /// (default: SQLite at `<data_dir>/berth.db`). Servers sharing a PostgreSQL database serve
+    /// each other's session streams live.
+    pub database_url: Option<String>,
+    /// Where parked boxes' snapshots go: `file:///<dir>` or `s3://<bucket>/<prefix>` (S3 set
+    /// up by the standard AWS variables); overrides `snapshot_dir`.
+    pub snapshot_url: Option<String>,
     /// The Claude Code CLI (default: `$BERTH_CLAUDE_BIN`, else `claude` on `PATH`). It must live
     /// where `host`-image boxes see it (under /usr, /opt, …), not under /root or /home.
     pub claude_cli: Option<PathBuf>,
@@ -408,6 +416,8 @@ impl Default for Config {
             max_boxes_per_tenant: 100,
             durability: "crash".into(),
             snapshot_dir: None,
+            database_url: None,
+            snapshot_url: None,
             claude_cli: None,
             native: NativeSection::default(),
             docker: DockerSection::default(),
@@ -506,6 +516,12 @@ impl Config {
         }
         if let Some(v) = var("BERTH_SNAPSHOT_DIR") {
             self.snapshot_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("BERTH_DATABASE_URL") {
+            self.database_url = Some(v);
+        }
+        if let Some(v) = var("BERTH_SNAPSHOT_URL") {
+            self.snapshot_url = Some(v);
         }
         if let Some(v) = var("BERTH_DURABILITY") {
             self.durability = v;

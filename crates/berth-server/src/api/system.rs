@@ -16,8 +16,8 @@ pub async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready to serve: the store takes a write, every enabled backend can create boxes, and the
-/// model upstream accepts connections. Each check has 2 s.
+/// Ready to serve: the store takes a write, the snapshot store answers, every enabled backend
+/// can create boxes, and the model upstream accepts connections. Each check has 2 s.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "not ready: the message names the failed checks", body = berth_api::ErrorBody)))]
 pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let limit = std::time::Duration::from_secs(2);
@@ -35,6 +35,12 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
                 engine.store.ping().await.map_err(|e| e.to_string())
             })
             .await,
+        )
+    };
+    let snapshots = async {
+        timed(
+            "snapshot store",
+            tokio::time::timeout(limit, engine.snapshots_ping()).await,
         )
     };
     let backends = async {
@@ -63,8 +69,8 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             .await
             .map_err(|e| format!("upstream: {e}"))
     };
-    let (a, b, c) = tokio::join!(store, backends, upstream);
-    let failed: Vec<String> = [a, b, c].into_iter().filter_map(Result::err).collect();
+    let (a, b, c, d) = tokio::join!(store, backends, upstream, snapshots);
+    let failed: Vec<String> = [a, b, c, d].into_iter().filter_map(Result::err).collect();
     if !failed.is_empty() {
         return Err(ApiError::Unavailable(format!(
             "not ready: {}",
@@ -73,7 +79,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
     }
     Ok(axum::Json(serde_json::json!({
         "status": "ready",
-        "checks": {"store": "ok", "backends": engine.backends.len(), "upstream": "ok"}
+        "checks": {"store": "ok", "snapshots": "ok", "backends": engine.backends.len(), "upstream": "ok"}
     })))
 }
 

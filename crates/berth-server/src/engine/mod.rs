@@ -16,6 +16,8 @@ pub mod ledger;
 pub mod park;
 pub mod sessions;
 pub mod shared;
+pub mod shared_events;
+pub mod store_health;
 pub mod triggers;
 
 use crate::auth::{new_id, now};
