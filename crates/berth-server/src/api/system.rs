@@ -16,8 +16,8 @@ pub async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready to serve: the store takes a write, the snapshot store answers, every enabled backend
-/// can create boxes, and the model upstream accepts connections. Each check has 2 s.
+/// Ready to serve: the store takes a write, every enabled backend can create boxes, and the
+/// model upstream accepts connections. Each check has 2 s.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "not ready: the message names the failed checks", body = berth_api::ErrorBody)))]
 pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let limit = std::time::Duration::from_secs(2);
@@ -37,6 +37,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             .await,
         )
     };
+    // The snapshot store answers too (a directory, or S3 off the machine).
     let snapshots = async {
         timed(
             "snapshot store",
