@@ -185,6 +185,24 @@ async fn a_second_server_streams_another_servers_session_live() {
     // B answers reads about the session too (from the shared store).
     let s = api_b.get(&format!("/v1/sessions/{sid}")).await;
     assert_eq!(s.status, 200, "{}", s.json);
+    // Readiness covers PostgreSQL, and its latencies are in /metrics.
+    for api in [&api_a, &api_b] {
+        let ready = api.get("/readyz").await;
+        assert_eq!(ready.status, 200, "{}", ready.json);
+    }
+    // A appends, B reads what A appended; both pinged the store.
+    for (api, ops) in [
+        (&api_a, ["ping", "append_events"]),
+        (&api_b, ["ping", "read_events"]),
+    ] {
+        let metrics = String::from_utf8_lossy(&api.get("/metrics").await.bytes).into_owned();
+        for op in ops {
+            assert!(
+                metrics.contains(&format!("berth_store_op_seconds_count{{op=\"{op}\"}}")),
+                "{op} missing from /metrics"
+            );
+        }
+    }
 
     let r = api_a.delete(&format!("/v1/sessions/{sid}")).await;
     assert!(r.status < 300, "{} {}", r.status, r.json);
