@@ -9,20 +9,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A PostgreSQL server for this test binary: the shared one, or one started here (kept alive
-/// for the binary's lifetime).
-fn admin_url() -> String {
-    static CLUSTER: std::sync::OnceLock<(String, Option<PgCluster>)> = std::sync::OnceLock::new();
-    CLUSTER
-        .get_or_init(|| match std::env::var("BERTH_TEST_DATABASE_URL") {
-            Ok(u) if !u.is_empty() => (u, None),
-            _ => {
-                let c = PgCluster::start().expect("test PostgreSQL");
-                (c.url(), Some(c))
-            }
-        })
-        .0
-        .clone()
+/// A PostgreSQL server: the shared one (`BERTH_TEST_DATABASE_URL`), or a cluster of the
+/// caller's own, stopped when the caller drops it (a static would never be dropped, leaving
+/// the server running after the tests).
+fn server() -> (String, Option<PgCluster>) {
+    match std::env::var("BERTH_TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => (u, None),
+        _ => {
+            let c = PgCluster::start().expect("test PostgreSQL");
+            (c.url(), Some(c))
+        }
+    }
 }
 
 /// A fresh database (per test and process) on the test server.
@@ -40,11 +37,6 @@ async fn fresh_db(admin: &str) -> String {
     berth_store::postgres::ensure_database(admin, &name)
         .await
         .expect("create database")
-}
-
-async fn postgres() -> PostgresStore {
-    let url = fresh_db(&admin_url()).await;
-    PostgresStore::open(&url).await.expect("open postgres")
 }
 
 fn event(s: &str, seq: i64) -> Event {
@@ -443,7 +435,10 @@ async fn sqlite_conforms() {
 
 #[tokio::test]
 async fn postgres_conforms() {
-    let st = postgres().await;
+    let (admin, _cluster) = server();
+    let st = PostgresStore::open(&fresh_db(&admin).await)
+        .await
+        .expect("open postgres");
     conformance(&st).await;
 }
 
@@ -460,7 +455,8 @@ async fn open_picks_the_store_by_url() {
     .expect("sqlite url");
     st.ping().await.expect("ping");
     assert!(path.exists() && !dir.path().join("default.db").exists());
-    let url = fresh_db(&admin_url()).await;
+    let (admin, _cluster) = server();
+    let url = fresh_db(&admin).await;
     let pg = berth_store::open(Some(&url), &path, Durability::Crash)
         .await
         .expect("postgres url");
@@ -475,7 +471,8 @@ async fn open_picks_the_store_by_url() {
 /// watcher of the other, and concurrent writers of one log cannot both win a seq.
 #[tokio::test]
 async fn postgres_shares_commits_between_processes() {
-    let url = fresh_db(&admin_url()).await;
+    let (admin, _cluster) = server();
+    let url = fresh_db(&admin).await;
     let a = Arc::new(PostgresStore::open(&url).await.expect("a"));
     let b = Arc::new(PostgresStore::open(&url).await.expect("b"));
     let mut wake = b.watch_session("s1").expect("watch");
