@@ -5,6 +5,7 @@ mod cmd;
 mod render;
 mod serve;
 mod shell;
+mod store_cmd;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -127,6 +128,11 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         chunk_delay_ms: u64,
     },
+    /// berth's own state: `store copy --from sqlite://… --to postgres://…`.
+    Store {
+        #[command(subcommand)]
+        cmd: store_cmd::StoreCmd,
+    },
     /// Print the OpenAPI document.
     Openapi,
     /// Box bring-up helper (internal).
@@ -187,6 +193,7 @@ async fn real_main(cli: Cli) -> Result<()> {
         Cmd::Chat { session, conn } => cmd::sessions::chat(&client(&conn)?, &session).await,
         Cmd::Run(a) => cmd::run::run(&client(&a.conn)?, a).await,
         Cmd::Keys { cmd } => cmd::keys::keys(cmd, client).await,
+        Cmd::Store { cmd } => store_cmd::run(cmd).await,
         Cmd::Usage {
             by,
             from,

@@ -48,6 +48,14 @@ pub struct Config {
     pub durability: Durability,
     /// Where parked hybrid boxes' snapshots go (default `<data_dir>/snapshots`).
     pub snapshot_dir: Option<PathBuf>,
+    // -- store (issue #19) --
+    /// Where records, events and the ledger live: `sqlite://<path>` or `postgres://…`
+    /// (default: SQLite at `<data_dir>/berth.db`). Servers sharing a PostgreSQL database serve
+    /// each other's session streams live.
+    pub database_url: Option<String>,
+    /// Where parked boxes' snapshots go: `file:///<dir>` or `s3://<bucket>/<prefix>` (S3 set
+    /// up by the standard AWS variables); overrides `snapshot_dir`.
+    pub snapshot_url: Option<String>,
     /// The Claude Code CLI (default: `$BERTH_CLAUDE_BIN`, else `claude` on `PATH`). It must live
     /// where `host`-image boxes see it (under /usr, /opt, …), not under /root or /home.
     pub claude_cli: Option<PathBuf>,
@@ -331,6 +339,8 @@ impl Default for Config {
             max_boxes_per_tenant: 100,
             durability: Durability::Crash,
             snapshot_dir: None,
+            database_url: None,
+            snapshot_url: None,
             claude_cli: None,
             native: NativeSection::default(),
             docker: DockerSection::default(),

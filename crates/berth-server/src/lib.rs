@@ -14,7 +14,7 @@ pub mod observe;
 use berth_api::{KeyObject, SessionState};
 use berth_sandbox::native::{NativeBackend, NativeConfig};
 use berth_sandbox::{Backend, Sandbox};
-use berth_store::{SqliteStore, Store};
+use berth_store::Store;
 pub use config::Config;
 use engine::{Engine, EngineConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -227,7 +227,12 @@ pub async fn run(
         config::Durability::Crash => berth_store::Durability::Crash,
         config::Durability::Power => berth_store::Durability::PowerLoss,
     };
-    let store = Arc::new(SqliteStore::open_with(&cfg.data_dir.join("berth.db"), durability).await?);
+    let store = berth_store::open(
+        cfg.database_url.as_deref(),
+        &cfg.data_dir.join("berth.db"),
+        durability,
+    )
+    .await?;
     let admin_key_file = bootstrap_admin(&*store, &cfg).await?;
 
     let mut backends: HashMap<String, Arc<Backend>> = HashMap::new();
@@ -377,11 +382,14 @@ pub async fn run(
                 gap_fraction: cfg.cost.gap_fraction,
             },
             clock: rt.clock.clone(),
-            snapshots: berth_store::snapshots::SnapshotStore::local(
-                &cfg.snapshot_dir
-                    .clone()
-                    .unwrap_or_else(|| cfg.data_dir.join("snapshots")),
-            )
+            snapshots: match &cfg.snapshot_url {
+                Some(url) => berth_store::snapshots::SnapshotStore::from_url(url),
+                None => berth_store::snapshots::SnapshotStore::local(
+                    &cfg.snapshot_dir
+                        .clone()
+                        .unwrap_or_else(|| cfg.data_dir.join("snapshots")),
+                ),
+            }
             .map_err(|e| ServerError::Other(format!("snapshot store: {e}")))?,
         },
         gateway,

@@ -1,23 +1,60 @@
 //! berth's durable state behind one interface, [`Store`].
 //!
-//! The embedded implementation is SQLite (WAL, one file in the data dir); PostgreSQL will
-//! implement the same trait with the same schema (JSON documents plus the columns queries
-//! filter on). Contract:
+//! The embedded implementation is SQLite (WAL, one file in the data dir); PostgreSQL
+//! implements the same trait with the same schema (JSON documents plus the columns queries
+//! filter on) for servers that share their state. [`open`] picks one by URL. Contract:
 //!
 //! - Writes are durable when the future resolves: against a `kill -9` or crash of the server
 //!   always; against power loss too with `Durability::PowerLoss` (fsync per commit).
 //! - Events are append-only; `(session_id, seq)` is unique and an append that reuses a seq fails
-//!   with [`StoreError::Conflict`] instead of overwriting.
+//!   with [`StoreError::Conflict`] instead of overwriting; so does a batch that does not
+//!   continue its log (seqs are gapless: the first is the log's last + 1, then consecutive).
+//! - [`Store::watch_session`]: a store shared by several processes wakes watchers when a
+//!   batch of a session's events commits (from any process); an embedded store has no other
+//!   writer and returns None.
 //! - Tenancy is enforced by callers through the `tenant` argument of lookups; a row of another
 //!   tenant is reported as absent.
 
+pub mod copy;
+pub mod postgres;
 pub mod snapshots;
 pub mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use async_trait::async_trait;
 use berth_api::{BoxObject, Event, KeyObject, SessionObject, TriggerObject};
 
+pub use postgres::PostgresStore;
 pub use sqlite::{Durability, SqliteStore};
+
+use std::path::Path;
+use std::sync::Arc;
+
+/// Open the store a `database_url` names: `sqlite://<path>` (or None: `default_sqlite`) or
+/// `postgres://…` / `postgresql://…`.
+pub async fn open(
+    url: Option<&str>,
+    default_sqlite: &Path,
+    durability: Durability,
+) -> Result<Arc<dyn Store>> {
+    match url {
+        None => Ok(Arc::new(
+            SqliteStore::open_with(default_sqlite, durability).await?,
+        )),
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+            Ok(Arc::new(PostgresStore::open(u).await?))
+        }
+        Some(u) => match u.strip_prefix("sqlite://") {
+            Some(path) if !path.is_empty() => Ok(Arc::new(
+                SqliteStore::open_with(Path::new(path), durability).await?,
+            )),
+            _ => Err(StoreError::Url(format!(
+                "{u:?}: expected sqlite://<path> or postgres://…"
+            ))),
+        },
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +64,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("database_url {0}")]
+    Url(String),
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -110,6 +149,13 @@ pub struct KeyRecord {
 pub trait Store: Send + Sync + 'static {
     /// Readiness: the store takes a write (within its own busy timeout).
     async fn ping(&self) -> Result<()>;
+
+    /// Wake-ups for commits of a session's events by any process sharing this store (the
+    /// value is a counter; only its changes mean anything). None: no other process can write
+    /// here, the owning process's own feed is all there is.
+    fn watch_session(&self, _session_id: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 
     async fn ensure_tenant(&self, tenant: &str) -> Result<()>;
     async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()>;

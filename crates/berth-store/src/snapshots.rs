@@ -1,6 +1,6 @@
 //! Box snapshots in an object store: what a parked hybrid box leaves behind (its workspace and
-//! agents' state, as one compressed archive). A local directory by default; any `object_store`
-//! backend (S3, GCS, Azure) fits the same seam.
+//! agents' state, as one compressed archive). A local directory by default, or an S3 bucket
+//! ([`SnapshotStore::from_url`]); any `object_store` backend fits the same seam.
 //!
 //! Contract: a write ([`SnapshotStore::writer`], or [`SnapshotStore::put`] for bytes in hand)
 //! streams: the server holds a few parts, never the archive. It is atomic (an object is whole
@@ -29,6 +29,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot directory: {0}")]
     Io(#[from] std::io::Error),
+    #[error("snapshot_url {0}")]
+    Url(String),
 }
 
 pub type Result<T> = std::result::Result<T, SnapshotError>;
@@ -59,6 +61,62 @@ impl SnapshotStore {
 
     pub fn new(store: Arc<dyn ObjectStore>) -> SnapshotStore {
         SnapshotStore { store }
+    }
+
+    /// The store a `snapshot_url` names: `file:///dir` (see [`SnapshotStore::local`]) or
+    /// `s3://bucket/prefix` through `object_store`'s S3 client, configured by the standard AWS
+    /// variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_REGION`, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint, …).
+    pub fn from_url(url: &str) -> Result<SnapshotStore> {
+        if let Some(dir) = url.strip_prefix("file://") {
+            if dir.is_empty() {
+                return Err(SnapshotError::Url(format!("{url:?}: no directory")));
+            }
+            return Self::local(std::path::Path::new(dir));
+        }
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err(SnapshotError::Url(format!(
+                "{url:?}: expected file:///<dir> or s3://<bucket>/<prefix>"
+            )));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(SnapshotError::Url(format!("{url:?}: no bucket")));
+        }
+        // object_store's HTTP client uses rustls without a crypto provider of its own; ring
+        // is the one this workspace builds. Already installed (by us or the embedder): fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let s3 = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            // Fail within seconds, not the client's default minutes: a park or restore that
+            // cannot reach the store is abandoned (the box stays as it was) and retried later.
+            .with_retry(object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(15),
+                ..Default::default()
+            })
+            .build()?;
+        let prefix = prefix.trim_matches('/');
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+        };
+        Ok(SnapshotStore { store })
+    }
+
+    /// Readiness: the object store answers (a listing of at most one key under `boxes/`).
+    pub async fn ping(&self) -> Result<()> {
+        use futures::StreamExt;
+        let t = std::time::Instant::now();
+        let mut l = self.store.list(Some(&ObjectPath::from("boxes")));
+        let r = match l.next().await {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(e.into()),
+        };
+        metrics::histogram!("berth_snapshot_op_seconds", "op" => "ping")
+            .record(t.elapsed().as_secs_f64());
+        r
     }
 
     /// A writer for a snapshot at `key`, for archives made as a stream (see [`SnapshotWriter`]).
@@ -204,8 +262,14 @@ impl SnapshotWriter {
     /// Complete the object and verify it (see the type's docs).
     pub async fn finish(self) -> Result<Stored> {
         let sha256 = hex::encode(self.hasher.finalize());
+        let t = std::time::Instant::now();
         self.upload.finish().await?;
+        metrics::histogram!("berth_snapshot_op_seconds", "op" => "complete")
+            .record(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
         let read = self.store.verify(&self.key, &sha256).await?;
+        metrics::histogram!("berth_snapshot_op_seconds", "op" => "verify")
+            .record(t.elapsed().as_secs_f64());
         if read != self.bytes {
             return Err(SnapshotError::Corrupt {
                 key: self.key,

@@ -75,7 +75,7 @@ impl SqliteStore {
             .max_connections(8)
             .connect_with(opts)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(SqliteStore { pool })
     }
 
@@ -118,6 +118,24 @@ impl SqliteStore {
         let _t = timer("append_events");
         let sql =
             format!("INSERT INTO {table} ({owner}, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)");
+        // Gapless: within the batch each event follows the one before of its log; the first
+        // of each log follows a row already there (checked after the inserts, once the
+        // transaction holds the write lock, so no read-to-write upgrade can fail).
+        let mut next: std::collections::HashMap<&str, i64> = Default::default();
+        let mut firsts = Vec::new();
+        for e in events {
+            match next.get(e.session_id.as_str()) {
+                Some(n) if *n != e.seq => {
+                    return Err(StoreError::Conflict(format!(
+                        "event {} of {} does not continue its log (next is {n})",
+                        e.seq, e.session_id
+                    )))
+                }
+                Some(_) => {}
+                None => firsts.push((e.session_id.as_str(), e.seq)),
+            }
+            next.insert(&e.session_id, e.seq + 1);
+        }
         let mut tx = self.pool.begin().await?;
         for e in events {
             let data = serde_json::to_string(&e.data).map_err(corrupt)?;
@@ -130,6 +148,24 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(map_unique)?;
+        }
+        let prev_sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE {owner} = ? AND seq = ?");
+        for (id, first) in firsts {
+            let before: i64 = if first > 1 {
+                sqlx::query(&prev_sql)
+                    .bind(id)
+                    .bind(first - 1)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get("n")
+            } else {
+                i64::from(first == 1)
+            };
+            if before == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "event {first} of {id} does not continue its log"
+                )));
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -162,6 +198,11 @@ impl SqliteStore {
                 })
             })
             .collect()
+    }
+
+    /// The pool (for `store copy`).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
     /// Close the pool (tests use this to simulate an unavailable store).

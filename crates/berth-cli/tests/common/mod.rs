@@ -36,6 +36,11 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if !env.iter().any(|(k, _)| *k == "BERTH_DATABASE_URL") {
+            if let Some(url) = test_database(data).await {
+                cmd.env("BERTH_DATABASE_URL", url);
+            }
+        }
         let mut child = cmd.spawn().expect("spawn berth serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -88,6 +93,25 @@ impl Server {
             .expect("graceful stop in time")
             .expect("wait")
     }
+}
+
+/// With `BERTH_TEST_STORE=postgres` (`scripts/test`'s second run) a server keeps its state on
+/// the PostgreSQL server `BERTH_TEST_DATABASE_URL` names, in a database of its own named after
+/// its data dir (a restart on the same data dir finds the same state); else SQLite in the data
+/// dir.
+pub async fn test_database(data: &Path) -> Option<String> {
+    use sha2::Digest;
+    if std::env::var("BERTH_TEST_STORE").ok()? != "postgres" {
+        return None;
+    }
+    let admin = std::env::var("BERTH_TEST_DATABASE_URL").expect("BERTH_TEST_DATABASE_URL");
+    let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
+    let name = format!("berth_{}", &hex::encode(digest)[..20]);
+    Some(
+        berth_store::postgres::ensure_database(&admin, &name)
+            .await
+            .expect("test database"),
+    )
 }
 
 #[derive(Clone)]

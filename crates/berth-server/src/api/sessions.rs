@@ -190,7 +190,7 @@ fn event_stream(
         let mut last = after;
         loop {
             // Subscribe before reading the store so nothing committed in between is missed.
-            let mut live = engine.subscribe(&id);
+            let mut live = engine.subscribe_any(&id).await;
             loop {
                 let page = engine.store.events_after(&id, last, REPLAY_PAGE).await?;
                 let n = page.len() as i64;

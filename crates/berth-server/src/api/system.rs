@@ -37,6 +37,13 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             .await,
         )
     };
+    // The snapshot store answers too (a directory, or S3 off the machine).
+    let snapshots = async {
+        timed(
+            "snapshot store",
+            tokio::time::timeout(limit, engine.snapshots_ping()).await,
+        )
+    };
     let backends = async {
         let mut failed = vec![];
         for (name, b) in &engine.backends {
@@ -63,8 +70,8 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             .await
             .map_err(|e| format!("upstream: {e}"))
     };
-    let (a, b, c) = tokio::join!(store, backends, upstream);
-    let failed: Vec<String> = [a, b, c].into_iter().filter_map(Result::err).collect();
+    let (a, b, c, d) = tokio::join!(store, backends, upstream, snapshots);
+    let failed: Vec<String> = [a, b, c, d].into_iter().filter_map(Result::err).collect();
     if !failed.is_empty() {
         return Err(ApiError::Unavailable(format!(
             "not ready: {}",
@@ -73,7 +80,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
     }
     Ok(axum::Json(serde_json::json!({
         "status": "ready",
-        "checks": {"store": "ok", "backends": engine.backends.len(), "upstream": "ok"}
+        "checks": {"store": "ok", "snapshots": "ok", "backends": engine.backends.len(), "upstream": "ok"}
     })))
 }
 

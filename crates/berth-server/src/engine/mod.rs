@@ -17,6 +17,8 @@ pub mod park;
 pub mod pty;
 pub mod sessions;
 pub mod shared;
+pub mod shared_events;
+pub mod store_health;
 pub mod triggers;
 
 use crate::auth::{new_id, now};

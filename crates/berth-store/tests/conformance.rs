@@ -1,0 +1,599 @@
+//! The `Store` contract, asserted the same way on SQLite and on PostgreSQL (the server named by
+//! `BERTH_TEST_DATABASE_URL`, else a throw-away cluster this test starts), and what only a
+//! shared store does: wake-ups across processes, concurrent writers, a PostgreSQL restart.
+
+use berth_api::*;
+use berth_store::testing::PgCluster;
+use berth_store::*;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A PostgreSQL server: the shared one (`BERTH_TEST_DATABASE_URL`), or a cluster of the
+/// caller's own, stopped when the caller drops it (a static would never be dropped, leaving
+/// the server running after the tests).
+fn server() -> (String, Option<PgCluster>) {
+    match std::env::var("BERTH_TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => (u, None),
+        _ => {
+            let c = PgCluster::start().expect("test PostgreSQL");
+            (c.url(), Some(c))
+        }
+    }
+}
+
+/// A fresh database (per test and process) on the test server.
+async fn fresh_db(admin: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "conf_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    berth_store::postgres::ensure_database(admin, &name)
+        .await
+        .expect("create database")
+}
+
+fn event(s: &str, seq: i64) -> Event {
+    Event {
+        seq,
+        session_id: s.into(),
+        ts: "2026-01-01T00:00:00Z".into(),
+        kind: EventKind::Stdout,
+        data: serde_json::json!({"text": format!("line {seq}"), "n": seq}),
+    }
+}
+
+fn a_box(id: &str, tenant: &str, created_at: &str) -> BoxObject {
+    BoxObject {
+        id: id.into(),
+        tenant: tenant.into(),
+        state: BoxState::Running,
+        state_reason: None,
+        backend: "native".into(),
+        lifecycle: Lifecycle::Persistent,
+        image: "host".into(),
+        resources: Resources::default(),
+        network: NetworkSpec::default(),
+        env: Default::default(),
+        idle_timeout_s: None,
+        max_lifetime_s: None,
+        labels: Default::default(),
+        secrets: vec![],
+        shared: false,
+        keep_workspace: false,
+        artifact: None,
+        snapshot: None,
+        created_at: created_at.into(),
+        updated_at: created_at.into(),
+    }
+}
+
+fn a_session(id: &str, tenant: &str, box_id: &str, created_at: &str) -> SessionObject {
+    SessionObject {
+        id: id.into(),
+        tenant: tenant.into(),
+        box_id: box_id.into(),
+        state: SessionState::Running,
+        state_reason: None,
+        agent: AgentSpec::Claude(ClaudeAgent::default()),
+        workdir: "/workspace".into(),
+        agent_session_id: None,
+        cli_version: None,
+        agent_cost_usd: Some(0.25),
+        last_seq: 0,
+        uid: None,
+        created_at: created_at.into(),
+        updated_at: created_at.into(),
+    }
+}
+
+fn usage(tenant: &str, session: &str, model: &str, ts_ms: i64, tokens: u64) -> UsageRow {
+    UsageRow {
+        ts: "t".into(),
+        ts_ms,
+        tenant: tenant.into(),
+        box_id: format!("box-{session}"),
+        session_id: session.into(),
+        model: model.into(),
+        status: 200,
+        input_tokens: tokens,
+        output_tokens: 2 * tokens,
+        cache_creation_5m_tokens: 1,
+        cache_creation_1h_tokens: 2,
+        cache_read_tokens: 3,
+        cost_usd: tokens as f64 / 1000.0,
+    }
+}
+
+/// Every method of the trait, with the same assertions whatever the store.
+async fn conformance(st: &dyn Store) {
+    st.ping().await.expect("ping");
+
+    // Event logs: append-only, gapless, per session.
+    st.append_events(&[event("s1", 1), event("s1", 2), event("s2", 1)])
+        .await
+        .expect("append");
+    for bad in [
+        vec![event("s1", 2)],                 // reuses a seq
+        vec![event("s1", 4)],                 // leaves a hole
+        vec![event("s1", 3), event("s1", 5)], // a hole inside the batch
+        vec![event("s3", 2)],                 // a new log must start at 1
+        vec![event("s1", 3), event("s2", 1)], // one bad part refuses the whole batch
+    ] {
+        assert!(
+            matches!(st.append_events(&bad).await, Err(StoreError::Conflict(_))),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(st.last_seq("s1").await.expect("seq"), 2, "nothing partial");
+    st.append_events(&(3..=300).map(|i| event("s1", i)).collect::<Vec<_>>())
+        .await
+        .expect("a big batch");
+    let page = st.events_after("s1", 0, 100).await.expect("read");
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        page[41].data,
+        serde_json::json!({"text": "line 42", "n": 42})
+    );
+    assert_eq!(page[0].kind, EventKind::Stdout);
+    assert_eq!(page[0].ts, "2026-01-01T00:00:00Z");
+    assert_eq!(
+        st.events_after("s1", 298, 100).await.expect("read").len(),
+        2
+    );
+    assert_eq!(st.last_seq("s1").await.expect("seq"), 300);
+    assert_eq!(st.last_seq("nope").await.expect("seq"), 0);
+    assert!(st
+        .events_after("nope", 0, 10)
+        .await
+        .expect("read")
+        .is_empty());
+
+    // Box event logs: the same rules, a separate log.
+    st.append_box_events(&[event("b1", 1), event("b1", 2)])
+        .await
+        .expect("box events");
+    assert!(matches!(
+        st.append_box_events(&[event("b1", 4)]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(st.last_box_seq("b1").await.expect("seq"), 2);
+    assert_eq!(
+        st.box_events_after("b1", 1, 10).await.expect("read")[0].seq,
+        2
+    );
+    assert_eq!(st.last_seq("b1").await.expect("seq"), 0, "logs are apart");
+
+    // Keys and tenants.
+    assert_eq!(st.count_keys().await.expect("count"), 0);
+    let key = |id: &str, tenant: &str, admin: bool, at: &str| KeyObject {
+        id: id.into(),
+        key: None,
+        tenant: tenant.into(),
+        admin,
+        created_at: at.into(),
+    };
+    st.insert_key(&key("k1", "acme", true, "2026-01-01T00:00:01Z"), "h1")
+        .await
+        .expect("key");
+    st.insert_key(&key("k2", "beta", false, "2026-01-01T00:00:02Z"), "h2")
+        .await
+        .expect("key");
+    assert!(matches!(
+        st.insert_key(&key("k3", "acme", false, "t"), "h1").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        st.find_key("h1").await.expect("find"),
+        Some(KeyRecord {
+            id: "k1".into(),
+            tenant: "acme".into(),
+            admin: true
+        })
+    );
+    assert!(st.find_key("h9").await.expect("find").is_none());
+    let all = st.list_keys(None).await.expect("list");
+    assert_eq!(
+        all.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+        ["k1", "k2"]
+    );
+    assert!(!all[1].admin);
+    assert_eq!(st.list_keys(Some("beta")).await.expect("list").len(), 1);
+    assert!(st.delete_key("k2").await.expect("delete"));
+    assert!(!st.delete_key("k2").await.expect("delete twice"));
+    assert_eq!(st.count_keys().await.expect("count"), 1);
+
+    // Boxes and sessions: upserts, tenancy, order.
+    st.put_box(&a_box("b2", "acme", "2026-01-01T00:00:02Z"))
+        .await
+        .expect("put");
+    st.put_box(&a_box("b1", "acme", "2026-01-01T00:00:01Z"))
+        .await
+        .expect("put");
+    st.put_box(&a_box("b3", "beta", "2026-01-01T00:00:03Z"))
+        .await
+        .expect("put");
+    let mut parked = a_box("b1", "acme", "2026-01-01T00:00:01Z");
+    parked.state = BoxState::Parked;
+    st.put_box(&parked).await.expect("update");
+    assert_eq!(
+        st.get_box(Some("acme"), "b1")
+            .await
+            .expect("get")
+            .map(|b| b.state),
+        Some(BoxState::Parked)
+    );
+    assert!(st.get_box(Some("beta"), "b1").await.expect("get").is_none());
+    assert!(st.get_box(None, "b1").await.expect("get").is_some());
+    assert_eq!(
+        st.list_boxes(Some("acme"))
+            .await
+            .expect("list")
+            .iter()
+            .map(|b| b.id.as_str())
+            .collect::<Vec<_>>(),
+        ["b1", "b2"]
+    );
+    assert_eq!(st.list_boxes(None).await.expect("list").len(), 3);
+    let mut s = a_session("s1", "acme", "b1", "2026-01-01T00:00:01Z");
+    st.put_session(&s).await.expect("put");
+    st.put_session(&a_session("s2", "acme", "b2", "2026-01-01T00:00:02Z"))
+        .await
+        .expect("put");
+    s.state = SessionState::Stopped;
+    s.last_seq = 300;
+    st.put_session(&s).await.expect("update");
+    assert_eq!(
+        st.get_session(Some("acme"), "s1").await.expect("get"),
+        Some(s.clone())
+    );
+    assert!(st
+        .get_session(Some("beta"), "s1")
+        .await
+        .expect("get")
+        .is_none());
+    assert_eq!(
+        st.list_sessions(Some("acme"), Some("b2"))
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert_eq!(st.list_sessions(None, None).await.expect("list").len(), 2);
+
+    // Budgets.
+    assert_eq!(st.tenant_budget("acme").await.expect("budget"), None);
+    st.set_tenant_budget("acme", Some(12.5)).await.expect("set");
+    st.set_tenant_budget("newco", Some(3.0)).await.expect("new");
+    assert_eq!(st.tenant_budget("acme").await.expect("budget"), Some(12.5));
+    st.set_tenant_budget("newco", None).await.expect("clear");
+    assert_eq!(
+        st.tenant_budgets().await.expect("budgets"),
+        vec![("acme".to_string(), 12.5)]
+    );
+
+    // Triggers: the secret beside the document.
+    let trig: TriggerObject = serde_json::from_value(serde_json::json!({
+        "id": "t1", "tenant": "acme", "box": "b1",
+        "agent": {"kind": "claude"}, "prompt": "hi", "schedule": null, "webhook_path": "/hooks/t1",
+        "workdir": null, "fired": 0, "last_fired_at": null, "last_session_id": null,
+        "last_error": null, "created_at": "2026-01-01T00:00:00Z"
+    }))
+    .expect("trigger json");
+    st.put_trigger(&trig, "sekrit").await.expect("put");
+    let mut fired = trig.clone();
+    fired.fired = 3;
+    st.update_trigger(&fired).await.expect("update");
+    let (got, secret) = st
+        .get_trigger(Some("acme"), "t1")
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!((got.fired, secret.as_str()), (3, "sekrit"));
+    assert!(st
+        .get_trigger(Some("beta"), "t1")
+        .await
+        .expect("get")
+        .is_none());
+    assert_eq!(st.list_triggers(None).await.expect("list").len(), 1);
+    assert!(!st.delete_trigger(Some("beta"), "t1").await.expect("delete"));
+    assert!(st.delete_trigger(Some("acme"), "t1").await.expect("delete"));
+    assert!(st.list_triggers(None).await.expect("list").is_empty());
+
+    // Usage: group-committed rows, sums by key and model, filters.
+    st.record_usage(&[
+        usage("a", "s1", "m1", 1_000, 10),
+        usage("a", "s1", "m2", 2_000, 20),
+        usage("a", "s2", "m1", 3_000, 30),
+    ])
+    .await
+    .expect("record");
+    st.record_usage(
+        &(0..100)
+            .map(|i| usage("b", "s3", "m1", 4_000 + i, 1))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("record a batch");
+    st.record_usage(&[]).await.expect("nothing");
+    let by_model = st
+        .usage_sums(UsageKey::Model, &UsageFilter::default())
+        .await
+        .expect("sums");
+    assert_eq!(by_model.len(), 2);
+    assert_eq!(
+        by_model[0],
+        UsageSum {
+            key: "m1".into(),
+            model: "m1".into(),
+            requests: 102,
+            input_tokens: 140,
+            output_tokens: 280,
+            cache_creation_5m_tokens: 102,
+            cache_creation_1h_tokens: 204,
+            cache_read_tokens: 306,
+            cost_usd: by_model[0].cost_usd,
+        }
+    );
+    assert!((by_model[0].cost_usd - 0.14).abs() < 1e-9);
+    let f = UsageFilter {
+        tenant: Some("a".into()),
+        from_ms: Some(2_000),
+        to_ms: Some(3_000),
+        ..Default::default()
+    };
+    let s = st.usage_sums(UsageKey::Session, &f).await.expect("sums");
+    assert_eq!(
+        s.iter()
+            .map(|x| (x.key.as_str(), x.model.as_str(), x.input_tokens))
+            .collect::<Vec<_>>(),
+        [("s1", "m2", 20)]
+    );
+    let f = UsageFilter {
+        session_id: Some("s3".into()),
+        ..Default::default()
+    };
+    let b = st.usage_sums(UsageKey::Box, &f).await.expect("sums");
+    assert_eq!((b[0].key.as_str(), b[0].requests), ("box-s3", 100));
+    let t = st
+        .usage_sums(UsageKey::Tenant, &UsageFilter::default())
+        .await
+        .expect("sums");
+    assert_eq!(
+        t.iter().map(|x| x.key.as_str()).collect::<Vec<_>>(),
+        ["a", "a", "b"]
+    );
+
+    // Container time spans.
+    let span = |id: &str, start_ms: i64| BoxSpan {
+        box_id: id.into(),
+        tenant: "a".into(),
+        start_ms,
+        end_ms: None,
+        cpus: 1.5,
+        memory_mib: 1024,
+    };
+    st.open_box_span(&span("b1", 1_000)).await.expect("open");
+    st.open_box_span(&span("b2", 2_000)).await.expect("open");
+    st.close_box_span("b1", 500)
+        .await
+        .expect("close before start");
+    st.close_box_span("b1", 9_000).await.expect("close twice");
+    st.mark_box_spans_seen(7_000).await.expect("seen");
+    st.mark_box_spans_seen(6_000)
+        .await
+        .expect("seen goes forward only");
+    let spans = st.box_spans(None, None, None, None).await.expect("spans");
+    assert_eq!(spans[0].end_ms, Some(1_000), "clamped to its start");
+    assert_eq!(spans[1].end_ms, None);
+    assert_eq!((spans[1].cpus, spans[1].memory_mib), (1.5, 1024));
+    assert_eq!(
+        st.box_spans(None, None, Some(1_000), None)
+            .await
+            .expect("spans")
+            .len(),
+        1
+    );
+    assert_eq!(
+        st.box_spans(None, None, None, Some(2_000))
+            .await
+            .expect("spans")
+            .len(),
+        1
+    );
+    assert_eq!(st.close_abandoned_box_spans().await.expect("abandoned"), 1);
+    let spans = st
+        .box_spans(Some("a"), Some("b2"), None, None)
+        .await
+        .expect("spans");
+    assert_eq!(spans[0].end_ms, Some(7_000));
+    assert!(st
+        .box_spans(Some("zzz"), None, None, None)
+        .await
+        .expect("spans")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_conforms() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let st = SqliteStore::open(&dir.path().join("berth.db"))
+        .await
+        .expect("open");
+    conformance(&st).await;
+    assert!(st.watch_session("s1").is_none(), "no other writer");
+}
+
+#[tokio::test]
+async fn postgres_conforms() {
+    let (admin, _cluster) = server();
+    let st = PostgresStore::open(&fresh_db(&admin).await)
+        .await
+        .expect("open postgres");
+    conformance(&st).await;
+}
+
+#[tokio::test]
+async fn open_picks_the_store_by_url() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("x.db");
+    let st = berth_store::open(
+        Some(&format!("sqlite://{}", path.display())),
+        &dir.path().join("default.db"),
+        Durability::Crash,
+    )
+    .await
+    .expect("sqlite url");
+    st.ping().await.expect("ping");
+    assert!(path.exists() && !dir.path().join("default.db").exists());
+    let (admin, _cluster) = server();
+    let url = fresh_db(&admin).await;
+    let pg = berth_store::open(Some(&url), &path, Durability::Crash)
+        .await
+        .expect("postgres url");
+    assert!(pg.watch_session("s").is_some(), "a shared store");
+    assert!(matches!(
+        berth_store::open(Some("mysql://x"), &path, Durability::Crash).await,
+        Err(StoreError::Url(_))
+    ));
+}
+
+/// Two stores on one database stand for two server processes: a commit through one wakes a
+/// watcher of the other, and concurrent writers of one log cannot both win a seq.
+#[tokio::test]
+async fn postgres_shares_commits_between_processes() {
+    let (admin, _cluster) = server();
+    let url = fresh_db(&admin).await;
+    let a = Arc::new(PostgresStore::open(&url).await.expect("a"));
+    let b = Arc::new(PostgresStore::open(&url).await.expect("b"));
+    let mut wake = b.watch_session("s1").expect("watch");
+    let mut other = b.watch_session("s2").expect("watch");
+    // The listener may still be connecting; a commit before it listens is not announced, so
+    // commit until the first wake-up arrives (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seq = 0;
+    loop {
+        seq += 1;
+        a.append_events(&[event("s1", seq)]).await.expect("append");
+        match tokio::time::timeout(Duration::from_millis(200), wake.changed()).await {
+            Ok(r) => {
+                r.expect("changed");
+                break;
+            }
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "no wake-up"),
+        }
+    }
+    // The listener's (re)connection wakes every watcher once; past that, only commits do.
+    other.borrow_and_update();
+    // Now every commit wakes it, promptly.
+    for _ in 0..20 {
+        seq += 1;
+        let t = std::time::Instant::now();
+        a.append_events(&[event("s1", seq)]).await.expect("append");
+        tokio::time::timeout(Duration::from_secs(5), wake.changed())
+            .await
+            .expect("woken in time")
+            .expect("changed");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            b.last_seq("s1").await.expect("seq"),
+            seq,
+            "visible when woken"
+        );
+    }
+    assert!(
+        !other.has_changed().expect("open"),
+        "only the session's watchers"
+    );
+    a.append_events(&[event("s2", 1)]).await.expect("append");
+    tokio::time::timeout(Duration::from_secs(5), other.changed())
+        .await
+        .expect("woken")
+        .expect("changed");
+
+    // Racing writers: 8 tasks on two "processes" each try to append the next seq, 50 rounds;
+    // every round exactly one wins and the log stays gapless.
+    let base = b.last_seq("s1").await.expect("seq");
+    for round in 1..=50 {
+        let next = base + round;
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let st = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                st.append_events(&[event("s1", next)]).await
+            }));
+        }
+        let mut won = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(()) => won += 1,
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => panic!("unexpected: {e}"),
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+    }
+    let all = a.events_after("s1", 0, 10_000).await.expect("read");
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=base + 50).collect::<Vec<_>>()
+    );
+}
+
+/// PostgreSQL crashes and comes back: committed events are all there, the pool reconnects,
+/// and the listener re-listens and wakes its watchers (commits in the gap went unannounced).
+#[tokio::test]
+async fn postgres_restart_is_survived() {
+    let mut pg = PgCluster::start().expect("cluster");
+    let url = berth_store::postgres::ensure_database(&pg.url(), "berth")
+        .await
+        .expect("db");
+    let st = PostgresStore::open(&url).await.expect("open");
+    let mut wake = st.watch_session("s1").expect("watch");
+    st.append_events(&(1..=100).map(|i| event("s1", i)).collect::<Vec<_>>())
+        .await
+        .expect("append");
+    pg.crash().expect("crash");
+    assert!(st.ping().await.is_err(), "down");
+    pg.restart().expect("restart");
+    // The pool replaces its dead connections; a bounded wait for the first success.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while st.ping().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let evs = st.events_after("s1", 0, 1000).await.expect("read");
+    assert_eq!(
+        evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    st.append_events(&[event("s1", 101)]).await.expect("append");
+    // Woken by the listener's reconnection and/or the new commit; then every further commit
+    // wakes it again.
+    tokio::time::timeout(Duration::from_secs(20), wake.changed())
+        .await
+        .expect("woken after the restart")
+        .expect("changed");
+    let mut seq = 101;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        seq += 1;
+        st.append_events(&[event("s1", seq)]).await.expect("append");
+        if tokio::time::timeout(Duration::from_millis(300), wake.changed())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "listener not back");
+    }
+}
