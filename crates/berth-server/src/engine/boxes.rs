@@ -6,12 +6,12 @@
 //! activity) and the lifetime deadline (`max_lifetime_s` since start). Each transition is written
 //! to the store and published on the `watch` channel before the next is taken.
 
-use super::{sleep_until_opt, Engine};
+use super::{rules, sleep_until_opt, Engine};
 use crate::auth::now;
 use crate::engine::error::EngineError;
 use berth_api::{BoxObject, BoxSpec, BoxState, Lifecycle};
 use berth_sandbox::{Backend, BoxConfig, BoxExit, Bridge, Image, Limits, Sandbox};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -149,8 +149,23 @@ fn limits(spec: &BoxSpec) -> Limits {
     }
 }
 
+/// What a box's owner task uses of the engine: the store, the snapshot store, the box's three
+/// host-side services, the registry, admission (a restore is admitted again) and container time.
+pub struct BoxDeps {
+    pub store: Arc<dyn berth_store::Store>,
+    pub snapshots: berth_store::snapshots::SnapshotStore,
+    pub gateway: Arc<berth_gateway::Gateway>,
+    pub egress: Arc<berth_gateway::egress::Egress>,
+    pub registry: Arc<super::registry::Registry>,
+    pub admission: Arc<super::admission::Admission>,
+    pub box_time: super::ledger::BoxTime,
+    /// The engine, weakly (it owns the actors, not the other way round), for what spans both
+    /// actors: resuming the sessions a failed park stopped, and the box-side API.
+    pub engine: Weak<Engine>,
+}
+
 struct BoxActor {
-    engine: Arc<Engine>,
+    deps: BoxDeps,
     backend: Arc<Backend>,
     obj: BoxObject,
     /// Secret values live only here and in the egress proxy: never in the store or the API.
@@ -195,7 +210,7 @@ pub enum Start {
 }
 
 pub fn spawn(
-    engine: Arc<Engine>,
+    deps: BoxDeps,
     backend: Arc<Backend>,
     obj: BoxObject,
     secrets: Vec<berth_gateway::egress::Secret>,
@@ -204,7 +219,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(obj.clone());
     let actor = BoxActor {
-        engine,
+        deps,
         backend,
         obj,
         secrets,
@@ -236,7 +251,7 @@ impl BoxActor {
             data,
         };
         match self
-            .engine
+            .deps
             .store
             .append_box_events(std::slice::from_ref(&e))
             .await
@@ -280,8 +295,8 @@ impl BoxActor {
             self.obj.state == BoxState::Running,
             state == BoxState::Running,
         ) {
-            (false, true) => self.engine.box_span_open(&self.obj).await,
-            (true, false) => self.engine.box_span_close(&self.obj.id).await,
+            (false, true) => self.deps.box_time.open(&self.obj).await,
+            (true, false) => self.deps.box_time.close(&self.obj.id).await,
             _ => {}
         }
         self.event(
@@ -292,7 +307,7 @@ impl BoxActor {
         self.obj.state = state;
         self.obj.state_reason = reason;
         self.obj.updated_at = now();
-        if let Err(e) = self.engine.store.put_box(&self.obj).await {
+        if let Err(e) = self.deps.store.put_box(&self.obj).await {
             tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
         }
         self.state.send_replace(self.obj.clone());
@@ -356,8 +371,7 @@ impl BoxActor {
         }
         if let Some(snap) = archive {
             let unpacked = match self
-                .engine
-                .config
+                .deps
                 .snapshots
                 .get_stream(&snap.key, &snap.sha256)
                 .await
@@ -393,7 +407,7 @@ impl BoxActor {
     /// in `run_dir`, and its exit watch. A step that fails drops (aborts) the ones before it.
     fn serve(&self, run_dir: &std::path::Path) -> Result<Served, String> {
         let egress = Service(
-            self.engine
+            self.deps
                 .egress
                 .serve_box(
                     &self.obj.id,
@@ -404,14 +418,15 @@ impl BoxActor {
                 .map_err(|e| format!("egress proxy: {e}"))?,
         );
         let gateway = Service(
-            self.engine
+            self.deps
                 .gateway
                 .serve_box(&self.obj.id, &run_dir.join("model.sock"))
                 .map_err(|e| format!("gateway: {e}"))?,
         );
         let api = Service(
             super::shared::serve_box_api(
-                self.engine.clone(),
+                self.deps.engine.clone(),
+                self.deps.gateway.clone(),
                 &self.obj.id,
                 &run_dir.join("api.sock"),
             )
@@ -437,7 +452,7 @@ impl BoxActor {
                 Err(e) => {
                     tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
                     self.set(BoxState::Failed, Some(e)).await;
-                    self.engine.forget_box(&self.obj.id);
+                    self.deps.registry.forget_box(&self.obj.id);
                     return;
                 }
             },
@@ -456,7 +471,7 @@ impl BoxActor {
                             )),
                         )
                         .await;
-                        self.engine.forget_box(&self.obj.id);
+                        self.deps.registry.forget_box(&self.obj.id);
                         return;
                     }
                 }
@@ -503,21 +518,18 @@ impl BoxActor {
                         break;
                     }
                     Some(BoxCmd::Park { reply }) => {
-                        let r = if self.obj.lifecycle != Lifecycle::Hybrid {
-                            Err(EngineError::Conflict("only hybrid boxes park".into()))
-                        } else if self.obj.state == BoxState::Parked {
-                            Ok(self.obj.clone())
-                        } else if !running {
-                            Err(EngineError::Conflict(format!("box is {}", self.obj.state.as_str())))
-                        } else if self.engine.box_busy(&self.obj.id) {
-                            Err(EngineError::Conflict("an agent in the box is mid-turn".into()))
-                        } else {
-                            self.park(&mut served, "requested").await;
-                            match self.obj.state {
-                                BoxState::Parked => Ok(self.obj.clone()),
-                                _ => Err(EngineError::Internal(
-                                    self.obj.state_reason.clone().unwrap_or_default(),
-                                )),
+                        let busy = self.deps.registry.box_busy(&self.obj.id);
+                        let r = match rules::park_request(self.obj.lifecycle, self.obj.state, running, busy) {
+                            rules::ParkRequest::Refuse(e) => Err(e),
+                            rules::ParkRequest::AlreadyParked => Ok(self.obj.clone()),
+                            rules::ParkRequest::Park => {
+                                self.park(&mut served, "requested").await;
+                                match self.obj.state {
+                                    BoxState::Parked => Ok(self.obj.clone()),
+                                    _ => Err(EngineError::Internal(
+                                        self.obj.state_reason.clone().unwrap_or_default(),
+                                    )),
+                                }
                             }
                         };
                         last_activity = Instant::now();
@@ -535,23 +547,24 @@ impl BoxActor {
                         continue;
                     }
                     let why = served.as_ref().and_then(|s| s.exit.borrow().clone());
-                    let reason = match why {
-                        Some(BoxExit::OomKilled) => "box init was OOM-killed".to_string(),
-                        Some(BoxExit::Exited { code }) => format!("box init exited with code {code}"),
-                        Some(BoxExit::Destroyed) | None => continue,
+                    let Some(reason) = rules::death_reason(why.as_ref()) else {
+                        continue;
                     };
                     tracing::warn!(box_id = %self.obj.id, %reason, "box died");
                     let _ = self.backend.destroy(&self.obj.id).await;
                     self.set(BoxState::Failed, Some(reason)).await;
                 }
                 _ = sleep_until_opt(idle_deadline) => {
-                    if self.obj.lifecycle == Lifecycle::Hybrid {
-                        if !self.engine.box_busy(&self.obj.id) {
+                    let busy = self.deps.registry.box_busy(&self.obj.id);
+                    match rules::at_idle(self.obj.lifecycle, busy) {
+                        rules::AtIdle::Park => {
                             self.park(&mut served, "idle_timeout").await;
+                            last_activity = Instant::now();
                         }
-                        last_activity = Instant::now();
-                    } else {
-                        let _ = self.teardown(BoxState::Stopped, Some("idle_timeout".into())).await;
+                        rules::AtIdle::Postpone => last_activity = Instant::now(),
+                        rules::AtIdle::Stop => {
+                            let _ = self.teardown(BoxState::Stopped, Some("idle_timeout".into())).await;
+                        }
                     }
                 }
                 _ = sleep_until_opt(life_deadline) => {
@@ -560,7 +573,7 @@ impl BoxActor {
             }
         }
         drop(served);
-        self.engine.forget_box(&self.obj.id);
+        self.deps.registry.forget_box(&self.obj.id);
     }
 
     /// Idle hybrid box: stop its agents, snapshot it, verify the snapshot, destroy the box. A
@@ -569,7 +582,8 @@ impl BoxActor {
         let t = Instant::now();
         self.set(BoxState::Parking, Some(why.into())).await;
         let sessions = self
-            .engine
+            .deps
+            .registry
             .stop_box_sessions(&self.obj.id, "box parked")
             .await;
         let key = format!("boxes/{}/{}.tar.zst", self.obj.id, self.last_seq + 1);
@@ -582,9 +596,9 @@ impl BoxActor {
                 tracing::warn!(box_id = %self.obj.id, error = %e, "parking failed; the box keeps running");
                 self.set(BoxState::Running, Some(format!("park failed: {e}")))
                     .await;
-                self.engine
-                    .resume_sessions(&self.obj.tenant, &sessions)
-                    .await;
+                if let Some(engine) = self.deps.engine.upgrade() {
+                    engine.resume_sessions(&self.obj.tenant, &sessions).await;
+                }
                 return;
             }
         };
@@ -610,7 +624,10 @@ impl BoxActor {
             ));
         };
         // A parked box holds nothing: coming back counts against the tenant's limits again.
-        let admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
+        let admitted = self
+            .deps
+            .admission
+            .admit(&self.obj.tenant, &self.obj.resources)?;
         let t = Instant::now();
         self.set(BoxState::Restoring, None).await;
         // `restoring` is published: the box now counts as held by its state, not twice.
@@ -663,8 +680,7 @@ impl BoxActor {
             "the archive could not be stored".to_string()
         };
         let mut out = self
-            .engine
-            .config
+            .deps
             .snapshots
             .writer(&key)
             .await
@@ -709,11 +725,11 @@ impl BoxActor {
     /// Forget the box's snapshot (restored or destroyed): the object store's copy goes too.
     async fn drop_snapshot(&mut self) {
         if let Some(snap) = self.obj.snapshot.take() {
-            if let Err(e) = self.engine.config.snapshots.delete(&snap.key).await {
+            if let Err(e) = self.deps.snapshots.delete(&snap.key).await {
                 tracing::warn!(box_id = %self.obj.id, error = %e, "deleting a snapshot");
             }
             self.obj.updated_at = now();
-            if let Err(e) = self.engine.store.put_box(&self.obj).await {
+            if let Err(e) = self.deps.store.put_box(&self.obj).await {
                 tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
             }
             self.state.send_replace(self.obj.clone());

@@ -311,13 +311,22 @@ impl Engine {
             total,
         })
     }
+}
 
+/// Container time: what a box's owner task records as it enters and leaves `running`.
+#[derive(Clone)]
+pub struct BoxTime {
+    pub store: std::sync::Arc<dyn berth_store::Store>,
+    pub clock: crate::clock::Clock,
+}
+
+impl BoxTime {
     /// A box reached `running`: its container time starts counting.
-    pub(crate) async fn box_span_open(&self, b: &BoxObject) {
+    pub async fn open(&self, b: &BoxObject) {
         let span = BoxSpan {
             box_id: b.id.clone(),
             tenant: b.tenant.clone(),
-            start_ms: self.config.clock.now_ms(),
+            start_ms: self.clock.now_ms(),
             end_ms: None,
             cpus: b.resources.cpus,
             memory_mib: b.resources.memory_mib,
@@ -328,12 +337,8 @@ impl Engine {
     }
 
     /// A box left `running`: its container time stops counting. Idempotent.
-    pub(crate) async fn box_span_close(&self, box_id: &str) {
-        if let Err(e) = self
-            .store
-            .close_box_span(box_id, self.config.clock.now_ms())
-            .await
-        {
+    pub async fn close(&self, box_id: &str) {
+        if let Err(e) = self.store.close_box_span(box_id, self.clock.now_ms()).await {
             tracing::error!(%box_id, error = %e, "recording container time");
         }
     }

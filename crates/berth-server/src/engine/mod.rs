@@ -9,14 +9,22 @@
 //! The registry maps ids to handles only; it holds no state of its own.
 
 pub mod admission;
+pub mod box_io;
 pub mod boxes;
 pub mod error;
 pub mod event_cap;
 pub mod ledger;
 pub mod park;
+pub mod registry;
+pub mod route;
+pub mod rules;
 pub mod sessions;
 pub mod shared;
+pub mod system;
 pub mod triggers;
+
+#[cfg(test)]
+mod actor_tests;
 
 use crate::auth::{new_id, now};
 use berth_api::*;
@@ -26,7 +34,7 @@ use boxes::{BoxCmd, BoxHandle};
 use error::EngineError;
 use sessions::{SessionCmd, SessionHandle};
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 #[derive(Debug, Clone)]
@@ -94,21 +102,23 @@ pub const EGRESS_PORT: u16 = 47101;
 /// each other; see `shared::serve_box_api`).
 pub const BOX_API_PORT: u16 = 47102;
 
+/// The engine. Its state is its own: the API edge, the server's start-up and background jobs
+/// reach it through methods only.
 pub struct Engine {
-    pub gateway: Arc<berth_gateway::Gateway>,
-    pub egress: Arc<berth_gateway::egress::Egress>,
-    pub claude: Option<crate::claude_cli::ClaudeCli>,
-    pub store: Arc<dyn Store>,
-    pub backends: HashMap<String, Arc<Backend>>,
-    pub config: EngineConfig,
-    boxes: RwLock<HashMap<String, BoxHandle>>,
-    sessions: RwLock<HashMap<String, SessionHandle>>,
+    gateway: Arc<berth_gateway::Gateway>,
+    egress: Arc<berth_gateway::egress::Egress>,
+    claude: Option<crate::claude_cli::ClaudeCli>,
+    store: Arc<dyn Store>,
+    backends: HashMap<String, Arc<Backend>>,
+    config: EngineConfig,
+    /// Which boxes and sessions have an owner task (shared with the actors).
+    registry: Arc<registry::Registry>,
     /// How many metered records the ledger writer has stored (see [`Engine::ledger_sync`]).
-    pub ledger_written: tokio::sync::watch::Sender<u64>,
+    ledger_written: tokio::sync::watch::Sender<u64>,
     /// Asks the ledger writer to write its pending batch now.
-    pub ledger_flush: tokio::sync::Notify,
+    ledger_flush: tokio::sync::Notify,
     /// Wakes the trigger scheduler when a trigger is created or deleted.
-    pub triggers_changed: tokio::sync::Notify,
+    triggers_changed: tokio::sync::Notify,
     /// Serialises uid allocation for sessions in shared boxes.
     shared_alloc: tokio::sync::Mutex<()>,
     /// Per trigger: the webhook calls it takes, `hook_rate_per_minute` at once and one more
@@ -120,8 +130,9 @@ pub struct Engine {
     /// Ids of API keys deleted during this run: streams opened with one of them end (see
     /// [`Engine::key_revoked`]). Grows by one id per deletion.
     revoked_keys: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
-    /// Box creates admitted but not yet in the registry (see `admission`).
-    reservations: Arc<admission::Reservations>,
+    /// Box admission: ceilings, tenant limits and the creates in flight (shared with the box
+    /// actors, which admit a restore).
+    admission: Arc<admission::Admission>,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -152,6 +163,13 @@ impl Engine {
         egress: Arc<berth_gateway::egress::Egress>,
         claude: Option<crate::claude_cli::ClaudeCli>,
     ) -> Arc<Engine> {
+        let registry = Arc::new(registry::Registry::default());
+        let admission = Arc::new(admission::Admission::new(
+            config.max_box,
+            config.max_boxes_per_tenant,
+            config.tenant_totals,
+            registry.clone(),
+        ));
         Arc::new(Engine {
             gateway,
             egress,
@@ -166,31 +184,59 @@ impl Engine {
                 .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
             hook_seen: std::sync::Mutex::new(HashMap::new()),
             revoked_keys: tokio::sync::watch::channel(Default::default()).0,
-            reservations: Arc::default(),
+            admission,
+            registry,
             config,
-            boxes: RwLock::new(HashMap::new()),
-            sessions: RwLock::new(HashMap::new()),
         })
     }
 
+    /// The engine's configuration (read-only).
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     fn box_handle(&self, id: &str) -> Option<BoxHandle> {
-        self.boxes.read().ok()?.get(id).cloned()
+        self.registry.box_handle(id)
     }
 
     fn session_handle(&self, id: &str) -> Option<SessionHandle> {
-        self.sessions.read().ok()?.get(id).cloned()
+        self.registry.session_handle(id)
     }
 
-    pub(crate) fn forget_box(&self, id: &str) {
-        if let Ok(mut m) = self.boxes.write() {
-            m.remove(id);
+    /// What a box's owner task uses of the engine (see [`boxes::BoxDeps`]).
+    fn box_deps(self: &Arc<Self>) -> boxes::BoxDeps {
+        boxes::BoxDeps {
+            store: self.store.clone(),
+            snapshots: self.config.snapshots.clone(),
+            gateway: self.gateway.clone(),
+            egress: self.egress.clone(),
+            registry: self.registry.clone(),
+            admission: self.admission.clone(),
+            box_time: ledger::BoxTime {
+                store: self.store.clone(),
+                clock: self.config.clock.clone(),
+            },
+            engine: Arc::downgrade(self),
         }
     }
 
-    pub(crate) fn forget_session(&self, id: &str) {
-        if let Ok(mut m) = self.sessions.write() {
-            m.remove(id);
+    /// What a session's owner task uses of the engine (see [`sessions::SessionDeps`]).
+    fn session_deps(&self) -> sessions::SessionDeps {
+        sessions::SessionDeps {
+            store: self.store.clone(),
+            gateway: self.gateway.clone(),
+            registry: self.registry.clone(),
+            events: self.config.events,
         }
+    }
+
+    /// Check a new box against the ceilings and its tenant's limits (see `admission`).
+    pub(crate) fn admit(
+        &self,
+        tenant: &str,
+        r: &Resources,
+    ) -> Result<admission::Ticket, EngineError> {
+        self.admission.admit(tenant, r)
     }
 
     /// Record that the key `id` was deleted: every stream opened with it ends.
@@ -215,25 +261,23 @@ impl Engine {
 
     /// The boxes with an owner task: id, backend and state.
     pub fn live_boxes(&self) -> Vec<(String, String, BoxState)> {
-        self.boxes
-            .read()
-            .map(|m| {
-                m.iter()
-                    .map(|(id, h)| {
-                        let b = h.state.borrow();
-                        (id.clone(), b.backend.clone(), b.state)
-                    })
-                    .collect()
+        self.registry
+            .boxes()
+            .iter()
+            .map(|h| {
+                let b = h.state.borrow();
+                (b.id.clone(), b.backend.clone(), b.state)
             })
-            .unwrap_or_default()
+            .collect()
     }
 
     /// States of the sessions with an owner task.
     pub fn live_session_states(&self) -> Vec<SessionState> {
-        self.sessions
-            .read()
-            .map(|m| m.values().map(|h| h.state.borrow().state).collect())
-            .unwrap_or_default()
+        self.registry
+            .sessions()
+            .iter()
+            .map(|h| h.state.borrow().state)
+            .collect()
     }
 
     // ---- boxes ----
@@ -316,15 +360,13 @@ impl Engine {
             })
             .collect();
         let handle = boxes::spawn(
-            self.clone(),
+            self.box_deps(),
             backend,
             obj.clone(),
             secrets,
             boxes::Start::Create,
         );
-        if let Ok(mut m) = self.boxes.write() {
-            m.insert(obj.id.clone(), handle.clone());
-        }
+        self.registry.insert_box(&obj.id, handle.clone());
         drop(ticket);
         metrics::counter!("berth_boxes_created_total").increment(1);
         let mut rx = handle.state.clone();
@@ -517,58 +559,6 @@ impl Engine {
             .collect())
     }
 
-    /// The backend of a running box, after checking the tenant; records activity.
-    /// A running box for a call that uses it (exec, files, ports): restores a parked box and
-    /// counts as activity.
-    pub async fn running_box(
-        self: &Arc<Self>,
-        tenant: &str,
-        id: &str,
-    ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
-        self.ensure_unparked(tenant, id).await?;
-        self.serving_box(tenant, id, true).await
-    }
-
-    /// A running box for a call that only looks at it (stats): a parked box stays parked
-    /// (409) and the idle timer is not reset, so monitoring does not keep boxes alive.
-    pub async fn observed_box(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
-        self.serving_box(tenant, id, false).await
-    }
-
-    async fn serving_box(
-        &self,
-        tenant: &str,
-        id: &str,
-        touch: bool,
-    ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
-        let b = self.get_box(tenant, id).await?;
-        let Some(h) = self.box_handle(id) else {
-            return Err(EngineError::Conflict(format!(
-                "box {id} is {}",
-                b.state.as_str()
-            )));
-        };
-        if b.state != BoxState::Running {
-            return Err(EngineError::Conflict(format!(
-                "box {id} is {}",
-                b.state.as_str()
-            )));
-        }
-        if touch {
-            h.touch();
-        }
-        let backend = self
-            .backends
-            .get(&b.backend)
-            .cloned()
-            .ok_or_else(|| EngineError::Internal(format!("backend {} vanished", b.backend)))?;
-        Ok((backend, b))
-    }
-
     // ---- sessions ----
 
     pub async fn create_session(
@@ -738,7 +728,7 @@ impl Engine {
         self.store.put_session(&obj).await?;
         metrics::counter!("berth_sessions_created_total").increment(1);
         self.start_agent(sessions::SessionStart {
-            engine: self.clone(),
+            deps: self.session_deps(),
             backend,
             box_handle,
             lifecycle: box_obj.lifecycle,
@@ -923,55 +913,16 @@ impl Engine {
             obj.state = BoxState::Creating;
             boxes::Start::Adopt { last_seq }
         };
-        let handle = boxes::spawn(self.clone(), backend, obj.clone(), vec![], start);
-        if let Ok(mut m) = self.boxes.write() {
-            m.insert(obj.id.clone(), handle.clone());
-        }
+        let handle = boxes::spawn(self.box_deps(), backend, obj.clone(), vec![], start);
+        self.registry.insert_box(&obj.id, handle.clone());
         let mut rx = handle.state.clone();
         let _ = rx.wait_for(|b| b.state != BoxState::Creating).await;
         Ok(())
     }
 
-    /// Whether an agent in the box is in the middle of a turn (a box is not idle then, even
-    /// when the model is slow to answer).
-    pub(crate) fn box_busy(&self, box_id: &str) -> bool {
-        self.sessions
-            .read()
-            .map(|m| {
-                m.values().any(|h| {
-                    let s = h.state.borrow();
-                    s.box_id == box_id
-                        && matches!(s.state, SessionState::Running | SessionState::Starting)
-                })
-            })
-            .unwrap_or(false)
-    }
-
     /// Stop every live session in a box (it is parking or being deleted); their ids.
     pub(crate) async fn stop_box_sessions(&self, box_id: &str, reason: &str) -> Vec<String> {
-        let handles: Vec<SessionHandle> = self
-            .sessions
-            .read()
-            .map(|m| {
-                m.values()
-                    .filter(|h| h.state.borrow().box_id == box_id)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut stopped = Vec::new();
-        for h in handles {
-            let id = h.state.borrow().id.clone();
-            let (tx, rx) = oneshot::channel();
-            let cmd = SessionCmd::Stop {
-                reason: reason.to_string(),
-                reply: tx,
-            };
-            if h.tx.send(cmd).await.is_ok() && rx.await.is_ok() {
-                stopped.push(id);
-            }
-        }
-        stopped
+        self.registry.stop_box_sessions(box_id, reason).await
     }
 
     /// Restart sessions stopped by a park (their agents resume their conversations).
@@ -991,10 +942,7 @@ impl Engine {
         box_id: &str,
     ) -> Result<bool, EngineError> {
         let b = self.get_box(tenant, box_id).await?;
-        if !matches!(
-            b.state,
-            BoxState::Parked | BoxState::Parking | BoxState::Restoring
-        ) {
+        if !rules::needs_restore(b.state) {
             return Ok(false);
         }
         let h = self.box_handle(box_id).ok_or_else(|| {
@@ -1069,7 +1017,7 @@ impl Engine {
         obj.state = SessionState::Starting;
         obj.state_reason = None;
         self.start_agent(sessions::SessionStart {
-            engine: self.clone(),
+            deps: self.session_deps(),
             backend,
             box_handle,
             lifecycle: box_obj.lifecycle,
@@ -1091,9 +1039,7 @@ impl Engine {
         self.register_token(&start.token, &start.obj).await?;
         let obj = start.obj.clone();
         let handle = sessions::spawn(start);
-        if let Ok(mut m) = self.sessions.write() {
-            m.insert(obj.id.clone(), handle.clone());
-        }
+        self.registry.insert_session(&obj.id, handle.clone());
         let mut rx = handle.state.clone();
         let settled = rx
             .wait_for(|s| s.state != SessionState::Starting)
@@ -1175,12 +1121,7 @@ impl Engine {
     /// Stop every session and destroy every box that should not outlive the server process,
     /// then write the usage metered so far.
     pub async fn shutdown(&self) {
-        let sessions: Vec<SessionHandle> = self
-            .sessions
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        for h in sessions {
+        for h in self.registry.sessions() {
             let (tx, rx) = oneshot::channel();
             if h.tx
                 .send(SessionCmd::Stop {
@@ -1193,12 +1134,7 @@ impl Engine {
                 let _ = rx.await;
             }
         }
-        let boxes: Vec<BoxHandle> = self
-            .boxes
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        for h in boxes {
+        for h in self.registry.boxes() {
             let (tx, rx) = oneshot::channel();
             if h.tx.send(BoxCmd::Shutdown { reply: tx }).await.is_ok() {
                 let _ = rx.await;

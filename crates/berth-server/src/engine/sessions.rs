@@ -10,7 +10,7 @@
 //! or a message sent before that result).
 
 use super::boxes::{BoxCmd, BoxHandle};
-use super::{sleep_until_opt, Engine};
+use super::sleep_until_opt;
 use crate::auth::now;
 use crate::engine::error::EngineError;
 use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
@@ -57,8 +57,18 @@ pub struct SessionHandle {
     pub events: broadcast::Sender<Arc<LiveEvent>>,
 }
 
+/// What a session's owner task uses of the engine: the store (events, the session), the
+/// gateway (its token is revoked when it ends), the registry (it leaves it) and the event caps.
+#[derive(Clone)]
+pub struct SessionDeps {
+    pub store: Arc<dyn berth_store::Store>,
+    pub gateway: Arc<berth_gateway::Gateway>,
+    pub registry: Arc<super::registry::Registry>,
+    pub events: super::event_cap::Limits,
+}
+
 struct SessionActor {
-    engine: Arc<Engine>,
+    deps: SessionDeps,
     backend: Arc<Backend>,
     box_handle: BoxHandle,
     lifecycle: Lifecycle,
@@ -115,7 +125,7 @@ impl LiveEvent {
 
 /// Everything a session owner task starts with.
 pub struct SessionStart {
-    pub engine: Arc<Engine>,
+    pub deps: SessionDeps,
     pub backend: Arc<Backend>,
     pub box_handle: BoxHandle,
     pub lifecycle: Lifecycle,
@@ -133,8 +143,8 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
     let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
     let actor = SessionActor {
-        cap: super::event_cap::EventCap::new(start.engine.config.events),
-        engine: start.engine,
+        cap: super::event_cap::EventCap::new(start.deps.events),
+        deps: start.deps,
         backend: start.backend,
         box_handle: start.box_handle,
         lifecycle: start.lifecycle,
@@ -147,9 +157,11 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         program: String::new(),
         started: false,
         done_at_result: false,
-        end_at_result: start.lifecycle == Lifecycle::Ephemeral
-            && start.prompt.is_some()
-            && !start.keep_open,
+        end_at_result: super::rules::ends_at_result(
+            start.lifecycle,
+            start.prompt.is_some(),
+            start.keep_open,
+        ),
         prompt: start.prompt,
         token: start.token,
     };
@@ -220,7 +232,7 @@ impl SessionActor {
             })
             .collect();
         if !batch.is_empty() {
-            if let Err(e) = self.engine.store.append_events(&batch).await {
+            if let Err(e) = self.deps.store.append_events(&batch).await {
                 // Without the store the log would have a hole: drop the batch, say so.
                 tracing::error!(session_id = %self.obj.id, error = %e, "appending events");
                 return;
@@ -229,7 +241,7 @@ impl SessionActor {
             metrics::counter!("berth_events_total").increment(batch.len() as u64);
         }
         self.obj.updated_at = ts;
-        if let Err(e) = self.engine.store.put_session(&self.obj).await {
+        if let Err(e) = self.deps.store.put_session(&self.obj).await {
             tracing::error!(session_id = %self.obj.id, error = %e, "persisting session");
         }
         self.state.send_replace(self.obj.clone());
@@ -360,12 +372,12 @@ impl SessionActor {
             }
         }
         // The agent is gone: its token dies with it; answer what is still queued, then retire.
-        self.engine.gateway.revoke(&self.token);
+        self.deps.gateway.revoke(&self.token);
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {
             self.refuse(cmd);
         }
-        if self.lifecycle == Lifecycle::Ephemeral {
+        if super::rules::after_session(self.lifecycle) == super::rules::AfterSession::DestroyBox {
             let (tx, rx) = oneshot::channel();
             if self
                 .box_handle
@@ -377,7 +389,7 @@ impl SessionActor {
                 let _ = rx.await;
             }
         }
-        self.engine.forget_session(&self.obj.id);
+        self.deps.registry.forget_session(&self.obj.id);
     }
 
     fn refuse(&self, cmd: SessionCmd) {

@@ -377,6 +377,10 @@ impl Engine {
 /// Fire scheduled triggers when due, for the life of the server.
 pub async fn scheduler(engine: Arc<Engine>) {
     use chrono::Utc;
+    // The engine's clock, not the system's: tests move it with tokio's paused time.
+    let clock = engine.config.clock.clone();
+    let wall =
+        move || chrono::DateTime::<Utc>::from_timestamp_millis(clock.now_ms()).unwrap_or_default();
     loop {
         let triggers = match engine.store.list_triggers(None).await {
             Ok(t) => t,
@@ -385,7 +389,7 @@ pub async fn scheduler(engine: Arc<Engine>) {
                 Vec::new()
             }
         };
-        let start = Utc::now();
+        let start = wall();
         let mut due: Vec<(chrono::DateTime<Utc>, TriggerObject)> = triggers
             .into_iter()
             .filter_map(|t| {
@@ -415,7 +419,7 @@ pub async fn scheduler(engine: Arc<Engine>) {
             });
         }
         // Past the fired instant before computing the next ones.
-        let wake = (first - Utc::now()).to_std().unwrap_or_default();
+        let wake = (first - wall()).to_std().unwrap_or_default();
         tokio::time::sleep(wake + std::time::Duration::from_millis(1)).await;
     }
 }

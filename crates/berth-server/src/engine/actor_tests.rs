@@ -1,0 +1,507 @@
+//! The box and session actors' state machines on the fake backend with paused time: each test
+//! runs through minutes of the box's life in milliseconds.
+//!
+//! Waits are bounded in real time by a watchdog thread, not by tokio timers: under paused
+//! time a tokio timeout would be the next timer and fire as soon as the runtime waits on the
+//! store's worker thread.
+
+use super::*;
+use berth_sandbox::fake::{FakeBackend, FakeExec};
+use std::time::Duration;
+
+struct World {
+    engine: Arc<Engine>,
+    fake: FakeBackend,
+    store: Arc<dyn Store>,
+    dir: Arc<tempfile::TempDir>,
+}
+
+fn engine_config(dir: &std::path::Path, max_boxes_per_tenant: usize) -> EngineConfig {
+    EngineConfig {
+        default_backend: "fake".into(),
+        session_rpm: None,
+        max_boxes_per_tenant,
+        max_exec_output: 1 << 20,
+        cost: ledger::CostConfig {
+            box_hour_usd: 0.0,
+            scale_by_resources: false,
+            gap_fraction: 0.1,
+        },
+        clock: crate::clock::Clock::following_tokio(1_700_000_000_000),
+        snapshots: berth_store::snapshots::SnapshotStore::local(&dir.join("snapshots"))
+            .expect("snapshot store"),
+        hook_rate_per_minute: 60,
+        idle_timeout: crate::config::IdleTimeoutSection::default(),
+        max_box: admission::MaxBox {
+            cpus: 64.0,
+            memory_mib: 1 << 20,
+            disk_mib: 1 << 20,
+            pids: 100_000,
+        },
+        tenant_totals: admission::TenantTotals::default(),
+        events: event_cap::Limits {
+            per_second: 1000,
+            burst: 1000,
+            max_bytes: 64 * 1024,
+            max_per_session: 100_000,
+        },
+    }
+}
+
+/// An engine (a "server") over `store` and `fake`; a second call over the same two is the
+/// same server restarted.
+fn engine_over(
+    dir: &std::path::Path,
+    store: Arc<dyn Store>,
+    fake: &FakeBackend,
+    max_boxes_per_tenant: usize,
+) -> Arc<Engine> {
+    let (gateway, _metered) =
+        berth_gateway::Gateway::new(berth_gateway::GatewayConfig::default()).expect("gateway");
+    let (egress, _decisions) =
+        berth_gateway::egress::Egress::new(berth_gateway::egress::EgressConfig::default())
+            .expect("egress");
+    let mut backends = HashMap::new();
+    backends.insert("fake".to_string(), Arc::new(Backend::Fake(fake.clone())));
+    Engine::new(
+        store,
+        backends,
+        engine_config(dir, max_boxes_per_tenant),
+        gateway,
+        egress,
+        None,
+    )
+}
+
+/// The SQLite store on a runtime of its own that keeps real time: every call runs there, so
+/// the pool's timers (acquire timeouts, connection reaping) are not on the paused clock, where
+/// they would fire whenever the test runtime waits on the database thread.
+struct RealTimeStore {
+    inner: Arc<berth_store::SqliteStore>,
+    rt: tokio::runtime::Handle,
+}
+
+fn open_store(path: std::path::PathBuf) -> Arc<dyn Store> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("store runtime");
+        let inner = rt
+            .block_on(berth_store::SqliteStore::open(&path))
+            .expect("store");
+        let store: Arc<dyn Store> = Arc::new(RealTimeStore {
+            inner: Arc::new(inner),
+            rt: rt.handle().clone(),
+        });
+        let _ = tx.send(store);
+        // Keeps the runtime for the test's life.
+        rt.block_on(std::future::pending::<()>())
+    });
+    rx.recv().expect("store opened")
+}
+
+/// The `Store` impl forwarding each method to the real-time runtime: each argument is owned
+/// for the trip (`= own`) and lent again there (`=> lend`).
+macro_rules! forward_store {
+    ($($name:ident ( $($arg:ident : $ty:ty = $own:expr => $lend:expr),* ) -> $ret:ty;)*) => {
+        #[async_trait::async_trait]
+        impl Store for RealTimeStore {
+            $(
+                // Copied arguments are "owned" as themselves.
+                #[allow(clippy::redundant_locals)]
+                async fn $name(&self, $($arg: $ty),*) -> berth_store::Result<$ret> {
+                    $(let $arg = $own;)*
+                    let inner = self.inner.clone();
+                    self.rt
+                        .spawn(async move { inner.$name($($lend),*).await })
+                        .await
+                        .expect("store call")
+                }
+            )*
+        }
+    };
+}
+
+forward_store! {
+    ping() -> ();
+    ensure_tenant(t: &str = t.to_string() => &t) -> ();
+    insert_key(k: &KeyObject = k.clone() => &k, h: &str = h.to_string() => &h) -> ();
+    find_key(h: &str = h.to_string() => &h) -> Option<berth_store::KeyRecord>;
+    list_keys(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<KeyObject>;
+    delete_key(id: &str = id.to_string() => &id) -> bool;
+    count_keys() -> i64;
+    put_box(b: &BoxObject = b.clone() => &b) -> ();
+    get_box(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<BoxObject>;
+    list_boxes(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<BoxObject>;
+    put_session(s: &SessionObject = s.clone() => &s) -> ();
+    get_session(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<SessionObject>;
+    list_sessions(t: Option<&str> = t.map(str::to_string) => t.as_deref(), b: Option<&str> = b.map(str::to_string) => b.as_deref()) -> Vec<SessionObject>;
+    append_events(e: &[Event] = e.to_vec() => &e) -> ();
+    events_after(id: &str = id.to_string() => &id, after: i64 = after => after, limit: i64 = limit => limit) -> Vec<Event>;
+    last_seq(id: &str = id.to_string() => &id) -> i64;
+    set_tenant_budget(t: &str = t.to_string() => &t, b: Option<f64> = b => b) -> ();
+    tenant_budgets() -> Vec<(String, f64)>;
+    tenant_budget(t: &str = t.to_string() => &t) -> Option<f64>;
+    append_box_events(e: &[Event] = e.to_vec() => &e) -> ();
+    box_events_after(id: &str = id.to_string() => &id, after: i64 = after => after, limit: i64 = limit => limit) -> Vec<Event>;
+    last_box_seq(id: &str = id.to_string() => &id) -> i64;
+    put_trigger(tr: &TriggerObject = tr.clone() => &tr, sec: &str = sec.to_string() => &sec) -> ();
+    update_trigger(tr: &TriggerObject = tr.clone() => &tr) -> ();
+    get_trigger(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<(TriggerObject, String)>;
+    list_triggers(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<TriggerObject>;
+    delete_trigger(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> bool;
+    record_usage(rows: &[berth_store::UsageRow] = rows.to_vec() => &rows) -> ();
+    usage_sums(key: berth_store::UsageKey = key => key, f: &berth_store::UsageFilter = f.clone() => &f) -> Vec<berth_store::UsageSum>;
+    open_box_span(span: &berth_store::BoxSpan = span.clone() => &span) -> ();
+    close_box_span(id: &str = id.to_string() => &id, end: i64 = end => end) -> ();
+    mark_box_spans_seen(now: i64 = now => now) -> ();
+    close_abandoned_box_spans() -> u64;
+    box_spans(t: Option<&str> = t.map(str::to_string) => t.as_deref(), b: Option<&str> = b.map(str::to_string) => b.as_deref(), from: Option<i64> = from => from, to: Option<i64> = to => to) -> Vec<berth_store::BoxSpan>;
+}
+
+async fn world(adoption: bool, max_boxes_per_tenant: usize) -> World {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let store = open_store(dir.path().join("berth.db"));
+    let fake = FakeBackend::new(dir.path().join("boxes"), adoption);
+    let engine = engine_over(dir.path(), store.clone(), &fake, max_boxes_per_tenant);
+    World {
+        engine,
+        fake,
+        store,
+        dir,
+    }
+}
+
+/// `f` within 20 s of real time, or the test fails (never a hang).
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        v = f => v,
+        _ = rx => panic!("{what}: not within 20 s"),
+    }
+}
+
+/// Wait (bounded) until the box's published state satisfies `pred`.
+async fn box_until(
+    w: &World,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&BoxObject) -> bool,
+) -> BoxObject {
+    let mut rx = w
+        .engine
+        .box_handle(id)
+        .unwrap_or_else(|| panic!("{what}: box {id} has no owner task"))
+        .state;
+    bounded(what, async move {
+        rx.wait_for(|b| pred(b))
+            .await
+            .map(|b| b.clone())
+            .expect("box owner task ended")
+    })
+    .await
+}
+
+fn spec(lifecycle: Lifecycle, idle_s: Option<u64>, lifetime_s: Option<u64>) -> BoxSpec {
+    BoxSpec {
+        lifecycle: Some(lifecycle),
+        idle_timeout_s: Some(idle_s),
+        max_lifetime_s: lifetime_s,
+        ..Default::default()
+    }
+}
+
+fn run(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        cwd: None,
+        env: Default::default(),
+        stdin: None,
+        timeout_s: None,
+    }
+}
+
+const ARCHIVE: &[u8] = b"the box's workspace, as tar would write it";
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_hybrid_box_parks_and_its_next_use_restores_it() {
+    let w = world(false, 10).await;
+    // tar -c in the box writes the archive; tar -x reads it back (recorded by the fake).
+    w.fake.on_exec(
+        |argv| argv.iter().any(|a| a == "-cf"),
+        FakeExec::stdout(ARCHIVE),
+    );
+    w.fake.on_program("hello", FakeExec::stdout("hi\n"));
+    let b = bounded(
+        "create",
+        w.engine
+            .create_box("t1", spec(Lifecycle::Hybrid, Some(60), None)),
+    )
+    .await
+    .expect("create");
+    assert_eq!(b.state, BoxState::Running);
+    let t0 = tokio::time::Instant::now();
+    let parked = box_until(&w, &b.id, "park", |b| b.state == BoxState::Parked).await;
+    // Parked at the idle deadline, not before.
+    assert!(
+        t0.elapsed() >= Duration::from_secs(60),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(parked.state_reason.as_deref(), Some("idle_timeout"));
+    let snap = parked
+        .snapshot
+        .clone()
+        .expect("a parked box records its snapshot");
+    assert!(
+        !w.fake.holds(&b.id),
+        "a parked box holds nothing in its backend"
+    );
+    assert_eq!(
+        w.store
+            .get_box(None, &b.id)
+            .await
+            .expect("read")
+            .map(|b| b.state),
+        Some(BoxState::Parked),
+        "the park is persisted"
+    );
+
+    // The next use restores it: a fresh box, the archive unpacked in it, then the exec.
+    let out = bounded("exec", w.engine.exec("t1", &b.id, run(&["hello"])))
+        .await
+        .expect("exec restores the box");
+    assert_eq!(out.stdout, "hi\n");
+    assert_eq!(w.fake.stdin_of("-xf"), vec![ARCHIVE.to_vec()]);
+    let now = w.engine.get_box("t1", &b.id).await.expect("get");
+    assert_eq!(now.state, BoxState::Running);
+    assert_eq!(
+        now.state_reason.as_deref(),
+        Some("restored from its snapshot")
+    );
+    assert!(
+        now.snapshot.is_none(),
+        "the snapshot is dropped once restored"
+    );
+    assert!(
+        w.engine
+            .config
+            .snapshots
+            .verify(&snap.key, &snap.sha256)
+            .await
+            .is_err(),
+        "the snapshot's object is deleted once restored"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_park_leaves_the_box_running() {
+    let w = world(false, 10).await;
+    w.fake.on_exec(
+        |argv| argv.iter().any(|a| a == "-cf"),
+        FakeExec {
+            stderr: b"tar: disk on fire".to_vec(),
+            code: 2,
+            ..Default::default()
+        },
+    );
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Hybrid, Some(60), None))
+        .await
+        .expect("create");
+    let after = box_until(&w, &b.id, "park attempt", |b| {
+        b.state_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("park failed"))
+    })
+    .await;
+    assert_eq!(after.state, BoxState::Running);
+    assert!(w.fake.holds(&b.id), "the box was not destroyed");
+    assert!(after.snapshot.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_box_stops_at_its_lifetime() {
+    let w = world(false, 10).await;
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, None, Some(300)))
+        .await
+        .expect("create");
+    let t0 = tokio::time::Instant::now();
+    // Activity does not extend a lifetime.
+    tokio::time::advance(Duration::from_secs(200)).await;
+    bounded("exec", w.engine.exec("t1", &b.id, run(&["true"])))
+        .await
+        .expect("exec");
+    let stopped = box_until(&w, &b.id, "lifetime", |b| b.state == BoxState::Stopped).await;
+    assert_eq!(stopped.state_reason.as_deref(), Some("max_lifetime"));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(300) && waited < Duration::from_secs(301),
+        "{waited:?}"
+    );
+    assert!(!w.fake.holds(&b.id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_persistent_box_stops_and_activity_postpones_it() {
+    let w = world(false, 10).await;
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, Some(100), None))
+        .await
+        .expect("create");
+    let t0 = tokio::time::Instant::now();
+    tokio::time::advance(Duration::from_secs(90)).await;
+    bounded("exec", w.engine.exec("t1", &b.id, run(&["true"])))
+        .await
+        .expect("exec");
+    let stopped = box_until(&w, &b.id, "idle", |b| b.state == BoxState::Stopped).await;
+    assert_eq!(stopped.state_reason.as_deref(), Some("idle_timeout"));
+    assert!(
+        t0.elapsed() >= Duration::from_secs(190),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_during_create_fails_the_box_and_frees_its_place() {
+    // One box per tenant: the failed one must not keep the place.
+    let w = world(false, 1).await;
+    w.fake.set_create_delay(Duration::from_secs(5));
+    w.fake.fail_next_create("no room at the inn");
+    let e = bounded(
+        "create",
+        w.engine
+            .create_box("t1", spec(Lifecycle::Persistent, None, None)),
+    )
+    .await
+    .expect_err("the create fails");
+    assert!(
+        matches!(&e, EngineError::Unavailable(m) if m.contains("no room at the inn")),
+        "{e:?}"
+    );
+    let boxes = w.engine.list_boxes("t1").await.expect("list");
+    assert_eq!(boxes.len(), 1);
+    assert_eq!(boxes[0].state, BoxState::Failed);
+    assert!(
+        w.engine.box_handle(&boxes[0].id).is_none(),
+        "its owner task ended"
+    );
+    assert!(!w.fake.holds(&boxes[0].id));
+    let b = bounded(
+        "second create",
+        w.engine
+            .create_box("t1", spec(Lifecycle::Persistent, None, None)),
+    )
+    .await
+    .expect("the failed box holds no place under the tenant's limit");
+    assert_eq!(b.state, BoxState::Running);
+}
+
+fn command_session(box_id: &str) -> SessionSpec {
+    serde_json::from_value(serde_json::json!({
+        "box": box_id,
+        "agent": {"kind": "command", "argv": ["fake-agent"]},
+    }))
+    .expect("session spec")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_outliving_its_box_ends_when_the_box_dies() {
+    let w = world(false, 10).await;
+    w.fake.on_program("fake-agent", FakeExec::echo());
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, None, None))
+        .await
+        .expect("create");
+    let s = bounded(
+        "session",
+        w.engine.create_session("t1", command_session(&b.id)),
+    )
+    .await
+    .expect("session");
+    assert!(!s.state.is_terminal(), "{:?}", s.state);
+    w.fake
+        .kill(&b.id, berth_sandbox::BoxExit::Exited { code: 137 });
+    let dead = box_until(&w, &b.id, "box death", |b| b.state == BoxState::Failed).await;
+    assert_eq!(
+        dead.state_reason.as_deref(),
+        Some("box init exited with code 137")
+    );
+    let mut rx = w.engine.session_handle(&s.id).map(|h| h.state);
+    if let Some(rx) = rx.as_mut() {
+        bounded("session end", rx.wait_for(|s| s.state.is_terminal()))
+            .await
+            .expect("session owner task");
+    }
+    let ended = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert!(ended.state.is_terminal(), "{:?}", ended.state);
+    let e = w
+        .engine
+        .send_message("t1", &s.id, serde_json::json!("hello?"))
+        .await
+        .expect_err("an ended session takes no message");
+    assert!(matches!(e, EngineError::Conflict(_)), "{e:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_server_adopts_the_running_box() {
+    let w = world(true, 10).await;
+    w.fake.on_program("hello", FakeExec::stdout("still here\n"));
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, None, None))
+        .await
+        .expect("create");
+    // A second server over the same store and backend: the first one "died" without a
+    // shutdown (its box still runs in the backend).
+    let again = engine_over(w.dir.path(), w.store.clone(), &w.fake, 10);
+    bounded("reconcile", again.reconcile())
+        .await
+        .expect("reconcile");
+    let adopted = again.get_box("t1", &b.id).await.expect("get");
+    assert_eq!(adopted.state, BoxState::Running);
+    assert_eq!(
+        adopted.state_reason.as_deref(),
+        Some("adopted after a server restart")
+    );
+    assert!(w.fake.calls().contains(&format!("adopt {}", b.id)));
+    assert!(
+        !w.fake.calls().contains(&format!("destroy {}", b.id)),
+        "an adopted box is not destroyed"
+    );
+    let out = bounded("exec", again.exec("t1", &b.id, run(&["hello"])))
+        .await
+        .expect("exec in the adopted box");
+    assert_eq!(out.stdout, "still here\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_server_stops_boxes_its_backend_cannot_keep() {
+    let w = world(false, 10).await;
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, None, None))
+        .await
+        .expect("create");
+    let again = engine_over(w.dir.path(), w.store.clone(), &w.fake, 10);
+    bounded("reconcile", again.reconcile())
+        .await
+        .expect("reconcile");
+    let after = again.get_box("t1", &b.id).await.expect("get");
+    assert_eq!(after.state, BoxState::Stopped);
+    assert_eq!(after.state_reason.as_deref(), Some("server restarted"));
+    assert!(!w.fake.holds(&b.id), "the left-over box is destroyed");
+}
