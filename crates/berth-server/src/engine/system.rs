@@ -4,7 +4,7 @@
 
 use super::error::EngineError;
 use super::Engine;
-use berth_api::{BackendInfo, Event, KeyObject, SessionState};
+use berth_api::{BackendInfo, Event, KeyObject, SessionState, TenantObject};
 use berth_sandbox::Sandbox;
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,5 +237,29 @@ impl Engine {
             )
             .await;
         }
+    }
+
+    pub async fn tenant(&self, tenant: &str) -> Result<TenantObject, EngineError> {
+        Ok(TenantObject {
+            name: tenant.to_string(),
+            budget_usd_month: self.store.tenant_budget(tenant).await?,
+            spent_usd_month: self.tenant_month_spent(tenant).await?,
+        })
+    }
+
+    pub async fn set_tenant_budget(
+        &self,
+        tenant: &str,
+        budget: Option<f64>,
+    ) -> Result<TenantObject, EngineError> {
+        if budget.is_some_and(|b| !(b.is_finite() && b >= 0.0)) {
+            return Err(EngineError::Invalid(
+                "budget_usd_month must be a non-negative number".into(),
+            ));
+        }
+        self.store.set_tenant_budget(tenant, budget).await?;
+        let spent = self.tenant_month_spent(tenant).await?;
+        self.gateway.set_tenant_budget(tenant, budget, spent);
+        self.tenant(tenant).await
     }
 }

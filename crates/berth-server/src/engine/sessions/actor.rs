@@ -9,10 +9,10 @@
 //! ends at its first `result` (the task is done) unless the client keeps it open (`keep_open`,
 //! or a message sent before that result).
 
-use super::boxes::{BoxCmd, BoxHandle};
-use super::sleep_until_opt;
 use crate::auth::now;
+use crate::engine::boxes::{BoxCmd, BoxHandle};
 use crate::engine::error::EngineError;
+use crate::engine::sleep_until_opt;
 use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
 use berth_api::{Event, EventKind, Lifecycle, PermissionAnswer, SessionObject, SessionState};
 use berth_sandbox::{Backend, ExecEvent, ExecHandle, ExecInput, ExecSpec, Sandbox};
@@ -63,8 +63,8 @@ pub struct SessionHandle {
 pub struct SessionDeps {
     pub store: Arc<dyn berth_store::Store>,
     pub gateway: Arc<berth_gateway::Gateway>,
-    pub registry: Arc<super::registry::Registry>,
-    pub events: super::event_cap::Limits,
+    pub registry: Arc<crate::engine::registry::Registry>,
+    pub events: crate::engine::event_cap::Limits,
 }
 
 struct SessionActor {
@@ -91,7 +91,7 @@ struct SessionActor {
     /// counts from its own start.
     cost_base: f64,
     /// Rate and size caps on the agent's events (see `event_cap`).
-    cap: super::event_cap::EventCap,
+    cap: crate::engine::event_cap::EventCap,
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -143,7 +143,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
     let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
     let actor = SessionActor {
-        cap: super::event_cap::EventCap::new(start.deps.events),
+        cap: crate::engine::event_cap::EventCap::new(start.deps.events),
         deps: start.deps,
         backend: start.backend,
         box_handle: start.box_handle,
@@ -157,7 +157,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         program: String::new(),
         started: false,
         done_at_result: false,
-        end_at_result: super::rules::ends_at_result(
+        end_at_result: crate::engine::rules::ends_at_result(
             start.lifecycle,
             start.prompt.is_some(),
             start.keep_open,
@@ -289,17 +289,19 @@ impl SessionActor {
             ("BERTH_SESSION_TOKEN".to_string(), self.token.clone()),
             (
                 "BERTH_API_URL".to_string(),
-                format!("http://127.0.0.1:{}", super::BOX_API_PORT),
+                format!("http://127.0.0.1:{}", crate::engine::BOX_API_PORT),
             ),
         ]);
         if let Some(uid) = self.obj.uid {
-            super::shared::confine(&mut spec, uid, &self.obj.workdir);
+            crate::engine::shared::confine(&mut spec, uid, &self.obj.workdir);
         }
         let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
             Ok(h) => Some(h),
             Err(e) => {
                 let why = match &e {
-                    berth_sandbox::SandboxError::Start(m) => super::start_failure(&self.program, m),
+                    berth_sandbox::SandboxError::Start(m) => {
+                        crate::engine::start_failure(&self.program, m)
+                    }
                     other => other.to_string(),
                 };
                 self.record(vec![AgentEvent {
@@ -377,7 +379,9 @@ impl SessionActor {
         while let Ok(cmd) = self.rx.try_recv() {
             self.refuse(cmd);
         }
-        if super::rules::after_session(self.lifecycle) == super::rules::AfterSession::DestroyBox {
+        if crate::engine::rules::after_session(self.lifecycle)
+            == crate::engine::rules::AfterSession::DestroyBox
+        {
             let (tx, rx) = oneshot::channel();
             if self
                 .box_handle
@@ -448,7 +452,7 @@ impl SessionActor {
                     } else {
                         format!(
                             "agent failed to start: {}",
-                            super::start_failure(&self.program, &m)
+                            crate::engine::start_failure(&self.program, &m)
                         )
                     };
                     let mut o = self.driver.on_exit(None, None);
