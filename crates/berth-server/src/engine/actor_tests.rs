@@ -74,8 +74,9 @@ fn engine_over(
 }
 
 /// The SQLite store on a runtime of its own that keeps real time: every call runs there, so
-/// the pool's timers (acquire timeouts, connection reaping) are not on the paused clock, where
-/// they would fire whenever the test runtime waits on the database thread.
+/// the pool's timers (acquire timeouts, connection reaping) are not on the paused clock. The
+/// test's runtime blocks until the call is done: were it to wait idle, paused time would
+/// auto-advance to its next timer (a box's idle deadline) in the middle of a store write.
 struct RealTimeStore {
     inner: Arc<berth_store::SqliteStore>,
     rt: tokio::runtime::Handle,
@@ -115,10 +116,10 @@ macro_rules! forward_store {
                 async fn $name(&self, $($arg: $ty),*) -> berth_store::Result<$ret> {
                     $(let $arg = $own;)*
                     let inner = self.inner.clone();
-                    self.rt
-                        .spawn(async move { inner.$name($($lend),*).await })
-                        .await
-                        .expect("store call")
+                    futures::executor::block_on(
+                        self.rt.spawn(async move { inner.$name($($lend),*).await }),
+                    )
+                    .expect("store call")
                 }
             )*
         }
@@ -504,4 +505,82 @@ async fn a_restarted_server_stops_boxes_its_backend_cannot_keep() {
     assert_eq!(after.state, BoxState::Stopped);
     assert_eq!(after.state_reason.as_deref(), Some("server restarted"));
     assert!(!w.fake.holds(&b.id), "the left-over box is destroyed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_park_stops_the_boxs_sessions_and_the_restore_resumes_them() {
+    let w = world(false, 10).await;
+    w.fake.on_exec(
+        |argv| argv.iter().any(|a| a == "-cf"),
+        FakeExec::stdout(ARCHIVE),
+    );
+    w.fake.on_program("fake-agent", FakeExec::echo());
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Hybrid, Some(60), None))
+        .await
+        .expect("create");
+    let s = bounded(
+        "session",
+        w.engine.create_session("t1", command_session(&b.id)),
+    )
+    .await
+    .expect("session");
+    let parked = box_until(&w, &b.id, "park", |b| b.state == BoxState::Parked).await;
+
+    assert_eq!(
+        parked.snapshot.as_ref().map(|s| s.sessions.clone()),
+        Some(vec![s.id.clone()]),
+        "the park records the sessions it stopped"
+    );
+    let stopped = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert_eq!(stopped.state, SessionState::Stopped);
+    assert_eq!(stopped.state_reason.as_deref(), Some("box parked"));
+
+    // A message to the session restores its box and resumes it, then reaches its agent.
+    bounded(
+        "message",
+        w.engine
+            .send_message("t1", &s.id, serde_json::json!("are you there")),
+    )
+    .await
+    .expect("a message to a parked box's session restores and resumes it");
+    assert_eq!(
+        w.engine.get_box("t1", &b.id).await.expect("get").state,
+        BoxState::Running
+    );
+    let resumed = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert!(!resumed.state.is_terminal(), "{:?}", resumed.state);
+    let agents = w
+        .fake
+        .calls()
+        .iter()
+        .filter(|c| c.contains("fake-agent"))
+        .count();
+    assert_eq!(agents, 2, "the agent was started again in the restored box");
+}
+
+#[tokio::test(start_paused = true)]
+async fn deleting_a_box_stops_its_sessions_first() {
+    let w = world(false, 10).await;
+    w.fake.on_program("fake-agent", FakeExec::echo());
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, None, None))
+        .await
+        .expect("create");
+    let s = bounded(
+        "session",
+        w.engine.create_session("t1", command_session(&b.id)),
+    )
+    .await
+    .expect("session");
+    let deleted = bounded("delete", w.engine.delete_box("t1", &b.id))
+        .await
+        .expect("delete");
+    assert_eq!(deleted.state, BoxState::Destroyed);
+    let ended = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert_eq!(ended.state, SessionState::Stopped);
+    assert_eq!(ended.state_reason.as_deref(), Some("box deleted"));
+    assert!(!w.fake.holds(&b.id));
 }

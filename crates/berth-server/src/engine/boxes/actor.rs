@@ -18,7 +18,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 pub enum BoxCmd {
+    /// Destroy the box (archiving its workspace first if it keeps one). With `stop_sessions`,
+    /// the box first stops its live sessions with that reason (a client's delete); an ephemeral
+    /// session that ended sends it without.
     Destroy {
+        stop_sessions: Option<String>,
         reply: oneshot::Sender<Result<BoxObject, EngineError>>,
     },
     /// Server shutdown: tear the box down, record it as stopped.
@@ -409,7 +413,12 @@ impl BoxActor {
                 cmd = self.rx.recv() => match cmd {
                     Some(BoxCmd::Touch) => last_activity = Instant::now(),
                     Some(BoxCmd::Egress(d)) => self.egress(d).await,
-                    Some(BoxCmd::Destroy { reply }) => {
+                    Some(BoxCmd::Destroy { stop_sessions, reply }) => {
+                        // Each session's owner answers a stop before it tells its box anything,
+                        // so this wait cannot close a loop.
+                        if let Some(reason) = stop_sessions {
+                            self.deps.registry.stop_box_sessions(&self.obj.id, &reason).await;
+                        }
                         if self.obj.keep_workspace && running {
                             self.keep_workspace().await;
                         }

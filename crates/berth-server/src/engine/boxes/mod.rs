@@ -149,18 +149,22 @@ impl Engine {
 
     pub async fn delete_box(&self, tenant: &str, id: &str) -> Result<BoxObject, EngineError> {
         let b = self.get_box(tenant, id).await?;
-        // Sessions in the box end with it.
-        self.stop_box_sessions(id, "box deleted").await;
+        // Sessions in the box end with it: its owner task stops them first.
         match self.box_handle(id) {
             Some(h) => {
                 let (tx, rx) = oneshot::channel();
-                h.tx.send(BoxCmd::Destroy { reply: tx })
+                let cmd = BoxCmd::Destroy {
+                    stop_sessions: Some("box deleted".into()),
+                    reply: tx,
+                };
+                h.tx.send(cmd)
                     .await
                     .map_err(|_| EngineError::Conflict("box is shutting down".into()))?;
                 rx.await
                     .map_err(|_| EngineError::Internal("box owner task ended".into()))?
             }
             None => {
+                self.stop_box_sessions(id, "box deleted").await;
                 if b.state == BoxState::Destroyed {
                     return Ok(b);
                 }

@@ -386,7 +386,10 @@ impl SessionActor {
             if self
                 .box_handle
                 .tx
-                .send(BoxCmd::Destroy { reply: tx })
+                .send(BoxCmd::Destroy {
+                    stop_sessions: None,
+                    reply: tx,
+                })
                 .await
                 .is_ok()
             {
