@@ -48,8 +48,8 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Gateway figures of one metered request.
-pub fn gateway_request(engine: &Engine, r: &berth_gateway::UsageRecord) {
-    let model = engine.price_family(&r.model);
+pub fn gateway_request(model_family: &str, r: &berth_gateway::UsageRecord) {
+    let model = model_family.to_string();
     let status = match r.status {
         200..=299 => "2xx",
         400..=499 => "4xx",

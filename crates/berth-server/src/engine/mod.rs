@@ -114,9 +114,9 @@ pub struct Engine {
     /// Which boxes and sessions have an owner task (shared with the actors).
     registry: Arc<registry::Registry>,
     /// How many metered records the ledger writer has stored (see [`Engine::ledger_sync`]).
-    ledger_written: tokio::sync::watch::Sender<u64>,
+    ledger_written: Arc<tokio::sync::watch::Sender<u64>>,
     /// Asks the ledger writer to write its pending batch now.
-    ledger_flush: tokio::sync::Notify,
+    ledger_flush: Arc<tokio::sync::Notify>,
     /// Wakes the trigger scheduler when a trigger is created or deleted.
     triggers_changed: tokio::sync::Notify,
     /// Serialises uid allocation for sessions in shared boxes.
@@ -161,8 +161,8 @@ impl Engine {
             claude,
             store,
             backends,
-            ledger_written: tokio::sync::watch::channel(0).0,
-            ledger_flush: tokio::sync::Notify::new(),
+            ledger_written: Arc::new(tokio::sync::watch::channel(0).0),
+            ledger_flush: Arc::new(tokio::sync::Notify::new()),
             triggers_changed: tokio::sync::Notify::new(),
             shared_alloc: tokio::sync::Mutex::new(()),
             hook_rate: std::num::NonZeroU32::new(config.hook_rate_per_minute)

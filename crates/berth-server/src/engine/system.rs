@@ -186,57 +186,22 @@ impl Engine {
     }
 
     /// Every metered request becomes a usage row (rows that arrive together are written in one
-    /// transaction); budget thresholds a request crossed become events.
+    /// transaction); budget thresholds a request crossed become events. Runs on what the
+    /// ledger writer needs ([`super::ledger::LedgerDeps`]), not on the engine.
     pub async fn ledger_writer(
         self: Arc<Self>,
-        mut metered: tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
+        metered: tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
     ) {
-        let mut batch = Vec::with_capacity(super::ledger::BATCH_MAX);
-        let mut written = 0u64;
-        while super::ledger::next_batch(&mut metered, &mut batch, &self.ledger_flush).await {
-            for r in &batch {
-                self.notify_budget(r).await;
-                crate::observe::gateway_request(&self, r);
-            }
-            if let Err(e) =
-                super::ledger::write_batch(&*self.store, &self.config.clock, &batch).await
-            {
-                tracing::error!(error = %e, rows = batch.len(), "recording usage");
-            }
-            written += batch.len() as u64;
-            self.ledger_written.send_replace(written);
-            batch.clear();
-        }
-    }
-
-    async fn notify_budget(&self, r: &berth_gateway::UsageRecord) {
-        let c = r.crossed;
-        use berth_api::EventKind;
-        let notices = [
-            (c.session_warning, EventKind::BudgetWarning, "session"),
-            (c.session_exhausted, EventKind::BudgetExhausted, "session"),
-            (c.tenant_warning, EventKind::BudgetWarning, "tenant"),
-            (
-                c.tenant_exhausted,
-                EventKind::TenantBudgetExhausted,
-                "tenant",
-            ),
-        ];
-        for (crossed, kind, scope) in notices {
-            if !crossed {
-                continue;
-            }
-            let message = match kind {
-                EventKind::BudgetWarning => format!("the {scope}'s budget is nearly spent"),
-                _ => format!("the {scope}'s budget is spent; further model requests are refused"),
-            };
-            self.notice(
-                &r.owner.session_id,
-                kind,
-                serde_json::json!({"scope": scope, "tenant": r.owner.tenant, "message": message}),
-            )
-            .await;
-        }
+        let deps = super::ledger::LedgerDeps {
+            store: self.store.clone(),
+            clock: self.config.clock.clone(),
+            flush: self.ledger_flush.clone(),
+            written: self.ledger_written.clone(),
+            registry: self.registry.clone(),
+            gateway: self.gateway.clone(),
+        };
+        drop(self);
+        super::ledger::writer(deps, metered).await;
     }
 
     pub async fn tenant(&self, tenant: &str) -> Result<TenantObject, EngineError> {
