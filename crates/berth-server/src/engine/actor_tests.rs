@@ -584,3 +584,54 @@ async fn deleting_a_box_stops_its_sessions_first() {
     assert_eq!(ended.state_reason.as_deref(), Some("box deleted"));
     assert!(!w.fake.holds(&b.id));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_cron_scheduler_fires_on_the_engines_clock() {
+    let w = world(false, 10).await;
+    w.fake.on_program("fake-agent", FakeExec::echo());
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, None, None))
+        .await
+        .expect("create");
+    // The engine's clock starts at 2023-11-14T22:13:20Z: every 5 minutes is first due at
+    // 22:15:00, 100 s on, then at 22:20:00.
+    let trigger: TriggerSpec = serde_json::from_value(serde_json::json!({
+        "box": b.id,
+        "agent": {"kind": "command", "argv": ["fake-agent"]},
+        "prompt": "tick {{scheduled_at}}",
+        "schedule": "0 */5 * * * *",
+        "webhook": false,
+    }))
+    .expect("trigger spec");
+    w.engine
+        .create_trigger("t1", trigger)
+        .await
+        .expect("trigger");
+    let t0 = tokio::time::Instant::now();
+    tokio::spawn(triggers::scheduler(w.engine.clone()));
+    let mut firings = vec![];
+    bounded("two firings", async {
+        // Polled every 100 ms of paused time, for at most 20 minutes of it.
+        for _ in 0..12_000 {
+            let n = w
+                .engine
+                .list_sessions("t1", None)
+                .await
+                .expect("list")
+                .len();
+            if n > firings.len() {
+                firings.push(t0.elapsed());
+            }
+            if firings.len() == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("fired {} times in 20 minutes", firings.len());
+    })
+    .await;
+    let near = |d: Duration, s: u64| d >= Duration::from_secs(s) && d < Duration::from_secs(s + 1);
+    assert!(near(firings[0], 100), "{firings:?}");
+    assert!(near(firings[1], 400), "{firings:?}");
+}
