@@ -34,9 +34,9 @@ pub enum BoxCmd {
     Park {
         reply: oneshot::Sender<Result<BoxObject, EngineError>>,
     },
-    /// Bring a parked box back; answers with the sessions to resume.
+    /// Bring a parked box back (its sessions resumed); answers once it runs.
     Restore {
-        reply: oneshot::Sender<Result<Vec<String>, EngineError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     /// An egress decision to record in the box's event log.
     Egress(berth_gateway::egress::Decision),

@@ -344,8 +344,8 @@ impl Engine {
         h.tx.send(BoxCmd::Restore { reply: tx })
             .await
             .map_err(|_| gone())?;
-        let sessions = rx.await.map_err(|_| gone())??;
-        self.resume_sessions(&b.tenant, &sessions).await;
+        // The owner task has resumed the sessions the park stopped before it answers.
+        rx.await.map_err(|_| gone())??;
         Ok(true)
     }
 }

@@ -50,14 +50,11 @@ impl BoxActor {
         metrics::histogram!("berth_box_park_seconds").record(t.elapsed().as_secs_f64());
     }
 
-    /// A parked box's next use: a fresh box at the same paths with the snapshot unpacked.
-    /// Answers with the sessions to resume; a box that is not parked answers at once.
-    pub(super) async fn restore(
-        &mut self,
-        served: &mut Option<Served>,
-    ) -> Result<Vec<String>, EngineError> {
+    /// A parked box's next use: a fresh box at the same paths with the snapshot unpacked, then
+    /// the sessions the park stopped restarted; a box that is not parked answers at once.
+    pub(super) async fn restore(&mut self, served: &mut Option<Served>) -> Result<(), EngineError> {
         if self.obj.state != BoxState::Parked {
-            return Ok(vec![]);
+            return Ok(());
         }
         let Some(snap) = self.obj.snapshot.clone() else {
             return Err(EngineError::Internal(
@@ -89,7 +86,14 @@ impl BoxActor {
         }
         metrics::histogram!("berth_box_restore_seconds").record(t.elapsed().as_secs_f64());
         self.drop_snapshot().await;
-        Ok(snap.sessions)
+        // The sessions the park stopped come back with the box, before the use that restored
+        // it is answered (a message to one of them then finds it running).
+        if let Some(engine) = self.deps.engine.upgrade() {
+            engine
+                .resume_sessions(&self.obj.tenant, &snap.sessions)
+                .await;
+        }
+        Ok(())
     }
 
     /// Archive `/workspace` for download after the box is gone. A failure is recorded in the
