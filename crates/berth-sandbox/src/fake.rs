@@ -40,6 +40,8 @@ pub struct FakeExec {
     pub hang: bool,
     /// Echo every stdin piece to stdout as it arrives (a line-based agent's loop).
     pub echo: bool,
+    /// Exit once answered, whether or not stdin was closed (a program that never reads it).
+    pub ignores_stdin: bool,
 }
 
 impl FakeExec {
@@ -78,6 +80,11 @@ impl FakeExec {
             echo: true,
             ..Default::default()
         }
+    }
+
+    pub fn ignoring_stdin(mut self) -> FakeExec {
+        self.ignores_stdin = true;
+        self
     }
 
     pub fn after(mut self, delay: Duration) -> FakeExec {
@@ -442,7 +449,7 @@ async fn run_exec(
     loop {
         // Like a program that reads its stdin to the end: it exits once it has answered and
         // its input is closed.
-        if answered && !stdin_open && !reply.hang {
+        if answered && (!stdin_open || reply.ignores_stdin) && !reply.hang {
             let _ = events
                 .send(ExecEvent::Exit(crate::ExitStatus {
                     code: Some(reply.code),

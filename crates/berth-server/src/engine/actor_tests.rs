@@ -635,3 +635,30 @@ async fn the_cron_scheduler_fires_on_the_engines_clock() {
     assert!(near(firings[0], 100), "{firings:?}");
     assert!(near(firings[1], 400), "{firings:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_ephemeral_sessions_end_destroys_its_box() {
+    let w = world(false, 10).await;
+    // The agent works for 30 s, says so and exits on its own.
+    w.fake.on_program(
+        "fake-agent",
+        FakeExec::stdout("done\n")
+            .after(Duration::from_secs(30))
+            .ignoring_stdin(),
+    );
+    let spec: SessionSpec = serde_json::from_value(serde_json::json!({
+        "box": {},
+        "agent": {"kind": "command", "argv": ["fake-agent"]},
+    }))
+    .expect("session spec");
+    let s = bounded("session", w.engine.create_session("t1", spec))
+        .await
+        .expect("session");
+    let b = w.engine.get_box("t1", &s.box_id).await.expect("its box");
+    assert_eq!(b.lifecycle, Lifecycle::Ephemeral);
+    let gone = box_until(&w, &b.id, "teardown", |b| b.state == BoxState::Destroyed).await;
+    assert!(gone.state_reason.is_none(), "{:?}", gone.state_reason);
+    assert!(!w.fake.holds(&b.id), "the box is gone from its backend");
+    let ended = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert!(ended.state.is_terminal(), "{:?}", ended.state);
+}
