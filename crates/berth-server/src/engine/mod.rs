@@ -118,7 +118,7 @@ pub struct Engine {
     /// Asks the ledger writer to write its pending batch now.
     ledger_flush: Arc<tokio::sync::Notify>,
     /// Wakes the trigger scheduler when a trigger is created or deleted.
-    triggers_changed: tokio::sync::Notify,
+    triggers_changed: Arc<tokio::sync::Notify>,
     /// Serialises uid allocation for sessions in shared boxes.
     shared_alloc: tokio::sync::Mutex<()>,
     /// Per trigger: the webhook calls it takes, `hook_rate_per_minute` at once and one more
@@ -163,7 +163,7 @@ impl Engine {
             backends,
             ledger_written: Arc::new(tokio::sync::watch::channel(0).0),
             ledger_flush: Arc::new(tokio::sync::Notify::new()),
-            triggers_changed: tokio::sync::Notify::new(),
+            triggers_changed: Arc::new(tokio::sync::Notify::new()),
             shared_alloc: tokio::sync::Mutex::new(()),
             hook_rate: std::num::NonZeroU32::new(config.hook_rate_per_minute)
                 .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
