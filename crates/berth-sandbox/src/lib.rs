@@ -28,6 +28,8 @@
 
 pub mod conformance;
 pub mod docker;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod files;
 pub mod fsops;
 pub mod identity;
@@ -347,6 +349,9 @@ pub enum Backend {
     Native(native::NativeBackend),
     /// Docker with the `runc` runtime, or gVisor (`runsc`) through Docker.
     Docker(docker::DockerBackend),
+    /// In-memory boxes whose execs tests script (feature `fake`: tests only).
+    #[cfg(feature = "fake")]
+    Fake(fake::FakeBackend),
 }
 
 impl Backend {
@@ -355,6 +360,8 @@ impl Backend {
         match self {
             Backend::Native(_) => "native",
             Backend::Docker(b) => b.name(),
+            #[cfg(feature = "fake")]
+            Backend::Fake(_) => "fake",
         }
     }
 }
@@ -364,78 +371,104 @@ impl Sandbox for Backend {
         match self {
             Backend::Native(b) => b.capabilities(),
             Backend::Docker(b) => b.capabilities(),
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.capabilities(),
         }
     }
     async fn health(&self) -> Result<()> {
         match self {
             Backend::Native(b) => b.health().await,
             Backend::Docker(b) => b.health().await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.health().await,
         }
     }
     async fn create(&self, cfg: BoxConfig) -> Result<BoxInfo> {
         match self {
             Backend::Native(b) => b.create(cfg).await,
             Backend::Docker(b) => b.create(cfg).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.create(cfg).await,
         }
     }
     async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecHandle> {
         match self {
             Backend::Native(b) => b.exec(id, spec).await,
             Backend::Docker(b) => b.exec(id, spec).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.exec(id, spec).await,
         }
     }
     fn files(&self, id: &str) -> Result<files::FilesRoot> {
         match self {
             Backend::Native(b) => b.files(id),
             Backend::Docker(b) => b.files(id),
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.files(id),
         }
     }
     async fn read_file(&self, id: &str, path: &str) -> Result<FileContent> {
         match self {
             Backend::Native(b) => b.read_file(id, path).await,
             Backend::Docker(b) => b.read_file(id, path).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.read_file(id, path).await,
         }
     }
     async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: u32) -> Result<()> {
         match self {
             Backend::Native(b) => b.write_file(id, path, data, mode).await,
             Backend::Docker(b) => b.write_file(id, path, data, mode).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.write_file(id, path, data, mode).await,
         }
     }
     async fn delete_file(&self, id: &str, path: &str) -> Result<()> {
         match self {
             Backend::Native(b) => b.delete_file(id, path).await,
             Backend::Docker(b) => b.delete_file(id, path).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.delete_file(id, path).await,
         }
     }
     async fn stats(&self, id: &str) -> Result<Stats> {
         match self {
             Backend::Native(b) => b.stats(id).await,
             Backend::Docker(b) => b.stats(id).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.stats(id).await,
         }
     }
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
         match self {
             Backend::Native(b) => b.exit_watch(id),
             Backend::Docker(b) => b.exit_watch(id),
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.exit_watch(id),
         }
     }
     async fn connect(&self, id: &str, port: u16) -> Result<PortStream> {
         match self {
             Backend::Native(b) => b.connect(id, port).await,
             Backend::Docker(b) => b.connect(id, port).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.connect(id, port).await,
         }
     }
     async fn destroy(&self, id: &str) -> Result<()> {
         match self {
             Backend::Native(b) => b.destroy(id).await,
             Backend::Docker(b) => b.destroy(id).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.destroy(id).await,
         }
     }
     async fn adopt(&self, cfg: BoxConfig) -> Result<BoxInfo> {
         match self {
             Backend::Native(b) => b.adopt(cfg).await,
             Backend::Docker(b) => b.adopt(cfg).await,
+            #[cfg(feature = "fake")]
+            Backend::Fake(b) => b.adopt(cfg).await,
         }
     }
 }

@@ -60,7 +60,6 @@ impl FromRequestParts<AppState> for Caller {
         }
         let rec = state
             .engine
-            .store
             .find_key(&hash_key(key))
             .await?
             .ok_or(ApiError::Unauthorized)?;

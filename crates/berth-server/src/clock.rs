@@ -1,5 +1,8 @@
-//! The clock the ledger reads: container time and usage timestamps. `System` in production;
-//! `Manual` lets tests (and replays) hold time still and move it by exact amounts.
+//! The engine's wall clock: container time, usage timestamps and the cron schedule read it.
+//! `System` in production; `Manual` lets tests (and replays) hold time still and move it by
+//! exact amounts; `Tokio` follows tokio's clock, so a test under `tokio::time::pause()` moves
+//! wall time and the engine's timers (idle deadlines, lifetimes, park, cron sleeps — all tokio
+//! timers) together with `tokio::time::advance`.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -11,11 +14,24 @@ pub enum Clock {
     System,
     /// Unix milliseconds, moved only by [`Clock::advance`].
     Manual(Arc<AtomicI64>),
+    /// `base_ms` at `origin`, then moving with tokio's (pausable) clock.
+    Tokio {
+        base_ms: i64,
+        origin: tokio::time::Instant,
+    },
 }
 
 impl Clock {
     pub fn manual(start_ms: i64) -> Clock {
         Clock::Manual(Arc::new(AtomicI64::new(start_ms)))
+    }
+
+    /// A clock at `base_ms` now, moving with tokio's clock from here.
+    pub fn following_tokio(base_ms: i64) -> Clock {
+        Clock::Tokio {
+            base_ms,
+            origin: tokio::time::Instant::now(),
+        }
     }
 
     /// Unix time in milliseconds.
@@ -26,6 +42,7 @@ impl Clock {
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),
             Clock::Manual(ms) => ms.load(Ordering::SeqCst),
+            Clock::Tokio { base_ms, origin } => base_ms + origin.elapsed().as_millis() as i64,
         }
     }
 
@@ -67,5 +84,13 @@ mod tests {
         assert_eq!(c.now_ms(), 3_601_000);
         assert_eq!(parse_rfc3339_ms(&rfc3339_ms(c.now_ms())), Some(3_601_000));
         assert_eq!(parse_rfc3339_ms("yesterday"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tokio_clock_moves_with_paused_time() {
+        let c = Clock::following_tokio(5_000);
+        assert_eq!(c.now_ms(), 5_000);
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert_eq!(c.now_ms(), 95_000);
     }
 }

@@ -11,7 +11,7 @@ pub mod error;
 pub mod listener;
 pub mod observe;
 
-use berth_api::{KeyObject, SessionState};
+use berth_api::KeyObject;
 use berth_sandbox::native::{NativeBackend, NativeConfig};
 use berth_sandbox::{Backend, Sandbox};
 use berth_store::Store;
@@ -42,6 +42,8 @@ pub enum ServerError {
     #[error("listening on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("{0}")]
+    Engine(#[from] engine::error::EngineError),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -60,61 +62,6 @@ impl Runtime {
             helper,
             clock: clock::Clock::System,
         }
-    }
-}
-
-/// Every metered request becomes a usage row (rows that arrive together are written in one
-/// transaction); budget thresholds a request crossed become events.
-async fn ledger_writer(
-    engine: Arc<Engine>,
-    mut metered: tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
-) {
-    let mut batch = Vec::with_capacity(engine::ledger::BATCH_MAX);
-    let mut written = 0u64;
-    while engine::ledger::next_batch(&mut metered, &mut batch, &engine.ledger_flush).await {
-        for r in &batch {
-            notify_budget(&engine, r).await;
-            observe::gateway_request(&engine, r);
-        }
-        if let Err(e) =
-            engine::ledger::write_batch(&*engine.store, &engine.config.clock, &batch).await
-        {
-            tracing::error!(error = %e, rows = batch.len(), "recording usage");
-        }
-        written += batch.len() as u64;
-        engine.ledger_written.send_replace(written);
-        batch.clear();
-    }
-}
-
-async fn notify_budget(engine: &Engine, r: &berth_gateway::UsageRecord) {
-    let c = r.crossed;
-    use berth_api::EventKind;
-    let notices = [
-        (c.session_warning, EventKind::BudgetWarning, "session"),
-        (c.session_exhausted, EventKind::BudgetExhausted, "session"),
-        (c.tenant_warning, EventKind::BudgetWarning, "tenant"),
-        (
-            c.tenant_exhausted,
-            EventKind::TenantBudgetExhausted,
-            "tenant",
-        ),
-    ];
-    for (crossed, kind, scope) in notices {
-        if !crossed {
-            continue;
-        }
-        let message = match kind {
-            EventKind::BudgetWarning => format!("the {scope}'s budget is nearly spent"),
-            _ => format!("the {scope}'s budget is spent; further model requests are refused"),
-        };
-        engine
-            .notice(
-                &r.owner.session_id,
-                kind,
-                serde_json::json!({"scope": scope, "tenant": r.owner.tenant, "message": message}),
-            )
-            .await;
     }
 }
 
@@ -145,71 +92,6 @@ async fn bootstrap_admin(store: &dyn Store, cfg: &Config) -> Result<PathBuf, Ser
         .map_err(|e| ServerError::DataDir(file.clone(), e))?;
     tracing::info!(file = %file.display(), "created the admin key");
     Ok(file)
-}
-
-/// A previous run may have died with boxes and sessions running: their processes are gone
-/// or orphaned. Clean up what the backends still hold and record what happened.
-async fn reconcile(engine: &Arc<Engine>) -> Result<(), ServerError> {
-    let closed = engine.store.close_abandoned_box_spans().await?;
-    if closed > 0 {
-        tracing::info!(
-            spans = closed,
-            "closed container time left open by the previous run"
-        );
-    }
-    for mut b in engine.store.list_boxes(None).await? {
-        if b.state.is_terminal() {
-            continue;
-        }
-        // A box that was parking may still run (a park only destroys it after its snapshot is
-        // stored); one that was restoring is parked again, its half-made box released.
-        if b.state == berth_api::BoxState::Parking {
-            b.state = berth_api::BoxState::Running;
-            b.snapshot = None;
-        }
-        if b.state == berth_api::BoxState::Restoring {
-            if let Some(backend) = engine.backends.get(&b.backend) {
-                let _ = backend.destroy(&b.id).await;
-            }
-            b.state = berth_api::BoxState::Parked;
-        }
-        // Boxes of backends whose boxes outlive the server are taken back, unless they hold
-        // secrets: their values lived only in the dead process's memory. Parked boxes wait
-        // for their next use.
-        let adoptable = b.state == berth_api::BoxState::Running
-            && b.secrets.is_empty()
-            && engine
-                .backends
-                .get(&b.backend)
-                .is_some_and(|be| be.capabilities().adoption);
-        let parked = b.state == berth_api::BoxState::Parked && b.snapshot.is_some();
-        if adoptable || parked {
-            let id = b.id.clone();
-            if let Err(e) = engine.resume_box(b).await {
-                tracing::warn!(box_id = %id, error = %e, "taking back a box left by the previous run");
-            }
-            continue;
-        }
-        if let Some(backend) = engine.backends.get(&b.backend) {
-            if let Err(e) = backend.destroy(&b.id).await {
-                tracing::warn!(box_id = %b.id, error = %e, "cleaning up a box left by the previous run");
-            }
-        }
-        b.state = berth_api::BoxState::Stopped;
-        b.state_reason = Some("server restarted".into());
-        b.updated_at = auth::now();
-        engine.store.put_box(&b).await?;
-    }
-    for mut s in engine.store.list_sessions(None, None).await? {
-        if s.state.is_terminal() {
-            continue;
-        }
-        s.state = SessionState::Interrupted;
-        s.state_reason = Some("server restarted while the session ran".into());
-        s.updated_at = auth::now();
-        engine.store.put_session(&s).await?;
-    }
-    Ok(())
 }
 
 /// Bring the server up and serve until `shutdown` resolves; `on_ready` is called once the
@@ -408,33 +290,13 @@ pub async fn run(
             decisions_engine.box_egress_decision(d);
         }
     });
-    for (tenant, budget) in store.tenant_budgets().await? {
-        let spent = engine.tenant_month_spent(&tenant).await.unwrap_or(0.0);
-        engine
-            .gateway
-            .set_tenant_budget(&tenant, Some(budget), spent);
-    }
+    engine.load_tenant_budgets().await?;
     // The ledger writer: every metered request becomes a usage row.
-    tokio::spawn(ledger_writer(engine.clone(), metered));
-    // Heartbeat for container time: open spans were running as of now (a crash is then
-    // charged up to the last beat, not up to the restart).
-    let beat = engine.clone();
-    tokio::spawn(async move {
-        let mut t = tokio::time::interval(std::time::Duration::from_secs(30));
-        loop {
-            t.tick().await;
-            if let Err(e) = beat
-                .store
-                .mark_box_spans_seen(beat.config.clock.now_ms())
-                .await
-            {
-                tracing::warn!(error = %e, "container time heartbeat");
-            }
-        }
-    });
+    tokio::spawn(engine.clone().ledger_writer(metered));
+    tokio::spawn(engine.clone().box_time_heartbeat());
     tokio::spawn(observe::sample_boxes(engine.clone()));
     tokio::spawn(engine::triggers::scheduler(engine.clone()));
-    reconcile(&engine).await?;
+    engine.reconcile().await?;
     let state = AppState {
         engine: engine.clone(),
         metrics: observe::metrics_handle(),

@@ -8,7 +8,6 @@
 
 use crate::engine::Engine;
 use berth_api::{BoxState, SessionState};
-use berth_sandbox::Sandbox;
 use metrics_exporter_prometheus::{Matcher, PrometheusHandle};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -49,8 +48,8 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Gateway figures of one metered request.
-pub fn gateway_request(engine: &Engine, r: &berth_gateway::UsageRecord) {
-    let model = engine.gateway.prices().family(&r.model).to_string();
+pub fn gateway_request(model_family: &str, r: &berth_gateway::UsageRecord) {
+    let model = model_family.to_string();
     let status = match r.status {
         200..=299 => "2xx",
         400..=499 => "4xx",
@@ -131,10 +130,7 @@ pub async fn sample_boxes(engine: Arc<Engine>) {
             if state != BoxState::Running {
                 continue;
             }
-            let Some(b) = engine.backends.get(&backend) else {
-                continue;
-            };
-            let Ok(st) = b.stats(&id).await else {
+            let Some(st) = engine.sample_box(&id, &backend).await else {
                 continue;
             };
             metrics::histogram!("berth_box_memory_bytes").record(st.memory_bytes as f64);

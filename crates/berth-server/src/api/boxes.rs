@@ -2,6 +2,7 @@
 
 use super::{Json, Path, Query};
 use crate::auth::Caller;
+use crate::engine::box_io::FileRead;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::State;
@@ -9,12 +10,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use berth_api::*;
 use berth_gateway::HOP_BY_HOP;
-use berth_sandbox::files::Reading;
-use berth_sandbox::{ExecSpec, Sandbox};
-use std::time::Duration;
-
-/// Longest exec the REST call waits for.
-const MAX_EXEC_TIMEOUT_S: u64 = 3600;
 
 /// Create a box and wait until it runs.
 #[utoipa::path(post, path = "/v1/boxes", security(("bearer" = [])), request_body = BoxSpec,
@@ -81,51 +76,7 @@ pub async fn exec(
     Path(id): Path<String>,
     Json(req): Json<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
-    if req.argv.is_empty() {
-        return Err(ApiError::Invalid("argv must not be empty".into()));
-    }
-    let timeout = req.timeout_s.unwrap_or(300);
-    if timeout == 0 || timeout > MAX_EXEC_TIMEOUT_S {
-        return Err(ApiError::Invalid(format!(
-            "timeout_s must be between 1 and {MAX_EXEC_TIMEOUT_S}"
-        )));
-    }
-    let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
-    let program = req.argv[0].clone();
-    let spec = ExecSpec {
-        argv: req.argv,
-        cwd: req.cwd,
-        env: req.env.into_iter().collect(),
-        timeout: Some(Duration::from_secs(timeout)),
-        ..Default::default()
-    };
-    let handle = backend.exec(&id, spec).await.map_err(|e| match e {
-        berth_sandbox::SandboxError::Start(m) => {
-            ApiError::Invalid(crate::engine::start_failure(&program, &m))
-        }
-        other => other.into(),
-    })?;
-    let out = handle
-        .collect(
-            req.stdin.map(String::into_bytes),
-            st.engine.config.max_exec_output,
-        )
-        .await
-        .map_err(|e| match e {
-            berth_sandbox::SandboxError::Start(m) => {
-                ApiError::Invalid(crate::engine::start_failure(&program, &m))
-            }
-            other => other.into(),
-        })?;
-    Ok(Json(ExecResponse {
-        exit_code: out.exit.code,
-        signal: out.exit.signal,
-        timed_out: out.exit.timed_out,
-        oom_killed: out.exit.oom_killed,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        truncated: out.truncated,
-    }))
+    Ok(Json(st.engine.exec(&c.tenant, &id, req).await?))
 }
 
 /// CPU, memory, pids and disk of the box, from its cgroup and quota.
@@ -136,76 +87,29 @@ pub async fn stats(
     c: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<BoxStats>, ApiError> {
-    let (backend, _) = st.engine.observed_box(&c.tenant, &id).await?;
-    let s = backend.stats(&id).await?;
-    Ok(Json(BoxStats {
-        cpu_usage_ns: s.cpu_usage_ns,
-        memory_bytes: s.memory_bytes,
-        memory_limit_bytes: s.memory_limit_bytes,
-        pids: s.pids,
-        pids_limit: s.pids_limit,
-        disk_used_bytes: s.disk_used_bytes,
-        disk_limit_bytes: s.disk_limit_bytes,
-        oom_kills: s.oom_kills,
-    }))
+    Ok(Json(st.engine.box_stats(&c.tenant, &id).await?))
 }
 
 /// A file streams from the box's disk in chunks (never whole in memory); a directory is
 /// listed as JSON.
 async fn read(st: &AppState, c: &Caller, id: &str, path: &str) -> Result<Response, ApiError> {
-    let (backend, _) = st.engine.running_box(&c.tenant, id).await?;
-    match backend.files(id)?.open_read(path).await? {
-        Reading::File(reader) => {
-            let size = reader.size();
-            // The declared length is the size at open: a file the box grows meanwhile is
-            // cut there, one it shrinks ends the response early (the client sees it short).
-            let chunks =
-                futures::stream::try_unfold((reader, 0u64), move |(mut r, sent)| async move {
-                    if sent >= size {
-                        return Ok(None);
-                    }
-                    match r.next_chunk().await {
-                        Ok(Some(mut c)) => {
-                            c.truncate(c.len().min((size - sent) as usize));
-                            let sent = sent + c.len() as u64;
-                            Ok(Some((c, (r, sent))))
-                        }
-                        Ok(None) => Err(std::io::Error::other("the file shrank while being read")),
-                        Err(e) => Err(std::io::Error::other(e.to_string())),
-                    }
-                });
-            Ok((
-                [
-                    (
-                        axum::http::header::CONTENT_TYPE,
-                        "application/octet-stream".to_string(),
-                    ),
-                    (axum::http::header::CONTENT_LENGTH, size.to_string()),
-                ],
-                // A long download ends with the key that started it.
-                crate::auth::until_revoked(
-                    axum::body::Body::from_stream(chunks),
-                    st.engine.key_revoked(&c.key_id),
+    match st.engine.open_file(&c.tenant, id, path).await? {
+        FileRead::File { size, chunks } => Ok((
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "application/octet-stream".to_string(),
                 ),
-            )
-                .into_response())
-        }
-        Reading::Dir(listing) => Ok(axum::Json(DirListing {
-            path: path.to_string(),
-            truncated: listing.truncated,
-            entries: listing
-                .entries
-                .into_iter()
-                .map(|e| DirEntry {
-                    name: e.name,
-                    kind: e.kind,
-                    size: e.size,
-                    mode: e.mode,
-                    modified: e.modified,
-                })
-                .collect(),
-        })
-        .into_response()),
+                (axum::http::header::CONTENT_LENGTH, size.to_string()),
+            ],
+            // A long download ends with the key that started it.
+            crate::auth::until_revoked(
+                axum::body::Body::from_stream(chunks),
+                st.engine.key_revoked(&c.key_id),
+            ),
+        )
+            .into_response()),
+        FileRead::Dir(listing) => Ok(axum::Json(listing).into_response()),
     }
 }
 
@@ -277,8 +181,7 @@ pub async fn put_file(
             })?,
         None => 0o644,
     };
-    let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
-    let mut file = backend.files(&id)?.create(&path, mode).await?;
+    let mut file = st.engine.create_file(&c.tenant, &id, &path, mode).await?;
     // The body goes to the file as it arrives, in pieces of at most one chunk: memory per
     // upload stays at a chunk or two whatever the file's size. The request body limit holds
     // for bodies without a declared length too.
@@ -287,7 +190,7 @@ pub async fn put_file(
     while let Some(piece) = body.next().await {
         let piece = piece.map_err(body_error)?;
         pending.extend_from_slice(&piece);
-        if pending.len() >= berth_sandbox::files::CHUNK {
+        if pending.len() >= crate::engine::box_io::FILE_CHUNK {
             file.write(pending.split().freeze()).await?;
         }
     }
@@ -321,8 +224,7 @@ pub async fn delete_file(
     c: Caller,
     Path((id, path)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
-    backend.delete_file(&id, &path).await?;
+    st.engine.delete_file(&c.tenant, &id, &path).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -356,17 +258,7 @@ async fn proxy_port(
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let upgrade = req.headers().contains_key(axum::http::header::UPGRADE);
-    if port == 0 {
-        return Err(ApiError::Invalid("port must be 1-65535".into()));
-    }
-    let (backend, _) = st.engine.running_box(&c.tenant, &id).await?;
-    // A refused or reset connection inside the box is the box's port, not the server: 502.
-    let stream = backend.connect(&id, port).await.map_err(|e| match e {
-        berth_sandbox::SandboxError::Io(io) => {
-            ApiError::Rejected(StatusCode::BAD_GATEWAY, format!("port {port}: {io}"))
-        }
-        other => other.into(),
-    })?;
+    let stream = st.engine.connect_port(&c.tenant, &id, port).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

@@ -38,7 +38,7 @@ pub async fn create_key(
         admin: req.admin,
         created_at: now(),
     };
-    st.engine.store.insert_key(&obj, &hash_key(&key)).await?;
+    st.engine.insert_key(&obj, &hash_key(&key)).await?;
     Ok((
         StatusCode::CREATED,
         Json(KeyObject {
@@ -56,7 +56,7 @@ pub async fn list_keys(
 ) -> Result<Json<List<KeyObject>>, ApiError> {
     admin(&c)?;
     Ok(Json(List {
-        items: st.engine.store.list_keys(None).await?,
+        items: st.engine.list_keys().await?,
     }))
 }
 
@@ -73,7 +73,7 @@ pub async fn delete_key(
     if id == c.key_id {
         return Err(ApiError::Conflict("a key cannot revoke itself".into()));
     }
-    if st.engine.store.delete_key(&id).await? {
+    if st.engine.delete_key(&id).await? {
         st.engine.revoke_key(&id);
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -192,7 +192,7 @@ fn event_stream(
             // Subscribe before reading the store so nothing committed in between is missed.
             let mut live = engine.subscribe_any(&id).await;
             loop {
-                let page = engine.store.events_after(&id, last, REPLAY_PAGE).await?;
+                let page = engine.events_after(&id, last, REPLAY_PAGE).await?;
                 let n = page.len() as i64;
                 for e in page {
                     last = e.seq;
@@ -227,7 +227,7 @@ fn event_stream(
             }
             if caught_up {
                 // Closed: read what was committed after our last live event, then end.
-                let page = engine.store.events_after(&id, last, i64::MAX).await?;
+                let page = engine.events_after(&id, last, i64::MAX).await?;
                 for e in page {
                     yield Arc::new(LiveEvent::new(e));
                 }

@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use berth_api::{BackendInfo, List};
-use berth_sandbox::Sandbox;
 
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
@@ -31,10 +30,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
     let store = async {
         timed(
             "store",
-            tokio::time::timeout(limit, async {
-                engine.store.ping().await.map_err(|e| e.to_string())
-            })
-            .await,
+            tokio::time::timeout(limit, engine.check_store()).await,
         )
     };
     // The snapshot store answers too (a directory, or S3 off the machine).
@@ -45,16 +41,8 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
         )
     };
     let backends = async {
-        let mut failed = vec![];
-        for (name, b) in &engine.backends {
-            let r =
-                tokio::time::timeout(limit, async { b.health().await.map_err(|e| e.to_string()) })
-                    .await;
-            if let Err(e) = timed("backend", r) {
-                failed.push(format!("{name} {e}"));
-            }
-        }
-        if engine.backends.is_empty() {
+        let mut failed = engine.check_backends(limit).await;
+        if engine.backend_infos().is_empty() {
             failed.push("no sandbox backend enabled".into());
         }
         if failed.is_empty() {
@@ -65,8 +53,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
     };
     let upstream = async {
         engine
-            .gateway
-            .probe_upstream(limit)
+            .check_upstream(limit)
             .await
             .map_err(|e| format!("upstream: {e}"))
     };
@@ -80,7 +67,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<impl IntoResponse, Api
     }
     Ok(axum::Json(serde_json::json!({
         "status": "ready",
-        "checks": {"store": "ok", "snapshots": "ok", "backends": engine.backends.len(), "upstream": "ok"}
+        "checks": {"store": "ok", "snapshots": "ok", "backends": engine.backend_infos().len(), "upstream": "ok"}
     })))
 }
 
@@ -109,17 +96,7 @@ pub async fn metrics_text(
 /// Enabled sandbox backends and what each guarantees.
 #[utoipa::path(get, path = "/v1/backends", security(("bearer" = [])), responses((status = 200, body = List<BackendInfo>)))]
 pub async fn backends(State(st): State<AppState>, _c: Caller) -> Json<List<BackendInfo>> {
-    let mut items: Vec<BackendInfo> = st
-        .engine
-        .backends
-        .iter()
-        .map(|(name, b)| BackendInfo {
-            name: name.clone(),
-            default: *name == st.engine.config.default_backend,
-            capabilities: serde_json::to_value(b.capabilities()).unwrap_or_default(),
-        })
-        .collect();
-    items.sort_by(|a, b| a.name.cmp(&b.name));
+    let items = st.engine.backend_infos();
     Json(List { items })
 }
 

@@ -1,13 +1,13 @@
 //! Admission of new boxes: the operator's ceiling on one box's resources, and per-tenant limits
 //! on the boxes alive at once (their count and the sums of their cpus, memory and disk).
 //!
-//! Contract: [`Engine::admit`] checks and reserves in one critical section, so concurrent
+//! Contract: [`Admission::admit`] checks and reserves in one critical section, so concurrent
 //! creates cannot pass a limit together; the [`Ticket`] it returns holds the reservation until
 //! it is dropped, which the caller does once the box is in the registry (where the next check
 //! counts it) or has failed. A box counts while it is `creating` or `running`; a parked box
 //! holds nothing and is admitted again when it is restored.
 
-use super::Engine;
+use super::registry::Registry;
 use crate::engine::error::EngineError;
 use berth_api::{BoxState, Resources};
 use std::collections::HashMap;
@@ -140,34 +140,57 @@ fn holds_resources(state: BoxState) -> bool {
     )
 }
 
-impl Engine {
+/// The admission rules and the creates in flight: what the engine (a create) and a box's owner
+/// task (a restore) consult before a box holds resources.
+pub struct Admission {
+    pub max_box: MaxBox,
+    pub max_boxes_per_tenant: usize,
+    pub tenant_totals: TenantTotals,
+    reservations: Arc<Reservations>,
+    registry: Arc<Registry>,
+}
+
+impl Admission {
+    pub fn new(
+        max_box: MaxBox,
+        max_boxes_per_tenant: usize,
+        tenant_totals: TenantTotals,
+        registry: Arc<Registry>,
+    ) -> Admission {
+        Admission {
+            max_box,
+            max_boxes_per_tenant,
+            tenant_totals,
+            reservations: Arc::default(),
+            registry,
+        }
+    }
+
     /// Check a new box of `tenant` against the ceilings and the tenant's limits, counting its
     /// live boxes and the creates in flight, and reserve its place (see the module docs).
-    pub(crate) fn admit(&self, tenant: &str, r: &Resources) -> Result<Ticket, EngineError> {
-        check_max_box(r, &self.config.max_box)?;
+    pub fn admit(&self, tenant: &str, r: &Resources) -> Result<Ticket, EngineError> {
+        check_max_box(r, &self.max_box)?;
         let mut reserved = self
             .reservations
             .0
             .lock()
             .map_err(|_| EngineError::Internal("admission lock poisoned".into()))?;
         let mut held = reserved.get(tenant).copied().unwrap_or_default();
-        if let Ok(m) = self.boxes.read() {
-            for h in m.values() {
-                let b = h.state.borrow();
-                if b.tenant == tenant && holds_resources(b.state) {
-                    held.add(&b.resources);
-                }
+        for h in self.registry.boxes() {
+            let b = h.state.borrow();
+            if b.tenant == tenant && holds_resources(b.state) {
+                held.add(&b.resources);
             }
         }
         let quota = |msg: String| Err(EngineError::Quota(msg));
-        let max_boxes = self.config.max_boxes_per_tenant;
+        let max_boxes = self.max_boxes_per_tenant;
         if held.boxes >= max_boxes {
             return quota(format!(
                 "tenant {tenant} already has {} boxes alive (limit max_boxes_per_tenant = {max_boxes})",
                 held.boxes
             ));
         }
-        let t = &self.config.tenant_totals;
+        let t = &self.tenant_totals;
         if let Some(max) = t.cpus.filter(|m| held.cpus + r.cpus > *m) {
             return quota(format!(
                 "tenant {tenant}'s live boxes hold {} cpus; {} more is over tenant_max.cpus = {max}",

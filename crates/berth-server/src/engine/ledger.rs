@@ -311,13 +311,90 @@ impl Engine {
             total,
         })
     }
+}
 
+/// What the ledger writer uses: the store and clock it writes with, the flush requests and
+/// written count it shares with readers (`Engine::ledger_sync`), the registry (budget notices
+/// go to live sessions' owners) and the gateway (price families, for metrics).
+pub struct LedgerDeps {
+    pub store: std::sync::Arc<dyn berth_store::Store>,
+    pub clock: crate::clock::Clock,
+    pub flush: std::sync::Arc<tokio::sync::Notify>,
+    pub written: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    pub registry: std::sync::Arc<super::registry::Registry>,
+    pub gateway: std::sync::Arc<berth_gateway::Gateway>,
+}
+
+/// The ledger writer: every metered request becomes a usage row (rows that arrive together are
+/// written in one transaction); budget thresholds a request crossed become events.
+pub async fn writer(
+    deps: LedgerDeps,
+    mut metered: tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
+) {
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    let mut written = 0u64;
+    while next_batch(&mut metered, &mut batch, &deps.flush).await {
+        for r in &batch {
+            deps.notify_budget(r).await;
+            crate::observe::gateway_request(deps.gateway.prices().family(&r.model), r);
+        }
+        if let Err(e) = write_batch(&*deps.store, &deps.clock, &batch).await {
+            tracing::error!(error = %e, rows = batch.len(), "recording usage");
+        }
+        written += batch.len() as u64;
+        deps.written.send_replace(written);
+        batch.clear();
+    }
+}
+
+impl LedgerDeps {
+    async fn notify_budget(&self, r: &berth_gateway::UsageRecord) {
+        let c = r.crossed;
+        use berth_api::EventKind;
+        let notices = [
+            (c.session_warning, EventKind::BudgetWarning, "session"),
+            (c.session_exhausted, EventKind::BudgetExhausted, "session"),
+            (c.tenant_warning, EventKind::BudgetWarning, "tenant"),
+            (
+                c.tenant_exhausted,
+                EventKind::TenantBudgetExhausted,
+                "tenant",
+            ),
+        ];
+        for (crossed, kind, scope) in notices {
+            if !crossed {
+                continue;
+            }
+            let message = match kind {
+                EventKind::BudgetWarning => format!("the {scope}'s budget is nearly spent"),
+                _ => format!("the {scope}'s budget is spent; further model requests are refused"),
+            };
+            // A notice for a session that has ended is dropped: its log is closed.
+            if let Some(h) = self.registry.session_handle(&r.owner.session_id) {
+                let notice = super::sessions::SessionCmd::Notice {
+                    kind,
+                    data: serde_json::json!({"scope": scope, "tenant": r.owner.tenant, "message": message}),
+                };
+                let _ = h.tx.send(notice).await;
+            }
+        }
+    }
+}
+
+/// Container time: what a box's owner task records as it enters and leaves `running`.
+#[derive(Clone)]
+pub struct BoxTime {
+    pub store: std::sync::Arc<dyn berth_store::Store>,
+    pub clock: crate::clock::Clock,
+}
+
+impl BoxTime {
     /// A box reached `running`: its container time starts counting.
-    pub(crate) async fn box_span_open(&self, b: &BoxObject) {
+    pub async fn open(&self, b: &BoxObject) {
         let span = BoxSpan {
             box_id: b.id.clone(),
             tenant: b.tenant.clone(),
-            start_ms: self.config.clock.now_ms(),
+            start_ms: self.clock.now_ms(),
             end_ms: None,
             cpus: b.resources.cpus,
             memory_mib: b.resources.memory_mib,
@@ -328,12 +405,8 @@ impl Engine {
     }
 
     /// A box left `running`: its container time stops counting. Idempotent.
-    pub(crate) async fn box_span_close(&self, box_id: &str) {
-        if let Err(e) = self
-            .store
-            .close_box_span(box_id, self.config.clock.now_ms())
-            .await
-        {
+    pub async fn close(&self, box_id: &str) {
+        if let Err(e) = self.store.close_box_span(box_id, self.clock.now_ms()).await {
             tracing::error!(%box_id, error = %e, "recording container time");
         }
     }

@@ -12,7 +12,7 @@ use super::error::EngineError;
 use super::Engine;
 use crate::error::ApiError;
 use berth_sandbox::{Backend, ExecSpec, Sandbox};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// uid of a shared box's first session; the next ones count up.
@@ -91,15 +91,17 @@ pub fn confine(spec: &mut ExecSpec, uid: u32, workdir: &str) {
 /// caller is the session whose gateway token it presents (`x-api-key` or a bearer token: the
 /// agent already holds it as `ANTHROPIC_API_KEY`); it reaches only sessions of its own box.
 pub fn serve_box_api(
-    engine: Arc<Engine>,
+    engine: Weak<Engine>,
+    gateway: Arc<berth_gateway::Gateway>,
     box_id: &str,
     socket: &std::path::Path,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use axum::routing::{get, post};
     let listener = berth_gateway::bind_box_socket(socket)?;
-    let limits = engine.gateway.conn_limits();
+    let limits = gateway.conn_limits();
     let state = BoxApi {
         engine,
+        gateway,
         box_id: box_id.to_string(),
     };
     let app = axum::Router::new()
@@ -121,11 +123,20 @@ pub fn serve_box_api(
 
 #[derive(Clone)]
 struct BoxApi {
-    engine: Arc<Engine>,
+    /// Weak: the box's owner task holds this service, and the engine holds the owner task.
+    engine: Weak<Engine>,
+    gateway: Arc<berth_gateway::Gateway>,
     box_id: String,
 }
 
 impl BoxApi {
+    /// The engine, unless the server is going away.
+    fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+        self.engine
+            .upgrade()
+            .ok_or_else(|| ApiError::Unavailable("the server is shutting down".into()))
+    }
+
     /// The calling session (tenant, id), which must belong to this box.
     fn caller(&self, headers: &axum::http::HeaderMap) -> Result<(String, String), ApiError> {
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
@@ -133,7 +144,6 @@ impl BoxApi {
             .or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")))
             .ok_or(ApiError::Unauthorized)?;
         let owner = self
-            .engine
             .gateway
             .owner_of(token.trim())
             .ok_or(ApiError::Unauthorized)?;
@@ -158,7 +168,7 @@ async fn peers(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let (tenant, _) = api.caller(&headers)?;
     let items: Vec<Peer> = api
-        .engine
+        .engine()?
         .list_sessions(&tenant, Some(&api.box_id))
         .await?
         .into_iter()
@@ -179,7 +189,7 @@ async fn message(
     super::super::api::Json(req): super::super::api::Json<berth_api::MessageRequest>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (tenant, from) = api.caller(&headers)?;
-    let target = api.engine.get_session(&tenant, &to).await?;
+    let target = api.engine()?.get_session(&tenant, &to).await?;
     if target.box_id != api.box_id {
         return Err(ApiError::not_found("session", &to));
     }
@@ -191,6 +201,6 @@ async fn message(
         other => other.to_string(),
     };
     let content = serde_json::Value::String(format!("[message from session {from}]\n{text}"));
-    api.engine.send_message(&tenant, &to, content).await?;
+    api.engine()?.send_message(&tenant, &to, content).await?;
     Ok(axum::http::StatusCode::ACCEPTED)
 }

@@ -376,16 +376,40 @@ impl Engine {
 
 /// Fire scheduled triggers when due, for the life of the server.
 pub async fn scheduler(engine: Arc<Engine>) {
+    let deps = SchedulerDeps {
+        store: engine.store.clone(),
+        changed: engine.triggers_changed.clone(),
+        clock: engine.config.clock.clone(),
+        engine: Arc::downgrade(&engine),
+    };
+    drop(engine);
+    run_scheduler(deps).await;
+}
+
+/// What the cron scheduler uses: the triggers in the store, the wake-up when they change, the
+/// engine's clock (tests move it with tokio's paused time), and the engine, weakly, to fire a
+/// due trigger (a session create: a façade call).
+pub struct SchedulerDeps {
+    pub store: Arc<dyn berth_store::Store>,
+    pub changed: Arc<tokio::sync::Notify>,
+    pub clock: crate::clock::Clock,
+    pub engine: std::sync::Weak<Engine>,
+}
+
+async fn run_scheduler(deps: SchedulerDeps) {
     use chrono::Utc;
+    let clock = deps.clock.clone();
+    let wall =
+        move || chrono::DateTime::<Utc>::from_timestamp_millis(clock.now_ms()).unwrap_or_default();
     loop {
-        let triggers = match engine.store.list_triggers(None).await {
+        let triggers = match deps.store.list_triggers(None).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "listing triggers");
                 Vec::new()
             }
         };
-        let start = Utc::now();
+        let start = wall();
         let mut due: Vec<(chrono::DateTime<Utc>, TriggerObject)> = triggers
             .into_iter()
             .filter_map(|t| {
@@ -399,11 +423,15 @@ pub async fn scheduler(engine: Arc<Engine>) {
             .first()
             .map(|(at, _)| (*at - start).to_std().unwrap_or(std::time::Duration::ZERO));
         tokio::select! {
-            _ = engine.triggers_changed.notified() => continue,
+            _ = deps.changed.notified() => continue,
             _ = super::sleep_until_opt(wait.map(|w| tokio::time::Instant::now() + w)) => {}
         }
         let Some(first) = due.first().map(|(at, _)| *at) else {
             continue;
+        };
+        // The engine is gone: the server is shutting down.
+        let Some(engine) = deps.engine.upgrade() else {
+            return;
         };
         for (_, t) in due.into_iter().take_while(|(at, _)| *at == first) {
             let engine = engine.clone();
@@ -414,8 +442,9 @@ pub async fn scheduler(engine: Arc<Engine>) {
                 }
             });
         }
+        drop(engine);
         // Past the fired instant before computing the next ones.
-        let wake = (first - Utc::now()).to_std().unwrap_or_default();
+        let wake = (first - wall()).to_std().unwrap_or_default();
         tokio::time::sleep(wake + std::time::Duration::from_millis(1)).await;
     }
 }

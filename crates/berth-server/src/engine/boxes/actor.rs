@@ -6,18 +6,23 @@
 //! activity) and the lifetime deadline (`max_lifetime_s` since start). Each transition is written
 //! to the store and published on the `watch` channel before the next is taken.
 
-use super::{sleep_until_opt, Engine};
+use super::spec::{box_env, limits};
 use crate::auth::now;
 use crate::engine::error::EngineError;
-use berth_api::{BoxObject, BoxSpec, BoxState, Lifecycle};
-use berth_sandbox::{Backend, BoxConfig, BoxExit, Bridge, Image, Limits, Sandbox};
-use std::sync::Arc;
+use crate::engine::{rules, sleep_until_opt, Engine};
+use berth_api::{BoxObject, BoxSpec, BoxState};
+use berth_sandbox::{Backend, BoxConfig, BoxExit, Bridge, Image, Sandbox};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 pub enum BoxCmd {
+    /// Destroy the box (archiving its workspace first if it keeps one). With `stop_sessions`,
+    /// the box first stops its live sessions with that reason (a client's delete); an ephemeral
+    /// session that ended sends it without.
     Destroy {
+        stop_sessions: Option<String>,
         reply: oneshot::Sender<Result<BoxObject, EngineError>>,
     },
     /// Server shutdown: tear the box down, record it as stopped.
@@ -29,9 +34,9 @@ pub enum BoxCmd {
     Park {
         reply: oneshot::Sender<Result<BoxObject, EngineError>>,
     },
-    /// Bring a parked box back; answers with the sessions to resume.
+    /// Bring a parked box back (its sessions resumed); answers once it runs.
     Restore {
-        reply: oneshot::Sender<Result<Vec<String>, EngineError>>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     /// An egress decision to record in the box's event log.
     Egress(berth_gateway::egress::Decision),
@@ -54,128 +59,48 @@ impl BoxHandle {
     }
 }
 
-pub fn validate_spec(spec: &BoxSpec) -> Result<(), EngineError> {
-    limits(spec)
-        .validate()
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    for (k, v) in &spec.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(EngineError::Invalid(format!(
-                "invalid environment variable name {k:?}"
-            )));
-        }
-    }
-    for p in &spec.network.allow {
-        let ok = !p.is_empty()
-            && p.len() <= 253
-            && p.trim_start_matches("*.")
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        if !ok {
-            return Err(EngineError::Invalid(format!(
-                "invalid network.allow pattern {p:?}"
-            )));
-        }
-    }
-    if spec.shared && (spec.lifecycle == Some(Lifecycle::Hybrid) || spec.keep_workspace) {
-        // Parking archives the box as its operator uid, which cannot read the sessions'
-        // private directories.
-        return Err(EngineError::Invalid(
-            "a shared box can be neither hybrid nor keep_workspace (its archive could not read the sessions' directories)".into(),
-        ));
-    }
-    if spec.idle_timeout_s == Some(Some(0)) || spec.max_lifetime_s == Some(0) {
-        return Err(EngineError::Invalid(
-            "timeouts must be at least 1 second".into(),
-        ));
-    }
-    for sec in &spec.secrets {
-        let token = |t: &str| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-        };
-        if !token(&sec.header) {
-            return Err(EngineError::Invalid(format!(
-                "secret header {:?} is not a valid header name",
-                sec.header
-            )));
-        }
-        if sec
-            .value
-            .bytes()
-            .any(|b| b == b'\r' || b == b'\n' || b == 0)
-        {
-            return Err(EngineError::Invalid(
-                "secret values must not contain CR, LF or NUL".into(),
-            ));
-        }
-        if !berth_gateway::egress::allowed(&spec.network.allow, &sec.host) {
-            return Err(EngineError::Invalid(format!(
-                "secret host {:?} is not on network.allow",
-                sec.host
-            )));
-        }
-    }
-    if spec.labels.len() > 64 || spec.env.len() > 256 || spec.secrets.len() > 64 {
-        return Err(EngineError::Invalid(
-            "too many labels or environment variables".into(),
-        ));
-    }
-    Ok(())
+/// What a box's owner task uses of the engine: the store, the snapshot store, the box's three
+/// host-side services, the registry, admission (a restore is admitted again) and container time.
+pub struct BoxDeps {
+    pub store: Arc<dyn berth_store::Store>,
+    pub snapshots: berth_store::snapshots::SnapshotStore,
+    pub gateway: Arc<berth_gateway::Gateway>,
+    pub egress: Arc<berth_gateway::egress::Egress>,
+    pub registry: Arc<crate::engine::registry::Registry>,
+    pub admission: Arc<crate::engine::admission::Admission>,
+    pub box_time: crate::engine::ledger::BoxTime,
+    /// The engine, weakly (it owns the actors, not the other way round), for what spans both
+    /// actors: resuming the sessions a failed park stopped, and the box-side API.
+    pub engine: Weak<Engine>,
 }
 
-/// Every process in a box finds the egress proxy through the usual variables; the box's own
-/// `env` comes after and may change them (the proxy stays the only way out regardless).
-fn box_env(obj: &BoxObject) -> Vec<(String, String)> {
-    let proxy = format!("http://127.0.0.1:{}", super::EGRESS_PORT);
-    let mut env: Vec<(String, String)> = ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]
-        .iter()
-        .map(|k| (k.to_string(), proxy.clone()))
-        .collect();
-    env.push(("NO_PROXY".into(), "127.0.0.1,localhost".into()));
-    env.push(("no_proxy".into(), "127.0.0.1,localhost".into()));
-    env.push(("NODE_USE_ENV_PROXY".into(), "1".into()));
-    env.extend(obj.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env
-}
-
-fn limits(spec: &BoxSpec) -> Limits {
-    Limits {
-        cpus: spec.resources.cpus,
-        memory_mib: spec.resources.memory_mib,
-        disk_mib: spec.resources.disk_mib,
-        pids: spec.resources.pids,
-    }
-}
-
-struct BoxActor {
-    engine: Arc<Engine>,
-    backend: Arc<Backend>,
-    obj: BoxObject,
+pub(super) struct BoxActor {
+    pub(super) deps: BoxDeps,
+    pub(super) backend: Arc<Backend>,
+    pub(super) obj: BoxObject,
     /// Secret values live only here and in the egress proxy: never in the store or the API.
-    secrets: Vec<berth_gateway::egress::Secret>,
-    start: Start,
+    pub(super) secrets: Vec<berth_gateway::egress::Secret>,
+    pub(super) start: Start,
     /// Sequence number of the box's newest event.
-    last_seq: i64,
+    pub(super) last_seq: i64,
     /// Start of the current egress-event minute, events recorded in it, and events dropped.
-    egress_window: (Instant, u32, u64),
-    state: watch::Sender<BoxObject>,
-    rx: mpsc::Receiver<BoxCmd>,
+    pub(super) egress_window: (Instant, u32, u64),
+    pub(super) state: watch::Sender<BoxObject>,
+    pub(super) rx: mpsc::Receiver<BoxCmd>,
 }
 
 /// What a running box is served with; dropped when it parks.
-struct Served {
+pub(super) struct Served {
     // Held for their Drop: the box's host-side services end with it.
-    _gateway: Service,
-    _egress: Service,
-    _api: Service,
-    exit: watch::Receiver<Option<BoxExit>>,
+    pub(super) _gateway: Service,
+    pub(super) _egress: Service,
+    pub(super) _api: Service,
+    pub(super) exit: watch::Receiver<Option<BoxExit>>,
 }
 
 /// A task serving one box's socket, aborted when dropped (the box parked, stopped, or failed to
 /// come up part-way).
-struct Service(tokio::task::JoinHandle<()>);
+pub(super) struct Service(tokio::task::JoinHandle<()>);
 
 impl Drop for Service {
     fn drop(&mut self) {
@@ -195,7 +120,7 @@ pub enum Start {
 }
 
 pub fn spawn(
-    engine: Arc<Engine>,
+    deps: BoxDeps,
     backend: Arc<Backend>,
     obj: BoxObject,
     secrets: Vec<berth_gateway::egress::Secret>,
@@ -204,7 +129,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(obj.clone());
     let actor = BoxActor {
-        engine,
+        deps,
         backend,
         obj,
         secrets,
@@ -227,7 +152,7 @@ pub fn spawn(
 
 impl BoxActor {
     /// Append to the box's event log (seq is this task's to assign).
-    async fn event(&mut self, kind: &str, data: serde_json::Value) {
+    pub(super) async fn event(&mut self, kind: &str, data: serde_json::Value) {
         let e = berth_api::Event {
             seq: self.last_seq + 1,
             session_id: self.obj.id.clone(),
@@ -236,7 +161,7 @@ impl BoxActor {
             data,
         };
         match self
-            .engine
+            .deps
             .store
             .append_box_events(std::slice::from_ref(&e))
             .await
@@ -273,15 +198,15 @@ impl BoxActor {
         .await;
     }
 
-    async fn set(&mut self, state: BoxState, reason: Option<String>) {
+    pub(super) async fn set(&mut self, state: BoxState, reason: Option<String>) {
         metrics::counter!("berth_box_transitions_total", "to" => state.as_str()).increment(1);
         // Container time counts exactly while the box is running.
         match (
             self.obj.state == BoxState::Running,
             state == BoxState::Running,
         ) {
-            (false, true) => self.engine.box_span_open(&self.obj).await,
-            (true, false) => self.engine.box_span_close(&self.obj.id).await,
+            (false, true) => self.deps.box_time.open(&self.obj).await,
+            (true, false) => self.deps.box_time.close(&self.obj.id).await,
             _ => {}
         }
         self.event(
@@ -292,13 +217,13 @@ impl BoxActor {
         self.obj.state = state;
         self.obj.state_reason = reason;
         self.obj.updated_at = now();
-        if let Err(e) = self.engine.store.put_box(&self.obj).await {
+        if let Err(e) = self.deps.store.put_box(&self.obj).await {
             tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
         }
         self.state.send_replace(self.obj.clone());
     }
 
-    fn box_config(&self) -> BoxConfig {
+    pub(super) fn box_config(&self) -> BoxConfig {
         BoxConfig {
             id: self.obj.id.clone(),
             image: match self.obj.image.as_str() {
@@ -312,15 +237,15 @@ impl BoxActor {
             env: box_env(&self.obj),
             bridges: vec![
                 Bridge {
-                    port: super::GATEWAY_PORT,
+                    port: crate::engine::GATEWAY_PORT,
                     socket: "model.sock".into(),
                 },
                 Bridge {
-                    port: super::EGRESS_PORT,
+                    port: crate::engine::EGRESS_PORT,
                     socket: "egress.sock".into(),
                 },
                 Bridge {
-                    port: super::BOX_API_PORT,
+                    port: crate::engine::BOX_API_PORT,
                     socket: "api.sock".into(),
                 },
             ],
@@ -330,7 +255,7 @@ impl BoxActor {
     /// Make (or adopt) the box in its backend, unpack `archive` into it when restoring, open its
     /// gateway and egress sockets and go `running` with `reason`. On failure the box is
     /// released and the error returned; the caller records the state.
-    async fn bring_up(
+    pub(super) async fn bring_up(
         &mut self,
         adopt: bool,
         archive: Option<&berth_api::SnapshotInfo>,
@@ -356,13 +281,14 @@ impl BoxActor {
         }
         if let Some(snap) = archive {
             let unpacked = match self
-                .engine
-                .config
+                .deps
                 .snapshots
                 .get_stream(&snap.key, &snap.sha256)
                 .await
             {
-                Ok(stream) => super::park::unpack(&self.backend, &self.obj.id, stream).await,
+                Ok(stream) => {
+                    crate::engine::park::unpack(&self.backend, &self.obj.id, stream).await
+                }
                 Err(e) => Err(e.into()),
             };
             if let Err(e) = unpacked {
@@ -370,7 +296,7 @@ impl BoxActor {
                 // The store's errors name server paths: logged, not shown.
                 tracing::error!(box_id = %self.obj.id, error = %e, "unpacking a snapshot");
                 return Err(match e {
-                    super::park::ParkError::Store(_) => {
+                    crate::engine::park::ParkError::Store(_) => {
                         "the snapshot could not be read intact".to_string()
                     }
                     e => format!("unpacking the snapshot: {e}"),
@@ -393,7 +319,7 @@ impl BoxActor {
     /// in `run_dir`, and its exit watch. A step that fails drops (aborts) the ones before it.
     fn serve(&self, run_dir: &std::path::Path) -> Result<Served, String> {
         let egress = Service(
-            self.engine
+            self.deps
                 .egress
                 .serve_box(
                     &self.obj.id,
@@ -404,14 +330,15 @@ impl BoxActor {
                 .map_err(|e| format!("egress proxy: {e}"))?,
         );
         let gateway = Service(
-            self.engine
+            self.deps
                 .gateway
                 .serve_box(&self.obj.id, &run_dir.join("model.sock"))
                 .map_err(|e| format!("gateway: {e}"))?,
         );
         let api = Service(
-            super::shared::serve_box_api(
-                self.engine.clone(),
+            crate::engine::shared::serve_box_api(
+                self.deps.engine.clone(),
+                self.deps.gateway.clone(),
                 &self.obj.id,
                 &run_dir.join("api.sock"),
             )
@@ -437,7 +364,7 @@ impl BoxActor {
                 Err(e) => {
                     tracing::warn!(box_id = %self.obj.id, error = %e, "box failed to start");
                     self.set(BoxState::Failed, Some(e)).await;
-                    self.engine.forget_box(&self.obj.id);
+                    self.deps.registry.forget_box(&self.obj.id);
                     return;
                 }
             },
@@ -456,7 +383,7 @@ impl BoxActor {
                             )),
                         )
                         .await;
-                        self.engine.forget_box(&self.obj.id);
+                        self.deps.registry.forget_box(&self.obj.id);
                         return;
                     }
                 }
@@ -486,7 +413,12 @@ impl BoxActor {
                 cmd = self.rx.recv() => match cmd {
                     Some(BoxCmd::Touch) => last_activity = Instant::now(),
                     Some(BoxCmd::Egress(d)) => self.egress(d).await,
-                    Some(BoxCmd::Destroy { reply }) => {
+                    Some(BoxCmd::Destroy { stop_sessions, reply }) => {
+                        // Each session's owner answers a stop before it tells its box anything,
+                        // so this wait cannot close a loop.
+                        if let Some(reason) = stop_sessions {
+                            self.deps.registry.stop_box_sessions(&self.obj.id, &reason).await;
+                        }
                         if self.obj.keep_workspace && running {
                             self.keep_workspace().await;
                         }
@@ -503,21 +435,18 @@ impl BoxActor {
                         break;
                     }
                     Some(BoxCmd::Park { reply }) => {
-                        let r = if self.obj.lifecycle != Lifecycle::Hybrid {
-                            Err(EngineError::Conflict("only hybrid boxes park".into()))
-                        } else if self.obj.state == BoxState::Parked {
-                            Ok(self.obj.clone())
-                        } else if !running {
-                            Err(EngineError::Conflict(format!("box is {}", self.obj.state.as_str())))
-                        } else if self.engine.box_busy(&self.obj.id) {
-                            Err(EngineError::Conflict("an agent in the box is mid-turn".into()))
-                        } else {
-                            self.park(&mut served, "requested").await;
-                            match self.obj.state {
-                                BoxState::Parked => Ok(self.obj.clone()),
-                                _ => Err(EngineError::Internal(
-                                    self.obj.state_reason.clone().unwrap_or_default(),
-                                )),
+                        let busy = self.deps.registry.box_busy(&self.obj.id);
+                        let r = match rules::park_request(self.obj.lifecycle, self.obj.state, running, busy) {
+                            rules::ParkRequest::Refuse(e) => Err(e),
+                            rules::ParkRequest::AlreadyParked => Ok(self.obj.clone()),
+                            rules::ParkRequest::Park => {
+                                self.park(&mut served, "requested").await;
+                                match self.obj.state {
+                                    BoxState::Parked => Ok(self.obj.clone()),
+                                    _ => Err(EngineError::Internal(
+                                        self.obj.state_reason.clone().unwrap_or_default(),
+                                    )),
+                                }
                             }
                         };
                         last_activity = Instant::now();
@@ -535,23 +464,24 @@ impl BoxActor {
                         continue;
                     }
                     let why = served.as_ref().and_then(|s| s.exit.borrow().clone());
-                    let reason = match why {
-                        Some(BoxExit::OomKilled) => "box init was OOM-killed".to_string(),
-                        Some(BoxExit::Exited { code }) => format!("box init exited with code {code}"),
-                        Some(BoxExit::Destroyed) | None => continue,
+                    let Some(reason) = rules::death_reason(why.as_ref()) else {
+                        continue;
                     };
                     tracing::warn!(box_id = %self.obj.id, %reason, "box died");
                     let _ = self.backend.destroy(&self.obj.id).await;
                     self.set(BoxState::Failed, Some(reason)).await;
                 }
                 _ = sleep_until_opt(idle_deadline) => {
-                    if self.obj.lifecycle == Lifecycle::Hybrid {
-                        if !self.engine.box_busy(&self.obj.id) {
+                    let busy = self.deps.registry.box_busy(&self.obj.id);
+                    match rules::at_idle(self.obj.lifecycle, busy) {
+                        rules::AtIdle::Park => {
                             self.park(&mut served, "idle_timeout").await;
+                            last_activity = Instant::now();
                         }
-                        last_activity = Instant::now();
-                    } else {
-                        let _ = self.teardown(BoxState::Stopped, Some("idle_timeout".into())).await;
+                        rules::AtIdle::Postpone => last_activity = Instant::now(),
+                        rules::AtIdle::Stop => {
+                            let _ = self.teardown(BoxState::Stopped, Some("idle_timeout".into())).await;
+                        }
                     }
                 }
                 _ = sleep_until_opt(life_deadline) => {
@@ -560,164 +490,7 @@ impl BoxActor {
             }
         }
         drop(served);
-        self.engine.forget_box(&self.obj.id);
-    }
-
-    /// Idle hybrid box: stop its agents, snapshot it, verify the snapshot, destroy the box. A
-    /// failure at any step before the destroy leaves the box running (its agents restarted).
-    async fn park(&mut self, served: &mut Option<Served>, why: &str) {
-        let t = Instant::now();
-        self.set(BoxState::Parking, Some(why.into())).await;
-        let sessions = self
-            .engine
-            .stop_box_sessions(&self.obj.id, "box parked")
-            .await;
-        let key = format!("boxes/{}/{}.tar.zst", self.obj.id, self.last_seq + 1);
-        let mut snapshot = match self
-            .archive(&super::park::PATHS, super::park::Audience::Box, key)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(box_id = %self.obj.id, error = %e, "parking failed; the box keeps running");
-                self.set(BoxState::Running, Some(format!("park failed: {e}")))
-                    .await;
-                self.engine
-                    .resume_sessions(&self.obj.tenant, &sessions)
-                    .await;
-                return;
-            }
-        };
-        snapshot.sessions = sessions;
-        self.obj.snapshot = Some(snapshot);
-        *served = None;
-        if let Err(e) = self.backend.destroy(&self.obj.id).await {
-            tracing::error!(box_id = %self.obj.id, error = %e, "destroying a parked box");
-        }
-        self.set(BoxState::Parked, Some(why.into())).await;
-        metrics::histogram!("berth_box_park_seconds").record(t.elapsed().as_secs_f64());
-    }
-
-    /// A parked box's next use: a fresh box at the same paths with the snapshot unpacked.
-    /// Answers with the sessions to resume; a box that is not parked answers at once.
-    async fn restore(&mut self, served: &mut Option<Served>) -> Result<Vec<String>, EngineError> {
-        if self.obj.state != BoxState::Parked {
-            return Ok(vec![]);
-        }
-        let Some(snap) = self.obj.snapshot.clone() else {
-            return Err(EngineError::Internal(
-                "parked box without a snapshot".into(),
-            ));
-        };
-        // A parked box holds nothing: coming back counts against the tenant's limits again.
-        let admitted = self.engine.admit(&self.obj.tenant, &self.obj.resources)?;
-        let t = Instant::now();
-        self.set(BoxState::Restoring, None).await;
-        // `restoring` is published: the box now counts as held by its state, not twice.
-        drop(admitted);
-        let reason = Some("restored from its snapshot".to_string());
-        let restored = self.bring_up(false, Some(&snap), reason).await;
-        match restored {
-            Ok(s) => *served = Some(s),
-            Err(e) => {
-                // The snapshot stays; the box stays parked and may be tried again.
-                self.set(BoxState::Parked, Some(format!("restore failed: {e}")))
-                    .await;
-                return Err(EngineError::Internal(format!(
-                    "restoring box {}: {e}",
-                    self.obj.id
-                )));
-            }
-        }
-        metrics::histogram!("berth_box_restore_seconds").record(t.elapsed().as_secs_f64());
-        self.drop_snapshot().await;
-        Ok(snap.sessions)
-    }
-
-    /// Archive `/workspace` for download after the box is gone. A failure is recorded in the
-    /// box's events and does not hold up the destroy.
-    async fn keep_workspace(&mut self) {
-        let key = format!("artifacts/{}.tar.zst", self.obj.id);
-        match self
-            .archive(&["workspace"], super::park::Audience::Client, key)
-            .await
-        {
-            Ok(a) => self.obj.artifact = Some(a),
-            Err(e) => {
-                self.event("artifact_failed", serde_json::json!({ "reason": e }))
-                    .await
-            }
-        }
-    }
-
-    /// `paths` of the box archived by `tar` inside it and stored at `key`; the error is fit
-    /// for clients (the store's own, which names server paths, is only logged).
-    async fn archive(
-        &mut self,
-        paths: &[&str],
-        audience: super::park::Audience,
-        key: String,
-    ) -> Result<berth_api::SnapshotInfo, String> {
-        let store_error = |e: &dyn std::fmt::Display| {
-            tracing::error!(box_id = %self.obj.id, error = %e, "storing an archive");
-            "the archive could not be stored".to_string()
-        };
-        let mut out = self
-            .engine
-            .config
-            .snapshots
-            .writer(&key)
-            .await
-            .map_err(|e| store_error(&e))?;
-        let dropped = match super::park::capture_paths(
-            &self.backend,
-            &self.obj.id,
-            paths,
-            audience,
-            self.obj.resources.disk_mib,
-            &mut out,
-        )
-        .await
-        {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = out.abort().await;
-                return Err(match e {
-                    super::park::ParkError::Store(e) => store_error(&e),
-                    e => e.to_string(),
-                });
-            }
-        };
-        let s = out.finish().await.map_err(|e| store_error(&e))?;
-        if dropped.count > 0 {
-            self.event(
-                "artifact_entries_dropped",
-                serde_json::json!({"count": dropped.count, "names": dropped.names,
-                    "reason": "links leading out of the archive, unsafe names, devices"}),
-            )
-            .await;
-        }
-        Ok(berth_api::SnapshotInfo {
-            key: s.key,
-            bytes: s.bytes,
-            sha256: s.sha256,
-            taken_at: now(),
-            sessions: vec![],
-        })
-    }
-
-    /// Forget the box's snapshot (restored or destroyed): the object store's copy goes too.
-    async fn drop_snapshot(&mut self) {
-        if let Some(snap) = self.obj.snapshot.take() {
-            if let Err(e) = self.engine.config.snapshots.delete(&snap.key).await {
-                tracing::warn!(box_id = %self.obj.id, error = %e, "deleting a snapshot");
-            }
-            self.obj.updated_at = now();
-            if let Err(e) = self.engine.store.put_box(&self.obj).await {
-                tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
-            }
-            self.state.send_replace(self.obj.clone());
-        }
+        self.deps.registry.forget_box(&self.obj.id);
     }
 
     async fn teardown(&mut self, to: BoxState, reason: Option<String>) -> Result<(), EngineError> {

@@ -9,10 +9,10 @@
 //! ends at its first `result` (the task is done) unless the client keeps it open (`keep_open`,
 //! or a message sent before that result).
 
-use super::boxes::{BoxCmd, BoxHandle};
-use super::{sleep_until_opt, Engine};
 use crate::auth::now;
+use crate::engine::boxes::{BoxCmd, BoxHandle};
 use crate::engine::error::EngineError;
+use crate::engine::sleep_until_opt;
 use berth_agent::{AgentEvent, Driver, Interrupt, Output, Update};
 use berth_api::{Event, EventKind, Lifecycle, PermissionAnswer, SessionObject, SessionState};
 use berth_sandbox::{Backend, ExecEvent, ExecHandle, ExecInput, ExecSpec, Sandbox};
@@ -57,8 +57,18 @@ pub struct SessionHandle {
     pub events: broadcast::Sender<Arc<LiveEvent>>,
 }
 
+/// What a session's owner task uses of the engine: the store (events, the session), the
+/// gateway (its token is revoked when it ends), the registry (it leaves it) and the event caps.
+#[derive(Clone)]
+pub struct SessionDeps {
+    pub store: Arc<dyn berth_store::Store>,
+    pub gateway: Arc<berth_gateway::Gateway>,
+    pub registry: Arc<crate::engine::registry::Registry>,
+    pub events: crate::engine::event_cap::Limits,
+}
+
 struct SessionActor {
-    engine: Arc<Engine>,
+    deps: SessionDeps,
     backend: Arc<Backend>,
     box_handle: BoxHandle,
     lifecycle: Lifecycle,
@@ -81,7 +91,7 @@ struct SessionActor {
     /// counts from its own start.
     cost_base: f64,
     /// Rate and size caps on the agent's events (see `event_cap`).
-    cap: super::event_cap::EventCap,
+    cap: crate::engine::event_cap::EventCap,
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -115,7 +125,7 @@ impl LiveEvent {
 
 /// Everything a session owner task starts with.
 pub struct SessionStart {
-    pub engine: Arc<Engine>,
+    pub deps: SessionDeps,
     pub backend: Arc<Backend>,
     pub box_handle: BoxHandle,
     pub lifecycle: Lifecycle,
@@ -133,8 +143,8 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
     let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
     let actor = SessionActor {
-        cap: super::event_cap::EventCap::new(start.engine.config.events),
-        engine: start.engine,
+        cap: crate::engine::event_cap::EventCap::new(start.deps.events),
+        deps: start.deps,
         backend: start.backend,
         box_handle: start.box_handle,
         lifecycle: start.lifecycle,
@@ -147,9 +157,11 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         program: String::new(),
         started: false,
         done_at_result: false,
-        end_at_result: start.lifecycle == Lifecycle::Ephemeral
-            && start.prompt.is_some()
-            && !start.keep_open,
+        end_at_result: crate::engine::rules::ends_at_result(
+            start.lifecycle,
+            start.prompt.is_some(),
+            start.keep_open,
+        ),
         prompt: start.prompt,
         token: start.token,
     };
@@ -220,7 +232,7 @@ impl SessionActor {
             })
             .collect();
         if !batch.is_empty() {
-            if let Err(e) = self.engine.store.append_events(&batch).await {
+            if let Err(e) = self.deps.store.append_events(&batch).await {
                 // Without the store the log would have a hole: drop the batch, say so.
                 tracing::error!(session_id = %self.obj.id, error = %e, "appending events");
                 return;
@@ -229,7 +241,7 @@ impl SessionActor {
             metrics::counter!("berth_events_total").increment(batch.len() as u64);
         }
         self.obj.updated_at = ts;
-        if let Err(e) = self.engine.store.put_session(&self.obj).await {
+        if let Err(e) = self.deps.store.put_session(&self.obj).await {
             tracing::error!(session_id = %self.obj.id, error = %e, "persisting session");
         }
         self.state.send_replace(self.obj.clone());
@@ -277,17 +289,19 @@ impl SessionActor {
             ("BERTH_SESSION_TOKEN".to_string(), self.token.clone()),
             (
                 "BERTH_API_URL".to_string(),
-                format!("http://127.0.0.1:{}", super::BOX_API_PORT),
+                format!("http://127.0.0.1:{}", crate::engine::BOX_API_PORT),
             ),
         ]);
         if let Some(uid) = self.obj.uid {
-            super::shared::confine(&mut spec, uid, &self.obj.workdir);
+            crate::engine::shared::confine(&mut spec, uid, &self.obj.workdir);
         }
         let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
             Ok(h) => Some(h),
             Err(e) => {
                 let why = match &e {
-                    berth_sandbox::SandboxError::Start(m) => super::start_failure(&self.program, m),
+                    berth_sandbox::SandboxError::Start(m) => {
+                        crate::engine::start_failure(&self.program, m)
+                    }
                     other => other.to_string(),
                 };
                 self.record(vec![AgentEvent {
@@ -360,24 +374,29 @@ impl SessionActor {
             }
         }
         // The agent is gone: its token dies with it; answer what is still queued, then retire.
-        self.engine.gateway.revoke(&self.token);
+        self.deps.gateway.revoke(&self.token);
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {
             self.refuse(cmd);
         }
-        if self.lifecycle == Lifecycle::Ephemeral {
+        if crate::engine::rules::after_session(self.lifecycle)
+            == crate::engine::rules::AfterSession::DestroyBox
+        {
             let (tx, rx) = oneshot::channel();
             if self
                 .box_handle
                 .tx
-                .send(BoxCmd::Destroy { reply: tx })
+                .send(BoxCmd::Destroy {
+                    stop_sessions: None,
+                    reply: tx,
+                })
                 .await
                 .is_ok()
             {
                 let _ = rx.await;
             }
         }
-        self.engine.forget_session(&self.obj.id);
+        self.deps.registry.forget_session(&self.obj.id);
     }
 
     fn refuse(&self, cmd: SessionCmd) {
@@ -436,7 +455,7 @@ impl SessionActor {
                     } else {
                         format!(
                             "agent failed to start: {}",
-                            super::start_failure(&self.program, &m)
+                            crate::engine::start_failure(&self.program, &m)
                         )
                     };
                     let mut o = self.driver.on_exit(None, None);

@@ -1,0 +1,206 @@
+//! The actor tests' world: an engine over the fake backend and a SQLite store kept on real
+//! time, and bounded waits.
+
+use crate::engine::*;
+use berth_sandbox::fake::FakeBackend;
+
+pub(super) struct World {
+    pub(super) engine: Arc<Engine>,
+    pub(super) fake: FakeBackend,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) dir: Arc<tempfile::TempDir>,
+}
+
+fn engine_config(dir: &std::path::Path, max_boxes_per_tenant: usize) -> EngineConfig {
+    EngineConfig {
+        default_backend: "fake".into(),
+        session_rpm: None,
+        max_boxes_per_tenant,
+        max_exec_output: 1 << 20,
+        cost: ledger::CostConfig {
+            box_hour_usd: 0.0,
+            scale_by_resources: false,
+            gap_fraction: 0.1,
+        },
+        clock: crate::clock::Clock::following_tokio(1_700_000_000_000),
+        snapshots: berth_store::snapshots::SnapshotStore::local(&dir.join("snapshots"))
+            .expect("snapshot store"),
+        hook_rate_per_minute: 60,
+        idle_timeout: crate::config::IdleTimeoutSection::default(),
+        max_box: admission::MaxBox {
+            cpus: 64.0,
+            memory_mib: 1 << 20,
+            disk_mib: 1 << 20,
+            pids: 100_000,
+        },
+        tenant_totals: admission::TenantTotals::default(),
+        events: event_cap::Limits {
+            per_second: 1000,
+            burst: 1000,
+            max_bytes: 64 * 1024,
+            max_per_session: 100_000,
+        },
+    }
+}
+
+/// An engine (a "server") over `store` and `fake`; a second call over the same two is the
+/// same server restarted.
+pub(super) fn engine_over(
+    dir: &std::path::Path,
+    store: Arc<dyn Store>,
+    fake: &FakeBackend,
+    max_boxes_per_tenant: usize,
+) -> Arc<Engine> {
+    let (gateway, _metered) =
+        berth_gateway::Gateway::new(berth_gateway::GatewayConfig::default()).expect("gateway");
+    let (egress, _decisions) =
+        berth_gateway::egress::Egress::new(berth_gateway::egress::EgressConfig::default())
+            .expect("egress");
+    let mut backends = HashMap::new();
+    backends.insert("fake".to_string(), Arc::new(Backend::Fake(fake.clone())));
+    Engine::new(
+        store,
+        backends,
+        engine_config(dir, max_boxes_per_tenant),
+        gateway,
+        egress,
+        None,
+    )
+}
+
+/// The SQLite store on a runtime of its own that keeps real time: every call runs there, so
+/// the pool's timers (acquire timeouts, connection reaping) are not on the paused clock. The
+/// test's runtime blocks until the call is done: were it to wait idle, paused time would
+/// auto-advance to its next timer (a box's idle deadline) in the middle of a store write.
+struct RealTimeStore {
+    inner: Arc<berth_store::SqliteStore>,
+    rt: tokio::runtime::Handle,
+}
+
+fn open_store(path: std::path::PathBuf) -> Arc<dyn Store> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("store runtime");
+        let inner = rt
+            .block_on(berth_store::SqliteStore::open(&path))
+            .expect("store");
+        let store: Arc<dyn Store> = Arc::new(RealTimeStore {
+            inner: Arc::new(inner),
+            rt: rt.handle().clone(),
+        });
+        let _ = tx.send(store);
+        // Keeps the runtime for the test's life.
+        rt.block_on(std::future::pending::<()>())
+    });
+    rx.recv().expect("store opened")
+}
+
+/// The `Store` impl forwarding each method to the real-time runtime: each argument is owned
+/// for the trip (`= own`) and lent again there (`=> lend`).
+macro_rules! forward_store {
+    ($($name:ident ( $($arg:ident : $ty:ty = $own:expr => $lend:expr),* ) -> $ret:ty;)*) => {
+        #[async_trait::async_trait]
+        impl Store for RealTimeStore {
+            $(
+                // Copied arguments are "owned" as themselves.
+                #[allow(clippy::redundant_locals)]
+                async fn $name(&self, $($arg: $ty),*) -> berth_store::Result<$ret> {
+                    $(let $arg = $own;)*
+                    let inner = self.inner.clone();
+                    futures::executor::block_on(
+                        self.rt.spawn(async move { inner.$name($($lend),*).await }),
+                    )
+                    .expect("store call")
+                }
+            )*
+        }
+    };
+}
+
+forward_store! {
+    ping() -> ();
+    ensure_tenant(t: &str = t.to_string() => &t) -> ();
+    insert_key(k: &KeyObject = k.clone() => &k, h: &str = h.to_string() => &h) -> ();
+    find_key(h: &str = h.to_string() => &h) -> Option<berth_store::KeyRecord>;
+    list_keys(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<KeyObject>;
+    delete_key(id: &str = id.to_string() => &id) -> bool;
+    count_keys() -> i64;
+    put_box(b: &BoxObject = b.clone() => &b) -> ();
+    get_box(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<BoxObject>;
+    list_boxes(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<BoxObject>;
+    put_session(s: &SessionObject = s.clone() => &s) -> ();
+    get_session(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<SessionObject>;
+    list_sessions(t: Option<&str> = t.map(str::to_string) => t.as_deref(), b: Option<&str> = b.map(str::to_string) => b.as_deref()) -> Vec<SessionObject>;
+    append_events(e: &[Event] = e.to_vec() => &e) -> ();
+    events_after(id: &str = id.to_string() => &id, after: i64 = after => after, limit: i64 = limit => limit) -> Vec<Event>;
+    last_seq(id: &str = id.to_string() => &id) -> i64;
+    set_tenant_budget(t: &str = t.to_string() => &t, b: Option<f64> = b => b) -> ();
+    tenant_budgets() -> Vec<(String, f64)>;
+    tenant_budget(t: &str = t.to_string() => &t) -> Option<f64>;
+    append_box_events(e: &[Event] = e.to_vec() => &e) -> ();
+    box_events_after(id: &str = id.to_string() => &id, after: i64 = after => after, limit: i64 = limit => limit) -> Vec<Event>;
+    last_box_seq(id: &str = id.to_string() => &id) -> i64;
+    put_trigger(tr: &TriggerObject = tr.clone() => &tr, sec: &str = sec.to_string() => &sec) -> ();
+    update_trigger(tr: &TriggerObject = tr.clone() => &tr) -> ();
+    get_trigger(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<(TriggerObject, String)>;
+    list_triggers(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<TriggerObject>;
+    delete_trigger(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> bool;
+    record_usage(rows: &[berth_store::UsageRow] = rows.to_vec() => &rows) -> ();
+    usage_sums(key: berth_store::UsageKey = key => key, f: &berth_store::UsageFilter = f.clone() => &f) -> Vec<berth_store::UsageSum>;
+    open_box_span(span: &berth_store::BoxSpan = span.clone() => &span) -> ();
+    close_box_span(id: &str = id.to_string() => &id, end: i64 = end => end) -> ();
+    mark_box_spans_seen(now: i64 = now => now) -> ();
+    close_abandoned_box_spans() -> u64;
+    box_spans(t: Option<&str> = t.map(str::to_string) => t.as_deref(), b: Option<&str> = b.map(str::to_string) => b.as_deref(), from: Option<i64> = from => from, to: Option<i64> = to => to) -> Vec<berth_store::BoxSpan>;
+}
+
+pub(super) async fn world(adoption: bool, max_boxes_per_tenant: usize) -> World {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let store = open_store(dir.path().join("berth.db"));
+    let fake = FakeBackend::new(dir.path().join("boxes"), adoption);
+    let engine = engine_over(dir.path(), store.clone(), &fake, max_boxes_per_tenant);
+    World {
+        engine,
+        fake,
+        store,
+        dir,
+    }
+}
+
+/// `f` within 20 s of real time, or the test fails (never a hang).
+pub(super) async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        v = f => v,
+        _ = rx => panic!("{what}: not within 20 s"),
+    }
+}
+
+/// Wait (bounded) until the box's published state satisfies `pred`.
+pub(super) async fn box_until(
+    w: &World,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&BoxObject) -> bool,
+) -> BoxObject {
+    let mut rx = w
+        .engine
+        .box_handle(id)
+        .unwrap_or_else(|| panic!("{what}: box {id} has no owner task"))
+        .state;
+    bounded(what, async move {
+        rx.wait_for(|b| pred(b))
+            .await
+            .map(|b| b.clone())
+            .expect("box owner task ended")
+    })
+    .await
+}

@@ -1,0 +1,112 @@
+//! The registry: which boxes and sessions have an owner task, by id, and their handles. It
+//! holds no state of its own — each object's state is its owner's `watch` — and is shared by
+//! the engine and the actors (a box asks whether an agent in it is mid-turn; an owner task
+//! removes itself when it ends).
+
+use super::boxes::BoxHandle;
+use super::sessions::{SessionCmd, SessionHandle};
+use berth_api::SessionState;
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+#[derive(Default)]
+pub struct Registry {
+    boxes: RwLock<HashMap<String, BoxHandle>>,
+    sessions: RwLock<HashMap<String, SessionHandle>>,
+}
+
+impl Registry {
+    pub fn box_handle(&self, id: &str) -> Option<BoxHandle> {
+        self.boxes.read().ok()?.get(id).cloned()
+    }
+
+    pub fn session_handle(&self, id: &str) -> Option<SessionHandle> {
+        self.sessions.read().ok()?.get(id).cloned()
+    }
+
+    pub fn insert_box(&self, id: &str, h: BoxHandle) {
+        if let Ok(mut m) = self.boxes.write() {
+            m.insert(id.to_string(), h);
+        }
+    }
+
+    pub fn insert_session(&self, id: &str, h: SessionHandle) {
+        if let Ok(mut m) = self.sessions.write() {
+            m.insert(id.to_string(), h);
+        }
+    }
+
+    pub fn forget_box(&self, id: &str) {
+        if let Ok(mut m) = self.boxes.write() {
+            m.remove(id);
+        }
+    }
+
+    pub fn forget_session(&self, id: &str) {
+        if let Ok(mut m) = self.sessions.write() {
+            m.remove(id);
+        }
+    }
+
+    /// Every box with an owner task.
+    pub fn boxes(&self) -> Vec<BoxHandle> {
+        self.boxes
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every session with an owner task.
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.sessions
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The live sessions in a box.
+    pub fn sessions_in(&self, box_id: &str) -> Vec<SessionHandle> {
+        self.sessions
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|h| h.state.borrow().box_id == box_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether an agent in the box is in the middle of a turn (a box is not idle then, even
+    /// when the model is slow to answer).
+    pub fn box_busy(&self, box_id: &str) -> bool {
+        self.sessions
+            .read()
+            .map(|m| {
+                m.values().any(|h| {
+                    let s = h.state.borrow();
+                    s.box_id == box_id
+                        && matches!(s.state, SessionState::Running | SessionState::Starting)
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    /// Stop every live session in a box (it is parking or being deleted), each by a message to
+    /// its owner task; the ids of those that stopped.
+    pub async fn stop_box_sessions(&self, box_id: &str, reason: &str) -> Vec<String> {
+        let mut stopped = Vec::new();
+        for h in self.sessions_in(box_id) {
+            let id = h.state.borrow().id.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let cmd = SessionCmd::Stop {
+                reason: reason.to_string(),
+                reply: tx,
+            };
+            if h.tx.send(cmd).await.is_ok() && rx.await.is_ok() {
+                stopped.push(id);
+            }
+        }
+        stopped
+    }
+}
