@@ -155,6 +155,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics_text))
         .route("/openapi.json", get(system::openapi))
+        .nest("/anthropic", crate::anthropic::router())
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -1,0 +1,551 @@
+//! The Managed Agents API under `/anthropic`: the official Python SDK driving a real server with
+//! the real Claude Code CLI against the mock model, and the edge cases over raw HTTP.
+
+mod common;
+
+use berth_mock_model::{scenario::Scenario, Mock};
+use common::{claude_bin, tenant_key, Api, Server};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
+
+async fn setup() -> (tempfile::TempDir, Server, Mock) {
+    let mock = Mock::new(Scenario::demo(), Duration::ZERO);
+    let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = claude_bin();
+    let srv = Server::start_with(
+        dir.path(),
+        &[
+            ("BERTH_UPSTREAM_URL", mock_url.as_str()),
+            ("ANTHROPIC_API_KEY", REAL_KEY),
+            ("BERTH_CLAUDE_BIN", bin.as_str()),
+        ],
+    )
+    .await;
+    (dir, srv, mock)
+}
+
+/// The Python with the pinned `anthropic` SDK (`scripts/test` installs it into its venv).
+fn python() -> String {
+    let venv = std::env::var("BERTH_TEST_VENV").unwrap_or_else(|_| "/opt/berth/test-venv".into());
+    format!("{venv}/bin/python")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_drives_agents_environments_and_sessions() {
+    let (_d, srv, mock) = setup().await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let (_, b) = tenant_key(&srv.client(), "team-b").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/managed_agents.py");
+    let run = tokio::process::Command::new(python())
+        .arg(script)
+        .env("BERTH_ANTHROPIC_URL", format!("{}/anthropic", srv.url))
+        .env("BERTH_KEY", &a.token)
+        .env("BERTH_OTHER_KEY", &b.token)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the SDK script finished in time")
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line");
+    assert_eq!(res["sdk"], "2.10.0", "the pinned SDK ran");
+    // The session's usage is what the gateway metered: the mock's own figures, exactly.
+    let seen = mock.recorded();
+    assert_eq!(seen.len(), 3, "three model turns for the one message");
+    let sum = |k: &str| {
+        seen.iter()
+            .map(|r| r.usage[k].as_u64().expect("n"))
+            .sum::<u64>()
+    };
+    assert_eq!(res["usage"]["input_tokens"], sum("input_tokens"), "{res}");
+    assert_eq!(res["usage"]["output_tokens"], sum("output_tokens"), "{res}");
+    // The spans carry the CLI's per-request usage: its input tokens are the metered ones.
+    assert_eq!(res["span_input_tokens"], sum("input_tokens"), "{res}");
+}
+
+/// A client speaking Anthropic's conventions: `x-api-key`, the version and beta headers.
+fn anth(api: &Api) -> Anth {
+    Anth(api.clone())
+}
+
+struct Anth(Api);
+
+struct Answer {
+    status: u16,
+    json: Value,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Anth {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut rb = self
+            .0
+            .http
+            .request(m, format!("{}/anthropic{path}", self.0.url))
+            .header("x-api-key", &self.0.token)
+            .header("anthropic-version", "2023-06-01")
+            .header("anthropic-beta", "managed-agents-2026-04-01");
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.expect("request");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let bytes = r.bytes().await.expect("body");
+        Answer {
+            status,
+            json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            headers,
+        }
+    }
+    async fn get(&self, path: &str) -> Answer {
+        self.call("GET", path, None).await
+    }
+    async fn post(&self, path: &str, body: Value) -> Answer {
+        self.call("POST", path, Some(body)).await
+    }
+}
+
+/// An Anthropic error envelope of `kind`, its `request_id` the same as the header's.
+fn is_error(a: &Answer, status: u16, kind: &str) {
+    assert_eq!(a.status, status, "{}", a.json);
+    assert_eq!(a.json["type"], "error", "{}", a.json);
+    assert_eq!(a.json["error"]["type"], kind, "{}", a.json);
+    let rid = a.headers.get("request-id").and_then(|v| v.to_str().ok());
+    assert!(
+        rid.is_some_and(|r| r.starts_with("req_")),
+        "{:?}",
+        a.headers
+    );
+    assert_eq!(a.json["request_id"].as_str(), rid, "{}", a.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_http_auth_errors_pagination_versions_and_tenants() {
+    let (_d, srv, _mock) = setup().await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let (_, b) = tenant_key(&srv.client(), "team-b").await;
+    let (a, b) = (anth(&a), anth(&b));
+
+    // Auth: no key, a wrong key; both header styles and `?beta=true` work.
+    let none =
+        a.0.http
+            .get(format!("{}/anthropic/v1/agents", srv.url))
+            .send()
+            .await
+            .expect("req");
+    assert_eq!(none.status(), 401);
+    let wrong = Anth(Api::new(&srv.url, "berth_not_a_key"));
+    is_error(&wrong.get("/v1/agents").await, 401, "authentication_error");
+    let bearer =
+        a.0.http
+            .get(format!("{}/anthropic/v1/agents?beta=true", srv.url))
+            .bearer_auth(&a.0.token)
+            .send()
+            .await
+            .expect("req");
+    assert_eq!(bearer.status(), 200);
+    let r = a.get("/v1/agents?beta=true").await;
+    assert_eq!(
+        r.json,
+        json!({"data": [], "next_page": null, "prev_page": null})
+    );
+    assert!(r.headers.contains_key("request-id"));
+
+    // Agents: create, 404s, version conflicts (no retry), history.
+    let r = a
+        .post(
+            "/v1/agents",
+            json!({"name": "one", "model": {"id": "claude-x", "speed": "fast"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let id = r.json["id"].as_str().expect("id").to_string();
+    assert_eq!(r.json["version"], 1);
+    assert_eq!(r.json["tools"], json!([]));
+    is_error(
+        &a.get("/v1/agents/agent_missing").await,
+        404,
+        "not_found_error",
+    );
+    is_error(
+        &a.get(&format!("/v1/agents/{id}?version=7")).await,
+        404,
+        "not_found_error",
+    );
+    is_error(
+        &a.post("/v1/agents", json!({"model": "m"})).await,
+        400,
+        "invalid_request_error",
+    );
+    is_error(
+        &a.post("/v1/agents", json!({"name": "n", "model": "m", "tools": [{"type": "custom", "name": "x", "input_schema": {"type": "object"}}]}))
+            .await,
+        400,
+        "invalid_request_error",
+    );
+    let up = a
+        .post(
+            &format!("/v1/agents/{id}"),
+            json!({"version": 1, "metadata": {"k": "v"}}),
+        )
+        .await;
+    assert_eq!(up.json["version"], 2, "{}", up.json);
+    let stale = a
+        .post(
+            &format!("/v1/agents/{id}"),
+            json!({"version": 1, "name": "late"}),
+        )
+        .await;
+    is_error(&stale, 409, "invalid_request_error");
+    assert_eq!(
+        stale
+            .headers
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("false")
+    );
+    // Metadata is a patch: null deletes.
+    let up = a
+        .post(
+            &format!("/v1/agents/{id}"),
+            json!({"metadata": {"k": null, "j": "w"}}),
+        )
+        .await;
+    assert_eq!(up.json["metadata"], json!({"j": "w"}), "{}", up.json);
+    assert_eq!(
+        a.get(&format!("/v1/agents/{id}?version=2")).await.json["metadata"],
+        json!({"k": "v"})
+    );
+
+    // Pagination: cursors walk forward and back, end with null, refuse garbage.
+    for i in 0..4 {
+        a.post("/v1/agents", json!({"name": format!("f{i}"), "model": "m"}))
+            .await;
+    }
+    let mut ids = Vec::new();
+    let mut page: Option<String> = None;
+    loop {
+        let q = page
+            .as_ref()
+            .map(|p| format!("&page={p}"))
+            .unwrap_or_default();
+        let r = a.get(&format!("/v1/agents?limit=2{q}")).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        ids.extend(
+            r.json["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|x| x["id"].clone()),
+        );
+        match r.json["next_page"].as_str() {
+            Some(n) => page = Some(n.to_string()),
+            None => break,
+        }
+        assert!(ids.len() <= 5, "pagination does not end");
+    }
+    assert_eq!(ids.len(), 5);
+    assert_eq!(ids.last(), Some(&json!(id)), "newest first");
+    let last = a
+        .get(&format!("/v1/agents?limit=2&page={}", page.expect("page")))
+        .await;
+    let prev = last.json["prev_page"].as_str().expect("prev").to_string();
+    let back = a.get(&format!("/v1/agents?limit=2&page={prev}")).await;
+    assert_eq!(back.json["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(back.json["data"][0]["id"], ids[2]);
+    is_error(
+        &a.get("/v1/agents?page=garbage").await,
+        400,
+        "invalid_request_error",
+    );
+    is_error(
+        &a.get("/v1/agents?limit=0").await,
+        400,
+        "invalid_request_error",
+    );
+
+    // Archive hides from the list unless asked; an archived agent starts no session.
+    a.post(
+        &format!("/v1/agents/{}/archive", ids[0].as_str().expect("id")),
+        json!({}),
+    )
+    .await;
+    let listed = a.get("/v1/agents").await.json["data"]
+        .as_array()
+        .map(Vec::len);
+    assert_eq!(listed, Some(4));
+    let all = a.get("/v1/agents?include_archived=true").await.json["data"]
+        .as_array()
+        .map(Vec::len);
+    assert_eq!(all, Some(5));
+
+    // Environments: what berth cannot serve is a clear 400; names are unique.
+    for config in [
+        json!({"type": "self_hosted"}),
+        json!({"type": "cloud", "networking": {"type": "unrestricted"}}),
+        json!({"type": "cloud", "packages": {"type": "packages", "pip": ["requests"]}}),
+        json!({"type": "cloud", "networking": {"type": "limited", "allowed_hosts": ["bad host"]}}),
+    ] {
+        let r = a
+            .post("/v1/environments", json!({"name": "x", "config": config}))
+            .await;
+        is_error(&r, 400, "invalid_request_error");
+        assert!(r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let env = a
+        .post("/v1/environments", json!({"name": "e", "config": {"type": "cloud", "networking": {"type": "limited", "allowed_hosts": ["example.com"], "allow_package_managers": true}}}))
+        .await;
+    assert_eq!(env.status, 200, "{}", env.json);
+    let env_id = env.json["id"].as_str().expect("id").to_string();
+    is_error(
+        &a.post("/v1/environments", json!({"name": "e"})).await,
+        409,
+        "invalid_request_error",
+    );
+
+    // Unsupported families say so, in the envelope.
+    let r = a.get("/v1/vaults").await;
+    is_error(&r, 404, "not_found_error");
+    assert!(r.json["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("does not implement")));
+
+    // A session: its box's egress allowlist is the environment's, plus the registries.
+    let s = a
+        .post(
+            "/v1/sessions",
+            json!({"agent": id, "environment_id": env_id}),
+        )
+        .await;
+    assert_eq!(s.status, 200, "{}", s.json);
+    assert_eq!(s.json["status"], "idle");
+    assert!(s.json.get("berth").is_none(), "internal fields stay inside");
+    let sid = s.json["id"].as_str().expect("id").to_string();
+    let boxes = a.0.get("/v1/boxes").await.json;
+    let bx = boxes["items"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["tenant"] == "team-a"))
+        .expect("the session's box")
+        .clone();
+    let allow = &bx["network"]["allow"];
+    assert!(
+        allow
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("example.com")) && a.contains(&json!("pypi.org"))),
+        "{bx}"
+    );
+    assert_eq!(bx["lifecycle"], "hybrid");
+
+    // Bracketed arrays filter.
+    let r = a
+        .get("/v1/sessions?statuses[]=idle&statuses[]=running")
+        .await;
+    assert_eq!(
+        r.json["data"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.json
+    );
+    let r = a.get("/v1/sessions?statuses%5B%5D=terminated").await;
+    assert_eq!(r.json["data"], json!([]), "{}", r.json);
+    is_error(
+        &a.get("/v1/sessions?statuses[]=sleepy").await,
+        400,
+        "invalid_request_error",
+    );
+    is_error(
+        &a.get(&format!("/v1/sessions/{sid}/events?types[]=nope"))
+            .await,
+        400,
+        "invalid_request_error",
+    );
+
+    // Sending what berth cannot act on fails whole, without a retry.
+    let r = a
+        .post(&format!("/v1/sessions/{sid}/events"), json!({"events": [{"type": "user.tool_confirmation", "tool_use_id": "sevt_x", "result": "allow"}]}))
+        .await;
+    is_error(&r, 400, "invalid_request_error");
+    assert_eq!(
+        r.headers
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("false")
+    );
+
+    // Tenants: the other one sees nothing and can do nothing.
+    is_error(
+        &b.get(&format!("/v1/agents/{id}")).await,
+        404,
+        "not_found_error",
+    );
+    is_error(
+        &b.get(&format!("/v1/environments/{env_id}")).await,
+        404,
+        "not_found_error",
+    );
+    is_error(
+        &b.get(&format!("/v1/sessions/{sid}")).await,
+        404,
+        "not_found_error",
+    );
+    is_error(
+        &b.get(&format!("/v1/sessions/{sid}/events")).await,
+        404,
+        "not_found_error",
+    );
+    let r = b
+        .post(
+            &format!("/v1/sessions/{sid}/events"),
+            json!({"events": [{"type": "user.message", "content": "hi"}]}),
+        )
+        .await;
+    is_error(&r, 404, "not_found_error");
+    assert_eq!(b.get("/v1/sessions").await.json["data"], json!([]));
+    is_error(
+        &b.post(
+            "/v1/sessions",
+            json!({"agent": id, "environment_id": env_id}),
+        )
+        .await,
+        404,
+        "not_found_error",
+    );
+
+    // The stream's framing, raw: every frame names its event, ids resume with Last-Event-ID.
+    let stream_url = format!("{}/anthropic/v1/sessions/{sid}/events/stream", srv.url);
+    let open = |last: Option<String>| {
+        let mut rb =
+            a.0.http
+                .get(&stream_url)
+                .header("x-api-key", &a.0.token)
+                .header("accept", "application/json");
+        if let Some(l) = last {
+            rb = rb.header("last-event-id", l);
+        }
+        rb.send()
+    };
+    let resp = open(None).await.expect("stream");
+    assert_eq!(resp.status(), 200);
+    let r = a
+        .post(&format!("/v1/sessions/{sid}/events"), json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "please make a file"}]}]}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["data"][0]["processed_at"], Value::Null);
+    let frames = read_frames_until(resp, "session.status_idle").await;
+    assert!(
+        frames.iter().all(|f| f.event.is_some()),
+        "every frame has event:"
+    );
+    let ids: Vec<String> = frames
+        .iter()
+        .filter(|f| f.event.as_deref() != Some("ping"))
+        .map(|f| f.id.clone().expect("id"))
+        .collect();
+    let listed = a.get(&format!("/v1/sessions/{sid}/events")).await.json;
+    let listed_ids: Vec<String> = listed["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(ids, listed_ids, "the stream and the list agree");
+    // Resume after the third event: the rest, nothing twice.
+    let resumed = read_frames_until(
+        open(Some(ids[2].clone())).await.expect("stream"),
+        "session.status_idle",
+    )
+    .await;
+    let again: Vec<String> = resumed.iter().filter_map(|f| f.id.clone()).collect();
+    assert_eq!(again, ids[3..].to_vec());
+    // Events pages: forward only, null at the end.
+    let p1 = a
+        .get(&format!("/v1/sessions/{sid}/events?limit=2"))
+        .await
+        .json;
+    assert_eq!(p1["data"].as_array().map(Vec::len), Some(2));
+    let p2 = a
+        .get(&format!(
+            "/v1/sessions/{sid}/events?limit=1000&page={}",
+            p1["next_page"].as_str().expect("next")
+        ))
+        .await
+        .json;
+    assert_eq!(p2["data"].as_array().map(Vec::len), Some(ids.len() - 2));
+    assert_eq!(p2["next_page"], Value::Null);
+
+    // Delete: the agent and its box are gone.
+    let r = a.call("DELETE", &format!("/v1/sessions/{sid}"), None).await;
+    assert_eq!(r.json, json!({"id": sid, "type": "session_deleted"}));
+    let bx_id = bx["id"].as_str().expect("box id");
+    a.0.wait_for(&format!("/v1/boxes/{bx_id}"), 30, |b| {
+        b["state"] == "destroyed"
+    })
+    .await;
+    is_error(
+        &a.get(&format!("/v1/sessions/{sid}")).await,
+        404,
+        "not_found_error",
+    );
+    // The server still answers berth's own API.
+    assert_eq!(srv.client().get("/healthz").await.status, 200);
+}
+
+struct Frame {
+    event: Option<String>,
+    id: Option<String>,
+}
+
+/// SSE frames (parsed by hand, to check the wire format itself) up to the first `kind` event.
+async fn read_frames_until(mut resp: reqwest::Response, kind: &str) -> Vec<Frame> {
+    let mut buf = String::new();
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let raw: String = buf.drain(..end + 2).collect();
+            let mut f = Frame {
+                event: None,
+                id: None,
+            };
+            let mut data = false;
+            for line in raw.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    f.event = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    f.id = Some(v.trim().to_string());
+                } else if line.starts_with("data:") {
+                    data = true;
+                }
+            }
+            if !data && f.event.is_none() {
+                continue; // a comment line
+            }
+            let done = f.event.as_deref() == Some(kind);
+            frames.push(f);
+            if done {
+                return frames;
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .expect("the stream reached the event in time")
+            .expect("chunk")
+            .expect("the stream ended early");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}

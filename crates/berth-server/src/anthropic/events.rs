@@ -1,0 +1,181 @@
+//! berth's session events (the Claude Code CLI's stream-json, recorded) as Managed Agents
+//! events. Each berth event becomes zero or more events with ids `sevt_<seq>_<n>`, so the ids
+//! follow the log's order and the list and the stream agree. The mapping keeps a little state
+//! (the open model request, tool-use ids), so it is always fed from the session's start.
+
+use berth_api::{Event, EventKind};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// The event types `events.list` may filter on and the mapping produces.
+pub const TYPES: [&str; 11] = [
+    "user.message",
+    "agent.message",
+    "agent.thinking",
+    "agent.tool_use",
+    "agent.tool_result",
+    "span.model_request_start",
+    "span.model_request_end",
+    "session.status_running",
+    "session.status_idle",
+    "session.status_terminated",
+    "session.error",
+];
+
+pub fn event_id(seq: i64, n: usize) -> String {
+    format!("sevt_{seq:012}_{n}")
+}
+
+/// (seq, n) of an id made by `event_id`.
+pub fn parse_id(id: &str) -> Option<(i64, usize)> {
+    let (seq, n) = id.strip_prefix("sevt_")?.split_once('_')?;
+    Some((seq.parse().ok()?, n.parse().ok()?))
+}
+
+/// The CLI's name of a built-in tool as the toolset names it.
+fn tool_name(cli: &str) -> String {
+    super::resources::TOOLS
+        .iter()
+        .find(|(_, c)| *c == cli)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| cli.to_string())
+}
+
+/// Text or blocks as a list of content blocks.
+fn blocks(v: &Value) -> Value {
+    match v {
+        Value::String(s) => json!([{"type": "text", "text": s}]),
+        Value::Array(_) => v.clone(),
+        Value::Null => json!([]),
+        other => json!([{"type": "text", "text": other.to_string()}]),
+    }
+}
+
+#[derive(Default)]
+pub struct Mapper {
+    /// The CLI's `toolu_…` ids → the `sevt_` id of their `agent.tool_use`.
+    tool_uses: HashMap<String, String>,
+    /// The model request whose messages are being mapped: (message id, start event id, usage).
+    open: Option<(String, String, Value)>,
+}
+
+impl Mapper {
+    pub fn map(&mut self, e: &Event) -> Vec<Value> {
+        let mut out: Vec<(&str, Value)> = Vec::new();
+        let same_request = match e.kind {
+            EventKind::ToolUse => true,
+            EventKind::Assistant => {
+                let mid = e.data.pointer("/message/id").and_then(Value::as_str);
+                self.open.as_ref().map(|o| Some(o.0.as_str())) == Some(mid)
+            }
+            _ => false,
+        };
+        // A model request's span ends at the first event that is not part of its answer.
+        if !same_request {
+            if let Some((_, start, usage)) = self.open.take() {
+                out.push((
+                    "span.model_request_end",
+                    json!({"model_request_start_id": start, "is_error": false, "model_usage": usage}),
+                ));
+            }
+        }
+        let d = &e.data;
+        match &e.kind {
+            EventKind::User => {
+                out.push(("user.message", json!({"content": blocks(&d["content"])})))
+            }
+            EventKind::Assistant => {
+                let msg = &d["message"];
+                let u = &msg["usage"];
+                let usage = json!({
+                    "input_tokens": u["input_tokens"].as_u64().unwrap_or(0),
+                    "output_tokens": u["output_tokens"].as_u64().unwrap_or(0),
+                    "cache_read_input_tokens": u["cache_read_input_tokens"].as_u64().unwrap_or(0),
+                    "cache_creation_input_tokens": u["cache_creation_input_tokens"].as_u64().unwrap_or(0),
+                });
+                if self.open.is_none() {
+                    // Its id is the one it gets below: the first of this batch.
+                    let start = event_id(e.seq, out.len());
+                    out.push(("span.model_request_start", json!({})));
+                    let mid = msg["id"].as_str().unwrap_or("").to_string();
+                    self.open = Some((mid, start, usage));
+                } else if let Some(o) = self.open.as_mut() {
+                    o.2 = usage;
+                }
+                for b in msg["content"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                {
+                    match b["type"].as_str() {
+                        Some("text") => out.push((
+                            "agent.message",
+                            json!({"content": [{"type": "text", "text": b["text"]}]}),
+                        )),
+                        Some("thinking") | Some("redacted_thinking") => {
+                            out.push(("agent.thinking", json!({})))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            EventKind::ToolUse => {
+                let id = event_id(e.seq, out.len());
+                if let Some(t) = d["id"].as_str() {
+                    self.tool_uses.insert(t.to_string(), id);
+                }
+                out.push((
+                    "agent.tool_use",
+                    json!({"name": tool_name(d["name"].as_str().unwrap_or("")), "input": d["input"], "evaluated_permission": "allow"}),
+                ));
+            }
+            EventKind::ToolResult => {
+                let raw = d["tool_use_id"].as_str().unwrap_or("");
+                let id = self
+                    .tool_uses
+                    .get(raw)
+                    .cloned()
+                    .unwrap_or_else(|| raw.to_string());
+                out.push((
+                    "agent.tool_result",
+                    json!({"tool_use_id": id, "content": blocks(&d["content"]), "is_error": d["is_error"].as_bool().unwrap_or(false)}),
+                ));
+            }
+            EventKind::Status => match (d["state"].as_str(), d["reason"].as_str()) {
+                (Some("running"), _) => out.push(("session.status_running", json!({}))),
+                (Some("idle"), _) => out.push((
+                    "session.status_idle",
+                    json!({"stop_reason": {"type": "end_turn"}}),
+                )),
+                // A parked box's session comes back with the next message.
+                (Some("stopped"), Some("box parked")) => {}
+                (Some("failed"), reason) => {
+                    out.push(("session.error", error(reason.unwrap_or("the agent failed"))));
+                    out.push(("session.status_terminated", json!({})));
+                }
+                (Some("stopped") | Some("interrupted"), _) => {
+                    out.push(("session.status_terminated", json!({})))
+                }
+                _ => {}
+            },
+            EventKind::Error => out.push((
+                "session.error",
+                error(d["message"].as_str().unwrap_or("error")),
+            )),
+            _ => {}
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(n, (kind, mut v))| {
+                v["type"] = json!(kind);
+                v["id"] = json!(event_id(e.seq, n));
+                v["processed_at"] = json!(e.ts);
+                v
+            })
+            .collect()
+    }
+}
+
+fn error(message: &str) -> Value {
+    json!({"error": {"type": "unknown_error", "message": message, "retry_status": {"type": "terminal"}}})
+}
