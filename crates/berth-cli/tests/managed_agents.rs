@@ -549,3 +549,184 @@ async fn read_frames_until(mut resp: reqwest::Response, kind: &str) -> Vec<Frame
         buf.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_queued_messages_concurrent_updates_and_revoked_streams() {
+    let (_d, srv, mock) = setup().await;
+    let (key_id, a) = tenant_key(&srv.client(), "team-a").await;
+    let a = anth(&a);
+
+    // Concurrent updates from one version: exactly one wins, the rest are 409s (the store's
+    // unique version is the check), none is retried.
+    let r = a
+        .post("/v1/agents", json!({"name": "c", "model": "m"}))
+        .await;
+    let id = r.json["id"].as_str().expect("id").to_string();
+    let path = format!("/v1/agents/{id}");
+    let tries =
+        (0..6).map(|i| a.post(&path, json!({"version": 1, "description": format!("d{i}")})));
+    let answers = futures::future::join_all(tries).await;
+    let won = answers.iter().filter(|r| r.status == 200).count();
+    assert_eq!(
+        won,
+        1,
+        "{:?}",
+        answers.iter().map(|r| &r.json).collect::<Vec<_>>()
+    );
+    for r in answers.iter().filter(|r| r.status != 200) {
+        is_error(r, 409, "invalid_request_error");
+        assert_eq!(
+            r.headers
+                .get("x-should-retry")
+                .and_then(|v| v.to_str().ok()),
+            Some("false")
+        );
+    }
+    let versions = a.get(&format!("{path}/versions")).await.json;
+    assert_eq!(
+        versions["data"].as_array().map(Vec::len),
+        Some(2),
+        "{versions}"
+    );
+
+    let env = a.post("/v1/environments", json!({"name": "e"})).await;
+    let env_id = env.json["id"].as_str().expect("id");
+    let s = a
+        .post(
+            "/v1/sessions",
+            json!({"agent": id, "environment_id": env_id}),
+        )
+        .await;
+    assert_eq!(s.status, 200, "{}", s.json);
+    let sid = s.json["id"].as_str().expect("id").to_string();
+    let events = format!("/v1/sessions/{sid}/events");
+    let stream_url = format!("{}/anthropic{events}/stream", srv.url);
+    is_error(
+        &a.get(&format!("{events}/stream?event_deltas[]=agent.tool_use"))
+            .await,
+        400,
+        "invalid_request_error",
+    );
+
+    // An interrupt during a slow turn: idle (end_turn) within 5 s.
+    let resp =
+        a.0.http
+            .get(&stream_url)
+            .header("x-api-key", &a.0.token)
+            .send()
+            .await
+            .expect("stream");
+    let r = a.post(&events, json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "be slow"}]}]})).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !mock
+        .recorded()
+        .iter()
+        .any(|r| r.body["messages"].to_string().contains("be slow"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the model never saw the slow task"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = std::time::Instant::now();
+    let r = a
+        .post(&events, json!({"events": [{"type": "user.interrupt"}]}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let frames = read_frames_until(resp, "session.status_idle").await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "idle {:?} after the interrupt",
+        sent.elapsed()
+    );
+    assert!(frames
+        .iter()
+        .any(|f| f.event.as_deref() == Some("session.status_running")));
+    let listed = a.get(&events).await.json;
+    let idle = listed["data"]
+        .as_array()
+        .and_then(|d| d.iter().rfind(|e| e["type"] == "session.status_idle"))
+        .expect("idle")
+        .clone();
+    assert_eq!(idle["stop_reason"]["type"], "end_turn", "{idle}");
+
+    // Two messages sent at once run in order, one after the other.
+    let r = a
+        .post(
+            &events,
+            json!({"events": [
+                {"type": "user.message", "content": [{"type": "text", "text": "first question"}]},
+                {"type": "user.message", "content": [{"type": "text", "text": "second question"}]},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["data"].as_array().map(Vec::len), Some(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = a.get(&format!("{events}?types[]=agent.message")).await.json;
+        if l["data"].as_array().map(Vec::len) >= Some(2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two answers never came: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen: Vec<String> = mock
+        .recorded()
+        .iter()
+        .map(|r| r.body["messages"].to_string())
+        .collect();
+    let first = seen
+        .iter()
+        .position(|m| m.contains("first question"))
+        .expect("first asked");
+    let second = seen
+        .iter()
+        .position(|m| m.contains("second question"))
+        .expect("second asked");
+    assert!(first < second, "in order");
+    let users: Vec<Value> = a.get(&format!("{events}?types[]=user.message")).await.json["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|e| e["content"][0]["text"].clone())
+        .collect();
+    assert_eq!(
+        users,
+        vec![
+            json!("be slow"),
+            json!("first question"),
+            json!("second question")
+        ]
+    );
+
+    // Deleting the key ends its open stream.
+    let resp =
+        a.0.http
+            .get(&stream_url)
+            .header("x-api-key", &a.0.token)
+            .send()
+            .await
+            .expect("stream");
+    assert_eq!(resp.status(), 200);
+    let r = srv.client().delete(&format!("/v1/keys/{key_id}")).await;
+    assert!(r.status < 300, "{}", r.json);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its key");
+    is_error(&a.get(&events).await, 401, "authentication_error");
+    assert_eq!(srv.client().get("/healthz").await.status, 200);
+}
