@@ -730,3 +730,111 @@ async fn interrupts_queued_messages_concurrent_updates_and_revoked_streams() {
     is_error(&a.get(&events).await, 401, "authentication_error");
     assert_eq!(srv.client().get("/healthz").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_session_is_idle_and_resumes_its_conversation() {
+    let (_d, srv, mock) = setup().await;
+    let (_, key) = tenant_key(&srv.client(), "team-a").await;
+    let a = anth(&key);
+    let agent = a
+        .post("/v1/agents", json!({"name": "p", "model": "m"}))
+        .await;
+    let env = a.post("/v1/environments", json!({"name": "e"})).await;
+    let s = a
+        .post(
+            "/v1/sessions",
+            json!({"agent": agent.json["id"], "environment_id": env.json["id"]}),
+        )
+        .await;
+    assert_eq!(s.status, 200, "{}", s.json);
+    let sid = s.json["id"].as_str().expect("id").to_string();
+    let events = format!("/v1/sessions/{sid}/events");
+    let idle_count = |a: &Anth| {
+        let events = events.clone();
+        let a = Anth(a.0.clone());
+        async move {
+            a.get(&format!("{events}?types[]=session.status_idle"))
+                .await
+                .json["data"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0)
+        }
+    };
+    let say = |text: &str| json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": text}]}]});
+    assert_eq!(
+        a.post(&events, say("remember the word pelican"))
+            .await
+            .status,
+        200
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while idle_count(&a).await < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first turn never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A stream open across the park, and one opened while parked, both follow the next turn.
+    let stream_url = format!("{}/anthropic{events}/stream", srv.url);
+    let open = || {
+        a.0.http
+            .get(&stream_url)
+            .header("x-api-key", &a.0.token)
+            .send()
+    };
+    let before = open().await.expect("stream");
+    // Park the session's box (what its idle timeout does): the session stays idle.
+    let bx = key.get("/v1/boxes").await.json["items"][0]["id"]
+        .as_str()
+        .expect("box")
+        .to_string();
+    let r = key.post(&format!("/v1/boxes/{bx}/park"), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["state"], "parked", "{}", r.json);
+    let got = a.get(&format!("/v1/sessions/{sid}")).await.json;
+    assert_eq!(got["status"], "idle", "{got}");
+    let listed = a.get(&events).await.json;
+    assert!(
+        listed["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .all(|e| e["type"] != "session.status_terminated"),
+        "parking is not the end: {listed}"
+    );
+    let during = open().await.expect("stream");
+    // The next message restores the box and the CLI resumes the same conversation.
+    assert_eq!(
+        a.post(&events, say("which word?")).await.status,
+        200,
+        "send to a parked session"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while idle_count(&a).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second turn never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = mock.recorded().last().cloned().expect("request");
+    let msgs = last.body["messages"].to_string();
+    assert!(
+        msgs.contains("pelican") && msgs.contains("which word?"),
+        "resumed: {msgs}"
+    );
+    assert_eq!(
+        a.get(&format!("/v1/sessions/{sid}")).await.json["status"],
+        "idle"
+    );
+    for resp in [before, during] {
+        let frames = read_frames_until(resp, "session.status_idle").await;
+        let kinds: Vec<&str> = frames.iter().filter_map(|f| f.event.as_deref()).collect();
+        assert!(
+            kinds.contains(&"user.message") && kinds.contains(&"agent.message"),
+            "{kinds:?}"
+        );
+    }
+}

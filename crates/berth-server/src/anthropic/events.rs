@@ -57,6 +57,9 @@ pub struct Mapper {
     tool_uses: HashMap<String, String>,
     /// The model request whose messages are being mapped: (message id, start event id, usage).
     open: Option<(String, String, Value)>,
+    /// A turn is under way: only its end is `session.status_idle` (an agent restarting after
+    /// its box was parked also goes idle, which ends no turn).
+    running: bool,
 }
 
 impl Mapper {
@@ -142,11 +145,17 @@ impl Mapper {
                 ));
             }
             EventKind::Status => match (d["state"].as_str(), d["reason"].as_str()) {
-                (Some("running"), _) => out.push(("session.status_running", json!({}))),
-                (Some("idle"), _) => out.push((
-                    "session.status_idle",
-                    json!({"stop_reason": {"type": "end_turn"}}),
-                )),
+                (Some("running"), _) => {
+                    self.running = true;
+                    out.push(("session.status_running", json!({})))
+                }
+                (Some("idle"), _) if self.running => {
+                    self.running = false;
+                    out.push((
+                        "session.status_idle",
+                        json!({"stop_reason": {"type": "end_turn"}}),
+                    ))
+                }
                 // A parked box's session comes back with the next message.
                 (Some("stopped"), Some("box parked")) => {}
                 (Some("failed"), reason) => {

@@ -22,6 +22,8 @@ use tokio::sync::broadcast::error::RecvError;
 const SESSION: &str = "session";
 /// Events read from the store per round.
 const PAGE: i64 = 1000;
+/// How often a stream of a parked session looks for its return.
+const PARKED_POLL: Duration = Duration::from_millis(250);
 /// How long a new session's box and agent may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -54,6 +56,11 @@ fn berth_id(d: &Value) -> &str {
     d["berth"]["session_id"].as_str().unwrap_or("")
 }
 
+/// Stopped by its box's parking: idle, back with the next message.
+fn parked(s: &berth_api::SessionObject) -> bool {
+    s.state == SessionState::Stopped && s.state_reason.as_deref() == Some("box parked")
+}
+
 fn status(d: &Value, s: Option<&berth_api::SessionObject>) -> &'static str {
     if !d["archived_at"].is_null() {
         return "terminated";
@@ -61,7 +68,7 @@ fn status(d: &Value, s: Option<&berth_api::SessionObject>) -> &'static str {
     match s.map(|s| (s.state, s.state_reason.as_deref())) {
         Some((SessionState::Running, _)) => "running",
         Some((SessionState::Idle | SessionState::Starting, _)) => "idle",
-        Some((SessionState::Stopped, Some("box parked"))) => "idle",
+        _ if s.is_some_and(parked) => "idle",
         _ => "terminated",
     }
 }
@@ -590,7 +597,23 @@ pub async fn stream(
                 }
                 if n < PAGE { break; }
             }
-            if ended { break; }
+            if ended || live.is_none() {
+                // The agent's task has ended. A session its box's parking stopped comes back
+                // (under the same id) with the next message: wait for that; anything else is
+                // the end.
+                loop {
+                    match e.get_session(&t, &sid).await {
+                        Ok(s) if !s.state.is_terminal() || parked(&s) => {}
+                        _ => break 'outer,
+                    }
+                    if let Some(rx) = e.subscribe(&sid) {
+                        live = Some(rx);
+                        ended = false;
+                        continue 'outer;
+                    }
+                    tokio::time::sleep(PARKED_POLL).await;
+                }
+            }
             let Some(rx) = live.as_mut() else { break };
             loop {
                 match rx.recv().await {
