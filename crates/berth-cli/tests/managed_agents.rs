@@ -11,7 +11,28 @@ use std::time::Duration;
 const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
 
 async fn setup() -> (tempfile::TempDir, Server, Mock) {
-    let mock = Mock::new(Scenario::demo(), Duration::ZERO);
+    setup_with(Scenario::demo()).await
+}
+
+/// The demo, and a task whose second command writes (the CLI asks before it) while its first
+/// only reads (the CLI runs it without asking).
+fn with_note_rule() -> Scenario {
+    let mut sc = Scenario::demo();
+    let note: berth_mock_model::scenario::Rule = serde_json::from_value(json!({
+        "match": "make a note",
+        "steps": [
+            {"tool_use": [{"name": "Bash", "input": {"command": "ls /workspace", "description": "look"}}]},
+            {"tool_use": [{"name": "Bash", "input": {"command": "echo noted > /workspace/note.txt && cat /workspace/note.txt", "description": "note"}}]},
+            {"text": "noted"}
+        ]
+    }))
+    .expect("rule");
+    sc.rules.insert(0, note);
+    sc
+}
+
+async fn setup_with(scenario: Scenario) -> (tempfile::TempDir, Server, Mock) {
+    let mock = Mock::new(scenario, Duration::ZERO);
     let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     let dir = tempfile::tempdir().expect("tmp");
     let bin = claude_bin();
@@ -508,6 +529,7 @@ async fn raw_http_auth_errors_pagination_versions_and_tenants() {
 struct Frame {
     event: Option<String>,
     id: Option<String>,
+    data: Value,
 }
 
 /// SSE frames (parsed by hand, to check the wire format itself) up to the first `kind` event.
@@ -521,6 +543,7 @@ async fn read_frames_until(mut resp: reqwest::Response, kind: &str) -> Vec<Frame
             let mut f = Frame {
                 event: None,
                 id: None,
+                data: Value::Null,
             };
             let mut data = false;
             for line in raw.lines() {
@@ -528,8 +551,9 @@ async fn read_frames_until(mut resp: reqwest::Response, kind: &str) -> Vec<Frame
                     f.event = Some(v.trim().to_string());
                 } else if let Some(v) = line.strip_prefix("id:") {
                     f.id = Some(v.trim().to_string());
-                } else if line.starts_with("data:") {
+                } else if let Some(v) = line.strip_prefix("data:") {
                     data = true;
+                    f.data = serde_json::from_str(v.trim()).unwrap_or(Value::Null);
                 }
             }
             if !data && f.event.is_none() {
@@ -835,6 +859,129 @@ async fn a_parked_session_is_idle_and_resumes_its_conversation() {
         assert!(
             kinds.contains(&"user.message") && kinds.contains(&"agent.message"),
             "{kinds:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_ask_waits_for_the_clients_confirmation_allowed_and_denied() {
+    let (_d, srv, _mock) = setup_with(with_note_rule()).await;
+    let (_, key) = tenant_key(&srv.client(), "team-a").await;
+    let a = anth(&key);
+    let agent = a
+        .post(
+            "/v1/agents",
+            json!({"name": "careful", "model": "m", "tools": [{
+                "type": "agent_toolset_20260401",
+                "configs": [{"name": "bash", "permission_policy": {"type": "always_ask"}}],
+            }]}),
+        )
+        .await;
+    assert_eq!(agent.status, 200, "{}", agent.json);
+    assert_eq!(
+        agent.json["tools"][0]["configs"][0]["permission_policy"]["type"],
+        "always_ask"
+    );
+    let env = a.post("/v1/environments", json!({"name": "e"})).await;
+    let s = a
+        .post(
+            "/v1/sessions",
+            json!({"agent": agent.json["id"], "environment_id": env.json["id"]}),
+        )
+        .await;
+    assert_eq!(s.status, 200, "{}", s.json);
+    let sid = s.json["id"].as_str().expect("id").to_string();
+    let events = format!("/v1/sessions/{sid}/events");
+    let stream_url = format!("{}/anthropic{events}/stream", srv.url);
+    let say = json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "make a note"}]}]});
+
+    for (answer, deny_message) in [("allow", None), ("deny", Some("not in this box"))] {
+        let resp =
+            a.0.http
+                .get(&stream_url)
+                .header("x-api-key", &a.0.token)
+                .send()
+                .await
+                .expect("stream");
+        assert_eq!(a.post(&events, say.clone()).await.status, 200);
+        // `ls` runs without asking; the writing command asks, and the turn waits on the client.
+        let frames = read_frames_until(resp, "session.status_idle").await;
+        let idle = &frames.last().expect("idle").data;
+        assert_eq!(idle["stop_reason"]["type"], "requires_action", "{idle}");
+        let asked = idle["stop_reason"]["event_ids"][0]
+            .as_str()
+            .expect("event id")
+            .to_string();
+        let tool_use = frames
+            .iter()
+            .find(|f| f.id.as_deref() == Some(asked.as_str()))
+            .expect("the asking tool use");
+        assert_eq!(tool_use.data["name"], "bash", "{}", tool_use.data);
+        assert_eq!(tool_use.data["evaluated_permission"], "ask");
+        let uses: Vec<&Frame> = frames
+            .iter()
+            .filter(|f| f.event.as_deref() == Some("agent.tool_use"))
+            .collect();
+        assert_eq!(uses.len(), 2, "each tool use once");
+        assert_eq!(uses[0].data["input"]["command"], "ls /workspace");
+        assert_eq!(uses[0].data["evaluated_permission"], "allow");
+        assert_eq!(uses[1].data["evaluated_permission"], "ask");
+        let ls_result = frames
+            .iter()
+            .find(|f| f.event.as_deref() == Some("agent.tool_result"))
+            .expect("the ls result");
+        assert_eq!(
+            ls_result.data["tool_use_id"].as_str(),
+            uses[0].id.as_deref()
+        );
+
+        let resp =
+            a.0.http
+                .get(&stream_url)
+                .header("x-api-key", &a.0.token)
+                .send()
+                .await
+                .expect("stream");
+        let mut confirmation =
+            json!({"type": "user.tool_confirmation", "tool_use_id": asked, "result": answer});
+        if let Some(m) = deny_message {
+            confirmation["deny_message"] = json!(m);
+        }
+        let r = a.post(&events, json!({"events": [confirmation]})).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        let frames = read_frames_until(resp, "session.status_idle").await;
+        assert_eq!(
+            frames.first().and_then(|f| f.event.as_deref()),
+            Some("session.status_running")
+        );
+        assert_eq!(
+            frames.last().expect("idle").data["stop_reason"]["type"],
+            "end_turn"
+        );
+        let result = frames
+            .iter()
+            .find(|f| {
+                f.event.as_deref() == Some("agent.tool_result")
+                    && f.data["tool_use_id"] == asked.as_str()
+            })
+            .expect("the bash result");
+        let text = result.data["content"].to_string();
+        match deny_message {
+            None => assert!(text.contains("noted"), "{text}"),
+            Some(m) => {
+                assert!(text.contains(m), "{text}");
+                assert_eq!(result.data["is_error"], true);
+            }
+        }
+        // A tool use is confirmed once.
+        let again = a.post(&events, json!({"events": [{"type": "user.tool_confirmation", "tool_use_id": asked, "result": "allow"}]})).await;
+        assert!(again.status >= 400, "{}", again.json);
+        assert_eq!(
+            again
+                .headers
+                .get("x-should-retry")
+                .and_then(|v| v.to_str().ok()),
+            Some("false")
         );
     }
 }

@@ -51,8 +51,13 @@ fn blocks(v: &Value) -> Value {
     }
 }
 
-#[derive(Default)]
 pub struct Mapper {
+    /// The CLI tools that run without asking (None: all of them). Anything else the CLI asks
+    /// about waits for the client: `agent.tool_use` with `evaluated_permission: "ask"`, then
+    /// `session.status_idle` `requires_action`.
+    allowed: Option<Vec<String>>,
+    /// Tool uses of tools that may ask, held until the CLI asks (or runs them without asking).
+    held: Vec<Value>,
     /// The CLI's `toolu_…` ids → the `sevt_` id of their `agent.tool_use`.
     tool_uses: HashMap<String, String>,
     /// The model request whose messages are being mapped: (message id, start event id, usage).
@@ -63,6 +68,29 @@ pub struct Mapper {
 }
 
 impl Mapper {
+    pub fn new(allowed: Option<Vec<String>>) -> Mapper {
+        Mapper {
+            allowed,
+            held: Vec::new(),
+            tool_uses: HashMap::new(),
+            open: None,
+            running: false,
+        }
+    }
+
+    fn asks(&self, cli_tool: &str) -> bool {
+        self.allowed
+            .as_ref()
+            .is_some_and(|a| !a.iter().any(|t| t == cli_tool))
+    }
+
+    fn tool_use(&mut self, id: String, block: &Value, permission: &str) -> Value {
+        if let Some(t) = block["id"].as_str() {
+            self.tool_uses.insert(t.to_string(), id);
+        }
+        json!({"name": tool_name(block["name"].as_str().unwrap_or("")), "input": block["input"], "evaluated_permission": permission})
+    }
+
     pub fn map(&mut self, e: &Event) -> Vec<Value> {
         let mut out: Vec<(&str, Value)> = Vec::new();
         let same_request = match e.kind {
@@ -122,18 +150,47 @@ impl Mapper {
                     }
                 }
             }
+            EventKind::ToolUse if self.asks(d["name"].as_str().unwrap_or("")) => {
+                self.held.push(d.clone())
+            }
             EventKind::ToolUse => {
+                let v = self.tool_use(event_id(e.seq, out.len()), d, "allow");
+                out.push(("agent.tool_use", v));
+            }
+            EventKind::PermissionRequest if self.asks(d["tool_name"].as_str().unwrap_or("")) => {
+                // The held tool use it is about: by id when the CLI names it, else by content.
+                let by_id = d
+                    .pointer("/request/request/tool_use_id")
+                    .and_then(Value::as_str);
+                let pos = self.held.iter().position(|h| match by_id {
+                    Some(i) => h["id"] == i,
+                    None => h["name"] == d["tool_name"] && h["input"] == d["input"],
+                });
+                let block = match pos {
+                    Some(p) => self.held.remove(p),
+                    None => json!({"name": d["tool_name"], "input": d["input"]}),
+                };
                 let id = event_id(e.seq, out.len());
-                if let Some(t) = d["id"].as_str() {
-                    self.tool_uses.insert(t.to_string(), id);
-                }
+                let v = self.tool_use(id.clone(), &block, "ask");
+                out.push(("agent.tool_use", v));
                 out.push((
-                    "agent.tool_use",
-                    json!({"name": tool_name(d["name"].as_str().unwrap_or("")), "input": d["input"], "evaluated_permission": "allow"}),
+                    "session.status_idle",
+                    json!({"stop_reason": {"type": "requires_action", "event_ids": [id]}}),
                 ));
+            }
+            // Answered by the client (or its timeout): the turn goes on.
+            EventKind::PermissionAnswer if d["by"] != "rule" => {
+                self.running = true;
+                out.push(("session.status_running", json!({})))
             }
             EventKind::ToolResult => {
                 let raw = d["tool_use_id"].as_str().unwrap_or("");
+                // A held tool use the CLI ran without asking.
+                if let Some(p) = self.held.iter().position(|h| h["id"] == raw) {
+                    let block = self.held.remove(p);
+                    let v = self.tool_use(event_id(e.seq, out.len()), &block, "allow");
+                    out.push(("agent.tool_use", v));
+                }
                 let id = self
                     .tool_uses
                     .get(raw)

@@ -80,9 +80,9 @@ fn model(v: &Value) -> AResult<Value> {
 fn policy(v: Option<&Value>, default: &Value) -> AResult<Value> {
     let p = v.cloned().unwrap_or_else(|| default.clone());
     match p.get("type").and_then(Value::as_str) {
-        Some("always_allow") => Ok(p),
-        Some("always_ask") | Some("auto") => Err(AError::invalid(
-            "berth does not support permission_policy always_ask or auto yet; use always_allow",
+        Some("always_allow") | Some("always_ask") => Ok(p),
+        Some("auto") => Err(AError::invalid(
+            "berth does not support permission_policy auto; use always_allow or always_ask",
         )),
         _ => Err(AError::invalid("unknown permission_policy")),
     }

@@ -144,35 +144,71 @@ async fn resolve_agent(e: &Engine, tenant: &str, v: &Value) -> AResult<Value> {
     Ok(a)
 }
 
-/// The Claude Code CLI's settings for an agent: model, system prompt, its tools.
-fn claude(agent: &Value) -> ClaudeAgent {
-    let mut disallowed: Vec<String> = TOOLS.iter().map(|(_, c)| c.to_string()).collect();
+/// What an agent lets its built-in tools do: (CLI name, enabled, asks first).
+fn tool_policies(agent: &Value) -> Vec<(&'static str, bool, bool)> {
+    let mut out: Vec<(&'static str, bool, bool)> =
+        TOOLS.iter().map(|(_, cli)| (*cli, false, false)).collect();
     for t in agent["tools"]
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()
     {
         let on = t["default_config"]["enabled"].as_bool().unwrap_or(true);
-        for (name, cli) in TOOLS {
+        let ask = t["default_config"]["permission_policy"]["type"] == "always_ask";
+        for (i, (name, _)) in TOOLS.iter().enumerate() {
             let cfg = t["configs"]
                 .as_array()
-                .and_then(|c| c.iter().find(|c| c["name"] == name));
-            let enabled = cfg.and_then(|c| c["enabled"].as_bool()).unwrap_or(on);
-            if enabled {
-                disallowed.retain(|d| d != cli);
-            }
+                .and_then(|c| c.iter().find(|c| c["name"] == *name));
+            out[i].1 |= cfg.and_then(|c| c["enabled"].as_bool()).unwrap_or(on);
+            out[i].2 = cfg
+                .map(|c| c["permission_policy"]["type"] == "always_ask")
+                .unwrap_or(ask);
         }
     }
+    out
+}
+
+/// The tools a session's agent uses without asking; None: every tool (nothing asks).
+pub(super) fn allowed_without_asking(agent: &Value) -> Option<Vec<String>> {
+    let p = tool_policies(agent);
+    if !p.iter().any(|(_, on, ask)| *on && *ask) {
+        return None;
+    }
+    Some(
+        p.iter()
+            .filter(|(_, on, ask)| *on && !ask)
+            .map(|(cli, _, _)| cli.to_string())
+            .collect(),
+    )
+}
+
+/// The Claude Code CLI's settings for an agent: model, system prompt, its tools. A tool that
+/// asks first has no rule, so the CLI's permission request reaches the client.
+fn claude(agent: &Value) -> ClaudeAgent {
+    let disallowed = tool_policies(agent)
+        .into_iter()
+        .filter(|(_, on, _)| !on)
+        .map(|(cli, _, _)| cli.to_string())
+        .collect();
+    let allow = |tool: &str| PermissionRule {
+        tool: tool.into(),
+        pattern: None,
+        allow: true,
+    };
+    // The CLI asks only outside its bypass mode.
+    let (permission_mode, permission_rules) = match allowed_without_asking(agent) {
+        None => (None, vec![allow("*")]),
+        Some(tools) => (
+            Some("default".to_string()),
+            tools.iter().map(|t| allow(t)).collect(),
+        ),
+    };
     ClaudeAgent {
         model: agent["model"]["id"].as_str().map(str::to_string),
         system_prompt: agent["system"].as_str().map(str::to_string),
         disallowed_tools: disallowed,
-        // Every policy berth accepts is `always_allow`.
-        permission_rules: vec![PermissionRule {
-            tool: "*".into(),
-            pattern: None,
-            allow: true,
-        }],
+        permission_rules,
+        permission_mode,
         ..Default::default()
     }
 }
@@ -398,7 +434,7 @@ pub async fn list_sessions(
 
 /// Every mapped event of the session after its start, oldest first.
 async fn all_events(e: &Engine, tenant: &str, d: &Value) -> AResult<Vec<Value>> {
-    let mut m = Mapper::default();
+    let mut m = Mapper::new(allowed_without_asking(&d["agent"]));
     let mut last = d["berth"]["start_seq"].as_i64().unwrap_or(0);
     let mut out = Vec::new();
     loop {
@@ -469,14 +505,27 @@ fn check_events(events: &[Value]) -> AResult<Vec<Value>> {
                 out.push(json!({"type": "user.message", "content": c}));
             }
             Some("user.interrupt") => out.push(json!({"type": "user.interrupt"})),
-            Some(
-                ty @ ("user.tool_confirmation"
-                | "user.custom_tool_result"
-                | "user.tool_result"
-                | "user.define_outcome"),
-            ) => {
+            Some("user.tool_confirmation") => {
+                let id = ev["tool_use_id"].as_str().filter(|i| parse_id(i).is_some());
+                let Some(id) = id else {
+                    return Err(AError::invalid(
+                        "tool_use_id must be the id of an agent.tool_use event",
+                    ));
+                };
+                let result = ev["result"].as_str().unwrap_or("");
+                if result != "allow" && result != "deny" {
+                    return Err(AError::invalid("result must be allow or deny"));
+                }
+                let deny_message = match &ev["deny_message"] {
+                    Value::Null => Value::Null,
+                    Value::String(m) => json!(m),
+                    _ => return Err(AError::invalid("deny_message must be a string")),
+                };
+                out.push(json!({"type": "user.tool_confirmation", "tool_use_id": id, "result": result, "deny_message": deny_message}));
+            }
+            Some(ty @ ("user.custom_tool_result" | "user.tool_result" | "user.define_outcome")) => {
                 return Err(AError::invalid(format!(
-                    "berth does not support {ty} events yet (no always_ask or custom tools)"
+                    "berth does not support {ty} events yet (no custom tools or outcomes)"
                 )))
             }
             _ => return Err(AError::invalid("unknown event type")),
@@ -498,10 +547,10 @@ async fn deliver(
     let sid = berth_id(d);
     let mut out = Vec::new();
     for mut ev in events {
-        let r = if ev["type"] == "user.message" {
-            e.send_message(tenant, sid, ev["content"].clone()).await
-        } else {
-            e.interrupt(tenant, sid).await
+        let r = match ev["type"].as_str() {
+            Some("user.message") => e.send_message(tenant, sid, ev["content"].clone()).await,
+            Some("user.tool_confirmation") => confirm(e, tenant, sid, &ev).await,
+            _ => e.interrupt(tenant, sid).await,
         };
         r.map_err(|err| AError::from(err).no_retry())?;
         ev["id"] = json!(format!(
@@ -512,6 +561,32 @@ async fn deliver(
         out.push(ev);
     }
     Ok(out)
+}
+
+/// Answer the CLI's permission request behind an `agent.tool_use` that asked.
+async fn confirm(
+    e: &Engine,
+    tenant: &str,
+    sid: &str,
+    ev: &Value,
+) -> Result<(), crate::engine::error::EngineError> {
+    use crate::engine::error::EngineError;
+    let id = ev["tool_use_id"].as_str().unwrap_or("");
+    let not_asked =
+        || EngineError::Invalid(format!("{id} is not a tool use awaiting confirmation"));
+    let (seq, _) = parse_id(id).ok_or_else(not_asked)?;
+    let asked = e.session_events_after(tenant, sid, seq - 1, 1).await?;
+    let request_id = asked
+        .first()
+        .filter(|a| a.seq == seq && a.kind == berth_api::EventKind::PermissionRequest)
+        .and_then(|a| a.data["request_id"].as_str())
+        .ok_or_else(not_asked)?
+        .to_string();
+    let answer = berth_api::PermissionAnswer {
+        allow: ev["result"] == "allow",
+        message: ev["deny_message"].as_str().map(str::to_string),
+    };
+    e.answer_permission(tenant, sid, &request_id, answer).await
 }
 
 pub async fn send_events(
@@ -555,6 +630,7 @@ pub async fn stream(
     let d = doc(&e, &t, &id).await?;
     let sid = berth_id(&d).to_string();
     let start_seq = d["berth"]["start_seq"].as_i64().unwrap_or(0);
+    let allowed = allowed_without_asking(&d["agent"]);
     let resume = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
         Some(v) => Some(
             parse_id(v.trim())
@@ -569,7 +645,7 @@ pub async fn stream(
     let from = resume.unwrap_or((now_seq, usize::MAX));
     let revoked = e.key_revoked(&key_id);
     let frames = async_stream::stream! {
-        let mut m = Mapper::default();
+        let mut m = Mapper::new(allowed);
         let mut last = start_seq;
         let mut ended = false;
         let send = |v: Value, from: (i64, usize)| -> Option<SseEvent> {
