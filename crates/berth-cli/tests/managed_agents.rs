@@ -95,6 +95,44 @@ async fn the_official_python_sdk_drives_agents_environments_and_sessions() {
     assert_eq!(res["span_input_tokens"], sum("input_tokens"), "{res}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_typescript_sdk_streams_a_turn_and_pages() {
+    let (_d, srv, mock) = setup().await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/managed_agents.cjs");
+    // Where `scripts/test` installs the pinned SDK (`npm install --prefix`).
+    let prefix =
+        std::env::var("BERTH_TEST_NODE_SDK").unwrap_or_else(|_| "/opt/berth/test-node-sdk".into());
+    let run = tokio::process::Command::new("node")
+        .arg(script)
+        .env("NODE_PATH", format!("{prefix}/node_modules"))
+        .env("BERTH_ANTHROPIC_URL", format!("{}/anthropic", srv.url))
+        .env("BERTH_KEY", &a.token)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the SDK script finished in time")
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line");
+    let seen = mock.recorded();
+    let sum = |k: &str| {
+        seen.iter()
+            .map(|r| r.usage[k].as_u64().expect("n"))
+            .sum::<u64>()
+    };
+    assert_eq!(res["usage"]["input_tokens"], sum("input_tokens"), "{res}");
+    assert_eq!(res["usage"]["output_tokens"], sum("output_tokens"), "{res}");
+}
+
 /// A client speaking Anthropic's conventions: `x-api-key`, the version and beta headers.
 fn anth(api: &Api) -> Anth {
     Anth(api.clone())
