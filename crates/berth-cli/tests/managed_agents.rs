@@ -956,6 +956,11 @@ async fn always_ask_waits_for_the_clients_confirmation_allowed_and_denied() {
             .expect("the asking tool use");
         assert_eq!(tool_use.data["name"], "bash", "{}", tool_use.data);
         assert_eq!(tool_use.data["evaluated_permission"], "ask");
+        let waiting = a.get(&format!("/v1/sessions/{sid}")).await.json;
+        assert_eq!(
+            waiting["status"], "idle",
+            "waiting on the client: {waiting}"
+        );
         let uses: Vec<&Frame> = frames
             .iter()
             .filter(|f| f.event.as_deref() == Some("agent.tool_use"))

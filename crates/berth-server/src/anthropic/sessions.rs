@@ -86,7 +86,20 @@ async fn render(e: &Engine, tenant: &str, d: &Value) -> AResult<Value> {
     if let Some(o) = out.as_object_mut() {
         o.remove("berth");
     }
-    out["status"] = json!(status(d, s.as_ref()));
+    let mut st = status(d, s.as_ref());
+    if let (Some(s), "running") = (&s, st) {
+        // A turn held by a permission request waits on the client: idle, requires_action.
+        let last = e
+            .session_events_after(tenant, &s.id, s.last_seq - 1, 1)
+            .await?;
+        if last
+            .first()
+            .is_some_and(|l| l.kind == berth_api::EventKind::PermissionRequest)
+        {
+            st = "idle";
+        }
+    }
+    out["status"] = json!(st);
     out["usage"] = json!({
         "input_tokens": t.input_tokens,
         "output_tokens": t.output_tokens,
