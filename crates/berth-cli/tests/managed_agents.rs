@@ -378,11 +378,17 @@ async fn raw_http_auth_errors_pagination_versions_and_tenants() {
     );
 
     // Unsupported families say so, in the envelope.
-    let r = a.get("/v1/vaults").await;
-    is_error(&r, 404, "not_found_error");
-    assert!(r.json["error"]["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("does not implement")));
+    for path in [
+        "/v1/vaults",
+        "/v1/memory_stores",
+        "/v1/sessions/sesn_x/threads",
+    ] {
+        let r = a.get(path).await;
+        is_error(&r, 404, "not_found_error");
+        assert!(r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not implement")));
+    }
 
     // A session: its box's egress allowlist is the environment's, plus the registries.
     let s = a
@@ -805,7 +811,9 @@ async fn a_parked_session_is_idle_and_resumes_its_conversation() {
     let s = a
         .post(
             "/v1/sessions",
-            json!({"agent": agent.json["id"], "environment_id": env.json["id"]}),
+            // The first message as an initial event of the create.
+            json!({"agent": agent.json["id"], "environment_id": env.json["id"],
+                "initial_events": [{"type": "user.message", "content": [{"type": "text", "text": "remember the word pelican"}]}]}),
         )
         .await;
     assert_eq!(s.status, 200, "{}", s.json);
@@ -824,12 +832,6 @@ async fn a_parked_session_is_idle_and_resumes_its_conversation() {
         }
     };
     let say = |text: &str| json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": text}]}]});
-    assert_eq!(
-        a.post(&events, say("remember the word pelican"))
-            .await
-            .status,
-        200
-    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while idle_count(&a).await < 1 {
         assert!(

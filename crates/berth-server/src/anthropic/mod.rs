@@ -92,22 +92,15 @@ async fn request_ids(req: axum::extract::Request, next: axum::middleware::Next) 
 }
 
 async fn unsupported(uri: axum::http::Uri) -> AError {
+    // Vaults, memory stores, files, skills, deployments, session threads and resources, the
+    // self-hosted work queue: all of the API berth does not serve.
     let path = uri.path();
-    let family = [
-        "vaults",
-        "memory_stores",
-        "files",
-        "skills",
-        "deployments",
-        "deployment_runs",
-    ]
-    .into_iter()
-    .find(|f| path.starts_with(&format!("/v1/{f}")));
-    match family {
-        Some(f) => AError::not_found(format!(
-            "berth does not implement /v1/{f} of the Managed Agents API"
-        )),
-        None => AError::not_found(format!("no such endpoint: {path}")),
+    if path.starts_with("/v1/") {
+        AError::not_found(format!(
+            "berth does not implement {path} of the Managed Agents API"
+        ))
+    } else {
+        AError::not_found(format!("no such endpoint: {path}"))
     }
 }
 
