@@ -1030,3 +1030,70 @@ async fn always_ask_waits_for_the_clients_confirmation_allowed_and_denied() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_budget_ends_the_turn_budget_reached_and_refuses_more() {
+    let (_d, srv, mock) = setup().await;
+    let (_, key) = tenant_key(&srv.client(), "team-a").await;
+    let a = anth(&key);
+    let agent = a
+        .post("/v1/agents", json!({"name": "b", "model": "m"}))
+        .await;
+    let env = a.post("/v1/environments", json!({"name": "e"})).await;
+    let bad = a
+        .post(
+            "/v1/sessions",
+            json!({"agent": agent.json["id"], "environment_id": env.json["id"],
+            "budget": {"type": "limit", "max_list_cost": {"amount": "-1", "currency": "USD"}}}),
+        )
+        .await;
+    is_error(&bad, 400, "invalid_request_error");
+    // A tenth of a cent: less than the first demo request costs.
+    let budget = json!({"type": "limit", "max_list_cost": {"amount": "0.1", "currency": "USD"}});
+    let s = a
+        .post(
+            "/v1/sessions",
+            json!({"agent": agent.json["id"], "environment_id": env.json["id"], "budget": budget}),
+        )
+        .await;
+    assert_eq!(s.status, 200, "{}", s.json);
+    assert_eq!(s.json["budget"]["max_list_cost"]["amount"], "0.1000");
+    let sid = s.json["id"].as_str().expect("id").to_string();
+    let events = format!("/v1/sessions/{sid}/events");
+    let stream_url = format!("{}/anthropic{events}/stream", srv.url);
+    let resp =
+        a.0.http
+            .get(&stream_url)
+            .header("x-api-key", &a.0.token)
+            .send()
+            .await
+            .expect("stream");
+    let say = json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "please make a file"}]}]});
+    assert_eq!(a.post(&events, say.clone()).await.status, 200);
+    let frames = read_frames_until(resp, "session.status_idle").await;
+    assert_eq!(
+        frames.last().expect("idle").data["stop_reason"]["type"],
+        "budget_reached"
+    );
+    assert_eq!(
+        mock.recorded().len(),
+        1,
+        "only the request that crossed the budget reached the model"
+    );
+    // Spent: the next message is refused, and not to be retried.
+    let r = a.post(&events, say).await;
+    is_error(&r, 400, "invalid_request_error");
+    assert_eq!(
+        r.headers
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("false")
+    );
+    let got = a.get(&format!("/v1/sessions/{sid}")).await.json;
+    let spent: f64 = got["usage"]["list_cost"]["amount"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .expect("cents");
+    assert!(spent >= 0.1, "{got}");
+    assert_eq!(mock.recorded().len(), 1);
+}

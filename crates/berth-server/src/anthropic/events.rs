@@ -65,6 +65,8 @@ pub struct Mapper {
     /// A turn is under way: only its end is `session.status_idle` (an agent restarting after
     /// its box was parked also goes idle, which ends no turn).
     running: bool,
+    /// The session's budget was spent during this turn: it ends `budget_reached`.
+    budget_spent: bool,
 }
 
 impl Mapper {
@@ -75,6 +77,7 @@ impl Mapper {
             tool_uses: HashMap::new(),
             open: None,
             running: false,
+            budget_spent: false,
         }
     }
 
@@ -208,9 +211,14 @@ impl Mapper {
                 }
                 (Some("idle"), _) if self.running => {
                     self.running = false;
+                    let reason = if std::mem::take(&mut self.budget_spent) {
+                        "budget_reached"
+                    } else {
+                        "end_turn"
+                    };
                     out.push((
                         "session.status_idle",
-                        json!({"stop_reason": {"type": "end_turn"}}),
+                        json!({"stop_reason": {"type": reason}}),
                     ))
                 }
                 // A parked box's session comes back with the next message.
@@ -224,6 +232,9 @@ impl Mapper {
                 }
                 _ => {}
             },
+            // Noticed by the ledger a moment after the request: only a turn still under way
+            // ends for it.
+            EventKind::BudgetExhausted if self.running => self.budget_spent = true,
             EventKind::Error => out.push((
                 "session.error",
                 error(d["message"].as_str().unwrap_or("error")),

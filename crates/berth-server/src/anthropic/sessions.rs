@@ -106,7 +106,7 @@ async fn render(e: &Engine, tenant: &str, d: &Value) -> AResult<Value> {
         "cache_read_input_tokens": t.cache_read_tokens,
         "cache_creation": {"ephemeral_5m_input_tokens": t.cache_creation_5m_tokens, "ephemeral_1h_input_tokens": t.cache_creation_1h_tokens},
         "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
-        "list_cost": {"amount": format!("{:.4}", t.cost_usd * 100.0), "currency": "USD"},
+        "list_cost": {"amount": cents(t.cost_usd), "currency": "USD"},
         "active_seconds": active,
     });
     out["stats"] = json!({"active_seconds": active, "duration_seconds": created as f64 / 1000.0});
@@ -236,6 +236,35 @@ fn refuse(body: &Value, field: &str, what: &str) -> AResult<()> {
     }
 }
 
+/// A session `budget` (`{type:"limit", max_list_cost:{amount:"<cents>", currency:"USD"}}`) in
+/// USD, which berth's gateway enforces as the session's `max_budget_usd`.
+fn budget_usd(v: Option<&Value>) -> AResult<Option<f64>> {
+    let Some(b) = v.filter(|b| !b.is_null()) else {
+        return Ok(None);
+    };
+    let bad = || {
+        AError::invalid(
+            "budget must be {\"type\":\"limit\",\"max_list_cost\":{\"amount\":\"<cents>\",\"currency\":\"USD\"}}",
+        )
+    };
+    if b["type"] != "limit" || b["max_list_cost"]["currency"] != "USD" {
+        return Err(bad());
+    }
+    let cents = match &b["max_list_cost"]["amount"] {
+        Value::String(s) => s.parse::<f64>().map_err(|_| bad())?,
+        Value::Number(n) => n.as_f64().ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    if !(cents.is_finite() && cents > 0.0) {
+        return Err(bad());
+    }
+    Ok(Some(cents / 100.0))
+}
+
+fn cents(usd: f64) -> String {
+    format!("{:.4}", usd * 100.0)
+}
+
 /// Wait (bounded) until the berth session has left `starting`.
 async fn started(e: &Engine, tenant: &str, id: &str) -> AResult<berth_api::SessionObject> {
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
@@ -263,7 +292,7 @@ pub async fn create_session(
     let e = &st.engine;
     refuse(&body, "vault_ids", "vaults")?;
     refuse(&body, "resources", "session resources")?;
-    refuse(&body, "budget", "session budgets")?;
+    let budget = budget_usd(body.get("budget"))?;
     let agent = resolve_agent(e, &t, body.get("agent").unwrap_or(&Value::Null)).await?;
     let env_id = body["environment_id"]
         .as_str()
@@ -289,7 +318,10 @@ pub async fn create_session(
             },
             ..Default::default()
         })),
-        agent: AgentSpec::Claude(claude(&agent)),
+        agent: AgentSpec::Claude(ClaudeAgent {
+            max_budget_usd: budget,
+            ..claude(&agent)
+        }),
         workdir: None,
         prompt: None,
         keep_open: true,
@@ -312,7 +344,8 @@ pub async fn create_session(
         "environment_id": env_id,
         "title": body.get("title").cloned().unwrap_or(Value::Null),
         "metadata": super::resources::metadata_of(body.get("metadata"))?,
-        "resources": [], "vault_ids": [], "budget": null, "outcome_evaluations": [],
+        "resources": [], "vault_ids": [], "outcome_evaluations": [],
+        "budget": budget.map(|usd| json!({"type": "limit", "max_list_cost": {"amount": cents(usd), "currency": "USD"}})),
         "created_at": ts, "updated_at": ts, "archived_at": null,
         // Events up to `start_seq` are the agent starting up, not part of the conversation.
         "berth": {"session_id": s.id, "box_id": s.box_id, "start_seq": s.last_seq},
@@ -558,6 +591,17 @@ async fn deliver(
         return Err(AError::invalid("the session is archived").no_retry());
     }
     let sid = berth_id(d);
+    if let Some(max) = budget_usd(d.get("budget"))? {
+        let spent = e.session_usage(tenant, sid).await?.total.cost_usd;
+        if spent >= max && events.iter().any(|ev| ev["type"] == "user.message") {
+            return Err(AError::invalid(format!(
+                "the session's budget is spent ({} of {} cents)",
+                cents(spent),
+                cents(max)
+            ))
+            .no_retry());
+        }
+    }
     let mut out = Vec::new();
     for mut ev in events {
         let r = match ev["type"].as_str() {
