@@ -79,7 +79,8 @@ with client.beta.sessions.events.stream(session.id) as stream:
 types = [e.type for e in streamed]
 out["streamed_types"] = types
 for t in ["user.message", "session.status_running", "span.model_request_start", "agent.message",
-          "agent.tool_use", "agent.tool_result", "span.model_request_end", "session.status_idle"]:
+          "agent.tool_use", "agent.tool_result", "span.model_request_end", "session.usage",
+          "session.status_idle"]:
     assert t in types, (t, types)
 tool_uses = {e.id: e for e in streamed if e.type == "agent.tool_use"}
 assert [e.name for e in tool_uses.values()] == ["write", "bash"], list(tool_uses.values())
@@ -104,6 +105,11 @@ assert newest.data[0].id == listed[-1].id
 got = client.beta.sessions.retrieve(session.id)
 assert got.status == "idle", got.status
 out["usage"] = {"input_tokens": got.usage.input_tokens, "output_tokens": got.usage.output_tokens}
+# The turn's session.usage event carries the same (metered) totals.
+usage_events = [e for e in streamed if e.type == "session.usage"]
+assert len(usage_events) == 1, types
+u = usage_events[0].usage
+assert (u.input_tokens, u.output_tokens) == (got.usage.input_tokens, got.usage.output_tokens), (u, got.usage)
 
 # Sessions in both directions, and a status filter.
 s2 = client.beta.sessions.create(agent={"type": "agent", "id": agent.id, "version": 1}, environment_id=env.id)

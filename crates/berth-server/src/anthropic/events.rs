@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 /// The event types `events.list` may filter on and the mapping produces.
-pub const TYPES: [&str; 11] = [
+pub const TYPES: [&str; 12] = [
     "user.message",
     "agent.message",
     "agent.thinking",
@@ -20,6 +20,7 @@ pub const TYPES: [&str; 11] = [
     "session.status_idle",
     "session.status_terminated",
     "session.error",
+    "session.usage",
 ];
 
 pub fn event_id(seq: i64, n: usize) -> String {
@@ -67,6 +68,9 @@ pub struct Mapper {
     running: bool,
     /// The session's budget was spent during this turn: it ends `budget_reached`.
     budget_spent: bool,
+    /// Tokens the CLI reported at the end of each turn, summed: input, output, cache read,
+    /// cache writes (5 min, 1 h).
+    usage: [u64; 5],
 }
 
 impl Mapper {
@@ -78,6 +82,7 @@ impl Mapper {
             open: None,
             running: false,
             budget_spent: false,
+            usage: [0; 5],
         }
     }
 
@@ -232,6 +237,34 @@ impl Mapper {
                 }
                 _ => {}
             },
+            // The turn's usage as the CLI totals it from the API's answers (the same answers
+            // the gateway metered).
+            EventKind::Result => {
+                let u = &d["usage"];
+                let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+                let five_min = match u.pointer("/cache_creation/ephemeral_5m_input_tokens") {
+                    Some(v) => v.as_u64().unwrap_or(0),
+                    None => n("/cache_creation_input_tokens"),
+                };
+                let turn = [
+                    n("/input_tokens"),
+                    n("/output_tokens"),
+                    n("/cache_read_input_tokens"),
+                    five_min,
+                    n("/cache_creation/ephemeral_1h_input_tokens"),
+                ];
+                for (total, t) in self.usage.iter_mut().zip(turn) {
+                    *total += t;
+                }
+                let [input, output, read, c5, c1] = self.usage;
+                out.push((
+                    "session.usage",
+                    json!({"usage": {
+                        "input_tokens": input, "output_tokens": output, "cache_read_input_tokens": read,
+                        "cache_creation": {"ephemeral_5m_input_tokens": c5, "ephemeral_1h_input_tokens": c1},
+                    }}),
+                ));
+            }
             // Noticed by the ledger a moment after the request: only a turn still under way
             // ends for it.
             EventKind::BudgetExhausted if self.running => self.budget_spent = true,
