@@ -168,18 +168,6 @@ impl From<EngineError> for AError {
     }
 }
 
-impl From<axum::extract::rejection::JsonRejection> for AError {
-    fn from(e: axum::extract::rejection::JsonRejection) -> AError {
-        AError::invalid(e.body_text())
-    }
-}
-
-impl From<axum::extract::rejection::QueryRejection> for AError {
-    fn from(e: axum::extract::rejection::QueryRejection) -> AError {
-        AError::invalid(e.body_text())
-    }
-}
-
 impl IntoResponse for AError {
     fn into_response(self) -> Response {
         let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();

@@ -65,10 +65,11 @@ fn status(d: &Value, s: Option<&berth_api::SessionObject>) -> &'static str {
     if !d["archived_at"].is_null() {
         return "terminated";
     }
-    match s.map(|s| (s.state, s.state_reason.as_deref())) {
-        Some((SessionState::Running, _)) => "running",
-        Some((SessionState::Idle | SessionState::Starting, _)) => "idle",
-        _ if s.is_some_and(parked) => "idle",
+    match s {
+        Some(s) if s.state == SessionState::Running => "running",
+        Some(s) if matches!(s.state, SessionState::Idle | SessionState::Starting) || parked(s) => {
+            "idle"
+        }
         _ => "terminated",
     }
 }
