@@ -1,6 +1,7 @@
 //! The berth control plane as a library: [`start`] opens the store, probes the sandbox
 //! backends, reconciles what a previous run left, and serves the API until shutdown.
 
+pub mod anthropic;
 pub mod api;
 pub mod auth;
 pub mod claude_cli;

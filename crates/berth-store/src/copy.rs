@@ -27,7 +27,7 @@ struct Table {
     /// The primary key, in order (pages are keyset-paginated on it).
     key: &'static [&'static str],
     columns: &'static [(&'static str, Kind)],
-    /// A BIGSERIAL id whose sequence must follow the copied ids.
+    /// The key (one column) is a BIGSERIAL whose sequence must follow the copied ids.
     serial: bool,
 }
 
@@ -117,6 +117,19 @@ const TABLES: &[Table] = &[
             ("data", Text),
         ],
         serial: false,
+    },
+    Table {
+        name: "documents",
+        key: &["seq"],
+        columns: &[
+            ("seq", Int),
+            ("kind", Text),
+            ("tenant", Text),
+            ("id", Text),
+            ("version", Int),
+            ("body", Text),
+        ],
+        serial: true,
     },
     Table {
         name: "usage",
@@ -300,8 +313,8 @@ pub async fn copy(from: &str, to: &str, mut progress: impl FnMut(&Progress)) -> 
         if t.serial {
             // The next id a server assigns must come after every copied one.
             sqlx::query(&format!(
-                "SELECT setval(pg_get_serial_sequence('{0}', 'id'), GREATEST((SELECT MAX(id) FROM {0}), 1))",
-                t.name
+                "SELECT setval(pg_get_serial_sequence('{0}', '{1}'), GREATEST((SELECT MAX({1}) FROM {0}), 1))",
+                t.name, t.key[0]
             ))
             .execute(dst.pool())
             .await?;

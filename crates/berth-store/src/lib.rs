@@ -137,6 +137,17 @@ pub struct BoxSpan {
     pub memory_mib: u64,
 }
 
+/// One version of a JSON document (`Store::put_document`): `kind` names the feature's table
+/// of documents (`agent`, `environment`, …), ids are unique per kind and tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub kind: String,
+    pub tenant: String,
+    pub id: String,
+    pub version: i64,
+    pub body: serde_json::Value,
+}
+
 /// A key row as the authenticator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
@@ -206,6 +217,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<(TriggerObject, String)>>;
     async fn list_triggers(&self, tenant: Option<&str>) -> Result<Vec<TriggerObject>>;
     async fn delete_trigger(&self, tenant: Option<&str>, id: &str) -> Result<bool>;
+
+    /// Write one version of a document. `replace`: overwrite that version if it exists;
+    /// otherwise an existing (kind, tenant, id, version) is a [`StoreError::Conflict`] (what
+    /// optimistic concurrency on versions rests on).
+    async fn put_document(&self, doc: &Document, replace: bool) -> Result<()>;
+    /// Every version of the documents of `kind` in `tenant` (of one `id` when given), in the
+    /// order they were first written.
+    async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>>;
+    /// Delete every version of a document; false when there was none.
+    async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool>;
 
     /// Append usage rows in one transaction.
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()>;

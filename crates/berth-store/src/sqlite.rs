@@ -1,7 +1,8 @@
 //! The embedded SQLite store.
 
 use crate::{
-    BoxSpan, KeyRecord, Result, Store, StoreError, UsageFilter, UsageKey, UsageRow, UsageSum,
+    BoxSpan, Document, KeyRecord, Result, Store, StoreError, UsageFilter, UsageKey, UsageRow,
+    UsageSum,
 };
 use async_trait::async_trait;
 use berth_api::{BoxObject, Event, KeyObject, SessionObject, TriggerObject};
@@ -628,6 +629,59 @@ impl Store for SqliteStore {
         let r = sqlx::query("DELETE FROM triggers WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
             .bind(id)
             .bind(tenant)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn put_document(&self, doc: &Document, replace: bool) -> Result<()> {
+        let body = serde_json::to_string(&doc.body).map_err(corrupt)?;
+        let sql = if replace {
+            "INSERT INTO documents (kind, tenant, id, version, body) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(kind, tenant, id, version) DO UPDATE SET body = excluded.body"
+        } else {
+            "INSERT INTO documents (kind, tenant, id, version, body) VALUES (?, ?, ?, ?, ?)"
+        };
+        sqlx::query(sql)
+            .bind(&doc.kind)
+            .bind(&doc.tenant)
+            .bind(&doc.id)
+            .bind(doc.version)
+            .bind(body)
+            .execute(&self.pool)
+            .await
+            .map_err(map_unique)?;
+        Ok(())
+    }
+
+    async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>> {
+        let rows = sqlx::query(
+            "SELECT id, version, body FROM documents
+             WHERE kind = ?1 AND tenant = ?2 AND (?3 IS NULL OR id = ?3) ORDER BY seq",
+        )
+        .bind(kind)
+        .bind(tenant)
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Document {
+                    kind: kind.to_string(),
+                    tenant: tenant.to_string(),
+                    id: r.get("id"),
+                    version: r.get("version"),
+                    body: serde_json::from_str(r.get::<&str, _>("body")).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM documents WHERE kind = ? AND tenant = ? AND id = ?")
+            .bind(kind)
+            .bind(tenant)
+            .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)

@@ -271,6 +271,9 @@ pub fn openapi_json() -> String {
 pub fn router(state: AppState, max_body: usize) -> Router {
     let (router, _doc) = routes().split_for_parts();
     router
+        // Anthropic's Managed Agents API: Anthropic's paths and envelope, documented by Anthropic
+        // and tested with its SDKs (tests/managed_agents.rs), so not in berth's own document.
+        .nest("/anthropic", crate::anthropic::router())
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

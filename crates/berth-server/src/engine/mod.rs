@@ -9,6 +9,7 @@
 //! The registry maps ids to handles only; it holds no state of its own.
 
 pub mod admission;
+mod anthropic;
 pub mod box_io;
 pub mod boxes;
 pub mod error;

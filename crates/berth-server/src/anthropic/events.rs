@@ -1,0 +1,291 @@
+//! berth's session events (the Claude Code CLI's stream-json, recorded) as Managed Agents
+//! events. Each berth event becomes zero or more events with ids `sevt_<seq>_<n>`, so the ids
+//! follow the log's order and the list and the stream agree. The mapping keeps a little state
+//! (the open model request, tool-use ids), so it is always fed from the session's start.
+
+use berth_api::{Event, EventKind};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// The event types `events.list` may filter on and the mapping produces.
+pub const TYPES: [&str; 12] = [
+    "user.message",
+    "agent.message",
+    "agent.thinking",
+    "agent.tool_use",
+    "agent.tool_result",
+    "span.model_request_start",
+    "span.model_request_end",
+    "session.status_running",
+    "session.status_idle",
+    "session.status_terminated",
+    "session.error",
+    "session.usage",
+];
+
+pub fn event_id(seq: i64, n: usize) -> String {
+    format!("sevt_{seq:012}_{n}")
+}
+
+/// (seq, n) of an id made by `event_id`.
+pub fn parse_id(id: &str) -> Option<(i64, usize)> {
+    let (seq, n) = id.strip_prefix("sevt_")?.split_once('_')?;
+    Some((seq.parse().ok()?, n.parse().ok()?))
+}
+
+/// The CLI's name of a built-in tool as the toolset names it.
+fn tool_name(cli: &str) -> String {
+    super::resources::TOOLS
+        .iter()
+        .find(|(_, c)| *c == cli)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| cli.to_string())
+}
+
+/// Text or blocks as a list of content blocks.
+fn blocks(v: &Value) -> Value {
+    match v {
+        Value::String(s) => json!([{"type": "text", "text": s}]),
+        Value::Array(_) => v.clone(),
+        Value::Null => json!([]),
+        other => json!([{"type": "text", "text": other.to_string()}]),
+    }
+}
+
+pub struct Mapper {
+    /// The CLI tools that run without asking (None: all of them). Anything else the CLI asks
+    /// about waits for the client: `agent.tool_use` with `evaluated_permission: "ask"`, then
+    /// `session.status_idle` `requires_action`.
+    allowed: Option<Vec<String>>,
+    /// Tool uses of tools that may ask, held until the CLI asks (or runs them without asking).
+    held: Vec<Value>,
+    /// The CLI's `toolu_…` ids → the `sevt_` id of their `agent.tool_use`.
+    tool_uses: HashMap<String, String>,
+    /// The model request whose messages are being mapped: (message id, start event id, usage).
+    open: Option<(String, String, Value)>,
+    /// A turn is under way: only its end is `session.status_idle` (an agent restarting after
+    /// its box was parked also goes idle, which ends no turn).
+    running: bool,
+    /// The session's budget was spent during this turn: it ends `budget_reached`.
+    budget_spent: bool,
+    /// Tokens the CLI reported at the end of each turn, summed: input, output, cache read,
+    /// cache writes (5 min, 1 h).
+    usage: [u64; 5],
+}
+
+impl Mapper {
+    pub fn new(allowed: Option<Vec<String>>) -> Mapper {
+        Mapper {
+            allowed,
+            held: Vec::new(),
+            tool_uses: HashMap::new(),
+            open: None,
+            running: false,
+            budget_spent: false,
+            usage: [0; 5],
+        }
+    }
+
+    fn asks(&self, cli_tool: &str) -> bool {
+        self.allowed
+            .as_ref()
+            .is_some_and(|a| !a.iter().any(|t| t == cli_tool))
+    }
+
+    fn tool_use(&mut self, id: String, block: &Value, permission: &str) -> Value {
+        if let Some(t) = block["id"].as_str() {
+            self.tool_uses.insert(t.to_string(), id);
+        }
+        json!({"name": tool_name(block["name"].as_str().unwrap_or("")), "input": block["input"], "evaluated_permission": permission})
+    }
+
+    pub fn map(&mut self, e: &Event) -> Vec<Value> {
+        let mut out: Vec<(&str, Value)> = Vec::new();
+        let same_request = match e.kind {
+            EventKind::ToolUse => true,
+            EventKind::Assistant => {
+                let mid = e.data.pointer("/message/id").and_then(Value::as_str);
+                self.open.as_ref().map(|o| Some(o.0.as_str())) == Some(mid)
+            }
+            _ => false,
+        };
+        // A model request's span ends at the first event that is not part of its answer.
+        if !same_request {
+            if let Some((_, start, usage)) = self.open.take() {
+                out.push((
+                    "span.model_request_end",
+                    json!({"model_request_start_id": start, "is_error": false, "model_usage": usage}),
+                ));
+            }
+        }
+        let d = &e.data;
+        match &e.kind {
+            EventKind::User => {
+                out.push(("user.message", json!({"content": blocks(&d["content"])})))
+            }
+            EventKind::Assistant => {
+                let msg = &d["message"];
+                let u = &msg["usage"];
+                let usage = json!({
+                    "input_tokens": u["input_tokens"].as_u64().unwrap_or(0),
+                    "output_tokens": u["output_tokens"].as_u64().unwrap_or(0),
+                    "cache_read_input_tokens": u["cache_read_input_tokens"].as_u64().unwrap_or(0),
+                    "cache_creation_input_tokens": u["cache_creation_input_tokens"].as_u64().unwrap_or(0),
+                });
+                if self.open.is_none() {
+                    // Its id is the one it gets below: the first of this batch.
+                    let start = event_id(e.seq, out.len());
+                    out.push(("span.model_request_start", json!({})));
+                    let mid = msg["id"].as_str().unwrap_or("").to_string();
+                    self.open = Some((mid, start, usage));
+                } else if let Some(o) = self.open.as_mut() {
+                    o.2 = usage;
+                }
+                for b in msg["content"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                {
+                    match b["type"].as_str() {
+                        Some("text") => out.push((
+                            "agent.message",
+                            json!({"content": [{"type": "text", "text": b["text"]}]}),
+                        )),
+                        Some("thinking") | Some("redacted_thinking") => {
+                            out.push(("agent.thinking", json!({})))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            EventKind::ToolUse if self.asks(d["name"].as_str().unwrap_or("")) => {
+                self.held.push(d.clone())
+            }
+            EventKind::ToolUse => {
+                let v = self.tool_use(event_id(e.seq, out.len()), d, "allow");
+                out.push(("agent.tool_use", v));
+            }
+            EventKind::PermissionRequest if self.asks(d["tool_name"].as_str().unwrap_or("")) => {
+                // The held tool use it is about: by id when the CLI names it, else by content.
+                let by_id = d
+                    .pointer("/request/request/tool_use_id")
+                    .and_then(Value::as_str);
+                let pos = self.held.iter().position(|h| match by_id {
+                    Some(i) => h["id"] == i,
+                    None => h["name"] == d["tool_name"] && h["input"] == d["input"],
+                });
+                let block = match pos {
+                    Some(p) => self.held.remove(p),
+                    None => json!({"name": d["tool_name"], "input": d["input"]}),
+                };
+                let id = event_id(e.seq, out.len());
+                let v = self.tool_use(id.clone(), &block, "ask");
+                out.push(("agent.tool_use", v));
+                out.push((
+                    "session.status_idle",
+                    json!({"stop_reason": {"type": "requires_action", "event_ids": [id]}}),
+                ));
+            }
+            // Answered by the client (or its timeout): the turn goes on.
+            EventKind::PermissionAnswer if d["by"] != "rule" => {
+                self.running = true;
+                out.push(("session.status_running", json!({})))
+            }
+            EventKind::ToolResult => {
+                let raw = d["tool_use_id"].as_str().unwrap_or("");
+                // A held tool use the CLI ran without asking.
+                if let Some(p) = self.held.iter().position(|h| h["id"] == raw) {
+                    let block = self.held.remove(p);
+                    let v = self.tool_use(event_id(e.seq, out.len()), &block, "allow");
+                    out.push(("agent.tool_use", v));
+                }
+                let id = self
+                    .tool_uses
+                    .get(raw)
+                    .cloned()
+                    .unwrap_or_else(|| raw.to_string());
+                out.push((
+                    "agent.tool_result",
+                    json!({"tool_use_id": id, "content": blocks(&d["content"]), "is_error": d["is_error"].as_bool().unwrap_or(false)}),
+                ));
+            }
+            EventKind::Status => match (d["state"].as_str(), d["reason"].as_str()) {
+                (Some("running"), _) => {
+                    self.running = true;
+                    out.push(("session.status_running", json!({})))
+                }
+                (Some("idle"), _) if self.running => {
+                    self.running = false;
+                    let reason = if std::mem::take(&mut self.budget_spent) {
+                        "budget_reached"
+                    } else {
+                        "end_turn"
+                    };
+                    out.push((
+                        "session.status_idle",
+                        json!({"stop_reason": {"type": reason}}),
+                    ))
+                }
+                // A parked box's session comes back with the next message.
+                (Some("stopped"), Some("box parked")) => {}
+                (Some("failed"), reason) => {
+                    out.push(("session.error", error(reason.unwrap_or("the agent failed"))));
+                    out.push(("session.status_terminated", json!({})));
+                }
+                (Some("stopped") | Some("interrupted"), _) => {
+                    out.push(("session.status_terminated", json!({})))
+                }
+                _ => {}
+            },
+            // The turn's usage as the CLI totals it from the API's answers (the same answers
+            // the gateway metered).
+            EventKind::Result => {
+                let u = &d["usage"];
+                let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+                let five_min = match u.pointer("/cache_creation/ephemeral_5m_input_tokens") {
+                    Some(v) => v.as_u64().unwrap_or(0),
+                    None => n("/cache_creation_input_tokens"),
+                };
+                let turn = [
+                    n("/input_tokens"),
+                    n("/output_tokens"),
+                    n("/cache_read_input_tokens"),
+                    five_min,
+                    n("/cache_creation/ephemeral_1h_input_tokens"),
+                ];
+                for (total, t) in self.usage.iter_mut().zip(turn) {
+                    *total += t;
+                }
+                let [input, output, read, c5, c1] = self.usage;
+                out.push((
+                    "session.usage",
+                    json!({"usage": {
+                        "input_tokens": input, "output_tokens": output, "cache_read_input_tokens": read,
+                        "cache_creation": {"ephemeral_5m_input_tokens": c5, "ephemeral_1h_input_tokens": c1},
+                    }}),
+                ));
+            }
+            // Noticed by the ledger a moment after the request: only a turn still under way
+            // ends for it.
+            EventKind::BudgetExhausted if self.running => self.budget_spent = true,
+            EventKind::Error => out.push((
+                "session.error",
+                error(d["message"].as_str().unwrap_or("error")),
+            )),
+            _ => {}
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(n, (kind, mut v))| {
+                v["type"] = json!(kind);
+                v["id"] = json!(event_id(e.seq, n));
+                v["processed_at"] = json!(e.ts);
+                v
+            })
+            .collect()
+    }
+}
+
+fn error(message: &str) -> Value {
+    json!({"error": {"type": "unknown_error", "message": message, "retry_status": {"type": "terminal"}}})
+}

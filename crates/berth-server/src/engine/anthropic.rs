@@ -1,0 +1,51 @@
+//! What the Managed Agents API (`crate::anthropic`) needs of the engine beyond its session and
+//! box calls: its documents, a session's stored events, and key lookup. Each call checks the
+//! tenant the way the engine's own calls do.
+
+use super::error::EngineError;
+use super::Engine;
+use berth_api::Event;
+use berth_store::{Document, KeyRecord};
+
+impl Engine {
+    /// The key record behind a raw API key, if any.
+    pub async fn key_for(&self, key: &str) -> Result<Option<KeyRecord>, EngineError> {
+        Ok(self.store.find_key(&crate::auth::hash_key(key)).await?)
+    }
+
+    /// Write one version of a document (see `Store::put_document`).
+    pub async fn put_document(&self, doc: &Document, replace: bool) -> Result<(), EngineError> {
+        Ok(self.store.put_document(doc, replace).await?)
+    }
+
+    /// Every version of a tenant's documents of `kind` (of one `id` when given).
+    pub async fn documents(
+        &self,
+        kind: &str,
+        tenant: &str,
+        id: Option<&str>,
+    ) -> Result<Vec<Document>, EngineError> {
+        Ok(self.store.documents(kind, tenant, id).await?)
+    }
+
+    pub async fn delete_document(
+        &self,
+        kind: &str,
+        tenant: &str,
+        id: &str,
+    ) -> Result<bool, EngineError> {
+        Ok(self.store.delete_document(kind, tenant, id).await?)
+    }
+
+    /// A session's stored events with `seq > after`, oldest first, at most `limit`.
+    pub async fn session_events_after(
+        &self,
+        tenant: &str,
+        id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Event>, EngineError> {
+        self.get_session(tenant, id).await?;
+        Ok(self.store.events_after(id, after, limit).await?)
+    }
+}
