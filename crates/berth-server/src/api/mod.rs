@@ -4,6 +4,7 @@
 pub mod boxes;
 mod doc_links;
 pub mod keys;
+pub mod sdk;
 pub mod sessions;
 pub mod system;
 pub mod triggers;
@@ -42,7 +43,7 @@ pub struct Query<T>(pub T);
         boxes::create_box, boxes::list_boxes, boxes::get_box, boxes::delete_box, boxes::park_box, boxes::artifact, boxes::exec,
         boxes::get_file, boxes::put_file, boxes::delete_file, boxes::stats, boxes::box_events,
         sessions::create_session, sessions::list_sessions, sessions::get_session, sessions::delete_session,
-        sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode,
+        sessions::post_message, sessions::interrupt, sessions::answer_permission, sessions::events, sessions::ws, sessions::usage, sessions::restart, sessions::permission_mode, sdk::sdk_ws,
         keys::create_key, keys::list_keys, keys::delete_key, keys::get_tenant, keys::put_tenant,
         triggers::create_trigger, triggers::list_triggers, triggers::get_trigger, triggers::delete_trigger, triggers::hook,
         usage::report, system::backends, system::healthz, system::readyz, system::metrics_text,
@@ -137,6 +138,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         )
         .route("/v1/sessions/{id}/events", get(sessions::events))
         .route("/v1/sessions/{id}/ws", get(sessions::ws))
+        .route("/v1/sessions/{id}/sdk", get(sdk::sdk_ws))
         .route("/v1/sessions/{id}/usage", get(sessions::usage))
         .route("/v1/usage", get(usage::report))
         .route("/v1/sessions/{id}/restart", post(sessions::restart))

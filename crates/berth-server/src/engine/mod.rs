@@ -14,6 +14,7 @@ pub mod error;
 pub mod event_cap;
 pub mod ledger;
 pub mod park;
+pub mod sdk_sessions;
 pub mod sessions;
 pub mod shared;
 pub mod triggers;
