@@ -161,6 +161,13 @@ async def test_interrupt_then_a_second_turn_in_the_same_client(api: Berth, box: 
             second = [m async for m in client.receive_response()]
             assert "hello from the mock" in texts(second)
             assert isinstance(second[-1], ResultMessage) and not second[-1].is_error
+            # The control requests the CLI answers go through the relay as well.
+            await client.set_permission_mode("acceptEdits")
+            await client.set_model("claude-haiku-4-5-sdk-test")
+            await client.query("sdk: hello")
+            third = [m async for m in client.receive_response()]
+            models = [m.model for m in third if isinstance(m, AssistantMessage)]
+            assert models and all(m == "claude-haiku-4-5-sdk-test" for m in models), third
             sid = t.session_id
     ended(api, sid)
     kinds = [e["data"] for e in api.events(sid) if e["type"] == "status"]
@@ -181,6 +188,9 @@ async def test_a_dropped_socket_reconnects_without_losing_output(api: Berth, box
                     t._drop_connection()
             sid = t.session_id
     assert t.reconnects == 1
+    # Nothing repeated: the init came before the drop and only then.
+    inits = [m for m in got if isinstance(m, SystemMessage) and m.subtype == "init"]
+    assert len(inits) == 1, got
     assert texts(got) == ["after the drop"], got
     assert isinstance(got[-1], ResultMessage) and got[-1].subtype == "success"
     # Everything the CLI wrote reached this client exactly once: the same assistant and result

@@ -25,8 +25,9 @@ fn scenario() -> Scenario {
         {"match": "sdk: mcp", "steps": [
             {"tool_use": [{"name": "mcp__calc__add", "input": {"a": 2, "b": 3}}]},
             {"text": "added"}]},
-        {"match": "sdk: slow", "steps": [{"delay_ms": 30000, "text": "late"}]},
+        // Before "slow": the CLI may send the interrupted turn's text along with the next.
         {"match": "sdk: hello", "steps": [{"text": "hello from the mock"}]},
+        {"match": "sdk: slow", "steps": [{"delay_ms": 30000, "text": "late"}]},
         {"match": "sdk: reconnect", "steps": [{"delay_ms": 1500, "text": "after the drop"}]},
         {"match": "sdk: relay", "steps": [{"text": "relayed"}]}
     ]);
