@@ -584,6 +584,11 @@ impl ClaudeDriver {
         Interrupt::Stdin(b)
     }
 
+    /// Drop every pending permission request (their answers come from elsewhere).
+    pub(crate) fn forget_pending(&mut self) {
+        self.pending.clear();
+    }
+
     pub fn next_deadline(&self) -> Option<std::time::Instant> {
         self.pending.values().map(|(_, d)| *d).min()
     }

@@ -10,12 +10,14 @@
 
 pub mod claude;
 pub mod command;
+pub mod sdk;
 
 use berth_api::{AgentSpec, EventKind, SessionState};
 use serde_json::Value;
 
 pub use claude::{ClaudeDriver, ClaudeEnv};
 pub use command::CommandDriver;
+pub use sdk::{Relay, SdkDriver};
 
 /// How to start the agent process inside the box.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +72,8 @@ pub enum DriverError {
 pub enum Driver {
     Command(CommandDriver),
     Claude(Box<ClaudeDriver>),
+    /// A Claude CLI whose client is an Agent SDK app (`client: "sdk"`).
+    Sdk(Box<SdkDriver>),
 }
 
 impl Driver {
@@ -87,6 +91,14 @@ impl Driver {
                         "the Claude Code CLI is not available on this server".into(),
                     )
                 })?;
+                if c.client == Some(berth_api::ClaudeClient::Sdk) {
+                    return Ok(Driver::Sdk(Box::new(SdkDriver::new(c, env, workdir)?)));
+                }
+                if !c.args.is_empty() {
+                    return Err(DriverError::Invalid(
+                        "args are for sdk sessions (client: \"sdk\")".into(),
+                    ));
+                }
                 Ok(Driver::Claude(Box::new(ClaudeDriver::new(
                     c, env, workdir,
                 )?)))
@@ -97,56 +109,63 @@ impl Driver {
         match self {
             Driver::Command(d) => d.launch(),
             Driver::Claude(d) => d.launch(),
+            Driver::Sdk(d) => d.launch(),
         }
     }
     pub fn encode_message(&mut self, content: &Value) -> Result<Vec<u8>, DriverError> {
         match self {
             Driver::Command(d) => d.encode_message(content),
             Driver::Claude(d) => d.encode_message(content),
+            Driver::Sdk(d) => d.encode_message(content),
         }
     }
     pub fn on_stdout(&mut self, bytes: &[u8]) -> Output {
         match self {
             Driver::Command(d) => d.on_stdout(bytes),
             Driver::Claude(d) => d.on_stdout(bytes),
+            Driver::Sdk(d) => d.on_stdout(bytes),
         }
     }
     pub fn on_stderr(&mut self, bytes: &[u8]) -> Output {
         match self {
             Driver::Command(d) => d.on_stderr(bytes),
             Driver::Claude(d) => d.on_stderr(bytes),
+            Driver::Sdk(d) => d.on_stderr(bytes),
         }
     }
     pub fn on_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Output {
         match self {
             Driver::Command(d) => d.on_exit(code, signal),
             Driver::Claude(d) => d.on_exit(code, signal),
+            Driver::Sdk(d) => d.on_exit(code, signal),
         }
     }
     pub fn interrupt(&mut self) -> Interrupt {
         match self {
             Driver::Command(_) => Interrupt::Signal(2),
             Driver::Claude(d) => d.interrupt(),
+            Driver::Sdk(d) => d.interrupt(),
         }
     }
     /// When the oldest unanswered permission request times out.
     pub fn next_deadline(&self) -> Option<std::time::Instant> {
         match self {
-            Driver::Command(_) => None,
+            Driver::Command(_) | Driver::Sdk(_) => None,
             Driver::Claude(d) => d.next_deadline(),
         }
     }
     /// Deny the requests whose time is up.
     pub fn expire(&mut self, now: std::time::Instant) -> Output {
         match self {
-            Driver::Command(_) => Output::default(),
+            Driver::Command(_) | Driver::Sdk(_) => Output::default(),
             Driver::Claude(d) => d.expire(now),
         }
     }
     /// The stdin line switching the agent's permission mode (None: not supported).
     pub fn set_permission_mode(&mut self, mode: &str) -> Result<Option<Vec<u8>>, DriverError> {
         match self {
-            Driver::Command(_) => Ok(None),
+            // An sdk session's mode is its client's (`set_permission_mode` over the relay).
+            Driver::Command(_) | Driver::Sdk(_) => Ok(None),
             Driver::Claude(d) => d.set_permission_mode(mode).map(Some),
         }
     }
@@ -158,8 +177,26 @@ impl Driver {
         message: Option<&str>,
     ) -> Option<Vec<u8>> {
         match self {
-            Driver::Command(_) => None,
+            Driver::Command(_) | Driver::Sdk(_) => None,
             Driver::Claude(d) => d.answer_permission(request_id, allow, message),
+        }
+    }
+}
+
+impl Driver {
+    /// The stdout relay of a client-driven session.
+    pub fn sdk_relay(&self) -> Option<std::sync::Arc<Relay>> {
+        match self {
+            Driver::Sdk(d) => Some(d.relay()),
+            _ => None,
+        }
+    }
+
+    /// Bytes a client writes to the agent's stdin (sdk sessions only).
+    pub fn on_client_stdin(&mut self, bytes: &[u8]) -> Result<Output, DriverError> {
+        match self {
+            Driver::Sdk(d) => Ok(d.on_client_stdin(bytes)),
+            _ => Err(DriverError::Invalid("not an sdk session".into())),
         }
     }
 }

@@ -292,6 +292,8 @@ pub struct DirListing {
 /// The agent a session runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// One per session request, never in a hot collection: the size of the Claude variant is fine.
+#[allow(clippy::large_enum_variant)]
 pub enum AgentSpec {
     /// The Claude Code CLI driven over stream-json.
     Claude(ClaudeAgent),
@@ -315,10 +317,26 @@ pub struct ClaudeAgent {
     pub permission_rules: Vec<PermissionRule>,
     /// Unanswered permission requests are denied after this long (default 300 s).
     pub permission_timeout_s: Option<u64>,
+    /// `sdk`: the client drives the CLI itself over `GET /v1/sessions/{id}/sdk` (the Agent
+    /// SDK's control protocol runs in the client's process); `args` are its CLI arguments,
+    /// checked against berth's allowlist.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClaudeClient>,
+    /// CLI arguments of an `sdk` session (refused without `client: "sdk"`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
     /// Fields this server does not know; a non-empty map is refused (see `unknown_fields`).
     #[serde(flatten, skip_serializing)]
     #[schema(ignore)]
     pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// Who drives a Claude session's CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaudeClient {
+    /// An Agent SDK app, over the session's `sdk` WebSocket.
+    Sdk,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -17,6 +17,7 @@ mod flood;
 mod gateway;
 mod park;
 mod sandbox;
+mod sdk;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -51,6 +52,14 @@ enum Cmd {
         runs: usize,
         #[arg(long, default_value_t = 50)]
         concurrent: usize,
+    },
+    /// An Agent SDK app's first answer: the SDK's local transport against BerthTransport.
+    Sdk {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// A Python with claude-agent-sdk and websockets installed.
+        #[arg(long, default_value = "/opt/berth/test-venv/bin/python")]
+        python: String,
     },
     /// Hybrid boxes: park and restore with a large workspace; a resumed agent against a fresh one.
     Park {
@@ -305,6 +314,7 @@ fn main() -> anyhow::Result<()> {
             } => flood::run(runs, execs, per_port).await,
             Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
             Cmd::Park { runs, mib } => park::run(runs, mib).await,
+            Cmd::Sdk { runs, python } => sdk::run(runs, python).await,
             Cmd::SseClients {
                 url,
                 token,

@@ -5,6 +5,7 @@ pub mod boxes;
 mod doc_links;
 pub mod keys;
 pub mod pty;
+pub mod sdk;
 pub mod sessions;
 pub mod system;
 pub mod triggers;
@@ -238,6 +239,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(tagged("sessions", routes!(sessions::answer_permission)))
         .routes(tagged("sessions", routes!(sessions::events)))
         .routes(tagged("sessions", routes!(sessions::ws)))
+        .routes(tagged("sessions", routes!(sdk::sdk_ws)))
         .routes(tagged("sessions", routes!(sessions::usage)))
         .routes(tagged("sessions", routes!(sessions::restart)))
         .routes(tagged("sessions", routes!(sessions::permission_mode)))

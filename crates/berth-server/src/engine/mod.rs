@@ -20,6 +20,7 @@ pub mod pty;
 pub mod registry;
 pub mod route;
 pub mod rules;
+pub mod sdk_sessions;
 pub mod sessions;
 pub mod shared;
 pub mod shared_events;

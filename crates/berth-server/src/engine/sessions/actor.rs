@@ -48,6 +48,11 @@ pub enum SessionCmd {
     },
     /// A server-side notice to record in the event log.
     Notice { kind: EventKind, data: Value },
+    /// Bytes an sdk session's client writes to the CLI's stdin (None: end of input).
+    ClientStdin {
+        bytes: Option<bytes::Bytes>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 #[derive(Clone)]
@@ -55,6 +60,8 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<SessionCmd>,
     pub state: watch::Receiver<SessionObject>,
     pub events: broadcast::Sender<Arc<LiveEvent>>,
+    /// The CLI's stdout relay of an sdk session (see `sdk_sessions`).
+    pub sdk: Option<Arc<berth_agent::Relay>>,
 }
 
 /// What a session's owner task uses of the engine: the store (events, the session), the
@@ -142,6 +149,14 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+    let sdk = start.driver.sdk_relay();
+    if let Some(r) = &sdk {
+        crate::engine::sdk_sessions::watch(
+            start.deps.registry.clone(),
+            start.obj.id.clone(),
+            r.clone(),
+        );
+    }
     let actor = SessionActor {
         cap: crate::engine::event_cap::EventCap::new(start.deps.events),
         deps: start.deps,
@@ -171,6 +186,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         tx,
         state: state_rx,
         events,
+        sdk,
     }
 }
 
@@ -375,6 +391,12 @@ impl SessionActor {
         }
         // The agent is gone: its token dies with it; answer what is still queued, then retire.
         self.deps.gateway.revoke(&self.token);
+        if let Some(r) = self.driver.sdk_relay() {
+            r.finish(berth_agent::sdk::RelayExit {
+                code: None,
+                signal: None,
+            });
+        }
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {
             self.refuse(cmd);
@@ -406,6 +428,7 @@ impl SessionActor {
                 let _ = reply.send(Err(ended()));
             }
             SessionCmd::Interrupt { reply }
+            | SessionCmd::ClientStdin { reply, .. }
             | SessionCmd::Permission { reply, .. }
             | SessionCmd::SetPermissionMode { reply, .. } => {
                 let _ = reply.send(Err(ended()));
@@ -528,6 +551,34 @@ impl SessionActor {
         Ok(())
     }
 
+    /// An sdk client's stdin: read for events by the driver, then passed on unchanged.
+    async fn client_stdin(
+        &mut self,
+        exec: Option<&ExecHandle>,
+        bytes: Option<bytes::Bytes>,
+    ) -> Result<(), EngineError> {
+        let Some(h) = exec else {
+            return Err(EngineError::Conflict("the agent is not running".into()));
+        };
+        let out = match &bytes {
+            Some(b) => self
+                .driver
+                .on_client_stdin(b)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?,
+            None => Output::default(),
+        };
+        let input = match bytes {
+            Some(b) => ExecInput::Stdin(b),
+            None => ExecInput::CloseStdin,
+        };
+        h.input
+            .send(input)
+            .await
+            .map_err(|_| EngineError::Conflict("the agent is not running".into()))?;
+        self.apply(out).await;
+        Ok(())
+    }
+
     /// Returns true when the session must end now.
     async fn command(&mut self, cmd: SessionCmd, exec: &mut Option<ExecHandle>) -> bool {
         match cmd {
@@ -592,6 +643,11 @@ impl SessionActor {
             }
             SessionCmd::Notice { kind, data } => {
                 self.record(vec![AgentEvent { kind, data }]).await;
+                false
+            }
+            SessionCmd::ClientStdin { bytes, reply } => {
+                let r = self.client_stdin(exec.as_ref(), bytes).await;
+                let _ = reply.send(r);
                 false
             }
             SessionCmd::SetPermissionMode { mode, reply } => {
