@@ -14,6 +14,7 @@ pub mod error;
 pub mod event_cap;
 pub mod ledger;
 pub mod park;
+pub mod pools;
 pub mod sessions;
 pub mod shared;
 pub mod triggers;
@@ -122,6 +123,8 @@ pub struct Engine {
     revoked_keys: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
     /// Box creates admitted but not yet in the registry (see `admission`).
     reservations: Arc<admission::Reservations>,
+    /// Warm pools (see `pools`).
+    pools: pools::Pools,
 }
 
 /// An OCI image reference: `name[:tag][@digest]` with the characters references allow.
@@ -167,6 +170,7 @@ impl Engine {
             hook_seen: std::sync::Mutex::new(HashMap::new()),
             revoked_keys: tokio::sync::watch::channel(Default::default()).0,
             reservations: Arc::default(),
+            pools: pools::Pools::default(),
             config,
             boxes: RwLock::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
@@ -576,6 +580,10 @@ impl Engine {
         tenant: &str,
         spec: SessionSpec,
     ) -> Result<SessionObject, EngineError> {
+        let spec = match self.take_pooled(tenant, spec).await? {
+            pools::Pooled::Taken(s) => return Ok(s),
+            pools::Pooled::Cold(spec) => spec,
+        };
         let workdir = spec.workdir.clone().unwrap_or_else(|| "/workspace".into());
         if !workdir.starts_with('/') || workdir.contains('\0') {
             return Err(EngineError::Invalid(
@@ -747,6 +755,7 @@ impl Engine {
             prompt: spec.prompt.clone(),
             keep_open: spec.keep_open,
             token,
+            prestarted: None,
         })
         .await
     }
@@ -1078,6 +1087,7 @@ impl Engine {
             prompt: None,
             keep_open: true,
             token,
+            prestarted: None,
         })
         .await
     }
@@ -1175,6 +1185,7 @@ impl Engine {
     /// Stop every session and destroy every box that should not outlive the server process,
     /// then write the usage metered so far.
     pub async fn shutdown(&self) {
+        self.pools.stop();
         let sessions: Vec<SessionHandle> = self
             .sessions
             .read()

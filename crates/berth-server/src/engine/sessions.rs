@@ -82,6 +82,7 @@ struct SessionActor {
     cost_base: f64,
     /// Rate and size caps on the agent's events (see `event_cap`).
     cap: super::event_cap::EventCap,
+    prestarted: Option<ExecHandle>,
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -126,6 +127,8 @@ pub struct SessionStart {
     pub keep_open: bool,
     /// The session's gateway token.
     pub token: String,
+    /// The agent, already started in the box (a warm pool's): used instead of starting one.
+    pub prestarted: Option<ExecHandle>,
 }
 
 pub fn spawn(start: SessionStart) -> SessionHandle {
@@ -152,6 +155,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
             && !start.keep_open,
         prompt: start.prompt,
         token: start.token,
+        prestarted: start.prestarted,
     };
     let span = tracing::info_span!("session", session_id = %actor.obj.id, box_id = %actor.obj.box_id, tenant = %actor.obj.tenant);
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -283,7 +287,11 @@ impl SessionActor {
         if let Some(uid) = self.obj.uid {
             super::shared::confine(&mut spec, uid, &self.obj.workdir);
         }
-        let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
+        let started = match self.prestarted.take() {
+            Some(h) => Ok(h),
+            None => self.backend.exec(&self.obj.box_id, spec).await,
+        };
+        let mut exec: Option<ExecHandle> = match started {
             Ok(h) => Some(h),
             Err(e) => {
                 let why = match &e {
