@@ -33,6 +33,9 @@ use tokio::sync::{mpsc, Notify};
 
 /// Where a pooled agent works (pooled boxes are never shared).
 const WORKDIR: &str = "/workspace";
+/// How long a refill waits after a take: the taken agent's first request (a burst of CPU)
+/// goes before the next agent's start-up burst.
+const REFILL_AFTER_TAKE: Duration = Duration::from_secs(2);
 /// Longest wait between refill attempts after a failed one.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -195,6 +198,12 @@ impl Engine {
         mut spec: SessionSpec,
     ) -> Result<Pooled, EngineError> {
         let pools = self.pools.list();
+        if pools.is_empty() && spec.pool.is_none() {
+            return Ok(Pooled::Cold(spec));
+        }
+        if spec.prompt.as_deref() == Some("") {
+            return Err(EngineError::Invalid("prompt must not be empty".into()));
+        }
         let pool = match spec.pool.take() {
             Some(name) => {
                 let p = pools
@@ -464,7 +473,11 @@ async fn refill(engine: Arc<Engine>, pool: Arc<Pool>) {
             .and_then(|q| q.front().map(|w| max_age.saturating_sub(w.made.elapsed())))
             .unwrap_or(max_age);
         tokio::select! {
-            _ = pool.wake.notified() => {}
+            _ = pool.wake.notified() => {
+                if !engine.pools.stopped.load(Ordering::SeqCst) {
+                    tokio::time::sleep(REFILL_AFTER_TAKE).await;
+                }
+            }
             _ = tokio::time::sleep(next_expiry.min(Duration::from_secs(5))) => {}
         }
     }
