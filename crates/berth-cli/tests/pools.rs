@@ -15,19 +15,24 @@ async fn setup(pools: &str) -> (tempfile::TempDir, Server, Api, Mock) {
     let mock = Mock::new(Scenario::demo(), Duration::ZERO);
     let url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     let dir = tempfile::tempdir().expect("tmp");
+    let srv = start(dir.path(), &url, pools).await;
+    let api = srv.client();
+    (dir, srv, api, mock)
+}
+
+async fn start(data: &std::path::Path, mock_url: &str, pools: &str) -> Server {
     let bin = claude_bin();
-    let srv = Server::start_with(
-        dir.path(),
+    Server::start_with(
+        data,
         &[
-            ("BERTH_UPSTREAM_URL", url.as_str()),
+            ("BERTH_UPSTREAM_URL", mock_url),
             ("ANTHROPIC_API_KEY", REAL_KEY),
             ("BERTH_CLAUDE_BIN", bin.as_str()),
+            ("BERTH_DOCKER", "1"),
             ("BERTH_POOLS", pools),
         ],
     )
-    .await;
-    let api = srv.client();
-    (dir, srv, api, mock)
+    .await
 }
 
 fn pool(name: &str, size: usize, max_age_s: u64) -> String {
@@ -268,5 +273,34 @@ async fn a_ready_box_past_its_max_age_is_recycled() {
     let now = pool_boxes(&api, "p").await;
     assert!(!now.contains(&first), "{now:?}");
     assert_eq!(now.len(), 1, "{now:?}");
+    srv.stop().await;
+}
+
+/// A crash leaves ready boxes of a backend whose boxes outlive the server (Docker): the next
+/// run takes them back and destroys them instead of keeping them unclaimed forever.
+#[tokio::test]
+async fn ready_boxes_a_crashed_run_left_are_destroyed_at_the_next_start() {
+    let pools = "[{name = \"d\", size = 1, box = {backend = \"docker\", resources = {memory_mib = 1024, disk_mib = 256}}}]";
+    let mock = Mock::new(Scenario::demo(), Duration::ZERO);
+    let url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = start(dir.path(), &url, pools).await;
+    let api = srv.client();
+    pool_when(&api, "d", 120, |p| p["ready"] == 1).await;
+    let old = pool_boxes(&api, "d").await.pop().expect("a ready box");
+    srv.kill9().await;
+
+    let srv = start(dir.path(), &url, pools).await;
+    let api = srv.client();
+    let gone = api
+        .wait_for(&format!("/v1/boxes/{old}"), 60, |b| {
+            b["state"] != "running" && b["state"] != "creating"
+        })
+        .await;
+    assert_ne!(gone["state"], "running", "{gone}");
+    pool_when(&api, "d", 120, |p| p["ready"] == 1).await;
+    let now = pool_boxes(&api, "d").await;
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(!now.contains(&old), "{now:?}");
     srv.stop().await;
 }

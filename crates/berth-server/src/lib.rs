@@ -428,7 +428,7 @@ pub async fn run(
     tokio::spawn(engine::triggers::scheduler(engine.clone()));
     reconcile(&engine).await?;
     // After reconcile: a previous run's ready boxes are gone before new ones are made.
-    engine.start_pools(cfg.pools.clone());
+    engine.start_pools(cfg.pools.clone()).await;
     let state = AppState {
         engine: engine.clone(),
         metrics: observe::metrics_handle(),

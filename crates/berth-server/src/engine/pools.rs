@@ -31,6 +31,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
+/// The label a pool's boxes carry (the pool's name).
+const POOL_LABEL: &str = "berth.pool";
 /// Where a pooled agent works (pooled boxes are never shared).
 const WORKDIR: &str = "/workspace";
 /// How long a refill waits after a take: the taken agent's first request (a burst of CPU)
@@ -156,8 +158,31 @@ fn pooled_box(spec: &BoxSpec) -> BoxSpec {
 }
 
 impl Engine {
-    /// Start the configured pools' refill tasks.
-    pub fn start_pools(self: &Arc<Self>, configs: Vec<PoolConfig>) {
+    /// Start the configured pools' refill tasks, after destroying the ready boxes a previous
+    /// run left (on backends whose boxes outlive the server, `reconcile` took them back; never
+    /// taken, they would otherwise live on unused).
+    pub async fn start_pools(self: &Arc<Self>, configs: Vec<PoolConfig>) {
+        match self.store.list_boxes(None).await {
+            Ok(boxes) => {
+                for b in boxes {
+                    if !b.labels.contains_key(POOL_LABEL) || b.state.is_terminal() {
+                        continue;
+                    }
+                    let taken = self
+                        .store
+                        .list_sessions(Some(&b.tenant), Some(&b.id))
+                        .await
+                        .map(|s| !s.is_empty())
+                        .unwrap_or(true);
+                    if !taken {
+                        if let Err(e) = self.delete_box(&b.tenant, &b.id).await {
+                            tracing::warn!(box_id = %b.id, error = %e, "destroying a ready box left by the previous run");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing boxes left by the previous run"),
+        }
         for cfg in configs {
             let pool = Arc::new(Pool {
                 cfg,
@@ -332,7 +357,7 @@ impl Engine {
         // Recycled by age, not by idleness: a ready box is idle by design.
         spec.idle_timeout_s = Some(None);
         spec.shared = false;
-        spec.labels.insert("berth.pool".into(), cfg.name.clone());
+        spec.labels.insert(POOL_LABEL.into(), cfg.name.clone());
         let box_obj = self.create_box(&cfg.tenant, spec).await?;
         let session_id = new_id("ses");
         let token = berth_gateway::new_token();
