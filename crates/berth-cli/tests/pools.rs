@@ -304,3 +304,37 @@ async fn ready_boxes_a_crashed_run_left_are_destroyed_at_the_next_start() {
     assert!(!now.contains(&old), "{now:?}");
     srv.stop().await;
 }
+
+/// A session that does not name a pool takes from one whose box and agent specs equal its own,
+/// and only then.
+#[tokio::test]
+async fn a_session_whose_specs_match_a_pool_takes_from_it() {
+    let (_d, srv, api, _mock) = setup(&pool("p", 1, 3600)).await;
+    pool_when(&api, "p", 60, |p| p["ready"] == 1).await;
+    let ready = pool_boxes(&api, "p").await.pop().expect("ready box");
+
+    // Another box spec: cold, the ready box stays.
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": {"resources": {"memory_mib": 512, "disk_mib": 256}}, "agent": {"kind": "claude"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    assert_ne!(r.json["box_id"], ready.as_str());
+    let p = pool_when(&api, "p", 5, |p| p["ready"] == 1).await;
+    assert_eq!(p["taken"], 0, "{p}");
+    assert_eq!(p["misses"], 0, "{p}");
+
+    // The pool's specs: the ready box.
+    let r = api
+        .post(
+            "/v1/sessions",
+            json!({"box": {"resources": {"memory_mib": 1024, "disk_mib": 256}}, "agent": {"kind": "claude"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    assert_eq!(r.json["box_id"], ready.as_str());
+    pool_when(&api, "p", 5, |p| p["taken"] == 1).await;
+    srv.stop().await;
+}
