@@ -393,7 +393,13 @@ pub enum BoxRef {
 pub struct SessionSpec {
     #[serde(rename = "box", default = "default_box_ref")]
     pub box_ref: BoxRef,
+    /// Default: `{"kind": "claude"}`.
+    #[serde(default = "default_agent")]
     pub agent: AgentSpec,
+    /// Take a ready box of this warm pool (its agent already started); the pool's box and
+    /// agent specs then govern, and with none ready the session starts cold from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// Working directory inside the box (default `/workspace`).
     #[serde(default)]
     pub workdir: Option<String>,
@@ -406,6 +412,10 @@ pub struct SessionSpec {
     /// ends with the session, or after its `idle_timeout_s`.
     #[serde(default)]
     pub keep_open: bool,
+}
+
+fn default_agent() -> AgentSpec {
+    AgentSpec::Claude(ClaudeAgent::default())
 }
 
 fn default_box_ref() -> BoxRef {

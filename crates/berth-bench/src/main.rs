@@ -7,15 +7,19 @@
 //! cargo run --release -p berth-bench -- agents [--runs 20 --concurrent 50]
 //! cargo run --release -p berth-bench -- park [--runs 5 --mib 100]
 //! cargo run --release -p berth-bench -- flood [--runs 3 --execs 200 --per-port 200]
+//! cargo run --release -p berth-bench -- pools [--runs 10]
+//! cargo run --release -p berth-bench -- check [--runs 3]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
 mod agents;
 mod api;
+mod check;
 mod files;
 mod flood;
 mod gateway;
 mod park;
+mod pools;
 mod sandbox;
 mod sdk;
 
@@ -68,6 +72,16 @@ enum Cmd {
         /// Workspace size in MiB (random bytes).
         #[arg(long, default_value_t = 100)]
         mib: usize,
+    },
+    /// Warm pool take against a CLI pre-started by hand and a cold session, same run.
+    Pools {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// SPECIFICATION.md's ratios with short runs; exits non-zero when one breaks its ceiling.
+    Check {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// SSE subscribers for the `api` suite (internal).
     #[command(hide = true)]
@@ -315,6 +329,8 @@ fn main() -> anyhow::Result<()> {
             Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
             Cmd::Park { runs, mib } => park::run(runs, mib).await,
             Cmd::Sdk { runs, python } => sdk::run(runs, python).await,
+            Cmd::Pools { runs } => pools::run(runs).await,
+            Cmd::Check { runs } => check::run(runs).await,
             Cmd::SseClients {
                 url,
                 token,

@@ -64,6 +64,7 @@ async fn typed_calls_and_a_followed_session() {
                 argv: vec!["/bin/sh".into(), "-c".into(), script],
                 unknown: Default::default(),
             }),
+            pool: None,
             workdir: None,
             prompt: None,
             keep_open: false,

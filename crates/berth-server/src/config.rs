@@ -74,6 +74,9 @@ pub struct Config {
     pub listener: ListenerSection,
     /// Per-session caps on the event log (a flooding agent cannot grow the store unbounded).
     pub events: EventsSection,
+    // -- warm pools (issue #22) --
+    /// `[[pools]]`: boxes kept ready with their agent started (see `engine::pools`).
+    pub pools: Vec<crate::engine::pools::PoolConfig>,
 }
 
 /// The largest box: unset fields default to the host's cores and memory, 100 GiB of disk
@@ -352,6 +355,7 @@ impl Default for Config {
             tenant_max: TenantMaxSection::default(),
             listener: ListenerSection::default(),
             events: EventsSection::default(),
+            pools: Vec::new(),
         }
     }
 }
@@ -559,7 +563,7 @@ fn env_value(key: &str, name: &str, raw: &str) -> Result<Value, String> {
                 .map(|p| Value::from(p.to_string()))
                 .collect::<Vec<_>>(),
         ),
-        "cost.prices" => raw.parse::<Value>().map_err(|e| format!("{name}: {e}"))?,
+        "cost.prices" | "pools" => raw.parse::<Value>().map_err(|e| format!("{name}: {e}"))?,
         _ => Value::from(raw.to_string()),
     })
 }

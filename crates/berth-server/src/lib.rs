@@ -298,6 +298,8 @@ pub async fn run(
     tokio::spawn(observe::sample_boxes(engine.clone()));
     tokio::spawn(engine::triggers::scheduler(engine.clone()));
     engine.reconcile().await?;
+    // After reconcile: a previous run's ready boxes are gone before new ones are made.
+    engine.start_pools(cfg.pools.clone()).await;
     let state = AppState {
         engine: engine.clone(),
         metrics: observe::metrics_handle(),

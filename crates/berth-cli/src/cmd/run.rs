@@ -60,6 +60,7 @@ pub(crate) async fn run(c: &Client, a: RunArgs) -> Result<()> {
                 max_turns: a.max_turns,
                 ..Default::default()
             }),
+            pool: None,
             workdir: None,
             prompt: Some(a.prompt.clone()),
             keep_open: false,

@@ -44,6 +44,7 @@ pub(crate) async fn start(c: &Client, a: StartArgs) -> Result<()> {
             argv: a.argv,
             unknown: Default::default(),
         }),
+        pool: None,
         workdir: None,
         prompt: a.prompt,
         keep_open: false,

@@ -326,6 +326,7 @@ pub async fn create_session(
         workdir: None,
         prompt: None,
         keep_open: true,
+        pool: None,
     };
     let s = e.create_session(&t, spec).await?;
     let s = match started(e, &t, &s.id).await {

@@ -4,6 +4,7 @@
 pub mod boxes;
 mod doc_links;
 pub mod keys;
+pub mod pools;
 pub mod pty;
 pub mod sdk;
 pub mod sessions;
@@ -247,6 +248,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(tagged("keys", routes!(keys::create_key, keys::list_keys)))
         .routes(tagged("keys", routes!(keys::delete_key)))
         .routes(tagged("keys", routes!(keys::get_tenant, keys::put_tenant)))
+        .routes(tagged("pools", routes!(pools::list_pools)))
         .routes(tagged("system", routes!(system::backends)))
         .routes(tagged("system", routes!(system::healthz)))
         .routes(tagged("system", routes!(system::readyz)))

@@ -16,6 +16,7 @@ pub mod error;
 pub mod event_cap;
 pub mod ledger;
 pub mod park;
+pub mod pools;
 pub mod pty;
 pub mod registry;
 pub mod route;
@@ -138,6 +139,8 @@ pub struct Engine {
     /// Box admission: ceilings, tenant limits and the creates in flight (shared with the box
     /// actors, which admit a restore).
     admission: Arc<admission::Admission>,
+    /// Warm pools (see `pools`).
+    pools: pools::Pools,
 }
 
 fn tenant_filter(tenant: &str) -> Option<&str> {
@@ -176,6 +179,7 @@ impl Engine {
             revoked_keys: tokio::sync::watch::channel(Default::default()).0,
             admission,
             registry,
+            pools: pools::Pools::default(),
             config,
         })
     }
@@ -273,6 +277,7 @@ impl Engine {
     /// Stop every session and destroy every box that should not outlive the server process,
     /// then write the usage metered so far.
     pub async fn shutdown(&self) {
+        self.pools.stop();
         for h in self.registry.sessions() {
             let (tx, rx) = oneshot::channel();
             if h.tx

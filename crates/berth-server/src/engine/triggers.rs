@@ -260,6 +260,7 @@ impl Engine {
         let spec = SessionSpec {
             box_ref: t.box_ref.clone(),
             agent: t.agent.clone(),
+            pool: None,
             workdir: t.workdir.clone(),
             prompt: Some(render(&t.prompt, payload)),
             keep_open: false,

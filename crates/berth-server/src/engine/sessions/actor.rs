@@ -99,6 +99,8 @@ struct SessionActor {
     cost_base: f64,
     /// Rate and size caps on the agent's events (see `event_cap`).
     cap: crate::engine::event_cap::EventCap,
+    /// The agent, already started in the box (a warm pool's): used instead of starting one.
+    prestarted: Option<ExecHandle>,
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -143,6 +145,8 @@ pub struct SessionStart {
     pub keep_open: bool,
     /// The session's gateway token.
     pub token: String,
+    /// The agent, already started in the box (a warm pool's): used instead of starting one.
+    pub prestarted: Option<ExecHandle>,
 }
 
 pub fn spawn(start: SessionStart) -> SessionHandle {
@@ -179,6 +183,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         ),
         prompt: start.prompt,
         token: start.token,
+        prestarted: start.prestarted,
     };
     let span = tracing::info_span!("session", session_id = %actor.obj.id, box_id = %actor.obj.box_id, tenant = %actor.obj.tenant);
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -311,7 +316,11 @@ impl SessionActor {
         if let Some(uid) = self.obj.uid {
             crate::engine::shared::confine(&mut spec, uid, &self.obj.workdir);
         }
-        let mut exec: Option<ExecHandle> = match self.backend.exec(&self.obj.box_id, spec).await {
+        let started = match self.prestarted.take() {
+            Some(h) => Ok(h),
+            None => self.backend.exec(&self.obj.box_id, spec).await,
+        };
+        let mut exec: Option<ExecHandle> = match started {
             Ok(h) => Some(h),
             Err(e) => {
                 let why = match &e {

@@ -25,6 +25,10 @@ impl Engine {
         tenant: &str,
         spec: SessionSpec,
     ) -> Result<SessionObject, EngineError> {
+        let spec = match self.take_pooled(tenant, spec).await? {
+            super::pools::Pooled::Taken(s) => return Ok(s),
+            super::pools::Pooled::Cold(spec) => spec,
+        };
         let workdir = spec.workdir.clone().unwrap_or_else(|| "/workspace".into());
         if !workdir.starts_with('/') || workdir.contains('\0') {
             return Err(EngineError::Invalid(
@@ -196,6 +200,7 @@ impl Engine {
             prompt: spec.prompt.clone(),
             keep_open: spec.keep_open,
             token,
+            prestarted: None,
         })
         .await
     }
@@ -334,7 +339,7 @@ impl Engine {
     }
 
     /// Where and how the Claude CLI runs for a session (None when the server has no CLI).
-    fn claude_env(
+    pub(super) fn claude_env(
         &self,
         session_id: &str,
         shared_workdir: Option<&str>,
@@ -437,13 +442,17 @@ impl Engine {
             prompt: None,
             keep_open: true,
             token,
+            prestarted: None,
         })
         .await
     }
 
     /// Register the session's token, start its owner task, and wait until the agent is up
     /// (or has failed to start).
-    async fn start_agent(&self, start: SessionStart) -> Result<SessionObject, EngineError> {
+    pub(super) async fn start_agent(
+        &self,
+        start: SessionStart,
+    ) -> Result<SessionObject, EngineError> {
         self.register_token(&start.token, &start.obj).await?;
         let obj = start.obj.clone();
         let handle = spawn(start);

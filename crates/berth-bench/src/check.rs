@@ -1,0 +1,59 @@
+//! `berth-bench check`: the performance promises of SPECIFICATION.md that short runs can
+//! check, as ratios against a peer measured in the same run. A ratio over its ceiling plus the
+//! noise margin fails the check (non-zero exit).
+
+use crate::{ms, summarize};
+
+/// One promise: `ours / peer` (medians) stays at or under `ceiling`; the check fails only
+/// past `ceiling + margin`, the run-to-run noise of a short run on a busy machine.
+struct Promise {
+    name: &'static str,
+    ceiling: f64,
+    margin: f64,
+}
+
+const POOL_VS_PRESTARTED: Promise = Promise {
+    name: "pool take / CLI pre-started by hand (first message → first model request)",
+    ceiling: 2.0,
+    margin: 0.5,
+};
+
+const POOL_VS_COLD: Promise = Promise {
+    name: "pool take / cold session start (POST → first model request)",
+    ceiling: 0.6,
+    margin: 0.2,
+};
+
+pub async fn run(runs: usize) -> anyhow::Result<()> {
+    let s = crate::pools::measure(runs).await?;
+    let hand = summarize("by hand", s.by_hand).median.as_secs_f64();
+    let pool = summarize("pool", s.pool).median.as_secs_f64();
+    let cold = summarize("cold", s.cold).median.as_secs_f64();
+    println!(
+        "host load (1-min loadavg) {:.2} → {:.2}; medians: pre-started CLI {} ms, pool take {} ms, cold {} ms",
+        s.load.0,
+        s.load.1,
+        ms(std::time::Duration::from_secs_f64(hand)),
+        ms(std::time::Duration::from_secs_f64(pool)),
+        ms(std::time::Duration::from_secs_f64(cold)),
+    );
+    let mut broken = Vec::new();
+    for (p, ratio) in [
+        (POOL_VS_PRESTARTED, pool / hand.max(1e-6)),
+        (POOL_VS_COLD, pool / cold.max(1e-6)),
+    ] {
+        let ok = ratio <= p.ceiling + p.margin;
+        println!(
+            "{} {}: {ratio:.2} (ceiling {:.2}, margin {:.2})",
+            if ok { "ok  " } else { "FAIL" },
+            p.name,
+            p.ceiling,
+            p.margin
+        );
+        if !ok {
+            broken.push(p.name);
+        }
+    }
+    anyhow::ensure!(broken.is_empty(), "promises broken: {}", broken.join("; "));
+    Ok(())
+}
