@@ -12,8 +12,9 @@ pub enum StoreCmd {
         /// The source, `sqlite://<path>` (the data dir's `berth.db`).
         #[arg(long)]
         from: String,
-        /// The target, `postgres://user@host/db`.
-        #[arg(long)]
+        /// The target, `postgres://user@host/db`; by default `BERTH_DATABASE_URL`, which keeps a
+        /// password in the URL off the command line (where `ps` shows it).
+        #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true)]
         to: String,
     },
 }

@@ -263,6 +263,11 @@ async fn postgres_restarted_mid_session() {
     assert_eq!(r.status, 503, "{}", r.json);
     let why = r.json["error"]["message"].as_str().unwrap_or("");
     assert!(why.contains("store"), "{why}");
+    // ...and not PostgreSQL's own error text (user, host, port).
+    assert!(
+        !why.contains("127.0.0.1") && !why.contains("postgres") && !why.contains("connect"),
+        "{why}"
+    );
     pg.restart().expect("restart");
     for api in [&api_a, &api_b] {
         wait_status(api, "/readyz", 200, 30).await;

@@ -11,9 +11,12 @@ use common::Server;
 use serde_json::json;
 use std::process::Output;
 
+/// The target's URL carries the cluster's password: it goes in `BERTH_DATABASE_URL`, not on the
+/// command line (where `ps` would show it).
 fn copy(from: &str, to: &str) -> Output {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["store", "copy", "--from", from, "--to", to])
+        .args(["store", "copy", "--from", from])
+        .env("BERTH_DATABASE_URL", to)
         .output()
         .expect("berth store copy");
     assert!(

@@ -174,7 +174,10 @@ export class Terminal {
   csi(final, raw) {
     const priv = raw.startsWith('?');
     const ps = (priv ? raw.slice(1) : raw).split(';').map((p) => parseInt(p, 10));
-    const p = (i, d) => (Number.isNaN(ps[i]) || ps[i] === undefined || ps[i] === 0 ? d : ps[i]);
+    // Counts and positions past the screen mean the screen's edge: a box printing
+    // `ESC[2000000000S` must not make the viewer's tab loop two billion times.
+    const most = Math.max(this.rows, this.cols);
+    const p = (i, d) => (Number.isNaN(ps[i]) || ps[i] === undefined || ps[i] === 0 ? d : Math.min(ps[i], most));
     const clampY = (y) => Math.max(0, Math.min(this.rows - 1, y));
     const clampX = (x) => Math.max(0, Math.min(this.cols - 1, x));
     this.wrapNext = false;

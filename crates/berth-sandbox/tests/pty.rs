@@ -94,6 +94,25 @@ async fn terminal_checks<B: Sandbox>(b: &B, id: &str, nnp_shown: bool) {
         .find(|l| l.contains("Error"))
         .unwrap_or_else(|| panic!("TIOCSTI was not refused: {out}"));
     assert!(refused.contains("PermissionError"), "{refused}");
+    // ...also with high bits set in the 64-bit register: the kernel reads only the low 32 bits
+    // of `cmd`, so a filter comparing all 64 would let this one through (CVE-2019-10063).
+    h.input
+        .send(send(
+            "python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); c=ctypes.c_char(b\"x\"); r=l.syscall(16, 0, ctypes.c_ulong(0x100005412), ctypes.byref(c)); print(\"hib\", r, ctypes.get_errno(), \"end\")'; echo hib-$((6+6))\n",
+        ))
+        .await
+        .expect("type");
+    read_until(&mut h, &mut out, "hib-12").await;
+    let high = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("hib ") && l.ends_with(" end"))
+        .unwrap_or_else(|| panic!("no answer to the high-bits TIOCSTI: {out}"));
+    assert_eq!(
+        high,
+        format!("hib -1 {} end", libc::EPERM),
+        "TIOCSTI with high bits set was not refused"
+    );
 
     h.input.send(send("exit 3\n")).await.expect("type");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -23,6 +23,7 @@ pub struct PgCluster {
     uid: u32,
     gid: u32,
     pub port: u16,
+    password: String,
     child: Option<Child>,
 }
 
@@ -59,6 +60,17 @@ fn postgres_user() -> Result<(u32, u32), ClusterError> {
         .ok_or_else(|| err("no postgres user"))
 }
 
+/// 32 hex digits from the kernel's random source.
+fn random_password() -> Result<String, ClusterError> {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(err)?,
+        &mut b,
+    )
+    .map_err(err)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 impl PgCluster {
     pub fn start() -> Result<PgCluster, ClusterError> {
         let bin = bin_dir()?;
@@ -67,10 +79,17 @@ impl PgCluster {
         chown(dir.path(), Some(uid), Some(gid)).map_err(err)?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
             .map_err(err)?;
+        // A password, not `trust`: any local user could otherwise connect as the superuser
+        // (and run programs as `postgres`) while the tests run.
+        let password = random_password()?;
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, format!("{password}\n")).map_err(err)?;
+        chown(&pwfile, Some(uid), Some(gid)).map_err(err)?;
         let out = Command::new(bin.join("initdb"))
+            .arg(format!("--pwfile={}", pwfile.display()))
             .args([
                 "-A",
-                "trust",
+                "scram-sha-256",
                 "-U",
                 "postgres",
                 "--no-sync",
@@ -92,7 +111,9 @@ impl PgCluster {
             .and_then(|l| l.local_addr())
             .map_err(err)?
             .port();
+        std::fs::remove_file(&pwfile).map_err(err)?;
         let mut c = PgCluster {
+            password,
             dir,
             bin,
             uid,
@@ -104,9 +125,12 @@ impl PgCluster {
         Ok(c)
     }
 
-    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    /// `postgres://postgres:<password>@127.0.0.1:<port>/postgres`.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/postgres",
+            self.password, self.port
+        )
     }
 
     fn data(&self) -> PathBuf {

@@ -211,6 +211,17 @@ fn with_x32_prologue(program: BpfProgram) -> BpfProgram {
     out
 }
 
+/// A condition on an `unsigned int` argument (ioctl's `cmd`): only the low 32 bits are
+/// compared, as the kernel reads only those — a 64-bit compare lets `cmd | 1 << 32` through
+/// (CVE-2019-10063).
+fn cond_u32(
+    arg: u8,
+    op: SeccompCmpOp,
+    val: u64,
+) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, val)
+}
+
 fn cond(
     arg: u8,
     op: SeccompCmpOp,
@@ -247,8 +258,8 @@ fn eperm_filter() -> Result<BpfProgram, seccompiler::Error> {
     rules.insert(
         libc::SYS_ioctl,
         vec![
-            SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCSTI)?])?,
-            SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
+            SeccompRule::new(vec![cond_u32(1, SeccompCmpOp::Eq, libc::TIOCSTI)?])?,
+            SeccompRule::new(vec![cond_u32(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
         ],
     );
     // Device nodes: the kernel refuses them without CAP_MKNOD, but a user-space kernel
