@@ -313,6 +313,19 @@ impl SessionActor {
                 format!("http://127.0.0.1:{}", crate::engine::BOX_API_PORT),
             ),
         ]);
+        // A command agent reaches the model as any Anthropic client does: its base URL is the
+        // box's gateway and its key the session's token (the same token as above, metered and
+        // budgeted as the session's; the real key stays in the gateway). An Agent SDK app run as
+        // a command agent needs no set-up. The Claude driver sets its own.
+        if matches!(self.driver, Driver::Command(_)) {
+            spec.env.extend([
+                (
+                    "ANTHROPIC_BASE_URL".to_string(),
+                    format!("http://127.0.0.1:{}", crate::engine::GATEWAY_PORT),
+                ),
+                ("ANTHROPIC_API_KEY".to_string(), self.token.clone()),
+            ]);
+        }
         if let Some(uid) = self.obj.uid {
             crate::engine::shared::confine(&mut spec, uid, &self.obj.workdir);
         }
