@@ -173,11 +173,21 @@ async fn a_taken_pool_box_idles_out_as_its_spec_says() {
     assert_eq!(r.json["box_id"], d.as_str());
     let b = api.get(&format!("/v1/boxes/{d}")).await;
     assert_eq!(b.json["idle_timeout_s"], 3, "{}", b.json);
-    // Nobody uses it: it stops on its idle deadline, as a cold ephemeral box would.
-    let gone = api
-        .wait_for(&format!("/v1/boxes/{d}"), 60, |b| b["state"] == "stopped")
-        .await;
-    assert_eq!(gone["state_reason"], "idle_timeout", "{gone}");
+    // Nobody uses it: it stops on its idle deadline, as a cold ephemeral box would (its
+    // session then ends and the box is recorded destroyed; the stop is in its events).
+    api.wait_for(&format!("/v1/boxes/{d}"), 60, |b| {
+        b["state"] == "stopped" || b["state"] == "destroyed"
+    })
+    .await;
+    let evs = api.get(&format!("/v1/boxes/{d}/events")).await.json;
+    let stops: Vec<&Value> = evs["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["type"] == "state" && e["data"]["state"] == "stopped")
+        .collect();
+    assert_eq!(stops.len(), 1, "{evs}");
+    assert_eq!(stops[0]["data"]["reason"], "idle_timeout", "{evs}");
     srv.stop().await;
 }
 
