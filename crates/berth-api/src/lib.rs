@@ -397,7 +397,8 @@ pub struct SessionSpec {
     #[serde(default = "default_agent")]
     pub agent: AgentSpec,
     /// Take a ready box of this warm pool (its agent already started); the pool's box and
-    /// agent specs then govern, and with none ready the session starts cold from them.
+    /// agent specs then govern (giving another `box` or `agent` is refused), and with none
+    /// ready the session starts cold from them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
     /// Working directory inside the box (default `/workspace`).

@@ -10,11 +10,21 @@
 //!   files, processes) grants model access or names a tenant.
 //! - Taking is atomic: one ready box goes to exactly one `POST /v1/sessions` (a pop under a
 //!   lock). A session takes from a pool when it names it (`"pool"`; the pool's box and agent
-//!   specs then govern) or when its box and agent specs equal a pool's. With none ready the
-//!   session starts cold (counted as a miss) from the same specs.
+//!   specs then govern, and a request giving another box or agent spec is refused) or when
+//!   its box spec, as asked (a missing lifecycle is ephemeral, a session's default), and its
+//!   agent spec equal a pool's: a persistent, hybrid or shared request never matches. With
+//!   none ready the session starts cold (counted as a miss) from the same specs.
+//! - A taken box gets the idle timeout a box of the pool's spec has (the spec's, or the
+//!   server's `[idle_timeout]` default for ephemeral boxes) before its session starts.
+//! - Pool boxes carry the `berth.pool` label, which only the server sets (`berth.*` labels
+//!   are refused in clients' specs). At start, and only when pools are configured, the ready
+//!   boxes a previous run of this server left (those `reconcile` took back on this server's
+//!   backends, with no session) are destroyed; boxes this process does not hold, such as
+//!   another server's on a shared store, are never touched.
 //! - One refill task per pool makes one box at a time (low priority: never more than one
 //!   start per pool in flight) and recycles boxes older than `max_age_s` or whose agent ended.
 
+use super::boxes::BoxCmd;
 use super::sessions::SessionStart;
 use super::Engine;
 use crate::auth::{new_id, now};
@@ -51,7 +61,8 @@ pub struct PoolConfig {
     pub tenant: String,
     /// Boxes kept ready.
     pub size: usize,
-    /// A box spec as `POST /v1/boxes` takes it (the lifecycle is always ephemeral).
+    /// A box spec as `POST /v1/boxes` takes it (the lifecycle is always ephemeral, the box never
+    /// shared; its idle timeout applies once a box is taken).
     #[serde(rename = "box", default)]
     pub box_spec: BoxSpec,
     /// An agent spec as `POST /v1/sessions` takes it.
@@ -150,10 +161,20 @@ pub(crate) enum Pooled {
     Cold(SessionSpec),
 }
 
-/// A box spec as a pool keeps it, to compare a session's against.
+/// A box spec as a pool keeps it, to compare a session's against: always ephemeral and never
+/// shared, whatever the config says.
 fn pooled_box(spec: &BoxSpec) -> BoxSpec {
     let mut s = spec.clone();
     s.lifecycle = Some(Lifecycle::Ephemeral);
+    s.shared = false;
+    s
+}
+
+/// A session's box spec as the caller asked it: only a missing lifecycle is filled in (a
+/// session's own box is ephemeral unless said otherwise).
+fn asked_box(spec: &BoxSpec) -> BoxSpec {
+    let mut s = spec.clone();
+    s.lifecycle.get_or_insert(Lifecycle::Ephemeral);
     s
 }
 
@@ -162,10 +183,22 @@ impl Engine {
     /// run left (on backends whose boxes outlive the server, `reconcile` took them back; never
     /// taken, they would otherwise live on unused).
     pub async fn start_pools(self: &Arc<Self>, configs: Vec<PoolConfig>) {
+        if configs.is_empty() {
+            return;
+        }
         match self.store.list_boxes(None).await {
             Ok(boxes) => {
                 for b in boxes {
-                    if !b.labels.contains_key(POOL_LABEL) || b.state.is_terminal() {
+                    // Only boxes this process holds (taken back by `reconcile` from this
+                    // server's backends): a record alone may be another server's live box.
+                    let Some(h) = self.box_handle(&b.id) else {
+                        continue;
+                    };
+                    let b = h.state.borrow().clone();
+                    if !b.labels.contains_key(POOL_LABEL)
+                        || b.lifecycle != Lifecycle::Ephemeral
+                        || b.state.is_terminal()
+                    {
                         continue;
                     }
                     let taken = self
@@ -235,10 +268,24 @@ impl Engine {
                     .iter()
                     .find(|p| p.cfg.name == name && p.cfg.tenant == tenant)
                     .ok_or_else(|| EngineError::not_found("pool", &name))?;
-                if matches!(spec.box_ref, BoxRef::Id(_)) {
-                    return Err(EngineError::Invalid(
-                        "a pooled session runs in a box of the pool; omit box".into(),
-                    ));
+                // The request gets exactly the pool's box and agent: anything else it asked
+                // for (another lifecycle, resources, agent) is refused, not dropped.
+                let box_ok = match &spec.box_ref {
+                    BoxRef::Id(_) => false,
+                    BoxRef::Spec(b) => {
+                        let b = asked_box(b);
+                        b == asked_box(&BoxSpec::default()) || b == pooled_box(&p.cfg.box_spec)
+                    }
+                };
+                if !box_ok {
+                    return Err(EngineError::Invalid(format!(
+                        "a session of pool {name:?} runs in an ephemeral box of the pool's spec; omit box"
+                    )));
+                }
+                if spec.agent != default_agent() && spec.agent != p.cfg.agent {
+                    return Err(EngineError::Invalid(format!(
+                        "a session of pool {name:?} runs the pool's agent; omit agent"
+                    )));
                 }
                 // The pool's specs govern: its boxes were made and its agents started by them.
                 spec.box_ref = BoxRef::Spec(Box::new(pooled_box(&p.cfg.box_spec)));
@@ -249,7 +296,7 @@ impl Engine {
                 let BoxRef::Spec(b) = &spec.box_ref else {
                     return Ok(Pooled::Cold(spec));
                 };
-                let b = pooled_box(b);
+                let b = asked_box(b);
                 match pools.iter().find(|p| {
                     p.cfg.tenant == tenant
                         && p.cfg.agent == spec.agent
@@ -287,7 +334,7 @@ impl Engine {
         pool.taken.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("berth_pool_taken_total", "pool" => pool.cfg.name.clone()).increment(1);
         let box_id = warm.box_obj.id.clone();
-        match self.start_warm(tenant, spec, warm).await {
+        match self.start_warm(tenant, &pool.cfg, spec, warm).await {
             Ok(obj) => Ok(Pooled::Taken(obj)),
             Err(e) => {
                 if let Err(d) = self.delete_box(tenant, &box_id).await {
@@ -298,17 +345,35 @@ impl Engine {
         }
     }
 
-    /// Make the taken box's session: its record, then its owner task over the running agent
-    /// (whose token the gateway accepts from here on).
+    /// Make the taken box's session: the box's idle timeout as its spec says, the session's
+    /// record, then its owner task over the running agent (whose token the gateway accepts
+    /// from here on).
     async fn start_warm(
         self: &Arc<Self>,
         tenant: &str,
+        cfg: &PoolConfig,
         spec: SessionSpec,
         warm: Warm,
     ) -> Result<SessionObject, EngineError> {
         let box_handle = self
             .box_handle(&warm.box_obj.id)
             .ok_or_else(|| EngineError::Conflict("the pooled box is gone".into()))?;
+        // Idle "never" was for waiting; taken, it idles out as a cold box of its spec would.
+        let idle_timeout_s = cfg
+            .box_spec
+            .idle_timeout_s
+            .unwrap_or_else(|| self.config.idle_timeout.for_lifecycle(Lifecycle::Ephemeral));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        box_handle
+            .tx
+            .send(BoxCmd::SetIdleTimeout {
+                idle_timeout_s,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| EngineError::Conflict("the pooled box is gone".into()))?;
+        rx.await
+            .map_err(|_| EngineError::Conflict("the pooled box is gone".into()))?;
         let backend = self
             .backends
             .get(&warm.box_obj.backend)
@@ -354,11 +419,10 @@ impl Engine {
     /// Make one ready box: the box, then its agent, started as the session's will be.
     async fn make_warm(self: &Arc<Self>, cfg: &PoolConfig) -> Result<Warm, EngineError> {
         let mut spec = pooled_box(&cfg.box_spec);
-        // Recycled by age, not by idleness: a ready box is idle by design.
+        // Recycled by age, not by idleness: a ready box is idle by design (set at take).
         spec.idle_timeout_s = Some(None);
-        spec.shared = false;
-        spec.labels.insert(POOL_LABEL.into(), cfg.name.clone());
-        let box_obj = self.create_box(&cfg.tenant, spec).await?;
+        let label = [(POOL_LABEL.to_string(), cfg.name.clone())].into();
+        let box_obj = self.create_box_labelled(&cfg.tenant, spec, label).await?;
         let session_id = new_id("ses");
         let token = berth_gateway::new_token();
         let started = async {

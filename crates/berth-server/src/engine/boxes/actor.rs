@@ -40,6 +40,12 @@ pub enum BoxCmd {
     },
     /// An egress decision to record in the box's event log.
     Egress(berth_gateway::egress::Decision),
+    /// Change the idle timeout (`None`: never) and restart the idle clock: a warm pool's box,
+    /// idle "never" while it waits, gets its spec's timeout when a session takes it.
+    SetIdleTimeout {
+        idle_timeout_s: Option<u64>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Egress decisions recorded per box per minute; the rest are counted in one summary event.
@@ -389,7 +395,7 @@ impl BoxActor {
                 }
             }
         };
-        let idle = self.obj.idle_timeout_s.map(Duration::from_secs);
+        let mut idle = self.obj.idle_timeout_s.map(Duration::from_secs);
         let lifetime = self
             .obj
             .max_lifetime_s
@@ -413,6 +419,17 @@ impl BoxActor {
                 cmd = self.rx.recv() => match cmd {
                     Some(BoxCmd::Touch) => last_activity = Instant::now(),
                     Some(BoxCmd::Egress(d)) => self.egress(d).await,
+                    Some(BoxCmd::SetIdleTimeout { idle_timeout_s, reply }) => {
+                        self.obj.idle_timeout_s = idle_timeout_s;
+                        self.obj.updated_at = now();
+                        if let Err(e) = self.deps.store.put_box(&self.obj).await {
+                            tracing::error!(box_id = %self.obj.id, error = %e, "persisting the idle timeout");
+                        }
+                        self.state.send_replace(self.obj.clone());
+                        idle = idle_timeout_s.map(Duration::from_secs);
+                        last_activity = Instant::now();
+                        let _ = reply.send(());
+                    }
                     Some(BoxCmd::Destroy { stop_sessions, reply }) => {
                         // Each session's owner answers a stop before it tells its box anything,
                         // so this wait cannot close a loop.

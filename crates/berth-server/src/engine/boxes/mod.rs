@@ -25,6 +25,18 @@ impl Engine {
         tenant: &str,
         spec: BoxSpec,
     ) -> Result<BoxObject, EngineError> {
+        self.create_box_labelled(tenant, spec, Default::default())
+            .await
+    }
+
+    /// [`Engine::create_box`], with labels of the server's own (`berth.*`, which a client's
+    /// spec may not carry) added after the spec is checked.
+    pub(crate) async fn create_box_labelled(
+        self: &Arc<Self>,
+        tenant: &str,
+        mut spec: BoxSpec,
+        server_labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<BoxObject, EngineError> {
         let backend_name = spec
             .backend
             .clone()
@@ -46,6 +58,7 @@ impl Engine {
             )));
         }
         validate_spec(&spec)?;
+        spec.labels.extend(server_labels);
         // Held until the box is in the registry, where the next admission counts it.
         let ticket = self.admit(tenant, &spec.resources)?;
         let spec_secrets = spec.secrets.clone();

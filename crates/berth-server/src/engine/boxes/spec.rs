@@ -5,7 +5,20 @@ use crate::engine::error::EngineError;
 use berth_api::{BoxObject, BoxSpec, Lifecycle};
 use berth_sandbox::Limits;
 
+/// Labels under this prefix are the server's own (`berth.pool` marks a warm pool's box, which
+/// the start-up sweep may destroy): a client's spec cannot set them.
+pub const RESERVED_LABEL_PREFIX: &str = "berth.";
+
 pub fn validate_spec(spec: &BoxSpec) -> Result<(), EngineError> {
+    if let Some(k) = spec
+        .labels
+        .keys()
+        .find(|k| k.starts_with(RESERVED_LABEL_PREFIX))
+    {
+        return Err(EngineError::Invalid(format!(
+            "label {k:?} is reserved: labels starting with {RESERVED_LABEL_PREFIX:?} are set by the server only"
+        )));
+    }
     limits(spec)
         .validate()
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
