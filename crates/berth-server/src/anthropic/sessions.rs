@@ -634,7 +634,8 @@ async fn confirm(
     let not_asked =
         || EngineError::Invalid(format!("{id} is not a tool use awaiting confirmation"));
     let (seq, _) = parse_id(id).ok_or_else(not_asked)?;
-    let asked = e.session_events_after(tenant, sid, seq - 1, 1).await?;
+    let before = seq.checked_sub(1).ok_or_else(not_asked)?;
+    let asked = e.session_events_after(tenant, sid, before, 1).await?;
     let request_id = asked
         .first()
         .filter(|a| a.seq == seq && a.kind == berth_api::EventKind::PermissionRequest)
@@ -697,8 +698,9 @@ pub async fn stream(
         ),
         None => None,
     };
-    // Subscribe first: nothing committed after this point is missed.
-    let mut live = e.subscribe(&sid);
+    // Subscribe first: nothing committed after this point is missed. On a shared store the
+    // session may run in another server process: its commits are relayed.
+    let mut live = e.subscribe_any(&sid).await;
     let now_seq = e.get_session(&t, &sid).await?.last_seq;
     // Events up to here are only read to set up the mapping; those after `from` are sent.
     let from = resume.unwrap_or((now_seq, usize::MAX));
@@ -733,15 +735,32 @@ pub async fn stream(
                 if n < PAGE { break; }
             }
             if ended || live.is_none() {
-                // The agent's task has ended. A session its box's parking stopped comes back
-                // (under the same id) with the next message: wait for that; anything else is
-                // the end.
+                // No live feed: the agent's task has ended, or a store without relays holds a
+                // session another process runs. A session its box's parking stopped comes
+                // back (under the same id) with the next message: follow the store until a
+                // feed is there again; anything else is the end, after a last read.
                 loop {
-                    match e.get_session(&t, &sid).await {
+                    // The state before the read: whatever it committed before ending is read.
+                    let s = e.get_session(&t, &sid).await;
+                    loop {
+                        let page = match e.session_events_after(&t, &sid, last, PAGE).await {
+                            Ok(p) => p,
+                            Err(err) => { yield error_frame(err.into()); break 'outer; }
+                        };
+                        let n = page.len() as i64;
+                        for ev in &page {
+                            last = ev.seq;
+                            for v in m.map(ev) {
+                                if let Some(f) = send(v, from) { yield f; }
+                            }
+                        }
+                        if n < PAGE { break; }
+                    }
+                    match s {
                         Ok(s) if !s.state.is_terminal() || parked(&s) => {}
                         _ => break 'outer,
                     }
-                    if let Some(rx) = e.subscribe(&sid) {
+                    if let Some(rx) = e.subscribe_any(&sid).await {
                         live = Some(rx);
                         ended = false;
                         continue 'outer;
