@@ -222,8 +222,73 @@ async fn a_stream_on_another_server_follows_the_session_live() {
         "{}",
         listed.json
     );
-    let r = a.call("DELETE", &format!("/v1/sessions/{sid}"), None).await;
+    // Updates through both servers at once (the compare-and-swap in PostgreSQL): none lost.
+    let path = format!("/v1/sessions/{sid}");
+    let tries = (0..8).map(|i| {
+        let via = if i % 2 == 0 { &a } else { &b };
+        via.post(&path, json!({"metadata": {format!("k{i}"): "v"}}))
+    });
+    for r in futures::future::join_all(tries).await {
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    let got = b.get(&path).await.json;
+    assert_eq!(
+        got["metadata"].as_object().map(|m| m.len()),
+        Some(8),
+        "{got}"
+    );
+    let r = a.call("DELETE", &path, None).await;
     assert_eq!(r.status, 200, "{}", r.json);
     srv_b.stop().await;
     srv_a.stop().await;
+}
+
+/// Concurrent updates of one environment and of one session, each setting its own metadata
+/// key: every update answers 200 and every key is there afterwards (none is lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_of_environments_and_sessions_lose_nothing() {
+    let (_mock, url) = mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = serve(dir.path(), &url, None, None).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let a = Anth(a);
+    let sid = a.session().await;
+    let env_id = a.get(&format!("/v1/sessions/{sid}")).await.json["environment_id"]
+        .as_str()
+        .expect("environment")
+        .to_string();
+    const N: usize = 12;
+    for path in [
+        format!("/v1/environments/{env_id}"),
+        format!("/v1/sessions/{sid}"),
+    ] {
+        let tries = (0..N).map(|i| {
+            a.post(
+                &path,
+                json!({"metadata": {format!("k{i}"): format!("v{i}")}}),
+            )
+        });
+        let answers = futures::future::join_all(tries).await;
+        for r in &answers {
+            assert_eq!(r.status, 200, "{path}: {}", r.json);
+        }
+        let got = a.get(&path).await.json;
+        let keys = got["metadata"].as_object().map(|m| m.len());
+        assert_eq!(keys, Some(N), "{path}: every update kept: {got}");
+        for i in 0..N {
+            assert_eq!(got["metadata"][format!("k{i}")], format!("v{i}"), "{got}");
+        }
+    }
+    // Archiving still works, once.
+    let r = a
+        .post(&format!("/v1/environments/{env_id}/archive"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let first = r.json["archived_at"].clone();
+    assert!(first.is_string(), "{}", r.json);
+    let again = a
+        .post(&format!("/v1/environments/{env_id}/archive"), json!({}))
+        .await;
+    assert_eq!(again.json["archived_at"], first, "{}", again.json);
+    srv.stop().await;
 }

@@ -12,7 +12,6 @@ use berth_api::{
     AgentSpec, BoxRef, BoxSpec, ClaudeAgent, Lifecycle, NetworkSpec, PermissionRule, SessionSpec,
     SessionState,
 };
-use berth_store::Document;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -34,22 +33,6 @@ async fn doc(e: &Engine, tenant: &str, id: &str) -> AResult<Value> {
         .pop()
         .map(|d| d.body)
         .ok_or_else(|| AError::not_found(format!("session {id} not found")))
-}
-
-async fn save(e: &Engine, tenant: &str, d: &Value) -> AResult<()> {
-    let id = d["id"].as_str().unwrap_or("").to_string();
-    e.put_document(
-        &Document {
-            kind: SESSION.into(),
-            tenant: tenant.into(),
-            id,
-            version: 1,
-            body: d.clone(),
-        },
-        true,
-    )
-    .await?;
-    Ok(())
 }
 
 fn berth_id(d: &Value) -> &str {
@@ -352,7 +335,7 @@ pub async fn create_session(
         // Events up to `start_seq` are the agent starting up, not part of the conversation.
         "berth": {"session_id": s.id, "box_id": s.box_id, "start_seq": s.last_seq},
     });
-    save(e, &t, &d).await?;
+    super::resources::put_new(e, SESSION, &t, &d).await?;
     deliver(e, &t, &d, initial).await?;
     Ok(axum::Json(render(e, &t, &d).await?))
 }
@@ -372,19 +355,23 @@ pub async fn update_session(
     Path(id): Path<String>,
     Body(body): Body<Value>,
 ) -> AResult<axum::Json<Value>> {
-    let mut d = doc(&st.engine, &t, &id).await?;
+    doc(&st.engine, &t, &id).await?;
     refuse(&body, "vault_ids", "vault_ids on update")?;
     refuse(&body, "agent", "changing a session's agent")?;
     refuse(&body, "budget", "session budgets")?;
-    if let Some(title) = body.get("title") {
-        if !(title.is_string() || title.is_null()) {
-            return Err(AError::invalid("title must be a string"));
-        }
-        d["title"] = title.clone();
+    let title = body.get("title");
+    if title.is_some_and(|t| !(t.is_string() || t.is_null())) {
+        return Err(AError::invalid("title must be a string"));
     }
-    d["metadata"] = super::resources::metadata_patch(d.get("metadata"), body.get("metadata"))?;
-    d["updated_at"] = json!(now());
-    save(&st.engine, &t, &d).await?;
+    let d = super::resources::put_latest(&st.engine, SESSION, &t, &id, |d| {
+        if let Some(title) = title {
+            d["title"] = title.clone();
+        }
+        d["metadata"] = super::resources::metadata_patch(d.get("metadata"), body.get("metadata"))?;
+        d["updated_at"] = json!(now());
+        Ok(true)
+    })
+    .await?;
     Ok(axum::Json(render(&st.engine, &t, &d).await?))
 }
 
@@ -403,14 +390,20 @@ pub async fn archive_session(
     Tenant(t, _): Tenant,
     Path(id): Path<String>,
 ) -> AResult<axum::Json<Value>> {
-    let mut d = doc(&st.engine, &t, &id).await?;
+    let d = doc(&st.engine, &t, &id).await?;
     if d["archived_at"].is_null() {
         end(&st.engine, &t, &d).await?;
+    }
+    let d = super::resources::put_latest(&st.engine, SESSION, &t, &id, |d| {
+        if !d["archived_at"].is_null() {
+            return Ok(false);
+        }
         let ts = now();
         d["archived_at"] = json!(ts);
         d["updated_at"] = json!(ts);
-        save(&st.engine, &t, &d).await?;
-    }
+        Ok(true)
+    })
+    .await?;
     Ok(axum::Json(render(&st.engine, &t, &d).await?))
 }
 

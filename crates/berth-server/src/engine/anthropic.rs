@@ -18,6 +18,11 @@ impl Engine {
         Ok(self.store.put_document(doc, replace).await?)
     }
 
+    /// Compare-and-swap of a single-version document (see `Store::advance_document`).
+    pub async fn advance_document(&self, doc: &Document, from: i64) -> Result<bool, EngineError> {
+        Ok(self.store.advance_document(doc, from).await?)
+    }
+
     /// Every version of a tenant's documents of `kind` (of one `id` when given).
     pub async fn documents(
         &self,
