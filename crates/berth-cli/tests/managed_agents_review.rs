@@ -292,3 +292,122 @@ async fn concurrent_updates_of_environments_and_sessions_lose_nothing() {
     assert_eq!(again.json["archived_at"], first, "{}", again.json);
     srv.stop().await;
 }
+
+/// An agent's versions are capped (every list reads them all): the update past the cap is a
+/// clear 400 that is not retried, and the agent stays readable at its last version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_versions_are_capped() {
+    let (_mock, url) = mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = serve(dir.path(), &url, None, None).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let a = Anth(a);
+    let r = a
+        .post(
+            "/v1/agents",
+            json!({"name": "v", "model": "claude-sonnet-4-5"}),
+        )
+        .await;
+    let path = format!("/v1/agents/{}", r.json["id"].as_str().expect("id"));
+    const CAP: usize = 100;
+    for v in 1..CAP {
+        let r = a
+            .post(&path, json!({"version": v, "description": format!("d{v}")}))
+            .await;
+        assert_eq!(r.status, 200, "update to version {}: {}", v + 1, r.json);
+    }
+    let r = a
+        .post(
+            &path,
+            json!({"version": CAP, "description": "one too many"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(
+        r.json["error"]["type"], "invalid_request_error",
+        "{}",
+        r.json
+    );
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("versions")),
+        "{}",
+        r.json
+    );
+    let got = a.get(&path).await.json;
+    assert_eq!(got["version"], CAP, "{got}");
+    let versions = a.get(&format!("{path}/versions?limit=100")).await.json;
+    assert_eq!(versions["data"].as_array().map(Vec::len), Some(CAP));
+    srv.stop().await;
+}
+
+/// Events pages read forward from a cursor: every event exactly once, in order, whatever the
+/// page size, the same as one page of everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_pages_cover_the_log_once() {
+    let (_mock, url) = mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = serve(dir.path(), &url, None, None).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let a = Anth(a);
+    let sid = a.session().await;
+    let events = format!("/v1/sessions/{sid}/events");
+    let r = a
+        .post(
+            &events,
+            json!({"events": [{"type": "user.message", "content": "please make a file"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|e| e["id"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let all = loop {
+        let all = a.get(&events).await.json;
+        if all["data"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|e| e["type"] == "session.status_idle"))
+        {
+            break all;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no idle: {all}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let all = ids(&all);
+    assert!(all.len() > 3, "{all:?}");
+    for limit in [1, 2, 5] {
+        let (mut got, mut page) = (Vec::new(), None::<String>);
+        for _ in 0..=all.len() {
+            let q = match &page {
+                Some(p) => format!("{events}?limit={limit}&page={p}"),
+                None => format!("{events}?limit={limit}"),
+            };
+            let r = a.get(&q).await.json;
+            let these = ids(&r);
+            assert!(these.len() <= limit, "{r}");
+            got.extend(these);
+            match r["next_page"].as_str() {
+                Some(p) => page = Some(p.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(got, all, "pages of {limit}");
+    }
+    // Only user messages, two at a time: the filter applies before the page is cut.
+    let r = a
+        .get(&format!("{events}?types[]=user.message&limit=2"))
+        .await
+        .json;
+    assert_eq!(ids(&r).len(), 1, "{r}");
+    assert_eq!(r["next_page"], Value::Null, "{r}");
+    srv.stop().await;
+}

@@ -260,6 +260,7 @@ pub async fn create_agent(
     doc["created_at"] = json!(ts);
     doc["updated_at"] = json!(ts);
     doc["archived_at"] = Value::Null;
+    room_for(&st.engine, AGENT, &t).await?;
     st.engine
         .put_document(
             &Document {
@@ -314,6 +315,13 @@ pub async fn update_agent(
         return Err(AError::invalid(format!("agent {id} is archived")));
     }
     let mut doc = agent_doc(&body, Some(&cur))?;
+    if agent_versions_of(&st.engine, &t, &id).await?.len() >= MAX_AGENT_VERSIONS {
+        return Err(AError::invalid(format!(
+            "agent {id} has {MAX_AGENT_VERSIONS} versions, the most berth keeps: create a new agent"
+        ))
+        .no_retry());
+    }
+    room_for(&st.engine, AGENT, &t).await?;
     let next = cur_v + 1;
     doc["id"] = json!(id);
     doc["version"] = json!(next);
@@ -370,6 +378,23 @@ pub async fn archive_agent(
             .await?;
     }
     Ok(axum::Json(doc))
+}
+
+/// Stored documents of one kind (every version counts) a tenant may hold: bounds what each
+/// list and each name check reads.
+pub(super) const MAX_DOCUMENTS: usize = 10_000;
+/// Versions one agent may have: each update adds one, and every list reads them all.
+pub(super) const MAX_AGENT_VERSIONS: usize = 100;
+
+/// Refuse (400) a new document of `kind` when the tenant holds the most berth keeps.
+pub(super) async fn room_for(e: &Engine, kind: &str, tenant: &str) -> AResult<()> {
+    if e.documents(kind, tenant, None).await?.len() >= MAX_DOCUMENTS {
+        return Err(AError::invalid(format!(
+            "at most {MAX_DOCUMENTS} {kind} documents (versions included) per tenant: delete some first"
+        ))
+        .no_retry());
+    }
+    Ok(())
 }
 
 /// How often a read-modify-write of a single-version document starts again after another
@@ -622,6 +647,7 @@ pub async fn create_environment(
         "config": env_config(body.get("config"))?,
         "created_at": ts, "updated_at": ts, "archived_at": null,
     });
+    room_for(&st.engine, ENVIRONMENT, &t).await?;
     put_new(&st.engine, ENVIRONMENT, &t, &doc).await?;
     Ok(axum::Json(doc))
 }

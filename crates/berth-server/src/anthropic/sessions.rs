@@ -57,6 +57,34 @@ fn status(d: &Value, s: Option<&berth_api::SessionObject>) -> &'static str {
     }
 }
 
+/// The session's status: from its berth session, and a turn held by a permission request
+/// waits on the client (idle, requires_action).
+async fn status_of(
+    e: &Engine,
+    tenant: &str,
+    d: &Value,
+    s: Option<&berth_api::SessionObject>,
+) -> AResult<&'static str> {
+    let st = status(d, s);
+    if let (Some(s), "running") = (s, st) {
+        let last = e
+            .session_events_after(tenant, &s.id, s.last_seq.saturating_sub(1), 1)
+            .await?;
+        if last
+            .first()
+            .is_some_and(|l| l.kind == berth_api::EventKind::PermissionRequest)
+        {
+            return Ok("idle");
+        }
+    }
+    Ok(st)
+}
+
+async fn current_status(e: &Engine, tenant: &str, d: &Value) -> AResult<&'static str> {
+    let s = e.get_session(tenant, berth_id(d)).await.ok();
+    status_of(e, tenant, d, s.as_ref()).await
+}
+
 /// The session as the API shows it: status from the berth session, usage from the ledger.
 async fn render(e: &Engine, tenant: &str, d: &Value) -> AResult<Value> {
     let s = e.get_session(tenant, berth_id(d)).await.ok();
@@ -70,20 +98,7 @@ async fn render(e: &Engine, tenant: &str, d: &Value) -> AResult<Value> {
     if let Some(o) = out.as_object_mut() {
         o.remove("berth");
     }
-    let mut st = status(d, s.as_ref());
-    if let (Some(s), "running") = (&s, st) {
-        // A turn held by a permission request waits on the client: idle, requires_action.
-        let last = e
-            .session_events_after(tenant, &s.id, s.last_seq - 1, 1)
-            .await?;
-        if last
-            .first()
-            .is_some_and(|l| l.kind == berth_api::EventKind::PermissionRequest)
-        {
-            st = "idle";
-        }
-    }
-    out["status"] = json!(st);
+    out["status"] = json!(status_of(e, tenant, d, s.as_ref()).await?);
     out["usage"] = json!({
         "input_tokens": t.input_tokens,
         "output_tokens": t.output_tokens,
@@ -294,6 +309,7 @@ pub async fn create_session(
         return Err(AError::invalid("at most 50 initial_events"));
     }
     let initial = check_events(&initial)?;
+    super::resources::room_for(e, SESSION, &t).await?;
     let spec = SessionSpec {
         box_ref: BoxRef::Spec(Box::new(BoxSpec {
             lifecycle: Some(Lifecycle::Hybrid),
@@ -440,6 +456,8 @@ pub async fn list_sessions(
                 .map_err(|_| AError::invalid("agent_version must be an integer"))
         })
         .transpose()?;
+    // Filter on the documents first; the store is asked only for a status filter (one or two
+    // reads a session) and for the page's own items (rendered with their usage).
     let mut items = Vec::new();
     for d in super::resources::latest_of_each(e, SESSION, &t).await? {
         if !archived && !d["archived_at"].is_null() {
@@ -451,11 +469,13 @@ pub async fn list_sessions(
         {
             continue;
         }
-        let v = render(e, &t, &d).await?;
-        if !statuses.is_empty() && !statuses.iter().any(|s| v["status"] == s.as_str()) {
-            continue;
+        if !statuses.is_empty() {
+            let st = current_status(e, &t, &d).await?;
+            if !statuses.iter().any(|s| s == st) {
+                continue;
+            }
         }
-        items.push((v["id"].as_str().unwrap_or("").to_string(), v));
+        items.push((d["id"].as_str().unwrap_or("").to_string(), d));
     }
     match p.one("order").unwrap_or("desc") {
         "desc" => {}
@@ -466,11 +486,13 @@ pub async fn list_sessions(
             )))
         }
     }
-    Ok(axum::Json(paginate(
-        items,
-        p.one("page"),
-        p.limit(20, 100)?,
-    )?))
+    let mut page = paginate(items, p.one("page"), p.limit(20, 100)?)?;
+    if let Some(data) = page["data"].as_array_mut() {
+        for d in data.iter_mut() {
+            *d = render(e, &t, d).await?;
+        }
+    }
+    Ok(axum::Json(page))
 }
 
 /// Every mapped event of the session after its start, oldest first.
@@ -505,30 +527,87 @@ pub async fn list_events(
         return Err(AError::invalid(format!("unknown event type {bad:?}")));
     }
     let ranges = p.ranges("created_at");
+    let keep = |v: &Value| -> AResult<bool> {
+        Ok(
+            (types.is_empty() || types.iter().any(|ty| v["type"] == ty.as_str()))
+                && in_range(v["processed_at"].as_str().unwrap_or(""), &ranges)?,
+        )
+    };
+    let limit = p.limit(1000, 1000)?;
+    let order = p.one("order").unwrap_or("asc");
+    if order != "asc" && order != "desc" {
+        return Err(AError::invalid(format!(
+            "order must be asc or desc, not {order:?}"
+        )));
+    }
+    let cursor = p.one("page").map(super::parse_cursor).transpose()?;
+    if order == "asc" && cursor.as_ref().is_none_or(|(dir, _)| *dir == 'a') {
+        // Oldest first: the log is read only up to the page's end.
+        let after = cursor.map(|(_, id)| id);
+        let (data, more) = events_page(&st.engine, &t, &d, keep, after.as_deref(), limit).await?;
+        let next = more
+            .then(|| data.last().and_then(|v| v["id"].as_str()))
+            .flatten()
+            .map(|id| super::cursor('a', id));
+        return Ok(axum::Json(json!({"data": data, "next_page": next})));
+    }
     let mut items = Vec::new();
     for v in all_events(&st.engine, &t, &d).await? {
-        if !types.is_empty() && !types.iter().any(|ty| v["type"] == ty.as_str()) {
-            continue;
-        }
-        if !in_range(v["processed_at"].as_str().unwrap_or(""), &ranges)? {
-            continue;
-        }
-        items.push((v["id"].as_str().unwrap_or("").to_string(), v));
-    }
-    match p.one("order").unwrap_or("asc") {
-        "asc" => {}
-        "desc" => items.reverse(),
-        o => {
-            return Err(AError::invalid(format!(
-                "order must be asc or desc, not {o:?}"
-            )))
+        if keep(&v)? {
+            items.push((v["id"].as_str().unwrap_or("").to_string(), v));
         }
     }
-    let mut page = paginate(items, p.one("page"), p.limit(1000, 1000)?)?;
+    if order == "desc" {
+        items.reverse();
+    }
+    let mut page = paginate(items, p.one("page"), limit)?;
     if let Some(o) = page.as_object_mut() {
         o.remove("prev_page");
     }
     Ok(axum::Json(page))
+}
+
+/// Up to `limit` mapped events that pass `keep`, oldest first, after the one with id `after`
+/// (from the start when None); whether more follow. Reads the log only as far as it needs.
+async fn events_page(
+    e: &Engine,
+    tenant: &str,
+    d: &Value,
+    mut keep: impl FnMut(&Value) -> AResult<bool>,
+    after: Option<&str>,
+    limit: usize,
+) -> AResult<(Vec<Value>, bool)> {
+    let mut m = Mapper::new(allowed_without_asking(&d["agent"]));
+    let mut last = d["berth"]["start_seq"].as_i64().unwrap_or(0);
+    let mut found = after.is_none();
+    let mut out = Vec::new();
+    loop {
+        let page = e
+            .session_events_after(tenant, berth_id(d), last, PAGE)
+            .await?;
+        let n = page.len() as i64;
+        for ev in &page {
+            last = ev.seq;
+            for v in m.map(ev) {
+                if !found {
+                    found = v["id"].as_str() == after;
+                    continue;
+                }
+                if keep(&v)? {
+                    if out.len() == limit {
+                        return Ok((out, true));
+                    }
+                    out.push(v);
+                }
+            }
+        }
+        if n < PAGE {
+            if !found {
+                return Err(AError::invalid("page cursor names an item that is gone"));
+            }
+            return Ok((out, false));
+        }
+    }
 }
 
 /// What a client may send: `user.message` and `user.interrupt` (anything else is refused before
