@@ -411,3 +411,53 @@ async fn event_pages_cover_the_log_once() {
     assert_eq!(r["next_page"], Value::Null, "{r}");
     srv.stop().await;
 }
+
+/// The one key lookup behind every way of authenticating: `x-api-key` and the bearer header on
+/// `/anthropic`, the bearer header only on berth's API; empty, oversized and unknown keys are
+/// refused the same way everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_finds_keys_the_same_way() {
+    let (_mock, url) = mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = serve(dir.path(), &url, None, None).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let http = reqwest::Client::new();
+    let get = |path: &str, headers: Vec<(&'static str, String)>| {
+        let mut rb = http.get(format!("{}{path}", srv.url));
+        for (k, v) in headers {
+            rb = rb.header(k, v);
+        }
+        async move { rb.send().await.expect("request").status().as_u16() }
+    };
+    let bearer = |k: &str| vec![("authorization", format!("Bearer {k}"))];
+    let x_api_key = |k: &str| vec![("x-api-key", k.to_string())];
+    assert_eq!(get("/anthropic/v1/agents", bearer(&a.token)).await, 200);
+    assert_eq!(get("/anthropic/v1/agents", x_api_key(&a.token)).await, 200);
+    assert_eq!(
+        get(
+            "/anthropic/v1/agents",
+            vec![("authorization", format!("bearer  {} ", a.token))]
+        )
+        .await,
+        200
+    );
+    assert_eq!(get("/v1/boxes", bearer(&a.token)).await, 200);
+    // berth's own API takes no x-api-key from clients.
+    assert_eq!(get("/v1/boxes", x_api_key(&a.token)).await, 401);
+    let long = "k".repeat(257);
+    for bad in ["", "berth_nope", long.as_str()] {
+        assert_eq!(
+            get("/anthropic/v1/agents", x_api_key(bad)).await,
+            401,
+            "{bad:?}"
+        );
+        assert_eq!(
+            get("/anthropic/v1/agents", bearer(bad)).await,
+            401,
+            "{bad:?}"
+        );
+        assert_eq!(get("/v1/boxes", bearer(bad)).await, 401, "{bad:?}");
+    }
+    assert_eq!(get("/anthropic/v1/agents", vec![]).await, 401);
+    srv.stop().await;
+}
