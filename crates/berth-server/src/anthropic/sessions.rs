@@ -781,6 +781,8 @@ pub async fn stream(
         let mut m = Mapper::new(allowed);
         let mut last = start_seq;
         let mut ended = false;
+        // The session's state as last polled while there was no live feed.
+        let mut polled: Option<Result<berth_api::SessionObject, crate::engine::error::EngineError>> = None;
         let send = |v: Value, from: (i64, usize)| -> Option<SseEvent> {
             let (seq, n) = parse_id(v["id"].as_str().unwrap_or(""))?;
             if (seq, n) <= from {
@@ -807,38 +809,26 @@ pub async fn stream(
                 if n < PAGE { break; }
             }
             if ended || live.is_none() {
-                // No live feed: the agent's task has ended, or a store without relays holds a
-                // session another process runs. A session its box's parking stopped comes
-                // back (under the same id) with the next message: follow the store until a
-                // feed is there again; anything else is the end, after a last read.
-                loop {
-                    // The state before the read: whatever it committed before ending is read.
-                    let s = e.get_session(&t, &sid).await;
-                    loop {
-                        let page = match e.session_events_after(&t, &sid, last, PAGE).await {
-                            Ok(p) => p,
-                            Err(err) => { yield error_frame(err.into()); break 'outer; }
-                        };
-                        let n = page.len() as i64;
-                        for ev in &page {
-                            last = ev.seq;
-                            for v in m.map(ev) {
-                                if let Some(f) = send(v, from) { yield f; }
-                            }
-                        }
-                        if n < PAGE { break; }
-                    }
-                    match s {
-                        Ok(s) if !s.state.is_terminal() || parked(&s) => {}
-                        _ => break 'outer,
-                    }
-                    if let Some(rx) = e.subscribe_any(&sid).await {
-                        live = Some(rx);
-                        ended = false;
-                        continue 'outer;
-                    }
-                    tokio::time::sleep(PARKED_POLL).await;
+                // No live feed: the agent's task has ended, or another process runs it on a
+                // store without relays. A session its box's parking stopped comes back (under
+                // the same id) with the next message: poll, and read the store after each
+                // poll, until a feed is there again; anything else is the end, after the read
+                // that follows the poll that saw it.
+                if let Some(rx) = e.subscribe_any(&sid).await {
+                    live = Some(rx);
+                    ended = false;
+                    polled = None;
+                    continue 'outer;
                 }
+                match polled.take() {
+                    None => {}
+                    Some(Ok(s)) if !s.state.is_terminal() || parked(&s) => {
+                        tokio::time::sleep(PARKED_POLL).await
+                    }
+                    Some(_) => break 'outer,
+                }
+                polled = Some(e.get_session(&t, &sid).await);
+                continue 'outer;
             }
             let Some(rx) = live.as_mut() else { break };
             loop {
