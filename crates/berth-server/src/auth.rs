@@ -1,11 +1,16 @@
 //! API keys: random secrets shown once, stored as SHA-256 hashes, each bound to a tenant.
 //! Admin keys may manage keys; every other call is confined to the caller's tenant.
 
+use crate::api::pty::KEY_PROTOCOL_PREFIX;
+use crate::engine::error::EngineError;
+use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue};
 use base64::Engine as _;
+use berth_store::KeyRecord;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -38,6 +43,74 @@ pub fn valid_tenant(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// Where a request may carry its API key besides `Authorization: Bearer`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeySources {
+    /// An `x-api-key` header (Anthropic's convention); it goes first.
+    pub x_api_key: bool,
+    /// A `berth.key.<key>` WebSocket subprotocol (browsers cannot set headers on a
+    /// WebSocket); after the bearer header.
+    pub subprotocol: bool,
+}
+
+/// The raw API key a request carries (see [`KeySources`]); None when there is none, or it is
+/// empty or longer than any key.
+fn key_in(headers: &HeaderMap, from: KeySources) -> Option<&str> {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let x_api_key = from
+        .x_api_key
+        .then(|| text(axum::http::header::HeaderName::from_static("x-api-key")))
+        .flatten();
+    let bearer = || {
+        text(header::AUTHORIZATION).and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+    };
+    let subprotocol = || {
+        headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix(KEY_PROTOCOL_PREFIX))
+    };
+    let key = match x_api_key {
+        Some(k) => k,
+        None if headers.contains_key(header::AUTHORIZATION) || !from.subprotocol => bearer()?,
+        None => subprotocol()?,
+    }
+    .trim();
+    (!key.is_empty() && key.len() <= 256).then_some(key)
+}
+
+/// The key record behind the API key a request carries (None: no usable key, or an unknown
+/// one). The one lookup behind every way of authenticating.
+pub async fn key_from_headers(
+    engine: &Engine,
+    headers: &HeaderMap,
+    from: KeySources,
+) -> Result<Option<KeyRecord>, EngineError> {
+    match key_in(headers, from) {
+        Some(key) => engine.find_key(&hash_key(key)).await,
+        None => Ok(None),
+    }
+}
+
+impl From<KeyRecord> for Caller {
+    fn from(rec: KeyRecord) -> Caller {
+        Caller {
+            tenant: rec.tenant,
+            admin: rec.admin,
+            key_id: rec.id,
+        }
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -45,29 +118,10 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ApiError::Unauthorized)?;
-        let key = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(ApiError::Unauthorized)?
-            .trim();
-        if key.is_empty() || key.len() > 256 {
-            return Err(ApiError::Unauthorized);
-        }
-        let rec = state
-            .engine
-            .find_key(&hash_key(key))
+        key_from_headers(&state.engine, &parts.headers, KeySources::default())
             .await?
-            .ok_or(ApiError::Unauthorized)?;
-        Ok(Caller {
-            tenant: rec.tenant,
-            admin: rec.admin,
-            key_id: rec.id,
-        })
+            .map(Caller::from)
+            .ok_or(ApiError::Unauthorized)
     }
 }
 

@@ -222,6 +222,10 @@ pub trait Store: Send + Sync + 'static {
     /// otherwise an existing (kind, tenant, id, version) is a [`StoreError::Conflict`] (what
     /// optimistic concurrency on versions rests on).
     async fn put_document(&self, doc: &Document, replace: bool) -> Result<()>;
+    /// Compare-and-swap of a document kept at one version: moves version `from` of `doc`'s
+    /// (kind, tenant, id) to `doc.version` with `doc.body`, in one statement; false (nothing
+    /// written) when that version is not there, e.g. another writer moved it first.
+    async fn advance_document(&self, doc: &Document, from: i64) -> Result<bool>;
     /// Every version of the documents of `kind` in `tenant` (of one `id` when given), in the
     /// order they were first written.
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>>;

@@ -614,6 +614,25 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn advance_document(&self, doc: &Document, from: i64) -> Result<bool> {
+        let _t = timer("advance_document");
+        let body = serde_json::to_string(&doc.body).map_err(corrupt)?;
+        let r = sqlx::query(
+            "UPDATE documents SET version = $1, body = $2
+             WHERE kind = $3 AND tenant = $4 AND id = $5 AND version = $6",
+        )
+        .bind(doc.version)
+        .bind(body)
+        .bind(&doc.kind)
+        .bind(&doc.tenant)
+        .bind(&doc.id)
+        .bind(from)
+        .execute(&self.pool)
+        .await
+        .map_err(map_unique)?;
+        Ok(r.rows_affected() == 1)
+    }
+
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>> {
         let _t = timer("documents");
         let rows = sqlx::query(

@@ -30,7 +30,9 @@ pub fn event_id(seq: i64, n: usize) -> String {
 /// (seq, n) of an id made by `event_id`.
 pub fn parse_id(id: &str) -> Option<(i64, usize)> {
     let (seq, n) = id.strip_prefix("sevt_")?.split_once('_')?;
-    Some((seq.parse().ok()?, n.parse().ok()?))
+    // Seqs start at 1: a negative one is forged (and `seq - 1` on it would overflow).
+    let seq = seq.parse::<i64>().ok().filter(|s| *s > 0)?;
+    Some((seq, n.parse().ok()?))
 }
 
 /// The CLI's name of a built-in tool as the toolset names it.

@@ -202,23 +202,13 @@ impl FromRequestParts<AppState> for Tenant {
                 "invalid x-api-key",
             )
         };
-        let h = &parts.headers;
-        let key = match h.get("x-api-key").and_then(|v| v.to_str().ok()) {
-            Some(k) => k.trim(),
-            None => h
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                })
-                .map(str::trim)
-                .ok_or_else(unauthorized)?,
+        let from = crate::auth::KeySources {
+            x_api_key: true,
+            ..Default::default()
         };
-        if key.is_empty() || key.len() > 256 {
-            return Err(unauthorized());
-        }
-        let rec = st.engine.key_for(key).await?.ok_or_else(unauthorized)?;
+        let rec = crate::auth::key_from_headers(&st.engine, &parts.headers, from)
+            .await?
+            .ok_or_else(unauthorized)?;
         Ok(Tenant(rec.tenant, rec.id))
     }
 }

@@ -260,6 +260,7 @@ pub async fn create_agent(
     doc["created_at"] = json!(ts);
     doc["updated_at"] = json!(ts);
     doc["archived_at"] = Value::Null;
+    room_for(&st.engine, AGENT, &t).await?;
     st.engine
         .put_document(
             &Document {
@@ -314,6 +315,13 @@ pub async fn update_agent(
         return Err(AError::invalid(format!("agent {id} is archived")));
     }
     let mut doc = agent_doc(&body, Some(&cur))?;
+    if agent_versions_of(&st.engine, &t, &id).await?.len() >= MAX_AGENT_VERSIONS {
+        return Err(AError::invalid(format!(
+            "agent {id} has {MAX_AGENT_VERSIONS} versions, the most berth keeps: create a new agent"
+        ))
+        .no_retry());
+    }
+    room_for(&st.engine, AGENT, &t).await?;
     let next = cur_v + 1;
     doc["id"] = json!(id);
     doc["version"] = json!(next);
@@ -370,6 +378,75 @@ pub async fn archive_agent(
             .await?;
     }
     Ok(axum::Json(doc))
+}
+
+/// Stored documents of one kind (every version counts) a tenant may hold: bounds what each
+/// list and each name check reads.
+pub(super) const MAX_DOCUMENTS: usize = 10_000;
+/// Versions one agent may have: each update adds one, and every list reads them all.
+pub(super) const MAX_AGENT_VERSIONS: usize = 100;
+
+/// Refuse (400) a new document of `kind` when the tenant holds the most berth keeps.
+pub(super) async fn room_for(e: &Engine, kind: &str, tenant: &str) -> AResult<()> {
+    if e.documents(kind, tenant, None).await?.len() >= MAX_DOCUMENTS {
+        return Err(AError::invalid(format!(
+            "at most {MAX_DOCUMENTS} {kind} documents (versions included) per tenant: delete some first"
+        ))
+        .no_retry());
+    }
+    Ok(())
+}
+
+/// How often a read-modify-write of a single-version document starts again after another
+/// writer changed it first.
+const UPDATE_TRIES: usize = 16;
+
+/// Write a new single-version document (environments, sessions) at version 1.
+pub(super) async fn put_new(e: &Engine, kind: &str, tenant: &str, body: &Value) -> AResult<()> {
+    let doc = Document {
+        kind: kind.into(),
+        tenant: tenant.into(),
+        id: body["id"].as_str().unwrap_or("").to_string(),
+        version: 1,
+        body: body.clone(),
+    };
+    e.put_document(&doc, false).await?;
+    Ok(())
+}
+
+/// Read-modify-write of a single-version document without losing a concurrent update:
+/// `change` edits the stored body (`Ok(false)`: nothing to write), and the result replaces only
+/// the version it was read at (a compare-and-swap on the version). When another writer got
+/// there first, the new body is read and changed again (bounded, then a 409). The body
+/// written, or the one read when nothing changed.
+pub(super) async fn put_latest(
+    e: &Engine,
+    kind: &str,
+    tenant: &str,
+    id: &str,
+    mut change: impl FnMut(&mut Value) -> AResult<bool>,
+) -> AResult<Value> {
+    for _ in 0..UPDATE_TRIES {
+        let Some(mut d) = e
+            .documents(kind, tenant, Some(id))
+            .await?
+            .into_iter()
+            .max_by_key(|d| d.version)
+        else {
+            return Err(AError::not_found(format!("{kind} {id} not found")));
+        };
+        if !change(&mut d.body)? {
+            return Ok(d.body);
+        }
+        let from = d.version;
+        d.version += 1;
+        if e.advance_document(&d, from).await? {
+            return Ok(d.body);
+        }
+    }
+    Err(AError::conflict(format!(
+        "{kind} {id} is being changed by others, try again"
+    )))
 }
 
 /// The latest version of each document of `kind`, newest first.
@@ -547,22 +624,6 @@ async fn name_taken(e: &Engine, tenant: &str, name: &str, except: &str) -> AResu
         .any(|v| v["name"] == name && v["id"] != except && v["archived_at"].is_null()))
 }
 
-async fn save_env(e: &Engine, tenant: &str, doc: &Value) -> AResult<()> {
-    let id = doc["id"].as_str().unwrap_or("").to_string();
-    e.put_document(
-        &Document {
-            kind: ENVIRONMENT.into(),
-            tenant: tenant.into(),
-            id,
-            version: 1,
-            body: doc.clone(),
-        },
-        true,
-    )
-    .await?;
-    Ok(())
-}
-
 pub async fn create_environment(
     State(st): St,
     Tenant(t, _): Tenant,
@@ -586,7 +647,8 @@ pub async fn create_environment(
         "config": env_config(body.get("config"))?,
         "created_at": ts, "updated_at": ts, "archived_at": null,
     });
-    save_env(&st.engine, &t, &doc).await?;
+    room_for(&st.engine, ENVIRONMENT, &t).await?;
+    put_new(&st.engine, ENVIRONMENT, &t, &doc).await?;
     Ok(axum::Json(doc))
 }
 
@@ -604,8 +666,9 @@ pub async fn update_environment(
     Path(id): Path<String>,
     Body(body): Body<Value>,
 ) -> AResult<axum::Json<Value>> {
-    let mut doc = environment(&st.engine, &t, &id).await?;
-    if let Some(name) = str_field(&body, "name")? {
+    environment(&st.engine, &t, &id).await?;
+    let name = str_field(&body, "name")?;
+    if let Some(name) = name {
         if name.is_empty() {
             return Err(AError::invalid("name must not be empty"));
         }
@@ -614,17 +677,27 @@ pub async fn update_environment(
                 AError::conflict(format!("an environment named {name:?} exists")).no_retry(),
             );
         }
-        doc["name"] = json!(name);
     }
-    if let Some(d) = str_field(&body, "description")? {
-        doc["description"] = json!(d);
-    }
-    if body.get("config").is_some_and(|c| !c.is_null()) {
-        doc["config"] = env_config(body.get("config"))?;
-    }
-    doc["metadata"] = metadata(doc.get("metadata"), body.get("metadata"))?;
-    doc["updated_at"] = json!(now());
-    save_env(&st.engine, &t, &doc).await?;
+    let description = str_field(&body, "description")?;
+    let config = match body.get("config") {
+        Some(c) if !c.is_null() => Some(env_config(Some(c))?),
+        _ => None,
+    };
+    let doc = put_latest(&st.engine, ENVIRONMENT, &t, &id, |doc| {
+        if let Some(name) = name {
+            doc["name"] = json!(name);
+        }
+        if let Some(d) = description {
+            doc["description"] = json!(d);
+        }
+        if let Some(c) = &config {
+            doc["config"] = c.clone();
+        }
+        doc["metadata"] = metadata(doc.get("metadata"), body.get("metadata"))?;
+        doc["updated_at"] = json!(now());
+        Ok(true)
+    })
+    .await?;
     Ok(axum::Json(doc))
 }
 
@@ -633,13 +706,16 @@ pub async fn archive_environment(
     Tenant(t, _): Tenant,
     Path(id): Path<String>,
 ) -> AResult<axum::Json<Value>> {
-    let mut doc = environment(&st.engine, &t, &id).await?;
-    if doc["archived_at"].is_null() {
+    let doc = put_latest(&st.engine, ENVIRONMENT, &t, &id, |doc| {
+        if !doc["archived_at"].is_null() {
+            return Ok(false);
+        }
         let ts = now();
         doc["archived_at"] = json!(ts);
         doc["updated_at"] = json!(ts);
-        save_env(&st.engine, &t, &doc).await?;
-    }
+        Ok(true)
+    })
+    .await?;
     Ok(axum::Json(doc))
 }
 

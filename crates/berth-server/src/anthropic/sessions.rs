@@ -12,7 +12,6 @@ use berth_api::{
     AgentSpec, BoxRef, BoxSpec, ClaudeAgent, Lifecycle, NetworkSpec, PermissionRule, SessionSpec,
     SessionState,
 };
-use berth_store::Document;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -34,22 +33,6 @@ async fn doc(e: &Engine, tenant: &str, id: &str) -> AResult<Value> {
         .pop()
         .map(|d| d.body)
         .ok_or_else(|| AError::not_found(format!("session {id} not found")))
-}
-
-async fn save(e: &Engine, tenant: &str, d: &Value) -> AResult<()> {
-    let id = d["id"].as_str().unwrap_or("").to_string();
-    e.put_document(
-        &Document {
-            kind: SESSION.into(),
-            tenant: tenant.into(),
-            id,
-            version: 1,
-            body: d.clone(),
-        },
-        true,
-    )
-    .await?;
-    Ok(())
 }
 
 fn berth_id(d: &Value) -> &str {
@@ -74,6 +57,34 @@ fn status(d: &Value, s: Option<&berth_api::SessionObject>) -> &'static str {
     }
 }
 
+/// The session's status: from its berth session, and a turn held by a permission request
+/// waits on the client (idle, requires_action).
+async fn status_of(
+    e: &Engine,
+    tenant: &str,
+    d: &Value,
+    s: Option<&berth_api::SessionObject>,
+) -> AResult<&'static str> {
+    let st = status(d, s);
+    if let (Some(s), "running") = (s, st) {
+        let last = e
+            .session_events_after(tenant, &s.id, s.last_seq.saturating_sub(1), 1)
+            .await?;
+        if last
+            .first()
+            .is_some_and(|l| l.kind == berth_api::EventKind::PermissionRequest)
+        {
+            return Ok("idle");
+        }
+    }
+    Ok(st)
+}
+
+async fn current_status(e: &Engine, tenant: &str, d: &Value) -> AResult<&'static str> {
+    let s = e.get_session(tenant, berth_id(d)).await.ok();
+    status_of(e, tenant, d, s.as_ref()).await
+}
+
 /// The session as the API shows it: status from the berth session, usage from the ledger.
 async fn render(e: &Engine, tenant: &str, d: &Value) -> AResult<Value> {
     let s = e.get_session(tenant, berth_id(d)).await.ok();
@@ -87,20 +98,7 @@ async fn render(e: &Engine, tenant: &str, d: &Value) -> AResult<Value> {
     if let Some(o) = out.as_object_mut() {
         o.remove("berth");
     }
-    let mut st = status(d, s.as_ref());
-    if let (Some(s), "running") = (&s, st) {
-        // A turn held by a permission request waits on the client: idle, requires_action.
-        let last = e
-            .session_events_after(tenant, &s.id, s.last_seq - 1, 1)
-            .await?;
-        if last
-            .first()
-            .is_some_and(|l| l.kind == berth_api::EventKind::PermissionRequest)
-        {
-            st = "idle";
-        }
-    }
-    out["status"] = json!(st);
+    out["status"] = json!(status_of(e, tenant, d, s.as_ref()).await?);
     out["usage"] = json!({
         "input_tokens": t.input_tokens,
         "output_tokens": t.output_tokens,
@@ -311,6 +309,7 @@ pub async fn create_session(
         return Err(AError::invalid("at most 50 initial_events"));
     }
     let initial = check_events(&initial)?;
+    super::resources::room_for(e, SESSION, &t).await?;
     let spec = SessionSpec {
         box_ref: BoxRef::Spec(Box::new(BoxSpec {
             lifecycle: Some(Lifecycle::Hybrid),
@@ -352,7 +351,7 @@ pub async fn create_session(
         // Events up to `start_seq` are the agent starting up, not part of the conversation.
         "berth": {"session_id": s.id, "box_id": s.box_id, "start_seq": s.last_seq},
     });
-    save(e, &t, &d).await?;
+    super::resources::put_new(e, SESSION, &t, &d).await?;
     deliver(e, &t, &d, initial).await?;
     Ok(axum::Json(render(e, &t, &d).await?))
 }
@@ -372,19 +371,23 @@ pub async fn update_session(
     Path(id): Path<String>,
     Body(body): Body<Value>,
 ) -> AResult<axum::Json<Value>> {
-    let mut d = doc(&st.engine, &t, &id).await?;
+    doc(&st.engine, &t, &id).await?;
     refuse(&body, "vault_ids", "vault_ids on update")?;
     refuse(&body, "agent", "changing a session's agent")?;
     refuse(&body, "budget", "session budgets")?;
-    if let Some(title) = body.get("title") {
-        if !(title.is_string() || title.is_null()) {
-            return Err(AError::invalid("title must be a string"));
-        }
-        d["title"] = title.clone();
+    let title = body.get("title");
+    if title.is_some_and(|t| !(t.is_string() || t.is_null())) {
+        return Err(AError::invalid("title must be a string"));
     }
-    d["metadata"] = super::resources::metadata_patch(d.get("metadata"), body.get("metadata"))?;
-    d["updated_at"] = json!(now());
-    save(&st.engine, &t, &d).await?;
+    let d = super::resources::put_latest(&st.engine, SESSION, &t, &id, |d| {
+        if let Some(title) = title {
+            d["title"] = title.clone();
+        }
+        d["metadata"] = super::resources::metadata_patch(d.get("metadata"), body.get("metadata"))?;
+        d["updated_at"] = json!(now());
+        Ok(true)
+    })
+    .await?;
     Ok(axum::Json(render(&st.engine, &t, &d).await?))
 }
 
@@ -403,14 +406,20 @@ pub async fn archive_session(
     Tenant(t, _): Tenant,
     Path(id): Path<String>,
 ) -> AResult<axum::Json<Value>> {
-    let mut d = doc(&st.engine, &t, &id).await?;
+    let d = doc(&st.engine, &t, &id).await?;
     if d["archived_at"].is_null() {
         end(&st.engine, &t, &d).await?;
+    }
+    let d = super::resources::put_latest(&st.engine, SESSION, &t, &id, |d| {
+        if !d["archived_at"].is_null() {
+            return Ok(false);
+        }
         let ts = now();
         d["archived_at"] = json!(ts);
         d["updated_at"] = json!(ts);
-        save(&st.engine, &t, &d).await?;
-    }
+        Ok(true)
+    })
+    .await?;
     Ok(axum::Json(render(&st.engine, &t, &d).await?))
 }
 
@@ -447,6 +456,8 @@ pub async fn list_sessions(
                 .map_err(|_| AError::invalid("agent_version must be an integer"))
         })
         .transpose()?;
+    // Filter on the documents first; the store is asked only for a status filter (one or two
+    // reads a session) and for the page's own items (rendered with their usage).
     let mut items = Vec::new();
     for d in super::resources::latest_of_each(e, SESSION, &t).await? {
         if !archived && !d["archived_at"].is_null() {
@@ -458,11 +469,13 @@ pub async fn list_sessions(
         {
             continue;
         }
-        let v = render(e, &t, &d).await?;
-        if !statuses.is_empty() && !statuses.iter().any(|s| v["status"] == s.as_str()) {
-            continue;
+        if !statuses.is_empty() {
+            let st = current_status(e, &t, &d).await?;
+            if !statuses.iter().any(|s| s == st) {
+                continue;
+            }
         }
-        items.push((v["id"].as_str().unwrap_or("").to_string(), v));
+        items.push((d["id"].as_str().unwrap_or("").to_string(), d));
     }
     match p.one("order").unwrap_or("desc") {
         "desc" => {}
@@ -473,11 +486,13 @@ pub async fn list_sessions(
             )))
         }
     }
-    Ok(axum::Json(paginate(
-        items,
-        p.one("page"),
-        p.limit(20, 100)?,
-    )?))
+    let mut page = paginate(items, p.one("page"), p.limit(20, 100)?)?;
+    if let Some(data) = page["data"].as_array_mut() {
+        for d in data.iter_mut() {
+            *d = render(e, &t, d).await?;
+        }
+    }
+    Ok(axum::Json(page))
 }
 
 /// Every mapped event of the session after its start, oldest first.
@@ -512,30 +527,87 @@ pub async fn list_events(
         return Err(AError::invalid(format!("unknown event type {bad:?}")));
     }
     let ranges = p.ranges("created_at");
+    let keep = |v: &Value| -> AResult<bool> {
+        Ok(
+            (types.is_empty() || types.iter().any(|ty| v["type"] == ty.as_str()))
+                && in_range(v["processed_at"].as_str().unwrap_or(""), &ranges)?,
+        )
+    };
+    let limit = p.limit(1000, 1000)?;
+    let order = p.one("order").unwrap_or("asc");
+    if order != "asc" && order != "desc" {
+        return Err(AError::invalid(format!(
+            "order must be asc or desc, not {order:?}"
+        )));
+    }
+    let cursor = p.one("page").map(super::parse_cursor).transpose()?;
+    if order == "asc" && cursor.as_ref().is_none_or(|(dir, _)| *dir == 'a') {
+        // Oldest first: the log is read only up to the page's end.
+        let after = cursor.map(|(_, id)| id);
+        let (data, more) = events_page(&st.engine, &t, &d, keep, after.as_deref(), limit).await?;
+        let next = more
+            .then(|| data.last().and_then(|v| v["id"].as_str()))
+            .flatten()
+            .map(|id| super::cursor('a', id));
+        return Ok(axum::Json(json!({"data": data, "next_page": next})));
+    }
     let mut items = Vec::new();
     for v in all_events(&st.engine, &t, &d).await? {
-        if !types.is_empty() && !types.iter().any(|ty| v["type"] == ty.as_str()) {
-            continue;
-        }
-        if !in_range(v["processed_at"].as_str().unwrap_or(""), &ranges)? {
-            continue;
-        }
-        items.push((v["id"].as_str().unwrap_or("").to_string(), v));
-    }
-    match p.one("order").unwrap_or("asc") {
-        "asc" => {}
-        "desc" => items.reverse(),
-        o => {
-            return Err(AError::invalid(format!(
-                "order must be asc or desc, not {o:?}"
-            )))
+        if keep(&v)? {
+            items.push((v["id"].as_str().unwrap_or("").to_string(), v));
         }
     }
-    let mut page = paginate(items, p.one("page"), p.limit(1000, 1000)?)?;
+    if order == "desc" {
+        items.reverse();
+    }
+    let mut page = paginate(items, p.one("page"), limit)?;
     if let Some(o) = page.as_object_mut() {
         o.remove("prev_page");
     }
     Ok(axum::Json(page))
+}
+
+/// Up to `limit` mapped events that pass `keep`, oldest first, after the one with id `after`
+/// (from the start when None); whether more follow. Reads the log only as far as it needs.
+async fn events_page(
+    e: &Engine,
+    tenant: &str,
+    d: &Value,
+    mut keep: impl FnMut(&Value) -> AResult<bool>,
+    after: Option<&str>,
+    limit: usize,
+) -> AResult<(Vec<Value>, bool)> {
+    let mut m = Mapper::new(allowed_without_asking(&d["agent"]));
+    let mut last = d["berth"]["start_seq"].as_i64().unwrap_or(0);
+    let mut found = after.is_none();
+    let mut out = Vec::new();
+    loop {
+        let page = e
+            .session_events_after(tenant, berth_id(d), last, PAGE)
+            .await?;
+        let n = page.len() as i64;
+        for ev in &page {
+            last = ev.seq;
+            for v in m.map(ev) {
+                if !found {
+                    found = v["id"].as_str() == after;
+                    continue;
+                }
+                if keep(&v)? {
+                    if out.len() == limit {
+                        return Ok((out, true));
+                    }
+                    out.push(v);
+                }
+            }
+        }
+        if n < PAGE {
+            if !found {
+                return Err(AError::invalid("page cursor names an item that is gone"));
+            }
+            return Ok((out, false));
+        }
+    }
 }
 
 /// What a client may send: `user.message` and `user.interrupt` (anything else is refused before
@@ -634,7 +706,8 @@ async fn confirm(
     let not_asked =
         || EngineError::Invalid(format!("{id} is not a tool use awaiting confirmation"));
     let (seq, _) = parse_id(id).ok_or_else(not_asked)?;
-    let asked = e.session_events_after(tenant, sid, seq - 1, 1).await?;
+    let before = seq.checked_sub(1).ok_or_else(not_asked)?;
+    let asked = e.session_events_after(tenant, sid, before, 1).await?;
     let request_id = asked
         .first()
         .filter(|a| a.seq == seq && a.kind == berth_api::EventKind::PermissionRequest)
@@ -697,8 +770,9 @@ pub async fn stream(
         ),
         None => None,
     };
-    // Subscribe first: nothing committed after this point is missed.
-    let mut live = e.subscribe(&sid);
+    // Subscribe first: nothing committed after this point is missed. On a shared store the
+    // session may run in another server process: its commits are relayed.
+    let mut live = e.subscribe_any(&sid).await;
     let now_seq = e.get_session(&t, &sid).await?.last_seq;
     // Events up to here are only read to set up the mapping; those after `from` are sent.
     let from = resume.unwrap_or((now_seq, usize::MAX));
@@ -707,6 +781,8 @@ pub async fn stream(
         let mut m = Mapper::new(allowed);
         let mut last = start_seq;
         let mut ended = false;
+        // The session's state as last polled while there was no live feed.
+        let mut polled: Option<Result<berth_api::SessionObject, crate::engine::error::EngineError>> = None;
         let send = |v: Value, from: (i64, usize)| -> Option<SseEvent> {
             let (seq, n) = parse_id(v["id"].as_str().unwrap_or(""))?;
             if (seq, n) <= from {
@@ -733,21 +809,26 @@ pub async fn stream(
                 if n < PAGE { break; }
             }
             if ended || live.is_none() {
-                // The agent's task has ended. A session its box's parking stopped comes back
-                // (under the same id) with the next message: wait for that; anything else is
-                // the end.
-                loop {
-                    match e.get_session(&t, &sid).await {
-                        Ok(s) if !s.state.is_terminal() || parked(&s) => {}
-                        _ => break 'outer,
-                    }
-                    if let Some(rx) = e.subscribe(&sid) {
-                        live = Some(rx);
-                        ended = false;
-                        continue 'outer;
-                    }
-                    tokio::time::sleep(PARKED_POLL).await;
+                // No live feed: the agent's task has ended, or another process runs it on a
+                // store without relays. A session its box's parking stopped comes back (under
+                // the same id) with the next message: poll, and read the store after each
+                // poll, until a feed is there again; anything else is the end, after the read
+                // that follows the poll that saw it.
+                if let Some(rx) = e.subscribe_any(&sid).await {
+                    live = Some(rx);
+                    ended = false;
+                    polled = None;
+                    continue 'outer;
                 }
+                match polled.take() {
+                    None => {}
+                    Some(Ok(s)) if !s.state.is_terminal() || parked(&s) => {
+                        tokio::time::sleep(PARKED_POLL).await
+                    }
+                    Some(_) => break 'outer,
+                }
+                polled = Some(e.get_session(&t, &sid).await);
+                continue 'outer;
             }
             let Some(rx) = live.as_mut() else { break };
             loop {

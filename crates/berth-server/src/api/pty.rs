@@ -18,7 +18,6 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use berth_api::ErrorBody;
 use berth_sandbox::{ExecEvent, ExecInput, TtySize};
@@ -62,25 +61,14 @@ impl FromRequestParts<AppState> for PtyCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        if !parts.headers.contains_key(header::AUTHORIZATION) {
-            let key = parts
-                .headers
-                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .find_map(|p| {
-                    p.trim()
-                        .strip_prefix(KEY_PROTOCOL_PREFIX)
-                        .map(str::to_owned)
-                });
-            if let Some(key) = key {
-                let value = HeaderValue::from_str(&format!("Bearer {key}"))
-                    .map_err(|_| ApiError::Unauthorized)?;
-                parts.headers.insert(header::AUTHORIZATION, value);
-            }
-        }
-        Ok(PtyCaller(Caller::from_request_parts(parts, st).await?))
+        let from = crate::auth::KeySources {
+            subprotocol: true,
+            ..Default::default()
+        };
+        crate::auth::key_from_headers(&st.engine, &parts.headers, from)
+            .await?
+            .map(|rec| PtyCaller(Caller::from(rec)))
+            .ok_or(ApiError::Unauthorized)
     }
 }
 

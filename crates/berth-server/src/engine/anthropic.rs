@@ -1,21 +1,21 @@
 //! What the Managed Agents API (`crate::anthropic`) needs of the engine beyond its session and
-//! box calls: its documents, a session's stored events, and key lookup. Each call checks the
+//! box calls: its documents and a session's stored events. Each call checks the
 //! tenant the way the engine's own calls do.
 
 use super::error::EngineError;
 use super::Engine;
 use berth_api::Event;
-use berth_store::{Document, KeyRecord};
+use berth_store::Document;
 
 impl Engine {
-    /// The key record behind a raw API key, if any.
-    pub async fn key_for(&self, key: &str) -> Result<Option<KeyRecord>, EngineError> {
-        Ok(self.store.find_key(&crate::auth::hash_key(key)).await?)
-    }
-
     /// Write one version of a document (see `Store::put_document`).
     pub async fn put_document(&self, doc: &Document, replace: bool) -> Result<(), EngineError> {
         Ok(self.store.put_document(doc, replace).await?)
+    }
+
+    /// Compare-and-swap of a single-version document (see `Store::advance_document`).
+    pub async fn advance_document(&self, doc: &Document, from: i64) -> Result<bool, EngineError> {
+        Ok(self.store.advance_document(doc, from).await?)
     }
 
     /// Every version of a tenant's documents of `kind` (of one `id` when given).

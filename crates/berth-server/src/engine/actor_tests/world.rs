@@ -156,6 +156,7 @@ forward_store! {
     mark_box_spans_seen(now: i64 = now => now) -> ();
     close_abandoned_box_spans() -> u64;
     put_document(d: &berth_store::Document = d.clone() => &d, replace: bool = replace => replace) -> ();
+    advance_document(d: &berth_store::Document = d.clone() => &d, from: i64 = from => from) -> bool;
     documents(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: Option<&str> = id.map(str::to_string) => id.as_deref()) -> Vec<berth_store::Document>;
     delete_document(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: &str = id.to_string() => &id) -> bool;
     box_spans(t: Option<&str> = t.map(str::to_string) => t.as_deref(), b: Option<&str> = b.map(str::to_string) => b.as_deref(), from: Option<i64> = from => from, to: Option<i64> = to => to) -> Vec<berth_store::BoxSpan>;
