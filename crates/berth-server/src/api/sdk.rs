@@ -4,8 +4,8 @@
 //! `stdout_offset`; binary from the client go to the CLI's stdin unchanged. Text frames are
 //! berth's own: the server opens with `{"type":"hello","session_id","box_id","stdin_offset",
 //! "stdout_offset"}` (`stdin_offset`: stdin bytes the session has taken, so a reconnecting
-//! client resends only the rest), acknowledges stdin now and then with
-//! `{"type":"stdin_taken","offset"}` (the client may forget its bytes before `offset`), and
+//! client resends only the rest), acknowledges stdin every 64 KiB and 100 ms after a write
+//! with `{"type":"stdin_taken","offset"}` (the client may forget its bytes before `offset`), and
 //! ends, once the CLI has ended and all its output was sent, with
 //! `{"type":"exit","code","signal"}` and a normal close. The client sends
 //! `{"type":"end_input"}` to close the CLI's stdin. A connection replaces any earlier one of
@@ -33,8 +33,10 @@ const FRAME: usize = 64 << 10;
 /// Largest client message (and frame): SDK lines are small, and every byte of one is held
 /// until the CLI takes it.
 pub const MAX_STDIN_FRAME: usize = 1 << 20;
-/// Acknowledge stdin (`stdin_taken`) each time this many more bytes were taken.
+/// Acknowledge stdin (`stdin_taken`) each time this many more bytes were taken, and else
+/// [`ACK_DELAY`] after a write (so the client learns the final count too).
 const ACK_EVERY: u64 = 64 << 10;
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 /// A connection's stdin write in flight (answered once the box's queue took it).
 type StdinWrite = futures::future::BoxFuture<'static, Result<(), EngineError>>;
 /// Longest a close frame may take to send.
@@ -114,6 +116,7 @@ async fn serve(
         // The connection's one stdin write in flight: no frame is read until it is answered,
         // while stdout keeps flowing.
         let mut inflight: Option<StdinWrite> = None;
+        let mut ack_at: Option<tokio::time::Instant> = None;
         'conn: loop {
             // Send everything available before waiting.
             loop {
@@ -168,9 +171,11 @@ async fn serve(
                         Ok(()) => {
                             let taken = relay.stdin_taken();
                             if taken < acked + ACK_EVERY {
+                                ack_at.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
                                 continue;
                             }
                             acked = taken;
+                            ack_at = None;
                             json!({"type": "stdin_taken", "offset": taken})
                         }
                         Err(e) => {
@@ -180,6 +185,17 @@ async fn serve(
                     };
                     if sink.send(Message::Text(text.to_string().into())).await.is_err() {
                         break;
+                    }
+                }
+                () = crate::engine::sleep_until_opt(ack_at) => {
+                    ack_at = None;
+                    let taken = relay.stdin_taken();
+                    if taken > acked {
+                        acked = taken;
+                        let text = json!({"type": "stdin_taken", "offset": taken});
+                        if sink.send(Message::Text(text.to_string().into())).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 msg = incoming.next(), if inflight.is_none() => {
