@@ -10,7 +10,10 @@ stdin and stdout over the WebSocket ``/v1/sessions/{id}/sdk``. The SDK's control
 
 A dropped WebSocket is reconnected (for up to ``reconnect_for`` seconds, within the server's
 60 s grace): the client asks for stdout from the byte offset it had reached and resends the
-stdin bytes the server had not taken, so nothing is lost or repeated.
+stdin bytes the server had not taken, so nothing is lost or repeated. The stdin kept for this
+is trimmed at each of the server's ``stdin_taken`` acknowledgements, and a CLI output line
+longer than the options' ``max_buffer_size`` (the SDK's default: 1 MiB) is an error, as with
+a local CLI.
 
     from claude_agent_sdk import ClaudeAgentOptions, query
     from berth.agent_sdk import BerthTransport
@@ -36,6 +39,11 @@ from claude_agent_sdk import CLIConnectionError, ClaudeAgentOptions, ProcessErro
 from . import Berth, BerthError
 
 __all__ = ["BerthTransport", "cli_args"]
+
+#: Largest stdin frame sent: the server takes messages of at most 1 MiB.
+FRAME = 512 << 10
+#: The SDK's default cap on one CLI output line.
+DEFAULT_MAX_BUFFER = 1 << 20
 
 
 def cli_args(options: ClaudeAgentOptions) -> list[str]:
@@ -86,6 +94,7 @@ class BerthTransport(Transport):
         self._ready = False
         self._closed = False
         self._exit: Optional[dict[str, Any]] = None
+        self._max_buffer = getattr(options, "max_buffer_size", None) or DEFAULT_MAX_BUFFER
 
     # ---- Transport ----
 
@@ -115,7 +124,7 @@ class BerthTransport(Transport):
             gen, ws = self._gen, self._ws
             try:
                 assert ws is not None
-                await ws.send(b)
+                await _send(ws, b)
                 return
             except websockets.ConnectionClosed:
                 pass
@@ -186,12 +195,17 @@ class BerthTransport(Transport):
         if not self._stdin_base <= taken <= end:
             await ws.close()
             raise CLIConnectionError(f"berth took {taken} stdin bytes; this client wrote {end}")
-        del self._stdin_log[: taken - self._stdin_base]
-        self._stdin_base = taken
+        self._trim(taken)
         if self._stdin_log:
-            await ws.send(bytes(self._stdin_log))
+            await _send(ws, bytes(self._stdin_log))
         self._ws = ws
         self._gen += 1
+
+    def _trim(self, taken: int) -> None:
+        """Forget the stdin the server has taken (offsets out of range are ignored)."""
+        if self._stdin_base <= taken <= self._stdin_base + len(self._stdin_log):
+            del self._stdin_log[: taken - self._stdin_base]
+            self._stdin_base = taken
 
     async def _reconnect(self, gen: int) -> None:
         async with self._lock:
@@ -231,6 +245,8 @@ class BerthTransport(Transport):
                 msg = json.loads(frame)
                 if msg.get("type") == "exit":
                     self._exit = msg
+                elif msg.get("type") == "stdin_taken" and gen == self._gen:
+                    self._trim(int(msg["offset"]))
                 elif msg.get("type") == "error":
                     raise CLIConnectionError(f"berth: {msg.get('error')}")
                 continue
@@ -244,6 +260,10 @@ class BerthTransport(Transport):
                         yield json.loads(line)
                     except ValueError:
                         continue  # not a protocol line (the SDK skips these too)
+            if len(pending) > self._max_buffer:
+                raise CLIConnectionError(
+                    f"a CLI output line exceeded max_buffer_size ({self._max_buffer} bytes)"
+                )
         if pending.strip():
             try:
                 yield json.loads(bytes(pending))
@@ -252,3 +272,9 @@ class BerthTransport(Transport):
         code = (self._exit or {}).get("code")
         if self._exit is not None and code not in (0, None):
             raise ProcessError(f"Command failed with exit code {code}", exit_code=code, stderr="see the berth session's events")
+
+
+async def _send(ws: ClientConnection, b: bytes) -> None:
+    """Send stdin bytes in frames the server takes (the relay passes bytes, not messages)."""
+    for i in range(0, len(b), FRAME):
+        await ws.send(b[i : i + FRAME])

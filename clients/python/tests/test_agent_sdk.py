@@ -217,3 +217,33 @@ async def test_arguments_off_the_allowlist_are_refused_by_name(api: Berth):
         await BerthTransport(opts).connect()
     # No session was left behind by the refusals.
     assert all(s["agent"].get("client") != "sdk" or s["state"] != "idle" for s in api.list_sessions())
+
+
+async def test_stdin_is_forgotten_once_taken_and_writes_over_a_frame_pass(box: str):
+    """The stdin kept for a reconnect is trimmed at the server's acknowledgements (it would
+    otherwise hold every byte ever written), and one write larger than the server's 1 MiB
+    message limit still passes (sent in frames)."""
+    opts = ClaudeAgentOptions()
+    t = BerthTransport(opts, box=box)
+    with anyio.fail_after(LIMIT_S):
+        await t.connect()
+        try:
+            async with anyio.create_task_group() as tg:
+                async def drain() -> None:
+                    async for _ in t.read_messages():
+                        pass
+
+                tg.start_soon(drain)
+                # Heartbeats: lines the CLI takes and ignores.
+                line = json.dumps({"type": "keep_alive", "pad": "x" * (100 << 10)}) + "\n"
+                big = json.dumps({"type": "keep_alive", "pad": "x" * (3 << 19)}) + "\n"
+                for _ in range(20):
+                    await t.write(line)
+                await t.write(big)
+                total = 20 * len(line) + len(big)
+                while not (t._stdin_base == total and not t._stdin_log):
+                    assert t.reconnects == 0, "the connection was refused (a frame over the limit?)"
+                    await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        finally:
+            await t.close()

@@ -8,12 +8,19 @@
 // allowlist and runs its own pinned CLI with its own environment: the executable, `env` and
 // `cwd` the SDK passes are not used). stdin/stdout are relayed over the session's WebSocket;
 // a dropped socket is reconnected from the stdout offset reached, resending the stdin bytes
-// the server had not taken.
+// the server had not taken (kept until the server's `stdin_taken` acknowledgement).
 
 import { EventEmitter } from 'node:events';
 import { PassThrough } from 'node:stream';
 import WebSocket from 'ws';
 import { Berth } from './index.js';
+
+/** Largest stdin frame sent: the server takes messages of at most 1 MiB. */
+const FRAME = 512 << 10;
+
+function sendChunked(ws, buf) {
+  for (let i = 0; i < buf.length; i += FRAME) ws.send(buf.subarray(i, i + FRAME));
+}
 
 /** Leading arguments that are not flags (a script path when the SDK runs `node cli.js`). */
 function cliArgs(args) {
@@ -35,7 +42,9 @@ class BerthProcess extends EventEmitter {
     this.reconnects = 0;
     this.reconnectForMs = reconnectForMs;
     this.stdoutOffset = 0;
-    this.stdinLog = Buffer.alloc(0);
+    // Stdin written but maybe not yet taken by the server: chunks from offset stdinBase on.
+    this.stdinLog = [];
+    this.stdinLogLength = 0;
     this.stdinBase = 0;
     this.ws = null;
     this.ended = false;
@@ -52,8 +61,9 @@ class BerthProcess extends EventEmitter {
     if (this.killed) return this.stopSession();
     await this.open();
     this.stdin.on('data', (chunk) => {
-      this.stdinLog = Buffer.concat([this.stdinLog, chunk]);
-      if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(chunk);
+      this.stdinLog.push(chunk);
+      this.stdinLogLength += chunk.length;
+      if (this.ws?.readyState === WebSocket.OPEN) sendChunked(this.ws, chunk);
     });
     this.stdin.on('end', () => {
       this.inputEnded = true;
@@ -76,12 +86,17 @@ class BerthProcess extends EventEmitter {
         if (msg.type === 'hello') {
           hello = true;
           const taken = msg.stdin_offset;
-          this.stdinLog = this.stdinLog.subarray(taken - this.stdinBase);
-          this.stdinBase = taken;
+          if (!this.trim(taken)) {
+            ws.close();
+            this.fail(new Error(`berth took ${taken} stdin bytes; this client wrote ${this.stdinBase + this.stdinLogLength}`));
+            return resolve();
+          }
           this.ws = ws;
-          if (this.stdinLog.length) ws.send(this.stdinLog);
+          for (const c of this.stdinLog) sendChunked(ws, c);
           if (this.inputEnded) ws.send(JSON.stringify({ type: 'end_input' }));
           resolve();
+        } else if (msg.type === 'stdin_taken') {
+          if (this.ws === ws) this.trim(msg.offset);
         } else if (msg.type === 'exit') {
           this.finish(msg.code, msg.signal);
         } else if (msg.type === 'error') {
@@ -112,6 +127,25 @@ class BerthProcess extends EventEmitter {
       }
     }
     if (!this.ended && !this.killed) this.fail(new Error('could not reconnect to berth'));
+  }
+
+  /** Forget the stdin the server has taken; false if `taken` is not within what was written. */
+  trim(taken) {
+    if (!Number.isSafeInteger(taken) || taken < this.stdinBase || taken > this.stdinBase + this.stdinLogLength) return false;
+    let drop = taken - this.stdinBase;
+    this.stdinBase = taken;
+    this.stdinLogLength -= drop;
+    while (drop > 0) {
+      const c = this.stdinLog[0];
+      if (c.length <= drop) {
+        this.stdinLog.shift();
+        drop -= c.length;
+      } else {
+        this.stdinLog[0] = c.subarray(drop);
+        drop = 0;
+      }
+    }
+    return true;
   }
 
   /** For tests: cut the socket as a network failure would. */

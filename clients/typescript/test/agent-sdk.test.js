@@ -73,3 +73,29 @@ test('arguments off the allowlist are refused by name', async () => {
     (e) => e instanceof BerthError && e.status === 400 && e.detail.includes('"--dangerously-skip-permissions"'),
   );
 });
+
+test('stdin is forgotten once the server took it, and a write over a frame passes', { timeout: 120_000 }, async () => {
+  const box = await api.createBox({ lifecycle: 'persistent', resources: { memory_mib: 1024, disk_mib: 256 } });
+  let proc;
+  try {
+    proc = berthSpawn({ box: box.id })({ args: [] });
+    proc.stdout.resume();
+    const failed = new Promise((_, reject) => proc.on('error', reject));
+    await Promise.race([new Promise((resolve) => proc.on('session', resolve)), failed]);
+    // Heartbeats: lines the CLI takes and ignores; the last one is over the server's 1 MiB limit.
+    const line = JSON.stringify({ type: 'keep_alive', pad: 'x'.repeat(100 << 10) }) + '\n';
+    const big = JSON.stringify({ type: 'keep_alive', pad: 'x'.repeat(3 << 19) }) + '\n';
+    for (let i = 0; i < 20; i++) proc.stdin.write(line);
+    proc.stdin.write(big);
+    const total = 20 * line.length + big.length;
+    const deadline = Date.now() + 60_000;
+    while (!(proc.stdinBase === total && proc.stdinLogLength === 0 && proc.stdinLog.length === 0)) {
+      assert.ok(Date.now() < deadline, `taken ${proc.stdinBase} of ${total}, kept ${proc.stdinLogLength}`);
+      assert.equal(proc.reconnects, 0, 'the connection was refused (a frame over the limit?)');
+      await Promise.race([new Promise((r) => setTimeout(r, 50)), failed]);
+    }
+  } finally {
+    proc?.kill('SIGTERM');
+    await api.deleteBox(box.id);
+  }
+});

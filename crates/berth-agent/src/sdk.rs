@@ -306,16 +306,18 @@ impl Relay {
         Read::Bytes(s.buf.range(start..start + n).copied().collect())
     }
 
-    /// A new client connection: it supersedes any earlier one. Returns its generation.
-    pub fn attach(&self) -> u64 {
-        let g = {
+    /// A new client connection: it supersedes any earlier one. Returns its generation and
+    /// the stdin bytes taken so far, read together: no write of an older connection can be
+    /// counted after this (see [`Relay::take_stdin`]), so the client resends exactly the rest.
+    pub fn attach(&self) -> (u64, u64) {
+        let attached = {
             let mut s = self.lock();
             s.generation += 1;
             s.attached = true;
-            s.generation
+            (s.generation, s.stdin)
         };
         self.tick();
-        g
+        attached
     }
 
     /// The connection of generation `g` ended (a no-op if a newer one replaced it).
@@ -344,8 +346,17 @@ impl Relay {
         self.lock().stdin
     }
 
-    pub fn add_stdin(&self, n: usize) {
-        self.lock().stdin += n as u64;
+    /// Count `n` stdin bytes of connection `g` as taken, if `g` is still the current
+    /// connection (false: a newer one replaced it, and the bytes must not reach the CLI).
+    /// The caller passes the bytes on only after this returns true, and before any other
+    /// write of the session.
+    pub fn take_stdin(&self, g: u64, n: usize) -> bool {
+        let mut s = self.lock();
+        if s.generation != g {
+            return false;
+        }
+        s.stdin += n as u64;
+        true
     }
 
     /// Ticks on every change (append, exit, attach, detach).
@@ -605,8 +616,8 @@ mod tests {
             r.read(11 + RELAY_BYTES as u64, 4),
             Read::Ended(RelayExit { code: Some(0), .. })
         ));
-        let g1 = r.attach();
-        let g2 = r.attach();
+        let (g1, _) = r.attach();
+        let (g2, _) = r.attach();
         r.detach(g1);
         assert_eq!(
             r.attached(),
@@ -615,5 +626,24 @@ mod tests {
         );
         r.detach(g2);
         assert_eq!(r.attached(), (false, g2));
+    }
+
+    #[test]
+    fn stdin_is_counted_only_for_the_current_connection_and_read_with_the_attach() {
+        let r = Relay::default();
+        let (g1, taken) = r.attach();
+        assert_eq!(taken, 0);
+        assert!(r.take_stdin(g1, 5));
+        // A reconnect: the older connection's write still in flight is refused, so the
+        // offset the newer one was told stays exact.
+        let (g2, taken) = r.attach();
+        assert_eq!(taken, 5);
+        assert!(
+            !r.take_stdin(g1, 7),
+            "a replaced connection's bytes are not taken"
+        );
+        assert_eq!(r.stdin_taken(), 5);
+        assert!(r.take_stdin(g2, 3));
+        assert_eq!(r.attach().1, 8);
     }
 }

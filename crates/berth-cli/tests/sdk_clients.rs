@@ -129,7 +129,7 @@ async fn the_typescript_client_and_the_real_agent_sdk_pass_their_suite() {
     );
     assert!(out.status.success(), "node --test failed:\n{text}");
     assert!(
-        text.contains("# pass 3") && text.contains("# skipped 0"),
+        text.contains("# pass 4") && text.contains("# skipped 0"),
         "{text}"
     );
 }

@@ -3,15 +3,22 @@
 //! Frames: binary from the server are the CLI's stdout, in order, starting at the client's
 //! `stdout_offset`; binary from the client go to the CLI's stdin unchanged. Text frames are
 //! berth's own: the server opens with `{"type":"hello","session_id","box_id","stdin_offset",
-//! "stdout_offset","kept_from"}` (`stdin_offset`: stdin bytes the session has taken, so a
-//! reconnecting client resends only the rest) and ends, once the CLI has ended and all its
-//! output was sent, with `{"type":"exit","code","signal"}` and a normal close. The client
-//! sends `{"type":"end_input"}` to close the CLI's stdin. A connection replaces any earlier
-//! one of the same session (closed with 4001); an offset older than the kept output (the
-//! last [`berth_agent::sdk::RELAY_BYTES`]) is closed with 4002.
+//! "stdout_offset"}` (`stdin_offset`: stdin bytes the session has taken, so a reconnecting
+//! client resends only the rest), acknowledges stdin every 64 KiB and 100 ms after a write
+//! with `{"type":"stdin_taken","offset"}` (the client may forget its bytes before `offset`), and
+//! ends, once the CLI has ended and all its output was sent, with
+//! `{"type":"exit","code","signal"}` and a normal close. The client sends
+//! `{"type":"end_input"}` to close the CLI's stdin. A connection replaces any earlier one of
+//! the same session (closed with 4001); an offset older than the kept output (the last
+//! [`berth_agent::sdk::RELAY_BYTES`]) is closed with 4002 (after the hello).
+//!
+//! Stdin is bounded end to end: a client frame is at most [`MAX_STDIN_FRAME`], a connection
+//! has one write in flight, and it is answered only once the box's queue has room (the
+//! engine's `sdk_stdin`); meanwhile no more frames are read, so TCP pushes back on the client.
 
 use super::{Path, Query};
 use crate::auth::Caller;
+use crate::engine::error::EngineError;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -23,6 +30,15 @@ use serde_json::json;
 
 /// Stdout bytes per frame.
 const FRAME: usize = 64 << 10;
+/// Largest client message (and frame): SDK lines are small, and every byte of one is held
+/// until the CLI takes it.
+pub const MAX_STDIN_FRAME: usize = 1 << 20;
+/// Acknowledge stdin (`stdin_taken`) each time this many more bytes were taken, and else
+/// [`ACK_DELAY`] after a write (so the client learns the final count too).
+const ACK_EVERY: u64 = 64 << 10;
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+/// A connection's stdin write in flight (answered once the box's queue took it).
+type StdinWrite = futures::future::BoxFuture<'static, Result<(), EngineError>>;
 /// Longest a close frame may take to send.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -46,7 +62,8 @@ pub async fn sdk_ws(
     let s = st.engine.get_session(&c.tenant, &id).await?;
     let offset = p.stdout_offset.unwrap_or(0);
     Ok(upgrade
-        .max_message_size(16 << 20)
+        .max_message_size(MAX_STDIN_FRAME)
+        .max_frame_size(MAX_STDIN_FRAME)
         .on_upgrade(move |socket| serve(st, c, s.id, s.box_id, relay, offset, socket))
         .into_response())
 }
@@ -66,7 +83,8 @@ async fn serve(
     mut offset: u64,
     socket: WebSocket,
 ) {
-    let generation = relay.attach();
+    let (generation, stdin_offset) = relay.attach();
+    let mut acked = stdin_offset;
     let mut changed = relay.subscribe();
     let (mut sink, mut incoming) = socket.split();
     let revoked = st.engine.key_revoked(&c.key_id);
@@ -80,7 +98,7 @@ async fn serve(
         "type": "hello",
         "session_id": id,
         "box_id": box_id,
-        "stdin_offset": relay.stdin_taken(),
+        "stdin_offset": stdin_offset,
         "stdout_offset": offset,
     });
     if sink
@@ -95,6 +113,10 @@ async fn serve(
     // must not keep the socket past its key.
     let body = async {
         let mut last: Option<Message> = None;
+        // The connection's one stdin write in flight: no frame is read until it is answered,
+        // while stdout keeps flowing.
+        let mut inflight: Option<StdinWrite> = None;
+        let mut ack_at: Option<tokio::time::Instant> = None;
         'conn: loop {
             // Send everything available before waiting.
             loop {
@@ -138,8 +160,60 @@ async fn serve(
                         break;
                     }
                 }
-                msg = incoming.next() => {
-                    let Some(Ok(msg)) = msg else { break };
+                r = async {
+                    match inflight.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    inflight = None;
+                    let text = match r {
+                        Ok(()) => {
+                            let taken = relay.stdin_taken();
+                            if taken < acked + ACK_EVERY {
+                                ack_at.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+                                continue;
+                            }
+                            acked = taken;
+                            ack_at = None;
+                            json!({"type": "stdin_taken", "offset": taken})
+                        }
+                        Err(e) => {
+                            let body = ApiError::from(e).body();
+                            json!({"type": "error", "error": body.error})
+                        }
+                    };
+                    if sink.send(Message::Text(text.to_string().into())).await.is_err() {
+                        break;
+                    }
+                }
+                () = crate::engine::sleep_until_opt(ack_at) => {
+                    ack_at = None;
+                    let taken = relay.stdin_taken();
+                    if taken > acked {
+                        acked = taken;
+                        let text = json!({"type": "stdin_taken", "offset": taken});
+                        if sink.send(Message::Text(text.to_string().into())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                msg = incoming.next(), if inflight.is_none() => {
+                    let msg = match msg {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            // The one read error a client can be told about: a message over
+                            // the limit (tungstenite's capacity error; no type to match).
+                            if e.to_string().contains("too long") {
+                                last = Some(close(
+                                    axum::extract::ws::close_code::SIZE,
+                                    format!("a stdin message is at most {MAX_STDIN_FRAME} bytes"),
+                                ));
+                            }
+                            break;
+                        }
+                        None => break,
+                    };
                     let bytes = match msg {
                         Message::Binary(b) => Some(b),
                         Message::Text(t) => match serde_json::from_str::<ClientText>(t.as_str()) {
@@ -152,20 +226,16 @@ async fn serve(
                         Message::Close(_) => break,
                         _ => continue,
                     };
-                    let n = bytes.as_ref().map_or(0, |b| b.len());
                     if !relay.current(generation) {
-                        // A newer connection owns the session: its input must not interleave.
+                        // A newer connection owns the session: its input must not interleave
+                        // (the session checks again, with the count, when it queues them).
                         last = Some(close(4001, "replaced by a newer connection".into()));
                         break;
                     }
-                    match st.engine.sdk_stdin(&c.tenant, &id, bytes).await {
-                        Ok(()) => relay.add_stdin(n),
-                        Err(e) => {
-                            let body = ApiError::from(e).body();
-                            let text = json!({"type": "error", "error": body.error});
-                            let _ = sink.send(Message::Text(text.to_string().into())).await;
-                        }
-                    }
+                    let (engine, tenant, id) = (st.engine.clone(), c.tenant.clone(), id.clone());
+                    inflight = Some(Box::pin(async move {
+                        engine.sdk_stdin(&tenant, &id, generation, bytes).await
+                    }));
                 }
             }
         }

@@ -3,7 +3,10 @@
 //! The session's owner task runs the CLI as for any session (same box, gateway token,
 //! metering, budgets, limits, events); its driver copies the CLI's stdout into a
 //! [`berth_agent::Relay`] and the client's bytes reach the CLI's stdin through
-//! [`SessionCmd::ClientStdin`], in order. One client connection at a time owns the session (a
+//! [`SessionCmd::ClientStdin`], in order, with back-pressure: a connection has one write in
+//! flight, answered once the box's input queue has room for it (see `actor`'s
+//! `SDK_STDIN_QUEUED`), so a CLI that stops reading makes the server stop reading the socket
+//! instead of buffering. One client connection at a time owns the session (a
 //! newer one replaces it). A session with no client connected for [`SDK_GRACE`] is stopped.
 
 use super::registry::Registry;
@@ -36,11 +39,14 @@ impl Engine {
         Ok(relay)
     }
 
-    /// Write a client's bytes to an sdk session's CLI (None: end its input).
+    /// Write the bytes of client connection `generation` to an sdk session's CLI (None: end
+    /// its input). Returns once they are queued to the box, which waits while the box's queue
+    /// holds its share of client bytes: the caller reads no more from its client meanwhile.
     pub async fn sdk_stdin(
         &self,
         tenant: &str,
         id: &str,
+        generation: u64,
         bytes: Option<bytes::Bytes>,
     ) -> Result<(), EngineError> {
         let h = self
@@ -49,9 +55,13 @@ impl Engine {
             .ok_or_else(|| EngineError::not_found("session", id))?;
         let (tx, rx) = oneshot::channel();
         let ended = || EngineError::Conflict(format!("session {id} has ended"));
-        h.tx.send(SessionCmd::ClientStdin { bytes, reply: tx })
-            .await
-            .map_err(|_| ended())?;
+        h.tx.send(SessionCmd::ClientStdin {
+            generation,
+            bytes,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| ended())?;
         rx.await.map_err(|_| ended())?
     }
 }

@@ -24,6 +24,17 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 const BROADCAST_CAPACITY: usize = 1024;
 /// Most agent output chunks folded into one store transaction.
 const MAX_BATCH: usize = 256;
+/// Client stdin bytes an sdk session lets wait in the box's input queue: past this the
+/// client's next write waits (and its socket is not read meanwhile), so a CLI that stops
+/// reading holds little server memory.
+pub const SDK_STDIN_QUEUED: usize = 1 << 20;
+/// Input queue slots kept free of client stdin, for the session's own writes (the kill).
+const SDK_SLOTS_KEPT: usize = 8;
+/// How often a waiting client write looks for room again (the queue has no drain signal).
+const SDK_STDIN_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+/// Longest the actor waits for room in the box's input queue for its own writes: past it the
+/// write fails, so a box that stops reading its stdin cannot keep the actor from `Stop`.
+const INPUT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub enum SessionCmd {
     Message {
@@ -48,8 +59,10 @@ pub enum SessionCmd {
     },
     /// A server-side notice to record in the event log.
     Notice { kind: EventKind, data: Value },
-    /// Bytes an sdk session's client writes to the CLI's stdin (None: end of input).
+    /// Bytes an sdk session's client connection `generation` writes to the CLI's stdin
+    /// (None: end of input). Answered once they are queued to the box (or refused).
     ClientStdin {
+        generation: u64,
         bytes: Option<bytes::Bytes>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
@@ -101,6 +114,28 @@ struct SessionActor {
     cap: crate::engine::event_cap::EventCap,
     /// The agent, already started in the box (a warm pool's): used instead of starting one.
     prestarted: Option<ExecHandle>,
+    /// A client stdin write waiting for room in the box's input queue (one at a time).
+    stdin_wait: Option<ClientWrite>,
+    /// Sizes of the latest client stdin writes queued to the box, oldest first: the queue's
+    /// last `len - capacity` of them are still in it.
+    stdin_sizes: std::collections::VecDeque<usize>,
+}
+
+struct ClientWrite {
+    generation: u64,
+    bytes: Option<bytes::Bytes>,
+    reply: oneshot::Sender<Result<(), EngineError>>,
+}
+
+/// Queue `input` to the box, waiting at most [`INPUT_WAIT`] for room.
+async fn send_input(h: &ExecHandle, input: ExecInput) -> Result<(), EngineError> {
+    match tokio::time::timeout(INPUT_WAIT, h.input.send(input)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(EngineError::Conflict("the agent is not running".into())),
+        Err(_) => Err(EngineError::Conflict(
+            "the agent is not reading its input".into(),
+        )),
+    }
 }
 
 /// An event as subscribers receive it: encoded to JSON once, shared by all of them.
@@ -184,6 +219,8 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         prompt: start.prompt,
         token: start.token,
         prestarted: start.prestarted,
+        stdin_wait: None,
+        stdin_sizes: std::collections::VecDeque::new(),
     };
     let span = tracing::info_span!("session", session_id = %actor.obj.id, box_id = %actor.obj.box_id, tenant = %actor.obj.tenant);
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -193,6 +230,10 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         events,
         sdk,
     }
+}
+
+fn replaced() -> EngineError {
+    EngineError::Conflict("replaced by a newer connection".into())
 }
 
 impl SessionActor {
@@ -384,13 +425,14 @@ impl SessionActor {
                     }
                     let (ended, answers) = self.agent_output(evs).await;
                     for b in answers {
-                        let _ = h.input.send(ExecInput::Stdin(b.into())).await;
+                        let _ = send_input(h, ExecInput::Stdin(b.into())).await;
                     }
                     if ended {
                         if self.done_at_result {
                             // The task is done but the agent still runs (Claude waits for
-                            // more input): end it with the session.
-                            let _ = h.input.send(ExecInput::Signal(9)).await;
+                            // more input): end it with the session (dropping the handle
+                            // ends it too, should the queue be full).
+                            let _ = h.input.try_send(ExecInput::Signal(9));
                         }
                         exec = None;
                     }
@@ -399,9 +441,12 @@ impl SessionActor {
                     // Unanswered permission requests past their time are denied.
                     let out = self.driver.expire(std::time::Instant::now());
                     for b in &out.stdin {
-                        let _ = h.input.send(ExecInput::Stdin(b.clone().into())).await;
+                        let _ = send_input(h, ExecInput::Stdin(b.clone().into())).await;
                     }
                     self.apply(out).await;
+                }
+                _ = tokio::time::sleep(SDK_STDIN_RETRY), if self.stdin_wait.is_some() => {
+                    self.flush_client_stdin(Some(&*h)).await;
                 }
                 _ = sleep_until_opt(self.cap.summary_due()) => {
                     // A flood that stopped while the agent lives on is still summarised.
@@ -418,6 +463,12 @@ impl SessionActor {
                 code: None,
                 signal: None,
             });
+        }
+        if let Some(w) = self.stdin_wait.take() {
+            let _ = w.reply.send(Err(EngineError::Conflict(format!(
+                "session {} has ended",
+                self.obj.id
+            ))));
         }
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {
@@ -558,10 +609,7 @@ impl SessionActor {
             .driver
             .encode_message(&content)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        h.input
-            .send(ExecInput::Stdin(bytes.into()))
-            .await
-            .map_err(|_| EngineError::Conflict("the agent is not running".into()))?;
+        send_input(h, ExecInput::Stdin(bytes.into())).await?;
         self.record(vec![AgentEvent {
             kind: EventKind::User,
             data: json!({"content": content}),
@@ -573,32 +621,84 @@ impl SessionActor {
         Ok(())
     }
 
-    /// An sdk client's stdin: read for events by the driver, then passed on unchanged.
-    async fn client_stdin(
-        &mut self,
-        exec: Option<&ExecHandle>,
-        bytes: Option<bytes::Bytes>,
-    ) -> Result<(), EngineError> {
-        let Some(h) = exec else {
-            return Err(EngineError::Conflict("the agent is not running".into()));
+    /// An sdk client's write: refused at once if its connection was replaced, else queued to
+    /// the box as soon as there is room (see [`Self::flush_client_stdin`]). Only a replaced
+    /// connection's write can still be waiting (each connection waits for its answer).
+    async fn client_stdin(&mut self, exec: Option<&ExecHandle>, w: ClientWrite) {
+        let current = |g| self.driver.sdk_relay().is_some_and(|r| r.current(g));
+        if !current(w.generation) {
+            let _ = w.reply.send(Err(replaced()));
+            return;
+        }
+        if let Some(old) = self.stdin_wait.replace(w) {
+            let _ = old.reply.send(Err(replaced()));
+        }
+        self.flush_client_stdin(exec).await;
+    }
+
+    /// Queue the waiting client write to the box if its connection is still current and the
+    /// box's queue has room: at most [`SDK_STDIN_QUEUED`] client bytes (or one write) in it,
+    /// and [`SDK_SLOTS_KEPT`] slots free. Never waits: the actor stays free for `Stop`.
+    async fn flush_client_stdin(&mut self, exec: Option<&ExecHandle>) {
+        let Some(w) = self.stdin_wait.take() else {
+            return;
         };
-        let out = match &bytes {
-            Some(b) => self
-                .driver
-                .on_client_stdin(b)
-                .map_err(|e| EngineError::Invalid(e.to_string()))?,
+        let Some(h) = exec else {
+            let _ = w.reply.send(Err(EngineError::Conflict(
+                "the agent is not running".into(),
+            )));
+            return;
+        };
+        let Some(relay) = self.driver.sdk_relay() else {
+            let _ = w
+                .reply
+                .send(Err(EngineError::Invalid("not an sdk session".into())));
+            return;
+        };
+        if !relay.current(w.generation) {
+            let _ = w.reply.send(Err(replaced()));
+            return;
+        }
+        let n = w.bytes.as_ref().map_or(0, |b| b.len());
+        let in_queue = h.input.max_capacity() - h.input.capacity();
+        while self.stdin_sizes.len() > in_queue {
+            self.stdin_sizes.pop_front();
+        }
+        let queued: usize = self.stdin_sizes.iter().sum();
+        let permit = match h.input.try_reserve() {
+            Ok(p)
+                if h.input.capacity() >= SDK_SLOTS_KEPT
+                    && (queued == 0 || queued + n <= SDK_STDIN_QUEUED) =>
+            {
+                p
+            }
+            Ok(_) | Err(mpsc::error::TrySendError::Full(())) => {
+                self.stdin_wait = Some(w);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                let _ = w.reply.send(Err(EngineError::Conflict(
+                    "the agent is not running".into(),
+                )));
+                return;
+            }
+        };
+        // Counted and queued with no await between: an attach sees both or neither.
+        if !relay.take_stdin(w.generation, n) {
+            let _ = w.reply.send(Err(replaced()));
+            return;
+        }
+        let out = match &w.bytes {
+            Some(b) => self.driver.on_client_stdin(b).unwrap_or_default(),
             None => Output::default(),
         };
-        let input = match bytes {
+        permit.send(match w.bytes {
             Some(b) => ExecInput::Stdin(b),
             None => ExecInput::CloseStdin,
-        };
-        h.input
-            .send(input)
-            .await
-            .map_err(|_| EngineError::Conflict("the agent is not running".into()))?;
+        });
+        self.stdin_sizes.push_back(n);
+        let _ = w.reply.send(Ok(()));
         self.apply(out).await;
-        Ok(())
     }
 
     /// Returns true when the session must end now.
@@ -612,16 +712,21 @@ impl SessionActor {
                 false
             }
             SessionCmd::Interrupt { reply } => {
+                if self.driver.sdk_relay().is_some() {
+                    // The client owns the CLI's stdin: a line of berth's could land inside
+                    // one of the client's, and the CLI's answer would carry an id the SDK
+                    // never issued.
+                    let _ = reply.send(Err(EngineError::Invalid(
+                        "an sdk session is interrupted by its client (the SDK's interrupt over /v1/sessions/{id}/sdk)".into(),
+                    )));
+                    return false;
+                }
                 let r = match (exec.as_ref(), self.driver.interrupt()) {
-                    (Some(h), Interrupt::Signal(s)) => {
-                        h.input.send(ExecInput::Signal(s)).await.map_err(|_| ())
+                    (Some(h), Interrupt::Signal(s)) => send_input(h, ExecInput::Signal(s)).await,
+                    (Some(h), Interrupt::Stdin(b)) => {
+                        send_input(h, ExecInput::Stdin(b.into())).await
                     }
-                    (Some(h), Interrupt::Stdin(b)) => h
-                        .input
-                        .send(ExecInput::Stdin(b.into()))
-                        .await
-                        .map_err(|_| ()),
-                    (None, _) => Err(()),
+                    (None, _) => Err(EngineError::Conflict("the agent is not running".into())),
                 };
                 if r.is_ok() {
                     self.record(vec![AgentEvent {
@@ -630,8 +735,7 @@ impl SessionActor {
                     }])
                     .await;
                 }
-                let _ = reply
-                    .send(r.map_err(|_| EngineError::Conflict("the agent is not running".into())));
+                let _ = reply.send(r);
                 false
             }
             SessionCmd::Permission {
@@ -648,13 +752,13 @@ impl SessionActor {
                     ),
                 ) {
                     (Some(h), Some(bytes)) => {
-                        let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
+                        let sent = send_input(h, ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
                             kind: EventKind::PermissionAnswer,
                             data: json!({"request_id": request_id, "allow": answer.allow, "message": answer.message}),
                         }])
                         .await;
-                        sent.map_err(|_| EngineError::Conflict("the agent is not running".into()))
+                        sent
                     }
                     _ => Err(EngineError::NotFound(format!(
                         "no pending permission request {request_id} in this session"
@@ -667,9 +771,17 @@ impl SessionActor {
                 self.record(vec![AgentEvent { kind, data }]).await;
                 false
             }
-            SessionCmd::ClientStdin { bytes, reply } => {
-                let r = self.client_stdin(exec.as_ref(), bytes).await;
-                let _ = reply.send(r);
+            SessionCmd::ClientStdin {
+                generation,
+                bytes,
+                reply,
+            } => {
+                let w = ClientWrite {
+                    generation,
+                    bytes,
+                    reply,
+                };
+                self.client_stdin(exec.as_ref(), w).await;
                 false
             }
             SessionCmd::SetPermissionMode { mode, reply } => {
@@ -680,13 +792,13 @@ impl SessionActor {
                     )),
                     (None, _) => Err(EngineError::Conflict("the agent is not running".into())),
                     (Some(h), Ok(Some(bytes))) => {
-                        let sent = h.input.send(ExecInput::Stdin(bytes.into())).await;
+                        let sent = send_input(h, ExecInput::Stdin(bytes.into())).await;
                         self.record(vec![AgentEvent {
                             kind: EventKind::PermissionMode,
                             data: json!({"mode": mode}),
                         }])
                         .await;
-                        sent.map_err(|_| EngineError::Conflict("the agent is not running".into()))
+                        sent
                     }
                 };
                 let _ = reply.send(r);
@@ -694,7 +806,9 @@ impl SessionActor {
             }
             SessionCmd::Stop { reason, reply } => {
                 if let Some(h) = exec.take() {
-                    let _ = h.input.send(ExecInput::Signal(9)).await;
+                    // Never waits: a full queue (a box not reading its stdin) must not hold
+                    // up the stop; dropping the handle ends the process anyway.
+                    let _ = h.input.try_send(ExecInput::Signal(9));
                     drop(h);
                 }
                 self.set_state(SessionState::Stopped, Some(reason)).await;
