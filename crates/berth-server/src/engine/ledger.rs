@@ -52,10 +52,28 @@ pub async fn next_batch(
     buf: &mut Vec<berth_gateway::UsageRecord>,
     flush: &tokio::sync::Notify,
 ) -> bool {
-    if rx.recv_many(buf, BATCH_MAX).await == 0 {
+    if !first_records(rx, buf).await {
         return false;
     }
-    // Not woken per record: sleep out the window, then take what has queued.
+    fill_window(rx, buf, flush).await;
+    true
+}
+
+/// Wait for the records that open a batch (false: the sender is gone).
+pub async fn first_records(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
+    buf: &mut Vec<berth_gateway::UsageRecord>,
+) -> bool {
+    rx.recv_many(buf, BATCH_MAX).await != 0
+}
+
+/// Not woken per record: sleep out the window (or until a flush is asked), then take what has
+/// queued.
+pub async fn fill_window(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<berth_gateway::UsageRecord>,
+    buf: &mut Vec<berth_gateway::UsageRecord>,
+    flush: &tokio::sync::Notify,
+) {
     tokio::select! {
         _ = tokio::time::sleep(BATCH_WINDOW) => {}
         _ = flush.notified() => {}
@@ -66,7 +84,6 @@ pub async fn next_batch(
             Err(_) => break,
         }
     }
-    true
 }
 
 /// Store a batch of metered records as usage rows in one transaction, stamped now.
@@ -333,9 +350,19 @@ pub async fn writer(
 ) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
     let mut written = 0u64;
-    while next_batch(&mut metered, &mut batch, &deps.flush).await {
+    while first_records(&mut metered, &mut batch).await {
+        // Budget notices go out as the records arrive, not after the group-commit window: the
+        // turn that spent a budget may end within it, and its end must not overtake the notice
+        // in the session's log (the Managed Agents API reads `budget_reached` from that order).
         for r in &batch {
             deps.notify_budget(r).await;
+        }
+        let notified = batch.len();
+        fill_window(&mut metered, &mut batch, &deps.flush).await;
+        for r in &batch[notified..] {
+            deps.notify_budget(r).await;
+        }
+        for r in &batch {
             crate::observe::gateway_request(deps.gateway.prices().family(&r.model), r);
         }
         if let Err(e) = write_batch(&*deps.store, &deps.clock, &batch).await {
