@@ -74,22 +74,12 @@ impl Engine {
     /// The backend of a running box, after checking the tenant; restores a parked box and
     /// counts as activity. Prefer the operation methods (`exec`, `open_file`, …): this hands
     /// out the backend itself and will not survive the routing becoming remote.
-    pub async fn running_box(
+    pub(crate) async fn running_box(
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
     ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
         let r = self.route(tenant, id, Use::Serve).await?;
-        Ok((r.backend, r.box_obj))
-    }
-
-    /// The backend of a running box for a call that only looks at it (see [`Use::Observe`]).
-    pub async fn observed_box(
-        self: &Arc<Self>,
-        tenant: &str,
-        id: &str,
-    ) -> Result<(Arc<Backend>, BoxObject), EngineError> {
-        let r = self.route(tenant, id, Use::Observe).await?;
         Ok((r.backend, r.box_obj))
     }
 }
