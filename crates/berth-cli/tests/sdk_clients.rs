@@ -5,11 +5,11 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{claude_bin, tenant_key, Api, Server};
+use common::{claude_bin, sdk_connect, tenant_key, Api, Server};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 const REAL_KEY: &str = "sk-ant-real-secret-for-sdk-tests-0123456789";
 
@@ -159,7 +159,7 @@ async fn the_relay_resumes_from_an_offset_and_one_connection_owns_the_session() 
         .await;
     assert_eq!(m.status, 400, "{}", m.json);
 
-    let mut ws = connect(&api, &sid, 0).await;
+    let mut ws = sdk_connect(&api, &sid, 0).await;
     let hello = next_text(&mut ws).await;
     assert_eq!(hello["type"], "hello");
     assert_eq!(hello["stdin_offset"], 0);
@@ -179,7 +179,7 @@ async fn the_relay_resumes_from_an_offset_and_one_connection_owns_the_session() 
     // Drop it mid-stream (no close frame), then resume from the offset reached.
     drop(ws);
     let offset = got.len() as u64;
-    let mut ws2 = connect(&api, &sid, offset).await;
+    let mut ws2 = sdk_connect(&api, &sid, offset).await;
     let hello = next_text(&mut ws2).await;
     assert_eq!(hello["stdin_offset"], line.len(), "{hello}");
     let rest = read_until(&mut ws2, &mut got, |l| l["type"] == "result").await;
@@ -205,7 +205,7 @@ async fn the_relay_resumes_from_an_offset_and_one_connection_owns_the_session() 
     );
 
     // A newer connection replaces this one.
-    let mut ws3 = connect(&api, &sid, got.len() as u64).await;
+    let mut ws3 = sdk_connect(&api, &sid, got.len() as u64).await;
     let _ = next_text(&mut ws3).await;
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -221,7 +221,7 @@ async fn the_relay_resumes_from_an_offset_and_one_connection_owns_the_session() 
     assert_eq!(closed, Some(4001));
     // An offset past what was written is refused with 4002.
     drop(ws3);
-    let mut ws4 = connect(&api, &sid, got.len() as u64 + 1000).await;
+    let mut ws4 = sdk_connect(&api, &sid, got.len() as u64 + 1000).await;
     let _ = next_text(&mut ws4).await;
     let code = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -237,7 +237,7 @@ async fn the_relay_resumes_from_an_offset_and_one_connection_owns_the_session() 
     assert_eq!(code, Some(4002));
 
     // End of input ends the CLI, and the session with it.
-    let mut ws5 = connect(&api, &sid, got.len() as u64).await;
+    let mut ws5 = sdk_connect(&api, &sid, got.len() as u64).await;
     let _ = next_text(&mut ws5).await;
     ws5.send(Message::Text(
         json!({"type": "end_input"}).to_string().into(),
@@ -332,28 +332,7 @@ async fn arguments_off_the_allowlist_and_berths_own_fields_are_refused() {
     assert_eq!(api.get("/v1/sessions").await.status, 200);
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(api: &Api, sid: &str, offset: u64) -> Ws {
-    let url = format!(
-        "{}/v1/sessions/{sid}/sdk?stdout_offset={offset}",
-        api.url.replacen("http", "ws", 1)
-    );
-    let mut req = url.into_client_request().expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", api.token).parse().expect("header"),
-    );
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect");
-    ws
-}
+type Ws = common::SdkWs;
 
 async fn next_text(ws: &mut Ws) -> Value {
     tokio::time::timeout(Duration::from_secs(10), async {

@@ -7,18 +7,15 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{claude_bin, exec_sh, tenant_key, Api, Server};
+use common::{claude_bin, exec_sh, sdk_connect, tenant_key, Api, Server};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 const REAL_KEY: &str = "sk-ant-real-secret-for-sdk-hardening-0123456789";
 /// The server's largest stdin frame (`api::sdk::MAX_STDIN_FRAME`).
 const MAX_FRAME: usize = 1 << 20;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn setup() -> (tempfile::TempDir, Server, Api, Mock) {
     let mock = Mock::new(Scenario { rules: vec![] }, Duration::ZERO);
@@ -62,26 +59,6 @@ async fn sdk_session(api: &Api) -> (String, String) {
 async fn signal_cli(api: &Api, bx: &str, sig: &str) {
     let r = exec_sh(api, bx, &format!("pkill -{sig} -f '[c]laude'"), 10).await;
     assert_eq!(r["exit_code"], 0, "pkill -{sig}: {r}");
-}
-
-async fn connect(api: &Api, sid: &str) -> Ws {
-    let url = format!(
-        "{}/v1/sessions/{sid}/sdk?stdout_offset=0",
-        api.url.replacen("http", "ws", 1)
-    );
-    let mut req = url.into_client_request().expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", api.token).parse().expect("header"),
-    );
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect");
-    ws
 }
 
 /// The next text frame (skipping stdout), within `secs`; None if none came or the socket ended.
@@ -133,7 +110,7 @@ async fn a_flood_into_a_stopped_cli_holds_little_memory_and_the_session_still_st
     let pid = srv.pid();
     let before = rss_kib(pid);
 
-    let ws = connect(&api, &sid).await;
+    let ws = sdk_connect(&api, &sid, 0).await;
     let (mut sink, mut incoming) = ws.split();
     let hello = next_text(&mut incoming, 10).await.expect("hello");
     assert_eq!(hello["type"], "hello", "{hello}");
@@ -212,7 +189,7 @@ async fn a_flood_into_a_stopped_cli_holds_little_memory_and_the_session_still_st
 
     // A frame over the limit is refused (1009) rather than held.
     let (sid2, _bx2) = sdk_session(&api).await;
-    let mut ws = connect(&api, &sid2).await;
+    let mut ws = sdk_connect(&api, &sid2, 0).await;
     assert!(next_text(&mut ws, 10).await.is_some());
     let big = pad_line(2 * MAX_FRAME, 0);
     let _ = ws.send(Message::Binary(big.into())).await;
@@ -261,7 +238,7 @@ async fn a_reconnect_racing_a_write_in_flight_never_delivers_a_byte_twice() {
     let log: Vec<u8> = (0..FRAMES).flat_map(|i| pad_line(FRAME, i)).collect();
     let total = log.len() as u64;
 
-    let ws = connect(&api, &sid).await;
+    let ws = sdk_connect(&api, &sid, 0).await;
     let (mut sink, mut incoming) = ws.split();
     let hello = next_text(&mut incoming, 10).await.expect("hello");
     assert_eq!(hello["stdin_offset"], 0, "{hello}");
@@ -284,7 +261,7 @@ async fn a_reconnect_racing_a_write_in_flight_never_delivers_a_byte_twice() {
     }
 
     // The client gives up on it and reconnects: the newer connection resends the rest.
-    let ws = connect(&api, &sid).await;
+    let ws = sdk_connect(&api, &sid, 0).await;
     let (mut sink, mut incoming2) = ws.split();
     let hello = next_text(&mut incoming2, 10).await.expect("hello");
     let from = hello["stdin_offset"].as_u64().expect("stdin_offset");
@@ -317,7 +294,7 @@ async fn a_reconnect_racing_a_write_in_flight_never_delivers_a_byte_twice() {
     drop(incoming2);
     // Whatever was acknowledged, a fresh connection is told the session's count: exactly the
     // client's stream.
-    let mut ws = connect(&api, &sid).await;
+    let mut ws = sdk_connect(&api, &sid, 0).await;
     let hello = next_text(&mut ws, 10).await.expect("hello");
     assert_eq!(
         hello["stdin_offset"].as_u64(),

@@ -290,3 +290,30 @@ pub async fn exec_sh(api: &Api, bx: &str, script: &str, timeout_s: u64) -> serde
     assert_eq!(r.status, 200, "{}", r.json);
     r.json
 }
+
+/// A client-driven (sdk) session's relay socket.
+pub type SdkWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Open an sdk session's relay (`GET /v1/sessions/{id}/sdk`) from `offset` bytes of its
+/// output, with the key as a bearer header; within 10 s.
+pub async fn sdk_connect(api: &Api, sid: &str, offset: u64) -> SdkWs {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/v1/sessions/{sid}/sdk?stdout_offset={offset}",
+        api.url.replacen("http", "ws", 1)
+    );
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", api.token).parse().expect("header"),
+    );
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect");
+    ws
+}
