@@ -26,12 +26,8 @@ print("base:" + base, flush=True)
 print("real-key-in-env:" + str(any("sk-real-key" in v for v in os.environ.values())), flush=True)
 "#;
 
-#[tokio::test]
-async fn a_command_agent_reaches_the_model_through_its_gateway_with_its_session_token() {
-    let sc: Scenario = serde_json::from_value(json!({"rules": [
-        {"steps": [{"text": "hi from the model", "usage": {"input_tokens": 321, "output_tokens": 54}}]}
-    ]}))
-    .expect("scenario");
+/// A server whose upstream is a mock answering `sc`, with the real key `sk-real-key`.
+async fn server_on_mock(sc: Scenario) -> (Mock, tempfile::TempDir, Server) {
     let mock = Mock::new(sc, Duration::ZERO);
     let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
     let dir = tempfile::tempdir().expect("tmp");
@@ -43,6 +39,16 @@ async fn a_command_agent_reaches_the_model_through_its_gateway_with_its_session_
         ],
     )
     .await;
+    (mock, dir, srv)
+}
+
+#[tokio::test]
+async fn a_command_agent_reaches_the_model_through_its_gateway_with_its_session_token() {
+    let sc: Scenario = serde_json::from_value(json!({"rules": [
+        {"steps": [{"text": "hi from the model", "usage": {"input_tokens": 321, "output_tokens": 54}}]}
+    ]}))
+    .expect("scenario");
+    let (mock, _dir, srv) = server_on_mock(sc).await;
     let api = srv.client();
     let r = api
         .post(
@@ -106,17 +112,7 @@ anyio.run(main)
         {"steps": [{"text": "hello from inside", "usage": {"input_tokens": 77, "output_tokens": 11}}]}
     ]}))
     .expect("scenario");
-    let mock = Mock::new(sc, Duration::ZERO);
-    let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
-    let dir = tempfile::tempdir().expect("tmp");
-    let srv = Server::start_with(
-        dir.path(),
-        &[
-            ("BERTH_UPSTREAM_URL", &mock_url),
-            ("ANTHROPIC_API_KEY", "sk-real-key"),
-        ],
-    )
-    .await;
+    let (_mock, _dir, srv) = server_on_mock(sc).await;
     let api = srv.client();
     let pythonpath = format!("PYTHONPATH={}", site.display());
     let r = api
