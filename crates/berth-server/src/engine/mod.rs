@@ -38,7 +38,7 @@ use berth_sandbox::Backend;
 use berth_store::Store;
 use boxes::{BoxCmd, BoxHandle};
 use error::EngineError;
-use sessions::{SessionCmd, SessionHandle};
+use sessions::SessionHandle;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -279,22 +279,21 @@ impl Engine {
     pub async fn shutdown(&self) {
         self.pools.stop();
         for h in self.registry.sessions() {
-            let (tx, rx) = oneshot::channel();
-            if h.tx
-                .send(SessionCmd::Stop {
-                    reason: "server shutting down".into(),
-                    reply: tx,
-                })
-                .await
-                .is_ok()
-            {
-                let _ = rx.await;
-            }
+            registry::stop_session(&h, "server shutting down").await;
         }
         for h in self.registry.boxes() {
             let (tx, rx) = oneshot::channel();
-            if h.tx.send(BoxCmd::Shutdown { reply: tx }).await.is_ok() {
-                let _ = rx.await;
+            let asked = async {
+                if h.tx.send(BoxCmd::Shutdown { reply: tx }).await.is_ok() {
+                    let _ = rx.await;
+                }
+            };
+            // A box stuck in its backend (a wedged dockerd) must not hold the server's exit.
+            if tokio::time::timeout(registry::STOP_WAIT, asked)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a box's owner task did not answer shutdown in time");
             }
         }
         // Usage metered up to now is written before the process goes, not lost with the

@@ -98,15 +98,51 @@ impl Registry {
         let mut stopped = Vec::new();
         for h in self.sessions_in(box_id) {
             let id = h.state.borrow().id.clone();
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let cmd = SessionCmd::Stop {
-                reason: reason.to_string(),
-                reply: tx,
-            };
-            if h.tx.send(cmd).await.is_ok() && rx.await.is_ok() {
+            if let Stopped::Yes(_) = stop_session(&h, reason).await {
                 stopped.push(id);
             }
         }
         stopped
+    }
+}
+
+/// How long a stop waits for a session's owner task to take the message and answer. An owner
+/// task answers a stop at once unless it is stuck in a store write (a database that stopped
+/// answering): the park, delete or shutdown that asked must not hang with it.
+pub const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What became of a stop sent to a session's owner task.
+pub enum Stopped {
+    /// It stopped; its final state.
+    Yes(Box<berth_api::SessionObject>),
+    /// It had already ended (its queue is closed, or it dropped the reply).
+    Gone,
+    /// It did not answer within [`STOP_WAIT`]. The message may still be taken later.
+    TimedOut,
+}
+
+/// Ask a session's owner task to stop, waiting at most [`STOP_WAIT`] in all.
+pub async fn stop_session(h: &SessionHandle, reason: &str) -> Stopped {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cmd = SessionCmd::Stop {
+        reason: reason.to_string(),
+        reply: tx,
+    };
+    let asked = async {
+        if h.tx.send(cmd).await.is_err() {
+            return Stopped::Gone;
+        }
+        match rx.await {
+            Ok(obj) => Stopped::Yes(Box::new(obj)),
+            Err(_) => Stopped::Gone,
+        }
+    };
+    match tokio::time::timeout(STOP_WAIT, asked).await {
+        Ok(r) => r,
+        Err(_) => {
+            let id = h.state.borrow().id.clone();
+            tracing::warn!(session_id = %id, "the session's owner task did not answer a stop in time");
+            Stopped::TimedOut
+        }
     }
 }

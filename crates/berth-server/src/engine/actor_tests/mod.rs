@@ -464,3 +464,57 @@ async fn an_ephemeral_sessions_end_destroys_its_box() {
     let ended = w.engine.get_session("t1", &s.id).await.expect("get");
     assert!(ended.state.is_terminal(), "{:?}", ended.state);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_does_not_hang_on_a_session_stuck_in_the_store() {
+    let w = world(false, 10).await;
+    w.fake.on_program("fake-agent", FakeExec::echo());
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Persistent, None, None))
+        .await
+        .expect("create");
+    let s = bounded(
+        "session",
+        w.engine.create_session("t1", command_session(&b.id)),
+    )
+    .await
+    .expect("session");
+    // The database stops answering while the agent has something to record.
+    w.gate.set_open(false);
+    let engine = w.engine.clone();
+    let sid = s.id.clone();
+    let message = tokio::spawn(async move {
+        engine
+            .send_message("t1", &sid, serde_json::json!("hi"))
+            .await
+    });
+    bounded("the session's owner task held at the store", async {
+        while w.gate.waiting() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let e = bounded("delete", w.engine.delete_session("t1", &s.id))
+        .await
+        .expect_err("a session stuck in the store cannot answer a stop");
+    assert!(matches!(e, EngineError::Unavailable(_)), "{e:?}");
+    // Parking or deleting its box does not hang on it either.
+    let stopped = bounded(
+        "box sessions",
+        w.engine.registry.stop_box_sessions(&b.id, "box deleted"),
+    )
+    .await;
+    assert!(stopped.is_empty(), "{stopped:?}");
+    // The database comes back: the queued stops are taken and the session ends.
+    w.gate.set_open(true);
+    let _ = bounded("message", message).await;
+    let mut rx = w.engine.session_handle(&s.id).map(|h| h.state);
+    if let Some(rx) = rx.as_mut() {
+        bounded("session end", rx.wait_for(|s| s.state.is_terminal()))
+            .await
+            .expect("session owner task");
+    }
+    let ended = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert_eq!(ended.state, SessionState::Stopped, "{ended:?}");
+}

@@ -8,7 +8,46 @@ pub(super) struct World {
     pub(super) engine: Arc<Engine>,
     pub(super) fake: FakeBackend,
     pub(super) store: Arc<dyn Store>,
+    /// Holds every store call while closed: a database that stopped answering.
+    pub(super) gate: Arc<Gate>,
     pub(super) dir: Arc<tempfile::TempDir>,
+}
+
+/// A switch in front of the store: closed, every call waits (asynchronously, so paused time
+/// still advances) until it opens again.
+pub(super) struct Gate {
+    open: tokio::sync::watch::Sender<bool>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Gate {
+    fn new() -> Arc<Gate> {
+        Arc::new(Gate {
+            open: tokio::sync::watch::channel(true).0,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    pub(super) fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+
+    /// Calls held at the gate now.
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn pass(&self) {
+        let mut rx = self.open.subscribe();
+        if *rx.borrow() {
+            return;
+        }
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = rx.wait_for(|open| *open).await;
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn engine_config(dir: &std::path::Path, max_boxes_per_tenant: usize) -> EngineConfig {
@@ -75,9 +114,10 @@ pub(super) fn engine_over(
 struct RealTimeStore {
     inner: Arc<berth_store::SqliteStore>,
     rt: tokio::runtime::Handle,
+    gate: Arc<Gate>,
 }
 
-fn open_store(path: std::path::PathBuf) -> Arc<dyn Store> {
+fn open_store(path: std::path::PathBuf, gate: Arc<Gate>) -> Arc<dyn Store> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -91,6 +131,7 @@ fn open_store(path: std::path::PathBuf) -> Arc<dyn Store> {
         let store: Arc<dyn Store> = Arc::new(RealTimeStore {
             inner: Arc::new(inner),
             rt: rt.handle().clone(),
+            gate,
         });
         let _ = tx.send(store);
         // Keeps the runtime for the test's life.
@@ -110,6 +151,7 @@ macro_rules! forward_store {
                 #[allow(clippy::redundant_locals)]
                 async fn $name(&self, $($arg: $ty),*) -> berth_store::Result<$ret> {
                     $(let $arg = $own;)*
+                    self.gate.pass().await;
                     let inner = self.inner.clone();
                     futures::executor::block_on(
                         self.rt.spawn(async move { inner.$name($($lend),*).await }),
@@ -164,13 +206,15 @@ forward_store! {
 
 pub(super) async fn world(adoption: bool, max_boxes_per_tenant: usize) -> World {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let store = open_store(dir.path().join("berth.db"));
+    let gate = Gate::new();
+    let store = open_store(dir.path().join("berth.db"), gate.clone());
     let fake = FakeBackend::new(dir.path().join("boxes"), adoption);
     let engine = engine_over(dir.path(), store.clone(), &fake, max_boxes_per_tenant);
     World {
         engine,
         fake,
         store,
+        gate,
         dir,
     }
 }

@@ -7,6 +7,7 @@ mod actor;
 pub use actor::*;
 
 use super::error::EngineError;
+use super::registry::Stopped;
 use super::{shared, tenant_filter, Engine, GATEWAY_PORT};
 use crate::auth::{new_id, now};
 use berth_api::*;
@@ -488,19 +489,14 @@ impl Engine {
         let Some(h) = self.session_handle(id) else {
             return Ok(s);
         };
-        let (tx, rx) = oneshot::channel();
-        if h.tx
-            .send(SessionCmd::Stop {
-                reason: "stopped by client".into(),
-                reply: tx,
-            })
-            .await
-            .is_err()
-        {
-            return self.get_session(tenant, id).await;
+        match super::registry::stop_session(&h, "stopped by client").await {
+            Stopped::Yes(obj) => Ok(*obj),
+            Stopped::Gone => self.get_session(tenant, id).await,
+            Stopped::TimedOut => Err(EngineError::Unavailable(format!(
+                "session {id} did not stop within {} s; try again",
+                super::registry::STOP_WAIT.as_secs()
+            ))),
         }
-        rx.await
-            .map_err(|_| EngineError::Internal("session owner task ended".into()))
     }
 
     /// Live event feed of a session (None once it has ended: replay from the store suffices).
