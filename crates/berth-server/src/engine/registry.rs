@@ -78,7 +78,9 @@ impl Registry {
     }
 
     /// Whether an agent in the box is in the middle of a turn (a box is not idle then, even
-    /// when the model is slow to answer).
+    /// when the model is slow to answer), or an Agent SDK client is connected to one of its
+    /// sdk sessions (the client holds that conversation's hooks and callbacks: a park would
+    /// end it).
     pub fn box_busy(&self, box_id: &str) -> bool {
         self.sessions
             .read()
@@ -86,7 +88,8 @@ impl Registry {
                 m.values().any(|h| {
                     let s = h.state.borrow();
                     s.box_id == box_id
-                        && matches!(s.state, SessionState::Running | SessionState::Starting)
+                        && (matches!(s.state, SessionState::Running | SessionState::Starting)
+                            || h.sdk.as_ref().is_some_and(|r| r.attached().0))
                 })
             })
             .unwrap_or(false)

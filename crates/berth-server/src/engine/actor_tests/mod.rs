@@ -10,7 +10,7 @@ mod world;
 use super::*;
 use berth_sandbox::fake::FakeExec;
 use std::time::Duration;
-use world::{bounded, box_until, engine_over, world};
+use world::{bounded, box_until, engine_over, world, FAKE_CLAUDE};
 
 fn spec(lifecycle: Lifecycle, idle_s: Option<u64>, lifetime_s: Option<u64>) -> BoxSpec {
     BoxSpec {
@@ -517,4 +517,45 @@ async fn a_stop_does_not_hang_on_a_session_stuck_in_the_store() {
     }
     let ended = w.engine.get_session("t1", &s.id).await.expect("get");
     assert_eq!(ended.state, SessionState::Stopped, "{ended:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sdk_client_keeps_its_box_up_and_a_park_ends_its_session_for_good() {
+    let w = world(false, 10).await;
+    w.fake.on_program(FAKE_CLAUDE, FakeExec::echo());
+    let b = w
+        .engine
+        .create_box("t1", spec(Lifecycle::Hybrid, Some(30), None))
+        .await
+        .expect("create");
+    let sdk: SessionSpec = serde_json::from_value(serde_json::json!({
+        "box": b.id,
+        "agent": {"kind": "claude", "client": "sdk", "args": []},
+    }))
+    .expect("spec");
+    let s = bounded("session", w.engine.create_session("t1", sdk))
+        .await
+        .expect("session");
+    let relay = w.engine.sdk_relay("t1", &s.id).await.expect("relay");
+    let (generation, _) = relay.attach();
+    // Ten idle timeouts with a client connected: the box stays up.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let up = w.engine.get_box("t1", &b.id).await.expect("get");
+    assert_eq!(up.state, BoxState::Running, "{up:?}");
+    // The client goes away: the idle box parks (before the session's 60 s grace) and takes the
+    // session with it.
+    relay.detach(generation);
+    box_until(&w, &b.id, "park", |b| b.state == BoxState::Parked).await;
+    let after_park = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert!(after_park.state.is_terminal(), "{after_park:?}");
+    // Its next use restores the box; the sdk session is not restarted without its client.
+    let out = bounded("exec", w.engine.exec("t1", &b.id, run(&["true"])))
+        .await
+        .expect("exec restores the box");
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    assert!(w.engine.session_handle(&s.id).is_none());
+    let ended = w.engine.get_session("t1", &s.id).await.expect("get");
+    assert!(ended.state.is_terminal(), "{ended:?}");
+    let reason = ended.state_reason.unwrap_or_default();
+    assert!(reason.contains("--resume"), "{reason}");
 }

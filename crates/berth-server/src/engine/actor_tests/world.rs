@@ -82,6 +82,9 @@ fn engine_config(dir: &std::path::Path, max_boxes_per_tenant: usize) -> EngineCo
     }
 }
 
+/// The Claude CLI's path as the engine launches it (the fake backend answers its execs).
+pub(super) const FAKE_CLAUDE: &str = "/opt/fake/claude";
+
 /// An engine (a "server") over `store` and `fake`; a second call over the same two is the
 /// same server restarted.
 pub(super) fn engine_over(
@@ -103,7 +106,10 @@ pub(super) fn engine_over(
         engine_config(dir, max_boxes_per_tenant),
         gateway,
         egress,
-        None,
+        Some(crate::claude_cli::ClaudeCli {
+            path: FAKE_CLAUDE.into(),
+            version: "2.1.328".into(),
+        }),
     )
 }
 

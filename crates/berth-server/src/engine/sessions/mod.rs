@@ -14,6 +14,11 @@ use berth_api::*;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
+/// Whether the client drives the agent's CLI itself (`client: "sdk"`).
+fn is_sdk(agent: &AgentSpec) -> bool {
+    matches!(agent, AgentSpec::Claude(c) if c.client == Some(ClaudeClient::Sdk))
+}
+
 fn shared_workdir() -> EngineError {
     EngineError::Invalid(
         "sessions in a shared box work in their own directory; omit workdir".into(),
@@ -370,6 +375,24 @@ impl Engine {
     /// Restart sessions stopped by a park (their agents resume their conversations).
     pub(crate) async fn resume_sessions(self: &Arc<Self>, tenant: &str, ids: &[String]) {
         for id in ids {
+            if let Ok(mut s) = self.get_session(tenant, id).await {
+                if is_sdk(&s.agent) {
+                    // Its client's hooks, callbacks and SDK MCP servers were registered with
+                    // the CLI the park ended; a new CLI would not have them. The conversation
+                    // itself is kept: a new sdk session continues it with `--resume`.
+                    s.state_reason = Some(format!(
+                        "box parked: an sdk session ends with its box's park; start a new one \
+                         with --resume={}",
+                        s.agent_session_id
+                            .as_deref()
+                            .unwrap_or("<agent_session_id>")
+                    ));
+                    if let Err(e) = self.store.put_session(&s).await {
+                        tracing::warn!(session_id = %id, error = %e, "recording an sdk session's end");
+                    }
+                    continue;
+                }
+            }
             if let Err(e) = self.restart_in_running_box(tenant, id).await {
                 tracing::warn!(session_id = %id, error = %e, "resuming a session after a park");
             }
