@@ -73,8 +73,15 @@ impl Zygote {
         std::thread::Builder::new()
             .name("berth-zygote".into())
             .spawn(move || {
+                // Nothing of the server's environment (its keys, database URL, cluster secret)
+                // reaches the zygote, and so no box's supervisor or init: only a PATH for the
+                // disk tools it runs.
+                let path = std::env::var_os("PATH")
+                    .unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
                 let spawned = Command::new(&helper)
                     .arg("__box-init")
+                    .env_clear()
+                    .env("PATH", path)
                     .env(init::PARENT_ENV, std::process::id().to_string())
                     .stdin(Stdio::from(theirs))
                     .stdout(Stdio::null())
