@@ -131,11 +131,16 @@ class Berth:
         return self._json("DELETE", f"/v1/boxes/{_q(box_id)}")
 
     def exec(self, box_id: str, argv: list[str], *, stdin: Optional[str] = None, cwd: Optional[str] = None,
-             env: Optional[dict[str, str]] = None, timeout_s: Optional[int] = None) -> ExecResult:
+             env: Optional[dict[str, str]] = None, timeout_s: Optional[int] = None,
+             model: bool = False) -> ExecResult:
+        """Run a command in the box; ``model=True`` gives it ``ANTHROPIC_BASE_URL`` and a
+        token of its own (metered to the box) so an Agent SDK app in the box needs no set-up."""
         body: dict[str, Any] = {"argv": argv}
         for k, v in (("stdin", stdin), ("cwd", cwd), ("env", env), ("timeout_s", timeout_s)):
             if v is not None:
                 body[k] = v
+        if model:
+            body["model"] = True
         return self._json("POST", f"/v1/boxes/{_q(box_id)}/exec", body)
 
     # ---- files (paths relative to the box's /workspace) ----

@@ -11,7 +11,7 @@ export interface Session {
 }
 export interface Event { seq: number; session_id: string; ts: string; type: string; data: any }
 export interface ExecResult { exit_code: number | null; signal: number | null; timed_out: boolean; oom_killed: boolean; stdout: string; stderr: string; truncated: boolean }
-export interface ExecOptions { stdin?: string; cwd?: string; env?: Record<string, string>; timeout_s?: number }
+export interface ExecOptions { stdin?: string; cwd?: string; env?: Record<string, string>; timeout_s?: number; /** Give the command ANTHROPIC_BASE_URL and a token of its own (metered to the box). */ model?: boolean }
 export type BoxRef = string | Record<string, unknown>;
 
 export declare class Berth {

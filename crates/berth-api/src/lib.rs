@@ -240,6 +240,11 @@ pub struct ExecRequest {
     /// Text fed to the process's standard input, then EOF.
     pub stdin: Option<String>,
     pub timeout_s: Option<u64>,
+    /// Give the process the model, as an agent has it: `ANTHROPIC_BASE_URL` (the box's
+    /// gateway) and, as `ANTHROPIC_API_KEY`, a token of its own that is valid while it runs —
+    /// its requests metered to the box (session `exec-…` in usage rows), the tenant's budget
+    /// applied, the real key never in the box.
+    pub model: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -151,3 +151,78 @@ anyio.run(main)
     );
     srv.stop().await;
 }
+
+/// Execs get the model only when they ask (`"model": true`): a token of their own, metered to
+/// the box, revoked when the exec ends.
+#[tokio::test]
+async fn an_exec_gets_the_model_on_request_with_a_token_that_ends_with_it() {
+    let sc: Scenario = serde_json::from_value(json!({"rules": [
+        {"steps": [{"text": "hi exec", "usage": {"input_tokens": 17, "output_tokens": 5}}]}
+    ]}))
+    .expect("scenario");
+    let (mock, _dir, srv) = server_on_mock(sc).await;
+    let api = srv.client();
+    let b = api
+        .post(
+            "/v1/boxes",
+            json!({"lifecycle": "persistent", "resources": {"memory_mib": 256, "disk_mib": 64}}),
+        )
+        .await;
+    assert_eq!(b.status, 201, "{}", b.json);
+    let bx = b.json["id"].as_str().expect("id").to_string();
+    let exec = |body: serde_json::Value| {
+        let api = &api;
+        let bx = bx.clone();
+        async move { api.post(&format!("/v1/boxes/{bx}/exec"), body).await }
+    };
+    // Without asking: no variables.
+    let plain = exec(json!({"argv": ["/usr/bin/python3", "-c",
+        "import os; print(os.environ.get('ANTHROPIC_BASE_URL'), os.environ.get('ANTHROPIC_API_KEY'))"]}))
+    .await;
+    assert_eq!(plain.status, 200, "{}", plain.json);
+    assert_eq!(plain.json["stdout"], "None None\n", "{}", plain.json);
+    // Asking: the client works, and prints the token it was given.
+    let with = exec(json!({"model": true, "argv": ["/usr/bin/python3", "-c",
+        format!("{CLIENT}\nprint('token:' + os.environ['ANTHROPIC_API_KEY'], flush=True)")]}))
+    .await;
+    assert_eq!(with.status, 200, "{}", with.json);
+    let out = with.json["stdout"].as_str().expect("stdout");
+    assert!(out.contains("model-said:hi exec"), "{}", with.json);
+    assert!(out.contains("real-key-in-env:False"), "{out}");
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .expect("token line")
+        .to_string();
+    assert_eq!(mock.recorded().len(), 1);
+    // Metered to the box.
+    let of_box = |rep: &serde_json::Value| {
+        rep["groups"]
+            .as_array()
+            .and_then(|g| g.iter().find(|g| g["key"] == bx.as_str()))
+            .map(|g| g["usage"].clone())
+            .unwrap_or_default()
+    };
+    let u = api
+        .wait_for("/v1/usage?group_by=box", 20, |u| {
+            of_box(u)["input_tokens"] == 17
+        })
+        .await;
+    assert_eq!(of_box(&u)["output_tokens"], 5, "{u}");
+    // The exec is over: its token no longer opens the gateway.
+    let after = exec(json!({"argv": ["/usr/bin/python3", "-c", format!(
+        "import urllib.request, urllib.error\n\
+         req = urllib.request.Request('http://127.0.0.1:47100/v1/messages', data=b'{{}}',\n\
+             headers={{'x-api-key': '{token}', 'content-type': 'application/json'}})\n\
+         try:\n    urllib.request.urlopen(req, timeout=20); print('status:200')\n\
+         except urllib.error.HTTPError as e:\n    print('status:' + str(e.code))\n")]}))
+    .await;
+    assert_eq!(after.status, 200, "{}", after.json);
+    assert_eq!(after.json["stdout"], "status:401\n", "{}", after.json);
+    assert_eq!(
+        mock.recorded().len(),
+        1,
+        "a revoked token reached the model"
+    );
+    srv.stop().await;
+}

@@ -77,6 +77,10 @@ pub(crate) struct ExecArgs {
     /// Print {exit_code, signal, timed_out, oom_killed, stdout, stderr} as JSON.
     #[arg(long)]
     json: bool,
+    /// Give the command the model as agents have it (`ANTHROPIC_BASE_URL` and a token of its
+    /// own as `ANTHROPIC_API_KEY`, metered to the box): an Agent SDK app then needs no set-up.
+    #[arg(long)]
+    model: bool,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true)]
     argv: Vec<String>,
@@ -284,6 +288,7 @@ pub(crate) async fn exec(c: &Client, a: ExecArgs) -> Result<()> {
     let req = ExecRequest {
         argv: a.argv,
         timeout_s: Some(a.timeout),
+        model: a.model,
         ..Default::default()
     };
     let r = c.exec(&a.box_id, &req).await?;

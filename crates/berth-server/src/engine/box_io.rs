@@ -66,10 +66,24 @@ impl Engine {
             )));
         }
         let program = req.argv[0].clone();
+        let mut env: Vec<(String, String)> = req.env.into_iter().collect();
+        // Revoked when the exec is over, whichever way it ends.
+        let _model = if req.model {
+            let token = ModelToken::register(self, tenant, id);
+            env.retain(|(k, _)| k != "ANTHROPIC_BASE_URL" && k != "ANTHROPIC_API_KEY");
+            env.push((
+                "ANTHROPIC_BASE_URL".into(),
+                format!("http://127.0.0.1:{}", super::GATEWAY_PORT),
+            ));
+            env.push(("ANTHROPIC_API_KEY".into(), token.token.clone()));
+            Some(token)
+        } else {
+            None
+        };
         let spec = ExecSpec {
             argv: req.argv,
             cwd: req.cwd,
-            env: req.env.into_iter().collect(),
+            env,
             timeout: Some(Duration::from_secs(timeout)),
             ..Default::default()
         };
@@ -232,3 +246,39 @@ impl Engine {
 
 /// Largest piece a file write takes at once (callers buffer up to it).
 pub const FILE_CHUNK: usize = berth_sandbox::files::CHUNK;
+
+/// An exec's own gateway token (`ExecRequest::model`), registered for the exec's life and
+/// revoked when dropped.
+struct ModelToken {
+    gateway: Arc<berth_gateway::Gateway>,
+    token: String,
+}
+
+impl ModelToken {
+    fn register(engine: &Engine, tenant: &str, box_id: &str) -> ModelToken {
+        let token = berth_gateway::new_token();
+        engine.gateway.register(
+            &token,
+            berth_gateway::TokenOwner {
+                session_id: crate::auth::new_id("exec"),
+                box_id: box_id.to_string(),
+                tenant: tenant.to_string(),
+            },
+            berth_gateway::SessionLimits {
+                budget_usd: None,
+                requests_per_minute: engine.config.session_rpm,
+            },
+            0.0,
+        );
+        ModelToken {
+            gateway: engine.gateway.clone(),
+            token,
+        }
+    }
+}
+
+impl Drop for ModelToken {
+    fn drop(&mut self) {
+        self.gateway.revoke(&self.token);
+    }
+}

@@ -28,6 +28,7 @@ fn run(argv: &[&str]) -> ExecRequest {
         env: Default::default(),
         stdin: None,
         timeout_s: None,
+        model: false,
     }
 }
 
