@@ -206,6 +206,44 @@ impl PgCluster {
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Restart it taking only TLS connections (a self-signed certificate made with `openssl`;
+    /// plain TCP refused by `pg_hba.conf`), as managed PostgreSQL services commonly require.
+    pub fn restart_tls_only(&mut self) -> Result<(), ClusterError> {
+        self.crash()?;
+        let data = self.data();
+        let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .map_err(err)?;
+        if !out.status.success() {
+            return Err(err(String::from_utf8_lossy(&out.stderr)));
+        }
+        for f in [&crt, &key] {
+            chown(f, Some(self.uid), Some(self.gid)).map_err(err)?;
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all scram-sha-256\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .map_err(err)?;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .map_err(err)?;
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n").map_err(err)?;
+        self.run()
+    }
 }
 
 impl Drop for PgCluster {
