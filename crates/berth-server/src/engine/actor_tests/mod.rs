@@ -221,9 +221,8 @@ fn command_session(box_id: &str) -> SessionSpec {
     .expect("session spec")
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_session_outliving_its_box_ends_when_the_box_dies() {
-    let w = world(false, 10).await;
+/// A persistent box of tenant `t1` with a command session whose agent echoes its input.
+async fn echo_session(w: &world::World) -> (BoxObject, SessionObject) {
     w.fake.on_program("fake-agent", FakeExec::echo());
     let b = w
         .engine
@@ -236,6 +235,23 @@ async fn a_session_outliving_its_box_ends_when_the_box_dies() {
     )
     .await
     .expect("session");
+    (b, s)
+}
+
+/// Wait (bounded) until session `id`'s owner task has published a terminal state.
+async fn session_ended(w: &world::World, id: &str) {
+    let mut rx = w.engine.session_handle(id).map(|h| h.state);
+    if let Some(rx) = rx.as_mut() {
+        bounded("session end", rx.wait_for(|s| s.state.is_terminal()))
+            .await
+            .expect("session owner task");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_outliving_its_box_ends_when_the_box_dies() {
+    let w = world(false, 10).await;
+    let (b, s) = echo_session(&w).await;
     assert!(!s.state.is_terminal(), "{:?}", s.state);
     w.fake
         .kill(&b.id, berth_sandbox::BoxExit::Exited { code: 137 });
@@ -244,12 +260,7 @@ async fn a_session_outliving_its_box_ends_when_the_box_dies() {
         dead.state_reason.as_deref(),
         Some("box init exited with code 137")
     );
-    let mut rx = w.engine.session_handle(&s.id).map(|h| h.state);
-    if let Some(rx) = rx.as_mut() {
-        bounded("session end", rx.wait_for(|s| s.state.is_terminal()))
-            .await
-            .expect("session owner task");
-    }
+    session_ended(&w, &s.id).await;
     let ended = w.engine.get_session("t1", &s.id).await.expect("get");
     assert!(ended.state.is_terminal(), "{:?}", ended.state);
     let e = w
@@ -366,18 +377,7 @@ async fn a_park_stops_the_boxs_sessions_and_the_restore_resumes_them() {
 #[tokio::test(start_paused = true)]
 async fn deleting_a_box_stops_its_sessions_first() {
     let w = world(false, 10).await;
-    w.fake.on_program("fake-agent", FakeExec::echo());
-    let b = w
-        .engine
-        .create_box("t1", spec(Lifecycle::Persistent, None, None))
-        .await
-        .expect("create");
-    let s = bounded(
-        "session",
-        w.engine.create_session("t1", command_session(&b.id)),
-    )
-    .await
-    .expect("session");
+    let (b, s) = echo_session(&w).await;
     let deleted = bounded("delete", w.engine.delete_box("t1", &b.id))
         .await
         .expect("delete");
@@ -469,18 +469,7 @@ async fn an_ephemeral_sessions_end_destroys_its_box() {
 #[tokio::test(start_paused = true)]
 async fn a_stop_does_not_hang_on_a_session_stuck_in_the_store() {
     let w = world(false, 10).await;
-    w.fake.on_program("fake-agent", FakeExec::echo());
-    let b = w
-        .engine
-        .create_box("t1", spec(Lifecycle::Persistent, None, None))
-        .await
-        .expect("create");
-    let s = bounded(
-        "session",
-        w.engine.create_session("t1", command_session(&b.id)),
-    )
-    .await
-    .expect("session");
+    let (b, s) = echo_session(&w).await;
     // The database stops answering while the agent has something to record.
     w.gate.set_open(false);
     let engine = w.engine.clone();
@@ -510,12 +499,7 @@ async fn a_stop_does_not_hang_on_a_session_stuck_in_the_store() {
     // The database comes back: the queued stops are taken and the session ends.
     w.gate.set_open(true);
     let _ = bounded("message", message).await;
-    let mut rx = w.engine.session_handle(&s.id).map(|h| h.state);
-    if let Some(rx) = rx.as_mut() {
-        bounded("session end", rx.wait_for(|s| s.state.is_terminal()))
-            .await
-            .expect("session owner task");
-    }
+    session_ended(&w, &s.id).await;
     let ended = w.engine.get_session("t1", &s.id).await.expect("get");
     assert_eq!(ended.state, SessionState::Stopped, "{ended:?}");
 }
