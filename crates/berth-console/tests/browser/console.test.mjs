@@ -28,6 +28,8 @@ function step(name) { console.log(`console tests: ${name}`); }
 const shots = process.env.BERTH_CONSOLE_SCREENSHOTS;
 async function shot(name) {
   if (!shots) return;
+  // Messages of earlier steps are not part of the page's picture.
+  await page.evaluate(() => document.getElementById('toast').replaceChildren());
   await new Promise((r) => setTimeout(r, 300)); // let the last frame paint
   await page.screenshot({ path: join(shots, `${name}.jpg`), type: 'jpeg', quality: 70 });
 }
@@ -312,7 +314,8 @@ try {
     await page.fill('#env-name', 'web-env');
     await page.fill('#env-description', 'reaches GitHub');
     await page.fill('#env-hosts', 'api.github.com, *.example.com');
-    await page.click('#create-env');
+    // Keyboard only: Enter submits the form, Enter on a focused button presses it.
+    await page.press('#env-hosts', 'Enter');
     const envRow = await page.waitForSelector('#environments tr[data-env]:has-text("web-env")');
     const envId = await envRow.getAttribute('data-env');
     const env = (await ma(acme, 'GET', `/environments/${envId}`)).json;
@@ -321,7 +324,8 @@ try {
     assert.equal(await page.locator(`#environments tr[data-env="${theirEnv.json.id}"]`).count(), 0, 'another tenant\'s environment');
     await shot('environments');
     page.once('dialog', (d) => d.accept());
-    await page.click(`#environments tr[data-env="${envId}"] button:has-text("Archive")`);
+    await page.focus(`#environments tr[data-env="${envId}"] button:has-text("Archive")`);
+    await page.keyboard.press('Enter');
     await until('the environment archived', async () => (await ma(acme, 'GET', `/environments/${envId}`)).json.archived_at);
     await page.waitForSelector(`#environments tr[data-env="${envId}"]`, { state: 'detached' });
     await page.check('#envs-archived');

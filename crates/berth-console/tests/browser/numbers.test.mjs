@@ -81,12 +81,12 @@ try {
       check();
     })));
   }
-  assert.equal(await page.textContent('#sessions-page'), `1–100 of ${SESSIONS}`);
   const nav = stats(navs);
   const cold = stats(colds);
   console.log(`numbers: sessions page (${SESSIONS} stored), in-app navigation: ${fmt(nav)}`);
   console.log(`numbers: sessions page (${SESSIONS} stored), cold load of /ui#/sessions: ${fmt(cold)}`);
   assert.ok(nav.median <= 500 && cold.median <= 500, 'the sessions page renders in 500 ms');
+  assert.equal(await page.textContent('#sessions-page'), `1–100 of ${SESSIONS}`);
   // Paging works over the whole list: the last page holds the oldest session.
   await page.fill('#sessions-filter', '');
   for (let i = 0; i < SESSIONS / 100 - 1; i++) await page.click('#sessions-next');
