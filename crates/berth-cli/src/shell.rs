@@ -4,6 +4,10 @@
 //! and its size is sent at the start and on every SIGWINCH. Without one (stdin a pipe), the
 //! bytes are relayed as they are and the end of stdin is typed as `^D`. Exits with the
 //! shell's exit status (128 + signal when a signal ended it).
+//!
+//! An `https://` server is reached over `wss://`, checked against the built-in web roots, or
+//! against the PEM certificates in the file `BERTH_CA_CERT` names instead (a server behind a
+//! TLS terminator with a private CA).
 
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
@@ -67,6 +71,37 @@ fn resize(cols: u16, rows: u16) -> Message {
     )
 }
 
+/// The TLS set-up for `wss://`: `None` is tungstenite's own (the built-in web roots); with
+/// `BERTH_CA_CERT`, exactly the CA certificates in that PEM file.
+fn tls() -> Result<Option<tokio_tungstenite::Connector>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let Some(path) = std::env::var_os("BERTH_CA_CERT") else {
+        return Ok(None);
+    };
+    let shown = std::path::Path::new(&path).display().to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&path)
+        .with_context(|| format!("BERTH_CA_CERT: reading {shown}"))?
+    {
+        let cert = cert.with_context(|| format!("BERTH_CA_CERT: a certificate in {shown}"))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("BERTH_CA_CERT: a certificate in {shown}"))?;
+    }
+    if roots.is_empty() {
+        bail!("BERTH_CA_CERT: no certificate in {shown}");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_tungstenite::Connector::Rustls(
+        std::sync::Arc::new(config),
+    )))
+}
+
 /// Run the shell; the process exits with the shell's status when it is not 0.
 pub async fn run(c: berth_client::Client, a: ShellArgs) -> Result<()> {
     let (cols, rows) = local_size().unwrap_or((80, 24));
@@ -89,22 +124,28 @@ pub async fn run(c: berth_client::Client, a: ShellArgs) -> Result<()> {
             .parse()
             .context("the API key is not a valid header value")?,
     );
-    let (ws, _) = match tokio_tungstenite::connect_async(req).await {
-        Ok(ok) => ok,
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or_else(|| body.to_string());
-            bail!("{} ({})", msg, resp.status())
-        }
-        Err(e) => return Err(e).context("opening the terminal"),
+    let connector = if ws_base.starts_with("wss://") {
+        tls()?
+    } else {
+        None
     };
+    let (ws, _) =
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
+            Ok(ok) => ok,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                let msg = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| body.to_string());
+                bail!("{} ({})", msg, resp.status())
+            }
+            Err(e) => return Err(e).context("opening the terminal"),
+        };
     let (mut sink, mut stream) = ws.split();
     let raw = RawMode::enter();
     let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;

@@ -3,6 +3,7 @@
 import { auth, get, post, del, put, call, follow, openPty } from '/ui/api.js';
 import { h, toast, attempt } from '/ui/app.js';
 import { Terminal } from '/ui/term.js';
+import { agents, environments } from '/ui/managed.js';
 
 const enc = encodeURIComponent;
 const fmtBytes = (n) => (n >= 1 << 30 ? (n / (1 << 30)).toFixed(1) + ' GiB' : n >= 1 << 20 ? (n / (1 << 20)).toFixed(1) + ' MiB' : n >= 1024 ? (n / 1024).toFixed(1) + ' KiB' : n + ' B');
@@ -180,17 +181,20 @@ async function boxEvents(el, b, ctx) {
   every(2000, load, ctx);
 }
 
+// A port as a link a browser can open: the server issues a short-lived link for this box and
+// port (signed, no API key in it); the page behind it runs sandboxed in an opaque origin.
 async function ports(el, b) {
   const port = h('input', { type: 'number', min: '1', max: '65535', value: '8000', id: 'port' });
-  const out = h('div');
-  el.append(h('p', { class: 'muted' }, 'A port a process in the box listens on is served at the URL below (with your API key as a bearer header).'),
+  const out = h('div', { id: 'port-links' });
+  el.append(h('p', { class: 'muted' }, 'Open a port a process in the box listens on. The link is valid for 15 minutes, for this box and port only, and carries no API key; its pages run sandboxed (no access to this console).'),
     h('form', { class: 'row', onsubmit: async (e) => {
       e.preventDefault();
-      const path = `/v1/boxes/${enc(b.id)}/ports/${Number(port.value)}/`;
-      const r = await attempt(() => call('GET', path, undefined, true));
-      out.replaceChildren(h('p', {}, h('span', { class: 'mono' }, location.origin + path)));
-      if (r) out.append(h('pre', {}, (await r.text()).slice(0, 4000)));
-    } }, field('Port', port), h('button', { type: 'submit' }, 'Open')), out);
+      const n = Number(port.value);
+      const link = await attempt(() => post(`/v1/boxes/${enc(b.id)}/port-links`, { port: n }));
+      if (!link) return;
+      out.prepend(h('p', { 'data-port': n }, h('a', { href: link.url, target: '_blank', rel: 'noopener noreferrer', class: 'mono', id: `port-link-${n}` }, `port ${n}`),
+        h('span', { class: 'muted' }, ` · valid until ${link.expires_at}`)));
+    } }, field('Port', port), h('button', { type: 'submit', id: 'port-open' }, 'Get link')), out);
 }
 
 async function boxSessions(el, b) {
@@ -200,10 +204,41 @@ async function boxSessions(el, b) {
 
 // ---- Sessions ----
 
+// Sessions in pages of PAGE rows: one request for the whole list (no per-row fetches), and
+// only the shown page is in the document, so a thousand stored sessions render as fast as a
+// hundred.
+const PAGE = 100;
+
+function sessionRows(items) {
+  return items.map((s) => h('tr', { 'data-session': s.id }, h('td', {}, h('a', { href: `#/session/${enc(s.id)}` }, s.id)), stateCell(s.state), h('td', {}, s.agent.kind),
+    h('td', {}, h('a', { href: `#/box/${enc(s.box_id)}` }, s.box_id)), h('td', {}, s.created_at)));
+}
+
 function sessionTable(items) {
-  return h('table', { id: 'sessions' }, h('thead', {}, h('tr', {}, ['Session', 'State', 'Agent', 'Box', 'Created'].map((t) => h('th', {}, t)))),
-    h('tbody', {}, items.map((s) => h('tr', { 'data-session': s.id }, h('td', {}, h('a', { href: `#/session/${enc(s.id)}` }, s.id)), stateCell(s.state), h('td', {}, s.agent.kind),
-      h('td', {}, h('a', { href: `#/box/${enc(s.box_id)}` }, s.box_id)), h('td', {}, s.created_at)))));
+  const tbody = h('tbody');
+  const where = h('span', { class: 'muted', id: 'sessions-page', 'aria-live': 'polite' });
+  const prev = h('button', { type: 'button', id: 'sessions-prev', onclick: () => show(start - PAGE) }, 'Newer');
+  const next = h('button', { type: 'button', id: 'sessions-next', onclick: () => show(start + PAGE) }, 'Older');
+  const filter = h('input', { id: 'sessions-filter', type: 'search', placeholder: 'id, box, state or agent', 'aria-label': 'Filter sessions' });
+  let start = 0;
+  let shown = items;
+  function show(at) {
+    start = Math.max(0, Math.min(at, Math.max(0, shown.length - 1)));
+    start -= start % PAGE;
+    tbody.replaceChildren(...sessionRows(shown.slice(start, start + PAGE)));
+    if (!shown.length) tbody.append(h('tr', {}, h('td', { colspan: 5, class: 'muted' }, 'No sessions.')));
+    where.textContent = shown.length ? `${start + 1}–${Math.min(start + PAGE, shown.length)} of ${shown.length}` : '';
+    prev.disabled = start === 0;
+    next.disabled = start + PAGE >= shown.length;
+  }
+  filter.addEventListener('input', () => {
+    const q = filter.value.trim().toLowerCase();
+    shown = q ? items.filter((s) => [s.id, s.box_id, s.state, s.agent.kind].some((f) => String(f).toLowerCase().includes(q))) : items;
+    show(0);
+  });
+  show(0);
+  return h('div', {}, h('div', { class: 'row' }, filter, prev, next, where),
+    h('table', { id: 'sessions' }, h('thead', {}, h('tr', {}, ['Session', 'State', 'Agent', 'Box', 'Created'].map((t) => h('th', {}, t)))), tbody));
 }
 
 async function sessions(el) {
@@ -289,9 +324,22 @@ async function session(el, id, ctx) {
   text.addEventListener('keydown', (e) => { if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) e.target.form.requestSubmit(); });
   const abort = new AbortController();
   ctx.onLeave(() => abort.abort());
+  // Events are rendered once per frame, all that arrived since the last one in one append: a
+  // fast agent (hundreds of events a second, or a long replay) costs one layout a frame.
+  let queue = [];
+  const flush = () => {
+    const batch = queue;
+    queue = [];
+    const frag = document.createDocumentFragment();
+    for (const ev of batch) {
+      if (ev.type === 'status' && ev.data) { state.textContent = ev.data.state; state.className = 'state-' + ev.data.state; }
+      frag.append(renderEvent(ev, id, answered));
+    }
+    conv.append(frag);
+  };
   follow(`/v1/sessions/${enc(id)}/events`, 0, (ev) => {
-    if (ev.type === 'status' && ev.data) { state.textContent = ev.data.state; state.className = 'state-' + ev.data.state; }
-    conv.append(renderEvent(ev, id, answered));
+    if (!queue.length) requestAnimationFrame(flush);
+    queue.push(ev);
   }, abort.signal).catch((e) => toast(e.message, true));
 }
 
@@ -403,5 +451,5 @@ async function triggers(el) {
   await load();
 }
 
-export const pages = { boxes, box, sessions, session, usage, keys, triggers };
+export const pages = { boxes, box, sessions, session, usage, keys, triggers, agents, environments };
 export { auth };

@@ -53,6 +53,11 @@ pub const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../assets/pages.js"),
     ),
     (
+        "managed.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/managed.js"),
+    ),
+    (
         "favicon.svg",
         "image/svg+xml",
         include_bytes!("../assets/favicon.svg"),

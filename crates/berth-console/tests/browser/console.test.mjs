@@ -7,6 +7,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
+import { fromDisk } from './harness.mjs';
 
 const berth = process.argv[2] || process.env.BERTH_BIN;
 assert.ok(berth, 'usage: node console.test.mjs /path/to/berth');
@@ -27,6 +28,8 @@ function step(name) { console.log(`console tests: ${name}`); }
 const shots = process.env.BERTH_CONSOLE_SCREENSHOTS;
 async function shot(name) {
   if (!shots) return;
+  // Messages of earlier steps are not part of the page's picture.
+  await page.evaluate(() => document.getElementById('toast').replaceChildren());
   await new Promise((r) => setTimeout(r, 300)); // let the last frame paint
   await page.screenshot({ path: join(shots, `${name}.jpg`), type: 'jpeg', quality: 70 });
 }
@@ -94,6 +97,7 @@ try {
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
   cleanups.push(() => context.close());
+  await fromDisk(context, base);
   page = context.pages()[0] || await context.newPage();
   page.setDefaultTimeout(STEP_MS);
   const pageErrors = [];
@@ -202,6 +206,41 @@ try {
   assert.equal(await page.locator('tr[data-file="from-term"]').count(), 1);
   await shot('files');
 
+  step('a port opens from a signed link, sandboxed, without the key');
+  {
+    const web = await api(acme, 'POST', '/v1/sessions', { box: boxId, agent: { kind: 'command', argv: ['/usr/bin/python3', '-m', 'http.server', '8000', '--bind', '127.0.0.1', '--directory', '/workspace'] } });
+    assert.equal(web.status, 201, web.text);
+    await until('the box serves port 8000', async () => (await api(acme, 'GET', `/v1/boxes/${boxId}/ports/8000/hello.txt`)).status === 200);
+    await page.click('#tab-ports');
+    await page.fill('#port', '8000');
+    await page.click('#port-open');
+    const href = await (await page.waitForSelector('#port-link-8000')).getAttribute('href');
+    assert.match(href, /^\/v1\/port-links\/[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\/$/);
+    assert.ok(!href.includes(acme) && !href.includes(acme.slice(6, 30)), 'the key is in the link');
+    await shot('ports');
+    // Opened as a plain link (a new tab, no header): the box's page, in an opaque origin.
+    const [tab] = await Promise.all([page.context().waitForEvent('page'), page.click('#port-link-8000')]);
+    await tab.waitForLoadState();
+    assert.equal(new URL(tab.url()).pathname, href);
+    assert.match(await tab.textContent('body'), /hello\.txt/);
+    assert.equal(await tab.evaluate(() => window.origin), 'null', 'the port\'s page shares the console\'s origin');
+    assert.match(await tab.evaluate(() => { try { return String(sessionStorage.getItem('berth.key')); } catch (e) { return 'refused: ' + e.name; } }), /^refused/);
+    const viaLink = await fetch(base + href + 'hello.txt');
+    assert.equal(await viaLink.text(), 'hello from the browser\n');
+    assert.match(viaLink.headers.get('content-security-policy'), /^sandbox /);
+    assert.ok(!viaLink.headers.get('content-security-policy').includes('allow-same-origin'));
+    await tab.close();
+    // A changed token, another tenant, and a deleted key open nothing.
+    assert.equal((await fetch(base + href.replace(/.\/$/, (m) => (m[0] === 'A' ? 'B' : 'A') + '/'))).status, 401);
+    assert.equal((await api(globex, 'POST', `/v1/boxes/${boxId}/port-links`, { port: 8000 })).status, 404);
+    const second = (await api(adminKey, 'POST', '/v1/keys', { tenant: 'acme' })).json;
+    const link = (await api(second.key, 'POST', `/v1/boxes/${boxId}/port-links`, { port: 8000 })).json;
+    assert.equal((await fetch(base + link.url + 'hello.txt')).status, 200);
+    assert.equal((await api(adminKey, 'DELETE', `/v1/keys/${second.id}`)).status, 204);
+    assert.equal((await fetch(base + link.url + 'hello.txt')).status, 401, 'a deleted key\'s link still opens');
+    assert.equal((await api(acme, 'DELETE', `/v1/sessions/${web.json.id}`)).status, 200);
+  }
+
   step('a fast agent\'s events all reach the page');
   {
     const burst = await api(acme, 'POST', '/v1/sessions', { box: boxId, agent: { kind: 'command', argv: ['/bin/sh', '-c', 'i=0; while [ $i -lt 1000 ]; do echo ev-$i; i=$((i+1)); done'] } });
@@ -260,6 +299,65 @@ try {
     assert.ok(report.total.input_tokens > 0, 'the session was metered');
     assert.equal(await page.locator('#usage-table tbody tr').count(), report.groups.length + 1);
     if (by === 'model') await shot('usage');
+  }
+
+  step('Managed Agents: environments and agents, per tenant');
+  {
+    const ma = (key, method, path, body) => api(key, method, '/anthropic/v1' + path, body);
+    const theirs = await ma(globex, 'POST', '/agents', { name: 'globex-agent', model: 'claude-sonnet-4-5' });
+    assert.equal(theirs.status, 200, theirs.text);
+    const theirEnv = await ma(globex, 'POST', '/environments', { name: 'globex-env' });
+    assert.equal(theirEnv.status, 200, theirEnv.text);
+
+    await page.goto(`${base}/ui#/environments`);
+    await page.waitForSelector('#environments');
+    await page.fill('#env-name', 'web-env');
+    await page.fill('#env-description', 'reaches GitHub');
+    await page.fill('#env-hosts', 'api.github.com, *.example.com');
+    // Keyboard only: Enter submits the form, Enter on a focused button presses it.
+    await page.press('#env-hosts', 'Enter');
+    const envRow = await page.waitForSelector('#environments tr[data-env]:has-text("web-env")');
+    const envId = await envRow.getAttribute('data-env');
+    const env = (await ma(acme, 'GET', `/environments/${envId}`)).json;
+    assert.deepEqual(env.config.networking.allowed_hosts, ['api.github.com', '*.example.com']);
+    assert.equal(env.description, 'reaches GitHub');
+    assert.equal(await page.locator(`#environments tr[data-env="${theirEnv.json.id}"]`).count(), 0, 'another tenant\'s environment');
+    await shot('environments');
+    page.once('dialog', (d) => d.accept());
+    await page.focus(`#environments tr[data-env="${envId}"] button:has-text("Archive")`);
+    await page.keyboard.press('Enter');
+    await until('the environment archived', async () => (await ma(acme, 'GET', `/environments/${envId}`)).json.archived_at);
+    await page.waitForSelector(`#environments tr[data-env="${envId}"]`, { state: 'detached' });
+    await page.check('#envs-archived');
+    await page.waitForSelector(`#environments tr[data-env="${envId}"] td.archived:not(:empty)`);
+
+    await page.goto(`${base}/ui#/agents`);
+    await page.waitForSelector('#agents');
+    await page.fill('#agent-name', 'reviewer');
+    await page.fill('#agent-system', 'Review the diff.');
+    await page.selectOption('#agent-policy', 'always_ask');
+    await page.click('#create-agent');
+    const agentRow = await page.waitForSelector('#agents tr[data-agent]:has-text("reviewer")');
+    const agentId = await agentRow.getAttribute('data-agent');
+    const agent = (await ma(acme, 'GET', `/agents/${agentId}`)).json;
+    assert.equal(agent.system, 'Review the diff.');
+    assert.equal(agent.model.id, 'claude-sonnet-4-5');
+    assert.equal(agent.tools[0].type, 'agent_toolset_20260401');
+    assert.equal(agent.tools[0].default_config.permission_policy.type, 'always_ask');
+    assert.equal(await page.locator(`#agents tr[data-agent="${theirs.json.id}"]`).count(), 0, 'another tenant\'s agent');
+    const v2 = await ma(acme, 'POST', `/agents/${agentId}`, { version: 1, system: 'Review the diff, briefly.' });
+    assert.equal(v2.status, 200, v2.text);
+    await page.click(`#agents tr[data-agent="${agentId}"] button:has-text("Versions")`);
+    await page.waitForSelector('#versions tr[data-version="2"]:has-text("briefly")');
+    assert.equal(await page.locator('#versions tbody tr').count(), 2);
+    await shot('agents');
+    page.once('dialog', (d) => d.accept());
+    await page.click(`#agents tr[data-agent="${agentId}"] button:has-text("Archive")`);
+    await until('the agent archived', async () => (await ma(acme, 'GET', `/agents/${agentId}`)).json.archived_at);
+    // The other tenant's objects are untouched, and acme's are not found for it.
+    assert.equal((await ma(globex, 'GET', `/agents/${agentId}`)).status, 404);
+    assert.equal((await ma(globex, 'GET', `/agents/${theirs.json.id}`)).json.archived_at, null);
+    await keyStaysHidden(acme);
   }
 
   step('keys page is for admins only');

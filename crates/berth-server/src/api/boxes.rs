@@ -249,7 +249,7 @@ pub async fn ports_root(
     proxy_port(st, c, id, port, String::new(), req).await
 }
 
-async fn proxy_port(
+pub(crate) async fn proxy_port(
     st: AppState,
     c: Caller,
     id: String,

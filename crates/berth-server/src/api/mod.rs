@@ -5,6 +5,7 @@ pub mod boxes;
 mod doc_links;
 pub mod keys;
 pub mod pools;
+pub mod port_links;
 pub mod pty;
 pub mod sdk;
 pub mod sessions;
@@ -170,6 +171,24 @@ pub const UNDOCUMENTED: &[Undocumented] = &[
         route: || any(boxes::ports),
     },
     Undocumented {
+        path: "/v1/port-links/{token}",
+        methods: None,
+        why: "a port link (port_links.rs): the port proxy under a signed token, for browsers",
+        route: || any(port_links::serve_root),
+    },
+    Undocumented {
+        path: "/v1/port-links/{token}/",
+        methods: None,
+        why: "a port link (port_links.rs): the port proxy under a signed token, for browsers",
+        route: || any(port_links::serve_root),
+    },
+    Undocumented {
+        path: "/v1/port-links/{token}/{*path}",
+        methods: None,
+        why: "a port link (port_links.rs): the port proxy under a signed token, for browsers",
+        route: || any(port_links::serve),
+    },
+    Undocumented {
         path: "/openapi.json",
         methods: Some(&["GET"]),
         why: "the document itself",
@@ -218,6 +237,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(tagged("boxes", routes!(boxes::stats)))
         .routes(tagged("boxes", routes!(boxes::box_events)))
         .routes(tagged("boxes", routes!(pty::pty)))
+        .routes(tagged("boxes", routes!(port_links::create_port_link)))
         .routes(tagged(
             "triggers",
             routes!(triggers::create_trigger, triggers::list_triggers),

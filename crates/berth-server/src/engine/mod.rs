@@ -141,6 +141,8 @@ pub struct Engine {
     admission: Arc<admission::Admission>,
     /// Warm pools (see `pools`).
     pools: pools::Pools,
+    /// Terminals open per box (see `pty`).
+    terminals: pty::TerminalSlots,
 }
 
 fn tenant_filter(tenant: &str) -> Option<&str> {
@@ -180,6 +182,7 @@ impl Engine {
             admission,
             registry,
             pools: pools::Pools::default(),
+            terminals: pty::TerminalSlots::default(),
             config,
         })
     }

@@ -12,7 +12,7 @@ use super::error::EngineError;
 use super::Engine;
 use berth_sandbox::{ExecEvent, ExecHandle, ExecSpec, Sandbox, TtySize};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Terminals one box may have open at once.
@@ -51,7 +51,7 @@ impl Engine {
             )));
         }
         let (backend, _) = self.running_box(tenant, id).await?;
-        let slot = Slot::take(id)?;
+        let slot = self.terminals.take(id)?;
         let spec = ExecSpec {
             argv: vec!["/bin/sh".into(), "-c".into(), SHELL.into()],
             env: vec![("TERM".into(), "xterm-256color".into())],
@@ -94,18 +94,19 @@ impl Engine {
     }
 }
 
-/// Open terminals by box id (box ids are unique, so one map serves every engine).
-fn open_counts() -> &'static Mutex<HashMap<String, usize>> {
-    static COUNTS: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
-    COUNTS.get_or_init(Mutex::default)
-}
+/// The terminals open on this engine, by box id (a field of the engine: each engine — each
+/// server, and each test's — counts its own).
+#[derive(Default)]
+pub(crate) struct TerminalSlots(Arc<Mutex<HashMap<String, usize>>>);
 
-/// One of a box's terminal slots, given back on drop.
-struct Slot(String);
+impl TerminalSlots {
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-impl Slot {
-    fn take(id: &str) -> Result<Slot, EngineError> {
-        let mut counts = open_counts().lock().unwrap_or_else(|e| e.into_inner());
+    /// One of box `id`'s slots, or a quota error when all are held.
+    fn take(&self, id: &str) -> Result<Slot, EngineError> {
+        let mut counts = self.counts();
         let n = counts.entry(id.to_string()).or_insert(0);
         if *n >= MAX_PTYS_PER_BOX {
             return Err(EngineError::Quota(format!(
@@ -113,17 +114,32 @@ impl Slot {
             )));
         }
         *n += 1;
-        Ok(Slot(id.to_string()))
+        Ok(Slot {
+            id: id.to_string(),
+            slots: self.0.clone(),
+        })
     }
+
+    /// Terminals open on box `id`.
+    #[cfg(test)]
+    fn open(&self, id: &str) -> usize {
+        self.counts().get(id).copied().unwrap_or(0)
+    }
+}
+
+/// One of a box's terminal slots, given back on drop.
+struct Slot {
+    id: String,
+    slots: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut counts = open_counts().lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.0) {
+        let mut counts = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.id) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                counts.remove(&self.0);
+                counts.remove(&self.id);
             }
         }
     }
@@ -135,19 +151,20 @@ mod tests {
 
     #[test]
     fn a_box_has_at_most_its_terminal_slots_and_gets_them_back() {
+        let slots = TerminalSlots::default();
         let id = "box-slot-test";
         let held: Vec<Slot> = (0..MAX_PTYS_PER_BOX)
-            .map(|_| Slot::take(id).expect("free slot"))
+            .map(|_| slots.take(id).expect("free slot"))
             .collect();
-        assert!(matches!(Slot::take(id), Err(EngineError::Quota(_))));
-        // Another box's slots are its own.
-        let other = Slot::take("box-slot-other").expect("another box");
+        assert!(matches!(slots.take(id), Err(EngineError::Quota(_))));
+        // Another box's slots are its own, and so are another engine's.
+        let other = slots.take("box-slot-other").expect("another box");
+        let elsewhere = TerminalSlots::default();
+        assert!(elsewhere.take(id).is_ok());
         drop(held);
-        assert!(Slot::take(id).is_ok());
+        assert_eq!(slots.open(id), 0);
+        assert!(slots.take(id).is_ok());
         drop(other);
-        assert!(!open_counts()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key("box-slot-other"));
+        assert!(!slots.counts().contains_key("box-slot-other"));
     }
 }

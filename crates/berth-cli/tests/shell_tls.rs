@@ -1,0 +1,157 @@
+//! `berth shell` against a server behind a TLS terminator (`https://` → `wss://`): a real
+//! server, a real native box, and a TLS front the test runs on loopback with a certificate
+//! from its own CA, which the CLI trusts through `BERTH_CA_CERT` and only then.
+
+mod common;
+
+use common::{tenant_key, Server};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A TLS terminator on loopback in front of `backend` (host:port): its port, the CA's PEM
+/// file, and how many TLS handshakes it completed.
+async fn tls_front(
+    dir: &std::path::Path,
+    backend: String,
+) -> (u16, std::path::PathBuf, Arc<AtomicUsize>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "berth shell test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write ca");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .expect("cert");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, backend, counted) = (acceptor.clone(), backend.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, ca_file, handshakes)
+}
+
+async fn shell(
+    url: &str,
+    token: &str,
+    bx: &str,
+    ca: Option<&std::path::Path>,
+    input: &[u8],
+) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+    cmd.args(["shell", bx])
+        .env("BERTH_URL", url)
+        .env("BERTH_TOKEN", token)
+        .env_remove("BERTH_CA_CERT")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(ca) = ca {
+        cmd.env("BERTH_CA_CERT", ca);
+    }
+    let mut child = cmd.spawn().expect("berth shell");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // The shell may be gone already (a refused handshake): a failed write is its answer.
+    let _ = stdin.write_all(input).await;
+    drop(stdin);
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("berth shell ends in time")
+        .expect("wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_shell_reaches_a_box_over_wss_through_a_tls_terminator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data")).await;
+    let (_, api) = tenant_key(&server.client(), "acme").await;
+    let r = api
+        .post(
+            "/v1/boxes",
+            serde_json::json!({"resources": {"memory_mib": 256, "disk_mib": 128, "pids": 128}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let bx = r.json["id"].as_str().expect("id").to_string();
+    let backend = server
+        .url
+        .strip_prefix("http://")
+        .expect("http url")
+        .to_string();
+    let (port, ca, handshakes) = tls_front(dir.path(), backend).await;
+    let https = format!("https://127.0.0.1:{port}");
+
+    // Trusting the test CA: a shell in the box, through TLS, with its exit status.
+    let out = shell(
+        &https,
+        &api.token,
+        &bx,
+        Some(&ca),
+        b"echo tls-$((6*7)); tty; exit 3\n",
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("tls-42"), "{stdout} {stderr}");
+    assert!(stdout.contains("/dev/pts/"), "{stdout}");
+    assert_eq!(out.status.code(), Some(3), "{stdout} {stderr}");
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1, "one TLS connection");
+
+    // Without the CA the server's certificate is refused: no shell, a certificate error.
+    let out = shell(&https, &api.token, &bx, None, b"echo never-$((1+1))\n").await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(!stdout.contains("never-2"), "{stdout}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    assert_eq!(
+        handshakes.load(Ordering::SeqCst),
+        1,
+        "no handshake completed"
+    );
+
+    // A CA file without a certificate is named in the error.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").expect("write");
+    let out = shell(&https, &api.token, &bx, Some(&empty), b"").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("BERTH_CA_CERT"), "{stderr}");
+    server.stop().await;
+}
