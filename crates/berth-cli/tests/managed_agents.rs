@@ -355,7 +355,7 @@ async fn raw_http_auth_errors_pagination_versions_and_tenants() {
     for config in [
         json!({"type": "self_hosted"}),
         json!({"type": "cloud", "networking": {"type": "unrestricted"}}),
-        json!({"type": "cloud", "packages": {"type": "packages", "pip": ["requests"]}}),
+        json!({"type": "cloud", "packages": {"type": "packages", "apt": ["curl"]}}),
         json!({"type": "cloud", "networking": {"type": "limited", "allowed_hosts": ["bad host"]}}),
     ] {
         let r = a
