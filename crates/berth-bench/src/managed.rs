@@ -45,7 +45,7 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
     let mock = Mock::new(scenario()?, Duration::ZERO);
     let mock_url = berth_mock_model::spawn_loopback(&mock).await?;
     let dir = tempfile::tempdir()?;
-    let cfg = berth_server::Config {
+    let mut cfg = berth_server::Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         upstream_url: mock_url.clone(),
@@ -53,6 +53,8 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
         claude_cli: Some(cli.into()),
         ..Default::default()
     };
+    // Every subscriber comes from loopback: one peer.
+    cfg.listener.max_connections_per_peer = subscribers + 64;
     let (url, key, stop_tx, server) = crate::start_server(cfg).await?;
     let api = BenchApi::new(&url, &key);
     let env = anth(
@@ -71,7 +73,7 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
     .await?;
 
     // First model request, interleaved.
-    let (mut managed, mut own) = (Vec::new(), Vec::new());
+    let (mut managed, mut own, mut created) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let before = mock.recorded().len();
         let t0 = unix_ms();
@@ -82,6 +84,7 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
             json!({"agent": agent["id"], "environment_id": env["id"]}),
         )
         .await?;
+        created.push(crate::between_unix_ms(t0, unix_ms()));
         let sid = s["id"].as_str().unwrap_or_default().to_string();
         anth(
             &api,
@@ -142,6 +145,10 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
         "berth: POST /v1/sessions (same box and agent, message as prompt)",
         &own,
     );
+    row(
+        "(of the Managed Agents figure: sessions.create answered)",
+        &created,
+    );
     println!(
         "| Managed Agents minus berth (medians) | | {:+.2} | | |",
         (m.median.as_secs_f64() - o.median.as_secs_f64()) * 1000.0
@@ -173,31 +180,34 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
     println!("| stream delivery (commit → client) | subscribers | events delivered | median ms | p99 ms | max ms | load before–after |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
     for round in 0..runs {
-        // berth's stream replays from `after`: only what follows is measured, like the Managed
-        // Agents stream, which sends only what follows the connection.
-        let last = api
-            .call(
-                reqwest::Method::GET,
-                &format!("/v1/sessions/{berth_sid}"),
-                json!(null),
-            )
-            .await?["last_seq"]
-            .as_i64()
-            .unwrap_or(0);
-        for (name, path, kind) in [
-            (
-                "Managed Agents `/anthropic/v1/sessions/{id}/events/stream`, `agent.message`",
-                format!("/anthropic/v1/sessions/{sid}/events/stream"),
-                "agent.message",
-            ),
-            (
-                "berth `/v1/sessions/{id}/events`, `assistant`",
-                format!("/v1/sessions/{berth_sid}/events?after={last}"),
-                "assistant",
-            ),
-        ] {
+        for managed in [true, false] {
+            let (name, path, kind) = if managed {
+                (
+                    "Managed Agents `/anthropic/v1/sessions/{id}/events/stream`, `agent.message`",
+                    format!("/anthropic/v1/sessions/{sid}/events/stream"),
+                    "agent.message",
+                )
+            } else {
+                // berth's stream replays from `after`: only what follows is measured, like the
+                // Managed Agents stream, which sends only what follows the connection.
+                let last = api
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/v1/sessions/{berth_sid}"),
+                        json!(null),
+                    )
+                    .await?["last_seq"]
+                    .as_i64()
+                    .unwrap_or(0);
+                (
+                    "berth `/v1/sessions/{id}/events`, `assistant`",
+                    format!("/v1/sessions/{berth_sid}/events?after={last}"),
+                    "assistant",
+                )
+            };
             let l0 = loadavg();
-            let lats = deliver(&api, &sid, &path, kind, subscribers, messages, round).await?;
+            let lats =
+                deliver(&api, &mock, &sid, &path, kind, subscribers, messages, round).await?;
             let l1 = loadavg();
             println!(
                 "| {name} (round {}) | {subscribers} | {} | {} | {} | {} | {l0:.2}–{l1:.2} |",
@@ -215,9 +225,30 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
     Ok(())
 }
 
+/// Wait (bounded) until the session's turn is over (called once the turn reached the model).
+async fn idle(api: &BenchApi, sid: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = anth(
+            api,
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{sid}"),
+            json!(null),
+        )
+        .await?;
+        if s["status"] == "idle" {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the turn did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Start the clients on `path`, run `messages` short turns, and collect the latencies.
+#[allow(clippy::too_many_arguments)]
 async fn deliver(
     api: &BenchApi,
+    mock: &Mock,
     sid: &str,
     path: &str,
     kind: &str,
@@ -242,11 +273,13 @@ async fn deliver(
         .take()
         .ok_or_else(|| anyhow::anyhow!("stdout"))?;
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(out));
+    let ready = lines.next_line().await?.unwrap_or_default();
     anyhow::ensure!(
-        lines.next_line().await?.as_deref() == Some("ready"),
-        "clients did not connect"
+        ready == format!("ready {subscribers}"),
+        "not every client connected: {ready}"
     );
     for m in 0..messages {
+        let before = mock.recorded().len();
         anth(
             api,
             reqwest::Method::POST,
@@ -254,7 +287,10 @@ async fn deliver(
             json!({"events": [{"type": "user.message", "content": format!("ping {round}.{m}")}]}),
         )
         .await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // One turn per message: the next is sent once this one is over (the CLI would fold
+        // messages that arrive during a turn into it).
+        wait_requests(mock, before + 1).await?;
+        idle(api, sid).await?;
     }
     let mut lats = Vec::new();
     let collect = async {
@@ -273,7 +309,7 @@ async fn deliver(
 }
 
 /// The subscriber side (run as `berth-bench managed-clients`): `subscribers` streams of `path`,
-/// prints `ready`, then one line per delivered `kind` event: its latency in microseconds (the
+/// prints `ready <connected>`, then one line per delivered `kind` event: its latency in microseconds (the
 /// client's receive time − the event's `processed_at`, or `ts` on berth's own stream).
 pub async fn clients(
     url: String,
@@ -322,10 +358,11 @@ pub async fn clients(
         });
     }
     drop(lat_tx);
+    let mut connected = 0;
     for r in ready {
-        let _ = r.await;
+        connected += usize::from(r.await.is_ok());
     }
-    println!("ready");
+    println!("ready {connected}");
     let mut out = String::new();
     while let Some(d) = lat_rx.recv().await {
         out.push_str(&format!("{}\n", d.as_micros()));
