@@ -15,13 +15,15 @@
 //!   tenant key): the box has no call that writes one. Each tool use is answered once (a
 //!   compare-and-swap on the document's version); a taken answer leaves only its mark behind.
 //! - Bounded: definitions are checked by the API, an answer is at most `MAX_ANSWER` bytes, a
-//!   session holds at most `MAX_ANSWERS` answers, a box at most `MAX_WAITING` waiting calls.
+//!   session holds at most `MAX_ANSWERS` answers; a session has at most `MAX_WAITING_SESSION`
+//!   calls waiting (each reads the store every `POLL`: the box cannot turn its connections into
+//!   a flood of store reads), a server at most `MAX_WAITING`.
 
 use super::error::EngineError;
 use super::Engine;
 use berth_store::Document;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,18 +37,21 @@ const KIND: &str = "custom_tools";
 pub const MAX_ANSWER: usize = 256 * 1024;
 /// Answers one session may hold (taken ones count: their marks stop a second answer).
 const MAX_ANSWERS: usize = 10_000;
-/// Tool calls waiting at once on one server, over all boxes (each is an open connection of a
-/// box; one box holds at most its socket's connection cap).
+/// Calls waiting at once on one server, over all sessions.
 const MAX_WAITING: usize = 4096;
+/// Calls (for definitions or an answer) one session may have waiting at once.
+const MAX_WAITING_SESSION: usize = 8;
 /// How often a waiting call reads its session's document.
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(100);
 /// How long a call waits for the definitions (written as the session is created).
 const DEFINITIONS_WAIT: Duration = Duration::from_secs(20);
 /// How long a call waits for its answer (the CLI gives up earlier on its own).
 const ANSWER_WAIT: Duration = Duration::from_secs(24 * 3600);
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-static WAITING: AtomicUsize = AtomicUsize::new(0);
+/// Waiting calls per berth session.
+static WAITING: std::sync::LazyLock<std::sync::Mutex<HashMap<String, usize>>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// The MCP server entry of the CLI's `--mcp-config` for a session with custom tools. The token
 /// is the session's, in the CLI's environment as `BERTH_SESSION_TOKEN` (the CLI hides its
@@ -180,23 +185,32 @@ impl Engine {
     }
 }
 
-/// A waiting call, counted while it lives.
-struct Waiting;
+/// A waiting call, counted (per session and in all) while it lives.
+struct Waiting(String);
 
 impl Waiting {
-    fn new() -> Option<Waiting> {
-        let n = WAITING.fetch_add(1, Ordering::Relaxed);
-        if n >= MAX_WAITING {
-            WAITING.fetch_sub(1, Ordering::Relaxed);
+    fn new(session: &str) -> Option<Waiting> {
+        let mut w = WAITING.lock().ok()?;
+        let total: usize = w.values().sum();
+        let mine = w.get(session).copied().unwrap_or(0);
+        if total >= MAX_WAITING || mine >= MAX_WAITING_SESSION {
             return None;
         }
-        Some(Waiting)
+        w.insert(session.to_string(), mine + 1);
+        Some(Waiting(session.to_string()))
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        WAITING.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut w) = WAITING.lock() {
+            match w.get_mut(&self.0) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    w.remove(&self.0);
+                }
+            }
+        }
     }
 }
 
@@ -259,10 +273,15 @@ async fn mcp(
             ))
         }
         "ping" => json_answer(rpc_result(&id, json!({}))),
-        "tools/list" => match definitions(&engine, &tenant, &session).await {
-            Ok(tools) => json_answer(rpc_result(&id, json!({"tools": tools}))),
-            Err(e) => json_answer(rpc_error(&id, -32603, &e.to_string())),
-        },
+        "tools/list" => {
+            let Some(_guard) = Waiting::new(&session) else {
+                return json_answer(rpc_error(&id, -32603, "too many calls waiting"));
+            };
+            match definitions(&engine, &tenant, &session).await {
+                Ok(tools) => json_answer(rpc_result(&id, json!({"tools": tools}))),
+                Err(e) => json_answer(rpc_error(&id, -32603, &e.to_string())),
+            }
+        }
         "tools/call" => call(engine, tenant, session, id, body).await,
         _ => json_answer(rpc_error(&id, -32601, "method not found")),
     }
@@ -325,14 +344,14 @@ async fn call(
         .pointer("/params/name")
         .and_then(Value::as_str)
         .unwrap_or("");
+    let Some(guard) = Waiting::new(&session) else {
+        return json_answer(rpc_error(&id, -32603, "too many custom tool calls waiting"));
+    };
     match definitions(&engine, &tenant, &session).await {
         Ok(tools) if tools.iter().any(|t| t["name"] == name) => {}
         Ok(_) => return json_answer(rpc_error(&id, -32602, "no such custom tool")),
         Err(e) => return json_answer(rpc_error(&id, -32603, &e.to_string())),
     }
-    let Some(guard) = Waiting::new() else {
-        return json_answer(rpc_error(&id, -32603, "too many custom tool calls waiting"));
-    };
     let frames = async_stream::stream! {
         let _guard = guard;
         let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
@@ -361,4 +380,26 @@ async fn call(
     Sse::new(frames)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_has_a_few_calls_waiting_at_most() {
+        let held: Vec<Waiting> = (0..MAX_WAITING_SESSION)
+            .map(|_| Waiting::new("ses-cap-a").expect("room"))
+            .collect();
+        assert!(Waiting::new("ses-cap-a").is_none(), "one more than the cap");
+        let other = Waiting::new("ses-cap-b").expect("another session has room");
+        drop(held);
+        assert!(
+            Waiting::new("ses-cap-a").is_some(),
+            "room again once they end"
+        );
+        drop(other);
+        let w = WAITING.lock().expect("lock");
+        assert!(!w.contains_key("ses-cap-a") && !w.contains_key("ses-cap-b"));
+    }
 }
