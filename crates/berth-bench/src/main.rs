@@ -9,6 +9,7 @@
 //! cargo run --release -p berth-bench -- flood [--runs 3 --execs 200 --per-port 200]
 //! cargo run --release -p berth-bench -- pools [--runs 10]
 //! cargo run --release -p berth-bench -- check [--runs 3]
+//! cargo run --release -p berth-bench -- managed [--runs 5 --subscribers 500 --messages 10]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
@@ -18,6 +19,7 @@ mod check;
 mod files;
 mod flood;
 mod gateway;
+mod managed;
 mod park;
 mod pools;
 mod sandbox;
@@ -82,6 +84,32 @@ enum Cmd {
     Check {
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// The Managed Agents API against berth's own: first model request, stream delivery.
+    Managed {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 500)]
+        subscribers: usize,
+        /// Turns (one `agent.message` each) per stream round.
+        #[arg(long, default_value_t = 10)]
+        messages: usize,
+    },
+    /// Stream subscribers for the `managed` suite (internal).
+    #[command(hide = true)]
+    ManagedClients {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        subscribers: usize,
+        #[arg(long)]
+        messages: usize,
     },
     /// SSE subscribers for the `api` suite (internal).
     #[command(hide = true)]
@@ -331,6 +359,19 @@ fn main() -> anyhow::Result<()> {
             Cmd::Sdk { runs, python } => sdk::run(runs, python).await,
             Cmd::Pools { runs } => pools::run(runs).await,
             Cmd::Check { runs } => check::run(runs).await,
+            Cmd::Managed {
+                runs,
+                subscribers,
+                messages,
+            } => managed::run(runs, subscribers, messages).await,
+            Cmd::ManagedClients {
+                url,
+                token,
+                path,
+                kind,
+                subscribers,
+                messages,
+            } => managed::clients(url, token, path, kind, subscribers, messages).await,
             Cmd::SseClients {
                 url,
                 token,

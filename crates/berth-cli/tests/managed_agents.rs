@@ -250,7 +250,7 @@ async fn raw_http_auth_errors_pagination_versions_and_tenants() {
         "invalid_request_error",
     );
     is_error(
-        &a.post("/v1/agents", json!({"name": "n", "model": "m", "tools": [{"type": "custom", "name": "x", "input_schema": {"type": "object"}}]}))
+        &a.post("/v1/agents", json!({"name": "n", "model": "m", "tools": [{"type": "custom", "name": "x", "input_schema": {"type": "array"}}]}))
             .await,
         400,
         "invalid_request_error",
@@ -355,7 +355,7 @@ async fn raw_http_auth_errors_pagination_versions_and_tenants() {
     for config in [
         json!({"type": "self_hosted"}),
         json!({"type": "cloud", "networking": {"type": "unrestricted"}}),
-        json!({"type": "cloud", "packages": {"type": "packages", "pip": ["requests"]}}),
+        json!({"type": "cloud", "packages": {"type": "packages", "apt": ["curl"]}}),
         json!({"type": "cloud", "networking": {"type": "limited", "allowed_hosts": ["bad host"]}}),
     ] {
         let r = a

@@ -3,13 +3,19 @@
 //! follow the log's order and the list and the stream agree. The mapping keeps a little state
 //! (the open model request, tool-use ids), so it is always fed from the session's start.
 
+use super::tools::Policy;
+use crate::engine::custom_tools::TOOL_PREFIX;
 use berth_api::{Event, EventKind};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
 /// The event types `events.list` may filter on and the mapping produces.
-pub const TYPES: [&str; 12] = [
+pub const TYPES: [&str; 16] = [
     "user.message",
+    "user.custom_tool_result",
+    "agent.custom_tool_use",
+    "agent.mcp_tool_use",
+    "agent.mcp_tool_result",
     "agent.message",
     "agent.thinking",
     "agent.tool_use",
@@ -37,7 +43,7 @@ pub fn parse_id(id: &str) -> Option<(i64, usize)> {
 
 /// The CLI's name of a built-in tool as the toolset names it.
 fn tool_name(cli: &str) -> String {
-    super::resources::TOOLS
+    super::tools::TOOLS
         .iter()
         .find(|(_, c)| *c == cli)
         .map(|(n, _)| n.to_string())
@@ -55,14 +61,15 @@ fn blocks(v: &Value) -> Value {
 }
 
 pub struct Mapper {
-    /// The CLI tools that run without asking (None: all of them). Anything else the CLI asks
+    /// Which CLI tools run without asking, and the MCP servers. Anything else the CLI asks
     /// about waits for the client: `agent.tool_use` with `evaluated_permission: "ask"`, then
     /// `session.status_idle` `requires_action`.
-    allowed: Option<Vec<String>>,
+    policy: Policy,
     /// Tool uses of tools that may ask, held until the CLI asks (or runs them without asking).
     held: Vec<Value>,
-    /// The CLI's `toolu_…` ids → the `sevt_` id of their `agent.tool_use`.
-    tool_uses: HashMap<String, String>,
+    /// The CLI's `toolu_…` ids → the `sevt_` id of their `agent.tool_use` (or MCP or custom
+    /// tool use) and which of the three it was.
+    tool_uses: HashMap<String, (String, Use)>,
     /// The model request whose messages are being mapped: (message id, start event id, usage).
     open: Option<(String, String, Value)>,
     /// A turn is under way: only its end is `session.status_idle` (an agent restarting after
@@ -75,10 +82,18 @@ pub struct Mapper {
     usage: [u64; 5],
 }
 
+/// What kind of tool a tool use called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    BuiltIn,
+    Mcp,
+    Custom,
+}
+
 impl Mapper {
-    pub fn new(allowed: Option<Vec<String>>) -> Mapper {
+    pub fn new(policy: Policy) -> Mapper {
         Mapper {
-            allowed,
+            policy,
             held: Vec::new(),
             tool_uses: HashMap::new(),
             open: None,
@@ -89,16 +104,31 @@ impl Mapper {
     }
 
     fn asks(&self, cli_tool: &str) -> bool {
-        self.allowed
-            .as_ref()
-            .is_some_and(|a| !a.iter().any(|t| t == cli_tool))
+        self.policy.asks(cli_tool)
     }
 
-    fn tool_use(&mut self, id: String, block: &Value, permission: &str) -> Value {
+    /// An `agent.tool_use` or `agent.mcp_tool_use` (its type and fields) for the CLI's block.
+    fn tool_use(&mut self, id: String, block: &Value, permission: &str) -> (&'static str, Value) {
+        let cli = block["name"].as_str().unwrap_or("");
+        let mcp = self.policy.mcp_tool(cli);
         if let Some(t) = block["id"].as_str() {
-            self.tool_uses.insert(t.to_string(), id);
+            let kind = if mcp.is_some() {
+                Use::Mcp
+            } else {
+                Use::BuiltIn
+            };
+            self.tool_uses.insert(t.to_string(), (id, kind));
         }
-        json!({"name": tool_name(block["name"].as_str().unwrap_or("")), "input": block["input"], "evaluated_permission": permission})
+        match mcp {
+            Some((server, tool)) => (
+                "agent.mcp_tool_use",
+                json!({"mcp_server_name": server, "name": tool, "input": block["input"], "evaluated_permission": permission}),
+            ),
+            None => (
+                "agent.tool_use",
+                json!({"name": tool_name(cli), "input": block["input"], "evaluated_permission": permission}),
+            ),
+        }
     }
 
     pub fn map(&mut self, e: &Event) -> Vec<Value> {
@@ -160,12 +190,43 @@ impl Mapper {
                     }
                 }
             }
+            // A custom tool: the client runs it, so the turn waits on the client.
+            EventKind::ToolUse
+                if d["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(TOOL_PREFIX)) =>
+            {
+                let id = event_id(e.seq, out.len());
+                let name = d["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_start_matches(TOOL_PREFIX);
+                if let Some(t) = d["id"].as_str() {
+                    self.tool_uses
+                        .insert(t.to_string(), (id.clone(), Use::Custom));
+                }
+                out.push((
+                    "agent.custom_tool_use",
+                    json!({"name": name, "input": d["input"]}),
+                ));
+                // The model's answer ended with the call.
+                if let Some((_, start, usage)) = self.open.take() {
+                    out.push((
+                        "span.model_request_end",
+                        json!({"model_request_start_id": start, "is_error": false, "model_usage": usage}),
+                    ));
+                }
+                out.push((
+                    "session.status_idle",
+                    json!({"stop_reason": {"type": "requires_action", "event_ids": [id]}}),
+                ));
+            }
             EventKind::ToolUse if self.asks(d["name"].as_str().unwrap_or("")) => {
                 self.held.push(d.clone())
             }
             EventKind::ToolUse => {
                 let v = self.tool_use(event_id(e.seq, out.len()), d, "allow");
-                out.push(("agent.tool_use", v));
+                out.push(v);
             }
             EventKind::PermissionRequest if self.asks(d["tool_name"].as_str().unwrap_or("")) => {
                 // The held tool use it is about: by id when the CLI names it, else by content.
@@ -182,7 +243,7 @@ impl Mapper {
                 };
                 let id = event_id(e.seq, out.len());
                 let v = self.tool_use(id.clone(), &block, "ask");
-                out.push(("agent.tool_use", v));
+                out.push(v);
                 out.push((
                     "session.status_idle",
                     json!({"stop_reason": {"type": "requires_action", "event_ids": [id]}}),
@@ -199,17 +260,34 @@ impl Mapper {
                 if let Some(p) = self.held.iter().position(|h| h["id"] == raw) {
                     let block = self.held.remove(p);
                     let v = self.tool_use(event_id(e.seq, out.len()), &block, "allow");
-                    out.push(("agent.tool_use", v));
+                    out.push(v);
                 }
-                let id = self
+                let (id, kind) = self
                     .tool_uses
                     .get(raw)
                     .cloned()
-                    .unwrap_or_else(|| raw.to_string());
-                out.push((
-                    "agent.tool_result",
-                    json!({"tool_use_id": id, "content": blocks(&d["content"]), "is_error": d["is_error"].as_bool().unwrap_or(false)}),
-                ));
+                    .unwrap_or_else(|| (raw.to_string(), Use::BuiltIn));
+                let content = blocks(&d["content"]);
+                let is_error = d["is_error"].as_bool().unwrap_or(false);
+                match kind {
+                    Use::BuiltIn => out.push((
+                        "agent.tool_result",
+                        json!({"tool_use_id": id, "content": content, "is_error": is_error}),
+                    )),
+                    Use::Mcp => out.push((
+                        "agent.mcp_tool_result",
+                        json!({"mcp_tool_use_id": id, "content": content, "is_error": is_error}),
+                    )),
+                    // The client's result, as the CLI took it: the turn goes on.
+                    Use::Custom => {
+                        out.push((
+                            "user.custom_tool_result",
+                            json!({"custom_tool_use_id": id, "content": content, "is_error": is_error}),
+                        ));
+                        self.running = true;
+                        out.push(("session.status_running", json!({})));
+                    }
+                }
             }
             EventKind::Status => match (d["state"].as_str(), d["reason"].as_str()) {
                 (Some("running"), _) => {

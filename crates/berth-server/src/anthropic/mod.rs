@@ -12,9 +12,13 @@
 //! with a `request-id` header on every answer, cursor pages (`data`, `next_page`, and on
 //! sessions `prev_page`), bracketed query arrays (`statuses[]=`).
 
+mod environments;
 mod events;
+mod packages;
 mod resources;
+mod session_events;
 mod sessions;
+mod tools;
 
 use crate::engine::error::EngineError;
 use crate::error::ApiError;
@@ -48,17 +52,17 @@ pub fn router() -> Router<AppState> {
         .route("/v1/agents/{id}/versions", get(resources::agent_versions))
         .route(
             "/v1/environments",
-            post(resources::create_environment).get(resources::list_environments),
+            post(environments::create_environment).get(environments::list_environments),
         )
         .route(
             "/v1/environments/{id}",
-            get(resources::get_environment)
-                .post(resources::update_environment)
-                .delete(resources::delete_environment),
+            get(environments::get_environment)
+                .post(environments::update_environment)
+                .delete(environments::delete_environment),
         )
         .route(
             "/v1/environments/{id}/archive",
-            post(resources::archive_environment),
+            post(environments::archive_environment),
         )
         .route(
             "/v1/sessions",
@@ -73,9 +77,12 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sessions/{id}/archive", post(sessions::archive_session))
         .route(
             "/v1/sessions/{id}/events",
-            get(sessions::list_events).post(sessions::send_events),
+            get(session_events::list_events).post(session_events::send_events),
         )
-        .route("/v1/sessions/{id}/events/stream", get(sessions::stream))
+        .route(
+            "/v1/sessions/{id}/events/stream",
+            get(session_events::stream),
+        )
         .fallback(unsupported)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_ids))

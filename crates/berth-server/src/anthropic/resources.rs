@@ -1,5 +1,6 @@
-//! Agents (versioned, optimistic concurrency) and environments: documents in the store, checked
-//! here against what berth can run (anything it cannot is a 400 that says so).
+//! Agents (versioned, optimistic concurrency), and the store helpers agents, environments and
+//! sessions share: documents in the store, checked here against what berth can run (anything
+//! it cannot is a 400 that says so).
 
 use super::{in_range, new_id, now, paginate, AError, AResult, Body, Params, St, Tenant};
 use crate::engine::Engine;
@@ -8,21 +9,8 @@ use berth_store::Document;
 use serde_json::{json, Map, Value};
 
 pub const AGENT: &str = "agent";
-pub const ENVIRONMENT: &str = "environment";
 
-/// The built-in tools of `agent_toolset_20260401` and the Claude Code CLI tools they are.
-pub const TOOLS: [(&str, &str); 8] = [
-    ("bash", "Bash"),
-    ("read", "Read"),
-    ("write", "Write"),
-    ("edit", "Edit"),
-    ("glob", "Glob"),
-    ("grep", "Grep"),
-    ("web_fetch", "WebFetch"),
-    ("web_search", "WebSearch"),
-];
-
-fn str_field<'a>(v: &'a Value, name: &str) -> AResult<Option<&'a str>> {
+pub(super) fn str_field<'a>(v: &'a Value, name: &str) -> AResult<Option<&'a str>> {
     match v.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -31,7 +19,7 @@ fn str_field<'a>(v: &'a Value, name: &str) -> AResult<Option<&'a str>> {
 }
 
 /// `metadata` of a create (whole) or an update (a patch: `null` deletes a key).
-fn metadata(old: Option<&Value>, given: Option<&Value>) -> AResult<Value> {
+pub(super) fn metadata(old: Option<&Value>, given: Option<&Value>) -> AResult<Value> {
     let mut m: Map<String, Value> = old.and_then(Value::as_object).cloned().unwrap_or_default();
     match given {
         None | Some(Value::Null) => {}
@@ -77,73 +65,6 @@ fn model(v: &Value) -> AResult<Value> {
     }
 }
 
-fn policy(v: Option<&Value>, default: &Value) -> AResult<Value> {
-    let p = v.cloned().unwrap_or_else(|| default.clone());
-    match p.get("type").and_then(Value::as_str) {
-        Some("always_allow") | Some("always_ask") => Ok(p),
-        Some("auto") => Err(AError::invalid(
-            "berth does not support permission_policy auto; use always_allow or always_ask",
-        )),
-        _ => Err(AError::invalid("unknown permission_policy")),
-    }
-}
-
-/// Tools with defaults filled in; anything berth cannot run is refused.
-fn tools(v: Option<&Value>) -> AResult<Value> {
-    let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Ok(json!([]));
-    };
-    let list = v
-        .as_array()
-        .ok_or_else(|| AError::invalid("tools must be an array"))?;
-    if list.len() > 256 {
-        return Err(AError::invalid("at most 256 tools"));
-    }
-    let mut out = Vec::new();
-    for t in list {
-        match t.get("type").and_then(Value::as_str) {
-            Some("agent_toolset_20260401") => {
-                let allow = json!({"type": "always_allow"});
-                let dc = t.get("default_config").cloned().unwrap_or(json!({}));
-                let enabled = dc.get("enabled").and_then(Value::as_bool).unwrap_or(true);
-                let pol = policy(dc.get("permission_policy"), &allow)?;
-                let mut configs = Vec::new();
-                for c in t
-                    .get("configs")
-                    .and_then(Value::as_array)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                {
-                    let name = str_field(c, "name")?
-                        .or(str_field(c, "type")?)
-                        .ok_or_else(|| AError::invalid("a tool config needs a name"))?;
-                    if !TOOLS.iter().any(|(n, _)| *n == name) {
-                        return Err(AError::invalid(format!("unknown built-in tool {name:?}")));
-                    }
-                    configs.push(json!({
-                        "type": name, "name": name,
-                        "enabled": c.get("enabled").and_then(Value::as_bool).unwrap_or(enabled),
-                        "permission_policy": policy(c.get("permission_policy"), &pol)?,
-                    }));
-                }
-                out.push(json!({
-                    "type": "agent_toolset_20260401",
-                    "default_config": {"enabled": enabled, "permission_policy": pol},
-                    "configs": configs,
-                }));
-            }
-            Some("custom") => {
-                return Err(AError::invalid("berth does not support custom tools yet"))
-            }
-            Some("mcp_toolset") => {
-                return Err(AError::invalid("berth does not support mcp_toolset yet"))
-            }
-            _ => return Err(AError::invalid("unknown tool type")),
-        }
-    }
-    Ok(Value::Array(out))
-}
-
 fn refuse_nonempty(body: &Value, field: &str, what: &str) -> AResult<()> {
     let empty = match body.get(field) {
         None | Some(Value::Null) => true,
@@ -164,7 +85,6 @@ fn agent_doc(body: &Value, old: Option<&Value>) -> AResult<Value> {
     if !body.is_object() {
         return Err(AError::invalid("the body must be an object"));
     }
-    refuse_nonempty(body, "mcp_servers", "mcp_servers")?;
     refuse_nonempty(body, "skills", "skills")?;
     if body.get("multiagent").is_some_and(|m| !m.is_null()) {
         return Err(AError::invalid("berth does not support multiagent yet"));
@@ -192,9 +112,14 @@ fn agent_doc(body: &Value, old: Option<&Value>) -> AResult<Value> {
         }
     };
     let tools = match body.get("tools") {
-        Some(t) => tools(Some(t))?,
+        Some(t) => super::tools::tools(Some(t))?,
         None => old.map(|o| o["tools"].clone()).unwrap_or(json!([])),
     };
+    let mcp_servers = match body.get("mcp_servers") {
+        Some(m) => super::tools::mcp_servers(Some(m))?,
+        None => old.map(|o| o["mcp_servers"].clone()).unwrap_or(json!([])),
+    };
+    super::tools::check_toolsets(&tools, &mcp_servers)?;
     Ok(json!({
         "type": "agent",
         "name": name,
@@ -202,7 +127,7 @@ fn agent_doc(body: &Value, old: Option<&Value>) -> AResult<Value> {
         "system": text("system")?,
         "model": model,
         "tools": tools,
-        "mcp_servers": [],
+        "mcp_servers": mcp_servers,
         "skills": [],
         "multiagent": null,
         "execution_identity": {"type": "service_account"},
@@ -464,7 +389,12 @@ pub(super) async fn latest_of_each(e: &Engine, kind: &str, tenant: &str) -> ARes
     Ok(latest.into_iter().map(|d| d.body).collect())
 }
 
-async fn list_latest(e: &Engine, kind: &str, tenant: &str, p: &Params) -> AResult<Value> {
+pub(super) async fn list_latest(
+    e: &Engine,
+    kind: &str,
+    tenant: &str,
+    p: &Params,
+) -> AResult<Value> {
     let archived = p.flag("include_archived")?;
     let ranges = p.ranges("created_at");
     let mut items = Vec::new();
@@ -505,239 +435,6 @@ pub async fn agent_versions(
         p.one("page"),
         p.limit(20, 100)?,
     )?))
-}
-
-/// Registries `allow_package_managers` opens (the egress allowlist's domain patterns).
-const PACKAGE_HOSTS: [&str; 8] = [
-    "pypi.org",
-    "files.pythonhosted.org",
-    "registry.npmjs.org",
-    "crates.io",
-    "static.crates.io",
-    "index.crates.io",
-    "proxy.golang.org",
-    "rubygems.org",
-];
-
-fn valid_host(h: &str) -> bool {
-    let bare = h.strip_prefix("*.").unwrap_or(h);
-    !bare.is_empty()
-        && bare.len() <= 253
-        && bare
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        && !bare.starts_with('.')
-        && !bare.ends_with('.')
-}
-
-/// An environment's config with defaults filled in, or a 400 naming what berth cannot serve.
-fn env_config(v: Option<&Value>) -> AResult<Value> {
-    let v = v.filter(|v| !v.is_null()).cloned().unwrap_or(json!({}));
-    match v.get("type").and_then(Value::as_str).unwrap_or("cloud") {
-        "cloud" => {}
-        "self_hosted" => return Err(AError::invalid(
-            "berth runs every session in its own boxes: self_hosted environments are not served",
-        )),
-        other => {
-            return Err(AError::invalid(format!(
-                "unknown environment type {other:?}"
-            )))
-        }
-    }
-    let net = v.get("networking").filter(|n| !n.is_null());
-    let networking = match net.and_then(|n| n.get("type")).and_then(Value::as_str) {
-        None => json!({"type": "limited", "allowed_hosts": [], "allow_mcp_servers": false, "allow_package_managers": false}),
-        Some("limited") => {
-            let n = net.cloned().unwrap_or_default();
-            let hosts: Vec<String> = match n.get("allowed_hosts") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(h) => serde_json::from_value(h.clone())
-                    .map_err(|_| AError::invalid("allowed_hosts must be an array of host names"))?,
-            };
-            if let Some(bad) = hosts.iter().find(|h| !valid_host(h)) {
-                return Err(AError::invalid(format!(
-                    "allowed_hosts: {bad:?} is not a host name or *.suffix pattern"
-                )));
-            }
-            json!({
-                "type": "limited",
-                "allowed_hosts": hosts,
-                "allow_mcp_servers": n.get("allow_mcp_servers").and_then(Value::as_bool).unwrap_or(false),
-                "allow_package_managers": n.get("allow_package_managers").and_then(Value::as_bool).unwrap_or(false),
-            })
-        }
-        Some("unrestricted") => {
-            return Err(AError::invalid(
-                "berth boxes reach the network only through an allowlist: use networking {\"type\":\"limited\",\"allowed_hosts\":[…]}",
-            ))
-        }
-        Some(other) => return Err(AError::invalid(format!("unknown networking type {other:?}"))),
-    };
-    if let Some(p) = v.get("packages").filter(|p| !p.is_null()) {
-        let any = ["apt", "cargo", "gem", "go", "npm", "pip"].iter().any(|k| {
-            p.get(k)
-                .and_then(Value::as_array)
-                .is_some_and(|a| !a.is_empty())
-        });
-        if any {
-            return Err(AError::invalid(
-                "berth does not install environment packages yet; install them from the session",
-            ));
-        }
-    }
-    Ok(json!({
-        "type": "cloud",
-        "networking": networking,
-        "packages": {"type": "packages", "apt": [], "cargo": [], "gem": [], "go": [], "npm": [], "pip": []},
-    }))
-}
-
-/// The egress allowlist a box of this environment gets.
-pub fn allowlist(env: &Value) -> Vec<String> {
-    let n = &env["config"]["networking"];
-    let mut hosts: Vec<String> = n["allowed_hosts"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|h| h.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    if n["allow_package_managers"] == true {
-        hosts.extend(PACKAGE_HOSTS.iter().map(|h| h.to_string()));
-    }
-    hosts
-}
-
-pub async fn environment(e: &Engine, tenant: &str, id: &str) -> AResult<Value> {
-    e.documents(ENVIRONMENT, tenant, Some(id))
-        .await?
-        .pop()
-        .map(|d| d.body)
-        .ok_or_else(|| AError::not_found(format!("environment {id} not found")))
-}
-
-async fn name_taken(e: &Engine, tenant: &str, name: &str, except: &str) -> AResult<bool> {
-    Ok(latest_of_each(e, ENVIRONMENT, tenant)
-        .await?
-        .iter()
-        .any(|v| v["name"] == name && v["id"] != except && v["archived_at"].is_null()))
-}
-
-pub async fn create_environment(
-    State(st): St,
-    Tenant(t, _): Tenant,
-    Body(body): Body<Value>,
-) -> AResult<axum::Json<Value>> {
-    let name = str_field(&body, "name")?
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| AError::invalid("name is required"))?
-        .to_string();
-    if name_taken(&st.engine, &t, &name, "").await? {
-        return Err(AError::conflict(format!("an environment named {name:?} exists")).no_retry());
-    }
-    let ts = now();
-    let doc = json!({
-        "type": "environment",
-        "id": new_id("env"),
-        "name": name,
-        "description": str_field(&body, "description")?.unwrap_or(""),
-        "metadata": metadata(None, body.get("metadata"))?,
-        "scope": body.get("scope").cloned().unwrap_or(Value::Null),
-        "config": env_config(body.get("config"))?,
-        "created_at": ts, "updated_at": ts, "archived_at": null,
-    });
-    room_for(&st.engine, ENVIRONMENT, &t).await?;
-    put_new(&st.engine, ENVIRONMENT, &t, &doc).await?;
-    Ok(axum::Json(doc))
-}
-
-pub async fn get_environment(
-    State(st): St,
-    Tenant(t, _): Tenant,
-    Path(id): Path<String>,
-) -> AResult<axum::Json<Value>> {
-    Ok(axum::Json(environment(&st.engine, &t, &id).await?))
-}
-
-pub async fn update_environment(
-    State(st): St,
-    Tenant(t, _): Tenant,
-    Path(id): Path<String>,
-    Body(body): Body<Value>,
-) -> AResult<axum::Json<Value>> {
-    environment(&st.engine, &t, &id).await?;
-    let name = str_field(&body, "name")?;
-    if let Some(name) = name {
-        if name.is_empty() {
-            return Err(AError::invalid("name must not be empty"));
-        }
-        if name_taken(&st.engine, &t, name, &id).await? {
-            return Err(
-                AError::conflict(format!("an environment named {name:?} exists")).no_retry(),
-            );
-        }
-    }
-    let description = str_field(&body, "description")?;
-    let config = match body.get("config") {
-        Some(c) if !c.is_null() => Some(env_config(Some(c))?),
-        _ => None,
-    };
-    let doc = put_latest(&st.engine, ENVIRONMENT, &t, &id, |doc| {
-        if let Some(name) = name {
-            doc["name"] = json!(name);
-        }
-        if let Some(d) = description {
-            doc["description"] = json!(d);
-        }
-        if let Some(c) = &config {
-            doc["config"] = c.clone();
-        }
-        doc["metadata"] = metadata(doc.get("metadata"), body.get("metadata"))?;
-        doc["updated_at"] = json!(now());
-        Ok(true)
-    })
-    .await?;
-    Ok(axum::Json(doc))
-}
-
-pub async fn archive_environment(
-    State(st): St,
-    Tenant(t, _): Tenant,
-    Path(id): Path<String>,
-) -> AResult<axum::Json<Value>> {
-    let doc = put_latest(&st.engine, ENVIRONMENT, &t, &id, |doc| {
-        if !doc["archived_at"].is_null() {
-            return Ok(false);
-        }
-        let ts = now();
-        doc["archived_at"] = json!(ts);
-        doc["updated_at"] = json!(ts);
-        Ok(true)
-    })
-    .await?;
-    Ok(axum::Json(doc))
-}
-
-pub async fn delete_environment(
-    State(st): St,
-    Tenant(t, _): Tenant,
-    Path(id): Path<String>,
-) -> AResult<axum::Json<Value>> {
-    if !st.engine.delete_document(ENVIRONMENT, &t, &id).await? {
-        return Err(AError::not_found(format!("environment {id} not found")));
-    }
-    Ok(axum::Json(json!({"id": id, "type": "environment_deleted"})))
-}
-
-pub async fn list_environments(
-    State(st): St,
-    Tenant(t, _): Tenant,
-    p: Params,
-) -> AResult<axum::Json<Value>> {
-    Ok(axum::Json(
-        list_latest(&st.engine, ENVIRONMENT, &t, &p).await?,
-    ))
 }
 
 use axum::extract::State;

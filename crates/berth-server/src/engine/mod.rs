@@ -12,6 +12,7 @@ pub mod admission;
 mod anthropic;
 pub mod box_io;
 pub mod boxes;
+pub mod custom_tools;
 pub mod error;
 pub mod event_cap;
 pub mod ledger;

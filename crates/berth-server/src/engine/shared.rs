@@ -107,6 +107,10 @@ pub fn serve_box_api(
     let app = axum::Router::new()
         .route("/v1/sessions", get(peers))
         .route("/v1/sessions/{id}/messages", post(message))
+        .route(
+            super::custom_tools::MCP_PATH,
+            post(super::custom_tools::handle),
+        )
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
     let over_cap = berth_gateway::conn::refusal_response(
@@ -122,7 +126,7 @@ pub fn serve_box_api(
 }
 
 #[derive(Clone)]
-struct BoxApi {
+pub(super) struct BoxApi {
     /// Weak: the box's owner task holds this service, and the engine holds the owner task.
     engine: Weak<Engine>,
     gateway: Arc<berth_gateway::Gateway>,
@@ -131,14 +135,17 @@ struct BoxApi {
 
 impl BoxApi {
     /// The engine, unless the server is going away.
-    fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+    pub(super) fn engine(&self) -> Result<Arc<Engine>, ApiError> {
         self.engine
             .upgrade()
             .ok_or_else(|| ApiError::Unavailable("the server is shutting down".into()))
     }
 
     /// The calling session (tenant, id), which must belong to this box.
-    fn caller(&self, headers: &axum::http::HeaderMap) -> Result<(String, String), ApiError> {
+    pub(super) fn caller(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(String, String), ApiError> {
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
         let token = header("x-api-key")
             .or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")))

@@ -1,0 +1,597 @@
+//! What a Managed Agents session's box gets beyond the built-in toolset, end to end (real server,
+//! real box, the real Claude Code CLI, the mock model): custom tools (the client runs them; the
+//! CLI reaches them through berth's MCP server on the box-side API) driven by the official
+//! Python SDK, an agent's own MCP server reached through the box's egress allowlist, and an
+//! environment's pip packages installed from an index the test serves.
+
+mod common;
+
+use berth_mock_model::{scenario::Scenario, Mock};
+use common::{claude_bin, exec_sh, tenant_key, Api, Server};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
+
+fn scenario() -> Scenario {
+    serde_json::from_value(json!({"rules": [
+        {"match": "weather", "steps": [
+            {"text": "Let me ask.", "tool_use": [{"name": "mcp__berth__get_weather", "input": {"city": "Paris"}}]},
+            {"text": "It is sunny in Paris."}
+        ]},
+        {"match": "look it up", "steps": [
+            {"tool_use": [{"name": "mcp__docs__lookup", "input": {"word": "berth"}}]},
+            {"text": "Found it."}
+        ]},
+        {"match": "wait for me", "steps": [
+            {"tool_use": [{"name": "mcp__berth__get_weather", "input": {"city": "Oslo"}}]},
+            {"text": "ok"}
+        ]}
+    ]}))
+    .expect("scenario")
+}
+
+async fn setup(extra: &[(&str, &str)]) -> (tempfile::TempDir, Server, Mock) {
+    let mock = Mock::new(scenario(), Duration::ZERO);
+    let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = claude_bin();
+    let mut env = vec![
+        ("BERTH_UPSTREAM_URL", mock_url.as_str()),
+        ("ANTHROPIC_API_KEY", REAL_KEY),
+        ("BERTH_CLAUDE_BIN", bin.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let srv = Server::start_with(dir.path(), &env).await;
+    (dir, srv, mock)
+}
+
+/// The Python with the pinned `anthropic` SDK (`scripts/test` installs it into its venv).
+fn python() -> String {
+    let venv = std::env::var("BERTH_TEST_VENV").unwrap_or_else(|_| "/opt/berth/test-venv".into());
+    format!("{venv}/bin/python")
+}
+
+/// `POST`/`GET` under `/anthropic` with `x-api-key`.
+async fn anth(api: &Api, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut rb = api
+        .http
+        .request(m, format!("{}/anthropic{path}", api.url))
+        .header("x-api-key", &api.token);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The session's events (listed) until one passes `done`, bounded.
+async fn events_until(api: &Api, sid: &str, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let (s, page) = anth(api, "GET", &format!("/v1/sessions/{sid}/events"), None).await;
+        assert_eq!(s, 200, "{page}");
+        let evs = page["data"].as_array().cloned().unwrap_or_default();
+        if evs.iter().any(&done) {
+            return evs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events never got there: {evs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn idle_with(reason: &'static str) -> impl Fn(&Value) -> bool {
+    move |e| e["type"] == "session.status_idle" && e["stop_reason"]["type"] == reason
+}
+
+/// The tool results (`tool_use_id`, text) in a recorded model request's messages.
+fn tool_results(body: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for m in body["messages"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        for b in m["content"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            if b["type"] == "tool_result" {
+                out.push((
+                    b["tool_use_id"].as_str().unwrap_or("").to_string(),
+                    b["content"].to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_tool_round_trip_with_the_official_python_sdk() {
+    let (_d, srv, mock) = setup(&[]).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/managed_agents_custom.py"
+    );
+    let run = tokio::process::Command::new(python())
+        .arg(script)
+        .env("BERTH_ANTHROPIC_URL", format!("{}/anthropic", srv.url))
+        .env("BERTH_KEY", &a.token)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the SDK script finished in time")
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line");
+    assert_eq!(res["refused"].as_array().map(Vec::len), Some(2), "{res}");
+    // The model saw the client's tool (as the CLI names it, with the client's schema), and its
+    // next request carried the client's result for exactly that call.
+    let seen: Vec<_> = mock
+        .recorded()
+        .into_iter()
+        .filter(|r| r.path == "/v1/messages")
+        .collect();
+    let asked = seen
+        .iter()
+        .find(|r| tool_results(&r.body).is_empty())
+        .expect("the first request");
+    let tool = asked.body["tools"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "mcp__berth__get_weather"))
+        .unwrap_or_else(|| panic!("the custom tool was offered: {}", asked.body["tools"]));
+    assert_eq!(
+        tool["input_schema"]["properties"]["city"]["type"], "string",
+        "{tool}"
+    );
+    let answered: Vec<_> = seen.iter().flat_map(|r| tool_results(&r.body)).collect();
+    assert!(
+        answered
+            .iter()
+            .any(|(id, text)| id.starts_with("toolu_") && text.contains("sunny, 21 C in Paris")),
+        "the client's result reached the model: {answered:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_tool_calls_are_bound_to_the_sessions_token_and_answers_are_checked() {
+    let (_d, srv, _mock) = setup(&[]).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let (_, b) = tenant_key(&srv.client(), "team-b").await;
+    // Names the CLI cannot carry, and schemas that are not objects, are refused up front.
+    for bad in [
+        json!({"type": "custom", "name": "x".repeat(60), "input_schema": {"type": "object"}}),
+        json!({"type": "custom", "name": "a b", "input_schema": {"type": "object"}}),
+        json!({"type": "custom", "name": "t", "input_schema": {"type": "string"}}),
+    ] {
+        let (s, body) = anth(
+            &a,
+            "POST",
+            "/v1/agents",
+            Some(json!({"name": "n", "model": "m", "tools": [bad]})),
+        )
+        .await;
+        assert_eq!(s, 400, "{body}");
+    }
+    let (_, env) = anth(&a, "POST", "/v1/environments", Some(json!({"name": "e"}))).await;
+    let (s, agent) = anth(
+        &a,
+        "POST",
+        "/v1/agents",
+        Some(json!({"name": "w", "model": "claude-sonnet-4-5", "tools": [
+            {"type": "custom", "name": "get_weather", "input_schema": {"type": "object"}}]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{agent}");
+    let (s, sess) = anth(
+        &a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{sess}");
+    let sid = sess["id"].as_str().expect("id").to_string();
+    let (s, _) = anth(
+        &a,
+        "POST",
+        &format!("/v1/sessions/{sid}/events"),
+        Some(json!({"events": [{"type": "user.message", "content": "wait for me"}]})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let evs = events_until(&a, &sid, idle_with("requires_action")).await;
+    let use_id = evs
+        .iter()
+        .find(|e| e["type"] == "agent.custom_tool_use")
+        .and_then(|e| e["id"].as_str())
+        .expect("custom tool use")
+        .to_string();
+
+    // From inside the session's box, the MCP endpoint answers nobody without the session's
+    // token, and a forged one is no better.
+    let boxes = a.get("/v1/boxes").await;
+    let bx = boxes.json["items"][0]["id"]
+        .as_str()
+        .expect("the session's box")
+        .to_string();
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_weather","arguments":{},"_meta":{"claudecode/toolUseId":"toolu_x"}}}"#;
+    for auth in ["", "-H 'Authorization: Bearer berth_forged_token'"] {
+        let r = exec_sh(
+            &a,
+            &bx,
+            &format!(
+                "curl -s -o /dev/null -w '%{{http_code}}' -m 10 {auth} -H 'content-type: application/json' -d '{call}' http://127.0.0.1:47102/v1/custom_tools/mcp"
+            ),
+            30,
+        )
+        .await;
+        assert_eq!(r["stdout"], "401", "{r}");
+    }
+    // Another tenant cannot answer, and answers are checked: a non-custom event, an oversized
+    // result.
+    let send = |api: Api, ev: Value| {
+        let sid = sid.clone();
+        async move {
+            anth(
+                &api,
+                "POST",
+                &format!("/v1/sessions/{sid}/events"),
+                Some(json!({ "events": [ev] })),
+            )
+            .await
+        }
+    };
+    let (s, _) = send(
+        b.clone(),
+        json!({"type": "user.custom_tool_result", "custom_tool_use_id": use_id, "content": []}),
+    )
+    .await;
+    assert_eq!(s, 404);
+    let first = evs[0]["id"].as_str().expect("id");
+    let (s, body) = send(
+        a.clone(),
+        json!({"type": "user.custom_tool_result", "custom_tool_use_id": first, "content": []}),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    let big = "x".repeat(300 * 1024);
+    let (s, body) = send(
+        a.clone(),
+        json!({"type": "user.custom_tool_result", "custom_tool_use_id": use_id, "content": [{"type": "text", "text": big}]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    // The real answer still goes through, once.
+    let answer = json!({"type": "user.custom_tool_result", "custom_tool_use_id": use_id, "content": "cold", "is_error": false});
+    let (s, body) = send(a.clone(), answer.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = send(a.clone(), answer).await;
+    assert_eq!(s, 409, "a second answer to the same use");
+    let evs = events_until(&a, &sid, idle_with("end_turn")).await;
+    let result = evs
+        .iter()
+        .find(|e| e["type"] == "user.custom_tool_result")
+        .expect("result event");
+    assert_eq!(result["custom_tool_use_id"], use_id.as_str());
+    assert!(result["content"].to_string().contains("cold"), "{result}");
+    assert_eq!(srv.client().get("/healthz").await.status, 200);
+}
+
+/// A small MCP server (Streamable HTTP, JSON answers) with one tool, `lookup`, recording calls.
+async fn mcp_server() -> (u16, Arc<Mutex<Vec<Value>>>) {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let calls: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let seen = calls.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move |axum::Json(req): axum::Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                let id = req["id"].clone();
+                let result = match req["method"].as_str().unwrap_or("") {
+                    _ if req.get("id").is_none() => return StatusCode::ACCEPTED.into_response(),
+                    "initialize" => json!({
+                        "protocolVersion": req["params"]["protocolVersion"],
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "docs", "version": "1"},
+                    }),
+                    "tools/list" => json!({"tools": [{
+                        "name": "lookup", "description": "Look a word up",
+                        "inputSchema": {"type": "object", "properties": {"word": {"type": "string"}}},
+                    }]}),
+                    "tools/call" => {
+                        if let Ok(mut s) = seen.lock() {
+                            s.push(req["params"].clone());
+                        }
+                        json!({"content": [{"type": "text", "text": "lookup says: a place for a ship"}]})
+                    }
+                    _ => json!({}),
+                };
+                axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": result})).into_response()
+            }
+        })
+        .get(|| async { StatusCode::METHOD_NOT_ALLOWED }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (port, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_mcp_server_is_reached_through_the_egress_allowlist() {
+    let (port, calls) = mcp_server().await;
+    let overrides = format!("mcp.test=127.0.0.1:{port}");
+    let (_d, srv, mock) = setup(&[("BERTH_EGRESS_OVERRIDES", &overrides)]).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let url = format!("http://mcp.test:{port}/mcp");
+    // A server without its toolset, and a toolset without its server, are refused.
+    for body in [
+        json!({"name": "n", "model": "m", "mcp_servers": [{"type": "url", "name": "docs", "url": url}]}),
+        json!({"name": "n", "model": "m", "tools": [{"type": "mcp_toolset", "mcp_server_name": "docs"}]}),
+        json!({"name": "n", "model": "m", "mcp_servers": [{"type": "url", "name": "x", "url": "http://127.0.0.1/mcp"}], "tools": [{"type": "mcp_toolset", "mcp_server_name": "x"}]}),
+    ] {
+        let (s, b) = anth(&a, "POST", "/v1/agents", Some(body)).await;
+        assert_eq!(s, 400, "{b}");
+    }
+    let (s, agent) = anth(
+        &a,
+        "POST",
+        "/v1/agents",
+        Some(json!({"name": "m", "model": "claude-sonnet-4-5",
+            "mcp_servers": [{"type": "url", "name": "docs", "url": url}],
+            "tools": [{"type": "mcp_toolset", "mcp_server_name": "docs"}]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{agent}");
+    assert_eq!(agent["mcp_servers"][0]["name"], "docs", "{agent}");
+    let (_, env) = anth(
+        &a,
+        "POST",
+        "/v1/environments",
+        Some(json!({"name": "e", "config": {"type": "cloud", "networking": {"type": "limited", "allowed_hosts": [], "allow_mcp_servers": true}}})),
+    )
+    .await;
+    let (s, sess) = anth(
+        &a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{sess}");
+    let sid = sess["id"].as_str().expect("id");
+    // The box's allowlist is the MCP server's host, exactly.
+    let bx = a.get("/v1/boxes").await.json["items"][0].clone();
+    assert_eq!(bx["network"]["allow"], json!(["mcp.test"]), "{bx}");
+    let (s, _) = anth(
+        &a,
+        "POST",
+        &format!("/v1/sessions/{sid}/events"),
+        Some(json!({"events": [{"type": "user.message", "content": "look it up"}]})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let evs = events_until(&a, sid, idle_with("end_turn")).await;
+    let used = evs
+        .iter()
+        .find(|e| e["type"] == "agent.mcp_tool_use")
+        .unwrap_or_else(|| panic!("an MCP tool use: {evs:?}"));
+    assert_eq!(used["mcp_server_name"], "docs", "{used}");
+    assert_eq!(used["name"], "lookup", "{used}");
+    let result = evs
+        .iter()
+        .find(|e| e["type"] == "agent.mcp_tool_result")
+        .expect("an MCP tool result");
+    assert_eq!(result["mcp_tool_use_id"], used["id"]);
+    // The call reached the server, with the model's arguments, and its answer the model.
+    let got = calls.lock().expect("calls").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["name"], "lookup");
+    assert_eq!(got[0]["arguments"]["word"], "berth");
+    let answered: Vec<_> = mock
+        .recorded()
+        .iter()
+        .flat_map(|r| tool_results(&r.body))
+        .collect();
+    assert!(
+        answered
+            .iter()
+            .any(|(_, t)| t.contains("lookup says: a place for a ship")),
+        "{answered:?}"
+    );
+}
+
+/// A pure-Python wheel `berthdemo` 1.0, made by the test's Python (no build tools needed).
+async fn demo_wheel() -> Vec<u8> {
+    let script = r#"
+import base64, hashlib, io, sys, zipfile
+files = {
+    "berthdemo/__init__.py": b'VALUE = "from the test index"\n',
+    "berthdemo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: berthdemo\nVersion: 1.0\n",
+    "berthdemo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: berth-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = ""
+for name, data in files.items():
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    record += f"{name},sha256={digest},{len(data)}\n"
+record += "berthdemo-1.0.dist-info/RECORD,,\n"
+files["berthdemo-1.0.dist-info/RECORD"] = record.encode()
+buf = io.BytesIO()
+with zipfile.ZipFile(buf, "w") as z:
+    for name, data in files.items():
+        z.writestr(name, data)
+sys.stdout.write(buf.getvalue().hex())
+"#;
+    let out = tokio::process::Command::new(python())
+        .args(["-c", script])
+        .output()
+        .await
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hex::decode(out.stdout.trim_ascii()).expect("hex")
+}
+
+/// A PEP 503 index on loopback serving `berthdemo`, recording the paths asked for.
+async fn pip_index() -> (u16, Arc<Mutex<Vec<String>>>) {
+    use sha2::Digest;
+    let wheel = demo_wheel().await;
+    let name = "berthdemo-1.0-py3-none-any.whl";
+    let page = format!(
+        "<!DOCTYPE html><html><body><a href=\"/files/{name}#sha256={}\">{name}</a></body></html>",
+        hex::encode(sha2::Sha256::digest(&wheel))
+    );
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = asked.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (seen, page, wheel) = (seen.clone(), page.clone(), wheel.clone());
+        async move {
+            use axum::response::IntoResponse;
+            if let Ok(mut s) = seen.lock() {
+                s.push(uri.path().to_string());
+            }
+            match uri.path() {
+                "/simple/berthdemo/" | "/simple/berthdemo" => {
+                    ([("content-type", "text/html")], page).into_response()
+                }
+                p if p == format!("/files/{name}") => wheel.into_response(),
+                _ => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (port, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environments_pip_packages_are_installed_before_the_first_turn() {
+    let (port, asked) = pip_index().await;
+    let overrides = format!("pypi.test=127.0.0.1:{port}");
+    let (_d, srv, _mock) = setup(&[("BERTH_EGRESS_OVERRIDES", &overrides)]).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    // Managers berth cannot serve, and specs that look like options, are refused by name.
+    for (packages, word) in [
+        (json!({"apt": ["curl"]}), "apt"),
+        (json!({"gem": ["rails"]}), "gem"),
+        (json!({"pip": ["--index-url=http://evil"]}), "pip"),
+    ] {
+        let (s, b) = anth(
+            &a,
+            "POST",
+            "/v1/environments",
+            Some(json!({"name": format!("bad-{word}"), "config": {"type": "cloud", "packages": packages}})),
+        )
+        .await;
+        assert_eq!(s, 400, "{b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap_or("").contains(word),
+            "{b}"
+        );
+    }
+    let index = format!("http://pypi.test:{port}/simple");
+    let (s, env) = anth(
+        &a,
+        "POST",
+        "/v1/environments",
+        Some(json!({"name": "py", "metadata": {"berth_pip_index_url": index},
+            "config": {"type": "cloud", "packages": {"type": "packages", "pip": ["berthdemo==1.0"]}}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{env}");
+    assert_eq!(env["config"]["packages"]["pip"], json!(["berthdemo==1.0"]));
+    let (_, agent) = anth(
+        &a,
+        "POST",
+        "/v1/agents",
+        Some(json!({"name": "p", "model": "claude-sonnet-4-5"})),
+    )
+    .await;
+    let (s, sess) = anth(
+        &a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{sess}");
+    // Installed from the test's index, through the egress proxy, before the session was there.
+    let got = asked.lock().expect("asked").clone();
+    assert!(
+        got.iter().any(|p| p.starts_with("/simple/berthdemo")),
+        "{got:?}"
+    );
+    assert!(got.iter().any(|p| p.starts_with("/files/")), "{got:?}");
+    let bx = a.get("/v1/boxes").await.json["items"][0]["id"]
+        .as_str()
+        .expect("box")
+        .to_string();
+    let r = exec_sh(
+        &a,
+        &bx,
+        "python3 -c 'import berthdemo; print(berthdemo.VALUE)'",
+        60,
+    )
+    .await;
+    assert_eq!(
+        r["stdout"].as_str().map(str::trim),
+        Some("from the test index"),
+        "{r}"
+    );
+
+    // A package the index does not have: the session is refused with pip's own words.
+    let (_, env2) = anth(
+        &a,
+        "POST",
+        "/v1/environments",
+        Some(
+            json!({"name": "py2", "metadata": {"berth_pip_index_url": index},
+            "config": {"type": "cloud", "packages": {"pip": ["nosuchpackage"]}}}),
+        ),
+    )
+    .await;
+    let (s, b) = anth(
+        &a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env2["id"]})),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap_or("").contains("pip"),
+        "{b}"
+    );
+}
