@@ -191,6 +191,7 @@ async fn run(
                 env,
                 stdin: None,
                 timeout_s: Some(INSTALL_TIMEOUT_S),
+                model: false,
             },
         )
         .await?;
