@@ -15,6 +15,7 @@ pub mod boxes;
 pub mod error;
 pub mod event_cap;
 pub mod ledger;
+pub mod nodes;
 pub mod park;
 pub mod pools;
 pub mod pty;
@@ -141,6 +142,8 @@ pub struct Engine {
     admission: Arc<admission::Admission>,
     /// Warm pools (see `pools`).
     pools: pools::Pools,
+    /// This node's cluster membership, once joined (see `nodes`).
+    cluster: std::sync::OnceLock<Arc<nodes::Cluster>>,
 }
 
 fn tenant_filter(tenant: &str) -> Option<&str> {
@@ -180,6 +183,7 @@ impl Engine {
             admission,
             registry,
             pools: pools::Pools::default(),
+            cluster: Default::default(),
             config,
         })
     }
