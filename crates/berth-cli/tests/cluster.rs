@@ -59,6 +59,11 @@ impl Net {
             &br,
         ]);
         sh(&["ip", "link", "set", &br, "up"]);
+        // Bridged traffic passes iptables' FORWARD chain (br_netfilter), whose policy a Docker
+        // host sets to DROP: let this bridge's own traffic through (removed on drop).
+        if net.iptables(true).is_err() {
+            eprintln!("iptables unavailable: node-to-node traffic relies on the FORWARD policy");
+        }
         for i in 1..=nodes {
             let ns = net.ns(i);
             let (host, peer) = (net.veth(i), format!("cp{}{i}", net.tag));
@@ -76,6 +81,29 @@ impl Net {
         }
         net
     }
+    /// Insert (or delete) the rule accepting traffic between this bridge's ports.
+    fn iptables(&self, add: bool) -> std::io::Result<()> {
+        let br = self.bridge();
+        let st = std::process::Command::new("iptables")
+            .args([
+                if add { "-I" } else { "-D" },
+                "FORWARD",
+                "-i",
+                &br,
+                "-o",
+                &br,
+                "-j",
+                "ACCEPT",
+            ])
+            .stderr(Stdio::null())
+            .status()?;
+        if st.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("iptables: {st}")))
+        }
+    }
+
     fn bridge(&self) -> String {
         format!("cb{}", self.tag)
     }
@@ -113,6 +141,7 @@ impl Drop for Net {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.bridge()])
             .status();
+        let _ = self.iptables(false);
     }
 }
 
@@ -227,36 +256,34 @@ impl Cluster {
 
     async fn spawn(&self, i: usize, data: tempfile::TempDir) -> Node {
         let ip = self.net.node_ip(i);
-        let mut cmd = tokio::process::Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.net.ns(i),
-            env!("CARGO_BIN_EXE_berth"),
-        ])
-        .args(["serve", "--mock-model", "--listen", &format!("{ip}:7700")])
-        .arg("--data-dir")
-        .arg(data.path())
-        .env("BERTH_LOG", "warn")
-        .env_remove("BERTH_URL")
-        .env_remove("BERTH_TOKEN")
-        .env("BERTH_NODE_NAME", format!("node{i}"))
-        .env("BERTH_CLUSTER_SECRET", SECRET)
-        .env("BERTH_NODE_LEASE_MS", LEASE_MS.to_string())
-        .env("BERTH_ADMIN_KEY", ADMIN)
-        .env("BERTH_DATABASE_URL", &self.db)
-        .env(
-            "BERTH_SNAPSHOT_URL",
-            format!("s3://{BUCKET}/{}", self.net.tag),
-        )
-        .env("AWS_ENDPOINT_URL", &self.s3.endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ALLOW_HTTP", "true")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        // nsenter into the network namespace only: `ip netns exec` would also remount /sys,
+        // hiding the cgroup hierarchy the native backend needs.
+        let mut cmd = tokio::process::Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.net.ns(i)))
+            .args(["--", env!("CARGO_BIN_EXE_berth")])
+            .args(["serve", "--mock-model", "--listen", &format!("{ip}:7700")])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("BERTH_LOG", "warn")
+            .env_remove("BERTH_URL")
+            .env_remove("BERTH_TOKEN")
+            .env("BERTH_NODE_NAME", format!("node{i}"))
+            .env("BERTH_CLUSTER_SECRET", SECRET)
+            .env("BERTH_NODE_LEASE_MS", LEASE_MS.to_string())
+            .env("BERTH_ADMIN_KEY", ADMIN)
+            .env("BERTH_DATABASE_URL", &self.db)
+            .env(
+                "BERTH_SNAPSHOT_URL",
+                format!("s3://{BUCKET}/{}", self.net.tag),
+            )
+            .env("AWS_ENDPOINT_URL", &self.s3.endpoint)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn berth serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -594,8 +621,9 @@ async fn boxes_spread_and_any_node_answers() {
         .filter(|e| e["type"] == "stdout")
         .filter_map(|e| e["data"]["text"].as_str())
         .collect();
+    // One stdout event per line, in order.
     assert_eq!(
-        outs.concat().lines().collect::<Vec<_>>(),
+        outs.iter().map(|t| t.trim_end()).collect::<Vec<_>>(),
         ["echo: one", "echo: two"]
     );
     let seqs: Vec<i64> = evs.iter().filter_map(|e| e["seq"].as_i64()).collect();
