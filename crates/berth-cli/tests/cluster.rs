@@ -788,14 +788,9 @@ async fn a_killed_node_is_lost_and_its_hybrid_box_restores_elsewhere() {
         .await;
     assert_eq!(s.status, 201, "{}", s.json);
     let hsid = s.json["id"].as_str().expect("id").to_string();
-    let r = api
-        .post(
-            &format!("/v1/sessions/{hsid}/messages"),
-            json!({"content": "before"}),
-        )
+    // Parked with its (idle) session, which the restore resumes.
+    api.wait_for(&format!("/v1/sessions/{hsid}"), 20, |s| s["state"] == "idle")
         .await;
-    assert_eq!(r.status, 202);
-    api.until(&hsid, "stdout", 1).await;
     let parked = api.post(&format!("/v1/boxes/{hid}/park"), json!({})).await;
     assert_eq!(
         (parked.status, parked.json["state"].as_str()),
@@ -862,7 +857,7 @@ async fn a_killed_node_is_lost_and_its_hybrid_box_restores_elsewhere() {
         )
         .await;
     assert_eq!(r.status, 202, "{}", r.json);
-    let evs = api.until(&hsid, "stdout", 2).await;
+    let evs = api.until(&hsid, "stdout", 1).await;
     assert!(
         evs.iter().any(|e| e["data"]["text"]
             .as_str()
