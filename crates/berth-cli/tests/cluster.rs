@@ -789,8 +789,10 @@ async fn a_killed_node_is_lost_and_its_hybrid_box_restores_elsewhere() {
     assert_eq!(s.status, 201, "{}", s.json);
     let hsid = s.json["id"].as_str().expect("id").to_string();
     // Parked with its (idle) session, which the restore resumes.
-    api.wait_for(&format!("/v1/sessions/{hsid}"), 20, |s| s["state"] == "idle")
-        .await;
+    api.wait_for(&format!("/v1/sessions/{hsid}"), 20, |s| {
+        s["state"] == "idle"
+    })
+    .await;
     let parked = api.post(&format!("/v1/boxes/{hid}/park"), json!({})).await;
     assert_eq!(
         (parked.status, parked.json["state"].as_str()),
@@ -838,10 +840,12 @@ async fn a_killed_node_is_lost_and_its_hybrid_box_restores_elsewhere() {
         b["state_reason"].as_str().unwrap_or("").contains("lost"),
         "{b}"
     );
-    let pbox = api.get(&format!("/v1/boxes/{pb}")).await.json;
-    assert_eq!(pbox["state"], "lost", "{pbox}");
-    let ps = api.get(&format!("/v1/sessions/{psid}")).await.json;
-    assert_eq!(ps["state"], "interrupted", "{ps}");
+    api.wait_for(&format!("/v1/boxes/{pb}"), 10, |b| b["state"] == "lost")
+        .await;
+    api.wait_for(&format!("/v1/sessions/{psid}"), 10, |s| {
+        s["state"] == "interrupted"
+    })
+    .await;
 
     // Its next use restores it on the node that serves it, with its files.
     let r = exec(&api, &hid, &["cat", "/workspace/notes/kept.txt"], None).await;
@@ -928,14 +932,13 @@ async fn a_cut_off_node_is_lost_and_does_not_double_run_when_it_returns() {
         }
     })
     .await;
-    assert_eq!(
-        a1.get(&format!("/v1/boxes/{pid}")).await.json["state"],
-        "lost"
-    );
-    assert_eq!(
-        a1.get(&format!("/v1/sessions/{psid}")).await.json["state"],
-        "interrupted"
-    );
+    a1.wait_for(&format!("/v1/boxes/{pid}"), 10, |b| b["state"] == "lost")
+        .await;
+    // Settled just after the claim (boxes first, then their sessions).
+    a1.wait_for(&format!("/v1/sessions/{psid}"), 10, |s| {
+        s["state"] == "interrupted"
+    })
+    .await;
     // Cut off, node 3 fences itself within about a lease: its box's processes end.
     until("node 3 fenced its box", 20, || async {
         (!process_with(&marker)).then_some(())
