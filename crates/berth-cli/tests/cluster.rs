@@ -740,6 +740,50 @@ async fn boxes_spread_and_any_node_answers() {
         firing_nodes.insert(b["node"].as_str().unwrap_or("").to_string());
     }
     assert!(firing_nodes.len() >= 2, "fired only on {firing_nodes:?}");
+
+    // A signed webhook call is taken once: replayed to another node it is refused.
+    let r = a1
+        .post(
+            "/v1/triggers",
+            json!({"box": {"resources": {"cpus": 0.25, "memory_mib": 128, "disk_mib": 64}},
+                   "agent": {"kind": "command", "argv": ["/bin/sh", "-c", "cat"]},
+                   "prompt": "hook {{n}}"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let (hook_path, secret) = (
+        r.json["webhook_path"].as_str().expect("path").to_string(),
+        r.json["secret"].as_str().expect("secret").to_string(),
+    );
+    let body = json!({"n": 1}).to_string();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+    let mut mac =
+        <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret.as_bytes()).expect("key");
+    hmac::Mac::update(&mut mac, format!("{ts}.{body}").as_bytes());
+    let sig = format!(
+        "sha256={}",
+        hex::encode(hmac::Mac::finalize(mac).into_bytes())
+    );
+    let mut answers = Vec::new();
+    for i in [1, 2, 3] {
+        let api = c.api(i);
+        let r = api
+            .raw(
+                api.http
+                    .post(format!("{}{hook_path}", api.url))
+                    .header("x-berth-timestamp", &ts)
+                    .header("x-berth-signature-256", &sig)
+                    .header("content-type", "application/json")
+                    .body(body.clone()),
+            )
+            .await;
+        answers.push(r.status);
+    }
+    assert_eq!(answers, [202, 401, 401], "the same call at nodes 1, 2, 3");
     c.stop_all().await;
     assert!(
         t0.elapsed() < Duration::from_secs(240),

@@ -630,7 +630,50 @@ async fn lease_loop(engine: std::sync::Weak<Engine>) {
     }
 }
 
+/// The document kind a signed webhook call is recorded under while its timestamp is valid.
+const HOOK_CALL_KIND: &str = "berth.hook_call";
+
 impl Engine {
+    /// A signed webhook call is taken once across the cluster: each node's replay cache sees
+    /// only its own calls, so on a shared store the call is also recorded as a document
+    /// (`put_document` without replace: a second insert of the same call is a conflict) and
+    /// forgotten once its timestamp has left the window. Nothing to do without a cluster
+    /// secret (a node alone, or nodes that do not forward to each other).
+    pub(crate) async fn claim_hook_call(
+        &self,
+        t: &berth_api::TriggerObject,
+        mac: &str,
+    ) -> Result<(), super::error::EngineError> {
+        if self.cluster().is_none_or(|c| c.cfg.secret.is_none()) {
+            return Ok(());
+        }
+        let doc = berth_store::Document {
+            kind: HOOK_CALL_KIND.into(),
+            tenant: t.tenant.clone(),
+            id: format!("{}:{mac}", t.id),
+            version: 1,
+            body: serde_json::json!({}),
+        };
+        match self.store.put_document(&doc, false).await {
+            Ok(()) => {
+                let store = self.store.clone();
+                let window = Duration::from_secs(super::triggers::HOOK_WINDOW_S as u64 * 2 + 60);
+                tokio::spawn(async move {
+                    tokio::time::sleep(window).await;
+                    let _ = store.delete_document(&doc.kind, &doc.tenant, &doc.id).await;
+                });
+                Ok(())
+            }
+            Err(berth_store::StoreError::Conflict(_)) => {
+                metrics::counter!("berth_webhook_replays_refused_total").increment(1);
+                Err(super::error::EngineError::Unauthenticated(
+                    super::triggers::HookRefusal::Replay.to_string(),
+                ))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Whether this node fires cron trigger `t` due at `due_ms`: a trigger in an existing box
     /// is fired by the node holding the box; the claim itself is a compare-and-set in the
     /// store ([`berth_store::Store::claim_cron_fire`]) rather than a leader (e.g. a PostgreSQL advisory

@@ -363,7 +363,9 @@ impl Engine {
             .map_err(|r| EngineError::Unauthenticated(r.to_string()))?;
         match auth {
             HookAuth::Signed { mac, timestamp } => {
-                self.first_sighting(&t.id, mac, timestamp, now)?
+                self.first_sighting(&t.id, mac.clone(), timestamp, now)?;
+                // Another node may have taken the same call: the store decides (a cluster).
+                self.claim_hook_call(&t, &mac).await?
             }
             HookAuth::Bearer => self.take_hook_call(&t.id)?,
         }
