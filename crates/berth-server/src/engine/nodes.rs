@@ -8,7 +8,8 @@
 //!   ([`berth_store::Store::claim_lost_node`]), which then settles the lost node's boxes (hybrid boxes with
 //!   a snapshot become restorable anywhere: parked, no node; the others `lost`) and its live
 //!   sessions (`interrupted`).
-//! - A node that cannot renew for a whole lease fences itself: it stops and destroys the boxes
+//! - A node that cannot renew for a whole lease, while it knows of another node that could take
+//!   its boxes over, fences itself: it stops and destroys the boxes
 //!   it runs (their records can no longer be its to write: [`berth_store::Store::put_box`] refuses a
 //!   holder that is not the row's). When the store answers again it settles its own boxes as
 //!   a lost node's (unless another node did) and joins with a new incarnation; the boxes the
@@ -150,6 +151,13 @@ impl Cluster {
                 n
             })
             .collect()
+    }
+
+    /// Whether the last view holds another node that is not lost.
+    fn others_known(&self) -> bool {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        view.iter()
+            .any(|r| r.node.name != self.cfg.node_name && r.node.state != NodeState::Lost)
     }
 
     fn set_view(&self, rows: Vec<NodeRow>) {
@@ -575,7 +583,12 @@ async fn lease_loop(engine: std::sync::Weak<Engine>) {
             }
             Err(err) => {
                 tracing::warn!(error = %err, "renewing this node's lease");
-                if last_renewed.elapsed() >= lease && !c.fenced.swap(true, Ordering::SeqCst) {
+                // Only another node can take this node's boxes over: alone (or the last of a
+                // cluster) a node keeps its boxes through a store outage of any length.
+                if last_renewed.elapsed() >= lease
+                    && c.others_known()
+                    && !c.fenced.swap(true, Ordering::SeqCst)
+                {
                     tracing::error!(node = %c.cfg.node_name, "no lease renewal for a whole lease: fencing this node");
                     e.fence().await;
                 }
