@@ -1133,3 +1133,35 @@ impl CloneApi for Api {
         Api::new(&self.url, &self.token)
     }
 }
+
+/// A server on its own (SQLite) is a one-node cluster: it lists itself, active, under the host
+/// name, with its backends and the boxes it holds; its boxes name it.
+#[tokio::test]
+async fn a_single_server_is_a_one_node_cluster() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = common::Server::start(dir.path()).await;
+    let api = srv.client();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    let b = new_box(&api, json!({})).await;
+    assert_eq!(b["node"], host.as_str(), "{b}");
+    let nodes = until("the node's load renewed", 20, || {
+        let api = api.clone_api();
+        async move {
+            let r = api.get("/v1/nodes").await.json;
+            (r["items"][0]["load"]["boxes"] == 1).then_some(r)
+        }
+    })
+    .await;
+    let items = nodes["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{nodes}");
+    assert_eq!(items[0]["name"], host.as_str());
+    assert_eq!(items[0]["state"], "active");
+    assert_eq!(items[0]["advertise_url"], srv.url.as_str());
+    assert!(items[0]["backends"]
+        .as_array()
+        .is_some_and(|b| b.iter().any(|x| x == "native")));
+    srv.stop().await;
+}
