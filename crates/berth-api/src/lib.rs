@@ -146,6 +146,8 @@ pub enum BoxState {
     Stopped,
     Destroyed,
     Failed,
+    /// Its node was lost (lease lapsed, see `NodeObject`); the box is gone with it.
+    Lost,
 }
 
 impl BoxState {
@@ -159,6 +161,7 @@ impl BoxState {
             BoxState::Stopped => "stopped",
             BoxState::Destroyed => "destroyed",
             BoxState::Failed => "failed",
+            BoxState::Lost => "lost",
         }
     }
     pub fn parse(s: &str) -> Option<BoxState> {
@@ -171,13 +174,14 @@ impl BoxState {
             "stopped" => BoxState::Stopped,
             "destroyed" => BoxState::Destroyed,
             "failed" => BoxState::Failed,
+            "lost" => BoxState::Lost,
             _ => return None,
         })
     }
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            BoxState::Destroyed | BoxState::Failed | BoxState::Stopped
+            BoxState::Destroyed | BoxState::Failed | BoxState::Stopped | BoxState::Lost
         )
     }
 }
@@ -213,6 +217,9 @@ pub struct BoxObject {
     /// A parked hybrid box: the snapshot it is restored from on its next use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotInfo>,
+    /// The node that holds the box (cluster); none for a parked box any node may restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -817,5 +824,66 @@ mod tests {
             assert_eq!(again.idle_timeout_s, spec.idle_timeout_s, "{j}");
         }
         assert_eq!(parse("{}").lifecycle, None);
+    }
+}
+
+/// A berth node of a cluster (servers sharing one database): `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeObject {
+    pub name: String,
+    /// Where the other nodes reach its API.
+    pub advertise_url: String,
+    /// `active` (boxes are placed on it), `draining` (none are; its hybrid boxes were
+    /// parked) or `lost` (its lease lapsed; its boxes were marked lost or made restorable).
+    pub state: NodeState,
+    /// Bumped each time the node (re)joins: a process holding an older one is superseded.
+    pub incarnation: i64,
+    /// Until when its lease holds (RFC 3339); past it, any node may declare it lost.
+    pub lease_expires_at: Timestamp,
+    /// The backends it offers.
+    pub backends: Vec<String>,
+    /// What it can hold.
+    pub capacity: NodeCapacity,
+    /// What its live boxes hold now (as of its last lease renewal).
+    pub load: NodeCapacity,
+    /// Why it is in its state (e.g. what declared it lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    pub joined_at: Timestamp,
+}
+
+/// Resources of a node: what it can hold, or what its live boxes hold.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct NodeCapacity {
+    pub cpus: f64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub boxes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Active,
+    Draining,
+    Lost,
+}
+
+impl NodeState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Lost => "lost",
+        }
+    }
+    pub fn parse(s: &str) -> Option<NodeState> {
+        Some(match s {
+            "active" => NodeState::Active,
+            "draining" => NodeState::Draining,
+            "lost" => NodeState::Lost,
+            _ => return None,
+        })
     }
 }

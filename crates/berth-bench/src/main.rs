@@ -10,12 +10,14 @@
 //! cargo run --release -p berth-bench -- pools [--runs 10]
 //! cargo run --release -p berth-bench -- check [--runs 3]
 //! cargo run --release -p berth-bench -- managed [--runs 5 --subscribers 500 --messages 10]
+//! cargo run --release -p berth-bench -- cluster --database-url postgres://… [--runs 3]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
 mod agents;
 mod api;
 mod check;
+mod cluster;
 mod files;
 mod flood;
 mod gateway;
@@ -154,6 +156,32 @@ enum Cmd {
         /// Connections the flooding box keeps open to each of its three sockets.
         #[arg(long, default_value_t = 200)]
         per_port: usize,
+    },
+    /// Three nodes on one PostgreSQL: forwarding overhead (exec, port TTFB), placement's
+    /// cost, node death → hybrid boxes restorable elsewhere.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Requests per path and run for the forwarding figures.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// A PostgreSQL server (a database is created on it), e.g. `postgres://postgres@127.0.0.1/postgres`.
+        #[arg(long, env = "BERTH_TEST_DATABASE_URL")]
+        database_url: String,
+    },
+    /// One node of the `cluster` suite, in a process of its own (internal).
+    #[command(hide = true)]
+    ClusterNode {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        snapshots: String,
+        #[arg(long)]
+        lease_ms: u64,
     },
     /// The server for the `files` suite, in a process of its own (internal).
     #[command(hide = true)]
@@ -349,6 +377,18 @@ fn main() -> anyhow::Result<()> {
             Cmd::Io { files } => sandbox::io(files).await,
             Cmd::Files { runs, clients, mib } => files::run(runs, clients, mib).await,
             Cmd::FilesServer { data_dir } => files::serve(data_dir).await,
+            Cmd::Cluster {
+                runs,
+                requests,
+                database_url,
+            } => cluster::run(runs, requests, database_url).await,
+            Cmd::ClusterNode {
+                data_dir,
+                name,
+                db,
+                snapshots,
+                lease_ms,
+            } => cluster::node(data_dir, name, db, snapshots, lease_ms).await,
             Cmd::Flood {
                 runs,
                 execs,

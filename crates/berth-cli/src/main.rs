@@ -99,6 +99,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cmd::keys::KeysCmd,
     },
+    /// Cluster nodes (admin): `ls`, `drain <name>`, `undrain <name>`.
+    Node {
+        #[command(subcommand)]
+        cmd: cmd::node::NodeCmd,
+    },
     /// Token and container cost, summed by session, box, tenant or model.
     Usage {
         /// What each row sums.
@@ -193,6 +198,7 @@ async fn real_main(cli: Cli) -> Result<()> {
         Cmd::Chat { session, conn } => cmd::sessions::chat(&client(&conn)?, &session).await,
         Cmd::Run(a) => cmd::run::run(&client(&a.conn)?, a).await,
         Cmd::Keys { cmd } => cmd::keys::keys(cmd, client).await,
+        Cmd::Node { cmd } => cmd::node::node(cmd, client).await,
         Cmd::Store { cmd } => store_cmd::run(cmd).await,
         Cmd::Usage {
             by,

@@ -31,9 +31,18 @@ async fn serve(data: &Path, db: &str, admin: Option<&str>) -> Server {
         let url = format!("http://{}", l.local_addr().expect("addr"));
         (l, url)
     });
+    // Two servers on one database are two nodes: each needs a name of its own.
+    let node = data
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Server::start_with(
         data,
-        &[("BERTH_DATABASE_URL", db), ("BERTH_UPSTREAM_URL", upstream)],
+        &[
+            ("BERTH_DATABASE_URL", db),
+            ("BERTH_UPSTREAM_URL", upstream),
+            ("BERTH_NODE_NAME", &node),
+        ],
     )
     .await
 }

@@ -74,6 +74,18 @@ pub struct Config {
     pub listener: ListenerSection,
     /// Per-session caps on the event log (a flooding agent cannot grow the store unbounded).
     pub events: EventsSection,
+    // -- cluster (issue #20) --
+    /// This node's name in the cluster (default: the host name). Unique per node.
+    pub node_name: Option<String>,
+    /// The URL other nodes reach this node's API at (default: `http://<listen address>`, the
+    /// host name in place of an unspecified address).
+    pub advertise_url: Option<String>,
+    /// Shared by every node: signs node-to-node (forwarded) requests. Without it a node
+    /// forwards nothing and places every box on itself.
+    pub cluster_secret: Option<String>,
+    /// How long a node's lease holds without a renewal, in ms (renewed every fifth of it);
+    /// past it another node declares the node lost.
+    pub node_lease_ms: u64,
     // -- warm pools (issue #22) --
     /// `[[pools]]`: boxes kept ready with their agent started (see `engine::pools`).
     pub pools: Vec<crate::engine::pools::PoolConfig>,
@@ -355,6 +367,10 @@ impl Default for Config {
             tenant_max: TenantMaxSection::default(),
             listener: ListenerSection::default(),
             events: EventsSection::default(),
+            node_name: None,
+            advertise_url: None,
+            cluster_secret: None,
+            node_lease_ms: 5000,
             pools: Vec::new(),
         }
     }

@@ -297,6 +297,14 @@ pub async fn run(
     tokio::spawn(engine.clone().box_time_heartbeat());
     tokio::spawn(observe::sample_boxes(engine.clone()));
     tokio::spawn(engine::triggers::scheduler(engine.clone()));
+    // Bound before joining the cluster: the advertised URL names the port really bound.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
+    engine.join_cluster(cluster_config(&cfg, addr)).await?;
     engine.reconcile().await?;
     // After reconcile: a previous run's ready boxes are gone before new ones are made.
     engine.start_pools(cfg.pools.clone()).await;
@@ -305,12 +313,6 @@ pub async fn run(
         metrics: observe::metrics_handle(),
     };
     let app = api::router(state.clone(), cfg.max_body_bytes);
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
     let started = Started {
         addr,
         admin_key_file,
@@ -333,6 +335,35 @@ pub async fn run(
     engine.ledger_sync().await;
     let _ = std::fs::remove_file(cfg.data_dir.join("server.json"));
     Ok(())
+}
+
+/// This node's part in the cluster, from the configuration and the address bound.
+fn cluster_config(cfg: &Config, addr: SocketAddr) -> engine::nodes::ClusterConfig {
+    let node_name = cfg
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(engine::nodes::host_name);
+    let advertise_url = cfg.advertise_url.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            format!("http://{}:{}", engine::nodes::host_name(), addr.port())
+        } else {
+            format!("http://{addr}")
+        }
+    });
+    let host = engine::admission::host_max_box();
+    engine::nodes::ClusterConfig {
+        node_name,
+        advertise_url: advertise_url.trim_end_matches('/').to_string(),
+        secret: cfg.cluster_secret.clone().filter(|s| !s.is_empty()),
+        lease: std::time::Duration::from_millis(cfg.node_lease_ms.max(500)),
+        capacity: berth_api::NodeCapacity {
+            cpus: cfg.max_box.cpus.unwrap_or(host.cpus),
+            memory_mib: cfg.max_box.memory_mib.unwrap_or(host.memory_mib),
+            disk_mib: cfg.max_box.disk_mib.unwrap_or(host.disk_mib),
+            boxes: 0,
+        },
+    }
 }
 
 fn box_connections(c: &config::BoxSocketsSection) -> berth_gateway::ConnLimits {

@@ -12,6 +12,12 @@
 //! - [`Store::watch_session`]: a store shared by several processes wakes watchers when a
 //!   batch of a session's events commits (from any process); an embedded store has no other
 //!   writer and returns None.
+//! - Nodes (a cluster: servers sharing the store): a box's record is written only by the node
+//!   that holds it — [`Store::put_box`] over a row whose `node` differs from the object's is a
+//!   [`StoreError::Conflict`] and changes nothing — so a node the cluster declared lost cannot
+//!   overwrite what replaced its boxes; [`Store::claim_box`] moves a box between holders with
+//!   one compare-and-set. Node leases, loss and cron firings are conditional UPDATEs: exactly
+//!   one caller wins each.
 //! - Tenancy is enforced by callers through the `tenant` argument of lookups; a row of another
 //!   tenant is reported as absent.
 
@@ -23,7 +29,7 @@ pub mod sqlite;
 pub mod testing;
 
 use async_trait::async_trait;
-use berth_api::{BoxObject, Event, KeyObject, SessionObject, TriggerObject};
+use berth_api::{BoxObject, Event, KeyObject, NodeObject, SessionObject, TriggerObject};
 
 pub use postgres::PostgresStore;
 pub use sqlite::{Durability, SqliteStore};
@@ -156,6 +162,13 @@ pub struct KeyRecord {
     pub admin: bool,
 }
 
+/// A node as stored: the object, and its lease's end in Unix ms (what lapses are judged by).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRow {
+    pub node: NodeObject,
+    pub lease_ms: i64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Readiness: the store takes a write (within its own busy timeout).
@@ -254,4 +267,32 @@ pub trait Store: Send + Sync + 'static {
         from_ms: Option<i64>,
         to_ms: Option<i64>,
     ) -> Result<Vec<BoxSpan>>;
+
+    /// Join (or rejoin) the cluster as `node.name`: the row is written with a lease until
+    /// `lease_ms` and an incarnation one past the row's previous one (1 when new), which is
+    /// returned. A draining node stays draining; any other comes back `active`.
+    async fn join_node(&self, node: &NodeObject, lease_ms: i64) -> Result<i64>;
+    /// Renew a node's lease to `lease_ms` and store its object (load), only while it holds
+    /// `incarnation` and is not lost; false: superseded or declared lost (nothing written).
+    async fn renew_node(&self, node: &NodeObject, incarnation: i64, lease_ms: i64) -> Result<bool>;
+    /// Every node, by name.
+    async fn list_nodes(&self) -> Result<Vec<NodeRow>>;
+    /// Declare node `name` lost, only if it still holds `incarnation`, is not lost already and
+    /// its lease ended before `now_ms`: true for exactly one of any number of callers.
+    async fn claim_lost_node(
+        &self,
+        name: &str,
+        incarnation: i64,
+        now_ms: i64,
+        reason: &str,
+    ) -> Result<bool>;
+    /// Set a node that is not lost `active` or `draining`; false when there is no such node
+    /// (or it is lost).
+    async fn set_node_state(&self, name: &str, state: berth_api::NodeState) -> Result<bool>;
+    /// Write `b` (its `node` included) only if the row's node is still `from` (None: held by
+    /// no node): true for exactly one of concurrent claimers.
+    async fn claim_box(&self, b: &BoxObject, from: Option<&str>) -> Result<bool>;
+    /// Claim the cron firing of trigger `id` due at `due_ms`: true for exactly one caller per
+    /// instant, and false for any instant at or before one already claimed.
+    async fn claim_cron_fire(&self, id: &str, due_ms: i64) -> Result<bool>;
 }

@@ -70,6 +70,7 @@ fn a_box(id: &str, tenant: &str, created_at: &str) -> BoxObject {
         keep_workspace: false,
         artifact: None,
         snapshot: None,
+        node: None,
         created_at: created_at.into(),
         updated_at: created_at.into(),
     }
@@ -425,6 +426,117 @@ async fn conformance(st: &dyn Store) {
         .is_empty());
 }
 
+fn a_node(name: &str) -> NodeObject {
+    NodeObject {
+        name: name.into(),
+        advertise_url: format!("http://{name}:7700"),
+        state: NodeState::Active,
+        incarnation: 0,
+        lease_expires_at: String::new(),
+        backends: vec!["native".into()],
+        capacity: NodeCapacity {
+            cpus: 2.0,
+            memory_mib: 4096,
+            disk_mib: 10_000,
+            boxes: 100,
+        },
+        load: NodeCapacity::default(),
+        state_reason: None,
+        joined_at: "2026-01-01T00:00:00Z".into(),
+    }
+}
+
+/// Nodes: joins bump the incarnation; a lease renews only for the holder of the newest
+/// incarnation; a lapsed lease is claimed lost by exactly one caller; a box's record is
+/// written only by its holder and moves between holders by compare-and-set; a cron instant
+/// is claimed once.
+async fn nodes(st: &dyn Store) {
+    let n1 = a_node("n1");
+    assert_eq!(st.join_node(&n1, 5_000).await.expect("join"), 1);
+    assert_eq!(st.join_node(&a_node("n2"), 5_000).await.expect("join"), 1);
+    assert!(st.renew_node(&n1, 1, 6_000).await.expect("renew"));
+    // A rejoin supersedes the old incarnation: its renewals fail.
+    assert_eq!(st.join_node(&n1, 6_000).await.expect("rejoin"), 2);
+    assert!(!st.renew_node(&n1, 1, 7_000).await.expect("stale renew"));
+    assert!(st.renew_node(&n1, 2, 7_000).await.expect("renew"));
+    let rows = st.list_nodes().await.expect("list");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].node.name, "n1");
+    assert_eq!(rows[0].node.incarnation, 2);
+    assert_eq!(rows[0].lease_ms, 7_000);
+    // Not lapsed yet: no claim; the wrong incarnation: no claim.
+    assert!(!st
+        .claim_lost_node("n1", 2, 7_000, "x")
+        .await
+        .expect("early"));
+    assert!(!st.claim_lost_node("n1", 1, 9_000, "x").await.expect("old"));
+    // Lapsed: one claimer wins.
+    assert!(st
+        .claim_lost_node("n1", 2, 9_000, "lease lapsed")
+        .await
+        .expect("claim"));
+    assert!(!st
+        .claim_lost_node("n1", 2, 9_000, "again")
+        .await
+        .expect("twice"));
+    assert!(!st.renew_node(&n1, 2, 10_000).await.expect("lost renew"));
+    assert!(!st
+        .set_node_state("n1", NodeState::Draining)
+        .await
+        .expect("lost"));
+    let rows = st.list_nodes().await.expect("list");
+    assert_eq!(rows[0].node.state, NodeState::Lost);
+    assert_eq!(rows[0].node.state_reason.as_deref(), Some("lease lapsed"));
+    // A draining node stays draining when it rejoins; a lost one comes back active.
+    assert!(st
+        .set_node_state("n2", NodeState::Draining)
+        .await
+        .expect("drain"));
+    assert_eq!(st.join_node(&a_node("n2"), 9_000).await.expect("rejoin"), 2);
+    assert_eq!(st.join_node(&n1, 9_000).await.expect("rejoin"), 3);
+    let rows = st.list_nodes().await.expect("list");
+    assert_eq!(rows[0].node.state, NodeState::Active);
+    assert_eq!(rows[1].node.state, NodeState::Draining);
+
+    // Boxes: only the holder writes; a claim moves the holder once.
+    let mut b = a_box("nb1", "acme", "2026-01-01T00:00:01Z");
+    b.node = Some("n1".into());
+    st.put_box(&b).await.expect("put");
+    let mut other = b.clone();
+    other.node = Some("n2".into());
+    other.state = BoxState::Stopped;
+    let r = st.put_box(&other).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    let mut released = b.clone();
+    released.node = None;
+    released.state = BoxState::Parked;
+    assert!(st.claim_box(&released, Some("n1")).await.expect("release"));
+    // The old holder's late write is refused.
+    assert!(matches!(st.put_box(&b).await, Err(StoreError::Conflict(_))));
+    assert!(st.claim_box(&other, None).await.expect("claim"));
+    let mut third = b.clone();
+    third.node = Some("n3".into());
+    assert!(!st.claim_box(&third, None).await.expect("second claim"));
+    let got = st.get_box(None, "nb1").await.expect("get").expect("box");
+    assert_eq!(got.node.as_deref(), Some("n2"));
+    assert_eq!(got.state, BoxState::Stopped);
+
+    // Cron: each instant once, never an earlier one after a later.
+    let trig: TriggerObject = serde_json::from_value(serde_json::json!({
+        "id": "cron1", "tenant": "acme", "box": "b1",
+        "agent": {"kind": "claude"}, "prompt": "hi", "schedule": "* * * * *", "webhook_path": null,
+        "workdir": null, "fired": 0, "last_fired_at": null, "last_session_id": null,
+        "last_error": null, "created_at": "2026-01-01T00:00:00Z"
+    }))
+    .expect("trigger json");
+    st.put_trigger(&trig, "s").await.expect("put");
+    assert!(st.claim_cron_fire("cron1", 60_000).await.expect("claim"));
+    assert!(!st.claim_cron_fire("cron1", 60_000).await.expect("twice"));
+    assert!(!st.claim_cron_fire("cron1", 0).await.expect("earlier"));
+    assert!(st.claim_cron_fire("cron1", 120_000).await.expect("next"));
+    assert!(!st.claim_cron_fire("nope", 1).await.expect("none"));
+}
+
 #[tokio::test]
 async fn sqlite_conforms() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -432,6 +544,7 @@ async fn sqlite_conforms() {
         .await
         .expect("open");
     conformance(&st).await;
+    nodes(&st).await;
     assert!(st.watch_session("s1").is_none(), "no other writer");
 }
 
@@ -442,6 +555,7 @@ async fn postgres_conforms() {
         .await
         .expect("open postgres");
     conformance(&st).await;
+    nodes(&st).await;
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 pub(crate) mod boxes;
 pub(crate) mod keys;
 pub(crate) mod mock_model;
+pub(crate) mod node;
 pub(crate) mod run;
 pub(crate) mod sessions;
 pub(crate) mod usage;

@@ -3,7 +3,9 @@
 
 pub mod boxes;
 mod doc_links;
+pub mod forward;
 pub mod keys;
+pub mod nodes;
 pub mod pools;
 pub mod port_links;
 pub mod pty;
@@ -56,6 +58,7 @@ pub struct Query<T>(pub T);
         berth_api::Accepted, berth_api::WsClientMessage, berth_api::PermissionRule, berth_api::PermissionModeRequest, berth_api::KeyCreate, berth_api::KeyObject,
         berth_api::BackendInfo, berth_api::TenantObject, berth_api::TenantUpdate, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::UsageReport, berth_api::UsageGroup, berth_api::UsageTotals, berth_api::UsageGroupBy, berth_api::ErrorBody, berth_api::ErrorDetail,
         berth_api::TriggerSpec, berth_api::TriggerObject, berth_api::HookAccepted,
+        berth_api::NodeObject, berth_api::NodeCapacity, berth_api::NodeState,
     )),
     modifiers(&SecurityAddon),
 )]
@@ -269,6 +272,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(tagged("keys", routes!(keys::delete_key)))
         .routes(tagged("keys", routes!(keys::get_tenant, keys::put_tenant)))
         .routes(tagged("pools", routes!(pools::list_pools)))
+        .routes(tagged("nodes", routes!(nodes::list_nodes)))
+        .routes(tagged("nodes", routes!(nodes::drain)))
+        .routes(tagged("nodes", routes!(nodes::undrain)))
         .routes(tagged("system", routes!(system::backends)))
         .routes(tagged("system", routes!(system::healthz)))
         .routes(tagged("system", routes!(system::readyz)))
@@ -300,6 +306,11 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .nest("/anthropic", crate::anthropic::router())
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
+        // A cluster: requests for another node's box or session go there (see `forward`).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::edge,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(move |req, next| {
             refuse_oversized(req, next, max_body)

@@ -16,6 +16,7 @@ pub mod custom_tools;
 pub mod error;
 pub mod event_cap;
 pub mod ledger;
+pub mod nodes;
 pub mod park;
 pub mod pools;
 pub mod pty;
@@ -144,6 +145,8 @@ pub struct Engine {
     pools: pools::Pools,
     /// Terminals open per box (see `pty`).
     terminals: pty::TerminalSlots,
+    /// This node's cluster membership, once joined (see `nodes`).
+    cluster: std::sync::OnceLock<Arc<nodes::Cluster>>,
 }
 
 fn tenant_filter(tenant: &str) -> Option<&str> {
@@ -184,6 +187,7 @@ impl Engine {
             registry,
             pools: pools::Pools::default(),
             terminals: pty::TerminalSlots::default(),
+            cluster: Default::default(),
             config,
         })
     }

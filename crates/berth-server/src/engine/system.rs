@@ -130,10 +130,12 @@ impl Engine {
                 "closed container time left open by the previous run"
             );
         }
+        let mut owned = std::collections::HashSet::new();
         for mut b in self.store.list_boxes(None).await? {
-            if b.state.is_terminal() {
+            if b.state.is_terminal() || !self.reconcile_owns(&mut b).await {
                 continue;
             }
+            owned.insert(b.id.clone());
             // A box that was parking may still run (a park only destroys it after its snapshot
             // is stored); one that was restoring is parked again, its half-made box released.
             if b.state == berth_api::BoxState::Parking {
@@ -174,7 +176,8 @@ impl Engine {
             self.store.put_box(&b).await?;
         }
         for mut s in self.store.list_sessions(None, None).await? {
-            if s.state.is_terminal() {
+            // On a shared store, only the sessions of this node's boxes.
+            if s.state.is_terminal() || (self.node_name().is_some() && !owned.contains(&s.box_id)) {
                 continue;
             }
             s.state = SessionState::Interrupted;

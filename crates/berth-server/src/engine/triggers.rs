@@ -363,7 +363,9 @@ impl Engine {
             .map_err(|r| EngineError::Unauthenticated(r.to_string()))?;
         match auth {
             HookAuth::Signed { mac, timestamp } => {
-                self.first_sighting(&t.id, mac, timestamp, now)?
+                self.first_sighting(&t.id, mac.clone(), timestamp, now)?;
+                // Another node may have taken the same call: the store decides (a cluster).
+                self.claim_hook_call(&t, &mac).await?
             }
             HookAuth::Bearer => self.take_hook_call(&t.id)?,
         }
@@ -425,6 +427,8 @@ async fn run_scheduler(deps: SchedulerDeps) {
             .map(|(at, _)| (*at - start).to_std().unwrap_or(std::time::Duration::ZERO));
         tokio::select! {
             _ = deps.changed.notified() => continue,
+            // Triggers made through another node (a shared store) are seen at the next rescan.
+            _ = tokio::time::sleep(super::nodes::TRIGGER_RESCAN) => continue,
             _ = super::sleep_until_opt(wait.map(|w| tokio::time::Instant::now() + w)) => {}
         }
         let Some(first) = due.first().map(|(at, _)| *at) else {
@@ -435,6 +439,10 @@ async fn run_scheduler(deps: SchedulerDeps) {
             return;
         };
         for (_, t) in due.into_iter().take_while(|(at, _)| *at == first) {
+            // Every node runs this scheduler: the store's compare-and-set picks one firing.
+            if !engine.claim_cron_fire(&t, first.timestamp_millis()).await {
+                continue;
+            }
             let engine = engine.clone();
             let payload = serde_json::json!({"scheduled_at": first.to_rfc3339()});
             tokio::spawn(async move {

@@ -207,6 +207,13 @@ forward_store! {
     advance_document(d: &berth_store::Document = d.clone() => &d, from: i64 = from => from) -> bool;
     documents(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: Option<&str> = id.map(str::to_string) => id.as_deref()) -> Vec<berth_store::Document>;
     delete_document(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: &str = id.to_string() => &id) -> bool;
+    join_node(n: &berth_api::NodeObject = n.clone() => &n, lease: i64 = lease => lease) -> i64;
+    renew_node(n: &berth_api::NodeObject = n.clone() => &n, inc: i64 = inc => inc, lease: i64 = lease => lease) -> bool;
+    list_nodes() -> Vec<berth_store::NodeRow>;
+    claim_lost_node(name: &str = name.to_string() => &name, inc: i64 = inc => inc, now: i64 = now => now, reason: &str = reason.to_string() => &reason) -> bool;
+    set_node_state(name: &str = name.to_string() => &name, st: berth_api::NodeState = st => st) -> bool;
+    claim_box(b: &BoxObject = b.clone() => &b, from: Option<&str> = from.map(str::to_string) => from.as_deref()) -> bool;
+    claim_cron_fire(id: &str = id.to_string() => &id, due: i64 = due => due) -> bool;
     box_spans(t: Option<&str> = t.map(str::to_string) => t.as_deref(), b: Option<&str> = b.map(str::to_string) => b.as_deref(), from: Option<i64> = from => from, to: Option<i64> = to => to) -> Vec<berth_store::BoxSpan>;
 }
 

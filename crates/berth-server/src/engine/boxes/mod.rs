@@ -97,6 +97,7 @@ impl Engine {
             keep_workspace: spec.keep_workspace,
             artifact: None,
             snapshot: None,
+            node: self.node_name(),
             created_at: ts.clone(),
             updated_at: ts,
         };
@@ -348,6 +349,7 @@ impl Engine {
         if !rules::needs_restore(b.state) {
             return Ok(false);
         }
+        self.take_released_box(&b).await?;
         let h = self.box_handle(box_id).ok_or_else(|| {
             EngineError::Conflict(format!("box {box_id} is {}", b.state.as_str()))
         })?;
