@@ -72,6 +72,9 @@ struct LiveBox {
     /// are then taken down there (the ext4 disk shut down with them), off the destroy path,
     /// instead of in the exit of the box's last process (~0.7 ms, and ~1.5 ms for the disk).
     mounts_ref: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
+    /// A pidfd of the box's PID 1: it is the zygote's child, which the kernel reaps the moment
+    /// it ends, so its bare pid could name another process by the time destroy kills it.
+    pid1_fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl LiveBox {
@@ -128,6 +131,7 @@ impl NativeBackend {
                 "the native backend needs root (user, mount and cgroup setup)".into(),
             ));
         }
+        raise_open_files();
         let boxes_dir = cfg.data_dir.join("native").join("boxes");
         std::fs::create_dir_all(&boxes_dir)?;
         // Mount points of an earlier run's zygote templates (empty on the host).
@@ -416,7 +420,13 @@ impl NativeBackend {
         let mounts_ref = std::fs::File::open(format!("/proc/{pid1}/ns/mnt"))
             .ok()
             .map(std::os::fd::OwnedFd::from);
+        // SAFETY: pidfd_open on a pid just reported alive; the descriptor becomes ours.
+        let pid1_fd = unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, pid1, 0) as i32;
+            (fd >= 0).then(|| std::os::fd::FromRawFd::from_raw_fd(fd))
+        };
         let live = LiveBox {
+            pid1_fd,
             mounts_ref: std::sync::Mutex::new(mounts_ref),
             dir: dir.to_path_buf(),
             pid1,
@@ -608,9 +618,25 @@ impl Sandbox for NativeBackend {
         };
         b.destroying.store(true, Ordering::SeqCst);
         // Killing PID 1 of a PID namespace kills every process in it.
-        // SAFETY: pid1 is a child of our helper, which has not reaped it while it runs.
         if b.running() {
-            unsafe { libc::kill(b.pid1, libc::SIGKILL) };
+            use std::os::fd::AsRawFd;
+            match &b.pid1_fd {
+                // SAFETY: signalling through a pidfd we own (a no-op once that process ended).
+                Some(fd) => unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                },
+                // SAFETY: no pidfd (an old kernel): the pid itself, which the box's report
+                // socket has not yet said is gone.
+                None => unsafe {
+                    libc::kill(b.pid1, libc::SIGKILL);
+                },
+            }
         }
         let mut exit = b.exit.clone();
         let ended = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some()))
@@ -650,6 +676,9 @@ impl Sandbox for NativeBackend {
             });
             if !detached {
                 tracing::warn!(%box_id, "loop device of a destroyed box is still attached");
+            } else if let Some(n) = loop_dev {
+                // EBUSY: someone took the number meanwhile, and keeps it.
+                let _ = disk::remove_loop(n);
             }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -666,6 +695,40 @@ impl Sandbox for NativeBackend {
         }
         self.free_slot(b.slot);
         Ok(())
+    }
+}
+
+/// The open-file limit the server was started with, which boxes keep (the zygote puts it
+/// back): programs that close every descriptor up to the limit would crawl at the raised one.
+pub(crate) static BOX_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raise this process's limit on open files to the kernel's ceiling (`fs.nr_open`; the
+/// backend runs as root, which may raise the hard limit too): the server holds about seven
+/// descriptors per box (the box's report and log sockets, its mount namespace, a pidfd, the
+/// gateway's, egress proxy's and box API's listeners), so a limit of 1,024 (or 20,000) capped
+/// a host at ~140 (or ~2,800) boxes.
+fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0);
+    // SAFETY: getrlimit/setrlimit on this process with a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < ceiling {
+            let _ = BOX_NOFILE.set(lim);
+            lim.rlim_cur = ceiling;
+            lim.rlim_max = lim.rlim_max.max(ceiling);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(
+                    error = %std::io::Error::last_os_error(),
+                    "raising the open-file limit"
+                );
+            }
+        }
     }
 }
 
