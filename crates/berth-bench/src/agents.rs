@@ -448,11 +448,34 @@ async fn parking(
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used_idle = host_used_kb();
+    // What the boxes hold (their cgroups: the CLI and everything else in them), noise-free.
+    let mut charged = 0u64;
+    for (_, bx) in &sessions {
+        let st = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/boxes/{bx}/stats"),
+                json!(null),
+            )
+            .await?;
+        charged += st["memory_bytes"].as_u64().unwrap_or(0);
+    }
+    let mut parked_states = 0usize;
     let t = std::time::Instant::now();
     for (_, bx) in &sessions {
         api.post(&format!("/v1/boxes/{bx}/park"), json!({})).await?;
     }
     let parked_in = t.elapsed();
+    for (_, bx) in &sessions {
+        let b = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/boxes/{bx}"),
+                json!(null),
+            )
+            .await?;
+        parked_states += usize::from(b["state"] == "parked");
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used_parked = host_used_kb();
     let mut back = Vec::new();
@@ -478,6 +501,11 @@ async fn parking(
         "| host memory per session once parked (used) | {:.1} MiB |",
         per(used_parked - used0)
     );
+    println!(
+        "| box memory per idle session (its cgroup, before parking) | {:.1} MiB |",
+        charged as f64 / 1048576.0 / n as f64
+    );
+    println!("| boxes parked (no process, no cgroup left) | {parked_states} of {n} |");
     println!(
         "| park, per box (sequential) | {:.0} ms |",
         parked_in.as_secs_f64() * 1000.0 / n as f64
