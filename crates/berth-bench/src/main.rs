@@ -11,6 +11,7 @@
 //! cargo run --release -p berth-bench -- check [--runs 3]
 //! cargo run --release -p berth-bench -- managed [--runs 5 --subscribers 500 --messages 10]
 //! cargo run --release -p berth-bench -- cluster --database-url postgres://… [--runs 3]
+//! cargo run --release -p berth-bench -- density [--boxes 5000]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
@@ -18,6 +19,7 @@ mod agents;
 mod api;
 mod check;
 mod cluster;
+mod density;
 mod files;
 mod flood;
 mod gateway;
@@ -60,6 +62,43 @@ enum Cmd {
         runs: usize,
         #[arg(long, default_value_t = 50)]
         concurrent: usize,
+        /// A berth config file for the bench's server (else defaults and `BERTH_*`).
+        #[arg(long)]
+        server_config: Option<std::path::PathBuf>,
+        /// The server's `max_boxes_per_tenant` (default: room for the run).
+        #[arg(long)]
+        max_boxes_per_tenant: Option<usize>,
+        /// Boxes spinning on CPU during the run (a busy host), 0 for none.
+        #[arg(long, default_value_t = 0)]
+        spinners: usize,
+        /// Idle sessions in hybrid boxes to park (memory given back), 0 for none.
+        #[arg(long, default_value_t = 0)]
+        parked: usize,
+    },
+    /// Idle persistent boxes, each with a sleeping process: memory per box, create time of the
+    /// Nth against the 10th, what limits the count. Destroys every box it made.
+    Density {
+        #[arg(long, default_value_t = 1000)]
+        boxes: usize,
+        /// Creates (and workload execs) in flight at once.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+        #[arg(long, default_value_t = 5120)]
+        disk_mib: u64,
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u64,
+        /// Stop creating boxes after this long (then measure and clean up).
+        #[arg(long, default_value_t = 900)]
+        max_seconds: u64,
+        /// A berth config file for the bench's server (else defaults and `BERTH_*`).
+        #[arg(long)]
+        server_config: Option<std::path::PathBuf>,
+        /// The server's `max_boxes_per_tenant` (default: room for the run).
+        #[arg(long)]
+        max_boxes_per_tenant: Option<usize>,
+        /// Boxes only, no sleeping process in them.
+        #[arg(long)]
+        no_workload: bool,
     },
     /// An Agent SDK app's first answer: the SDK's local transport against BerthTransport.
     Sdk {
@@ -394,7 +433,46 @@ fn main() -> anyhow::Result<()> {
                 execs,
                 per_port,
             } => flood::run(runs, execs, per_port).await,
-            Cmd::Agents { runs, concurrent } => agents::run(runs, concurrent).await,
+            Cmd::Agents {
+                runs,
+                concurrent,
+                server_config,
+                max_boxes_per_tenant,
+                spinners,
+                parked,
+            } => {
+                agents::run(agents::Opts {
+                    runs,
+                    concurrent,
+                    server_config,
+                    max_boxes_per_tenant,
+                    spinners,
+                    parked,
+                })
+                .await
+            }
+            Cmd::Density {
+                boxes,
+                parallel,
+                disk_mib,
+                memory_mib,
+                max_seconds,
+                server_config,
+                max_boxes_per_tenant,
+                no_workload,
+            } => {
+                density::run(density::Opts {
+                    boxes,
+                    parallel,
+                    disk_mib,
+                    memory_mib,
+                    max_seconds,
+                    config: server_config,
+                    max_boxes_per_tenant,
+                    workload: !no_workload,
+                })
+                .await
+            }
             Cmd::Park { runs, mib } => park::run(runs, mib).await,
             Cmd::Sdk { runs, python } => sdk::run(runs, python).await,
             Cmd::Pools { runs } => pools::run(runs).await,

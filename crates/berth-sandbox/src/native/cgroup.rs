@@ -1,7 +1,8 @@
 //! The box's cgroup, on cgroup v1 or v2 (whichever the host mounts; `cgroups-rs` probes it).
 //!
 //! Limits: memory (hard limit, swap included where the host accounts it), pids, and CPU as a
-//! CFS quota of `cpus` × period. Counters read for stats and exit reasons: CPU time, memory,
+//! CFS quota of `cpus` × period, with a burst of up to one period's quota banked while idle.
+//! Counters read for stats and exit reasons: CPU time, memory,
 //! pids and the OOM-kill count.
 
 use crate::Limits;
@@ -86,10 +87,35 @@ impl BoxCgroup {
         }
         if let Some(c) = self.cg.controller_of::<CpuController>() {
             let quota = (limits.cpus * CPU_PERIOD_US as f64).round() as i64;
-            c.set_cfs_quota_and_period(Some(quota.max(1000)), Some(CPU_PERIOD_US))
+            let quota = quota.max(1000);
+            c.set_cfs_quota_and_period(Some(quota), Some(CPU_PERIOD_US))
                 .map_err(|e| err("cpu quota", e))?;
+            // A process starting in an idle box (an agent's CLI: a burst of work on several
+            // threads) may spend the quota the box left unused, up to one period's worth,
+            // above its `cpus`; over any longer stretch the box still gets `cpus` at most.
+            // Kernels before 5.14 have no burst: the quota alone then.
+            if let Err(e) = self.set_cpu_burst(quota as u64) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(err("cpu burst", e));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Let the box bank CPU time it left unused, up to `burst_us` per period (the kernel takes
+    /// at most the quota), and spend it above its quota later (`cpu.cfs_burst_us` on v1,
+    /// `cpu.max.burst` on v2). NotFound where the kernel has no burst.
+    pub fn set_cpu_burst(&self, burst_us: u64) -> std::io::Result<()> {
+        let name = if self.v2 {
+            "cpu.max.burst"
+        } else {
+            "cpu.cfs_burst_us"
+        };
+        let f = self
+            .file("cpu", name)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        fs::write(f, burst_us.to_string())
     }
 
     /// The files a single-threaded process writes `0` to in order to move itself into the

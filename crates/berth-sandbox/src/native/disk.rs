@@ -16,6 +16,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+const LOOP_CTL_REMOVE: libc::c_ulong = 0x4C81;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
@@ -94,7 +95,10 @@ pub fn mount_detached(img: &Path) -> Result<ReadyDisk, String> {
             .open(&dev_path)
         {
             Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Removed meanwhile (see `remove_loop`): take another.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENXIO) =>
+            {
                 continue;
             }
             Err(e) => return Err(format!("open {dev_path}: {e}")),
@@ -107,7 +111,7 @@ pub fn mount_detached(img: &Path) -> Result<ReadyDisk, String> {
         let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EBUSY) {
+            if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENXIO)) {
                 continue;
             }
             return Err(format!("LOOP_CONFIGURE {dev_path}: {e}"));
@@ -439,4 +443,23 @@ pub fn wait_detached(img: &Path, loop_dev: u32, timeout: std::time::Duration) ->
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     true
+}
+
+/// Remove loop device `n` once it is free again (a destroyed box's, after [`wait_detached`]):
+/// an unbound loop device keeps its queue (128 preallocated requests), its disk and its sysfs
+/// entries until removed, so a host that once held thousands of boxes would keep thousands of
+/// them. The pool adds devices as it needs them, off the create path. Refused (EBUSY) when
+/// another user took the number meanwhile; such a user's open then fails with ENXIO or
+/// ENOENT and takes another number (as [`mount_detached`] does).
+pub fn remove_loop(n: u32) -> io::Result<()> {
+    let ctl = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    // SAFETY: LOOP_CTL_REMOVE takes the device number by value.
+    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_REMOVE, n as libc::c_ulong) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -16,11 +16,12 @@
 //! (PID 2) and reaps orphans for the box's whole life.
 //!
 //! H waits on its report socket (fd 1, the server holds the other end) for [`CGROUP_READY`],
-//! which the server sends once it has made the box's cgroup, and then writes [`InitReport`]
-//! lines to it:
-//! `{"pid": <host pid of C>}` or `{"error": "..."}`, then `{"exit": code}` when
-//! C ends. Should the server's end close (the server died or dropped the box), H kills C: no
-//! box outlives the process responsible for it.
+//! which the server sends once it has made the box's cgroup, and then writes an [`InitReport`]
+//! line to it, `{"pid": <host pid of C>}` or `{"error": "..."}`, and exits: C passes to the
+//! zygote (a subreaper). C holds the same socket as its fd 1 and writes `{"exit": code}` when
+//! its supervisor ends. Should the server's end close (the server died or dropped the box), C
+//! returns, which ends every process of the box: no box outlives the process responsible for
+//! it. An idle box is thus two processes, C and its one-threaded supervisor.
 
 use super::disk;
 use super::supervisor;
@@ -126,7 +127,7 @@ pub(super) fn report_on(socket: std::os::fd::BorrowedFd<'_>, r: &InitReport) {
 
 /// Write one report line to fd 1 (H's report socket).
 fn report(r: &InitReport) {
-    // SAFETY: fd 1 is H's report socket for its whole life.
+    // SAFETY: fd 1 is the report socket in H and in the box's PID 1 for their whole lives.
     report_on(unsafe { std::os::fd::BorrowedFd::borrow_raw(1) }, r)
 }
 
@@ -237,57 +238,13 @@ pub(super) fn helper(
                 pid: Some(child.as_raw()),
                 ..Default::default()
             });
-            let code = wait_box(child);
-            report(&InitReport {
-                exit: Some(code),
-                ..Default::default()
-            });
+            // From here on the box's PID 1 watches the server's end of the report socket and
+            // reports its own exit: an idle box keeps no waiting process of its own on the
+            // host (its memory, a task of the host's `pid_max`). PID 1 passes to the zygote,
+            // a subreaper that reaps it when it ends.
             std::process::exit(0)
         }
         Err(e) => fail(e),
-    }
-}
-
-/// Wait for C to end, or for the server's end of the report socket to close (then C is killed).
-fn wait_box(child: Pid) -> i32 {
-    // SAFETY: pidfd_open on our own child, which we have not reaped.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as i32;
-    if pidfd >= 0 {
-        let mut fds = [
-            libc::pollfd {
-                fd: pidfd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: 1,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        loop {
-            // SAFETY: poll over two pollfds we own.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                break;
-            }
-            if fds[1].revents != 0 && fds[0].revents == 0 {
-                // The server writes nothing after the go-ahead: readable means its end is gone.
-                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-            }
-            break;
-        }
-    }
-    loop {
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, c)) => return c,
-            Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
-            Err(nix::errno::Errno::EINTR) => continue,
-            _ => return 1,
-        }
     }
 }
 
@@ -428,7 +385,8 @@ fn box_pid1(
 ) -> isize {
     let mut ready = fs::File::from(ready_w);
     let mut need = fs::File::from(need_w);
-    // The box dies with H, which ends it when the server goes (see `wait_box`).
+    // Until the box is up it dies with H (should H fail or be killed half-way); after that it
+    // watches the server itself (see `reap_until_end`).
     // SAFETY: plain prctl on ourselves.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     let result = (|| -> Result<(), String> {
@@ -475,10 +433,20 @@ fn box_pid1(
         return 1;
     }
     drop(need);
+    // SIGCHLD is taken through a descriptor, so that PID 1 waits on its children and on the
+    // server's end of the report socket at once; the supervisor unblocks it at once.
+    let sigchld = match ChildSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.write_all(format!("signalfd: {e}").as_bytes());
+            return 1;
+        }
+    };
     // SAFETY: PID 1 is single-threaded here.
     let worker = match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(ready);
+            sigchld.release();
             // SAFETY: plain prctl on ourselves.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
             supervisor::run(listener, cfg.bridges.clone());
@@ -490,20 +458,108 @@ fn box_pid1(
         }
     };
     drop(listener);
+    // H exits once it has reported the box: PID 1 must not die with it. Should H die before
+    // it reads "ok", the write fails and PID 1 gives up (the server then removes the cgroup).
+    // SAFETY: plain prctl on ourselves.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
     if ready.write_all(b"ok").is_err() {
-        // H is gone (and with it the server): no box without its owner.
         let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGKILL);
         return 1;
     }
     drop(ready);
-    // Reap everything; the box lives as long as its supervisor.
+    let code = reap_until_end(worker, &sigchld);
+    report(&InitReport {
+        exit: Some(code),
+        ..Default::default()
+    });
+    code as isize
+}
+
+/// SIGCHLD blocked and readable from a signalfd (PID 1 only).
+struct ChildSignals {
+    fd: OwnedFd,
+}
+
+impl ChildSignals {
+    fn new() -> io::Result<ChildSignals> {
+        // SAFETY: sigset and signalfd calls on values we own; PID 1 is single-threaded.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(ChildSignals {
+                fd: std::os::fd::FromRawFd::from_raw_fd(fd),
+            })
+        }
+    }
+
+    /// In a fork of PID 1: SIGCHLD unblocked again and the descriptor closed.
+    fn release(self) {
+        // SAFETY: as above, on the calling (single) thread.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
+}
+
+/// PID 1's life after set-up: reap every child (orphans included) until the supervisor ends,
+/// returning its exit code (128 + signal when killed); or, should the server's end of the
+/// report socket (fd 1) close, return at once — PID 1's end ends every process of the box.
+fn reap_until_end(worker: Pid, sigchld: &ChildSignals) -> i32 {
+    use std::os::fd::AsRawFd;
     loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(p, c)) if p == worker => return c as isize,
-            Ok(WaitStatus::Signaled(p, s, _)) if p == worker => return 128 + s as isize,
-            Ok(_) => {}
-            Err(nix::errno::Errno::ECHILD) => return 1,
-            Err(_) => {}
+        loop {
+            match waitpid(
+                Pid::from_raw(-1),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            ) {
+                Ok(WaitStatus::Exited(p, c)) if p == worker => return c,
+                Ok(WaitStatus::Signaled(p, s, _)) if p == worker => return 128 + s as i32,
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return 1,
+            }
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: sigchld.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: 1,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll over two pollfds we own.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return 1;
+        }
+        if fds[1].revents != 0 {
+            // The server writes nothing after the go-ahead: readable means its end is gone.
+            return 128 + libc::SIGKILL;
+        }
+        if fds[0].revents != 0 {
+            // Drain the pending notifications (the reaping above finds every child).
+            let mut info = [0u8; 128 * 4];
+            // SAFETY: reading into a buffer we own from our own signalfd.
+            unsafe { libc::read(sigchld.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
         }
     }
 }

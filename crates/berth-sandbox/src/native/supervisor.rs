@@ -33,56 +33,127 @@ pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
     if let Err(e) = super::confine::empty_bounding_set() {
         eprintln!("berth-supervisor: bounding set: {e}");
     }
-    for b in bridges {
-        thread::spawn(move || bridge(b));
-    }
-    // Build the seccomp filters and the default Landlock ruleset now, while the host is still
-    // answering the create, instead of in the box's first exec (both are cached).
-    thread::spawn(|| {
-        let writable: Vec<String> = super::DEFAULT_WRITABLE
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let _ = Confinement::prepare(crate::AGENT_UID, &writable);
-    });
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                // Failing to get a thread (the box's pids limit) drops the connection: the host
-                // reports the exec as failed.
-                let spawned = thread::Builder::new().spawn(move || {
-                    if let Err(e) = serve(stream) {
-                        eprintln!("berth-supervisor: exec connection: {e}");
-                    }
-                });
-                if let Err(e) = spawned {
-                    eprintln!("berth-supervisor: no thread for an exec: {e}");
-                }
+    let bridges: Vec<(TcpListener, String)> = bridges
+        .into_iter()
+        .filter_map(|b| match TcpListener::bind(("127.0.0.1", b.port)) {
+            Ok(l) => Some((l, format!("/run/berth/{}", b.socket))),
+            Err(e) => {
+                eprintln!("berth-supervisor: bridge port {}: {e}", b.port);
+                None
             }
-            Err(e) => eprintln!("berth-supervisor: accept: {e}"),
-        }
-    }
+        })
+        .collect();
+    // Build the seccomp filters and the default Landlock ruleset now, while the host is still
+    // answering the create, instead of in the box's first exec (both are cached). In this
+    // thread, once the bridges listen (connections wait in their backlogs): a first exec
+    // would wait for the cache's lock anyway, and a thread of its own left an idle box a
+    // malloc arena it no longer used.
+    let writable: Vec<String> = super::DEFAULT_WRITABLE
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let _ = Confinement::prepare(crate::AGENT_UID, &writable);
+    accept_loop(&listener, &bridges);
     std::process::exit(0)
 }
 
-fn bridge(b: Bridge) {
-    let listener = match TcpListener::bind(("127.0.0.1", b.port)) {
-        Ok(l) => l,
+/// Wait on the control socket and every bridge listener at once, in this one thread: an idle
+/// box's supervisor is a single thread (a thread per listener cost each box three more tasks,
+/// of the host's `pid_max`, and their stacks). Each connection gets threads of its own.
+fn accept_loop(listener: &UnixListener, bridges: &[(TcpListener, String)]) {
+    use std::os::fd::AsRawFd;
+    let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+        .chain(bridges.iter().map(|(l, _)| l.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // A connection reset between the poll and the accept must not block the loop.
+    if listener.set_nonblocking(true).is_err()
+        || bridges
+            .iter()
+            .any(|(l, _)| l.set_nonblocking(true).is_err())
+    {
+        eprintln!("berth-supervisor: listeners cannot be made non-blocking");
+        return;
+    }
+    loop {
+        // SAFETY: poll over pollfds we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!("berth-supervisor: poll: {}", io::Error::last_os_error());
+            return;
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            return;
+        }
+        if fds[0].revents != 0 {
+            accept_exec(listener);
+        }
+        for (i, (l, target)) in bridges.iter().enumerate() {
+            if fds[i + 1].revents != 0 {
+                accept_bridge(l, target);
+            }
+        }
+    }
+}
+
+fn accept_exec(listener: &UnixListener) {
+    match listener.accept() {
+        Ok((stream, _)) => {
+            // Accepted sockets do not inherit O_NONBLOCK on Linux; made sure of here.
+            if stream.set_nonblocking(false).is_err() {
+                return;
+            }
+            // Failing to get a thread (the box's pids limit) drops the connection: the host
+            // reports the exec as failed.
+            let spawned = thread::Builder::new().spawn(move || {
+                if let Err(e) = serve(stream) {
+                    eprintln!("berth-supervisor: exec connection: {e}");
+                }
+                // Give back what the exec's buffers used: an idle box keeps little.
+                // SAFETY: malloc_trim has no preconditions.
+                #[cfg(target_env = "gnu")]
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            });
+            if let Err(e) = spawned {
+                eprintln!("berth-supervisor: no thread for an exec: {e}");
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
         Err(e) => {
-            eprintln!("berth-supervisor: bridge port {}: {e}", b.port);
+            eprintln!("berth-supervisor: accept: {e}");
+            // Out of descriptors, say: the socket stays readable, so do not spin on it.
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn accept_bridge(listener: &TcpListener, target: &str) {
+    let tcp = match listener.accept() {
+        Ok((tcp, _)) => tcp,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+        Err(_) => {
+            thread::sleep(Duration::from_millis(10));
             return;
         }
     };
-    let target = format!("/run/berth/{}", b.socket);
-    for conn in listener.incoming() {
-        let Ok(tcp) = conn else { continue };
-        let target = target.clone();
-        thread::spawn(move || {
-            if let Ok(unix) = UnixStream::connect(&target) {
-                splice(tcp, unix);
-            }
-        });
+    if tcp.set_nonblocking(false).is_err() {
+        return;
     }
+    let target = target.to_string();
+    let _ = thread::Builder::new().spawn(move || {
+        if let Ok(unix) = UnixStream::connect(&target) {
+            splice(tcp, unix);
+        }
+    });
 }
 
 fn splice(tcp: TcpStream, unix: UnixStream) {

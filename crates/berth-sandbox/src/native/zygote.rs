@@ -70,6 +70,7 @@ impl Zygote {
         let (tx, rx) = std::sync::mpsc::channel();
         // The zygote's parent-death signal fires when the *thread* that spawned it ends: this
         // thread stays, waiting for the zygote, for as long as the zygote lives.
+        let nofile = super::BOX_NOFILE.get().copied();
         std::thread::Builder::new()
             .name("berth-zygote".into())
             .spawn(move || {
@@ -78,10 +79,31 @@ impl Zygote {
                 // disk tools it runs.
                 let path = std::env::var_os("PATH")
                     .unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-                let spawned = Command::new(&helper)
+                let mut cmd = Command::new(&helper);
+                if let Some(lim) = nofile {
+                    // SAFETY: setrlimit is async-signal-safe; `lim` is a plain copy.
+                    unsafe {
+                        cmd.pre_exec(move || {
+                            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                                return Err(io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                }
+                let spawned = cmd
                     .arg("__box-init")
                     .env_clear()
                     .env("PATH", path)
+                    // Every box's supervisor is a fork of the zygote: one malloc arena and no
+                    // cache of exited threads' stacks, so that an idle box does not keep the
+                    // memory its last exec's threads used (a new arena and a cached stack per
+                    // thread: ~190 KiB per box after one exec). Execs get only the
+                    // environment they ask for, not this.
+                    .env(
+                        "GLIBC_TUNABLES",
+                        "glibc.malloc.arena_max=1:glibc.pthread.stack_cache_size=0",
+                    )
                     .env(init::PARENT_ENV, std::process::id().to_string())
                     .stdin(Stdio::from(theirs))
                     .stdout(Stdio::null())
@@ -382,9 +404,14 @@ pub(super) fn serve() -> ! {
         .map_err(|e| format!("zygote mount namespace: {e}"));
     // Compiled once here, inherited by every box's supervisor.
     super::confine::prewarm();
-    // Helpers are reaped by the kernel; each resets this before it makes its box.
-    // SAFETY: setting a signal disposition in a single-threaded process.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    // Helpers are reaped by the kernel; each resets this before it makes its box. Each box's
+    // PID 1 outlives its helper and passes to the zygote (a subreaper), which the kernel
+    // reaps the same way when the box ends.
+    // SAFETY: setting a signal disposition and a prctl in a single-threaded process.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
     let mut templates = Templates::default();
     let mut netns = NetPool::new();
     let mut making: Vec<OwnedFd> = Vec::new();

@@ -1,0 +1,144 @@
+//! What an idle native box costs the host in tasks: its PID 1 and a one-threaded supervisor
+//! (no helper waiting beside it, no thread per bridge), a detached process outliving the exec
+//! that started it, bridges and a dead supervisor still handled by those two. Its own test
+//! binary: it counts tasks in box cgroups.
+
+use berth_sandbox::conformance::{config, sh, small};
+use berth_sandbox::native::cgroup::BoxCgroup;
+use berth_sandbox::native::{NativeBackend, NativeConfig};
+use berth_sandbox::{BoxExit, Bridge, Sandbox};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// Poll `f` every 10 ms until it holds, for at most `secs` seconds.
+async fn until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn comm(pid: u64) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = NativeBackend::new(NativeConfig {
+        data_dir: dir.path().to_path_buf(),
+        helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
+        pool_size: 1,
+    })
+    .expect("native backend (run as root)");
+    let id = format!("dens{}", std::process::id());
+    let mut cfg = config(&id, small());
+    // Three bridges, as the server gives every box.
+    cfg.bridges = (0..3)
+        .map(|i| Bridge {
+            port: 47100 + i,
+            socket: format!("s{i}.sock"),
+        })
+        .collect();
+    let info = b.create(cfg).await.expect("create");
+    let cg = BoxCgroup::load(&id);
+
+    // Idle: PID 1 and the supervisor's one thread (no thread per listener), and nothing of
+    // the box's on the host besides (the helper that made it has exited).
+    let idle = until(10, || cg.counters().pids == 2).await;
+    assert!(
+        idle,
+        "an idle box holds {} tasks: {:?}",
+        cg.counters().pids,
+        cg.procs()
+    );
+    let pid1 = b.pid1(&id).expect("pid1") as u64;
+    let procs = cg.procs();
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    assert!(procs.contains(&pid1));
+
+    // A bridge still answers, served by that one thread.
+    let sock = info.run_dir.join("s1.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    // The supervisor is the box's root, an unprivileged host uid: it needs write access.
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .expect("chmod");
+    let host = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut line = [0u8; 3];
+        c.read_exact(&mut line).expect("read");
+        c.write_all(b"yo\n").expect("write");
+        line
+    });
+    // dash has no /dev/tcp; bash has.
+    let out = sh(
+        &b,
+        &id,
+        "bash -c 'exec 3<>/dev/tcp/127.0.0.1/47101 && echo hi >&3 && head -n1 <&3'",
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "yo\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&host.join().expect("host side"), b"hi\n");
+
+    // A process started so that it outlives its exec: still there after the exec's end. The
+    // exec's process group is killed when it ends, so the exec waits until the process has
+    // left the group (its session id is its own pid).
+    let out = sh(
+        &b,
+        &id,
+        "setsid sh -c 'exec sleep 600' </dev/null >/dev/null 2>&1 & p=$!; \
+         while [ \"$(cut -d' ' -f6 /proc/$p/stat)\" != \"$p\" ]; do :; done",
+    )
+    .await;
+    assert_eq!(out.exit.code, Some(0));
+    let settled = until(10, || {
+        let p = cg.procs();
+        p.len() == 3 && p.iter().any(|p| comm(*p) == "sleep") && cg.counters().pids == 3
+    })
+    .await;
+    assert!(
+        settled,
+        "box tasks after the detached start: {} ({:?})",
+        cg.counters().pids,
+        cg.procs().iter().map(|p| comm(*p)).collect::<Vec<_>>()
+    );
+
+    // Its supervisor's death is the box's: PID 1 reports it (128 + SIGKILL).
+    let sup = cg
+        .procs()
+        .into_iter()
+        .find(|p| *p != pid1 && comm(*p) != "sleep")
+        .expect("supervisor");
+    let mut w = b.exit_watch(&id).expect("watch");
+    // SAFETY: signalling the supervisor of a box this test made.
+    unsafe { libc::kill(sup as i32, libc::SIGKILL) };
+    let reason = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|e| e.is_some()))
+        .await
+        .expect("the box's end noticed in time")
+        .expect("watch")
+        .clone();
+    assert_eq!(reason, Some(BoxExit::Exited { code: 137 }));
+    // Every process of the box went with its PID 1, the detached one too.
+    assert!(
+        until(10, || cg.procs().is_empty()).await,
+        "{:?}",
+        cg.procs()
+    );
+    b.destroy(&id).await.expect("destroy");
+    b.settle().await;
+    assert!(!cg.exists(), "cgroup left");
+}
