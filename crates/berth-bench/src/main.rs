@@ -9,6 +9,7 @@
 //! cargo run --release -p berth-bench -- flood [--runs 3 --execs 200 --per-port 200]
 //! cargo run --release -p berth-bench -- pools [--runs 10]
 //! cargo run --release -p berth-bench -- check [--runs 3]
+//! cargo run --release -p berth-bench -- store [--runs 3 --usage-rows 1000000]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
@@ -22,6 +23,7 @@ mod park;
 mod pools;
 mod sandbox;
 mod sdk;
+mod store;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -126,6 +128,37 @@ enum Cmd {
         /// Connections the flooding box keeps open to each of its three sockets.
         #[arg(long, default_value_t = 200)]
         per_port: usize,
+    },
+    /// SQLite and PostgreSQL in the same run: GETs with 1,000 boxes, SSE at 500 subscribers,
+    /// usage over 1,000,000 rows; park/restore to S3 (moto) and the server's RSS in a big park.
+    Store {
+        /// Park/restore runs, and runs of the big park.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 500)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        usage_rows: usize,
+        #[arg(long, default_value_t = 100)]
+        park_mib: usize,
+        /// The park whose server RSS is watched, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        big_park_mib: usize,
+        /// The test venv with moto[server].
+        #[arg(long, default_value = "/opt/berth/test-venv")]
+        venv: std::path::PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+        stores: Vec<String>,
+    },
+    /// The server for the `store` suite, in a process of its own (internal).
+    #[command(hide = true)]
+    StoreServer {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long)]
+        database_url: Option<String>,
+        #[arg(long)]
+        snapshot_url: Option<String>,
     },
     /// The server for the `files` suite, in a process of its own (internal).
     #[command(hide = true)]
@@ -331,6 +364,31 @@ fn main() -> anyhow::Result<()> {
             Cmd::Sdk { runs, python } => sdk::run(runs, python).await,
             Cmd::Pools { runs } => pools::run(runs).await,
             Cmd::Check { runs } => check::run(runs).await,
+            Cmd::Store {
+                runs,
+                subscribers,
+                usage_rows,
+                park_mib,
+                big_park_mib,
+                venv,
+                stores,
+            } => {
+                store::run(store::Opts {
+                    runs,
+                    subscribers,
+                    usage_rows,
+                    park_mib,
+                    big_park_mib,
+                    venv,
+                    stores,
+                })
+                .await
+            }
+            Cmd::StoreServer {
+                data_dir,
+                database_url,
+                snapshot_url,
+            } => store::serve(data_dir, database_url, snapshot_url).await,
             Cmd::SseClients {
                 url,
                 token,
