@@ -36,7 +36,8 @@ impl Api {
             .json(&body)
             .send()
             .await?;
-        anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+        let status = r.status();
+        anyhow::ensure!(status.is_success(), "{path}: {status}: {}", r.text().await?);
         Ok(r.json().await?)
     }
 

@@ -131,25 +131,7 @@ enum Cmd {
     },
     /// SQLite and PostgreSQL in the same run: GETs with 1,000 boxes, SSE at 500 subscribers,
     /// usage over 1,000,000 rows; park/restore to S3 (moto) and the server's RSS in a big park.
-    Store {
-        /// Park/restore runs, and runs of the big park.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        #[arg(long, default_value_t = 500)]
-        subscribers: usize,
-        #[arg(long, default_value_t = 1_000_000)]
-        usage_rows: usize,
-        #[arg(long, default_value_t = 100)]
-        park_mib: usize,
-        /// The park whose server RSS is watched, in MiB.
-        #[arg(long, default_value_t = 1024)]
-        big_park_mib: usize,
-        /// The test venv with moto[server].
-        #[arg(long, default_value = "/opt/berth/test-venv")]
-        venv: std::path::PathBuf,
-        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
-        stores: Vec<String>,
-    },
+    Store(store::Opts),
     /// The server for the `store` suite, in a process of its own (internal).
     #[command(hide = true)]
     StoreServer {
@@ -364,26 +346,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Sdk { runs, python } => sdk::run(runs, python).await,
             Cmd::Pools { runs } => pools::run(runs).await,
             Cmd::Check { runs } => check::run(runs).await,
-            Cmd::Store {
-                runs,
-                subscribers,
-                usage_rows,
-                park_mib,
-                big_park_mib,
-                venv,
-                stores,
-            } => {
-                store::run(store::Opts {
-                    runs,
-                    subscribers,
-                    usage_rows,
-                    park_mib,
-                    big_park_mib,
-                    venv,
-                    stores,
-                })
-                .await
-            }
+            Cmd::Store(opts) => store::run(opts).await,
             Cmd::StoreServer {
                 data_dir,
                 database_url,

@@ -20,13 +20,27 @@ use std::time::{Duration, Instant};
 const BUCKET: &str = "berth-bench";
 const HOUR_MS: i64 = 3_600_000;
 
+#[derive(clap::Args)]
 pub struct Opts {
+    /// Park/restore runs.
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Runs of the big park (0: none).
+    #[arg(long, default_value_t = 1)]
+    pub big_runs: usize,
+    #[arg(long, default_value_t = 500)]
     pub subscribers: usize,
+    #[arg(long, default_value_t = 1_000_000)]
     pub usage_rows: usize,
+    #[arg(long, default_value_t = 100)]
     pub park_mib: usize,
+    /// The park whose server RSS is watched, in MiB.
+    #[arg(long, default_value_t = 1024)]
     pub big_park_mib: usize,
+    /// The test venv with moto[server].
+    #[arg(long, default_value = "/opt/berth/test-venv")]
     pub venv: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     pub stores: Vec<String>,
 }
 
@@ -235,13 +249,15 @@ impl StoreHandle {
 /// Everything measured on one store.
 struct Figures {
     store: String,
+    /// The host's 1-minute load average when this store's run began and ended.
+    load: (f64, f64),
     fill_s: f64,
     gets: Vec<Summary>,
     sse: Vec<Duration>,
     usage: Vec<Summary>,
     park: Vec<Duration>,
     restore: Vec<Duration>,
-    big: Vec<BigPark>,
+    big: Vec<Result<BigPark, String>>,
 }
 
 struct BigPark {
@@ -256,68 +272,74 @@ pub async fn run(o: Opts) -> anyhow::Result<()> {
     let load0 = load();
     let moto = Moto::start(&o.venv).await?;
     let pg = tokio::task::spawn_blocking(berth_store::testing::PgCluster::start).await??;
-    let mut all = Vec::new();
     for kind in &o.stores {
-        all.push(one_store(&o, kind, &moto, &pg).await?);
+        let f = one_store(&o, kind, &moto, &pg).await?;
+        print(&o, &f);
     }
-    let load1 = load();
     println!(
-        "\nhost 1-minute load average {load0:.2} → {load1:.2}; S3: moto_server ({}), \
+        "\nhost 1-minute load average {load0:.2} → {:.2}; S3: moto_server ({}), \
          PostgreSQL: a throw-away cluster (fsync off), each server a child process",
+        load(),
         o.venv.display()
     );
-    for f in &all {
-        println!("\n### {}\n", f.store);
+    Ok(())
+}
+
+/// One store's figures as Markdown, printed as soon as they are measured.
+fn print(o: &Opts, f: &Figures) {
+    println!(
+        "\n### {} (host load average {:.1} → {:.1})\n",
+        f.store, f.load.0, f.load.1
+    );
+    println!(
+        "{} usage rows recorded in {:.1} s (batches of 10,000, the hourly rollup kept by its trigger)\n",
+        o.usage_rows, f.fill_s
+    );
+    print_table("request", &f.gets);
+    println!();
+    println!(
+        "| SSE delivery, {} subscribers, {} sessions | events | median ms | p99 ms | max ms |",
+        o.subscribers,
+        api::SSE_SESSIONS
+    );
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| event `ts` (before the commit) → client | {} | {} | {} | {} |",
+        f.sse.len(),
+        ms(percentile(&f.sse, 0.5)),
+        ms(percentile(&f.sse, 0.99)),
+        ms(f.sse.last().copied().unwrap_or_default())
+    );
+    println!();
+    print_table(&format!("usage over {} rows", o.usage_rows), &f.usage);
+    println!();
+    println!(
+        "| hybrid box, {} MiB workspace | n | median ms | max ms | runs ms |",
+        o.park_mib
+    );
+    println!("| --- | ---: | ---: | ---: | --- |");
+    for (name, v) in [
+        ("park to S3", &f.park),
+        ("restore from S3 (exec on the parked box)", &f.restore),
+    ] {
+        let s = summarize(name, v.clone());
         println!(
-            "{} usage rows recorded in {:.1} s (batches of 10,000, the hourly rollup kept by its trigger)\n",
-            o.usage_rows, f.fill_s
+            "| {name} | {} | {} | {} | {} |",
+            s.n,
+            ms(s.median),
+            ms(v.iter().max().copied().unwrap_or_default()),
+            v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
         );
-        print_table("request", &f.gets);
-        println!();
-        println!(
-            "| SSE delivery, {} subscribers, {} sessions | events | median ms | p99 ms | max ms |",
-            o.subscribers,
-            api::SSE_SESSIONS
-        );
-        println!("| --- | ---: | ---: | ---: | ---: |");
-        println!(
-            "| event `ts` (before the commit) → client | {} | {} | {} | {} |",
-            f.sse.len(),
-            ms(percentile(&f.sse, 0.5)),
-            ms(percentile(&f.sse, 0.99)),
-            ms(f.sse.last().copied().unwrap_or_default())
-        );
-        println!();
-        print_table(&format!("usage over {} rows", o.usage_rows), &f.usage);
-        println!();
-        let park = summarize(
-            &format!("park to S3 ({} MiB workspace)", o.park_mib),
-            f.park.clone(),
-        );
-        let restore = summarize(
-            "restore from S3 (exec on the parked box)",
-            f.restore.clone(),
-        );
-        println!("| hybrid box | n | median ms | max ms | runs ms |");
-        println!("| --- | ---: | ---: | ---: | --- |");
-        for (s, v) in [(&park, &f.park), (&restore, &f.restore)] {
-            println!(
-                "| {} | {} | {} | {} | {} |",
-                s.name,
-                s.n,
-                ms(s.median),
-                ms(v.iter().max().copied().unwrap_or_default()),
-                v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
-            );
-        }
-        println!();
-        println!(
-            "| {} MiB park | park s | restore s | server RSS before MiB | growth during park MiB | growth during restore MiB |",
-            o.big_park_mib
-        );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
-        for (i, b) in f.big.iter().enumerate() {
-            println!(
+    }
+    println!();
+    println!(
+        "| {} MiB park | park s | restore s | server RSS before MiB | growth during park MiB | growth during restore MiB |",
+        o.big_park_mib
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (i, b) in f.big.iter().enumerate() {
+        match b {
+            Ok(b) => println!(
                 "| {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
                 i + 1,
                 b.park.as_secs_f64(),
@@ -325,10 +347,10 @@ pub async fn run(o: Opts) -> anyhow::Result<()> {
                 b.base_mib,
                 b.park_growth_mib,
                 b.restore_growth_mib
-            );
+            ),
+            Err(e) => println!("| {} | failed: {e} | | | | |", i + 1),
         }
     }
-    Ok(())
 }
 
 async fn one_store(
@@ -337,6 +359,7 @@ async fn one_store(
     moto: &Moto,
     pg: &berth_store::testing::PgCluster,
 ) -> anyhow::Result<Figures> {
+    let load0 = load();
     let dir = tempfile::tempdir()?;
     let database_url = match kind {
         "sqlite" => None,
@@ -452,21 +475,9 @@ async fn one_store(
         o.big_park_mib
     );
     let mut big = Vec::new();
-    for _ in 0..o.runs {
+    for _ in 0..o.big_runs {
         let bx = filled_box(api, o.big_park_mib).await?;
-        let base = server.rss_kib();
-        let (p, park_peak) = sampling_rss(&server, park_box(api, &bx)).await;
-        let p = p?;
-        let before_restore = server.rss_kib();
-        let (r, restore_peak) = sampling_rss(&server, restore_box(api, &bx)).await;
-        let r = r?;
-        big.push(BigPark {
-            park: p,
-            restore: r,
-            base_mib: base as f64 / 1024.0,
-            park_growth_mib: park_peak.saturating_sub(base) as f64 / 1024.0,
-            restore_growth_mib: restore_peak.saturating_sub(before_restore) as f64 / 1024.0,
-        });
+        big.push(big_park(&server, &bx).await.map_err(|e| e.to_string()));
         delete_box(api, &bx).await?;
     }
     drop(server);
@@ -475,6 +486,7 @@ async fn one_store(
             "sqlite" => "SQLite (embedded, durability crash)".into(),
             _ => "PostgreSQL (one server on it)".into(),
         },
+        load: (load0, load()),
         fill_s,
         gets,
         sse,
@@ -482,6 +494,22 @@ async fn one_store(
         park,
         restore,
         big,
+    })
+}
+
+/// Park and restore `bx` while watching the server's RSS.
+async fn big_park(server: &Child, bx: &str) -> anyhow::Result<BigPark> {
+    let base = server.rss_kib();
+    let (p, park_peak) = sampling_rss(server, park_box(&server.api, bx)).await;
+    let p = p?;
+    let before_restore = server.rss_kib();
+    let (r, restore_peak) = sampling_rss(server, restore_box(&server.api, bx)).await;
+    Ok(BigPark {
+        park: p,
+        restore: r?,
+        base_mib: base as f64 / 1024.0,
+        park_growth_mib: park_peak.saturating_sub(base) as f64 / 1024.0,
+        restore_growth_mib: restore_peak.saturating_sub(before_restore) as f64 / 1024.0,
     })
 }
 
