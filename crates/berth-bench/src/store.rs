@@ -51,13 +51,16 @@ pub async fn serve(
     database_url: Option<String>,
     snapshot_url: Option<String>,
 ) -> anyhow::Result<()> {
-    let cfg = berth_server::Config {
+    let mut cfg = berth_server::Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir,
         database_url,
         snapshot_url,
         ..Default::default()
     };
+    // Every subscriber comes from loopback: one peer address for the per-peer cap (256).
+    cfg.listener.max_connections_per_peer = 4096;
+    cfg.listener.max_connections = cfg.listener.max_connections.max(4096);
     let (url, key, _stop, server) = crate::start_server(cfg).await?;
     println!("{url} {key}");
     server.await?;
