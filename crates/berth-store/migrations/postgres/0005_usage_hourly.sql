@@ -49,6 +49,33 @@ DROP TRIGGER IF EXISTS usage_hourly_add ON usage;
 CREATE TRIGGER usage_hourly_add AFTER INSERT ON usage REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION usage_hourly_add();
 
+-- Deleted rows leave the sums (no server deletes usage; an operator or a test may).
+CREATE OR REPLACE FUNCTION usage_hourly_remove() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE usage_hourly AS h SET
+        requests = h.requests - o.n,
+        input_tokens = h.input_tokens - o.i,
+        output_tokens = h.output_tokens - o.o,
+        cache_creation_5m_tokens = h.cache_creation_5m_tokens - o.c5,
+        cache_creation_1h_tokens = h.cache_creation_1h_tokens - o.c1,
+        cache_read_tokens = h.cache_read_tokens - o.cr,
+        cost_usd = h.cost_usd - o.usd
+    FROM (SELECT ts_ms - ((ts_ms % 3600000) + 3600000) % 3600000 AS hr, tenant, box_id,
+            session_id, model, COUNT(*) AS n, SUM(input_tokens) AS i, SUM(output_tokens) AS o,
+            SUM(cache_creation_5m_tokens) AS c5, SUM(cache_creation_1h_tokens) AS c1,
+            SUM(cache_read_tokens) AS cr, SUM(cost_usd) AS usd
+          FROM old_rows GROUP BY hr, tenant, box_id, session_id, model) o
+    WHERE h.hour_ms = o.hr AND h.tenant = o.tenant AND h.box_id = o.box_id
+        AND h.session_id = o.session_id AND h.model = o.model;
+    DELETE FROM usage_hourly WHERE requests <= 0;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS usage_hourly_remove ON usage;
+CREATE TRIGGER usage_hourly_remove AFTER DELETE ON usage REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_hourly_remove();
+
 -- The rows already there (the table is new: nothing to merge with).
 INSERT INTO usage_hourly (hour_ms, tenant, box_id, session_id, model, requests, input_tokens,
     output_tokens, cache_creation_5m_tokens, cache_creation_1h_tokens, cache_read_tokens, cost_usd)

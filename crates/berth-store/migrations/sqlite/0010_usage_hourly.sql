@@ -39,6 +39,25 @@ CREATE TRIGGER IF NOT EXISTS usage_hourly_add AFTER INSERT ON usage BEGIN
         cost_usd = cost_usd + excluded.cost_usd;
 END;
 
+-- A deleted row leaves the sums (no server deletes usage; an operator or a test may).
+CREATE TRIGGER IF NOT EXISTS usage_hourly_remove AFTER DELETE ON usage BEGIN
+    UPDATE usage_hourly SET
+        requests = requests - 1,
+        input_tokens = input_tokens - OLD.input_tokens,
+        output_tokens = output_tokens - OLD.output_tokens,
+        cache_creation_5m_tokens = cache_creation_5m_tokens - OLD.cache_creation_5m_tokens,
+        cache_creation_1h_tokens = cache_creation_1h_tokens - OLD.cache_creation_1h_tokens,
+        cache_read_tokens = cache_read_tokens - OLD.cache_read_tokens,
+        cost_usd = cost_usd - OLD.cost_usd
+    WHERE hour_ms = OLD.ts_ms - ((OLD.ts_ms % 3600000) + 3600000) % 3600000
+        AND tenant = OLD.tenant AND box_id = OLD.box_id AND session_id = OLD.session_id
+        AND model = OLD.model;
+    DELETE FROM usage_hourly
+    WHERE hour_ms = OLD.ts_ms - ((OLD.ts_ms % 3600000) + 3600000) % 3600000
+        AND tenant = OLD.tenant AND box_id = OLD.box_id AND session_id = OLD.session_id
+        AND model = OLD.model AND requests <= 0;
+END;
+
 -- The rows already there.
 INSERT INTO usage_hourly (hour_ms, tenant, box_id, session_id, model, requests, input_tokens,
     output_tokens, cache_creation_5m_tokens, cache_creation_1h_tokens, cache_read_tokens, cost_usd)
