@@ -1,7 +1,7 @@
 //! The control plane under load: GET latency with 1,000 boxes stored, SSE delivery with many
 //! subscribers on busy sessions, and server memory per idle session.
 
-use crate::{ms, percentile, summarize};
+use crate::{ms, percentile, summarize, Summary};
 use berth_store::Store;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -13,14 +13,22 @@ fn rss_kib() -> u64 {
     crate::files::rss_kib(std::process::id())
 }
 
-struct Api {
-    url: String,
-    token: String,
-    http: reqwest::Client,
+pub struct Api {
+    pub url: String,
+    pub token: String,
+    pub http: reqwest::Client,
 }
 
 impl Api {
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    pub fn new(url: &str, token: &str) -> Api {
+        Api {
+            url: url.to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         let r = self
             .http
             .post(format!("{}{path}", self.url))
@@ -28,51 +36,55 @@ impl Api {
             .json(&body)
             .send()
             .await?;
-        anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+        let status = r.status();
+        anyhow::ensure!(status.is_success(), "{path}: {status}: {}", r.text().await?);
         Ok(r.json().await?)
+    }
+
+    /// The time a GET takes to its last body byte (a non-2xx answer is an error).
+    pub async fn timed_get(&self, path: &str) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "GET {path}: {}", r.status());
+        let _ = r.bytes().await?;
+        Ok(t.elapsed())
     }
 }
 
-pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    // 1,000 boxes in the store before the server starts (stopped ones: a store read each).
-    {
-        let st = berth_store::SqliteStore::open(&dir.path().join("berth.db")).await?;
-        for i in 0..1000 {
-            let b: berth_api::BoxObject = serde_json::from_value(json!({
-                "id": format!("box-stored{i:04}"), "tenant": "default", "state": "stopped", "state_reason": null,
-                "backend": "native", "lifecycle": "persistent", "image": "host",
-                "resources": {"cpus": 1.0, "memory_mib": 1024, "disk_mib": 5120, "pids": 512},
-                "network": {"allow": []}, "env": {}, "idle_timeout_s": null, "max_lifetime_s": null, "labels": {},
-                "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
-            }))?;
-            st.put_box(&b).await?;
-        }
-        st.close().await;
+/// 1,000 stopped boxes (`box-stored0000` …) in `st`, for the GET benchmark (a store read each).
+pub async fn store_boxes(st: &dyn Store) -> anyhow::Result<()> {
+    for i in 0..1000 {
+        let b: berth_api::BoxObject = serde_json::from_value(json!({
+            "id": format!("box-stored{i:04}"), "tenant": "default", "state": "stopped", "state_reason": null,
+            "backend": "native", "lifecycle": "persistent", "image": "host",
+            "resources": {"cpus": 1.0, "memory_mib": 1024, "disk_mib": 5120, "pids": 512},
+            "network": {"allow": []}, "env": {}, "idle_timeout_s": null, "max_lifetime_s": null, "labels": {},
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
+        }))?;
+        st.put_box(&b).await?;
     }
-    let cfg = berth_server::Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        durability: durability.parse().map_err(anyhow::Error::msg)?,
-        ..Default::default()
-    };
-    let (url, token, stop_tx, server) = crate::start_server(cfg).await?;
-    let api = Arc::new(Api {
-        url,
-        token,
-        http: reqwest::Client::new(),
-    });
+    Ok(())
+}
 
-    // GET /v1/boxes/{id}: a stored box and a live one.
+/// A small running box for the GET and SSE benchmarks.
+pub async fn live_box(api: &Api) -> anyhow::Result<String> {
     let live = api
         .post(
             "/v1/boxes",
             json!({"resources": {"memory_mib": 256, "disk_mib": 64}}),
         )
         .await?;
-    let live_id = live["id"].as_str().unwrap_or_default().to_string();
+    Ok(live["id"].as_str().unwrap_or_default().to_string())
+}
+
+/// GET /v1/boxes/{id} 2,000 times on a stored box (after [`store_boxes`]) and on `live_id`.
+pub async fn get_rows(api: &Api, live_id: &str) -> anyhow::Result<Vec<Summary>> {
     let mut rows = Vec::new();
-    eprintln!("live box {live_id}; measuring GETs");
     for (name, ids) in [
         (
             "GET /v1/boxes/{id}, stopped box (store read), 1,000 boxes stored",
@@ -82,37 +94,34 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
         ),
         (
             "GET /v1/boxes/{id}, running box (owner task's watch)",
-            vec![live_id.clone(); 2000],
+            vec![live_id.to_string(); 2000],
         ),
     ] {
         let mut v = Vec::with_capacity(ids.len());
         for id in ids {
-            let t = Instant::now();
-            let r = api
-                .http
-                .get(format!("{}/v1/boxes/{id}", api.url))
-                .bearer_auth(&api.token)
-                .send()
-                .await?;
-            anyhow::ensure!(r.status().is_success());
-            let _ = r.bytes().await?;
-            v.push(t.elapsed());
+            v.push(api.timed_get(&format!("/v1/boxes/{id}")).await?);
         }
         eprintln!("done: {name}");
         rows.push(summarize(name, v));
     }
-    crate::print_table("request", &rows);
+    Ok(rows)
+}
 
-    // SSE delivery: 10 busy sessions, `subscribers` clients spread over them.
-    let sessions = 10;
+/// SSE delivery: `SSE_SESSIONS` busy command sessions in `live_id`, `subscribers` clients (in a
+/// process of their own) spread over them, `SSE_MESSAGES` messages to each; every delivered
+/// event's latency from its `ts` (set before the store commit) to its arrival, sorted.
+pub async fn sse_latencies(
+    api: &Api,
+    live_id: &str,
+    subscribers: usize,
+) -> anyhow::Result<Vec<Duration>> {
     let mut sids = Vec::new();
-    for _ in 0..sessions {
+    for _ in 0..SSE_SESSIONS {
         let s = api
             .post("/v1/sessions", json!({"box": live_id, "agent": {"kind": "command", "argv": ["/bin/sh", "-c", "while read -r l; do echo \"$l\"; done"]}}))
             .await?;
         sids.push(s["id"].as_str().unwrap_or_default().to_string());
     }
-    let messages = 40;
     // The subscribers run in a process of their own (as real clients would), so the server's
     // runtime is not shared with 500 parsing clients.
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
@@ -129,7 +138,7 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
             "--subscribers",
             &subscribers.to_string(),
             "--messages",
-            &messages.to_string(),
+            &SSE_MESSAGES.to_string(),
         ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -143,7 +152,7 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
         lines.next_line().await?.as_deref() == Some("ready"),
         "clients did not connect"
     );
-    for m in 0..messages {
+    for m in 0..SSE_MESSAGES {
         for sid in &sids {
             api.post(
                 &format!("/v1/sessions/{sid}/messages"),
@@ -160,11 +169,42 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
         }
     }
     lats.sort();
+    Ok(lats)
+}
+
+/// Sessions and messages per session of [`sse_latencies`].
+pub const SSE_SESSIONS: usize = 10;
+pub const SSE_MESSAGES: usize = 40;
+
+pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // 1,000 boxes in the store before the server starts (stopped ones: a store read each).
+    {
+        let st = berth_store::SqliteStore::open(&dir.path().join("berth.db")).await?;
+        store_boxes(&st).await?;
+        st.close().await;
+    }
+    let cfg = berth_server::Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_path_buf(),
+        durability: durability.parse().map_err(anyhow::Error::msg)?,
+        ..Default::default()
+    };
+    let (url, token, stop_tx, server) = crate::start_server(cfg).await?;
+    let api = Arc::new(Api::new(&url, &token));
+
+    // GET /v1/boxes/{id}: a stored box and a live one.
+    let live_id = live_box(&api).await?;
+    eprintln!("live box {live_id}; measuring GETs");
+    crate::print_table("request", &get_rows(&api, &live_id).await?);
+
+    // SSE delivery: 10 busy sessions, `subscribers` clients spread over them.
+    let lats = sse_latencies(&api, &live_id, subscribers).await?;
     println!();
     println!("| SSE delivery | subscribers | sessions | events delivered | median ms | p99 ms | max ms |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!(
-        "| event `ts` (set just before the store commit) → received by the client, durability {durability} | {subscribers} | {sessions} | {} | {} | {} | {} |",
+        "| event `ts` (set just before the store commit) → received by the client, durability {durability} | {subscribers} | {SSE_SESSIONS} | {} | {} | {} | {} |",
         lats.len(),
         ms(percentile(&lats, 0.5)),
         ms(percentile(&lats, 0.99)),

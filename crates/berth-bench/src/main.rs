@@ -12,6 +12,7 @@
 //! cargo run --release -p berth-bench -- managed [--runs 5 --subscribers 500 --messages 10]
 //! cargo run --release -p berth-bench -- cluster --database-url postgres://… [--runs 3]
 //! cargo run --release -p berth-bench -- density [--boxes 5000]
+//! cargo run --release -p berth-bench -- store [--runs 3 --usage-rows 1000000]
 //! ```
 //! Each prints a Markdown table for BENCHMARKS.md.
 
@@ -28,6 +29,7 @@ mod park;
 mod pools;
 mod sandbox;
 mod sdk;
+mod store;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -221,6 +223,19 @@ enum Cmd {
         snapshots: String,
         #[arg(long)]
         lease_ms: u64,
+    },
+    /// SQLite and PostgreSQL in the same run: GETs with 1,000 boxes, SSE at 500 subscribers,
+    /// usage over 1,000,000 rows; park/restore to S3 (moto) and the server's RSS in a big park.
+    Store(store::Opts),
+    /// The server for the `store` suite, in a process of its own (internal).
+    #[command(hide = true)]
+    StoreServer {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long)]
+        database_url: Option<String>,
+        #[arg(long)]
+        snapshot_url: Option<String>,
     },
     /// The server for the `files` suite, in a process of its own (internal).
     #[command(hide = true)]
@@ -490,6 +505,12 @@ fn main() -> anyhow::Result<()> {
                 subscribers,
                 messages,
             } => managed::clients(url, token, path, kind, subscribers, messages).await,
+            Cmd::Store(opts) => store::run(opts).await,
+            Cmd::StoreServer {
+                data_dir,
+                database_url,
+                snapshot_url,
+            } => store::serve(data_dir, database_url, snapshot_url).await,
             Cmd::SseClients {
                 url,
                 token,

@@ -24,6 +24,7 @@
 pub mod copy;
 pub mod postgres;
 pub mod snapshots;
+mod sql;
 pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -194,6 +195,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_boxes(&self, tenant: Option<&str>) -> Result<Vec<BoxObject>>;
 
     async fn put_session(&self, s: &SessionObject) -> Result<()>;
+    /// Append `events` of session `s` (as [`Store::append_events`]; may be empty) and write
+    /// `s` in one transaction: a reader that sees an event sees the record as of that event or
+    /// later, and a refused batch leaves the record as it was.
+    async fn commit_session(&self, s: &SessionObject, events: &[Event]) -> Result<()>;
     async fn get_session(&self, tenant: Option<&str>, id: &str) -> Result<Option<SessionObject>>;
     async fn list_sessions(
         &self,
@@ -248,6 +253,8 @@ pub trait Store: Send + Sync + 'static {
     /// Append usage rows in one transaction.
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()>;
     /// Usage rows matching `filter`, summed per (`key`, model), ordered by key then model.
+    /// Reads an hourly rollup for the window's whole hours and the rows only for its partial
+    /// first and last hours, so its cost follows (sessions × hours), not requests.
     async fn usage_sums(&self, key: UsageKey, filter: &UsageFilter) -> Result<Vec<UsageSum>>;
 
     /// A box started running at `span.start_ms` (its `end_ms` is ignored).

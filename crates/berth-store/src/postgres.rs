@@ -12,7 +12,10 @@
 //!   every receiver is woken once, since notifications sent in the gap are gone.
 //! - A restarted PostgreSQL is reconnected to: pooled connections are tested before use and
 //!   replaced, the listener reconnects with a backoff.
+//!
+//! Statements both stores share are in [`crate::sql`] (read here in PostgreSQL's `$n` form).
 
+use crate::sql::{self, corrupt, dollars, map_unique, pg, timer};
 use crate::{
     BoxSpan, Document, KeyRecord, NodeRow, Result, Store, StoreError, UsageFilter, UsageKey,
     UsageRow, UsageSum,
@@ -20,7 +23,7 @@ use crate::{
 use async_trait::async_trait;
 use berth_api::{BoxObject, Event, KeyObject, NodeObject, SessionObject, TriggerObject};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -29,33 +32,6 @@ use tokio::sync::watch;
 
 /// The channel committed session events are announced on.
 const CHANNEL: &str = "berth_events";
-
-/// Records how long a store operation took (`berth_store_op_seconds{op}`) when dropped.
-struct OpTimer(&'static str, std::time::Instant);
-
-fn timer(op: &'static str) -> OpTimer {
-    OpTimer(op, std::time::Instant::now())
-}
-
-impl Drop for OpTimer {
-    fn drop(&mut self) {
-        metrics::histogram!("berth_store_op_seconds", "op" => self.0)
-            .record(self.1.elapsed().as_secs_f64());
-    }
-}
-
-fn corrupt(e: serde_json::Error) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
-fn map_unique(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => {
-            StoreError::Conflict(d.message().to_string())
-        }
-        _ => StoreError::Db(e),
-    }
-}
 
 /// Per-session wake-ups for committed events, shared by the listener task and subscribers.
 #[derive(Default)]
@@ -173,14 +149,12 @@ impl PostgresStore {
         id: &str,
     ) -> Result<Option<T>> {
         let _t = timer("get");
-        let sql =
-            format!("SELECT doc FROM {table} WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)");
-        let row = sqlx::query(&sql)
+        sqlx::query(&dollars(&sql::get_doc(table)))
             .bind(id)
             .bind(tenant)
             .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .await?
+            .map(|r| sql::doc(&r, "doc"))
             .transpose()
     }
 
@@ -189,50 +163,39 @@ impl PostgresStore {
         table: &str,
         tenant: Option<&str>,
     ) -> Result<Vec<T>> {
-        let sql = format!(
-            "SELECT doc FROM {table} WHERE ($1::text IS NULL OR tenant = $1) ORDER BY created_at, id"
-        );
-        let rows = sqlx::query(&sql).bind(tenant).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .collect()
+        let rows = sqlx::query(&dollars(&sql::list_docs(table)))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| sql::doc(r, "doc")).collect()
     }
 
-    /// Append to `events` or `box_events` (names are ours, never input) in one transaction;
-    /// `notify` announces the batch's sessions on commit.
-    async fn append_to(
-        &self,
+    /// Append to `events` or `box_events` (names are ours, never input) within the transaction
+    /// `tx`; `notify` announces the batch's sessions when it commits.
+    async fn append_in(
+        tx: &mut PgConnection,
         table: &str,
         owner: &str,
         events: &[Event],
         notify: bool,
     ) -> Result<()> {
         let _t = timer("append_events");
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        let last_sql = format!("SELECT COALESCE(MAX(seq), 0) AS n FROM {table} WHERE {owner} = $1");
-        let mut next: HashMap<&str, i64> = HashMap::new();
-        for e in events {
-            let expected = match next.get(e.session_id.as_str()) {
-                Some(n) => *n,
-                None => {
-                    let last: i64 = sqlx::query(&last_sql)
-                        .bind(&e.session_id)
-                        .fetch_one(&mut *tx)
-                        .await?
-                        .get("n");
-                    last + 1
-                }
-            };
-            if e.seq != expected {
+        let firsts = sql::batch_firsts(events)?;
+        // Gapless: the first of each log follows what is there (the primary key settles a
+        // concurrent batch with the same seqs).
+        let last_sql = dollars(&sql::last_seq(table, owner));
+        for (id, first) in &firsts {
+            let last: i64 = sqlx::query(&last_sql)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .get("n");
+            if *first != last + 1 {
                 return Err(StoreError::Conflict(format!(
-                    "event {} of {} does not continue its log (next is {expected})",
-                    e.seq, e.session_id
+                    "event {first} of {id} does not continue its log (next is {})",
+                    last + 1
                 )));
             }
-            next.insert(&e.session_id, expected + 1);
         }
         let mut ids = Vec::with_capacity(events.len());
         let mut seqs = Vec::with_capacity(events.len());
@@ -246,11 +209,11 @@ impl PostgresStore {
             kinds.push(e.kind.as_str());
             datas.push(serde_json::to_string(&e.data).map_err(corrupt)?);
         }
-        let sql = format!(
+        let insert = format!(
             "INSERT INTO {table} ({owner}, seq, ts, kind, data)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])"
         );
-        sqlx::query(&sql)
+        sqlx::query(&insert)
             .bind(&ids)
             .bind(&seqs)
             .bind(&tss)
@@ -260,15 +223,45 @@ impl PostgresStore {
             .await
             .map_err(map_unique)?;
         if notify {
-            for id in next.keys() {
+            for (id, _) in firsts {
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(CHANNEL)
-                    .bind(*id)
+                    .bind(id)
                     .execute(&mut *tx)
                     .await?;
             }
         }
+        Ok(())
+    }
+
+    async fn append_to(
+        &self,
+        table: &str,
+        owner: &str,
+        events: &[Event],
+        notify: bool,
+    ) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        Self::append_in(&mut tx, table, owner, events, notify).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn put_session_in(tx: &mut PgConnection, s: &SessionObject) -> Result<()> {
+        let _t = timer("put_session");
+        let doc = serde_json::to_string(s).map_err(corrupt)?;
+        sqlx::query(pg!(sql::PUT_SESSION))
+            .bind(&s.id)
+            .bind(&s.tenant)
+            .bind(&s.box_id)
+            .bind(s.state.as_str())
+            .bind(doc)
+            .bind(&s.created_at)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 
@@ -281,26 +274,21 @@ impl PostgresStore {
         limit: i64,
     ) -> Result<Vec<Event>> {
         let _t = timer("read_events");
-        let sql = format!(
-            "SELECT seq, ts, kind, data FROM {table} WHERE {owner} = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&dollars(&sql::read_events(table, owner)))
             .bind(id)
             .bind(after)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Event {
-                    seq: r.get("seq"),
-                    session_id: id.to_string(),
-                    ts: r.get("ts"),
-                    kind: r.get::<String, _>("kind").into(),
-                    data: serde_json::from_str(r.get::<&str, _>("data")).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| sql::event(r, id)).collect()
+    }
+
+    async fn max_seq(&self, table: &str, owner: &str, id: &str) -> Result<i64> {
+        Ok(sqlx::query(&dollars(&sql::last_seq(table, owner)))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
     }
 }
 
@@ -336,55 +324,37 @@ impl Store for PostgresStore {
 
     async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()> {
         self.ensure_tenant(&key.tenant).await?;
-        sqlx::query(
-            "INSERT INTO api_keys (id, hash, tenant, admin, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&key.id)
-        .bind(hash)
-        .bind(&key.tenant)
-        .bind(key.admin)
-        .bind(&key.created_at)
-        .execute(&self.pool)
-        .await
-        .map_err(map_unique)?;
+        sqlx::query(pg!(sql::INSERT_KEY))
+            .bind(&key.id)
+            .bind(hash)
+            .bind(&key.tenant)
+            .bind(key.admin)
+            .bind(&key.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(map_unique)?;
         Ok(())
     }
 
     async fn find_key(&self, hash: &str) -> Result<Option<KeyRecord>> {
         let _t = timer("find_key");
-        let row = sqlx::query("SELECT id, tenant, admin FROM api_keys WHERE hash = $1")
+        let row = sqlx::query(pg!(sql::FIND_KEY))
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| KeyRecord {
-            id: r.get("id"),
-            tenant: r.get("tenant"),
-            admin: r.get("admin"),
-        }))
+        Ok(row.map(|r| sql::key_record(&r)))
     }
 
     async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyObject>> {
-        let rows = sqlx::query(
-            "SELECT id, tenant, admin, created_at FROM api_keys
-             WHERE ($1::text IS NULL OR tenant = $1) ORDER BY created_at, id",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| KeyObject {
-                id: r.get("id"),
-                key: None,
-                tenant: r.get("tenant"),
-                admin: r.get("admin"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        let rows = sqlx::query(pg!(sql::LIST_KEYS))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(sql::key_object).collect())
     }
 
     async fn delete_key(&self, id: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM api_keys WHERE id = $1")
+        let r = sqlx::query(pg!(sql::DELETE_KEY))
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -392,7 +362,7 @@ impl Store for PostgresStore {
     }
 
     async fn count_keys(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM api_keys")
+        Ok(sqlx::query(sql::COUNT_KEYS)
             .fetch_one(&self.pool)
             .await?
             .get("n"))
@@ -432,21 +402,17 @@ impl Store for PostgresStore {
     }
 
     async fn put_session(&self, s: &SessionObject) -> Result<()> {
-        let _t = timer("put_session");
-        let doc = serde_json::to_string(s).map_err(corrupt)?;
-        sqlx::query(
-            "INSERT INTO sessions (id, tenant, box_id, state, doc, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc",
-        )
-        .bind(&s.id)
-        .bind(&s.tenant)
-        .bind(&s.box_id)
-        .bind(s.state.as_str())
-        .bind(doc)
-        .bind(&s.created_at)
-        .execute(&self.pool)
-        .await?;
+        let mut conn = self.pool.acquire().await?;
+        Self::put_session_in(&mut conn, s).await
+    }
+
+    async fn commit_session(&self, s: &SessionObject, events: &[Event]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if !events.is_empty() {
+            Self::append_in(&mut tx, "events", "session_id", events, true).await?;
+        }
+        Self::put_session_in(&mut tx, s).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -459,17 +425,12 @@ impl Store for PostgresStore {
         tenant: Option<&str>,
         box_id: Option<&str>,
     ) -> Result<Vec<SessionObject>> {
-        let rows = sqlx::query(
-            "SELECT doc FROM sessions WHERE ($1::text IS NULL OR tenant = $1)
-             AND ($2::text IS NULL OR box_id = $2) ORDER BY created_at, id",
-        )
-        .bind(tenant)
-        .bind(box_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .collect()
+        let rows = sqlx::query(pg!(sql::LIST_SESSIONS))
+            .bind(tenant)
+            .bind(box_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| sql::doc(r, "doc")).collect()
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<()> {
@@ -482,18 +443,12 @@ impl Store for PostgresStore {
     }
 
     async fn last_seq(&self, session_id: &str) -> Result<i64> {
-        Ok(
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE session_id = $1")
-                .bind(session_id)
-                .fetch_one(&self.pool)
-                .await?
-                .get("n"),
-        )
+        self.max_seq("events", "session_id", session_id).await
     }
 
     async fn set_tenant_budget(&self, tenant: &str, budget: Option<f64>) -> Result<()> {
         self.ensure_tenant(tenant).await?;
-        sqlx::query("UPDATE tenants SET budget_usd_month = $1 WHERE name = $2")
+        sqlx::query(pg!(sql::SET_BUDGET))
             .bind(budget)
             .bind(tenant)
             .execute(&self.pool)
@@ -502,11 +457,7 @@ impl Store for PostgresStore {
     }
 
     async fn tenant_budgets(&self) -> Result<Vec<(String, f64)>> {
-        let rows = sqlx::query(
-            "SELECT name, budget_usd_month FROM tenants WHERE budget_usd_month IS NOT NULL",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sql::BUDGETS).fetch_all(&self.pool).await?;
         Ok(rows
             .iter()
             .map(|r| (r.get("name"), r.get("budget_usd_month")))
@@ -514,13 +465,11 @@ impl Store for PostgresStore {
     }
 
     async fn tenant_budget(&self, tenant: &str) -> Result<Option<f64>> {
-        Ok(
-            sqlx::query("SELECT budget_usd_month FROM tenants WHERE name = $1")
-                .bind(tenant)
-                .fetch_optional(&self.pool)
-                .await?
-                .and_then(|r| r.get::<Option<f64>, _>("budget_usd_month")),
-        )
+        Ok(sqlx::query(pg!(sql::BUDGET))
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?
+            .and_then(|r| r.get::<Option<f64>, _>("budget_usd_month")))
     }
 
     async fn append_box_events(&self, events: &[Event]) -> Result<()> {
@@ -533,34 +482,25 @@ impl Store for PostgresStore {
     }
 
     async fn last_box_seq(&self, box_id: &str) -> Result<i64> {
-        Ok(
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM box_events WHERE box_id = $1")
-                .bind(box_id)
-                .fetch_one(&self.pool)
-                .await?
-                .get("n"),
-        )
+        self.max_seq("box_events", "box_id", box_id).await
     }
 
     async fn put_trigger(&self, t: &TriggerObject, secret: &str) -> Result<()> {
         let doc = serde_json::to_string(t).map_err(corrupt)?;
-        sqlx::query(
-            "INSERT INTO triggers (id, tenant, doc, secret, created_at) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, secret = excluded.secret",
-        )
-        .bind(&t.id)
-        .bind(&t.tenant)
-        .bind(doc)
-        .bind(secret)
-        .bind(&t.created_at)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(pg!(sql::PUT_TRIGGER))
+            .bind(&t.id)
+            .bind(&t.tenant)
+            .bind(doc)
+            .bind(secret)
+            .bind(&t.created_at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn update_trigger(&self, t: &TriggerObject) -> Result<()> {
         let doc = serde_json::to_string(t).map_err(corrupt)?;
-        sqlx::query("UPDATE triggers SET doc = $1 WHERE id = $2")
+        sqlx::query(pg!(sql::UPDATE_TRIGGER))
             .bind(doc)
             .bind(&t.id)
             .execute(&self.pool)
@@ -573,18 +513,13 @@ impl Store for PostgresStore {
         tenant: Option<&str>,
         id: &str,
     ) -> Result<Option<(TriggerObject, String)>> {
-        let row = sqlx::query(
-            "SELECT doc, secret FROM triggers WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
-        )
-        .bind(id)
-        .bind(tenant)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            let t = serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt)?;
-            Ok((t, r.get::<String, _>("secret")))
-        })
-        .transpose()
+        let row = sqlx::query(pg!(sql::GET_TRIGGER))
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((sql::doc(&r, "doc")?, r.get::<String, _>("secret"))))
+            .transpose()
     }
 
     async fn list_triggers(&self, tenant: Option<&str>) -> Result<Vec<TriggerObject>> {
@@ -592,12 +527,11 @@ impl Store for PostgresStore {
     }
 
     async fn delete_trigger(&self, tenant: Option<&str>, id: &str) -> Result<bool> {
-        let r =
-            sqlx::query("DELETE FROM triggers WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)")
-                .bind(id)
-                .bind(tenant)
-                .execute(&self.pool)
-                .await?;
+        let r = sqlx::query(pg!(sql::DELETE_TRIGGER))
+            .bind(id)
+            .bind(tenant)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -736,60 +670,22 @@ impl Store for PostgresStore {
 
     async fn usage_sums(&self, key: UsageKey, f: &UsageFilter) -> Result<Vec<UsageSum>> {
         let _t = timer("usage_sums");
-        let col = match key {
-            UsageKey::Session => "session_id",
-            UsageKey::Box => "box_id",
-            UsageKey::Tenant => "tenant",
-            UsageKey::Model => "model",
-        };
-        // SUM of BIGINT is NUMERIC in PostgreSQL; the casts keep the SQLite store's types.
-        let sql = format!(
-            "SELECT {col} AS k, model, COUNT(*) AS n, SUM(input_tokens)::BIGINT AS i,
-             SUM(output_tokens)::BIGINT AS o, SUM(cache_creation_5m_tokens)::BIGINT AS c5,
-             SUM(cache_creation_1h_tokens)::BIGINT AS c1, SUM(cache_read_tokens)::BIGINT AS cr,
-             SUM(cost_usd) AS usd
-             FROM usage WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR session_id = $2)
-             AND ($3::bigint IS NULL OR ts_ms >= $3) AND ($4::bigint IS NULL OR ts_ms < $4)
-             GROUP BY k, model ORDER BY k, model"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(&f.tenant)
-            .bind(&f.session_id)
-            .bind(f.from_ms)
-            .bind(f.to_ms)
+        let text = dollars(&sql::usage_sums(key));
+        let rows = sql::bind_usage(sqlx::query(&text), f)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let n = |k: &str| r.get::<Option<i64>, _>(k).unwrap_or(0).max(0) as u64;
-                UsageSum {
-                    key: r.get("k"),
-                    model: r.get("model"),
-                    requests: n("n"),
-                    input_tokens: n("i"),
-                    output_tokens: n("o"),
-                    cache_creation_5m_tokens: n("c5"),
-                    cache_creation_1h_tokens: n("c1"),
-                    cache_read_tokens: n("cr"),
-                    cost_usd: r.get::<Option<f64>, _>("usd").unwrap_or(0.0),
-                }
-            })
-            .collect())
+        Ok(rows.iter().map(sql::usage_sum).collect())
     }
 
     async fn open_box_span(&self, span: &BoxSpan) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO box_time (box_id, tenant, start_ms, end_ms, seen_ms, cpus, memory_mib)
-             VALUES ($1, $2, $3, NULL, $3, $4, $5)",
-        )
-        .bind(&span.box_id)
-        .bind(&span.tenant)
-        .bind(span.start_ms)
-        .bind(span.cpus)
-        .bind(span.memory_mib as i64)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(pg!(sql::OPEN_SPAN))
+            .bind(&span.box_id)
+            .bind(&span.tenant)
+            .bind(span.start_ms)
+            .bind(span.cpus)
+            .bind(span.memory_mib as i64)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -814,12 +710,10 @@ impl Store for PostgresStore {
     }
 
     async fn close_abandoned_box_spans(&self) -> Result<u64> {
-        Ok(
-            sqlx::query("UPDATE box_time SET end_ms = seen_ms WHERE end_ms IS NULL")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+        Ok(sqlx::query(sql::CLOSE_ABANDONED_SPANS)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn box_spans(
@@ -829,30 +723,14 @@ impl Store for PostgresStore {
         from_ms: Option<i64>,
         to_ms: Option<i64>,
     ) -> Result<Vec<BoxSpan>> {
-        let rows = sqlx::query(
-            "SELECT box_id, tenant, start_ms, end_ms, cpus, memory_mib FROM box_time
-             WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR box_id = $2)
-             AND ($3::bigint IS NULL OR end_ms IS NULL OR end_ms > $3)
-             AND ($4::bigint IS NULL OR start_ms < $4)
-             ORDER BY box_id, start_ms",
-        )
-        .bind(tenant)
-        .bind(box_id)
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| BoxSpan {
-                box_id: r.get("box_id"),
-                tenant: r.get("tenant"),
-                start_ms: r.get("start_ms"),
-                end_ms: r.get("end_ms"),
-                cpus: r.get("cpus"),
-                memory_mib: r.get::<i64, _>("memory_mib").max(0) as u64,
-            })
-            .collect())
+        let rows = sqlx::query(pg!(sql::SPANS))
+            .bind(tenant)
+            .bind(box_id)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(sql::box_span).collect())
     }
 
     async fn join_node(&self, node: &NodeObject, lease_ms: i64) -> Result<i64> {

@@ -1,5 +1,6 @@
-//! The embedded SQLite store.
+//! The embedded SQLite store. Statements both stores share are in [`crate::sql`].
 
+use crate::sql::{self, corrupt, map_unique, timer};
 use crate::{
     BoxSpan, Document, KeyRecord, NodeRow, Result, Store, StoreError, UsageFilter, UsageKey,
     UsageRow, UsageSum,
@@ -7,7 +8,7 @@ use crate::{
 use async_trait::async_trait;
 use berth_api::{BoxObject, Event, KeyObject, NodeObject, SessionObject, TriggerObject};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, SqliteConnection, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -23,35 +24,8 @@ pub enum Durability {
     PowerLoss,
 }
 
-/// Records how long a store operation took (`berth_store_op_seconds{op}`) when dropped.
-struct OpTimer(&'static str, std::time::Instant);
-
-fn timer(op: &'static str) -> OpTimer {
-    OpTimer(op, std::time::Instant::now())
-}
-
-impl Drop for OpTimer {
-    fn drop(&mut self) {
-        metrics::histogram!("berth_store_op_seconds", "op" => self.0)
-            .record(self.1.elapsed().as_secs_f64());
-    }
-}
-
 pub struct SqliteStore {
     pool: SqlitePool,
-}
-
-fn corrupt(e: serde_json::Error) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
-fn map_unique(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => {
-            StoreError::Conflict(d.message().to_string())
-        }
-        _ => StoreError::Db(e),
-    }
 }
 
 impl SqliteStore {
@@ -80,8 +54,8 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
-    /// One JSON document by id from `boxes` or `sessions` (table names are ours, never input),
-    /// absent when it belongs to another tenant.
+    /// One JSON document by id from `boxes`, `sessions` or `triggers`, absent when it belongs
+    /// to another tenant.
     async fn get_doc<T: serde::de::DeserializeOwned>(
         &self,
         table: &str,
@@ -89,58 +63,43 @@ impl SqliteStore {
         id: &str,
     ) -> Result<Option<T>> {
         let _t = timer("get");
-        let sql = format!("SELECT doc FROM {table} WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)");
-        let row = sqlx::query(&sql)
+        sqlx::query(&sql::get_doc(table))
             .bind(id)
             .bind(tenant)
             .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
+            .await?
+            .map(|r| sql::doc(&r, "doc"))
             .transpose()
     }
 
-    /// Every document of `table` (ours, never input), a tenant's or all, oldest first.
+    /// Every document of `table`, a tenant's or all, oldest first.
     async fn list_docs<T: serde::de::DeserializeOwned>(
         &self,
         table: &str,
         tenant: Option<&str>,
     ) -> Result<Vec<T>> {
-        let sql = format!(
-            "SELECT doc FROM {table} WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id"
-        );
-        let rows = sqlx::query(&sql).bind(tenant).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .collect()
+        let rows = sqlx::query(&sql::list_docs(table))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| sql::doc(r, "doc")).collect()
     }
 
-    /// Append to an event log table (`events` or `box_events`; names are ours, never input).
-    async fn append_to(&self, table: &str, owner: &str, events: &[Event]) -> Result<()> {
+    /// Append to an event log table (`events` or `box_events`; names are ours, never input)
+    /// within the transaction `tx`.
+    async fn append_in(
+        tx: &mut SqliteConnection,
+        table: &str,
+        owner: &str,
+        events: &[Event],
+    ) -> Result<()> {
         let _t = timer("append_events");
-        let sql =
+        let firsts = sql::batch_firsts(events)?;
+        let insert =
             format!("INSERT INTO {table} ({owner}, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)");
-        // Gapless: within the batch each event follows the one before of its log; the first
-        // of each log follows a row already there (checked after the inserts, once the
-        // transaction holds the write lock, so no read-to-write upgrade can fail).
-        let mut next: std::collections::HashMap<&str, i64> = Default::default();
-        let mut firsts = Vec::new();
-        for e in events {
-            match next.get(e.session_id.as_str()) {
-                Some(n) if *n != e.seq => {
-                    return Err(StoreError::Conflict(format!(
-                        "event {} of {} does not continue its log (next is {n})",
-                        e.seq, e.session_id
-                    )))
-                }
-                Some(_) => {}
-                None => firsts.push((e.session_id.as_str(), e.seq)),
-            }
-            next.insert(&e.session_id, e.seq + 1);
-        }
-        let mut tx = self.pool.begin().await?;
         for e in events {
             let data = serde_json::to_string(&e.data).map_err(corrupt)?;
-            sqlx::query(&sql)
+            sqlx::query(&insert)
                 .bind(&e.session_id)
                 .bind(e.seq)
                 .bind(&e.ts)
@@ -150,10 +109,13 @@ impl SqliteStore {
                 .await
                 .map_err(map_unique)?;
         }
-        let prev_sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE {owner} = ? AND seq = ?");
+        // Gapless: the first of each log follows a row already there (checked after the
+        // inserts, once the transaction holds the write lock, so no read-to-write upgrade can
+        // fail).
+        let prev = format!("SELECT COUNT(*) AS n FROM {table} WHERE {owner} = ? AND seq = ?");
         for (id, first) in firsts {
             let before: i64 = if first > 1 {
-                sqlx::query(&prev_sql)
+                sqlx::query(&prev)
                     .bind(id)
                     .bind(first - 1)
                     .fetch_one(&mut *tx)
@@ -168,7 +130,28 @@ impl SqliteStore {
                 )));
             }
         }
+        Ok(())
+    }
+
+    async fn append_to(&self, table: &str, owner: &str, events: &[Event]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        Self::append_in(&mut tx, table, owner, events).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn put_session_in(tx: &mut SqliteConnection, s: &SessionObject) -> Result<()> {
+        let _t = timer("put_session");
+        let doc = serde_json::to_string(s).map_err(corrupt)?;
+        sqlx::query(sql::PUT_SESSION)
+            .bind(&s.id)
+            .bind(&s.tenant)
+            .bind(&s.box_id)
+            .bind(s.state.as_str())
+            .bind(doc)
+            .bind(&s.created_at)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 
@@ -181,24 +164,21 @@ impl SqliteStore {
         limit: i64,
     ) -> Result<Vec<Event>> {
         let _t = timer("read_events");
-        let sql = format!("SELECT seq, ts, kind, data FROM {table} WHERE {owner} = ? AND seq > ? ORDER BY seq LIMIT ?");
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&sql::read_events(table, owner))
             .bind(id)
             .bind(after)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Event {
-                    seq: r.get("seq"),
-                    session_id: id.to_string(),
-                    ts: r.get("ts"),
-                    kind: r.get::<String, _>("kind").into(),
-                    data: serde_json::from_str(r.get::<&str, _>("data")).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| sql::event(r, id)).collect()
+    }
+
+    async fn max_seq(&self, table: &str, owner: &str, id: &str) -> Result<i64> {
+        Ok(sqlx::query(&sql::last_seq(table, owner))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
     }
 
     /// The pool (for `store copy`).
@@ -235,52 +215,37 @@ impl Store for SqliteStore {
 
     async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()> {
         self.ensure_tenant(&key.tenant).await?;
-        sqlx::query(
-            "INSERT INTO api_keys (id, hash, tenant, admin, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&key.id)
-        .bind(hash)
-        .bind(&key.tenant)
-        .bind(key.admin)
-        .bind(&key.created_at)
-        .execute(&self.pool)
-        .await
-        .map_err(map_unique)?;
+        sqlx::query(sql::INSERT_KEY)
+            .bind(&key.id)
+            .bind(hash)
+            .bind(&key.tenant)
+            .bind(key.admin)
+            .bind(&key.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(map_unique)?;
         Ok(())
     }
 
     async fn find_key(&self, hash: &str) -> Result<Option<KeyRecord>> {
         let _t = timer("find_key");
-        let row = sqlx::query("SELECT id, tenant, admin FROM api_keys WHERE hash = ?")
+        let row = sqlx::query(sql::FIND_KEY)
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| KeyRecord {
-            id: r.get("id"),
-            tenant: r.get("tenant"),
-            admin: r.get("admin"),
-        }))
+        Ok(row.map(|r| sql::key_record(&r)))
     }
 
     async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyObject>> {
-        let rows = sqlx::query("SELECT id, tenant, admin, created_at FROM api_keys WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id")
+        let rows = sqlx::query(sql::LIST_KEYS)
             .bind(tenant)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| KeyObject {
-                id: r.get("id"),
-                key: None,
-                tenant: r.get("tenant"),
-                admin: r.get("admin"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        Ok(rows.iter().map(sql::key_object).collect())
     }
 
     async fn delete_key(&self, id: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM api_keys WHERE id = ?")
+        let r = sqlx::query(sql::DELETE_KEY)
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -288,7 +253,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_keys(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM api_keys")
+        Ok(sqlx::query(sql::COUNT_KEYS)
             .fetch_one(&self.pool)
             .await?
             .get("n"))
@@ -328,20 +293,15 @@ impl Store for SqliteStore {
     }
 
     async fn put_session(&self, s: &SessionObject) -> Result<()> {
-        let _t = timer("put_session");
-        let doc = serde_json::to_string(s).map_err(corrupt)?;
-        sqlx::query(
-            "INSERT INTO sessions (id, tenant, box_id, state, doc, created_at) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT(id) DO UPDATE SET state = excluded.state, doc = excluded.doc",
-        )
-        .bind(&s.id)
-        .bind(&s.tenant)
-        .bind(&s.box_id)
-        .bind(s.state.as_str())
-        .bind(doc)
-        .bind(&s.created_at)
-        .execute(&self.pool)
-        .await?;
+        let mut conn = self.pool.acquire().await?;
+        Self::put_session_in(&mut conn, s).await
+    }
+
+    async fn commit_session(&self, s: &SessionObject, events: &[Event]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        Self::append_in(&mut tx, "events", "session_id", events).await?;
+        Self::put_session_in(&mut tx, s).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -354,16 +314,12 @@ impl Store for SqliteStore {
         tenant: Option<&str>,
         box_id: Option<&str>,
     ) -> Result<Vec<SessionObject>> {
-        let rows = sqlx::query(
-            "SELECT doc FROM sessions WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR box_id = ?2) ORDER BY created_at, id",
-        )
-        .bind(tenant)
-        .bind(box_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt))
-            .collect()
+        let rows = sqlx::query(sql::LIST_SESSIONS)
+            .bind(tenant)
+            .bind(box_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| sql::doc(r, "doc")).collect()
     }
 
     async fn append_events(&self, events: &[Event]) -> Result<()> {
@@ -375,6 +331,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn last_seq(&self, session_id: &str) -> Result<i64> {
+        self.max_seq("events", "session_id", session_id).await
+    }
+
     async fn append_box_events(&self, events: &[Event]) -> Result<()> {
         self.append_to("box_events", "box_id", events).await
     }
@@ -384,11 +344,16 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn last_box_seq(&self, box_id: &str) -> Result<i64> {
+        self.max_seq("box_events", "box_id", box_id).await
+    }
+
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()> {
         let _t = timer("record_usage");
         let mut tx = self.pool.begin().await?;
         // Multi-row INSERTs (13 parameters a row, well under SQLite's limit per statement),
         // in chunks of 64, 16, 4 and 1 rows so that four prepared statements serve any batch.
+        // (The trigger of migration 0010 adds each row to `usage_hourly`.)
         let mut rest = rows;
         while !rest.is_empty() {
             let n = [64, 16, 4, 1]
@@ -424,68 +389,30 @@ impl Store for SqliteStore {
 
     async fn usage_sums(&self, key: UsageKey, f: &UsageFilter) -> Result<Vec<UsageSum>> {
         let _t = timer("usage_sums");
-        let col = match key {
-            UsageKey::Session => "session_id",
-            UsageKey::Box => "box_id",
-            UsageKey::Tenant => "tenant",
-            UsageKey::Model => "model",
-        };
-        let sql = format!(
-            "SELECT {col} AS k, model, COUNT(*) AS n, SUM(input_tokens) AS i, SUM(output_tokens) AS o,
-             SUM(cache_creation_5m_tokens) AS c5, SUM(cache_creation_1h_tokens) AS c1,
-             SUM(cache_read_tokens) AS cr, SUM(cost_usd) AS usd
-             FROM usage WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR session_id = ?2)
-             AND (?3 IS NULL OR ts_ms >= ?3) AND (?4 IS NULL OR ts_ms < ?4)
-             GROUP BY k, model ORDER BY k, model"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(&f.tenant)
-            .bind(&f.session_id)
-            .bind(f.from_ms)
-            .bind(f.to_ms)
+        let text = sql::usage_sums(key);
+        let rows = sql::bind_usage(sqlx::query(&text), f)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let n = |k: &str| r.get::<Option<i64>, _>(k).unwrap_or(0).max(0) as u64;
-                UsageSum {
-                    key: r.get("k"),
-                    model: r.get("model"),
-                    requests: n("n"),
-                    input_tokens: n("i"),
-                    output_tokens: n("o"),
-                    cache_creation_5m_tokens: n("c5"),
-                    cache_creation_1h_tokens: n("c1"),
-                    cache_read_tokens: n("cr"),
-                    cost_usd: r.get::<Option<f64>, _>("usd").unwrap_or(0.0),
-                }
-            })
-            .collect())
+        Ok(rows.iter().map(sql::usage_sum).collect())
     }
 
     async fn open_box_span(&self, span: &BoxSpan) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO box_time (box_id, tenant, start_ms, end_ms, seen_ms, cpus, memory_mib)
-             VALUES (?, ?, ?, NULL, ?, ?, ?)",
-        )
-        .bind(&span.box_id)
-        .bind(&span.tenant)
-        .bind(span.start_ms)
-        .bind(span.start_ms)
-        .bind(span.cpus)
-        .bind(span.memory_mib as i64)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(sql::OPEN_SPAN)
+            .bind(&span.box_id)
+            .bind(&span.tenant)
+            .bind(span.start_ms)
+            .bind(span.cpus)
+            .bind(span.memory_mib as i64)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn close_box_span(&self, box_id: &str, end_ms: i64) -> Result<()> {
         sqlx::query(
-            "UPDATE box_time SET end_ms = MAX(start_ms, ?), seen_ms = MAX(start_ms, ?)
-             WHERE box_id = ? AND end_ms IS NULL",
+            "UPDATE box_time SET end_ms = MAX(start_ms, ?1), seen_ms = MAX(start_ms, ?1)
+             WHERE box_id = ?2 AND end_ms IS NULL",
         )
-        .bind(end_ms)
         .bind(end_ms)
         .bind(box_id)
         .execute(&self.pool)
@@ -502,12 +429,10 @@ impl Store for SqliteStore {
     }
 
     async fn close_abandoned_box_spans(&self) -> Result<u64> {
-        Ok(
-            sqlx::query("UPDATE box_time SET end_ms = seen_ms WHERE end_ms IS NULL")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+        Ok(sqlx::query(sql::CLOSE_ABANDONED_SPANS)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn box_spans(
@@ -517,34 +442,19 @@ impl Store for SqliteStore {
         from_ms: Option<i64>,
         to_ms: Option<i64>,
     ) -> Result<Vec<BoxSpan>> {
-        let rows = sqlx::query(
-            "SELECT box_id, tenant, start_ms, end_ms, cpus, memory_mib FROM box_time
-             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR box_id = ?2)
-             AND (?3 IS NULL OR end_ms IS NULL OR end_ms > ?3) AND (?4 IS NULL OR start_ms < ?4)
-             ORDER BY box_id, start_ms",
-        )
-        .bind(tenant)
-        .bind(box_id)
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| BoxSpan {
-                box_id: r.get("box_id"),
-                tenant: r.get("tenant"),
-                start_ms: r.get("start_ms"),
-                end_ms: r.get("end_ms"),
-                cpus: r.get("cpus"),
-                memory_mib: r.get::<i64, _>("memory_mib").max(0) as u64,
-            })
-            .collect())
+        let rows = sqlx::query(sql::SPANS)
+            .bind(tenant)
+            .bind(box_id)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(sql::box_span).collect())
     }
 
     async fn set_tenant_budget(&self, tenant: &str, budget: Option<f64>) -> Result<()> {
         self.ensure_tenant(tenant).await?;
-        sqlx::query("UPDATE tenants SET budget_usd_month = ? WHERE name = ?")
+        sqlx::query(sql::SET_BUDGET)
             .bind(budget)
             .bind(tenant)
             .execute(&self.pool)
@@ -553,11 +463,7 @@ impl Store for SqliteStore {
     }
 
     async fn tenant_budgets(&self) -> Result<Vec<(String, f64)>> {
-        let rows = sqlx::query(
-            "SELECT name, budget_usd_month FROM tenants WHERE budget_usd_month IS NOT NULL",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sql::BUDGETS).fetch_all(&self.pool).await?;
         Ok(rows
             .iter()
             .map(|r| (r.get("name"), r.get("budget_usd_month")))
@@ -565,44 +471,29 @@ impl Store for SqliteStore {
     }
 
     async fn tenant_budget(&self, tenant: &str) -> Result<Option<f64>> {
-        Ok(
-            sqlx::query("SELECT budget_usd_month FROM tenants WHERE name = ?")
-                .bind(tenant)
-                .fetch_optional(&self.pool)
-                .await?
-                .and_then(|r| r.get::<Option<f64>, _>("budget_usd_month")),
-        )
-    }
-
-    async fn last_seq(&self, session_id: &str) -> Result<i64> {
-        Ok(
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE session_id = ?")
-                .bind(session_id)
-                .fetch_one(&self.pool)
-                .await?
-                .get("n"),
-        )
+        Ok(sqlx::query(sql::BUDGET)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?
+            .and_then(|r| r.get::<Option<f64>, _>("budget_usd_month")))
     }
 
     async fn put_trigger(&self, t: &TriggerObject, secret: &str) -> Result<()> {
         let doc = serde_json::to_string(t).map_err(corrupt)?;
-        sqlx::query(
-            "INSERT INTO triggers (id, tenant, doc, secret, created_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT(id) DO UPDATE SET doc = excluded.doc, secret = excluded.secret",
-        )
-        .bind(&t.id)
-        .bind(&t.tenant)
-        .bind(doc)
-        .bind(secret)
-        .bind(&t.created_at)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(sql::PUT_TRIGGER)
+            .bind(&t.id)
+            .bind(&t.tenant)
+            .bind(doc)
+            .bind(secret)
+            .bind(&t.created_at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn update_trigger(&self, t: &TriggerObject) -> Result<()> {
         let doc = serde_json::to_string(t).map_err(corrupt)?;
-        sqlx::query("UPDATE triggers SET doc = ? WHERE id = ?")
+        sqlx::query(sql::UPDATE_TRIGGER)
             .bind(doc)
             .bind(&t.id)
             .execute(&self.pool)
@@ -615,18 +506,13 @@ impl Store for SqliteStore {
         tenant: Option<&str>,
         id: &str,
     ) -> Result<Option<(TriggerObject, String)>> {
-        let row = sqlx::query(
-            "SELECT doc, secret FROM triggers WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)",
-        )
-        .bind(id)
-        .bind(tenant)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            let t = serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt)?;
-            Ok((t, r.get::<String, _>("secret")))
-        })
-        .transpose()
+        let row = sqlx::query(sql::GET_TRIGGER)
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((sql::doc(&r, "doc")?, r.get::<String, _>("secret"))))
+            .transpose()
     }
 
     async fn list_triggers(&self, tenant: Option<&str>) -> Result<Vec<TriggerObject>> {
@@ -634,7 +520,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_trigger(&self, tenant: Option<&str>, id: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM triggers WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)")
+        let r = sqlx::query(sql::DELETE_TRIGGER)
             .bind(id)
             .bind(tenant)
             .execute(&self.pool)
@@ -711,16 +597,6 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
-    }
-
-    async fn last_box_seq(&self, box_id: &str) -> Result<i64> {
-        Ok(
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM box_events WHERE box_id = ?")
-                .bind(box_id)
-                .fetch_one(&self.pool)
-                .await?
-                .get("n"),
-        )
     }
 
     async fn join_node(&self, node: &NodeObject, lease_ms: i64) -> Result<i64> {
@@ -841,6 +717,7 @@ impl Store for SqliteStore {
     }
 }
 
+// (The `Store` contract itself is asserted on both stores by `tests/conformance.rs`.)
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,158 +755,5 @@ mod tests {
         assert_eq!(st.events_after("s1", 1, 100).await.expect("read").len(), 1);
         assert_eq!(st.last_seq("s1").await.expect("seq"), 2);
         assert_eq!(st.last_seq("nope").await.expect("seq"), 0);
-    }
-
-    #[tokio::test]
-    async fn tenancy_filters_lookups() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let st = SqliteStore::open(&dir.path().join("b.db"))
-            .await
-            .expect("open");
-        let b = BoxObject {
-            id: "b1".into(),
-            tenant: "acme".into(),
-            state: BoxState::Running,
-            state_reason: None,
-            backend: "native".into(),
-            lifecycle: Lifecycle::Persistent,
-            image: "host".into(),
-            resources: Resources::default(),
-            network: NetworkSpec::default(),
-            env: Default::default(),
-            idle_timeout_s: None,
-            max_lifetime_s: None,
-            labels: Default::default(),
-            secrets: vec![],
-            shared: false,
-            keep_workspace: false,
-            artifact: None,
-            snapshot: None,
-            node: None,
-            created_at: "2026-01-01T00:00:00Z".into(),
-            updated_at: "2026-01-01T00:00:00Z".into(),
-        };
-        st.put_box(&b).await.expect("put");
-        assert!(st.get_box(Some("acme"), "b1").await.expect("get").is_some());
-        assert!(st
-            .get_box(Some("other"), "b1")
-            .await
-            .expect("get")
-            .is_none());
-        assert!(st.get_box(None, "b1").await.expect("get").is_some());
-        assert_eq!(st.list_boxes(Some("other")).await.expect("list").len(), 0);
-        let k = KeyObject {
-            id: "k1".into(),
-            key: None,
-            tenant: "acme".into(),
-            admin: false,
-            created_at: "t".into(),
-        };
-        st.insert_key(&k, "h1").await.expect("key");
-        assert_eq!(
-            st.find_key("h1").await.expect("find").map(|k| k.tenant),
-            Some("acme".into())
-        );
-        assert!(st.find_key("h2").await.expect("find").is_none());
-    }
-
-    #[tokio::test]
-    async fn usage_sums_filter_by_tenant_time_and_group() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let st = SqliteStore::open(&dir.path().join("b.db"))
-            .await
-            .expect("open");
-        let row = |tenant: &str, session: &str, model: &str, ts_ms: i64, tokens: u64| UsageRow {
-            ts: "t".into(),
-            ts_ms,
-            tenant: tenant.into(),
-            box_id: format!("box-{session}"),
-            session_id: session.into(),
-            model: model.into(),
-            status: 200,
-            input_tokens: tokens,
-            output_tokens: 2 * tokens,
-            cost_usd: tokens as f64 / 1000.0,
-            ..Default::default()
-        };
-        st.record_usage(&[
-            row("a", "s1", "m1", 1_000, 10),
-            row("a", "s1", "m2", 2_000, 20),
-            row("a", "s2", "m1", 3_000, 30),
-        ])
-        .await
-        .expect("record");
-        st.record_usage(&[row("b", "s3", "m1", 4_000, 40)])
-            .await
-            .expect("record");
-        let all = UsageFilter::default();
-        let by_model = st.usage_sums(UsageKey::Model, &all).await.expect("sums");
-        assert_eq!(by_model.len(), 2);
-        assert_eq!(
-            (
-                by_model[0].key.as_str(),
-                by_model[0].requests,
-                by_model[0].input_tokens
-            ),
-            ("m1", 3, 80)
-        );
-        assert_eq!(by_model[1].output_tokens, 40);
-        let f = UsageFilter {
-            tenant: Some("a".into()),
-            from_ms: Some(2_000),
-            to_ms: Some(3_000),
-            ..Default::default()
-        };
-        let s = st.usage_sums(UsageKey::Session, &f).await.expect("sums");
-        assert_eq!(s.len(), 1);
-        assert_eq!(
-            (s[0].key.as_str(), s[0].model.as_str(), s[0].input_tokens),
-            ("s1", "m2", 20)
-        );
-        assert!((s[0].cost_usd - 0.02).abs() < 1e-12);
-        let t = st.usage_sums(UsageKey::Tenant, &all).await.expect("sums");
-        assert_eq!(
-            t.iter()
-                .filter(|x| x.key == "a")
-                .map(|x| x.input_tokens)
-                .sum::<u64>(),
-            60
-        );
-    }
-
-    #[tokio::test]
-    async fn box_spans_open_close_and_recover_after_a_crash() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let st = SqliteStore::open(&dir.path().join("b.db"))
-            .await
-            .expect("open");
-        let span = |id: &str, start_ms: i64| BoxSpan {
-            box_id: id.into(),
-            tenant: "a".into(),
-            start_ms,
-            end_ms: None,
-            cpus: 1.0,
-            memory_mib: 1024,
-        };
-        st.open_box_span(&span("b1", 1_000)).await.expect("open");
-        st.open_box_span(&span("b2", 2_000)).await.expect("open");
-        st.close_box_span("b1", 5_000).await.expect("close");
-        st.close_box_span("b1", 9_000).await.expect("close twice");
-        st.mark_box_spans_seen(7_000).await.expect("seen");
-        let spans = st.box_spans(None, None, None, None).await.expect("spans");
-        assert_eq!(spans[0].end_ms, Some(5_000));
-        assert_eq!(spans[1].end_ms, None);
-        // Overlap filtering: b1 ran [1000, 5000), so a window from 5000 excludes it.
-        let later = st
-            .box_spans(None, None, Some(5_000), None)
-            .await
-            .expect("spans");
-        assert_eq!(later.len(), 1);
-        assert_eq!(st.close_abandoned_box_spans().await.expect("abandoned"), 1);
-        let spans = st
-            .box_spans(Some("a"), Some("b2"), None, None)
-            .await
-            .expect("spans");
-        assert_eq!(spans[0].end_ms, Some(7_000));
     }
 }

@@ -273,6 +273,43 @@ async fn conformance(st: &dyn Store) {
     );
     assert_eq!(st.list_sessions(None, None).await.expect("list").len(), 2);
 
+    // A session's events and its record: one transaction.
+    let mut c = a_session("s9", "acme", "b1", "2026-01-01T00:00:09Z");
+    c.last_seq = 2;
+    st.commit_session(&c, &[event("s9", 1), event("s9", 2)])
+        .await
+        .expect("commit");
+    assert_eq!(
+        st.get_session(None, "s9").await.expect("get"),
+        Some(c.clone())
+    );
+    assert_eq!(st.last_seq("s9").await.expect("seq"), 2);
+    // A refused batch (a hole) writes neither the events nor the record.
+    let mut ahead = c.clone();
+    ahead.last_seq = 4;
+    ahead.state = SessionState::Stopped;
+    assert!(matches!(
+        st.commit_session(&ahead, &[event("s9", 4)]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        st.get_session(None, "s9").await.expect("get"),
+        Some(c.clone()),
+        "the record as it was"
+    );
+    assert_eq!(st.last_seq("s9").await.expect("seq"), 2);
+    // The record alone.
+    c.state = SessionState::Idle;
+    st.commit_session(&c, &[]).await.expect("record only");
+    assert_eq!(
+        st.get_session(Some("acme"), "s9")
+            .await
+            .expect("get")
+            .map(|s| s.state),
+        Some(SessionState::Idle)
+    );
+    assert_eq!(st.last_seq("s9").await.expect("seq"), 2);
+
     // Budgets.
     assert_eq!(st.tenant_budget("acme").await.expect("budget"), None);
     st.set_tenant_budget("acme", Some(12.5)).await.expect("set");
@@ -375,6 +412,8 @@ async fn conformance(st: &dyn Store) {
         t.iter().map(|x| x.key.as_str()).collect::<Vec<_>>(),
         ["a", "a", "b"]
     );
+
+    usage_over_hours(st).await;
 
     // Container time spans.
     let span = |id: &str, start_ms: i64| BoxSpan {
@@ -556,6 +595,65 @@ async fn postgres_conforms() {
         .expect("open postgres");
     conformance(&st).await;
     nodes(&st).await;
+}
+
+/// A reader that sees a session's event sees the record as of that event or later: one
+/// writer commits 300 batches (`commit_session`) while a reader on other connections (another
+/// process's store, for PostgreSQL) reads where the log ends, then the record.
+async fn readers_see_the_record_with_its_events(w: Arc<dyn Store>, r: Arc<dyn Store>) {
+    let mut s = a_session("atomic", "acme", "b1", "2026-01-01T00:00:00Z");
+    w.commit_session(&s, &[]).await.expect("record");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut checks = 0u32;
+            while !done.load(Ordering::Relaxed) {
+                let seen = r.last_seq("atomic").await.expect("seq");
+                let record = r
+                    .get_session(None, "atomic")
+                    .await
+                    .expect("get")
+                    .expect("there")
+                    .last_seq;
+                assert!(
+                    record >= seen,
+                    "event {seen} visible before the record reflects it ({record})"
+                );
+                checks += 1;
+            }
+            checks
+        }
+    });
+    for seq in 1..=300 {
+        s.last_seq = seq;
+        w.commit_session(&s, &[event("atomic", seq)])
+            .await
+            .expect("commit");
+    }
+    done.store(true, Ordering::Relaxed);
+    let checks = reader.await.expect("reader");
+    assert!(checks > 10, "the reader ran alongside ({checks} reads)");
+}
+
+#[tokio::test]
+async fn sqlite_readers_see_the_record_with_its_events() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let st: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("berth.db"))
+            .await
+            .expect("open"),
+    );
+    readers_see_the_record_with_its_events(st.clone(), st).await;
+}
+
+#[tokio::test]
+async fn postgres_readers_see_the_record_with_its_events() {
+    let (admin, _cluster) = server();
+    let url = fresh_db(&admin).await;
+    let w: Arc<dyn Store> = Arc::new(PostgresStore::open(&url).await.expect("writer"));
+    let r: Arc<dyn Store> = Arc::new(PostgresStore::open(&url).await.expect("reader"));
+    readers_see_the_record_with_its_events(w, r).await;
 }
 
 #[tokio::test]
@@ -765,4 +863,129 @@ async fn documents(s: &dyn Store) {
     let left = s.documents("agent", "a", None).await.expect("left");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, "y");
+}
+
+/// Sums over windows that cut hours anywhere (whole hours come from the hourly rollup, the
+/// edges from the rows) equal sums of the rows themselves, for every key and filter.
+async fn usage_over_hours(st: &dyn Store) {
+    const H: i64 = 3_600_000;
+    // Far from the rows above (they are in the first hour of 1970).
+    let base = 1_800_000_000_000 - 1_800_000_000_000 % H;
+    // A deterministic spread: 3 tenants, 6 sessions, 2 models over 10 hours, some rows on the
+    // hour exactly; recorded in batches of varying size.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut rows = Vec::new();
+    for i in 0..600 {
+        let s = rnd(6);
+        let ts_ms = if i % 50 == 0 {
+            base + rnd(10) as i64 * H
+        } else {
+            base + rnd(10 * H as u64) as i64
+        };
+        let mut r = usage(
+            &format!("h{}", s % 3),
+            &format!("hs{s}"),
+            ["hm1", "hm2"][rnd(2) as usize],
+            ts_ms,
+            1 + rnd(100),
+        );
+        r.cache_read_tokens = rnd(7);
+        rows.push(r);
+    }
+    let mut at = 0;
+    for n in [1, 7, 64, 128, 400] {
+        st.record_usage(&rows[at..at + n]).await.expect("record");
+        at += n;
+    }
+    assert_eq!(at, rows.len());
+    let windows = [
+        (None, None),
+        (Some(base), None),
+        (Some(base + 1), Some(base + 10 * H)),
+        (Some(base + 90 * 60_000), Some(base + 7 * H + 1)),
+        (Some(base + 2 * H), Some(base + 5 * H)),
+        (Some(base + 3 * H + 10), Some(base + 3 * H + 20 * 60_000)),
+        (Some(base + 3 * H + 10), Some(base + 4 * H + 10)),
+        (None, Some(base + 4 * H + 5)),
+    ];
+    for (from_ms, to_ms) in windows {
+        for tenant in [None, Some("h1")] {
+            // All tenants: only from `base` on (the rows recorded before are in 1970).
+            let from_ms = match tenant {
+                None => Some(from_ms.unwrap_or(base).max(base)),
+                Some(_) => from_ms,
+            };
+            for session in [None, Some("hs4")] {
+                let f = UsageFilter {
+                    tenant: tenant.map(str::to_string),
+                    session_id: session.map(str::to_string),
+                    from_ms,
+                    to_ms,
+                };
+                for key in [
+                    UsageKey::Session,
+                    UsageKey::Box,
+                    UsageKey::Tenant,
+                    UsageKey::Model,
+                ] {
+                    let got = st.usage_sums(key, &f).await.expect("sums");
+                    let want = reference_sums(&rows, key, &f);
+                    // Costs are float sums in another order: compared apart, within 1e-9.
+                    let costless = |v: &[UsageSum]| {
+                        v.iter()
+                            .map(|s| UsageSum {
+                                cost_usd: 0.0,
+                                ..s.clone()
+                            })
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(costless(&got), costless(&want), "{key:?} {f:?}");
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g.cost_usd - w.cost_usd).abs() < 1e-9, "{key:?} {f:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What `usage_sums` must answer, summed here from the rows (only the rows of tenants `h*`).
+fn reference_sums(rows: &[UsageRow], key: UsageKey, f: &UsageFilter) -> Vec<UsageSum> {
+    let mut m: std::collections::BTreeMap<(String, String), UsageSum> = Default::default();
+    for r in rows {
+        if f.tenant.as_ref().is_some_and(|t| *t != r.tenant)
+            || f.session_id.as_ref().is_some_and(|s| *s != r.session_id)
+            || f.from_ms.is_some_and(|t| r.ts_ms < t)
+            || f.to_ms.is_some_and(|t| r.ts_ms >= t)
+        {
+            continue;
+        }
+        let k = match key {
+            UsageKey::Session => &r.session_id,
+            UsageKey::Box => &r.box_id,
+            UsageKey::Tenant => &r.tenant,
+            UsageKey::Model => &r.model,
+        };
+        let s = m
+            .entry((k.clone(), r.model.clone()))
+            .or_insert_with(|| UsageSum {
+                key: k.clone(),
+                model: r.model.clone(),
+                ..Default::default()
+            });
+        s.requests += 1;
+        s.input_tokens += r.input_tokens;
+        s.output_tokens += r.output_tokens;
+        s.cache_creation_5m_tokens += r.cache_creation_5m_tokens;
+        s.cache_creation_1h_tokens += r.cache_creation_1h_tokens;
+        s.cache_read_tokens += r.cache_read_tokens;
+        s.cost_usd += r.cost_usd;
+    }
+    m.into_values().collect()
 }

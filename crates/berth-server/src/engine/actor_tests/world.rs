@@ -181,6 +181,7 @@ forward_store! {
     get_box(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<BoxObject>;
     list_boxes(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<BoxObject>;
     put_session(s: &SessionObject = s.clone() => &s) -> ();
+    commit_session(s: &SessionObject = s.clone() => &s, e: &[Event] = e.to_vec() => &e) -> ();
     get_session(t: Option<&str> = t.map(str::to_string) => t.as_deref(), id: &str = id.to_string() => &id) -> Option<SessionObject>;
     list_sessions(t: Option<&str> = t.map(str::to_string) => t.as_deref(), b: Option<&str> = b.map(str::to_string) => b.as_deref()) -> Vec<SessionObject>;
     append_events(e: &[Event] = e.to_vec() => &e) -> ();

@@ -293,19 +293,18 @@ impl SessionActor {
                 data: e.data,
             })
             .collect();
-        if !batch.is_empty() {
-            if let Err(e) = self.deps.store.append_events(&batch).await {
-                // Without the store the log would have a hole: drop the batch, say so.
-                tracing::error!(session_id = %self.obj.id, error = %e, "appending events");
-                return;
-            }
-            self.obj.last_seq = first + batch.len() as i64;
-            metrics::counter!("berth_events_total").increment(batch.len() as u64);
+        let updated_at = std::mem::replace(&mut self.obj.updated_at, ts);
+        self.obj.last_seq = first + batch.len() as i64;
+        // The events and the record in one transaction: a reader of the store (another
+        // server's relay, a replay) never sees an event before the record reflects it.
+        if let Err(e) = self.deps.store.commit_session(&self.obj, &batch).await {
+            // Without the store the log would have a hole: drop the batch, say so.
+            tracing::error!(session_id = %self.obj.id, error = %e, "committing events");
+            self.obj.last_seq = first;
+            self.obj.updated_at = updated_at;
+            return;
         }
-        self.obj.updated_at = ts;
-        if let Err(e) = self.deps.store.put_session(&self.obj).await {
-            tracing::error!(session_id = %self.obj.id, error = %e, "persisting session");
-        }
+        metrics::counter!("berth_events_total").increment(batch.len() as u64);
         self.state.send_replace(self.obj.clone());
         if self.events.receiver_count() > 0 {
             for e in batch {
