@@ -190,6 +190,9 @@ pub async fn run(subscribers: usize, durability: String) -> anyhow::Result<()> {
         durability: durability.parse().map_err(anyhow::Error::msg)?,
         ..Default::default()
     };
+    // Every subscriber comes from this one loopback peer: above the default per-peer cap (256).
+    let mut cfg = cfg;
+    cfg.listener.max_connections_per_peer = subscribers + 64;
     let (url, token, stop_tx, server) = crate::start_server(cfg).await?;
     let api = Arc::new(Api::new(&url, &token));
 
@@ -288,9 +291,15 @@ pub async fn sse_clients(
         });
     }
     drop(lat_tx);
+    let mut connected = 0;
     for r in ready {
-        let _ = r.await;
+        connected += usize::from(r.await.is_ok());
     }
+    // A subscriber that could not connect would silently shrink the figure's population.
+    anyhow::ensure!(
+        connected == subscribers,
+        "only {connected} of {subscribers} subscribers connected"
+    );
     println!("ready");
     let mut out = String::new();
     while let Some(d) = lat_rx.recv().await {
