@@ -399,11 +399,16 @@ pub struct SchedulerDeps {
     pub engine: std::sync::Weak<Engine>,
 }
 
+/// How far back the cron scheduler still fires an instant it has not fired (see the loop).
+const CATCH_UP: chrono::Duration = chrono::Duration::seconds(1);
+
 async fn run_scheduler(deps: SchedulerDeps) {
     use chrono::Utc;
     let clock = deps.clock.clone();
     let wall =
         move || chrono::DateTime::<Utc>::from_timestamp_millis(clock.now_ms()).unwrap_or_default();
+    // The instant fired last: the search for the next ones starts after it.
+    let mut last_fired: Option<chrono::DateTime<Utc>> = None;
     loop {
         let triggers = match deps.store.list_triggers(None).await {
             Ok(t) => t,
@@ -413,11 +418,18 @@ async fn run_scheduler(deps: SchedulerDeps) {
             }
         };
         let start = wall();
+        // Instants up to `CATCH_UP` old still count: a rescan (or a change) that wakes at or
+        // just after a due instant, before this loop fired it, must not skip it. Never one
+        // fired already (`last_fired`); across nodes the store's claim keeps it once.
+        let mut from = start - CATCH_UP;
+        if let Some(f) = last_fired {
+            from = from.max(f + chrono::Duration::milliseconds(1));
+        }
         let mut due: Vec<(chrono::DateTime<Utc>, TriggerObject)> = triggers
             .into_iter()
             .filter_map(|t| {
                 let cron = parse_schedule(t.schedule.as_deref()?).ok()?;
-                let next = cron.find_next_occurrence(&start, false).ok()?;
+                let next = cron.find_next_occurrence(&from, true).ok()?;
                 Some((next, t))
             })
             .collect();
@@ -426,10 +438,12 @@ async fn run_scheduler(deps: SchedulerDeps) {
             .first()
             .map(|(at, _)| (*at - start).to_std().unwrap_or(std::time::Duration::ZERO));
         tokio::select! {
+            // A due instant wins over a rescan that is ready at the same time.
+            biased;
+            _ = super::sleep_until_opt(wait.map(|w| tokio::time::Instant::now() + w)) => {}
             _ = deps.changed.notified() => continue,
             // Triggers made through another node (a shared store) are seen at the next rescan.
             _ = tokio::time::sleep(super::nodes::TRIGGER_RESCAN) => continue,
-            _ = super::sleep_until_opt(wait.map(|w| tokio::time::Instant::now() + w)) => {}
         }
         let Some(first) = due.first().map(|(at, _)| *at) else {
             continue;
@@ -452,6 +466,7 @@ async fn run_scheduler(deps: SchedulerDeps) {
             });
         }
         drop(engine);
+        last_fired = Some(first);
         // Past the fired instant before computing the next ones.
         let wake = (first - wall()).to_std().unwrap_or_default();
         tokio::time::sleep(wake + std::time::Duration::from_millis(1)).await;
