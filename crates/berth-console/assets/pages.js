@@ -46,7 +46,7 @@ async function boxes(el, _id, ctx) {
   const all = h('input', { type: 'checkbox', id: 'show-all' });
   el.append(h('h1', {}, 'Boxes'), form,
     h('label', { class: 'row' }, h('span', {}, all, ' Show ended boxes')),
-    h('table', { id: 'boxes' }, h('thead', {}, h('tr', {}, ['Box', 'State', 'Backend', 'Lifecycle', 'CPU s', 'Memory', 'Pids', 'Disk', ''].map((t) => h('th', {}, t)))), tbody));
+    h('table', { id: 'boxes' }, h('thead', {}, h('tr', {}, ['Box', 'State', 'Node', 'Backend', 'Lifecycle', 'CPU s', 'Memory', 'Pids', 'Disk', ''].map((t) => h('th', {}, t)))), tbody));
   const bs = await attempt(() => get('/v1/backends'));
   for (const b of (bs && bs.items) || []) backend.append(h('option', { value: b.name }, b.name));
   all.addEventListener('change', () => refresh());
@@ -60,12 +60,12 @@ async function boxes(el, _id, ctx) {
       const actions = h('td', {});
       if (b.lifecycle === 'hybrid' && b.state === 'running') actions.append(h('button', { type: 'button', onclick: async () => { await attempt(() => post(`/v1/boxes/${enc(b.id)}/park`)); refresh(); } }, 'Park'));
       if (!['destroyed'].includes(b.state)) actions.append(' ', h('button', { type: 'button', class: 'danger', 'aria-label': `Destroy ${b.id}`, onclick: async () => { if (confirm(`Destroy ${b.id}?`)) { await attempt(() => del(`/v1/boxes/${enc(b.id)}`)); refresh(); } } }, 'Destroy'));
-      return h('tr', { 'data-box': b.id }, h('td', {}, h('a', { href: `#/box/${enc(b.id)}` }, b.id)), stateCell(b.state), h('td', {}, b.backend), h('td', {}, b.lifecycle),
+      return h('tr', { 'data-box': b.id }, h('td', {}, h('a', { href: `#/box/${enc(b.id)}` }, b.id)), stateCell(b.state), h('td', { class: 'node' }, b.node || '-'), h('td', {}, b.backend), h('td', {}, b.lifecycle),
         h('td', { class: 'num' }, s ? (s.cpu_usage_ns / 1e9).toFixed(1) : '-'), h('td', { class: 'num' }, s ? `${fmtBytes(s.memory_bytes)} / ${fmtBytes(s.memory_limit_bytes)}` : '-'),
         h('td', { class: 'num' }, s ? `${s.pids}/${s.pids_limit}` : '-'), h('td', { class: 'num' }, s ? `${fmtBytes(s.disk_used_bytes)} / ${fmtBytes(s.disk_limit_bytes)}` : '-'), actions);
     }));
     tbody.replaceChildren(...rows);
-    if (!rows.length) tbody.append(h('tr', {}, h('td', { colspan: 9, class: 'muted' }, 'No boxes.')));
+    if (!rows.length) tbody.append(h('tr', {}, h('td', { colspan: 10, class: 'muted' }, 'No boxes.')));
   }
   await refresh();
   every(3000, refresh, ctx);

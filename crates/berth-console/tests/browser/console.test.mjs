@@ -150,6 +150,9 @@ try {
   assert.equal(made.idle_timeout_s, 600);
   assert.deepEqual(made.labels, { team: 'web', env: 'test' });
   await page.waitForSelector(`tr[data-box="${boxId}"] td.num:has-text("MiB")`);
+  // The node that holds it (a single server is a one-node cluster).
+  assert.ok(made.node, `a box names its node: ${JSON.stringify(made)}`);
+  assert.equal(await page.locator(`tr[data-box="${boxId}"] td.node`).innerText(), made.node);
   await shot('boxes');
 
   step('a tenant cannot see another tenant\'s box');
