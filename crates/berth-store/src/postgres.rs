@@ -736,57 +736,34 @@ impl Store for PostgresStore {
     async fn join_node(&self, node: &NodeObject, lease_ms: i64) -> Result<i64> {
         let _t = timer("join_node");
         let doc = serde_json::to_string(node).map_err(corrupt)?;
-        let row = sqlx::query(
-            "INSERT INTO nodes (name, state, incarnation, lease_ms, reason, doc) VALUES ($1, 'active', 1, $2, NULL, $3)
-             ON CONFLICT (name) DO UPDATE SET incarnation = nodes.incarnation + 1,
-               state = CASE WHEN nodes.state = 'draining' THEN 'draining' ELSE 'active' END,
-               lease_ms = excluded.lease_ms, reason = NULL, doc = excluded.doc
-             RETURNING incarnation",
-        )
-        .bind(&node.name)
-        .bind(lease_ms)
-        .bind(doc)
-        .fetch_one(&self.pool)
-        .await?;
+        let row = sqlx::query(pg!(sql::JOIN_NODE))
+            .bind(&node.name)
+            .bind(lease_ms)
+            .bind(doc)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.get::<i64, _>("incarnation"))
     }
 
     async fn renew_node(&self, node: &NodeObject, incarnation: i64, lease_ms: i64) -> Result<bool> {
         let _t = timer("renew_node");
         let doc = serde_json::to_string(node).map_err(corrupt)?;
-        let r = sqlx::query(
-            "UPDATE nodes SET lease_ms = $1, doc = $2
-             WHERE name = $3 AND incarnation = $4 AND state <> 'lost'",
-        )
-        .bind(lease_ms)
-        .bind(doc)
-        .bind(&node.name)
-        .bind(incarnation)
-        .execute(&self.pool)
-        .await?;
+        let r = sqlx::query(pg!(sql::RENEW_NODE))
+            .bind(lease_ms)
+            .bind(doc)
+            .bind(&node.name)
+            .bind(incarnation)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() == 1)
     }
 
     async fn list_nodes(&self) -> Result<Vec<NodeRow>> {
         let _t = timer("list_nodes");
-        let rows = sqlx::query(
-            "SELECT name, state, incarnation, lease_ms, reason, doc FROM nodes ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let mut node: NodeObject =
-                    serde_json::from_str(r.get::<&str, _>("doc")).map_err(corrupt)?;
-                let state: &str = r.get("state");
-                node.state = berth_api::NodeState::parse(state)
-                    .ok_or_else(|| StoreError::Corrupt(format!("node state {state:?}")))?;
-                node.incarnation = r.get("incarnation");
-                node.state_reason = r.get::<Option<String>, _>("reason");
-                let lease_ms: i64 = r.get("lease_ms");
-                Ok(NodeRow { node, lease_ms })
-            })
-            .collect()
+        let rows = sqlx::query(pg!(sql::LIST_NODES))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(sql::node_row).collect()
     }
 
     async fn claim_lost_node(
@@ -797,27 +774,22 @@ impl Store for PostgresStore {
         reason: &str,
     ) -> Result<bool> {
         let _t = timer("claim_lost_node");
-        let r = sqlx::query(
-            "UPDATE nodes SET state = 'lost', reason = $1
-             WHERE name = $2 AND incarnation = $3 AND state <> 'lost' AND lease_ms < $4",
-        )
-        .bind(reason)
-        .bind(name)
-        .bind(incarnation)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        let r = sqlx::query(pg!(sql::CLAIM_LOST_NODE))
+            .bind(reason)
+            .bind(name)
+            .bind(incarnation)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() == 1)
     }
 
     async fn set_node_state(&self, name: &str, state: berth_api::NodeState) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE nodes SET state = $1, reason = NULL WHERE name = $2 AND state <> 'lost'",
-        )
-        .bind(state.as_str())
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
+        let r = sqlx::query(pg!(sql::SET_NODE_STATE))
+            .bind(state.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -839,14 +811,11 @@ impl Store for PostgresStore {
     }
 
     async fn claim_cron_fire(&self, id: &str, due_ms: i64) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE triggers SET cron_fired_ms = $1
-             WHERE id = $2 AND (cron_fired_ms IS NULL OR cron_fired_ms < $1)",
-        )
-        .bind(due_ms)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        let r = sqlx::query(pg!(sql::CLAIM_CRON_FIRE))
+            .bind(due_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() == 1)
     }
 }

@@ -69,6 +69,7 @@ pub(crate) trait StoreRow {
     fn text(&self, c: &str) -> String;
     fn int(&self, c: &str) -> i64;
     fn opt_int(&self, c: &str) -> Option<i64>;
+    fn opt_text(&self, c: &str) -> Option<String>;
     fn real(&self, c: &str) -> f64;
     fn opt_real(&self, c: &str) -> Option<f64>;
     fn flag(&self, c: &str) -> bool;
@@ -84,6 +85,9 @@ macro_rules! store_row {
                 self.get(c)
             }
             fn opt_int(&self, c: &str) -> Option<i64> {
+                self.get(c)
+            }
+            fn opt_text(&self, c: &str) -> Option<String> {
                 self.get(c)
             }
             fn real(&self, c: &str) -> f64 {
@@ -341,6 +345,40 @@ pub(crate) fn usage_sum(r: &impl StoreRow) -> UsageSum {
         cache_read_tokens: n("cr"),
         cost_usd: r.opt_real("usd").unwrap_or(0.0),
     }
+}
+
+// Nodes (the cluster): a lease or a claim is one conditional UPDATE, so exactly one caller wins.
+
+/// A node (re)joins: a new incarnation; a draining node stays draining.
+pub(crate) const JOIN_NODE: &str =
+    "INSERT INTO nodes (name, state, incarnation, lease_ms, reason, doc) VALUES (?1, 'active', 1, ?2, NULL, ?3)
+     ON CONFLICT (name) DO UPDATE SET incarnation = nodes.incarnation + 1,
+       state = CASE WHEN nodes.state = 'draining' THEN 'draining' ELSE 'active' END,
+       lease_ms = excluded.lease_ms, reason = NULL, doc = excluded.doc
+     RETURNING incarnation";
+pub(crate) const RENEW_NODE: &str = "UPDATE nodes SET lease_ms = ?1, doc = ?2
+     WHERE name = ?3 AND incarnation = ?4 AND state <> 'lost'";
+pub(crate) const LIST_NODES: &str =
+    "SELECT name, state, incarnation, lease_ms, reason, doc FROM nodes ORDER BY name";
+pub(crate) const CLAIM_LOST_NODE: &str = "UPDATE nodes SET state = 'lost', reason = ?1
+     WHERE name = ?2 AND incarnation = ?3 AND state <> 'lost' AND lease_ms < ?4";
+pub(crate) const SET_NODE_STATE: &str =
+    "UPDATE nodes SET state = ?1, reason = NULL WHERE name = ?2 AND state <> 'lost'";
+pub(crate) const CLAIM_CRON_FIRE: &str = "UPDATE triggers SET cron_fired_ms = ?1
+     WHERE id = ?2 AND (cron_fired_ms IS NULL OR cron_fired_ms < ?1)";
+
+/// A row of [`LIST_NODES`]: the document, with the columns the store owns laid over it.
+pub(crate) fn node_row(r: &impl StoreRow) -> crate::Result<crate::NodeRow> {
+    let mut node: berth_api::NodeObject = doc(r, "doc")?;
+    let state = r.text("state");
+    node.state = berth_api::NodeState::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt(format!("node state {state:?}")))?;
+    node.incarnation = r.int("incarnation");
+    node.state_reason = r.opt_text("reason");
+    Ok(crate::NodeRow {
+        node,
+        lease_ms: r.int("lease_ms"),
+    })
 }
 
 #[cfg(test)]
