@@ -4,7 +4,7 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{claude_bin, tenant_key, Api, Server};
+use common::{claude_bin, run_sdk_script, tenant_key, venv_python, Api, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -48,38 +48,15 @@ async fn setup_with(scenario: Scenario) -> (tempfile::TempDir, Server, Mock) {
     (dir, srv, mock)
 }
 
-/// The Python with the pinned `anthropic` SDK (`scripts/test` installs it into its venv).
-fn python() -> String {
-    let venv = std::env::var("BERTH_TEST_VENV").unwrap_or_else(|_| "/opt/berth/test-venv".into());
-    format!("{venv}/bin/python")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_sdk_drives_agents_environments_and_sessions() {
     let (_d, srv, mock) = setup().await;
     let (_, a) = tenant_key(&srv.client(), "team-a").await;
     let (_, b) = tenant_key(&srv.client(), "team-b").await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/managed_agents.py");
-    let run = tokio::process::Command::new(python())
-        .arg(script)
-        .env("BERTH_ANTHROPIC_URL", format!("{}/anthropic", srv.url))
-        .env("BERTH_KEY", &a.token)
-        .env("BERTH_OTHER_KEY", &b.token)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .expect("the SDK script finished in time")
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let res: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line");
+    let mut cmd = tokio::process::Command::new(venv_python());
+    cmd.arg(script).env("BERTH_OTHER_KEY", &b.token);
+    let res = run_sdk_script(cmd, &srv, &a.token).await;
     assert_eq!(res["sdk"], "2.10.0", "the pinned SDK ran");
     // The session's usage is what the gateway metered: the mock's own figures, exactly.
     let seen = mock.recorded();
@@ -103,26 +80,10 @@ async fn the_official_typescript_sdk_streams_a_turn_and_pages() {
     // Where `scripts/test` installs the pinned SDK (`npm install --prefix`).
     let prefix =
         std::env::var("BERTH_TEST_NODE_SDK").unwrap_or_else(|_| "/opt/berth/test-node-sdk".into());
-    let run = tokio::process::Command::new("node")
-        .arg(script)
-        .env("NODE_PATH", format!("{prefix}/node_modules"))
-        .env("BERTH_ANTHROPIC_URL", format!("{}/anthropic", srv.url))
-        .env("BERTH_KEY", &a.token)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .expect("the SDK script finished in time")
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let res: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(script)
+        .env("NODE_PATH", format!("{prefix}/node_modules"));
+    let res = run_sdk_script(cmd, &srv, &a.token).await;
     let seen = mock.recorded();
     let sum = |k: &str| {
         seen.iter()

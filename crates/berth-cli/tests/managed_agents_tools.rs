@@ -7,7 +7,7 @@
 mod common;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{claude_bin, exec_sh, tenant_key, Api, Server};
+use common::{claude_bin, exec_sh, run_sdk_script, tenant_key, venv_python, Api, Server};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,12 +45,6 @@ async fn setup(extra: &[(&str, &str)]) -> (tempfile::TempDir, Server, Mock) {
     env.extend_from_slice(extra);
     let srv = Server::start_with(dir.path(), &env).await;
     (dir, srv, mock)
-}
-
-/// The Python with the pinned `anthropic` SDK (`scripts/test` installs it into its venv).
-fn python() -> String {
-    let venv = std::env::var("BERTH_TEST_VENV").unwrap_or_else(|_| "/opt/berth/test-venv".into());
-    format!("{venv}/bin/python")
 }
 
 /// `POST`/`GET` under `/anthropic` with `x-api-key`.
@@ -122,25 +116,9 @@ async fn a_custom_tool_round_trip_with_the_official_python_sdk() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/sdk/managed_agents_custom.py"
     );
-    let run = tokio::process::Command::new(python())
-        .arg(script)
-        .env("BERTH_ANTHROPIC_URL", format!("{}/anthropic", srv.url))
-        .env("BERTH_KEY", &a.token)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .expect("the SDK script finished in time")
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let res: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line");
+    let mut cmd = tokio::process::Command::new(venv_python());
+    cmd.arg(script);
+    let res = run_sdk_script(cmd, &srv, &a.token).await;
     assert_eq!(res["refused"].as_array().map(Vec::len), Some(2), "{res}");
     // The model saw the client's tool (as the CLI names it, with the client's schema), and its
     // next request carried the client's result for exactly that call.
@@ -446,7 +424,7 @@ with zipfile.ZipFile(buf, "w") as z:
         z.writestr(name, data)
 sys.stdout.write(buf.getvalue().hex())
 "#;
-    let out = tokio::process::Command::new(python())
+    let out = tokio::process::Command::new(venv_python())
         .args(["-c", script])
         .output()
         .await

@@ -317,3 +317,37 @@ pub async fn sdk_connect(api: &Api, sid: &str, offset: u64) -> SdkWs {
     .expect("connect");
     ws
 }
+
+/// The test venv's Python (`scripts/test` installs the pinned SDKs into it).
+pub fn venv_python() -> String {
+    let venv = std::env::var("BERTH_TEST_VENV").unwrap_or_else(|_| "/opt/berth/test-venv".into());
+    format!("{venv}/bin/python")
+}
+
+/// Run an official-SDK script against the server's Managed Agents API (`BERTH_ANTHROPIC_URL`,
+/// `BERTH_KEY`, no ambient Anthropic variables), within 300 s; it must succeed, and its last
+/// stdout line is its JSON result.
+pub async fn run_sdk_script(
+    mut cmd: tokio::process::Command,
+    srv: &Server,
+    key: &str,
+) -> serde_json::Value {
+    let run = cmd
+        .env("BERTH_ANTHROPIC_URL", format!("{}/anthropic", srv.url))
+        .env("BERTH_KEY", key)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the SDK script finished in time")
+        .expect("run the SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line")
+}
