@@ -656,6 +656,49 @@ async fn postgres_readers_see_the_record_with_its_events() {
     readers_see_the_record_with_its_events(w, r).await;
 }
 
+/// Usage rows deleted behind the server's back (an operator's DELETE: no server deletes usage)
+/// leave the hourly rollup too: the sums still equal the rows that are left.
+async fn deleted_usage_rows_leave_the_sums(st: &dyn Store, delete: impl AsyncFnOnce(&str)) {
+    let rows = hour_rows();
+    st.record_usage(&rows).await.expect("record");
+    // A whole session, and every other row of one tenant (whole and partial hours both).
+    delete("DELETE FROM usage WHERE session_id = 'hs4' OR (tenant = 'h1' AND ts_ms % 2 = 0)").await;
+    let left: Vec<UsageRow> = rows
+        .into_iter()
+        .filter(|r| !(r.session_id == "hs4" || (r.tenant == "h1" && r.ts_ms % 2 == 0)))
+        .collect();
+    assert!(left.len() > 200 && left.len() < 500, "{}", left.len());
+    assert_sums_match_rows(st, &left).await;
+}
+
+#[tokio::test]
+async fn sqlite_deleted_usage_rows_leave_the_sums() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("berth.db");
+    let st = SqliteStore::open(&path).await.expect("open");
+    deleted_usage_rows_leave_the_sums(&st, async |sql| {
+        let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("connect");
+        sqlx::query(sql).execute(&db).await.expect("delete");
+        db.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_deleted_usage_rows_leave_the_sums() {
+    let (admin, _cluster) = server();
+    let url = fresh_db(&admin).await;
+    let st = PostgresStore::open(&url).await.expect("open postgres");
+    deleted_usage_rows_leave_the_sums(&st, async |sql| {
+        let db = sqlx::PgPool::connect(&url).await.expect("connect");
+        sqlx::query(sql).execute(&db).await.expect("delete");
+        db.close().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn open_picks_the_store_by_url() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -868,11 +911,25 @@ async fn documents(s: &dyn Store) {
 /// Sums over windows that cut hours anywhere (whole hours come from the hourly rollup, the
 /// edges from the rows) equal sums of the rows themselves, for every key and filter.
 async fn usage_over_hours(st: &dyn Store) {
+    let rows = hour_rows();
+    let mut at = 0;
+    for n in [1, 7, 64, 128, 400] {
+        st.record_usage(&rows[at..at + n]).await.expect("record");
+        at += n;
+    }
+    assert_eq!(at, rows.len());
+    assert_sums_match_rows(st, &rows).await;
+}
+
+/// The start of the first of the ten hours `hour_rows` spreads over: far from the other usage
+/// rows of the suite (they are in the first hour of 1970).
+const HOURS_BASE: i64 = 1_800_000_000_000; // a whole hour: 500,000 × 3,600,000
+
+/// A deterministic spread of 600 rows: 3 tenants (`h0`..`h2`), 6 sessions (`hs0`..`hs5`), 2
+/// models over 10 hours from `HOURS_BASE`, some rows on the hour exactly.
+fn hour_rows() -> Vec<UsageRow> {
     const H: i64 = 3_600_000;
-    // Far from the rows above (they are in the first hour of 1970).
-    let base = 1_800_000_000_000 - 1_800_000_000_000 % H;
-    // A deterministic spread: 3 tenants, 6 sessions, 2 models over 10 hours, some rows on the
-    // hour exactly; recorded in batches of varying size.
+    let base = HOURS_BASE;
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut rnd = |n: u64| {
         x ^= x << 13;
@@ -898,12 +955,14 @@ async fn usage_over_hours(st: &dyn Store) {
         r.cache_read_tokens = rnd(7);
         rows.push(r);
     }
-    let mut at = 0;
-    for n in [1, 7, 64, 128, 400] {
-        st.record_usage(&rows[at..at + n]).await.expect("record");
-        at += n;
-    }
-    assert_eq!(at, rows.len());
+    rows
+}
+
+/// `usage_sums` over windows cutting hours anywhere, every key, with and without tenant and
+/// session filters, equals the sums computed here from `rows` (the store's `h*` usage).
+async fn assert_sums_match_rows(st: &dyn Store, rows: &[UsageRow]) {
+    const H: i64 = 3_600_000;
+    let base = HOURS_BASE;
     let windows = [
         (None, None),
         (Some(base), None),
@@ -935,7 +994,7 @@ async fn usage_over_hours(st: &dyn Store) {
                     UsageKey::Model,
                 ] {
                     let got = st.usage_sums(key, &f).await.expect("sums");
-                    let want = reference_sums(&rows, key, &f);
+                    let want = reference_sums(rows, key, &f);
                     // Costs are float sums in another order: compared apart, within 1e-9.
                     let costless = |v: &[UsageSum]| {
                         v.iter()
