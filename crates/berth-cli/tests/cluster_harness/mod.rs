@@ -129,7 +129,7 @@ impl Net {
 }
 
 impl Drop for Net {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         for i in 1..=self.nodes {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", &self.ns(i)])
