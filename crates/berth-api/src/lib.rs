@@ -102,6 +102,30 @@ pub struct BoxSpec {
     /// holds them. The box calls `http://host/…`; the proxy adds `header: value` and (with
     /// `tls`, the default) speaks HTTPS to the host. The host must be on `network.allow`.
     pub secrets: Vec<SecretSpec>,
+    /// Where in a cluster the box may run (see [`Placement`]); absent: any node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Where in a cluster a box may run: on the nodes whose `node_labels` carry every pair of
+/// `node_selector`, spread over the values of the node label `spread_by` (the value holding
+/// the fewest of this tenant's live boxes first). No matching node: 409.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Placement {
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread_by: Option<String>,
+}
+
+impl Placement {
+    /// Whether a node with `labels` may take the box.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -220,6 +244,9 @@ pub struct BoxObject {
     /// The node that holds the box (cluster); none for a parked box any node may restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The spec's `placement`, as asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -561,6 +588,9 @@ pub struct SessionObject {
     /// In a shared box: the uid the session's agent runs as (its own, unlike its neighbours').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// The node running the session's agent (cluster); only that node writes the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -849,6 +879,9 @@ pub struct NodeObject {
     /// Why it is in its state (e.g. what declared it lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
+    /// Its `node_labels`, which box placements select and spread on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub joined_at: Timestamp,
 }
 

@@ -86,6 +86,9 @@ pub struct Config {
     /// How long a node's lease holds without a renewal, in ms (renewed every fifth of it);
     /// past it another node declares the node lost.
     pub node_lease_ms: u64,
+    /// This node's labels (`BERTH_NODE_LABELS=k=v,k2=v2`): a box's `placement.node_selector`
+    /// picks nodes by them, `placement.spread_by` spreads over their values.
+    pub node_labels: std::collections::BTreeMap<String, String>,
     // -- warm pools (issue #22) --
     /// `[[pools]]`: boxes kept ready with their agent started (see `engine::pools`).
     pub pools: Vec<crate::engine::pools::PoolConfig>,
@@ -371,6 +374,7 @@ impl Default for Config {
             advertise_url: None,
             cluster_secret: None,
             node_lease_ms: 5000,
+            node_labels: Default::default(),
             pools: Vec::new(),
         }
     }
@@ -558,8 +562,9 @@ pub fn keys() -> Vec<String> {
 }
 
 /// The value an environment variable gives `key`. Scalars stay strings (extraction reads
-/// them as the key's type); `egress.overrides` is `name=addr:port,…`, `egress.ca_files`
-/// comma-separated paths, other lists and tables figment's inline syntax
+/// them as the key's type); `egress.overrides` is `name=addr:port,…`, `node_labels`
+/// `key=value,…`, `egress.ca_files` comma-separated paths, other lists and tables figment's
+/// inline syntax
 /// (`[{model = "x", input = 1, output = 2}]`).
 fn env_value(key: &str, name: &str, raw: &str) -> Result<Value, String> {
     Ok(match key {
@@ -570,6 +575,16 @@ fn env_value(key: &str, name: &str, raw: &str) -> Result<Value, String> {
                     .split_once('=')
                     .ok_or_else(|| format!("{name}: {pair:?} is not name=addr:port"))?;
                 d.insert(host.to_string(), Value::from(addr.to_string()));
+            }
+            Value::from(d)
+        }
+        "node_labels" => {
+            let mut d = Dict::new();
+            for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("{name}: {pair:?} is not key=value"))?;
+                d.insert(k.trim().to_string(), Value::from(v.trim().to_string()));
             }
             Value::from(d)
         }

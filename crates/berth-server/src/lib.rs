@@ -363,6 +363,7 @@ fn cluster_config(cfg: &Config, addr: SocketAddr) -> engine::nodes::ClusterConfi
             disk_mib: cfg.max_box.disk_mib.unwrap_or(host.disk_mib),
             boxes: 0,
         },
+        labels: cfg.node_labels.clone(),
     }
 }
 

@@ -253,15 +253,19 @@ impl PostgresStore {
     async fn put_session_in(tx: &mut PgConnection, s: &SessionObject) -> Result<()> {
         let _t = timer("put_session");
         let doc = serde_json::to_string(s).map_err(corrupt)?;
-        sqlx::query(pg!(sql::PUT_SESSION))
+        let r = sqlx::query(pg!(sql::PUT_SESSION))
             .bind(&s.id)
             .bind(&s.tenant)
             .bind(&s.box_id)
             .bind(s.state.as_str())
             .bind(doc)
             .bind(&s.created_at)
+            .bind(s.node.as_deref())
             .execute(&mut *tx)
             .await?;
+        if r.rows_affected() == 0 {
+            return Err(sql::session_held(&s.id));
+        }
         Ok(())
     }
 

@@ -71,6 +71,7 @@ fn a_box(id: &str, tenant: &str, created_at: &str) -> BoxObject {
         artifact: None,
         snapshot: None,
         node: None,
+        placement: None,
         created_at: created_at.into(),
         updated_at: created_at.into(),
     }
@@ -90,6 +91,7 @@ fn a_session(id: &str, tenant: &str, box_id: &str, created_at: &str) -> SessionO
         agent_cost_usd: Some(0.25),
         last_seq: 0,
         uid: None,
+        node: None,
         created_at: created_at.into(),
         updated_at: created_at.into(),
     }
@@ -481,6 +483,7 @@ fn a_node(name: &str) -> NodeObject {
         },
         load: NodeCapacity::default(),
         state_reason: None,
+        labels: Default::default(),
         joined_at: "2026-01-01T00:00:00Z".into(),
     }
 }
@@ -576,6 +579,70 @@ async fn nodes(st: &dyn Store) {
     assert!(!st.claim_cron_fire("nope", 1).await.expect("none"));
 }
 
+/// Sessions are fenced like boxes: an existing session is written by the node its row names
+/// or by its box's holder now; a node that lost the box (a cut-off node that came back)
+/// writes nothing, not even with its events.
+async fn sessions_fenced(st: &dyn Store) {
+    let held = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Conflict(_)));
+    let mut b = a_box("fb1", "acme", "2026-01-01T00:00:01Z");
+    b.node = Some("n1".into());
+    st.put_box(&b).await.expect("box");
+    let mut s = a_session("fs1", "acme", "fb1", "2026-01-01T00:00:02Z");
+    s.node = Some("n1".into());
+    st.put_session(&s).await.expect("insert");
+    s.last_seq = 0;
+    st.put_session(&s).await.expect("its node writes");
+    // Another node, holding neither the session nor its box: refused, nothing changed.
+    let mut stray = s.clone();
+    stray.node = Some("n2".into());
+    stray.state = SessionState::Failed;
+    assert!(held(st.put_session(&stray).await), "a stranger's write");
+    let got = st.get_session(None, "fs1").await.expect("get").expect("s");
+    assert_eq!(
+        (got.state, got.node.as_deref()),
+        (SessionState::Running, Some("n1"))
+    );
+    // n1 is lost: the settling node clears the box's holder, then the session's.
+    let mut released = b.clone();
+    released.node = None;
+    released.state = BoxState::Lost;
+    assert!(st.claim_box(&released, Some("n1")).await.expect("release"));
+    let mut settled = s.clone();
+    settled.node = None;
+    settled.state = SessionState::Interrupted;
+    st.put_session(&settled).await.expect("settled");
+    // n1 comes back: its writes, and its events with them, are refused.
+    let mut late = s.clone();
+    late.state = SessionState::Idle;
+    late.last_seq = 1;
+    assert!(held(st.put_session(&late).await), "the old node's write");
+    assert!(
+        held(st.commit_session(&late, &[event("fs1", 1)]).await),
+        "with events"
+    );
+    assert!(st
+        .events_after("fs1", 0, 10)
+        .await
+        .expect("read")
+        .is_empty());
+    let got = st.get_session(None, "fs1").await.expect("get").expect("s");
+    assert_eq!((got.state, got.node), (SessionState::Interrupted, None));
+    // A node that takes the box over (a restore) takes its sessions with it.
+    let mut taken = released.clone();
+    taken.node = Some("n2".into());
+    taken.state = BoxState::Running;
+    assert!(st.claim_box(&taken, None).await.expect("take"));
+    let mut resumed = settled.clone();
+    resumed.node = Some("n2".into());
+    resumed.state = SessionState::Running;
+    st.put_session(&resumed)
+        .await
+        .expect("the new holder writes");
+    assert!(held(st.put_session(&late).await), "still not the old node");
+    let got = st.get_session(None, "fs1").await.expect("get").expect("s");
+    assert_eq!(got.node.as_deref(), Some("n2"));
+}
+
 #[tokio::test]
 async fn sqlite_conforms() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -584,6 +651,7 @@ async fn sqlite_conforms() {
         .expect("open");
     conformance(&st).await;
     nodes(&st).await;
+    sessions_fenced(&st).await;
     assert!(st.watch_session("s1").is_none(), "no other writer");
 }
 
@@ -595,6 +663,7 @@ async fn postgres_conforms() {
         .expect("open postgres");
     conformance(&st).await;
     nodes(&st).await;
+    sessions_fenced(&st).await;
 }
 
 /// A reader that sees a session's event sees the record as of that event or later: one

@@ -259,6 +259,7 @@ pub async fn create_session(
             network: NetworkSpec {
                 allow: session_allowlist(&env, &agent)?,
             },
+            placement: serde_json::from_value(env["config"]["placement"].clone()).unwrap_or(None),
             ..Default::default()
         })),
         agent: AgentSpec::Claude(ClaudeAgent {

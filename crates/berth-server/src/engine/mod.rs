@@ -18,6 +18,7 @@ pub mod event_cap;
 pub mod ledger;
 pub mod nodes;
 pub mod park;
+pub mod placement;
 pub mod pools;
 pub mod pty;
 pub mod registry;

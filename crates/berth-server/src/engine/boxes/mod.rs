@@ -58,6 +58,10 @@ impl Engine {
             )));
         }
         validate_spec(&spec)?;
+        // The edge placed the create on a node the selector matches; one that lands here
+        // anyway (no cluster secret, a single node, a box the engine makes itself) is refused
+        // rather than run where its selector says it must not.
+        self.placement_allows_here(spec.placement.as_ref())?;
         spec.labels.extend(server_labels);
         // Held until the box is in the registry, where the next admission counts it.
         let ticket = self.admit(tenant, &spec.resources)?;
@@ -98,6 +102,7 @@ impl Engine {
             artifact: None,
             snapshot: None,
             node: self.node_name(),
+            placement: spec.placement,
             created_at: ts.clone(),
             updated_at: ts,
         };

@@ -167,6 +167,7 @@ impl Engine {
             agent_cost_usd: None,
             last_seq: 0,
             uid: None,
+            node: self.node_name(),
             created_at: ts.clone(),
             updated_at: ts,
         };
@@ -387,6 +388,7 @@ impl Engine {
                             .as_deref()
                             .unwrap_or("<agent_session_id>")
                     ));
+                    s.node = self.node_name();
                     if let Err(e) = self.store.put_session(&s).await {
                         tracing::warn!(session_id = %id, error = %e, "recording an sdk session's end");
                     }
@@ -456,6 +458,9 @@ impl Engine {
         let mut obj = s;
         obj.state = SessionState::Starting;
         obj.state_reason = None;
+        // This node holds the box now (a restore may have moved it): the session's record is
+        // this node's to write.
+        obj.node = self.node_name();
         self.start_agent(SessionStart {
             deps: self.session_deps(),
             backend,
