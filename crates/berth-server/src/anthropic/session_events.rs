@@ -3,9 +3,11 @@
 //! session's one log (`events::Mapper`).
 
 use super::events::{parse_id, Mapper, TYPES};
+use super::previews::Previews;
 use super::sessions::{berth_id, budget_usd, cents, doc, parked};
 use super::tools::Policy;
 use super::{in_range, now, paginate, AError, AResult, Body, Params, St, Tenant};
+use crate::engine::sessions::previews::Preview;
 use crate::engine::Engine;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -13,8 +15,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 /// Events read from the store per round.
 const PAGE: i64 = 1000;
@@ -378,6 +381,11 @@ pub async fn stream(
     // Subscribe first: nothing committed after this point is missed. On a shared store the
     // session may run in another server process: its commits are relayed.
     let mut live = e.subscribe_any(&sid).await;
+    let mut previews = Previews::new(&deltas);
+    let mut prx = match previews {
+        Some(_) => e.subscribe_previews(&sid),
+        None => None,
+    };
     let now_seq = e.get_session(&t, &sid).await?.last_seq;
     // Events up to here are only read to set up the mapping; those after `from` are sent.
     let from = resume.unwrap_or((now_seq, usize::MAX));
@@ -410,6 +418,9 @@ pub async fn stream(
                     for v in m.map(ev) {
                         if let Some(f) = send(v, from) { yield f; }
                     }
+                    if let Some(p) = previews.as_mut() {
+                        for f in p.after(last, &m) { yield preview_frame(f); }
+                    }
                 }
                 if n < PAGE { break; }
             }
@@ -421,6 +432,9 @@ pub async fn stream(
                 // that follows the poll that saw it.
                 if let Some(rx) = e.subscribe_any(&sid).await {
                     live = Some(rx);
+                    if previews.is_some() {
+                        prx = e.subscribe_previews(&sid);
+                    }
                     ended = false;
                     polled = None;
                     continue 'outer;
@@ -437,12 +451,32 @@ pub async fn stream(
             }
             let Some(rx) = live.as_mut() else { break };
             loop {
-                match rx.recv().await {
+                // Previews first: each is sent before the events it precedes, and is held
+                // until the event before it has gone by.
+                let next = tokio::select! {
+                    biased;
+                    p = next_preview(&mut prx) => Next::Preview(p),
+                    r = rx.recv() => Next::Event(r),
+                };
+                let r = match next {
+                    Next::Preview(None) => { prx = None; continue; }
+                    Next::Preview(Some(p)) => {
+                        if let Some(ps) = previews.as_mut() {
+                            for f in ps.arrived(p, last, &m) { yield preview_frame(f); }
+                        }
+                        continue;
+                    }
+                    Next::Event(r) => r,
+                };
+                match r {
                     Ok(ev) if ev.event.seq <= last => continue,
                     Ok(ev) if ev.event.seq == last + 1 => {
                         last = ev.event.seq;
                         for v in m.map(&ev.event) {
                             if let Some(f) = send(v, from) { yield f; }
+                        }
+                        if let Some(p) = previews.as_mut() {
+                            for f in p.after(last, &m) { yield preview_frame(f); }
                         }
                     }
                     // Lagged or a gap: catch up from the store, then follow again.
@@ -461,6 +495,32 @@ pub async fn stream(
                 .data("{\"type\":\"ping\"}"),
         ),
     ))
+}
+
+enum Next {
+    Preview(Option<Arc<Preview>>),
+    Event(Result<Arc<crate::engine::sessions::LiveEvent>, RecvError>),
+}
+
+/// The session's next preview; pending forever without a feed, None when the feed ends.
+async fn next_preview(rx: &mut Option<broadcast::Receiver<Arc<Preview>>>) -> Option<Arc<Preview>> {
+    let Some(rx) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(p) => return Some(p),
+            // Best-effort: what was missed stays missed (the stored event is whole).
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return None,
+        }
+    }
+}
+
+fn preview_frame(v: Value) -> SseEvent {
+    SseEvent::default()
+        .event(v["type"].as_str().unwrap_or("event_delta"))
+        .data(v.to_string())
 }
 
 fn error_frame(err: AError) -> SseEvent {
