@@ -5,7 +5,7 @@
 
 use super::tools::Policy;
 use crate::engine::custom_tools::TOOL_PREFIX;
-use crate::engine::sessions::previews::MODEL_USAGE;
+use crate::engine::sessions::previews::{MODEL_REQUEST_START, MODEL_USAGE};
 use berth_api::{Event, EventKind};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -80,6 +80,10 @@ pub struct Mapper {
     /// A custom tool use ended the model's answer before its metered usage was logged: its
     /// span end and `requires_action` wait for that usage (or the next event).
     pending_idle: Option<String>,
+    /// The last event mapped was the metered usage (seq, message id) of an answer and made no
+    /// events: that answer's next `assistant` event takes its ids from that seq (see
+    /// `id_base`).
+    silent_usage: Option<(i64, String)>,
     /// A turn is under way: only its end is `session.status_idle` (an agent restarting after
     /// its box was parked also goes idle, which ends no turn).
     running: bool,
@@ -107,6 +111,7 @@ impl Mapper {
             open: None,
             metered: HashMap::new(),
             pending_idle: None,
+            silent_usage: None,
             running: false,
             budget_spent: false,
             usage: [0; 5],
@@ -171,12 +176,35 @@ impl Mapper {
         }
     }
 
+    /// The seq the ids of an `assistant` event of answer `message_id` at `seq` are made from:
+    /// its own, or, right after that answer's metered usage (which made no events), the
+    /// usage's. The usage is logged when the gateway reads the answer's end, which may be
+    /// after a live preview of the answer's last block was given the id of the event then
+    /// next: either way the block's id is the same.
+    pub fn id_base(&self, seq: i64, message_id: &str) -> i64 {
+        match &self.silent_usage {
+            Some((s, mid)) if *s == seq - 1 && mid == message_id => seq - 1,
+            _ => seq,
+        }
+    }
+
     fn open_id(&self) -> Option<&str> {
         self.open.as_ref().map(|o| o.0.as_str())
     }
 
     pub fn map(&mut self, e: &Event) -> Vec<Value> {
         let mut out: Vec<(&str, Value)> = Vec::new();
+        let base = match e.kind {
+            EventKind::Assistant => self.id_base(
+                e.seq,
+                e.data
+                    .pointer("/message/id")
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
+            ),
+            _ => e.seq,
+        };
+        self.silent_usage = None;
         let same_request = match &e.kind {
             EventKind::ToolUse => true,
             EventKind::Assistant => {
@@ -223,7 +251,7 @@ impl Mapper {
                 });
                 if self.open.is_none() {
                     // Its id is the one it gets below: the first of this batch.
-                    let start = event_id(e.seq, out.len());
+                    let start = event_id(base, out.len());
                     out.push(("span.model_request_start", json!({})));
                     let mid = msg["id"].as_str().unwrap_or("").to_string();
                     self.open = Some((mid, start, usage));
@@ -253,7 +281,7 @@ impl Mapper {
                     .as_str()
                     .is_some_and(|n| n.starts_with(TOOL_PREFIX)) =>
             {
-                let id = event_id(e.seq, out.len());
+                let id = event_id(base, out.len());
                 let name = d["name"]
                     .as_str()
                     .unwrap_or("")
@@ -280,7 +308,7 @@ impl Mapper {
                 self.held.push(d.clone())
             }
             EventKind::ToolUse => {
-                let v = self.tool_use(event_id(e.seq, out.len()), d, "allow");
+                let v = self.tool_use(event_id(base, out.len()), d, "allow");
                 out.push(v);
             }
             EventKind::PermissionRequest if self.asks(d["tool_name"].as_str().unwrap_or("")) => {
@@ -296,7 +324,7 @@ impl Mapper {
                     Some(p) => self.held.remove(p),
                     None => json!({"name": d["tool_name"], "input": d["input"]}),
                 };
-                let id = event_id(e.seq, out.len());
+                let id = event_id(base, out.len());
                 let v = self.tool_use(id.clone(), &block, "ask");
                 out.push(v);
                 out.push((
@@ -314,7 +342,7 @@ impl Mapper {
                 // A held tool use the CLI ran without asking.
                 if let Some(p) = self.held.iter().position(|h| h["id"] == raw) {
                     let block = self.held.remove(p);
-                    let v = self.tool_use(event_id(e.seq, out.len()), &block, "allow");
+                    let v = self.tool_use(event_id(base, out.len()), &block, "allow");
                     out.push(v);
                 }
                 let (id, kind) = self
@@ -407,13 +435,27 @@ impl Mapper {
                 "session.error",
                 error(d["message"].as_str().unwrap_or("error")),
             )),
+            // The request's start as the CLI streamed it (a Managed Agents session): the span
+            // opens here, before the answer's previews; its blocks then belong to it.
+            EventKind::Other(k) if k.as_str() == MODEL_REQUEST_START => {
+                let start = event_id(base, out.len());
+                out.push(("span.model_request_start", json!({})));
+                let mid = d["message_id"].as_str().unwrap_or("").to_string();
+                let none = json!({"input_tokens": 0, "output_tokens": 0,
+                    "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0});
+                self.open = Some((mid, start, none));
+            }
+            EventKind::Other(k) if k.as_str() == MODEL_USAGE && out.is_empty() => {
+                let mid = d["message_id"].as_str().unwrap_or("").to_string();
+                self.silent_usage = Some((e.seq, mid));
+            }
             _ => {}
         }
         out.into_iter()
             .enumerate()
             .map(|(n, (kind, mut v))| {
                 v["type"] = json!(kind);
-                v["id"] = json!(event_id(e.seq, n));
+                v["id"] = json!(event_id(base, n));
                 v["processed_at"] = json!(e.ts);
                 v
             })

@@ -86,7 +86,8 @@ impl Previews {
                 Vec::new()
             }
             Some("content_block_start") => {
-                let id = event_id(p.next_seq, m.block_position(&self.message_id));
+                let seq = m.id_base(p.next_seq, &self.message_id);
+                let id = event_id(seq, m.block_position(&self.message_id));
                 self.text = None;
                 match e["content_block"]["type"].as_str() {
                     Some("text") => {
@@ -241,6 +242,61 @@ mod tests {
             assistant("msg_b", json!({"type": "text", "text": "b"})),
         );
         let out = m.map(&e4);
+        let message = out
+            .iter()
+            .find(|v| v["type"] == "agent.message")
+            .expect("message");
+        assert_eq!(frames[0]["event"]["id"], message["id"], "{out:?}");
+        // The answer's metered usage logged between a block's preview and its event (the
+        // gateway read the answer's end, with the block's end in it): the id still holds.
+        m.map(&ev(5, "result", json!({"usage": {}})));
+        let mut frames = p.arrived(
+            preview(
+                6,
+                json!({"type": "message_start", "message": {"id": "msg_c"}}),
+            ),
+            5,
+            &m,
+        );
+        frames.extend(p.arrived(
+            preview(6, json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+            5,
+            &m,
+        ));
+        let usage = json!({"message_id": "msg_c", "usage": {"output_tokens": 3}});
+        assert!(m.map(&ev(6, "model_usage", usage.clone())).is_empty());
+        let out = m.map(&ev(
+            7,
+            "assistant",
+            assistant("msg_c", json!({"type": "text", "text": "c"})),
+        ));
+        let message = out
+            .iter()
+            .find(|v| v["type"] == "agent.message")
+            .expect("message");
+        assert_eq!(frames[0]["event"]["id"], message["id"], "{out:?}");
+        // And logged before the block's preview.
+        m.map(&ev(8, "result", json!({"usage": {}})));
+        let usage = json!({"message_id": "msg_d", "usage": {"output_tokens": 3}});
+        m.map(&ev(9, "model_usage", usage));
+        let mut frames = p.arrived(
+            preview(
+                10,
+                json!({"type": "message_start", "message": {"id": "msg_d"}}),
+            ),
+            9,
+            &m,
+        );
+        frames.extend(p.arrived(
+            preview(10, json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+            9,
+            &m,
+        ));
+        let out = m.map(&ev(
+            10,
+            "assistant",
+            assistant("msg_d", json!({"type": "text", "text": "d"})),
+        ));
         let message = out
             .iter()
             .find(|v| v["type"] == "agent.message")

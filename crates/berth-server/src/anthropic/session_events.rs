@@ -387,8 +387,9 @@ pub async fn stream(
         None => None,
     };
     let now_seq = e.get_session(&t, &sid).await?.last_seq;
-    // Events up to here are only read to set up the mapping; those after `from` are sent.
-    let from = resume.unwrap_or((now_seq, usize::MAX));
+    // Events up to here are only read to set up the mapping; those after the `Last-Event-ID`
+    // are sent, or without one what the log holds after `now_seq`. (By berth seq, not by the
+    // mapped id: an answer's blocks may take their ids from the event before them.)
     let revoked = e.key_revoked(&key_id);
     let frames = async_stream::stream! {
         let mut m = Mapper::new(allowed);
@@ -396,9 +397,13 @@ pub async fn stream(
         let mut ended = false;
         // The session's state as last polled while there was no live feed.
         let mut polled: Option<Result<berth_api::SessionObject, crate::engine::error::EngineError>> = None;
-        let send = |v: Value, from: (i64, usize)| -> Option<SseEvent> {
-            let (seq, n) = parse_id(v["id"].as_str().unwrap_or(""))?;
-            if (seq, n) <= from {
+        let send = |v: Value, berth_seq: i64| -> Option<SseEvent> {
+            let id = parse_id(v["id"].as_str().unwrap_or(""))?;
+            let new = match resume {
+                Some(r) => id > r,
+                None => berth_seq > now_seq,
+            };
+            if !new {
                 return None;
             }
             Some(SseEvent::default()
@@ -416,7 +421,7 @@ pub async fn stream(
                 for ev in &page {
                     last = ev.seq;
                     for v in m.map(ev) {
-                        if let Some(f) = send(v, from) { yield f; }
+                        if let Some(f) = send(v, ev.seq) { yield f; }
                     }
                     if let Some(p) = previews.as_mut() {
                         for f in p.after(last, &m) { yield preview_frame(f); }
@@ -473,7 +478,7 @@ pub async fn stream(
                     Ok(ev) if ev.event.seq == last + 1 => {
                         last = ev.event.seq;
                         for v in m.map(&ev.event) {
-                            if let Some(f) = send(v, from) { yield f; }
+                            if let Some(f) = send(v, ev.event.seq) { yield f; }
                         }
                         if let Some(p) = previews.as_mut() {
                             for f in p.after(last, &m) { yield preview_frame(f); }

@@ -27,8 +27,14 @@ pub struct Preview {
     pub event: Value,
 }
 
+/// The event kind that marks a model request's start (`{message_id, model}`), kept from the
+/// partial message `message_start`: the Managed Agents API's `span.model_request_start` comes
+/// before the answer's previews, not with its first block.
+pub const MODEL_REQUEST_START: &str = "model_request_start";
+
 /// Take the partial messages out of a batch of agent events: each with the number of the
-/// remaining events that came before it.
+/// remaining events that came before it. A `message_start` also stays, as a
+/// `model_request_start` event right after its preview.
 pub fn split(evs: &mut Vec<AgentEvent>) -> Vec<(usize, Value)> {
     if !evs.iter().any(|e| e.kind == STREAM_EVENT) {
         return Vec::new();
@@ -37,7 +43,15 @@ pub fn split(evs: &mut Vec<AgentEvent>) -> Vec<(usize, Value)> {
     let mut kept = Vec::with_capacity(evs.len());
     for e in evs.drain(..) {
         if e.kind == STREAM_EVENT {
+            let start = (e.data["type"] == "message_start").then(|| AgentEvent {
+                kind: MODEL_REQUEST_START.into(),
+                data: serde_json::json!({
+                    "message_id": e.data["message"]["id"],
+                    "model": e.data["message"]["model"],
+                }),
+            });
             previews.push((kept.len(), e.data));
+            kept.extend(start);
         } else {
             kept.push(e);
         }
@@ -105,6 +119,10 @@ mod tests {
             data: json!({"n": n}),
         };
         let mut evs = vec![
+            AgentEvent {
+                kind: STREAM_EVENT.into(),
+                data: json!({"type": "message_start", "message": {"id": "msg_a"}, "n": 0}),
+            },
             ev(STREAM_EVENT, 1),
             ev("assistant", 2),
             ev(STREAM_EVENT, 3),
@@ -117,8 +135,9 @@ mod tests {
             .iter()
             .map(|(i, v)| (*i, v["n"].as_i64().unwrap_or(0)))
             .collect();
-        assert_eq!(at, vec![(0, 1), (1, 3), (1, 4), (2, 6)]);
+        assert_eq!(at, vec![(0, 0), (1, 1), (2, 3), (2, 4), (3, 6)]);
         let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
-        assert_eq!(kinds, vec!["assistant", "tool_use"]);
+        assert_eq!(kinds, vec![MODEL_REQUEST_START, "assistant", "tool_use"]);
+        assert_eq!(evs[0].data["message_id"], "msg_a");
     }
 }
