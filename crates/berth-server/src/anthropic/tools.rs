@@ -571,6 +571,37 @@ mod tests {
         assert_eq!(claude(&b).allowed_tools, vec!["mcp__docs".to_string()]);
     }
 
+    /// `auto`: the read-only built-ins run, every other tool asks (MCP tools too), also when
+    /// one tool's config says `auto` under a toolset that allows.
+    #[test]
+    fn auto_runs_read_only_tools_and_asks_for_the_rest() {
+        let a = agent(
+            json!([{"type": "agent_toolset_20260401", "default_config": {"permission_policy": {"type": "auto"}}},
+                   {"type": "mcp_toolset", "mcp_server_name": "docs", "default_config": {"permission_policy": {"type": "auto"}}}]),
+            json!([{"type": "url", "name": "docs", "url": "https://mcp.example.com/mcp"}]),
+        );
+        let p = Policy::of(&a);
+        for t in ["Read", "Glob", "Grep"] {
+            assert!(!p.asks(t), "{t}");
+        }
+        for t in ["Bash", "Write", "Edit", "WebFetch", "WebSearch", "mcp__docs__search"] {
+            assert!(p.asks(t), "{t}");
+        }
+        let c = claude(&a);
+        assert_eq!(c.permission_mode.as_deref(), Some("default"));
+        let rules: Vec<&str> = c.permission_rules.iter().map(|r| r.tool.as_str()).collect();
+        assert_eq!(rules, vec!["Read", "Glob", "Grep"]);
+        let b = agent(
+            json!([{"type": "agent_toolset_20260401",
+                    "configs": [{"name": "bash", "permission_policy": {"type": "auto"}},
+                                {"name": "grep", "permission_policy": {"type": "auto"}}]}]),
+            json!([]),
+        );
+        let p = Policy::of(&b);
+        assert!(p.asks("Bash"));
+        assert!(!p.asks("Grep") && !p.asks("Write"));
+    }
+
     #[test]
     fn bad_definitions_are_refused() {
         for t in [
