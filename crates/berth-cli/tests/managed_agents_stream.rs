@@ -264,8 +264,7 @@ async fn the_auto_policy_runs_read_only_tools_and_asks_for_the_rest() {
     let last = mock
         .recorded()
         .into_iter()
-        .filter(|r| r.path == "/v1/messages")
-        .next_back()
+        .rfind(|r| r.path == "/v1/messages")
         .expect("requests");
     let text = last.body["messages"].to_string();
     assert!(

@@ -584,7 +584,14 @@ mod tests {
         for t in ["Read", "Glob", "Grep"] {
             assert!(!p.asks(t), "{t}");
         }
-        for t in ["Bash", "Write", "Edit", "WebFetch", "WebSearch", "mcp__docs__search"] {
+        for t in [
+            "Bash",
+            "Write",
+            "Edit",
+            "WebFetch",
+            "WebSearch",
+            "mcp__docs__search",
+        ] {
             assert!(p.asks(t), "{t}");
         }
         let c = claude(&a);
