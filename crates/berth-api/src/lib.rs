@@ -356,6 +356,13 @@ pub struct ClaudeAgent {
     pub permission_rules: Vec<PermissionRule>,
     /// Unanswered permission requests are denied after this long (default 300 s).
     pub permission_timeout_s: Option<u64>,
+    /// A session of the Managed Agents API (which sets it): the CLI runs with
+    /// `--include-partial-messages`, so the model's answer also streams as it is written, as
+    /// live previews (never stored) for that API's streams that ask for `event_deltas`; and
+    /// each model answer's metered usage is logged (`model_usage` events) before the CLI has
+    /// read the answer's end.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub managed_agents: bool,
     /// `sdk`: the client drives the CLI itself over `GET /v1/sessions/{id}/sdk` (the Agent
     /// SDK's control protocol runs in the client's process); `args` are its CLI arguments,
     /// checked against berth's allowlist.

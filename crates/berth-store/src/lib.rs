@@ -253,6 +253,19 @@ pub trait Store: Send + Sync + 'static {
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>>;
     /// Delete every version of a document; false when there was none.
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool>;
+    /// One page of the latest version of each of a tenant's documents of `kind`, in id order
+    /// (`desc`: highest first): those past `after` in that order (below it when `desc`), at
+    /// most `limit`. A keyset read on (kind, tenant, id): a page costs its own rows, not the
+    /// tenant's other documents (the Managed Agents API's ids start with their creation time,
+    /// so id order is creation order).
+    async fn latest_documents(
+        &self,
+        kind: &str,
+        tenant: &str,
+        after: Option<&str>,
+        desc: bool,
+        limit: i64,
+    ) -> Result<Vec<Document>>;
 
     /// Append usage rows in one transaction.
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()>;

@@ -603,6 +603,48 @@ impl Store for SqliteStore {
         Ok(r.rows_affected() > 0)
     }
 
+    async fn latest_documents(
+        &self,
+        kind: &str,
+        tenant: &str,
+        after: Option<&str>,
+        desc: bool,
+        limit: i64,
+    ) -> Result<Vec<Document>> {
+        // Both directions spelled out, so each walks the (kind, tenant, id, version) index.
+        let sql = if desc {
+            "SELECT d.id, d.version, d.body FROM documents d
+             WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id < ?3)
+               AND d.version = (SELECT MAX(m.version) FROM documents m
+                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
+             ORDER BY d.id DESC LIMIT ?4"
+        } else {
+            "SELECT d.id, d.version, d.body FROM documents d
+             WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id > ?3)
+               AND d.version = (SELECT MAX(m.version) FROM documents m
+                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
+             ORDER BY d.id ASC LIMIT ?4"
+        };
+        let rows = sqlx::query(sql)
+            .bind(kind)
+            .bind(tenant)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Document {
+                    kind: kind.to_string(),
+                    tenant: tenant.to_string(),
+                    id: r.get("id"),
+                    version: r.get("version"),
+                    body: serde_json::from_str(r.get::<&str, _>("body")).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
     async fn join_node(&self, node: &NodeObject, lease_ms: i64) -> Result<i64> {
         let _t = timer("join_node");
         let doc = serde_json::to_string(node).map_err(corrupt)?;

@@ -119,6 +119,7 @@ fn usage(tenant: &str, session: &str, model: &str, ts_ms: i64, tokens: u64) -> U
 async fn conformance(st: &dyn Store) {
     st.ping().await.expect("ping");
     documents(st).await;
+    latest_document_pages(st).await;
 
     // Event logs: append-only, gapless, per session.
     st.append_events(&[event("s1", 1), event("s1", 2), event("s2", 1)])
@@ -975,6 +976,72 @@ async fn documents(s: &dyn Store) {
     let left = s.documents("agent", "a", None).await.expect("left");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, "y");
+}
+
+/// Keyset pages of the latest version of each document (`Store::latest_documents`): each id
+/// once at its highest version, in id order either way, from after a cursor, other tenants'
+/// and kinds' documents apart; walking the pages visits every document exactly once.
+async fn latest_document_pages(s: &dyn Store) {
+    for (id, versions) in [("p1", 1), ("p3", 3), ("p2", 2), ("p5", 1), ("p4", 2)] {
+        for v in 1..=versions {
+            s.put_document(&doc_v("pages", id, v, json!({"id": id, "v": v})), false)
+                .await
+                .expect("put");
+        }
+    }
+    s.put_document(&doc_v("other", "p9", 1, json!({})), false)
+        .await
+        .expect("other tenant");
+    let page = |after: Option<&'static str>, desc: bool, limit: i64| async move {
+        s.latest_documents("agent", "pages", after, desc, limit)
+            .await
+            .expect("page")
+            .into_iter()
+            .map(|d| (d.id, d.version))
+            .collect::<Vec<_>>()
+    };
+    let ids = |v: &[(&str, i64)]| {
+        v.iter()
+            .map(|(i, n)| (i.to_string(), *n))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page(None, true, 2).await, ids(&[("p5", 1), ("p4", 2)]));
+    assert_eq!(
+        page(Some("p4"), true, 2).await,
+        ids(&[("p3", 3), ("p2", 2)])
+    );
+    assert_eq!(page(Some("p2"), true, 5).await, ids(&[("p1", 1)]));
+    assert_eq!(page(Some("p1"), true, 5).await, ids(&[]));
+    assert_eq!(
+        page(None, false, 3).await,
+        ids(&[("p1", 1), ("p2", 2), ("p3", 3)])
+    );
+    assert_eq!(
+        page(Some("p3"), false, 3).await,
+        ids(&[("p4", 2), ("p5", 1)])
+    );
+    // A cursor need not name a document that is still there.
+    assert_eq!(page(Some("p35"), false, 1).await, ids(&[("p4", 2)]));
+    assert!(s
+        .latest_documents("environment", "pages", None, true, 10)
+        .await
+        .expect("kind")
+        .is_empty());
+    // Walking every page in steps of one sees each document once.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let got = s
+            .latest_documents("agent", "pages", after.as_deref(), true, 1)
+            .await
+            .expect("walk");
+        let Some(d) = got.into_iter().next() else {
+            break;
+        };
+        after = Some(d.id.clone());
+        seen.push(d.id);
+    }
+    assert_eq!(seen, vec!["p5", "p4", "p3", "p2", "p1"]);
 }
 
 /// Sums over windows that cut hours anywhere (whole hours come from the hourly rollup, the

@@ -164,6 +164,7 @@ impl Engine {
         claude: Option<crate::claude_cli::ClaudeCli>,
     ) -> Arc<Engine> {
         let registry = Arc::new(registry::Registry::default());
+        gateway.set_observer(sessions::previews::observer(registry.clone()));
         let admission = Arc::new(admission::Admission::new(
             config.max_box,
             config.max_boxes_per_tenant,

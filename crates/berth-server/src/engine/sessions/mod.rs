@@ -3,6 +3,7 @@
 //! handler calls these; only the owner task changes a session.
 
 mod actor;
+pub mod previews;
 
 pub use actor::*;
 
@@ -525,6 +526,15 @@ impl Engine {
                 super::registry::STOP_WAIT.as_secs()
             ))),
         }
+    }
+
+    /// Live previews of a session's model output (see `previews`): only of a session this
+    /// process runs, and only while it runs.
+    pub fn subscribe_previews(
+        &self,
+        id: &str,
+    ) -> Option<tokio::sync::broadcast::Receiver<Arc<previews::Preview>>> {
+        self.session_handle(id).map(|h| h.previews.subscribe())
     }
 
     /// Live event feed of a session (None once it has ended: replay from the store suffices).
