@@ -190,9 +190,7 @@ impl Hand<'_> {
                 ("BERTH_API_URL", "http://127.0.0.1:47102"),
             ])
             .env("HOME", self.scratch)
-            .env("ANTHROPIC_BASE_URL", self.mock_url)
-            .uid(AGENT)
-            .gid(AGENT);
+            .env("ANTHROPIC_BASE_URL", self.mock_url);
         } else {
             // As root the CLI refuses bypassPermissions, so acceptEdits; the mode does not
             // change start-up.
@@ -219,8 +217,10 @@ impl Hand<'_> {
             .iter()
             .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
             .collect::<Result<_, _>>()?;
-        // SAFETY: between fork and exec only open/write/close, on strings made before the fork
-        // (no allocation).
+        let as_agent = self.box_args;
+        // SAFETY: between fork and exec only open/write/close and the set*id calls, on strings
+        // made before the fork (no allocation). The cgroup is joined first, while still root
+        // (`Command::uid` would drop root before this runs).
         unsafe {
             cmd.pre_exec(move || {
                 for f in &join {
@@ -233,6 +233,13 @@ impl Hand<'_> {
                     if w != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if as_agent
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(AGENT) != 0
+                        || libc::setuid(AGENT) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
