@@ -98,7 +98,7 @@ async fn start_boost_until_first_output_within_a_budget() {
             json!({"content": "hi"}),
         )
         .await;
-    assert!(r.status.is_success(), "{}", r.json);
+    assert!((200..300).contains(&r.status), "{}", r.json);
     until_weights(&bx, normal, "after the agent's first output").await;
 
     // B: never prints. A used a fraction of the budget (its boost ended at its output), so B
