@@ -269,7 +269,11 @@ fn shares_file(v2: bool, shares: u64) -> (&'static str, u64) {
 /// The weight of the cpu cgroup at `dir`, in v1 shares.
 fn read_shares(v2: bool, dir: &std::path::Path) -> Option<u64> {
     let name = if v2 { "cpu.weight" } else { "cpu.shares" };
-    let v: u64 = fs::read_to_string(dir.join(name)).ok()?.trim().parse().ok()?;
+    let v: u64 = fs::read_to_string(dir.join(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(if v2 { v * 1024 / 100 } else { v })
 }
 

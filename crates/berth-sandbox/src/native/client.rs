@@ -88,7 +88,10 @@ pub async fn exec(ctl: &Path, req: &ExecRequest, probes: Probes) -> Result<ExecH
                 f = aio::read_frame(&mut rd) => f,
                 _ = ev_tx.closed() => return,
             };
-            if matches!(frame, Ok((Kind::Stdout | Kind::Exit | Kind::Error, _)) | Err(_)) {
+            if matches!(
+                frame,
+                Ok((Kind::Stdout | Kind::Exit | Kind::Error, _)) | Err(_)
+            ) {
                 if let Some(f) = first_output.take() {
                     f();
                 }
