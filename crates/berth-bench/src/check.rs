@@ -24,11 +24,13 @@ const POOL_VS_COLD: Promise = Promise {
     margin: 0.2,
 };
 
-/// The ceiling is set from `berth-bench start` runs (SPECIFICATION.md says which).
+/// Quiet, berth's own part (30–50 ms, debug) on a ~0.5 s CLI start is about 1.1×; under load
+/// the start boost puts the session below by hand (0.34–0.65× in session 9's runs). The wide
+/// margin is a 3-round median's spread at load 11 (SPECIFICATION.md).
 const SESSION_START: Promise = Promise {
     name: "session start / CLI by hand (start → first model request)",
-    ceiling: 1.15,
-    margin: 0.15,
+    ceiling: 1.2,
+    margin: 0.3,
 };
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
