@@ -248,6 +248,7 @@ pub async fn run(
                     pids: cfg.max_box.pids.unwrap_or(host.pids),
                 }
             },
+            start_boost: cfg.start_boost.spec(),
             events: engine::event_cap::Limits {
                 per_second: cfg.events.per_second,
                 burst: cfg.events.burst,

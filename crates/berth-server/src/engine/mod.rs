@@ -71,6 +71,8 @@ pub struct EngineConfig {
     pub tenant_totals: admission::TenantTotals,
     /// Caps on each session's event log.
     pub events: event_cap::Limits,
+    /// The CPU weight raise an agent's start gets (`None`: none).
+    pub start_boost: Option<berth_sandbox::StartBoost>,
 }
 
 /// Why a program could not start in a box, naming the program (the backends report only the
@@ -231,6 +233,7 @@ impl Engine {
             gateway: self.gateway.clone(),
             registry: self.registry.clone(),
             events: self.config.events,
+            start_boost: self.config.start_boost,
         }
     }
 

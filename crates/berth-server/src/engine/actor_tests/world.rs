@@ -73,6 +73,7 @@ fn engine_config(dir: &std::path::Path, max_boxes_per_tenant: usize) -> EngineCo
             pids: 100_000,
         },
         tenant_totals: admission::TenantTotals::default(),
+        start_boost: None,
         events: event_cap::Limits {
             per_second: 1000,
             burst: 1000,

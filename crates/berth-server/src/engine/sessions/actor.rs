@@ -94,6 +94,8 @@ pub struct SessionDeps {
     pub gateway: Arc<berth_gateway::Gateway>,
     pub registry: Arc<crate::engine::registry::Registry>,
     pub events: crate::engine::event_cap::Limits,
+    /// The CPU weight raise the agent's start gets (see `berth_sandbox::StartBoost`).
+    pub start_boost: Option<berth_sandbox::StartBoost>,
 }
 
 struct SessionActor {
@@ -381,6 +383,9 @@ impl SessionActor {
             argv: launch.argv,
             cwd: Some(launch.cwd),
             env: launch.env,
+            // Only the agent's own start: a warm pool's CLI starts without it (at low
+            // priority), and execs through the API never get it.
+            start_boost: self.deps.start_boost,
             ..Default::default()
         };
         // The box-side berth API (messages to the box's other sessions) knows the agent by
