@@ -952,6 +952,33 @@ async fn a_tenant_cannot_create_boxes_past_its_quota() {
     srv.stop().await;
 }
 
+/// A box is not idle while an exec runs in it: with a 1 s idle timeout, a hybrid box and an
+/// ephemeral one each run a 3 s exec to its end (before, the idle park or stop cut it at 1 s),
+/// and only then, idle, the hybrid box parks.
+#[tokio::test]
+async fn a_running_exec_keeps_its_box_from_idling() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(dir.path()).await;
+    let api = srv.client();
+    for lifecycle in ["hybrid", "ephemeral"] {
+        let bx = small_box(&api, json!({"lifecycle": lifecycle, "idle_timeout_s": 1})).await;
+        let out = api
+            .post(
+                &format!("/v1/boxes/{bx}/exec"),
+                json!({"argv": ["/bin/sh", "-c", "sleep 3; echo done"]}),
+            )
+            .await;
+        assert_eq!(out.status, 200, "{lifecycle}: {}", out.json);
+        assert_eq!(out.json["exit_code"], 0, "{lifecycle}: {}", out.json);
+        assert_eq!(out.json["stdout"], "done\n", "{lifecycle}: {}", out.json);
+        if lifecycle == "hybrid" {
+            api.wait_for(&format!("/v1/boxes/{bx}"), 30, |b| b["state"] == "parked")
+                .await;
+        }
+    }
+    srv.stop().await;
+}
+
 /// A hybrid box whose snapshot cannot be stored keeps running with its files (the park is
 /// abandoned, the reason recorded); once the store works again the next idle period parks it,
 /// and an exec restores it with the files.

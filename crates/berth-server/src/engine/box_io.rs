@@ -2,6 +2,7 @@
 //! Each resolves its [`Route`](super::route::Route) (tenant check, restore of a parked box,
 //! activity) and then speaks to the backend; the API edge only translates HTTP.
 
+use super::boxes::InUse;
 use super::error::EngineError;
 use super::route::Use;
 use super::Engine;
@@ -27,15 +28,19 @@ pub enum FileRead {
 
 /// A file being written into a box: pieces in order, then [`BoxFile::commit`] makes it appear
 /// whole (dropped uncommitted, nothing appears).
-pub struct BoxFile(FileWriter);
+pub struct BoxFile {
+    writer: FileWriter,
+    /// The box is busy until the file is committed or dropped.
+    _in_use: Option<InUse>,
+}
 
 impl BoxFile {
     pub async fn write(&mut self, data: bytes::Bytes) -> Result<(), EngineError> {
-        Ok(self.0.write(data).await?)
+        Ok(self.writer.write(data).await?)
     }
 
     pub async fn commit(self) -> Result<(), EngineError> {
-        Ok(self.0.commit().await?)
+        Ok(self.writer.commit().await?)
     }
 }
 
@@ -87,7 +92,7 @@ impl Engine {
             timeout: Some(Duration::from_secs(timeout)),
             ..Default::default()
         };
-        let handle = self.exec_stream(tenant, id, spec).await?;
+        let (handle, _in_use) = self.exec_stream(tenant, id, spec).await?;
         let out = handle
             .collect(
                 req.stdin.map(String::into_bytes),
@@ -108,18 +113,21 @@ impl Engine {
 
     /// Start a command in the box and hand back its streams: stdin pieces, EOF and signals go
     /// in through `input` as the caller has them, output and the exit come out of `events`.
+    /// The box is busy (not idle) while the caller keeps the `InUse`.
     pub async fn exec_stream(
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
         spec: ExecSpec,
-    ) -> Result<ExecHandle, EngineError> {
+    ) -> Result<(ExecHandle, Option<InUse>), EngineError> {
         let program = spec.argv.first().cloned().unwrap_or_default();
         let r = self.route(tenant, id, Use::Serve).await?;
-        r.backend
+        let handle = r
+            .backend
             .exec(r.box_id(), spec)
             .await
-            .map_err(exec_error(&program))
+            .map_err(exec_error(&program))?;
+        Ok((handle, r.in_use))
     }
 
     /// CPU, memory, pids and disk of a running box (does not restore a parked one, nor count as
@@ -155,6 +163,8 @@ impl Engine {
         match r.backend.files(r.box_id())?.open_read(path).await? {
             Reading::File(reader) => {
                 let size = reader.size();
+                // The box stays busy until the stream is done with (read to its end or dropped).
+                let in_use = r.in_use;
                 // The declared length is the size at open: a file the box grows meanwhile is
                 // cut there, one it shrinks ends the stream early (the client sees it short).
                 let chunks =
@@ -176,7 +186,12 @@ impl Engine {
                     });
                 Ok(FileRead::File {
                     size,
-                    chunks: chunks.boxed(),
+                    chunks: chunks
+                        .map(move |c| {
+                            let _held = &in_use;
+                            c
+                        })
+                        .boxed(),
                 })
             }
             Reading::Dir(listing) => Ok(FileRead::Dir(DirListing {
@@ -206,9 +221,10 @@ impl Engine {
         mode: u32,
     ) -> Result<BoxFile, EngineError> {
         let r = self.route(tenant, id, Use::Serve).await?;
-        Ok(BoxFile(
-            r.backend.files(r.box_id())?.create(path, mode).await?,
-        ))
+        Ok(BoxFile {
+            writer: r.backend.files(r.box_id())?.create(path, mode).await?,
+            _in_use: r.in_use,
+        })
     }
 
     /// Delete a file or (recursively) a directory.
@@ -234,13 +250,59 @@ impl Engine {
             return Err(EngineError::Invalid("port must be 1-65535".into()));
         }
         let r = self.route(tenant, id, Use::Serve).await?;
-        r.backend
+        let stream = r
+            .backend
             .connect(r.box_id(), port)
             .await
             .map_err(|e| match e {
                 SandboxError::Io(io) => EngineError::Unreachable(format!("port {port}: {io}")),
                 other => other.into(),
-            })
+            })?;
+        Ok(Box::new(HeldPort {
+            stream,
+            _in_use: r.in_use,
+        }))
+    }
+}
+
+/// A connection into a box that holds the box busy while it is open (a dev server's page or
+/// WebSocket in use is not idleness).
+struct HeldPort {
+    stream: PortStream,
+    _in_use: Option<InUse>,
+}
+
+impl tokio::io::AsyncRead for HeldPort {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HeldPort {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

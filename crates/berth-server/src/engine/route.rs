@@ -3,6 +3,7 @@
 //! (exec, files, ports, stats, a session's agent) resolves its [`Route`] here and nowhere else,
 //! so a cluster replaces this one function (a remote route) rather than every handler.
 
+use super::boxes::InUse;
 use super::error::EngineError;
 use super::Engine;
 use berth_api::{BoxObject, BoxState};
@@ -22,10 +23,11 @@ pub enum Use {
 
 /// Where a box's operations go: the box as it was when routed, and the backend that holds it.
 /// Local today; the cluster issue adds a remote variant behind the same methods.
-#[derive(Clone)]
 pub struct Route {
     pub(crate) backend: Arc<Backend>,
     pub(crate) box_obj: BoxObject,
+    /// A serving use holds the box busy while the caller keeps this (`BoxHandle::hold`).
+    pub(crate) in_use: Option<InUse>,
 }
 
 impl Route {
@@ -53,13 +55,12 @@ impl Engine {
         if b.state != BoxState::Running {
             return Err(not_running());
         }
-        if how == Use::Serve {
-            h.touch();
-        }
+        let in_use = (how == Use::Serve).then(|| h.hold());
         let backend = self.backend(&b.backend)?;
         Ok(Route {
             backend,
             box_obj: b,
+            in_use,
         })
     }
 

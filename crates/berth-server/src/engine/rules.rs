@@ -14,13 +14,17 @@ use berth_sandbox::BoxExit;
 pub enum AtIdle {
     /// Snapshot it, stop its sessions, release it (hybrid boxes).
     Park,
-    /// Wait another idle period: an agent in it is mid-turn (a slow model is not idleness).
+    /// Wait another idle period: an agent in it is mid-turn (a slow model is not idleness), or
+    /// an exec, file transfer or port connection is in flight (a long build is not idleness).
     Postpone,
     /// Destroy it and record it stopped (`idle_timeout`).
     Stop,
 }
 
-pub fn at_idle(lifecycle: Lifecycle, agent_mid_turn: bool) -> AtIdle {
+pub fn at_idle(lifecycle: Lifecycle, agent_mid_turn: bool, uses_in_flight: bool) -> AtIdle {
+    if uses_in_flight {
+        return AtIdle::Postpone;
+    }
     match lifecycle {
         Lifecycle::Hybrid if agent_mid_turn => AtIdle::Postpone,
         Lifecycle::Hybrid => AtIdle::Park,
@@ -107,11 +111,18 @@ mod tests {
 
     #[test]
     fn only_an_idle_hybrid_box_parks_and_never_mid_turn() {
-        assert_eq!(at_idle(Lifecycle::Hybrid, false), AtIdle::Park);
-        assert_eq!(at_idle(Lifecycle::Hybrid, true), AtIdle::Postpone);
+        assert_eq!(at_idle(Lifecycle::Hybrid, false, false), AtIdle::Park);
+        assert_eq!(at_idle(Lifecycle::Hybrid, true, false), AtIdle::Postpone);
         // Other boxes stop at their idle deadline whatever their agents do.
-        assert_eq!(at_idle(Lifecycle::Persistent, true), AtIdle::Stop);
-        assert_eq!(at_idle(Lifecycle::Ephemeral, false), AtIdle::Stop);
+        assert_eq!(at_idle(Lifecycle::Persistent, true, false), AtIdle::Stop);
+        for l in [
+            Lifecycle::Hybrid,
+            Lifecycle::Persistent,
+            Lifecycle::Ephemeral,
+        ] {
+            assert_eq!(at_idle(l, false, true), AtIdle::Postpone, "{l:?}");
+        }
+        assert_eq!(at_idle(Lifecycle::Ephemeral, false, false), AtIdle::Stop);
     }
 
     #[test]

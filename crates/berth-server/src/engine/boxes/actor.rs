@@ -12,6 +12,7 @@ use crate::engine::error::EngineError;
 use crate::engine::{rules, sleep_until_opt, Engine};
 use berth_api::{BoxObject, BoxSpec, BoxState};
 use berth_sandbox::{Backend, BoxConfig, BoxExit, Bridge, Image, Sandbox};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -55,12 +56,41 @@ const EGRESS_EVENTS_PER_MINUTE: u32 = 600;
 pub struct BoxHandle {
     pub tx: mpsc::Sender<BoxCmd>,
     pub state: watch::Receiver<BoxObject>,
+    /// Uses in flight (an exec, a file transfer, a port connection), shared with the owner
+    /// task: its idle deadline waits for them.
+    in_use: Arc<AtomicUsize>,
 }
 
 impl BoxHandle {
     /// Record activity (resets the idle timer). Never blocks; a full queue already holds a touch
     /// or something more important.
     pub fn touch(&self) {
+        let _ = self.tx.try_send(BoxCmd::Touch);
+    }
+
+    /// Count a use from now until the guard drops: a box is not idle while an exec runs or
+    /// a file or port stream is open, however long it takes (a park would cut it). The use
+    /// counts as activity at both ends.
+    pub fn hold(&self) -> InUse {
+        self.in_use.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        InUse {
+            count: self.in_use.clone(),
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+/// One use of a box in flight (`BoxHandle::hold`).
+pub struct InUse {
+    count: Arc<AtomicUsize>,
+    tx: mpsc::Sender<BoxCmd>,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        // The idle clock restarts at the end of the use, not its start.
         let _ = self.tx.try_send(BoxCmd::Touch);
     }
 }
@@ -93,6 +123,8 @@ pub(super) struct BoxActor {
     pub(super) egress_window: (Instant, u32, u64),
     pub(super) state: watch::Sender<BoxObject>,
     pub(super) rx: mpsc::Receiver<BoxCmd>,
+    /// `BoxHandle::hold`'s count of uses in flight.
+    pub(super) in_use: Arc<AtomicUsize>,
 }
 
 /// What a running box is served with; dropped when it parks.
@@ -134,7 +166,9 @@ pub fn spawn(
 ) -> BoxHandle {
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(obj.clone());
+    let in_use = Arc::new(AtomicUsize::new(0));
     let actor = BoxActor {
+        in_use: in_use.clone(),
         deps,
         backend,
         obj,
@@ -153,6 +187,7 @@ pub fn spawn(
     BoxHandle {
         tx,
         state: state_rx,
+        in_use,
     }
 }
 
@@ -490,7 +525,8 @@ impl BoxActor {
                 }
                 _ = sleep_until_opt(idle_deadline) => {
                     let busy = self.deps.registry.box_busy(&self.obj.id);
-                    match rules::at_idle(self.obj.lifecycle, busy) {
+                    let in_flight = self.in_use.load(Ordering::SeqCst) > 0;
+                    match rules::at_idle(self.obj.lifecycle, busy, in_flight) {
                         rules::AtIdle::Park => {
                             self.park(&mut served, "idle_timeout").await;
                             last_activity = Instant::now();
