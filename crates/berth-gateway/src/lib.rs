@@ -362,14 +362,13 @@ impl Gateway {
         }
     }
 
-    /// Serve the gateway for one box on a Unix socket; the task ends when aborted.
+    /// Serve the gateway for one box on `incoming` (its socket or its door's port); the task
+    /// ends when aborted or the door closes.
     pub fn serve_box(
         self: &Arc<Self>,
         box_id: &str,
-        socket: &Path,
-    ) -> Result<tokio::task::JoinHandle<()>, GatewayError> {
-        let listener = bind_box_socket(socket)
-            .map_err(|e| GatewayError::Bind(socket.display().to_string(), e))?;
+        incoming: conn::Incoming,
+    ) -> tokio::task::JoinHandle<()> {
         let ctx = BoxCtx {
             gw: self.clone(),
             box_id: box_id.to_string(),
@@ -381,12 +380,12 @@ impl Gateway {
                 "message": "berth: too many connections from this box to the model gateway"}})
             .to_string(),
         );
-        Ok(tokio::spawn(conn::serve_http(
-            listener,
+        tokio::spawn(conn::serve_http(
+            incoming,
             app,
             self.cfg.box_connections,
             over_cap,
-        )))
+        ))
     }
 
     /// Serve on a TCP listener for a given box (tests and the benchmark).

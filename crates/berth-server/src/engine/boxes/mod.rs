@@ -58,6 +58,10 @@ impl Engine {
             )));
         }
         validate_spec(&spec)?;
+        // Refused before the box is recorded: a server out of open files would fail it
+        // half-made (or fail its clients' connections and its boxes' model requests).
+        berth_sandbox::native::fds::room_for_box()
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         spec.labels.extend(server_labels);
         // Held until the box is in the registry, where the next admission counts it.
         let ticket = self.admit(tenant, &spec.resources)?;
