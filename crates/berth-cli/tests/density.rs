@@ -106,11 +106,7 @@ async fn two_descriptors_per_box_and_a_clear_refusal_at_the_open_file_limit() {
     assert!(boxes.len() >= 80, "only {} boxes fit", boxes.len());
     let listed = api.get("/v1/boxes").await;
     assert_eq!(listed.status, 200, "{}", listed.json);
-    let items = listed.json["data"]
-        .as_array()
-        .or_else(|| listed.json.as_array())
-        .expect("box list")
-        .len();
+    let items = listed.json["items"].as_array().expect("box list").len();
     assert_eq!(items, boxes.len(), "the refused box was recorded");
 
     // Still serving the boxes it holds: an exec, and each bridged port reaching its own
