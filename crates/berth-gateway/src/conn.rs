@@ -239,8 +239,9 @@ impl Incoming {
     }
 }
 
-/// Prefaces a box's door waits for at once; past that a new connection is closed unread (the
-/// box's bridge writes its preface with the connect: only a box misbehaving keeps many open).
+/// Prefaces a box's door waits for at once; past that it accepts no more until one arrives or
+/// times out (the box's bridge writes its preface with the connect: only a box misbehaving
+/// keeps many waiting, and the door is that box's alone).
 const DOOR_PENDING: usize = 64;
 
 /// A box's one socket for all its bridged ports: see the module's docs. Made with the
@@ -274,6 +275,11 @@ impl Door {
             if routes.values().all(|r| r.is_closed()) {
                 return;
             }
+            // Waited for, not refused: a connection over a service's cap must reach the
+            // service to get its refusal (a burst of connections would be closed unanswered).
+            let Ok(permit) = pending.clone().acquire_owned().await else {
+                return;
+            };
             let mut stream = match listener.accept().await {
                 Ok((s, _)) => s,
                 Err(_) => {
@@ -281,9 +287,6 @@ impl Door {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
-            };
-            let Ok(permit) = pending.clone().try_acquire_owned() else {
-                continue;
             };
             let routes = routes.clone();
             tokio::spawn(async move {
