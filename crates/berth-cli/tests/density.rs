@@ -140,4 +140,11 @@ async fn two_descriptors_per_box_and_a_clear_refusal_at_the_open_file_limit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server.stop().await;
+    // A stopped server leaves no cgroup of its boxes (an empty memory cgroup costs the host
+    // its per-shrinker state for as long as it stays).
+    let left: Vec<_> = boxes
+        .iter()
+        .filter(|id| std::path::Path::new(&format!("/sys/fs/cgroup/memory/berth/{id}")).exists())
+        .collect();
+    assert!(left.is_empty(), "{} box cgroups left: {left:?}", left.len());
 }
