@@ -222,6 +222,9 @@ impl ClaudeDriver {
         if let Some(m) = &s.mcp_servers {
             argv.push(format!("--mcp-config={}", json!({"mcpServers": m})));
         }
+        if s.managed_agents {
+            argv.push("--include-partial-messages".into());
+        }
         if let Some(r) = &self.env.resume {
             argv.push(format!("--resume={r}"));
         }
@@ -392,6 +395,12 @@ impl ClaudeDriver {
                 // reason the turn ended; the agent stays ready for the next message.
                 out.update.state_reason = (is_error || subtype != "success").then_some(subtype);
             }
+            // The model's answer as it streams (`--include-partial-messages`): a preview,
+            // which the session passes on live and never stores.
+            "stream_event" => out.events.push(AgentEvent {
+                kind: EventKind::from(crate::STREAM_EVENT),
+                data: v.get("event").cloned().unwrap_or(Value::Null),
+            }),
             "control_request" => {
                 let req = v.get("request").cloned().unwrap_or(Value::Null);
                 let id = v

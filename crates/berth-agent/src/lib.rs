@@ -46,6 +46,11 @@ pub struct Update {
     pub agent_cost_usd: Option<f64>,
 }
 
+/// The kind of the events a Claude driver makes of the CLI's partial messages (`stream_event`
+/// lines, only with `managed_agents`): the session broadcasts them as previews and drops them
+/// from the log.
+pub const STREAM_EVENT: &str = "stream_event";
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Output {
     pub events: Vec<AgentEvent>,

@@ -395,6 +395,7 @@ impl SdkDriver {
             ("mcp_servers", spec.mcp_servers.is_some()),
             ("permission_rules", !spec.permission_rules.is_empty()),
             ("permission_timeout_s", spec.permission_timeout_s.is_some()),
+            ("managed_agents", spec.managed_agents),
         ]
         .into_iter()
         .filter_map(|(k, on)| on.then_some(k))

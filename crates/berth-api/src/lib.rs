@@ -102,6 +102,30 @@ pub struct BoxSpec {
     /// holds them. The box calls `http://host/…`; the proxy adds `header: value` and (with
     /// `tls`, the default) speaks HTTPS to the host. The host must be on `network.allow`.
     pub secrets: Vec<SecretSpec>,
+    /// Where in a cluster the box may run (see [`Placement`]); absent: any node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Where in a cluster a box may run: on the nodes whose `node_labels` carry every pair of
+/// `node_selector`, spread over the values of the node label `spread_by` (the value holding
+/// the fewest of this tenant's live boxes first). No matching node: 409.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Placement {
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread_by: Option<String>,
+}
+
+impl Placement {
+    /// Whether a node with `labels` may take the box.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -220,6 +244,9 @@ pub struct BoxObject {
     /// The node that holds the box (cluster); none for a parked box any node may restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The spec's `placement`, as asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -329,6 +356,13 @@ pub struct ClaudeAgent {
     pub permission_rules: Vec<PermissionRule>,
     /// Unanswered permission requests are denied after this long (default 300 s).
     pub permission_timeout_s: Option<u64>,
+    /// A session of the Managed Agents API (which sets it): the CLI runs with
+    /// `--include-partial-messages`, so the model's answer also streams as it is written, as
+    /// live previews (never stored) for that API's streams that ask for `event_deltas`; and
+    /// each model answer's metered usage is logged (`model_usage` events) before the CLI has
+    /// read the answer's end.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub managed_agents: bool,
     /// `sdk`: the client drives the CLI itself over `GET /v1/sessions/{id}/sdk` (the Agent
     /// SDK's control protocol runs in the client's process); `args` are its CLI arguments,
     /// checked against berth's allowlist.
@@ -561,6 +595,9 @@ pub struct SessionObject {
     /// In a shared box: the uid the session's agent runs as (its own, unlike its neighbours').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// The node running the session's agent (cluster); only that node writes the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -849,6 +886,9 @@ pub struct NodeObject {
     /// Why it is in its state (e.g. what declared it lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
+    /// Its `node_labels`, which box placements select and spread on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub joined_at: Timestamp,
 }
 

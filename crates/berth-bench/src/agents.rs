@@ -78,6 +78,31 @@ fn box_procs(id: &str) -> HashSet<u64> {
         .collect()
 }
 
+/// A busy host: `n` boxes spinning on CPU (each at the default 1 cpu), added to `made`.
+pub(crate) async fn spinners(
+    api: &BenchApi,
+    n: usize,
+    made: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    for _ in 0..n {
+        let b = api
+            .post("/v1/boxes", json!({"idle_timeout_s": null}))
+            .await?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        made.push(b.clone());
+        let r = api
+            .post(
+                &format!("/v1/boxes/{b}/exec"),
+                json!({"argv": ["sh", "-c", "setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &"]}),
+            )
+            .await?;
+        anyhow::ensure!(r["exit_code"] == 0, "spinner did not start: {r}");
+    }
+    Ok(())
+}
+
 /// One session start into box `bx`: (POST → first model request, POST → CLI process in the
 /// box, CLI process → first model request).
 async fn berth_start(
@@ -209,20 +234,7 @@ async fn measure(
     made: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let id = |v: &Value| v["id"].as_str().unwrap_or_default().to_string();
-    // A busy host: boxes spinning on CPU (each at the default 1 cpu).
-    for _ in 0..o.spinners {
-        let b = id(&api
-            .post("/v1/boxes", json!({"idle_timeout_s": null}))
-            .await?);
-        made.push(b.clone());
-        let r = api
-            .post(
-                &format!("/v1/boxes/{b}/exec"),
-                json!({"argv": ["sh", "-c", "setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &"]}),
-            )
-            .await?;
-        anyhow::ensure!(r["exit_code"] == 0, "spinner did not start: {r}");
-    }
+    spinners(api, o.spinners, made).await?;
     // The boxes sessions start in: the default (cpus 1.0, with the backend's CPU burst), the
     // same without burst, and the host's two cores.
     let mut variants: Vec<(&str, String)> = Vec::new();

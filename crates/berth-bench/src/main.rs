@@ -7,6 +7,7 @@
 //! cargo run --release -p berth-bench -- agents [--runs 20 --concurrent 50]
 //! cargo run --release -p berth-bench -- park [--runs 5 --mib 100]
 //! cargo run --release -p berth-bench -- flood [--runs 3 --execs 200 --per-port 200]
+//! cargo run --release -p berth-bench -- start [--runs 10 --busy 2]
 //! cargo run --release -p berth-bench -- pools [--runs 10]
 //! cargo run --release -p berth-bench -- check [--runs 3]
 //! cargo run --release -p berth-bench -- managed [--runs 5 --subscribers 500 --messages 10]
@@ -29,6 +30,7 @@ mod park;
 mod pools;
 mod sandbox;
 mod sdk;
+mod start;
 mod store;
 
 use clap::{Parser, Subcommand};
@@ -117,6 +119,15 @@ enum Cmd {
         /// Workspace size in MiB (random bytes).
         #[arg(long, default_value_t = 100)]
         mib: usize,
+    },
+    /// Where a session's start-up time goes: the CLI by hand, by hand with the box's argv and
+    /// cgroup, the box with and without the start boost; CPU time and throttling per row.
+    Start {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Boxes spinning on CPU during the run (a busy host), 0 for none.
+        #[arg(long, default_value_t = 0)]
+        busy: usize,
     },
     /// Warm pool take against a CLI pre-started by hand and a cold session, same run.
     Pools {
@@ -491,6 +502,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Park { runs, mib } => park::run(runs, mib).await,
             Cmd::Sdk { runs, python } => sdk::run(runs, python).await,
             Cmd::Pools { runs } => pools::run(runs).await,
+            Cmd::Start { runs, busy } => start::run(runs, busy).await,
             Cmd::Check { runs } => check::run(runs).await,
             Cmd::Managed {
                 runs,

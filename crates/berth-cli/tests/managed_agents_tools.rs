@@ -2,7 +2,7 @@
 //! real box, the real Claude Code CLI, the mock model): custom tools (the client runs them; the
 //! CLI reaches them through berth's MCP server on the box-side API) driven by the official
 //! Python SDK, an agent's own MCP server reached through the box's egress allowlist, and an
-//! environment's pip packages installed from an index the test serves.
+//! environment's pip and npm packages installed from an index and a registry the test serves.
 
 mod common;
 
@@ -570,6 +570,156 @@ async fn an_environments_pip_packages_are_installed_before_the_first_turn() {
     assert_eq!(s, 400, "{b}");
     assert!(
         b["error"]["message"].as_str().unwrap_or("").contains("pip"),
+        "{b}"
+    );
+}
+
+/// A tiny npm registry on loopback serving `berthnpm` 1.0.0 (a tarball the test's Python
+/// makes), recording the paths asked for; `host` is the name the box reaches it by.
+async fn npm_registry(host: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let script = r#"
+import base64, hashlib, io, json, sys, tarfile
+files = {
+    "package/package.json": json.dumps({"name": "berthnpm", "version": "1.0.0", "main": "index.js"}).encode(),
+    "package/index.js": b'module.exports = "from the test registry";\n',
+}
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w:gz") as t:
+    for name, data in files.items():
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        t.addfile(info, io.BytesIO(data))
+tgz = buf.getvalue()
+print(json.dumps({"tgz": tgz.hex(), "shasum": hashlib.sha1(tgz).hexdigest(),
+    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode()}))
+"#;
+    let out = tokio::process::Command::new(venv_python())
+        .args(["-c", script])
+        .output()
+        .await
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let tgz = hex::decode(made["tgz"].as_str().expect("tgz")).expect("hex");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let packument = json!({
+        "name": "berthnpm",
+        "dist-tags": {"latest": "1.0.0"},
+        "versions": {"1.0.0": {
+            "name": "berthnpm", "version": "1.0.0", "main": "index.js",
+            "dist": {
+                "tarball": format!("http://{host}:{port}/berthnpm/-/berthnpm-1.0.0.tgz"),
+                "shasum": made["shasum"], "integrity": made["integrity"],
+            },
+        }},
+    })
+    .to_string();
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = asked.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (seen, packument, tgz) = (seen.clone(), packument.clone(), tgz.clone());
+        async move {
+            use axum::response::IntoResponse;
+            if let Ok(mut s) = seen.lock() {
+                s.push(uri.path().to_string());
+            }
+            match uri.path() {
+                "/berthnpm" => ([("content-type", "application/json")], packument).into_response(),
+                "/berthnpm/-/berthnpm-1.0.0.tgz" => {
+                    ([("content-type", "application/octet-stream")], tgz).into_response()
+                }
+                _ => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (port, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environments_npm_packages_are_installed_before_the_first_turn() {
+    let (port, asked) = npm_registry("npm.test").await;
+    let overrides = format!("npm.test=127.0.0.1:{port}");
+    let (_d, srv, _mock) = setup(&[("BERTH_EGRESS_OVERRIDES", &overrides)]).await;
+    let (_, a) = tenant_key(&srv.client(), "team-a").await;
+    let registry = format!("http://npm.test:{port}/");
+    let (s, env) = anth(
+        &a,
+        "POST",
+        "/v1/environments",
+        Some(json!({"name": "js", "metadata": {"berth_npm_registry": registry},
+            "config": {"type": "cloud", "packages": {"type": "packages", "npm": ["berthnpm@1.0.0"]}}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{env}");
+    let (_, agent) = anth(
+        &a,
+        "POST",
+        "/v1/agents",
+        Some(json!({"name": "n", "model": "claude-sonnet-4-5"})),
+    )
+    .await;
+    let (s, sess) = anth(
+        &a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{sess}");
+    // Fetched from the test's registry, through the egress proxy, before the session was there.
+    let got = asked.lock().expect("asked").clone();
+    assert!(got.iter().any(|p| p == "/berthnpm"), "{got:?}");
+    assert!(got.iter().any(|p| p.ends_with(".tgz")), "{got:?}");
+    let bx = a.get("/v1/boxes").await.json["items"][0]["id"]
+        .as_str()
+        .expect("box")
+        .to_string();
+    // `require` finds it from the agent's working directory.
+    let r = exec_sh(
+        &a,
+        &bx,
+        "cd /workspace && node -e 'console.log(require(\"berthnpm\"))'",
+        60,
+    )
+    .await;
+    assert_eq!(
+        r["stdout"].as_str().map(str::trim),
+        Some("from the test registry"),
+        "{r}"
+    );
+
+    // A package the registry does not have: the session is refused with npm's own words.
+    let (_, env2) = anth(
+        &a,
+        "POST",
+        "/v1/environments",
+        Some(
+            json!({"name": "js2", "metadata": {"berth_npm_registry": registry},
+            "config": {"type": "cloud", "packages": {"npm": ["nosuchpackage"]}}}),
+        ),
+    )
+    .await;
+    let (s, b) = anth(
+        &a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env2["id"]})),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap_or("").contains("npm"),
         "{b}"
     );
 }

@@ -51,36 +51,45 @@ struct MeterTap {
 }
 
 impl MeterTap {
-    fn report(&mut self) {
-        if let Some(owner) = self.pending.take() {
-            let model = self.parser.model().unwrap_or_else(|| {
-                self.request_model
-                    .lock()
-                    .map(|m| m.model())
-                    .unwrap_or_default()
-            });
-            let usage = self.parser.usage();
-            let cost_usd = self.gw.cfg.prices.cost_usd(&model, &usage);
-            let crossed = self.gw.spend(&owner, cost_usd);
-            self.gw
-                .metered
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let _ = self.gw.meter.send(UsageRecord {
-                owner,
-                model,
-                usage,
-                status: self.status,
-                cost_usd,
-                duration: self.started.elapsed(),
-                crossed,
-            });
-        }
+    /// Report the usage (once); what the observer wants awaited before the answer's end goes on.
+    fn report(&mut self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        let owner = self.pending.take()?;
+        let model = self.parser.model().unwrap_or_else(|| {
+            self.request_model
+                .lock()
+                .map(|m| m.model())
+                .unwrap_or_default()
+        });
+        let usage = self.parser.usage();
+        let cost_usd = self.gw.cfg.prices.cost_usd(&model, &usage);
+        let crossed = self.gw.spend(&owner, cost_usd);
+        self.gw
+            .metered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let record = UsageRecord {
+            owner,
+            model,
+            usage,
+            status: self.status,
+            cost_usd,
+            duration: self.started.elapsed(),
+            crossed,
+            message_id: self.parser.message_id(),
+        };
+        let wait = self.gw.observer.get().and_then(|o| o(&record));
+        let _ = self.gw.meter.send(record);
+        wait
     }
 }
 
 impl Drop for MeterTap {
     fn drop(&mut self) {
-        self.report();
+        // A cut stream: nothing is left to hold back, so the observer's wait runs on its own.
+        if let Some(wait) = self.report() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(tokio::time::timeout(crate::OBSERVER_WAIT, wait));
+            }
+        }
     }
 }
 
@@ -323,14 +332,22 @@ pub(crate) async fn forward(State(ctx): State<BoxCtx>, req: Request) -> Response
             status,
             started,
         };
-        Body::from_stream(resp.bytes_stream().map(move |chunk| {
+        Body::from_stream(resp.bytes_stream().then(move |chunk| {
             if let Ok(b) = &chunk {
                 tap.parser.feed(b);
             }
-            if tap.parser.finished() {
-                tap.report();
+            let wait = if tap.parser.finished() {
+                tap.report()
+            } else {
+                None
+            };
+            async move {
+                // The chunk that ends the answer waits until the observer has it.
+                if let Some(wait) = wait {
+                    let _ = tokio::time::timeout(crate::OBSERVER_WAIT, wait).await;
+                }
+                chunk
             }
-            chunk
         }))
     } else {
         Body::from_stream(resp.bytes_stream())

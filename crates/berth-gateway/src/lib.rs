@@ -1,8 +1,8 @@
 //! The model gateway.
 //!
-//! Each box gets its own Unix socket (`model.sock` in the box's run directory, reachable inside
-//! the box as `http://127.0.0.1:<port>` through the supervisor's bridge), so the gateway always
-//! knows which box a request came from. Inside the box `ANTHROPIC_API_KEY` is a per-session
+//! Each box gets its own way in (its door's gateway port: `bridge.sock` in the box's run
+//! directory, reachable inside the box as `http://127.0.0.1:<port>` through the supervisor's
+//! bridge; [`conn::Door`]), so the gateway always knows which box a request came from. Inside the box `ANTHROPIC_API_KEY` is a per-session
 //! token; the gateway accepts only a live token of a session in *that* box, replaces it with
 //! the real credential, and forwards the request to the upstream, streaming both ways without
 //! buffering. Usage is read from the response as it passes (`message_start` and
@@ -84,7 +84,18 @@ pub struct UsageRecord {
     pub duration: std::time::Duration,
     /// Budget thresholds this request crossed.
     pub crossed: Crossed,
+    /// The answer's id (`msg_…`), when the response named one.
+    pub message_id: Option<String>,
 }
+
+/// Told of each metered answer before its last bytes go on to the box: the future it returns
+/// (if any) is awaited first, bounded by [`OBSERVER_WAIT`], so what it records comes before
+/// anything the agent does after reading the whole answer.
+pub type Observer =
+    Arc<dyn Fn(&UsageRecord) -> Option<futures::future::BoxFuture<'static, ()>> + Send + Sync>;
+
+/// Longest an answer's end waits for the [`Observer`].
+pub const OBSERVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Budget thresholds one request's cost crossed (each is reported once, by the request that
 /// crosses it).
@@ -174,6 +185,7 @@ pub struct Gateway {
     meter: mpsc::UnboundedSender<UsageRecord>,
     /// Records sent on `meter` so far (lets readers wait until the ledger has them all).
     metered: std::sync::atomic::AtomicU64,
+    observer: std::sync::OnceLock<Observer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,9 +281,15 @@ impl Gateway {
                 tenants: std::sync::Mutex::new(HashMap::new()),
                 meter: tx,
                 metered: std::sync::atomic::AtomicU64::new(0),
+                observer: std::sync::OnceLock::new(),
             }),
             rx,
         ))
+    }
+
+    /// Set the [`Observer`] of metered answers (once; later calls are ignored).
+    pub fn set_observer(&self, o: Observer) {
+        let _ = self.observer.set(o);
     }
 
     /// How many usage records have been sent to the meter channel so far.

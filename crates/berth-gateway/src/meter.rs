@@ -33,6 +33,8 @@ pub struct UsageParser {
     json: JsonEnd,
     usage: Usage,
     model: Option<String>,
+    /// The answer's id (`msg_…`), from `message_start` or the JSON body.
+    id: Option<String>,
     finished: bool,
 }
 
@@ -102,6 +104,7 @@ struct WireCacheCreation {
 /// A whole JSON response, or `message_start`'s `message`.
 #[derive(Deserialize)]
 struct WireMessage {
+    id: Option<String>,
     model: Option<String>,
     usage: Option<WireUsage>,
 }
@@ -148,6 +151,7 @@ impl UsageParser {
             json: JsonEnd::default(),
             usage: Usage::default(),
             model: None,
+            id: None,
             finished: false,
         }
     }
@@ -195,6 +199,7 @@ impl UsageParser {
                 apply(&mut self.usage, u);
             }
             self.model = m.model;
+            self.id = m.id;
             self.finished = true;
         }
         self.body = Vec::new();
@@ -229,6 +234,7 @@ impl UsageParser {
                         apply(&mut self.usage, u);
                     }
                     self.model = m.model;
+                    self.id = m.id;
                 }
             }
             Some("message_delta") => {
@@ -250,6 +256,10 @@ impl UsageParser {
     pub fn model(&self) -> Option<String> {
         self.model.clone()
     }
+    /// The id of the answer (`msg_…`), once seen.
+    pub fn message_id(&self) -> Option<String> {
+        self.id.clone()
+    }
 }
 
 #[cfg(test)]
@@ -259,7 +269,7 @@ mod tests {
     #[test]
     fn stream_usage_is_assembled_across_chunk_boundaries() {
         let s = concat!(
-            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m1\",\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":3,\"cache_creation\":{\"ephemeral_5m_input_tokens\":4,\"ephemeral_1h_input_tokens\":2},\"output_tokens\":1}}}\n\n",
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"m1\",\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":3,\"cache_creation\":{\"ephemeral_5m_input_tokens\":4,\"ephemeral_1h_input_tokens\":2},\"output_tokens\":1}}}\n\n",
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":42}}\n\n",
             "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
         );
@@ -280,6 +290,7 @@ mod tests {
             }
         );
         assert_eq!(p.model().as_deref(), Some("m1"));
+        assert_eq!(p.message_id().as_deref(), Some("msg_1"));
         let mut j = UsageParser::new(false);
         j.feed(br#"{"model":"m2","usage":{"input_tokens":5,"#);
         assert!(!j.finished());

@@ -316,7 +316,11 @@ async fn messages(
     let usage = json!({
         "input_tokens": inp,
         "cache_creation_input_tokens": step.usage.cache_creation_input_tokens.unwrap_or(0),
-        "cache_read_input_tokens": step.usage.cache_read_input_tokens.unwrap_or(0),
+        "cache_read_input_tokens": step
+            .usage
+            .final_cache_read_input_tokens
+            .or(step.usage.cache_read_input_tokens)
+            .unwrap_or(0),
         "cache_creation": {
             "ephemeral_5m_input_tokens": step.usage.cache_creation_input_tokens.unwrap_or(0),
             "ephemeral_1h_input_tokens": 0
@@ -358,6 +362,11 @@ async fn messages(
     let events = async_stream::stream! {
         let mut start_usage = usage.clone();
         start_usage["output_tokens"] = json!(1);
+        start_usage["cache_read_input_tokens"] = json!(step.usage.cache_read_input_tokens.unwrap_or(0));
+        let mut end_usage = json!({"output_tokens": out_tokens});
+        if let Some(n) = step.usage.final_cache_read_input_tokens {
+            end_usage["cache_read_input_tokens"] = json!(n);
+        }
         yield sse("message_start", json!({"type": "message_start", "message": {
             "id": msg_id(), "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": null, "stop_sequence": null, "usage": start_usage}}));
@@ -383,7 +392,7 @@ async fn messages(
             }
             yield sse("content_block_stop", json!({"type": "content_block_stop", "index": i}));
         }
-        yield sse("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": out_tokens}}));
+        yield sse("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": end_usage}));
         yield sse("message_stop", json!({"type": "message_stop"}));
     };
     let body = axum::body::Body::from_stream(futures::StreamExt::map(

@@ -53,6 +53,10 @@ pub struct UsageOverride {
     pub output_tokens: Option<u64>,
     pub cache_creation_input_tokens: Option<u64>,
     pub cache_read_input_tokens: Option<u64>,
+    /// Cache reads as the answer's end reports them (`message_delta`'s cumulative usage, as
+    /// the API may send), where `message_start` said `cache_read_input_tokens`: what a
+    /// client echoing the start gets wrong.
+    pub final_cache_read_input_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

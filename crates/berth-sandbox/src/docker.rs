@@ -807,6 +807,7 @@ impl Sandbox for DockerBackend {
             client::Probes {
                 oom_killed: Box::new(move || oom_kill_count(pid) > oom_before),
                 running: Box::new(move || bx.running()),
+                first_output: None,
             },
         )
         .await

@@ -163,6 +163,25 @@ pub struct ExecSpec {
     /// Run on a pseudo-terminal of this size allocated inside the box (an interactive shell)
     /// instead of pipes: output arrives as `Stdout` only, and `ExecInput::Resize` resizes it.
     pub tty: Option<TtySize>,
+    /// Raise the box's CPU weight while this process starts (an agent's CLI: a burst of work
+    /// before its first output), where the backend can; see [`StartBoost`].
+    pub start_boost: Option<StartBoost>,
+}
+
+/// A temporary raise of a box's CPU weight for an agent's start-up: from the exec until the
+/// process's first output (not stderr) or `max`, whichever comes first. Each box has a budget
+/// of boost time that refills slowly, so a box cannot keep itself boosted by restarting its
+/// agent. The native backend applies it (`native::boost`); others ignore it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StartBoost {
+    /// The box's CPU weight while boosted, in cgroup v1 `cpu.shares` (a box has 1024).
+    pub shares: u64,
+    /// The longest one boost lasts.
+    pub max: Duration,
+    /// Boost time a box may spend in a row; a start finds the boost refused once it is spent.
+    pub budget: Duration,
+    /// Budget regained per second of wall time (0.25: a quarter of the time, in the long run).
+    pub refill: f64,
 }
 
 /// A terminal's size in character cells.

@@ -74,6 +74,8 @@ pub struct Config {
     pub listener: ListenerSection,
     /// Per-session caps on the event log (a flooding agent cannot grow the store unbounded).
     pub events: EventsSection,
+    /// The CPU weight an agent's box gets while the agent starts (native backend).
+    pub start_boost: StartBoostSection,
     // -- cluster (issue #20) --
     /// This node's name in the cluster (default: the host name). Unique per node.
     pub node_name: Option<String>,
@@ -86,6 +88,9 @@ pub struct Config {
     /// How long a node's lease holds without a renewal, in ms (renewed every fifth of it);
     /// past it another node declares the node lost.
     pub node_lease_ms: u64,
+    /// This node's labels (`BERTH_NODE_LABELS=k=v,k2=v2`): a box's `placement.node_selector`
+    /// picks nodes by them, `placement.spread_by` spreads over their values.
+    pub node_labels: std::collections::BTreeMap<String, String>,
     // -- warm pools (issue #22) --
     /// `[[pools]]`: boxes kept ready with their agent started (see `engine::pools`).
     pub pools: Vec<crate::engine::pools::PoolConfig>,
@@ -176,6 +181,47 @@ impl Default for EventsSection {
             max_bytes: 64 << 10,
             max_per_session: 1_000_000,
         }
+    }
+}
+
+/// A session's agent starts with its box's CPU weight raised (the box's `cpu.shares`, and the
+/// boxes' parent group's), until its first output or `max_ms`, so that boxes spinning on CPU
+/// beside it do not slow its start; each box may spend `budget_ms` of boost, regained at
+/// `refill` per second. The CPU limit (`cpus`) is never raised.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StartBoostSection {
+    /// The box's weight while boosted, in cgroup v1 shares (a box has 1024); 0 turns the
+    /// boost off. `BERTH_START_BOOST_SHARES`.
+    pub shares: u64,
+    /// The longest one boost lasts. `BERTH_START_BOOST_MAX_MS`.
+    pub max_ms: u64,
+    /// Boost time a box may spend in a row. `BERTH_START_BOOST_BUDGET_MS`.
+    pub budget_ms: u64,
+    /// Budget regained per second. `BERTH_START_BOOST_REFILL`.
+    pub refill: f64,
+}
+
+impl Default for StartBoostSection {
+    fn default() -> Self {
+        StartBoostSection {
+            shares: 4096,
+            max_ms: 5000,
+            budget_ms: 10_000,
+            refill: 0.25,
+        }
+    }
+}
+
+impl StartBoostSection {
+    /// The boost sessions ask for, `None` when turned off.
+    pub fn spec(&self) -> Option<berth_sandbox::StartBoost> {
+        (self.shares > 0 && self.max_ms > 0).then(|| berth_sandbox::StartBoost {
+            shares: self.shares,
+            max: std::time::Duration::from_millis(self.max_ms),
+            budget: std::time::Duration::from_millis(self.budget_ms),
+            refill: self.refill,
+        })
     }
 }
 
@@ -367,10 +413,12 @@ impl Default for Config {
             tenant_max: TenantMaxSection::default(),
             listener: ListenerSection::default(),
             events: EventsSection::default(),
+            start_boost: StartBoostSection::default(),
             node_name: None,
             advertise_url: None,
             cluster_secret: None,
             node_lease_ms: 5000,
+            node_labels: Default::default(),
             pools: Vec::new(),
         }
     }
@@ -558,8 +606,9 @@ pub fn keys() -> Vec<String> {
 }
 
 /// The value an environment variable gives `key`. Scalars stay strings (extraction reads
-/// them as the key's type); `egress.overrides` is `name=addr:port,…`, `egress.ca_files`
-/// comma-separated paths, other lists and tables figment's inline syntax
+/// them as the key's type); `egress.overrides` is `name=addr:port,…`, `node_labels`
+/// `key=value,…`, `egress.ca_files` comma-separated paths, other lists and tables figment's
+/// inline syntax
 /// (`[{model = "x", input = 1, output = 2}]`).
 fn env_value(key: &str, name: &str, raw: &str) -> Result<Value, String> {
     Ok(match key {
@@ -570,6 +619,16 @@ fn env_value(key: &str, name: &str, raw: &str) -> Result<Value, String> {
                     .split_once('=')
                     .ok_or_else(|| format!("{name}: {pair:?} is not name=addr:port"))?;
                 d.insert(host.to_string(), Value::from(addr.to_string()));
+            }
+            Value::from(d)
+        }
+        "node_labels" => {
+            let mut d = Dict::new();
+            for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("{name}: {pair:?} is not key=value"))?;
+                d.insert(k.trim().to_string(), Value::from(v.trim().to_string()));
             }
             Value::from(d)
         }

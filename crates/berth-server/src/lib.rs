@@ -248,6 +248,7 @@ pub async fn run(
                     pids: cfg.max_box.pids.unwrap_or(host.pids),
                 }
             },
+            start_boost: cfg.start_boost.spec(),
             events: engine::event_cap::Limits {
                 per_second: cfg.events.per_second,
                 burst: cfg.events.burst,
@@ -363,6 +364,7 @@ fn cluster_config(cfg: &Config, addr: SocketAddr) -> engine::nodes::ClusterConfi
             disk_mib: cfg.max_box.disk_mib.unwrap_or(host.disk_mib),
             boxes: 0,
         },
+        labels: cfg.node_labels.clone(),
     }
 }
 

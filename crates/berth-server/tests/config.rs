@@ -163,6 +163,7 @@ fn environment_overrides_the_file() {
     set("BERTH_LOG_FORMAT", "text");
     set("BERTH_EGRESS_CA_FILE", "/b.pem");
     set("BERTH_EGRESS_OVERRIDES", "y.example=127.0.0.1:2");
+    set("BERTH_NODE_LABELS", "zone=a, disk=ssd");
     let cfg = Config::load(Some(&file));
     for k in [
         "BERTH_LISTENER_IDLE_TIMEOUT_S",
@@ -170,6 +171,7 @@ fn environment_overrides_the_file() {
         "BERTH_LOG_FORMAT",
         "BERTH_EGRESS_CA_FILE",
         "BERTH_EGRESS_OVERRIDES",
+        "BERTH_NODE_LABELS",
     ] {
         unset(k);
     }
@@ -186,6 +188,14 @@ fn environment_overrides_the_file() {
         ]
     );
     assert_eq!(cfg.egress.overrides.len(), 2, "{:?}", cfg.egress.overrides);
+    // Node labels are `key=value,…`.
+    assert_eq!(
+        cfg.node_labels.iter().collect::<Vec<_>>(),
+        vec![
+            (&"disk".to_string(), &"ssd".to_string()),
+            (&"zone".into(), &"a".into())
+        ]
+    );
 
     // A file that is named but missing is an error, not an empty layer.
     let err = Config::load(Some(&dir.path().join("nope.toml"))).expect_err("missing file");

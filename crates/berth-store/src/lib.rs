@@ -16,8 +16,9 @@
 //!   that holds it — [`Store::put_box`] over a row whose `node` differs from the object's is a
 //!   [`StoreError::Conflict`] and changes nothing — so a node the cluster declared lost cannot
 //!   overwrite what replaced its boxes; [`Store::claim_box`] moves a box between holders with
-//!   one compare-and-set. Node leases, loss and cron firings are conditional UPDATEs: exactly
-//!   one caller wins each.
+//!   one compare-and-set. A session's record likewise ([`Store::put_session`]): written by the
+//!   node its row names or by its box's holder now, else a `Conflict`. Node leases, loss and
+//!   cron firings are conditional UPDATEs: exactly one caller wins each.
 //! - Tenancy is enforced by callers through the `tenant` argument of lookups; a row of another
 //!   tenant is reported as absent.
 
@@ -194,6 +195,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_box(&self, tenant: Option<&str>, id: &str) -> Result<Option<BoxObject>>;
     async fn list_boxes(&self, tenant: Option<&str>) -> Result<Vec<BoxObject>>;
 
+    /// Insert or replace a session document. Fenced: an existing row is replaced only when
+    /// `s.node` is the row's node or the node holding the session's box (see the module
+    /// docs), else [`StoreError::Conflict`] and nothing changes.
     async fn put_session(&self, s: &SessionObject) -> Result<()>;
     /// Append `events` of session `s` (as [`Store::append_events`]; may be empty) and write
     /// `s` in one transaction: a reader that sees an event sees the record as of that event or
@@ -249,6 +253,19 @@ pub trait Store: Send + Sync + 'static {
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>>;
     /// Delete every version of a document; false when there was none.
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool>;
+    /// One page of the latest version of each of a tenant's documents of `kind`, in id order
+    /// (`desc`: highest first): those past `after` in that order (below it when `desc`), at
+    /// most `limit`. A keyset read on (kind, tenant, id): a page costs its own rows, not the
+    /// tenant's other documents (the Managed Agents API's ids start with their creation time,
+    /// so id order is creation order).
+    async fn latest_documents(
+        &self,
+        kind: &str,
+        tenant: &str,
+        after: Option<&str>,
+        desc: bool,
+        limit: i64,
+    ) -> Result<Vec<Document>>;
 
     /// Append usage rows in one transaction.
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()>;

@@ -183,10 +183,21 @@ pub(crate) fn get_doc(table: &str) -> String {
 pub(crate) fn list_docs(table: &str) -> String {
     format!("SELECT doc FROM {table} WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id")
 }
+/// Fenced like a box's record: an existing session is written by the node named in its row,
+/// or by the node holding its box now (the one that took the box over: a restore elsewhere,
+/// or the node that settled a lost node's boxes and cleared their holder). A cut-off node
+/// that comes back is neither, so its late writes change nothing (a `Conflict`).
 pub(crate) const PUT_SESSION: &str =
-    "INSERT INTO sessions (id, tenant, box_id, state, doc, created_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-     ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc";
+    "INSERT INTO sessions (id, tenant, box_id, state, doc, created_at, node)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+     ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc, node = excluded.node
+     WHERE sessions.node IS NOT DISTINCT FROM excluded.node
+        OR excluded.node IS NOT DISTINCT FROM (SELECT b.node FROM boxes b WHERE b.id = excluded.box_id)";
+
+/// The refusal of a fenced session write.
+pub(crate) fn session_held(id: &str) -> StoreError {
+    StoreError::Conflict(format!("session {id} is held by another node"))
+}
 pub(crate) const LIST_SESSIONS: &str = "SELECT doc FROM sessions
      WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR box_id = ?2) ORDER BY created_at, id";
 

@@ -143,15 +143,19 @@ impl SqliteStore {
     async fn put_session_in(tx: &mut SqliteConnection, s: &SessionObject) -> Result<()> {
         let _t = timer("put_session");
         let doc = serde_json::to_string(s).map_err(corrupt)?;
-        sqlx::query(sql::PUT_SESSION)
+        let r = sqlx::query(sql::PUT_SESSION)
             .bind(&s.id)
             .bind(&s.tenant)
             .bind(&s.box_id)
             .bind(s.state.as_str())
             .bind(doc)
             .bind(&s.created_at)
+            .bind(s.node.as_deref())
             .execute(&mut *tx)
             .await?;
+        if r.rows_affected() == 0 {
+            return Err(sql::session_held(&s.id));
+        }
         Ok(())
     }
 
@@ -597,6 +601,48 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    async fn latest_documents(
+        &self,
+        kind: &str,
+        tenant: &str,
+        after: Option<&str>,
+        desc: bool,
+        limit: i64,
+    ) -> Result<Vec<Document>> {
+        // Both directions spelled out, so each walks the (kind, tenant, id, version) index.
+        let sql = if desc {
+            "SELECT d.id, d.version, d.body FROM documents d
+             WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id < ?3)
+               AND d.version = (SELECT MAX(m.version) FROM documents m
+                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
+             ORDER BY d.id DESC LIMIT ?4"
+        } else {
+            "SELECT d.id, d.version, d.body FROM documents d
+             WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id > ?3)
+               AND d.version = (SELECT MAX(m.version) FROM documents m
+                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
+             ORDER BY d.id ASC LIMIT ?4"
+        };
+        let rows = sqlx::query(sql)
+            .bind(kind)
+            .bind(tenant)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Document {
+                    kind: kind.to_string(),
+                    tenant: tenant.to_string(),
+                    id: r.get("id"),
+                    version: r.get("version"),
+                    body: serde_json::from_str(r.get::<&str, _>("body")).map_err(corrupt)?,
+                })
+            })
+            .collect()
     }
 
     async fn join_node(&self, node: &NodeObject, lease_ms: i64) -> Result<i64> {

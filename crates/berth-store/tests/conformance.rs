@@ -71,6 +71,7 @@ fn a_box(id: &str, tenant: &str, created_at: &str) -> BoxObject {
         artifact: None,
         snapshot: None,
         node: None,
+        placement: None,
         created_at: created_at.into(),
         updated_at: created_at.into(),
     }
@@ -90,6 +91,7 @@ fn a_session(id: &str, tenant: &str, box_id: &str, created_at: &str) -> SessionO
         agent_cost_usd: Some(0.25),
         last_seq: 0,
         uid: None,
+        node: None,
         created_at: created_at.into(),
         updated_at: created_at.into(),
     }
@@ -117,6 +119,7 @@ fn usage(tenant: &str, session: &str, model: &str, ts_ms: i64, tokens: u64) -> U
 async fn conformance(st: &dyn Store) {
     st.ping().await.expect("ping");
     documents(st).await;
+    latest_document_pages(st).await;
 
     // Event logs: append-only, gapless, per session.
     st.append_events(&[event("s1", 1), event("s1", 2), event("s2", 1)])
@@ -481,6 +484,7 @@ fn a_node(name: &str) -> NodeObject {
         },
         load: NodeCapacity::default(),
         state_reason: None,
+        labels: Default::default(),
         joined_at: "2026-01-01T00:00:00Z".into(),
     }
 }
@@ -576,6 +580,70 @@ async fn nodes(st: &dyn Store) {
     assert!(!st.claim_cron_fire("nope", 1).await.expect("none"));
 }
 
+/// Sessions are fenced like boxes: an existing session is written by the node its row names
+/// or by its box's holder now; a node that lost the box (a cut-off node that came back)
+/// writes nothing, not even with its events.
+async fn sessions_fenced(st: &dyn Store) {
+    let held = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Conflict(_)));
+    let mut b = a_box("fb1", "acme", "2026-01-01T00:00:01Z");
+    b.node = Some("n1".into());
+    st.put_box(&b).await.expect("box");
+    let mut s = a_session("fs1", "acme", "fb1", "2026-01-01T00:00:02Z");
+    s.node = Some("n1".into());
+    st.put_session(&s).await.expect("insert");
+    s.last_seq = 0;
+    st.put_session(&s).await.expect("its node writes");
+    // Another node, holding neither the session nor its box: refused, nothing changed.
+    let mut stray = s.clone();
+    stray.node = Some("n2".into());
+    stray.state = SessionState::Failed;
+    assert!(held(st.put_session(&stray).await), "a stranger's write");
+    let got = st.get_session(None, "fs1").await.expect("get").expect("s");
+    assert_eq!(
+        (got.state, got.node.as_deref()),
+        (SessionState::Running, Some("n1"))
+    );
+    // n1 is lost: the settling node clears the box's holder, then the session's.
+    let mut released = b.clone();
+    released.node = None;
+    released.state = BoxState::Lost;
+    assert!(st.claim_box(&released, Some("n1")).await.expect("release"));
+    let mut settled = s.clone();
+    settled.node = None;
+    settled.state = SessionState::Interrupted;
+    st.put_session(&settled).await.expect("settled");
+    // n1 comes back: its writes, and its events with them, are refused.
+    let mut late = s.clone();
+    late.state = SessionState::Idle;
+    late.last_seq = 1;
+    assert!(held(st.put_session(&late).await), "the old node's write");
+    assert!(
+        held(st.commit_session(&late, &[event("fs1", 1)]).await),
+        "with events"
+    );
+    assert!(st
+        .events_after("fs1", 0, 10)
+        .await
+        .expect("read")
+        .is_empty());
+    let got = st.get_session(None, "fs1").await.expect("get").expect("s");
+    assert_eq!((got.state, got.node), (SessionState::Interrupted, None));
+    // A node that takes the box over (a restore) takes its sessions with it.
+    let mut taken = released.clone();
+    taken.node = Some("n2".into());
+    taken.state = BoxState::Running;
+    assert!(st.claim_box(&taken, None).await.expect("take"));
+    let mut resumed = settled.clone();
+    resumed.node = Some("n2".into());
+    resumed.state = SessionState::Running;
+    st.put_session(&resumed)
+        .await
+        .expect("the new holder writes");
+    assert!(held(st.put_session(&late).await), "still not the old node");
+    let got = st.get_session(None, "fs1").await.expect("get").expect("s");
+    assert_eq!(got.node.as_deref(), Some("n2"));
+}
+
 #[tokio::test]
 async fn sqlite_conforms() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -584,6 +652,7 @@ async fn sqlite_conforms() {
         .expect("open");
     conformance(&st).await;
     nodes(&st).await;
+    sessions_fenced(&st).await;
     assert!(st.watch_session("s1").is_none(), "no other writer");
 }
 
@@ -595,6 +664,7 @@ async fn postgres_conforms() {
         .expect("open postgres");
     conformance(&st).await;
     nodes(&st).await;
+    sessions_fenced(&st).await;
 }
 
 /// A reader that sees a session's event sees the record as of that event or later: one
@@ -654,6 +724,49 @@ async fn postgres_readers_see_the_record_with_its_events() {
     let w: Arc<dyn Store> = Arc::new(PostgresStore::open(&url).await.expect("writer"));
     let r: Arc<dyn Store> = Arc::new(PostgresStore::open(&url).await.expect("reader"));
     readers_see_the_record_with_its_events(w, r).await;
+}
+
+/// Usage rows deleted behind the server's back (an operator's DELETE: no server deletes usage)
+/// leave the hourly rollup too: the sums still equal the rows that are left.
+async fn deleted_usage_rows_leave_the_sums(st: &dyn Store, delete: impl AsyncFnOnce(&str)) {
+    let rows = hour_rows();
+    st.record_usage(&rows).await.expect("record");
+    // A whole session, and every other row of one tenant (whole and partial hours both).
+    delete("DELETE FROM usage WHERE session_id = 'hs4' OR (tenant = 'h1' AND ts_ms % 2 = 0)").await;
+    let left: Vec<UsageRow> = rows
+        .into_iter()
+        .filter(|r| !(r.session_id == "hs4" || (r.tenant == "h1" && r.ts_ms % 2 == 0)))
+        .collect();
+    assert!(left.len() > 200 && left.len() < 500, "{}", left.len());
+    assert_sums_match_rows(st, &left).await;
+}
+
+#[tokio::test]
+async fn sqlite_deleted_usage_rows_leave_the_sums() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("berth.db");
+    let st = SqliteStore::open(&path).await.expect("open");
+    deleted_usage_rows_leave_the_sums(&st, async |sql| {
+        let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("connect");
+        sqlx::query(sql).execute(&db).await.expect("delete");
+        db.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_deleted_usage_rows_leave_the_sums() {
+    let (admin, _cluster) = server();
+    let url = fresh_db(&admin).await;
+    let st = PostgresStore::open(&url).await.expect("open postgres");
+    deleted_usage_rows_leave_the_sums(&st, async |sql| {
+        let db = sqlx::PgPool::connect(&url).await.expect("connect");
+        sqlx::query(sql).execute(&db).await.expect("delete");
+        db.close().await;
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -865,14 +978,94 @@ async fn documents(s: &dyn Store) {
     assert_eq!(left[0].id, "y");
 }
 
+/// Keyset pages of the latest version of each document (`Store::latest_documents`): each id
+/// once at its highest version, in id order either way, from after a cursor, other tenants'
+/// and kinds' documents apart; walking the pages visits every document exactly once.
+async fn latest_document_pages(s: &dyn Store) {
+    for (id, versions) in [("p1", 1), ("p3", 3), ("p2", 2), ("p5", 1), ("p4", 2)] {
+        for v in 1..=versions {
+            s.put_document(&doc_v("pages", id, v, json!({"id": id, "v": v})), false)
+                .await
+                .expect("put");
+        }
+    }
+    s.put_document(&doc_v("other", "p9", 1, json!({})), false)
+        .await
+        .expect("other tenant");
+    let page = |after: Option<&'static str>, desc: bool, limit: i64| async move {
+        s.latest_documents("agent", "pages", after, desc, limit)
+            .await
+            .expect("page")
+            .into_iter()
+            .map(|d| (d.id, d.version))
+            .collect::<Vec<_>>()
+    };
+    let ids = |v: &[(&str, i64)]| {
+        v.iter()
+            .map(|(i, n)| (i.to_string(), *n))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page(None, true, 2).await, ids(&[("p5", 1), ("p4", 2)]));
+    assert_eq!(
+        page(Some("p4"), true, 2).await,
+        ids(&[("p3", 3), ("p2", 2)])
+    );
+    assert_eq!(page(Some("p2"), true, 5).await, ids(&[("p1", 1)]));
+    assert_eq!(page(Some("p1"), true, 5).await, ids(&[]));
+    assert_eq!(
+        page(None, false, 3).await,
+        ids(&[("p1", 1), ("p2", 2), ("p3", 3)])
+    );
+    assert_eq!(
+        page(Some("p3"), false, 3).await,
+        ids(&[("p4", 2), ("p5", 1)])
+    );
+    // A cursor need not name a document that is still there.
+    assert_eq!(page(Some("p35"), false, 1).await, ids(&[("p4", 2)]));
+    assert!(s
+        .latest_documents("environment", "pages", None, true, 10)
+        .await
+        .expect("kind")
+        .is_empty());
+    // Walking every page in steps of one sees each document once.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let got = s
+            .latest_documents("agent", "pages", after.as_deref(), true, 1)
+            .await
+            .expect("walk");
+        let Some(d) = got.into_iter().next() else {
+            break;
+        };
+        after = Some(d.id.clone());
+        seen.push(d.id);
+    }
+    assert_eq!(seen, vec!["p5", "p4", "p3", "p2", "p1"]);
+}
+
 /// Sums over windows that cut hours anywhere (whole hours come from the hourly rollup, the
 /// edges from the rows) equal sums of the rows themselves, for every key and filter.
 async fn usage_over_hours(st: &dyn Store) {
+    let rows = hour_rows();
+    let mut at = 0;
+    for n in [1, 7, 64, 128, 400] {
+        st.record_usage(&rows[at..at + n]).await.expect("record");
+        at += n;
+    }
+    assert_eq!(at, rows.len());
+    assert_sums_match_rows(st, &rows).await;
+}
+
+/// The start of the first of the ten hours `hour_rows` spreads over: far from the other usage
+/// rows of the suite (they are in the first hour of 1970).
+const HOURS_BASE: i64 = 1_800_000_000_000; // a whole hour: 500,000 × 3,600,000
+
+/// A deterministic spread of 600 rows: 3 tenants (`h0`..`h2`), 6 sessions (`hs0`..`hs5`), 2
+/// models over 10 hours from `HOURS_BASE`, some rows on the hour exactly.
+fn hour_rows() -> Vec<UsageRow> {
     const H: i64 = 3_600_000;
-    // Far from the rows above (they are in the first hour of 1970).
-    let base = 1_800_000_000_000 - 1_800_000_000_000 % H;
-    // A deterministic spread: 3 tenants, 6 sessions, 2 models over 10 hours, some rows on the
-    // hour exactly; recorded in batches of varying size.
+    let base = HOURS_BASE;
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut rnd = |n: u64| {
         x ^= x << 13;
@@ -898,12 +1091,14 @@ async fn usage_over_hours(st: &dyn Store) {
         r.cache_read_tokens = rnd(7);
         rows.push(r);
     }
-    let mut at = 0;
-    for n in [1, 7, 64, 128, 400] {
-        st.record_usage(&rows[at..at + n]).await.expect("record");
-        at += n;
-    }
-    assert_eq!(at, rows.len());
+    rows
+}
+
+/// `usage_sums` over windows cutting hours anywhere, every key, with and without tenant and
+/// session filters, equals the sums computed here from `rows` (the store's `h*` usage).
+async fn assert_sums_match_rows(st: &dyn Store, rows: &[UsageRow]) {
+    const H: i64 = 3_600_000;
+    let base = HOURS_BASE;
     let windows = [
         (None, None),
         (Some(base), None),
@@ -935,7 +1130,7 @@ async fn usage_over_hours(st: &dyn Store) {
                     UsageKey::Model,
                 ] {
                     let got = st.usage_sums(key, &f).await.expect("sums");
-                    let want = reference_sums(&rows, key, &f);
+                    let want = reference_sums(rows, key, &f);
                     // Costs are float sums in another order: compared apart, within 1e-9.
                     let costless = |v: &[UsageSum]| {
                         v.iter()

@@ -59,6 +59,13 @@ pub(crate) struct CreateArgs {
     /// KEY=VALUE label (repeatable); `berth ls --label` filters on it.
     #[arg(long = "label")]
     labels: Vec<String>,
+    /// KEY=VALUE node label the box's node must carry (repeatable; a cluster's
+    /// `node_labels`, see `berth node ls`).
+    #[arg(long = "node-selector")]
+    node_selector: Vec<String>,
+    /// Spread this tenant's boxes over the values of this node label (fewest first).
+    #[arg(long)]
+    spread_by: Option<String>,
     /// Print the box as JSON.
     #[arg(long)]
     json: bool,
@@ -119,9 +126,15 @@ pub(crate) fn box_spec(a: &CreateArgs) -> Result<BoxSpec> {
     if let Some(v) = a.pids {
         r.pids = v;
     }
+    let node_selector = key_values("node-selector", &a.node_selector)?;
+    let placement = (!node_selector.is_empty() || a.spread_by.is_some()).then(|| Placement {
+        node_selector,
+        spread_by: a.spread_by.clone(),
+    });
     Ok(BoxSpec {
         lifecycle: Some(lifecycle),
         resources: r,
+        placement,
         env: key_values("env", &a.env)?,
         labels: key_values("label", &a.labels)?,
         // Unset: the server's default for the lifecycle.

@@ -41,18 +41,25 @@ pub(crate) async fn node(cmd: NodeCmd, client: impl Fn(&Conn) -> Result<Client>)
                 return Ok(());
             }
             println!(
-                "{:<20} {:<9} {:>5} {:>6} {:>8} {:<16} URL",
-                "NAME", "STATE", "BOXES", "CPUS", "MEM_MIB", "BACKENDS"
+                "{:<20} {:<9} {:>5} {:>6} {:>8} {:<16} {:<24} URL",
+                "NAME", "STATE", "BOXES", "CPUS", "MEM_MIB", "BACKENDS", "LABELS"
             );
             for n in l.items {
+                let labels: Vec<String> =
+                    n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!(
-                    "{:<20} {:<9} {:>5} {:>6} {:>8} {:<16} {}",
+                    "{:<20} {:<9} {:>5} {:>6} {:>8} {:<16} {:<24} {}",
                     n.name,
                     n.state.as_str(),
                     n.load.boxes,
                     format!("{}/{}", n.load.cpus, n.capacity.cpus),
                     n.load.memory_mib,
                     n.backends.join(","),
+                    if labels.is_empty() {
+                        "-".to_string()
+                    } else {
+                        labels.join(",")
+                    },
                     n.advertise_url
                 );
             }

@@ -118,6 +118,40 @@ impl BoxCgroup {
         fs::write(f, burst_us.to_string())
     }
 
+    /// Set the box's CPU weight against its sibling boxes: `cpu.shares` on v1 (default 1024);
+    /// on v2 `cpu.weight`, the same figure scaled (1024 shares ≈ weight 100).
+    pub fn set_cpu_shares(&self, shares: u64) -> std::io::Result<()> {
+        let (name, value) = shares_file(self.v2, shares);
+        let f = self
+            .file("cpu", name)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        fs::write(f, value.to_string())
+    }
+
+    /// The box's CPU weight, in v1 shares (v2's `cpu.weight` scaled back); `None` when
+    /// unreadable.
+    pub fn cpu_shares(&self) -> Option<u64> {
+        read_shares(self.v2, &self.dir("cpu")?)
+    }
+
+    /// The cpu controller's directory of the box's parent (`berth/`, where every box sits):
+    /// raising its weight lets the boxes together compete with the host's other groups.
+    pub fn parent_cpu_dir(&self) -> Option<PathBuf> {
+        Some(self.dir("cpu")?.parent()?.to_path_buf())
+    }
+
+    /// Times the box ran out of its CFS quota, and for how long it waited, in total (ns):
+    /// `cpu.stat`'s `nr_throttled` and `throttled_time` (v1) or `throttled_usec` (v2).
+    pub fn cpu_throttled_ns(&self) -> (u64, u64) {
+        let n = self.read_keyed("cpu", "cpu.stat", "nr_throttled");
+        let t = if self.v2 {
+            self.read_keyed("cpu", "cpu.stat", "throttled_usec") * 1000
+        } else {
+            self.read_keyed("cpu", "cpu.stat", "throttled_time")
+        };
+        (n, t)
+    }
+
     /// The files a single-threaded process writes `0` to in order to move itself into the
     /// box's cgroup, one per hierarchy: `tasks` on v1 (moving just the calling thread skips
     /// the kernel's global threadgroup lock, whose first taker waits for an RCU grace period,
@@ -133,7 +167,7 @@ impl BoxCgroup {
         files
     }
 
-    fn file(&self, controller: &str, name: &str) -> Option<PathBuf> {
+    fn dir(&self, controller: &str) -> Option<PathBuf> {
         let dir = match controller {
             "memory" => self.cg.controller_of::<MemController>()?.path(),
             "pids" => self.cg.controller_of::<PidController>()?.path(),
@@ -141,7 +175,11 @@ impl BoxCgroup {
             "cpuacct" => self.cg.controller_of::<CpuAcctController>()?.path(),
             _ => return None,
         };
-        Some(dir.join(name))
+        Some(dir.to_path_buf())
+    }
+
+    fn file(&self, controller: &str, name: &str) -> Option<PathBuf> {
+        Some(self.dir(controller)?.join(name))
     }
 
     fn read_u64(&self, controller: &str, name: &str) -> u64 {
@@ -217,4 +255,37 @@ impl BoxCgroup {
     pub fn exists(&self) -> bool {
         self.cg.exists()
     }
+}
+
+/// The weight file of a cpu cgroup and the value for `shares` (v1 units) in it.
+fn shares_file(v2: bool, shares: u64) -> (&'static str, u64) {
+    if v2 {
+        ("cpu.weight", (shares * 100 / 1024).clamp(1, 10_000))
+    } else {
+        ("cpu.shares", shares.max(2))
+    }
+}
+
+/// The weight of the cpu cgroup at `dir`, in v1 shares.
+fn read_shares(v2: bool, dir: &std::path::Path) -> Option<u64> {
+    let name = if v2 { "cpu.weight" } else { "cpu.shares" };
+    let v: u64 = fs::read_to_string(dir.join(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(if v2 { v * 1024 / 100 } else { v })
+}
+
+/// Set the weight of the cpu cgroup at `dir` (e.g. [`BoxCgroup::parent_cpu_dir`]), in v1
+/// shares.
+pub fn set_dir_shares(dir: &std::path::Path, shares: u64) -> std::io::Result<()> {
+    let v2 = cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode();
+    let (name, value) = shares_file(v2, shares);
+    fs::write(dir.join(name), value.to_string())
+}
+
+/// The weight of the cpu cgroup at `dir`, in v1 shares.
+pub fn dir_shares(dir: &std::path::Path) -> Option<u64> {
+    read_shares(cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode(), dir)
 }

@@ -21,6 +21,9 @@ pub struct Probes {
     pub oom_killed: Box<dyn Fn() -> bool + Send + Sync>,
     /// Whether the box still runs (a broken stream then is an error, not the box stopping).
     pub running: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Called once, at the process's first output on stdout or its end (whichever comes
+    /// first; stderr does not count): ends a start boost.
+    pub first_output: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The supervisor request for `spec` in a box whose own environment is `box_env`.
@@ -74,6 +77,7 @@ pub async fn exec(ctl: &Path, req: &ExecRequest, probes: Probes) -> Result<ExecH
     // The reader drops `done_tx` when the exec has ended, which lets the writer close its half
     // of the connection.
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut first_output = probes.first_output;
     tokio::spawn(async move {
         let _done = done_tx;
         loop {
@@ -84,6 +88,14 @@ pub async fn exec(ctl: &Path, req: &ExecRequest, probes: Probes) -> Result<ExecH
                 f = aio::read_frame(&mut rd) => f,
                 _ = ev_tx.closed() => return,
             };
+            if matches!(
+                frame,
+                Ok((Kind::Stdout | Kind::Exit | Kind::Error, _)) | Err(_)
+            ) {
+                if let Some(f) = first_output.take() {
+                    f();
+                }
+            }
             let ev = match frame {
                 Ok((Kind::Started, p)) => ExecEvent::Started {
                     pid: String::from_utf8_lossy(&p).parse().unwrap_or(0),

@@ -139,6 +139,11 @@ fn fsmount_ext4(dev_path: &str) -> rustix::io::Result<OwnedFd> {
     // The disk lives as long as its box: no background zeroing of inode tables (mkfs left
     // them for lazy init), which would compete with the boxes for the disk.
     fsconfig_set_flag(&fs, "noinit_itable")?;
+    // No cache flushes: the disk promises nothing across a host crash (no journal either, see
+    // `format_image`), and each flush reaches the host's own disk through the loop device's
+    // backing file. An agent's CLI fsyncs its config file about eight times while starting
+    // (3-9 ms each here; 0.3 ms without the flush).
+    fsconfig_set_flag(&fs, "nobarrier")?;
     fsconfig_create(&fs)?;
     fsmount(
         &fs,

@@ -10,6 +10,7 @@
 //! only from the host). The zygote's templates are mounted on `<data>/native/templates/*`
 //! in its own namespace only.
 
+pub mod boost;
 pub mod bridge;
 pub mod cgroup;
 pub mod client;
@@ -98,6 +99,8 @@ pub struct NativeBackend {
     settled: Arc<tokio::sync::Notify>,
     /// Spawned at the first create, and again should it have died.
     zygote: Mutex<Option<Arc<zygote::Zygote>>>,
+    /// Boxes' start boost budgets and the boosts in progress.
+    booster: Arc<boost::Booster>,
 }
 
 /// Host paths bound read-only into a `host`-image box, and the secrets masked inside them.
@@ -174,6 +177,7 @@ impl NativeBackend {
             reaping: Arc::new(Mutex::new(HashSet::new())),
             settled: Arc::new(tokio::sync::Notify::new()),
             zygote: Mutex::new(None),
+            booster: Arc::default(),
         })
     }
 
@@ -497,6 +501,10 @@ impl Sandbox for NativeBackend {
                 )));
             }
         }
+        // Raised before the process starts, so that its first instructions run boosted.
+        let boost = spec
+            .start_boost
+            .and_then(|p| self.booster.begin(id, &b.cgroup, &p));
         let req = client::exec_request(&b.env, spec)?;
         let oom_before = b.cgroup.counters().oom_kills;
         let (cg, bx) = (b.cgroup.clone(), b.clone());
@@ -506,6 +514,7 @@ impl Sandbox for NativeBackend {
             client::Probes {
                 oom_killed: Box::new(move || cg.counters().oom_kills > oom_before),
                 running: Box::new(move || bx.running()),
+                first_output: boost.map(|b| Box::new(move || b.end()) as Box<dyn FnOnce() + Send>),
             },
         )
         .await
@@ -628,6 +637,7 @@ impl Sandbox for NativeBackend {
         // namespace, held until now), waiting for the loop device's release and removing the
         // files happen off the caller's path; `settle` waits for them, and a create of the
         // same id waits for them too.
+        self.booster.forget(id);
         let dir = b.dir.clone();
         let loop_dev = b.loop_dev;
         let box_id = id.to_string();

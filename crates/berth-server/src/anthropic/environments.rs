@@ -78,11 +78,18 @@ fn env_config(v: Option<&Value>) -> AResult<Value> {
         Some(other) => return Err(AError::invalid(format!("unknown networking type {other:?}"))),
     };
     let packages = super::packages::check(v.get("packages"))?;
-    Ok(json!({
+    let mut config = json!({
         "type": "cloud",
         "networking": networking,
         "packages": packages,
-    }))
+    });
+    // berth's own: where in a cluster the environment's sessions run (a box's placement).
+    if let Some(p) = v.get("placement").filter(|p| !p.is_null()) {
+        let p: berth_api::Placement = serde_json::from_value(p.clone())
+            .map_err(|e| AError::invalid(format!("placement: {e}")))?;
+        config["placement"] = serde_json::to_value(p).unwrap_or_default();
+    }
+    Ok(config)
 }
 
 /// The egress allowlist a box of this environment gets.

@@ -5,6 +5,7 @@
 
 use super::tools::Policy;
 use crate::engine::custom_tools::TOOL_PREFIX;
+use crate::engine::sessions::previews::{MODEL_REQUEST_START, MODEL_USAGE};
 use berth_api::{Event, EventKind};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -70,8 +71,19 @@ pub struct Mapper {
     /// The CLI's `toolu_…` ids → the `sevt_` id of their `agent.tool_use` (or MCP or custom
     /// tool use) and which of the three it was.
     tool_uses: HashMap<String, (String, Use)>,
-    /// The model request whose messages are being mapped: (message id, start event id, usage).
+    /// The model request whose messages are being mapped: (message id, start event id, usage
+    /// as the CLI echoed it).
     open: Option<(String, String, Value)>,
+    /// Usage as the gateway metered it (`model_usage` events), by message id, until the
+    /// request's span ends: what `span.model_request_end` reports when it is there.
+    metered: HashMap<String, Value>,
+    /// A custom tool use ended the model's answer before its metered usage was logged: its
+    /// span end and `requires_action` wait for that usage (or the next event).
+    pending_idle: Option<String>,
+    /// The last event mapped was the metered usage (seq, message id) of an answer and made no
+    /// events: that answer's next `assistant` event takes its ids from that seq (see
+    /// `id_base`).
+    silent_usage: Option<(i64, String)>,
     /// A turn is under way: only its end is `session.status_idle` (an agent restarting after
     /// its box was parked also goes idle, which ends no turn).
     running: bool,
@@ -97,9 +109,24 @@ impl Mapper {
             held: Vec::new(),
             tool_uses: HashMap::new(),
             open: None,
+            metered: HashMap::new(),
+            pending_idle: None,
+            silent_usage: None,
             running: false,
             budget_spent: false,
             usage: [0; 5],
+        }
+    }
+
+    /// Where in the events of the next `assistant` event its first text or thinking block
+    /// lands, if that event is of the model answer `message_id` (the CLI writes one `assistant`
+    /// line per content block): after the open request's span end and this one's span start
+    /// when it starts a new request.
+    pub fn block_position(&self, message_id: &str) -> usize {
+        match &self.open {
+            Some((open, _, _)) if open == message_id => 0,
+            Some(_) => 2,
+            None => 1,
         }
     }
 
@@ -131,24 +158,82 @@ impl Mapper {
         }
     }
 
+    /// End the open model request's span: with its metered usage when logged, else the CLI's;
+    /// then the `requires_action` a custom tool use left waiting for it.
+    fn close(&mut self, out: &mut Vec<(&'static str, Value)>) {
+        if let Some((mid, start, usage)) = self.open.take() {
+            let usage = self.metered.remove(&mid).unwrap_or(usage);
+            out.push((
+                "span.model_request_end",
+                json!({"model_request_start_id": start, "is_error": false, "model_usage": usage}),
+            ));
+        }
+        if let Some(id) = self.pending_idle.take() {
+            out.push((
+                "session.status_idle",
+                json!({"stop_reason": {"type": "requires_action", "event_ids": [id]}}),
+            ));
+        }
+    }
+
+    /// The seq the ids of an `assistant` event of answer `message_id` at `seq` are made from:
+    /// its own, or, right after that answer's metered usage (which made no events), the
+    /// usage's. The usage is logged when the gateway reads the answer's end, which may be
+    /// after a live preview of the answer's last block was given the id of the event then
+    /// next: either way the block's id is the same.
+    pub fn id_base(&self, seq: i64, message_id: &str) -> i64 {
+        match &self.silent_usage {
+            Some((s, mid)) if *s == seq - 1 && mid == message_id => seq - 1,
+            _ => seq,
+        }
+    }
+
+    fn open_id(&self) -> Option<&str> {
+        self.open.as_ref().map(|o| o.0.as_str())
+    }
+
     pub fn map(&mut self, e: &Event) -> Vec<Value> {
         let mut out: Vec<(&str, Value)> = Vec::new();
-        let same_request = match e.kind {
+        let base = match e.kind {
+            EventKind::Assistant => self.id_base(
+                e.seq,
+                e.data
+                    .pointer("/message/id")
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
+            ),
+            _ => e.seq,
+        };
+        self.silent_usage = None;
+        let same_request = match &e.kind {
             EventKind::ToolUse => true,
             EventKind::Assistant => {
                 let mid = e.data.pointer("/message/id").and_then(Value::as_str);
-                self.open.as_ref().map(|o| Some(o.0.as_str())) == Some(mid)
+                self.open_id().is_some() && self.open_id() == mid
+            }
+            // Logged before the CLI read the answer's end, so often before the answer's last
+            // blocks: it ends no span, except one a custom tool use left waiting for it.
+            EventKind::Other(k) if k.as_str() == MODEL_USAGE => {
+                let mid = e.data["message_id"].as_str().unwrap_or("");
+                let u = &e.data["usage"];
+                let usage = json!({
+                    "input_tokens": u["input_tokens"].as_u64().unwrap_or(0),
+                    "output_tokens": u["output_tokens"].as_u64().unwrap_or(0),
+                    "cache_read_input_tokens": u["cache_read_input_tokens"].as_u64().unwrap_or(0),
+                    "cache_creation_input_tokens": u["cache_creation_input_tokens"].as_u64().unwrap_or(0),
+                });
+                // Usage of answers no span took (an answer the CLI dropped) is let go.
+                if self.metered.len() >= 64 {
+                    self.metered.clear();
+                }
+                self.metered.insert(mid.to_string(), usage);
+                !(self.pending_idle.is_some() && self.open_id() == Some(mid))
             }
             _ => false,
         };
         // A model request's span ends at the first event that is not part of its answer.
         if !same_request {
-            if let Some((_, start, usage)) = self.open.take() {
-                out.push((
-                    "span.model_request_end",
-                    json!({"model_request_start_id": start, "is_error": false, "model_usage": usage}),
-                ));
-            }
+            self.close(&mut out);
         }
         let d = &e.data;
         match &e.kind {
@@ -166,7 +251,7 @@ impl Mapper {
                 });
                 if self.open.is_none() {
                     // Its id is the one it gets below: the first of this batch.
-                    let start = event_id(e.seq, out.len());
+                    let start = event_id(base, out.len());
                     out.push(("span.model_request_start", json!({})));
                     let mid = msg["id"].as_str().unwrap_or("").to_string();
                     self.open = Some((mid, start, usage));
@@ -196,7 +281,7 @@ impl Mapper {
                     .as_str()
                     .is_some_and(|n| n.starts_with(TOOL_PREFIX)) =>
             {
-                let id = event_id(e.seq, out.len());
+                let id = event_id(base, out.len());
                 let name = d["name"]
                     .as_str()
                     .unwrap_or("")
@@ -209,23 +294,21 @@ impl Mapper {
                     "agent.custom_tool_use",
                     json!({"name": name, "input": d["input"]}),
                 ));
-                // The model's answer ended with the call.
-                if let Some((_, start, usage)) = self.open.take() {
-                    out.push((
-                        "span.model_request_end",
-                        json!({"model_request_start_id": start, "is_error": false, "model_usage": usage}),
-                    ));
+                // The model's answer ended with the call: its span ends, and the turn waits on
+                // the client; once the answer's metered usage is there.
+                self.pending_idle = Some(id);
+                let metered = self
+                    .open_id()
+                    .is_some_and(|mid| self.metered.contains_key(mid));
+                if metered || self.open.is_none() {
+                    self.close(&mut out);
                 }
-                out.push((
-                    "session.status_idle",
-                    json!({"stop_reason": {"type": "requires_action", "event_ids": [id]}}),
-                ));
             }
             EventKind::ToolUse if self.asks(d["name"].as_str().unwrap_or("")) => {
                 self.held.push(d.clone())
             }
             EventKind::ToolUse => {
-                let v = self.tool_use(event_id(e.seq, out.len()), d, "allow");
+                let v = self.tool_use(event_id(base, out.len()), d, "allow");
                 out.push(v);
             }
             EventKind::PermissionRequest if self.asks(d["tool_name"].as_str().unwrap_or("")) => {
@@ -241,7 +324,7 @@ impl Mapper {
                     Some(p) => self.held.remove(p),
                     None => json!({"name": d["tool_name"], "input": d["input"]}),
                 };
-                let id = event_id(e.seq, out.len());
+                let id = event_id(base, out.len());
                 let v = self.tool_use(id.clone(), &block, "ask");
                 out.push(v);
                 out.push((
@@ -259,7 +342,7 @@ impl Mapper {
                 // A held tool use the CLI ran without asking.
                 if let Some(p) = self.held.iter().position(|h| h["id"] == raw) {
                     let block = self.held.remove(p);
-                    let v = self.tool_use(event_id(e.seq, out.len()), &block, "allow");
+                    let v = self.tool_use(event_id(base, out.len()), &block, "allow");
                     out.push(v);
                 }
                 let (id, kind) = self
@@ -352,13 +435,27 @@ impl Mapper {
                 "session.error",
                 error(d["message"].as_str().unwrap_or("error")),
             )),
+            // The request's start as the CLI streamed it (a Managed Agents session): the span
+            // opens here, before the answer's previews; its blocks then belong to it.
+            EventKind::Other(k) if k.as_str() == MODEL_REQUEST_START => {
+                let start = event_id(base, out.len());
+                out.push(("span.model_request_start", json!({})));
+                let mid = d["message_id"].as_str().unwrap_or("").to_string();
+                let none = json!({"input_tokens": 0, "output_tokens": 0,
+                    "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0});
+                self.open = Some((mid, start, none));
+            }
+            EventKind::Other(k) if k.as_str() == MODEL_USAGE && out.is_empty() => {
+                let mid = d["message_id"].as_str().unwrap_or("").to_string();
+                self.silent_usage = Some((e.seq, mid));
+            }
             _ => {}
         }
         out.into_iter()
             .enumerate()
             .map(|(n, (kind, mut v))| {
                 v["type"] = json!(kind);
-                v["id"] = json!(event_id(e.seq, n));
+                v["id"] = json!(event_id(base, n));
                 v["processed_at"] = json!(e.ts);
                 v
             })
@@ -368,4 +465,105 @@ impl Mapper {
 
 fn error(message: &str) -> Value {
     json!({"error": {"type": "unknown_error", "message": message, "retry_status": {"type": "terminal"}}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: i64, kind: &str, data: Value) -> Event {
+        Event {
+            seq,
+            session_id: "s".into(),
+            ts: "t".into(),
+            kind: EventKind::from(kind),
+            data,
+        }
+    }
+
+    fn assistant(mid: &str, block: Value) -> Value {
+        json!({"type": "assistant", "message": {"id": mid, "content": [block],
+               "usage": {"input_tokens": 10, "output_tokens": 1}}})
+    }
+
+    fn metered(mid: &str, out: u64) -> Value {
+        json!({"message_id": mid, "usage": {"input_tokens": 10, "output_tokens": out,
+               "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3}})
+    }
+
+    fn types(v: &[Value]) -> Vec<&str> {
+        v.iter().filter_map(|e| e["type"].as_str()).collect()
+    }
+
+    /// A span ends where it did, with the metered usage when it is logged (before or after the
+    /// answer's blocks), else with the CLI's.
+    #[test]
+    fn spans_end_with_the_metered_usage() {
+        let mut m = Mapper::new(Policy::default());
+        m.map(&ev(
+            1,
+            "assistant",
+            assistant("msg_a", json!({"type": "text", "text": "a"})),
+        ));
+        assert!(m.map(&ev(2, MODEL_USAGE, metered("msg_a", 42))).is_empty());
+        let out = m.map(&ev(3, "result", json!({"usage": {}})));
+        assert_eq!(types(&out)[0], "span.model_request_end");
+        assert_eq!(out[0]["model_usage"]["output_tokens"], 42);
+        assert_eq!(out[0]["model_usage"]["cache_read_input_tokens"], 7);
+        // Logged before the answer's blocks (they came in the chunk the gateway held).
+        m.map(&ev(4, MODEL_USAGE, metered("msg_b", 9)));
+        m.map(&ev(
+            5,
+            "assistant",
+            assistant("msg_b", json!({"type": "text", "text": "b"})),
+        ));
+        let out = m.map(&ev(6, "result", json!({"usage": {}})));
+        assert_eq!(out[0]["model_usage"]["output_tokens"], 9);
+        // Never metered: the CLI's echo.
+        m.map(&ev(
+            7,
+            "assistant",
+            assistant("msg_c", json!({"type": "text", "text": "c"})),
+        ));
+        let out = m.map(&ev(8, "result", json!({"usage": {}})));
+        assert_eq!(out[0]["model_usage"]["output_tokens"], 1);
+    }
+
+    /// A custom tool use's span end and `requires_action` wait for the metered usage.
+    #[test]
+    fn a_custom_tool_use_waits_for_its_answers_usage() {
+        let mut m = Mapper::new(Policy::default());
+        m.map(&ev(
+            1,
+            "assistant",
+            assistant("msg_a", json!({"type": "text", "text": "a"})),
+        ));
+        let call = json!({"type": "tool_use", "id": "toolu_1", "name": format!("{TOOL_PREFIX}w"), "input": {}});
+        let out = m.map(&ev(2, "tool_use", call.clone()));
+        assert_eq!(types(&out), vec!["agent.custom_tool_use"]);
+        let out = m.map(&ev(3, MODEL_USAGE, metered("msg_a", 5)));
+        assert_eq!(
+            types(&out),
+            vec!["span.model_request_end", "session.status_idle"]
+        );
+        assert_eq!(out[0]["model_usage"]["output_tokens"], 5);
+        assert_eq!(out[1]["stop_reason"]["event_ids"][0], event_id(2, 0));
+        // Usage logged first: all at the tool use.
+        m.map(&ev(4, MODEL_USAGE, metered("msg_b", 6)));
+        m.map(&ev(
+            5,
+            "assistant",
+            assistant("msg_b", json!({"type": "text", "text": "b"})),
+        ));
+        let out = m.map(&ev(6, "tool_use", call));
+        assert_eq!(
+            types(&out),
+            vec![
+                "agent.custom_tool_use",
+                "span.model_request_end",
+                "session.status_idle"
+            ]
+        );
+        assert_eq!(out[1]["model_usage"]["output_tokens"], 6);
+    }
 }

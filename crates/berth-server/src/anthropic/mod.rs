@@ -15,6 +15,7 @@
 mod environments;
 mod events;
 mod packages;
+mod previews;
 mod resources;
 mod session_events;
 mod sessions;

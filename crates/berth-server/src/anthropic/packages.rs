@@ -3,7 +3,8 @@
 //! proxy like everything else the box fetches.
 //!
 //! berth serves `pip` (`python3 -m pip install --user`) and `npm` (`npm install --global
-//! --prefix ~/.local`), with the box's own Python and npm. `apt` needs root in the box, which
+//! --prefix ~/.local`, linked as `~/.node_modules` so `require` finds them), with the box's own
+//! Python and npm. `apt` needs root in the box, which
 //! berth never gives; `cargo`, `gem` and `go` are not served yet: each is a 400 naming it.
 //! The registries' hosts are added to the box's allowlist for the session; a mirror is named in
 //! the environment's metadata (`berth_pip_index_url`, `berth_npm_registry`: a berth extension,
@@ -165,6 +166,36 @@ pub async fn install(e: &Arc<Engine>, tenant: &str, box_id: &str, env: &Value) -
             argv.push(format!("--registry={u}"));
         }
         run(e, tenant, box_id, "npm", argv, &npm, BTreeMap::new()).await?;
+        // Node's `require` looks in `$HOME/.node_modules`, not in a global prefix: the link
+        // lets the agent's scripts load what was installed, from any directory.
+        let link = [
+            "ln",
+            "-sfn",
+            "/home/agent/.local/lib/node_modules",
+            "/home/agent/.node_modules",
+        ]
+        .map(String::from)
+        .to_vec();
+        let out = e
+            .exec(
+                tenant,
+                box_id,
+                berth_api::ExecRequest {
+                    argv: link,
+                    cwd: Some("/home/agent".into()),
+                    env: BTreeMap::new(),
+                    stdin: None,
+                    timeout_s: Some(30),
+                    model: false,
+                },
+            )
+            .await?;
+        if out.exit_code != Some(0) {
+            return Err(AError::invalid(format!(
+                "linking the npm packages for require failed: {}",
+                out.stderr.trim()
+            )));
+        }
     }
     Ok(())
 }

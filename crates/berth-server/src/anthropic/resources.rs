@@ -2,7 +2,10 @@
 //! sessions share: documents in the store, checked here against what berth can run (anything
 //! it cannot is a 400 that says so).
 
-use super::{in_range, new_id, now, paginate, AError, AResult, Body, Params, St, Tenant};
+use super::{
+    cursor, in_range, new_id, now, paginate, parse_cursor, AError, AResult, Body, Params, St,
+    Tenant,
+};
 use crate::engine::Engine;
 use axum::extract::Path;
 use berth_store::Document;
@@ -397,17 +400,90 @@ pub(super) async fn list_latest(
 ) -> AResult<Value> {
     let archived = p.flag("include_archived")?;
     let ranges = p.ranges("created_at");
-    let mut items = Vec::new();
-    for v in latest_of_each(e, kind, tenant).await? {
-        if !archived && !v["archived_at"].is_null() {
-            continue;
+    let ranges = &ranges;
+    page_latest(
+        e,
+        kind,
+        tenant,
+        p.one("page"),
+        p.limit(20, 100)?,
+        false,
+        move |v| async move {
+            let keep = (archived || v["archived_at"].is_null())
+                && in_range(v["created_at"].as_str().unwrap_or(""), ranges)?;
+            Ok(keep.then_some(v))
+        },
+    )
+    .await
+}
+
+/// One page (`{data, next_page, prev_page}`) of the latest version of each document of `kind`,
+/// newest first (oldest with `asc`), that `keep` passes (and may rewrite), from the `page`
+/// cursor. Read from the store in keyset batches of the page's size from the cursor on, so a
+/// page costs the documents it skips and shows, not all the tenant's. `next_page` is null on
+/// the last page and `prev_page` on the first, so an SDK iterating either way stops.
+pub(super) async fn page_latest<F, Fut>(
+    e: &Engine,
+    kind: &str,
+    tenant: &str,
+    page: Option<&str>,
+    limit: usize,
+    asc: bool,
+    keep: F,
+) -> AResult<Value>
+where
+    F: Fn(Value) -> Fut,
+    Fut: std::future::Future<Output = AResult<Option<Value>>>,
+{
+    let (forward, mut after) = match page {
+        None => (true, None),
+        Some(c) => {
+            let (dir, id) = parse_cursor(c)?;
+            (dir == 'a', Some(id))
         }
-        if !in_range(v["created_at"].as_str().unwrap_or(""), &ranges)? {
-            continue;
+    };
+    // Backwards (a `prev_page` cursor) reads the other way and turns the page round.
+    let desc = forward != asc;
+    let mut items: Vec<(String, Value)> = Vec::new();
+    let batch = limit + 1;
+    'read: loop {
+        let docs = e
+            .latest_documents(kind, tenant, after.as_deref(), desc, batch as i64)
+            .await?;
+        let n = docs.len();
+        for d in docs {
+            after = Some(d.id.clone());
+            if let Some(v) = keep(d.body).await? {
+                items.push((d.id, v));
+                if items.len() > limit {
+                    break 'read;
+                }
+            }
         }
-        items.push((v["id"].as_str().unwrap_or("").to_string(), v));
+        if n < batch {
+            break;
+        }
     }
-    paginate(items, p.one("page"), p.limit(20, 100)?)
+    let more = items.len() > limit;
+    items.truncate(limit);
+    if !forward {
+        items.reverse();
+    }
+    let first = items.first().map(|(i, _)| i.clone());
+    let last = items.last().map(|(i, _)| i.clone());
+    let (next, prev) = if forward {
+        (
+            last.filter(|_| more).map(|i| cursor('a', &i)),
+            first.filter(|_| page.is_some()).map(|i| cursor('b', &i)),
+        )
+    } else {
+        (
+            last.map(|i| cursor('a', &i)),
+            first.filter(|_| more).map(|i| cursor('b', &i)),
+        )
+    };
+    let data: Vec<Value> = items.into_iter().map(|(_, v)| v).collect();
+    Ok(json!({"data": data, "next_page": next, "prev_page": prev}))
 }
 
 pub async fn list_agents(

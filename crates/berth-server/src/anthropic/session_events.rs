@@ -3,9 +3,11 @@
 //! session's one log (`events::Mapper`).
 
 use super::events::{parse_id, Mapper, TYPES};
+use super::previews::Previews;
 use super::sessions::{berth_id, budget_usd, cents, doc, parked};
 use super::tools::Policy;
 use super::{in_range, now, paginate, AError, AResult, Body, Params, St, Tenant};
+use crate::engine::sessions::previews::Preview;
 use crate::engine::Engine;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -13,8 +15,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 /// Events read from the store per round.
 const PAGE: i64 = 1000;
@@ -378,9 +381,15 @@ pub async fn stream(
     // Subscribe first: nothing committed after this point is missed. On a shared store the
     // session may run in another server process: its commits are relayed.
     let mut live = e.subscribe_any(&sid).await;
+    let mut previews = Previews::new(&deltas);
+    let mut prx = match previews {
+        Some(_) => e.subscribe_previews(&sid),
+        None => None,
+    };
     let now_seq = e.get_session(&t, &sid).await?.last_seq;
-    // Events up to here are only read to set up the mapping; those after `from` are sent.
-    let from = resume.unwrap_or((now_seq, usize::MAX));
+    // Events up to here are only read to set up the mapping; those after the `Last-Event-ID`
+    // are sent, or without one what the log holds after `now_seq`. (By berth seq, not by the
+    // mapped id: an answer's blocks may take their ids from the event before them.)
     let revoked = e.key_revoked(&key_id);
     let frames = async_stream::stream! {
         let mut m = Mapper::new(allowed);
@@ -388,9 +397,13 @@ pub async fn stream(
         let mut ended = false;
         // The session's state as last polled while there was no live feed.
         let mut polled: Option<Result<berth_api::SessionObject, crate::engine::error::EngineError>> = None;
-        let send = |v: Value, from: (i64, usize)| -> Option<SseEvent> {
-            let (seq, n) = parse_id(v["id"].as_str().unwrap_or(""))?;
-            if (seq, n) <= from {
+        let send = |v: Value, berth_seq: i64| -> Option<SseEvent> {
+            let id = parse_id(v["id"].as_str().unwrap_or(""))?;
+            let new = match resume {
+                Some(r) => id > r,
+                None => berth_seq > now_seq,
+            };
+            if !new {
                 return None;
             }
             Some(SseEvent::default()
@@ -408,7 +421,10 @@ pub async fn stream(
                 for ev in &page {
                     last = ev.seq;
                     for v in m.map(ev) {
-                        if let Some(f) = send(v, from) { yield f; }
+                        if let Some(f) = send(v, ev.seq) { yield f; }
+                    }
+                    if let Some(p) = previews.as_mut() {
+                        for f in p.after(last, &m) { yield preview_frame(f); }
                     }
                 }
                 if n < PAGE { break; }
@@ -421,6 +437,9 @@ pub async fn stream(
                 // that follows the poll that saw it.
                 if let Some(rx) = e.subscribe_any(&sid).await {
                     live = Some(rx);
+                    if previews.is_some() {
+                        prx = e.subscribe_previews(&sid);
+                    }
                     ended = false;
                     polled = None;
                     continue 'outer;
@@ -437,12 +456,32 @@ pub async fn stream(
             }
             let Some(rx) = live.as_mut() else { break };
             loop {
-                match rx.recv().await {
+                // Previews first: each is sent before the events it precedes, and is held
+                // until the event before it has gone by.
+                let next = tokio::select! {
+                    biased;
+                    p = next_preview(&mut prx) => Next::Preview(p),
+                    r = rx.recv() => Next::Event(r),
+                };
+                let r = match next {
+                    Next::Preview(None) => { prx = None; continue; }
+                    Next::Preview(Some(p)) => {
+                        if let Some(ps) = previews.as_mut() {
+                            for f in ps.arrived(p, last, &m) { yield preview_frame(f); }
+                        }
+                        continue;
+                    }
+                    Next::Event(r) => r,
+                };
+                match r {
                     Ok(ev) if ev.event.seq <= last => continue,
                     Ok(ev) if ev.event.seq == last + 1 => {
                         last = ev.event.seq;
                         for v in m.map(&ev.event) {
-                            if let Some(f) = send(v, from) { yield f; }
+                            if let Some(f) = send(v, ev.event.seq) { yield f; }
+                        }
+                        if let Some(p) = previews.as_mut() {
+                            for f in p.after(last, &m) { yield preview_frame(f); }
                         }
                     }
                     // Lagged or a gap: catch up from the store, then follow again.
@@ -461,6 +500,32 @@ pub async fn stream(
                 .data("{\"type\":\"ping\"}"),
         ),
     ))
+}
+
+enum Next {
+    Preview(Option<Arc<Preview>>),
+    Event(Result<Arc<crate::engine::sessions::LiveEvent>, RecvError>),
+}
+
+/// The session's next preview; pending forever without a feed, None when the feed ends.
+async fn next_preview(rx: &mut Option<broadcast::Receiver<Arc<Preview>>>) -> Option<Arc<Preview>> {
+    let Some(rx) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(p) => return Some(p),
+            // Best-effort: what was missed stays missed (the stored event is whole).
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return None,
+        }
+    }
+}
+
+fn preview_frame(v: Value) -> SseEvent {
+    SseEvent::default()
+        .event(v["type"].as_str().unwrap_or("event_delta"))
+        .data(v.to_string())
 }
 
 fn error_frame(err: AError) -> SseEvent {

@@ -6,7 +6,7 @@ use super::environments::{allowlist, environment};
 use super::resources::agent_at;
 use super::session_events::{check_events, deliver};
 use super::tools::{claude, custom_tools, mcp_hosts};
-use super::{in_range, new_id, now, paginate, AError, AResult, Body, Params, St, Tenant};
+use super::{in_range, new_id, now, AError, AResult, Body, Params, St, Tenant};
 use crate::engine::Engine;
 use axum::extract::{Path, State};
 use berth_api::{
@@ -60,10 +60,16 @@ async fn status_of(
 ) -> AResult<&'static str> {
     let st = status(d, s);
     if let (Some(s), "running") = (s, st) {
-        let last = e
-            .session_events_after(tenant, &s.id, s.last_seq.saturating_sub(1), 1)
+        let mut last = e
+            .session_events_after(tenant, &s.id, s.last_seq.saturating_sub(2), 2)
             .await?;
-        if last.first().is_some_and(|l| {
+        // The answer's metered usage may follow the tool use that ended it.
+        if last.len() == 2
+            && last[1].kind.as_str() == crate::engine::sessions::previews::MODEL_USAGE
+        {
+            last.pop();
+        }
+        if last.last().is_some_and(|l| {
             l.kind == berth_api::EventKind::PermissionRequest
                 || (l.kind == berth_api::EventKind::ToolUse
                     && l.data["name"]
@@ -259,10 +265,13 @@ pub async fn create_session(
             network: NetworkSpec {
                 allow: session_allowlist(&env, &agent)?,
             },
+            placement: serde_json::from_value(env["config"]["placement"].clone()).unwrap_or(None),
             ..Default::default()
         })),
         agent: AgentSpec::Claude(ClaudeAgent {
             max_budget_usd: budget,
+            // For `event_deltas` previews on its streams.
+            managed_agents: true,
             ..claude(&agent)
         }),
         workdir: None,
@@ -411,40 +420,48 @@ pub async fn list_sessions(
                 .map_err(|_| AError::invalid("agent_version must be an integer"))
         })
         .transpose()?;
-    // Filter on the documents first; the store is asked only for a status filter (one or two
-    // reads a session) and for the page's own items (rendered with their usage).
-    let mut items = Vec::new();
-    for d in super::resources::latest_of_each(e, SESSION, &t).await? {
-        if !archived && !d["archived_at"].is_null() {
-            continue;
-        }
-        if agent_id.is_some_and(|a| d["agent"]["id"] != a)
-            || agent_version.is_some_and(|v| d["agent"]["version"] != v)
-            || !in_range(d["created_at"].as_str().unwrap_or(""), &ranges)?
-        {
-            continue;
-        }
-        if !statuses.is_empty() {
-            let st = current_status(e, &t, &d).await?;
-            if !statuses.iter().any(|s| s == st) {
-                continue;
-            }
-        }
-        items.push((d["id"].as_str().unwrap_or("").to_string(), d));
-    }
-    match p.one("order").unwrap_or("desc") {
-        "desc" => {}
-        "asc" => items.reverse(),
+    let asc = match p.one("order").unwrap_or("desc") {
+        "desc" => false,
+        "asc" => true,
         o => {
             return Err(AError::invalid(format!(
                 "order must be asc or desc, not {o:?}"
             )))
         }
-    }
-    let mut page = paginate(items, p.one("page"), p.limit(20, 100)?)?;
+    };
+    // Filter on the documents first; the store is asked only for a status filter (one or two
+    // reads a session) and for the page's own items (rendered with their usage).
+    let (t, ranges, statuses) = (&t, &ranges, &statuses);
+    let mut page = super::resources::page_latest(
+        e,
+        SESSION,
+        t,
+        p.one("page"),
+        p.limit(20, 100)?,
+        asc,
+        move |d| async move {
+            if !archived && !d["archived_at"].is_null() {
+                return Ok(None);
+            }
+            if agent_id.is_some_and(|a| d["agent"]["id"] != a)
+                || agent_version.is_some_and(|v| d["agent"]["version"] != v)
+                || !in_range(d["created_at"].as_str().unwrap_or(""), ranges)?
+            {
+                return Ok(None);
+            }
+            if !statuses.is_empty() {
+                let st = current_status(e, t, &d).await?;
+                if !statuses.iter().any(|s| s == st) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(d))
+        },
+    )
+    .await?;
     if let Some(data) = page["data"].as_array_mut() {
         for d in data.iter_mut() {
-            *d = render(e, &t, d).await?;
+            *d = render(e, t, d).await?;
         }
     }
     Ok(axum::Json(page))

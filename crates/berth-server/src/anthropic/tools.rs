@@ -26,6 +26,22 @@ pub const TOOLS: [(&str, &str); 8] = [
     ("web_search", "WebSearch"),
 ];
 
+/// The built-in tools the `auto` policy runs without asking: they only read the box's files.
+/// `web_fetch` and `web_search` read too, but what they send leaves the box (a URL or a query
+/// can carry the box's data), so under `auto` they ask like the tools that write.
+const READ_ONLY: [&str; 3] = ["read", "glob", "grep"];
+
+/// Whether a tool under `policy` asks the client first. `auto` decides per tool: read-only
+/// built-in tools (`READ_ONLY`) run, everything else asks (MCP tools included: berth cannot
+/// tell which of a server's tools only read).
+fn asks_under(policy: &Value, builtin: Option<&str>) -> bool {
+    match policy["type"].as_str() {
+        Some("always_ask") => true,
+        Some("auto") => !builtin.is_some_and(|n| READ_ONLY.contains(&n)),
+        _ => false,
+    }
+}
+
 /// Longest custom tool name: the model sees `mcp__berth__<name>`, at most 64 characters.
 const MAX_CUSTOM_NAME: usize = 64 - TOOL_PREFIX.len();
 /// Bytes of one custom tool's definition (as JSON).
@@ -35,10 +51,7 @@ const MAX_MCP_SERVERS: usize = 20;
 fn policy_of(v: Option<&Value>, default: &Value) -> AResult<Value> {
     let p = v.cloned().unwrap_or_else(|| default.clone());
     match p.get("type").and_then(Value::as_str) {
-        Some("always_allow") | Some("always_ask") => Ok(p),
-        Some("auto") => Err(AError::invalid(
-            "berth does not support permission_policy auto; use always_allow or always_ask",
-        )),
+        Some("always_allow") | Some("always_ask") | Some("auto") => Ok(p),
         _ => Err(AError::invalid("unknown permission_policy")),
     }
 }
@@ -298,15 +311,14 @@ fn builtin_policies(agent: &Value) -> Vec<(&'static str, bool, bool)> {
         .filter(|t| t["type"] == "agent_toolset_20260401")
     {
         let on = t["default_config"]["enabled"].as_bool().unwrap_or(true);
-        let ask = t["default_config"]["permission_policy"]["type"] == "always_ask";
+        let default_policy = &t["default_config"]["permission_policy"];
         for (i, (name, _)) in TOOLS.iter().enumerate() {
             let cfg = t["configs"]
                 .as_array()
                 .and_then(|c| c.iter().find(|c| c["name"] == *name));
             out[i].1 |= cfg.and_then(|c| c["enabled"].as_bool()).unwrap_or(on);
-            out[i].2 = cfg
-                .map(|c| c["permission_policy"]["type"] == "always_ask")
-                .unwrap_or(ask);
+            let policy = cfg.map_or(default_policy, |c| &c["permission_policy"]);
+            out[i].2 = asks_under(policy, Some(name));
         }
     }
     out
@@ -332,7 +344,7 @@ fn mcp_policies(agent: &Value) -> Vec<McpPolicy> {
                 .as_array()
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let asks = |c: &Value| c["permission_policy"]["type"] == "always_ask";
+            let asks = |c: &Value| asks_under(&c["permission_policy"], None);
             McpPolicy {
                 enabled: t["default_config"]["enabled"] != false,
                 disabled: configs
@@ -340,7 +352,7 @@ fn mcp_policies(agent: &Value) -> Vec<McpPolicy> {
                     .filter(|c| c["enabled"] == false)
                     .map(cli)
                     .collect(),
-                asks_by_default: t["default_config"]["permission_policy"]["type"] == "always_ask",
+                asks_by_default: asks_under(&t["default_config"]["permission_policy"], None),
                 asking: configs.iter().filter(|c| asks(c)).map(cli).collect(),
                 allowing: configs.iter().filter(|c| !asks(c)).map(cli).collect(),
                 server,
@@ -557,6 +569,44 @@ mod tests {
         assert!(p.asks("mcp__docsx__anything"));
         assert!(p.asks("Bash"));
         assert_eq!(claude(&b).allowed_tools, vec!["mcp__docs".to_string()]);
+    }
+
+    /// `auto`: the read-only built-ins run, every other tool asks (MCP tools too), also when
+    /// one tool's config says `auto` under a toolset that allows.
+    #[test]
+    fn auto_runs_read_only_tools_and_asks_for_the_rest() {
+        let a = agent(
+            json!([{"type": "agent_toolset_20260401", "default_config": {"permission_policy": {"type": "auto"}}},
+                   {"type": "mcp_toolset", "mcp_server_name": "docs", "default_config": {"permission_policy": {"type": "auto"}}}]),
+            json!([{"type": "url", "name": "docs", "url": "https://mcp.example.com/mcp"}]),
+        );
+        let p = Policy::of(&a);
+        for t in ["Read", "Glob", "Grep"] {
+            assert!(!p.asks(t), "{t}");
+        }
+        for t in [
+            "Bash",
+            "Write",
+            "Edit",
+            "WebFetch",
+            "WebSearch",
+            "mcp__docs__search",
+        ] {
+            assert!(p.asks(t), "{t}");
+        }
+        let c = claude(&a);
+        assert_eq!(c.permission_mode.as_deref(), Some("default"));
+        let rules: Vec<&str> = c.permission_rules.iter().map(|r| r.tool.as_str()).collect();
+        assert_eq!(rules, vec!["Read", "Glob", "Grep"]);
+        let b = agent(
+            json!([{"type": "agent_toolset_20260401",
+                    "configs": [{"name": "bash", "permission_policy": {"type": "auto"}},
+                                {"name": "grep", "permission_policy": {"type": "auto"}}]}]),
+            json!([]),
+        );
+        let p = Policy::of(&b);
+        assert!(p.asks("Bash"));
+        assert!(!p.asks("Grep") && !p.asks("Write"));
     }
 
     #[test]

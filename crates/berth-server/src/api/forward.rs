@@ -157,6 +157,9 @@ pub async fn edge(State(st): State<AppState>, req: Request, next: Next) -> Respo
         };
     }
     let path = req.uri().path().to_string();
+    if let Some(rest) = path.strip_prefix("/anthropic/v1/sessions") {
+        return managed(&st, &cluster, req, next, rest).await;
+    }
     let owner = match classify(req.method(), &path) {
         Kind::Local => return next.run(req).await,
         Kind::Box(id) => st.engine.box_owner_url(id).await,
@@ -183,7 +186,7 @@ async fn place(
     if cluster.cfg.secret.is_none() {
         return next.run(req).await;
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, PLACE_BODY_MAX).await {
         Ok(b) => b,
         Err(_) => {
@@ -196,30 +199,212 @@ async fn place(
     };
     let started = std::time::Instant::now();
     // A body that does not parse is answered here (the handler's own 400).
-    let chosen: Result<Option<String>, String> = if path == "/v1/boxes" {
-        match serde_json::from_slice::<berth_api::BoxSpec>(&bytes) {
-            Ok(spec) => Ok(cluster.place(spec.backend.as_deref(), &spec.resources)),
-            Err(_) => Ok(None),
-        }
+    let spec: Option<berth_api::BoxSpec> = if path == "/v1/boxes" {
+        serde_json::from_slice::<berth_api::BoxSpec>(&bytes).ok()
     } else {
         match serde_json::from_slice::<berth_api::SessionSpec>(&bytes) {
-            Ok(s) if s.pool.is_some() => Ok(None),
+            Ok(s) if s.pool.is_some() => None,
             Ok(s) => match s.box_ref {
-                berth_api::BoxRef::Id(id) => st.engine.box_owner_url(&id).await,
-                berth_api::BoxRef::Spec(spec) => {
-                    Ok(cluster.place(spec.backend.as_deref(), &spec.resources))
+                berth_api::BoxRef::Id(id) => {
+                    let req = Request::from_parts(parts, Body::from(bytes));
+                    return match st.engine.box_owner_url(&id).await {
+                        Ok(None) => next.run(req).await,
+                        Ok(Some(url)) => forward(cluster, &url, req).await,
+                        Err(why) => ApiError::Unavailable(why).into_response(),
+                    };
                 }
+                berth_api::BoxRef::Spec(spec) => Some(*spec),
             },
-            Err(_) => Ok(None),
+            Err(_) => None,
+        }
+    };
+    let chosen = match &spec {
+        None => Ok(None),
+        Some(spec) => {
+            let tenant_boxes = match spec.placement.as_ref().and_then(|p| p.spread_by.as_ref()) {
+                Some(_) => tenant_boxes(st, &mut parts).await,
+                None => Default::default(),
+            };
+            cluster.place(
+                crate::engine::placement::Ask {
+                    backend: spec.backend.as_deref(),
+                    want: &spec.resources,
+                    placement: spec.placement.as_ref(),
+                },
+                &tenant_boxes,
+            )
         }
     };
     metrics::histogram!("berth_placement_seconds").record(started.elapsed().as_secs_f64());
+    if let Err(why) = &chosen {
+        // Said to a caller the handler would serve; anyone else gets the handler's 401.
+        use axum::extract::FromRequestParts;
+        if crate::auth::Caller::from_request_parts(&mut parts, st)
+            .await
+            .is_ok()
+        {
+            return ApiError::Conflict(why.to_string()).into_response();
+        }
+    }
     let req = Request::from_parts(parts, Body::from(bytes));
     match chosen {
+        Ok(Some(url)) => forward(cluster, &url, req).await,
+        Ok(None) | Err(_) => next.run(req).await,
+    }
+}
+
+/// The Managed Agents API's sessions (`/anthropic/v1/sessions…`; `rest` is what follows): a
+/// new one is placed like a box (its environment's `config.placement`, the box the handler
+/// makes: default resources); a write to one (events, update, archive, delete) goes to its
+/// box's node; reads are served here from the shared store. The tenant comes from the key
+/// (`x-api-key` or bearer); without a known key the handler answers, here.
+async fn managed(
+    st: &AppState,
+    cluster: &Arc<Cluster>,
+    req: Request,
+    next: Next,
+    rest: &str,
+) -> Response {
+    let (post, get) = (
+        req.method() == axum::http::Method::POST,
+        req.method() == axum::http::Method::GET,
+    );
+    let id = rest
+        .strip_prefix('/')
+        .map(|r| r.split('/').next().unwrap_or_default().to_string());
+    if cluster.cfg.secret.is_none() || get || (id.is_none() && !post) {
+        return next.run(req).await;
+    }
+    let from = crate::auth::KeySources {
+        x_api_key: true,
+        ..Default::default()
+    };
+    let tenant = match crate::auth::key_from_headers(&st.engine, req.headers(), from).await {
+        Ok(Some(k)) => k.tenant,
+        _ => return next.run(req).await,
+    };
+    let owner = match id {
+        Some(id) if !id.is_empty() => {
+            let doc = st
+                .engine
+                .documents("session", &tenant, Some(&id))
+                .await
+                .ok()
+                .and_then(|mut d| d.pop());
+            match doc
+                .as_ref()
+                .and_then(|d| d.body["berth"]["box_id"].as_str())
+            {
+                Some(box_id) => st.engine.box_owner_url(box_id).await,
+                None => Ok(None),
+            }
+        }
+        Some(_) => Ok(None),
+        None => {
+            let (parts, body) = req.into_parts();
+            let Ok(bytes) = axum::body::to_bytes(body, PLACE_BODY_MAX).await else {
+                return ApiError::Rejected(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("a create's body is at most {PLACE_BODY_MAX} bytes"),
+                )
+                .into_response();
+            };
+            let started = std::time::Instant::now();
+            let placement = managed_placement(st, &tenant, &bytes).await;
+            let counts = match placement.as_ref().and_then(|p| p.spread_by.as_ref()) {
+                Some(_) => st.engine.tenant_boxes_per_node(&tenant).await,
+                None => Default::default(),
+            };
+            let want = berth_api::Resources::default();
+            let chosen = cluster.place(
+                crate::engine::placement::Ask {
+                    backend: None,
+                    want: &want,
+                    placement: placement.as_ref(),
+                },
+                &counts,
+            );
+            metrics::histogram!("berth_placement_seconds").record(started.elapsed().as_secs_f64());
+            let req = Request::from_parts(parts, Body::from(bytes));
+            return match chosen {
+                Ok(Some(url)) => forward(cluster, &url, req).await,
+                // No node matches: the handler here refuses it (its box's placement check),
+                // in the Managed Agents API's own error shape.
+                Ok(None) | Err(_) => next.run(req).await,
+            };
+        }
+    };
+    match owner {
         Ok(None) => next.run(req).await,
         Ok(Some(url)) => forward(cluster, &url, req).await,
         Err(why) => ApiError::Unavailable(why).into_response(),
     }
+}
+
+/// The `config.placement` of the environment a Managed Agents session create names.
+async fn managed_placement(
+    st: &AppState,
+    tenant: &str,
+    body: &[u8],
+) -> Option<berth_api::Placement> {
+    let body: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let env_id = body["environment_id"].as_str()?;
+    let env = st
+        .engine
+        .documents("environment", tenant, Some(env_id))
+        .await
+        .ok()?
+        .pop()?;
+    serde_json::from_value(env.body["config"]["placement"].clone()).ok()
+}
+
+/// The caller's live boxes per node, for `spread_by` (the caller is authenticated as the
+/// handler would; an unknown key counts nothing, and the handler then answers 401).
+async fn tenant_boxes(
+    st: &AppState,
+    parts: &mut axum::http::request::Parts,
+) -> std::collections::HashMap<String, u64> {
+    use axum::extract::FromRequestParts;
+    match crate::auth::Caller::from_request_parts(parts, st).await {
+        Ok(caller) => st.engine.tenant_boxes_per_node(&caller.tenant).await,
+        Err(_) => Default::default(),
+    }
+}
+
+/// A node-to-node call of this node's own (not a client's request passed on): `POST` of a
+/// JSON `body` to `path` on the node at `base`, signed; its status and body (at most 1 MiB).
+pub(crate) async fn call_node(
+    cluster: &Cluster,
+    base: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(StatusCode, bytes::Bytes), String> {
+    let secret = cluster
+        .cfg
+        .secret
+        .as_deref()
+        .ok_or("this node has no cluster_secret")?;
+    let ts = wall_ms();
+    let sig = sign(secret, cluster.name(), ts, "POST", path);
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri(format!("{base}{path}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(H_NODE, cluster.name())
+        .header(H_TS, ts.to_string())
+        .header(H_SIG, sig)
+        .body(Body::from(body))
+        .map_err(|e| format!("a call to node {base}: {e}"))?;
+    metrics::counter!("berth_forwarded_requests_total").increment(1);
+    let resp = client()
+        .request(req)
+        .await
+        .map_err(|e| format!("node {base} did not answer: {e}"))?;
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(Body::new(resp.into_body()), PLACE_BODY_MAX)
+        .await
+        .map_err(|e| format!("reading node {base}'s answer: {e}"))?;
+    Ok((status, bytes))
 }
 
 fn client() -> &'static Client<HttpConnector, Body> {
@@ -259,7 +444,7 @@ fn strip_hop(h: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Pass `req` on to the node at `base`, signed, and its answer back; an upgrade is spliced.
-async fn forward(cluster: &Cluster, base: &str, mut req: Request) -> Response {
+pub(crate) async fn forward(cluster: &Cluster, base: &str, mut req: Request) -> Response {
     let upgrade = is_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();

@@ -18,7 +18,7 @@ pub mod usage;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, MethodRouter};
+use axum::routing::{any, get, post, MethodRouter};
 use axum::Router;
 use utoipa::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
@@ -58,7 +58,7 @@ pub struct Query<T>(pub T);
         berth_api::Accepted, berth_api::WsClientMessage, berth_api::PermissionRule, berth_api::PermissionModeRequest, berth_api::KeyCreate, berth_api::KeyObject,
         berth_api::BackendInfo, berth_api::TenantObject, berth_api::TenantUpdate, berth_api::SessionUsage, berth_api::ModelUsage, berth_api::UsageReport, berth_api::UsageGroup, berth_api::UsageTotals, berth_api::UsageGroupBy, berth_api::ErrorBody, berth_api::ErrorDetail,
         berth_api::TriggerSpec, berth_api::TriggerObject, berth_api::HookAccepted,
-        berth_api::NodeObject, berth_api::NodeCapacity, berth_api::NodeState,
+        berth_api::NodeObject, berth_api::NodeCapacity, berth_api::NodeState, berth_api::Placement,
     )),
     modifiers(&SecurityAddon),
 )]
@@ -190,6 +190,12 @@ pub const UNDOCUMENTED: &[Undocumented] = &[
         methods: None,
         why: "a port link (port_links.rs): the port proxy under a signed token, for browsers",
         route: || any(port_links::serve),
+    },
+    Undocumented {
+        path: "/v1/triggers/{id}/fire-here",
+        methods: Some(&["POST"]),
+        why: "node-to-node (engine/placement.rs): the node firing a trigger has the node it placed the box on start the session; node-signed callers only",
+        route: || post(triggers::fire_here),
     },
     Undocumented {
         path: "/openapi.json",

@@ -117,3 +117,24 @@ pub async fn hook(
         .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
+
+/// `POST /v1/triggers/{id}/fire-here` (node-to-node, not in the OpenAPI document): the node
+/// that fired trigger `id` placed its session's box here; start the session with the JSON
+/// body as the payload. Only a node-signed request is taken (the edge checked the signature);
+/// any other caller is refused (403).
+pub async fn fire_here(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<berth_api::SessionObject>, ApiError> {
+    if !headers.contains_key(super::forward::H_NODE) || st.engine.cluster().is_none() {
+        return Err(ApiError::Forbidden(
+            "only another node of the cluster may ask this".into(),
+        ));
+    }
+    let t = st.engine.trigger_by_id(&id).await?;
+    let payload: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Invalid(format!("a trigger's payload: {e}")))?;
+    Ok(Json(st.engine.fire_trigger_here(&t, &payload).await?))
+}

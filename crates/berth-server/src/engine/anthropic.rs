@@ -37,6 +37,22 @@ impl Engine {
         Ok(self.store.delete_document(kind, tenant, id).await?)
     }
 
+    /// A keyset page of the latest version of each of a tenant's documents of `kind` (see
+    /// `Store::latest_documents`).
+    pub async fn latest_documents(
+        &self,
+        kind: &str,
+        tenant: &str,
+        after: Option<&str>,
+        desc: bool,
+        limit: i64,
+    ) -> Result<Vec<Document>, EngineError> {
+        Ok(self
+            .store
+            .latest_documents(kind, tenant, after, desc, limit)
+            .await?)
+    }
+
     /// A session's stored events with `seq > after`, oldest first, at most `limit`.
     pub async fn session_events_after(
         &self,

@@ -18,6 +18,7 @@ pub mod event_cap;
 pub mod ledger;
 pub mod nodes;
 pub mod park;
+pub mod placement;
 pub mod pools;
 pub mod pty;
 pub mod registry;
@@ -70,6 +71,8 @@ pub struct EngineConfig {
     pub tenant_totals: admission::TenantTotals,
     /// Caps on each session's event log.
     pub events: event_cap::Limits,
+    /// The CPU weight raise an agent's start gets (`None`: none).
+    pub start_boost: Option<berth_sandbox::StartBoost>,
 }
 
 /// Why a program could not start in a box, naming the program (the backends report only the
@@ -163,6 +166,7 @@ impl Engine {
         claude: Option<crate::claude_cli::ClaudeCli>,
     ) -> Arc<Engine> {
         let registry = Arc::new(registry::Registry::default());
+        gateway.set_observer(sessions::previews::observer(registry.clone()));
         let admission = Arc::new(admission::Admission::new(
             config.max_box,
             config.max_boxes_per_tenant,
@@ -229,6 +233,7 @@ impl Engine {
             gateway: self.gateway.clone(),
             registry: self.registry.clone(),
             events: self.config.events,
+            start_boost: self.config.start_boost,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct ClusterConfig {
     pub secret: Option<String>,
     pub lease: Duration,
     pub capacity: NodeCapacity,
+    /// `node_labels`: what box placements select and spread on.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// This node's view of the cluster.
@@ -103,42 +105,30 @@ impl Cluster {
             .map(|r| r.node.advertise_url.clone())
     }
 
-    /// Pick the node for a new box: active nodes with a live lease offering `backend` (None:
-    /// any), those with room for `want` first, then the fewest boxes (counting what this node
-    /// placed in the last half lease), this node on a tie, then by name. None: this node.
-    pub fn place(&self, backend: Option<&str>, want: &berth_api::Resources) -> Option<String> {
-        self.cfg.secret.as_ref()?;
-        let now = wall_ms();
+    /// Pick the node for a new box ([`super::placement::choose`], on the nodes as last read,
+    /// counting what this node placed in the last half lease on top of their reported load).
+    /// `Ok(None)`: this node (also when there is no cluster secret: nothing is forwarded).
+    pub fn place(
+        &self,
+        ask: super::placement::Ask<'_>,
+        tenant_boxes: &std::collections::HashMap<String, u64>,
+    ) -> Result<Option<String>, super::placement::Unplaceable> {
+        if self.cfg.secret.is_none() {
+            return Ok(None);
+        }
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
         let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = self.cfg.lease / 2;
         placed.retain(|(_, at)| at.elapsed() < fresh);
         let recent = |name: &str| placed.iter().filter(|(n, _)| n == name).count() as u64;
-        let candidates: Vec<&NodeRow> = view
-            .iter()
-            .filter(|r| r.node.state == NodeState::Active && r.lease_ms >= now)
-            .filter(|r| backend.is_none_or(|b| r.node.backends.iter().any(|x| x == b)))
-            .collect();
-        let fits = |r: &NodeRow| {
-            let (c, l) = (r.node.capacity, r.node.load);
-            l.cpus + want.cpus <= c.cpus
-                && l.memory_mib + want.memory_mib <= c.memory_mib
-                && (c.boxes == 0 || l.boxes < c.boxes)
-        };
-        let any_fits = candidates.iter().any(|r| fits(r));
-        let best = candidates
-            .into_iter()
-            .filter(|r| !any_fits || fits(r))
-            .min_by_key(|r| {
-                let n = r.node.load.boxes + recent(&r.node.name);
-                (n, r.node.name != self.cfg.node_name, r.node.name.clone())
+        let best =
+            super::placement::choose(&view, &self.cfg.node_name, wall_ms(), ask, &recent, &|n| {
+                tenant_boxes.get(n).copied().unwrap_or(0)
             })?;
-        placed.push((best.node.name.clone(), tokio::time::Instant::now()));
-        if best.node.name == self.cfg.node_name {
-            None
-        } else {
-            Some(best.node.advertise_url.clone())
-        }
+        let Some(best) = best else { return Ok(None) };
+        let (name, url) = (best.node.name.clone(), best.node.advertise_url.clone());
+        placed.push((name.clone(), tokio::time::Instant::now()));
+        Ok((name != self.cfg.node_name).then_some(url))
     }
 
     /// The nodes as last read, with their lease ends as timestamps.
@@ -177,6 +167,31 @@ impl Engine {
         self.cluster().map(|c| c.cfg.node_name.clone())
     }
 
+    /// Refuses a box whose `placement.node_selector` this node's labels do not match (409):
+    /// the edge places creates on matching nodes, so one lands here only unplaced (no cluster
+    /// secret, or a box the engine makes itself), and must not run where its spec forbids.
+    pub(crate) fn placement_allows_here(
+        &self,
+        p: Option<&berth_api::Placement>,
+    ) -> Result<(), super::error::EngineError> {
+        let Some(p) = p.filter(|p| !p.node_selector.is_empty()) else {
+            return Ok(());
+        };
+        let empty = Default::default();
+        let (name, labels) = match self.cluster() {
+            Some(c) => (c.cfg.node_name.as_str(), &c.cfg.labels),
+            None => ("this server", &empty),
+        };
+        if p.selects(labels) {
+            return Ok(());
+        }
+        Err(super::error::EngineError::Conflict(format!(
+            "node {name} does not match placement.node_selector {} (its labels: {})",
+            serde_json::to_string(&p.node_selector).unwrap_or_default(),
+            serde_json::to_string(labels).unwrap_or_default()
+        )))
+    }
+
     /// What this node's live boxes hold.
     fn node_load(&self) -> NodeCapacity {
         let mut load = NodeCapacity::default();
@@ -206,6 +221,7 @@ impl Engine {
             capacity: c.cfg.capacity,
             load: self.node_load(),
             state_reason: None,
+            labels: c.cfg.labels.clone(),
             joined_at: c
                 .joined_at
                 .lock()
@@ -424,6 +440,9 @@ impl Engine {
             }
             s.state = SessionState::Interrupted;
             s.state_reason = Some(format!("{reason} while the session ran"));
+            // Its box has no holder now, nor has the session: the lost node, should it come
+            // back, can write neither (`put_session` is fenced on them).
+            s.node = None;
             s.updated_at = crate::auth::now();
             if let Err(e) = self.store.put_session(&s).await {
                 tracing::warn!(session_id = %s.id, error = %e, "settling a lost session");

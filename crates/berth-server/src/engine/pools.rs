@@ -396,6 +396,7 @@ impl Engine {
             agent_cost_usd: None,
             last_seq: 0,
             uid: None,
+            node: self.node_name(),
             created_at: ts.clone(),
             updated_at: ts,
         };

@@ -23,6 +23,16 @@ impl Engine {
         Ok(self.store.find_key(digest).await?)
     }
 
+    /// Whether the key `id` of `tenant` still exists in the store (deleted on any node: no).
+    pub async fn key_exists(&self, tenant: &str, id: &str) -> Result<bool, EngineError> {
+        Ok(self
+            .store
+            .list_keys(Some(tenant))
+            .await?
+            .iter()
+            .any(|k| k.id == id))
+    }
+
     /// Every API key (without its secret).
     pub async fn list_keys(&self) -> Result<Vec<KeyObject>, EngineError> {
         Ok(self.store.list_keys(None).await?)

@@ -242,6 +242,15 @@ impl Engine {
             .ok_or_else(|| EngineError::not_found("trigger", id))
     }
 
+    /// Any tenant's trigger (node-to-node calls name it by id only).
+    pub(crate) async fn trigger_by_id(&self, id: &str) -> Result<TriggerObject, EngineError> {
+        self.store
+            .get_trigger(None, id)
+            .await?
+            .map(|(t, _)| t)
+            .ok_or_else(|| EngineError::not_found("trigger", id))
+    }
+
     pub async fn delete_trigger(&self, tenant: &str, id: &str) -> Result<(), EngineError> {
         if !self.store.delete_trigger(Some(tenant), id).await? {
             return Err(EngineError::not_found("trigger", id));
@@ -257,15 +266,13 @@ impl Engine {
         t: &TriggerObject,
         payload: &Value,
     ) -> Result<SessionObject, EngineError> {
-        let spec = SessionSpec {
-            box_ref: t.box_ref.clone(),
-            agent: t.agent.clone(),
-            pool: None,
-            workdir: t.workdir.clone(),
-            prompt: Some(render(&t.prompt, payload)),
-            keep_open: false,
+        // A trigger making its own box places it as `POST /v1/boxes` would: on another node,
+        // that node starts the session (a signed node-to-node call).
+        let r = match self.place_trigger(t).await {
+            Ok(None) => self.fire_trigger_here(t, payload).await,
+            Ok(Some(url)) => self.fire_trigger_on(&url, t, payload).await,
+            Err(e) => Err(e),
         };
-        let r = self.create_session(&t.tenant, spec).await;
         // Re-read: the trigger may have fired concurrently (or been deleted meanwhile).
         if let Ok(Some((mut cur, _))) = self.store.get_trigger(None, &t.id).await {
             cur.fired += 1;
@@ -284,6 +291,24 @@ impl Engine {
         metrics::counter!("berth_trigger_firings_total", "ok" => if r.is_ok() { "true" } else { "false" })
             .increment(1);
         r
+    }
+
+    /// Start trigger `t`'s session on this node (the firing is recorded by the node that
+    /// fired it).
+    pub(crate) async fn fire_trigger_here(
+        self: &Arc<Self>,
+        t: &TriggerObject,
+        payload: &Value,
+    ) -> Result<SessionObject, EngineError> {
+        let spec = SessionSpec {
+            box_ref: t.box_ref.clone(),
+            agent: t.agent.clone(),
+            pool: None,
+            workdir: t.workdir.clone(),
+            prompt: Some(render(&t.prompt, payload)),
+            keep_open: false,
+        };
+        self.create_session(&t.tenant, spec).await
     }
 
     /// Count a webhook call against its trigger's rate; 429 past the limit. (A GCRA: a

@@ -73,6 +73,7 @@ fn engine_config(dir: &std::path::Path, max_boxes_per_tenant: usize) -> EngineCo
             pids: 100_000,
         },
         tenant_totals: admission::TenantTotals::default(),
+        start_boost: None,
         events: event_cap::Limits {
             per_second: 1000,
             burst: 1000,
@@ -208,6 +209,7 @@ forward_store! {
     advance_document(d: &berth_store::Document = d.clone() => &d, from: i64 = from => from) -> bool;
     documents(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: Option<&str> = id.map(str::to_string) => id.as_deref()) -> Vec<berth_store::Document>;
     delete_document(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: &str = id.to_string() => &id) -> bool;
+    latest_documents(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, after: Option<&str> = after.map(str::to_string) => after.as_deref(), desc: bool = desc => desc, limit: i64 = limit => limit) -> Vec<berth_store::Document>;
     join_node(n: &berth_api::NodeObject = n.clone() => &n, lease: i64 = lease => lease) -> i64;
     renew_node(n: &berth_api::NodeObject = n.clone() => &n, inc: i64 = inc => inc, lease: i64 = lease => lease) -> bool;
     list_nodes() -> Vec<berth_store::NodeRow>;

@@ -58,6 +58,10 @@ impl Engine {
             )));
         }
         validate_spec(&spec)?;
+        // The edge placed the create on a node the selector matches; one that lands here
+        // anyway (no cluster secret, a single node, a box the engine makes itself) is refused
+        // rather than run where its selector says it must not.
+        self.placement_allows_here(spec.placement.as_ref())?;
         // Refused before the box is recorded: a server out of open files would fail it
         // half-made (or fail its clients' connections and its boxes' model requests).
         berth_sandbox::native::fds::room_for_box()
@@ -102,6 +106,7 @@ impl Engine {
             artifact: None,
             snapshot: None,
             node: self.node_name(),
+            placement: spec.placement,
             created_at: ts.clone(),
             updated_at: ts,
         };

@@ -9,6 +9,7 @@
 //! ends at its first `result` (the task is done) unless the client keeps it open (`keep_open`,
 //! or a message sent before that result).
 
+use super::previews::Preview;
 use crate::auth::now;
 use crate::engine::boxes::{BoxCmd, BoxHandle};
 use crate::engine::error::EngineError;
@@ -59,6 +60,12 @@ pub enum SessionCmd {
     },
     /// A server-side notice to record in the event log.
     Notice { kind: EventKind, data: Value },
+    /// A model answer's usage as the gateway metered it (`previews::MODEL_USAGE`), logged
+    /// before the agent reads the answer's end; answered once committed.
+    Metered {
+        data: Value,
+        reply: oneshot::Sender<()>,
+    },
     /// Bytes an sdk session's client connection `generation` writes to the CLI's stdin
     /// (None: end of input). Answered once they are queued to the box (or refused).
     ClientStdin {
@@ -73,6 +80,8 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<SessionCmd>,
     pub state: watch::Receiver<SessionObject>,
     pub events: broadcast::Sender<Arc<LiveEvent>>,
+    /// Live previews of the model's output (see `previews`).
+    pub previews: broadcast::Sender<Arc<Preview>>,
     /// The CLI's stdout relay of an sdk session (see `sdk_sessions`).
     pub sdk: Option<Arc<berth_agent::Relay>>,
 }
@@ -85,6 +94,8 @@ pub struct SessionDeps {
     pub gateway: Arc<berth_gateway::Gateway>,
     pub registry: Arc<crate::engine::registry::Registry>,
     pub events: crate::engine::event_cap::Limits,
+    /// The CPU weight raise the agent's start gets (see `berth_sandbox::StartBoost`).
+    pub start_boost: Option<berth_sandbox::StartBoost>,
 }
 
 struct SessionActor {
@@ -96,6 +107,12 @@ struct SessionActor {
     obj: SessionObject,
     state: watch::Sender<SessionObject>,
     events: broadcast::Sender<Arc<LiveEvent>>,
+    previews: broadcast::Sender<Arc<Preview>>,
+    /// A Managed Agents session: the agent streams partial messages, which become previews,
+    /// not events.
+    managed_agents: bool,
+    /// Previews of the batch being committed, each with its place among its events.
+    pending_previews: Vec<(usize, Value)>,
     rx: mpsc::Receiver<SessionCmd>,
     prompt: Option<String>,
     /// End the session (and so its ephemeral box) at the agent's next `result`.
@@ -188,6 +205,9 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
     let (tx, rx) = mpsc::channel(64);
     let (state_tx, state_rx) = watch::channel(start.obj.clone());
     let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+    let (previews, _) = broadcast::channel(super::previews::CAPACITY);
+    let managed_agents =
+        matches!(&start.obj.agent, berth_api::AgentSpec::Claude(c) if c.managed_agents);
     let sdk = start.driver.sdk_relay();
     if let Some(r) = &sdk {
         crate::engine::sdk_sessions::watch(
@@ -207,6 +227,9 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         obj: start.obj,
         state: state_tx,
         events: events.clone(),
+        previews: previews.clone(),
+        managed_agents,
+        pending_previews: Vec::new(),
         rx,
         program: String::new(),
         started: false,
@@ -228,6 +251,7 @@ pub fn spawn(start: SessionStart) -> SessionHandle {
         tx,
         state: state_rx,
         events,
+        previews,
         sdk,
     }
 }
@@ -242,6 +266,9 @@ impl SessionActor {
     /// events: a client that sees an event and then reads the session sees the session as of
     /// that event or later.
     async fn commit(&mut self, mut evs: Vec<AgentEvent>, update: Update) {
+        let previews = std::mem::take(&mut self.pending_previews);
+        // Events put before the batch's own (a `running` status): previews move with them.
+        let mut shift = 0;
         let mut dirty = false;
         if let Some(id) = update.agent_session_id {
             dirty |= self.obj.agent_session_id.as_deref() != Some(id.as_str());
@@ -271,6 +298,7 @@ impl SessionActor {
                 // exit).
                 if state == SessionState::Running {
                     evs.insert(0, status);
+                    shift = 1;
                 } else {
                     evs.push(status);
                 }
@@ -278,6 +306,7 @@ impl SessionActor {
             }
         }
         if evs.is_empty() && !dirty {
+            self.send_previews(previews, self.obj.last_seq + 1);
             return;
         }
         let ts = now();
@@ -306,12 +335,25 @@ impl SessionActor {
         }
         metrics::counter!("berth_events_total").increment(batch.len() as u64);
         self.state.send_replace(self.obj.clone());
+        // Before the events: a reader holds a preview until the event before it has gone by.
+        self.send_previews(previews, first + 1 + shift);
         if self.events.receiver_count() > 0 {
             for e in batch {
                 let _ = self.events.send(Arc::new(LiveEvent::live(e)));
             }
         }
         self.box_handle.touch();
+    }
+
+    /// Broadcast previews; `base` is the seq of the first stored event of their batch.
+    fn send_previews(&self, previews: Vec<(usize, Value)>, base: i64) {
+        if previews.is_empty() || self.previews.receiver_count() == 0 {
+            return;
+        }
+        for (at, event) in previews {
+            let next_seq = base + at as i64;
+            let _ = self.previews.send(Arc::new(Preview { next_seq, event }));
+        }
     }
 
     async fn record(&mut self, evs: Vec<AgentEvent>) {
@@ -341,6 +383,9 @@ impl SessionActor {
             argv: launch.argv,
             cwd: Some(launch.cwd),
             env: launch.env,
+            // Only the agent's own start: a warm pool's CLI starts without it (at low
+            // priority), and execs through the API never get it.
+            start_boost: self.deps.start_boost,
             ..Default::default()
         };
         // The box-side berth API (messages to the box's other sessions) knows the agent by
@@ -508,7 +553,7 @@ impl SessionActor {
             SessionCmd::Stop { reply, .. } => {
                 let _ = reply.send(self.obj.clone());
             }
-            SessionCmd::Notice { .. } => {}
+            SessionCmd::Notice { .. } | SessionCmd::Metered { .. } => {}
         }
     }
 
@@ -591,6 +636,10 @@ impl SessionActor {
             });
         }
         let answers = std::mem::take(&mut out.stdin);
+        if self.managed_agents {
+            // Never stored, so never counted against the session's event caps.
+            self.pending_previews = super::previews::split(&mut out.events);
+        }
         self.cap.admit(&mut out.events, ended);
         self.apply(out).await;
         (ended, answers)
@@ -768,6 +817,12 @@ impl SessionActor {
             }
             SessionCmd::Notice { kind, data } => {
                 self.record(vec![AgentEvent { kind, data }]).await;
+                false
+            }
+            SessionCmd::Metered { data, reply } => {
+                let kind = EventKind::from(super::previews::MODEL_USAGE);
+                self.record(vec![AgentEvent { kind, data }]).await;
+                let _ = reply.send(());
                 false
             }
             SessionCmd::ClientStdin {

@@ -3,6 +3,7 @@
 //! handler calls these; only the owner task changes a session.
 
 mod actor;
+pub mod previews;
 
 pub use actor::*;
 
@@ -167,6 +168,7 @@ impl Engine {
             agent_cost_usd: None,
             last_seq: 0,
             uid: None,
+            node: self.node_name(),
             created_at: ts.clone(),
             updated_at: ts,
         };
@@ -387,6 +389,7 @@ impl Engine {
                             .as_deref()
                             .unwrap_or("<agent_session_id>")
                     ));
+                    s.node = self.node_name();
                     if let Err(e) = self.store.put_session(&s).await {
                         tracing::warn!(session_id = %id, error = %e, "recording an sdk session's end");
                     }
@@ -456,6 +459,9 @@ impl Engine {
         let mut obj = s;
         obj.state = SessionState::Starting;
         obj.state_reason = None;
+        // This node holds the box now (a restore may have moved it): the session's record is
+        // this node's to write.
+        obj.node = self.node_name();
         self.start_agent(SessionStart {
             deps: self.session_deps(),
             backend,
@@ -520,6 +526,15 @@ impl Engine {
                 super::registry::STOP_WAIT.as_secs()
             ))),
         }
+    }
+
+    /// Live previews of a session's model output (see `previews`): only of a session this
+    /// process runs, and only while it runs.
+    pub fn subscribe_previews(
+        &self,
+        id: &str,
+    ) -> Option<tokio::sync::broadcast::Receiver<Arc<previews::Preview>>> {
+        self.session_handle(id).map(|h| h.previews.subscribe())
     }
 
     /// Live event feed of a session (None once it has ended: replay from the store suffices).
