@@ -7,6 +7,11 @@
 //! listener open; connections beyond the cap get the listener's refusal response and are
 //! closed at once, without reading anything. An accept error (e.g. out of descriptors) pauses
 //! the loop briefly instead of ending it.
+//!
+//! A box's services share one socket, its [`Door`]: every connection the box's bridge makes
+//! begins with the box port it was made to (two bytes, big-endian), and the door hands the
+//! rest of the connection to that port's service. One listening descriptor per box instead of
+//! one per bridged port: a server's open-file limit is what caps the boxes it holds.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -206,10 +211,105 @@ pub fn refuse_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     });
 }
 
-/// Accept connections on a box's Unix socket, each handed to `handle` with its permit held
-/// for the connection's life; connections over the cap get `over_cap` and are closed.
+/// Where one service of one box gets its connections: a socket of its own, or the box's
+/// [`Door`] (which ends the service when it closes).
+pub enum Incoming {
+    Listener(tokio::net::UnixListener),
+    Door(tokio::sync::mpsc::Receiver<tokio::net::UnixStream>),
+}
+
+impl From<tokio::net::UnixListener> for Incoming {
+    fn from(l: tokio::net::UnixListener) -> Incoming {
+        Incoming::Listener(l)
+    }
+}
+
+impl Incoming {
+    /// A socket of its own at `path` ([`crate::bind_box_socket`]).
+    pub fn bind(path: &std::path::Path) -> std::io::Result<Incoming> {
+        crate::bind_box_socket(path).map(Incoming::Listener)
+    }
+
+    /// The next connection; `None` once the door is gone.
+    async fn next(&mut self) -> Option<std::io::Result<tokio::net::UnixStream>> {
+        match self {
+            Incoming::Listener(l) => Some(l.accept().await.map(|(s, _)| s)),
+            Incoming::Door(rx) => rx.recv().await.map(Ok),
+        }
+    }
+}
+
+/// Prefaces a box's door waits for at once; past that it accepts no more until one arrives or
+/// times out (the box's bridge writes its preface with the connect: only a box misbehaving
+/// keeps many waiting, and the door is that box's alone).
+const DOOR_PENDING: usize = 64;
+
+/// A box's one socket for all its bridged ports: see the module's docs. Made with the
+/// [`Incoming`] of each port ([`Door::route`]), then run with [`Door::serve`].
+#[derive(Default)]
+pub struct Door {
+    routes: std::collections::HashMap<u16, tokio::sync::mpsc::Sender<tokio::net::UnixStream>>,
+}
+
+impl Door {
+    pub fn new() -> Door {
+        Door::default()
+    }
+
+    /// The connections the box makes to `port`, for that port's service.
+    pub fn route(&mut self, port: u16) -> Incoming {
+        // A few waiting hand-overs: the service's own accept loop takes them at once.
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        self.routes.insert(port, tx);
+        Incoming::Door(rx)
+    }
+
+    /// Accept on `listener`, read each connection's port preface (within `preface_timeout`)
+    /// and hand the connection to its port's service; a connection to a port with no service,
+    /// or whose preface is short or late, is closed. Runs until aborted or every service ends.
+    pub async fn serve(self, listener: tokio::net::UnixListener, preface_timeout: Duration) {
+        use tokio::io::AsyncReadExt;
+        let routes = Arc::new(self.routes);
+        let pending = Arc::new(tokio::sync::Semaphore::new(DOOR_PENDING));
+        loop {
+            if routes.values().all(|r| r.is_closed()) {
+                return;
+            }
+            // Waited for, not refused: a connection over a service's cap must reach the
+            // service to get its refusal (a burst of connections would be closed unanswered).
+            let Ok(permit) = pending.clone().acquire_owned().await else {
+                return;
+            };
+            let mut stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // Out of descriptors or a transient error: the listener stays.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let routes = routes.clone();
+            tokio::spawn(async move {
+                let mut port = [0u8; 2];
+                let read = tokio::time::timeout(preface_timeout, stream.read_exact(&mut port));
+                if !matches!(read.await, Ok(Ok(_))) {
+                    return;
+                }
+                drop(permit);
+                if let Some(route) = routes.get(&u16::from_be_bytes(port)) {
+                    // Fails only when the service is gone: the connection closes with it.
+                    let _ = route.send(stream).await;
+                }
+            });
+        }
+    }
+}
+
+/// Accept connections on a box's Unix socket (or from its door), each handed to `handle` with
+/// its permit held for the connection's life; connections over the cap get `over_cap` and are
+/// closed. Ends when the door does.
 pub async fn accept_loop<F, Fut>(
-    listener: tokio::net::UnixListener,
+    incoming: impl Into<Incoming>,
     limits: ConnLimits,
     over_cap: bytes::Bytes,
     handle: F,
@@ -217,19 +317,21 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(tokio::net::UnixStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut incoming = incoming.into();
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     // Refusals being written are bounded too; past that, a connection is just closed.
     let refusals = Arc::new(tokio::sync::Semaphore::new(
         limits.max_connections.max(1).saturating_mul(4),
     ));
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(_) => {
+        let stream = match incoming.next().await {
+            Some(Ok(s)) => s,
+            Some(Err(_)) => {
                 // Out of descriptors or a transient error: the listener stays.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+            None => return,
         };
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -250,12 +352,12 @@ pub async fn accept_loop<F, Fut>(
 /// Serve an axum router on a box's Unix socket with `limits` (HTTP/1.1: the box side of every
 /// bridge speaks it).
 pub async fn serve_http(
-    listener: tokio::net::UnixListener,
+    incoming: impl Into<Incoming>,
     app: axum::Router,
     limits: ConnLimits,
     over_cap: bytes::Bytes,
 ) {
-    accept_loop(listener, limits, over_cap, move |stream| {
+    accept_loop(incoming, limits, over_cap, move |stream| {
         let app = app.clone();
         async move {
             let activity = Activity::new();
@@ -357,6 +459,55 @@ mod tests {
             assert!(Instant::now() < deadline, "slot never freed: {r}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_door_hands_each_connection_to_its_ports_service() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("door.sock");
+        let listener = crate::bind_box_socket(&sock).expect("bind");
+        let mut door = Door::new();
+        for (port, name) in [(7u16, "seven"), (300, "three hundred")] {
+            let app =
+                axum::Router::new().route("/", axum::routing::get(move || async move { name }));
+            tokio::spawn(serve_http(
+                door.route(port),
+                app,
+                limits(4),
+                refusal_response("503 Service Unavailable", "{}"),
+            ));
+        }
+        tokio::spawn(door.serve(listener, Duration::from_millis(300)));
+        let ask = |preface: Vec<u8>| {
+            let sock = sock.clone();
+            async move {
+                let mut s = tokio::net::UnixStream::connect(&sock)
+                    .await
+                    .expect("connect");
+                // One write: a connection the door closes at once must not fail the test's write.
+                let mut head = preface;
+                head.extend_from_slice(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+                s.write_all(&head).await.expect("write");
+                let mut out = String::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+                    .await
+                    .expect("answered or closed in time");
+                out
+            }
+        };
+        let seven = ask(7u16.to_be_bytes().to_vec()).await;
+        assert!(seven.ends_with("seven"), "{seven}");
+        let three = ask(300u16.to_be_bytes().to_vec()).await;
+        assert!(three.ends_with("three hundred"), "{three}");
+        // A port with no service: closed unanswered.
+        assert_eq!(ask(8u16.to_be_bytes().to_vec()).await, "");
+        // No preface in time: closed unanswered.
+        let mut s = tokio::net::UnixStream::connect(&sock)
+            .await
+            .expect("connect");
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(matches!(r, Ok(Ok(0))), "{r:?}");
     }
 
     #[tokio::test]

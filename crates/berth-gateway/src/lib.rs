@@ -1,8 +1,8 @@
 //! The model gateway.
 //!
-//! Each box gets its own Unix socket (`model.sock` in the box's run directory, reachable inside
-//! the box as `http://127.0.0.1:<port>` through the supervisor's bridge), so the gateway always
-//! knows which box a request came from. Inside the box `ANTHROPIC_API_KEY` is a per-session
+//! Each box gets its own way in (its door's gateway port: `bridge.sock` in the box's run
+//! directory, reachable inside the box as `http://127.0.0.1:<port>` through the supervisor's
+//! bridge; [`conn::Door`]), so the gateway always knows which box a request came from. Inside the box `ANTHROPIC_API_KEY` is a per-session
 //! token; the gateway accepts only a live token of a session in *that* box, replaces it with
 //! the real credential, and forwards the request to the upstream, streaming both ways without
 //! buffering. Usage is read from the response as it passes (`message_start` and
@@ -380,14 +380,13 @@ impl Gateway {
         }
     }
 
-    /// Serve the gateway for one box on a Unix socket; the task ends when aborted.
+    /// Serve the gateway for one box on `incoming` (its socket or its door's port); the task
+    /// ends when aborted or the door closes.
     pub fn serve_box(
         self: &Arc<Self>,
         box_id: &str,
-        socket: &Path,
-    ) -> Result<tokio::task::JoinHandle<()>, GatewayError> {
-        let listener = bind_box_socket(socket)
-            .map_err(|e| GatewayError::Bind(socket.display().to_string(), e))?;
+        incoming: conn::Incoming,
+    ) -> tokio::task::JoinHandle<()> {
         let ctx = BoxCtx {
             gw: self.clone(),
             box_id: box_id.to_string(),
@@ -399,12 +398,12 @@ impl Gateway {
                 "message": "berth: too many connections from this box to the model gateway"}})
             .to_string(),
         );
-        Ok(tokio::spawn(conn::serve_http(
-            listener,
+        tokio::spawn(conn::serve_http(
+            incoming,
             app,
             self.cfg.box_connections,
             over_cap,
-        )))
+        ))
     }
 
     /// Serve on a TCP listener for a given box (tests and the benchmark).

@@ -1,6 +1,7 @@
 //! Name lookups in the egress proxy are bounded per box and overall, and time out; host names
 //! are matched in one normalised form (case, a trailing dot).
 
+use berth_gateway::conn::Incoming;
 use berth_gateway::egress::{DnsLimits, Egress, EgressConfig, Resolver, Secret};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -79,11 +80,12 @@ async fn lookups_are_capped_per_box_and_overall_and_time_out() {
     let mut tasks = Vec::new();
     for b in ["a", "b", "c"] {
         let sock = dir.path().join(format!("{b}.sock"));
-        tasks.push(
-            egress
-                .serve_box(b, vec!["*.test".into()], vec![], &sock)
-                .expect("serve"),
-        );
+        tasks.push(egress.serve_box(
+            b,
+            vec!["*.test".into()],
+            vec![],
+            Incoming::bind(&sock).expect("bind"),
+        ));
         socks.push(sock);
     }
     // Box a asks for five names that never resolve: four lookups run, the fifth waits.
@@ -189,19 +191,17 @@ async fn a_trailing_dot_or_capitals_name_the_same_host() {
     .expect("egress");
     let dir = tempfile::tempdir().expect("tmp");
     let sock = dir.path().join("p.sock");
-    let task = egress
-        .serve_box(
-            "a",
-            vec!["api.test".into()],
-            vec![Secret {
-                host: "api.test".into(),
-                header: "x-key".into(),
-                value: "s3cret".into(),
-                tls: false,
-            }],
-            &sock,
-        )
-        .expect("serve");
+    let task = egress.serve_box(
+        "a",
+        vec!["api.test".into()],
+        vec![Secret {
+            host: "api.test".into(),
+            header: "x-key".into(),
+            value: "s3cret".into(),
+            tls: false,
+        }],
+        Incoming::bind(&sock).expect("bind"),
+    );
     let port = up.port();
     for host in ["API.Test.", "api.test", "Api.TEST."] {
         let out = ask(

@@ -118,7 +118,9 @@ pub enum Image {
 }
 
 /// A loopback TCP port inside the box spliced to a Unix socket the host placed in the box's
-/// run directory (mounted at `/run/berth`): the gateway seam.
+/// run directory (mounted at `/run/berth`): the gateway seam. Each connection begins with the
+/// port, two bytes big-endian, so that several bridges may share one socket
+/// ([`native::bridge::preface`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bridge {
     pub port: u16,

@@ -42,11 +42,11 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
     .expect("native backend (run as root)");
     let id = format!("dens{}", std::process::id());
     let mut cfg = config(&id, small());
-    // Three bridges, as the server gives every box.
+    // Three bridges to one socket, as the server gives every box.
     cfg.bridges = (0..3)
         .map(|i| Bridge {
             port: 47100 + i,
-            socket: format!("s{i}.sock"),
+            socket: "door.sock".into(),
         })
         .collect();
     let info = b.create(cfg).await.expect("create");
@@ -66,15 +66,16 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
     assert_eq!(procs.len(), 2, "{procs:?}");
     assert!(procs.contains(&pid1));
 
-    // A bridge still answers, served by that one thread.
-    let sock = info.run_dir.join("s1.sock");
+    // A bridge still answers, served by that one thread, its connection prefaced with the
+    // port it was made to.
+    let sock = info.run_dir.join("door.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
     // The supervisor is the box's root, an unprivileged host uid: it needs write access.
     std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .expect("chmod");
     let host = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().expect("accept");
-        let mut line = [0u8; 3];
+        let mut line = [0u8; 5];
         c.read_exact(&mut line).expect("read");
         c.write_all(b"yo\n").expect("write");
         line
@@ -92,7 +93,13 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(&host.join().expect("host side"), b"hi\n");
+    let got = host.join().expect("host side");
+    assert_eq!(
+        got[..2],
+        47101u16.to_be_bytes(),
+        "the port preface: {got:?}"
+    );
+    assert_eq!(&got[2..], b"hi\n");
 
     // A process started so that it outlives its exec: still there after the exec's end. The
     // exec's process group is killed when it ends, so the exec waits until the process has

@@ -26,7 +26,19 @@ impl Server {
 
     /// Start a given `berth` binary (e.g. a copy without the helper beside it).
     pub async fn start_bin(bin: &Path, data: &Path, env: &[(&str, &str)]) -> Server {
-        let mut cmd = tokio::process::Command::new(bin);
+        Self::launch(tokio::process::Command::new(bin), data, env).await
+    }
+
+    /// Start `berth serve` with its open-file limit (soft and hard) set to `nofile` (through
+    /// `prlimit`, which execs the server: `pid` is the server's).
+    pub async fn start_nofile(data: &Path, env: &[(&str, &str)], nofile: u32) -> Server {
+        let mut cmd = tokio::process::Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(env!("CARGO_BIN_EXE_berth"));
+        Self::launch(cmd, data, env).await
+    }
+
+    async fn launch(mut cmd: tokio::process::Command, data: &Path, env: &[(&str, &str)]) -> Server {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .env("BERTH_LOG", "warn")

@@ -20,7 +20,6 @@
 use crate::conn::{until_idle, Activity, Tracked};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -193,15 +192,15 @@ impl Egress {
         ))
     }
 
-    /// Serve the proxy for one box on a Unix socket; the task ends when aborted.
+    /// Serve the proxy for one box on `incoming` (its socket or its door's port); the task
+    /// ends when aborted or the door closes.
     pub fn serve_box(
         self: &Arc<Self>,
         box_id: &str,
         allow: Vec<String>,
         secrets: Vec<Secret>,
-        socket: &Path,
-    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-        let listener = crate::bind_box_socket(socket)?;
+        incoming: crate::conn::Incoming,
+    ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         let box_id: Arc<str> = Arc::from(box_id);
         let allow = Arc::new(allow);
@@ -214,8 +213,8 @@ impl Egress {
                 "message": "berth: too many connections from this box to the egress proxy"}})
             .to_string(),
         );
-        Ok(tokio::spawn(crate::conn::accept_loop(
-            listener,
+        tokio::spawn(crate::conn::accept_loop(
+            incoming,
             limits,
             over_cap,
             move |conn| {
@@ -237,7 +236,7 @@ impl Egress {
                     .await;
                 }
             },
-        )))
+        ))
     }
 
     async fn refuse(&self, conn: &mut Client, d: Decision, status: &str) {

@@ -11,13 +11,17 @@
 //! in its own namespace only.
 
 pub mod boost;
+pub mod bridge;
 pub mod cgroup;
 pub mod client;
 pub mod confine;
 pub mod disk;
+pub mod fds;
 pub mod init;
+pub mod pid1;
 pub mod protocol;
 mod pty;
+mod report;
 pub mod spawn;
 pub mod supervisor;
 pub mod zygote;
@@ -29,14 +33,14 @@ use crate::{
     Sandbox, SandboxError, Stats, AGENT_UID,
 };
 use cgroup::BoxCgroup;
-use init::{DiskSource, InitConfig, InitReport, RootSpec, UID_RANGE};
+pub(crate) use fds::BOX_NOFILE;
+use init::{DiskSource, InitConfig, RootSpec, UID_RANGE};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
 /// Native boxes' host uid ranges: slot `s` maps box uids onto `UID_REGION.base + s·UID_RANGE`.
@@ -127,7 +131,7 @@ impl NativeBackend {
                 "the native backend needs root (user, mount and cgroup setup)".into(),
             ));
         }
-        raise_open_files();
+        fds::raise_open_files();
         let boxes_dir = cfg.data_dir.join("native").join("boxes");
         std::fs::create_dir_all(&boxes_dir)?;
         // Mount points of an earlier run's zygote templates (empty on the host).
@@ -177,14 +181,15 @@ impl NativeBackend {
         })
     }
 
-    /// Hand a box request to the zygote, spawning it first if there is none or it died.
+    /// Hand a box request to the zygote, spawning it first if there is none or it died. The
+    /// box's report socket is its log too ([`report`]): the helper's fds 1 and 2.
     fn request_box(
         &self,
         cfg: &InitConfig,
         report: std::os::fd::BorrowedFd<'_>,
-        log: std::os::fd::BorrowedFd<'_>,
         disk: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<()> {
+        let log = report;
         let mut slot = self
             .zygote
             .lock()
@@ -331,17 +336,17 @@ impl NativeBackend {
             let _ = cg.destroy();
             SandboxError::Start(msg)
         };
-        // The box's ends: its report socket (the box dies when ours closes) and its log.
+        // The box's end of its report socket (the box dies when ours closes), which is its
+        // log too ([`report`]): one descriptor per box in the server, not two.
         let (mut report, report_box) = std::os::unix::net::UnixStream::pair()?;
-        let (log, log_box) = std::os::unix::net::UnixStream::pair()?;
         {
             use std::os::fd::AsFd;
             let disk_fd = ready_disk.as_ref().map(|d| d.mount.as_fd());
-            self.request_box(&init_cfg, report_box.as_fd(), log_box.as_fd(), disk_fd)?;
+            self.request_box(&init_cfg, report_box.as_fd(), disk_fd)?;
         }
         // The box holds its own copies now (or, if it fails, the disk goes with them).
         let loop_dev = ready_disk.as_ref().map(|d| d.loop_dev);
-        drop((report_box, log_box, ready_disk));
+        drop((report_box, ready_disk));
         // The cgroup, in parallel with the fork of the helper, which waits for this go-ahead
         // before it joins (a helper that reads EOF instead gives up: so does the box).
         let cg = Arc::new(BoxCgroup::create(&id, &limits)?);
@@ -351,23 +356,17 @@ impl NativeBackend {
                 return Err(fail(&cg, format!("box helper gone: {e}")));
             }
         }
-        let stream = |s: std::os::unix::net::UnixStream| {
-            s.set_nonblocking(true)?;
-            tokio::net::UnixStream::from_std(s)
+        let report = match report
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(report))
+        {
+            Ok(r) => r,
+            Err(e) => return Err(fail(&cg, format!("report socket: {e}"))),
         };
-        let (report, log) = match (stream(report), stream(log)) {
-            (Ok(r), Ok(l)) => (r, l),
-            (Err(e), _) | (_, Err(e)) => return Err(fail(&cg, format!("report socket: {e}"))),
-        };
-        let mut reader = BufReader::new(report);
-        let mut report_line = String::new();
-        let read = tokio::time::timeout(START_TIMEOUT, reader.read_line(&mut report_line)).await;
-        let first: InitReport = match read {
-            Ok(Ok(n)) if n > 0 => match serde_json::from_str(&report_line) {
-                Ok(r) => r,
-                Err(e) => return Err(fail(&cg, format!("bad init report: {e}"))),
-            },
-            Ok(_) => return Err(fail(&cg, "box init exited without a report".into())),
+        let mut reports = report::Reports::new(report, &cfg.id);
+        let first = match tokio::time::timeout(START_TIMEOUT, reports.next()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(fail(&cg, "box init exited without a report".into())),
             Err(_) => return Err(fail(&cg, "box init timed out".into())),
         };
         let pid1 = match (first.pid, first.error) {
@@ -376,32 +375,20 @@ impl NativeBackend {
             (None, None) => return Err(fail(&cg, "empty init report".into())),
         };
 
-        // Log what the box's init and supervisor print (rate-limited: guest-controlled).
-        let box_id = cfg.id.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(log).lines();
-            let mut budget = 100u32;
-            while let Ok(Some(l)) = lines.next_line().await {
-                if budget > 0 {
-                    budget -= 1;
-                    tracing::debug!(box_id = %box_id, "box: {l}");
-                }
-            }
-        });
-
         let (exit_tx, exit_rx) = watch::channel(None);
         let destroying = Arc::new(AtomicBool::new(false));
         let flag = destroying.clone();
         let cg_for_exit = cg.clone();
-        // Holds our end of the report socket for the box's life: dropping it ends the box.
+        // Holds our end of the report socket for the box's life (dropping it ends the box),
+        // logging what the box's init and supervisor print, until PID 1 reports its end.
         tokio::spawn(async move {
-            let mut line = String::new();
-            let code = match reader.read_line(&mut line).await {
-                Ok(n) if n > 0 => serde_json::from_str::<InitReport>(&line)
-                    .ok()
-                    .and_then(|r| r.exit),
-                _ => None,
-            };
+            let mut code = None;
+            while let Some(r) = reports.next().await {
+                if r.exit.is_some() {
+                    code = r.exit;
+                    break;
+                }
+            }
             let reason = if flag.load(Ordering::SeqCst) {
                 BoxExit::Destroyed
             } else if cg_for_exit.counters().oom_kills > 0 && code != Some(0) {
@@ -484,6 +471,9 @@ impl Sandbox for NativeBackend {
             // Left over from a crash: clear it before reuse.
             cleanup_leftovers(&cfg.id, &dir).await;
         }
+        // Refused whole, before anything of the box exists, when the server's open files would
+        // run out (the server checks too, before it records the box).
+        fds::room_for_box()?;
         std::fs::create_dir_all(&dir)?;
         let slot = self.alloc_slot()?;
         match self.start(&cfg, &dir, slot).await {
@@ -619,26 +609,15 @@ impl Sandbox for NativeBackend {
             let mounts = std::fs::File::open(format!("/proc/{}/ns/mnt", b.pid1))
                 .ok()
                 .map(std::os::fd::OwnedFd::from);
-            // PID 1 is the zygote's child, which the kernel reaps the moment it ends; until the
-            // box's report socket says so, its pid is the box's (the window in which it could
-            // already name another process is that of a pid wrapping around pid_max).
-            // SAFETY: pidfd_open, pidfd_send_signal and close on a descriptor we own, else kill.
-            unsafe {
-                let fd = libc::syscall(libc::SYS_pidfd_open, b.pid1, 0) as i32;
-                if fd >= 0 {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd,
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    );
-                    libc::close(fd);
-                } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
-                    libc::kill(b.pid1, libc::SIGKILL);
+            // Not signalled should its pid have come to name another process (see `pid1`);
+            // nor is that process's mount namespace held then.
+            match pid1::kill(b.pid1, &b.cgroup) {
+                pid1::Killed::NotTheBox => {
+                    tracing::warn!(box_id = %id, pid = b.pid1, "the pid of a destroyed box's PID 1 names another process");
+                    None
                 }
+                _ => mounts,
             }
-            mounts
         } else {
             None
         };
@@ -699,50 +678,6 @@ impl Sandbox for NativeBackend {
         }
         self.free_slot(b.slot);
         Ok(())
-    }
-}
-
-/// The open-file limit the server was started with, which boxes keep (the zygote puts it
-/// back): programs that close every descriptor up to the limit would crawl at the raised one.
-pub(crate) static BOX_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
-
-/// Raise this process's limit on open files to the kernel's ceiling (`fs.nr_open`; root with
-/// CAP_SYS_RESOURCE may raise the hard limit too, else the soft one goes up to the hard one):
-/// the server holds five descriptors per box (the box's report and log sockets, the gateway's,
-/// egress proxy's and box API's listeners), so a limit of 1,024 (or 20,000) caps a server at
-/// ~200 (or ~4,000) boxes.
-fn raise_open_files() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
-        .unwrap_or(0);
-    // SAFETY: getrlimit/setrlimit on this process with structs we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let _ = BOX_NOFILE.set(lim);
-        let up = libc::rlimit {
-            rlim_cur: ceiling.max(lim.rlim_max),
-            rlim_max: ceiling.max(lim.rlim_max),
-        };
-        // Without CAP_SYS_RESOURCE the hard limit stays: then up to it.
-        let hard = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &up) != 0
-            && libc::setrlimit(libc::RLIMIT_NOFILE, &hard) != 0
-        {
-            tracing::warn!(
-                error = %std::io::Error::last_os_error(),
-                "raising the open-file limit"
-            );
-        }
     }
 }
 

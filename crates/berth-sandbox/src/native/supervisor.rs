@@ -3,9 +3,7 @@
 //! It accepts exec connections on the control socket the host bound before the box was sealed
 //! (the socket's path is not inside the box's file tree, so box processes cannot reach it),
 //! starts each process confined by [`Confinement`], and streams its output back as frames. It
-//! also runs the loopback bridges that are the box's only way out: a TCP listener on
-//! `127.0.0.1:PORT` inside the box whose connections are spliced to a Unix socket the host
-//! placed in `/run/berth`.
+//! also runs the loopback bridges that are the box's only way out ([`super::bridge`]).
 //!
 //! Ordering: for one exec the supervisor sends `Started`, then output frames in the order the
 //! process wrote them per stream, then exactly one `Exit` or `Error`, after which it closes the
@@ -14,9 +12,9 @@
 use super::confine::Confinement;
 use super::protocol::{read_frame, write_frame, ExecRequest, Kind, WireExit};
 use super::spawn;
-use super::Bridge;
+use super::{bridge, Bridge};
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::mpsc;
@@ -33,16 +31,7 @@ pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
     if let Err(e) = super::confine::empty_bounding_set() {
         eprintln!("berth-supervisor: bounding set: {e}");
     }
-    let bridges: Vec<(TcpListener, String)> = bridges
-        .into_iter()
-        .filter_map(|b| match TcpListener::bind(("127.0.0.1", b.port)) {
-            Ok(l) => Some((l, format!("/run/berth/{}", b.socket))),
-            Err(e) => {
-                eprintln!("berth-supervisor: bridge port {}: {e}", b.port);
-                None
-            }
-        })
-        .collect();
+    let bridges = bridge::listen(bridges);
     // Build the seccomp filters and the default Landlock ruleset now, while the host is still
     // answering the create, instead of in the box's first exec (both are cached). In this
     // thread, once the bridges listen (connections wait in their backlogs): a first exec
@@ -60,10 +49,10 @@ pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
 /// Wait on the control socket and every bridge listener at once, in this one thread: an idle
 /// box's supervisor is a single thread (a thread per listener cost each box three more tasks,
 /// of the host's `pid_max`, and their stacks). Each connection gets threads of its own.
-fn accept_loop(listener: &UnixListener, bridges: &[(TcpListener, String)]) {
+fn accept_loop(listener: &UnixListener, bridges: &[bridge::Listening]) {
     use std::os::fd::AsRawFd;
     let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
-        .chain(bridges.iter().map(|(l, _)| l.as_raw_fd()))
+        .chain(bridges.iter().map(|b| b.listener.as_raw_fd()))
         .map(|fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -74,7 +63,7 @@ fn accept_loop(listener: &UnixListener, bridges: &[(TcpListener, String)]) {
     if listener.set_nonblocking(true).is_err()
         || bridges
             .iter()
-            .any(|(l, _)| l.set_nonblocking(true).is_err())
+            .any(|b| b.listener.set_nonblocking(true).is_err())
     {
         eprintln!("berth-supervisor: listeners cannot be made non-blocking");
         return;
@@ -95,9 +84,9 @@ fn accept_loop(listener: &UnixListener, bridges: &[(TcpListener, String)]) {
         if fds[0].revents != 0 {
             accept_exec(listener);
         }
-        for (i, (l, target)) in bridges.iter().enumerate() {
+        for (i, b) in bridges.iter().enumerate() {
             if fds[i + 1].revents != 0 {
-                accept_bridge(l, target);
+                bridge::accept_bridge(b);
             }
         }
     }
@@ -134,40 +123,6 @@ fn accept_exec(listener: &UnixListener) {
             thread::sleep(Duration::from_millis(10));
         }
     }
-}
-
-fn accept_bridge(listener: &TcpListener, target: &str) {
-    let tcp = match listener.accept() {
-        Ok((tcp, _)) => tcp,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-        Err(_) => {
-            thread::sleep(Duration::from_millis(10));
-            return;
-        }
-    };
-    if tcp.set_nonblocking(false).is_err() {
-        return;
-    }
-    let target = target.to_string();
-    let _ = thread::Builder::new().spawn(move || {
-        if let Ok(unix) = UnixStream::connect(&target) {
-            splice(tcp, unix);
-        }
-    });
-}
-
-fn splice(tcp: TcpStream, unix: UnixStream) {
-    let (Ok(mut tcp_r), Ok(mut unix_w)) = (tcp.try_clone(), unix.try_clone()) else {
-        return;
-    };
-    let up = thread::spawn(move || {
-        let _ = io::copy(&mut tcp_r, &mut unix_w);
-        let _ = unix_w.shutdown(std::net::Shutdown::Write);
-    });
-    let (mut unix_r, mut tcp_w) = (unix, tcp);
-    let _ = io::copy(&mut unix_r, &mut tcp_w);
-    let _ = tcp_w.shutdown(std::net::Shutdown::Write);
-    let _ = up.join();
 }
 
 pub(super) type Writer = Arc<Mutex<UnixStream>>;
@@ -215,18 +170,7 @@ fn connect_port(payload: &[u8], reader: UnixStream, writer: &Writer) -> io::Resu
     match TcpStream::connect(("127.0.0.1", port)) {
         Ok(tcp) => {
             send(writer, Kind::Started, b"")?;
-            let unix = reader;
-            let (Ok(mut tcp_r), Ok(mut unix_w)) = (tcp.try_clone(), unix.try_clone()) else {
-                return Ok(());
-            };
-            let up = thread::Builder::new().spawn(move || {
-                let _ = io::copy(&mut tcp_r, &mut unix_w);
-                let _ = unix_w.shutdown(std::net::Shutdown::Write);
-            })?;
-            let (mut unix_r, mut tcp_w) = (unix, tcp);
-            let _ = io::copy(&mut unix_r, &mut tcp_w);
-            let _ = tcp_w.shutdown(std::net::Shutdown::Write);
-            let _ = up.join();
+            bridge::splice(tcp, reader);
             Ok(())
         }
         Err(e) => send(

@@ -94,10 +94,9 @@ pub fn serve_box_api(
     engine: Weak<Engine>,
     gateway: Arc<berth_gateway::Gateway>,
     box_id: &str,
-    socket: &std::path::Path,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    incoming: berth_gateway::conn::Incoming,
+) -> tokio::task::JoinHandle<()> {
     use axum::routing::{get, post};
-    let listener = berth_gateway::bind_box_socket(socket)?;
     let limits = gateway.conn_limits();
     let state = BoxApi {
         engine,
@@ -120,9 +119,9 @@ pub fn serve_box_api(
         .to_string(),
     );
     // Capped and timed out like the gateway's socket: the box controls every connection.
-    Ok(tokio::spawn(berth_gateway::conn::serve_http(
-        listener, app, limits, over_cap,
-    )))
+    tokio::spawn(berth_gateway::conn::serve_http(
+        incoming, app, limits, over_cap,
+    ))
 }
 
 #[derive(Clone)]

@@ -127,9 +127,14 @@ pub(super) struct BoxActor {
     pub(super) in_use: Arc<AtomicUsize>,
 }
 
+/// The socket in a box's run directory (`/run/berth` in the box) that every bridged port of
+/// the box connects to, each connection prefaced with its port ([`berth_gateway::conn::Door`]).
+pub(crate) const BRIDGE_SOCKET: &str = "bridge.sock";
+
 /// What a running box is served with; dropped when it parks.
 pub(super) struct Served {
     // Held for their Drop: the box's host-side services end with it.
+    pub(super) _door: Service,
     pub(super) _gateway: Service,
     pub(super) _egress: Service,
     pub(super) _api: Service,
@@ -276,20 +281,17 @@ impl BoxActor {
                 ..Default::default()
             }),
             env: box_env(&self.obj),
-            bridges: vec![
-                Bridge {
-                    port: crate::engine::GATEWAY_PORT,
-                    socket: "model.sock".into(),
-                },
-                Bridge {
-                    port: crate::engine::EGRESS_PORT,
-                    socket: "egress.sock".into(),
-                },
-                Bridge {
-                    port: crate::engine::BOX_API_PORT,
-                    socket: "api.sock".into(),
-                },
-            ],
+            // All through the box's one door (see `serve`).
+            bridges: [
+                crate::engine::GATEWAY_PORT,
+                crate::engine::EGRESS_PORT,
+                crate::engine::BOX_API_PORT,
+            ]
+            .map(|port| Bridge {
+                port,
+                socket: BRIDGE_SOCKET.into(),
+            })
+            .to_vec(),
         }
     }
 
@@ -356,40 +358,40 @@ impl BoxActor {
         }
     }
 
-    /// The box's only ways out and in: its own gateway, egress proxy and box-side API sockets
-    /// in `run_dir`, and its exit watch. A step that fails drops (aborts) the ones before it.
+    /// The box's only ways out and in: its own gateway, egress proxy and box-side API, behind
+    /// the box's one door in `run_dir` (one descriptor per box: the server's open-file limit
+    /// caps the boxes it holds), and its exit watch. A step that fails drops (aborts) the ones
+    /// before it.
     fn serve(&self, run_dir: &std::path::Path) -> Result<Served, String> {
-        let egress = Service(
-            self.deps
-                .egress
-                .serve_box(
-                    &self.obj.id,
-                    self.obj.network.allow.clone(),
-                    self.secrets.clone(),
-                    &run_dir.join("egress.sock"),
-                )
-                .map_err(|e| format!("egress proxy: {e}"))?,
-        );
+        let listener = berth_gateway::bind_box_socket(&run_dir.join(BRIDGE_SOCKET))
+            .map_err(|e| format!("bridge socket: {e}"))?;
+        let mut door = berth_gateway::conn::Door::new();
+        let egress = Service(self.deps.egress.serve_box(
+            &self.obj.id,
+            self.obj.network.allow.clone(),
+            self.secrets.clone(),
+            door.route(crate::engine::EGRESS_PORT),
+        ));
         let gateway = Service(
             self.deps
                 .gateway
-                .serve_box(&self.obj.id, &run_dir.join("model.sock"))
-                .map_err(|e| format!("gateway: {e}"))?,
+                .serve_box(&self.obj.id, door.route(crate::engine::GATEWAY_PORT)),
         );
-        let api = Service(
-            crate::engine::shared::serve_box_api(
-                self.deps.engine.clone(),
-                self.deps.gateway.clone(),
-                &self.obj.id,
-                &run_dir.join("api.sock"),
-            )
-            .map_err(|e| format!("box api: {e}"))?,
-        );
+        let api = Service(crate::engine::shared::serve_box_api(
+            self.deps.engine.clone(),
+            self.deps.gateway.clone(),
+            &self.obj.id,
+            door.route(crate::engine::BOX_API_PORT),
+        ));
+        // The box's bridge writes the preface as it connects: the header timeout is ample.
+        let preface = self.deps.gateway.conn_limits().header_timeout;
+        let door = Service(tokio::spawn(door.serve(listener, preface)));
         let exit = self
             .backend
             .exit_watch(&self.obj.id)
             .map_err(|e| e.to_string())?;
         Ok(Served {
+            _door: door,
             _gateway: gateway,
             _egress: egress,
             _api: api,

@@ -62,6 +62,10 @@ impl Engine {
         // anyway (no cluster secret, a single node, a box the engine makes itself) is refused
         // rather than run where its selector says it must not.
         self.placement_allows_here(spec.placement.as_ref())?;
+        // Refused before the box is recorded: a server out of open files would fail it
+        // half-made (or fail its clients' connections and its boxes' model requests).
+        berth_sandbox::native::fds::room_for_box()
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         spec.labels.extend(server_labels);
         // Held until the box is in the registry, where the next admission counts it.
         let ticket = self.admit(tenant, &spec.resources)?;
