@@ -25,8 +25,15 @@ async fn serve(data: &Path, mock_url: &str, db: Option<&str>, admin: Option<&str
         ("ANTHROPIC_API_KEY", REAL_KEY),
         ("BERTH_CLAUDE_BIN", bin.as_str()),
     ];
+    // Two servers on one database are two nodes: each needs a name of its own (a second
+    // process under a node's name supersedes the first, which fences itself).
+    let node = data
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if let Some(db) = db {
         env.push(("BERTH_DATABASE_URL", db));
+        env.push(("BERTH_NODE_NAME", node.as_str()));
     }
     Server::start_with(data, &env).await
 }
