@@ -72,10 +72,12 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
     )
     .await?;
 
-    // First model request, interleaved.
+    // First model request, interleaved; each split where the CLI's process appears.
     let (mut managed, mut own, mut created) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut managed_spawn, mut own_spawn) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let before = mock.recorded().len();
+        let watch = tokio::task::spawn_blocking(first_cli_process);
         let t0 = unix_ms();
         let s = anth(
             &api,
@@ -95,8 +97,11 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
         .await?;
         let at = wait_requests(&mock, before + 1).await?;
         managed.push(crate::between_unix_ms(t0, at));
+        managed_spawn.push(crate::between_unix_ms(t0, watch.await?.unwrap_or(at)));
         delete(&api, &format!("/anthropic/v1/sessions/{sid}")).await;
 
+        let watch = tokio::task::spawn_blocking(first_cli_process);
+        let t0 = unix_ms();
         let (took, r) = api
             .post_until_model_request(
                 &mock,
@@ -109,6 +114,8 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
             )
             .await?;
         own.push(took);
+        let at = t0 + took.as_secs_f64() * 1000.0;
+        own_spawn.push(crate::between_unix_ms(t0, watch.await?.unwrap_or(at)));
         let bx = r["box_id"].as_str().unwrap_or_default().to_string();
         delete(
             &api,
@@ -149,9 +156,19 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
         "(of the Managed Agents figure: sessions.create answered)",
         &created,
     );
+    let ms_ = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "| Managed Agents minus berth (medians) | | {:+.2} | | |",
-        (m.median.as_secs_f64() - o.median.as_secs_f64()) * 1000.0
+        ms_(m.median) - ms_(o.median)
+    );
+    let ms2 = row(
+        "Managed Agents: sessions.create + events.send → the CLI's process",
+        &managed_spawn,
+    );
+    let os2 = row("berth: POST /v1/sessions → the CLI's process", &own_spawn);
+    println!(
+        "| … Managed Agents minus berth, to the CLI's process (medians): the API's own path | | {:+.2} | | |",
+        ms_(ms2.median) - ms_(os2.median)
     );
 
     // Stream delivery: one session whose turns are short, watched both ways in turn.
@@ -223,6 +240,35 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
     let _ = stop_tx.send(());
     let _ = server.await;
     Ok(())
+}
+
+/// Unix ms at which a Claude CLI process not running when called first shows in `/proc`
+/// (scanned every millisecond, for at most 30 s): where a session's start splits into the
+/// API's path (before) and the CLI's own start-up (after). The bench runs one session at a time.
+fn first_cli_process() -> Option<f64> {
+    fn pids() -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    let mut seen: std::collections::HashSet<u32> = pids().into_iter().collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        for p in pids() {
+            if seen.insert(p) {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains("claude") {
+                    return Some(unix_ms());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
 }
 
 /// Wait (bounded) until the session's turn is over (called once the turn reached the model).

@@ -109,6 +109,53 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// The peer of a park: `mib` MiB of random bytes straight to the S3 server as one multipart
+    /// object, with berth's part size and parts in flight, through the same S3 client
+    /// (`object_store`) — no box, no tar, no compression, no read-back. What the server itself
+    /// takes to ingest the bytes.
+    async fn raw_put(&self, key: &str, mib: usize) -> anyhow::Result<Duration> {
+        use object_store::{ObjectStoreExt, WriteMultipart};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(format!("http://{}", self.addr))
+            .with_allow_http(true)
+            .with_bucket_name(BUCKET)
+            .with_region("us-east-1")
+            .with_access_key_id("bench")
+            .with_secret_access_key("bench")
+            .build()?;
+        let part = berth_store::snapshots::PART_BYTES;
+        let data = random_bytes(mib << 20);
+        let t = Instant::now();
+        let upload = s3.put_multipart(&key.into()).await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, part);
+        for chunk in data.chunks(1 << 20) {
+            w.wait_for_capacity(berth_store::snapshots::PARTS_IN_FLIGHT)
+                .await?;
+            w.write(chunk);
+        }
+        w.finish().await?;
+        let took = t.elapsed();
+        s3.delete(&key.into()).await?;
+        Ok(took)
+    }
+}
+
+/// `n` bytes that do not compress (xorshift: the bench needs no cryptographic randomness).
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ now_ms() as u64;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
 /// A server in a child process; killed on drop.
 struct Child {
     child: std::process::Child,
@@ -260,6 +307,8 @@ struct Figures {
     usage: Vec<Summary>,
     park: Vec<Duration>,
     restore: Vec<Duration>,
+    /// The same bytes straight to the S3 server ([`Moto::raw_put`]), interleaved with the parks.
+    raw_put: Vec<Duration>,
     big: Vec<Result<BigPark, String>>,
 }
 
@@ -321,9 +370,15 @@ fn print(o: &Opts, f: &Figures) {
         o.park_mib
     );
     println!("| --- | ---: | ---: | ---: | --- |");
+    let raw = format!(
+        "peer: the same bytes straight to the S3 server (object_store multipart, {} MiB parts, {} in flight)",
+        berth_store::snapshots::PART_BYTES >> 20,
+        berth_store::snapshots::PARTS_IN_FLIGHT
+    );
     for (name, v) in [
         ("park to S3", &f.park),
         ("restore from S3 (exec on the parked box)", &f.restore),
+        (raw.as_str(), &f.raw_put),
     ] {
         let s = summarize(name, v.clone());
         println!(
@@ -332,6 +387,13 @@ fn print(o: &Opts, f: &Figures) {
             ms(s.median),
             ms(v.iter().max().copied().unwrap_or_default()),
             v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let median = |v: &[Duration]| summarize("", v.to_vec()).median.as_secs_f64();
+    if !f.raw_put.is_empty() {
+        println!(
+            "| park ÷ peer (medians) | | {:.2} | | |",
+            median(&f.park) / median(&f.raw_put).max(1e-9)
         );
     }
     println!();
@@ -465,8 +527,9 @@ async fn one_store(
     ));
 
     eprintln!("{kind}: park and restore of {} MiB", o.park_mib);
-    let (mut park, mut restore) = (Vec::new(), Vec::new());
-    for _ in 0..o.runs {
+    let (mut park, mut restore, mut raw_put) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..o.runs {
+        raw_put.push(moto.raw_put(&format!("raw-{kind}-{i}"), o.park_mib).await?);
         let bx = filled_box(api, o.park_mib).await?;
         let (p, r) = (park_box(api, &bx).await?, restore_box(api, &bx).await?);
         park.push(p);
@@ -496,6 +559,7 @@ async fn one_store(
         usage,
         park,
         restore,
+        raw_put,
         big,
     })
 }

@@ -233,8 +233,10 @@ impl SnapshotStore {
 /// Bytes per part of a streamed write: what the writer holds in memory (times the parts in
 /// flight, [`PARTS_IN_FLIGHT`]).
 pub const PART_BYTES: usize = 8 << 20;
-/// Parts uploading at once before a write waits.
-const PARTS_IN_FLIGHT: usize = 2;
+/// Parts uploading at once before a write waits. S3 servers take parts in parallel: against
+/// moto (`berth-bench store`), 4 in flight upload 100 MiB in ~25 % less time than 2; the server
+/// holds at most this many parts (32 MiB) of an archive.
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// A snapshot being written as it is made: parts go to the object store as they fill and the
 /// SHA-256 is computed on the way, so an archive of any size costs the server a few parts of
