@@ -17,6 +17,7 @@ pub mod error;
 pub mod event_cap;
 pub mod ledger;
 pub mod nodes;
+mod owners;
 pub mod park;
 pub mod placement;
 pub mod pools;

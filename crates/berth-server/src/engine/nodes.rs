@@ -57,6 +57,8 @@ pub struct Cluster {
     /// Boxes this node placed lately, by node and when: counted on top of the view's load
     /// until the placed node has surely renewed its lease (and its load) since.
     placed: Mutex<Vec<(String, tokio::time::Instant)>>,
+    /// Other nodes' boxes as last read from the store (see [`super::owners`]).
+    owners: super::owners::Owners,
 }
 
 /// Wall-clock Unix ms: leases are compared across processes (clocks must agree to well
@@ -148,6 +150,17 @@ impl Cluster {
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
         view.iter()
             .any(|r| r.node.name != self.cfg.node_name && r.node.state != NodeState::Lost)
+    }
+
+    /// The holder's URL of another node's box, remembered from an earlier store read.
+    fn remembered_owner(&self, box_id: &str) -> Option<String> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        self.owners.box_url(&view, box_id, wall_ms())
+    }
+
+    fn remember_owner(&self, box_id: &str, node: &str) {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        self.owners.remember_box(&view, box_id, node);
     }
 
     fn set_view(&self, rows: Vec<NodeRow>) {
@@ -245,6 +258,7 @@ impl Engine {
             draining_now: AtomicBool::new(false),
             view: Mutex::new(Vec::new()),
             placed: Mutex::new(Vec::new()),
+            owners: Default::default(),
         });
         let me = self.node_object(&c);
         let inc = self
@@ -310,6 +324,12 @@ impl Engine {
         if !c.fenced() && self.registry.box_handle(id).is_some() {
             return Ok(None);
         }
+        // Forwarding must not cost a store round trip per request (issue 20: ≤ 1 ms added).
+        if c.cfg.secret.is_some() {
+            if let Some(url) = c.remembered_owner(id) {
+                return Ok(Some(url));
+            }
+        }
         let b = match self.store.get_box(None, id).await {
             Ok(Some(b)) => b,
             // Unknown (or unreadable): answered here, as any missing box.
@@ -322,9 +342,11 @@ impl Engine {
                         "box {id} is on node {n}, and this node has no cluster_secret to reach it"
                     ));
                 }
-                c.url_of(&n)
-                    .map(Some)
-                    .ok_or_else(|| format!("box {id} is on node {n}, which is not reachable"))
+                let url = c
+                    .url_of(&n)
+                    .ok_or_else(|| format!("box {id} is on node {n}, which is not reachable"))?;
+                c.remember_owner(id, &n);
+                Ok(Some(url))
             }
             _ => Ok(None),
         }
@@ -332,11 +354,20 @@ impl Engine {
 
     /// [`Engine::box_owner_url`] for a session (its box's node).
     pub async fn session_owner_url(&self, id: &str) -> Result<Option<String>, String> {
-        if self.cluster().is_none() || self.registry.session_handle(id).is_some() {
+        let Some(c) = self.cluster() else {
+            return Ok(None);
+        };
+        if self.registry.session_handle(id).is_some() {
             return Ok(None);
         }
+        if let Some(box_id) = c.owners.session_box(id) {
+            return self.box_owner_url(&box_id).await;
+        }
         match self.store.get_session(None, id).await {
-            Ok(Some(s)) => self.box_owner_url(&s.box_id).await,
+            Ok(Some(s)) => {
+                c.owners.remember_session(id, &s.box_id);
+                self.box_owner_url(&s.box_id).await
+            }
             _ => Ok(None),
         }
     }
