@@ -187,6 +187,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()>;
     async fn find_key(&self, hash: &str) -> Result<Option<KeyRecord>>;
     async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyObject>>;
+    /// The key `id` of `tenant` (without its secret); None: no such key in that tenant.
+    async fn get_key(&self, tenant: &str, id: &str) -> Result<Option<KeyObject>>;
     async fn delete_key(&self, id: &str) -> Result<bool>;
     async fn count_keys(&self) -> Result<i64>;
 

@@ -357,6 +357,16 @@ impl Store for PostgresStore {
         Ok(rows.iter().map(sql::key_object).collect())
     }
 
+    async fn get_key(&self, tenant: &str, id: &str) -> Result<Option<KeyObject>> {
+        let _t = timer("get_key");
+        let row = sqlx::query(pg!(sql::GET_KEY))
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| sql::key_object(&r)))
+    }
+
     async fn delete_key(&self, id: &str) -> Result<bool> {
         let r = sqlx::query(pg!(sql::DELETE_KEY))
             .bind(id)

@@ -149,6 +149,9 @@ pub(crate) const INSERT_KEY: &str =
 pub(crate) const FIND_KEY: &str = "SELECT id, tenant, admin FROM api_keys WHERE hash = ?1";
 pub(crate) const LIST_KEYS: &str = "SELECT id, tenant, admin, created_at FROM api_keys
      WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id";
+/// One key by id within its tenant (`id` is the primary key: one row at most).
+pub(crate) const GET_KEY: &str = "SELECT id, tenant, admin, created_at FROM api_keys
+     WHERE id = ?1 AND tenant = ?2";
 pub(crate) const DELETE_KEY: &str = "DELETE FROM api_keys WHERE id = ?1";
 pub(crate) const COUNT_KEYS: &str = "SELECT COUNT(*) AS n FROM api_keys";
 

@@ -248,6 +248,16 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(sql::key_object).collect())
     }
 
+    async fn get_key(&self, tenant: &str, id: &str) -> Result<Option<KeyObject>> {
+        let _t = timer("get_key");
+        let row = sqlx::query(sql::GET_KEY)
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| sql::key_object(&r)))
+    }
+
     async fn delete_key(&self, id: &str) -> Result<bool> {
         let r = sqlx::query(sql::DELETE_KEY)
             .bind(id)

@@ -214,8 +214,18 @@ async fn conformance(st: &dyn Store) {
     );
     assert!(!all[1].admin);
     assert_eq!(st.list_keys(Some("beta")).await.expect("list").len(), 1);
+    // One key by tenant and id: another tenant's id is none of this tenant's.
+    let k1 = st.get_key("acme", "k1").await.expect("get").expect("k1");
+    assert_eq!((k1.id.as_str(), k1.admin, k1.key), ("k1", true, None));
+    assert_eq!(k1.created_at, "2026-01-01T00:00:01Z");
+    assert!(st.get_key("beta", "k1").await.expect("get").is_none());
+    assert!(st.get_key("acme", "k9").await.expect("get").is_none());
     assert!(st.delete_key("k2").await.expect("delete"));
     assert!(!st.delete_key("k2").await.expect("delete twice"));
+    assert!(
+        st.get_key("beta", "k2").await.expect("get").is_none(),
+        "deleted"
+    );
     assert_eq!(st.count_keys().await.expect("count"), 1);
 
     // Boxes and sessions: upserts, tenancy, order.

@@ -176,6 +176,7 @@ forward_store! {
     insert_key(k: &KeyObject = k.clone() => &k, h: &str = h.to_string() => &h) -> ();
     find_key(h: &str = h.to_string() => &h) -> Option<berth_store::KeyRecord>;
     list_keys(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<KeyObject>;
+    get_key(t: &str = t.to_string() => &t, id: &str = id.to_string() => &id) -> Option<KeyObject>;
     delete_key(id: &str = id.to_string() => &id) -> bool;
     count_keys() -> i64;
     put_box(b: &BoxObject = b.clone() => &b) -> ();
