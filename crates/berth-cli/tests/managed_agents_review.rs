@@ -349,6 +349,77 @@ async fn agent_versions_are_capped() {
     srv.stop().await;
 }
 
+/// A tenant's documents of one kind are capped (versions included; counted in the store): at
+/// the cap a create is a 400 that is not retried, other kinds and tenants are not held up, and
+/// one deleted makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_per_tenant_are_capped() {
+    use futures::StreamExt;
+    const CAP: usize = 10_000;
+    let (_mock, url) = mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = serve(dir.path(), &url, None, None).await;
+    let (_, a) = tenant_key(&srv.client(), "team-cap").await;
+    let a = Anth(a);
+    // The cap's worth of agents written straight into the server's store (through the API
+    // it would take minutes).
+    let db = common::test_database(dir.path()).await;
+    let store = berth_store::open(
+        db.as_deref(),
+        &dir.path().join("berth.db"),
+        berth_store::Durability::Crash,
+    )
+    .await
+    .expect("store");
+    futures::stream::iter(0..CAP)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let doc = berth_store::Document {
+                    kind: "agent".into(),
+                    tenant: "team-cap".into(),
+                    id: format!("agent_cap_{i:05}"),
+                    version: 1,
+                    body: json!({"id": format!("agent_cap_{i:05}"), "name": "filler"}),
+                };
+                store.put_document(&doc, false).await.expect("put");
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let agent = json!({"name": "over", "model": "claude-sonnet-4-5"});
+    let r = a.post("/v1/agents", agent.clone()).await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(
+        r.json["error"]["type"], "invalid_request_error",
+        "{}",
+        r.json
+    );
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("at most {CAP} agent documents"))),
+        "{}",
+        r.json
+    );
+    // Another kind of the same tenant is counted apart.
+    let r = a
+        .post(
+            "/v1/environments",
+            json!({"name": "e", "config": {"type": "cloud"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert!(store
+        .delete_document("agent", "team-cap", "agent_cap_00000")
+        .await
+        .expect("delete"));
+    let r = a.post("/v1/agents", agent).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    srv.stop().await;
+}
+
 /// Events pages read forward from a cursor: every event exactly once, in order, whatever the
 /// page size, the same as one page of everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -253,6 +253,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every version of the documents of `kind` in `tenant` (of one `id` when given), in the
     /// order they were first written.
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>>;
+    /// How many versions of documents of `kind` `tenant` holds (all ids, every version), as
+    /// [`Store::documents`] would return, without reading them.
+    async fn count_documents(&self, kind: &str, tenant: &str) -> Result<i64>;
     /// Delete every version of a document; false when there was none.
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool>;
     /// One page of the latest version of each of a tenant's documents of `kind`, in id order

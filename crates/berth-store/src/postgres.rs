@@ -613,6 +613,16 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn count_documents(&self, kind: &str, tenant: &str) -> Result<i64> {
+        let _t = timer("count_documents");
+        Ok(sqlx::query(pg!(sql::COUNT_DOCUMENTS))
+            .bind(kind)
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
+    }
+
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM documents WHERE kind = $1 AND tenant = $2 AND id = $3")
             .bind(kind)

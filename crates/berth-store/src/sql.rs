@@ -173,6 +173,12 @@ pub(crate) fn key_object(r: &impl StoreRow) -> KeyObject {
     }
 }
 
+// Versioned documents (the Managed Agents API's).
+/// Rows (every version) of a tenant's documents of one kind: an index-only count on the
+/// (kind, tenant, id, version) key, not a read of the bodies.
+pub(crate) const COUNT_DOCUMENTS: &str =
+    "SELECT COUNT(*) AS n FROM documents WHERE kind = ?1 AND tenant = ?2";
+
 // Tenants' budgets.
 pub(crate) const SET_BUDGET: &str = "UPDATE tenants SET budget_usd_month = ?1 WHERE name = ?2";
 pub(crate) const BUDGETS: &str =

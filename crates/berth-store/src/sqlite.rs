@@ -603,6 +603,16 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn count_documents(&self, kind: &str, tenant: &str) -> Result<i64> {
+        let _t = timer("count_documents");
+        Ok(sqlx::query(sql::COUNT_DOCUMENTS)
+            .bind(kind)
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
+    }
+
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM documents WHERE kind = ? AND tenant = ? AND id = ?")
             .bind(kind)

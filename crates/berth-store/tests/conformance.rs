@@ -974,6 +974,10 @@ async fn documents(s: &dyn Store) {
     assert_eq!(all[2].body, json!({"n": 2}));
     let x = s.documents("agent", "a", Some("x")).await.expect("x");
     assert_eq!(x.len(), 2);
+    // The count is of every version, per tenant and kind, as `documents` lists them.
+    assert_eq!(s.count_documents("agent", "a").await.expect("count"), 3);
+    assert_eq!(s.count_documents("agent", "b").await.expect("count b"), 0);
+    assert_eq!(s.count_documents("environment", "a").await.expect("env"), 0);
     // Another tenant or kind sees nothing, and cannot delete.
     assert!(s.documents("agent", "b", None).await.expect("b").is_empty());
     assert!(s
@@ -986,6 +990,7 @@ async fn documents(s: &dyn Store) {
     let left = s.documents("agent", "a", None).await.expect("left");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, "y");
+    assert_eq!(s.count_documents("agent", "a").await.expect("count"), 1);
 }
 
 /// Keyset pages of the latest version of each document (`Store::latest_documents`): each id
