@@ -300,6 +300,23 @@ async fn concurrent_updates_of_environments_and_sessions_lose_nothing() {
     srv.stop().await;
 }
 
+/// A cap's refusal: a 400 `invalid_request_error` whose message says `why`.
+fn refused(r: &Answer, why: &str) {
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(
+        r.json["error"]["type"], "invalid_request_error",
+        "{}",
+        r.json
+    );
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(why)),
+        "{}",
+        r.json
+    );
+}
+
 /// An agent's versions are capped (every list reads them all): the update past the cap is a
 /// clear 400 that is not retried, and the agent stays readable at its last version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,19 +346,7 @@ async fn agent_versions_are_capped() {
             json!({"version": CAP, "description": "one too many"}),
         )
         .await;
-    assert_eq!(r.status, 400, "{}", r.json);
-    assert_eq!(
-        r.json["error"]["type"], "invalid_request_error",
-        "{}",
-        r.json
-    );
-    assert!(
-        r.json["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("versions")),
-        "{}",
-        r.json
-    );
+    refused(&r, "versions");
     let got = a.get(&path).await.json;
     assert_eq!(got["version"], CAP, "{got}");
     let versions = a.get(&format!("{path}/versions?limit=100")).await.json;
@@ -390,19 +395,7 @@ async fn documents_per_tenant_are_capped() {
         .await;
     let agent = json!({"name": "over", "model": "claude-sonnet-4-5"});
     let r = a.post("/v1/agents", agent.clone()).await;
-    assert_eq!(r.status, 400, "{}", r.json);
-    assert_eq!(
-        r.json["error"]["type"], "invalid_request_error",
-        "{}",
-        r.json
-    );
-    assert!(
-        r.json["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains(&format!("at most {CAP} agent documents"))),
-        "{}",
-        r.json
-    );
+    refused(&r, &format!("at most {CAP} agent documents"));
     // Another kind of the same tenant is counted apart.
     let r = a
         .post(
