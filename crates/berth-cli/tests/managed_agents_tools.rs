@@ -377,17 +377,8 @@ with zipfile.ZipFile(buf, "w") as z:
         z.writestr(name, data)
 sys.stdout.write(buf.getvalue().hex())
 "#;
-    let out = tokio::process::Command::new(venv_python())
-        .args(["-c", script])
-        .output()
-        .await
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    hex::decode(out.stdout.trim_ascii()).expect("hex")
+    let out = python(script).await;
+    hex::decode(out.trim_ascii()).expect("hex")
 }
 
 /// Serves on `l` what `answer` gives for a path (None: 404), recording every path asked for
@@ -489,6 +480,21 @@ async fn installs_before_the_first_turn(a: &Api, asked: &Mutex<Vec<String>>, c: 
     );
 }
 
+/// The stdout of the test venv's Python running `script` (which must succeed).
+async fn python(script: &str) -> Vec<u8> {
+    let out = tokio::process::Command::new(venv_python())
+        .args(["-c", script])
+        .output()
+        .await
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A PEP 503 index on loopback serving `berthdemo`, recording the paths asked for.
 async fn pip_index() -> (u16, Arc<Mutex<Vec<String>>>) {
     use sha2::Digest;
@@ -572,17 +578,8 @@ tgz = buf.getvalue()
 print(json.dumps({"tgz": tgz.hex(), "shasum": hashlib.sha1(tgz).hexdigest(),
     "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode()}))
 "#;
-    let out = tokio::process::Command::new(venv_python())
-        .args(["-c", script])
-        .output()
-        .await
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let made: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let out = python(script).await;
+    let made: Value = serde_json::from_slice(&out).expect("json");
     let tgz = hex::decode(made["tgz"].as_str().expect("tgz")).expect("hex");
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
