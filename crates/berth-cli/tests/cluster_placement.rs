@@ -1,10 +1,11 @@
 //! Placement on a cluster of real nodes (see `cluster_harness`: node 1 and 2 carry `zone=a`,
 //! node 3 `zone=b`, each `host=<its name>`): labels are registered and listed, a box's
 //! `placement.node_selector` picks its node wherever it was asked, `placement.spread_by`
-//! spreads a tenant's boxes over a label's values, a selector nothing matches is a 409; the
-//! boxes of cron and webhook triggers and of Managed Agents sessions (their environment's
-//! `config.placement`) are placed the same way; and a port link made through one node opens
-//! its port through any node, until its key is deleted on any node.
+//! spreads a tenant's boxes over a label's values (simultaneous creates through one node too),
+//! a selector nothing matches is a 409; the boxes of cron and webhook triggers and of Managed
+//! Agents sessions (their environment's `config.placement`) are placed the same way; and a
+//! port link made through one node opens its port through any node, until its key is deleted
+//! on any node.
 
 mod cluster_harness;
 mod common;
@@ -133,6 +134,25 @@ async fn boxes_follow_node_labels_and_port_links_open_on_every_node() {
         *per_zone.entry(z).or_default() += 1;
     }
     assert_eq!(per_zone, [("a", 2), ("b", 2)].into(), "boxes per zone");
+    // Simultaneous creates through one node see each other's placements (in flight until
+    // each create answered): eight at once for a tenant with no boxes end four per zone
+    // (reading only the store, each would see no box anywhere and all go to one zone).
+    let (_, sp) = tenant_key(a1, "spreader").await;
+    let made = futures::future::join_all(
+        (0..8).map(|_| new_box(&sp, json!({"placement": {"spread_by": "zone"}}))),
+    )
+    .await;
+    let mut per_zone = std::collections::BTreeMap::<&str, u32>::new();
+    for b in &made {
+        *per_zone
+            .entry(zone(b["node"].as_str().expect("node")))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_zone,
+        [("a", 4), ("b", 4)].into(),
+        "concurrent creates per zone"
+    );
     // The CLI's selector.
     let out = cli(
         &t,

@@ -160,32 +160,7 @@ async fn only_allowed_names_leave_the_box() {
 /// An HTTPS server for `secret.test` (certificate from a test CA) that answers with the value
 /// of the `x-api-token` header it received.
 async fn tls_web(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "berth test CA");
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let leaf_key = KeyPair::generate().expect("key");
-    let leaf = CertificateParams::new(vec!["secret.test".to_string()])
-        .expect("params")
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .expect("leaf");
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).expect("write ca");
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .expect("cert");
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let (acceptor, ca_file) = common::tls_acceptor(dir, "secret.test");
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -300,6 +300,23 @@ async fn concurrent_updates_of_environments_and_sessions_lose_nothing() {
     srv.stop().await;
 }
 
+/// A cap's refusal: a 400 `invalid_request_error` whose message says `why`.
+fn refused(r: &Answer, why: &str) {
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(
+        r.json["error"]["type"], "invalid_request_error",
+        "{}",
+        r.json
+    );
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(why)),
+        "{}",
+        r.json
+    );
+}
+
 /// An agent's versions are capped (every list reads them all): the update past the cap is a
 /// clear 400 that is not retried, and the agent stays readable at its last version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,23 +346,70 @@ async fn agent_versions_are_capped() {
             json!({"version": CAP, "description": "one too many"}),
         )
         .await;
-    assert_eq!(r.status, 400, "{}", r.json);
-    assert_eq!(
-        r.json["error"]["type"], "invalid_request_error",
-        "{}",
-        r.json
-    );
-    assert!(
-        r.json["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("versions")),
-        "{}",
-        r.json
-    );
+    refused(&r, "versions");
     let got = a.get(&path).await.json;
     assert_eq!(got["version"], CAP, "{got}");
     let versions = a.get(&format!("{path}/versions?limit=100")).await.json;
     assert_eq!(versions["data"].as_array().map(Vec::len), Some(CAP));
+    srv.stop().await;
+}
+
+/// A tenant's documents of one kind are capped (versions included; counted in the store): at
+/// the cap a create is a 400 that is not retried, other kinds and tenants are not held up, and
+/// one deleted makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_per_tenant_are_capped() {
+    use futures::StreamExt;
+    const CAP: usize = 10_000;
+    let (_mock, url) = mock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = serve(dir.path(), &url, None, None).await;
+    let (_, a) = tenant_key(&srv.client(), "team-cap").await;
+    let a = Anth(a);
+    // The cap's worth of agents written straight into the server's store (through the API
+    // it would take minutes).
+    let db = common::test_database(dir.path()).await;
+    let store = berth_store::open(
+        db.as_deref(),
+        &dir.path().join("berth.db"),
+        berth_store::Durability::Crash,
+    )
+    .await
+    .expect("store");
+    futures::stream::iter(0..CAP)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let doc = berth_store::Document {
+                    kind: "agent".into(),
+                    tenant: "team-cap".into(),
+                    id: format!("agent_cap_{i:05}"),
+                    version: 1,
+                    body: json!({"id": format!("agent_cap_{i:05}"), "name": "filler"}),
+                };
+                store.put_document(&doc, false).await.expect("put");
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let agent = json!({"name": "over", "model": "claude-sonnet-4-5"});
+    let r = a.post("/v1/agents", agent.clone()).await;
+    refused(&r, &format!("at most {CAP} agent documents"));
+    // Another kind of the same tenant is counted apart.
+    let r = a
+        .post(
+            "/v1/environments",
+            json!({"name": "e", "config": {"type": "cloud"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert!(store
+        .delete_document("agent", "team-cap", "agent_cap_00000")
+        .await
+        .expect("delete"));
+    let r = a.post("/v1/agents", agent).await;
+    assert_eq!(r.status, 200, "{}", r.json);
     srv.stop().await;
 }
 

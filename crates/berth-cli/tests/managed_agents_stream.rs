@@ -4,13 +4,13 @@
 //! gateway metered it, and the `auto` permission policy.
 
 mod common;
+mod managed_harness;
 
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{claude_bin, run_sdk_script, tenant_key, venv_python, Api, Server};
+use common::{run_sdk_script, tenant_key, venv_python, Server};
+use managed_harness::{anth, events_until, idle_with};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
 
 /// A story long enough for many deltas (the mock sends 24 characters a delta).
 const STORY: &str = "Once upon a time a small box sailed into a quiet berth, where an agent lived \
@@ -32,32 +32,7 @@ fn scenario() -> Scenario {
 }
 
 async fn setup(chunk_delay: Duration) -> (tempfile::TempDir, Server, Mock) {
-    let mock = Mock::new(scenario(), chunk_delay);
-    let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
-    let dir = tempfile::tempdir().expect("tmp");
-    let bin = claude_bin();
-    let env = [
-        ("BERTH_UPSTREAM_URL", mock_url.as_str()),
-        ("ANTHROPIC_API_KEY", REAL_KEY),
-        ("BERTH_CLAUDE_BIN", bin.as_str()),
-    ];
-    let srv = Server::start_with(dir.path(), &env).await;
-    (dir, srv, mock)
-}
-
-/// `POST`/`GET` under `/anthropic` with `x-api-key`.
-async fn anth(api: &Api, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut rb = api
-        .http
-        .request(m, format!("{}/anthropic{path}", api.url))
-        .header("x-api-key", &api.token);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let r = rb.send().await.expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    managed_harness::setup(scenario(), chunk_delay, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,19 +130,7 @@ async fn a_spans_model_usage_is_what_the_gateway_metered() {
     .await;
     assert_eq!(s, 200, "{sess}");
     let sid = sess["id"].as_str().expect("id");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let events = loop {
-        let (_, page) = anth(&a, "GET", &format!("/v1/sessions/{sid}/events"), None).await;
-        let evs = page["data"].as_array().cloned().unwrap_or_default();
-        if evs
-            .iter()
-            .any(|e| e["type"] == "session.status_idle" && e["stop_reason"]["type"] == "end_turn")
-        {
-            break evs;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{evs:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let events = events_until(&a, sid, idle_with("end_turn")).await;
     let spans: Vec<&Value> = events
         .iter()
         .filter(|e| e["type"] == "span.model_request_end")

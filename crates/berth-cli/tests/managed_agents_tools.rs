@@ -5,14 +5,15 @@
 //! environment's pip and npm packages installed from an index and a registry the test serves.
 
 mod common;
+mod managed_harness;
 
+use axum::response::IntoResponse;
 use berth_mock_model::{scenario::Scenario, Mock};
-use common::{claude_bin, exec_sh, run_sdk_script, tenant_key, venv_python, Api, Server};
+use common::{exec_sh, run_sdk_script, tenant_key, venv_python, Api, Server};
+use managed_harness::{anth, events_until, idle_with};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-const REAL_KEY: &str = "sk-ant-real-secret-for-tests-0123456789";
 
 fn scenario() -> Scenario {
     serde_json::from_value(json!({"rules": [
@@ -33,55 +34,7 @@ fn scenario() -> Scenario {
 }
 
 async fn setup(extra: &[(&str, &str)]) -> (tempfile::TempDir, Server, Mock) {
-    let mock = Mock::new(scenario(), Duration::ZERO);
-    let mock_url = berth_mock_model::spawn_loopback(&mock).await.expect("mock");
-    let dir = tempfile::tempdir().expect("tmp");
-    let bin = claude_bin();
-    let mut env = vec![
-        ("BERTH_UPSTREAM_URL", mock_url.as_str()),
-        ("ANTHROPIC_API_KEY", REAL_KEY),
-        ("BERTH_CLAUDE_BIN", bin.as_str()),
-    ];
-    env.extend_from_slice(extra);
-    let srv = Server::start_with(dir.path(), &env).await;
-    (dir, srv, mock)
-}
-
-/// `POST`/`GET` under `/anthropic` with `x-api-key`.
-async fn anth(api: &Api, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut rb = api
-        .http
-        .request(m, format!("{}/anthropic{path}", api.url))
-        .header("x-api-key", &api.token);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let r = rb.send().await.expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-/// The session's events (listed) until one passes `done`, bounded.
-async fn events_until(api: &Api, sid: &str, done: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let (s, page) = anth(api, "GET", &format!("/v1/sessions/{sid}/events"), None).await;
-        assert_eq!(s, 200, "{page}");
-        let evs = page["data"].as_array().cloned().unwrap_or_default();
-        if evs.iter().any(&done) {
-            return evs;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events never got there: {evs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn idle_with(reason: &'static str) -> impl Fn(&Value) -> bool {
-    move |e| e["type"] == "session.status_idle" && e["stop_reason"]["type"] == reason
+    managed_harness::setup(scenario(), Duration::ZERO, extra).await
 }
 
 /// The tool results (`tool_use_id`, text) in a recorded model request's messages.
@@ -424,6 +377,111 @@ with zipfile.ZipFile(buf, "w") as z:
         z.writestr(name, data)
 sys.stdout.write(buf.getvalue().hex())
 "#;
+    let out = python(script).await;
+    hex::decode(out.trim_ascii()).expect("hex")
+}
+
+/// Serves on `l` what `answer` gives for a path (None: 404), recording every path asked for
+/// (what the test then checks the box fetched).
+fn recording_server(
+    l: tokio::net::TcpListener,
+    answer: impl Fn(&str) -> Option<axum::response::Response> + Clone + Send + Sync + 'static,
+) -> Arc<Mutex<Vec<String>>> {
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = asked.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (seen, answer) = (seen.clone(), answer.clone());
+        async move {
+            if let Ok(mut s) = seen.lock() {
+                s.push(uri.path().to_string());
+            }
+            answer(uri.path()).unwrap_or_else(|| axum::http::StatusCode::NOT_FOUND.into_response())
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    asked
+}
+
+/// An environment's packages of one manager, end to end.
+struct PackageCase<'a> {
+    manager: &'static str,
+    /// The environment's metadata naming the test's index or registry.
+    meta: Value,
+    package: &'static str,
+    /// Each must match a path the index was asked for.
+    fetched: &'a [&'a dyn Fn(&str) -> bool],
+    /// Run in the box: prints `prints` when the package is installed.
+    check: &'static str,
+    prints: &'static str,
+}
+
+/// An environment with `c.package` is installed from the test's index, through the egress
+/// proxy, before its first session is there; one with a package the index lacks refuses the
+/// session with the manager's own words.
+async fn installs_before_the_first_turn(a: &Api, asked: &Mutex<Vec<String>>, c: PackageCase<'_>) {
+    let m = c.manager;
+    let (s, env) = anth(
+        a,
+        "POST",
+        "/v1/environments",
+        Some(json!({"name": m, "metadata": c.meta,
+            "config": {"type": "cloud", "packages": {"type": "packages", m: [c.package]}}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{env}");
+    assert_eq!(env["config"]["packages"][m], json!([c.package]));
+    let (_, agent) = anth(
+        a,
+        "POST",
+        "/v1/agents",
+        Some(json!({"name": m, "model": "claude-sonnet-4-5"})),
+    )
+    .await;
+    let (s, sess) = anth(
+        a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{sess}");
+    let got = asked.lock().expect("asked").clone();
+    for (i, f) in c.fetched.iter().enumerate() {
+        assert!(got.iter().any(|p| f(p)), "fetch {i}: {got:?}");
+    }
+    let bx = a.get("/v1/boxes").await.json["items"][0]["id"]
+        .as_str()
+        .expect("box")
+        .to_string();
+    let r = exec_sh(a, &bx, c.check, 60).await;
+    assert_eq!(r["stdout"].as_str().map(str::trim), Some(c.prints), "{r}");
+
+    let (_, env2) = anth(
+        a,
+        "POST",
+        "/v1/environments",
+        Some(json!({"name": format!("{m}2"), "metadata": c.meta,
+            "config": {"type": "cloud", "packages": {m: ["nosuchpackage"]}}})),
+    )
+    .await;
+    let (s, b) = anth(
+        a,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"agent": agent["id"], "environment_id": env2["id"]})),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap_or("").contains(m),
+        "{b}"
+    );
+}
+
+/// The stdout of the test venv's Python running `script` (which must succeed).
+async fn python(script: &str) -> Vec<u8> {
     let out = tokio::process::Command::new(venv_python())
         .args(["-c", script])
         .output()
@@ -434,7 +492,7 @@ sys.stdout.write(buf.getvalue().hex())
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    hex::decode(out.stdout.trim_ascii()).expect("hex")
+    out.stdout
 }
 
 /// A PEP 503 index on loopback serving `berthdemo`, recording the paths asked for.
@@ -446,30 +504,17 @@ async fn pip_index() -> (u16, Arc<Mutex<Vec<String>>>) {
         "<!DOCTYPE html><html><body><a href=\"/files/{name}#sha256={}\">{name}</a></body></html>",
         hex::encode(sha2::Sha256::digest(&wheel))
     );
-    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = asked.clone();
-    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-        let (seen, page, wheel) = (seen.clone(), page.clone(), wheel.clone());
-        async move {
-            use axum::response::IntoResponse;
-            if let Ok(mut s) = seen.lock() {
-                s.push(uri.path().to_string());
-            }
-            match uri.path() {
-                "/simple/berthdemo/" | "/simple/berthdemo" => {
-                    ([("content-type", "text/html")], page).into_response()
-                }
-                p if p == format!("/files/{name}") => wheel.into_response(),
-                _ => axum::http::StatusCode::NOT_FOUND.into_response(),
-            }
-        }
-    });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = l.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
+    let files = format!("/files/{name}");
+    let asked = recording_server(l, move |path| match path {
+        "/simple/berthdemo/" | "/simple/berthdemo" => {
+            Some(([("content-type", "text/html")], page.clone()).into_response())
+        }
+        p if p == files => Some(wheel.clone().into_response()),
+        _ => None,
     });
     (port, asked)
 }
@@ -500,78 +545,17 @@ async fn an_environments_pip_packages_are_installed_before_the_first_turn() {
         );
     }
     let index = format!("http://pypi.test:{port}/simple");
-    let (s, env) = anth(
-        &a,
-        "POST",
-        "/v1/environments",
-        Some(json!({"name": "py", "metadata": {"berth_pip_index_url": index},
-            "config": {"type": "cloud", "packages": {"type": "packages", "pip": ["berthdemo==1.0"]}}})),
-    )
-    .await;
-    assert_eq!(s, 200, "{env}");
-    assert_eq!(env["config"]["packages"]["pip"], json!(["berthdemo==1.0"]));
-    let (_, agent) = anth(
-        &a,
-        "POST",
-        "/v1/agents",
-        Some(json!({"name": "p", "model": "claude-sonnet-4-5"})),
-    )
-    .await;
-    let (s, sess) = anth(
-        &a,
-        "POST",
-        "/v1/sessions",
-        Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
-    )
-    .await;
-    assert_eq!(s, 200, "{sess}");
-    // Installed from the test's index, through the egress proxy, before the session was there.
-    let got = asked.lock().expect("asked").clone();
-    assert!(
-        got.iter().any(|p| p.starts_with("/simple/berthdemo")),
-        "{got:?}"
-    );
-    assert!(got.iter().any(|p| p.starts_with("/files/")), "{got:?}");
-    let bx = a.get("/v1/boxes").await.json["items"][0]["id"]
-        .as_str()
-        .expect("box")
-        .to_string();
-    let r = exec_sh(
-        &a,
-        &bx,
-        "python3 -c 'import berthdemo; print(berthdemo.VALUE)'",
-        60,
-    )
-    .await;
-    assert_eq!(
-        r["stdout"].as_str().map(str::trim),
-        Some("from the test index"),
-        "{r}"
-    );
-
-    // A package the index does not have: the session is refused with pip's own words.
-    let (_, env2) = anth(
-        &a,
-        "POST",
-        "/v1/environments",
-        Some(
-            json!({"name": "py2", "metadata": {"berth_pip_index_url": index},
-            "config": {"type": "cloud", "packages": {"pip": ["nosuchpackage"]}}}),
-        ),
-    )
-    .await;
-    let (s, b) = anth(
-        &a,
-        "POST",
-        "/v1/sessions",
-        Some(json!({"agent": agent["id"], "environment_id": env2["id"]})),
-    )
-    .await;
-    assert_eq!(s, 400, "{b}");
-    assert!(
-        b["error"]["message"].as_str().unwrap_or("").contains("pip"),
-        "{b}"
-    );
+    let case = PackageCase {
+        manager: "pip",
+        meta: json!({"berth_pip_index_url": index}),
+        package: "berthdemo==1.0",
+        fetched: &[&|p: &str| p.starts_with("/simple/berthdemo"), &|p: &str| {
+            p.starts_with("/files/")
+        }],
+        check: "python3 -c 'import berthdemo; print(berthdemo.VALUE)'",
+        prints: "from the test index",
+    };
+    installs_before_the_first_turn(&a, &asked, case).await;
 }
 
 /// A tiny npm registry on loopback serving `berthnpm` 1.0.0 (a tarball the test's Python
@@ -594,17 +578,8 @@ tgz = buf.getvalue()
 print(json.dumps({"tgz": tgz.hex(), "shasum": hashlib.sha1(tgz).hexdigest(),
     "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode()}))
 "#;
-    let out = tokio::process::Command::new(venv_python())
-        .args(["-c", script])
-        .output()
-        .await
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let made: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let out = python(script).await;
+    let made: Value = serde_json::from_slice(&out).expect("json");
     let tgz = hex::decode(made["tgz"].as_str().expect("tgz")).expect("hex");
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -622,26 +597,14 @@ print(json.dumps({"tgz": tgz.hex(), "shasum": hashlib.sha1(tgz).hexdigest(),
         }},
     })
     .to_string();
-    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = asked.clone();
-    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-        let (seen, packument, tgz) = (seen.clone(), packument.clone(), tgz.clone());
-        async move {
-            use axum::response::IntoResponse;
-            if let Ok(mut s) = seen.lock() {
-                s.push(uri.path().to_string());
-            }
-            match uri.path() {
-                "/berthnpm" => ([("content-type", "application/json")], packument).into_response(),
-                "/berthnpm/-/berthnpm-1.0.0.tgz" => {
-                    ([("content-type", "application/octet-stream")], tgz).into_response()
-                }
-                _ => axum::http::StatusCode::NOT_FOUND.into_response(),
-            }
+    let asked = recording_server(l, move |path| match path {
+        "/berthnpm" => {
+            Some(([("content-type", "application/json")], packument.clone()).into_response())
         }
-    });
-    tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
+        "/berthnpm/-/berthnpm-1.0.0.tgz" => {
+            Some(([("content-type", "application/octet-stream")], tgz.clone()).into_response())
+        }
+        _ => None,
     });
     (port, asked)
 }
@@ -653,73 +616,14 @@ async fn an_environments_npm_packages_are_installed_before_the_first_turn() {
     let (_d, srv, _mock) = setup(&[("BERTH_EGRESS_OVERRIDES", &overrides)]).await;
     let (_, a) = tenant_key(&srv.client(), "team-a").await;
     let registry = format!("http://npm.test:{port}/");
-    let (s, env) = anth(
-        &a,
-        "POST",
-        "/v1/environments",
-        Some(json!({"name": "js", "metadata": {"berth_npm_registry": registry},
-            "config": {"type": "cloud", "packages": {"type": "packages", "npm": ["berthnpm@1.0.0"]}}})),
-    )
-    .await;
-    assert_eq!(s, 200, "{env}");
-    let (_, agent) = anth(
-        &a,
-        "POST",
-        "/v1/agents",
-        Some(json!({"name": "n", "model": "claude-sonnet-4-5"})),
-    )
-    .await;
-    let (s, sess) = anth(
-        &a,
-        "POST",
-        "/v1/sessions",
-        Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
-    )
-    .await;
-    assert_eq!(s, 200, "{sess}");
-    // Fetched from the test's registry, through the egress proxy, before the session was there.
-    let got = asked.lock().expect("asked").clone();
-    assert!(got.iter().any(|p| p == "/berthnpm"), "{got:?}");
-    assert!(got.iter().any(|p| p.ends_with(".tgz")), "{got:?}");
-    let bx = a.get("/v1/boxes").await.json["items"][0]["id"]
-        .as_str()
-        .expect("box")
-        .to_string();
-    // `require` finds it from the agent's working directory.
-    let r = exec_sh(
-        &a,
-        &bx,
-        "cd /workspace && node -e 'console.log(require(\"berthnpm\"))'",
-        60,
-    )
-    .await;
-    assert_eq!(
-        r["stdout"].as_str().map(str::trim),
-        Some("from the test registry"),
-        "{r}"
-    );
-
-    // A package the registry does not have: the session is refused with npm's own words.
-    let (_, env2) = anth(
-        &a,
-        "POST",
-        "/v1/environments",
-        Some(
-            json!({"name": "js2", "metadata": {"berth_npm_registry": registry},
-            "config": {"type": "cloud", "packages": {"npm": ["nosuchpackage"]}}}),
-        ),
-    )
-    .await;
-    let (s, b) = anth(
-        &a,
-        "POST",
-        "/v1/sessions",
-        Some(json!({"agent": agent["id"], "environment_id": env2["id"]})),
-    )
-    .await;
-    assert_eq!(s, 400, "{b}");
-    assert!(
-        b["error"]["message"].as_str().unwrap_or("").contains("npm"),
-        "{b}"
-    );
+    let case = PackageCase {
+        manager: "npm",
+        meta: json!({"berth_npm_registry": registry}),
+        package: "berthnpm@1.0.0",
+        fetched: &[&|p: &str| p == "/berthnpm", &|p: &str| p.ends_with(".tgz")],
+        // `require` finds it from the agent's working directory.
+        check: "cd /workspace && node -e 'console.log(require(\"berthnpm\"))'",
+        prints: "from the test registry",
+    };
+    installs_before_the_first_turn(&a, &asked, case).await;
 }

@@ -208,6 +208,46 @@ async fn cat(api: &Api, bx: &str, argv: Value) -> Value {
     out.json
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Put `body` at `/workspace/<name>` and wait for the (idle) box to park: the body's
+/// digest, the parked box, and its snapshot's key.
+async fn put_and_park(api: &Api, bx: &str, name: &str, body: Vec<u8>) -> (String, Value, String) {
+    let digest = sha256_hex(&body);
+    put_file(api, bx, name, body).await;
+    let b = api
+        .wait_for(&format!("/v1/boxes/{bx}"), 60, |b| b["state"] == "parked")
+        .await;
+    let key = b["snapshot"]["key"]
+        .as_str()
+        .expect("snapshot key")
+        .to_string();
+    (digest, b, key)
+}
+
+/// The box's `/workspace/<name>` is what was put (its digest, by `sha256sum` in the box):
+/// after a park and a restore through the bucket, the workspace came back intact.
+async fn assert_digest(api: &Api, bx: &str, name: &str, digest: &str) {
+    let out = cat(
+        api,
+        bx,
+        json!({"argv": ["sha256sum", format!("/workspace/{name}")]}),
+    )
+    .await;
+    assert_eq!(
+        out["stdout"]
+            .as_str()
+            .unwrap_or("")
+            .split_whitespace()
+            .next(),
+        Some(digest),
+        "{out}"
+    );
+}
+
 /// Park to S3 and restore from it (a multi-part archive), an artifact kept in S3 and
 /// downloaded; readiness covers the object store.
 #[tokio::test]
@@ -230,18 +270,7 @@ async fn park_restore_and_artifact_through_s3() {
             })
             .collect()
     };
-    let digest = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&big))
-    };
-    put_file(&api, &bx, "big.bin", big).await;
-    let b = api
-        .wait_for(&format!("/v1/boxes/{bx}"), 60, |b| b["state"] == "parked")
-        .await;
-    let key = b["snapshot"]["key"]
-        .as_str()
-        .expect("snapshot key")
-        .to_string();
+    let (digest, b, key) = put_and_park(&api, &bx, "big.bin", big).await;
     assert!(
         b["snapshot"]["bytes"].as_u64().unwrap_or(0) > 16 << 20,
         "{b}"
@@ -255,21 +284,7 @@ async fn park_restore_and_artifact_through_s3() {
         !dir.path().join("snapshots").join("boxes").exists(),
         "nothing parked on local disk"
     );
-    let out = cat(
-        &api,
-        &bx,
-        json!({"argv": ["sha256sum", "/workspace/big.bin"]}),
-    )
-    .await;
-    assert_eq!(
-        out["stdout"]
-            .as_str()
-            .unwrap_or("")
-            .split_whitespace()
-            .next(),
-        Some(digest.as_str()),
-        "{out}"
-    );
+    assert_digest(&api, &bx, "big.bin", &digest).await;
     // Restored: the box no longer stands on that snapshot (with a 1 s idle timeout it may
     // already be parking again under load, onto a snapshot of a new key).
     let b = api.get(&format!("/v1/boxes/{bx}")).await.json;
@@ -448,38 +463,13 @@ async fn park_and_restore_through_s3_over_https() {
     let body: Vec<u8> = (0..2u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let digest = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&body))
-    };
-    put_file(&api, &bx, "w.bin", body).await;
-    let b = api
-        .wait_for(&format!("/v1/boxes/{bx}"), 60, |b| b["state"] == "parked")
-        .await;
-    let key = b["snapshot"]["key"]
-        .as_str()
-        .expect("snapshot key")
-        .to_string();
+    let (digest, _, key) = put_and_park(&api, &bx, "w.bin", body).await;
     assert_eq!(
         moto.keys(&format!("{PREFIX}/boxes/{bx}/")).await,
         vec![format!("{PREFIX}/{key}")],
         "the snapshot went to the bucket"
     );
-    let out = cat(
-        &api,
-        &bx,
-        json!({"argv": ["sha256sum", "/workspace/w.bin"]}),
-    )
-    .await;
-    assert_eq!(
-        out["stdout"]
-            .as_str()
-            .unwrap_or("")
-            .split_whitespace()
-            .next(),
-        Some(digest.as_str()),
-        "{out}"
-    );
+    assert_digest(&api, &bx, "w.bin", &digest).await;
     assert!(
         handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the store was reached over TLS"

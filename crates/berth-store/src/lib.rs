@@ -187,6 +187,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_key(&self, key: &KeyObject, hash: &str) -> Result<()>;
     async fn find_key(&self, hash: &str) -> Result<Option<KeyRecord>>;
     async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyObject>>;
+    /// The key `id` of `tenant` (without its secret); None: no such key in that tenant.
+    async fn get_key(&self, tenant: &str, id: &str) -> Result<Option<KeyObject>>;
     async fn delete_key(&self, id: &str) -> Result<bool>;
     async fn count_keys(&self) -> Result<i64>;
 
@@ -251,6 +253,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every version of the documents of `kind` in `tenant` (of one `id` when given), in the
     /// order they were first written.
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>>;
+    /// How many versions of documents of `kind` `tenant` holds (all ids, every version), as
+    /// [`Store::documents`] would return, without reading them.
+    async fn count_documents(&self, kind: &str, tenant: &str) -> Result<i64>;
     /// Delete every version of a document; false when there was none.
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool>;
     /// One page of the latest version of each of a tenant's documents of `kind`, in id order

@@ -357,6 +357,16 @@ impl Store for PostgresStore {
         Ok(rows.iter().map(sql::key_object).collect())
     }
 
+    async fn get_key(&self, tenant: &str, id: &str) -> Result<Option<KeyObject>> {
+        let _t = timer("get_key");
+        let row = sqlx::query(pg!(sql::GET_KEY))
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| sql::key_object(&r)))
+    }
+
     async fn delete_key(&self, id: &str) -> Result<bool> {
         let r = sqlx::query(pg!(sql::DELETE_KEY))
             .bind(id)
@@ -581,26 +591,23 @@ impl Store for PostgresStore {
 
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>> {
         let _t = timer("documents");
-        let rows = sqlx::query(
-            "SELECT id, version, body FROM documents
-             WHERE kind = $1 AND tenant = $2 AND ($3::text IS NULL OR id = $3) ORDER BY seq",
-        )
-        .bind(kind)
-        .bind(tenant)
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Document {
-                    kind: kind.to_string(),
-                    tenant: tenant.to_string(),
-                    id: r.get("id"),
-                    version: r.get("version"),
-                    body: serde_json::from_str(r.get::<&str, _>("body")).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        let rows = sqlx::query(pg!(sql::DOCUMENTS))
+            .bind(kind)
+            .bind(tenant)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        sql::documents(&rows, kind, tenant)
+    }
+
+    async fn count_documents(&self, kind: &str, tenant: &str) -> Result<i64> {
+        let _t = timer("count_documents");
+        Ok(sqlx::query(pg!(sql::COUNT_DOCUMENTS))
+            .bind(kind)
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
     }
 
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool> {
@@ -622,38 +629,19 @@ impl Store for PostgresStore {
         limit: i64,
     ) -> Result<Vec<Document>> {
         let _t = timer("latest_documents");
-        // Both directions spelled out, so each walks the (kind, tenant, id, version) index.
-        let sql = if desc {
-            "SELECT d.id, d.version, d.body FROM documents d
-             WHERE d.kind = $1 AND d.tenant = $2 AND ($3::text IS NULL OR d.id < $3)
-               AND d.version = (SELECT MAX(m.version) FROM documents m
-                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
-             ORDER BY d.id DESC LIMIT $4"
+        let text = if desc {
+            pg!(sql::LATEST_DOCUMENTS_DESC)
         } else {
-            "SELECT d.id, d.version, d.body FROM documents d
-             WHERE d.kind = $1 AND d.tenant = $2 AND ($3::text IS NULL OR d.id > $3)
-               AND d.version = (SELECT MAX(m.version) FROM documents m
-                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
-             ORDER BY d.id ASC LIMIT $4"
+            pg!(sql::LATEST_DOCUMENTS_ASC)
         };
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query(text)
             .bind(kind)
             .bind(tenant)
             .bind(after)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Document {
-                    kind: kind.to_string(),
-                    tenant: tenant.to_string(),
-                    id: r.get("id"),
-                    version: r.get("version"),
-                    body: serde_json::from_str(r.get::<&str, _>("body")).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        sql::documents(&rows, kind, tenant)
     }
 
     async fn record_usage(&self, rows: &[UsageRow]) -> Result<()> {

@@ -149,6 +149,9 @@ pub(crate) const INSERT_KEY: &str =
 pub(crate) const FIND_KEY: &str = "SELECT id, tenant, admin FROM api_keys WHERE hash = ?1";
 pub(crate) const LIST_KEYS: &str = "SELECT id, tenant, admin, created_at FROM api_keys
      WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id";
+/// One key by id within its tenant (`id` is the primary key: one row at most).
+pub(crate) const GET_KEY: &str = "SELECT id, tenant, admin, created_at FROM api_keys
+     WHERE id = ?1 AND tenant = ?2";
 pub(crate) const DELETE_KEY: &str = "DELETE FROM api_keys WHERE id = ?1";
 pub(crate) const COUNT_KEYS: &str = "SELECT COUNT(*) AS n FROM api_keys";
 
@@ -168,6 +171,48 @@ pub(crate) fn key_object(r: &impl StoreRow) -> KeyObject {
         admin: r.flag("admin"),
         created_at: r.text("created_at"),
     }
+}
+
+// Versioned documents (the Managed Agents API's).
+/// Rows (every version) of a tenant's documents of one kind: an index-only count on the
+/// (kind, tenant, id, version) key, not a read of the bodies.
+pub(crate) const COUNT_DOCUMENTS: &str =
+    "SELECT COUNT(*) AS n FROM documents WHERE kind = ?1 AND tenant = ?2";
+/// Every version of a tenant's documents of one kind (of one id when `?3` is given), in
+/// first-write order.
+pub(crate) const DOCUMENTS: &str = "SELECT id, version, body FROM documents
+     WHERE kind = ?1 AND tenant = ?2 AND (?3 IS NULL OR id = ?3) ORDER BY seq";
+/// A keyset page of the latest version of each document, highest id first, below `?3`. Both
+/// directions are spelled out, so each walks the (kind, tenant, id, version) index.
+pub(crate) const LATEST_DOCUMENTS_DESC: &str = "SELECT d.id, d.version, d.body FROM documents d
+     WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id < ?3)
+       AND d.version = (SELECT MAX(m.version) FROM documents m
+                        WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
+     ORDER BY d.id DESC LIMIT ?4";
+/// [`LATEST_DOCUMENTS_DESC`] in ascending id order, past `?3`.
+pub(crate) const LATEST_DOCUMENTS_ASC: &str = "SELECT d.id, d.version, d.body FROM documents d
+     WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id > ?3)
+       AND d.version = (SELECT MAX(m.version) FROM documents m
+                        WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
+     ORDER BY d.id ASC LIMIT ?4";
+
+/// The rows of [`DOCUMENTS`] or a latest-documents page, as documents of `kind` in `tenant`.
+pub(crate) fn documents(
+    rows: &[impl StoreRow],
+    kind: &str,
+    tenant: &str,
+) -> crate::Result<Vec<crate::Document>> {
+    rows.iter()
+        .map(|r| {
+            Ok(crate::Document {
+                kind: kind.to_string(),
+                tenant: tenant.to_string(),
+                id: r.text("id"),
+                version: r.int("version"),
+                body: doc(r, "body")?,
+            })
+        })
+        .collect()
 }
 
 // Tenants' budgets.

@@ -248,6 +248,16 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(sql::key_object).collect())
     }
 
+    async fn get_key(&self, tenant: &str, id: &str) -> Result<Option<KeyObject>> {
+        let _t = timer("get_key");
+        let row = sqlx::query(sql::GET_KEY)
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| sql::key_object(&r)))
+    }
+
     async fn delete_key(&self, id: &str) -> Result<bool> {
         let r = sqlx::query(sql::DELETE_KEY)
             .bind(id)
@@ -571,26 +581,23 @@ impl Store for SqliteStore {
     }
 
     async fn documents(&self, kind: &str, tenant: &str, id: Option<&str>) -> Result<Vec<Document>> {
-        let rows = sqlx::query(
-            "SELECT id, version, body FROM documents
-             WHERE kind = ?1 AND tenant = ?2 AND (?3 IS NULL OR id = ?3) ORDER BY seq",
-        )
-        .bind(kind)
-        .bind(tenant)
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Document {
-                    kind: kind.to_string(),
-                    tenant: tenant.to_string(),
-                    id: r.get("id"),
-                    version: r.get("version"),
-                    body: serde_json::from_str(r.get::<&str, _>("body")).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        let rows = sqlx::query(sql::DOCUMENTS)
+            .bind(kind)
+            .bind(tenant)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        sql::documents(&rows, kind, tenant)
+    }
+
+    async fn count_documents(&self, kind: &str, tenant: &str) -> Result<i64> {
+        let _t = timer("count_documents");
+        Ok(sqlx::query(sql::COUNT_DOCUMENTS)
+            .bind(kind)
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await?
+            .get("n"))
     }
 
     async fn delete_document(&self, kind: &str, tenant: &str, id: &str) -> Result<bool> {
@@ -611,38 +618,19 @@ impl Store for SqliteStore {
         desc: bool,
         limit: i64,
     ) -> Result<Vec<Document>> {
-        // Both directions spelled out, so each walks the (kind, tenant, id, version) index.
-        let sql = if desc {
-            "SELECT d.id, d.version, d.body FROM documents d
-             WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id < ?3)
-               AND d.version = (SELECT MAX(m.version) FROM documents m
-                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
-             ORDER BY d.id DESC LIMIT ?4"
+        let text = if desc {
+            sql::LATEST_DOCUMENTS_DESC
         } else {
-            "SELECT d.id, d.version, d.body FROM documents d
-             WHERE d.kind = ?1 AND d.tenant = ?2 AND (?3 IS NULL OR d.id > ?3)
-               AND d.version = (SELECT MAX(m.version) FROM documents m
-                                WHERE m.kind = d.kind AND m.tenant = d.tenant AND m.id = d.id)
-             ORDER BY d.id ASC LIMIT ?4"
+            sql::LATEST_DOCUMENTS_ASC
         };
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query(text)
             .bind(kind)
             .bind(tenant)
             .bind(after)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Document {
-                    kind: kind.to_string(),
-                    tenant: tenant.to_string(),
-                    id: r.get("id"),
-                    version: r.get("version"),
-                    body: serde_json::from_str(r.get::<&str, _>("body")).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        sql::documents(&rows, kind, tenant)
     }
 
     async fn join_node(&self, node: &NodeObject, lease_ms: i64) -> Result<i64> {

@@ -214,8 +214,18 @@ async fn conformance(st: &dyn Store) {
     );
     assert!(!all[1].admin);
     assert_eq!(st.list_keys(Some("beta")).await.expect("list").len(), 1);
+    // One key by tenant and id: another tenant's id is none of this tenant's.
+    let k1 = st.get_key("acme", "k1").await.expect("get").expect("k1");
+    assert_eq!((k1.id.as_str(), k1.admin, k1.key), ("k1", true, None));
+    assert_eq!(k1.created_at, "2026-01-01T00:00:01Z");
+    assert!(st.get_key("beta", "k1").await.expect("get").is_none());
+    assert!(st.get_key("acme", "k9").await.expect("get").is_none());
     assert!(st.delete_key("k2").await.expect("delete"));
     assert!(!st.delete_key("k2").await.expect("delete twice"));
+    assert!(
+        st.get_key("beta", "k2").await.expect("get").is_none(),
+        "deleted"
+    );
     assert_eq!(st.count_keys().await.expect("count"), 1);
 
     // Boxes and sessions: upserts, tenancy, order.
@@ -964,6 +974,10 @@ async fn documents(s: &dyn Store) {
     assert_eq!(all[2].body, json!({"n": 2}));
     let x = s.documents("agent", "a", Some("x")).await.expect("x");
     assert_eq!(x.len(), 2);
+    // The count is of every version, per tenant and kind, as `documents` lists them.
+    assert_eq!(s.count_documents("agent", "a").await.expect("count"), 3);
+    assert_eq!(s.count_documents("agent", "b").await.expect("count b"), 0);
+    assert_eq!(s.count_documents("environment", "a").await.expect("env"), 0);
     // Another tenant or kind sees nothing, and cannot delete.
     assert!(s.documents("agent", "b", None).await.expect("b").is_empty());
     assert!(s
@@ -976,6 +990,7 @@ async fn documents(s: &dyn Store) {
     let left = s.documents("agent", "a", None).await.expect("left");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, "y");
+    assert_eq!(s.count_documents("agent", "a").await.expect("count"), 1);
 }
 
 /// Keyset pages of the latest version of each document (`Store::latest_documents`): each id

@@ -366,9 +366,9 @@ pub async fn run_sdk_script(
     serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json line")
 }
 
-/// A TLS terminator on loopback in front of `backend` (host:port): its port, the CA's PEM
-/// file, and how many TLS handshakes it completed.
-pub async fn tls_front(dir: &Path, backend: String) -> (u16, PathBuf, Arc<AtomicUsize>) {
+/// A TLS acceptor for `name` with a certificate from a fresh test CA, and the CA's PEM file
+/// (written into `dir`) for the client side to trust.
+pub fn tls_acceptor(dir: &Path, name: &str) -> (tokio_rustls::TlsAcceptor, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().expect("key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -378,7 +378,7 @@ pub async fn tls_front(dir: &Path, backend: String) -> (u16, PathBuf, Arc<Atomic
         .push(DnType::CommonName, "berth test CA");
     let ca = ca_params.self_signed(&ca_key).expect("ca");
     let leaf_key = KeyPair::generate().expect("key");
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+    let leaf = CertificateParams::new(vec![name.to_string()])
         .expect("params")
         .signed_by(&leaf_key, &ca, &ca_key)
         .expect("leaf");
@@ -394,7 +394,13 @@ pub async fn tls_front(dir: &Path, backend: String) -> (u16, PathBuf, Arc<Atomic
             rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
         )
         .expect("cert");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), ca_file)
+}
+
+/// A TLS terminator on loopback in front of `backend` (host:port): its port, the CA's PEM
+/// file, and how many TLS handshakes it completed.
+pub async fn tls_front(dir: &Path, backend: String) -> (u16, PathBuf, Arc<AtomicUsize>) {
+    let (acceptor, ca_file) = tls_acceptor(dir, "127.0.0.1");
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

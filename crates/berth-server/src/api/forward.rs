@@ -17,7 +17,7 @@
 //! a minute off, altered path) is refused with 401. The headers grant nothing else: a client
 //! cannot use them to reach what its key cannot.
 
-use crate::engine::nodes::{wall_ms, Cluster};
+use crate::engine::nodes::{wall_ms, Cluster, Placed};
 use crate::error::ApiError;
 use crate::AppState;
 use axum::body::Body;
@@ -219,13 +219,15 @@ async fn place(
         }
     };
     let chosen = match &spec {
-        None => Ok(None),
+        None => Ok(Placed::here()),
         Some(spec) => {
-            let tenant_boxes = match spec.placement.as_ref().and_then(|p| p.spread_by.as_ref()) {
-                Some(_) => tenant_boxes(st, &mut parts).await,
-                None => Default::default(),
-            };
+            let (tenant, tenant_boxes) =
+                match spec.placement.as_ref().and_then(|p| p.spread_by.as_ref()) {
+                    Some(_) => tenant_boxes(st, &mut parts).await,
+                    None => Default::default(),
+                };
             cluster.place(
+                tenant.as_deref(),
                 crate::engine::placement::Ask {
                     backend: spec.backend.as_deref(),
                     want: &spec.resources,
@@ -248,8 +250,12 @@ async fn place(
     }
     let req = Request::from_parts(parts, Body::from(bytes));
     match chosen {
-        Ok(Some(url)) => forward(cluster, &url, req).await,
-        Ok(None) | Err(_) => next.run(req).await,
+        // The placement stays in flight until the create answered (`placed` dropped after).
+        Ok(placed) => match placed.url.as_deref() {
+            Some(url) => forward(cluster, url, req).await,
+            None => next.run(req).await,
+        },
+        Err(_) => next.run(req).await,
     }
 }
 
@@ -317,6 +323,7 @@ async fn managed(
             };
             let want = berth_api::Resources::default();
             let chosen = cluster.place(
+                Some(&tenant),
                 crate::engine::placement::Ask {
                     backend: None,
                     want: &want,
@@ -327,10 +334,14 @@ async fn managed(
             metrics::histogram!("berth_placement_seconds").record(started.elapsed().as_secs_f64());
             let req = Request::from_parts(parts, Body::from(bytes));
             return match chosen {
-                Ok(Some(url)) => forward(cluster, &url, req).await,
+                // In flight until the create answered, as in `place`.
+                Ok(placed) => match placed.url.as_deref() {
+                    Some(url) => forward(cluster, url, req).await,
+                    None => next.run(req).await,
+                },
                 // No node matches: the handler here refuses it (its box's placement check),
                 // in the Managed Agents API's own error shape.
-                Ok(None) | Err(_) => next.run(req).await,
+                Err(_) => next.run(req).await,
             };
         }
     };
@@ -358,15 +369,19 @@ async fn managed_placement(
     serde_json::from_value(env.body["config"]["placement"].clone()).ok()
 }
 
-/// The caller's live boxes per node, for `spread_by` (the caller is authenticated as the
-/// handler would; an unknown key counts nothing, and the handler then answers 401).
+/// The caller's tenant and its live boxes per node, for `spread_by` (the caller is
+/// authenticated as the handler would; an unknown key counts nothing, and the handler then
+/// answers 401).
 async fn tenant_boxes(
     st: &AppState,
     parts: &mut axum::http::request::Parts,
-) -> std::collections::HashMap<String, u64> {
+) -> (Option<String>, std::collections::HashMap<String, u64>) {
     use axum::extract::FromRequestParts;
     match crate::auth::Caller::from_request_parts(parts, st).await {
-        Ok(caller) => st.engine.tenant_boxes_per_node(&caller.tenant).await,
+        Ok(caller) => {
+            let counts = st.engine.tenant_boxes_per_node(&caller.tenant).await;
+            (Some(caller.tenant), counts)
+        }
         Err(_) => Default::default(),
     }
 }

@@ -28,6 +28,11 @@ impl Engine {
         Ok(self.store.documents(kind, tenant, id).await?)
     }
 
+    /// How many versions of documents of `kind` a tenant holds (see `Store::count_documents`).
+    pub async fn count_documents(&self, kind: &str, tenant: &str) -> Result<i64, EngineError> {
+        Ok(self.store.count_documents(kind, tenant).await?)
+    }
+
     pub async fn delete_document(
         &self,
         kind: &str,

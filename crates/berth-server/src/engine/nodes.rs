@@ -59,6 +59,59 @@ pub struct Cluster {
     placed: Mutex<Vec<(String, tokio::time::Instant)>>,
     /// Other nodes' boxes as last read from the store (see [`super::owners`]).
     owners: super::owners::Owners,
+    /// Placements made here whose create has not answered yet: tenant → node → count. Added
+    /// to the store's counts of a tenant's boxes for `spread_by`, so that simultaneous creates
+    /// through this node see each other (each would otherwise read the same store counts and
+    /// pick the same label value). Creates placed by other nodes are not in it: see
+    /// [`super::placement`].
+    in_flight: Arc<Mutex<InFlightLedger>>,
+}
+
+type InFlightLedger = std::collections::HashMap<String, std::collections::HashMap<String, u64>>;
+
+/// A placement made by [`Cluster::place`]: the chosen node's URL (None: this node), and its
+/// entry in the ledger of placements in flight, released when this is dropped. Hold it until
+/// the create has answered: then its box is in the store (which counts it from there on), or
+/// there is no box.
+#[must_use = "dropping the placement releases it from the in-flight ledger at once"]
+pub struct Placed {
+    pub url: Option<String>,
+    _flight: Option<InFlight>,
+}
+
+impl Placed {
+    /// This node, with nothing in flight (no cluster, or nothing placed).
+    pub fn here() -> Placed {
+        Placed::to(None)
+    }
+
+    /// A node chosen without placing (an existing box's node), nothing in flight.
+    pub fn to(url: Option<String>) -> Placed {
+        Placed { url, _flight: None }
+    }
+}
+
+struct InFlight {
+    ledger: Arc<Mutex<InFlightLedger>>,
+    tenant: String,
+    node: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut l = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(nodes) = l.get_mut(&self.tenant) {
+            if let Some(n) = nodes.get_mut(&self.node) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    nodes.remove(&self.node);
+                }
+            }
+            if nodes.is_empty() {
+                l.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Wall-clock Unix ms: leases are compared across processes (clocks must agree to well
@@ -109,28 +162,53 @@ impl Cluster {
 
     /// Pick the node for a new box ([`super::placement::choose`], on the nodes as last read,
     /// counting what this node placed in the last half lease on top of their reported load).
-    /// `Ok(None)`: this node (also when there is no cluster secret: nothing is forwarded).
+    /// `tenant_boxes`: the store's count of `tenant`'s live boxes per node (for `spread_by`),
+    /// to which this node's placements for `tenant` still in flight are added; the placement
+    /// returned is one of them until dropped. `url` None: this node (also when there is no
+    /// cluster secret: nothing is forwarded).
     pub fn place(
         &self,
+        tenant: Option<&str>,
         ask: super::placement::Ask<'_>,
         tenant_boxes: &std::collections::HashMap<String, u64>,
-    ) -> Result<Option<String>, super::placement::Unplaceable> {
+    ) -> Result<Placed, super::placement::Unplaceable> {
         if self.cfg.secret.is_none() {
-            return Ok(None);
+            return Ok(Placed::here());
         }
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
         let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+        // Held until this placement is in the ledger: a concurrent one then sees it.
+        let mut ledger = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = self.cfg.lease / 2;
         placed.retain(|(_, at)| at.elapsed() < fresh);
         let recent = |name: &str| placed.iter().filter(|(n, _)| n == name).count() as u64;
+        let flying = tenant.and_then(|t| ledger.get(t));
         let best =
             super::placement::choose(&view, &self.cfg.node_name, wall_ms(), ask, &recent, &|n| {
                 tenant_boxes.get(n).copied().unwrap_or(0)
+                    + flying.and_then(|f| f.get(n)).copied().unwrap_or(0)
             })?;
-        let Some(best) = best else { return Ok(None) };
+        let Some(best) = best else {
+            return Ok(Placed::here());
+        };
         let (name, url) = (best.node.name.clone(), best.node.advertise_url.clone());
         placed.push((name.clone(), tokio::time::Instant::now()));
-        Ok((name != self.cfg.node_name).then_some(url))
+        let flight = tenant.map(|t| {
+            *ledger
+                .entry(t.to_string())
+                .or_default()
+                .entry(name.clone())
+                .or_default() += 1;
+            InFlight {
+                ledger: self.in_flight.clone(),
+                tenant: t.to_string(),
+                node: name.clone(),
+            }
+        });
+        Ok(Placed {
+            url: (name != self.cfg.node_name).then_some(url),
+            _flight: flight,
+        })
     }
 
     /// The nodes as last read, with their lease ends as timestamps.
@@ -259,6 +337,7 @@ impl Engine {
             view: Mutex::new(Vec::new()),
             placed: Mutex::new(Vec::new()),
             owners: Default::default(),
+            in_flight: Default::default(),
         });
         let me = self.node_object(&c);
         let inc = self

@@ -12,6 +12,14 @@
 //!    the asking node on a tie, then by name.
 //!
 //! Pure: the caller brings the nodes as last read, the counts, and the clock.
+//!
+//! The tenant's box counts are the store's plus the placements this node made for the tenant
+//! whose create has not answered yet (`Cluster::place`'s in-flight ledger), so simultaneous
+//! creates through one node spread as sequential ones do. Simultaneous creates through
+//! different nodes still race: each node sees only its own placements in flight and the
+//! store's boxes, so two nodes may send one box each to the same label value. A narrower
+//! window remains on one node as well: a create that answers between another placement's
+//! store read and its choice is counted by neither.
 
 use berth_api::{NodeState, Placement, Resources};
 use berth_store::NodeRow;
@@ -106,6 +114,7 @@ pub fn choose<'a>(
 }
 
 use super::error::EngineError;
+use super::nodes::Placed;
 use super::Engine;
 use berth_api::{BoxRef, BoxSpec, SessionObject, TriggerObject};
 use std::collections::HashMap;
@@ -117,14 +126,15 @@ pub fn fire_path(trigger_id: &str) -> String {
 
 impl Engine {
     /// Where a box this engine makes itself for `tenant` goes, as the API edge places a
-    /// `POST /v1/boxes`: None here, else the chosen node's URL; 409 when no node may take it.
+    /// `POST /v1/boxes`: `url` None here, else the chosen node's URL; 409 when no node may
+    /// take it. Hold the placement until the box is made (it counts as in flight until then).
     pub(crate) async fn place_box(
         &self,
         tenant: &str,
         spec: &BoxSpec,
-    ) -> Result<Option<String>, EngineError> {
+    ) -> Result<Placed, EngineError> {
         let Some(c) = self.cluster() else {
-            return Ok(None);
+            return Ok(Placed::here());
         };
         let spread = spec
             .placement
@@ -136,6 +146,7 @@ impl Engine {
             HashMap::new()
         };
         c.place(
+            Some(tenant),
             Ask {
                 backend: spec.backend.as_deref(),
                 want: &spec.resources,
@@ -158,17 +169,15 @@ impl Engine {
     }
 
     /// Where trigger `t` fires: a box of its own is placed; an existing box's node serves
-    /// a session in it. None: here.
-    pub(crate) async fn place_trigger(
-        &self,
-        t: &TriggerObject,
-    ) -> Result<Option<String>, EngineError> {
+    /// a session in it. `url` None: here.
+    pub(crate) async fn place_trigger(&self, t: &TriggerObject) -> Result<Placed, EngineError> {
         match &t.box_ref {
             BoxRef::Spec(spec) => self.place_box(&t.tenant, spec).await,
-            BoxRef::Id(id) => self
-                .box_owner_url(id)
-                .await
-                .map_err(EngineError::Unavailable),
+            BoxRef::Id(id) => Ok(Placed::to(
+                self.box_owner_url(id)
+                    .await
+                    .map_err(EngineError::Unavailable)?,
+            )),
         }
     }
 

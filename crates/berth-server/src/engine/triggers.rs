@@ -268,9 +268,12 @@ impl Engine {
     ) -> Result<SessionObject, EngineError> {
         // A trigger making its own box places it as `POST /v1/boxes` would: on another node,
         // that node starts the session (a signed node-to-node call).
+        // The placement is held until the session (and its box) is made: in flight till then.
         let r = match self.place_trigger(t).await {
-            Ok(None) => self.fire_trigger_here(t, payload).await,
-            Ok(Some(url)) => self.fire_trigger_on(&url, t, payload).await,
+            Ok(placed) => match placed.url.as_deref() {
+                None => self.fire_trigger_here(t, payload).await,
+                Some(url) => self.fire_trigger_on(url, t, payload).await,
+            },
             Err(e) => Err(e),
         };
         // Re-read: the trigger may have fired concurrently (or been deleted meanwhile).

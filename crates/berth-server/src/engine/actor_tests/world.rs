@@ -176,6 +176,7 @@ forward_store! {
     insert_key(k: &KeyObject = k.clone() => &k, h: &str = h.to_string() => &h) -> ();
     find_key(h: &str = h.to_string() => &h) -> Option<berth_store::KeyRecord>;
     list_keys(t: Option<&str> = t.map(str::to_string) => t.as_deref()) -> Vec<KeyObject>;
+    get_key(t: &str = t.to_string() => &t, id: &str = id.to_string() => &id) -> Option<KeyObject>;
     delete_key(id: &str = id.to_string() => &id) -> bool;
     count_keys() -> i64;
     put_box(b: &BoxObject = b.clone() => &b) -> ();
@@ -208,6 +209,7 @@ forward_store! {
     put_document(d: &berth_store::Document = d.clone() => &d, replace: bool = replace => replace) -> ();
     advance_document(d: &berth_store::Document = d.clone() => &d, from: i64 = from => from) -> bool;
     documents(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: Option<&str> = id.map(str::to_string) => id.as_deref()) -> Vec<berth_store::Document>;
+    count_documents(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t) -> i64;
     delete_document(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, id: &str = id.to_string() => &id) -> bool;
     latest_documents(k: &str = k.to_string() => &k, t: &str = t.to_string() => &t, after: Option<&str> = after.map(str::to_string) => after.as_deref(), desc: bool = desc => desc, limit: i64 = limit => limit) -> Vec<berth_store::Document>;
     join_node(n: &berth_api::NodeObject = n.clone() => &n, lease: i64 = lease => lease) -> i64;
