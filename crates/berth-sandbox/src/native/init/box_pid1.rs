@@ -1,0 +1,149 @@
+//! C, the box's PID 1: its set-up, in this order and no other, then its supervisor. The box's
+//! mounts go onto its copy of the template, the hostname is set, `lo` comes up (unless the
+//! zygote's namespace made ahead has it up), it `pivot_root`s into the template; only then
+//! does it become the box's host uid and enter a new user namespace (so every other namespace
+//! stays owned by the host's), wait for H to map it and become the box's root in it. It forks
+//! the supervisor (PID 2) and reaps until the end.
+
+use super::loopback::loopback_up;
+use super::mounts::{enter_root, mount_box_parts};
+use super::reap::{reap_until_end, ChildSignals};
+use super::{ctx, report, InitConfig, InitReport};
+use crate::native::supervisor;
+use nix::sched::CloneFlags;
+use nix::unistd::{sethostname, Gid, Uid};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+/// Switch every id to `uid` (the host uid box root maps to) while keeping the capabilities,
+/// so that the user namespace entered next is owned by the box's own host uid. The kernel
+/// charges per-user counters (user namespaces, inotify instances and watches, ...) of all
+/// of a namespace's users to its owner as well: owned by host root, every box would share
+/// root's limits with each other and with the host.
+fn become_owner(uid: u32) -> Result<(), String> {
+    // Keep the capabilities over the uid change (CAP_SYS_ADMIN for `unshare` where the host
+    // refuses unprivileged user namespaces); the new namespace resets the securebits.
+    // SAFETY: plain prctl on ourselves.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            libc::SECBIT_NO_SETUID_FIXUP as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(format!("securebits: {}", io::Error::last_os_error()));
+    }
+    ctx(nix::unistd::setgroups(&[]), "setgroups")?;
+    let (g, u) = (Gid::from_raw(uid), Uid::from_raw(uid));
+    ctx(nix::unistd::setresgid(g, g, g), "setresgid (owner)")?;
+    ctx(nix::unistd::setresuid(u, u, u), "setresuid (owner)")?;
+    Ok(())
+}
+
+/// Body of the box's PID 1.
+pub(super) fn box_pid1(
+    cfg: &InitConfig,
+    template: &Path,
+    net_ready: bool,
+    map_r: OwnedFd,
+    need_w: OwnedFd,
+    ready_w: OwnedFd,
+    listener: UnixListener,
+) -> isize {
+    let mut ready = fs::File::from(ready_w);
+    let mut need = fs::File::from(need_w);
+    // Until the box is up it dies with H (should H fail or be killed half-way); after that it
+    // watches the server itself (see `reap_until_end`).
+    // SAFETY: plain prctl on ourselves.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    let result = (|| -> Result<(), String> {
+        mount_box_parts(cfg, template)?;
+        ctx(sethostname(&cfg.hostname), "sethostname")?;
+        if !net_ready {
+            loopback_up()?;
+        }
+        enter_root(template)?;
+        // Protect PID 1 and the supervisor from the box's own OOM kills; agent processes
+        // reset this to 0 before exec.
+        let _ = fs::write("/proc/self/oom_score_adj", "-1000");
+        become_owner(cfg.uid_base)?;
+        ctx(
+            nix::sched::unshare(CloneFlags::CLONE_NEWUSER),
+            "unshare user ns",
+        )?;
+        // A new user namespace starts with default securebits (the kernel resets them).
+        // SAFETY: plain prctl on ourselves.
+        if unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) } != 0 {
+            return Err("securebits survived entering the user namespace".into());
+        }
+        ctx(need.write_all(b"n"), "signal need-map")?;
+        let mut b = [0u8; 1];
+        ctx(
+            fs::File::from(map_r).read_exact(&mut b),
+            "waiting for uid map",
+        )?;
+        let root = Uid::from_raw(0);
+        ctx(
+            nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
+            "setresgid",
+        )?;
+        ctx(nix::unistd::setresuid(root, root, root), "setresuid")?;
+        // Changing credentials cleared the parent-death signal: set it again. Should H have
+        // died in between, the write of "ok" below fails and PID 1 gives up.
+        // SAFETY: plain prctl on ourselves.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        Ok(())
+    })();
+    if let Err(e) = result {
+        drop(need);
+        let _ = ready.write_all(e.as_bytes());
+        return 1;
+    }
+    drop(need);
+    // SIGCHLD is taken through a descriptor, so that PID 1 waits on its children and on the
+    // server's end of the report socket at once; the supervisor unblocks it at once.
+    let sigchld = match ChildSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.write_all(format!("signalfd: {e}").as_bytes());
+            return 1;
+        }
+    };
+    // SAFETY: PID 1 is single-threaded here.
+    let worker = match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(ready);
+            sigchld.release();
+            // SAFETY: plain prctl on ourselves.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+            supervisor::run(listener, cfg.bridges.clone());
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => child,
+        Err(e) => {
+            let _ = ready.write_all(format!("fork supervisor: {e}").as_bytes());
+            return 1;
+        }
+    };
+    drop(listener);
+    // H exits once it has reported the box: PID 1 must not die with it. Should H die before
+    // it reads "ok", the write fails and PID 1 gives up (the server then removes the cgroup).
+    // SAFETY: plain prctl on ourselves.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+    if ready.write_all(b"ok").is_err() {
+        let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGKILL);
+        return 1;
+    }
+    drop(ready);
+    let code = reap_until_end(worker, &sigchld);
+    report(&InitReport {
+        exit: Some(code),
+        ..Default::default()
+    });
+    code as isize
+}
