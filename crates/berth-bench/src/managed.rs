@@ -245,6 +245,8 @@ pub async fn run(runs: usize, subscribers: usize, messages: usize) -> anyhow::Re
 /// Unix ms at which a Claude CLI process not running when called first shows in `/proc`
 /// (scanned every millisecond, for at most 30 s): where a session's start splits into the
 /// API's path (before) and the CLI's own start-up (after). The bench runs one session at a time.
+/// A new process is read again for 100 ms: between its fork and its exec it still shows its
+/// parent's command line.
 fn first_cli_process() -> Option<f64> {
     fn pids() -> Vec<u32> {
         std::fs::read_dir("/proc")
@@ -255,15 +257,22 @@ fn first_cli_process() -> Option<f64> {
             })
             .unwrap_or_default()
     }
-    let mut seen: std::collections::HashSet<u32> = pids().into_iter().collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
+    let start = std::time::Instant::now();
+    let old: std::collections::HashSet<u32> = pids().into_iter().collect();
+    let mut first_seen = std::collections::HashMap::new();
+    while start.elapsed() < Duration::from_secs(30) {
+        let now = std::time::Instant::now();
         for p in pids() {
-            if seen.insert(p) {
-                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmd).contains("claude") {
-                    return Some(unix_ms());
-                }
+            if old.contains(&p) {
+                continue;
+            }
+            let seen = *first_seen.entry(p).or_insert(now);
+            if now.duration_since(seen) > Duration::from_millis(100) {
+                continue;
+            }
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains("claude") {
+                return Some(unix_ms());
             }
         }
         std::thread::sleep(Duration::from_millis(1));
