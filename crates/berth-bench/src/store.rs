@@ -4,9 +4,11 @@
 //! RSS during a large park.
 //!
 //! The bench starts what it measures against: a throw-away PostgreSQL cluster
-//! (`berth_store::testing::PgCluster`), moto's S3 server from the test venv (`scripts/test`
-//! installs it), and each server in a child process of its own (`store-server`), so that its
-//! RSS is the server's alone and the bench's clients do not share its runtime.
+//! (`berth_store::testing::PgCluster`), an S3 server — moto's from the test venv (`scripts/test`
+//! installs it) or, with `--s3s-fs`, the s3s project's — and each server in a child process of
+//! its own (`store-server`), so that its RSS is the server's alone and the bench's clients do
+//! not share its runtime. Each park has a peer in the same run: the same number of bytes put
+//! straight to the S3 server, which is the floor the server itself sets.
 
 use crate::api::{self, Api};
 use crate::{ms, percentile, print_table, summarize, Summary};
@@ -42,6 +44,11 @@ pub struct Opts {
     pub venv: PathBuf,
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     pub stores: Vec<String>,
+    /// An `s3s-fs` binary (`cargo install s3s-fs --features binary`, the s3s project's S3
+    /// server on a directory): the snapshots go there instead of to moto. moto, a Python
+    /// server, takes ~1.2 s to ingest 100 MiB by itself (the peer row shows it).
+    #[arg(long)]
+    pub s3s_fs: Option<PathBuf>,
 }
 
 /// The `store-server` child: a berth server on loopback over the given stores (the AWS
@@ -67,23 +74,58 @@ pub async fn serve(
     Ok(())
 }
 
-/// moto's S3 server on a free loopback port (killed on drop), with the bench's bucket.
-struct Moto {
+/// The S3 server the snapshots go to, on a free loopback port (killed on drop), with the
+/// bench's bucket: moto's (default) or s3s-fs's.
+struct S3Server {
     _child: tokio::process::Child,
     addr: SocketAddr,
+    name: String,
+    _root: Option<tempfile::TempDir>,
 }
 
-impl Moto {
-    async fn start(venv: &Path) -> anyhow::Result<Moto> {
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl S3Server {
+    /// s3s-fs on a temporary directory (its buckets are directories: the bench's is made
+    /// first), with the bench's credentials; up once it takes a connection.
+    async fn start_s3s_fs(bin: &Path) -> anyhow::Result<S3Server> {
+        let root = tempfile::tempdir()?;
+        std::fs::create_dir(root.path().join(BUCKET))?;
+        let port = free_port()?;
+        let child = tokio::process::Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "bench", "--secret-key", "bench"])
+            .arg(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "s3s-fs did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(S3Server {
+            _child: child,
+            addr,
+            name: format!("s3s-fs ({})", bin.display()),
+            _root: Some(root),
+        })
+    }
+
+    async fn start(venv: &Path) -> anyhow::Result<S3Server> {
         let bin = venv.join("bin/moto_server");
         anyhow::ensure!(
             bin.exists(),
             "{} missing (scripts/test installs moto[server] into the test venv)",
             bin.display()
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = free_port()?;
         let child = tokio::process::Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
@@ -102,14 +144,16 @@ impl Moto {
             anyhow::ensure!(Instant::now() < deadline, "moto did not start");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Moto {
+        Ok(S3Server {
             _child: child,
             addr,
+            name: format!("moto_server ({})", venv.display()),
+            _root: None,
         })
     }
 }
 
-impl Moto {
+impl S3Server {
     /// The peer of a park: `mib` MiB of random bytes straight to the S3 server as one multipart
     /// object, with berth's part size and parts in flight, through the same S3 client
     /// (`object_store`) — no box, no tar, no compression, no read-back. What the server itself
@@ -167,7 +211,7 @@ impl Child {
         data: &Path,
         database_url: Option<&str>,
         snapshot_url: &str,
-        moto: &Moto,
+        s3: &S3Server,
     ) -> anyhow::Result<Child> {
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.args(["store-server", "--data-dir"])
@@ -177,7 +221,7 @@ impl Child {
             cmd.args(["--database-url", u]);
         }
         let mut child = cmd
-            .env("AWS_ENDPOINT_URL", format!("http://{}", moto.addr))
+            .env("AWS_ENDPOINT_URL", format!("http://{}", s3.addr))
             .env("AWS_ACCESS_KEY_ID", "bench")
             .env("AWS_SECRET_ACCESS_KEY", "bench")
             .env("AWS_REGION", "us-east-1")
@@ -307,7 +351,7 @@ struct Figures {
     usage: Vec<Summary>,
     park: Vec<Duration>,
     restore: Vec<Duration>,
-    /// The same bytes straight to the S3 server ([`Moto::raw_put`]), interleaved with the parks.
+    /// The same bytes straight to the S3 server ([`S3Server::raw_put`]), interleaved with the parks.
     raw_put: Vec<Duration>,
     big: Vec<Result<BigPark, String>>,
 }
@@ -322,17 +366,20 @@ struct BigPark {
 
 pub async fn run(o: Opts) -> anyhow::Result<()> {
     let load0 = load();
-    let moto = Moto::start(&o.venv).await?;
+    let s3 = match &o.s3s_fs {
+        Some(bin) => S3Server::start_s3s_fs(bin).await?,
+        None => S3Server::start(&o.venv).await?,
+    };
     let pg = tokio::task::spawn_blocking(berth_store::testing::PgCluster::start).await??;
     for kind in &o.stores {
-        let f = one_store(&o, kind, &moto, &pg).await?;
+        let f = one_store(&o, kind, &s3, &pg).await?;
         print(&o, &f);
     }
     println!(
-        "\nhost 1-minute load average {load0:.2} → {:.2}; S3: moto_server ({}), \
+        "\nhost 1-minute load average {load0:.2} → {:.2}; S3: {}, \
          PostgreSQL: a throw-away cluster (fsync off), each server a child process",
         load(),
-        o.venv.display()
+        s3.name
     );
     Ok(())
 }
@@ -421,7 +468,7 @@ fn print(o: &Opts, f: &Figures) {
 async fn one_store(
     o: &Opts,
     kind: &str,
-    moto: &Moto,
+    s3: &S3Server,
     pg: &berth_store::testing::PgCluster,
 ) -> anyhow::Result<Figures> {
     let load0 = load();
@@ -466,7 +513,7 @@ async fn one_store(
         dir.path(),
         database_url.as_deref(),
         &format!("s3://{BUCKET}/{kind}"),
-        moto,
+        s3,
     )?;
     let api = &server.api;
     let live = api::live_box(api).await?;
@@ -529,7 +576,7 @@ async fn one_store(
     eprintln!("{kind}: park and restore of {} MiB", o.park_mib);
     let (mut park, mut restore, mut raw_put) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..o.runs {
-        raw_put.push(moto.raw_put(&format!("raw-{kind}-{i}"), o.park_mib).await?);
+        raw_put.push(s3.raw_put(&format!("raw-{kind}-{i}"), o.park_mib).await?);
         let bx = filled_box(api, o.park_mib).await?;
         let (p, r) = (park_box(api, &bx).await?, restore_box(api, &bx).await?);
         park.push(p);
