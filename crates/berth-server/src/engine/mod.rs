@@ -15,6 +15,7 @@ pub mod boxes;
 pub mod custom_tools;
 pub mod error;
 pub mod event_cap;
+mod in_flight;
 pub mod ledger;
 pub mod nodes;
 mod owners;
