@@ -348,6 +348,16 @@ async fn park_restore_and_artifact_through_s3() {
             "{op} missing from /metrics"
         );
     }
+    // moto gives multipart uploads S3's ETag (the MD5 of the parts' MD5s): each upload was
+    // checked by it, none read back.
+    assert!(
+        metrics.contains("berth_snapshot_verified_total{by=\"etag\"}"),
+        "no upload checked by its ETag"
+    );
+    assert!(
+        !metrics.contains("berth_snapshot_verified_total{by=\"read_back\"}"),
+        "an upload to moto was read back"
+    );
     srv.stop().await;
 }
 

@@ -4,13 +4,17 @@
 //!
 //! Contract: a write ([`SnapshotStore::writer`], or [`SnapshotStore::put`] for bytes in hand)
 //! streams: the server holds a few parts, never the archive. It is atomic (an object is whole
-//! or absent) and returns only once the object, read back as a stream, has the digest of what
-//! was written — a caller may then destroy the original. Reads stream too
+//! or absent) and returns only once the store holds exactly what was written — a caller may
+//! then destroy the original. An S3 server proves that with the multipart upload's ETag (the
+//! MD5 of its parts' MD5s, computed here on the way and compared); any other answer (another
+//! ETag scheme, as with SSE-KMS, or a local directory) is checked by reading the object back
+//! as a stream against the SHA-256 of what was written. Reads stream too
 //! ([`SnapshotStore::get_stream`]) and check the digest they are given, ending in an error on
 //! a mismatch.
 //! Keys are berth's own (`boxes/<box id>/<n>.tar.zst`), never client input.
 
 use bytes::Bytes;
+use md5::Md5;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, ObjectStore, WriteMultipart};
@@ -132,6 +136,7 @@ impl SnapshotStore {
             upload: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
             hasher: Sha256::new(),
             bytes: 0,
+            parts: PartDigests::default(),
         })
     }
 
@@ -239,22 +244,72 @@ pub const PART_BYTES: usize = 8 << 20;
 pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// A snapshot being written as it is made: parts go to the object store as they fill and the
-/// SHA-256 is computed on the way, so an archive of any size costs the server a few parts of
-/// memory. Nothing is visible at the key until [`SnapshotWriter::finish`], which completes the
-/// upload atomically and then reads the object back (streamed) to compare digests; a writer
-/// dropped unfinished leaves nothing at the key.
+/// SHA-256 (and each part's MD5) is computed on the way, so an archive of any size costs the
+/// server a few parts of memory. Nothing is visible at the key until
+/// [`SnapshotWriter::finish`], which completes the upload atomically and then checks the
+/// store's copy (see the module's docs); a writer dropped unfinished leaves nothing at the key.
 pub struct SnapshotWriter {
     store: SnapshotStore,
     key: String,
     upload: WriteMultipart,
     hasher: Sha256,
     bytes: u64,
+    parts: PartDigests,
+}
+
+/// The MD5 of each part as [`WriteMultipart`] cuts them (every [`PART_BYTES`], the last one
+/// shorter): what an S3 server's multipart ETag is made of.
+#[derive(Default)]
+struct PartDigests {
+    done: Vec<[u8; 16]>,
+    current: Md5,
+    filled: usize,
+}
+
+impl PartDigests {
+    fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = (PART_BYTES - self.filled).min(data.len());
+            self.current.update(&data[..take]);
+            self.filled += take;
+            data = &data[take..];
+            if self.filled == PART_BYTES {
+                self.done
+                    .push(std::mem::take(&mut self.current).finalize().into());
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// The ETag an S3 server gives the completed upload, without quotes: hex MD5 of the parts'
+    /// MD5s, `-`, the number of parts. No data at all is one empty part (the client uploads
+    /// one, as S3 refuses to complete an upload without parts).
+    fn multipart_etag(mut self) -> String {
+        if self.filled > 0 || self.done.is_empty() {
+            self.done.push(self.current.finalize().into());
+        }
+        let mut all = Md5::new();
+        for d in &self.done {
+            all.update(d);
+        }
+        format!("{}-{}", hex::encode(all.finalize()), self.done.len())
+    }
+}
+
+/// How a finished write was checked (the `by` label of `berth_snapshot_verified_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The server's multipart ETag matched the parts' digests computed while writing.
+    ETag,
+    /// The object was read back and its SHA-256 matched.
+    ReadBack,
 }
 
 impl SnapshotWriter {
     /// Append `data` (waits while too many parts are uploading).
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         self.hasher.update(&data);
+        self.parts.update(&data);
         self.bytes += data.len() as u64;
         self.upload.wait_for_capacity(PARTS_IN_FLIGHT).await?;
         self.upload.put(data);
@@ -263,27 +318,46 @@ impl SnapshotWriter {
 
     /// Complete the object and verify it (see the type's docs).
     pub async fn finish(self) -> Result<Stored> {
+        self.finish_verified().await.map(|(s, _)| s)
+    }
+
+    /// [`SnapshotWriter::finish`], saying how the stored copy was checked.
+    pub async fn finish_verified(self) -> Result<(Stored, Verified)> {
         let sha256 = hex::encode(self.hasher.finalize());
         let t = std::time::Instant::now();
-        self.upload.finish().await?;
+        let put = self.upload.finish().await?;
         metrics::histogram!("berth_snapshot_op_seconds", "op" => "complete")
             .record(t.elapsed().as_secs_f64());
         let t = std::time::Instant::now();
-        let read = self.store.verify(&self.key, &sha256).await?;
+        let etag = self.parts.multipart_etag();
+        let by = if put.e_tag.as_deref().map(|e| e.trim_matches('"')) == Some(etag.as_str()) {
+            Verified::ETag
+        } else {
+            let read = self.store.verify(&self.key, &sha256).await?;
+            if read != self.bytes {
+                return Err(SnapshotError::Corrupt {
+                    key: self.key,
+                    expected: format!("{} bytes", self.bytes),
+                    found: format!("{read} bytes"),
+                });
+            }
+            Verified::ReadBack
+        };
+        let label = match by {
+            Verified::ETag => "etag",
+            Verified::ReadBack => "read_back",
+        };
         metrics::histogram!("berth_snapshot_op_seconds", "op" => "verify")
             .record(t.elapsed().as_secs_f64());
-        if read != self.bytes {
-            return Err(SnapshotError::Corrupt {
+        metrics::counter!("berth_snapshot_verified_total", "by" => label).increment(1);
+        Ok((
+            Stored {
                 key: self.key,
-                expected: format!("{} bytes", self.bytes),
-                found: format!("{read} bytes"),
-            });
-        }
-        Ok(Stored {
-            key: self.key,
-            bytes: self.bytes,
-            sha256,
-        })
+                bytes: self.bytes,
+                sha256,
+            },
+            by,
+        ))
     }
 
     /// Give up: the parts written so far are discarded.
@@ -366,5 +440,202 @@ mod tests {
         w.write(Bytes::from_static(b"half")).await.expect("write");
         w.abort().await.expect("abort");
         assert!(s.verify("boxes/b2/2.tar.zst", "x").await.is_err());
+    }
+
+    /// An S3-like store for the tests: multipart uploads complete with S3's ETag (the MD5 of
+    /// the parts' MD5s of what the server holds), counting reads; `corrupt` flips a byte of
+    /// the second part as it is stored, as a faulty server would.
+    #[derive(Debug, Default)]
+    struct S3ish {
+        inner: object_store::memory::InMemory,
+        reads: std::sync::atomic::AtomicUsize,
+        corrupt: bool,
+    }
+
+    impl std::fmt::Display for S3ish {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("S3ish")
+        }
+    }
+
+    #[derive(Debug)]
+    struct S3ishUpload {
+        store: Arc<S3ish>,
+        path: ObjectPath,
+        parts: Arc<std::sync::Mutex<Vec<Bytes>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::MultipartUpload for S3ishUpload {
+        fn put_part(&mut self, data: object_store::PutPayload) -> object_store::UploadPart {
+            let mut part: Vec<u8> = data.iter().flat_map(|b| b.iter().copied()).collect();
+            let mut parts = self.parts.lock().expect("lock");
+            if self.store.corrupt && parts.len() == 1 {
+                part[7] ^= 1;
+            }
+            parts.push(Bytes::from(part));
+            Box::pin(async { Ok(()) })
+        }
+
+        async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+            let parts = self.parts.lock().expect("lock").clone();
+            let mut all = Md5::new();
+            for p in &parts {
+                all.update(Md5::digest(p));
+            }
+            let body: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+            self.store
+                .inner
+                .put_opts(&self.path, body.into(), Default::default())
+                .await?;
+            Ok(object_store::PutResult {
+                e_tag: Some(format!(
+                    "\"{}-{}\"",
+                    hex::encode(all.finalize()),
+                    parts.len()
+                )),
+                version: None,
+                extensions: Default::default(),
+            })
+        }
+
+        async fn abort(&mut self) -> object_store::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The store as the writer sees it, sharing the counters with the test.
+    #[derive(Debug)]
+    struct Shared(Arc<S3ish>);
+
+    impl std::fmt::Display for Shared {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.0.fmt(f)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Shared {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.0.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            _opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            Ok(Box::new(S3ishUpload {
+                store: self.0.clone(),
+                path: location.clone(),
+                parts: Default::default(),
+            }))
+        }
+
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.0
+                .reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.0.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.0.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.0.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.0.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// Two and a half parts of patterned bytes, written in odd-sized pieces.
+    async fn write_some(s: &SnapshotStore, key: &str) -> (Result<(Stored, Verified)>, Vec<u8>) {
+        let mut w = s.writer(key).await.expect("writer");
+        let all: Vec<u8> = (0..PART_BYTES * 5 / 2).map(|j| (j % 253) as u8).collect();
+        for piece in all.chunks(1_000_003) {
+            w.write(Bytes::copy_from_slice(piece)).await.expect("write");
+        }
+        (w.finish_verified().await, all)
+    }
+
+    #[tokio::test]
+    async fn an_s3_etag_that_matches_the_parts_spares_the_read_back() {
+        let server = Arc::new(S3ish::default());
+        let s = SnapshotStore::new(Arc::new(Shared(server.clone())));
+        let (r, all) = write_some(&s, "boxes/b3/1.tar.zst").await;
+        let (stored, by) = r.expect("finish");
+        assert_eq!(by, Verified::ETag);
+        assert_eq!(server.reads.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(stored.sha256, hex::encode(Sha256::digest(&all)));
+        assert!(s.get(&stored.key, &stored.sha256).await.expect("get") == all);
+    }
+
+    #[tokio::test]
+    async fn a_part_stored_wrong_fails_the_etag_and_the_read_back_names_it() {
+        let server = Arc::new(S3ish {
+            corrupt: true,
+            ..Default::default()
+        });
+        let s = SnapshotStore::new(Arc::new(Shared(server.clone())));
+        let (r, _) = write_some(&s, "boxes/b4/1.tar.zst").await;
+        assert!(matches!(r, Err(SnapshotError::Corrupt { .. })), "{r:?}");
+        assert_eq!(server.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn another_etag_scheme_is_checked_by_reading_back() {
+        // A local directory's ETags are not S3's.
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SnapshotStore::local(&dir.path().join("snaps")).expect("store");
+        let (r, _) = write_some(&s, "boxes/b5/1.tar.zst").await;
+        assert_eq!(r.expect("finish").1, Verified::ReadBack);
+    }
+
+    #[test]
+    fn the_multipart_etag_is_s3s() {
+        // Known answers (S3's scheme, computed apart with Python's hashlib): no data is one
+        // empty part; 8 MiB + 1 of bytes `i % 251` is two parts.
+        assert_eq!(
+            PartDigests::default().multipart_etag(),
+            "59adb24ef3cdbe0297f05b395827453f-1"
+        );
+        let mut p = PartDigests::default();
+        let data: Vec<u8> = (0..PART_BYTES + 1).map(|i| (i % 251) as u8).collect();
+        for piece in data.chunks(77_777) {
+            p.update(piece);
+        }
+        assert_eq!(p.multipart_etag(), "207d5ad937887dd79678eed060f706be-2");
     }
 }
