@@ -114,6 +114,7 @@ async fn native(runs: usize, pool_size: usize) -> anyhow::Result<Vec<Duration>> 
         data_dir: dir.path().to_path_buf(),
         helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
         pool_size,
+        disks: Default::default(),
     })?;
     let mut native = Vec::with_capacity(runs);
     let mut phases = [Vec::new(), Vec::new(), Vec::new()];
@@ -151,6 +152,7 @@ async fn burst(n: usize) -> anyhow::Result<(Duration, Duration)> {
         data_dir: dir.path().to_path_buf(),
         helper: berth_sandbox::native::helper_beside(&std::env::current_exe()?),
         pool_size: 8,
+        disks: Default::default(),
     })?);
     // Untimed: the zygote, the template and the pool's first disks.
     true_cycle(&*backend, "burst-warm").await?;
@@ -425,6 +427,7 @@ pub async fn io(files: usize) -> anyhow::Result<()> {
         data_dir: dir.path().join("n"),
         helper: helper.clone(),
         pool_size: 0,
+        disks: Default::default(),
     })?;
     let tag = std::process::id();
     let mut rows = vec![(

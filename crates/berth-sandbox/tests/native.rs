@@ -1,7 +1,7 @@
 //! The conformance suite and native-specific checks, on the real kernel.
 
 use berth_sandbox::conformance::{self, Fixture};
-use berth_sandbox::native::{NativeBackend, NativeConfig};
+use berth_sandbox::native::{Disks, NativeBackend, NativeConfig};
 use berth_sandbox::Sandbox;
 use std::sync::OnceLock;
 
@@ -11,26 +11,37 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
+fn make_env(disks: Disks) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = NativeBackend::new(NativeConfig {
+        data_dir: dir.path().to_path_buf(),
+        helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
+        pool_size: 2,
+        disks,
+    })
+    .expect("native backend (run as root; btrfs-progs for the shared disk)");
+    let probe = std::fs::read(env!("CARGO_BIN_EXE_berth-escape-probe")).expect("probe binary");
+    let prefix = match disks {
+        Disks::Ext4 => format!("e{}", std::process::id()),
+        _ => format!("t{}", std::process::id()),
+    };
+    Env {
+        backend,
+        fixture: Fixture { prefix, probe },
+        _dir: dir,
+    }
+}
+
+/// Boxes' disks as subvolumes of one shared btrfs (the default where the host can).
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let backend = NativeBackend::new(NativeConfig {
-            data_dir: dir.path().to_path_buf(),
-            helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
-            pool_size: 2,
-        })
-        .expect("native backend (run as root)");
-        let probe = std::fs::read(env!("CARGO_BIN_EXE_berth-escape-probe")).expect("probe binary");
-        Env {
-            backend,
-            fixture: Fixture {
-                prefix: format!("t{}", std::process::id()),
-                probe,
-            },
-            _dir: dir,
-        }
-    })
+    ENV.get_or_init(|| make_env(Disks::Btrfs))
+}
+
+/// Boxes' disks as ext4 images on loop devices of their own (the fallback).
+fn ext4_env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| make_env(Disks::Ext4))
 }
 
 #[tokio::test]
@@ -101,6 +112,7 @@ async fn boxes_outlive_their_zygote_and_a_new_one_takes_over() {
         data_dir: dir.path().to_path_buf(),
         helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
         pool_size: 0,
+        disks: Default::default(),
     })
     .expect("backend");
     let id = env().fixture.id("zyg-a");
@@ -220,6 +232,81 @@ async fn limits() {
 }
 
 #[tokio::test]
+async fn limits_on_ext4_images() {
+    conformance::limits(&ext4_env().backend, &ext4_env().fixture).await;
+}
+
+#[tokio::test]
+async fn files_and_hostile_paths_on_ext4_images() {
+    conformance::files_and_hostile_paths(&ext4_env().backend, &ext4_env().fixture).await;
+}
+
+/// On the shared btrfs: each box has its own limit (one full box leaves the others room), a
+/// box cannot make a subvolume of its own (it would escape its qgroup), and a destroyed box's
+/// space comes back.
+#[tokio::test]
+async fn shared_disk_limits_are_per_box_and_cannot_be_escaped() {
+    use berth_sandbox::conformance::{config, sh, small};
+    let (b, f) = (&env().backend, &env().fixture);
+    let (full, other) = (f.id("sd-full"), f.id("sd-other"));
+    for id in [&full, &other] {
+        b.create(config(id, small())).await.expect("create");
+    }
+    let text = |o: &berth_sandbox::ExecOutput| String::from_utf8_lossy(&o.stdout).into_owned();
+    let out = sh(
+        b,
+        &full,
+        "dd if=/dev/zero of=/workspace/big bs=1M count=200 2>&1; echo rc=$?",
+    )
+    .await;
+    assert!(text(&out).contains("Disk quota exceeded"), "{}", text(&out));
+    let used = b.stats(&full).await.expect("stats").disk_used_bytes;
+    assert!((50 << 20..=64 << 20).contains(&used), "{used}");
+    let out = sh(
+        b,
+        &other,
+        "dd if=/dev/zero of=/workspace/half bs=1M count=32 2>&1 && echo wrote",
+    )
+    .await;
+    assert!(text(&out).contains("wrote"), "{}", text(&out));
+    // A subvolume made from inside, by any path the box has: refused by the seccomp filter.
+    let script = "import fcntl, os\n\
+        for p in ('/workspace', '/tmp', '/home/agent'):\n\
+        \x20   fd = os.open(p, os.O_RDONLY)\n\
+        \x20   a = bytearray(4096); a[8:11] = b'sub'\n\
+        \x20   try:\n\
+        \x20       fcntl.ioctl(fd, 0x5000940e, a); print(p, 'made')\n\
+        \x20   except OSError as e:\n\
+        \x20       print(p, 'errno', e.errno)\n";
+    let out = conformance::run(
+        b,
+        &other,
+        vec!["python3".into(), "-c".into(), script.into()],
+    )
+    .await;
+    let eperm = format!("errno {}", libc::EPERM);
+    assert_eq!(
+        text(&out).lines().filter(|l| l.ends_with(&eperm)).count(),
+        3,
+        "{} {}",
+        text(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Gone with its box: the same id gets an empty disk.
+    b.destroy(&full).await.expect("destroy");
+    b.settle().await;
+    b.create(config(&full, small()))
+        .await
+        .expect("create again");
+    let out = sh(b, &full, "ls /workspace | wc -l").await;
+    assert_eq!(text(&out).trim(), "0");
+    assert!(b.stats(&full).await.expect("stats").disk_used_bytes < 1 << 20);
+    for id in [&full, &other] {
+        b.destroy(id).await.expect("destroy");
+    }
+}
+
+#[tokio::test]
 async fn death_and_destroy() {
     let b = &env().backend;
     conformance::death_and_destroy(b, &env().fixture, |id| {
@@ -241,6 +328,7 @@ async fn adoption_is_not_offered() {
             data_dir: dir.path().to_path_buf(),
             helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
             pool_size: 0,
+            disks: Default::default(),
         })
         .expect("native backend")
     };

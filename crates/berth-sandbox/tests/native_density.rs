@@ -38,6 +38,7 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
         data_dir: dir.path().to_path_buf(),
         helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
         pool_size: 1,
+        disks: Default::default(),
     })
     .expect("native backend (run as root)");
     let id = format!("dens{}", std::process::id());

@@ -21,6 +21,7 @@ async fn two_hundred_boxes_then_nothing_leaked() {
             data_dir: data.clone(),
             helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
             pool_size: 4,
+            disks: Default::default(),
         })
         .expect("backend"),
     );
@@ -60,6 +61,8 @@ async fn two_hundred_boxes_then_nothing_leaked() {
         let out = sh(&*b, id, "echo alive").await;
         assert_eq!(out.stdout, b"alive\n");
     }
+    // Their disks are subvolumes of the shared btrfs (the default where the host has it).
+    assert_eq!(b.shared_subvolumes(), Some(ids.len()));
     let pids: Vec<i32> = ids.iter().map(|id| b.pid1(id).expect("pid")).collect();
     for p in &pids {
         assert!(std::path::Path::new(&format!("/proc/{p}")).exists());
@@ -94,6 +97,7 @@ async fn two_hundred_boxes_then_nothing_leaked() {
             "loop device of {id} left"
         );
     }
+    assert_eq!(b.shared_subvolumes(), Some(0), "subvolumes left");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(
         !mounts.contains(&*data.to_string_lossy()),

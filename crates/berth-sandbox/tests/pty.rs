@@ -167,6 +167,7 @@ async fn native_terminals() {
         data_dir: dir.path().to_path_buf(),
         helper: env!("CARGO_BIN_EXE_berth-box-init").into(),
         pool_size: 1,
+        disks: Default::default(),
     })
     .expect("native backend (run as root)");
     let id = format!("pty{}", std::process::id());

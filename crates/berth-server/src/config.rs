@@ -354,13 +354,28 @@ pub struct EgressSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NativeSection {
-    /// Formatted disk images kept ready per size.
+    /// Formatted disk images kept ready per size (ext4 disks).
     pub disk_pool: usize,
+    /// Where boxes' quota disks come from: `auto` (a subvolume each of one shared btrfs where
+    /// the host can, else an ext4 image each), `btrfs` or `ext4`.
+    pub disks: NativeDisks,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NativeDisks {
+    #[default]
+    Auto,
+    Btrfs,
+    Ext4,
 }
 
 impl Default for NativeSection {
     fn default() -> Self {
-        NativeSection { disk_pool: 4 }
+        NativeSection {
+            disk_pool: 4,
+            disks: NativeDisks::Auto,
+        }
     }
 }
 

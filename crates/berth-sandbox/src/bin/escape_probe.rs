@@ -151,6 +151,15 @@ fn escape() {
             let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
             println!("read_shadow={}", if n > 0 { "ok" } else { "errno-empty" });
         }
+        // A btrfs subvolume of its own (it would have a qgroup outside the box's limit where
+        // boxes' disks are subvolumes of a shared btrfs): BTRFS_IOC_SUBVOL_CREATE.
+        let ws = libc::open(c("/workspace").as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+        let mut args = [0u8; 4096];
+        args[8..17].copy_from_slice(b"probe-sub");
+        report(
+            "btrfs_subvol_create",
+            libc::ioctl(ws.max(0), 0x5000_940e, args.as_mut_ptr()) as i64,
+        );
         report("kill_pid1", libc::kill(1, libc::SIGKILL) as i64);
         report(
             "setpriority_neg",

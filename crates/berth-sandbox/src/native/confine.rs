@@ -230,8 +230,8 @@ fn cond(
     SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, val)
 }
 
-/// The EPERM filter: unconditional denials, `clone` with any namespace flag, and the
-/// terminal-injection ioctls.
+/// The EPERM filter: unconditional denials, `clone` with any namespace flag, the
+/// terminal-injection ioctls and btrfs's.
 fn eperm_filter() -> Result<BpfProgram, seccompiler::Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for nr in denied_syscalls() {
@@ -260,6 +260,14 @@ fn eperm_filter() -> Result<BpfProgram, seccompiler::Error> {
         vec![
             SeccompRule::new(vec![cond_u32(1, SeccompCmpOp::Eq, libc::TIOCSTI)?])?,
             SeccompRule::new(vec![cond_u32(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
+            // Every btrfs ioctl: a box on a shared btrfs (`shared_disk.rs`) that made a
+            // subvolume or snapshot would write outside its qgroup's limit. (Reflinks share
+            // the type and go too: `cp` falls back to copying.)
+            SeccompRule::new(vec![cond_u32(
+                1,
+                SeccompCmpOp::MaskedEq(0xff00),
+                super::shared_disk::BTRFS_IOCTL_MAGIC << 8,
+            )?])?,
         ],
     );
     // Device nodes: the kernel refuses them without CAP_MKNOD, but a user-space kernel

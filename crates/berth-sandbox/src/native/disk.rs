@@ -76,6 +76,17 @@ pub fn mount_detached(img: &Path) -> Result<ReadyDisk, String> {
         .write(true)
         .open(img)
         .map_err(|e| format!("open disk image: {e}"))?;
+    let (mount, n) = on_free_loop(&file, fsmount_ext4)?;
+    Ok(ReadyDisk { mount, loop_dev: n })
+}
+
+/// Attach `file` to a free loop device (auto-clear) and `mount` it (given the device's path):
+/// the mount and the device's number. The device is held until the mount holds it, so it is
+/// freed by the kernel when the mount's last user goes.
+pub fn on_free_loop<T>(
+    file: &fs::File,
+    mount: impl Fn(&str) -> rustix::io::Result<T>,
+) -> Result<(T, u32), String> {
     let ctl = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -117,13 +128,10 @@ pub fn mount_detached(img: &Path) -> Result<ReadyDisk, String> {
             return Err(format!("LOOP_CONFIGURE {dev_path}: {e}"));
         }
         // Held until the mount holds the device: auto-clear frees it on the last release.
-        let mounted = fsmount_ext4(&dev_path);
+        let mounted = mount(&dev_path);
         drop(dev);
         return mounted
-            .map(|mount| ReadyDisk {
-                mount,
-                loop_dev: n as u32,
-            })
+            .map(|m| (m, n as u32))
             .map_err(|e| format!("mount {dev_path}: {e}"));
     }
     Err("no free loop device".into())

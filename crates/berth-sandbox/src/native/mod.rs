@@ -22,6 +22,7 @@ pub mod pid1;
 pub mod protocol;
 mod pty;
 mod report;
+pub mod shared_disk;
 pub mod spawn;
 pub mod supervisor;
 pub mod zygote;
@@ -56,8 +57,30 @@ pub struct NativeConfig {
     pub data_dir: PathBuf,
     /// Executable that runs the box bring-up when invoked as `<helper> __box-init`.
     pub helper: PathBuf,
-    /// Formatted disk images kept ready per size.
+    /// Formatted disk images kept ready per size (ext4 disks only).
     pub pool_size: usize,
+    /// Where boxes' disks come from.
+    pub disks: Disks,
+}
+
+/// Where boxes' quota disks come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Disks {
+    /// A subvolume each of one shared btrfs where the host can ([`shared_disk`]), else an
+    /// ext4 image each ([`disk`]), else a plain directory (no quota).
+    #[default]
+    Auto,
+    /// A subvolume each of one shared btrfs, or the backend does not start.
+    Btrfs,
+    /// An ext4 image each on a loop device (a plain directory where loop devices are missing).
+    Ext4,
+}
+
+/// The boxes' disks this backend gives.
+enum DiskSupply {
+    Shared(Arc<shared_disk::SharedDisk>),
+    Images(disk::ImagePool),
+    Dirs,
 }
 
 struct LiveBox {
@@ -90,7 +113,7 @@ impl LiveBox {
 pub struct NativeBackend {
     cfg: NativeConfig,
     caps: Capabilities,
-    pool: Option<disk::ImagePool>,
+    disks: DiskSupply,
     boxes: Mutex<HashMap<String, Arc<LiveBox>>>,
     slots: Mutex<BTreeSet<u32>>,
     /// Ids of destroyed boxes whose files and loop devices are still being released.
@@ -140,14 +163,33 @@ impl NativeBackend {
         for e in std::fs::read_dir(&templates)?.flatten() {
             let _ = std::fs::remove_dir(e.path());
         }
-        let loop_ok = disk::loop_supported();
-        let pool = if loop_ok {
-            Some(disk::ImagePool::new(
-                cfg.data_dir.join("native").join("pool"),
+        let native_dir = cfg.data_dir.join("native");
+        let shared = match cfg.disks {
+            Disks::Ext4 => None,
+            Disks::Auto if !shared_disk::supported() => None,
+            Disks::Auto | Disks::Btrfs => {
+                let dir = native_dir.join("shared");
+                match shared_disk::SharedDisk::open(&dir, shared_disk::default_size(&native_dir)) {
+                    Ok(d) => Some(d),
+                    Err(e) if cfg.disks == Disks::Auto => {
+                        tracing::warn!(error = %e, "no shared btrfs for box disks; using ext4 images");
+                        None
+                    }
+                    Err(e) => {
+                        return Err(SandboxError::Unsupported(format!(
+                            "native.disks = btrfs: {e}"
+                        )))
+                    }
+                }
+            }
+        };
+        let disks = match shared {
+            Some(d) => DiskSupply::Shared(Arc::new(d)),
+            None if disk::loop_supported() => DiskSupply::Images(disk::ImagePool::new(
+                native_dir.join("pool"),
                 cfg.pool_size,
-            )?)
-        } else {
-            None
+            )?),
+            None => DiskSupply::Dirs,
         };
         let v2 = cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode();
         let caps = Capabilities {
@@ -157,7 +199,7 @@ impl NativeBackend {
             user_namespace: true,
             seccomp: true,
             landlock: confine::landlock_supported(),
-            disk_quota: loop_ok,
+            disk_quota: !matches!(disks, DiskSupply::Dirs),
             process_oom_kill: true,
             adoption: false,
             cgroup: if v2 { "v2".into() } else { "v1".into() },
@@ -165,13 +207,13 @@ impl NativeBackend {
             oci_images: true,
             image_references: false,
         };
-        if let Some(p) = &pool {
+        if let DiskSupply::Images(p) = &disks {
             p.refill(crate::Limits::default().disk_mib);
         }
         Ok(NativeBackend {
             cfg,
             caps,
-            pool,
+            disks,
             boxes: Mutex::new(HashMap::new()),
             slots: Mutex::new(BTreeSet::new()),
             reaping: Arc::new(Mutex::new(HashSet::new())),
@@ -256,8 +298,15 @@ impl NativeBackend {
             std::fs::create_dir_all(d)?;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
         }
-        let (disk, ready_disk) = match &self.pool {
-            Some(pool) => {
+        // The box's disk: a detached mount handed to the box, and the loop device of its own
+        // it may have.
+        let (disk, ready_disk): (_, Option<(std::os::fd::OwnedFd, Option<u32>)>) = match &self.disks
+        {
+            DiskSupply::Shared(shared) => {
+                let m = shared.create(&cfg.id, cfg.limits.disk_mib)?;
+                (DiskSource::Mounted, Some((m, None)))
+            }
+            DiskSupply::Images(pool) => {
                 let img = dir.join("disk.img");
                 let mib = cfg.limits.disk_mib;
                 let ready = match pool.take_ready(mib, &img)? {
@@ -270,9 +319,12 @@ impl NativeBackend {
                             .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??
                     }
                 };
-                (DiskSource::Mounted, Some(ready))
+                (
+                    DiskSource::Mounted,
+                    Some((ready.mount, Some(ready.loop_dev))),
+                )
             }
-            None => {
+            DiskSupply::Dirs => {
                 let d = dir.join("disk");
                 std::fs::create_dir_all(&d)?;
                 (DiskSource::Dir(d), None)
@@ -341,11 +393,11 @@ impl NativeBackend {
         let (mut report, report_box) = std::os::unix::net::UnixStream::pair()?;
         {
             use std::os::fd::AsFd;
-            let disk_fd = ready_disk.as_ref().map(|d| d.mount.as_fd());
+            let disk_fd = ready_disk.as_ref().map(|(m, _)| m.as_fd());
             self.request_box(&init_cfg, report_box.as_fd(), disk_fd)?;
         }
         // The box holds its own copies now (or, if it fails, the disk goes with them).
-        let loop_dev = ready_disk.as_ref().map(|d| d.loop_dev);
+        let loop_dev = ready_disk.as_ref().and_then(|(_, n)| *n);
         drop((report_box, ready_disk));
         // The cgroup, in parallel with the fork of the helper, which waits for this go-ahead
         // before it joins (a helper that reads EOF instead gives up: so does the box).
@@ -486,6 +538,9 @@ impl Sandbox for NativeBackend {
             }
             Err(e) => {
                 self.free_slot(slot);
+                if let DiskSupply::Shared(d) = &self.disks {
+                    let _ = d.remove(&cfg.id);
+                }
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 Err(e)
             }
@@ -545,9 +600,18 @@ impl Sandbox for NativeBackend {
         let b = self.get_running(id)?;
         let root = b.workspace();
         let bx = b.clone();
+        let shared = match &self.disks {
+            DiskSupply::Shared(d) => Some(d.clone()),
+            _ => None,
+        };
+        let id = id.to_string();
         tokio::task::spawn_blocking(move || {
             let c = bx.cgroup.counters();
-            let (used, total) = fsops::disk_usage(&root)?;
+            // A subvolume's statfs is the shared file system's: its qgroup says what it holds.
+            let (used, total) = match shared {
+                Some(d) => (d.used(&id)?, bx.limits.disk_mib << 20),
+                None => fsops::disk_usage(&root)?,
+            };
             Ok(Stats {
                 cpu_usage_ns: c.cpu_usage_ns,
                 memory_bytes: c.memory_bytes,
@@ -647,12 +711,21 @@ impl Sandbox for NativeBackend {
         let reaping = self.reaping.clone();
         let settled = self.settled.clone();
         let cgroup = b.cgroup.clone();
+        let shared = match &self.disks {
+            DiskSupply::Shared(d) => Some(d.clone()),
+            _ => None,
+        };
         tokio::task::spawn_blocking(move || {
             // Also ends the box's helper, should it not have exited yet.
             if let Err(e) = cgroup.destroy() {
                 tracing::warn!(%box_id, error = %e, "removing a destroyed box's cgroup");
             }
             drop(mounts_ref);
+            if let Some(d) = shared {
+                if let Err(e) = d.remove(&box_id) {
+                    tracing::warn!(%box_id, error = %e, "deleting a destroyed box's subvolume");
+                }
+            }
             // Boxes on a plain directory (no loop devices on this host) have none to wait for.
             let detached = loop_dev.is_none_or(|n| {
                 disk::wait_detached(&dir.join("disk.img"), n, Duration::from_secs(10))
@@ -724,14 +797,27 @@ impl NativeBackend {
     }
 
     /// Descriptors the backend holds for itself, not for any box: the zygote's socket and the
-    /// pool's ready disks (for leak checks).
+    /// pool's ready disks or the shared disk's root (for leak checks).
     pub fn own_descriptors(&self) -> usize {
         let zygote = self
             .zygote
             .lock()
             .map(|z| z.is_some() as usize)
             .unwrap_or(0);
-        zygote + self.pool.as_ref().map_or(0, |p| p.ready_count())
+        let disks = match &self.disks {
+            DiskSupply::Shared(_) => 1,
+            DiskSupply::Images(p) => p.ready_count(),
+            DiskSupply::Dirs => 0,
+        };
+        zygote + disks
+    }
+
+    /// Boxes' subvolumes on the shared btrfs, if boxes' disks are there (for leak checks).
+    pub fn shared_subvolumes(&self) -> Option<usize> {
+        match &self.disks {
+            DiskSupply::Shared(d) => d.subvolumes().ok(),
+            _ => None,
+        }
     }
 
     /// Host PID of the zygote, if one runs (for operators and tests).

@@ -221,6 +221,7 @@ async fn place(
     let chosen = match &spec {
         None => Ok(Placed::here()),
         Some(spec) => {
+            let mark = cluster.placement_mark();
             let (tenant, tenant_boxes) =
                 match spec.placement.as_ref().and_then(|p| p.spread_by.as_ref()) {
                     Some(_) => tenant_boxes(st, &mut parts).await,
@@ -234,6 +235,7 @@ async fn place(
                     placement: spec.placement.as_ref(),
                 },
                 &tenant_boxes,
+                mark,
             )
         }
     };
@@ -317,6 +319,7 @@ async fn managed(
             };
             let started = std::time::Instant::now();
             let placement = managed_placement(st, &tenant, &bytes).await;
+            let mark = cluster.placement_mark();
             let counts = match placement.as_ref().and_then(|p| p.spread_by.as_ref()) {
                 Some(_) => st.engine.tenant_boxes_per_node(&tenant).await,
                 None => Default::default(),
@@ -330,6 +333,7 @@ async fn managed(
                     placement: placement.as_ref(),
                 },
                 &counts,
+                mark,
             );
             metrics::histogram!("berth_placement_seconds").record(started.elapsed().as_secs_f64());
             let req = Request::from_parts(parts, Body::from(bytes));

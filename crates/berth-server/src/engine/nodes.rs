@@ -127,6 +127,7 @@ impl Cluster {
         tenant: Option<&str>,
         ask: super::placement::Ask<'_>,
         tenant_boxes: &std::collections::HashMap<String, u64>,
+        read_mark: u64,
     ) -> Result<Placed, super::placement::Unplaceable> {
         if self.cfg.secret.is_none() {
             return Ok(Placed::here());
@@ -138,11 +139,10 @@ impl Cluster {
         let fresh = self.cfg.lease / 2;
         placed.retain(|(_, at)| at.elapsed() < fresh);
         let recent = |name: &str| placed.iter().filter(|(n, _)| n == name).count() as u64;
-        let flying = tenant.and_then(|t| ledger.get(t));
         let best =
             super::placement::choose(&view, &self.cfg.node_name, wall_ms(), ask, &recent, &|n| {
                 tenant_boxes.get(n).copied().unwrap_or(0)
-                    + flying.and_then(|f| f.get(n)).copied().unwrap_or(0)
+                    + tenant.map_or(0, |t| ledger.count(t, n, read_mark))
             })?;
         let Some(best) = best else {
             return Ok(Placed::here());
@@ -150,11 +150,7 @@ impl Cluster {
         let (name, url) = (best.node.name.clone(), best.node.advertise_url.clone());
         placed.push((name.clone(), tokio::time::Instant::now()));
         let flight = tenant.map(|t| {
-            *ledger
-                .entry(t.to_string())
-                .or_default()
-                .entry(name.clone())
-                .or_default() += 1;
+            ledger.add(t, &name);
             InFlight {
                 ledger: self.in_flight.clone(),
                 tenant: t.to_string(),
@@ -165,6 +161,15 @@ impl Cluster {
             url: (name != self.cfg.node_name).then_some(url),
             _flight: flight,
         })
+    }
+
+    /// Taken before reading a tenant's boxes from the store for [`Cluster::place`]: placements
+    /// answered after it are counted on top of that read.
+    pub fn placement_mark(&self) -> u64 {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mark()
     }
 
     /// The nodes as last read, with their lease ends as timestamps.

@@ -140,6 +140,7 @@ impl Engine {
             .placement
             .as_ref()
             .is_some_and(|p| p.spread_by.is_some());
+        let mark = c.placement_mark();
         let counts = if spread {
             self.tenant_boxes_per_node(tenant).await
         } else {
@@ -153,6 +154,7 @@ impl Engine {
                 placement: spec.placement.as_ref(),
             },
             &counts,
+            mark,
         )
         .map_err(|e| EngineError::Conflict(e.to_string()))
     }
