@@ -376,6 +376,15 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// CPU, memory and pids of a running box for periodic sampling; disk figures only where
+    /// they are cheap (a native box's are 0, see [`native::NativeBackend::sample`]).
+    pub async fn sample(&self, id: &str) -> Result<Stats> {
+        match self {
+            Backend::Native(b) => b.sample(id).await,
+            b => b.stats(id).await,
+        }
+    }
+
     /// The name the server offers the backend under (`native`, `docker`, `gvisor`).
     pub fn name(&self) -> &str {
         match self {

@@ -597,34 +597,7 @@ impl Sandbox for NativeBackend {
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {
-        let b = self.get_running(id)?;
-        let root = b.workspace();
-        let bx = b.clone();
-        let shared = match &self.disks {
-            DiskSupply::Shared(d) => Some(d.clone()),
-            _ => None,
-        };
-        let id = id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let c = bx.cgroup.counters();
-            // A subvolume's statfs is the shared file system's: its qgroup says what it holds.
-            let (used, total) = match shared {
-                Some(d) => (d.used(&id)?, bx.limits.disk_mib << 20),
-                None => fsops::disk_usage(&root)?,
-            };
-            Ok(Stats {
-                cpu_usage_ns: c.cpu_usage_ns,
-                memory_bytes: c.memory_bytes,
-                memory_limit_bytes: bx.limits.memory_mib * 1024 * 1024,
-                pids: c.pids,
-                pids_limit: bx.limits.pids,
-                disk_used_bytes: used,
-                disk_limit_bytes: total,
-                oom_kills: c.oom_kills,
-            })
-        })
-        .await
-        .map_err(crate::blocking_err)?
+        self.read_stats(id, true).await
     }
 
     fn exit_watch(&self, id: &str) -> Result<watch::Receiver<Option<BoxExit>>> {
@@ -810,6 +783,44 @@ impl NativeBackend {
             DiskSupply::Dirs => 0,
         };
         zygote + disks
+    }
+
+    /// A running box's cgroup figures without its disk's (`disk_*` are 0): what the server
+    /// samples from every box every few seconds. Reading a subvolume's usage commits the
+    /// shared file system, which thousands of boxes sampled must not do.
+    pub async fn sample(&self, id: &str) -> Result<Stats> {
+        self.read_stats(id, false).await
+    }
+
+    async fn read_stats(&self, id: &str, disk: bool) -> Result<Stats> {
+        let b = self.get_running(id)?;
+        let root = b.workspace();
+        let shared = match &self.disks {
+            DiskSupply::Shared(d) => Some(d.clone()),
+            _ => None,
+        };
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let c = b.cgroup.counters();
+            // A subvolume's statfs is the shared file system's: its qgroup says what it holds.
+            let (used, total) = match (disk, shared) {
+                (false, _) => (0, 0),
+                (true, Some(d)) => (d.used(&id)?, b.limits.disk_mib << 20),
+                (true, None) => fsops::disk_usage(&root)?,
+            };
+            Ok(Stats {
+                cpu_usage_ns: c.cpu_usage_ns,
+                memory_bytes: c.memory_bytes,
+                memory_limit_bytes: b.limits.memory_mib * 1024 * 1024,
+                pids: c.pids,
+                pids_limit: b.limits.pids,
+                disk_used_bytes: used,
+                disk_limit_bytes: total,
+                oom_kills: c.oom_kills,
+            })
+        })
+        .await
+        .map_err(crate::blocking_err)?
     }
 
     /// Boxes' subvolumes on the shared btrfs, if boxes' disks are there (for leak checks).

@@ -98,7 +98,7 @@ impl Engine {
 
     /// Cgroup figures of a live box, for sampling (None when it cannot be read).
     pub(crate) async fn sample_box(&self, id: &str, backend: &str) -> Option<berth_sandbox::Stats> {
-        self.backends.get(backend)?.stats(id).await.ok()
+        self.backends.get(backend)?.sample(id).await.ok()
     }
 
     /// Give the gateway every tenant's monthly budget and what it has spent (at start-up).
