@@ -89,6 +89,7 @@ const CANDIDATES: &[&str] = &[
     "edge.example=127.0.0.1:1",
     "[{model = \"m\", input = 1, output = 2}]",
     "[{name = \"p\", size = 1}]",
+    "ext4",
 ];
 
 fn at(cfg: &Config, key: &str) -> serde_json::Value {
