@@ -238,24 +238,9 @@ impl SharedDisk {
             "create subvolume",
         )?;
         let made = (|| {
-            let sub = rustix::fs::openat(
-                &self.root,
-                id,
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .map_err(|e| ctx(e, "open subvolume"))?;
-            let mut l = Box::new(InoLookupArgs {
-                treeid: 0,
-                objectid: FIRST_FREE_OBJECTID,
-                name: [0; 4080],
-            });
-            ioctl(&sub, BTRFS_IOC_INO_LOOKUP, &mut *l, "subvolume id")?;
+            let (sub, treeid) = self.open_subvolume(id)?;
             let mut lim = QgroupLimitArgs {
-                qgroupid: l.treeid,
+                qgroupid: treeid,
                 flags: QGROUP_LIMIT_MAX_RFER,
                 max_rfer: mib << 20,
                 max_excl: 0,
@@ -294,9 +279,8 @@ impl SharedDisk {
         }
     }
 
-    /// Bytes box `id`'s subvolume holds, as its qgroup counts them, after committing what is
-    /// in flight (the counts are written at commit).
-    pub fn used(&self, id: &str) -> io::Result<u64> {
+    /// Box `id`'s subvolume, opened, and its id (its qgroup's, at level 0).
+    fn open_subvolume(&self, id: &str) -> io::Result<(OwnedFd, u64)> {
         let sub = rustix::fs::openat(
             &self.root,
             id,
@@ -305,13 +289,21 @@ impl SharedDisk {
                 | rustix::fs::OFlags::NOFOLLOW
                 | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
-        )?;
+        )
+        .map_err(|e| ctx(e, "open subvolume"))?;
         let mut l = Box::new(InoLookupArgs {
             treeid: 0,
             objectid: FIRST_FREE_OBJECTID,
             name: [0; 4080],
         });
         ioctl(&sub, BTRFS_IOC_INO_LOOKUP, &mut *l, "subvolume id")?;
+        Ok((sub, l.treeid))
+    }
+
+    /// Bytes box `id`'s subvolume holds, as its qgroup counts them, after committing what is
+    /// in flight (the counts are written at commit).
+    pub fn used(&self, id: &str) -> io::Result<u64> {
+        let (_, treeid) = self.open_subvolume(id)?;
         // SAFETY: BTRFS_IOC_SYNC takes no argument.
         if unsafe { libc::ioctl(self.root.as_raw_fd(), BTRFS_IOC_SYNC) } < 0 {
             return Err(io::Error::last_os_error());
@@ -321,8 +313,8 @@ impl SharedDisk {
                 tree_id: QUOTA_TREE_OBJECTID,
                 min_objectid: 0,
                 max_objectid: 0,
-                min_offset: l.treeid,
-                max_offset: l.treeid,
+                min_offset: treeid,
+                max_offset: treeid,
                 min_transid: 0,
                 max_transid: u64::MAX,
                 min_type: QGROUP_INFO_KEY,
