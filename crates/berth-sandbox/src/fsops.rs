@@ -439,7 +439,8 @@ pub const MAX_DELETE_ENTRIES: u64 = 1_000_000;
 /// from there, so any depth is removed with a bounded stack and bounded fds.
 const MAX_DELETE_DEPTH: usize = 64;
 
-fn open_subdir(dir: &OwnedFd, name: &std::ffi::OsStr) -> rustix::io::Result<OwnedFd> {
+/// The directory `name` in `dir`, opened for reading; a symlink there is refused.
+pub(crate) fn open_subdir(dir: &OwnedFd, name: &std::ffi::OsStr) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(
         dir,
         name,

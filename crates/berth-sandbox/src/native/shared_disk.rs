@@ -26,6 +26,8 @@ use std::path::Path;
 use std::process::Command;
 
 use super::disk::{on_free_loop, which, DISK_DIRS};
+use crate::fsops::open_subdir;
+use std::ffi::OsStr;
 
 const fn iow(nr: u64, size: usize) -> libc::c_ulong {
     (1 << 30 | (size as u64) << 16 | 0x94 << 8 | nr) as libc::c_ulong
@@ -192,14 +194,7 @@ impl SharedDisk {
         // Attached or not, the name is no longer needed: the loop device holds the file.
         let _ = fs::remove_file(&img);
         let (mount, n) = made?;
-        let root = rustix::fs::openat(
-            &mount,
-            ".",
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
+        let root = open_subdir(&mount, OsStr::new("."))?;
         let disk = SharedDisk {
             root,
             dev: format!("/dev/loop{n}"),
@@ -281,16 +276,7 @@ impl SharedDisk {
 
     /// Box `id`'s subvolume, opened, and its id (its qgroup's, at level 0).
     fn open_subvolume(&self, id: &str) -> io::Result<(OwnedFd, u64)> {
-        let sub = rustix::fs::openat(
-            &self.root,
-            id,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| ctx(e, "open subvolume"))?;
+        let sub = open_subdir(&self.root, OsStr::new(id)).map_err(|e| ctx(e, "open subvolume"))?;
         let mut l = Box::new(InoLookupArgs {
             treeid: 0,
             objectid: FIRST_FREE_OBJECTID,
@@ -345,14 +331,7 @@ impl SharedDisk {
 
     /// The boxes' subvolumes present (for leak checks).
     pub fn subvolumes(&self) -> io::Result<usize> {
-        let dir = rustix::fs::openat(
-            &self.root,
-            ".",
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
+        let dir = open_subdir(&self.root, OsStr::new("."))?;
         let mut n = 0;
         for e in rustix::fs::Dir::new(dir)? {
             let name = e?.file_name().to_bytes().to_vec();

@@ -1,10 +1,9 @@
-//! Placements made by this node whose create has not answered yet ([`Placed`]): counted on
-//! top of the store's counts of a tenant's boxes for `spread_by` (see
-//! [`super::nodes::Cluster::place`]), released when the placement is dropped.
-
-use std::sync::{Arc, Mutex};
+//! Placements made by this node whose create has not answered yet ([`Placed`]), and those
+//! answered lately: counted on top of the store's counts of a tenant's boxes for `spread_by`
+//! (see [`super::nodes::Cluster::place`]). A placement is answered when it is dropped.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 /// How long an answered placement is remembered: far longer than any store read takes.
 const ANSWERED_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
