@@ -358,23 +358,14 @@ pub struct NativeSection {
     pub disk_pool: usize,
     /// Where boxes' quota disks come from: `auto` (a subvolume each of one shared btrfs where
     /// the host can, else an ext4 image each), `btrfs` or `ext4`.
-    pub disks: NativeDisks,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NativeDisks {
-    #[default]
-    Auto,
-    Btrfs,
-    Ext4,
+    pub disks: berth_sandbox::native::Disks,
 }
 
 impl Default for NativeSection {
     fn default() -> Self {
         NativeSection {
             disk_pool: 4,
-            disks: NativeDisks::Auto,
+            disks: berth_sandbox::native::Disks::Auto,
         }
     }
 }

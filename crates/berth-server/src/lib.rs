@@ -123,11 +123,7 @@ pub async fn run(
         data_dir: cfg.data_dir.clone(),
         helper: rt.helper.clone(),
         pool_size: cfg.native.disk_pool,
-        disks: match cfg.native.disks {
-            config::NativeDisks::Auto => berth_sandbox::native::Disks::Auto,
-            config::NativeDisks::Btrfs => berth_sandbox::native::Disks::Btrfs,
-            config::NativeDisks::Ext4 => berth_sandbox::native::Disks::Ext4,
-        },
+        disks: cfg.native.disks,
     }) {
         Ok(b) => {
             backends.insert("native".into(), Arc::new(Backend::Native(b)));

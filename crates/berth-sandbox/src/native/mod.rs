@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod client;
 pub mod confine;
 pub mod disk;
+mod disks;
 pub mod fds;
 pub mod init;
 pub mod pid1;
@@ -27,15 +28,16 @@ pub mod spawn;
 pub mod supervisor;
 pub mod zygote;
 
-use crate::fsops;
 pub use crate::Bridge;
 use crate::{
     BoxConfig, BoxExit, BoxInfo, Capabilities, ExecHandle, ExecSpec, FileContent, Image, Result,
     Sandbox, SandboxError, Stats, AGENT_UID,
 };
 use cgroup::BoxCgroup;
+use disks::DiskSupply;
+pub use disks::Disks;
 pub(crate) use fds::BOX_NOFILE;
-use init::{DiskSource, InitConfig, RootSpec, UID_RANGE};
+use init::{InitConfig, RootSpec, UID_RANGE};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -61,26 +63,6 @@ pub struct NativeConfig {
     pub pool_size: usize,
     /// Where boxes' disks come from.
     pub disks: Disks,
-}
-
-/// Where boxes' quota disks come from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Disks {
-    /// A subvolume each of one shared btrfs where the host can ([`shared_disk`]), else an
-    /// ext4 image each ([`disk`]), else a plain directory (no quota).
-    #[default]
-    Auto,
-    /// A subvolume each of one shared btrfs, or the backend does not start.
-    Btrfs,
-    /// An ext4 image each on a loop device (a plain directory where loop devices are missing).
-    Ext4,
-}
-
-/// The boxes' disks this backend gives.
-enum DiskSupply {
-    Shared(Arc<shared_disk::SharedDisk>),
-    Images(disk::ImagePool),
-    Dirs,
 }
 
 struct LiveBox {
@@ -163,34 +145,7 @@ impl NativeBackend {
         for e in std::fs::read_dir(&templates)?.flatten() {
             let _ = std::fs::remove_dir(e.path());
         }
-        let native_dir = cfg.data_dir.join("native");
-        let shared = match cfg.disks {
-            Disks::Ext4 => None,
-            Disks::Auto if !shared_disk::supported() => None,
-            Disks::Auto | Disks::Btrfs => {
-                let dir = native_dir.join("shared");
-                match shared_disk::SharedDisk::open(&dir, shared_disk::default_size(&native_dir)) {
-                    Ok(d) => Some(d),
-                    Err(e) if cfg.disks == Disks::Auto => {
-                        tracing::warn!(error = %e, "no shared btrfs for box disks; using ext4 images");
-                        None
-                    }
-                    Err(e) => {
-                        return Err(SandboxError::Unsupported(format!(
-                            "native.disks = btrfs: {e}"
-                        )))
-                    }
-                }
-            }
-        };
-        let disks = match shared {
-            Some(d) => DiskSupply::Shared(Arc::new(d)),
-            None if disk::loop_supported() => DiskSupply::Images(disk::ImagePool::new(
-                native_dir.join("pool"),
-                cfg.pool_size,
-            )?),
-            None => DiskSupply::Dirs,
-        };
+        let disks = DiskSupply::open(&cfg.data_dir.join("native"), cfg.disks, cfg.pool_size)?;
         let v2 = cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode();
         let caps = Capabilities {
             name: "native".into(),
@@ -199,7 +154,7 @@ impl NativeBackend {
             user_namespace: true,
             seccomp: true,
             landlock: confine::landlock_supported(),
-            disk_quota: !matches!(disks, DiskSupply::Dirs),
+            disk_quota: disks.quota(),
             process_oom_kill: true,
             adoption: false,
             cgroup: if v2 { "v2".into() } else { "v1".into() },
@@ -207,9 +162,6 @@ impl NativeBackend {
             oci_images: true,
             image_references: false,
         };
-        if let DiskSupply::Images(p) = &disks {
-            p.refill(crate::Limits::default().disk_mib);
-        }
         Ok(NativeBackend {
             cfg,
             caps,
@@ -298,38 +250,7 @@ impl NativeBackend {
             std::fs::create_dir_all(d)?;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
         }
-        // The box's disk: a detached mount handed to the box, and the loop device of its own
-        // it may have.
-        let (disk, ready_disk): (_, Option<(std::os::fd::OwnedFd, Option<u32>)>) = match &self.disks
-        {
-            DiskSupply::Shared(shared) => {
-                let m = shared.create(&cfg.id, cfg.limits.disk_mib)?;
-                (DiskSource::Mounted, Some((m, None)))
-            }
-            DiskSupply::Images(pool) => {
-                let img = dir.join("disk.img");
-                let mib = cfg.limits.disk_mib;
-                let ready = match pool.take_ready(mib, &img)? {
-                    Some(d) => d,
-                    None => {
-                        // None ready: format and mount one now (~12 ms) off the async threads.
-                        let pool = pool.clone();
-                        tokio::task::spawn_blocking(move || pool.take(mib, &img))
-                            .await
-                            .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??
-                    }
-                };
-                (
-                    DiskSource::Mounted,
-                    Some((ready.mount, Some(ready.loop_dev))),
-                )
-            }
-            DiskSupply::Dirs => {
-                let d = dir.join("disk");
-                std::fs::create_dir_all(&d)?;
-                (DiskSource::Dir(d), None)
-            }
-        };
+        let (disk, ready_disk) = self.disks.take(&cfg.id, cfg.limits.disk_mib, dir).await?;
         let uid_base = UID_REGION
             .slot_base(slot)
             .ok_or_else(|| SandboxError::Start("too many boxes".into()))?;
@@ -393,11 +314,11 @@ impl NativeBackend {
         let (mut report, report_box) = std::os::unix::net::UnixStream::pair()?;
         {
             use std::os::fd::AsFd;
-            let disk_fd = ready_disk.as_ref().map(|(m, _)| m.as_fd());
+            let disk_fd = ready_disk.as_ref().map(|d| d.mount.as_fd());
             self.request_box(&init_cfg, report_box.as_fd(), disk_fd)?;
         }
         // The box holds its own copies now (or, if it fails, the disk goes with them).
-        let loop_dev = ready_disk.as_ref().and_then(|(_, n)| *n);
+        let loop_dev = ready_disk.as_ref().and_then(|d| d.loop_dev);
         drop((report_box, ready_disk));
         // The cgroup, in parallel with the fork of the helper, which waits for this go-ahead
         // before it joins (a helper that reads EOF instead gives up: so does the box).
@@ -538,9 +459,7 @@ impl Sandbox for NativeBackend {
             }
             Err(e) => {
                 self.free_slot(slot);
-                if let DiskSupply::Shared(d) = &self.disks {
-                    let _ = d.remove(&cfg.id);
-                }
+                let _ = self.disks.remove(&cfg.id);
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 Err(e)
             }
@@ -684,20 +603,15 @@ impl Sandbox for NativeBackend {
         let reaping = self.reaping.clone();
         let settled = self.settled.clone();
         let cgroup = b.cgroup.clone();
-        let shared = match &self.disks {
-            DiskSupply::Shared(d) => Some(d.clone()),
-            _ => None,
-        };
+        let disks = self.disks.clone();
         tokio::task::spawn_blocking(move || {
             // Also ends the box's helper, should it not have exited yet.
             if let Err(e) = cgroup.destroy() {
                 tracing::warn!(%box_id, error = %e, "removing a destroyed box's cgroup");
             }
             drop(mounts_ref);
-            if let Some(d) = shared {
-                if let Err(e) = d.remove(&box_id) {
-                    tracing::warn!(%box_id, error = %e, "deleting a destroyed box's subvolume");
-                }
+            if let Err(e) = disks.remove(&box_id) {
+                tracing::warn!(%box_id, error = %e, "deleting a destroyed box's subvolume");
             }
             // Boxes on a plain directory (no loop devices on this host) have none to wait for.
             let detached = loop_dev.is_none_or(|n| {
@@ -777,12 +691,7 @@ impl NativeBackend {
             .lock()
             .map(|z| z.is_some() as usize)
             .unwrap_or(0);
-        let disks = match &self.disks {
-            DiskSupply::Shared(_) => 1,
-            DiskSupply::Images(p) => p.ready_count(),
-            DiskSupply::Dirs => 0,
-        };
-        zygote + disks
+        zygote + self.disks.own_descriptors()
     }
 
     /// A running box's cgroup figures without its disk's (`disk_*` are 0): what the server
@@ -795,18 +704,13 @@ impl NativeBackend {
     async fn read_stats(&self, id: &str, disk: bool) -> Result<Stats> {
         let b = self.get_running(id)?;
         let root = b.workspace();
-        let shared = match &self.disks {
-            DiskSupply::Shared(d) => Some(d.clone()),
-            _ => None,
-        };
+        let disks = self.disks.clone();
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
             let c = b.cgroup.counters();
-            // A subvolume's statfs is the shared file system's: its qgroup says what it holds.
-            let (used, total) = match (disk, shared) {
-                (false, _) => (0, 0),
-                (true, Some(d)) => (d.used(&id)?, b.limits.disk_mib << 20),
-                (true, None) => fsops::disk_usage(&root)?,
+            let (used, total) = match disk {
+                false => (0, 0),
+                true => disks.usage(&id, &root, b.limits.disk_mib)?,
             };
             Ok(Stats {
                 cpu_usage_ns: c.cpu_usage_ns,
@@ -825,10 +729,7 @@ impl NativeBackend {
 
     /// Boxes' subvolumes on the shared btrfs, if boxes' disks are there (for leak checks).
     pub fn shared_subvolumes(&self) -> Option<usize> {
-        match &self.disks {
-            DiskSupply::Shared(d) => d.subvolumes().ok(),
-            _ => None,
-        }
+        self.disks.subvolumes()
     }
 
     /// Host PID of the zygote, if one runs (for operators and tests).
