@@ -389,6 +389,28 @@ async fn deleting_a_box_stops_its_sessions_first() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn simultaneous_deletes_of_a_box_all_answer_with_the_destroyed_box() {
+    let w = world(false, 10).await;
+    let (b, _s) = echo_session(&w).await;
+    // All four reach the box's owner task before it ends: three find it gone with their
+    // command still queued (schemathesis's two workers met this as a 500).
+    let (r1, r2, r3, r4) = bounded("deletes", async {
+        tokio::join!(
+            w.engine.delete_box("t1", &b.id),
+            w.engine.delete_box("t1", &b.id),
+            w.engine.delete_box("t1", &b.id),
+            w.engine.delete_box("t1", &b.id),
+        )
+    })
+    .await;
+    for r in [r1, r2, r3, r4] {
+        let d = r.expect("every delete succeeds");
+        assert_eq!(d.state, BoxState::Destroyed);
+    }
+    assert!(!w.fake.holds(&b.id));
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_cron_scheduler_fires_on_the_engines_clock() {
     let w = world(false, 10).await;
     w.fake.on_program("fake-agent", FakeExec::echo());

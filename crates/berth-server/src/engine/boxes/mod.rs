@@ -180,11 +180,27 @@ impl Engine {
                     stop_sessions: Some("box deleted".into()),
                     reply: tx,
                 };
-                h.tx.send(cmd)
-                    .await
-                    .map_err(|_| EngineError::Conflict("box is shutting down".into()))?;
-                rx.await
-                    .map_err(|_| EngineError::Internal("box owner task ended".into()))?
+                let answered = match h.tx.send(cmd).await {
+                    Ok(()) => rx.await.ok(),
+                    Err(_) => None,
+                };
+                match answered {
+                    Some(r) => r,
+                    // The owner task ended with this command still queued: another delete (or
+                    // the server's shutdown) went first. It published the box's last state
+                    // before ending, so a delete that lost the race answers as a repeated one.
+                    None => {
+                        let last = h.state.borrow().clone();
+                        if last.state == BoxState::Destroyed {
+                            Ok(last)
+                        } else {
+                            Err(EngineError::Conflict(format!(
+                                "box {id} is {}; retry the delete",
+                                last.state.as_str()
+                            )))
+                        }
+                    }
+                }
             }
             None => {
                 self.stop_box_sessions(id, "box deleted").await;
