@@ -188,6 +188,8 @@ struct BoxProcs {
     workload: i64,
     /// Threads of the supervisors (summed).
     supervisor_threads: i64,
+    /// Threads of the boxes' PID 1s (summed).
+    init_threads: i64,
     processes: usize,
     /// Boxes whose cgroup listed no process (the box's cgroup path was not found).
     unseen: usize,
@@ -209,8 +211,9 @@ fn box_procs(ids: &[String]) -> BoxProcs {
         out.charged += (cg.counters().memory_bytes / 1024) as i64;
         let info: HashMap<u64, (u64, String)> =
             pids.iter().filter_map(|p| Some((*p, stat(*p)?))).collect();
-        // C is the box's PID 1 (its NSpid ends in 1); H, where one waits beside the box
-        // (before this session's change), is C's parent; the supervisor is C's child.
+        // C is the box's PID 1 (its NSpid ends in 1) and, since session 12, its supervisor
+        // too; H, where one waits beside the box (before session 9), is C's parent; a
+        // supervisor of its own (before session 12) is C's child.
         let init = info.keys().copied().find(|p| nspid_is_one(*p));
         let helper = init
             .and_then(|c| info.get(&c).map(|(pp, _)| *pp))
@@ -223,6 +226,7 @@ fn box_procs(ids: &[String]) -> BoxProcs {
                 out.helper += pss;
             } else if Some(*pid) == init {
                 out.init += pss;
+                out.init_threads += status_kb(&pid.to_string(), "Threads");
             } else if Some(*ppid) == init && comm != "sleep" {
                 out.supervisor += pss;
                 out.supervisor_threads += status_kb(&pid.to_string(), "Threads");
@@ -302,9 +306,13 @@ fn print_split(what: &str, a: &Snapshot, b: &Snapshot, n: usize, procs: &BoxProc
         per_box_kib(b.server_rss - a.server_rss, n)
     );
     println!("| box helper (H) PSS | {} |", per_box_kib(procs.helper, n));
-    println!("| box PID 1 (C) PSS | {} |", per_box_kib(procs.init, n));
     println!(
-        "| box supervisor PSS ({:.1} threads each) | {} |",
+        "| box PID 1 (C, the supervisor; {:.1} threads each) PSS | {} |",
+        procs.init_threads as f64 / n.max(1) as f64,
+        per_box_kib(procs.init, n)
+    );
+    println!(
+        "| a separate supervisor's PSS ({:.1} threads each) | {} |",
         procs.supervisor_threads as f64 / n.max(1) as f64,
         per_box_kib(procs.supervisor, n)
     );

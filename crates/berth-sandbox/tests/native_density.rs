@@ -1,7 +1,8 @@
-//! What an idle native box costs the host in tasks: its PID 1 and a one-threaded supervisor
-//! (no helper waiting beside it, no thread per bridge), a detached process outliving the exec
-//! that started it, bridges and a dead supervisor still handled by those two. Its own test
-//! binary: it counts tasks in box cgroups.
+//! What an idle native box costs the host in tasks: its PID 1, which is also its supervisor,
+//! with one thread (no helper waiting beside it, no thread per bridge, no second process), a
+//! detached process outliving the exec that started it and reaped by PID 1 when it ends,
+//! bridges served by that one thread, and PID 1's death as the box's. Its own test binary: it
+//! counts tasks in box cgroups.
 
 use berth_sandbox::conformance::{config, sh, small};
 use berth_sandbox::native::cgroup::BoxCgroup;
@@ -24,6 +25,11 @@ async fn until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A `sleep` started so that it outlives its exec. The exec's process group is killed when it
+/// ends, so the exec waits until the process has left the group (its session id is its pid).
+const DETACHED_SLEEP: &str = "setsid sh -c 'exec sleep 600' </dev/null >/dev/null 2>&1 & p=$!; \
+     while [ \"$(cut -d' ' -f6 /proc/$p/stat)\" != \"$p\" ]; do :; done";
+
 fn comm(pid: u64) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .unwrap_or_default()
@@ -32,7 +38,7 @@ fn comm(pid: u64) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
+async fn an_idle_box_is_one_task_and_a_detached_process_outlives_its_exec() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = NativeBackend::new(NativeConfig {
         data_dir: dir.path().to_path_buf(),
@@ -53,9 +59,9 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
     let info = b.create(cfg).await.expect("create");
     let cg = BoxCgroup::load(&id);
 
-    // Idle: PID 1 and the supervisor's one thread (no thread per listener), and nothing of
-    // the box's on the host besides (the helper that made it has exited).
-    let idle = until(10, || cg.counters().pids == 2).await;
+    // Idle: PID 1, the supervisor, with its one thread (no thread per listener), and nothing
+    // of the box's on the host besides (the helper that made it has exited).
+    let idle = until(10, || cg.counters().pids == 1).await;
     assert!(
         idle,
         "an idle box holds {} tasks: {:?}",
@@ -64,8 +70,7 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
     );
     let pid1 = b.pid1(&id).expect("pid1") as u64;
     let procs = cg.procs();
-    assert_eq!(procs.len(), 2, "{procs:?}");
-    assert!(procs.contains(&pid1));
+    assert_eq!(procs, vec![pid1]);
 
     // A bridge still answers, served by that one thread, its connection prefaced with the
     // port it was made to.
@@ -102,20 +107,12 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
     );
     assert_eq!(&got[2..], b"hi\n");
 
-    // A process started so that it outlives its exec: still there after the exec's end. The
-    // exec's process group is killed when it ends, so the exec waits until the process has
-    // left the group (its session id is its own pid).
-    let out = sh(
-        &b,
-        &id,
-        "setsid sh -c 'exec sleep 600' </dev/null >/dev/null 2>&1 & p=$!; \
-         while [ \"$(cut -d' ' -f6 /proc/$p/stat)\" != \"$p\" ]; do :; done",
-    )
-    .await;
+    // A process started so that it outlives its exec: still there after the exec's end.
+    let out = sh(&b, &id, DETACHED_SLEEP).await;
     assert_eq!(out.exit.code, Some(0));
     let settled = until(10, || {
         let p = cg.procs();
-        p.len() == 3 && p.iter().any(|p| comm(*p) == "sleep") && cg.counters().pids == 3
+        p.len() == 2 && p.iter().any(|p| comm(*p) == "sleep") && cg.counters().pids == 2
     })
     .await;
     assert!(
@@ -125,22 +122,44 @@ async fn an_idle_box_is_two_tasks_and_a_detached_process_outlives_its_exec() {
         cg.procs().iter().map(|p| comm(*p)).collect::<Vec<_>>()
     );
 
-    // Its supervisor's death is the box's: PID 1 reports it (128 + SIGKILL).
-    let sup = cg
+    // Its end is reaped by PID 1 (an orphan's status, not an exec's): the box's pids count
+    // holds a task until it is reaped, a zombie included.
+    let sleeper = cg
         .procs()
         .into_iter()
-        .find(|p| *p != pid1 && comm(*p) != "sleep")
-        .expect("supervisor");
+        .find(|p| comm(*p) == "sleep")
+        .expect("sleep");
+    // SAFETY: signalling a process of a box this test made.
+    unsafe { libc::kill(sleeper as i32, libc::SIGKILL) };
+    assert!(
+        until(10, || cg.counters().pids == 1).await,
+        "the orphan was not reaped: {} tasks",
+        cg.counters().pids
+    );
+    // Exec statuses still reach their execs, beside the orphans' reaping.
+    let out = sh(&b, &id, "sleep 0.1 & exit 7").await;
+    assert_eq!(out.exit.code, Some(7));
+
+    // PID 1's death is the box's, the end of every process in it. The box's own root cannot
+    // kill it (a PID namespace's init takes no signal it has no handler for from inside).
+    let _ = sh(&b, &id, "kill -9 1").await;
+    let out = sh(&b, &id, DETACHED_SLEEP).await;
+    assert_eq!(
+        out.exit.code,
+        Some(0),
+        "the box outlived its own kill of PID 1"
+    );
+    assert!(until(10, || cg.counters().pids == 2).await);
     let mut w = b.exit_watch(&id).expect("watch");
-    // SAFETY: signalling the supervisor of a box this test made.
-    unsafe { libc::kill(sup as i32, libc::SIGKILL) };
+    // SAFETY: signalling the PID 1 of a box this test made.
+    unsafe { libc::kill(pid1 as i32, libc::SIGKILL) };
     let reason = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|e| e.is_some()))
         .await
         .expect("the box's end noticed in time")
         .expect("watch")
         .clone();
-    assert_eq!(reason, Some(BoxExit::Exited { code: 137 }));
-    // Every process of the box went with its PID 1, the detached one too.
+    // Killed, it reported no exit code of its own.
+    assert_eq!(reason, Some(BoxExit::Exited { code: -1 }));
     assert!(
         until(10, || cg.procs().is_empty()).await,
         "{:?}",

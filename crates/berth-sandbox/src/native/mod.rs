@@ -13,6 +13,7 @@
 pub mod boost;
 pub mod bridge;
 pub mod cgroup;
+mod children;
 pub mod client;
 pub mod confine;
 pub mod disk;

@@ -14,7 +14,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// A started process and the supervisor's ends of its standard streams.
@@ -136,20 +135,17 @@ fn start(
         errno: AtomicI32::new(0),
     };
     let mut stack = vec![0u8; CHILD_STACK];
+    let top = stack.as_mut_ptr().wrapping_add(CHILD_STACK) as usize & !15;
     // SAFETY: the stack grows down from its (16-byte aligned) top; the child only reads `args`
     // (alive until clone returns: CLONE_VFORK) and writes its atomic errno slot.
-    let pid = unsafe {
-        let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
+    let pid = super::children::start(|| unsafe {
         libc::clone(
             child_main,
             top as *mut libc::c_void,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             &args as *const ChildArgs as *mut libc::c_void,
         )
-    };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    })?;
     let errno = args.errno.load(Ordering::SeqCst);
     if errno != 0 {
         // It has exited: reap it.
@@ -159,20 +155,9 @@ fn start(
     Ok(pid)
 }
 
-/// Wait for child `pid` to end (and reap it).
+/// Wait for child `pid` to end (and reap it, or take its status from the box's reaper).
 pub fn wait(pid: i32) -> io::Result<std::process::ExitStatus> {
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            return Ok(std::process::ExitStatus::from_raw(status));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    super::children::wait(pid)
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {

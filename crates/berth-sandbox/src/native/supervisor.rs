@@ -1,4 +1,7 @@
-//! The supervisor: the long-lived process inside a box (PID 2, child of the box's PID 1).
+//! The supervisor: the long-lived process inside a box. In a native box it is the box's PID 1
+//! itself (after set-up, [`super::init`]): it also reaps the box's orphans ([`super::children`])
+//! and ends, and with it the box, when the server's end of the report socket closes. In a
+//! container it is the runtime's entry point.
 //!
 //! It accepts exec connections on the control socket the host bound before the box was sealed
 //! (the socket's path is not inside the box's file tree, so box processes cannot reach it),
@@ -26,7 +29,25 @@ use std::time::Duration;
 /// hold the pipe open forever; we do not wait for it).
 pub(super) const DRAIN_GRACE: Duration = Duration::from_millis(200);
 
+/// What the supervisor also does as a native box's PID 1.
+pub(super) struct InitDuties {
+    /// SIGCHLD, blocked in every thread and read here: the box's children to reap.
+    pub sigchld: std::os::fd::OwnedFd,
+    /// The report socket (the server's end closing ends the box).
+    pub report: std::os::fd::RawFd,
+}
+
 pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
+    serve_box(listener, bridges, None)
+}
+
+/// The supervisor's life; with `init`, as the box's PID 1. Returns only by exiting: 0 when its
+/// control socket fails, 128 + SIGKILL when the server's end of the report socket closes.
+pub(super) fn serve_box(
+    listener: UnixListener,
+    bridges: Vec<Bridge>,
+    init: Option<InitDuties>,
+) -> ! {
     // Once here instead of in every exec; should it fail, each exec empties its own.
     if let Err(e) = super::confine::empty_bounding_set() {
         eprintln!("berth-supervisor: bounding set: {e}");
@@ -42,23 +63,45 @@ pub fn run(listener: UnixListener, bridges: Vec<Bridge>) -> ! {
         .map(|s| s.to_string())
         .collect();
     let _ = Confinement::prepare(crate::AGENT_UID, &writable);
-    accept_loop(&listener, &bridges);
-    std::process::exit(0)
+    let code = accept_loop(&listener, &bridges, init.as_ref());
+    if let Some(d) = &init {
+        // SAFETY: the report socket stays open for PID 1's whole life.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(d.report) };
+        super::init::report_on(
+            socket,
+            &super::init::InitReport {
+                exit: Some(code),
+                ..Default::default()
+            },
+        );
+    }
+    std::process::exit(code)
 }
 
-/// Wait on the control socket and every bridge listener at once, in this one thread: an idle
-/// box's supervisor is a single thread (a thread per listener cost each box three more tasks,
-/// of the host's `pid_max`, and their stacks). Each connection gets threads of its own.
-fn accept_loop(listener: &UnixListener, bridges: &[bridge::Listening]) {
+/// Wait on the control socket and every bridge listener at once (and, as PID 1, on SIGCHLD and
+/// the report socket), in this one thread: an idle box's supervisor is a single thread (a
+/// thread per listener cost each box three more tasks, of the host's `pid_max`, and their
+/// stacks). Each connection gets threads of its own. Returns the exit code.
+fn accept_loop(
+    listener: &UnixListener,
+    bridges: &[bridge::Listening],
+    init: Option<&InitDuties>,
+) -> i32 {
     use std::os::fd::AsRawFd;
+    let poll_in = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
         .chain(bridges.iter().map(|b| b.listener.as_raw_fd()))
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(poll_in)
         .collect();
+    let first_duty = fds.len();
+    if let Some(d) = init {
+        fds.push(poll_in(d.sigchld.as_raw_fd()));
+        fds.push(poll_in(d.report));
+    }
     // A connection reset between the poll and the accept must not block the loop.
     if listener.set_nonblocking(true).is_err()
         || bridges
@@ -66,7 +109,7 @@ fn accept_loop(listener: &UnixListener, bridges: &[bridge::Listening]) {
             .any(|b| b.listener.set_nonblocking(true).is_err())
     {
         eprintln!("berth-supervisor: listeners cannot be made non-blocking");
-        return;
+        return 1;
     }
     loop {
         // SAFETY: poll over pollfds we own.
@@ -76,10 +119,23 @@ fn accept_loop(listener: &UnixListener, bridges: &[bridge::Listening]) {
                 continue;
             }
             eprintln!("berth-supervisor: poll: {}", io::Error::last_os_error());
-            return;
+            return 1;
+        }
+        if let Some(d) = init {
+            if fds[first_duty + 1].revents != 0 {
+                // The server writes nothing after the go-ahead: readable means its end is gone.
+                return 128 + libc::SIGKILL;
+            }
+            if fds[first_duty].revents != 0 {
+                // Drain the notifications (coalesced: the reaping finds every child).
+                let mut info = [0u8; 128 * 4];
+                // SAFETY: reading into a buffer we own from our own signalfd.
+                unsafe { libc::read(d.sigchld.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+                super::children::reap_ready();
+            }
         }
         if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-            return;
+            return 0;
         }
         if fds[0].revents != 0 {
             accept_exec(listener);
@@ -365,7 +421,18 @@ fn wait_or_kill(pid: i32, ms: u64) -> io::Result<bool> {
     // SAFETY: pidfd_open on our own child; the fd is closed below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        // The box's reaper may have reaped it already: it ended in time.
+        if e.raw_os_error() == Some(libc::ESRCH) && super::children::reaped(pid) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    // Opened after the child was reaped, the pid may name another process: then it has ended.
+    if super::children::reaped(pid) {
+        // SAFETY: closing the pidfd we opened.
+        unsafe { libc::close(fd) };
+        return Ok(false);
     }
     let deadline = std::time::Instant::now() + Duration::from_millis(ms);
     let expired = loop {

@@ -2,13 +2,13 @@
 //! mounts go onto its copy of the template, the hostname is set, `lo` comes up (unless the
 //! zygote's namespace made ahead has it up), it `pivot_root`s into the template; only then
 //! does it become the box's host uid and enter a new user namespace (so every other namespace
-//! stays owned by the host's), wait for H to map it and become the box's root in it. It forks
-//! the supervisor (PID 2) and reaps until the end.
+//! stays owned by the host's), wait for H to map it and become the box's root in it. It then
+//! becomes the box's supervisor, which also reaps the box's orphans until the end.
 
 use super::loopback::loopback_up;
 use super::mounts::{enter_root, mount_box_parts};
-use super::reap::{reap_until_end, ChildSignals};
-use super::{ctx, report, InitConfig, InitReport};
+use super::reap::ChildSignals;
+use super::{ctx, InitConfig};
 use crate::native::supervisor;
 use nix::sched::CloneFlags;
 use nix::unistd::{sethostname, Gid, Uid};
@@ -106,8 +106,9 @@ pub(super) fn box_pid1(
         return 1;
     }
     drop(need);
-    // SIGCHLD is taken through a descriptor, so that PID 1 waits on its children and on the
-    // server's end of the report socket at once; the supervisor unblocks it at once.
+    // SIGCHLD is taken through a descriptor, blocked before any thread exists (threads inherit
+    // the mask), so that the supervisor's one poll waits on the box's children, its sockets and
+    // the server's end of the report socket at once.
     let sigchld = match ChildSignals::new() {
         Ok(s) => s,
         Err(e) => {
@@ -115,35 +116,22 @@ pub(super) fn box_pid1(
             return 1;
         }
     };
-    // SAFETY: PID 1 is single-threaded here.
-    let worker = match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(ready);
-            sigchld.release();
-            // SAFETY: plain prctl on ourselves.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-            supervisor::run(listener, cfg.bridges.clone());
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => child,
-        Err(e) => {
-            let _ = ready.write_all(format!("fork supervisor: {e}").as_bytes());
-            return 1;
-        }
-    };
-    drop(listener);
+    crate::native::children::reap_for_everyone();
     // H exits once it has reported the box: PID 1 must not die with it. Should H die before
     // it reads "ok", the write fails and PID 1 gives up (the server then removes the cgroup).
     // SAFETY: plain prctl on ourselves.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
     if ready.write_all(b"ok").is_err() {
-        let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGKILL);
         return 1;
     }
     drop(ready);
-    let code = reap_until_end(worker, &sigchld);
-    report(&InitReport {
-        exit: Some(code),
-        ..Default::default()
-    });
-    code as isize
+    // PID 1 is the supervisor: one process per idle box.
+    supervisor::serve_box(
+        listener,
+        cfg.bridges.clone(),
+        Some(supervisor::InitDuties {
+            sigchld: sigchld.into_fd(),
+            report: 1,
+        }),
+    )
 }

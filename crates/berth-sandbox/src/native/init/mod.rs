@@ -12,22 +12,22 @@
 //! brings up `lo`, `pivot_root`s into the template and detaches everything else, and only then
 //! enters a new user namespace in which box uid 0..65536 maps to an unprivileged host range
 //! that H writes. Every namespace but the user namespace stays owned by the host's, so even the
-//! box's "root" cannot reconfigure its network, mounts or hostname. C forks the supervisor
-//! (PID 2) and reaps orphans for the box's whole life.
+//! box's "root" cannot reconfigure its network, mounts or hostname. C then becomes the box's
+//! supervisor, which also reaps orphans for the box's whole life.
 //!
 //! H waits on its report socket (fd 1, the server holds the other end) for [`CGROUP_READY`],
 //! which the server sends once it has made the box's cgroup, and then writes an [`InitReport`]
 //! line to it, `{"pid": <host pid of C>}` or `{"error": "..."}`, and exits: C passes to the
 //! zygote (a subreaper). C holds the same socket as its fd 1 and writes `{"exit": code}` when
-//! its supervisor ends. Should the server's end close (the server died or dropped the box), C
-//! returns, which ends every process of the box: no box outlives the process responsible for
-//! it. An idle box is thus two processes, C and its one-threaded supervisor.
+//! its supervisor's loop ends. Should the server's end close (the server died or dropped the
+//! box), C exits, which ends every process of the box: no box outlives the process responsible
+//! for it. An idle box is thus one process, C, with one thread.
 //!
 //! The stages live in their own modules: `container` (the supervisor alone, in a box a
 //! container runtime made), `helper` (H: joining the cgroup, starting C, writing its uid
-//! map), `box_pid1` (C's set-up, in order, and its supervisor), `template` (the shared
-//! root), `mounts` (C's own mounts and its `pivot_root`), `loopback` (bringing up `lo`)
-//! and `reap` (PID 1's life after set-up).
+//! map), `box_pid1` (C's set-up, in order, before it becomes the supervisor), `template`
+//! (the shared root), `mounts` (C's own mounts and its `pivot_root`), `loopback` (bringing
+//! up `lo`) and `reap` (the SIGCHLD descriptor PID 1 reaps by).
 
 mod box_pid1;
 mod container;

@@ -1,9 +1,7 @@
-//! PID 1's life after set-up: SIGCHLD taken through a signalfd, so that PID 1 reaps every
-//! child (orphans included) and watches the server's end of the report socket at once; the
-//! supervisor's end, or the server's, ends PID 1 and with it every process of the box.
+//! SIGCHLD for the box's PID 1, taken through a signalfd: PID 1, once it is the supervisor,
+//! polls it beside its sockets and reaps every child of the box, orphans included
+//! ([`crate::native::children`]).
 
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::Pid;
 use std::io;
 use std::os::fd::OwnedFd;
 
@@ -13,8 +11,9 @@ pub(super) struct ChildSignals {
 }
 
 impl ChildSignals {
+    /// Blocks SIGCHLD in the calling thread, and so in every thread it starts afterwards.
     pub(super) fn new() -> io::Result<ChildSignals> {
-        // SAFETY: sigset and signalfd calls on values we own; PID 1 is single-threaded.
+        // SAFETY: sigset and signalfd calls on values we own; PID 1 is single-threaded here.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -32,66 +31,7 @@ impl ChildSignals {
         }
     }
 
-    /// In a fork of PID 1: SIGCHLD unblocked again and the descriptor closed.
-    pub(super) fn release(self) {
-        // SAFETY: as above, on the calling (single) thread.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGCHLD);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        }
-    }
-}
-
-/// PID 1's life after set-up: reap every child (orphans included) until the supervisor ends,
-/// returning its exit code (128 + signal when killed); or, should the server's end of the
-/// report socket (fd 1) close, return at once — PID 1's end ends every process of the box.
-pub(super) fn reap_until_end(worker: Pid, sigchld: &ChildSignals) -> i32 {
-    use std::os::fd::AsRawFd;
-    loop {
-        loop {
-            match waitpid(
-                Pid::from_raw(-1),
-                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-            ) {
-                Ok(WaitStatus::Exited(p, c)) if p == worker => return c,
-                Ok(WaitStatus::Signaled(p, s, _)) if p == worker => return 128 + s as i32,
-                Ok(WaitStatus::StillAlive) => break,
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => return 1,
-            }
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: sigchld.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: 1,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: poll over two pollfds we own.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return 1;
-        }
-        if fds[1].revents != 0 {
-            // The server writes nothing after the go-ahead: readable means its end is gone.
-            return 128 + libc::SIGKILL;
-        }
-        if fds[0].revents != 0 {
-            // Drain the pending notifications (the reaping above finds every child).
-            let mut info = [0u8; 128 * 4];
-            // SAFETY: reading into a buffer we own from our own signalfd.
-            unsafe { libc::read(sigchld.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
-        }
+    pub(super) fn into_fd(self) -> OwnedFd {
+        self.fd
     }
 }
