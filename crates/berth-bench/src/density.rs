@@ -367,6 +367,36 @@ fn around(times: &[Duration], at: usize) -> Option<Duration> {
     Some(median(&mut w))
 }
 
+/// Create times of one tenth of a run (boxes `from`..=`to`, counted from 1).
+struct Tenth {
+    from: usize,
+    to: usize,
+    median: Duration,
+    p90: Duration,
+    max: Duration,
+}
+
+fn tenths(times: &[Duration]) -> Vec<Tenth> {
+    let n = times.len();
+    if n < 10 {
+        return Vec::new();
+    }
+    (0..10)
+        .map(|i| {
+            let (lo, hi) = (i * n / 10, (i + 1) * n / 10);
+            let mut w = times[lo..hi].to_vec();
+            w.sort();
+            Tenth {
+                from: lo + 1,
+                to: hi,
+                median: crate::percentile(&w, 0.5),
+                p90: crate::percentile(&w, 0.9),
+                max: w.last().copied().unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
 pub async fn run(o: Opts) -> anyhow::Result<()> {
     // The server holds a few descriptors per box: take the hard limit.
     let mut lim = libc::rlimit {
@@ -553,6 +583,29 @@ pub async fn run(o: Opts) -> anyhow::Result<()> {
             "| box {n} ÷ box 10 | {:.2} |",
             b.as_secs_f64() / a.as_secs_f64().max(1e-9)
         );
+    }
+    // The 11 around one box swing with whatever the host did at that moment (a file system
+    // commit, the server's sampling of every box): each tenth of the run, whole, shows the trend.
+    let tenths = tenths(&times);
+    if let (Some(first), Some(last)) = (tenths.first(), tenths.last()) {
+        println!();
+        println!("| create time by tenth of the run | median ms | p90 ms | max ms |");
+        println!("| --- | ---: | ---: | ---: |");
+        for t in &tenths {
+            println!(
+                "| boxes {}–{} | {} | {} | {} |",
+                t.from,
+                t.to,
+                crate::ms(t.median),
+                crate::ms(t.p90),
+                crate::ms(t.max)
+            );
+        }
+        println!(
+            "| last tenth ÷ first tenth (medians) | {:.2} | | |",
+            last.median.as_secs_f64() / first.median.as_secs_f64().max(1e-9)
+        );
+        println!();
     }
     println!("| mounts in a box's namespace | {mounts_per_box} |");
     print_split("boxes only", &s0, &s1, n, &procs1);

@@ -136,7 +136,21 @@ async fn an_idle_box_is_one_task_and_a_detached_process_outlives_its_exec() {
         "the orphan was not reaped: {} tasks",
         cg.counters().pids
     );
-    // Exec statuses still reach their execs, beside the orphans' reaping.
+    // Exec statuses still reach their execs, beside the orphans' reaping: execs that end at
+    // once, four at a time, each with a timeout (its wait opens the child's pidfd, which PID 1
+    // may have reaped by then), and one leaving an orphan behind.
+    let (backend, box_id) = (&b, id.as_str());
+    for round in 0..250 {
+        let codes = futures::future::join_all((0..8).map(|i| async move {
+            sh(backend, box_id, &format!("exit {}", (round + i) % 5))
+                .await
+                .exit
+                .code
+        }))
+        .await;
+        let want: Vec<_> = (0..8).map(|i| Some((round + i) % 5)).collect();
+        assert_eq!(codes, want, "round {round}");
+    }
     let out = sh(&b, &id, "sleep 0.1 & exit 7").await;
     assert_eq!(out.exit.code, Some(7));
 

@@ -9,7 +9,10 @@
 //!
 //! Ordering: a child is registered ([`start`]) under the same lock the reaper takes to file a
 //! status, and the lock is held from before the child exists until it is registered, so a
-//! status is never filed before its waiter is known, however soon the child dies.
+//! status is never filed before its waiter is known, however soon the child dies. The lock
+//! is held over a start's `vfork` (until the child has `exec`ed, ~1 ms): a program whose exec
+//! never returns (its interpreter a FIFO nobody writes, say) stalls that box's other execs and
+//! its reaping with it, and nothing outside the box.
 //!
 //! Elsewhere (a container's supervisor, the tests) nothing calls [`reap_for_everyone`] and each
 //! waiter reaps its own child with `waitpid(pid)`.
@@ -76,7 +79,8 @@ pub(super) fn wait(pid: i32) -> io::Result<ExitStatus> {
 }
 
 /// Whether child `pid` has already been reaped (so it is no longer there to be opened or
-/// signalled by its pid).
+/// signalled by its pid). A child found gone by its pid is found here: its reap and the
+/// filing of its status are one step under the lock.
 pub(super) fn reaped(pid: i32) -> bool {
     REAPER
         .get()
@@ -85,9 +89,13 @@ pub(super) fn reaped(pid: i32) -> bool {
 
 /// Reap every child that has ended, filing the statuses of awaited ones (the reaper's job,
 /// after each SIGCHLD). Returns how many were reaped.
+///
+/// Each reap happens under the lock: a child is never seen gone (its pid freed, a pidfd
+/// refused) without its status filed, as [`reaped`] tells.
 pub(super) fn reap_ready() -> usize {
     let mut n = 0;
     loop {
+        let mut guard = REAPER.get().map(lock);
         let mut status = 0;
         // SAFETY: waitpid on any child of ours, with a status slot we own.
         let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
@@ -98,8 +106,7 @@ pub(super) fn reap_ready() -> usize {
             return n;
         }
         n += 1;
-        if let Some(a) = REAPER.get() {
-            let mut g = lock(a);
+        if let (Some(g), Some(a)) = (guard.as_mut(), REAPER.get()) {
             if let Some(slot) = g.get_mut(&pid) {
                 *slot = Some(status);
                 a.filed.notify_all();
