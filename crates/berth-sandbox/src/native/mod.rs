@@ -98,7 +98,8 @@ pub struct NativeBackend {
     caps: Capabilities,
     disks: DiskSupply,
     boxes: Mutex<HashMap<String, Arc<LiveBox>>>,
-    slots: Mutex<BTreeSet<u32>>,
+    /// Uid-range slots no box holds; a create takes the lowest (O(log n), not a scan).
+    free_slots: Mutex<BTreeSet<u32>>,
     /// Ids of destroyed boxes whose files and loop devices are still being released.
     reaping: Arc<Mutex<HashSet<String>>>,
     /// Notified each time a reap finishes.
@@ -168,7 +169,7 @@ impl NativeBackend {
             caps,
             disks,
             boxes: Mutex::new(HashMap::new()),
-            slots: Mutex::new(BTreeSet::new()),
+            free_slots: Mutex::new((0..MAX_SLOTS).collect()),
             reaping: Arc::new(Mutex::new(HashSet::new())),
             settled: Arc::new(tokio::sync::Notify::new()),
             zygote: Mutex::new(None),
@@ -226,20 +227,16 @@ impl NativeBackend {
     }
 
     fn alloc_slot(&self) -> Result<u32> {
-        let mut slots = self
-            .slots
+        self.free_slots
             .lock()
-            .map_err(|_| SandboxError::Io(std::io::Error::other("slot table poisoned")))?;
-        let slot = (0..MAX_SLOTS)
-            .find(|s| !slots.contains(s))
-            .ok_or_else(|| SandboxError::Start("too many boxes".into()))?;
-        slots.insert(slot);
-        Ok(slot)
+            .map_err(|_| SandboxError::Io(std::io::Error::other("slot table poisoned")))?
+            .pop_first()
+            .ok_or_else(|| SandboxError::Start("too many boxes".into()))
     }
 
     fn free_slot(&self, slot: u32) {
-        if let Ok(mut s) = self.slots.lock() {
-            s.remove(&slot);
+        if let Ok(mut s) = self.free_slots.lock() {
+            s.insert(slot);
         }
     }
 

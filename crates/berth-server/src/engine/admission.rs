@@ -176,12 +176,12 @@ impl Admission {
             .lock()
             .map_err(|_| EngineError::Internal("admission lock poisoned".into()))?;
         let mut held = reserved.get(tenant).copied().unwrap_or_default();
-        for h in self.registry.boxes() {
+        self.registry.for_each_box(|h| {
             let b = h.state.borrow();
-            if b.tenant == tenant && holds_resources(b.state) {
+            if holds_resources(b.state) && b.tenant == tenant {
                 held.add(&b.resources);
             }
-        }
+        });
         let quota = |msg: String| Err(EngineError::Quota(msg));
         let max_boxes = self.max_boxes_per_tenant;
         if held.boxes >= max_boxes {

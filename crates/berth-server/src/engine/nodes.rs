@@ -247,16 +247,16 @@ impl Engine {
     /// What this node's live boxes hold.
     fn node_load(&self) -> NodeCapacity {
         let mut load = NodeCapacity::default();
-        for h in self.registry.boxes() {
+        self.registry.for_each_box(|h| {
             let b = h.state.borrow();
             if b.state.is_terminal() || b.state == BoxState::Parked {
-                continue;
+                return;
             }
             load.boxes += 1;
             load.cpus += b.resources.cpus;
             load.memory_mib += b.resources.memory_mib;
             load.disk_mib += b.resources.disk_mib;
-        }
+        });
         load
     }
 

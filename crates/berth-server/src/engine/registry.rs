@@ -56,6 +56,15 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Call `f` with every box that has an owner task, under the registry's read lock: for
+    /// sums over every box on each create (no handle cloned, nothing allocated). `f` must not
+    /// touch the registry.
+    pub fn for_each_box(&self, mut f: impl FnMut(&BoxHandle)) {
+        if let Ok(m) = self.boxes.read() {
+            m.values().for_each(&mut f);
+        }
+    }
+
     /// Every session with an owner task.
     pub fn sessions(&self) -> Vec<SessionHandle> {
         self.sessions
