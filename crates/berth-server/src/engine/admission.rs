@@ -30,23 +30,24 @@ pub struct TenantTotals {
     pub disk_mib: Option<u64>,
 }
 
+/// What some boxes hold together.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Held {
-    boxes: usize,
-    cpus: f64,
-    memory_mib: u64,
-    disk_mib: u64,
+pub struct Held {
+    pub boxes: usize,
+    pub cpus: f64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
 }
 
 impl Held {
-    fn add(&mut self, r: &Resources) {
+    pub fn add(&mut self, r: &Resources) {
         self.boxes += 1;
         self.cpus += r.cpus;
         self.memory_mib = self.memory_mib.saturating_add(r.memory_mib);
         self.disk_mib = self.disk_mib.saturating_add(r.disk_mib);
     }
 
-    fn sub(&mut self, r: &Resources) {
+    pub fn sub(&mut self, r: &Resources) {
         self.boxes = self.boxes.saturating_sub(1);
         self.cpus = (self.cpus - r.cpus).max(0.0);
         self.memory_mib = self.memory_mib.saturating_sub(r.memory_mib);
@@ -133,7 +134,7 @@ pub fn check_max_box(r: &Resources, max: &MaxBox) -> Result<(), EngineError> {
 
 /// Whether a box in `state` has a running sandbox, so counts against its tenant's limits:
 /// a box being parked or restored runs (its archive is being made or unpacked).
-fn holds_resources(state: BoxState) -> bool {
+pub fn holds_resources(state: BoxState) -> bool {
     matches!(
         state,
         BoxState::Creating | BoxState::Running | BoxState::Parking | BoxState::Restoring
@@ -176,12 +177,11 @@ impl Admission {
             .lock()
             .map_err(|_| EngineError::Internal("admission lock poisoned".into()))?;
         let mut held = reserved.get(tenant).copied().unwrap_or_default();
-        self.registry.for_each_box(|h| {
-            let b = h.state.borrow();
-            if holds_resources(b.state) && b.tenant == tenant {
-                held.add(&b.resources);
-            }
-        });
+        let live = self.registry.held(tenant);
+        held.boxes += live.boxes;
+        held.cpus += live.cpus;
+        held.memory_mib = held.memory_mib.saturating_add(live.memory_mib);
+        held.disk_mib = held.disk_mib.saturating_add(live.disk_mib);
         let quota = |msg: String| Err(EngineError::Quota(msg));
         let max_boxes = self.max_boxes_per_tenant;
         if held.boxes >= max_boxes {

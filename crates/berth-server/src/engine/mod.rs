@@ -6,7 +6,7 @@
 //! the new object. Events go to the store first and are then broadcast, so a subscriber that
 //! falls behind (or reconnects) catches up from the store without gaps.
 //!
-//! The registry maps ids to handles only; it holds no state of its own.
+//! The registry maps ids to handles, and keeps what each tenant's live boxes hold for admission.
 
 pub mod admission;
 mod anthropic;

@@ -1,33 +1,91 @@
-//! The registry: which boxes and sessions have an owner task, by id, and their handles. It
-//! holds no state of its own — each object's state is its owner's `watch` — and is shared by
-//! the engine and the actors (a box asks whether an agent in it is mid-turn; an owner task
-//! removes itself when it ends).
+//! The registry: which boxes and sessions have an owner task, by id, and their handles. Each
+//! object's state is its owner's `watch`; the registry keeps only, per tenant, what its boxes
+//! holding resources hold (updated by each box owner's publish, read by admission on every
+//! create). It is shared by the engine and the actors (a box asks whether an agent in it is
+//! mid-turn; an owner task removes itself when it ends).
 
+use super::admission::{holds_resources, Held};
 use super::boxes::BoxHandle;
 use super::sessions::{SessionCmd, SessionHandle};
-use berth_api::SessionState;
+use berth_api::{BoxObject, Resources, SessionState};
 use std::collections::HashMap;
 use std::sync::RwLock;
 
 #[derive(Default)]
 pub struct Registry {
-    boxes: RwLock<HashMap<String, BoxHandle>>,
+    boxes: RwLock<Boxes>,
     sessions: RwLock<HashMap<String, SessionHandle>>,
+}
+
+/// The boxes with an owner task, and what those holding resources hold per tenant, kept as
+/// their owners publish states (admission reads a tenant's sum instead of walking every box).
+#[derive(Default)]
+struct Boxes {
+    handles: HashMap<String, BoxHandle>,
+    /// Boxes counted against their tenant: id → (tenant, resources).
+    counted: HashMap<String, (String, Resources)>,
+    held: HashMap<String, Held>,
+}
+
+impl Boxes {
+    fn uncount(&mut self, id: &str) {
+        if let Some((tenant, r)) = self.counted.remove(id) {
+            if let Some(h) = self.held.get_mut(&tenant) {
+                h.sub(&r);
+                if h.boxes == 0 {
+                    self.held.remove(&tenant);
+                }
+            }
+        }
+    }
+
+    /// Count `b` as its state says, if it has an owner task here.
+    fn recount(&mut self, b: &BoxObject) {
+        self.uncount(&b.id);
+        if holds_resources(b.state) && self.handles.contains_key(&b.id) {
+            self.held
+                .entry(b.tenant.clone())
+                .or_default()
+                .add(&b.resources);
+            self.counted
+                .insert(b.id.clone(), (b.tenant.clone(), b.resources));
+        }
+    }
 }
 
 impl Registry {
     pub fn box_handle(&self, id: &str) -> Option<BoxHandle> {
-        self.boxes.read().ok()?.get(id).cloned()
+        self.boxes.read().ok()?.handles.get(id).cloned()
     }
 
     pub fn session_handle(&self, id: &str) -> Option<SessionHandle> {
         self.sessions.read().ok()?.get(id).cloned()
     }
 
+    /// Its state is read here, under the lock its owner's [`Registry::publish_box`] takes
+    /// after each change: whichever comes first, the count ends on the latest state.
     pub fn insert_box(&self, id: &str, h: BoxHandle) {
         if let Ok(mut m) = self.boxes.write() {
-            m.insert(id.to_string(), h);
+            m.handles.insert(id.to_string(), h.clone());
+            let b = h.state.borrow();
+            m.recount(&b);
         }
+    }
+
+    /// A box's owner has published `b` (its new state): count it accordingly.
+    pub fn publish_box(&self, b: &BoxObject) {
+        if let Ok(mut m) = self.boxes.write() {
+            m.recount(b);
+        }
+    }
+
+    /// What `tenant`'s boxes with an owner task hold (those whose state holds resources).
+    pub fn held(&self, tenant: &str) -> Held {
+        self.boxes
+            .read()
+            .ok()
+            .and_then(|m| m.held.get(tenant).copied())
+            .unwrap_or_default()
     }
 
     pub fn insert_session(&self, id: &str, h: SessionHandle) {
@@ -38,7 +96,8 @@ impl Registry {
 
     pub fn forget_box(&self, id: &str) {
         if let Ok(mut m) = self.boxes.write() {
-            m.remove(id);
+            m.handles.remove(id);
+            m.uncount(id);
         }
     }
 
@@ -52,16 +111,15 @@ impl Registry {
     pub fn boxes(&self) -> Vec<BoxHandle> {
         self.boxes
             .read()
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.handles.values().cloned().collect())
             .unwrap_or_default()
     }
 
-    /// Call `f` with every box that has an owner task, under the registry's read lock: for
-    /// sums over every box on each create (no handle cloned, nothing allocated). `f` must not
-    /// touch the registry.
+    /// Call `f` with every box that has an owner task, under the registry's read lock (no
+    /// handle cloned, nothing allocated). `f` must not touch the registry.
     pub fn for_each_box(&self, mut f: impl FnMut(&BoxHandle)) {
         if let Ok(m) = self.boxes.read() {
-            m.values().for_each(&mut f);
+            m.handles.values().for_each(&mut f);
         }
     }
 

@@ -411,6 +411,65 @@ async fn simultaneous_deletes_of_a_box_all_answer_with_the_destroyed_box() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_tenants_quota_follows_its_boxes_states() {
+    let w = world(false, 2).await;
+    w.fake.on_exec(
+        |argv| argv.iter().any(|a| a == "-cf"),
+        FakeExec::stdout(ARCHIVE),
+    );
+    let hybrid = bounded(
+        "create",
+        w.engine
+            .create_box("t1", spec(Lifecycle::Hybrid, Some(60), None)),
+    )
+    .await
+    .expect("create");
+    let kept = bounded(
+        "create",
+        w.engine
+            .create_box("t1", spec(Lifecycle::Persistent, None, None)),
+    )
+    .await
+    .expect("create");
+    let quota = |r: Result<BoxObject, EngineError>| matches!(r, Err(EngineError::Quota(_)));
+    let third = || {
+        w.engine
+            .create_box("t1", spec(Lifecycle::Persistent, None, None))
+    };
+    assert!(quota(bounded("create", third()).await), "two boxes run");
+    // Another tenant counts apart.
+    let other = bounded(
+        "create",
+        w.engine
+            .create_box("t2", spec(Lifecycle::Persistent, None, None)),
+    )
+    .await
+    .expect("another tenant's box");
+    // A parked box holds nothing: its place is free.
+    box_until(&w, &hybrid.id, "park", |b| b.state == BoxState::Parked).await;
+    let made = bounded("create", third())
+        .await
+        .expect("the parked box's place");
+    assert!(
+        quota(bounded("create", third()).await),
+        "two boxes run again"
+    );
+    // A deleted box frees its place; its second delete changes nothing.
+    for _ in 0..2 {
+        bounded("delete", w.engine.delete_box("t1", &kept.id))
+            .await
+            .expect("delete");
+    }
+    bounded("create", third())
+        .await
+        .expect("the deleted box's place");
+    assert!(quota(bounded("create", third()).await), "and no more");
+    assert_eq!(w.engine.registry.held("t1").boxes, 2);
+    assert_eq!(w.engine.registry.held("t2").boxes, 1);
+    let _ = (made, other);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_cron_scheduler_fires_on_the_engines_clock() {
     let w = world(false, 10).await;
     w.fake.on_program("fake-agent", FakeExec::echo());

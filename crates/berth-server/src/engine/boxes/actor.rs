@@ -121,7 +121,8 @@ pub(super) struct BoxActor {
     pub(super) last_seq: i64,
     /// Start of the current egress-event minute, events recorded in it, and events dropped.
     pub(super) egress_window: (Instant, u32, u64),
-    pub(super) state: watch::Sender<BoxObject>,
+    /// Written only by [`BoxActor::publish`], which also updates the registry's count.
+    state: watch::Sender<BoxObject>,
     pub(super) rx: mpsc::Receiver<BoxCmd>,
     /// `BoxHandle::hold`'s count of uses in flight.
     pub(super) in_use: Arc<AtomicUsize>,
@@ -266,7 +267,14 @@ impl BoxActor {
         if let Err(e) = self.deps.store.put_box(&self.obj).await {
             tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
         }
+        self.publish();
+    }
+
+    /// Publish the box's state to its handles, then to the registry's per-tenant count (in
+    /// that order: see [`Registry::insert_box`](crate::engine::registry::Registry::insert_box)).
+    pub(super) fn publish(&self) {
         self.state.send_replace(self.obj.clone());
+        self.deps.registry.publish_box(&self.obj);
     }
 
     pub(super) fn box_config(&self) -> BoxConfig {
@@ -462,7 +470,7 @@ impl BoxActor {
                         if let Err(e) = self.deps.store.put_box(&self.obj).await {
                             tracing::error!(box_id = %self.obj.id, error = %e, "persisting the idle timeout");
                         }
-                        self.state.send_replace(self.obj.clone());
+                        self.publish();
                         idle = idle_timeout_s.map(Duration::from_secs);
                         last_activity = Instant::now();
                         let _ = reply.send(());

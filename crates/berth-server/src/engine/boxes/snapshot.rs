@@ -177,7 +177,7 @@ impl BoxActor {
             if let Err(e) = self.deps.store.put_box(&self.obj).await {
                 tracing::error!(box_id = %self.obj.id, error = %e, "persisting box state");
             }
-            self.state.send_replace(self.obj.clone());
+            self.publish();
         }
     }
 }
