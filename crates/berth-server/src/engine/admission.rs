@@ -47,6 +47,15 @@ impl Held {
         self.disk_mib = self.disk_mib.saturating_add(r.disk_mib);
     }
 
+    fn plus(self, o: &Held) -> Held {
+        Held {
+            boxes: self.boxes + o.boxes,
+            cpus: self.cpus + o.cpus,
+            memory_mib: self.memory_mib.saturating_add(o.memory_mib),
+            disk_mib: self.disk_mib.saturating_add(o.disk_mib),
+        }
+    }
+
     pub fn sub(&mut self, r: &Resources) {
         self.boxes = self.boxes.saturating_sub(1);
         self.cpus = (self.cpus - r.cpus).max(0.0);
@@ -176,12 +185,11 @@ impl Admission {
             .0
             .lock()
             .map_err(|_| EngineError::Internal("admission lock poisoned".into()))?;
-        let mut held = reserved.get(tenant).copied().unwrap_or_default();
-        let live = self.registry.held(tenant);
-        held.boxes += live.boxes;
-        held.cpus += live.cpus;
-        held.memory_mib = held.memory_mib.saturating_add(live.memory_mib);
-        held.disk_mib = held.disk_mib.saturating_add(live.disk_mib);
+        let held = reserved
+            .get(tenant)
+            .copied()
+            .unwrap_or_default()
+            .plus(&self.registry.held(tenant));
         let quota = |msg: String| Err(EngineError::Quota(msg));
         let max_boxes = self.max_boxes_per_tenant;
         if held.boxes >= max_boxes {
