@@ -88,14 +88,14 @@ pub(super) fn reaped(pid: i32) -> bool {
 }
 
 /// Reap every child that has ended, filing the statuses of awaited ones (the reaper's job,
-/// after each SIGCHLD). Returns how many were reaped.
+/// after each SIGCHLD).
 ///
 /// Each reap happens under the lock: a child is never seen gone (its pid freed, a pidfd
 /// refused) without its status filed, as [`reaped`] tells.
-pub(super) fn reap_ready() -> usize {
-    let mut n = 0;
+pub(super) fn reap_ready() {
+    let reaper = REAPER.get();
     loop {
-        let mut guard = REAPER.get().map(lock);
+        let mut guard = reaper.map(lock);
         let mut status = 0;
         // SAFETY: waitpid on any child of ours, with a status slot we own.
         let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
@@ -103,10 +103,9 @@ pub(super) fn reap_ready() -> usize {
             if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return n;
+            return;
         }
-        n += 1;
-        if let (Some(g), Some(a)) = (guard.as_mut(), REAPER.get()) {
+        if let (Some(a), Some(g)) = (reaper, guard.as_mut()) {
             if let Some(slot) = g.get_mut(&pid) {
                 *slot = Some(status);
                 a.filed.notify_all();

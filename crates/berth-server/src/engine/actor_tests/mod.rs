@@ -438,7 +438,7 @@ async fn a_tenants_quota_follows_its_boxes_states() {
     };
     assert!(quota(bounded("create", third()).await), "two boxes run");
     // Another tenant counts apart.
-    let other = bounded(
+    bounded(
         "create",
         w.engine
             .create_box("t2", spec(Lifecycle::Persistent, None, None)),
@@ -447,7 +447,7 @@ async fn a_tenants_quota_follows_its_boxes_states() {
     .expect("another tenant's box");
     // A parked box holds nothing: its place is free.
     box_until(&w, &hybrid.id, "park", |b| b.state == BoxState::Parked).await;
-    let made = bounded("create", third())
+    bounded("create", third())
         .await
         .expect("the parked box's place");
     assert!(
@@ -466,7 +466,6 @@ async fn a_tenants_quota_follows_its_boxes_states() {
     assert!(quota(bounded("create", third()).await), "and no more");
     assert_eq!(w.engine.registry.held("t1").boxes, 2);
     assert_eq!(w.engine.registry.held("t2").boxes, 1);
-    let _ = (made, other);
 }
 
 #[tokio::test(start_paused = true)]
