@@ -216,6 +216,67 @@ async fn an_image_root_with_a_secret_replaced_between_boxes() {
     }
 }
 
+/// More images than the zygote keeps templates for: each box sees its own image and nothing of
+/// another's (its mount namespace is a copy of its template's alone), the boxes whose templates
+/// were dropped keep working, and an image whose template was dropped gets a new one.
+#[tokio::test]
+async fn more_images_than_templates_kept() {
+    let b = &env().backend;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = berth_sandbox::native::zygote::MAX_TEMPLATES + 1;
+    let roots: Vec<_> = (0..images)
+        .map(|i| {
+            let root = dir.path().join(format!("image-{i}"));
+            minimal_rootfs(&root);
+            std::fs::write(root.join("etc/marker"), format!("image {i}\n")).expect("marker");
+            root
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for (i, root) in roots.iter().enumerate() {
+        let mut cfg =
+            conformance::config(&env().fixture.id(&format!("tpl-{i}")), conformance::small());
+        cfg.image = berth_sandbox::Image::Rootfs(root.clone());
+        b.create(cfg.clone()).await.expect("create");
+        let out = conformance::run(b, &cfg.id, vec!["cat".into(), "/etc/marker".into()]).await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("image {i}\n"));
+        let mounts = conformance::run(
+            b,
+            &cfg.id,
+            vec!["cat".into(), "/proc/self/mountinfo".into()],
+        )
+        .await;
+        let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
+        let name = |r: &std::path::PathBuf| format!("{}/", r.display());
+        assert!(
+            mounts.contains(&name(root)),
+            "box {i} lacks its own image: {mounts}"
+        );
+        for (j, other) in roots.iter().enumerate().filter(|(j, _)| *j != i) {
+            assert!(
+                !mounts.contains(&name(other)),
+                "box {i} holds image {j}'s mounts: {mounts}"
+            );
+        }
+        ids.push(cfg.id);
+    }
+    // The first image's template was dropped to make room: its box still runs, and a new box
+    // of that image gets a template again.
+    for (i, id) in ids.iter().enumerate() {
+        let out = conformance::run(b, id, vec!["cat".into(), "/etc/marker".into()]).await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("image {i}\n"));
+    }
+    let mut cfg = conformance::config(&env().fixture.id("tpl-again"), conformance::small());
+    cfg.image = berth_sandbox::Image::Rootfs(roots[0].clone());
+    b.create(cfg.clone()).await.expect("create again");
+    let out = conformance::run(b, &cfg.id, vec!["cat".into(), "/etc/marker".into()]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "image 0\n");
+    ids.push(cfg.id);
+    for id in &ids {
+        b.destroy(id).await.expect("destroy");
+    }
+}
+
 #[tokio::test]
 async fn network_and_syscalls() {
     conformance::network_and_syscalls(&env().backend, &env().fixture).await;

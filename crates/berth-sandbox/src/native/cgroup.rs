@@ -88,7 +88,11 @@ impl BoxCgroup {
         if let Some(c) = self.cg.controller_of::<CpuController>() {
             let quota = (limits.cpus * CPU_PERIOD_US as f64).round() as i64;
             let quota = quota.max(1000);
-            c.set_cfs_quota_and_period(Some(quota), Some(CPU_PERIOD_US))
+            // Each write of the period, the quota or the burst walks every task group on the
+            // host (~0.4 ms each at 4,500 boxes): a new group has the kernel's default
+            // period, ours, so the period is written only where it differs.
+            let period = (c.cfs_period().ok() != Some(CPU_PERIOD_US)).then_some(CPU_PERIOD_US);
+            c.set_cfs_quota_and_period(Some(quota), period)
                 .map_err(|e| err("cpu quota", e))?;
             // A process starting in an idle box (an agent's CLI: a burst of work on several
             // threads) may spend the quota the box left unused, up to one period's worth,

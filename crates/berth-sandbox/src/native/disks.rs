@@ -7,7 +7,6 @@
 //! the box's mounts are gone (and after a failed create), is idempotent, and is a no-op where
 //! the disk goes with the box's files (images, directories).
 
-use super::init::DiskSource;
 use super::{disk, shared_disk};
 use crate::{fsops, Result, SandboxError};
 use std::os::fd::OwnedFd;
@@ -83,22 +82,14 @@ impl DiskSupply {
 
     /// Box `id`'s disk of `mib` MiB; `dir` is the box's directory (images and plain
     /// directories live there).
-    pub(super) async fn take(
-        &self,
-        id: &str,
-        mib: u64,
-        dir: &Path,
-    ) -> Result<(DiskSource, Option<BoxDisk>)> {
+    pub(super) async fn take(&self, id: &str, mib: u64, dir: &Path) -> Result<BoxDisk> {
         Ok(match self {
             DiskSupply::Shared(shared) => {
                 let mount = shared.create(id, mib)?;
-                (
-                    DiskSource::Mounted,
-                    Some(BoxDisk {
-                        mount,
-                        loop_dev: None,
-                    }),
-                )
+                BoxDisk {
+                    mount,
+                    loop_dev: None,
+                }
             }
             DiskSupply::Images(pool) => {
                 let img = dir.join("disk.img");
@@ -112,18 +103,27 @@ impl DiskSupply {
                             .map_err(|e| SandboxError::Start(format!("disk task: {e}")))??
                     }
                 };
-                (
-                    DiskSource::Mounted,
-                    Some(BoxDisk {
-                        mount: ready.mount,
-                        loop_dev: Some(ready.loop_dev),
-                    }),
-                )
+                BoxDisk {
+                    mount: ready.mount,
+                    loop_dev: Some(ready.loop_dev),
+                }
             }
             DiskSupply::Dirs => {
                 let d = dir.join("disk");
                 std::fs::create_dir_all(&d)?;
-                (DiskSource::Dir(d), None)
+                // A detached copy of the directory, for the box to attach like any disk (the
+                // box makes it nosuid and nodev).
+                use rustix::mount::OpenTreeFlags as F;
+                let mount = rustix::mount::open_tree(
+                    rustix::fs::CWD,
+                    &d,
+                    F::OPEN_TREE_CLONE | F::OPEN_TREE_CLOEXEC | F::AT_RECURSIVE,
+                )
+                .map_err(|e| SandboxError::Start(format!("box disk directory: {e}")))?;
+                BoxDisk {
+                    mount,
+                    loop_dev: None,
+                }
             }
         })
     }

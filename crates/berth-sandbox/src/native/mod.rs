@@ -4,11 +4,10 @@
 //!
 //! Boxes are made by the backend's zygote ([`zygote`]), which keeps each image's root prepared.
 //!
-//! Host layout per box under `<data>/native/boxes/<id>/`: `mnt/` (where the box's disk is
-//! mounted, only inside the box's mount namespace), `disk.img` (the box's writable disk),
-//! `run/` (gateway seam, bound at `/run/berth`), `ctl.sock` (exec control socket, reachable
-//! only from the host). The zygote's templates are mounted on `<data>/native/templates/*`
-//! in its own namespace only.
+//! Host layout per box under `<data>/native/boxes/<id>/`: `disk.img` (the box's writable disk,
+//! when it is an ext4 image), `run/` (gateway seam, bound at `/run/berth`), `ctl.sock` (exec
+//! control socket, reachable only from the host). A template is mounted on
+//! `<data>/native/templates/*` only while the zygote roots a namespace in it.
 
 pub mod boost;
 pub mod bridge;
@@ -183,7 +182,7 @@ impl NativeBackend {
         &self,
         cfg: &InitConfig,
         report: std::os::fd::BorrowedFd<'_>,
-        disk: Option<std::os::fd::BorrowedFd<'_>>,
+        disk: std::os::fd::BorrowedFd<'_>,
     ) -> Result<()> {
         let log = report;
         let mut slot = self
@@ -242,13 +241,10 @@ impl NativeBackend {
 
     async fn start(&self, cfg: &BoxConfig, dir: &Path, slot: u32) -> Result<(LiveBox, BoxInfo)> {
         let run_dir = dir.join("run");
-        let disk_mount = dir.join("mnt");
-        // Plain directory and rename calls: microseconds, not worth a blocking-pool hop.
-        for d in [&run_dir, &disk_mount] {
-            std::fs::create_dir_all(d)?;
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
-        }
-        let (disk, ready_disk) = self.disks.take(&cfg.id, cfg.limits.disk_mib, dir).await?;
+        // Plain directory calls: microseconds, not worth a blocking-pool hop.
+        std::fs::create_dir_all(&run_dir)?;
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755))?;
+        let disk = self.disks.take(&cfg.id, cfg.limits.disk_mib, dir).await?;
         let uid_base = UID_REGION
             .slot_base(slot)
             .ok_or_else(|| SandboxError::Start("too many boxes".into()))?;
@@ -290,8 +286,6 @@ impl NativeBackend {
             box_id: cfg.id.clone(),
             root,
             template_dir: self.cfg.data_dir.join("native").join("templates"),
-            disk_mount,
-            disk,
             run_dir: run_dir.clone(),
             ctl_socket: dir.join("ctl.sock"),
             uid_base,
@@ -312,12 +306,11 @@ impl NativeBackend {
         let (mut report, report_box) = std::os::unix::net::UnixStream::pair()?;
         {
             use std::os::fd::AsFd;
-            let disk_fd = ready_disk.as_ref().map(|d| d.mount.as_fd());
-            self.request_box(&init_cfg, report_box.as_fd(), disk_fd)?;
+            self.request_box(&init_cfg, report_box.as_fd(), disk.mount.as_fd())?;
         }
         // The box holds its own copies now (or, if it fails, the disk goes with them).
-        let loop_dev = ready_disk.as_ref().and_then(|d| d.loop_dev);
-        drop((report_box, ready_disk));
+        let loop_dev = disk.loop_dev;
+        drop((report_box, disk));
         // The cgroup, in parallel with the fork of the helper, which waits for this go-ahead
         // before it joins (a helper that reads EOF instead gives up: so does the box).
         let cg = Arc::new(BoxCgroup::create(&id, &limits)?);

@@ -1,12 +1,13 @@
-//! C, the box's PID 1: its set-up, in this order and no other, then its supervisor. The box's
-//! mounts go onto its copy of the template, the hostname is set, `lo` comes up (unless the
-//! zygote's namespace made ahead has it up), it `pivot_root`s into the template; only then
-//! does it become the box's host uid and enter a new user namespace (so every other namespace
-//! stays owned by the host's), wait for H to map it and become the box's root in it. It then
-//! becomes the box's supervisor, which also reaps the box's orphans until the end.
+//! C, the box's PID 1: its set-up, in this order and no other, then its supervisor. It starts
+//! in its own copy of the template's rooted namespace (its root is the template already). The
+//! box's mounts go onto it, the hostname is set, `lo` comes up (unless the zygote's namespace
+//! made ahead has it up); only then does it become the box's host uid and enter a new user
+//! namespace (so every other namespace stays owned by the host's), wait for H to map it and
+//! become the box's root in it. It then becomes the box's supervisor, which also reaps the
+//! box's orphans until the end.
 
 use super::loopback::loopback_up;
-use super::mounts::{enter_root, mount_box_parts};
+use super::mounts::mount_box_parts;
 use super::reap::ChildSignals;
 use super::{ctx, InitConfig};
 use crate::native::supervisor;
@@ -16,7 +17,6 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
 
 /// Switch every id to `uid` (the host uid box root maps to) while keeping the capabilities,
 /// so that the user namespace entered next is owned by the box's own host uid. The kernel
@@ -46,16 +46,32 @@ fn become_owner(uid: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// What H hands C across the `clone`.
+pub(super) struct Handoff {
+    /// The box's disk, a detached mount.
+    pub disk: OwnedFd,
+    /// The gateway seam (`/run/berth`), a detached mount.
+    pub run: OwnedFd,
+    /// Read: H has written C's uid map.
+    pub map_r: OwnedFd,
+    /// Written: C is in its user namespace and needs its map.
+    pub need_w: OwnedFd,
+    /// Written: `ok`, or why the set-up failed.
+    pub ready_w: OwnedFd,
+    /// The box's control socket.
+    pub listener: UnixListener,
+}
+
 /// Body of the box's PID 1.
-pub(super) fn box_pid1(
-    cfg: &InitConfig,
-    template: &Path,
-    net_ready: bool,
-    map_r: OwnedFd,
-    need_w: OwnedFd,
-    ready_w: OwnedFd,
-    listener: UnixListener,
-) -> isize {
+pub(super) fn box_pid1(cfg: &InitConfig, net_ready: bool, h: Handoff) -> isize {
+    let Handoff {
+        disk,
+        run,
+        map_r,
+        need_w,
+        ready_w,
+        listener,
+    } = h;
     let mut ready = fs::File::from(ready_w);
     let mut need = fs::File::from(need_w);
     // Until the box is up it dies with H (should H fail or be killed half-way); after that it
@@ -63,12 +79,11 @@ pub(super) fn box_pid1(
     // SAFETY: plain prctl on ourselves.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     let result = (|| -> Result<(), String> {
-        mount_box_parts(cfg, template)?;
+        mount_box_parts(cfg, disk, run)?;
         ctx(sethostname(&cfg.hostname), "sethostname")?;
         if !net_ready {
             loopback_up()?;
         }
-        enter_root(template)?;
         // Protect PID 1 and the supervisor from the box's own OOM kills; agent processes
         // reset this to 0 before exec.
         let _ = fs::write("/proc/self/oom_score_adj", "-1000");

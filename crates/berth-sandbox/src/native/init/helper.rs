@@ -1,26 +1,29 @@
 //! H, the helper the zygote forks for each box: it waits for the server's go-ahead, joins the
-//! box's cgroup, binds the control socket and `clone`s C (the box's PID 1) into its new
-//! namespaces, writes C's uid and gid maps once C has entered its user namespace, and reports
-//! C's pid (or why the box failed) on its report socket before it exits.
+//! box's cgroup, binds the control socket, takes what the box needs of the host's tree as
+//! detached mounts (the gateway seam, a directory disk), enters the template's rooted mount
+//! namespace and `clone`s C (the box's PID 1) into its new namespaces, writes C's uid and gid
+//! maps once C has entered its user namespace, and reports C's pid (or why the box failed) on
+//! its report socket before it exits.
 
-use super::box_pid1::box_pid1;
+use super::box_pid1::{box_pid1, Handoff};
 use super::{ctx, report, InitConfig, InitReport, CGROUP_READY, DISK_FD, UID_RANGE};
 use nix::sched::CloneFlags;
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 /// Body of H, in a fresh fork of the zygote: fd 1 is the report socket, fd 2 the box's log.
-/// `net` is a network namespace the zygote made ahead for the box, if it had one; `reported`
-/// is closed once the box is up or has failed (the zygote waits for that before idle work).
+/// `template` is the mount namespace rooted in the box's template; `net` is a network
+/// namespace the zygote made ahead for the box, if it had one; `reported` is closed once the
+/// box is up or has failed (the zygote waits for that before idle work).
 pub(in crate::native) fn helper(
     cfg: &InitConfig,
-    template: &Path,
+    template: OwnedFd,
     net: Option<OwnedFd>,
     reported: Option<OwnedFd>,
 ) -> ! {
@@ -62,8 +65,22 @@ fn fail(msg: String) -> ! {
     std::process::exit(1)
 }
 
-/// Start C (in `net`, else in a network namespace of its own). Returns its pid.
-fn start(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> Result<Pid, String> {
+/// A detached copy of the host's directory `dir`, to be attached inside the box root.
+fn detached_copy(dir: &Path) -> Result<OwnedFd, String> {
+    use rustix::mount::OpenTreeFlags as F;
+    ctx(
+        rustix::mount::open_tree(
+            rustix::fs::CWD,
+            dir,
+            F::OPEN_TREE_CLONE | F::OPEN_TREE_CLOEXEC | F::AT_RECURSIVE,
+        ),
+        &format!("copying {}", dir.display()),
+    )
+}
+
+/// Start C (in `net`, else in a network namespace of its own) in a copy of the `template`
+/// namespace. Returns its pid.
+fn start(cfg: &InitConfig, template: OwnedFd, net: Option<OwnedFd>) -> Result<Pid, String> {
     let _ = fs::remove_file(&cfg.ctl_socket);
     let listener = ctx(
         UnixListener::bind(&cfg.ctl_socket),
@@ -77,7 +94,35 @@ fn start(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> Result<Pid,
     let (need_r, need_w) = ctx(nix::unistd::pipe(), "pipe")?;
     let (ready_r, ready_w) = ctx(nix::unistd::pipe(), "pipe")?;
 
-    let mut pipes = Some((map_r, need_w, ready_w, listener));
+    // What C mounts of the host's tree comes as detached mounts: the template's namespace
+    // holds nothing of it. The disk is one already (from the server).
+    let run = detached_copy(&cfg.run_dir)?;
+    // SAFETY: the zygote placed the box's detached disk mount at DISK_FD; H owns it.
+    let disk = unsafe { OwnedFd::from_raw_fd(DISK_FD) };
+    // C's uid map is written through the host's /proc: the template has none mounted.
+    let proc = ctx(
+        rustix::fs::open(
+            "/proc",
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ),
+        "opening /proc",
+    )?;
+    ctx(
+        nix::sched::setns(&template, CloneFlags::CLONE_NEWNS),
+        "entering the box's template",
+    )?;
+    drop(template);
+    ctx(nix::unistd::chdir("/"), "chdir /")?;
+
+    let mut pipes = Some(Handoff {
+        disk,
+        run,
+        map_r,
+        need_w,
+        ready_w,
+        listener,
+    });
     let mut stack = vec![0u8; 256 * 1024];
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -97,20 +142,18 @@ fn start(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> Result<Pid,
         flags |= CloneFlags::CLONE_NEWNET;
     }
     let cb = Box::new(|| -> isize {
-        let Some((map_r, need_w, ready_w, listener)) = pipes.take() else {
+        let Some(h) = pipes.take() else {
             return 1;
         };
-        box_pid1(cfg, template, net_ready, map_r, need_w, ready_w, listener)
+        box_pid1(cfg, net_ready, h)
     });
     // SAFETY: H is single-threaded; the child gets its own copy of the address space.
     let child = ctx(
         unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) },
         "clone",
     )?;
+    // C has its own copies of the descriptors it needs (the disk's among them).
     drop(pipes);
-    // C has its own copy of the disk mount's descriptor.
-    // SAFETY: closing a descriptor this process owns and no longer uses.
-    unsafe { libc::close(DISK_FD) };
 
     // Wait until C has entered its user namespace, then map it.
     let mut need = fs::File::from(need_r);
@@ -128,8 +171,18 @@ fn start(cfg: &InitConfig, template: &Path, net: Option<OwnedFd>) -> Result<Pid,
     }
     let map = format!("0 {} {}\n", cfg.uid_base, UID_RANGE);
     let pid = child.as_raw();
-    ctx(fs::write(format!("/proc/{pid}/uid_map"), &map), "uid_map")?;
-    ctx(fs::write(format!("/proc/{pid}/gid_map"), &map), "gid_map")?;
+    for file in ["uid_map", "gid_map"] {
+        let f = ctx(
+            rustix::fs::openat(
+                &proc,
+                format!("{pid}/{file}"),
+                rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ),
+            file,
+        )?;
+        ctx(fs::File::from(f).write_all(map.as_bytes()), file)?;
+    }
     ctx(fs::File::from(map_w).write_all(b"m"), "signal map")?;
 
     let mut msg = String::new();

@@ -26,7 +26,7 @@
 //! The stages live in their own modules: `container` (the supervisor alone, in a box a
 //! container runtime made), `helper` (H: joining the cgroup, starting C, writing its uid
 //! map), `box_pid1` (C's set-up, in order, before it becomes the supervisor), `template`
-//! (the shared root), `mounts` (C's own mounts and its `pivot_root`), `loopback` (bringing
+//! (the shared root), `mounts` (C's own mounts, and the template's `pivot_root`), `loopback` (bringing
 //! up `lo`) and `reap` (the SIGCHLD descriptor PID 1 reaps by).
 
 mod box_pid1;
@@ -41,6 +41,7 @@ use container::container_supervisor;
 pub use container::{SUPERVISOR_BRIDGES_ENV, SUPERVISOR_CTL_ENV, SUPERVISOR_NPROC_ENV};
 pub(super) use helper::helper;
 pub(super) use loopback::loopback_up;
+pub(super) use mounts::enter_root;
 pub(super) use template::build_template;
 
 use super::Bridge;
@@ -50,17 +51,9 @@ use std::path::PathBuf;
 /// Box uid range size mapped into the box's user namespace.
 pub const UID_RANGE: u32 = crate::uids::UID_RANGE;
 
-/// Where H and C find the box's detached disk mount ([`DiskSource::Mounted`]).
+/// Where H finds the box's disk, a detached mount: an ext4 image on a loop device, a btrfs
+/// subvolume, or a plain directory where the host has neither (no quota).
 pub const DISK_FD: i32 = 3;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum DiskSource {
-    /// An ext4 image on a loop device, mounted detached
-    /// ([`disk::ReadyDisk`](super::disk::ReadyDisk)) and passed as fd [`DISK_FD`]: a real quota.
-    Mounted,
-    /// A plain host directory (no loop devices on this host): no quota.
-    Dir(PathBuf),
-}
 
 /// What a box's root is made of. Boxes with equal specs share one template in the zygote.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -93,10 +86,6 @@ pub struct InitConfig {
     pub root: RootSpec,
     /// Host directory under which the zygote mounts its templates (in its own namespace).
     pub template_dir: PathBuf,
-    /// Empty per-box host directory C mounts the disk on (in its own mount namespace) before
-    /// binding the disk's parts into the root.
-    pub disk_mount: PathBuf,
-    pub disk: DiskSource,
     /// Host directory bound read-only at `/run/berth` (gateway sockets live here).
     pub run_dir: PathBuf,
     pub ctl_socket: PathBuf,

@@ -1,14 +1,14 @@
-//! C's own mounts, made in its copy of the zygote's mount namespace: the box's disk and its
-//! parts (`/workspace`, `/home/agent`, `/tmp`, `/dev/shm`), the gateway seam read-only, its own
-//! `devpts` and a fresh `/proc` with the host's sensitive entries masked; then the
-//! `pivot_root` into the template that detaches the rest. Also the mount helpers the template
-//! uses.
+//! C's own mounts, made in its copy of the template's rooted mount namespace: the box's disk
+//! and its parts (`/workspace`, `/home/agent`, `/tmp`, `/dev/shm`), the gateway seam read-only,
+//! its own `devpts` and a fresh `/proc` with the host's sensitive entries masked. Also the
+//! mount helpers the template uses, and the `pivot_root` that roots a template's namespace.
 
-use super::{ctx, DiskSource, InitConfig, DISK_FD};
+use super::{ctx, InitConfig};
 use crate::native::disk;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::pivot_root;
 use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -74,24 +74,19 @@ pub(super) fn tmpfs(target: &Path, flags: MsFlags, data: &str, what: &str) -> Re
     )
 }
 
-/// In C's own copy of the zygote's namespace: attach the box's disk, bind its parts into the
-/// template's mount points, bind the gateway seam and mount a fresh `/proc`.
-pub(super) fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<(), String> {
-    // The writable disk: workspace, home, tmp and shm all count against one quota. Its mount
-    // carries nosuid and nodev, which the binds below keep.
-    let disk_mnt = cfg.disk_mount.as_path();
-    match &cfg.disk {
-        DiskSource::Mounted => {
-            // SAFETY: H passed the disk mount as DISK_FD; it stays open for this call.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(DISK_FD) };
-            let attached = disk::attach(fd, disk_mnt);
-            // No process in the box may inherit it.
-            // SAFETY: closing our own copy of the descriptor.
-            unsafe { libc::close(DISK_FD) };
-            attached?
-        }
-        DiskSource::Dir(dir) => bind(dir, disk_mnt, false, MsFlags::empty())?,
-    }
+/// In C's own copy of the template's rooted namespace (its root is the template): attach the
+/// box's disk and bind its parts into the template's mount points, attach the gateway seam and
+/// mount a fresh `/proc`. `disk` and `run` are detached mounts (see [`super::helper`]).
+pub(super) fn mount_box_parts(cfg: &InitConfig, disk: OwnedFd, run: OwnedFd) -> Result<(), String> {
+    // The writable disk: workspace, home, tmp and shm all count against one quota. It is
+    // attached whole for as long as its parts are bound, at `/proc` (an empty mount point
+    // until proc is mounted there below), and detached again; nosuid and nodev, which the
+    // binds below keep, whatever the disk's source.
+    let disk_mnt = Path::new("/proc");
+    disk::attach(disk.as_fd(), disk_mnt)?;
+    // No process in the box may inherit it.
+    drop(disk);
+    remount(disk_mnt, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     let agent = cfg.uid_base + cfg.agent_uid;
     let box_root = cfg.uid_base;
     for (name, owner, mode) in [
@@ -119,15 +114,23 @@ pub(super) fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<(), Strin
         ("home", "/home/agent"),
         ("tmp", "/tmp"),
     ] {
-        bind_only(&disk_mnt.join(sub), &inside(root, dst))?;
+        bind_only(&disk_mnt.join(sub), Path::new(dst))?;
     }
-    let shm = inside(root, "/dev/shm");
-    bind(&disk_mnt.join("shm"), &shm, false, MsFlags::MS_NOEXEC)?;
     bind(
-        &cfg.run_dir,
-        &inside(root, "/run/berth"),
-        true,
+        &disk_mnt.join("shm"),
+        Path::new("/dev/shm"),
+        false,
         MsFlags::MS_NOEXEC,
+    )?;
+    ctx(
+        umount2(disk_mnt, MntFlags::MNT_DETACH),
+        "detaching the whole disk",
+    )?;
+    let run_dir = Path::new("/run/berth");
+    disk::attach(run.as_fd(), run_dir)?;
+    remount(
+        run_dir,
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
     )?;
 
     // The box's own terminals (the supervisor opens one per terminal exec): a new devpts
@@ -135,7 +138,7 @@ pub(super) fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<(), Strin
     ctx(
         mount(
             Some("devpts"),
-            &inside(root, "/dev/pts"),
+            "/dev/pts",
             Some("devpts"),
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=0620,max=64"),
@@ -143,11 +146,11 @@ pub(super) fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<(), Strin
         "mount /dev/pts",
     )?;
 
-    let proc_dir = inside(root, "/proc");
+    let proc_dir = disk_mnt;
     ctx(
         mount(
             Some("proc"),
-            &proc_dir,
+            proc_dir,
             Some("proc"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             None::<&str>,
@@ -176,9 +179,10 @@ pub(super) fn mount_box_parts(cfg: &InitConfig, root: &Path) -> Result<(), Strin
     Ok(())
 }
 
-/// Make the template (with the box's mounts on it) the root and detach the rest: the host's
-/// tree, the zygote's other templates and the disk's own mount point go with the old root.
-pub(super) fn enter_root(root: &Path) -> Result<(), String> {
+/// Make the template at `root` the root of the calling process's mount namespace and detach
+/// the rest: the host's tree and the zygote's other templates go with the old root (see
+/// [`super::super::zygote`]: done once per template, never per box).
+pub(in crate::native) fn enter_root(root: &Path) -> Result<(), String> {
     ctx(nix::unistd::chdir(root), "chdir root")?;
     // The old root ends up stacked on the new one, at "/": no directory for it is needed
     // (the template is read-only).
